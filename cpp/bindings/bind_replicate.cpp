@@ -1,0 +1,48 @@
+#include <syncbn/replicate.h>
+
+#include "bindings.h"
+#include "py_object_ref.h"
+
+namespace syncbn::python {
+
+namespace py = pybind11;
+
+namespace {
+
+std::string qualified_type_name(const py::handle& obj) {
+  py::handle type = py::type::handle_of(obj);
+  return py::str(type.attr("__module__")).cast<std::string>() + "." +
+         py::str(type.attr("__qualname__")).cast<std::string>();
+}
+
+}  // namespace
+
+void bind_replicate(py::module_& m) {
+  m.def(
+      "execute_replication_callbacks",
+      [](const py::sequence& replicas) {
+        // Runs with the GIL held throughout: the hooks are Python.
+        std::vector<std::vector<ReplicaModule>> views;
+        views.reserve(replicas.size());
+        for (const py::handle replica : replicas) {
+          std::vector<ReplicaModule> view;
+          for (const py::handle module : py::iter(replica.attr("modules")())) {
+            ReplicaModule entry{qualified_type_name(module), {}};
+            py::object hook = py::getattr(module, "__data_parallel_replicate__", py::none());
+            if (!hook.is_none()) {
+              entry.on_replicate = [ref = hold(std::move(hook))](const std::shared_ptr<CallbackContext>& context,
+                                                                 int64_t copy_id) { ref->object(context, copy_id); };
+            }
+            view.push_back(std::move(entry));
+          }
+          views.push_back(std::move(view));
+        }
+        return execute_replication_callbacks(views);
+      },
+      py::arg("modules"),
+      "Calls __data_parallel_replicate__(ctx, copy_id) on every module of every replica that has it: one "
+      "shared CallbackContext per module position, the master (copy 0) first at every position. Raises "
+      "ValueError when the replicas' module trees differ. Returns the contexts, one per position.");
+}
+
+}  // namespace syncbn::python

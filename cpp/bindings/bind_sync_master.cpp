@@ -1,0 +1,189 @@
+#include <syncbn/future_result.h>
+#include <syncbn/sync_master.h>
+
+#include "bindings.h"
+#include "py_object_ref.h"
+
+namespace syncbn::python {
+
+namespace py = pybind11;
+using namespace pybind11::literals;
+
+namespace {
+
+// Python messages travel as an opaque payload; the core never looks inside.
+Message to_message(py::object obj) {
+  Message message;
+  message.payload = hold(std::move(obj));
+  return message;
+}
+
+// Call with the GIL held.
+py::object from_message(Message message) {
+  if (message.payload) return std::static_pointer_cast<PyObjectHolder>(message.payload)->object;
+  // A message made by C++ code: hand Python its tensors and integers.
+  return py::make_tuple(py::cast(message.tensors), py::cast(message.ints));
+}
+
+// The Python SyncMaster: the core barrier plus the Python callback it was made
+// with (kept for pickling, as the established library does).
+struct PySyncMaster {
+  PySyncMaster(py::object master_callback, std::optional<double> timeout)
+      : callback(std::move(master_callback)),
+        core(std::make_shared<SyncMaster>(wrap_callback(hold(callback)), timeout)) {}
+
+  ~PySyncMaster() {
+    // The core takes the barrier's lock; never wait for it holding the GIL.
+    py::gil_scoped_release no_gil;
+    core.reset();
+  }
+
+  static MasterCallback wrap_callback(PyObjectRef callback) {
+    return [callback](MessageList messages) {
+      py::gil_scoped_acquire gil;
+      try {
+        py::list intermediates;
+        for (auto& entry : messages) {
+          intermediates.append(py::make_tuple(entry.first, from_message(std::move(entry.second))));
+        }
+        py::object returned = callback->object(intermediates);
+        MessageList results;
+        for (const py::handle item : py::iter(returned)) {
+          py::tuple pair = py::reinterpret_borrow<py::object>(item).cast<py::tuple>();
+          if (pair.size() != 2) throw py::value_error("the master callback must return (copy_id, result) pairs");
+          results.emplace_back(pair[0].cast<int64_t>(), to_message(pair[1]));
+        }
+        return results;
+      } catch (py::error_already_set& error) {
+        throw PythonCallbackError(error);  // raised again in every copy that waited on this pass
+      }
+    };
+  }
+
+  py::object callback;
+  std::shared_ptr<SyncMaster> core;
+};
+
+}  // namespace
+
+void bind_sync_master(py::module_& m) {
+  m.def("default_timeout_seconds", &default_timeout_seconds,
+        "The barrier timeout used when none is given: $SYNCBN_TIMEOUT (seconds), or 300.");
+
+  py::class_<SlavePipe, std::shared_ptr<SlavePipe>>(m, "SlavePipe", "A slave's end of a SyncMaster.")
+      .def(
+          "run_slave",
+          [](SlavePipe& self, py::object msg) {
+            Message message = to_message(std::move(msg));
+            Message result;
+            {
+              py::gil_scoped_release no_gil;
+              result = self.run_slave(std::move(message));
+            }
+            return from_message(std::move(result));
+          },
+          py::arg("msg"), "Sends this copy's message and waits for its result (the GIL is released meanwhile).")
+      .def_property_readonly("identifier", &SlavePipe::copy_id)
+      .def_property_readonly("copy_id", &SlavePipe::copy_id)
+      .def("__repr__", [](const SlavePipe& self) { return "SlavePipe(identifier=" + std::to_string(self.copy_id()) + ")"; });
+
+  py::class_<PySyncMaster>(m, "SyncMaster",
+                           "The master/slave reduction barrier. master_callback receives [(copy_id, msg), ...], the "
+                           "master's (0, msg) first, and returns [(copy_id, result), ...], the master's first.")
+      .def(py::init<py::object, std::optional<double>>(), py::arg("master_callback"), py::arg("timeout") = py::none())
+      .def(
+          "register_slave",
+          [](PySyncMaster& self, int64_t identifier) {
+            py::gil_scoped_release no_gil;
+            return self.core->register_slave(identifier);
+          },
+          py::arg("identifier"), "Registers copy `identifier` (> 0) and returns its SlavePipe.")
+      .def(
+          "run_master",
+          [](PySyncMaster& self, py::object master_msg) {
+            Message message = to_message(std::move(master_msg));
+            Message result;
+            {
+              py::gil_scoped_release no_gil;
+              result = self.core->run_master(std::move(message));
+            }
+            return from_message(std::move(result));
+          },
+          py::arg("master_msg"), "Collects every copy's message, runs the master callback, returns the master's result.")
+      .def(
+          "abort",
+          [](PySyncMaster& self, const std::string& reason) {
+            py::gil_scoped_release no_gil;
+            self.core->abort(reason);
+          },
+          py::arg("reason"), "Fails the pass in progress (or the next) for every copy with BarrierAbortedError.")
+      .def_property_readonly("nr_slaves",
+                             [](const PySyncMaster& self) {
+                               py::gil_scoped_release no_gil;
+                               return self.core->nr_slaves();
+                             })
+      .def_property_readonly("slave_ids",
+                             [](const PySyncMaster& self) {
+                               py::gil_scoped_release no_gil;
+                               return self.core->slave_ids();
+                             })
+      .def_property(
+          "timeout",
+          [](const PySyncMaster& self) {
+            py::gil_scoped_release no_gil;
+            return self.core->timeout_seconds();
+          },
+          [](PySyncMaster& self, double seconds) {
+            py::gil_scoped_release no_gil;
+            self.core->set_timeout_seconds(seconds);
+          },
+          "Seconds a pass waits for missing copies before failing.")
+      .def_property(
+          "label",
+          [](const PySyncMaster& self) {
+            py::gil_scoped_release no_gil;
+            return self.core->label();
+          },
+          [](PySyncMaster& self, std::string label) {
+            py::gil_scoped_release no_gil;
+            self.core->set_label(std::move(label));
+          },
+          "A name used in error messages, e.g. the synchronized layer.")
+      .def_readonly("master_callback", &PySyncMaster::callback)
+      .def(py::pickle(
+          [](const PySyncMaster& self) {
+            return py::dict("master_callback"_a = self.callback, "timeout"_a = self.core->timeout_seconds(),
+                            "label"_a = self.core->label());
+          },
+          [](const py::dict& state) {
+            auto master = std::make_unique<PySyncMaster>(state["master_callback"], state["timeout"].cast<double>());
+            master->core->set_label(state["label"].cast<std::string>());
+            return master;
+          }));
+
+  py::class_<FutureResult, std::shared_ptr<FutureResult>>(m, "FutureResult",
+                                                          "A one-slot result hand-off between two threads.")
+      .def(py::init<>())
+      .def(
+          "put",
+          [](FutureResult& self, py::object result) {
+            Message message = to_message(std::move(result));
+            py::gil_scoped_release no_gil;
+            self.put(std::move(message));
+          },
+          py::arg("result"))
+      .def(
+          "get",
+          [](FutureResult& self, std::optional<double> timeout) {
+            Message result;
+            {
+              py::gil_scoped_release no_gil;
+              result = self.get(timeout);
+            }
+            return from_message(std::move(result));
+          },
+          py::arg("timeout") = py::none(), "Waits for the result (the GIL is released meanwhile) and takes it.")
+      .def("ready", &FutureResult::ready);
+}
+
+}  // namespace syncbn::python

@@ -1,0 +1,14 @@
+#pragma once
+
+#include <torch/extension.h>
+
+// One function per core header, gathered by module.cpp.
+namespace syncbn::python {
+
+void bind_errors(pybind11::module_& m);
+void bind_callback_context(pybind11::module_& m);
+void bind_replicate(pybind11::module_& m);
+void bind_sync_master(pybind11::module_& m);
+void bind_version(pybind11::module_& m);
+
+}  // namespace syncbn::python

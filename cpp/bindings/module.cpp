@@ -1,0 +1,10 @@
+#include "bindings.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "syncbn_ext._C: bindings of the syncbn C++ core (replication callbacks, barrier).";
+  syncbn::python::bind_errors(m);
+  syncbn::python::bind_version(m);
+  syncbn::python::bind_callback_context(m);
+  syncbn::python::bind_replicate(m);
+  syncbn::python::bind_sync_master(m);
+}

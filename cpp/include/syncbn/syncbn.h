@@ -1,0 +1,12 @@
+#pragma once
+
+// Umbrella header: everything a LibTorch application needs from syncbn.
+#include <syncbn/barrier_benchmark.h>
+#include <syncbn/callback_context.h>
+#include <syncbn/errors.h>
+#include <syncbn/export.h>
+#include <syncbn/future_result.h>
+#include <syncbn/message.h>
+#include <syncbn/replicate.h>
+#include <syncbn/sync_master.h>
+#include <syncbn/version.h>

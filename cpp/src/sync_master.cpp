@@ -1,0 +1,375 @@
+#include <syncbn/sync_master.h>
+
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdlib>
+#include <exception>
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <sstream>
+
+#include <c10/util/Exception.h>
+
+namespace syncbn {
+
+namespace detail {
+
+// One slave's mailbox. Passes are numbered per participant from 1 within a
+// generation; a healthy barrier keeps every participant's number equal.
+struct SlaveSlot {
+  explicit SlaveSlot(int64_t id) : copy_id(id) {}
+  const int64_t copy_id;
+  int64_t entered = 0;       // passes this copy has entered
+  int64_t message_pass = 0;  // the pass `message` belongs to
+  Message message;
+  int64_t result_pass = 0;  // the pass `result` belongs to
+  Message result;
+  bool waiting = false;  // a thread is inside run_slave for this copy
+};
+
+struct BarrierState {
+  BarrierState(MasterCallback cb, double timeout) : callback(std::move(cb)), timeout_seconds(timeout) {}
+
+  std::mutex mutex;
+  std::condition_variable master_cv;  // the master waits here for the slaves' messages
+  std::condition_variable slave_cv;   // slaves wait here for their results
+
+  const MasterCallback callback;
+  double timeout_seconds;
+  std::string label;
+
+  int64_t generation = 0;
+  bool activated = false;  // a pass has started in this generation
+  std::map<int64_t, std::shared_ptr<SlaveSlot>> slots;  // by copy id, so ascending
+  int64_t master_entered = 0;  // passes the master has entered
+  bool master_waiting = false;
+  bool master_busy = false;      // a thread is inside run_master
+  int64_t resolved_through = 0;  // every pass up to this one completed or failed
+  int64_t failed_through = 0;    // every pass up to this one that had not completed, failed
+  std::exception_ptr failure;    // why the most recent failed pass failed
+
+  std::string describe() const { return label.empty() ? "syncbn barrier" : "syncbn barrier of " + label; }
+
+  bool all_slaves_sent(int64_t pass) const {
+    for (const auto& entry : slots) {
+      if (entry.second->message_pass != pass) return false;
+    }
+    return true;
+  }
+
+  // Fails `pass` for everyone: current waiters wake, and whoever enters it later
+  // gets the same error. Unconsumed messages move to `graveyard`, to be
+  // destroyed by the caller after the lock is released.
+  void fail_pass(int64_t pass, std::exception_ptr error, std::vector<Message>& graveyard) {
+    failed_through = std::max(failed_through, pass);
+    resolved_through = std::max(resolved_through, pass);
+    failure = std::move(error);
+    for (auto& entry : slots) {
+      SlaveSlot& slot = *entry.second;
+      if (slot.message_pass != 0 && slot.message_pass <= pass) graveyard.push_back(std::move(slot.message));
+    }
+    master_cv.notify_all();
+    slave_cv.notify_all();
+  }
+
+  [[noreturn]] void throw_superseded(int64_t copy_id) const {
+    std::ostringstream out;
+    out << describe() << ": copy " << copy_id
+        << " was waiting on a replication that has been replaced by a new one (a slave registered after a pass ran)";
+    throw BarrierAbortedError(out.str());
+  }
+
+  // The timeout error for `pass`, naming the copies that never arrived.
+  std::exception_ptr timeout_error(int64_t pass) const {
+    std::vector<int64_t> missing;
+    if (master_entered < pass) missing.push_back(0);
+    for (const auto& entry : slots) {
+      if (entry.second->message_pass < pass) missing.push_back(entry.first);
+    }
+    std::ostringstream out;
+    out << describe() << " timed out after " << timeout_seconds << " s in pass " << pass << ": ";
+    if (missing.empty()) {
+      out << "every copy arrived, but the master callback did not return in time";
+    } else {
+      out << "copies that never arrived: [";
+      for (size_t i = 0; i < missing.size(); ++i) out << (i ? ", " : "") << missing[i];
+      out << "]";
+    }
+    out << " (raise SYNCBN_TIMEOUT, in seconds, or the barrier's timeout to wait longer)";
+    return std::make_exception_ptr(BarrierTimeoutError(out.str()));
+  }
+
+  // Deadline for a wait that starts now; nullopt for a timeout too long to represent.
+  std::optional<std::chrono::steady_clock::time_point> deadline() const {
+    if (timeout_seconds > 1e9) return std::nullopt;
+    return std::chrono::steady_clock::now() +
+           std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+               std::chrono::duration<double>(timeout_seconds));
+  }
+
+  // Waits on `cv` until notified or the deadline; returns false on timeout.
+  static bool wait(std::condition_variable& cv, std::unique_lock<std::mutex>& lock,
+                   const std::optional<std::chrono::steady_clock::time_point>& until) {
+    if (!until) {
+      cv.wait(lock);
+      return true;
+    }
+    return cv.wait_until(lock, *until) == std::cv_status::no_timeout;
+  }
+};
+
+namespace {
+
+void check_timeout(double seconds) {
+  TORCH_CHECK_VALUE(seconds > 0,  // false for NaN; infinity means no timeout
+
+                    "the barrier timeout must be a positive number of seconds, got ", seconds);
+}
+
+// Clears a flag when the scope ends, however it ends.
+// Sets a flag for a scope; the barrier's mutex must be held whenever it changes.
+struct FlagGuard {
+  explicit FlagGuard(bool& flag) : flag_(&flag) { *flag_ = true; }
+  ~FlagGuard() { release(); }
+  // Clears the flag now, e.g. before the scope gives up the lock.
+  void release() {
+    if (flag_ != nullptr) *flag_ = false;
+    flag_ = nullptr;
+  }
+  bool* flag_;
+};
+
+// Checks that the callback returned one result per copy, the master's first,
+// and puts the slaves' results in copy-id order.
+MessageList order_results(MessageList results, const std::vector<int64_t>& slave_ids, const std::string& where) {
+  auto describe_ids = [&results] {
+    std::ostringstream out;
+    out << "[";
+    for (size_t i = 0; i < results.size(); ++i) out << (i ? ", " : "") << results[i].first;
+    out << "]";
+    return out.str();
+  };
+  TORCH_CHECK(results.size() == slave_ids.size() + 1, where, ": the master callback must return one (copy_id, result)",
+              " pair per copy (", slave_ids.size() + 1, "), but returned ", results.size(), " with copy ids ",
+              describe_ids());
+  TORCH_CHECK(results[0].first == 0, where, ": the master callback's first result must be the master's (copy 0), got",
+              " copy ids ", describe_ids());
+  std::map<int64_t, size_t> index_of;
+  for (size_t i = 1; i < results.size(); ++i) {
+    const bool fresh = index_of.emplace(results[i].first, i).second;
+    TORCH_CHECK(fresh, where, ": the master callback returned copy ", results[i].first, " twice; copy ids ",
+                describe_ids());
+  }
+  MessageList ordered;
+  ordered.reserve(results.size());
+  ordered.emplace_back(0, std::move(results[0].second));
+  for (int64_t id : slave_ids) {
+    auto it = index_of.find(id);
+    TORCH_CHECK(it != index_of.end(), where, ": the master callback returned no result for copy ", id,
+                "; copy ids ", describe_ids());
+    ordered.emplace_back(id, std::move(results[it->second].second));
+  }
+  return ordered;
+}
+
+}  // namespace
+
+}  // namespace detail
+
+double default_timeout_seconds() {
+  const char* text = std::getenv("SYNCBN_TIMEOUT");
+  if (text == nullptr || *text == '\0') return 300.0;
+  char* end = nullptr;
+  const double seconds = std::strtod(text, &end);
+  TORCH_CHECK_VALUE(end != text && *end == '\0' && seconds > 0, "SYNCBN_TIMEOUT must be a positive number of seconds,",
+                    " got '", text, "'");
+  return seconds;
+}
+
+SyncMaster::SyncMaster(MasterCallback callback, std::optional<double> timeout_seconds) {
+  TORCH_CHECK_VALUE(static_cast<bool>(callback), "SyncMaster needs a master callback");
+  const double timeout = timeout_seconds.value_or(default_timeout_seconds());
+  detail::check_timeout(timeout);
+  state_ = std::make_shared<detail::BarrierState>(std::move(callback), timeout);
+}
+
+SyncMaster::~SyncMaster() {
+  // Wake anyone still waiting on this barrier instead of leaving them blocked.
+  std::vector<Message> graveyard;
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  if (state_->master_waiting || state_->master_busy ||
+      std::any_of(state_->slots.begin(), state_->slots.end(), [](const auto& e) { return e.second->waiting; })) {
+    state_->fail_pass(state_->resolved_through + 1,
+                      std::make_exception_ptr(BarrierAbortedError(state_->describe() + " was destroyed")), graveyard);
+  }
+}
+
+std::shared_ptr<SlavePipe> SyncMaster::register_slave(int64_t copy_id) {
+  std::map<int64_t, std::shared_ptr<detail::SlaveSlot>> old_slots;  // destroyed after the lock
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  detail::BarrierState& s = *state_;
+  TORCH_CHECK_VALUE(copy_id > 0, "register_slave: copy ids of slaves start at 1 (0 is the master), got ", copy_id);
+  if (s.activated) {
+    // A pass has run since the last registration: this is a new replication.
+    ++s.generation;
+    s.activated = false;
+    old_slots.swap(s.slots);
+    s.master_entered = 0;
+    s.resolved_through = 0;
+    s.failed_through = 0;
+    s.failure = nullptr;
+    s.master_cv.notify_all();
+    s.slave_cv.notify_all();
+  }
+  TORCH_CHECK_VALUE(s.slots.count(copy_id) == 0, "register_slave: copy ", copy_id, " is already registered");
+  s.slots.emplace(copy_id, std::make_shared<detail::SlaveSlot>(copy_id));
+  return std::make_shared<SlavePipe>(state_, copy_id, s.generation);
+}
+
+Message SyncMaster::run_master(Message message) {
+  detail::BarrierState& s = *state_;
+  std::vector<Message> graveyard;  // destroyed after the lock
+  std::unique_lock<std::mutex> lock(s.mutex);
+  TORCH_CHECK(!s.master_busy, s.describe(), ": run_master is already running in another thread");
+  detail::FlagGuard busy(s.master_busy);
+  s.activated = true;
+  const int64_t generation = s.generation;
+  const int64_t pass = ++s.master_entered;
+
+  {
+    detail::FlagGuard waiting(s.master_waiting);
+    const auto until = s.deadline();
+    while (true) {
+      if (s.generation != generation) s.throw_superseded(0);
+      if (pass <= s.failed_through) std::rethrow_exception(s.failure);
+      if (s.all_slaves_sent(pass)) break;
+      if (!detail::BarrierState::wait(s.master_cv, lock, until) && s.generation == generation &&
+          pass > s.failed_through && !s.all_slaves_sent(pass)) {
+        s.fail_pass(pass, s.timeout_error(pass), graveyard);
+      }
+    }
+  }
+
+  MessageList messages;
+  std::vector<int64_t> slave_ids;
+  messages.reserve(s.slots.size() + 1);
+  slave_ids.reserve(s.slots.size());
+  messages.emplace_back(0, std::move(message));
+  for (auto& entry : s.slots) {
+    messages.emplace_back(entry.first, std::move(entry.second->message));
+    slave_ids.push_back(entry.first);
+  }
+  const std::string where = s.describe();
+
+  // The callback runs unlocked: it may be slow, call into Python, or abort().
+  lock.unlock();
+  MessageList results;
+  try {
+    results = detail::order_results(s.callback(std::move(messages)), slave_ids, where);
+  } catch (...) {
+    lock.lock();
+    if (s.generation == generation && pass > s.failed_through) s.fail_pass(pass, std::current_exception(), graveyard);
+    throw;
+  }
+  lock.lock();
+  if (s.generation != generation) s.throw_superseded(0);
+  if (pass <= s.failed_through) std::rethrow_exception(s.failure);  // aborted or timed out meanwhile
+
+  for (size_t i = 1; i < results.size(); ++i) {
+    detail::SlaveSlot& slot = *s.slots.at(results[i].first);
+    if (slot.result_pass != 0) graveyard.push_back(std::move(slot.result));
+    slot.result = std::move(results[i].second);
+    slot.result_pass = pass;
+  }
+  s.resolved_through = pass;
+  busy.release();
+  lock.unlock();
+  s.slave_cv.notify_all();
+  return std::move(results[0].second);
+}
+
+void SyncMaster::abort(const std::string& reason) {
+  std::vector<Message> graveyard;
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  detail::BarrierState& s = *state_;
+  s.fail_pass(s.resolved_through + 1,
+              std::make_exception_ptr(BarrierAbortedError(s.describe() + " was aborted: " + reason)), graveyard);
+}
+
+int64_t SyncMaster::nr_slaves() const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return static_cast<int64_t>(state_->slots.size());
+}
+
+std::vector<int64_t> SyncMaster::slave_ids() const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  std::vector<int64_t> ids;
+  for (const auto& entry : state_->slots) ids.push_back(entry.first);
+  return ids;
+}
+
+double SyncMaster::timeout_seconds() const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->timeout_seconds;
+}
+
+void SyncMaster::set_timeout_seconds(double seconds) {
+  detail::check_timeout(seconds);
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  state_->timeout_seconds = seconds;
+}
+
+std::string SyncMaster::label() const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->label;
+}
+
+void SyncMaster::set_label(std::string label) {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  state_->label = std::move(label);
+}
+
+SlavePipe::SlavePipe(std::shared_ptr<detail::BarrierState> state, int64_t copy_id, int64_t generation)
+    : state_(std::move(state)), copy_id_(copy_id), generation_(generation) {}
+
+Message SlavePipe::run_slave(Message message) {
+  detail::BarrierState& s = *state_;
+  std::vector<Message> graveyard;               // destroyed after the lock
+  std::shared_ptr<detail::SlaveSlot> slot;      // may outlive its generation: release after the lock too
+  std::unique_lock<std::mutex> lock(s.mutex);
+  if (s.generation != generation_) {
+    std::ostringstream out;
+    out << s.describe() << ": the pipe of copy " << copy_id_
+        << " belongs to an earlier replication; register the slave again";
+    throw BarrierAbortedError(out.str());
+  }
+  slot = s.slots.at(copy_id_);
+  TORCH_CHECK(!slot->waiting, s.describe(), ": copy ", copy_id_, " is already inside run_slave in another thread");
+  detail::FlagGuard waiting(slot->waiting);
+  s.activated = true;
+  const int64_t pass = ++slot->entered;
+  if (pass <= s.failed_through) std::rethrow_exception(s.failure);
+
+  if (slot->message_pass != 0) graveyard.push_back(std::move(slot->message));
+  slot->message = std::move(message);
+  slot->message_pass = pass;
+  if (s.master_waiting && s.master_entered == pass && s.all_slaves_sent(pass)) s.master_cv.notify_one();
+
+  const auto until = s.deadline();
+  while (true) {
+    if (s.generation != generation_) s.throw_superseded(copy_id_);
+    if (slot->result_pass == pass) break;
+    if (pass <= s.failed_through) std::rethrow_exception(s.failure);
+    if (!detail::BarrierState::wait(s.slave_cv, lock, until) && s.generation == generation_ &&
+        slot->result_pass != pass && pass > s.failed_through) {
+      s.fail_pass(pass, s.timeout_error(pass), graveyard);
+    }
+  }
+  Message result = std::move(slot->result);
+  slot->result = Message{};
+  return result;
+}
+
+}  // namespace syncbn

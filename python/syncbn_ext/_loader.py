@@ -1,0 +1,130 @@
+"""Loads the compiled module: the prebuilt ``syncbn_ext._C``, or a JIT build of the same sources.
+
+The prebuilt module comes from ``pip install --no-build-isolation [-e] .``. Where it does not
+import (a source checkout on ``PYTHONPATH=python``), or where ``SYNCBN_EXT_JIT=1`` asks for it,
+the sources listed in ``cpp/sources.txt`` are compiled with ``torch.utils.cpp_extension.load``
+(optimized, cached under ``TORCH_EXTENSIONS_DIR``). One process never loads both.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch  # noqa: F401  (libtorch must be loaded before the extension)
+
+JIT_ENV = "SYNCBN_EXT_JIT"
+JIT_MODULE_NAME = "syncbn_ext_jit"
+SOURCE_LIST = Path(__file__).resolve().parent.parent.parent / "cpp" / "sources.txt"
+
+
+class StaleBuildLockError(RuntimeError):
+    """A killed JIT build left its lock file behind; loading would wait on it forever."""
+
+
+@dataclass(frozen=True)
+class LoadInfo:
+    """How ``_C`` was loaded: ``"prebuilt"`` or ``"jit"``, and the file it came from."""
+
+    how: str
+    path: str
+    reason: str
+
+
+def read_source_list(source_list: Path = SOURCE_LIST) -> dict[str, list[Path]]:
+    """Parses ``cpp/sources.txt`` into {part: [absolute paths]}; the same file CMake reads."""
+    parts: dict[str, list[Path]] = {}
+    seen: set[Path] = set()
+    for number, raw in enumerate(source_list.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split()
+        if len(fields) != 2:
+            raise ValueError(f"{source_list}:{number}: expected '<part> <path>', got {raw!r}")
+        part, relative = fields
+        path = (source_list.parent / relative).resolve()
+        if path in seen:
+            raise ValueError(f"{source_list}:{number}: {relative} is listed twice")
+        seen.add(path)
+        parts.setdefault(part, []).append(path)
+    return parts
+
+
+def project_version(cmake_lists: Path = SOURCE_LIST.parent.parent / "CMakeLists.txt") -> tuple[int, int, int]:
+    """The project version from CMakeLists.txt, the one place it is written."""
+    match = re.search(r"project\(syncbn VERSION (\d+)\.(\d+)\.(\d+)", cmake_lists.read_text())
+    if match is None:
+        raise ImportError(f"syncbn_ext: no 'project(syncbn VERSION x.y.z)' in {cmake_lists}")
+    major, minor, patch = (int(group) for group in match.groups())
+    return major, minor, patch
+
+
+def jit_build_directory() -> Path:
+    """Where torch.utils.cpp_extension.load builds and caches the JIT module."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return Path(root) / JIT_MODULE_NAME
+
+
+def load_jit(verbose: bool = False) -> ModuleType:
+    """Compiles (or reuses the cached build of) the core and binding sources as one module."""
+    from torch.utils.cpp_extension import load
+
+    if not SOURCE_LIST.is_file():
+        raise ImportError(
+            f"syncbn_ext: cannot JIT-compile: the C++ sources are not here ({SOURCE_LIST} is missing). "
+            "JIT builds need a source checkout; install with 'pip install --no-build-isolation .' instead."
+        )
+    parts = read_source_list()
+    sources = [str(p) for part in ("core", "bindings") for p in parts.get(part, [])]
+    include_dir = SOURCE_LIST.parent / "include"
+    version_flags = [f"-DSYNCBN_VERSION_{name}={value}" for name, value in zip(("MAJOR", "MINOR", "PATCH"), project_version())]
+    build_dir = jit_build_directory()
+    build_dir.mkdir(parents=True, exist_ok=True)
+
+    # torch's own lock file ('lock') is left behind by a killed build, and load() then waits on
+    # it forever. Our loaders serialize on an flock, which dies with its process: holding it,
+    # a 'lock' file can only be a dead build's.
+    with open(build_dir / "syncbn_loader.flock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            age = time.time() - stale.stat().st_mtime
+            raise StaleBuildLockError(
+                f"syncbn_ext: a JIT build of {JIT_MODULE_NAME} was interrupted and left the lock file {stale} "
+                f"({age:.0f} s old); no build is running. Delete it and import again: rm {stale}"
+            )
+        return load(
+            name=JIT_MODULE_NAME,
+            sources=sources,
+            extra_include_paths=[str(include_dir)],
+            extra_cflags=["-O2", "-DSYNCBN_BUILDING_LIBRARY", *version_flags],
+            build_directory=str(build_dir),
+            verbose=verbose,
+        )
+
+
+def load() -> tuple[ModuleType, LoadInfo]:
+    """The compiled module and how it was loaded."""
+    if JIT_ENV in os.environ and os.environ[JIT_ENV] not in ("", "0"):
+        if "syncbn_ext._C" in sys.modules:
+            raise ImportError(f"syncbn_ext: {JIT_ENV}=1, but the prebuilt syncbn_ext._C is already loaded")
+        module = load_jit()
+        return module, LoadInfo("jit", module.__file__, f"{JIT_ENV}={os.environ[JIT_ENV]}")
+    try:
+        module = importlib.import_module("syncbn_ext._C")
+    except ImportError as error:
+        if not SOURCE_LIST.is_file():
+            raise
+        module = load_jit()
+        return module, LoadInfo("jit", module.__file__, f"no prebuilt syncbn_ext._C ({error})")
+    return module, LoadInfo("prebuilt", module.__file__, "syncbn_ext._C imported")
