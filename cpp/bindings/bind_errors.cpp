@@ -35,8 +35,9 @@ void translate_barrier_errors(std::exception_ptr error) {
       raised = original;
     }
     py::object traceback = original.attr("__traceback__");
-    // PyErr_Restore steals one reference to each.
-    PyErr_Restore(py::type::handle_of(raised).inc_ref().ptr(), raised.release().ptr(), traceback.release().ptr());
+    // PyErr_Restore steals one reference to each; no traceback is NULL, not None.
+    PyErr_Restore(py::type::handle_of(raised).inc_ref().ptr(), raised.release().ptr(),
+                  traceback.is_none() ? nullptr : traceback.release().ptr());
   }
 }
 
