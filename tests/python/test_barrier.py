@@ -1,0 +1,266 @@
+"""The C++ SyncMaster/SlavePipe/FutureResult barrier, driven from Python threads."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import pickle
+import threading
+import time
+
+import pytest
+import torch
+
+import syncbn_ext
+
+Stats = collections.namedtuple("Stats", ["copy_id", "total", "tensor"])
+
+
+def run_copies(master, pipes, make_message, passes=1):
+    """Runs copy 0 on this thread and every pipe on its own; returns {copy_id: [results]} and {copy_id: error}."""
+    results: dict[int, list] = collections.defaultdict(list)
+    errors: dict[int, BaseException] = {}
+
+    def run(copy_id, step):
+        try:
+            for index in range(passes):
+                results[copy_id].append(step(make_message(copy_id, index)))
+        except BaseException as error:
+            errors[copy_id] = error
+
+    threads = [threading.Thread(target=run, args=(pipe.identifier, pipe.run_slave)) for pipe in pipes]
+    for thread in threads:
+        thread.start()
+    run(0, master.run_master)
+    for thread in threads:
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "a replica thread hung"
+    return results, errors
+
+
+def sum_callback(intermediates):
+    total = sum(message[1] for _, message in intermediates)
+    tensor = torch.stack([message[2] for _, message in intermediates]).sum(0)
+    return [(copy_id, Stats(copy_id, total, tensor)) for copy_id, _ in intermediates]
+
+
+@pytest.mark.parametrize("replicas", [2, 4, 8])
+def test_thousand_passes_give_every_copy_the_right_result(replicas):
+    master = syncbn_ext.SyncMaster(sum_callback, timeout=60)
+    pipes = [master.register_slave(i) for i in range(1, replicas)]
+    assert master.nr_slaves == replicas - 1
+
+    def make_message(copy_id, index):
+        return (copy_id, copy_id + index, torch.full((3,), float(copy_id * index)))
+
+    results, errors = run_copies(master, pipes, make_message, passes=1000)
+    assert errors == {}
+    id_sum = replicas * (replicas - 1) // 2
+    for copy_id in range(replicas):
+        assert len(results[copy_id]) == 1000
+        for index, result in enumerate(results[copy_id]):
+            assert isinstance(result, Stats)  # any Python object travels, namedtuples included
+            assert result.copy_id == copy_id
+            assert result.total == id_sum + replicas * index
+            torch.testing.assert_close(result.tensor, torch.full((3,), float(id_sum * index)))
+
+
+def test_callback_sees_master_first_and_copies_in_id_order():
+    seen = []
+
+    def callback(intermediates):
+        seen.append([copy_id for copy_id, _ in intermediates])
+        # The slaves' results in reverse: the barrier routes them by copy id.
+        return [intermediates[0]] + [(i, m * 10) for i, m in reversed(intermediates[1:])]
+
+    master = syncbn_ext.SyncMaster(callback)
+    pipes = [master.register_slave(i) for i in (3, 1, 2)]
+    results, errors = run_copies(master, pipes, lambda copy_id, _: copy_id)
+    assert errors == {}
+    assert seen == [[0, 1, 2, 3]]
+    assert {copy_id: values[0] for copy_id, values in results.items()} == {0: 0, 1: 10, 2: 20, 3: 30}
+    assert master.slave_ids == [1, 2, 3]
+
+
+def test_other_python_threads_progress_while_replicas_wait():
+    master = syncbn_ext.SyncMaster(lambda items: items, timeout=60)
+    pipe = master.register_slave(1)
+    counter = 0
+    stop = threading.Event()
+
+    def count():
+        nonlocal counter
+        while not stop.is_set():
+            counter += 1
+
+    slave = threading.Thread(target=pipe.run_slave, args=("hello",))
+    slave.start()  # waits in the barrier: it must not hold the GIL meanwhile
+    time.sleep(0.05)
+    counter_thread = threading.Thread(target=count)
+    counter_thread.start()
+    time.sleep(0.2)
+    progress = counter
+    stop.set()
+    counter_thread.join()
+    assert master.run_master("world") == "world"
+    slave.join(timeout=30)
+    assert not slave.is_alive()
+    assert progress > 1000
+
+
+class CustomError(Exception):
+    def __init__(self, layer, detail):
+        super().__init__(layer, detail)
+        self.layer = layer
+
+
+def test_callback_exception_reaches_every_copy_with_its_type_and_next_pass_works():
+    fail = True
+
+    def callback(intermediates):
+        if fail:
+            raise CustomError("bn1", "statistics went wrong")
+        return intermediates
+
+    master = syncbn_ext.SyncMaster(callback, timeout=60)
+    pipes = [master.register_slave(i) for i in range(1, 4)]
+    results, errors = run_copies(master, pipes, lambda copy_id, _: copy_id)
+    assert sorted(errors) == [0, 1, 2, 3]
+    for error in errors.values():
+        assert type(error) is CustomError
+        assert error.layer == "bn1"
+        assert error.args == ("bn1", "statistics went wrong")
+    fail = False
+    results, errors = run_copies(master, pipes, lambda copy_id, _: copy_id + 100)
+    assert errors == {}
+    assert {copy_id: values[0] for copy_id, values in results.items()} == {0: 100, 1: 101, 2: 102, 3: 103}
+
+
+def test_builtin_exception_types_survive():
+    master = syncbn_ext.SyncMaster(lambda items: {}["missing"])
+    pipes = [master.register_slave(1)]
+    _, errors = run_copies(master, pipes, lambda copy_id, _: copy_id)
+    assert [type(errors[i]) for i in (0, 1)] == [KeyError, KeyError]
+
+
+def test_malformed_callback_result_fails_every_copy():
+    master = syncbn_ext.SyncMaster(lambda items: items[:1], timeout=60)  # forgets the slaves
+    pipes = [master.register_slave(1), master.register_slave(2)]
+    _, errors = run_copies(master, pipes, lambda copy_id, _: copy_id)
+    assert sorted(errors) == [0, 1, 2]
+    assert all("one (copy_id, result) pair per copy" in str(error) for error in errors.values())
+
+
+def test_abort_wakes_every_waiter_and_the_next_pass_works():
+    master = syncbn_ext.SyncMaster(lambda items: items, timeout=60)
+    pipes = [master.register_slave(i) for i in range(1, 4)]
+    errors = {}
+
+    def wait(copy_id, step):
+        try:
+            step(copy_id)
+        except BaseException as error:
+            errors[copy_id] = error
+
+    # Copies 0, 1 and 2 wait for copy 3, which "raised" and never comes.
+    threads = [threading.Thread(target=wait, args=(0, master.run_master))]
+    threads += [threading.Thread(target=wait, args=(p.identifier, p.run_slave)) for p in pipes[:2]]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.1)
+    master.abort("replica 3 raised MemoryError")
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(errors) == [0, 1, 2]
+    for error in errors.values():
+        assert isinstance(error, syncbn_ext.BarrierAbortedError)
+        assert isinstance(error, syncbn_ext.BarrierError) and isinstance(error, RuntimeError)
+        assert "replica 3 raised MemoryError" in str(error)
+    with pytest.raises(syncbn_ext.BarrierAbortedError):
+        pipes[2].run_slave(3)  # a straggler of the aborted pass fails at once
+    results, run_errors = run_copies(master, pipes, lambda copy_id, _: copy_id)
+    assert run_errors == {}
+    assert {copy_id: values[0] for copy_id, values in results.items()} == {0: 0, 1: 1, 2: 2, 3: 3}
+
+
+def test_timeout_names_the_missing_copies_and_the_barrier_recovers():
+    master = syncbn_ext.SyncMaster(lambda items: items, timeout=0.2)
+    master.label = "layer4.bn2"
+    pipes = [master.register_slave(i) for i in range(1, 5)]
+    start = time.monotonic()
+    with pytest.raises(syncbn_ext.BarrierTimeoutError) as caught:
+        master.run_master("alone")
+    assert time.monotonic() - start < 10
+    assert isinstance(caught.value, TimeoutError)
+    assert "copies that never arrived: [1, 2, 3, 4]" in str(caught.value)
+    assert "layer4.bn2" in str(caught.value)
+    master.timeout = 60
+    # The copies that missed pass 1 fail at once when they reach it (they are its stragglers)...
+    for pipe in pipes:
+        with pytest.raises(syncbn_ext.BarrierTimeoutError, match=r"\[1, 2, 3, 4\]"):
+            pipe.run_slave(pipe.identifier)
+    # ...and pass 2 works for everyone.
+    results, errors = run_copies(master, pipes, lambda copy_id, _: copy_id * 2)
+    assert errors == {}
+    assert {copy_id: values[0] for copy_id, values in results.items()} == {0: 0, 1: 2, 2: 4, 3: 6, 4: 8}
+
+
+def test_timeout_from_environment(monkeypatch):
+    monkeypatch.setenv("SYNCBN_TIMEOUT", "7.5")
+    assert syncbn_ext.default_timeout_seconds() == 7.5
+    assert syncbn_ext.SyncMaster(lambda items: items).timeout == 7.5
+    assert syncbn_ext.SyncMaster(lambda items: items, timeout=2).timeout == 2
+    monkeypatch.setenv("SYNCBN_TIMEOUT", "later")
+    with pytest.raises(ValueError, match="SYNCBN_TIMEOUT"):
+        syncbn_ext.SyncMaster(lambda items: items)
+    monkeypatch.delenv("SYNCBN_TIMEOUT")
+    assert syncbn_ext.default_timeout_seconds() == 300
+    with pytest.raises(ValueError, match="positive"):
+        syncbn_ext.SyncMaster(lambda items: items, timeout=0)
+
+
+def test_registering_after_a_pass_starts_a_new_generation():
+    master = syncbn_ext.SyncMaster(lambda items: items, timeout=60)
+    old = [master.register_slave(1)]
+    run_copies(master, old, lambda copy_id, _: copy_id)
+    new = [master.register_slave(1), master.register_slave(2)]
+    assert master.nr_slaves == 2
+    with pytest.raises(syncbn_ext.BarrierAbortedError, match="earlier replication"):
+        old[0].run_slave(1)
+    with pytest.raises(ValueError, match="already registered"):
+        master.register_slave(2)
+    with pytest.raises(ValueError, match="0 is the master"):
+        master.register_slave(0)
+    results, errors = run_copies(master, new, lambda copy_id, _: copy_id)
+    assert errors == {}
+    assert sorted(results) == [0, 1, 2]
+
+
+def test_pickle_and_deepcopy_keep_callback_timeout_and_label():
+    master = syncbn_ext.SyncMaster(sum_callback, timeout=12)
+    master.label = "bn"
+    master.register_slave(1)
+    for clone in (pickle.loads(pickle.dumps(master)), copy.deepcopy(master)):
+        assert clone.master_callback is sum_callback
+        assert clone.timeout == 12
+        assert clone.label == "bn"
+        assert clone.nr_slaves == 0  # registrations belong to a replication, not to the object
+
+
+def test_future_result():
+    future = syncbn_ext.FutureResult()
+    assert not future.ready()
+    threading.Timer(0.05, future.put, args=({"value": 1},)).start()
+    assert future.get(timeout=30) == {"value": 1}
+    future.put(2)
+    with pytest.raises(RuntimeError, match="not been fetched"):
+        future.put(3)
+    assert future.get() == 2
+    with pytest.raises(syncbn_ext.BarrierTimeoutError):
+        future.get(timeout=0.05)
+
+
+def test_c10_errors_keep_their_python_types():
+    # _C is built against torch's own pybind11, so c10::ValueError arrives as ValueError.
+    with pytest.raises(ValueError, match="replicas are not isomorphic"):
+        syncbn_ext.execute_replication_callbacks([torch.nn.Linear(1, 1), torch.nn.ReLU()])
