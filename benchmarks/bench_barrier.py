@@ -50,6 +50,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import established_sync_master  # noqa: E402  (beside this file)
+
 import syncbn_ext  # noqa: E402
 
 WARMUP = 50

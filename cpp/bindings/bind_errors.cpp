@@ -34,10 +34,11 @@ void translate_barrier_errors(std::exception_ptr error) {
     } catch (py::error_already_set&) {
       raised = original;
     }
+    py::object type = py::reinterpret_borrow<py::object>(py::type::handle_of(raised));
     py::object traceback = original.attr("__traceback__");
     // PyErr_Restore steals one reference to each; no traceback is NULL, not None.
-    PyErr_Restore(py::type::handle_of(raised).inc_ref().ptr(), raised.release().ptr(),
-                  traceback.is_none() ? nullptr : traceback.release().ptr());
+    PyObject* traceback_ptr = traceback.is_none() ? nullptr : traceback.release().ptr();
+    PyErr_Restore(type.release().ptr(), raised.release().ptr(), traceback_ptr);
   }
 }
 

@@ -99,6 +99,13 @@ void bind_sync_master(py::module_& m) {
           },
           py::arg("identifier"), "Registers copy `identifier` (> 0) and returns its SlavePipe.")
       .def(
+          "reset",
+          [](PySyncMaster& self) {
+            py::gil_scoped_release no_gil;
+            self.core->reset();
+          },
+          "Starts a new replication: forgets every registered slave (their pipes stop working).")
+      .def(
           "run_master",
           [](PySyncMaster& self, py::object master_msg) {
             Message message = to_message(std::move(master_msg));

@@ -74,6 +74,20 @@ struct BarrierState {
     slave_cv.notify_all();
   }
 
+  // Forgets the slaves and the pass history; whoever waits on the old generation
+  // wakes and throws. The old slots go to `old_slots`, to be destroyed unlocked.
+  void start_generation(std::map<int64_t, std::shared_ptr<SlaveSlot>>& old_slots) {
+    ++generation;
+    activated = false;
+    old_slots.swap(slots);
+    master_entered = 0;
+    resolved_through = 0;
+    failed_through = 0;
+    failure = nullptr;
+    master_cv.notify_all();
+    slave_cv.notify_all();
+  }
+
   [[noreturn]] void throw_superseded(int64_t copy_id) const {
     std::ostringstream out;
     out << describe() << ": copy " << copy_id
@@ -207,25 +221,20 @@ SyncMaster::~SyncMaster() {
 }
 
 std::shared_ptr<SlavePipe> SyncMaster::register_slave(int64_t copy_id) {
+  TORCH_CHECK_VALUE(copy_id > 0, "register_slave: copy ids of slaves start at 1 (0 is the master), got ", copy_id);
   std::map<int64_t, std::shared_ptr<detail::SlaveSlot>> old_slots;  // destroyed after the lock
   std::lock_guard<std::mutex> lock(state_->mutex);
   detail::BarrierState& s = *state_;
-  TORCH_CHECK_VALUE(copy_id > 0, "register_slave: copy ids of slaves start at 1 (0 is the master), got ", copy_id);
-  if (s.activated) {
-    // A pass has run since the last registration: this is a new replication.
-    ++s.generation;
-    s.activated = false;
-    old_slots.swap(s.slots);
-    s.master_entered = 0;
-    s.resolved_through = 0;
-    s.failed_through = 0;
-    s.failure = nullptr;
-    s.master_cv.notify_all();
-    s.slave_cv.notify_all();
-  }
-  TORCH_CHECK_VALUE(s.slots.count(copy_id) == 0, "register_slave: copy ", copy_id, " is already registered");
+  // A pass since the last registration, or a copy registering again: a new replication.
+  if (s.activated || s.slots.count(copy_id) != 0) s.start_generation(old_slots);
   s.slots.emplace(copy_id, std::make_shared<detail::SlaveSlot>(copy_id));
   return std::make_shared<SlavePipe>(state_, copy_id, s.generation);
+}
+
+void SyncMaster::reset() {
+  std::map<int64_t, std::shared_ptr<detail::SlaveSlot>> old_slots;  // destroyed after the lock
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  state_->start_generation(old_slots);
 }
 
 Message SyncMaster::run_master(Message message) {

@@ -27,7 +27,7 @@ BarrierTimeoutError = _C.BarrierTimeoutError
 BarrierAbortedError = _C.BarrierAbortedError
 default_timeout_seconds = _C.default_timeout_seconds
 
-from .parallel import DataParallelWithCallback, patch, patch_replication_callback  # noqa: E402
+from .parallel import DataParallelWithCallback, patch, patch_replication_callback, replicate_on_cpu  # noqa: E402
 
 
 def _find_version() -> str:
@@ -65,4 +65,5 @@ __all__ = [
     "load_info",
     "patch",
     "patch_replication_callback",
+    "replicate_on_cpu",
 ]

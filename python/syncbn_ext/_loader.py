@@ -87,7 +87,12 @@ def load_jit(verbose: bool = False) -> ModuleType:
     parts = read_source_list()
     sources = [str(p) for part in ("core", "bindings") for p in parts.get(part, [])]
     include_dir = SOURCE_LIST.parent / "include"
-    version_flags = [f"-DSYNCBN_VERSION_{name}={value}" for name, value in zip(("MAJOR", "MINOR", "PATCH"), project_version())]
+    major, minor, patch = project_version()
+    version_flags = [
+        f"-DSYNCBN_VERSION_MAJOR={major}",
+        f"-DSYNCBN_VERSION_MINOR={minor}",
+        f"-DSYNCBN_VERSION_PATCH={patch}",
+    ]
     build_dir = jit_build_directory()
     build_dir.mkdir(parents=True, exist_ok=True)
 

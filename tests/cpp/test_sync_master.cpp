@@ -247,13 +247,40 @@ TEST(SyncMaster, RegisteringAfterAPassStartsANewGeneration) {
   auto pipe2 = master.register_slave(2);
   EXPECT_EQ(master.nr_slaves(), 2);
   EXPECT_THROW(old_pipe->run_slave(make_message(1, 1)), syncbn::BarrierAbortedError);
-  EXPECT_THROW(master.register_slave(2), c10::ValueError);  // duplicate within a generation
   EXPECT_THROW(master.register_slave(0), c10::ValueError);  // 0 is the master
   std::vector<std::shared_ptr<syncbn::SlavePipe>> pipes{nullptr, pipe1, pipe2};
   run_copies(3, [&](int64_t id) {
     Message result = id == 0 ? master.run_master(make_message(id, 0)) : pipes[id]->run_slave(make_message(id, 0));
     EXPECT_EQ(result.tensors.at(0)[0].item<double>(), 3.0);
   });
+}
+
+TEST(SyncMaster, RegisteringACopyAgainStartsANewGeneration) {
+  // A replication that ran no pass (a layer in eval mode), then the next replication.
+  syncbn::SyncMaster master(sum_callback, 60.0);
+  auto stale = master.register_slave(1);
+  master.register_slave(2);
+  auto pipe1 = master.register_slave(1);
+  EXPECT_EQ(master.slave_ids(), (std::vector<int64_t>{1}));
+  EXPECT_THROW(stale->run_slave(make_message(1, 0)), syncbn::BarrierAbortedError);
+  run_copies(2, [&](int64_t id) {
+    Message result = id == 0 ? master.run_master(make_message(id, 0)) : pipe1->run_slave(make_message(id, 0));
+    EXPECT_EQ(result.tensors.at(0)[0].item<double>(), 1.0);
+  });
+}
+
+TEST(SyncMaster, ResetForgetsTheSlavesOfTheLastReplication) {
+  // Four copies, then a replication with the master alone (a batch of one sample).
+  syncbn::SyncMaster master(sum_callback, 60.0);
+  std::vector<std::shared_ptr<syncbn::SlavePipe>> pipes(4);
+  for (int64_t id = 1; id < 4; ++id) pipes[id] = master.register_slave(id);
+  run_copies(4, [&](int64_t id) {
+    id == 0 ? master.run_master(make_message(id, 0)) : pipes[id]->run_slave(make_message(id, 0));
+  });
+  master.reset();
+  EXPECT_EQ(master.nr_slaves(), 0);
+  EXPECT_EQ(master.run_master(make_message(0, 7)).tensors.at(0)[0].item<double>(), 7.0);
+  EXPECT_THROW(pipes[1]->run_slave(make_message(1, 1)), syncbn::BarrierAbortedError);
 }
 
 TEST(SyncMaster, NewGenerationWakesCopiesWaitingOnTheOldOne) {

@@ -227,13 +227,25 @@ def test_registering_after_a_pass_starts_a_new_generation():
     assert master.nr_slaves == 2
     with pytest.raises(syncbn_ext.BarrierAbortedError, match="earlier replication"):
         old[0].run_slave(1)
-    with pytest.raises(ValueError, match="already registered"):
-        master.register_slave(2)
     with pytest.raises(ValueError, match="0 is the master"):
         master.register_slave(0)
     results, errors = run_copies(master, new, lambda copy_id, _: copy_id)
     assert errors == {}
     assert sorted(results) == [0, 1, 2]
+
+
+def test_replication_without_a_pass_then_a_smaller_one():
+    # Eval mode replicates without any pass; the next replication registers the same ids again.
+    master = syncbn_ext.SyncMaster(lambda items: items, timeout=60)
+    for _ in range(3):
+        pipes = [master.register_slave(i) for i in (1, 2, 3)]
+    assert master.slave_ids == [1, 2, 3]
+    results, errors = run_copies(master, pipes, lambda copy_id, _: copy_id)
+    assert errors == {} and sorted(results) == [0, 1, 2, 3]
+    # A batch of one sample replicates copy 0 alone: its hook resets the master.
+    master.reset()
+    assert master.nr_slaves == 0
+    assert master.run_master("alone") == "alone"
 
 
 def test_pickle_and_deepcopy_keep_callback_timeout_and_label():

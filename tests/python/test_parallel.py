@@ -10,10 +10,11 @@ import threading
 import time
 
 import pytest
-import syncbn_ext
 import torch
-from syncbn_ext.parallel import DataParallelWithCallback, patch, patch_replication_callback, replicate_on_cpu
 from torch import nn
+
+import syncbn_ext
+from syncbn_ext.parallel import DataParallelWithCallback, patch, patch_replication_callback, replicate_on_cpu
 
 BARRIER_TIMEOUT = 30.0  # a bug makes a barrier fail after this, never hang the suite
 HANG_TIMEOUT = 60.0
@@ -26,7 +27,7 @@ def call_with_timeout(fn, *args, timeout=HANG_TIMEOUT, **kwargs):
     def target():
         try:
             result["value"] = fn(*args, **kwargs)
-        except BaseException as error:  # noqa: BLE001 - handed back to the test thread
+        except BaseException as error:  # handed back to the test thread
             result["error"] = error
 
     thread = threading.Thread(target=target, daemon=True)
@@ -601,6 +602,7 @@ class PersistentBatchSum(BatchSum):
         self.hook_calls.append(copy_id)
         self.copy_id = copy_id
         if copy_id == 0:
+            self.persistent_master.reset()  # a new replication, maybe with fewer copies than the last
             self.master = ctx.sync_master = self.persistent_master
         else:
             self.pipe = ctx.sync_master.register_slave(copy_id)
@@ -615,22 +617,12 @@ def test_persistent_master_across_forwards():
         torch.testing.assert_close(call_with_timeout(dp, torch.zeros(batch, 1)), torch.full((batch, 1), float(batch)))
 
 
-@pytest.mark.xfail(
-    reason="SyncMaster: a replication with fewer copies than the last one keeps the old slaves (C++ core)",
-    raises=syncbn_ext.BarrierTimeoutError,
-    strict=False,
-)
 def test_persistent_master_when_the_batch_is_smaller_than_the_replicas():
     dp = cpu_dp(PersistentBatchSum(), 3)
     call_with_timeout(dp, torch.zeros(6, 1))
     torch.testing.assert_close(call_with_timeout(dp, torch.zeros(1, 1)), torch.ones(1, 1))
 
 
-@pytest.mark.xfail(
-    reason="SyncMaster: registering again after a replication in which no pass ran fails (C++ core)",
-    raises=ValueError,
-    strict=False,
-)
 def test_persistent_master_when_a_forward_skips_the_barrier():
     layer = PersistentBatchSum(use_barrier=False)  # e.g. a synchronized BatchNorm in eval mode
     dp = cpu_dp(layer, 2)

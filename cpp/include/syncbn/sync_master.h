@@ -35,9 +35,12 @@ class SlavePipe;
 // No pass can hang forever or fail silently: abort(reason), an exception from
 // the callback, or a timeout fail the pass for every participant, including one
 // that arrives at that pass later; the pass after a failed one works normally.
-// Registering a slave after a pass has run starts a new generation: the old
-// pipes stop working and anyone still waiting on the old generation is woken
-// with BarrierAbortedError.
+// Each replication is a generation of registrations. A new one starts with
+// reset() (the master's replication hook should call it: a replication may
+// have fewer copies than the last), or implicitly when a slave registers after
+// a pass has run or registers a copy id already registered (the established
+// library's semantics). Then the old pipes stop working, and anyone still
+// waiting on the old generation is woken with BarrierAbortedError.
 class SYNCBN_API SyncMaster {
  public:
   // `timeout_seconds` defaults to default_timeout_seconds(), read now.
@@ -46,8 +49,11 @@ class SYNCBN_API SyncMaster {
   SyncMaster(const SyncMaster&) = delete;
   SyncMaster& operator=(const SyncMaster&) = delete;
 
-  // A pipe for copy `copy_id` (> 0, unique within a generation).
+  // A pipe for copy `copy_id` (> 0).
   std::shared_ptr<SlavePipe> register_slave(int64_t copy_id);
+
+  // Starts a new generation with no slaves: for a new replication.
+  void reset();
 
   // One pass from the master's side; returns the master's result.
   Message run_master(Message message);

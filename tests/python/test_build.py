@@ -1,0 +1,109 @@
+"""The builds: one source list, the JIT fallback and its stale-lock check, the command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import syncbn_ext
+from syncbn_ext import _loader
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_source_list_names_every_source_once():
+    parts = _loader.read_source_list()
+    assert set(parts) == {"core", "bindings"}
+    listed = [path for paths in parts.values() for path in paths]
+    assert len(listed) == len(set(listed))
+    on_disk = {p.resolve() for folder in ("cpp/src", "cpp/bindings") for p in (ROOT / folder).rglob("*.cpp")}
+    assert set(listed) == on_disk
+    # The core never includes Python or pybind11.
+    for path in parts["core"]:
+        text = path.read_text()
+        assert "pybind11" not in text and "Python.h" not in text and "torch/extension.h" not in text, path
+
+
+def test_source_list_rejects_duplicates(tmp_path):
+    listing = tmp_path / "sources.txt"
+    listing.write_text("core src/a.cpp\nbindings src/a.cpp\n")
+    with pytest.raises(ValueError, match="listed twice"):
+        _loader.read_source_list(listing)
+
+
+def test_project_version_matches_package():
+    assert ".".join(map(str, _loader.project_version())) == syncbn_ext._C.version()
+
+
+def test_load_info_says_how_C_was_loaded():
+    info = syncbn_ext.load_info
+    assert info.how in ("prebuilt", "jit")
+    assert Path(info.path).is_file()
+    if info.how == "prebuilt":
+        prefix = Path(syncbn_ext.cmake_prefix_path)
+        assert (prefix / "share/cmake/syncbn/syncbnConfig.cmake").is_file()
+        assert (prefix / "include/syncbn/syncbn.h").is_file()
+        assert any((prefix / "lib").glob("libsyncbn.so*"))
+
+
+def run_python(code, env_updates, timeout):
+    env = {**os.environ, **env_updates}
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+def test_stale_jit_lock_is_reported_not_waited_on(tmp_path):
+    build_dir = tmp_path / _loader.JIT_MODULE_NAME
+    build_dir.mkdir()
+    (build_dir / "lock").write_text("")  # what a killed build leaves behind
+    result = run_python(
+        "import syncbn_ext",
+        {"TORCH_EXTENSIONS_DIR": str(tmp_path), "SYNCBN_EXT_JIT": "1", "PYTHONPATH": str(ROOT / "python")},
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "StaleBuildLockError" in result.stderr
+    assert f"rm {build_dir / 'lock'}" in result.stderr
+
+
+def test_jit_build_compiles_the_same_sources_and_works(tmp_path):
+    code = (
+        "import syncbn_ext, sys; "
+        "assert syncbn_ext.load_info.how == 'jit', syncbn_ext.load_info; "
+        "assert 'syncbn_ext._C' not in sys.modules; "
+        "assert syncbn_ext.cmake_prefix_path is None; "
+        "from syncbn_ext.__main__ import barrier_self_check; "
+        "print('median', barrier_self_check(3, 200)); "
+        "print(syncbn_ext._C.version())"
+    )
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path), "SYNCBN_EXT_JIT": "1", "PYTHONPATH": str(ROOT / "python")}
+    result = run_python(code, env, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "median" in result.stdout
+    assert result.stdout.strip().endswith(syncbn_ext._C.version())
+    # A second import reuses the cached build.
+    again = run_python("import syncbn_ext; print(syncbn_ext.load_info.how)", env, timeout=300)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert again.stdout.strip() == "jit"
+
+
+def test_command_line_prints_versions_and_self_check():
+    result = subprocess.run(
+        [sys.executable, "-m", "syncbn_ext", "--replicas", "4", "--passes", "300"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"syncbn_ext {syncbn_ext.__version__}" in out
+    assert "torch 2.13.0" in out
+    assert "compiler: " in out
+    assert f"_C: {syncbn_ext.load_info.how}, from " in out
+    assert "self-check: 4 CPU replicas x 300 barrier passes OK, median round trip" in out
