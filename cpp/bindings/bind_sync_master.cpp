@@ -1,6 +1,7 @@
 #include <syncbn/future_result.h>
 #include <syncbn/sync_master.h>
 
+#include "barrier_controls.h"
 #include "bindings.h"
 #include "py_object_ref.h"
 
@@ -87,24 +88,11 @@ void bind_sync_master(py::module_& m) {
       .def_property_readonly("copy_id", &SlavePipe::copy_id)
       .def("__repr__", [](const SlavePipe& self) { return "SlavePipe(identifier=" + std::to_string(self.copy_id()) + ")"; });
 
-  py::class_<PySyncMaster>(m, "SyncMaster",
+  py::class_<PySyncMaster> sync_master(m, "SyncMaster",
                            "The master/slave reduction barrier. master_callback receives [(copy_id, msg), ...], the "
-                           "master's (0, msg) first, and returns [(copy_id, result), ...], the master's first.")
+                           "master's (0, msg) first, and returns [(copy_id, result), ...], the master's first.");
+  sync_master
       .def(py::init<py::object, std::optional<double>>(), py::arg("master_callback"), py::arg("timeout") = py::none())
-      .def(
-          "register_slave",
-          [](PySyncMaster& self, int64_t identifier) {
-            py::gil_scoped_release no_gil;
-            return self.core->register_slave(identifier);
-          },
-          py::arg("identifier"), "Registers copy `identifier` (> 0) and returns its SlavePipe.")
-      .def(
-          "reset",
-          [](PySyncMaster& self) {
-            py::gil_scoped_release no_gil;
-            self.core->reset();
-          },
-          "Starts a new replication: forgets every registered slave (their pipes stop working).")
       .def(
           "run_master",
           [](PySyncMaster& self, py::object master_msg) {
@@ -117,45 +105,6 @@ void bind_sync_master(py::module_& m) {
             return from_message(std::move(result));
           },
           py::arg("master_msg"), "Collects every copy's message, runs the master callback, returns the master's result.")
-      .def(
-          "abort",
-          [](PySyncMaster& self, const std::string& reason) {
-            py::gil_scoped_release no_gil;
-            self.core->abort(reason);
-          },
-          py::arg("reason"), "Fails the pass in progress (or the next) for every copy with BarrierAbortedError.")
-      .def_property_readonly("nr_slaves",
-                             [](const PySyncMaster& self) {
-                               py::gil_scoped_release no_gil;
-                               return self.core->nr_slaves();
-                             })
-      .def_property_readonly("slave_ids",
-                             [](const PySyncMaster& self) {
-                               py::gil_scoped_release no_gil;
-                               return self.core->slave_ids();
-                             })
-      .def_property(
-          "timeout",
-          [](const PySyncMaster& self) {
-            py::gil_scoped_release no_gil;
-            return self.core->timeout_seconds();
-          },
-          [](PySyncMaster& self, double seconds) {
-            py::gil_scoped_release no_gil;
-            self.core->set_timeout_seconds(seconds);
-          },
-          "Seconds a pass waits for missing copies before failing.")
-      .def_property(
-          "label",
-          [](const PySyncMaster& self) {
-            py::gil_scoped_release no_gil;
-            return self.core->label();
-          },
-          [](PySyncMaster& self, std::string label) {
-            py::gil_scoped_release no_gil;
-            self.core->set_label(std::move(label));
-          },
-          "A name used in error messages, e.g. the synchronized layer.")
       .def_readonly("master_callback", &PySyncMaster::callback)
       .def(py::pickle(
           [](const PySyncMaster& self) {
@@ -167,6 +116,7 @@ void bind_sync_master(py::module_& m) {
             master->core->set_label(state["label"].cast<std::string>());
             return master;
           }));
+  def_barrier_controls(sync_master, [](PySyncMaster& self) -> SyncMaster& { return *self.core; });
 
   py::class_<FutureResult, std::shared_ptr<FutureResult>>(m, "FutureResult",
                                                           "A one-slot result hand-off between two threads.")

@@ -5,6 +5,7 @@
 // One function per core header, gathered by module.cpp.
 namespace syncbn::python {
 
+void bind_batch_norm(pybind11::module_& m);
 void bind_errors(pybind11::module_& m);
 void bind_callback_context(pybind11::module_& m);
 void bind_replicate(pybind11::module_& m);

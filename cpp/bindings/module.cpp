@@ -1,10 +1,11 @@
 #include "bindings.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "syncbn_ext._C: bindings of the syncbn C++ core (replication callbacks, barrier).";
+  m.doc() = "syncbn_ext._C: bindings of the syncbn C++ core (replication callbacks, barrier, BatchNorm).";
   syncbn::python::bind_errors(m);
   syncbn::python::bind_version(m);
   syncbn::python::bind_callback_context(m);
   syncbn::python::bind_replicate(m);
   syncbn::python::bind_sync_master(m);
+  syncbn::python::bind_batch_norm(m);
 }

@@ -67,3 +67,27 @@ __all__ = [
     "patch_replication_callback",
     "replicate_on_cpu",
 ]
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synchronized BatchNorm layers and model conversion (nn.py, convert.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+from .convert import convert_model, patch_sync_batchnorm, revert_model  # noqa: E402
+from .nn import (  # noqa: E402
+    SynchronizedBatchNorm1d,
+    SynchronizedBatchNorm2d,
+    SynchronizedBatchNorm3d,
+    get_sbn_eps_mode,
+    set_sbn_eps_mode,
+)
+
+__all__ += [
+    "SynchronizedBatchNorm1d",
+    "SynchronizedBatchNorm2d",
+    "SynchronizedBatchNorm3d",
+    "convert_model",
+    "get_sbn_eps_mode",
+    "patch_sync_batchnorm",
+    "revert_model",
+    "set_sbn_eps_mode",
+]

@@ -242,14 +242,15 @@ def _gather_on_cpu(outputs: Sequence[Any], dim: int) -> Any:
 
 
 def _abort_barriers(replicas: Sequence[nn.Module], reason: str) -> None:
-    """Aborts every SyncMaster held by a replica, so copies waiting for a failed one wake up now."""
-    from . import SyncMaster
+    """Aborts every barrier held by a replica, so copies waiting for a failed one wake up now."""
+    from . import _C
 
+    barrier_types = (_C.SyncMaster, _C.BatchNormSyncMaster)
     seen: set[int] = set()
     for replica in replicas:
         for m in replica.modules():
             for value in vars(m).values():
-                if isinstance(value, SyncMaster) and id(value) not in seen:
+                if isinstance(value, barrier_types) and id(value) not in seen:
                     seen.add(id(value))
                     value.abort(reason)
 

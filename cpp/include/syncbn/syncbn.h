@@ -2,6 +2,7 @@
 
 // Umbrella header: everything a LibTorch application needs from syncbn.
 #include <syncbn/barrier_benchmark.h>
+#include <syncbn/batch_norm.h>
 #include <syncbn/callback_context.h>
 #include <syncbn/errors.h>
 #include <syncbn/export.h>

@@ -1,0 +1,72 @@
+#pragma once
+
+#include <syncbn/sync_master.h>
+
+#include <torch/extension.h>
+
+namespace syncbn::python {
+
+namespace py = pybind11;
+
+// The methods every Python-facing SyncMaster shares (the Python-callback one and
+// the native BatchNorm one). `core(self)` gives the C++ barrier. Every call
+// releases the GIL before it takes the barrier's lock.
+template <class PyClass, class CoreOf>
+void def_barrier_controls(PyClass& cls, CoreOf core) {
+  using Self = typename PyClass::type;
+  cls.def(
+         "register_slave",
+         [core](Self& self, int64_t identifier) {
+           py::gil_scoped_release no_gil;
+           return core(self).register_slave(identifier);
+         },
+         py::arg("identifier"), "Registers copy `identifier` (> 0) and returns its SlavePipe.")
+      .def(
+          "reset",
+          [core](Self& self) {
+            py::gil_scoped_release no_gil;
+            core(self).reset();
+          },
+          "Starts a new replication: forgets every registered slave (their pipes stop working).")
+      .def(
+          "abort",
+          [core](Self& self, const std::string& reason) {
+            py::gil_scoped_release no_gil;
+            core(self).abort(reason);
+          },
+          py::arg("reason"), "Fails the pass in progress (or the next) for every copy with BarrierAbortedError.")
+      .def_property_readonly("nr_slaves",
+                             [core](Self& self) {
+                               py::gil_scoped_release no_gil;
+                               return core(self).nr_slaves();
+                             })
+      .def_property_readonly("slave_ids",
+                             [core](Self& self) {
+                               py::gil_scoped_release no_gil;
+                               return core(self).slave_ids();
+                             })
+      .def_property(
+          "timeout",
+          [core](Self& self) {
+            py::gil_scoped_release no_gil;
+            return core(self).timeout_seconds();
+          },
+          [core](Self& self, double seconds) {
+            py::gil_scoped_release no_gil;
+            core(self).set_timeout_seconds(seconds);
+          },
+          "Seconds a pass waits for missing copies before failing.")
+      .def_property(
+          "label",
+          [core](Self& self) {
+            py::gil_scoped_release no_gil;
+            return core(self).label();
+          },
+          [core](Self& self, std::string label) {
+            py::gil_scoped_release no_gil;
+            core(self).set_label(std::move(label));
+          },
+          "A name used in error messages, e.g. the synchronized layer.");
+}
+
+}  // namespace syncbn::python

@@ -1,0 +1,61 @@
+#include <syncbn/batch_norm.h>
+
+#include "barrier_controls.h"
+#include "bindings.h"
+
+namespace syncbn::python {
+
+namespace py = pybind11;
+using namespace pybind11::literals;
+
+void bind_batch_norm(py::module_& m) {
+  // A SyncMaster whose master callback merges BatchNorm statistics natively:
+  // no Python (and no GIL) between the replicas of a synchronized layer.
+  py::class_<SyncMaster, std::shared_ptr<SyncMaster>> master(
+      m, "BatchNormSyncMaster", "The barrier of a synchronized BatchNorm layer (native statistics merge).");
+  master
+      .def(py::init([](std::optional<double> timeout) {
+             return std::make_shared<SyncMaster>(batch_norm_master_callback(), timeout);
+           }),
+           py::arg("timeout") = py::none())
+      .def(py::pickle(
+          [](const SyncMaster& self) { return py::dict("timeout"_a = self.timeout_seconds(), "label"_a = self.label()); },
+          [](const py::dict& state) {
+            auto master = std::make_shared<SyncMaster>(batch_norm_master_callback(), state["timeout"].cast<double>());
+            master->set_label(state["label"].cast<std::string>());
+            return master;
+          }));
+  def_barrier_controls(master, [](SyncMaster& self) -> SyncMaster& { return self; });
+
+  m.def(
+      "sync_batch_norm_train",
+      [](const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+         const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+         double exponential_average_factor, double eps, const std::string& eps_mode, const py::object& sync) {
+        StatisticsExchange exchange;
+        if (sync.is_none()) {
+          exchange = local_exchange();
+        } else if (py::isinstance<SyncMaster>(sync)) {
+          exchange = [master = sync.cast<std::shared_ptr<SyncMaster>>()](Message message) {
+            return master->run_master(std::move(message));
+          };
+        } else if (py::isinstance<SlavePipe>(sync)) {
+          exchange = [pipe = sync.cast<std::shared_ptr<SlavePipe>>()](Message message) {
+            return pipe->run_slave(std::move(message));
+          };
+        } else {
+          throw py::type_error("sync must be a BatchNormSyncMaster (copy 0), a SlavePipe (other copies) or None");
+        }
+        const EpsMode mode = parse_eps_mode(eps_mode);
+        py::gil_scoped_release no_gil;  // kernels and the barrier wait run without the GIL
+        return sync_batch_norm_train(input, weight, bias, running_mean, running_var, exponential_average_factor,
+                                     eps, mode, exchange);
+      },
+      py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"),
+      py::arg("exponential_average_factor"), py::arg("eps"), py::arg("eps_mode"), py::arg("sync"),
+      "Training-mode BatchNorm of this replica's slice with statistics merged over every replica through `sync` "
+      "(the BatchNormSyncMaster on copy 0, the copy's SlavePipe on the others, None when alone). running_mean and "
+      "running_var, when given, are updated from the merged statistics.");
+}
+
+}  // namespace syncbn::python

@@ -1,0 +1,294 @@
+// The pure tensor ops of <syncbn/batch_norm.h>: their schemas (TORCH_LIBRARY),
+// the CPU kernels' front, Meta kernels, and an ATen implementation that serves
+// every other device (CUDA among them).
+#include <syncbn/batch_norm.h>
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#ifdef SYNCBN_CPU_KERNELS  // TEMPORARY while the kernels are written
+#include "cpu/batch_norm_kernels.h"
+#endif
+
+namespace syncbn {
+
+EpsMode parse_eps_mode(const std::string& name) {
+  if (name == "plus") return EpsMode::Plus;
+  if (name == "clamp") return EpsMode::Clamp;
+  TORCH_CHECK_VALUE(false, "eps mode must be 'plus' (var + eps) or 'clamp' (max(var, eps)), got '", name, "'");
+}
+
+std::string eps_mode_name(EpsMode mode) { return mode == EpsMode::Clamp ? "clamp" : "plus"; }
+
+namespace {
+
+at::ScalarType stats_dtype(const at::Tensor& input) { return at::toOpMathType(input.scalar_type()); }
+
+void check_input(const at::Tensor& input, const char* op) {
+  TORCH_CHECK_VALUE(input.dim() >= 2, "syncbn::", op, ": expected an input of shape (N, C, *), got ", input.dim(),
+                    "D input");
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), "syncbn::", op,
+              ": expected a floating point input, got dtype ", input.scalar_type());
+}
+
+void check_per_channel(const at::Tensor& input, const at::Tensor& values, const char* name, const char* op) {
+  TORCH_CHECK(values.dim() == 1 && values.size(0) == input.size(1), "syncbn::", op, ": ", name,
+              " should contain ", input.size(1), " elements (one per channel) not ", values.numel());
+}
+
+// (1, C, 1, ...): broadcasts a per-channel vector over an (N, C, *) input.
+at::Tensor per_channel_view(const at::Tensor& values, const at::Tensor& input) {
+  std::vector<int64_t> shape(input.dim(), 1);
+  shape[1] = input.size(1);
+  return values.view(shape);
+}
+
+std::vector<int64_t> reduced_dims(const at::Tensor& input) {
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < input.dim(); ++d) dims.push_back(d);
+  return dims;
+}
+
+at::Tensor inverse_std(const at::Tensor& var, double eps, EpsMode mode) {
+  return mode == EpsMode::Clamp ? var.clamp_min(eps).rsqrt() : (var + eps).rsqrt();
+}
+
+// scale = weight * invstd, shift = bias, per channel, in the statistics dtype.
+std::pair<at::Tensor, at::Tensor> affine_scale_shift(const at::Tensor& input, const at::Tensor& var,
+                                                     const std::optional<at::Tensor>& weight,
+                                                     const std::optional<at::Tensor>& bias, double eps,
+                                                     EpsMode mode) {
+  const auto dtype = stats_dtype(input);
+  at::Tensor scale = inverse_std(var.to(dtype), eps, mode);
+  if (weight.has_value() && weight->defined()) scale = scale * weight->to(dtype);
+  at::Tensor shift = bias.has_value() && bias->defined() ? bias->to(dtype) : at::zeros_like(scale);
+  return {scale, shift};
+}
+
+// ---- ATen implementation (any device) ------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> local_stats_aten(const at::Tensor& input) {
+  check_input(input, "local_stats");
+  const auto dtype = stats_dtype(input);
+  if (input.numel() == 0) {
+    at::Tensor zeros = at::zeros({input.size(1)}, input.options().dtype(dtype));
+    return {zeros, zeros.clone()};
+  }
+  at::Tensor x = input.to(dtype);
+  const auto dims = reduced_dims(input);
+  at::Tensor mean = x.mean(dims);
+  at::Tensor m2 = (x - per_channel_view(mean, x)).square().sum(dims);  // two-pass: no sum of squares
+  return {mean, m2};
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_stats_aten(const at::Tensor& counts, const at::Tensor& means,
+                                                    const at::Tensor& m2s) {
+  TORCH_CHECK(counts.dim() == 1 && means.dim() == 2 && m2s.sizes() == means.sizes() &&
+                  counts.size(0) == means.size(0),
+              "syncbn::merge_stats: expected counts (R,), means and m2s (R, C), got ", counts.sizes(), ", ",
+              means.sizes(), ", ", m2s.sizes());
+  // Chan's formula in float64 whatever the statistics dtype: it is C values per copy.
+  at::Tensor n = counts.to(means.device(), at::kDouble).unsqueeze(1);
+  at::Tensor total = n.sum(0);
+  at::Tensor safe_total = total.clamp_min(1);
+  at::Tensor means64 = means.to(at::kDouble);
+  at::Tensor mean = (n * means64).sum(0) / safe_total;
+  at::Tensor m2 = m2s.to(at::kDouble).sum(0) + (n * (means64 - mean).square()).sum(0);
+  return {mean.to(means.scalar_type()), (m2 / safe_total).to(means.scalar_type())};
+}
+
+at::Tensor normalize_aten(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
+                          const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+                          int64_t eps_mode) {
+  check_input(input, "normalize");
+  check_per_channel(input, mean, "mean", "normalize");
+  check_per_channel(input, var, "var", "normalize");
+  auto [scale, shift] = affine_scale_shift(input, var, weight, bias, eps, static_cast<EpsMode>(eps_mode));
+  const auto dtype = stats_dtype(input);
+  at::Tensor y = (input.to(dtype) - per_channel_view(mean.to(dtype), input)) * per_channel_view(scale, input) +
+                 per_channel_view(shift, input);
+  return y.to(input.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce_aten(const at::Tensor& grad_out, const at::Tensor& input,
+                                                        const at::Tensor& mean) {
+  check_input(input, "backward_reduce");
+  check_per_channel(input, mean, "mean", "backward_reduce");
+  const auto dtype = stats_dtype(input);
+  const auto dims = reduced_dims(input);
+  at::Tensor dy = grad_out.to(dtype);
+  if (input.numel() == 0) {
+    at::Tensor zeros = at::zeros({input.size(1)}, input.options().dtype(dtype));
+    return {zeros, zeros.clone()};
+  }
+  at::Tensor xmu = input.to(dtype) - per_channel_view(mean.to(dtype), input);
+  return {dy.sum(dims), (dy * xmu).sum(dims)};
+}
+
+at::Tensor backward_elemt_aten(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                               const at::Tensor& dy_scale, const at::Tensor& x_scale, const at::Tensor& shift) {
+  check_input(input, "backward_elemt");
+  const auto dtype = stats_dtype(input);
+  auto view = [&](const at::Tensor& values) { return per_channel_view(values.to(dtype), input); };
+  at::Tensor grad_in = grad_out.to(dtype) * view(dy_scale) + (input.to(dtype) - view(mean)) * view(x_scale) +
+                       view(shift);
+  return grad_in.to(input.scalar_type());
+}
+
+#ifdef SYNCBN_CPU_KERNELS
+// ---- CPU: the vectorized kernels ---------------------------------------------------
+// (merge_stats has no CPU kernel of its own: C values per copy, the ATen one serves.)
+
+std::tuple<at::Tensor, at::Tensor> local_stats_cpu(const at::Tensor& input) {
+  check_input(input, "local_stats");
+  return cpu::local_stats(input);
+}
+
+at::Tensor normalize_cpu(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
+                         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+                         int64_t eps_mode) {
+  check_input(input, "normalize");
+  check_per_channel(input, mean, "mean", "normalize");
+  check_per_channel(input, var, "var", "normalize");
+  auto [scale, shift] = affine_scale_shift(input, var, weight, bias, eps, static_cast<EpsMode>(eps_mode));
+  return cpu::normalize(input, mean, scale, shift);
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& input,
+                                                       const at::Tensor& mean) {
+  check_input(input, "backward_reduce");
+  check_per_channel(input, mean, "mean", "backward_reduce");
+  return cpu::backward_reduce(grad_out, input, mean);
+}
+
+at::Tensor backward_elemt_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                              const at::Tensor& dy_scale, const at::Tensor& x_scale, const at::Tensor& shift) {
+  check_input(input, "backward_elemt");
+  return cpu::backward_elemt(grad_out, input, mean, dy_scale, x_scale, shift);
+}
+
+#endif
+
+// ---- Meta: shapes and dtypes only (symbolic sizes allowed) ---------------------------
+
+std::tuple<at::Tensor, at::Tensor> local_stats_meta(const at::Tensor& input) {
+  check_input(input, "local_stats");
+  auto options = input.options().dtype(stats_dtype(input));
+  return {at::empty_symint({input.sym_size(1)}, options), at::empty_symint({input.sym_size(1)}, options)};
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_stats_meta(const at::Tensor& counts, const at::Tensor& means,
+                                                    const at::Tensor& m2s) {
+  TORCH_CHECK(counts.dim() == 1 && means.dim() == 2 && m2s.dim() == 2,
+              "syncbn::merge_stats: expected counts (R,), means and m2s (R, C)");
+  return {at::empty_symint({means.sym_size(1)}, means.options()),
+          at::empty_symint({means.sym_size(1)}, means.options())};
+}
+
+at::Tensor normalize_meta(const at::Tensor& input, const at::Tensor&, const at::Tensor&,
+                          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, int64_t) {
+  check_input(input, "normalize");
+  return at::empty_like(input);
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce_meta(const at::Tensor&, const at::Tensor& input,
+                                                        const at::Tensor&) {
+  return local_stats_meta(input);
+}
+
+at::Tensor backward_elemt_meta(const at::Tensor&, const at::Tensor& input, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, const at::Tensor&) {
+  check_input(input, "backward_elemt");
+  return at::empty_like(input);
+}
+
+// The dispatcher handle of torch.ops.syncbn.<name>, looked up once.
+template <class Signature>
+c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+}  // namespace
+
+TORCH_LIBRARY(syncbn, m) {
+  m.def("local_stats(Tensor input) -> (Tensor mean, Tensor m2)");
+  m.def("merge_stats(Tensor counts, Tensor means, Tensor m2s) -> (Tensor mean, Tensor var)");
+  m.def(
+      "normalize(Tensor input, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, int eps_mode) "
+      "-> Tensor");
+  m.def("backward_reduce(Tensor grad_out, Tensor input, Tensor mean) -> (Tensor sum_dy, Tensor sum_dy_xmu)");
+  m.def(
+      "backward_elemt(Tensor grad_out, Tensor input, Tensor mean, Tensor dy_scale, Tensor x_scale, Tensor shift) "
+      "-> Tensor");
+}
+
+#ifdef SYNCBN_CPU_KERNELS
+TORCH_LIBRARY_IMPL(syncbn, CPU, m) {
+  m.impl("local_stats", TORCH_FN(local_stats_cpu));
+  m.impl("normalize", TORCH_FN(normalize_cpu));
+  m.impl("backward_reduce", TORCH_FN(backward_reduce_cpu));
+  m.impl("backward_elemt", TORCH_FN(backward_elemt_cpu));
+}
+#endif
+
+TORCH_LIBRARY_IMPL(syncbn, Meta, m) {
+  m.impl("local_stats", TORCH_FN(local_stats_meta));
+  m.impl("merge_stats", TORCH_FN(merge_stats_meta));
+  m.impl("normalize", TORCH_FN(normalize_meta));
+  m.impl("backward_reduce", TORCH_FN(backward_reduce_meta));
+  m.impl("backward_elemt", TORCH_FN(backward_elemt_meta));
+}
+
+// Every other device (CUDA among them): the same math in ATen ops.
+TORCH_LIBRARY_IMPL(syncbn, CompositeExplicitAutograd, m) {
+  m.impl("local_stats", TORCH_FN(local_stats_aten));
+  m.impl("merge_stats", TORCH_FN(merge_stats_aten));
+  m.impl("normalize", TORCH_FN(normalize_aten));
+  m.impl("backward_reduce", TORCH_FN(backward_reduce_aten));
+  m.impl("backward_elemt", TORCH_FN(backward_elemt_aten));
+}
+
+void register_ops() {
+  // Registration happens when this library loads; looking an op up proves it.
+  c10::Dispatcher::singleton().findSchemaOrThrow("syncbn::local_stats", "");
+}
+
+std::tuple<at::Tensor, at::Tensor> local_stats(const at::Tensor& input) {
+  static auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>("syncbn::local_stats");
+  return op.call(input);
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_stats(const at::Tensor& counts, const at::Tensor& means,
+                                               const at::Tensor& m2s) {
+  static auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&)>("syncbn::merge_stats");
+  return op.call(counts, means, m2s);
+}
+
+at::Tensor normalize(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
+                     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+                     EpsMode eps_mode) {
+  static auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
+                                        int64_t)>("syncbn::normalize");
+  return op.call(input, mean, var, weight, bias, eps, static_cast<int64_t>(eps_mode));
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_out, const at::Tensor& input,
+                                                   const at::Tensor& mean) {
+  static auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&)>("syncbn::backward_reduce");
+  return op.call(grad_out, input, mean);
+}
+
+at::Tensor backward_elemt(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                          const at::Tensor& dy_scale, const at::Tensor& x_scale, const at::Tensor& shift) {
+  static auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&, const at::Tensor&)>("syncbn::backward_elemt");
+  return op.call(grad_out, input, mean, dy_scale, x_scale, shift);
+}
+
+}  // namespace syncbn

@@ -1,0 +1,175 @@
+"""Turning the BatchNorm layers of an existing model into synchronized ones, and back.
+
+* :func:`convert_model`: every ``nn.BatchNorm1d/2d/3d`` becomes the matching :mod:`syncbn_ext.nn` layer, and an
+  ``nn.DataParallel`` a :class:`syncbn_ext.DataParallelWithCallback`.
+* :func:`revert_model`: the synchronized layers become ``nn.BatchNorm1d/2d/3d`` again.
+* :func:`patch_sync_batchnorm`: while open, ``nn.BatchNorm1d/2d/3d`` *are* the synchronized classes, for code that
+  builds its model from ``nn.BatchNorm2d`` itself (e.g. a model zoo's constructor).
+
+Like ``nn.SyncBatchNorm.convert_sync_batchnorm``, the conversions work in place: containers keep their identity
+and get the new layers as children, and each new layer takes over the *same* parameter and buffer tensors as the
+layer it replaces, so an optimizer built over the model's parameters keeps working. Deep-copy the model first
+(``copy.deepcopy``) to keep the original.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from .nn import _SYNC_TO_TORCH, _TORCH_TO_SYNC
+from .parallel import DataParallelWithCallback, patch
+
+__all__ = ["convert_model", "patch_sync_batchnorm", "revert_model"]
+
+M = TypeVar("M", bound=nn.Module)
+
+# Attributes a converted layer must not inherit from the layer it replaces.
+_DROPPED_ATTRIBUTES = (
+    "_compiled_call_impl",  # a torch.compile'd call of the *old* module (Module.compile)
+    "_sync_master",
+    "_copy_id",
+    "_slave_pipe",
+    "_is_replica",
+)
+
+
+def _transplant(module: nn.Module, cls: type[M]) -> M:
+    """A new ``cls`` instance with ``module``'s state: the same parameters, buffers, options, flags and hooks.
+
+    The attributes are copied shallowly (the tensors are shared, the dicts of parameters, buffers, submodules and
+    hooks are copies), so that later changes to one module's structure do not affect the other.
+    """
+    new = cls.__new__(cls)
+    state = {
+        key: (value.copy() if isinstance(value, (dict, set)) else value)
+        for key, value in module.__dict__.items()
+        if key not in _DROPPED_ATTRIBUTES
+    }
+    new.__dict__.update(state)
+    return new
+
+
+def _to_synchronized(module: nn.Module) -> nn.Module:
+    target = _TORCH_TO_SYNC.get(type(module))
+    if target is None:
+        return module
+    new = _transplant(module, target)
+    new._init_sync_state()
+    return new
+
+
+def _to_torch(module: nn.Module) -> nn.Module:
+    target = _SYNC_TO_TORCH.get(type(module))  # type: ignore[call-overload]
+    if target is None:
+        return module
+    return _transplant(module, target)
+
+
+def _convert(module: nn.Module, convert_layer: Any, wrap_data_parallel: bool, memo: dict[int, nn.Module]) -> nn.Module:
+    """Converts ``module`` and, recursively and in place, its children. A module reached twice converts once."""
+    key = id(module)
+    if key in memo:
+        return memo[key]
+    result = convert_layer(module)
+    if wrap_data_parallel and isinstance(module, nn.DataParallel) and not isinstance(module, DataParallelWithCallback):
+        if type(module) is nn.DataParallel:
+            # nn.DataParallel without an accelerator only sets device_ids (== []): the others take their defaults.
+            result = DataParallelWithCallback(
+                module.module,
+                device_ids=module.device_ids,
+                output_device=getattr(module, "output_device", None),
+                dim=getattr(module, "dim", 0),
+            )
+            result.train(module.training)
+        else:
+            # A subclass of nn.DataParallel may have behaviour of its own: keep it, add the replication callbacks.
+            result = patch(module)
+    memo[key] = result
+    for name, child in list(result._modules.items()):
+        if child is not None:
+            converted = _convert(child, convert_layer, wrap_data_parallel, memo)
+            if converted is not child:
+                result._modules[name] = converted
+    return result
+
+
+def convert_model(module: M) -> nn.Module:
+    """Replaces the BatchNorm layers of ``module`` by synchronized ones, recursively; returns the converted model.
+
+    * Every ``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` / ``nn.BatchNorm3d`` (those exact classes: not their
+      subclasses, ``nn.SyncBatchNorm``, lazy BatchNorms or layers already synchronized) becomes a
+      :class:`~syncbn_ext.SynchronizedBatchNorm1d` / ``2d`` / ``3d`` with the same parameters and buffers (the same
+      tensor objects, ``num_batches_tracked`` included), options (``eps``, ``momentum`` including ``None``,
+      ``affine``, bias presence, ``track_running_stats``), training flag, device, dtype and hooks.
+    * An ``nn.DataParallel`` becomes a :class:`~syncbn_ext.DataParallelWithCallback` with the same ``device_ids``,
+      ``output_device`` and ``dim`` around the converted module; a subclass of ``nn.DataParallel`` is kept and
+      given the replication callbacks with :func:`syncbn_ext.patch`; a ``DataParallelWithCallback`` stays.
+
+    The conversion is in place (see the module's documentation): containers are modified and returned as they
+    are, and the root is replaced when it is itself a BatchNorm or an ``nn.DataParallel``, so always use the
+    returned module. A layer shared by several parents is converted once and stays shared.
+
+    Args:
+        module: the model (or a single BatchNorm layer).
+
+    Returns:
+        The converted model.
+
+    Example:
+        >>> model = convert_model(torchvision.models.resnet18())  # doctest: +SKIP
+        >>> dp = syncbn_ext.DataParallelWithCallback(model, device_ids=["cpu"] * 4)  # doctest: +SKIP
+    """
+    return _convert(module, _to_synchronized, True, {})
+
+
+def revert_model(module: M) -> nn.Module:
+    """The inverse of :func:`convert_model`: synchronized layers become plain ``nn.BatchNorm1d/2d/3d``.
+
+    Parameters, buffers, options, training flag and hooks carry over as in :func:`convert_model` (the same
+    tensors), in place. Wrappers are left as they are: a :class:`~syncbn_ext.DataParallelWithCallback` stays one
+    (without synchronized layers it runs exactly as ``nn.DataParallel``, and its CPU replicas have no
+    ``nn.DataParallel`` equivalent); unwrap or re-wrap it yourself if you need an ``nn.DataParallel``.
+
+    Args:
+        module: the model (or a single synchronized layer).
+
+    Returns:
+        The reverted model.
+    """
+    return _convert(module, _to_torch, False, {})
+
+
+# The namespaces code reaches nn.BatchNormNd through.
+_PATCHED_NAMESPACES = (torch.nn, torch.nn.modules, torch.nn.modules.batchnorm)
+_PATCHED_NAMES = {cls.__name__: sync_cls for cls, sync_cls in _TORCH_TO_SYNC.items()}
+
+
+@contextlib.contextmanager
+def patch_sync_batchnorm() -> Iterator[None]:
+    """While open, ``nn.BatchNorm1d/2d/3d`` are the synchronized classes.
+
+    Replaces the attributes ``BatchNorm1d``, ``BatchNorm2d`` and ``BatchNorm3d`` of ``torch.nn``,
+    ``torch.nn.modules`` and ``torch.nn.modules.batchnorm``, so that models built inside the block from
+    ``nn.BatchNorm2d`` get synchronized layers; restores the previous values on exit, also when the block raises.
+    Contexts nest. The patch is process-wide (every thread sees it): build models inside it, and prefer
+    :func:`convert_model` where it serves.
+
+    Example:
+        >>> with patch_sync_batchnorm():
+        ...     model = torchvision.models.resnet18()  # doctest: +SKIP
+    """
+    saved = [
+        (namespace, name, getattr(namespace, name)) for namespace in _PATCHED_NAMESPACES for name in _PATCHED_NAMES
+    ]
+    try:
+        for namespace, name, _ in saved:
+            setattr(namespace, name, _PATCHED_NAMES[name])
+        yield
+    finally:
+        for namespace, name, value in reversed(saved):
+            setattr(namespace, name, value)

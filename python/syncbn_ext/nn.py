@@ -1,0 +1,269 @@
+"""Synchronized BatchNorm layers: BatchNorm whose batch statistics cover every replica's slice.
+
+Under ``nn.DataParallel`` each copy of an ``nn.BatchNorm2d`` normalizes its slice of the batch with the
+statistics of that slice only. :class:`SynchronizedBatchNorm1d`, :class:`SynchronizedBatchNorm2d` and
+:class:`SynchronizedBatchNorm3d` compute the mean and variance over the *whole* batch instead: under
+:class:`syncbn_ext.DataParallelWithCallback` (or an ``nn.DataParallel`` given :func:`syncbn_ext.patch`), every
+copy sends its local statistics ``(count, mean, M2)`` to the copy 0 of the layer, which merges them (Chan's
+formula, in C++) and hands every copy the merged mean and variance. N replicas with batch B/N then behave
+like one module with batch B: same output, same gradients, same running statistics.
+
+The layers are drop-in replacements for ``nn.BatchNormNd``: same constructor, same input checks and error
+messages, same ``repr``, same ``state_dict`` keys (checkpoints load both ways). Whenever the running statistics
+are used (eval mode with tracked statistics), and when not replicated (a plain forward, or
+``DataParallelWithCallback`` with one device) in the default eps mode, the forward *is* ``nn.BatchNorm``'s, bit
+for bit. See :func:`set_sbn_eps_mode` for the established library's ``sqrt(max(var, eps))``.
+
+Example:
+    >>> import syncbn_ext
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), syncbn_ext.SynchronizedBatchNorm2d(8), nn.ReLU())
+    >>> dp = syncbn_ext.DataParallelWithCallback(model, device_ids=["cpu"] * 4)
+    >>> out = dp(torch.randn(16, 3, 32, 32))  # statistics over all 16 samples
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+from torch.nn.modules.batchnorm import BatchNorm1d as _TorchBatchNorm1d
+from torch.nn.modules.batchnorm import BatchNorm2d as _TorchBatchNorm2d
+from torch.nn.modules.batchnorm import BatchNorm3d as _TorchBatchNorm3d
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import _C  # the package loads _C before it imports this module
+
+__all__ = [
+    "SynchronizedBatchNorm1d",
+    "SynchronizedBatchNorm2d",
+    "SynchronizedBatchNorm3d",
+    "get_sbn_eps_mode",
+    "set_sbn_eps_mode",
+]
+
+_EPS_MODES = ("plus", "clamp")
+_eps_mode = "plus"
+
+
+def set_sbn_eps_mode(mode: str) -> None:
+    """Chooses how ``eps`` enters the normalization of batch statistics, for every synchronized layer.
+
+    * ``"plus"`` (default): ``(x - mean) / sqrt(var + eps)``, as ``nn.BatchNorm``.
+    * ``"clamp"``: ``(x - mean) / sqrt(max(var, eps))``, as the established Synchronized-BatchNorm-PyTorch
+      library: for a channel whose batch variance is well above ``eps`` the output is that of an
+      un-regularized normalization.
+
+    The mode applies to every forward that normalizes with *batch* statistics (training mode, or eval mode
+    without running statistics), replicated or not, so a model behaves the same with one device and with
+    many. Normalization with the *running* statistics (eval mode with tracked statistics) is always
+    ``nn.BatchNorm``'s own, ``sqrt(running_var + eps)``, in both modes (as in the established library). The
+    running statistics are updated the same way in both modes. The mode is read at each forward; change it
+    between forwards, not while one is running.
+
+    Args:
+        mode: ``"plus"`` or ``"clamp"``.
+
+    Raises:
+        ValueError: ``mode`` is neither.
+    """
+    global _eps_mode
+    if not isinstance(mode, str) or mode not in _EPS_MODES:
+        raise ValueError(f"set_sbn_eps_mode: mode must be 'plus' or 'clamp', got {mode!r}")
+    _eps_mode = mode
+
+
+def get_sbn_eps_mode() -> str:
+    """The current eps mode of the synchronized layers, ``"plus"`` or ``"clamp"`` (see :func:`set_sbn_eps_mode`)."""
+    return _eps_mode
+
+
+class _SynchronizedBatchNorm(_BatchNorm):
+    """The common base of the synchronized layers: everything but the input-dimension check.
+
+    State beside ``nn.BatchNorm``'s (plain attributes, not in the ``state_dict``):
+
+    * ``_sync_master``: a ``_C.BatchNormSyncMaster``, created with the layer and shared by its replicas (they
+      are shallow copies); its ``label`` names the layer in barrier errors.
+    * ``_copy_id``: the replica's copy id, set by the replication hook; ``None`` on a module that was never
+      replicated (the original one, or one unpickled / deep-copied).
+    * ``_slave_pipe``: on copies ``1..n-1`` only, their pipe to copy 0; never pickled.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self._init_sync_state()
+
+    def _init_sync_state(self) -> None:
+        """Creates the synchronization state of a layer that has none (a new, converted or old unpickled one)."""
+        self._sync_master = _C.BatchNormSyncMaster()
+        self._sync_master.label = self._default_label()
+        self._copy_id: int | None = None
+
+    def _default_label(self) -> str:
+        return f"{type(self).__name__}({self.num_features})"
+
+    # ---- replication ------------------------------------------------------------------------------------
+
+    def __data_parallel_replicate__(self, ctx: Any, copy_id: int) -> None:
+        """The replication hook: copy 0 publishes the layer's master in ``ctx``, the others register with it.
+
+        Runs on each replica (a shallow copy), copy 0 first; attributes set here stay on that replica.
+        """
+        self._copy_id = copy_id
+        if copy_id == 0:
+            self._sync_master.reset()  # a new replication: forget the previous one's copies
+            ctx.sync_master = self._sync_master
+        else:
+            self._slave_pipe = ctx.sync_master.register_slave(copy_id)
+
+    # ---- pickling -----------------------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        # A pipe belongs to one replication; an unpickled (or deep-copied) layer is not a replica.
+        state.pop("_slave_pipe", None)
+        state["_copy_id"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_sync_master" not in self.__dict__:
+            self._init_sync_state()
+        self.__dict__.setdefault("_copy_id", None)
+
+    # ---- forward ------------------------------------------------------------------------------------------
+
+    def forward(self, input: Tensor) -> Tensor:
+        """BatchNorm of ``input``, with the batch statistics merged over every replica when replicated.
+
+        Follows ``nn.BatchNorm.forward``: batch statistics are used in training mode and in eval mode when
+        the running statistics are ``None``; the running statistics (and ``num_batches_tracked``) are updated
+        in training mode when ``track_running_stats`` is set, by copy 0 (which holds the original's buffers).
+        """
+        copy_id = self.__dict__.get("_copy_id")
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        eps_mode = _eps_mode
+        if not use_batch_stats or (copy_id is None and eps_mode == "plus"):
+            # Running statistics, or a lone module with nn.BatchNorm's eps: nn.BatchNorm itself.
+            return super().forward(input)
+
+        self._check_input_dim(input)
+        holds_buffers = copy_id is None or copy_id == 0
+        update_running_stats = self.training and self.track_running_stats and holds_buffers
+
+        # As nn.BatchNorm: the factor is momentum, or 1 / num_batches_tracked for the cumulative average.
+        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
+        if update_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+            else:
+                exponential_average_factor = self.momentum
+
+        if copy_id is None:
+            sync = None
+        elif copy_id == 0:
+            sync = self._sync_master
+        else:
+            sync = self.__dict__.get("_slave_pipe")
+            if sync is None:
+                raise RuntimeError(
+                    f"{self._default_label()}: copy {copy_id} has no slave pipe; replicate the module with "
+                    "DataParallelWithCallback (or run syncbn_ext.execute_replication_callbacks on the replicas)"
+                )
+
+        return _C.sync_batch_norm_train(
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean if update_running_stats else None,
+            self.running_var if update_running_stats else None,
+            exponential_average_factor,
+            self.eps,
+            eps_mode,
+            sync,
+        )
+
+
+class SynchronizedBatchNorm1d(_SynchronizedBatchNorm):
+    r"""``nn.BatchNorm1d`` with batch statistics over every replica: input ``(N, C)`` or ``(N, C, L)``.
+
+    Same arguments, defaults, checks, ``repr`` and ``state_dict`` as :class:`torch.nn.BatchNorm1d`. Under
+    :class:`syncbn_ext.DataParallelWithCallback` the mean and variance of each channel are those of the whole
+    batch (all replicas' slices); alone, or with running statistics, it is ``nn.BatchNorm1d``.
+
+    Args:
+        num_features: the number of features or channels ``C``.
+        eps: added to the variance (or its lower bound, see :func:`set_sbn_eps_mode`). Default: 1e-5.
+        momentum: the running statistics' update factor; ``None`` for a cumulative average. Default: 0.1.
+        affine: learnable ``weight`` and ``bias``. Default: ``True``.
+        track_running_stats: keep ``running_mean`` / ``running_var`` (used in eval mode). Default: ``True``.
+        device: device of the parameters and buffers.
+        dtype: dtype of the parameters and buffers.
+        bias: with ``affine``, whether to learn ``bias``. Default: ``True``.
+    """
+
+    _check_input_dim = _TorchBatchNorm1d._check_input_dim
+
+
+class SynchronizedBatchNorm2d(_SynchronizedBatchNorm):
+    r"""``nn.BatchNorm2d`` with batch statistics over every replica: input ``(N, C, H, W)``.
+
+    Same arguments, defaults, checks, ``repr`` and ``state_dict`` as :class:`torch.nn.BatchNorm2d`. Under
+    :class:`syncbn_ext.DataParallelWithCallback` the mean and variance of each channel are those of the whole
+    batch (all replicas' slices); alone, or with running statistics, it is ``nn.BatchNorm2d``.
+
+    Args:
+        num_features: the number of channels ``C``.
+        eps: added to the variance (or its lower bound, see :func:`set_sbn_eps_mode`). Default: 1e-5.
+        momentum: the running statistics' update factor; ``None`` for a cumulative average. Default: 0.1.
+        affine: learnable ``weight`` and ``bias``. Default: ``True``.
+        track_running_stats: keep ``running_mean`` / ``running_var`` (used in eval mode). Default: ``True``.
+        device: device of the parameters and buffers.
+        dtype: dtype of the parameters and buffers.
+        bias: with ``affine``, whether to learn ``bias``. Default: ``True``.
+    """
+
+    _check_input_dim = _TorchBatchNorm2d._check_input_dim
+
+
+class SynchronizedBatchNorm3d(_SynchronizedBatchNorm):
+    r"""``nn.BatchNorm3d`` with batch statistics over every replica: input ``(N, C, D, H, W)``.
+
+    Same arguments, defaults, checks, ``repr`` and ``state_dict`` as :class:`torch.nn.BatchNorm3d`. Under
+    :class:`syncbn_ext.DataParallelWithCallback` the mean and variance of each channel are those of the whole
+    batch (all replicas' slices); alone, or with running statistics, it is ``nn.BatchNorm3d``.
+
+    Args:
+        num_features: the number of channels ``C``.
+        eps: added to the variance (or its lower bound, see :func:`set_sbn_eps_mode`). Default: 1e-5.
+        momentum: the running statistics' update factor; ``None`` for a cumulative average. Default: 0.1.
+        affine: learnable ``weight`` and ``bias``. Default: ``True``.
+        track_running_stats: keep ``running_mean`` / ``running_var`` (used in eval mode). Default: ``True``.
+        device: device of the parameters and buffers.
+        dtype: dtype of the parameters and buffers.
+        bias: with ``affine``, whether to learn ``bias``. Default: ``True``.
+    """
+
+    _check_input_dim = _TorchBatchNorm3d._check_input_dim
+
+
+# The torch classes and their synchronized counterparts (for convert.py), captured at import so that a patch of
+# torch.nn (patch_sync_batchnorm) does not change them.
+_TORCH_TO_SYNC: dict[type[_BatchNorm], type[_SynchronizedBatchNorm]] = {
+    _TorchBatchNorm1d: SynchronizedBatchNorm1d,
+    _TorchBatchNorm2d: SynchronizedBatchNorm2d,
+    _TorchBatchNorm3d: SynchronizedBatchNorm3d,
+}
+_SYNC_TO_TORCH: dict[type[_SynchronizedBatchNorm], type[_BatchNorm]] = {v: k for k, v in _TORCH_TO_SYNC.items()}

@@ -1,0 +1,312 @@
+"""convert_model, revert_model and patch_sync_batchnorm."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import syncbn_ext
+from syncbn_ext import (
+    DataParallelWithCallback,
+    SynchronizedBatchNorm1d,
+    SynchronizedBatchNorm2d,
+    SynchronizedBatchNorm3d,
+    convert_model,
+    patch_sync_batchnorm,
+    revert_model,
+)
+
+F64 = {"rtol": 1e-10, "atol": 1e-10}
+TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+SYNC_BN = (SynchronizedBatchNorm1d, SynchronizedBatchNorm2d, SynchronizedBatchNorm3d)
+PAIRS = dict(zip(TORCH_BN, SYNC_BN, strict=True))
+OPTION_NAMES = ("num_features", "eps", "momentum", "affine", "track_running_stats")
+HANG_TIMEOUT = 60.0
+
+
+def call_with_timeout(fn, *args, timeout=HANG_TIMEOUT):
+    result = {}
+
+    def target():
+        try:
+            result["value"] = fn(*args)
+        except BaseException as error:  # handed back to the test thread
+            result["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        pytest.fail(f"did not return within {timeout} s (deadlock?)")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+class Net(nn.Module):
+    """All three BatchNorm kinds, with every option, in nested Sequentials."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, momentum=None, affine=False)),
+        )
+        self.volume = nn.Sequential(
+            nn.Conv3d(3, 2, 1),
+            nn.BatchNorm3d(2, bias=False),
+            nn.BatchNorm3d(2, track_running_stats=False),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 4 * 4 + 2 * 4 * 4, 5), nn.BatchNorm1d(5, eps=1e-3))
+
+    def forward(self, x):
+        a = self.features(x)
+        b = self.volume(x.unsqueeze(2)).squeeze(2)
+        return self.head(torch.cat([a, b], 1))
+
+
+def make_net(dtype=torch.float64):
+    torch.manual_seed(0)
+    net = Net().to(dtype)
+    with torch.no_grad():  # non-trivial parameters and statistics
+        for m in net.modules():
+            if isinstance(m, TORCH_BN):
+                if m.weight is not None:
+                    m.weight.uniform_(0.5, 1.5)
+                if m.bias is not None:
+                    m.bias.uniform_(-0.5, 0.5)
+                if m.running_mean is not None:
+                    m.running_mean.uniform_(-1, 1)
+                    m.running_var.uniform_(0.5, 2)
+                    m.num_batches_tracked.fill_(7)
+    return net
+
+
+def batchnorms(module):
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, TORCH_BN + SYNC_BN)]
+
+
+def assert_state_dicts_equal(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for name in sa:
+        assert sa[name].dtype == sb[name].dtype, name
+        assert torch.equal(sa[name], sb[name]), name
+
+
+def assert_same_layers(converted, original, expected_types):
+    pairs = list(zip(batchnorms(converted), batchnorms(original), strict=True))
+    assert pairs
+    for (name_c, c), (name_o, o) in pairs:
+        assert name_c == name_o
+        assert type(c) is expected_types[type(o)], name_c
+        for option in OPTION_NAMES:
+            assert getattr(c, option) == getattr(o, option), (name_c, option)
+        assert (c.bias is None) == (o.bias is None), name_c
+        assert c.training == o.training, name_c
+        assert c.extra_repr() == o.extra_repr()
+
+
+def test_convert_model_replaces_every_batchnorm_keeping_state_and_options():
+    original = make_net()
+    original.features[3].eval()  # a training flag that differs from its parent's
+    reference = copy.deepcopy(original)
+    weight = original.features[1].weight
+    converted = convert_model(original)
+    assert converted is original  # containers are converted in place
+    assert not any(type(m) in TORCH_BN for m in converted.modules())
+    assert_same_layers(converted, reference, PAIRS)
+    assert_state_dicts_equal(converted, reference)
+    assert converted.features[1].weight is weight  # the same tensors: an optimizer keeps working
+    assert converted.features[3][1].training is False and converted.features[1].training is True
+    assert all(p.dtype == torch.float64 for p in converted.parameters())
+    for layer in converted.modules():
+        if isinstance(layer, SYNC_BN):
+            assert layer._copy_id is None
+            assert str(layer.num_features) in layer._sync_master.label
+    # Every layer has its own master.
+    masters = [m._sync_master for m in converted.modules() if isinstance(m, SYNC_BN)]
+    assert len({id(m) for m in masters}) == len(masters) == 5
+
+
+def test_convert_model_keeps_dtype_and_root_batchnorm():
+    for cls in TORCH_BN:
+        for options in ({}, {"momentum": None, "eps": 1e-3}, {"affine": False}, {"bias": False}):
+            bn = cls(3, dtype=torch.float32, **options).eval()
+            bn.num_batches_tracked.fill_(4)
+            converted = convert_model(bn)
+            assert type(converted) is PAIRS[cls]
+            assert converted.training is False
+            assert converted.running_mean.dtype == torch.float32
+            assert converted.num_batches_tracked is bn.num_batches_tracked
+            for option in OPTION_NAMES:
+                assert getattr(converted, option) == getattr(bn, option)
+            assert_state_dicts_equal(converted, bn)
+    half = convert_model(nn.BatchNorm2d(3).half())
+    assert half.weight.dtype == torch.float16 and half.running_var.dtype == torch.float16
+
+
+def test_convert_model_leaves_other_norms_alone():
+    class MyBatchNorm(nn.BatchNorm2d):
+        pass
+
+    mine = MyBatchNorm(3)
+    sync = nn.SyncBatchNorm(3)
+    ours = SynchronizedBatchNorm2d(3)
+    lazy = nn.LazyBatchNorm2d()
+    instance = nn.InstanceNorm2d(3)
+    model = nn.Sequential(mine, sync, ours, lazy, instance)
+    converted = convert_model(model)
+    assert list(converted) == [mine, sync, ours, lazy, instance]
+    assert convert_model(ours) is ours
+
+
+def test_shared_layer_converts_once():
+    bn = nn.BatchNorm1d(3)
+    model = nn.Sequential(bn, nn.Sequential(nn.Linear(3, 3), bn))
+    converted = convert_model(model)
+    assert type(converted[0]) is SynchronizedBatchNorm1d
+    assert converted[0] is converted[1][1]
+    reverted = revert_model(converted)
+    assert type(reverted[0]) is nn.BatchNorm1d and reverted[0] is reverted[1][1]
+
+
+def test_convert_model_wraps_data_parallel():
+    net = make_net()
+    reference = copy.deepcopy(net)
+    dp = nn.DataParallel(net)
+    converted = convert_model(dp)
+    assert type(converted) is DataParallelWithCallback
+    assert converted.device_ids == dp.device_ids  # [] on a machine without an accelerator: kept
+    assert getattr(converted, "dim", 0) == getattr(dp, "dim", 0)  # no accelerator: neither sets dim
+    assert converted.module is net
+    assert_same_layers(converted.module, reference, PAIRS)
+    assert_state_dicts_equal(converted, nn.DataParallel(reference))  # keys keep their "module." prefix
+    x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(converted(x), reference(x), **F64)
+
+    # Nested inside a container, too; and a DataParallelWithCallback stays as it is, converted inside.
+    outer = nn.Sequential(nn.DataParallel(make_net()), DataParallelWithCallback(make_net(), device_ids=["cpu"] * 2))
+    inner_cpu = outer[1]
+    converted = convert_model(outer)
+    assert type(converted[0]) is DataParallelWithCallback
+    assert converted[1] is inner_cpu and converted[1].device_ids == [torch.device("cpu")] * 2
+    assert not any(type(m) in TORCH_BN for m in converted.modules())
+
+
+def test_convert_model_patches_data_parallel_subclasses():
+    class MyDataParallel(nn.DataParallel):
+        pass
+
+    dp = MyDataParallel(make_net())
+    converted = convert_model(dp)
+    assert converted is dp
+    assert isinstance(vars(dp).get("replicate"), syncbn_ext.parallel._ReplicateWithCallbacks)
+    assert not any(type(m) in TORCH_BN for m in converted.modules())
+
+
+def test_convert_keeps_hooks():
+    calls = []
+    bn = nn.BatchNorm2d(3)
+    bn.register_forward_hook(lambda module, args, output: calls.append(type(module)))
+    converted = convert_model(bn)
+    converted(torch.randn(2, 3, 2, 2))
+    assert calls == [SynchronizedBatchNorm2d]
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_convert_then_revert_gives_the_original(training):
+    original = make_net().train(training)
+    reference = copy.deepcopy(original)
+    reverted = revert_model(convert_model(original))
+    assert_same_layers(reverted, reference, {cls: cls for cls in TORCH_BN})
+    for m in reverted.modules():
+        assert not hasattr(m, "_sync_master") and not hasattr(m, "_copy_id")
+    assert_state_dicts_equal(reverted, reference)
+    for _ in range(2):
+        x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+        y, y_ref = reverted(x), reference(x)
+        assert torch.equal(y, y_ref)
+        assert_state_dicts_equal(reverted, reference)
+    # A reverted wrapper: the DataParallelWithCallback stays, its layers are torch's again.
+    dp = revert_model(convert_model(nn.DataParallel(make_net())))
+    assert type(dp) is DataParallelWithCallback
+    assert_same_layers(dp.module, make_net(), {cls: cls for cls in TORCH_BN})
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+def test_converted_model_under_cpu_replicas_matches_the_plain_model(replicas):
+    plain = make_net()
+    converted = convert_model(copy.deepcopy(plain))
+    dp = DataParallelWithCallback(converted, device_ids=["cpu"] * replicas)
+    for _ in range(2):
+        x = torch.randn(7, 3, 4, 4, dtype=torch.float64)
+        x_plain, x_dp = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_plain, y_dp = plain(x_plain), call_with_timeout(dp, x_dp)
+        torch.testing.assert_close(y_dp, y_plain, **F64)
+        grad_output = torch.randn_like(y_plain)
+        y_plain.backward(grad_output)
+        y_dp.backward(grad_output)
+        torch.testing.assert_close(x_dp.grad, x_plain.grad, **F64)
+        for (name, p_dp), p_plain in zip(converted.named_parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(p_dp.grad, p_plain.grad, msg=name, **F64)
+        for (name, b_dp), b_plain in zip(converted.named_buffers(), plain.buffers(), strict=True):
+            torch.testing.assert_close(b_dp, b_plain, msg=name, **F64)
+    plain.eval()
+    converted.eval()
+    x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(call_with_timeout(dp, x), plain(x), **F64)
+
+
+def test_state_dicts_load_between_plain_and_converted_models():
+    plain = make_net()
+    converted = convert_model(Net().double())
+    converted.load_state_dict(plain.state_dict())
+    assert_state_dicts_equal(converted, plain)
+    fresh = Net().double()
+    fresh.load_state_dict(converted.state_dict())
+    assert_state_dicts_equal(fresh, plain)
+    x = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    plain.eval()
+    converted.eval()
+    assert torch.equal(converted(x), plain(x))
+
+
+def test_patch_sync_batchnorm_context():
+    import torch.nn.modules.batchnorm as batchnorm_module
+
+    originals = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    with patch_sync_batchnorm():
+        assert (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) == SYNC_BN
+        assert (batchnorm_module.BatchNorm1d, batchnorm_module.BatchNorm2d, batchnorm_module.BatchNorm3d) == SYNC_BN
+        assert torch.nn.modules.BatchNorm2d is SynchronizedBatchNorm2d
+        layer = nn.BatchNorm2d(3)
+        assert type(layer) is SynchronizedBatchNorm2d
+        net = Net()  # built from nn.BatchNormNd
+        assert sum(isinstance(m, SYNC_BN) for m in net.modules()) == 5
+        # The layers still check and behave as nn.BatchNorm (no recursion through the patched names).
+        with pytest.raises(ValueError, match="expected 4D input"):
+            layer(torch.randn(2, 3))
+        assert layer(torch.randn(2, 3, 2, 2)).shape == (2, 3, 2, 2)
+        # revert_model gives torch's own classes even while patched.
+        assert type(revert_model(SynchronizedBatchNorm1d(2))) is originals[0]
+        with patch_sync_batchnorm():  # nests
+            assert nn.BatchNorm1d is SynchronizedBatchNorm1d
+        assert nn.BatchNorm1d is SynchronizedBatchNorm1d
+    assert (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) == originals
+    assert (batchnorm_module.BatchNorm1d, batchnorm_module.BatchNorm2d, batchnorm_module.BatchNorm3d) == originals
+    assert type(nn.BatchNorm2d(3)) is originals[1]
+
+
+def test_patch_sync_batchnorm_restores_after_an_exception():
+    originals = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, torch.nn.modules.batchnorm.BatchNorm2d)
+    with pytest.raises(KeyError, match="inside"), patch_sync_batchnorm():
+        assert nn.BatchNorm3d is SynchronizedBatchNorm3d
+        raise KeyError("inside")
+    assert (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, torch.nn.modules.batchnorm.BatchNorm2d) == originals

@@ -1,0 +1,177 @@
+"""The pure tensor ops torch.ops.syncbn.*: against float64 references, opcheck, numerics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import syncbn_ext  # noqa: F401  (registers torch.ops.syncbn)
+
+ops = torch.ops.syncbn
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+LAYOUTS = [
+    ("2d", (6, 5), None),
+    ("3d", (4, 3, 7), None),
+    ("4d", (3, 5, 7, 9), None),
+    ("4d channels_last", (3, 5, 7, 9), torch.channels_last),
+    ("5d", (2, 3, 4, 5, 6), None),
+    ("5d channels_last_3d", (2, 3, 4, 5, 6), torch.channels_last_3d),
+    ("empty batch", (0, 4, 3, 3), None),
+    ("one channel", (5, 1, 4, 4), None),
+]
+
+
+def make(shape, dtype, memory_format, seed=0, mean=0.0, std=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=generator, dtype=torch.float64) * std + mean).to(dtype)
+    return x.contiguous(memory_format=memory_format) if memory_format else x
+
+
+def per_channel(values, like):
+    return values.view([1, -1] + [1] * (like.dim() - 2))
+
+
+def reduce_dims(x):
+    return [0, *range(2, x.dim())]
+
+
+def assert_close(actual, expected, dtype, scale=1.0):
+    tol = TOLERANCE[dtype] * max(scale, 1.0)
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name, shape, memory_format", LAYOUTS)
+def test_local_stats(name, shape, memory_format, dtype):
+    x = make(shape, dtype, memory_format)
+    mean, m2 = ops.local_stats(x)
+    stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert mean.dtype == m2.dtype == stats_dtype and mean.shape == (shape[1],)
+    x64 = x.double()
+    if x.numel() == 0:
+        assert not mean.any() and not m2.any()
+        return
+    ref_mean = x64.mean(reduce_dims(x64))
+    ref_m2 = ((x64 - per_channel(ref_mean, x64)) ** 2).sum(reduce_dims(x64))
+    assert_close(mean, ref_mean, torch.float32 if dtype != torch.float64 else dtype)
+    assert_close(m2, ref_m2, torch.float32 if dtype != torch.float64 else dtype, scale=ref_m2.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name, shape, memory_format", LAYOUTS)
+def test_normalize_and_backward(name, shape, memory_format, dtype):
+    x = make(shape, dtype, memory_format)
+    C = shape[1]
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    mean, var = torch.randn(C, dtype=stats), torch.rand(C, dtype=stats) + 0.5
+    weight, bias = torch.randn(C, dtype=stats), torch.randn(C, dtype=stats)
+    y = ops.normalize(x, mean, var, weight, bias, 1e-5, 0)
+    assert y.dtype == dtype and y.shape == x.shape
+    if memory_format:
+        assert y.is_contiguous(memory_format=memory_format)
+    x64 = x.double()
+    xmu = x64 - per_channel(mean.double(), x64)
+    invstd = (var.double() + 1e-5).rsqrt()
+    ref = xmu * per_channel(invstd * weight.double(), x64) + per_channel(bias.double(), x64)
+    assert_close(y, ref, dtype, scale=ref.abs().max().item() if ref.numel() else 1.0)
+
+    dy = make(shape, dtype, None, seed=1)  # a gradient in another memory format than the input
+    sum_dy, sum_dy_xmu = ops.backward_reduce(dy, x, mean)
+    if x.numel():
+        dims = reduce_dims(x64)
+        assert_close(sum_dy, dy.double().sum(dims), stats, scale=x64.numel() ** 0.5)
+        assert_close(sum_dy_xmu, (dy.double() * xmu).sum(dims), stats, scale=x64.numel() ** 0.5)
+    dy_scale, x_scale, shift = torch.randn(C, dtype=stats), torch.randn(C, dtype=stats), torch.randn(C, dtype=stats)
+    dx = ops.backward_elemt(dy, x, mean, dy_scale, x_scale, shift)
+    assert dx.dtype == dtype and dx.shape == x.shape
+    ref_dx = (
+        dy.double() * per_channel(dy_scale.double(), x64)
+        + xmu * per_channel(x_scale.double(), x64)
+        + per_channel(shift.double(), x64)
+    )
+    assert_close(dx, ref_dx, dtype, scale=ref_dx.abs().max().item() if ref_dx.numel() else 1.0)
+
+
+def test_normalize_optional_affine_and_clamp_mode():
+    x = make((4, 3, 5), torch.float64, None)
+    mean, var = torch.zeros(3, dtype=torch.float64), torch.tensor([1e-7, 1.0, 4.0], dtype=torch.float64)
+    plain = ops.normalize(x, mean, var, None, None, 1e-5, 0)
+    torch.testing.assert_close(plain, x / (per_channel(var, x) + 1e-5).sqrt())
+    clamped = ops.normalize(x, mean, var, None, None, 1e-5, 1)
+    torch.testing.assert_close(clamped, x / per_channel(var.clamp_min(1e-5), x).sqrt())
+
+
+def test_merge_stats_is_chan():
+    generator = torch.Generator().manual_seed(3)
+    parts = [torch.randn(n, 4, 5, generator=generator, dtype=torch.float64) * 3 + 7 for n in (3, 0, 5, 1)]
+    stats = [ops.local_stats(p) for p in parts]
+    counts = torch.tensor([p.shape[0] * p.shape[2] for p in parts])
+    mean, var = ops.merge_stats(counts, torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats]))
+    whole = torch.cat(parts)
+    ref_var, ref_mean = torch.var_mean(whole, dim=[0, 2], correction=0)
+    torch.testing.assert_close(mean, ref_mean)
+    torch.testing.assert_close(var, ref_var)
+
+
+def test_large_mean_float32_statistics_are_precise():
+    # Sum and sum of squares in float32 would give variance 0 here.
+    x = make((16, 8, 32, 32), torch.float32, None, seed=5, mean=1e4, std=1e-2)
+    mean, m2 = ops.local_stats(x)
+    x64 = x.double()
+    ref_var, ref_mean = torch.var_mean(x64, dim=[0, 2, 3], correction=0)
+    var = m2.double() / (x.numel() / x.shape[1])
+    assert ((var - ref_var).abs() / ref_var).max() < 1e-3
+    assert (mean.double() - ref_mean).abs().max() < 1e-3
+
+
+def test_errors_are_clear():
+    with pytest.raises(ValueError, match=r"expected an input of shape \(N, C, \*\), got 1D input"):
+        ops.local_stats(torch.randn(4))
+    with pytest.raises(RuntimeError, match="mean should contain 3 elements"):
+        ops.normalize(torch.randn(2, 3), torch.zeros(4), torch.ones(3), None, None, 1e-5, 0)
+
+
+SAMPLES = [
+    (ops.local_stats, lambda: (make((4, 3, 5, 5), torch.float32, None),)),
+    (ops.local_stats, lambda: (make((4, 3, 5, 5), torch.float32, torch.channels_last),)),
+    (
+        ops.merge_stats,
+        lambda: (torch.tensor([3, 4]), torch.randn(2, 5), torch.rand(2, 5)),
+    ),
+    (
+        ops.normalize,
+        lambda: (make((4, 3, 5), torch.float32, None), torch.zeros(3), torch.ones(3), torch.ones(3), None, 1e-5, 0),
+    ),
+    (
+        ops.backward_reduce,
+        lambda: (make((4, 3, 5), torch.float32, None, seed=1), make((4, 3, 5), torch.float32, None), torch.zeros(3)),
+    ),
+    (
+        ops.backward_elemt,
+        lambda: (
+            make((4, 3, 5), torch.bfloat16, None, seed=1),
+            make((4, 3, 5), torch.bfloat16, None),
+            torch.zeros(3),
+            torch.ones(3),
+            torch.ones(3),
+            torch.zeros(3),
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("index", range(len(SAMPLES)))
+def test_opcheck(index):
+    # The ops have no autograd kernel of their own (the autograd lives in the composite
+    # C++ Functions), so the samples do not require grad.
+    op, sample = SAMPLES[index]
+    torch.library.opcheck(op, sample())
+
+
+def test_meta_kernels_give_shapes_and_dtypes():
+    x = torch.empty(4, 3, 5, 5, device="meta", dtype=torch.bfloat16)
+    mean, m2 = ops.local_stats(x)
+    assert mean.device.type == "meta" and mean.shape == (3,) and mean.dtype == torch.float32
+    y = ops.normalize(x, mean, m2, None, None, 1e-5, 0)
+    assert y.shape == x.shape and y.dtype == x.dtype
