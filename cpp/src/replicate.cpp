@@ -1,6 +1,8 @@
 #include <syncbn/replicate.h>
 
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 
 namespace syncbn {
 
@@ -70,6 +72,73 @@ std::vector<std::shared_ptr<CallbackContext>> execute_replication_callbacks(
     views.push_back(std::move(view));
   }
   return execute_replication_callbacks(views);
+}
+
+namespace {
+
+// Sums the replicas' gradients of one parameter onto the original parameter.
+struct ReduceAddToOriginal : torch::autograd::Node {
+  explicit ReduceAddToOriginal(at::Device destination) : destination_(destination) {}
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    at::Tensor total;
+    for (const auto& grad : grads) {
+      if (!grad.defined()) continue;  // a replica that did not use the parameter
+      at::Tensor moved = grad.to(destination_);
+      total = total.defined() ? total + moved : moved;
+    }
+    return {total};
+  }
+  std::string name() const override { return "syncbn::ReduceAddToOriginal"; }
+
+ private:
+  at::Device destination_;
+};
+
+// Walks the original and its clones together (same structure, as clones are).
+void link_clones(const std::shared_ptr<torch::nn::Module>& original,
+                 const std::vector<std::shared_ptr<torch::nn::Module>>& clones) {
+  for (const auto& item : original->named_parameters(/*recurse=*/false)) {
+    const at::Tensor& parameter = item.value();
+    if (!parameter.defined() || !parameter.requires_grad()) continue;
+    auto reduce = c10::make_intrusive<ReduceAddToOriginal>(parameter.device());
+    reduce->set_next_edges(torch::autograd::collect_next_edges(parameter));
+    for (const auto& clone : clones) {
+      // The dict holds handles to the clone's own parameter tensors.
+      torch::autograd::set_history(clone->named_parameters(/*recurse=*/false)[item.key()], reduce);
+    }
+  }
+  {
+    torch::NoGradGuard no_grad;
+    auto replica_buffers = clones.front()->named_buffers(/*recurse=*/false);
+    for (const auto& item : original->named_buffers(/*recurse=*/false)) {
+      at::Tensor* target = replica_buffers.find(item.key());
+      if (target == nullptr || !item.value().defined() || !target->defined() ||
+          target->device() != item.value().device()) {
+        continue;
+      }
+      // Replica 0's buffer object now views the original's storage.
+      target->set_(item.value());
+    }
+  }
+  for (const auto& child : original->named_children()) {
+    std::vector<std::shared_ptr<torch::nn::Module>> child_clones;
+    for (const auto& clone : clones) {
+      auto children = clone->named_children();
+      const auto* twin = children.find(child.key());
+      TORCH_CHECK(twin != nullptr, "a clone has no submodule '", child.key(), "'; clone() must copy the structure");
+      child_clones.push_back(*twin);
+    }
+    link_clones(child.value(), child_clones);
+  }
+}
+
+}  // namespace
+
+std::vector<std::shared_ptr<CallbackContext>> complete_replication(
+    const std::shared_ptr<torch::nn::Module>& original, const std::vector<std::shared_ptr<torch::nn::Module>>& clones) {
+  TORCH_CHECK_VALUE(!clones.empty(), "complete_replication needs at least one clone");
+  link_clones(original, clones);
+  return execute_replication_callbacks(clones);
 }
 
 }  // namespace syncbn

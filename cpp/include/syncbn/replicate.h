@@ -7,6 +7,7 @@
 #include <vector>
 
 #include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
 
 #include <syncbn/callback_context.h>
 #include <syncbn/export.h>
@@ -20,6 +21,9 @@ class SYNCBN_API ReplicationCallback {
  public:
   virtual ~ReplicationCallback() = default;
   virtual void on_replicate(CallbackContext& context, int64_t copy_id) = 0;
+  // Called by syncbn::parallel_apply on every replica when one replica failed:
+  // wake whatever this copy's twins may be waiting on (e.g. abort a barrier).
+  virtual void on_replica_failure(const std::string& reason) { (void)reason; }
 };
 
 // One module of a replica's tree, as the traversal sees it: a type name for the
@@ -43,5 +47,38 @@ SYNCBN_API std::vector<std::shared_ptr<CallbackContext>> execute_replication_cal
 // the hook of every module that derives from ReplicationCallback.
 SYNCBN_API std::vector<std::shared_ptr<CallbackContext>> execute_replication_callbacks(
     const std::vector<std::shared_ptr<torch::nn::Module>>& replicas);
+
+// Completes a replication made of clones of `original` (one per device, copy 0
+// first): gradient edges from every clone's parameters to the original's (the
+// gradients of all replicas add up on the original, as with nn.DataParallel),
+// replica 0's buffers sharing storage with the original's when on the same
+// device (so buffer updates such as BatchNorm running statistics land on the
+// original), then the replication callbacks. Returns the contexts.
+SYNCBN_API std::vector<std::shared_ptr<CallbackContext>> complete_replication(
+    const std::shared_ptr<torch::nn::Module>& original, const std::vector<std::shared_ptr<torch::nn::Module>>& clones);
+
+// torch::nn::parallel::replicate with the replication callbacks: one clone()
+// per device (the module must be a torch::nn::Cloneable), completed by
+// complete_replication.
+template <typename ModuleType>
+std::vector<std::shared_ptr<ModuleType>> replicate(const std::shared_ptr<ModuleType>& module,
+                                                   const std::vector<torch::Device>& devices) {
+  TORCH_CHECK_VALUE(!devices.empty(), "syncbn::replicate needs at least one device");
+  std::vector<std::shared_ptr<torch::nn::Module>> clones;
+  clones.reserve(devices.size());
+  for (const auto& device : devices) clones.push_back(module->clone(device));
+  complete_replication(module, clones);
+  std::vector<std::shared_ptr<ModuleType>> replicas;
+  replicas.reserve(clones.size());
+  for (const auto& clone : clones) replicas.push_back(std::dynamic_pointer_cast<ModuleType>(clone));
+  return replicas;
+}
+
+template <typename ModuleType>
+std::vector<torch::nn::ModuleHolder<ModuleType>> replicate(const torch::nn::ModuleHolder<ModuleType>& module,
+                                                           const std::vector<torch::Device>& devices) {
+  auto replicas = replicate(module.ptr(), devices);
+  return std::vector<torch::nn::ModuleHolder<ModuleType>>(replicas.begin(), replicas.end());
+}
 
 }  // namespace syncbn

@@ -4,10 +4,12 @@
 #include <syncbn/barrier_benchmark.h>
 #include <syncbn/batch_norm.h>
 #include <syncbn/callback_context.h>
+#include <syncbn/data_parallel.h>
 #include <syncbn/errors.h>
 #include <syncbn/export.h>
 #include <syncbn/future_result.h>
 #include <syncbn/message.h>
+#include <syncbn/modules.h>
 #include <syncbn/replicate.h>
 #include <syncbn/sync_master.h>
 #include <syncbn/version.h>

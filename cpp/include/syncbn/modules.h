@@ -1,0 +1,126 @@
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <ostream>
+#include <string>
+
+#include <torch/nn/modules/batchnorm.h>
+#include <torch/nn/pimpl.h>
+
+#include <syncbn/batch_norm.h>
+#include <syncbn/callback_context.h>
+#include <syncbn/export.h>
+#include <syncbn/replicate.h>
+#include <syncbn/sync_master.h>
+
+namespace syncbn {
+
+// The state a synchronized BatchNorm keeps per replication: which copy this is,
+// and its end of the barrier (the master on copy 0, a pipe on the others).
+class SYNCBN_API BatchNormSyncState {
+ public:
+  // The replication hook: copy 0 makes a new barrier and publishes it in the
+  // context; the other copies register with it.
+  void on_replicate(CallbackContext& context, int64_t copy_id, const std::string& label);
+  // Aborts this replication's barrier (called on copy 0's module wakes everyone).
+  void abort(const std::string& reason);
+  bool replicated() const { return copy_id_.has_value(); }
+  bool holds_buffers() const { return !copy_id_ || *copy_id_ == 0; }
+  // The exchange of this copy: through the barrier, or alone when not replicated.
+  StatisticsExchange exchange() const;
+
+ private:
+  std::optional<int64_t> copy_id_;
+  std::shared_ptr<SyncMaster> master_;
+  std::shared_ptr<SlavePipe> pipe_;
+};
+
+// Training-mode forward of a synchronized BatchNorm module: nn.BatchNorm's
+// num_batches_tracked/momentum handling on the copy that holds the buffers,
+// statistics merged through `state`.
+SYNCBN_API torch::Tensor sync_batch_norm_module_forward(const torch::Tensor& input,
+                                                        const torch::nn::BatchNormOptions& options,
+                                                        const torch::Tensor& weight, const torch::Tensor& bias,
+                                                        const torch::Tensor& running_mean,
+                                                        const torch::Tensor& running_var,
+                                                        const torch::Tensor& num_batches_tracked, bool training,
+                                                        const BatchNormSyncState& state);
+
+// torch::nn::BatchNorm{1,2,3}d with batch statistics over every replica under
+// syncbn::data_parallel (or syncbn::replicate). Same options, parameters,
+// buffers and names as torch::nn::BatchNorm{1,2,3}d, so checkpoints load both
+// ways; not replicated, or in eval mode with running statistics, it computes
+// exactly what torch::nn::BatchNorm computes.
+template <size_t D, typename Derived>
+class SyncBatchNormImplBase : public torch::nn::BatchNormImplBase<D, Derived>, public ReplicationCallback {
+ public:
+  using torch::nn::BatchNormImplBase<D, Derived>::BatchNormImplBase;
+
+  torch::Tensor forward(const torch::Tensor& input) {
+    const bool batch_stats = this->is_training() || !this->options.track_running_stats();
+    if (!batch_stats || !sync_.replicated()) return torch::nn::BatchNormImplBase<D, Derived>::forward(input);
+    this->_check_input_dim(input);
+    return sync_batch_norm_module_forward(input, this->options, this->weight, this->bias, this->running_mean,
+                                          this->running_var, this->num_batches_tracked, this->is_training(), sync_);
+  }
+
+  void on_replicate(CallbackContext& context, int64_t copy_id) override {
+    sync_.on_replicate(context, copy_id, label());
+  }
+
+  void on_replica_failure(const std::string& reason) override { sync_.abort(reason); }
+
+  void pretty_print(std::ostream& stream) const override {
+    const auto& options = this->options;
+    stream << std::boolalpha << "syncbn::SyncBatchNorm" << D << "d(" << options.num_features()
+           << ", eps=" << options.eps() << ", momentum=";
+    if (options.momentum().has_value()) {
+      stream << *options.momentum();
+    } else {
+      stream << "None";
+    }
+    stream << ", affine=" << options.affine() << ", track_running_stats=" << options.track_running_stats() << ')';
+  }
+
+ private:
+  std::string label() const {
+    return "SyncBatchNorm" + std::to_string(D) + "d(" + std::to_string(this->options.num_features()) + ")";
+  }
+
+  BatchNormSyncState sync_;
+};
+
+// nn.BatchNorm's input checks, same messages.
+SYNCBN_API void check_batch_norm_input_dim(const torch::Tensor& input, size_t D);
+
+class SYNCBN_API SyncBatchNorm1dImpl : public SyncBatchNormImplBase<1, SyncBatchNorm1dImpl> {
+ public:
+  using SyncBatchNormImplBase<1, SyncBatchNorm1dImpl>::SyncBatchNormImplBase;
+
+ protected:
+  void _check_input_dim(const torch::Tensor& input) override { check_batch_norm_input_dim(input, 1); }
+};
+
+class SYNCBN_API SyncBatchNorm2dImpl : public SyncBatchNormImplBase<2, SyncBatchNorm2dImpl> {
+ public:
+  using SyncBatchNormImplBase<2, SyncBatchNorm2dImpl>::SyncBatchNormImplBase;
+
+ protected:
+  void _check_input_dim(const torch::Tensor& input) override { check_batch_norm_input_dim(input, 2); }
+};
+
+class SYNCBN_API SyncBatchNorm3dImpl : public SyncBatchNormImplBase<3, SyncBatchNorm3dImpl> {
+ public:
+  using SyncBatchNormImplBase<3, SyncBatchNorm3dImpl>::SyncBatchNormImplBase;
+
+ protected:
+  void _check_input_dim(const torch::Tensor& input) override { check_batch_norm_input_dim(input, 3); }
+};
+
+TORCH_MODULE(SyncBatchNorm1d);
+TORCH_MODULE(SyncBatchNorm2d);
+TORCH_MODULE(SyncBatchNorm3d);
+
+}  // namespace syncbn

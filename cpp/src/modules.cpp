@@ -1,0 +1,61 @@
+#include <syncbn/modules.h>
+
+#include <c10/util/Exception.h>
+
+namespace syncbn {
+
+void BatchNormSyncState::on_replicate(CallbackContext& context, int64_t copy_id, const std::string& label) {
+  copy_id_ = copy_id;
+  master_.reset();
+  pipe_.reset();
+  if (copy_id == 0) {
+    // A barrier per replication: a module cloned outside a replication never shares one.
+    master_ = std::make_shared<SyncMaster>(batch_norm_master_callback());
+    master_->set_label(label);
+    context.set("sync_master", master_);
+  } else {
+    pipe_ = context.get<std::shared_ptr<SyncMaster>>("sync_master")->register_slave(copy_id);
+  }
+}
+
+void BatchNormSyncState::abort(const std::string& reason) {
+  if (master_) master_->abort(reason);
+}
+
+StatisticsExchange BatchNormSyncState::exchange() const {
+  if (master_) return [master = master_](Message message) { return master->run_master(std::move(message)); };
+  if (pipe_) return [pipe = pipe_](Message message) { return pipe->run_slave(std::move(message)); };
+  return local_exchange();
+}
+
+torch::Tensor sync_batch_norm_module_forward(const torch::Tensor& input, const torch::nn::BatchNormOptions& options,
+                                             const torch::Tensor& weight, const torch::Tensor& bias,
+                                             const torch::Tensor& running_mean, const torch::Tensor& running_var,
+                                             const torch::Tensor& num_batches_tracked, bool training,
+                                             const BatchNormSyncState& state) {
+  // As torch::nn::BatchNorm: momentum, or 1 / num_batches_tracked for the cumulative average.
+  double factor = options.momentum().value_or(0.0);
+  const bool update_running_stats = training && options.track_running_stats() && state.holds_buffers();
+  if (update_running_stats && num_batches_tracked.defined()) {
+    torch::NoGradGuard no_grad;
+    num_batches_tracked.add_(1);
+    if (!options.momentum().has_value()) factor = 1.0 / num_batches_tracked.item<double>();
+  }
+  auto optional = [](const torch::Tensor& t) { return t.defined() ? std::optional<torch::Tensor>(t) : std::nullopt; };
+  return sync_batch_norm_train(input, optional(weight), optional(bias),
+                               update_running_stats ? optional(running_mean) : std::nullopt,
+                               update_running_stats ? optional(running_var) : std::nullopt, factor, options.eps(),
+                               EpsMode::Plus, state.exchange());
+}
+
+void check_batch_norm_input_dim(const torch::Tensor& input, size_t D) {
+  if (D == 1) {
+    TORCH_CHECK_VALUE(input.dim() == 2 || input.dim() == 3, "expected 2D or 3D input (got ", input.dim(),
+                      "D input)");
+  } else {
+    TORCH_CHECK_VALUE(input.dim() == static_cast<int64_t>(D) + 2, "expected ", D + 2, "D input (got ", input.dim(),
+                      "D input)");
+  }
+}
+
+}  // namespace syncbn

@@ -1,0 +1,179 @@
+#include <gtest/gtest.h>
+
+#include <sstream>
+
+#include <torch/torch.h>
+
+#include <syncbn/syncbn.h>
+
+namespace {
+
+std::vector<torch::Device> cpu_replicas(int64_t n) { return std::vector<torch::Device>(n, torch::kCPU); }
+
+void copy_state(torch::nn::Module& from, torch::nn::Module& to) {
+  torch::NoGradGuard no_grad;
+  auto source = from.named_parameters();
+  for (auto& item : to.named_parameters()) item.value().copy_(source[item.key()]);
+  auto buffers = from.named_buffers();
+  for (auto& item : to.named_buffers()) item.value().copy_(buffers[item.key()]);
+}
+
+void expect_close(const torch::Tensor& a, const torch::Tensor& b, const std::string& what) {
+  EXPECT_TRUE(torch::allclose(a, b, 1e-10, 1e-10)) << what << ": max difference " << (a - b).abs().max().item<double>();
+}
+
+class DataParallelBatchNorm : public ::testing::TestWithParam<std::optional<double>> {};
+
+TEST_P(DataParallelBatchNorm, FourCpuReplicasEqualOneBatchNormOnTheWholeBatch) {
+  torch::manual_seed(0);
+  auto options = torch::nn::BatchNormOptions(3).momentum(GetParam());
+  syncbn::SyncBatchNorm2d synced(options);
+  torch::nn::BatchNorm2d reference(options);
+  synced->to(torch::kDouble);
+  reference->to(torch::kDouble);
+  {
+    torch::NoGradGuard no_grad;
+    synced->weight.uniform_(0.5, 1.5);
+    synced->bias.uniform_(-0.5, 0.5);
+  }
+  copy_state(*synced, *reference);
+
+  for (int step = 0; step < 3; ++step) {
+    // Batch 10 over 4 replicas: uneven slices of 3, 3, 3 and 1.
+    auto x = (torch::randn({10, 3, 5, 5}, torch::kDouble) * 2 + step).requires_grad_();
+    auto x_ref = x.detach().clone().requires_grad_();
+    auto grad_out = torch::randn({10, 3, 5, 5}, torch::kDouble);
+    synced->zero_grad();
+    reference->zero_grad();
+
+    auto y = syncbn::data_parallel(synced, x, cpu_replicas(4));
+    auto y_ref = reference->forward(x_ref);
+    y.backward(grad_out);
+    y_ref.backward(grad_out);
+
+    expect_close(y, y_ref, "output");
+    expect_close(x.grad(), x_ref.grad(), "input gradient");
+    expect_close(synced->weight.grad(), reference->weight.grad(), "weight gradient");
+    expect_close(synced->bias.grad(), reference->bias.grad(), "bias gradient");
+    expect_close(synced->running_mean, reference->running_mean, "running_mean");
+    expect_close(synced->running_var, reference->running_var, "running_var");
+    EXPECT_EQ(synced->num_batches_tracked.item<int64_t>(), reference->num_batches_tracked.item<int64_t>());
+  }
+  EXPECT_EQ(synced->num_batches_tracked.item<int64_t>(), 3);
+
+  // Eval mode normalizes with the running statistics, exactly as torch::nn::BatchNorm2d.
+  synced->eval();
+  reference->eval();
+  auto x = torch::randn({4, 3, 5, 5}, torch::kDouble);
+  expect_close(syncbn::data_parallel(synced, x, cpu_replicas(2)), reference->forward(x), "eval output");
+}
+
+INSTANTIATE_TEST_SUITE_P(Momentum, DataParallelBatchNorm, ::testing::Values(std::optional<double>(0.1), std::nullopt));
+
+// A net that raises in the replica whose slice contains the marker value.
+struct FlakyNetImpl : torch::nn::Cloneable<FlakyNetImpl> {
+  explicit FlakyNetImpl(bool c10_error = false) : c10_error(c10_error) { reset(); }
+  void reset() override {
+    conv = register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(2, 4, 3).padding(1)));
+    bn = register_module("bn", syncbn::SyncBatchNorm2d(4));
+  }
+  torch::Tensor forward(const torch::Tensor& input) {
+    if ((input == -1000).any().item<bool>()) {
+      if (c10_error) TORCH_CHECK_VALUE(false, "marker found");
+      throw std::out_of_range("marker found");
+    }
+    return bn->forward(conv->forward(input));
+  }
+  bool c10_error;
+  torch::nn::Conv2d conv{nullptr};
+  syncbn::SyncBatchNorm2d bn{nullptr};
+};
+TORCH_MODULE(FlakyNet);
+
+TEST(DataParallel, AFailingReplicaRaisesWithItsCopyIdAndTheNextForwardWorks) {
+  FlakyNet net;
+  auto x = torch::randn({8, 2, 4, 4});
+  x[5][0][0][0] = -1000;  // in replica 2's slice of 2
+  try {
+    syncbn::data_parallel(net, x, cpu_replicas(4));
+    FAIL() << "expected a ReplicaError";
+  } catch (const syncbn::ReplicaError& error) {
+    EXPECT_EQ(error.copy_id(), 2);
+    EXPECT_NE(std::string(error.what()).find("marker found in replica 2 on device cpu"), std::string::npos)
+        << error.what();
+    try {
+      std::rethrow_if_nested(error);
+      FAIL() << "the original exception is nested";
+    } catch (const std::out_of_range&) {
+    }
+  }
+  // c10 errors keep their type and name the replica in their context.
+  FlakyNet c10_net(true);
+  try {
+    syncbn::data_parallel(c10_net, x, cpu_replicas(4));
+    FAIL() << "expected a ValueError";
+  } catch (const c10::ValueError& error) {
+    EXPECT_NE(std::string(error.what()).find("in replica 2 on device cpu"), std::string::npos) << error.what();
+  }
+  auto y = syncbn::data_parallel(net, torch::randn({8, 2, 4, 4}), cpu_replicas(4));
+  EXPECT_EQ(y.sizes(), (std::vector<int64_t>{8, 4, 4, 4}));
+}
+
+TEST(DataParallel, SmallBatchesUseFewerReplicasAndOneDeviceRunsDirectly) {
+  torch::manual_seed(1);
+  syncbn::SyncBatchNorm1d synced(3);
+  torch::nn::BatchNorm1d reference(3);
+  synced->to(torch::kDouble);
+  reference->to(torch::kDouble);
+  auto x = torch::randn({2, 3}, torch::kDouble);
+  expect_close(syncbn::data_parallel(synced, x, cpu_replicas(4)), reference->forward(x), "batch 2 over 4 replicas");
+  expect_close(syncbn::data_parallel(synced, x, cpu_replicas(1)), reference->forward(x), "one device");
+}
+
+TEST(ParallelApply, RunsEveryReplicaOnItsOwnThread) {
+  // Replicas that meet in a barrier deadlock unless they all run at once.
+  syncbn::SyncBatchNorm1d bn(2);
+  auto replicas = syncbn::replicate(bn, cpu_replicas(3));
+  std::vector<torch::Tensor> inputs{torch::randn({2, 2}), torch::randn({3, 2}), torch::randn({1, 2})};
+  auto outputs = syncbn::parallel_apply(replicas, inputs, cpu_replicas(3));
+  ASSERT_EQ(outputs.size(), 3u);
+  auto whole = torch::cat(inputs);
+  auto expected = (whole - whole.mean(0)) / (whole.var(0, false) + 1e-5).sqrt();
+  EXPECT_TRUE(torch::allclose(torch::cat(outputs), expected, 1e-5, 1e-5));
+}
+
+TEST(SyncBatchNormModule, SameStateAsTorchBatchNormAndSerializesBothWays) {
+  syncbn::SyncBatchNorm3d synced(torch::nn::BatchNormOptions(5).affine(true));
+  torch::nn::BatchNorm3d plain(5);
+  std::vector<std::string> synced_names, plain_names;
+  for (const auto& item : synced->named_parameters()) synced_names.push_back(item.key());
+  for (const auto& item : synced->named_buffers()) synced_names.push_back(item.key());
+  for (const auto& item : plain->named_parameters()) plain_names.push_back(item.key());
+  for (const auto& item : plain->named_buffers()) plain_names.push_back(item.key());
+  EXPECT_EQ(synced_names, plain_names);
+
+  synced->forward(torch::randn({4, 5, 2, 2, 2}));  // moves the running statistics
+  std::stringstream stream;
+  torch::save(synced, stream);
+  torch::load(plain, stream);
+  EXPECT_TRUE(torch::equal(plain->running_mean, synced->running_mean));
+  EXPECT_EQ(plain->num_batches_tracked.item<int64_t>(), 1);
+
+  std::stringstream back;
+  torch::save(plain, back);
+  syncbn::SyncBatchNorm3d reloaded(5);
+  torch::load(reloaded, back);
+  EXPECT_TRUE(torch::equal(reloaded->running_var, synced->running_var));
+
+  auto clone = std::dynamic_pointer_cast<syncbn::SyncBatchNorm3dImpl>(synced->clone());
+  ASSERT_NE(clone, nullptr);
+  EXPECT_TRUE(torch::equal(clone->running_mean, synced->running_mean));
+  EXPECT_NE(clone->running_mean.data_ptr(), synced->running_mean.data_ptr());
+
+  std::ostringstream printed;
+  printed << *synced;
+  EXPECT_NE(printed.str().find("syncbn::SyncBatchNorm3d(5, eps=1e-05, momentum=0.1, affine=true"), std::string::npos) << printed.str();
+  EXPECT_THROW(synced->forward(torch::randn({4, 5})), c10::ValueError);
+}
+
+}  // namespace
