@@ -3,6 +3,8 @@
 # Fails on a file listed twice or missing.
 function(syncbn_read_sources list_file part out_var)
   get_filename_component(base_dir "${list_file}" DIRECTORY)
+  # Editing the list reconfigures the build.
+  set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS "${list_file}")
   file(STRINGS "${list_file}" lines)
   set(seen "")
   set(result "")

@@ -8,6 +8,9 @@ namespace syncbn::python {
 
 namespace py = pybind11;
 
+// The C++ barrier behind a Python SyncMaster or BatchNormSyncMaster (defined in bind_sync_master.cpp).
+std::shared_ptr<SyncMaster> barrier_core(const py::object& barrier);
+
 // The methods every Python-facing SyncMaster shares (the Python-callback one and
 // the native BatchNorm one). `core(self)` gives the C++ barrier. Every call
 // releases the GIL before it takes the barrier's lock.

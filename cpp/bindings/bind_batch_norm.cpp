@@ -27,14 +27,28 @@ void bind_batch_norm(py::module_& m) {
           }));
   def_barrier_controls(master, [](SyncMaster& self) -> SyncMaster& { return self; });
 
+  py::class_<BatchNormChannel, std::shared_ptr<BatchNormChannel>>(
+      m, "BatchNormChannel",
+      "One copy's end of its replication's BatchNorm barrier, shared by all the copy's synchronized layers.")
+      .def_static("of", &BatchNormChannel::of, py::arg("context"), py::arg("copy_id"),
+                  py::call_guard<py::gil_scoped_release>(),
+                  "Copy `copy_id`'s channel in the replication of `context` (copy 0's creates the barrier).")
+      .def_property_readonly("copy_id", &BatchNormChannel::copy_id)
+      .def_property_readonly("master", &BatchNormChannel::master, "The replication's BatchNormSyncMaster.")
+      .def("finish", &BatchNormChannel::finish, py::call_guard<py::gil_scoped_release>(),
+           "This copy's forward returned: it sends no more statistics.");
+
   m.def(
       "sync_batch_norm_train",
       [](const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
          const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-         double exponential_average_factor, double eps, const std::string& eps_mode, const py::object& sync) {
+         double exponential_average_factor, double eps, const std::string& eps_mode, const py::object& sync,
+         int64_t layer, const std::string& layer_name) {
         StatisticsExchange exchange;
         if (sync.is_none()) {
           exchange = local_exchange();
+        } else if (py::isinstance<BatchNormChannel>(sync)) {
+          exchange = sync.cast<std::shared_ptr<BatchNormChannel>>()->exchange_for(layer, layer_name);
         } else if (py::isinstance<SyncMaster>(sync)) {
           exchange = [master = sync.cast<std::shared_ptr<SyncMaster>>()](Message message) {
             return master->run_master(std::move(message));
@@ -44,7 +58,8 @@ void bind_batch_norm(py::module_& m) {
             return pipe->run_slave(std::move(message));
           };
         } else {
-          throw py::type_error("sync must be a BatchNormSyncMaster (copy 0), a SlavePipe (other copies) or None");
+          throw py::type_error(
+              "sync must be a BatchNormChannel, a BatchNormSyncMaster (copy 0), a SlavePipe (other copies) or None");
         }
         const EpsMode mode = parse_eps_mode(eps_mode);
         py::gil_scoped_release no_gil;  // kernels and the barrier wait run without the GIL
@@ -53,8 +68,10 @@ void bind_batch_norm(py::module_& m) {
       },
       py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"),
       py::arg("exponential_average_factor"), py::arg("eps"), py::arg("eps_mode"), py::arg("sync"),
-      "Training-mode BatchNorm of this replica's slice with statistics merged over every replica through `sync` "
-      "(the BatchNormSyncMaster on copy 0, the copy's SlavePipe on the others, None when alone). running_mean and "
+      py::arg("layer") = -1, py::arg("layer_name") = "",
+      "Training-mode BatchNorm of this replica's slice with statistics merged over every replica through `sync`: "
+      "the copy's BatchNormChannel (with the layer's position and name, checked across copies), or the "
+      "BatchNormSyncMaster on copy 0 and the copy's SlavePipe on the others, or None when alone. running_mean and "
       "running_var, when given, are updated from the merged statistics.");
 }
 

@@ -1,5 +1,7 @@
 #include <syncbn/callback_context.h>
 
+#include <syncbn/replication_group.h>
+
 #include "bindings.h"
 #include "py_object_ref.h"
 
@@ -34,6 +36,13 @@ void bind_callback_context(py::module_& m) {
       .def("__contains__", &CallbackContext::contains)
       .def("__len__", &CallbackContext::size)
       .def("keys", &CallbackContext::keys, "The attribute names set on this context, sorted.")
+      .def_property_readonly("position", &CallbackContext::position,
+                             "This module's position in modules() order (-1 for a context made by hand).")
+      .def_property_readonly("module_name", &CallbackContext::name,
+                             "This module's path in the replica ('' for the root).")
+      .def_property_readonly("group", &CallbackContext::group,
+                             "The ReplicationGroup shared by every context of the replication (None for a context "
+                             "made by hand).")
       .def("__repr__", [](const CallbackContext& self) {
         std::string out = "CallbackContext(";
         const auto keys = self.keys();

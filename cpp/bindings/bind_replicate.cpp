@@ -26,8 +26,10 @@ void bind_replicate(py::module_& m) {
         views.reserve(replicas.size());
         for (const py::handle replica : replicas) {
           std::vector<ReplicaModule> view;
-          for (const py::handle module : py::iter(replica.attr("modules")())) {
-            ReplicaModule entry{qualified_type_name(module), {}};
+          for (const py::handle item : py::iter(replica.attr("named_modules")())) {
+            const py::tuple named = py::reinterpret_borrow<py::tuple>(item);
+            const py::handle module = named[1];
+            ReplicaModule entry{qualified_type_name(module), {}, named[0].cast<std::string>()};
             py::object hook = py::getattr(module, "__data_parallel_replicate__", py::none());
             if (!hook.is_none()) {
               entry.on_replicate = [ref = hold(std::move(hook))](const std::shared_ptr<CallbackContext>& context,
@@ -42,7 +44,8 @@ void bind_replicate(py::module_& m) {
       py::arg("modules"),
       "Calls __data_parallel_replicate__(ctx, copy_id) on every module of every replica that has it: one "
       "shared CallbackContext per module position, the master (copy 0) first at every position. Raises "
-      "ValueError when the replicas' module trees differ. Returns the contexts, one per position.");
+      "ValueError when the replicas' module trees differ. Returns the contexts, one per position; they share "
+      "one ReplicationGroup (ctx.group).");
 }
 
 }  // namespace syncbn::python

@@ -67,6 +67,13 @@ struct PySyncMaster {
 
 }  // namespace
 
+std::shared_ptr<SyncMaster> barrier_core(const py::object& barrier) {
+  if (py::isinstance<PySyncMaster>(barrier)) return barrier.cast<PySyncMaster&>().core;
+  if (py::isinstance<SyncMaster>(barrier)) return barrier.cast<std::shared_ptr<SyncMaster>>();
+  throw py::type_error("expected a SyncMaster or a BatchNormSyncMaster, got " +
+                       py::str(py::type::handle_of(barrier)).cast<std::string>());
+}
+
 void bind_sync_master(py::module_& m) {
   m.def("default_timeout_seconds", &default_timeout_seconds,
         "The barrier timeout used when none is given: $SYNCBN_TIMEOUT (seconds), or 300.");

@@ -17,6 +17,9 @@
 
 #include <sstream>
 
+#include <syncbn/errors.h>
+#include <syncbn/replication_group.h>
+
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>
@@ -170,6 +173,11 @@ struct NormalizeFunction : Function<NormalizeFunction> {
   }
 };
 
+// A statistics message: tensors (mean_i, m2_i); ints (count_i, layer position,
+// call index, input sizes...). Position and call index are -1 when the exchange
+// is not a BatchNormChannel's (no tags to check).
+constexpr size_t kCount = 0, kLayer = 1, kCall = 2, kSizes = 3;
+
 std::string torch_size(const std::vector<int64_t>& sizes) {
   std::ostringstream out;
   out << "torch.Size([";
@@ -192,14 +200,24 @@ MasterCallback batch_norm_master_callback() {
     std::vector<int64_t> counts;
     int64_t total = 0;
     std::vector<int64_t> whole_batch_size;
+    const Message& first = messages.front().second;
     for (const auto& [copy_id, message] : messages) {
-      TORCH_CHECK(message.tensors.size() == 2 && message.ints.size() >= 3, "syncbn BatchNorm: copy ", copy_id,
+      TORCH_CHECK(message.tensors.size() == 2 && message.ints.size() > kSizes, "syncbn BatchNorm: copy ", copy_id,
                   " sent a malformed statistics message");
+      // Every copy must be at the same call of the same layer: never pair statistics across layers.
+      if (message.ints[kLayer] != first.ints[kLayer] || message.ints[kCall] != first.ints[kCall]) {
+        std::ostringstream out;
+        out << "synchronized BatchNorm layers were called in a different order or number of times by the "
+               "replicas: copy 0 is at "
+            << first.label << " but copy " << copy_id << " is at " << message.label
+            << "; every replica must call the synchronized layers the same number of times, in the same order";
+        throw BarrierError(out.str());
+      }
       means.push_back(message.tensors[0]);
       m2s.push_back(message.tensors[1]);
-      counts.push_back(message.ints[0]);
-      total += message.ints[0];
-      std::vector<int64_t> sizes(message.ints.begin() + 1, message.ints.end());
+      counts.push_back(message.ints[kCount]);
+      total += message.ints[kCount];
+      std::vector<int64_t> sizes(message.ints.begin() + kSizes, message.ints.end());
       if (whole_batch_size.empty()) {
         whole_batch_size = sizes;
       } else {
@@ -215,10 +233,50 @@ MasterCallback batch_norm_master_callback() {
     MessageList results;
     results.reserve(messages.size());
     for (const auto& entry : messages) {
-      results.emplace_back(entry.first, Message{{merged[0], merged[1]}, {total}, nullptr});
+      results.emplace_back(entry.first, Message{{merged[0], merged[1]}, {total}, nullptr, {}});
     }
     return results;
   };
+}
+
+std::shared_ptr<BatchNormChannel> BatchNormChannel::of(CallbackContext& context, int64_t copy_id) {
+  // One barrier per replication (per position for a context made by hand).
+  CallbackContext& shared = context.group() ? context.group()->shared() : context;
+  const std::string key = "syncbn.batch_norm.channel." + std::to_string(copy_id);
+  if (auto channel = shared.try_get<std::shared_ptr<BatchNormChannel>>(key)) return *channel;
+  std::shared_ptr<BatchNormChannel> channel;
+  if (copy_id == 0) {
+    auto master = std::make_shared<SyncMaster>(batch_norm_master_callback());
+    master->set_label("synchronized BatchNorm");
+    if (context.group()) context.group()->add_barrier(master);
+    channel = std::make_shared<BatchNormChannel>(0, master, nullptr);
+  } else {
+    auto master_channel = shared.try_get<std::shared_ptr<BatchNormChannel>>("syncbn.batch_norm.channel.0");
+    TORCH_CHECK(master_channel.has_value(), "synchronized BatchNorm: copy ", copy_id,
+                " replicated before copy 0 (the master's replication hook must run first)");
+    const auto& master = (*master_channel)->master();
+    channel = std::make_shared<BatchNormChannel>(copy_id, master, master->register_slave(copy_id));
+  }
+  shared.set(key, channel);
+  return channel;
+}
+
+BatchNormChannel::BatchNormChannel(int64_t copy_id, std::shared_ptr<SyncMaster> master,
+                                   std::shared_ptr<SlavePipe> pipe)
+    : copy_id_(copy_id), master_(std::move(master)), pipe_(std::move(pipe)) {}
+
+StatisticsExchange BatchNormChannel::exchange_for(int64_t layer_position, std::string layer_name) {
+  return [self = shared_from_this(), layer_position, name = std::move(layer_name)](Message message) {
+    return self->exchange(std::move(message), layer_position, name);
+  };
+}
+
+Message BatchNormChannel::exchange(Message message, int64_t layer_position, const std::string& layer_name) {
+  const int64_t call = ++calls_;
+  message.ints[kLayer] = layer_position;
+  message.ints[kCall] = call;
+  message.label = "layer '" + layer_name + "' (synchronized call " + std::to_string(call) + ")";
+  return pipe_ ? pipe_->run_slave(std::move(message)) : master_->run_master(std::move(message));
 }
 
 StatisticsExchange local_exchange() {
@@ -242,7 +300,7 @@ at::Tensor sync_batch_norm_train(const at::Tensor& input, const std::optional<at
   check_features(bias, "bias", features);
 
   variable_list local = LocalStatsFunction::apply(input);
-  Message message{{local[0], local[1]}, {count_per_channel(input)}, nullptr};
+  Message message{{local[0], local[1]}, {count_per_channel(input), -1, -1}, nullptr, {}};
   message.ints.insert(message.ints.end(), input.sizes().begin(), input.sizes().end());
   Message merged = exchange(std::move(message));
   TORCH_CHECK(merged.tensors.size() == 2 && merged.ints.size() == 1,

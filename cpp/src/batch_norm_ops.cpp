@@ -9,9 +9,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
-#ifdef SYNCBN_CPU_KERNELS  // TEMPORARY while the kernels are written
 #include "cpu/batch_norm_kernels.h"
-#endif
 
 namespace syncbn {
 
@@ -138,7 +136,6 @@ at::Tensor backward_elemt_aten(const at::Tensor& grad_out, const at::Tensor& inp
   return grad_in.to(input.scalar_type());
 }
 
-#ifdef SYNCBN_CPU_KERNELS
 // ---- CPU: the vectorized kernels ---------------------------------------------------
 // (merge_stats has no CPU kernel of its own: C values per copy, the ATen one serves.)
 
@@ -170,7 +167,6 @@ at::Tensor backward_elemt_cpu(const at::Tensor& grad_out, const at::Tensor& inpu
   return cpu::backward_elemt(grad_out, input, mean, dy_scale, x_scale, shift);
 }
 
-#endif
 
 // ---- Meta: shapes and dtypes only (symbolic sizes allowed) ---------------------------
 
@@ -225,14 +221,12 @@ TORCH_LIBRARY(syncbn, m) {
       "-> Tensor");
 }
 
-#ifdef SYNCBN_CPU_KERNELS
 TORCH_LIBRARY_IMPL(syncbn, CPU, m) {
   m.impl("local_stats", TORCH_FN(local_stats_cpu));
   m.impl("normalize", TORCH_FN(normalize_cpu));
   m.impl("backward_reduce", TORCH_FN(backward_reduce_cpu));
   m.impl("backward_elemt", TORCH_FN(backward_elemt_cpu));
 }
-#endif
 
 TORCH_LIBRARY_IMPL(syncbn, Meta, m) {
   m.impl("local_stats", TORCH_FN(local_stats_meta));

@@ -101,6 +101,12 @@ void notify_replica_failure(const std::vector<std::shared_ptr<torch::nn::Module>
   }
 }
 
+void notify_copy_finished(const std::shared_ptr<torch::nn::Module>& replica) {
+  for (const auto& module : replica->modules(/*include_self=*/true)) {
+    if (auto hook = std::dynamic_pointer_cast<ReplicationCallback>(module)) hook->on_copy_finished();
+  }
+}
+
 std::vector<torch::Tensor> scatter(const torch::Tensor& input, const std::vector<torch::Device>& devices,
                                    int64_t dim) {
   std::vector<torch::Tensor> slices = input.chunk(static_cast<int64_t>(devices.size()), dim);

@@ -4,28 +4,22 @@
 
 namespace syncbn {
 
-void BatchNormSyncState::on_replicate(CallbackContext& context, int64_t copy_id, const std::string& label) {
-  copy_id_ = copy_id;
-  master_.reset();
-  pipe_.reset();
-  if (copy_id == 0) {
-    // A barrier per replication: a module cloned outside a replication never shares one.
-    master_ = std::make_shared<SyncMaster>(batch_norm_master_callback());
-    master_->set_label(label);
-    context.set("sync_master", master_);
-  } else {
-    pipe_ = context.get<std::shared_ptr<SyncMaster>>("sync_master")->register_slave(copy_id);
-  }
+void BatchNormSyncState::on_replicate(CallbackContext& context, int64_t copy_id) {
+  channel_ = BatchNormChannel::of(context, copy_id);
+  position_ = context.position();
+  name_ = context.name().empty() ? std::string("<root>") : context.name();
 }
 
-void BatchNormSyncState::abort(const std::string& reason) {
-  if (master_) master_->abort(reason);
+void BatchNormSyncState::abort(const std::string& reason) const {
+  if (channel_) channel_->master()->abort(reason);
+}
+
+void BatchNormSyncState::finish() const {
+  if (channel_) channel_->finish();
 }
 
 StatisticsExchange BatchNormSyncState::exchange() const {
-  if (master_) return [master = master_](Message message) { return master->run_master(std::move(message)); };
-  if (pipe_) return [pipe = pipe_](Message message) { return pipe->run_slave(std::move(message)); };
-  return local_exchange();
+  return channel_ ? channel_->exchange_for(position_, name_) : local_exchange();
 }
 
 torch::Tensor sync_batch_norm_module_forward(const torch::Tensor& input, const torch::nn::BatchNormOptions& options,

@@ -35,10 +35,11 @@ std::vector<std::shared_ptr<CallbackContext>> execute_replication_callbacks(
   for (size_t copy_id = 1; copy_id < replicas.size(); ++copy_id) {
     check_isomorphic(master, replicas[copy_id], copy_id);
   }
+  auto group = std::make_shared<ReplicationGroup>(static_cast<int64_t>(replicas.size()));
   std::vector<std::shared_ptr<CallbackContext>> contexts;
   contexts.reserve(master.size());
   for (size_t position = 0; position < master.size(); ++position) {
-    contexts.push_back(std::make_shared<CallbackContext>());
+    contexts.push_back(std::make_shared<CallbackContext>(group, static_cast<int64_t>(position), master[position].name));
   }
   // Replica-major order: all of copy 0 first, so at every position the master
   // has stored its shared state before any other copy looks for it.
@@ -60,8 +61,9 @@ std::vector<std::shared_ptr<CallbackContext>> execute_replication_callbacks(
   for (size_t copy_id = 0; copy_id < replicas.size(); ++copy_id) {
     TORCH_CHECK_VALUE(replicas[copy_id] != nullptr, "replica ", copy_id, " is null");
     std::vector<ReplicaModule> view;
-    for (const auto& module : replicas[copy_id]->modules(/*include_self=*/true)) {
-      ReplicaModule entry{module->name(), {}};
+    for (const auto& item : replicas[copy_id]->named_modules(/*name_prefix=*/"", /*include_self=*/true)) {
+      const auto& module = item.value();
+      ReplicaModule entry{module->name(), {}, item.key()};
       if (auto hook = std::dynamic_pointer_cast<ReplicationCallback>(module)) {
         entry.on_replicate = [hook](const std::shared_ptr<CallbackContext>& context, int64_t id) {
           hook->on_replicate(*context, id);

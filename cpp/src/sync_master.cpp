@@ -26,7 +26,9 @@ struct SlaveSlot {
   Message message;
   int64_t result_pass = 0;  // the pass `result` belongs to
   Message result;
-  bool waiting = false;  // a thread is inside run_slave for this copy
+  bool waiting = false;   // a thread is inside run_slave for this copy
+  bool finished = false;  // this copy sends no more messages in this generation
+  std::string label;      // where the copy is in its latest pass
 };
 
 struct BarrierState {
@@ -45,6 +47,8 @@ struct BarrierState {
   std::map<int64_t, std::shared_ptr<SlaveSlot>> slots;  // by copy id, so ascending
   int64_t master_entered = 0;  // passes the master has entered
   bool master_waiting = false;
+  bool master_finished = false;
+  std::string master_label;
   bool master_busy = false;      // a thread is inside run_master
   int64_t resolved_through = 0;  // every pass up to this one completed or failed
   int64_t failed_through = 0;    // every pass up to this one that had not completed, failed
@@ -81,11 +85,33 @@ struct BarrierState {
     activated = false;
     old_slots.swap(slots);
     master_entered = 0;
+    master_finished = false;
+    master_label.clear();
     resolved_through = 0;
     failed_through = 0;
     failure = nullptr;
     master_cv.notify_all();
     slave_cv.notify_all();
+  }
+
+  // A call-count mismatch: `finished_copy` sent its last message in pass
+  // `finished_after`, but `waiting_copy` waits in `pass` at `where`.
+  std::exception_ptr mismatch_error(int64_t finished_copy, int64_t finished_after, int64_t waiting_copy, int64_t pass,
+                                    const std::string& where) const {
+    std::ostringstream out;
+    out << describe() << ": copy " << finished_copy << " finished its forward after " << finished_after
+        << " synchronized call(s), but copy " << waiting_copy << " made call " << pass;
+    if (!where.empty()) out << " (" << where << ")";
+    out << "; every replica must call the synchronized layers the same number of times, in the same order";
+    return std::make_exception_ptr(BarrierError(out.str()));
+  }
+
+  // The first slave that finished before `pass`, if any.
+  const SlaveSlot* finished_slave_before(int64_t pass) const {
+    for (const auto& entry : slots) {
+      if (entry.second->finished && entry.second->entered < pass) return entry.second.get();
+    }
+    return nullptr;
   }
 
   [[noreturn]] void throw_superseded(int64_t copy_id) const {
@@ -95,15 +121,17 @@ struct BarrierState {
     throw BarrierAbortedError(out.str());
   }
 
-  // The timeout error for `pass`, naming the copies that never arrived.
-  std::exception_ptr timeout_error(int64_t pass) const {
+  // The timeout error for `pass`, naming where the waiting copy is and the copies that never arrived.
+  std::exception_ptr timeout_error(int64_t pass, const std::string& waiter_label) const {
     std::vector<int64_t> missing;
     if (master_entered < pass) missing.push_back(0);
     for (const auto& entry : slots) {
       if (entry.second->message_pass < pass) missing.push_back(entry.first);
     }
     std::ostringstream out;
-    out << describe() << " timed out after " << timeout_seconds << " s in pass " << pass << ": ";
+    out << describe() << " timed out after " << timeout_seconds << " s in pass " << pass;
+    if (!waiter_label.empty()) out << " (waiting at " << waiter_label << ")";
+    out << ": ";
     if (missing.empty()) {
       out << "every copy arrived, but the master callback did not return in time";
     } else {
@@ -246,6 +274,7 @@ Message SyncMaster::run_master(Message message) {
   s.activated = true;
   const int64_t generation = s.generation;
   const int64_t pass = ++s.master_entered;
+  s.master_label = message.label;
 
   {
     detail::FlagGuard waiting(s.master_waiting);
@@ -254,9 +283,13 @@ Message SyncMaster::run_master(Message message) {
       if (s.generation != generation) s.throw_superseded(0);
       if (pass <= s.failed_through) std::rethrow_exception(s.failure);
       if (s.all_slaves_sent(pass)) break;
+      if (const detail::SlaveSlot* done = s.finished_slave_before(pass)) {
+        s.fail_pass(pass, s.mismatch_error(done->copy_id, done->entered, 0, pass, s.master_label), graveyard);
+        continue;
+      }
       if (!detail::BarrierState::wait(s.master_cv, lock, until) && s.generation == generation &&
           pass > s.failed_through && !s.all_slaves_sent(pass)) {
-        s.fail_pass(pass, s.timeout_error(pass), graveyard);
+        s.fail_pass(pass, s.timeout_error(pass, s.master_label), graveyard);
       }
     }
   }
@@ -305,6 +338,22 @@ void SyncMaster::abort(const std::string& reason) {
   detail::BarrierState& s = *state_;
   s.fail_pass(s.resolved_through + 1,
               std::make_exception_ptr(BarrierAbortedError(s.describe() + " was aborted: " + reason)), graveyard);
+}
+
+void SyncMaster::finish(int64_t copy_id) {
+  std::vector<Message> graveyard;
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  detail::BarrierState& s = *state_;
+  if (copy_id == 0) {
+    s.master_finished = true;
+  } else {
+    auto it = s.slots.find(copy_id);
+    TORCH_CHECK_VALUE(it != s.slots.end(), s.describe(), ": finish(", copy_id, "): no such copy is registered");
+    it->second->finished = true;
+  }
+  // Waiters re-check: a pass that a finished copy will never join fails now.
+  s.master_cv.notify_all();
+  s.slave_cv.notify_all();
 }
 
 int64_t SyncMaster::nr_slaves() const {
@@ -362,6 +411,7 @@ Message SlavePipe::run_slave(Message message) {
   if (pass <= s.failed_through) std::rethrow_exception(s.failure);
 
   if (slot->message_pass != 0) graveyard.push_back(std::move(slot->message));
+  slot->label = message.label;
   slot->message = std::move(message);
   slot->message_pass = pass;
   if (s.master_waiting && s.master_entered == pass && s.all_slaves_sent(pass)) s.master_cv.notify_one();
@@ -371,9 +421,17 @@ Message SlavePipe::run_slave(Message message) {
     if (s.generation != generation_) s.throw_superseded(copy_id_);
     if (slot->result_pass == pass) break;
     if (pass <= s.failed_through) std::rethrow_exception(s.failure);
+    if (s.master_finished && s.master_entered < pass) {
+      s.fail_pass(pass, s.mismatch_error(0, s.master_entered, copy_id_, pass, slot->label), graveyard);
+      continue;
+    }
+    if (const detail::SlaveSlot* done = s.finished_slave_before(pass)) {
+      s.fail_pass(pass, s.mismatch_error(done->copy_id, done->entered, copy_id_, pass, slot->label), graveyard);
+      continue;
+    }
     if (!detail::BarrierState::wait(s.slave_cv, lock, until) && s.generation == generation_ &&
         slot->result_pass != pass && pass > s.failed_through) {
-      s.fail_pass(pass, s.timeout_error(pass), graveyard);
+      s.fail_pass(pass, s.timeout_error(pass, slot->label), graveyard);
     }
   }
   Message result = std::move(slot->result);

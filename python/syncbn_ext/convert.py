@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from .nn import _SYNC_TO_TORCH, _TORCH_TO_SYNC
+from .nn import _SYNC_STATE_DEFAULTS, _SYNC_TO_TORCH, _TORCH_TO_SYNC
 from .parallel import DataParallelWithCallback, patch
 
 __all__ = ["convert_model", "patch_sync_batchnorm", "revert_model"]
@@ -31,10 +31,8 @@ M = TypeVar("M", bound=nn.Module)
 # Attributes a converted layer must not inherit from the layer it replaces.
 _DROPPED_ATTRIBUTES = (
     "_compiled_call_impl",  # a torch.compile'd call of the *old* module (Module.compile)
-    "_sync_master",
-    "_copy_id",
-    "_slave_pipe",
     "_is_replica",
+    *_SYNC_STATE_DEFAULTS,
 )
 
 

@@ -77,16 +77,24 @@ def get_sbn_eps_mode() -> str:
     return _eps_mode
 
 
+# The synchronization state of a layer that is not a replica: set by __init__, restored by pickling, dropped by
+# revert_model. Replicas get theirs from the replication hook.
+_SYNC_STATE_DEFAULTS: dict[str, Any] = {"_copy_id": None, "_channel": None, "_layer": (-1, "")}
+
+
 class _SynchronizedBatchNorm(_BatchNorm):
     """The common base of the synchronized layers: everything but the input-dimension check.
 
-    State beside ``nn.BatchNorm``'s (plain attributes, not in the ``state_dict``):
+    State beside ``nn.BatchNorm``'s (plain attributes, not in the ``state_dict``), set on each replica by the
+    replication hook; ``None`` on a module that was never replicated (the original one, or one unpickled or
+    deep-copied):
 
-    * ``_sync_master``: a ``_C.BatchNormSyncMaster``, created with the layer and shared by its replicas (they
-      are shallow copies); its ``label`` names the layer in barrier errors.
-    * ``_copy_id``: the replica's copy id, set by the replication hook; ``None`` on a module that was never
-      replicated (the original one, or one unpickled / deep-copied).
-    * ``_slave_pipe``: on copies ``1..n-1`` only, their pipe to copy 0; never pickled.
+    * ``_copy_id``: the replica's copy id.
+    * ``_channel``: the copy's ``_C.BatchNormChannel``: its end of the replication's one BatchNorm barrier,
+      shared by every synchronized layer of the replica; never pickled.
+    * ``_layer``: (position, name) of the layer in the replica: every statistics message carries it with the
+      copy's call index, so replicas that call the layers in a different order or number of times get an
+      error naming the layers instead of a hang or statistics paired across layers.
     """
 
     def __init__(
@@ -105,42 +113,33 @@ class _SynchronizedBatchNorm(_BatchNorm):
         self._init_sync_state()
 
     def _init_sync_state(self) -> None:
-        """Creates the synchronization state of a layer that has none (a new, converted or old unpickled one)."""
-        self._sync_master = _C.BatchNormSyncMaster()
-        self._sync_master.label = self._default_label()
-        self._copy_id: int | None = None
-
-    def _default_label(self) -> str:
-        return f"{type(self).__name__}({self.num_features})"
+        """The synchronization state of a layer that is not a replica (a new, converted or unpickled one)."""
+        self.__dict__.update(_SYNC_STATE_DEFAULTS)
 
     # ---- replication ------------------------------------------------------------------------------------
 
     def __data_parallel_replicate__(self, ctx: Any, copy_id: int) -> None:
-        """The replication hook: copy 0 publishes the layer's master in ``ctx``, the others register with it.
+        """The replication hook: joins the copy's channel of the replication's BatchNorm barrier.
 
         Runs on each replica (a shallow copy), copy 0 first; attributes set here stay on that replica.
         """
         self._copy_id = copy_id
-        if copy_id == 0:
-            self._sync_master.reset()  # a new replication: forget the previous one's copies
-            ctx.sync_master = self._sync_master
-        else:
-            self._slave_pipe = ctx.sync_master.register_slave(copy_id)
+        self._channel = _C.BatchNormChannel.of(ctx, copy_id)
+        name = ctx.module_name or "<root>"
+        self._layer = (ctx.position, f"{name}: {type(self).__name__}({self.num_features})")
 
     # ---- pickling -----------------------------------------------------------------------------------------
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        # A pipe belongs to one replication; an unpickled (or deep-copied) layer is not a replica.
-        state.pop("_slave_pipe", None)
-        state["_copy_id"] = None
+        # A channel belongs to one replication; an unpickled (or deep-copied) layer is not a replica.
+        state.update(_SYNC_STATE_DEFAULTS)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        if "_sync_master" not in self.__dict__:
-            self._init_sync_state()
-        self.__dict__.setdefault("_copy_id", None)
+        for key, value in _SYNC_STATE_DEFAULTS.items():
+            self.__dict__.setdefault(key, value)
 
     # ---- forward ------------------------------------------------------------------------------------------
 
@@ -171,18 +170,7 @@ class _SynchronizedBatchNorm(_BatchNorm):
             else:
                 exponential_average_factor = self.momentum
 
-        if copy_id is None:
-            sync = None
-        elif copy_id == 0:
-            sync = self._sync_master
-        else:
-            sync = self.__dict__.get("_slave_pipe")
-            if sync is None:
-                raise RuntimeError(
-                    f"{self._default_label()}: copy {copy_id} has no slave pipe; replicate the module with "
-                    "DataParallelWithCallback (or run syncbn_ext.execute_replication_callbacks on the replicas)"
-                )
-
+        layer, layer_name = self._layer
         return _C.sync_batch_norm_train(
             input,
             self.weight,
@@ -192,7 +180,9 @@ class _SynchronizedBatchNorm(_BatchNorm):
             exponential_average_factor,
             self.eps,
             eps_mode,
-            sync,
+            self._channel,
+            layer,
+            layer_name,
         )
 
 

@@ -40,10 +40,48 @@ _ABORT_TAG = "DataParallelWithCallback"
 
 
 def _execute_replication_callbacks(replicas: Sequence[nn.Module]) -> None:
+    """Runs the replication hooks, and tags each replica with its replication group and copy id."""
     # Imported lazily: the package imports this module while it is still initializing.
     from . import execute_replication_callbacks
 
-    execute_replication_callbacks(list(replicas))
+    if not replicas:
+        return
+    group = execute_replication_callbacks(list(replicas))[0].group
+    for copy_id, replica in enumerate(replicas):
+        replica.__dict__["_syncbn_replication"] = (group, copy_id)
+
+
+class _ReplicaRunner:
+    """Runs one replica and tells its replication group how it ended.
+
+    When the forward returns, the copy takes part in no more barrier passes (``copy_finished``): a copy still
+    waiting for it fails at once with an error naming both, instead of waiting for the timeout (the replicas
+    called the synchronized layers a different number of times). When it raises, every barrier of the
+    replication is aborted, so nobody waits for the failed copy.
+    """
+
+    def __init__(self, module: nn.Module, group: Any, copy_id: int) -> None:
+        self.module = module
+        self.group = group
+        self.copy_id = copy_id
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            output = self.module(*args, **kwargs)
+        except BaseException as error:
+            self.group.abort(f"{_ABORT_TAG}: replica {self.copy_id} raised {type(error).__name__}: {error}")
+            raise
+        self.group.copy_finished(self.copy_id)
+        return output
+
+
+def _runners(replicas: Sequence[nn.Module]) -> list[Any]:
+    """The replicas, each wrapped in a _ReplicaRunner when it came from a replication with callbacks."""
+    runners: list[Any] = []
+    for replica in replicas:
+        tag = replica.__dict__.get("_syncbn_replication")
+        runners.append(replica if tag is None else _ReplicaRunner(replica, *tag))
+    return runners
 
 
 def _is_cpu_device(device: Any) -> bool:
@@ -242,7 +280,12 @@ def _gather_on_cpu(outputs: Sequence[Any], dim: int) -> Any:
 
 
 def _abort_barriers(replicas: Sequence[nn.Module], reason: str) -> None:
-    """Aborts every barrier held by a replica, so copies waiting for a failed one wake up now."""
+    """Aborts every barrier a replica holds as an attribute, so copies waiting for a failed one wake up now.
+
+    The replication group's barriers (the synchronized BatchNorm layers') are aborted by _ReplicaRunner; this
+    reaches the SyncMasters of modules written against the established library's API, which the group does
+    not know.
+    """
     from . import _C
 
     barrier_types = (_C.SyncMaster, _C.BatchNormSyncMaster)
@@ -282,7 +325,7 @@ def _parallel_apply_on_cpu(
     results: dict[int, Any] = {}
     finished: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
 
-    def worker(i: int, module: nn.Module, input: Any, kwargs: dict[str, Any]) -> None:
+    def worker(i: int, module: Any, input: Any, kwargs: dict[str, Any]) -> None:
         failed = False
         try:
             with (
@@ -301,11 +344,11 @@ def _parallel_apply_on_cpu(
 
     abort_reason = None
     if len(replicas) == 1:
-        worker(0, replicas[0], inputs[0], kwargs_tup[0])
+        worker(0, _runners(replicas)[0], inputs[0], kwargs_tup[0])
     else:
         threads = [
             threading.Thread(target=worker, args=(i, *args), name=f"syncbn-replica-{i}", daemon=True)
-            for i, args in enumerate(zip(replicas, inputs, kwargs_tup, strict=True))
+            for i, args in enumerate(zip(_runners(replicas), inputs, kwargs_tup, strict=True))
         ]
         for thread in threads:
             thread.start()
@@ -328,9 +371,15 @@ def _parallel_apply_on_cpu(
 
     failures = [i for i in range(len(replicas)) if isinstance(results[i], ExceptionWrapper)]
     if failures:
-        # Raise the lowest copy id's exception, ignoring the ones our abort caused (their tracebacks, chained
-        # ones included, carry its reason) unless nothing else is left.
-        primary = [i for i in failures if abort_reason is None or abort_reason not in results[i].exc_msg]
+        # Raise the lowest copy id's exception, ignoring the ones an abort caused (a BarrierAbortedError whose
+        # reason carries our tag) unless nothing else is left.
+        from . import BarrierAbortedError
+
+        primary = [
+            i
+            for i in failures
+            if not (issubclass(results[i].exc_type, BarrierAbortedError) and _ABORT_TAG in results[i].exc_msg)
+        ]
         results[min(primary or failures)].reraise()
     return [results[i] for i in range(len(replicas))]
 
@@ -444,10 +493,14 @@ class DataParallelWithCallback(nn.DataParallel):
         return super().scatter(inputs, kwargs, device_ids)
 
     def parallel_apply(self, replicas: Sequence[nn.Module], inputs: Sequence[Any], kwargs: Any) -> list[Any]:
-        """Runs every replica on its slice concurrently (one thread per replica)."""
+        """Runs every replica on its slice concurrently (one thread per replica).
+
+        A replica's failure aborts the replication's barriers; a replica's return tells them it sends no
+        more (see :class:`_ReplicaRunner`).
+        """
         if self.cpu_replicas:
             return _parallel_apply_on_cpu(replicas, inputs, kwargs)
-        return super().parallel_apply(replicas, inputs, kwargs)
+        return super().parallel_apply(_runners(replicas), inputs, kwargs)
 
     def gather(self, outputs: Any, output_device: int | torch.device) -> Any:
         """Concatenates the replicas' outputs along ``dim`` on ``output_device``."""

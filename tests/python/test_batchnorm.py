@@ -64,10 +64,13 @@ def sync_layers(module):
     return [m for m in module.modules() if isinstance(m, syncbn_ext.nn._SynchronizedBatchNorm)]
 
 
+@pytest.fixture(autouse=True)
+def barrier_timeout(monkeypatch):
+    """Every replication's barrier (created per forward) fails after BARRIER_TIMEOUT instead of hanging."""
+    monkeypatch.setenv("SYNCBN_TIMEOUT", str(BARRIER_TIMEOUT))
+
+
 def guard_barriers(module):
-    """Makes every synchronized layer's barrier fail after BARRIER_TIMEOUT instead of hanging."""
-    for m in sync_layers(module):
-        m._sync_master.timeout = BARRIER_TIMEOUT
     return module
 
 
@@ -215,8 +218,7 @@ def test_constructor_repr_and_state_dict_match_torch(kind):
         for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values(), strict=True):
             assert a.dtype == b.dtype and torch.equal(a, b), name
         assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
-        assert ours._copy_id is None
-        assert str(7) in ours._sync_master.label and sync_cls.__name__ in ours._sync_master.label
+        assert ours._copy_id is None and ours._channel is None
 
 
 @pytest.mark.parametrize("kind", ["1d-NC", "2d", "3d"])
@@ -456,7 +458,6 @@ def test_a_replica_failing_before_the_barrier_wakes_the_others():
     x = torch.randn(9, CHANNELS, dtype=torch.float64)
     x[4, 0] = RaiseOnMarker.MARKER
     dp = cpu_dp(model, 3)
-    model[1]._sync_master.timeout = 10.0
     with pytest.raises(RuntimeError, match="marker found") as caught:
         call_with_timeout(dp, x)
     assert not isinstance(caught.value, syncbn_ext.BarrierError)
@@ -694,10 +695,8 @@ def test_pickle_deepcopy_and_save_then_training_still_matches(clone):
     train_step(model, torch.randn(6, 3, 5, 5, dtype=torch.float64), 3)
     copied = clone(model)
     for original, layer in zip(sync_layers(model), sync_layers(copied), strict=True):
-        assert layer._copy_id is None and "_slave_pipe" not in vars(layer)
-        assert isinstance(layer._sync_master, type(original._sync_master))
-        assert layer._sync_master is not original._sync_master
-        assert layer._sync_master.label == original._sync_master.label
+        assert layer._copy_id is None and layer._channel is None
+        assert original._copy_id is None and original._channel is None
     assert_models_equal(model, copied, grads=False)
     model.zero_grad()
     for step in range(2):
@@ -723,14 +722,14 @@ def test_pickle_a_wrapper_and_a_replica():
         expected = call_with_timeout(cpu_dp(copy.deepcopy(snapshot), 2), x)
         torch.testing.assert_close(call_with_timeout(guard_barriers(clone), x), expected, **F64)
 
-    # A replica holds a pipe: an unpickled replica is a plain, unreplicated layer.
+    # A replica holds its channel: an unpickled replica is a plain, unreplicated layer.
     layer = SynchronizedBatchNorm1d(CHANNELS, dtype=torch.float64)
     replicas = replicate_on_cpu(layer, 3)
     syncbn_ext.execute_replication_callbacks(replicas)
-    assert replicas[2]._copy_id == 2 and "_slave_pipe" in vars(replicas[2])
+    assert replicas[2]._copy_id == 2 and replicas[2]._channel.copy_id == 2
     assert layer._copy_id is None
     restored = pickle.loads(pickle.dumps(replicas[2]))
-    assert restored._copy_id is None and "_slave_pipe" not in vars(restored)
+    assert restored._copy_id is None and restored._channel is None
     x = torch.randn(5, CHANNELS, dtype=torch.float64)
     expected = nn.functional.batch_norm(x, None, None, restored.weight, restored.bias, training=True)
     torch.testing.assert_close(restored(x), expected, **F64)

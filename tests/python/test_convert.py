@@ -128,11 +128,7 @@ def test_convert_model_replaces_every_batchnorm_keeping_state_and_options():
     assert all(p.dtype == torch.float64 for p in converted.parameters())
     for layer in converted.modules():
         if isinstance(layer, SYNC_BN):
-            assert layer._copy_id is None
-            assert str(layer.num_features) in layer._sync_master.label
-    # Every layer has its own master.
-    masters = [m._sync_master for m in converted.modules() if isinstance(m, SYNC_BN)]
-    assert len({id(m) for m in masters}) == len(masters) == 5
+            assert layer._copy_id is None and layer._channel is None
 
 
 def test_convert_model_keeps_dtype_and_root_batchnorm():
@@ -227,7 +223,7 @@ def test_convert_then_revert_gives_the_original(training):
     reverted = revert_model(convert_model(original))
     assert_same_layers(reverted, reference, {cls: cls for cls in TORCH_BN})
     for m in reverted.modules():
-        assert not hasattr(m, "_sync_master") and not hasattr(m, "_copy_id")
+        assert not hasattr(m, "_channel") and not hasattr(m, "_copy_id")
     assert_state_dicts_equal(reverted, reference)
     for _ in range(2):
         x = torch.randn(5, 3, 4, 4, dtype=torch.float64)

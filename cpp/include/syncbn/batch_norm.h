@@ -1,6 +1,8 @@
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <memory>
 #include <functional>
 #include <optional>
 #include <string>
@@ -8,6 +10,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <syncbn/callback_context.h>
 #include <syncbn/export.h>
 #include <syncbn/message.h>
 #include <syncbn/sync_master.h>
@@ -81,6 +84,39 @@ SYNCBN_API MasterCallback batch_norm_master_callback();
 
 // The exchange of a replica that is alone (no replication): merges its own statistics.
 SYNCBN_API StatisticsExchange local_exchange();
+
+// One copy's end of its replication's BatchNorm barrier. Every synchronized
+// BatchNorm layer of a replica exchanges through the same channel, so every
+// message carries its layer (the module position) and the copy's call index:
+// the master callback checks that all copies are at the same call of the same
+// layer, and a copy whose forward returned early is caught by the barrier
+// (SyncMaster::finish). Replicas that call the layers a different number of
+// times or in a different order get an error naming the layers and copies.
+class SYNCBN_API BatchNormChannel : public std::enable_shared_from_this<BatchNormChannel> {
+ public:
+  // Copy `copy_id`'s channel in the replication of `context` (made on first use;
+  // copy 0's creates the replication's barrier and adds it to the group).
+  static std::shared_ptr<BatchNormChannel> of(CallbackContext& context, int64_t copy_id);
+
+  BatchNormChannel(int64_t copy_id, std::shared_ptr<SyncMaster> master, std::shared_ptr<SlavePipe> pipe);
+
+  // The exchange of layer `layer_position` (named `layer_name`) through this channel.
+  StatisticsExchange exchange_for(int64_t layer_position, std::string layer_name);
+
+  int64_t copy_id() const { return copy_id_; }
+  // The replication's barrier.
+  const std::shared_ptr<SyncMaster>& master() const { return master_; }
+  // This copy's forward returned: it sends no more statistics.
+  void finish() const { master_->finish(copy_id_); }
+
+ private:
+  Message exchange(Message message, int64_t layer_position, const std::string& layer_name);
+
+  const int64_t copy_id_;
+  std::shared_ptr<SyncMaster> master_;
+  std::shared_ptr<SlavePipe> pipe_;  // null on copy 0
+  std::atomic<int64_t> calls_{0};
+};
 
 // Training-mode BatchNorm of one replica's slice with statistics over every
 // replica's slices. When running_mean/running_var are given (pass them on the

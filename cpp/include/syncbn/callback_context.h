@@ -19,9 +19,15 @@ namespace syncbn {
 // The master (copy 0) typically stores its SyncMaster here, and the other copies
 // read it to register themselves. Values are type-erased and copied in and out,
 // so a reader never holds a reference into the map; every method is thread-safe.
+class ReplicationGroup;
+
 class SYNCBN_API CallbackContext {
  public:
   CallbackContext() = default;
+  // A context of a replication: module position `position` (in modules()
+  // order), named `name` (its path in the replica, "" for the root).
+  CallbackContext(std::shared_ptr<ReplicationGroup> group, int64_t position, std::string name)
+      : group_(std::move(group)), position_(position), name_(std::move(name)) {}
   CallbackContext(const CallbackContext&) = delete;
   CallbackContext& operator=(const CallbackContext&) = delete;
 
@@ -59,7 +65,15 @@ class SYNCBN_API CallbackContext {
   std::vector<std::string> keys() const;
   size_t size() const;
 
+  // The replication this context belongs to; null for a context made by hand.
+  const std::shared_ptr<ReplicationGroup>& group() const { return group_; }
+  int64_t position() const { return position_; }
+  const std::string& name() const { return name_; }
+
  private:
+  std::shared_ptr<ReplicationGroup> group_;
+  int64_t position_ = -1;
+  std::string name_;
   mutable std::mutex mutex_;
   std::unordered_map<std::string, std::any> values_;
 };

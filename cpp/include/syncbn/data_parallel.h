@@ -45,6 +45,9 @@ SYNCBN_API void run_replicas(int64_t n, const std::function<void(int64_t)>& body
 SYNCBN_API void notify_replica_failure(const std::vector<std::shared_ptr<torch::nn::Module>>& replicas,
                                        const std::string& reason);
 
+// Calls on_copy_finished() on every module of `replica` that implements ReplicationCallback.
+SYNCBN_API void notify_copy_finished(const std::shared_ptr<torch::nn::Module>& replica);
+
 // nn.DataParallel's scatter for one tensor: chunks along `dim` (at most one per
 // device; fewer when the batch is smaller), each copied onto its device.
 SYNCBN_API std::vector<torch::Tensor> scatter(const torch::Tensor& input, const std::vector<torch::Device>& devices,
@@ -79,7 +82,11 @@ std::vector<torch::Tensor> parallel_apply(std::vector<ModuleType>& modules, cons
   for (const auto& module : modules) replicas.push_back(detail::as_module(module));
   std::vector<torch::Tensor> outputs(modules.size());
   detail::run_replicas(
-      static_cast<int64_t>(modules.size()), [&](int64_t i) { outputs[i] = modules[i]->forward(inputs[i]); },
+      static_cast<int64_t>(modules.size()),
+      [&](int64_t i) {
+        outputs[i] = modules[i]->forward(inputs[i]);
+        detail::notify_copy_finished(replicas[i]);  // nobody waits for this copy any more
+      },
       [&](const std::string& reason) { detail::notify_replica_failure(replicas, reason); }, devices);
   return outputs;
 }

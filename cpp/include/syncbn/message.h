@@ -2,6 +2,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -17,6 +18,8 @@ struct Message {
   std::vector<at::Tensor> tensors;
   std::vector<int64_t> ints;
   std::shared_ptr<void> payload;
+  // Where the sender is (e.g. "layer 'features.1' (call 3)"), for error messages.
+  std::string label;
 };
 
 // One message per copy: (copy id, message).

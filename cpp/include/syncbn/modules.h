@@ -21,20 +21,21 @@ namespace syncbn {
 // and its end of the barrier (the master on copy 0, a pipe on the others).
 class SYNCBN_API BatchNormSyncState {
  public:
-  // The replication hook: copy 0 makes a new barrier and publishes it in the
-  // context; the other copies register with it.
-  void on_replicate(CallbackContext& context, int64_t copy_id, const std::string& label);
-  // Aborts this replication's barrier (called on copy 0's module wakes everyone).
-  void abort(const std::string& reason);
-  bool replicated() const { return copy_id_.has_value(); }
-  bool holds_buffers() const { return !copy_id_ || *copy_id_ == 0; }
-  // The exchange of this copy: through the barrier, or alone when not replicated.
+  // The replication hook: joins this copy's channel of the replication's barrier.
+  void on_replicate(CallbackContext& context, int64_t copy_id);
+  // Wakes every copy waiting on this replication's barrier.
+  void abort(const std::string& reason) const;
+  // This copy's forward returned.
+  void finish() const;
+  bool replicated() const { return channel_ != nullptr; }
+  bool holds_buffers() const { return !channel_ || channel_->copy_id() == 0; }
+  // The exchange of this layer: through the channel, or alone when not replicated.
   StatisticsExchange exchange() const;
 
  private:
-  std::optional<int64_t> copy_id_;
-  std::shared_ptr<SyncMaster> master_;
-  std::shared_ptr<SlavePipe> pipe_;
+  std::shared_ptr<BatchNormChannel> channel_;
+  int64_t position_ = -1;
+  std::string name_;
 };
 
 // Training-mode forward of a synchronized BatchNorm module: nn.BatchNorm's
@@ -66,11 +67,9 @@ class SyncBatchNormImplBase : public torch::nn::BatchNormImplBase<D, Derived>, p
                                           this->running_var, this->num_batches_tracked, this->is_training(), sync_);
   }
 
-  void on_replicate(CallbackContext& context, int64_t copy_id) override {
-    sync_.on_replicate(context, copy_id, label());
-  }
-
+  void on_replicate(CallbackContext& context, int64_t copy_id) override { sync_.on_replicate(context, copy_id); }
   void on_replica_failure(const std::string& reason) override { sync_.abort(reason); }
+  void on_copy_finished() override { sync_.finish(); }
 
   void pretty_print(std::ostream& stream) const override {
     const auto& options = this->options;
@@ -85,10 +84,6 @@ class SyncBatchNormImplBase : public torch::nn::BatchNormImplBase<D, Derived>, p
   }
 
  private:
-  std::string label() const {
-    return "SyncBatchNorm" + std::to_string(D) + "d(" + std::to_string(this->options.num_features()) + ")";
-  }
-
   BatchNormSyncState sync_;
 };
 

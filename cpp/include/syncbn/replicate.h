@@ -11,6 +11,7 @@
 
 #include <syncbn/callback_context.h>
 #include <syncbn/export.h>
+#include <syncbn/replication_group.h>
 
 namespace syncbn {
 
@@ -24,6 +25,9 @@ class SYNCBN_API ReplicationCallback {
   // Called by syncbn::parallel_apply on every replica when one replica failed:
   // wake whatever this copy's twins may be waiting on (e.g. abort a barrier).
   virtual void on_replica_failure(const std::string& reason) { (void)reason; }
+  // Called by syncbn::parallel_apply on a replica's modules once its forward
+  // returned: this copy takes part in no more passes (SyncMaster::finish).
+  virtual void on_copy_finished() {}
 };
 
 // One module of a replica's tree, as the traversal sees it: a type name for the
@@ -33,13 +37,15 @@ class SYNCBN_API ReplicationCallback {
 struct ReplicaModule {
   std::string type_name;
   std::function<void(const std::shared_ptr<CallbackContext>&, int64_t)> on_replicate;
+  std::string name;  // the module's path in the replica ("" for the root), for error messages
 };
 
 // Walks the replicas' module lists position by position, one shared context per
 // position, and calls each module's hook with its copy id; at every position the
 // master (copy 0) runs before any other copy. Replicas whose module lists differ
 // in length or type get a ValueError naming the first differing position.
-// Returns the contexts, one per position.
+// Returns the contexts, one per position; they share one ReplicationGroup
+// (context->group()), which the caller tells when a copy finishes or fails.
 SYNCBN_API std::vector<std::shared_ptr<CallbackContext>> execute_replication_callbacks(
     const std::vector<std::vector<ReplicaModule>>& replicas);
 

@@ -62,6 +62,12 @@ class SYNCBN_API SyncMaster {
   // participant with BarrierAbortedError carrying `reason`.
   void abort(const std::string& reason);
 
+  // Copy `copy_id` will send no more messages in this generation (its forward
+  // returned). Whoever waits for it in a later pass, now or later, fails at once
+  // with a BarrierError naming both copies and where they are, instead of
+  // waiting for the timeout: the copies made different numbers of calls.
+  void finish(int64_t copy_id);
+
   int64_t nr_slaves() const;
   // The registered copy ids, ascending.
   std::vector<int64_t> slave_ids() const;

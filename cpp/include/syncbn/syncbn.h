@@ -11,5 +11,6 @@
 #include <syncbn/message.h>
 #include <syncbn/modules.h>
 #include <syncbn/replicate.h>
+#include <syncbn/replication_group.h>
 #include <syncbn/sync_master.h>
 #include <syncbn/version.h>
