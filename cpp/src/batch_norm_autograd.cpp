@@ -186,6 +186,15 @@ std::string torch_size(const std::vector<int64_t>& sizes) {
   return out.str();
 }
 
+// nn.BatchNorm on CPU: parameters share the input's dtype, except float32
+// parameters with a float16/bfloat16 input.
+void check_dtype(const at::Tensor& input, const std::optional<at::Tensor>& values) {
+  if (!values.has_value() || !values->defined() || values->scalar_type() == input.scalar_type()) return;
+  const bool reduced_input = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(reduced_input && values->scalar_type() == at::kFloat,
+              "mixed dtype (CPU): all inputs must share same datatype.");
+}
+
 void check_features(const std::optional<at::Tensor>& values, const char* name, int64_t features) {
   if (values.has_value() && values->defined()) {
     TORCH_CHECK(values->numel() == features, name, " should contain ", features, " elements not ", values->numel());
@@ -298,6 +307,7 @@ at::Tensor sync_batch_norm_train(const at::Tensor& input, const std::optional<at
   check_features(running_var, "running_var", features);
   check_features(weight, "weight", features);
   check_features(bias, "bias", features);
+  for (const auto* values : {&weight, &bias, &running_mean, &running_var}) check_dtype(input, *values);
 
   variable_list local = LocalStatsFunction::apply(input);
   Message message{{local[0], local[1]}, {count_per_channel(input), -1, -1}, nullptr, {}};

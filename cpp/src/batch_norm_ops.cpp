@@ -3,7 +3,11 @@
 // every other device (CUDA among them).
 #include <syncbn/batch_norm.h>
 
+#include <cmath>
+#include <limits>
+
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
@@ -141,7 +145,21 @@ at::Tensor backward_elemt_aten(const at::Tensor& grad_out, const at::Tensor& inp
 
 std::tuple<at::Tensor, at::Tensor> local_stats_cpu(const at::Tensor& input) {
   check_input(input, "local_stats");
-  return cpu::local_stats(input);
+  auto [mean, m2] = cpu::local_stats(input);
+  // Non-finite data (inf, nan): the shifted algorithm's x - mean gives nan where
+  // nn.BatchNorm's plain mean gives inf. Take the plain mean of such a channel;
+  // its variance is nan either way.
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "syncbn_local_stats_nonfinite", [&] {
+    const scalar_t* means = mean.const_data_ptr<scalar_t>();
+    const scalar_t* m2s = m2.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < mean.numel(); ++c) {
+      if (std::isfinite(static_cast<double>(means[c])) && std::isfinite(static_cast<double>(m2s[c]))) continue;
+      at::Tensor channel = input.select(1, c);
+      mean[c] = channel.sum(at::kDouble).item<double>() / static_cast<double>(channel.numel());
+      m2[c] = std::numeric_limits<double>::quiet_NaN();
+    }
+  });
+  return {mean, m2};
 }
 
 at::Tensor normalize_cpu(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,

@@ -27,19 +27,23 @@ torch::Tensor sync_batch_norm_module_forward(const torch::Tensor& input, const t
                                              const torch::Tensor& running_mean, const torch::Tensor& running_var,
                                              const torch::Tensor& num_batches_tracked, bool training,
                                              const BatchNormSyncState& state) {
-  // As torch::nn::BatchNorm: momentum, or 1 / num_batches_tracked for the cumulative average.
+  // As torch::nn::BatchNorm: momentum, or 1 / num_batches_tracked for the cumulative average. But
+  // num_batches_tracked moves only with the running statistics, once the merged statistics arrived: a failed
+  // pass leaves every buffer untouched.
   double factor = options.momentum().value_or(0.0);
   const bool update_running_stats = training && options.track_running_stats() && state.holds_buffers();
-  if (update_running_stats && num_batches_tracked.defined()) {
+  const bool count_batch = update_running_stats && num_batches_tracked.defined();
+  if (count_batch && !options.momentum().has_value()) factor = 1.0 / (num_batches_tracked.item<double>() + 1);
+  auto optional = [](const torch::Tensor& t) { return t.defined() ? std::optional<torch::Tensor>(t) : std::nullopt; };
+  torch::Tensor output = sync_batch_norm_train(input, optional(weight), optional(bias),
+                                               update_running_stats ? optional(running_mean) : std::nullopt,
+                                               update_running_stats ? optional(running_var) : std::nullopt, factor,
+                                               options.eps(), EpsMode::Plus, state.exchange());
+  if (count_batch) {
     torch::NoGradGuard no_grad;
     num_batches_tracked.add_(1);
-    if (!options.momentum().has_value()) factor = 1.0 / num_batches_tracked.item<double>();
   }
-  auto optional = [](const torch::Tensor& t) { return t.defined() ? std::optional<torch::Tensor>(t) : std::nullopt; };
-  return sync_batch_norm_train(input, optional(weight), optional(bias),
-                               update_running_stats ? optional(running_mean) : std::nullopt,
-                               update_running_stats ? optional(running_var) : std::nullopt, factor, options.eps(),
-                               EpsMode::Plus, state.exchange());
+  return output;
 }
 
 void check_batch_norm_input_dim(const torch::Tensor& input, size_t D) {

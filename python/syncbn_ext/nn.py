@@ -161,17 +161,16 @@ class _SynchronizedBatchNorm(_BatchNorm):
         holds_buffers = copy_id is None or copy_id == 0
         update_running_stats = self.training and self.track_running_stats and holds_buffers
 
-        # As nn.BatchNorm: the factor is momentum, or 1 / num_batches_tracked for the cumulative average.
+        # As nn.BatchNorm: the factor is momentum, or 1 / num_batches_tracked for the cumulative average. But
+        # num_batches_tracked moves only with the running statistics, once the merged statistics arrived: a
+        # failed pass leaves every buffer untouched.
+        count_batch = update_running_stats and self.num_batches_tracked is not None
         exponential_average_factor = 0.0 if self.momentum is None else self.momentum
-        if update_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
-            else:
-                exponential_average_factor = self.momentum
+        if count_batch and self.momentum is None:
+            exponential_average_factor = 1.0 / float(self.num_batches_tracked + 1)
 
         layer, layer_name = self._layer
-        return _C.sync_batch_norm_train(
+        output = _C.sync_batch_norm_train(
             input,
             self.weight,
             self.bias,
@@ -184,6 +183,9 @@ class _SynchronizedBatchNorm(_BatchNorm):
             layer,
             layer_name,
         )
+        if count_batch:
+            self.num_batches_tracked.add_(1)
+        return output
 
 
 class SynchronizedBatchNorm1d(_SynchronizedBatchNorm):

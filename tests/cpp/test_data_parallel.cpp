@@ -119,6 +119,63 @@ TEST(DataParallel, AFailingReplicaRaisesWithItsCopyIdAndTheNextForwardWorks) {
   EXPECT_EQ(y.sizes(), (std::vector<int64_t>{8, 4, 4, 4}));
 }
 
+// Raises in one copy, or calls its BatchNorm an extra time there: knows its copy id from the replication hook.
+struct MisbehavingNetImpl : torch::nn::Cloneable<MisbehavingNetImpl>, syncbn::ReplicationCallback {
+  enum class Fault { kNone, kRaiseBetween, kRaiseAfter, kExtraCall };
+  explicit MisbehavingNetImpl(Fault fault = Fault::kNone) : fault(fault) { reset(); }
+  void reset() override {
+    bn1 = register_module("bn1", syncbn::SyncBatchNorm1d(3));
+    bn2 = register_module("bn2", syncbn::SyncBatchNorm1d(3));
+  }
+  void on_replicate(syncbn::CallbackContext&, int64_t id) override { copy_id = id; }
+  torch::Tensor forward(const torch::Tensor& input) {
+    const bool faulty = copy_id == 2;
+    auto x = bn1->forward(input);
+    if (faulty && fault == Fault::kRaiseBetween) throw std::out_of_range("failure between the layers");
+    x = bn2->forward(x);
+    if (faulty && fault == Fault::kExtraCall) x = bn2->forward(x);
+    if (faulty && fault == Fault::kRaiseAfter) throw std::out_of_range("failure after the layers");
+    return x;
+  }
+  Fault fault;
+  int64_t copy_id = -1;
+  syncbn::SyncBatchNorm1d bn1{nullptr}, bn2{nullptr};
+};
+TORCH_MODULE(MisbehavingNet);
+
+TEST(DataParallel, FailuresBetweenAndAfterLayersAndCallCountMismatchesFailFast) {
+  ::setenv("SYNCBN_TIMEOUT", "300", 1);  // a hang would trip the test's 120 s limit instead
+  for (auto fault : {MisbehavingNetImpl::Fault::kRaiseBetween, MisbehavingNetImpl::Fault::kRaiseAfter}) {
+    MisbehavingNet net(fault);
+    const auto before = net->bn2->running_mean.clone();
+    try {
+      syncbn::data_parallel(net, torch::randn({8, 3}), cpu_replicas(4));
+      FAIL() << "expected a ReplicaError";
+    } catch (const syncbn::ReplicaError& error) {
+      EXPECT_EQ(error.copy_id(), 2) << error.what();
+    }
+    if (fault == MisbehavingNetImpl::Fault::kRaiseBetween) {
+      EXPECT_TRUE(torch::equal(net->bn2->running_mean, before)) << "a failed pass leaves the buffers untouched";
+      EXPECT_EQ(net->bn2->num_batches_tracked.item<int64_t>(), 0);
+      EXPECT_EQ(net->bn1->num_batches_tracked.item<int64_t>(), 1);
+    }
+  }
+  MisbehavingNet extra(MisbehavingNetImpl::Fault::kExtraCall);
+  try {
+    syncbn::data_parallel(extra, torch::randn({8, 3}), cpu_replicas(4));
+    FAIL() << "expected an error";
+  } catch (const syncbn::ReplicaError& error) {
+    const std::string message = error.what();
+    EXPECT_NE(message.find("finished its forward after 2 synchronized call(s), but copy 2 made call 3"),
+              std::string::npos)
+        << message;
+    EXPECT_NE(message.find("layer 'bn2' (synchronized call 3)"), std::string::npos) << message;
+  }
+  MisbehavingNet healthy;
+  EXPECT_EQ(syncbn::data_parallel(healthy, torch::randn({8, 3}), cpu_replicas(4)).size(0), 8);
+  ::unsetenv("SYNCBN_TIMEOUT");
+}
+
 TEST(DataParallel, SmallBatchesUseFewerReplicasAndOneDeviceRunsDirectly) {
   torch::manual_seed(1);
   syncbn::SyncBatchNorm1d synced(3);

@@ -425,7 +425,11 @@ def test_one_value_per_channel_raises_in_every_replica(sizes):
         for i, result in enumerate(results):
             assert isinstance(result, ValueError), (i, result)
             assert ONE_VALUE in str(result), (i, result)
-        # nn.BatchNorm counted the batch before raising; so did copy 0.
+        # A failed pass leaves every buffer untouched, num_batches_tracked included (nn.BatchNorm counts the batch
+        # before it raises).
+        assert torch.equal(ours.num_batches_tracked, ref.num_batches_tracked - 1)
+        with torch.no_grad():
+            ref.num_batches_tracked.sub_(1)
         assert_buffers_match(ours, ref, rtol=0, atol=0)
         # The layer works again afterwards.
         step_and_compare(ref, ours, split_forward(ours, [2, 1]), make_input(kind, 3))

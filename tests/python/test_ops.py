@@ -175,3 +175,13 @@ def test_meta_kernels_give_shapes_and_dtypes():
     assert mean.device.type == "meta" and mean.shape == (3,) and mean.dtype == torch.float32
     y = ops.normalize(x, mean, m2, None, None, 1e-5, 0)
     assert y.shape == x.shape and y.dtype == x.dtype
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_local_stats_of_non_finite_data_match_the_plain_mean(value):
+    x = make((4, 3, 5), torch.float32, None)
+    x[2, 1, 3] = value
+    mean, m2 = ops.local_stats(x)
+    ref_mean = x.double().mean([0, 2])
+    torch.testing.assert_close(mean.double(), ref_mean, equal_nan=True)
+    assert torch.isnan(m2[1]) and torch.isfinite(m2[[0, 2]]).all()

@@ -1,0 +1,239 @@
+"""No hangs, nothing silently wrong: failures, mismatched calls, timeouts and bad inputs under the wrapper."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import syncbn_ext
+from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm1d
+
+C = 3
+MARKER = -12345.0
+
+
+@pytest.fixture(autouse=True)
+def long_barrier_timeout(monkeypatch):
+    # Long enough that a copy woken only by the timeout would trip run()'s hang guard: a pass must fail by
+    # abort or mismatch detection, at once.
+    monkeypatch.setenv("SYNCBN_TIMEOUT", "120")
+
+
+def run(module, *inputs, guard=60.0):
+    """Calls module(*inputs) on a thread; fails the test if it hangs. Returns the output or the exception."""
+    result = {}
+
+    def target():
+        try:
+            result["value"] = module(*inputs)
+        except BaseException as error:  # handed to the test
+            result["value"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(guard)
+    assert not thread.is_alive(), "the forward hung"
+    return result["value"]
+
+
+def no_replica_threads_left():
+    return not [t for t in threading.enumerate() if t.name.startswith("syncbn-replica-") and t.is_alive()]
+
+
+class RaiseInCopy(nn.Module):
+    """Raises in the replica with copy id `copy_id` while armed."""
+
+    def __init__(self, copy_id):
+        super().__init__()
+        self.target = copy_id
+        self.armed = True
+        self.copy_id = None
+
+    def __data_parallel_replicate__(self, ctx, copy_id):
+        self.copy_id = copy_id
+
+    def forward(self, x):
+        if self.armed and self.copy_id == self.target:
+            raise KeyError("replica failure")
+        return x
+
+
+def make_model(position):
+    """Two synchronized layers with a RaiseInCopy(2) before, between or after them."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(C, C).double(), SynchronizedBatchNorm1d(C).double(), nn.Tanh(),
+              SynchronizedBatchNorm1d(C).double()]
+    index = {"before": 0, "between": 3, "after": 4}[position]
+    layers.insert(index, RaiseInCopy(2))
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("position", ["before", "between", "after"])
+def test_a_failing_replica_raises_its_exception_and_the_next_forward_works(position):
+    model = make_model(position)
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    initial = copy.deepcopy(model.state_dict())
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 4)
+    x = torch.randn(8, C, dtype=torch.float64)
+    error = run(dp, x)
+    assert type(error) is KeyError, repr(error)
+    assert "in replica 2 on device cpu" in str(error)
+    assert no_replica_threads_left()
+
+    # State after the failed pass: parameters never touched; each layer's buffers either untouched or updated
+    # from the whole batch's merged statistics (the passes that completed before the failure).
+    state = model.state_dict()
+    for name, _ in model.named_parameters():
+        assert torch.equal(state[name], initial[name]), name
+    plain = syncbn_ext.revert_model(copy.deepcopy(model))
+    plain.load_state_dict(initial)
+    with torch.no_grad():
+        plain(x)  # what complete passes store
+    completed = {"before": 0, "between": 1, "after": 2}[position]
+    sync_names = [name for name, m in model.named_modules() if isinstance(m, SynchronizedBatchNorm1d)]
+    for index, name in enumerate(sync_names):
+        for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+            key = f"{name}.{buffer}"
+            if index < completed:
+                torch.testing.assert_close(state[key], plain.state_dict()[key], rtol=1e-12, atol=1e-12)
+            else:
+                assert torch.equal(state[key], initial[key]), key
+
+    # The next forward works and matches the whole-batch reference.
+    next(m for m in model.modules() if isinstance(m, RaiseInCopy)).armed = False
+    model.load_state_dict(initial)
+    reference.load_state_dict(initial)
+    x_ok = torch.randn(8, C, dtype=torch.float64)
+    torch.testing.assert_close(run(dp, x_ok), reference(x_ok), rtol=1e-10, atol=1e-10)
+
+
+class CallsTwiceOnMarker(nn.Module):
+    """Calls its BatchNorm twice in the replica whose slice holds the marker: a call-count mismatch."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = SynchronizedBatchNorm1d(C).double()
+
+    def forward(self, x):
+        y = self.bn(x.masked_fill(x == MARKER, 0.0))
+        return self.bn(y) if (x == MARKER).any() else y
+
+
+def test_replicas_calling_a_layer_a_different_number_of_times_get_an_error_naming_it():
+    dp = DataParallelWithCallback(CallsTwiceOnMarker(), device_ids=["cpu"] * 3)
+    x = torch.randn(6, C, dtype=torch.float64)
+    x[3, 0] = MARKER  # replica 1
+    error = run(dp, x)
+    assert isinstance(error, syncbn_ext.BarrierError), repr(error)
+    message = str(error)
+    assert "finished its forward after 1 synchronized call(s)" in message
+    assert "copy 1 made call 2" in message
+    assert "layer 'bn: SynchronizedBatchNorm1d(3)' (synchronized call 2)" in message
+    assert no_replica_threads_left()
+    y = run(dp, torch.randn(6, C, dtype=torch.float64))  # and the next forward works
+    assert y.shape == (6, C)
+
+
+class SwapsOrderOnMarker(nn.Module):
+    """Calls a then b, or b then a in the replica whose slice holds the marker: an order mismatch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = SynchronizedBatchNorm1d(C).double()
+        self.b = SynchronizedBatchNorm1d(C).double()
+
+    def forward(self, x):
+        clean = x.masked_fill(x == MARKER, 0.0)
+        if (x == MARKER).any():
+            return self.a(self.b(clean))
+        return self.b(self.a(clean))
+
+
+def test_replicas_calling_layers_in_a_different_order_get_an_error_not_mixed_statistics():
+    model = SwapsOrderOnMarker()
+    before = copy.deepcopy(model.state_dict())
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2)
+    x = torch.randn(4, C, dtype=torch.float64)
+    x[3, 2] = MARKER  # replica 1
+    error = run(dp, x)
+    assert isinstance(error, syncbn_ext.BarrierError), repr(error)
+    message = str(error)
+    assert "different order or number of times" in message
+    assert "copy 0 is at layer 'a: SynchronizedBatchNorm1d(3)' (synchronized call 1)" in message
+    assert "copy 1 is at layer 'b: SynchronizedBatchNorm1d(3)' (synchronized call 1)" in message
+    for name, value in model.state_dict().items():  # no statistics were paired across layers
+        assert torch.equal(value, before[name]), name
+
+
+class SlowOnMarker(nn.Module):
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x):
+        if (x == MARKER).any():
+            threading.Event().wait(self.seconds)
+        return x.masked_fill(x == MARKER, 0.0)
+
+
+def test_timeout_names_the_layer_that_waited_and_the_missing_copies(monkeypatch):
+    monkeypatch.setenv("SYNCBN_TIMEOUT", "0.3")
+    model = nn.Sequential(SlowOnMarker(1.5), SynchronizedBatchNorm1d(C).double())
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 3)
+    x = torch.randn(6, C, dtype=torch.float64)
+    x[5, 0] = MARKER  # replica 2 arrives late
+    error = run(dp, x)
+    assert isinstance(error, syncbn_ext.BarrierTimeoutError), repr(error)
+    message = str(error)
+    assert "layer '1: SynchronizedBatchNorm1d(3)' (synchronized call 1)" in message
+    assert "copies that never arrived: [2]" in message
+    assert "SYNCBN_TIMEOUT" in message
+    assert no_replica_threads_left()
+
+
+def test_nan_and_inf_propagate_as_in_batch_norm():
+    torch.manual_seed(1)
+    ours = SynchronizedBatchNorm1d(C).double()
+    ref = nn.BatchNorm1d(C).double()
+    x = torch.randn(8, C, dtype=torch.float64)
+    x[1, 0] = float("nan")
+    x[6, 2] = float("inf")
+    y = run(DataParallelWithCallback(ours, device_ids=["cpu"] * 4), x)
+    expected = ref(x)
+    torch.testing.assert_close(y, expected, equal_nan=True)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean, equal_nan=True)
+    torch.testing.assert_close(ours.running_var, ref.running_var, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    "layer, bad_input",
+    [
+        (lambda: SynchronizedBatchNorm1d(C), lambda: torch.randn(8, C, 2, 2)),  # wrong dims
+        (lambda: SynchronizedBatchNorm1d(C), lambda: torch.randn(8, C + 1)),  # wrong channel count
+        (lambda: SynchronizedBatchNorm1d(C), lambda: torch.randn(8, C, dtype=torch.float64)),  # wrong dtype
+    ],
+)
+def test_bad_inputs_raise_batch_norms_errors_without_hanging(layer, bad_input):
+    ours = layer()
+    ref = syncbn_ext.revert_model(copy.deepcopy(ours))
+    x = bad_input()
+    with pytest.raises(Exception) as expected:
+        ref(x)
+    error = run(DataParallelWithCallback(ours, device_ids=["cpu"] * 4), x)
+    assert type(error) is type(expected.value), (error, expected.value)
+    assert str(expected.value) in str(error)
+    assert "in replica 0 on device cpu" in str(error)  # every replica raised it; copy 0's is reported
+    assert no_replica_threads_left()
+
+
+def test_fewer_samples_than_replicas():
+    torch.manual_seed(2)
+    ours = SynchronizedBatchNorm1d(C).double()
+    ref = nn.BatchNorm1d(C).double()
+    x = torch.randn(3, C, dtype=torch.float64)
+    torch.testing.assert_close(run(DataParallelWithCallback(ours, device_ids=["cpu"] * 8), x), ref(x))
+    torch.testing.assert_close(ours.running_var, ref.running_var)
