@@ -38,6 +38,14 @@ void def_barrier_controls(PyClass& cls, CoreOf core) {
             core(self).abort(reason);
           },
           py::arg("reason"), "Fails the pass in progress (or the next) for every copy with BarrierAbortedError.")
+      .def(
+          "finish",
+          [core](Self& self, int64_t copy_id) {
+            py::gil_scoped_release no_gil;
+            core(self).finish(copy_id);
+          },
+          py::arg("copy_id"),
+          "Copy `copy_id` sends no more messages in this replication: whoever waits for it fails at once.")
       .def_property_readonly("nr_slaves",
                              [core](Self& self) {
                                py::gil_scoped_release no_gil;

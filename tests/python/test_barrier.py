@@ -205,6 +205,21 @@ def test_timeout_names_the_missing_copies_and_the_barrier_recovers():
     assert {copy_id: values[0] for copy_id, values in results.items()} == {0: 0, 1: 2, 2: 4, 3: 6, 4: 8}
 
 
+def test_finish_fails_whoever_waits_for_a_copy_that_sends_no_more():
+    master = syncbn_ext.SyncMaster(lambda items: items, timeout=60)
+    pipes = [master.register_slave(1), master.register_slave(2)]
+    results, errors = run_copies(master, pipes, lambda copy_id, _: copy_id)  # pass 1: everyone
+    assert errors == {}
+    master.finish(2)  # copy 2's forward returned after one pass
+    results, errors = run_copies(master, pipes[:1], lambda copy_id, _: copy_id)  # copies 0 and 1 make pass 2
+    assert sorted(errors) == [0, 1]
+    for error in errors.values():
+        assert isinstance(error, syncbn_ext.BarrierError)
+        assert "copy 2 finished its forward after 1 synchronized call(s), but copy" in str(error)
+    with pytest.raises(ValueError, match="no such copy"):
+        master.finish(7)
+
+
 def test_timeout_from_environment(monkeypatch):
     monkeypatch.setenv("SYNCBN_TIMEOUT", "7.5")
     assert syncbn_ext.default_timeout_seconds() == 7.5
