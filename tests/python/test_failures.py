@@ -65,8 +65,12 @@ class RaiseInCopy(nn.Module):
 def make_model(position):
     """Two synchronized layers with a RaiseInCopy(2) before, between or after them."""
     torch.manual_seed(0)
-    layers = [nn.Linear(C, C).double(), SynchronizedBatchNorm1d(C).double(), nn.Tanh(),
-              SynchronizedBatchNorm1d(C).double()]
+    layers = [
+        nn.Linear(C, C).double(),
+        SynchronizedBatchNorm1d(C).double(),
+        nn.Tanh(),
+        SynchronizedBatchNorm1d(C).double(),
+    ]
     index = {"before": 0, "between": 3, "after": 4}[position]
     layers.insert(index, RaiseInCopy(2))
     return nn.Sequential(*layers)

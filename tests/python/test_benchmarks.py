@@ -1,0 +1,29 @@
+"""The benchmark scripts run and print their tables (smoke runs: no timing is asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def run_script(name, *args):
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_bench_barrier_smoke():
+    out = run_script("bench_barrier.py", "--replicas", "2", "4", "--passes", "200", "--rounds", "1")
+    assert "ours/(a)" in out and "ours/(b)" in out
+
+
+def test_bench_batchnorm_smoke():
+    out = run_script("bench_batchnorm.py", "--quick")
+    for row in ("layer fwd+bwd 64x64x32x32", "CNN train step (8 blocks)", "layer fwd+bwd peak extra"):
+        assert row in out
+    assert "check layer against nn.BatchNorm2d on the whole batch" in out
