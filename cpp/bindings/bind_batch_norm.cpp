@@ -6,25 +6,12 @@
 namespace syncbn::python {
 
 namespace py = pybind11;
-using namespace pybind11::literals;
 
 void bind_batch_norm(py::module_& m) {
-  // A SyncMaster whose master callback merges BatchNorm statistics natively:
-  // no Python (and no GIL) between the replicas of a synchronized layer.
+  // The replication's barrier as a channel exposes it (timeout, label, abort, ...); its master callback
+  // merges BatchNorm statistics natively, with no Python (and no GIL) between the replicas.
   py::class_<SyncMaster, std::shared_ptr<SyncMaster>> master(
-      m, "BatchNormSyncMaster", "The barrier of a synchronized BatchNorm layer (native statistics merge).");
-  master
-      .def(py::init([](std::optional<double> timeout) {
-             return std::make_shared<SyncMaster>(batch_norm_master_callback(), timeout);
-           }),
-           py::arg("timeout") = py::none())
-      .def(py::pickle(
-          [](const SyncMaster& self) { return py::dict("timeout"_a = self.timeout_seconds(), "label"_a = self.label()); },
-          [](const py::dict& state) {
-            auto master = std::make_shared<SyncMaster>(batch_norm_master_callback(), state["timeout"].cast<double>());
-            master->set_label(state["label"].cast<std::string>());
-            return master;
-          }));
+      m, "BatchNormSyncMaster", "The barrier of a replication's synchronized BatchNorm layers.");
   def_barrier_controls(master, [](SyncMaster& self) -> SyncMaster& { return self; });
 
   py::class_<BatchNormChannel, std::shared_ptr<BatchNormChannel>>(
@@ -49,17 +36,8 @@ void bind_batch_norm(py::module_& m) {
           exchange = local_exchange();
         } else if (py::isinstance<BatchNormChannel>(sync)) {
           exchange = sync.cast<std::shared_ptr<BatchNormChannel>>()->exchange_for(layer, layer_name);
-        } else if (py::isinstance<SyncMaster>(sync)) {
-          exchange = [master = sync.cast<std::shared_ptr<SyncMaster>>()](Message message) {
-            return master->run_master(std::move(message));
-          };
-        } else if (py::isinstance<SlavePipe>(sync)) {
-          exchange = [pipe = sync.cast<std::shared_ptr<SlavePipe>>()](Message message) {
-            return pipe->run_slave(std::move(message));
-          };
         } else {
-          throw py::type_error(
-              "sync must be a BatchNormChannel, a BatchNormSyncMaster (copy 0), a SlavePipe (other copies) or None");
+          throw py::type_error("sync must be the copy's BatchNormChannel, or None when alone");
         }
         const EpsMode mode = parse_eps_mode(eps_mode);
         py::gil_scoped_release no_gil;  // kernels and the barrier wait run without the GIL
@@ -69,10 +47,9 @@ void bind_batch_norm(py::module_& m) {
       py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"),
       py::arg("exponential_average_factor"), py::arg("eps"), py::arg("eps_mode"), py::arg("sync"),
       py::arg("layer") = -1, py::arg("layer_name") = "",
-      "Training-mode BatchNorm of this replica's slice with statistics merged over every replica through `sync`: "
-      "the copy's BatchNormChannel (with the layer's position and name, checked across copies), or the "
-      "BatchNormSyncMaster on copy 0 and the copy's SlavePipe on the others, or None when alone. running_mean and "
-      "running_var, when given, are updated from the merged statistics.");
+      "Training-mode BatchNorm of this replica's slice with statistics merged over every replica through `sync`, "
+      "the copy's BatchNormChannel (with the layer's position and name, checked across copies), or None when "
+      "alone. running_mean and running_var, when given, are updated from the merged statistics.");
 }
 
 }  // namespace syncbn::python

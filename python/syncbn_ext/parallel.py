@@ -288,7 +288,7 @@ def _abort_barriers(replicas: Sequence[nn.Module], reason: str) -> None:
     """
     from . import _C
 
-    barrier_types = (_C.SyncMaster, _C.BatchNormSyncMaster)
+    barrier_types = (_C.SyncMaster,)
     seen: set[int] = set()
     for replica in replicas:
         for m in replica.modules():

@@ -14,7 +14,7 @@ def run_script(name, *args):
         [sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+    return result.stdout + result.stderr
 
 
 def test_bench_barrier_smoke():
