@@ -10,6 +10,7 @@ import threading
 
 import pytest
 import torch
+from hang_guard import HANG_TIMEOUT, call_with_timeout
 from torch import nn
 
 import syncbn_ext
@@ -22,7 +23,6 @@ from syncbn_ext import (
 )
 
 BARRIER_TIMEOUT = 30.0  # a bug makes a barrier fail after this, never hang the suite
-HANG_TIMEOUT = 60.0
 F64 = {"rtol": 1e-10, "atol": 1e-10}
 
 # kind: (synchronized class, torch class, non-batch non-channel dims of the input)
@@ -38,26 +38,6 @@ CHANNELS = 3
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def call_with_timeout(fn, *args, timeout=HANG_TIMEOUT, **kwargs):
-    """fn(*args, **kwargs) on another thread: fails the test instead of hanging when it does not return."""
-    result = {}
-
-    def target():
-        try:
-            result["value"] = fn(*args, **kwargs)
-        except BaseException as error:  # handed back to the test thread
-            result["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        pytest.fail(f"did not return within {timeout} s (deadlock?)")
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
 
 
 def sync_layers(module):

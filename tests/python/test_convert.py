@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import copy
-import threading
 
 import pytest
 import torch
+from hang_guard import call_with_timeout
 from torch import nn
 
 import syncbn_ext
@@ -25,26 +25,6 @@ TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 SYNC_BN = (SynchronizedBatchNorm1d, SynchronizedBatchNorm2d, SynchronizedBatchNorm3d)
 PAIRS = dict(zip(TORCH_BN, SYNC_BN, strict=True))
 OPTION_NAMES = ("num_features", "eps", "momentum", "affine", "track_running_stats")
-HANG_TIMEOUT = 60.0
-
-
-def call_with_timeout(fn, *args, timeout=HANG_TIMEOUT):
-    result = {}
-
-    def target():
-        try:
-            result["value"] = fn(*args)
-        except BaseException as error:  # handed back to the test thread
-            result["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        pytest.fail(f"did not return within {timeout} s (deadlock?)")
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
 
 
 class Net(nn.Module):

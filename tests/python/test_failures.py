@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+from hang_guard import call_with_timeout
 from torch import nn
 
 import syncbn_ext
@@ -23,21 +24,12 @@ def long_barrier_timeout(monkeypatch):
     monkeypatch.setenv("SYNCBN_TIMEOUT", "120")
 
 
-def run(module, *inputs, guard=60.0):
-    """Calls module(*inputs) on a thread; fails the test if it hangs. Returns the output or the exception."""
-    result = {}
-
-    def target():
-        try:
-            result["value"] = module(*inputs)
-        except BaseException as error:  # handed to the test
-            result["value"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(guard)
-    assert not thread.is_alive(), "the forward hung"
-    return result["value"]
+def run(module, *inputs):
+    """module(*inputs), failing the test if it hangs: the output, or the exception it raised."""
+    try:
+        return call_with_timeout(module, *inputs)
+    except Exception as error:  # handed to the test
+        return error
 
 
 def no_replica_threads_left():

@@ -11,33 +11,13 @@ import time
 
 import pytest
 import torch
+from hang_guard import call_with_timeout
 from torch import nn
 
 import syncbn_ext
 from syncbn_ext.parallel import DataParallelWithCallback, patch, patch_replication_callback, replicate_on_cpu
 
 BARRIER_TIMEOUT = 30.0  # a bug makes a barrier fail after this, never hang the suite
-HANG_TIMEOUT = 60.0
-
-
-def call_with_timeout(fn, *args, timeout=HANG_TIMEOUT, **kwargs):
-    """fn(*args, **kwargs) on another thread: fails the test instead of hanging when it does not return."""
-    result = {}
-
-    def target():
-        try:
-            result["value"] = fn(*args, **kwargs)
-        except BaseException as error:  # handed back to the test thread
-            result["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        pytest.fail(f"did not return within {timeout} s (deadlock?)")
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
 
 
 def _sum_messages(messages):
