@@ -25,6 +25,8 @@
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include "inverse_std.h"
+
 namespace syncbn {
 
 namespace {
@@ -32,16 +34,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::Function;
 using torch::autograd::variable_list;
-
-at::Tensor inverse_std(const at::Tensor& var, double eps, EpsMode mode) {
-  return mode == EpsMode::Clamp ? var.clamp_min(eps).rsqrt() : (var + eps).rsqrt();
-}
-
-// d invstd / d var.
-at::Tensor inverse_std_grad(const at::Tensor& var, const at::Tensor& invstd, double eps, EpsMode mode) {
-  at::Tensor grad = invstd.pow(3) * -0.5;
-  return mode == EpsMode::Clamp ? grad * (var > eps) : grad;
-}
 
 // Values per channel in an (N, C, *) input.
 int64_t count_per_channel(const at::Tensor& input) {
@@ -159,12 +151,12 @@ struct NormalizeFunction : Function<NormalizeFunction> {
     const double eps = ctx->saved_data["eps"].toDouble();
     const auto mode = static_cast<EpsMode>(ctx->saved_data["eps_mode"].toInt());
     auto [sum_dy, sum_dy_xmu] = backward_reduce(dy, input, mean);
-    at::Tensor invstd = inverse_std(var, eps, mode);
+    at::Tensor invstd = detail::inverse_std(var, eps, mode);
     at::Tensor weight_acc = weight.defined() ? weight.to(invstd.scalar_type()) : at::Tensor();
     at::Tensor scale = weight.defined() ? invstd * weight_acc : invstd;
     at::Tensor grad_invstd = weight.defined() ? sum_dy_xmu * weight_acc : sum_dy_xmu;
     result[1] = -scale * sum_dy;
-    result[2] = grad_invstd * inverse_std_grad(var, invstd, eps, mode);
+    result[2] = grad_invstd * detail::inverse_std_grad(var, invstd, eps, mode);
     if (weight.defined()) result[3] = (sum_dy_xmu * invstd).to(weight.scalar_type());
     if (ctx->saved_data["has_bias"].toBool()) result[4] = sum_dy.to(ctx->saved_data["bias_dtype"].toScalarType());
     result[5] = dy;

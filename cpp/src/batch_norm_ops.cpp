@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "cpu/batch_norm_kernels.h"
+#include "inverse_std.h"
 
 namespace syncbn {
 
@@ -54,17 +55,13 @@ std::vector<int64_t> reduced_dims(const at::Tensor& input) {
   return dims;
 }
 
-at::Tensor inverse_std(const at::Tensor& var, double eps, EpsMode mode) {
-  return mode == EpsMode::Clamp ? var.clamp_min(eps).rsqrt() : (var + eps).rsqrt();
-}
-
 // scale = weight * invstd, shift = bias, per channel, in the statistics dtype.
 std::pair<at::Tensor, at::Tensor> affine_scale_shift(const at::Tensor& input, const at::Tensor& var,
                                                      const std::optional<at::Tensor>& weight,
                                                      const std::optional<at::Tensor>& bias, double eps,
                                                      EpsMode mode) {
   const auto dtype = stats_dtype(input);
-  at::Tensor scale = inverse_std(var.to(dtype), eps, mode);
+  at::Tensor scale = detail::inverse_std(var.to(dtype), eps, mode);
   if (weight.has_value() && weight->defined()) scale = scale * weight->to(dtype);
   at::Tensor shift = bias.has_value() && bias->defined() ? bias->to(dtype) : at::zeros_like(scale);
   return {scale, shift};
