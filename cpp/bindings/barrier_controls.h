@@ -39,6 +39,20 @@ void def_barrier_controls(PyClass& cls, CoreOf core) {
           },
           py::arg("reason"), "Fails the pass in progress (or the next) for every copy with BarrierAbortedError.")
       .def(
+          "close",
+          [core](Self& self, const std::string& reason) {
+            py::gil_scoped_release no_gil;
+            core(self).close(reason);
+          },
+          py::arg("reason"),
+          "Fails the pass in progress and every later pass of this replication with BarrierAbortedError; the next "
+          "replication (reset(), or a new registration) opens the barrier again.")
+      .def_property_readonly("closed",
+                             [core](Self& self) {
+                               py::gil_scoped_release no_gil;
+                               return core(self).closed();
+                             })
+      .def(
           "finish",
           [core](Self& self, int64_t copy_id) {
             py::gil_scoped_release no_gil;

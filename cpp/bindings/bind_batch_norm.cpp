@@ -1,4 +1,4 @@
-#include <syncbn/batch_norm.h>
+#include <syncbn/sync_batch_norm.h>
 
 #include "barrier_controls.h"
 #include "bindings.h"
@@ -22,34 +22,38 @@ void bind_batch_norm(py::module_& m) {
                   "Copy `copy_id`'s channel in the replication of `context` (copy 0's creates the barrier).")
       .def_property_readonly("copy_id", &BatchNormChannel::copy_id)
       .def_property_readonly("master", &BatchNormChannel::master, "The replication's BatchNormSyncMaster.")
+      .def_property_readonly("calls", &BatchNormChannel::calls, "The synchronized calls made through this channel.")
       .def("finish", &BatchNormChannel::finish, py::call_guard<py::gil_scoped_release>(),
-           "This copy's forward returned: it sends no more statistics.");
+           "This copy's forward returned: it sends no more statistics.")
+      .def("close", &BatchNormChannel::close, py::arg("reason"), py::call_guard<py::gil_scoped_release>(),
+           "Ends the replication: every copy stops waiting, and none writes anything.");
 
   m.def(
       "sync_batch_norm_train",
       [](const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
          const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-         double exponential_average_factor, double eps, const std::string& eps_mode, const py::object& sync,
-         int64_t layer, const std::string& layer_name) {
-        StatisticsExchange exchange;
-        if (sync.is_none()) {
-          exchange = local_exchange();
-        } else if (py::isinstance<BatchNormChannel>(sync)) {
-          exchange = sync.cast<std::shared_ptr<BatchNormChannel>>()->exchange_for(layer, layer_name);
-        } else {
-          throw py::type_error("sync must be the copy's BatchNormChannel, or None when alone");
+         const std::optional<at::Tensor>& num_batches_tracked, double exponential_average_factor, double eps,
+         const std::string& eps_mode, const py::object& channel, int64_t layer, const std::string& layer_name) {
+        LayerSync sync{nullptr, layer, layer_name};
+        if (!channel.is_none()) {
+          if (!py::isinstance<BatchNormChannel>(channel)) {
+            throw py::type_error("channel must be the copy's BatchNormChannel, or None when alone");
+          }
+          sync.channel = channel.cast<std::shared_ptr<BatchNormChannel>>();
         }
         const EpsMode mode = parse_eps_mode(eps_mode);
         py::gil_scoped_release no_gil;  // kernels and the barrier wait run without the GIL
-        return sync_batch_norm_train(input, weight, bias, running_mean, running_var, exponential_average_factor,
-                                     eps, mode, exchange);
+        return sync_batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                                     exponential_average_factor, eps, mode, sync);
       },
       py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"),
-      py::arg("exponential_average_factor"), py::arg("eps"), py::arg("eps_mode"), py::arg("sync"),
-      py::arg("layer") = -1, py::arg("layer_name") = "",
-      "Training-mode BatchNorm of this replica's slice with statistics merged over every replica through `sync`, "
+      py::arg("num_batches_tracked"), py::arg("exponential_average_factor"), py::arg("eps"), py::arg("eps_mode"),
+      py::arg("channel"), py::arg("layer") = -1, py::arg("layer_name") = "",
+      "Training-mode BatchNorm of this replica's slice with statistics merged over every replica through `channel`, "
       "the copy's BatchNormChannel (with the layer's position and name, checked across copies), or None when "
-      "alone. running_mean and running_var, when given, are updated from the merged statistics.");
+      "alone. running_mean and running_var, when given, are updated from the merged statistics and "
+      "num_batches_tracked counts the batch; inside backward (a checkpointed block recomputed) a replicated layer "
+      "reuses the original call's statistics and writes nothing.");
 }
 
 }  // namespace syncbn::python

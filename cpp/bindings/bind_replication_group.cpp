@@ -7,10 +7,36 @@ namespace syncbn::python {
 
 namespace py = pybind11;
 
+namespace {
+
+// `with group.replica(copy_id):` marks the calling thread as running that copy (ReplicaScope).
+struct PyReplicaScope {
+  std::shared_ptr<ReplicationGroup> group;
+  int64_t copy_id;
+  std::unique_ptr<ReplicaScope> scope;
+};
+
+}  // namespace
+
 void bind_replication_group(py::module_& m) {
+  py::class_<PyReplicaScope>(m, "ReplicaScope",
+                             "While entered, the calling thread runs copy `copy_id` of its replication: once the "
+                             "replication is closed, every barrier pass the thread starts is refused.")
+      .def("__enter__",
+           [](PyReplicaScope& self) -> PyReplicaScope& {
+             if (self.scope) throw py::value_error("ReplicaScope is already entered");
+             self.scope = std::make_unique<ReplicaScope>(self.group, self.copy_id);
+             return self;
+           })
+      .def("__exit__", [](PyReplicaScope& self, const py::args&) {
+        self.scope.reset();
+        return false;
+      });
+
   py::class_<ReplicationGroup, std::shared_ptr<ReplicationGroup>>(
       m, "ReplicationGroup",
-      "What one replication shares: storage, and the barriers told when a copy's forward returns or fails.")
+      "What one replication shares: storage, the barriers told when a copy's forward returns or fails, and whether "
+      "the replication is alive.")
       .def_property_readonly("copies", &ReplicationGroup::copies)
       .def_property_readonly(
           "shared", [](ReplicationGroup& self) { return self.shared_context(); },
@@ -22,11 +48,23 @@ void bind_replication_group(py::module_& m) {
             py::gil_scoped_release no_gil;
             self.add_barrier(std::move(core));
           },
-          py::arg("barrier"), "A SyncMaster (or BatchNormSyncMaster) the replicas use: copy_finished/abort reach it.")
+          py::arg("barrier"),
+          "A SyncMaster (or BatchNormSyncMaster) the replicas use: copy_finished, abort and close reach it.")
       .def("copy_finished", &ReplicationGroup::copy_finished, py::arg("copy_id"),
            py::call_guard<py::gil_scoped_release>(), "Copy `copy_id`'s forward returned: it sends no more messages.")
       .def("abort", &ReplicationGroup::abort, py::arg("reason"), py::call_guard<py::gil_scoped_release>(),
-           "Wakes everyone waiting on the replication's barriers with BarrierAbortedError.");
+           "Wakes everyone waiting on the replication's barriers with BarrierAbortedError.")
+      .def("close", &ReplicationGroup::close, py::arg("reason"), py::call_guard<py::gil_scoped_release>(),
+           "Ends the replication for good: waiters wake, and every later barrier pass, statistics update or buffer "
+           "write of its replicas is refused with BarrierAbortedError.")
+      .def_property_readonly("closed", &ReplicationGroup::closed)
+      .def_property_readonly("close_reason", &ReplicationGroup::close_reason)
+      .def(
+          "replica",
+          [](const std::shared_ptr<ReplicationGroup>& self, int64_t copy_id) {
+            return PyReplicaScope{self, copy_id, nullptr};
+          },
+          py::arg("copy_id"), "A context manager: the calling thread runs copy `copy_id` of this replication.");
 }
 
 }  // namespace syncbn::python

@@ -12,6 +12,10 @@ using namespace pybind11::literals;
 
 namespace {
 
+std::string type_name(const py::handle& obj) {
+  return py::str(py::type::handle_of(obj).attr("__qualname__")).cast<std::string>();
+}
+
 // Python messages travel as an opaque payload; the core never looks inside.
 Message to_message(py::object obj) {
   Message message;
@@ -50,9 +54,23 @@ struct PySyncMaster {
         py::object returned = callback->object(intermediates);
         MessageList results;
         for (const py::handle item : py::iter(returned)) {
-          py::tuple pair = py::reinterpret_borrow<py::object>(item).cast<py::tuple>();
-          if (pair.size() != 2) throw py::value_error("the master callback must return (copy_id, result) pairs");
-          results.emplace_back(pair[0].cast<int64_t>(), to_message(pair[1]));
+          if (!py::isinstance<py::tuple>(item) && !py::isinstance<py::list>(item)) {
+            throw py::type_error("the master callback must return (copy_id, result) pairs, got an item of type " +
+                                 type_name(item));
+          }
+          py::sequence pair = py::reinterpret_borrow<py::sequence>(item);
+          if (pair.size() != 2) {
+            throw py::value_error("the master callback must return (copy_id, result) pairs, got an item of length " +
+                                  std::to_string(pair.size()));
+          }
+          py::object copy_id = pair[0];
+          // An int, not a bool or a float that happens to be whole: the ids the callback received.
+          if (!py::isinstance<py::int_>(copy_id) || py::isinstance<py::bool_>(copy_id)) {
+            throw py::type_error("the master callback must return (copy_id, result) pairs with the int copy ids it "
+                                 "received, got copy id " +
+                                 py::repr(copy_id).cast<std::string>() + " of type " + type_name(copy_id));
+          }
+          results.emplace_back(copy_id.cast<int64_t>(), to_message(pair[1]));
         }
         return results;
       } catch (py::error_already_set& error) {

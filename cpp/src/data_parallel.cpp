@@ -1,6 +1,10 @@
 #include <syncbn/data_parallel.h>
 
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
 #include <mutex>
+#include <sstream>
 #include <thread>
 
 #include <ATen/ThreadLocalState.h>
@@ -26,7 +30,8 @@ std::string where(int64_t copy_id, const std::optional<std::vector<torch::Device
 }
 
 // Rethrows `error` naming the replica: c10 errors keep their type, with context
-// added; others become a ReplicaError with the original nested.
+// added; barrier errors (which name their layer and copies) are rethrown as
+// they are; others become a ReplicaError with the original nested.
 [[noreturn]] void rethrow_from_replica(const std::exception_ptr& error, int64_t copy_id,
                                        const std::optional<std::vector<torch::Device>>& devices) {
   try {
@@ -34,6 +39,8 @@ std::string where(int64_t copy_id, const std::optional<std::vector<torch::Device
   } catch (c10::Error& e) {
     e.add_context("Raised " + where(copy_id, devices));
     throw;
+  } catch (const BarrierError&) {
+    throw;  // names its barrier, layer and copies already
   } catch (const std::exception& e) {
     std::throw_with_nested(ReplicaError(copy_id, "Caught " + std::string(e.what()) + " " + where(copy_id, devices)));
   }
@@ -49,38 +56,132 @@ bool caused_by_abort(const std::exception_ptr& error) {
   }
 }
 
-}  // namespace
+// What the caller and the replica threads share; outlives run_replicas when a
+// replica is left behind.
+struct ReplicaRun {
+  using Clock = std::chrono::steady_clock;
 
-void run_replicas(int64_t n, const std::function<void(int64_t)>& body,
-                  const std::function<void(const std::string&)>& on_failure,
-                  const std::optional<std::vector<torch::Device>>& devices) {
-  std::vector<std::exception_ptr> errors(n);
-  std::once_flag abort_once;
+  ReplicaRun(int64_t n, std::function<void(int64_t)> body, std::function<void(const std::string&)> on_failure,
+             std::optional<std::vector<torch::Device>> devices, std::shared_ptr<ReplicationGroup> group)
+      : body(std::move(body)),
+        on_failure(std::move(on_failure)),
+        devices(std::move(devices)),
+        group(std::move(group)),
+        errors(n),
+        done(n, false) {}
+
+  const std::function<void(int64_t)> body;
+  const std::function<void(const std::string&)> on_failure;
+  const std::optional<std::vector<torch::Device>> devices;
+  const std::shared_ptr<ReplicationGroup> group;
   const at::ThreadLocalState caller_state;  // grad mode, autocast, ...
-  auto run = [&](int64_t i) {
+
+  std::mutex mutex;
+  std::condition_variable changed;
+  std::vector<std::exception_ptr> errors;  // guarded by mutex
+  std::vector<bool> done;                  // guarded by mutex
+  int64_t finished = 0;                    // guarded by mutex
+  std::optional<Clock::time_point> first_failure, first_return;
+  bool failure_reported = false;  // guarded by mutex: on_failure runs once
+
+  void run(int64_t i) {
+    std::exception_ptr error;
     try {
       at::ThreadLocalStateGuard state_guard(caller_state);
+      std::optional<ReplicaScope> scope;
+      if (group) scope.emplace(group, i);
       c10::OptionalDeviceGuard device_guard;
       if (devices) device_guard.reset_device((*devices)[i]);
       body(i);
     } catch (...) {
-      errors[i] = std::current_exception();
-      std::call_once(abort_once, [&] {
-        std::string message = "<unknown>";
-        try {
-          std::rethrow_exception(errors[i]);
-        } catch (const std::exception& e) {
-          message = e.what();
-        } catch (...) {
-        }
-        on_failure(kAbortTag + std::to_string(i) + " raised: " + message.substr(0, message.find('\n')));
-      });
+      error = std::current_exception();
     }
-  };
+    bool report = false;
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      errors[i] = error;
+      done[i] = true;
+      ++finished;
+      if (error) {
+        if (!first_failure) first_failure = Clock::now();
+        report = !failure_reported;
+        failure_reported = true;
+      } else if (!first_return) {
+        first_return = Clock::now();
+      }
+    }
+    if (report) {
+      // Wake the others (they may wait for this copy in a barrier), and make sure none of them writes anything.
+      const std::string reason = kAbortTag + std::to_string(i) + " raised: " + first_line(error);
+      if (group) group->close(reason);
+      try {
+        on_failure(reason);
+      } catch (...) {  // a failing hook must not hide the replica's own error
+      }
+    }
+    changed.notify_all();
+  }
+
+  static std::string first_line(const std::exception_ptr& error) {
+    std::string message = "<unknown>";
+    try {
+      std::rethrow_exception(error);
+    } catch (const std::exception& e) {
+      message = e.what();
+    } catch (...) {
+    }
+    return message.substr(0, message.find('\n'));
+  }
+};
+
+}  // namespace
+
+void run_replicas(int64_t n, std::function<void(int64_t)> body, std::function<void(const std::string&)> on_failure,
+                  const std::optional<std::vector<torch::Device>>& devices, std::shared_ptr<ReplicationGroup> group) {
+  const double timeout = default_timeout_seconds();
+  auto state = std::make_shared<ReplicaRun>(n, std::move(body), std::move(on_failure), devices, group);
   std::vector<std::thread> threads;
   threads.reserve(n);
-  for (int64_t i = 0; i < n; ++i) threads.emplace_back(run, i);
-  for (auto& thread : threads) thread.join();
+  for (int64_t i = 0; i < n; ++i) threads.emplace_back([state, i] { state->run(i); });
+
+  // Wait for every replica, but no longer than a grace period after a failure, or the timeout after a return.
+  std::unique_lock<std::mutex> lock(state->mutex);
+  auto seconds = [](double s) {
+    return std::chrono::duration_cast<ReplicaRun::Clock::duration>(std::chrono::duration<double>(s));
+  };
+  bool gave_up = false;
+  while (state->finished < n && !gave_up) {
+    if (state->first_failure) {
+      gave_up = !state->changed.wait_until(lock, *state->first_failure + seconds(kFailureGraceSeconds),
+                                           [&] { return state->finished == n; });
+    } else if (state->first_return && timeout <= 1e9) {
+      gave_up = !state->changed.wait_until(lock, *state->first_return + seconds(timeout), [&] {
+        return state->finished == n || state->first_failure.has_value();
+      });
+    } else {
+      state->changed.wait(lock);
+    }
+  }
+  std::vector<int64_t> missing;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!state->done[i]) missing.push_back(i);
+  }
+  const std::vector<std::exception_ptr> errors = state->errors;
+  lock.unlock();
+
+  std::string missing_text;
+  for (size_t k = 0; k < missing.size(); ++k) missing_text += (k ? ", " : "") + std::to_string(missing[k]);
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::find(missing.begin(), missing.end(), i) == missing.end()) {
+      threads[i].join();
+    } else {
+      threads[i].detach();  // owns `state`: the replica can finish (or fail) later, writing nothing
+    }
+  }
+  if (!missing.empty() && group) {
+    group->close(std::string("syncbn::parallel_apply gave up on replica(s) [") + missing_text +
+                 "], which did not return in time");
+  }
 
   int64_t first = -1;
   for (int64_t i = 0; i < n && first < 0; ++i) {
@@ -90,6 +191,13 @@ void run_replicas(int64_t n, const std::function<void(int64_t)>& body,
     if (errors[i]) first = i;
   }
   if (first >= 0) rethrow_from_replica(errors[first], first, devices);
+  if (!missing.empty()) {
+    std::ostringstream out;
+    out << "syncbn::parallel_apply: replica(s) [" << missing_text << "] did not return within " << timeout
+        << " s of the first replica's return; they were left running, detached, and their replication was closed so "
+           "that they can write nothing (raise SYNCBN_TIMEOUT, in seconds, to wait longer)";
+    throw BarrierTimeoutError(out.str());
+  }
 }
 
 void notify_replica_failure(const std::vector<std::shared_ptr<torch::nn::Module>>& replicas,

@@ -11,16 +11,14 @@ void BatchNormSyncState::on_replicate(CallbackContext& context, int64_t copy_id)
 }
 
 void BatchNormSyncState::abort(const std::string& reason) const {
-  if (channel_) channel_->master()->abort(reason);
+  if (channel_) channel_->close(reason);
 }
 
 void BatchNormSyncState::finish() const {
   if (channel_) channel_->finish();
 }
 
-StatisticsExchange BatchNormSyncState::exchange() const {
-  return channel_ ? channel_->exchange_for(position_, name_) : local_exchange();
-}
+LayerSync BatchNormSyncState::layer_sync() const { return LayerSync{channel_, position_, name_}; }
 
 torch::Tensor sync_batch_norm_module_forward(const torch::Tensor& input, const torch::nn::BatchNormOptions& options,
                                              const torch::Tensor& weight, const torch::Tensor& bias,
@@ -35,15 +33,11 @@ torch::Tensor sync_batch_norm_module_forward(const torch::Tensor& input, const t
   const bool count_batch = update_running_stats && num_batches_tracked.defined();
   if (count_batch && !options.momentum().has_value()) factor = 1.0 / (num_batches_tracked.item<double>() + 1);
   auto optional = [](const torch::Tensor& t) { return t.defined() ? std::optional<torch::Tensor>(t) : std::nullopt; };
-  torch::Tensor output = sync_batch_norm_train(input, optional(weight), optional(bias),
-                                               update_running_stats ? optional(running_mean) : std::nullopt,
-                                               update_running_stats ? optional(running_var) : std::nullopt, factor,
-                                               options.eps(), EpsMode::Plus, state.exchange());
-  if (count_batch) {
-    torch::NoGradGuard no_grad;
-    num_batches_tracked.add_(1);
-  }
-  return output;
+  return sync_batch_norm_train(input, optional(weight), optional(bias),
+                               update_running_stats ? optional(running_mean) : std::nullopt,
+                               update_running_stats ? optional(running_var) : std::nullopt,
+                               count_batch ? optional(num_batches_tracked) : std::nullopt, factor, options.eps(),
+                               EpsMode::Plus, state.layer_sync());
 }
 
 void check_batch_norm_input_dim(const torch::Tensor& input, size_t D) {

@@ -97,8 +97,11 @@ struct ReduceAddToOriginal : torch::autograd::Node {
 };
 
 // Walks the original and its clones together (same structure, as clones are).
+// Replica 0's buffers share the original's storage, or, given `isolated`, stay
+// copies whose pairs with the original's are listed there.
 void link_clones(const std::shared_ptr<torch::nn::Module>& original,
-                 const std::vector<std::shared_ptr<torch::nn::Module>>& clones) {
+                 const std::vector<std::shared_ptr<torch::nn::Module>>& clones,
+                 std::vector<std::pair<at::Tensor, at::Tensor>>* isolated) {
   for (const auto& item : original->named_parameters(/*recurse=*/false)) {
     const at::Tensor& parameter = item.value();
     if (!parameter.defined() || !parameter.requires_grad()) continue;
@@ -118,8 +121,12 @@ void link_clones(const std::shared_ptr<torch::nn::Module>& original,
           target->device() != item.value().device()) {
         continue;
       }
-      // Replica 0's buffer object now views the original's storage.
-      target->set_(item.value());
+      if (isolated != nullptr) {
+        isolated->emplace_back(item.value(), *target);
+      } else {
+        // Replica 0's buffer object now views the original's storage.
+        target->set_(item.value());
+      }
     }
   }
   for (const auto& child : original->named_children()) {
@@ -130,7 +137,7 @@ void link_clones(const std::shared_ptr<torch::nn::Module>& original,
       TORCH_CHECK(twin != nullptr, "a clone has no submodule '", child.key(), "'; clone() must copy the structure");
       child_clones.push_back(*twin);
     }
-    link_clones(child.value(), child_clones);
+    link_clones(child.value(), child_clones, isolated);
   }
 }
 
@@ -139,8 +146,35 @@ void link_clones(const std::shared_ptr<torch::nn::Module>& original,
 std::vector<std::shared_ptr<CallbackContext>> complete_replication(
     const std::shared_ptr<torch::nn::Module>& original, const std::vector<std::shared_ptr<torch::nn::Module>>& clones) {
   TORCH_CHECK_VALUE(!clones.empty(), "complete_replication needs at least one clone");
-  link_clones(original, clones);
+  link_clones(original, clones, nullptr);
   return execute_replication_callbacks(clones);
+}
+
+IsolatedReplication::IsolatedReplication(const std::shared_ptr<torch::nn::Module>& original,
+                                         const std::vector<std::shared_ptr<torch::nn::Module>>& clones) {
+  TORCH_CHECK_VALUE(!clones.empty(), "IsolatedReplication needs at least one clone");
+  std::vector<std::pair<at::Tensor, at::Tensor>> pairs;
+  link_clones(original, clones, &pairs);
+  for (auto& [source, copy] : pairs) links_.push_back({source, copy, copy._version()});
+  contexts_ = execute_replication_callbacks(clones);
+}
+
+std::shared_ptr<ReplicationGroup> IsolatedReplication::group() const {
+  return contexts_.empty() ? nullptr : contexts_.front()->group();
+}
+
+void IsolatedReplication::write_back() const {
+  auto write = [this] {
+    torch::NoGradGuard no_grad;
+    for (const auto& link : links_) {
+      if (link.replica._version() != link.version) link.original.copy_(link.replica);
+    }
+  };
+  if (auto replication = group()) {
+    replication->commit(write);
+  } else {
+    write();
+  }
 }
 
 }  // namespace syncbn

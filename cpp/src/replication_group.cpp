@@ -2,11 +2,21 @@
 
 #include <algorithm>
 
+#include <syncbn/errors.h>
+
 namespace syncbn {
 
 void ReplicationGroup::add_barrier(std::shared_ptr<SyncMaster> barrier) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (std::find(barriers_.begin(), barriers_.end(), barrier) == barriers_.end()) barriers_.push_back(std::move(barrier));
+  bool already_closed = false;
+  std::string reason;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (std::find(barriers_.begin(), barriers_.end(), barrier) == barriers_.end()) barriers_.push_back(barrier);
+    reason = reason_;
+    already_closed = !reason.empty();
+  }
+  // A barrier joining a dead replication is dead too.
+  if (already_closed) barrier->close(reason);
 }
 
 std::vector<std::shared_ptr<SyncMaster>> ReplicationGroup::barriers() const {
@@ -21,5 +31,62 @@ void ReplicationGroup::copy_finished(int64_t copy_id) const {
 void ReplicationGroup::abort(const std::string& reason) const {
   for (const auto& barrier : barriers()) barrier->abort(reason);
 }
+
+void ReplicationGroup::close(const std::string& reason) {
+  const std::string stated = reason.empty() ? std::string("the replication was closed") : reason;
+  {
+    std::lock_guard<std::mutex> commit_lock(commit_mutex_);  // waits for a write in progress
+    if (closed_) return;
+    closed_ = true;
+    std::lock_guard<std::mutex> lock(mutex_);
+    reason_ = stated;
+  }
+  for (const auto& barrier : barriers()) barrier->close(stated);
+}
+
+bool ReplicationGroup::closed() const {
+  std::lock_guard<std::mutex> lock(commit_mutex_);
+  return closed_;
+}
+
+std::string ReplicationGroup::close_reason() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return reason_;
+}
+
+void ReplicationGroup::throw_closed(const std::string& what) const {
+  throw BarrierAbortedError("refused " + what + ": its replication was closed (" + close_reason() +
+                            "); a replica that outlives its forward can write nothing");
+}
+
+void ReplicationGroup::commit(const std::function<void()>& write) const {
+  std::unique_lock<std::mutex> lock(commit_mutex_);
+  if (closed_) {
+    lock.unlock();
+    throw_closed("a write to the model");
+  }
+  write();
+}
+
+void ReplicationGroup::check_alive(const std::string& what) const {
+  if (closed()) throw_closed(what);
+}
+
+namespace {
+thread_local ReplicaScope* innermost_scope = nullptr;
+}  // namespace
+
+ReplicaScope::ReplicaScope(std::shared_ptr<ReplicationGroup> group, int64_t copy_id)
+    : group_(std::move(group)), copy_id_(copy_id), outer_(innermost_scope) {
+  innermost_scope = this;
+}
+
+ReplicaScope::~ReplicaScope() { innermost_scope = outer_; }
+
+ReplicationGroup* ReplicaScope::current_group() {
+  return innermost_scope != nullptr ? innermost_scope->group_.get() : nullptr;
+}
+
+int64_t ReplicaScope::current_copy_id() { return innermost_scope != nullptr ? innermost_scope->copy_id_ : -1; }
 
 }  // namespace syncbn

@@ -9,8 +9,11 @@
 #include <map>
 #include <mutex>
 #include <sstream>
+#include <thread>
 
 #include <c10/util/Exception.h>
+
+#include <syncbn/replication_group.h>
 
 namespace syncbn {
 
@@ -43,7 +46,11 @@ struct BarrierState {
   std::string label;
 
   int64_t generation = 0;
+  std::string generation_cause;  // what started the current generation, for the superseded error
   bool activated = false;  // a pass has started in this generation
+  bool closed = false;     // close(): every pass of this generation fails
+  std::string closed_reason;
+  std::thread::id callback_thread;  // the thread running the master callback, while it runs
   std::map<int64_t, std::shared_ptr<SlaveSlot>> slots;  // by copy id, so ascending
   int64_t master_entered = 0;  // passes the master has entered
   bool master_waiting = false;
@@ -80,9 +87,12 @@ struct BarrierState {
 
   // Forgets the slaves and the pass history; whoever waits on the old generation
   // wakes and throws. The old slots go to `old_slots`, to be destroyed unlocked.
-  void start_generation(std::map<int64_t, std::shared_ptr<SlaveSlot>>& old_slots) {
+  void start_generation(std::map<int64_t, std::shared_ptr<SlaveSlot>>& old_slots, std::string cause) {
     ++generation;
+    generation_cause = std::move(cause);
     activated = false;
+    closed = false;
+    closed_reason.clear();
     old_slots.swap(slots);
     master_entered = 0;
     master_finished = false;
@@ -116,9 +126,21 @@ struct BarrierState {
 
   [[noreturn]] void throw_superseded(int64_t copy_id) const {
     std::ostringstream out;
-    out << describe() << ": copy " << copy_id
-        << " was waiting on a replication that has been replaced by a new one (a slave registered after a pass ran)";
+    out << describe() << ": copy " << copy_id << " was waiting on a replication that has been replaced by a new one ("
+        << generation_cause << ")";
     throw BarrierAbortedError(out.str());
+  }
+
+  [[noreturn]] void throw_closed() const {
+    throw BarrierAbortedError(describe() + " was closed: " + closed_reason);
+  }
+
+  // A barrier method that must not run inside the master callback (which runs in
+  // the middle of a pass, inside run_master): says what the user did instead of
+  // a confusing error about threads or generations.
+  void check_not_in_callback(const char* what, const char* instead) const {
+    TORCH_CHECK(callback_thread != std::this_thread::get_id(), describe(), ": ", what,
+                " was called from inside the master callback, in the middle of a pass; ", instead);
   }
 
   // The timeout error for `pass`, naming where the waiting copy is and the copies that never arrived.
@@ -163,6 +185,11 @@ struct BarrierState {
 };
 
 namespace {
+
+// A replica thread whose replication was closed (the caller gave up on it) starts no pass, on any barrier.
+void check_replication_alive(const BarrierState& s) {
+  if (ReplicationGroup* group = ReplicaScope::current_group()) group->check_alive("a pass of the " + s.describe());
+}
 
 void check_timeout(double seconds) {
   TORCH_CHECK_VALUE(seconds > 0,  // false for NaN; infinity means no timeout
@@ -253,8 +280,14 @@ std::shared_ptr<SlavePipe> SyncMaster::register_slave(int64_t copy_id) {
   std::map<int64_t, std::shared_ptr<detail::SlaveSlot>> old_slots;  // destroyed after the lock
   std::lock_guard<std::mutex> lock(state_->mutex);
   detail::BarrierState& s = *state_;
+  s.check_not_in_callback("register_slave()",
+                          "register the slaves in their replication hook (__data_parallel_replicate__)");
   // A pass since the last registration, or a copy registering again: a new replication.
-  if (s.activated || s.slots.count(copy_id) != 0) s.start_generation(old_slots);
+  if (s.activated) {
+    s.start_generation(old_slots, "copy " + std::to_string(copy_id) + " registered after a pass had run");
+  } else if (s.slots.count(copy_id) != 0) {
+    s.start_generation(old_slots, "copy " + std::to_string(copy_id) + " registered again");
+  }
   s.slots.emplace(copy_id, std::make_shared<detail::SlaveSlot>(copy_id));
   return std::make_shared<SlavePipe>(state_, copy_id, s.generation);
 }
@@ -262,14 +295,19 @@ std::shared_ptr<SlavePipe> SyncMaster::register_slave(int64_t copy_id) {
 void SyncMaster::reset() {
   std::map<int64_t, std::shared_ptr<detail::SlaveSlot>> old_slots;  // destroyed after the lock
   std::lock_guard<std::mutex> lock(state_->mutex);
-  state_->start_generation(old_slots);
+  state_->check_not_in_callback(
+      "reset()", "reset() starts a new replication: call it in the master's replication hook (__data_parallel_replicate__)");
+  state_->start_generation(old_slots, "reset() was called");
 }
 
 Message SyncMaster::run_master(Message message) {
   detail::BarrierState& s = *state_;
   std::vector<Message> graveyard;  // destroyed after the lock
+  detail::check_replication_alive(s);
   std::unique_lock<std::mutex> lock(s.mutex);
+  s.check_not_in_callback("run_master()", "the callback must return its results, not start another pass");
   TORCH_CHECK(!s.master_busy, s.describe(), ": run_master is already running in another thread");
+  if (s.closed) s.throw_closed();
   detail::FlagGuard busy(s.master_busy);
   s.activated = true;
   const int64_t generation = s.generation;
@@ -281,6 +319,7 @@ Message SyncMaster::run_master(Message message) {
     const auto until = s.deadline();
     while (true) {
       if (s.generation != generation) s.throw_superseded(0);
+      if (s.closed) s.throw_closed();
       if (pass <= s.failed_through) std::rethrow_exception(s.failure);
       if (s.all_slaves_sent(pass)) break;
       if (const detail::SlaveSlot* done = s.finished_slave_before(pass)) {
@@ -306,17 +345,21 @@ Message SyncMaster::run_master(Message message) {
   const std::string where = s.describe();
 
   // The callback runs unlocked: it may be slow, call into Python, or abort().
+  s.callback_thread = std::this_thread::get_id();
   lock.unlock();
   MessageList results;
   try {
     results = detail::order_results(s.callback(std::move(messages)), slave_ids, where);
   } catch (...) {
     lock.lock();
+    s.callback_thread = std::thread::id();
     if (s.generation == generation && pass > s.failed_through) s.fail_pass(pass, std::current_exception(), graveyard);
     throw;
   }
   lock.lock();
+  s.callback_thread = std::thread::id();
   if (s.generation != generation) s.throw_superseded(0);
+  if (s.closed) s.throw_closed();
   if (pass <= s.failed_through) std::rethrow_exception(s.failure);  // aborted or timed out meanwhile
 
   for (size_t i = 1; i < results.size(); ++i) {
@@ -338,6 +381,22 @@ void SyncMaster::abort(const std::string& reason) {
   detail::BarrierState& s = *state_;
   s.fail_pass(s.resolved_through + 1,
               std::make_exception_ptr(BarrierAbortedError(s.describe() + " was aborted: " + reason)), graveyard);
+}
+
+void SyncMaster::close(const std::string& reason) {
+  std::vector<Message> graveyard;
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  detail::BarrierState& s = *state_;
+  if (s.closed) return;
+  s.closed = true;
+  s.closed_reason = reason;
+  s.fail_pass(s.resolved_through + 1, std::make_exception_ptr(BarrierAbortedError(s.describe() + " was closed: " + reason)),
+              graveyard);
+}
+
+bool SyncMaster::closed() const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->closed;
 }
 
 void SyncMaster::finish(int64_t copy_id) {
@@ -396,6 +455,7 @@ Message SlavePipe::run_slave(Message message) {
   detail::BarrierState& s = *state_;
   std::vector<Message> graveyard;               // destroyed after the lock
   std::shared_ptr<detail::SlaveSlot> slot;      // may outlive its generation: release after the lock too
+  detail::check_replication_alive(s);
   std::unique_lock<std::mutex> lock(s.mutex);
   if (s.generation != generation_) {
     std::ostringstream out;
@@ -405,6 +465,7 @@ Message SlavePipe::run_slave(Message message) {
   }
   slot = s.slots.at(copy_id_);
   TORCH_CHECK(!slot->waiting, s.describe(), ": copy ", copy_id_, " is already inside run_slave in another thread");
+  if (s.closed) s.throw_closed();
   detail::FlagGuard waiting(slot->waiting);
   s.activated = true;
   const int64_t pass = ++slot->entered;
@@ -420,6 +481,7 @@ Message SlavePipe::run_slave(Message message) {
   while (true) {
     if (s.generation != generation_) s.throw_superseded(copy_id_);
     if (slot->result_pass == pass) break;
+    if (s.closed) s.throw_closed();
     if (pass <= s.failed_through) std::rethrow_exception(s.failure);
     if (s.master_finished && s.master_entered < pass) {
       s.fail_pass(pass, s.mismatch_error(0, s.master_entered, copy_id_, pass, slot->label), graveyard);

@@ -13,9 +13,7 @@ import importlib.metadata
 import os
 
 from ._loader import LoadInfo, StaleBuildLockError
-from ._loader import load as _load
-
-_C, load_info = _load()
+from ._native import _C, load_info
 
 CallbackContext = _C.CallbackContext
 execute_replication_callbacks = _C.execute_replication_callbacks
@@ -27,7 +25,8 @@ BarrierTimeoutError = _C.BarrierTimeoutError
 BarrierAbortedError = _C.BarrierAbortedError
 default_timeout_seconds = _C.default_timeout_seconds
 
-from .parallel import DataParallelWithCallback, patch, patch_replication_callback, replicate_on_cpu  # noqa: E402
+from .data_parallel import DataParallelWithCallback, patch, patch_replication_callback  # noqa: E402
+from .replicate import replicate_on_cpu  # noqa: E402
 
 
 def _find_version() -> str:
@@ -74,6 +73,7 @@ __all__ = [
 
 from .convert import convert_model, patch_sync_batchnorm, revert_model  # noqa: E402
 from .nn import (  # noqa: E402
+    SyncBatchNorm,
     SynchronizedBatchNorm1d,
     SynchronizedBatchNorm2d,
     SynchronizedBatchNorm3d,
@@ -82,6 +82,7 @@ from .nn import (  # noqa: E402
 )
 
 __all__ += [
+    "SyncBatchNorm",
     "SynchronizedBatchNorm1d",
     "SynchronizedBatchNorm2d",
     "SynchronizedBatchNorm3d",

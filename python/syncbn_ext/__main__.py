@@ -222,16 +222,31 @@ def run_demo(replicas: int, steps: int, batch_per_replica: int, seed: int) -> li
     return runs
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (argparse turns the ValueError into a usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m syncbn_ext", description=__doc__)
-    parser.add_argument("--replicas", type=int, default=4, help="CPU replicas (default 4)")
-    parser.add_argument("--passes", type=int, default=2000, help="barrier passes in the self-check (default 2000)")
+    parser.add_argument("--replicas", type=positive_int, default=4, help="CPU replicas (default 4)")
+    parser.add_argument(
+        "--passes", type=positive_int, default=2000, help="barrier passes in the self-check (default 2000)"
+    )
     commands = parser.add_subparsers(dest="command")
     demo = commands.add_parser("demo", help="train a small conv net three ways and compare them")
-    demo.add_argument("--replicas", type=int, default=4, help="CPU replicas when there are no GPUs (default 4)")
-    demo.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
-    demo.add_argument("--batch-per-replica", type=int, default=4, help="images per replica (default 4)")
+    demo.add_argument(
+        "--replicas", type=positive_int, default=4, help="CPU replicas when there are no GPUs (default 4)"
+    )
+    demo.add_argument("--steps", type=positive_int, default=40, help="training steps (default 40)")
+    demo.add_argument("--batch-per-replica", type=positive_int, default=4, help="images per replica (default 4)")
     demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

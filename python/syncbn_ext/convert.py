@@ -1,7 +1,10 @@
 """Turning the BatchNorm layers of an existing model into synchronized ones, and back.
 
-* :func:`convert_model`: every ``nn.BatchNorm1d/2d/3d`` becomes the matching :mod:`syncbn_ext.nn` layer, and an
-  ``nn.DataParallel`` a :class:`syncbn_ext.DataParallelWithCallback`.
+* :func:`convert_model`: every ``nn.BatchNorm1d/2d/3d`` becomes the matching :mod:`syncbn_ext.nn` layer (and
+  ``torch.nn.SyncBatchNorm`` a :class:`syncbn_ext.SyncBatchNorm`), and an ``nn.DataParallel`` a
+  :class:`syncbn_ext.DataParallelWithCallback`.
+* :func:`convert_to_sync_batch_norm` (``SyncBatchNorm.convert_sync_batchnorm``): every BatchNorm layer becomes a
+  :class:`syncbn_ext.SyncBatchNorm`.
 * :func:`revert_model`: the synchronized layers become ``nn.BatchNorm1d/2d/3d`` again.
 * :func:`patch_sync_batchnorm`: while open, ``nn.BatchNorm1d/2d/3d`` *are* the synchronized classes, for code that
   builds its model from ``nn.BatchNorm2d`` itself (e.g. a model zoo's constructor).
@@ -20,11 +23,32 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from torch.nn.modules.batchnorm import SyncBatchNorm as TorchSyncBatchNorm
 
-from .nn import _SYNC_STATE_DEFAULTS, _SYNC_TO_TORCH, _TORCH_TO_SYNC
-from .parallel import DataParallelWithCallback, patch
+from .data_parallel import DataParallelWithCallback, patch
+from .nn import (
+    _SYNC_STATE_DEFAULTS,
+    _SYNC_TO_TORCH,
+    _TORCH_TO_SYNC,
+    SyncBatchNorm,
+    SynchronizedBatchNorm1d,
+    SynchronizedBatchNorm2d,
+    SynchronizedBatchNorm3d,
+)
 
-__all__ = ["convert_model", "patch_sync_batchnorm", "revert_model"]
+__all__ = ["convert_model", "convert_to_sync_batch_norm", "patch_sync_batchnorm", "revert_model"]
+
+# The layers SyncBatchNorm.convert_sync_batchnorm converts (exact classes, captured at import).
+_TO_SYNC_BATCH_NORM = (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    TorchSyncBatchNorm,
+    SynchronizedBatchNorm1d,
+    SynchronizedBatchNorm2d,
+    SynchronizedBatchNorm3d,
+)
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -59,6 +83,18 @@ def _to_synchronized(module: nn.Module) -> nn.Module:
     new = _transplant(module, target)
     new._init_sync_state()
     return new
+
+
+def _to_sync_batch_norm(process_group: Any) -> Any:
+    def convert_layer(module: nn.Module) -> nn.Module:
+        if type(module) not in _TO_SYNC_BATCH_NORM:
+            return module
+        new = _transplant(module, SyncBatchNorm)
+        new._init_sync_state()
+        new.process_group = process_group
+        return new
+
+    return convert_layer
 
 
 def _to_torch(module: nn.Module) -> nn.Module:
@@ -100,10 +136,12 @@ def convert_model(module: M) -> nn.Module:
     """Replaces the BatchNorm layers of ``module`` by synchronized ones, recursively; returns the converted model.
 
     * Every ``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` / ``nn.BatchNorm3d`` (those exact classes: not their
-      subclasses, ``nn.SyncBatchNorm``, lazy BatchNorms or layers already synchronized) becomes a
+      subclasses, lazy BatchNorms or layers already synchronized) becomes a
       :class:`~syncbn_ext.SynchronizedBatchNorm1d` / ``2d`` / ``3d`` with the same parameters and buffers (the same
       tensor objects, ``num_batches_tracked`` included), options (``eps``, ``momentum`` including ``None``,
-      ``affine``, bias presence, ``track_running_stats``), training flag, device, dtype and hooks.
+      ``affine``, bias presence, ``track_running_stats``), training flag, device, dtype and hooks; a
+      ``torch.nn.SyncBatchNorm`` (which would normalize each replica on its own) becomes a
+      :class:`~syncbn_ext.SyncBatchNorm` (any input dimensionality) with its state and ``process_group``.
     * An ``nn.DataParallel`` becomes a :class:`~syncbn_ext.DataParallelWithCallback` with the same ``device_ids``,
       ``output_device`` and ``dim`` around the converted module; a subclass of ``nn.DataParallel`` is kept and
       given the replication callbacks with :func:`syncbn_ext.patch`; a ``DataParallelWithCallback`` stays.
@@ -123,6 +161,19 @@ def convert_model(module: M) -> nn.Module:
         >>> dp = syncbn_ext.DataParallelWithCallback(model, device_ids=["cpu"] * 4)  # doctest: +SKIP
     """
     return _convert(module, _to_synchronized, True, {})
+
+
+def convert_to_sync_batch_norm(module: M, process_group: Any = None) -> nn.Module:
+    """Every BatchNorm layer of ``module`` becomes a :class:`~syncbn_ext.SyncBatchNorm`, recursively, in place.
+
+    ``nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and the ``SynchronizedBatchNormNd`` layers (those exact
+    classes) take the same parameters and buffers (the same tensors), options, training flag and hooks, and
+    ``process_group``; wrappers are left as they are. ``syncbn_ext.SyncBatchNorm.convert_sync_batchnorm``.
+
+    Returns:
+        The converted model (the root itself is replaced when it is such a layer).
+    """
+    return _convert(module, _to_sync_batch_norm(process_group), False, {})
 
 
 def revert_model(module: M) -> nn.Module:

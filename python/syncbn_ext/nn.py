@@ -23,23 +23,31 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import BatchNorm1d as _TorchBatchNorm1d
 from torch.nn.modules.batchnorm import BatchNorm2d as _TorchBatchNorm2d
 from torch.nn.modules.batchnorm import BatchNorm3d as _TorchBatchNorm3d
+from torch.nn.modules.batchnorm import SyncBatchNorm as _TorchSyncBatchNorm
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _C  # the package loads _C before it imports this module
+from ._native import _C
 
 __all__ = [
+    "SyncBatchNorm",
     "SynchronizedBatchNorm1d",
     "SynchronizedBatchNorm2d",
     "SynchronizedBatchNorm3d",
     "get_sbn_eps_mode",
     "set_sbn_eps_mode",
 ]
+
+# torch.compile runs the synchronized forward (C++, with a barrier) eagerly, between compiled graphs: an expected
+# graph break, not worth Dynamo's warning about an unknown C++ function.
+warnings.filterwarnings("ignore", message=r"Dynamo does not know how to trace the builtin `syncbn_ext\._C")
 
 _EPS_MODES = ("plus", "clamp")
 _eps_mode = "plus"
@@ -143,12 +151,27 @@ class _SynchronizedBatchNorm(_BatchNorm):
 
     # ---- forward ------------------------------------------------------------------------------------------
 
+    # ---- scripting --------------------------------------------------------------------------------------
+
+    def __prepare_scriptable__(self) -> _SynchronizedBatchNorm:
+        raise RuntimeError(
+            f"torch.jit.script does not support {type(self).__name__} (its synchronization is Python and C++ "
+            "that TorchScript cannot compile). For deployment, script a plain copy: "
+            "torch.jit.script(syncbn_ext.revert_model(copy.deepcopy(model))) (nn.BatchNorm layers: the same "
+            "results as long as the model is not replicated and the eps mode is 'plus'), or use torch.jit.trace / "
+            "torch.export in eval mode"
+        )
+
+    # ---- forward ------------------------------------------------------------------------------------------
+
     def forward(self, input: Tensor) -> Tensor:
         """BatchNorm of ``input``, with the batch statistics merged over every replica when replicated.
 
         Follows ``nn.BatchNorm.forward``: batch statistics are used in training mode and in eval mode when
         the running statistics are ``None``; the running statistics (and ``num_batches_tracked``) are updated
-        in training mode when ``track_running_stats`` is set, by copy 0 (which holds the original's buffers).
+        in training mode when ``track_running_stats`` is set, by copy 0 (which holds the buffers), once the merged
+        statistics arrived. Inside backward (``torch.utils.checkpoint(..., use_reentrant=False)`` recomputing a
+        block), a replica reuses its original call's statistics and updates nothing.
         """
         copy_id = self.__dict__.get("_copy_id")
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
@@ -158,6 +181,15 @@ class _SynchronizedBatchNorm(_BatchNorm):
             return super().forward(input)
 
         self._check_input_dim(input)
+        if self.eps <= 0.0:  # F.batch_norm's check, which this path does not go through
+            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+            raise RuntimeError(
+                f"{type(self).__name__} cannot be traced or exported while it normalizes with batch statistics "
+                f"{'across replicas' if copy_id is not None else 'in the clamp eps mode'}: its synchronized "
+                "forward is opaque C++ to the tracer. Trace or export in eval mode (running statistics: "
+                "nn.BatchNorm's forward), use set_sbn_eps_mode('plus') for a lone module, or revert_model() a copy"
+            )
         holds_buffers = copy_id is None or copy_id == 0
         update_running_stats = self.training and self.track_running_stats and holds_buffers
 
@@ -170,12 +202,13 @@ class _SynchronizedBatchNorm(_BatchNorm):
             exponential_average_factor = 1.0 / float(self.num_batches_tracked + 1)
 
         layer, layer_name = self._layer
-        output = _C.sync_batch_norm_train(
+        return _C.sync_batch_norm_train(
             input,
             self.weight,
             self.bias,
             self.running_mean if update_running_stats else None,
             self.running_var if update_running_stats else None,
+            self.num_batches_tracked if count_batch else None,
             exponential_average_factor,
             self.eps,
             eps_mode,
@@ -183,9 +216,6 @@ class _SynchronizedBatchNorm(_BatchNorm):
             layer,
             layer_name,
         )
-        if count_batch:
-            self.num_batches_tracked.add_(1)
-        return output
 
 
 class SynchronizedBatchNorm1d(_SynchronizedBatchNorm):
@@ -251,11 +281,70 @@ class SynchronizedBatchNorm3d(_SynchronizedBatchNorm):
     _check_input_dim = _TorchBatchNorm3d._check_input_dim
 
 
+class SyncBatchNorm(_SynchronizedBatchNorm):
+    r"""A drop-in for ``torch.nn.SyncBatchNorm``: batch statistics over every replica, any input of 2+ dims.
+
+    Same arguments, checks, ``repr`` and ``state_dict`` as :class:`torch.nn.SyncBatchNorm`, on CPU as on GPUs.
+    Under :class:`syncbn_ext.DataParallelWithCallback` the mean and variance of each channel are those of the whole
+    batch (all replicas' slices); alone, or with running statistics, it is ``nn.BatchNorm``.
+
+    Args:
+        num_features: the number of channels ``C`` of an ``(N, C, *)`` input.
+        eps: added to the variance (or its lower bound, see :func:`set_sbn_eps_mode`). Default: 1e-5.
+        momentum: the running statistics' update factor; ``None`` for a cumulative average. Default: 0.1.
+        affine: learnable ``weight`` and ``bias``. Default: ``True``.
+        track_running_stats: keep ``running_mean`` / ``running_var`` (used in eval mode). Default: ``True``.
+        process_group: the ``torch.distributed`` group to synchronize across; ``None`` (the default) is the
+            default group when ``torch.distributed`` is initialized.
+        device: device of the parameters and buffers.
+        dtype: dtype of the parameters and buffers.
+        bias: with ``affine``, whether to learn ``bias``. Default: ``True``.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.process_group = process_group
+
+    _check_input_dim = _TorchSyncBatchNorm._check_input_dim
+
+    def forward(self, input: Tensor) -> Tensor:
+        """See :meth:`SynchronizedBatchNorm2d.forward`; ``nn.SyncBatchNorm``'s checks, in its order."""
+        self._check_input_dim(input)
+        _TorchSyncBatchNorm._check_non_zero_input_channels(self, input)
+        return super().forward(input)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: Any, process_group: Any = None) -> Any:
+        """Converts every BatchNorm layer of ``module`` into a :class:`SyncBatchNorm`, keeping its state.
+
+        ``nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and the ``SynchronizedBatchNormNd`` layers become
+        :class:`SyncBatchNorm` layers with the same parameters and buffers (the same tensors), options, training
+        flag and hooks, in place (as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``); returns the converted
+        module (the root itself is replaced when it is such a layer).
+        """
+        from .convert import convert_to_sync_batch_norm
+
+        return convert_to_sync_batch_norm(module, process_group)
+
+
 # The torch classes and their synchronized counterparts (for convert.py), captured at import so that a patch of
 # torch.nn (patch_sync_batchnorm) does not change them.
 _TORCH_TO_SYNC: dict[type[_BatchNorm], type[_SynchronizedBatchNorm]] = {
     _TorchBatchNorm1d: SynchronizedBatchNorm1d,
     _TorchBatchNorm2d: SynchronizedBatchNorm2d,
     _TorchBatchNorm3d: SynchronizedBatchNorm3d,
+    _TorchSyncBatchNorm: SyncBatchNorm,
 }
 _SYNC_TO_TORCH: dict[type[_SynchronizedBatchNorm], type[_BatchNorm]] = {v: k for k, v in _TORCH_TO_SYNC.items()}

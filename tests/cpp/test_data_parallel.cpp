@@ -1,6 +1,11 @@
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <sstream>
+#include <thread>
 
 #include <torch/torch.h>
 
@@ -154,17 +159,16 @@ TEST(DataParallel, FailuresBetweenAndAfterLayersAndCallCountMismatchesFailFast) 
     } catch (const syncbn::ReplicaError& error) {
       EXPECT_EQ(error.copy_id(), 2) << error.what();
     }
-    if (fault == MisbehavingNetImpl::Fault::kRaiseBetween) {
-      EXPECT_TRUE(torch::equal(net->bn2->running_mean, before)) << "a failed pass leaves the buffers untouched";
-      EXPECT_EQ(net->bn2->num_batches_tracked.item<int64_t>(), 0);
-      EXPECT_EQ(net->bn1->num_batches_tracked.item<int64_t>(), 1);
-    }
+    // A failed forward writes nothing, not even the statistics of the passes that completed before the failure.
+    EXPECT_TRUE(torch::equal(net->bn2->running_mean, before)) << "a failed forward leaves the buffers untouched";
+    EXPECT_EQ(net->bn2->num_batches_tracked.item<int64_t>(), 0);
+    EXPECT_EQ(net->bn1->num_batches_tracked.item<int64_t>(), 0);
   }
   MisbehavingNet extra(MisbehavingNetImpl::Fault::kExtraCall);
   try {
     syncbn::data_parallel(extra, torch::randn({8, 3}), cpu_replicas(4));
     FAIL() << "expected an error";
-  } catch (const syncbn::ReplicaError& error) {
+  } catch (const syncbn::BarrierError& error) {  // rethrown as it is: it names the layers and copies
     const std::string message = error.what();
     EXPECT_NE(message.find("finished its forward after 2 synchronized call(s), but copy 2 made call 3"),
               std::string::npos)
@@ -234,3 +238,205 @@ TEST(SyncBatchNormModule, SameStateAsTorchBatchNormAndSerializesBothWays) {
 }
 
 }  // namespace
+
+namespace {
+
+// Blocks in copy `target` until released: a replica stuck where nothing of ours can wake it. The state is shared,
+// so a replica thread left behind can still use it after the test moved on.
+struct Gate {
+  std::mutex mutex;
+  std::condition_variable opened;
+  bool open = false;
+  std::atomic<bool> passed{false};
+  void release() {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      open = true;
+    }
+    opened.notify_all();
+  }
+};
+
+struct GatedNetImpl : torch::nn::Cloneable<GatedNetImpl>, syncbn::ReplicationCallback {
+  GatedNetImpl(std::shared_ptr<Gate> gate, int64_t target) : gate(std::move(gate)), target(target) { reset(); }
+  void reset() override {
+    plain = register_module("plain", torch::nn::BatchNorm1d(3));
+    synced = register_module("synced", syncbn::SyncBatchNorm1d(3));
+  }
+  void on_replicate(syncbn::CallbackContext&, int64_t id) override { copy_id = id; }
+  torch::Tensor forward(const torch::Tensor& input) {
+    if (copy_id == target) {
+      std::unique_lock<std::mutex> lock(gate->mutex);
+      gate->opened.wait(lock, [&] { return gate->open; });
+      gate->passed = true;
+    }
+    auto output = synced->forward(plain->forward(input));
+    if (copy_id == fail_after) throw std::out_of_range("failure after the layers");
+    return output;
+  }
+  std::shared_ptr<Gate> gate;
+  int64_t target;
+  int64_t fail_after = -1;
+  int64_t copy_id = -1;
+  torch::nn::BatchNorm1d plain{nullptr};
+  syncbn::SyncBatchNorm1d synced{nullptr};
+};
+TORCH_MODULE(GatedNet);
+
+std::vector<torch::Tensor> snapshot(torch::nn::Module& module) {
+  std::vector<torch::Tensor> copies;
+  for (const auto& buffer : module.buffers()) copies.push_back(buffer.clone());
+  return copies;
+}
+
+bool unchanged(torch::nn::Module& module, const std::vector<torch::Tensor>& before) {
+  auto buffers = module.buffers();
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    if (!torch::equal(buffers[i], before[i])) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+TEST(DataParallel, AReplicaStuckForEverIsLeftBehindAtTheTimeoutAndWritesNothing) {
+  ::setenv("SYNCBN_TIMEOUT", "0.5", 1);
+  for (int64_t stuck : {0, 2}) {  // replica 0 holds the buffers
+    auto gate = std::make_shared<Gate>();
+    GatedNet net(gate, stuck);
+    const auto before = snapshot(*net);
+    const auto start = std::chrono::steady_clock::now();
+    try {
+      syncbn::data_parallel(net, torch::randn({6, 3}), cpu_replicas(3));
+      FAIL() << "expected BarrierTimeoutError";
+    } catch (const syncbn::BarrierTimeoutError& error) {
+      const std::string message = error.what();
+      EXPECT_NE(message.find("copies that never arrived: [" + std::to_string(stuck) + "]"), std::string::npos)
+          << message;
+      EXPECT_NE(message.find("layer 'synced' (synchronized call 1)"), std::string::npos) << message;
+    }
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    EXPECT_LT(elapsed, 0.5 + syncbn::detail::kFailureGraceSeconds + 2.0);
+    EXPECT_TRUE(unchanged(*net, before));
+    gate->release();  // the replica left behind wakes: its replication is closed, it writes nothing
+    for (int i = 0; i < 100 && !gate->passed; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    EXPECT_TRUE(gate->passed);
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    EXPECT_TRUE(unchanged(*net, before));
+  }
+  ::unsetenv("SYNCBN_TIMEOUT");
+}
+
+TEST(DataParallel, AReplicaStuckAfterTheOthersReturnedIsBoundedByTheTimeout) {
+  ::setenv("SYNCBN_TIMEOUT", "0.5", 1);
+  auto gate = std::make_shared<Gate>();
+  torch::nn::Sequential net(torch::nn::BatchNorm1d(3));
+  struct StuckImpl : torch::nn::Cloneable<StuckImpl>, syncbn::ReplicationCallback {
+    explicit StuckImpl(std::shared_ptr<Gate> gate) : gate(std::move(gate)) {}
+    void reset() override {}
+    void on_replicate(syncbn::CallbackContext&, int64_t id) override { copy_id = id; }
+    torch::Tensor forward(const torch::Tensor& input) {
+      if (copy_id == 1) {
+        std::unique_lock<std::mutex> lock(gate->mutex);
+        gate->opened.wait(lock, [&] { return gate->open; });
+      }
+      return input;
+    }
+    std::shared_ptr<Gate> gate;
+    int64_t copy_id = -1;
+  };
+  net->push_back(std::make_shared<StuckImpl>(gate));
+  const auto before = snapshot(*net);
+  try {
+    syncbn::data_parallel(net, torch::randn({6, 3}), cpu_replicas(3));
+    FAIL() << "expected BarrierTimeoutError";
+  } catch (const syncbn::BarrierTimeoutError& error) {
+    EXPECT_NE(std::string(error.what()).find("replica(s) [1] did not return within 0.5 s"), std::string::npos)
+        << error.what();
+  }
+  EXPECT_TRUE(unchanged(*net, before));  // replica 0 returned, but the forward failed: nothing written back
+  gate->release();
+  ::unsetenv("SYNCBN_TIMEOUT");
+}
+
+TEST(DataParallel, AFailedForwardLeavesEveryBufferUntouched) {
+  ::setenv("SYNCBN_TIMEOUT", "300", 1);
+  auto gate = std::make_shared<Gate>();
+  gate->release();
+  GatedNet net(gate, -1);
+  net->fail_after = 1;
+  const auto before = snapshot(*net);
+  EXPECT_THROW(syncbn::data_parallel(net, torch::randn({6, 3}), cpu_replicas(3)), syncbn::ReplicaError);
+  EXPECT_TRUE(unchanged(*net, before));  // the plain BatchNorm's and the synchronized one's
+  ::unsetenv("SYNCBN_TIMEOUT");
+}
+
+namespace {
+
+// Runs a callback inside backward, as torch.utils.checkpoint recomputes a block.
+struct RunInBackward : torch::autograd::Function<RunInBackward> {
+  static torch::Tensor forward(torch::autograd::AutogradContext*, const torch::Tensor& x) { return x.clone(); }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
+                                                 torch::autograd::variable_list grads) {
+    (*body)();
+    return grads;
+  }
+  static std::function<void()>* body;
+};
+std::function<void()>* RunInBackward::body = nullptr;
+
+void run_in_backward(std::function<void()> body) {
+  RunInBackward::body = &body;
+  RunInBackward::apply(torch::ones({1}, torch::requires_grad())).sum().backward();
+  RunInBackward::body = nullptr;
+}
+
+}  // namespace
+
+TEST(SyncBatchNormModule, ARecomputationInsideBackwardReusesTheCallsStatisticsWithoutABarrier) {
+  torch::manual_seed(3);
+  syncbn::SyncBatchNorm1d bn(3);
+  bn->to(torch::kDouble);
+  auto replicas = syncbn::replicate(bn, cpu_replicas(2));
+  std::vector<torch::Tensor> slices{torch::randn({4, 3}, torch::kDouble), torch::randn({3, 3}, torch::kDouble) * 3};
+  auto outputs = syncbn::parallel_apply(replicas, slices, cpu_replicas(2));
+  const auto running_mean = bn->running_mean.clone();
+  const int64_t counted = bn->num_batches_tracked.item<int64_t>();
+  EXPECT_EQ(counted, 1);
+  // Each replica recomputes its call alone, one after the other (a barrier would wait for ever): same output,
+  // and nothing written.
+  run_in_backward([&] {
+    for (int64_t i : {1, 0}) {
+      EXPECT_TRUE(torch::equal(replicas[i]->forward(slices[i]), outputs[i])) << "replica " << i;
+    }
+  });
+  EXPECT_TRUE(torch::equal(bn->running_mean, running_mean));
+  EXPECT_EQ(bn->num_batches_tracked.item<int64_t>(), counted);
+  // A recomputation that repeats no call of the forward is an error that names checkpointing.
+  run_in_backward([&] {
+    try {
+      replicas[1]->forward(slices[1] + 1);
+      ADD_FAILURE() << "expected an error";
+    } catch (const c10::Error& error) {
+      EXPECT_NE(std::string(error.what()).find("torch.utils.checkpoint"), std::string::npos) << error.what();
+    }
+  });
+}
+
+TEST(SyncBatchNormModule, ARecomputationOfAForwardRunWithoutGradientsNamesReentrantCheckpointing) {
+  syncbn::SyncBatchNorm1d bn(3);
+  auto replicas = syncbn::replicate(bn, cpu_replicas(2));
+  std::vector<torch::Tensor> slices{torch::randn({4, 3}), torch::randn({4, 3})};
+  {
+    torch::NoGradGuard no_grad;  // as torch.utils.checkpoint(use_reentrant=True) runs the forward
+    syncbn::parallel_apply(replicas, slices, cpu_replicas(2));
+  }
+  run_in_backward([&] {
+    try {
+      replicas[0]->forward(slices[0]);
+      ADD_FAILURE() << "expected an error";
+    } catch (const c10::Error& error) {
+      EXPECT_NE(std::string(error.what()).find("use_reentrant=False"), std::string::npos) << error.what();
+    }
+  });
+}

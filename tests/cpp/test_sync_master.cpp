@@ -299,7 +299,7 @@ TEST(SyncMaster, BadCallbackResultsFailThePassForEveryone) {
     return messages;
   });
   auto pipe = master.register_slave(1);
-  int errors = 0;
+  std::atomic<int> errors{0};  // both copies count from their own threads
   run_copies(2, [&](int64_t id) {
     try {
       id == 0 ? master.run_master(make_message(0, 0)) : pipe->run_slave(make_message(1, 0));
@@ -309,6 +309,82 @@ TEST(SyncMaster, BadCallbackResultsFailThePassForEveryone) {
     }
   });
   EXPECT_EQ(errors, 2);
+}
+
+TEST(SyncMaster, CloseFailsEveryLaterPassUntilTheNextReplication) {
+  syncbn::SyncMaster master(sum_callback, 60.0);
+  auto pipe = master.register_slave(1);
+  std::thread waiter([&] {
+    try {
+      pipe->run_slave(make_message(1, 0));
+      ADD_FAILURE() << "expected BarrierAbortedError";
+    } catch (const syncbn::BarrierAbortedError& error) {
+      EXPECT_NE(std::string(error.what()).find("was closed: copy 2 failed"), std::string::npos) << error.what();
+    }
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  master.close("copy 2 failed");
+  waiter.join();
+  EXPECT_TRUE(master.closed());
+  for (int pass = 0; pass < 2; ++pass) {
+    EXPECT_THROW(master.run_master(make_message(0, pass)), syncbn::BarrierAbortedError);
+    EXPECT_THROW(pipe->run_slave(make_message(1, pass)), syncbn::BarrierAbortedError);
+  }
+  master.reset();  // the next replication opens it again
+  EXPECT_FALSE(master.closed());
+  auto next = master.register_slave(1);
+  run_copies(2, [&](int64_t id) {
+    Message result = id == 0 ? master.run_master(make_message(0, 0)) : next->run_slave(make_message(1, 0));
+    EXPECT_EQ(result.tensors.at(0)[0].item<double>(), 1.0);
+  });
+}
+
+TEST(SyncMaster, AThreadOfAClosedReplicationStartsNoPassOnAnyBarrier) {
+  auto group = std::make_shared<syncbn::ReplicationGroup>(2);
+  syncbn::SyncMaster persistent(sum_callback, 60.0);  // a barrier that outlives replications (reset each one)
+  group->close("the forward was given up");
+  EXPECT_TRUE(group->closed());
+  persistent.reset();
+  {
+    syncbn::ReplicaScope scope(group, 0);
+    EXPECT_EQ(syncbn::ReplicaScope::current_group(), group.get());
+    try {
+      persistent.run_master(make_message(0, 0));
+      FAIL() << "expected BarrierAbortedError";
+    } catch (const syncbn::BarrierAbortedError& error) {
+      EXPECT_NE(std::string(error.what()).find("the forward was given up"), std::string::npos) << error.what();
+    }
+  }
+  EXPECT_EQ(syncbn::ReplicaScope::current_group(), nullptr);
+  EXPECT_EQ(persistent.run_master(make_message(0, 3)).tensors.at(0)[0].item<double>(), 3.0);
+  // A closed replication commits no write; a live one does.
+  bool written = false;
+  EXPECT_THROW(group->commit([&] { written = true; }), syncbn::BarrierAbortedError);
+  EXPECT_FALSE(written);
+  syncbn::ReplicationGroup live(2);
+  live.commit([&] { written = true; });
+  EXPECT_TRUE(written);
+}
+
+TEST(SyncMaster, CallingTheBarrierFromInsideTheCallbackSaysSo) {
+  std::shared_ptr<syncbn::SyncMaster> master;
+  std::string what;
+  master = std::make_shared<syncbn::SyncMaster>([&](MessageList messages) {
+    if (what == "run_master") master->run_master(make_message(0, 1));
+    if (what == "reset") master->reset();
+    return messages;
+  });
+  for (std::string call : {"run_master", "reset"}) {
+    what = call;
+    try {
+      master->run_master(make_message(0, 0));
+      FAIL() << "expected an error";
+    } catch (const c10::Error& error) {
+      const std::string message = error.what();
+      EXPECT_NE(message.find(call + "() was called from inside the master callback"), std::string::npos) << message;
+      EXPECT_EQ(message.find("another thread"), std::string::npos) << message;
+    }
+  }
 }
 
 TEST(SyncMaster, NoSlavesMeansTheMasterRunsAlone) {

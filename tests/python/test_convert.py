@@ -133,13 +133,12 @@ def test_convert_model_leaves_other_norms_alone():
         pass
 
     mine = MyBatchNorm(3)
-    sync = nn.SyncBatchNorm(3)
     ours = SynchronizedBatchNorm2d(3)
     lazy = nn.LazyBatchNorm2d()
     instance = nn.InstanceNorm2d(3)
-    model = nn.Sequential(mine, sync, ours, lazy, instance)
+    model = nn.Sequential(mine, ours, lazy, instance)
     converted = convert_model(model)
-    assert list(converted) == [mine, sync, ours, lazy, instance]
+    assert list(converted) == [mine, ours, lazy, instance]
     assert convert_model(ours) is ours
 
 
@@ -183,7 +182,7 @@ def test_convert_model_patches_data_parallel_subclasses():
     dp = MyDataParallel(make_net())
     converted = convert_model(dp)
     assert converted is dp
-    assert isinstance(vars(dp).get("replicate"), syncbn_ext.parallel._ReplicateWithCallbacks)
+    assert isinstance(vars(dp).get("replicate"), syncbn_ext.data_parallel._ReplicateWithCallbacks)
     assert not any(type(m) in TORCH_BN for m in converted.modules())
 
 

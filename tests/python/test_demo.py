@@ -5,7 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from syncbn_ext.__main__ import _max_difference, run_demo
+import pytest
+
+from syncbn_ext.__main__ import _max_difference, main, run_demo
 
 
 def test_demo_synchronized_matches_whole_batch_and_per_replica_drifts():
@@ -32,3 +34,23 @@ def test_demo_command_prints_the_table():
     assert result.returncode == 0, result.stderr
     for row in ("BatchNorm per replica", "synchronized BatchNorm", "one module, whole batch", "ms/step"):
         assert row in result.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--replicas", "0"], "argument --replicas: must be at least 1, got 0"),
+        (["demo", "--replicas", "-2"], "argument --replicas: must be at least 1, got -2"),
+        (["demo", "--batch-per-replica", "0"], "argument --batch-per-replica: must be at least 1, got 0"),
+        (["demo", "--steps", "0"], "argument --steps: must be at least 1, got 0"),
+        (["--replicas", "0"], "argument --replicas: must be at least 1, got 0"),
+        (["--passes", "x"], "argument --passes: invalid int value: 'x'"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.strip().splitlines()[-1].endswith(f"error: {message}")
+    assert "Traceback" not in error

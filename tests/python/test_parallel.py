@@ -15,7 +15,7 @@ from hang_guard import call_with_timeout
 from torch import nn
 
 import syncbn_ext
-from syncbn_ext.parallel import DataParallelWithCallback, patch, patch_replication_callback, replicate_on_cpu
+from syncbn_ext import DataParallelWithCallback, patch, patch_replication_callback, replicate_on_cpu
 
 BARRIER_TIMEOUT = 30.0  # a bug makes a barrier fail after this, never hang the suite
 
@@ -413,8 +413,9 @@ def marked_input(batch, marked_rows):
 def test_a_failing_replica_raises_its_exception_and_the_next_forward_works(failing):
     bs = BatchSum()
     dp = cpu_dp(nn.Sequential(RaiseOnMarker(), bs), 4)
-    with pytest.raises(ValueError, match=rf"replica {failing} on device cpu(.|\n)*marker found"):
+    with pytest.raises(ValueError, match="marker found") as raised:
         call_with_timeout(dp, marked_input(8, [2 * failing + 1]))
+    assert raised.value.__notes__ == [f"(raised in replica {failing} on device cpu)"]
     # The other copies were waiting for it in the barrier: they were woken by an abort, not a timeout.
     assert bs.barrier_errors == [syncbn_ext.BarrierAbortedError] * 3
 

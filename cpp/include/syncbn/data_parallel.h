@@ -6,6 +6,8 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <torch/cuda.h>
@@ -14,12 +16,14 @@
 
 #include <syncbn/export.h>
 #include <syncbn/replicate.h>
+#include <syncbn/replication_group.h>
 
 namespace syncbn {
 
-// A replica failed with an exception that is not a c10::Error (those are
-// rethrown as they are, with the replica named in their context). The original
-// exception is nested: std::rethrow_if_nested(error) gives it back.
+// A replica failed with an exception that is neither a c10::Error (those are
+// rethrown as they are, with the replica named in their context) nor a
+// syncbn::BarrierError (rethrown as it is: it names its layer and copies). The
+// original exception is nested: std::rethrow_if_nested(error) gives it back.
 class SYNCBN_API ReplicaError : public std::runtime_error {
  public:
   ReplicaError(int64_t copy_id, const std::string& message);
@@ -33,13 +37,25 @@ namespace detail {
 
 // Runs body(i) for every i in [0, n), each on its own std::thread (never
 // at::parallel_for: replicas wait on each other), with the caller's thread-local
-// state (grad mode, autocast) and device i current. When one throws,
-// on_failure(reason) runs once so the others stop waiting for it; after every
-// thread has stopped, the first failure (the lowest copy id, not counting errors
-// the abort itself caused) is rethrown, naming its replica.
-SYNCBN_API void run_replicas(int64_t n, const std::function<void(int64_t)>& body,
-                             const std::function<void(const std::string&)>& on_failure,
-                             const std::optional<std::vector<torch::Device>>& devices);
+// state (grad mode, autocast) and device i current, and, given a group, inside
+// a ReplicaScope of it. When one throws, on_failure(reason) runs once and the
+// group is closed, so the others stop waiting for it and can write nothing.
+//
+// Waits for every thread, but never for ever: once a replica failed, at most
+// kFailureGraceSeconds more; once one returned, at most $SYNCBN_TIMEOUT more for
+// the others. The threads still running then are detached (their replication
+// closed: they can write nothing, and end at their next barrier) and the first
+// failure (the lowest copy id, not counting errors the abort itself caused) is
+// rethrown, naming its replica, or a BarrierTimeoutError naming the replicas
+// that never returned. `body` and `on_failure` may thus run after this returns:
+// they must own what they use (capture by value).
+SYNCBN_API void run_replicas(int64_t n, std::function<void(int64_t)> body,
+                             std::function<void(const std::string&)> on_failure,
+                             const std::optional<std::vector<torch::Device>>& devices,
+                             std::shared_ptr<ReplicationGroup> group = nullptr);
+
+// How long run_replicas waits for the other replicas once one failed.
+constexpr double kFailureGraceSeconds = 1.0;
 
 // Calls on_replica_failure(reason) on every module of every replica that implements ReplicationCallback.
 SYNCBN_API void notify_replica_failure(const std::vector<std::shared_ptr<torch::nn::Module>>& replicas,
@@ -68,35 +84,52 @@ std::shared_ptr<torch::nn::Module> as_module(const torch::nn::ModuleHolder<T>& m
 }  // namespace detail
 
 // Runs modules[i]->forward(inputs[i]) for every i at once, one std::thread per
-// replica. The first exception is rethrown with its copy id after every thread
-// has stopped; the replicas' barriers are aborted first, so no thread is left
-// waiting for the failed one.
+// replica (see detail::run_replicas: bounded waits, failures rethrown with their
+// copy id after the others were woken). Given the replication's group, its
+// threads run in a ReplicaScope and a failure closes it.
 template <typename ModuleType>
 std::vector<torch::Tensor> parallel_apply(std::vector<ModuleType>& modules, const std::vector<torch::Tensor>& inputs,
-                                          const std::optional<std::vector<torch::Device>>& devices = std::nullopt) {
+                                          const std::optional<std::vector<torch::Device>>& devices = std::nullopt,
+                                          std::shared_ptr<ReplicationGroup> group = nullptr) {
   TORCH_CHECK_VALUE(modules.size() == inputs.size(), "parallel_apply: ", modules.size(), " replicas but ",
                     inputs.size(), " inputs");
   TORCH_CHECK_VALUE(!devices || devices->size() == modules.size(), "parallel_apply: ", modules.size(),
                     " replicas but ", devices->size(), " devices");
-  std::vector<std::shared_ptr<torch::nn::Module>> replicas;
-  for (const auto& module : modules) replicas.push_back(detail::as_module(module));
-  std::vector<torch::Tensor> outputs(modules.size());
+  // Shared with the replica threads, which may outlive this call (a replica left behind).
+  struct Work {
+    std::vector<ModuleType> modules;
+    std::vector<std::shared_ptr<torch::nn::Module>> replicas;
+    std::vector<torch::Tensor> inputs, outputs;
+  };
+  auto work = std::make_shared<Work>();
+  work->modules = modules;
+  for (const auto& module : modules) work->replicas.push_back(detail::as_module(module));
+  work->inputs = inputs;
+  work->outputs.resize(modules.size());
   detail::run_replicas(
       static_cast<int64_t>(modules.size()),
-      [&](int64_t i) {
-        outputs[i] = modules[i]->forward(inputs[i]);
-        detail::notify_copy_finished(replicas[i]);  // nobody waits for this copy any more
+      [work](int64_t i) {
+        torch::Tensor output = work->modules[i]->forward(work->inputs[i]);
+        detail::notify_copy_finished(work->replicas[i]);  // nobody waits for this copy any more
+        work->outputs[i] = std::move(output);
       },
-      [&](const std::string& reason) { detail::notify_replica_failure(replicas, reason); }, devices);
-  return outputs;
+      [work](const std::string& reason) { detail::notify_replica_failure(work->replicas, reason); }, devices,
+      std::move(group));
+  return work->outputs;
 }
 
 // nn.DataParallel for LibTorch, with the replication callbacks: scatters `input`
-// along `dim`, replicates `module` with syncbn::replicate, runs the replicas with
-// syncbn::parallel_apply and gathers the outputs along `dim` on `output_device`
-// (default: the first device). `devices`: CUDA devices (default: all of them),
-// or N CPU replicas, std::vector<torch::Device>(N, torch::kCPU). With one
-// device, or none given and no GPU, the module runs directly.
+// along `dim`, replicates `module` (clone() per device, then the callbacks),
+// runs the replicas with syncbn::parallel_apply and gathers the outputs along
+// `dim` on `output_device` (default: the first device). `devices`: CUDA devices
+// (default: all of them), or N CPU replicas, std::vector<torch::Device>(N,
+// torch::kCPU). With one device, or none given and no GPU, the module runs
+// directly.
+//
+// Replica 0 works on copies of the module's buffers, written back only once
+// every replica succeeded (IsolatedReplication): a failed, interrupted or timed
+// out forward leaves every buffer untouched, and a replica left running (see
+// detail::run_replicas) can write nothing.
 template <typename ModuleType>
 torch::Tensor data_parallel(ModuleType module, const torch::Tensor& input,
                             std::optional<std::vector<torch::Device>> devices = std::nullopt,
@@ -114,8 +147,21 @@ torch::Tensor data_parallel(ModuleType module, const torch::Tensor& input,
   std::vector<torch::Tensor> inputs = detail::scatter(input, *devices, dim);
   std::vector<torch::Device> used(devices->begin(), devices->begin() + static_cast<int64_t>(inputs.size()));
   if (inputs.size() == 1) return module->forward(inputs.front()).to(destination);
-  auto replicas = replicate(module, used);
-  return detail::gather(parallel_apply(replicas, inputs, used), destination, dim);
+
+  const std::shared_ptr<torch::nn::Module> original = detail::as_module(module);
+  std::vector<std::shared_ptr<torch::nn::Module>> clones;
+  for (const auto& device : used) clones.push_back(module->clone(device));
+  IsolatedReplication replication(original, clones);
+  using Replica = std::remove_pointer_t<decltype(std::declval<ModuleType&>().operator->())>;
+  std::vector<std::shared_ptr<Replica>> replicas;
+  for (const auto& clone : clones) {
+    replicas.push_back(std::dynamic_pointer_cast<Replica>(clone));
+    TORCH_CHECK(replicas.back() != nullptr, "data_parallel: clone() of the module returned a module of another type; ",
+                "derive the module from torch::nn::Cloneable<ItsOwnType>");
+  }
+  std::vector<torch::Tensor> outputs = parallel_apply(replicas, inputs, used, replication.group());
+  replication.write_back();
+  return detail::gather(outputs, destination, dim);
 }
 
 }  // namespace syncbn

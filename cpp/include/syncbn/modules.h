@@ -10,9 +10,11 @@
 #include <torch/nn/pimpl.h>
 
 #include <syncbn/batch_norm.h>
+#include <syncbn/batch_norm_channel.h>
 #include <syncbn/callback_context.h>
 #include <syncbn/export.h>
 #include <syncbn/replicate.h>
+#include <syncbn/sync_batch_norm.h>
 #include <syncbn/sync_master.h>
 
 namespace syncbn {
@@ -23,14 +25,15 @@ class SYNCBN_API BatchNormSyncState {
  public:
   // The replication hook: joins this copy's channel of the replication's barrier.
   void on_replicate(CallbackContext& context, int64_t copy_id);
-  // Wakes every copy waiting on this replication's barrier.
+  // A copy failed: closes the replication, so every copy waiting on its barrier
+  // wakes, and none writes anything.
   void abort(const std::string& reason) const;
   // This copy's forward returned.
   void finish() const;
   bool replicated() const { return channel_ != nullptr; }
   bool holds_buffers() const { return !channel_ || channel_->copy_id() == 0; }
-  // The exchange of this layer: through the channel, or alone when not replicated.
-  StatisticsExchange exchange() const;
+  // Where this layer's statistics merge: through the channel, or alone when not replicated.
+  LayerSync layer_sync() const;
 
  private:
   std::shared_ptr<BatchNormChannel> channel_;

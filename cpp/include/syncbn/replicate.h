@@ -63,6 +63,32 @@ SYNCBN_API std::vector<std::shared_ptr<CallbackContext>> execute_replication_cal
 SYNCBN_API std::vector<std::shared_ptr<CallbackContext>> complete_replication(
     const std::shared_ptr<torch::nn::Module>& original, const std::vector<std::shared_ptr<torch::nn::Module>>& clones);
 
+// A replication whose replica 0 works on copies of the original's buffers:
+// nothing a replica does reaches the original until write_back() (after every
+// replica's forward succeeded) copies the buffers replica 0 changed into the
+// original's. A replica thread left behind (a timeout, a failure elsewhere) can
+// then never write the user's module. syncbn::data_parallel uses it.
+class SYNCBN_API IsolatedReplication {
+ public:
+  IsolatedReplication(const std::shared_ptr<torch::nn::Module>& original,
+                      const std::vector<std::shared_ptr<torch::nn::Module>>& clones);
+
+  const std::vector<std::shared_ptr<CallbackContext>>& contexts() const { return contexts_; }
+  // The replication's group (shared by every context).
+  std::shared_ptr<ReplicationGroup> group() const;
+  // Copies each buffer of replica 0 that changed since the replication into the
+  // original's (same tensor objects, in place), unless the group was closed.
+  void write_back() const;
+
+ private:
+  struct BufferLink {
+    at::Tensor original, replica;
+    uint32_t version;  // the replica buffer's version when replicated
+  };
+  std::vector<std::shared_ptr<CallbackContext>> contexts_;
+  std::vector<BufferLink> links_;
+};
+
 // torch::nn::parallel::replicate with the replication callbacks: one clone()
 // per device (the module must be a torch::nn::Cloneable), completed by
 // complete_replication.

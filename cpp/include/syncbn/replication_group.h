@@ -1,6 +1,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -14,8 +15,15 @@ namespace syncbn {
 
 // What one replication shares across all its module positions and copies:
 // storage (e.g. the one barrier every synchronized layer of the replicas uses),
-// and the barriers to tell when a copy's forward has returned or failed, so that
-// nobody waits for a copy that will never come.
+// the barriers to tell when a copy's forward has returned or failed, so that
+// nobody waits for a copy that will never come, and whether the replication is
+// still alive.
+//
+// A replication dies with close(): its forward failed, was interrupted or timed
+// out, and the caller gave up on it. A replica thread that outlives that moment
+// (stuck somewhere, and woken later) must never write the user's model: every
+// barrier pass, statistics update or buffer write it would make afterwards is
+// refused with BarrierAbortedError (see commit() and ReplicaScope).
 class SYNCBN_API ReplicationGroup {
  public:
   explicit ReplicationGroup(int64_t copies) : copies_(copies) {}
@@ -27,20 +35,68 @@ class SYNCBN_API ReplicationGroup {
   CallbackContext& shared() { return *shared_; }
   const std::shared_ptr<CallbackContext>& shared_context() const { return shared_; }
 
-  // A barrier used by the replicas: copy_finished and abort reach it.
+  // A barrier used by the replicas: copy_finished, abort and close reach it.
   void add_barrier(std::shared_ptr<SyncMaster> barrier);
   std::vector<std::shared_ptr<SyncMaster>> barriers() const;
 
   // Copy `copy_id`'s forward returned: it sends no more messages.
   void copy_finished(int64_t copy_id) const;
-  // A copy failed: wake everyone waiting on this replication's barriers.
+  // Wakes everyone waiting on this replication's barriers (fails the pass in
+  // progress); the replication stays usable. Prefer close() once a copy failed.
   void abort(const std::string& reason) const;
 
+  // Ends the replication for good: its barriers are closed (waiters wake now,
+  // later passes fail at once), and from the moment close() returns no
+  // commit() of it runs and no barrier pass of a thread in a ReplicaScope of it
+  // starts. Idempotent; the first reason is kept.
+  void close(const std::string& reason);
+  bool closed() const;
+  // Why the replication was closed ("" while alive).
+  std::string close_reason() const;
+
+  // Runs `write` (a write to the user's model: running statistics, buffers)
+  // unless the replication is closed; throws BarrierAbortedError if it is.
+  // Atomic with close(): a write either completes before close() returns or
+  // never starts.
+  void commit(const std::function<void()>& write) const;
+
+  // Throws BarrierAbortedError, naming `what` was refused, if closed.
+  void check_alive(const std::string& what) const;
+
  private:
+  [[noreturn]] void throw_closed(const std::string& what) const;
+
   const int64_t copies_;
   const std::shared_ptr<CallbackContext> shared_ = std::make_shared<CallbackContext>();
-  mutable std::mutex mutex_;
+  mutable std::mutex mutex_;  // barriers_, reason_
   std::vector<std::shared_ptr<SyncMaster>> barriers_;
+  mutable std::mutex commit_mutex_;  // held by commit() and close(): no write runs across a close
+  bool closed_ = false;              // guarded by commit_mutex_
+  std::string reason_;               // guarded by mutex_
+};
+
+// Marks the calling thread, for its lifetime, as running copy `copy_id` of
+// `group` (parallel_apply's replica threads do this). Every barrier pass the
+// thread starts while the group is closed is refused, even on a barrier that
+// outlives the replication (a module's own SyncMaster, reset by the next
+// replication): a replica thread left behind can never join a later
+// replication's pass. Scopes nest; the innermost applies.
+class SYNCBN_API ReplicaScope {
+ public:
+  ReplicaScope(std::shared_ptr<ReplicationGroup> group, int64_t copy_id);
+  ~ReplicaScope();
+  ReplicaScope(const ReplicaScope&) = delete;
+  ReplicaScope& operator=(const ReplicaScope&) = delete;
+
+  // The innermost scope's group on this thread, or null.
+  static ReplicationGroup* current_group();
+  // The innermost scope's copy id on this thread, or -1.
+  static int64_t current_copy_id();
+
+ private:
+  std::shared_ptr<ReplicationGroup> group_;
+  int64_t copy_id_;
+  ReplicaScope* outer_;
 };
 
 }  // namespace syncbn

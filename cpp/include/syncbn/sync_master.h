@@ -35,6 +35,9 @@ class SlavePipe;
 // No pass can hang forever or fail silently: abort(reason), an exception from
 // the callback, or a timeout fail the pass for every participant, including one
 // that arrives at that pass later; the pass after a failed one works normally.
+// A thread running a replica of a closed replication (ReplicaScope) starts no
+// pass. Calling run_master, reset or register_slave from inside the master
+// callback is an error that says so.
 // Each replication is a generation of registrations. A new one starts with
 // reset() (the master's replication hook should call it: a replication may
 // have fewer copies than the last), or implicitly when a slave registers after
@@ -61,6 +64,13 @@ class SYNCBN_API SyncMaster {
   // Fails the pass in progress (or, if none is, the next one) for every
   // participant with BarrierAbortedError carrying `reason`.
   void abort(const std::string& reason);
+
+  // Fails the pass in progress and every later pass of this generation, for
+  // every participant, with BarrierAbortedError carrying `reason` (the
+  // replication is dead: ReplicationGroup::close). The next generation
+  // (reset(), or a new registration) opens the barrier again.
+  void close(const std::string& reason);
+  bool closed() const;
 
   // Copy `copy_id` will send no more messages in this generation (its forward
   // returned). Whoever waits for it in a later pass, now or later, fails at once

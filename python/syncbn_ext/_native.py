@@ -1,0 +1,13 @@
+"""The compiled module, loaded once: every module of the package takes ``_C`` from here.
+
+Loading it here (rather than in the package's ``__init__``) lets the inner modules import it without reaching back
+up into the package while it is still initializing.
+"""
+
+from __future__ import annotations
+
+from ._loader import load
+
+_C, load_info = load()
+
+__all__ = ["_C", "load_info"]

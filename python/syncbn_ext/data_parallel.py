@@ -1,0 +1,279 @@
+"""Data parallelism that runs the replication callbacks, on GPUs and on CPU replicas.
+
+``nn.DataParallel`` copies the module to every device on each forward, but gives the copies no way to find
+each other. :class:`DataParallelWithCallback` (or :func:`patch` applied to an existing ``nn.DataParallel``)
+calls ``__data_parallel_replicate__(ctx, copy_id)`` on every module of every copy right after each
+replication (see :func:`syncbn_ext.execute_replication_callbacks`), which is how synchronized layers share a
+:class:`syncbn_ext.SyncMaster` between their copies, and runs the replicas with
+:func:`syncbn_ext.parallel_apply.parallel_apply`: failures, interrupts and stuck replicas end the forward promptly
+and write nothing to the model.
+
+``nn.DataParallel`` needs an accelerator; on a machine without one it silently runs the module as is.
+``DataParallelWithCallback(module, device_ids=["cpu"] * n)`` instead runs ``n`` real replicas on CPU threads,
+with the same scatter / replicate / parallel apply / gather steps: a way to use and test synchronized layers
+without a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from .parallel_apply import parallel_apply
+from .replicate import Replication, compiled_modules_replicable, rebind_compiled_modules, replicate_on_cpu
+from .scatter_gather import gather_on_cpu, scatter_kwargs_on_cpu
+
+__all__ = ["DataParallelWithCallback", "patch", "patch_replication_callback"]
+
+M = TypeVar("M", bound=nn.Module)
+DP = TypeVar("DP", bound=nn.DataParallel)
+
+_CPU = torch.device("cpu")
+
+
+def _is_cpu_device(device: Any) -> bool:
+    """True for ``"cpu"``, ``"cpu:0"`` or ``torch.device("cpu")``; ints are accelerator indices."""
+    if isinstance(device, torch.device):
+        return device.type == "cpu"
+    if isinstance(device, str):
+        try:
+            return torch.device(device).type == "cpu"
+        except RuntimeError:
+            return False
+    return False
+
+
+def _apply_and_write_back(replicas: Sequence[Any], inputs: Sequence[Any], kwargs: Any, devices: Any) -> list[Any]:
+    """Runs the replicas, then writes replica 0's changed buffers into the module (only after a success)."""
+    outputs = parallel_apply(replicas, inputs, kwargs, devices)
+    tag = Replication.of(replicas[0]) if replicas else None
+    if tag is not None:
+        tag[0].write_back()
+    return outputs
+
+
+class DataParallelWithCallback(nn.DataParallel):
+    """``nn.DataParallel`` that calls ``__data_parallel_replicate__(ctx, copy_id)`` after each replication.
+
+    With accelerator ``device_ids`` (or ``None``) this is ``nn.DataParallel`` plus the replication callbacks and
+    :mod:`syncbn_ext.parallel_apply`'s failure handling; on a machine without an accelerator and
+    ``device_ids=None`` it is, like ``nn.DataParallel``, a wrapper that runs the module as is (``device_ids ==
+    []``).
+
+    With ``device_ids=["cpu"] * n`` (strings or ``torch.device("cpu")``), the forward runs ``n`` CPU
+    replicas, each on its own worker thread: the inputs are split along ``dim`` with ``chunk(n, dim)`` semantics
+    (a batch smaller than ``n`` uses fewer replicas, as ``nn.DataParallel`` does), the module is copied
+    with :func:`replicate_on_cpu`, the callbacks run, the replicas run concurrently and their outputs are
+    concatenated along ``dim``. Parameter gradients accumulate on the original module.
+
+    Buffers: replica 0 works on copies of the module's buffers, copied back into the module's own tensors once
+    every replica succeeded (running statistics land on the module, as device 0's do with ``nn.DataParallel``).
+    A forward that fails, is interrupted or times out leaves every buffer untouched, and a replica left running
+    on its thread afterwards can write nothing.
+
+    Args:
+        module: the module to parallelize.
+        device_ids: accelerator devices (ints or devices; default: all), or ``n`` CPU devices.
+        output_device: where outputs are gathered (default ``device_ids[0]``); ``None`` or CPU in CPU mode.
+        dim: the dimension inputs are split along and outputs concatenated along.
+
+    Raises:
+        ValueError: ``device_ids`` mixes CPU and accelerator devices, or in CPU mode ``output_device`` is
+            not the CPU.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        device_ids: Sequence[int | str | torch.device] | None = None,
+        output_device: int | str | torch.device | None = None,
+        dim: int = 0,
+    ) -> None:
+        if device_ids is not None:
+            device_ids = list(device_ids)
+        cpu_entries = [_is_cpu_device(d) for d in device_ids] if device_ids is not None else []
+        if not any(cpu_entries):
+            super().__init__(module, device_ids, output_device, dim)
+            self._cpu_replicas = False
+            return
+        if not all(cpu_entries):
+            raise ValueError(
+                "DataParallelWithCallback: device_ids mixes CPU and accelerator devices "
+                f"({device_ids!r}); give either only accelerator devices or only CPU devices"
+            )
+        if output_device is not None and not _is_cpu_device(output_device):
+            raise ValueError(
+                "DataParallelWithCallback: with CPU device_ids the output device must be the CPU, "
+                f"got {output_device!r}"
+            )
+        # nn.DataParallel.__init__ would resolve accelerator indices: set what it sets ourselves.
+        nn.Module.__init__(self)
+        self.module = module
+        self.device_ids = [_CPU for _ in device_ids]
+        self.output_device = _CPU
+        self.dim = dim
+        self.src_device_obj = _CPU
+        self._cpu_replicas = True
+
+    @property
+    def cpu_replicas(self) -> bool:
+        """True when this wrapper runs CPU replicas (``device_ids`` are CPU devices)."""
+        return self.__dict__.get("_cpu_replicas", False)
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        """Scatters the inputs, replicates the module, runs the callbacks and the replicas, gathers."""
+        if not self.cpu_replicas:
+            return super().forward(*inputs, **kwargs)
+        with torch.autograd.profiler.record_function("DataParallelWithCallback.forward"):
+            if len(self.device_ids) == 1:
+                return self.module(*inputs, **kwargs)
+            for t in (*self.module.parameters(), *self.module.buffers()):
+                if t.device != self.src_device_obj:
+                    raise RuntimeError(
+                        f"module must have its parameters and buffers on device {self.src_device_obj} "
+                        f"(device_ids[0]) but found one of them on device: {t.device}"
+                    )
+            inputs, module_kwargs = self.scatter(inputs, kwargs, self.device_ids)
+            if not inputs and not module_kwargs:
+                inputs, module_kwargs = ((),), ({},)
+            replicas = self.replicate(self.module, self.device_ids[: len(inputs)])
+            outputs = self.parallel_apply(replicas, inputs, module_kwargs)
+            return self.gather(outputs, self.output_device)
+
+    def replicate(self, module: M, device_ids: Sequence[int | str | torch.device]) -> list[M]:
+        """Replicates ``module`` on ``device_ids`` (CPU ones included), then runs the replication callbacks."""
+        if device_ids and all(_is_cpu_device(d) for d in device_ids):
+            replicas = replicate_on_cpu(module, len(device_ids), detach=not torch.is_grad_enabled())
+        else:
+            with compiled_modules_replicable(module):
+                replicas = super().replicate(module, device_ids)
+            rebind_compiled_modules(replicas)
+        Replication(replicas, module)
+        return replicas
+
+    def scatter(
+        self,
+        inputs: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        device_ids: Sequence[int | str | torch.device],
+    ) -> Any:
+        """Splits the inputs and keyword arguments along ``dim``, one slice per device at most."""
+        if device_ids and all(_is_cpu_device(d) for d in device_ids):
+            return scatter_kwargs_on_cpu(inputs, kwargs, len(device_ids), self.dim)
+        return super().scatter(inputs, kwargs, device_ids)
+
+    def parallel_apply(self, replicas: Sequence[nn.Module], inputs: Sequence[Any], kwargs: Any) -> list[Any]:
+        """Runs every replica on its slice concurrently (see :func:`syncbn_ext.parallel_apply.parallel_apply`),
+        then writes replica 0's changed buffers back into the module."""
+        devices = None if self.cpu_replicas else self.device_ids[: len(replicas)]
+        return _apply_and_write_back(replicas, inputs, kwargs, devices)
+
+    def gather(self, outputs: Any, output_device: int | torch.device) -> Any:
+        """Concatenates the replicas' outputs along ``dim`` on ``output_device``."""
+        if self.cpu_replicas:
+            return gather_on_cpu(outputs, self.dim)
+        return super().gather(outputs, output_device)
+
+
+class _ReplicateWithCallbacks:
+    """The ``replicate`` that :func:`patch` installs: the previous one, then the replication callbacks.
+
+    A class rather than a closure so that a patched module can still be pickled and deep-copied.
+    """
+
+    def __init__(self, replicate: Any) -> None:
+        self.replicate = replicate
+
+    def __call__(self, module: nn.Module, device_ids: Sequence[Any]) -> list[nn.Module]:
+        with compiled_modules_replicable(module):
+            replicas = self.replicate(module, device_ids)
+        rebind_compiled_modules(replicas)
+        Replication(replicas, module)
+        return replicas
+
+
+class _PatchedParallelApply:
+    """The ``parallel_apply`` that :func:`patch` installs, around the instance's previous one.
+
+    Where that is ``nn.DataParallel``'s own: :func:`syncbn_ext.parallel_apply.parallel_apply` (failure, interrupt
+    and timeout handling, as :class:`DataParallelWithCallback`). Where a subclass brings its own: that method,
+    given each replica wrapped so that a failing replica closes its replication (the others stop waiting) and a
+    returning one finishes its copy. Either way, replica 0's buffers are written back only after a success. A
+    class rather than a closure so that a patched module can still be pickled and deep-copied.
+    """
+
+    def __init__(self, parallel_apply: Any) -> None:
+        self.parallel_apply = parallel_apply
+
+    def __call__(self, replicas: Sequence[nn.Module], inputs: Sequence[Any], kwargs: Any) -> list[Any]:
+        if getattr(self.parallel_apply, "__func__", None) is nn.DataParallel.parallel_apply:
+            owner = self.parallel_apply.__self__
+            return _apply_and_write_back(replicas, inputs, kwargs, owner.device_ids[: len(replicas)])
+        outputs = self.parallel_apply([_FinishingReplica(r) for r in replicas], inputs, kwargs)
+        tag = Replication.of(replicas[0]) if replicas else None
+        if tag is not None:
+            tag[0].write_back()
+        return outputs
+
+
+class _FinishingReplica:
+    """A replica as a subclass's own ``parallel_apply`` runs it: tells its replication how it ended."""
+
+    def __init__(self, replica: nn.Module) -> None:
+        self.replica = replica
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.replica, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        tag = Replication.of(self.replica)
+        if tag is None:
+            return self.replica(*args, **kwargs)
+        replication, copy_id = tag
+        try:
+            output = self.replica(*args, **kwargs)
+        except BaseException as error:
+            replication.group.close(f"replica {copy_id} raised {type(error).__name__}: {error}")
+            raise
+        replication.group.copy_finished(copy_id)
+        return output
+
+
+def patch(data_parallel: DP) -> DP:
+    """Makes an existing ``nn.DataParallel`` run the replication callbacks after each replication.
+
+    Wraps the instance's ``replicate`` (monkey-patching, like the established library's
+    ``patch_replication_callback``), so that each forward calls ``__data_parallel_replicate__(ctx,
+    copy_id)`` on the new copies, and its ``parallel_apply``, so that the patched instance handles failing,
+    interrupted and stuck replicas as :class:`DataParallelWithCallback` does. Prefer
+    :class:`DataParallelWithCallback` for new code.
+
+    Args:
+        data_parallel: an ``nn.DataParallel`` (or subclass) instance.
+
+    Returns:
+        The same instance. Patching twice, or patching a :class:`DataParallelWithCallback`, changes nothing.
+
+    Raises:
+        TypeError: ``data_parallel`` is not an ``nn.DataParallel``.
+
+    Example:
+        >>> model = nn.DataParallel(model, device_ids=[0, 1])
+        >>> patch(model)  # doctest: +SKIP
+    """
+    if not isinstance(data_parallel, nn.DataParallel):
+        raise TypeError(f"patch() expects an nn.DataParallel instance, got {type(data_parallel).__qualname__}")
+    if isinstance(data_parallel, DataParallelWithCallback):
+        return data_parallel
+    if isinstance(data_parallel.__dict__.get("replicate"), _ReplicateWithCallbacks):
+        return data_parallel
+    data_parallel.replicate = _ReplicateWithCallbacks(data_parallel.replicate)
+    data_parallel.parallel_apply = _PatchedParallelApply(data_parallel.parallel_apply)
+    return data_parallel
+
+
+#: The established library's name for :func:`patch`.
+patch_replication_callback = patch

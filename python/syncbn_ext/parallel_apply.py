@@ -1,0 +1,372 @@
+"""Running the replicas: every replica at once, each on a persistent worker thread, and never waiting for ever.
+
+:func:`parallel_apply` is ``torch.nn.parallel.parallel_apply`` for CPU and accelerator replicas, with the failure
+handling synchronized layers need:
+
+* A replica that raises closes its replication (``ReplicationGroup.close``): the other copies waiting for it in a
+  barrier wake at once, and none of them writes anything afterwards. A replica whose forward returns tells the
+  replication's barriers that it sends no more (``copy_finished``), so a copy that made more synchronized calls fails
+  at once with an error naming both.
+* The caller waits for the replicas, but never for ever: once a replica failed, at most
+  :data:`FAILURE_GRACE_SECONDS` more; once one returned, at most ``$SYNCBN_TIMEOUT`` more. A replica still running
+  then (stuck where nothing can wake it) is left behind on its thread, its replication closed so it can write
+  nothing; it ends when it returns. An exception in the calling thread (Ctrl-C) closes the replication, waits the
+  grace period at most, and propagates.
+* The exception raised is the replica's own object (type, arguments and attributes intact), with a note naming the
+  replica; errors the closing itself caused in the other copies are not reported over the original one.
+
+The worker threads are kept between forwards (a thread started per replica per forward costs time and, on CPU,
+a new OpenMP team each time). A CPU replica runs with ``torch.get_num_threads() // n`` intra-op threads (at least
+one), so that ``n`` replicas running at once use the caller's threads, not ``n`` times as many.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ._native import _C
+from .replicate import Replication
+
+__all__ = ["FAILURE_GRACE_SECONDS", "parallel_apply"]
+
+#: How long the caller still waits for the other replicas once one failed.
+FAILURE_GRACE_SECONDS = 1.0
+#: How long an interrupted caller (Ctrl-C) waits for the replicas, which it woke, before it propagates.
+INTERRUPT_GRACE_SECONDS = 0.5
+
+#: Tag of the reasons this module closes replications with: the errors it causes in other copies carry it.
+ABORT_TAG = "DataParallelWithCallback"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Worker threads
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class _Worker:
+    """A daemon thread that runs tasks from its queue; with a CPU intra-op thread count of its own."""
+
+    _counter = 0
+
+    def __init__(self, intra_op_threads: int | None) -> None:
+        _Worker._counter += 1
+        self.intra_op_threads = intra_op_threads
+        self.tasks: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.abandoned = False
+        self._ready = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name=f"syncbn-worker-{_Worker._counter}", daemon=True)
+        self.thread.start()
+        self._ready.wait()
+
+    def _loop(self) -> None:
+        if self.intra_op_threads is not None:
+            torch.set_num_threads(self.intra_op_threads)  # this thread's OpenMP team size
+        self._ready.set()
+        while True:
+            task = self.tasks.get()
+            if task is None:
+                return
+            task()
+            task = None  # drop the replica, its inputs and outputs before waiting again
+            if self.abandoned:
+                return
+
+    def abandon(self, name: str) -> None:
+        """Leaves the thread to finish its task alone; it exits afterwards instead of taking another."""
+        self.abandoned = True
+        self.thread.name = name
+        self.tasks.put(None)
+
+
+class _WorkerPool:
+    """Idle workers by intra-op thread count, shared by every wrapper of the process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: dict[int | None, list[_Worker]] = {}
+
+    def acquire(self, count: int, intra_op_threads: int | None) -> list[_Worker]:
+        with self._lock:
+            idle = self._idle.setdefault(intra_op_threads, [])
+            workers = [idle.pop() for _ in range(min(count, len(idle)))]
+        missing = count - len(workers)
+        if missing:
+            # torch.set_num_threads in a new worker also sets the count new threads start with: keep the caller's.
+            caller_threads = torch.get_num_threads()
+            workers += [_Worker(intra_op_threads) for _ in range(missing)]
+            if intra_op_threads is not None:
+                torch.set_num_threads(caller_threads)
+        return workers
+
+    def release(self, workers: Sequence[_Worker]) -> None:
+        with self._lock:
+            for worker in workers:
+                if not worker.abandoned:
+                    self._idle.setdefault(worker.intra_op_threads, []).append(worker)
+
+    def busy_or_abandoned_threads(self) -> list[threading.Thread]:
+        """The workers' threads that are not idle in the pool (for tests and diagnostics)."""
+        with self._lock:
+            idle = {id(w.thread) for workers in self._idle.values() for w in workers}
+        return [
+            t
+            for t in threading.enumerate()
+            if t.name.startswith(("syncbn-worker-", "syncbn-abandoned-")) and id(t) not in idle and t.is_alive()
+        ]
+
+
+_POOL = _WorkerPool()
+
+
+def replica_threads_running() -> list[threading.Thread]:
+    """The threads still running a replica: busy workers, and replicas left behind by a forward that gave up."""
+    return _POOL.busy_or_abandoned_threads()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One replica's task
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class _CallerState:
+    """The calling thread's autograd and autocast state, applied in each replica's thread."""
+
+    def __init__(self, device_type: str) -> None:
+        self.device_type = device_type
+        self.grad_enabled = torch.is_grad_enabled()
+        self.inference_mode = torch.is_inference_mode_enabled()
+        self.autocast_enabled = torch.is_autocast_enabled(device_type)
+        self.autocast_dtype = torch.get_autocast_dtype(device_type)
+        self.autocast_cache = torch.is_autocast_cache_enabled()
+
+    def applied(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode(self.inference_mode))
+        stack.enter_context(torch.set_grad_enabled(self.grad_enabled))
+        stack.enter_context(
+            torch.autocast(
+                self.device_type,
+                dtype=self.autocast_dtype,
+                enabled=self.autocast_enabled,
+                cache_enabled=self.autocast_cache,
+            )
+        )
+        return stack
+
+
+class _ReplicaTask:
+    """Runs replica ``index`` on a worker and reports ``(index, ok, output or exception)``."""
+
+    def __init__(
+        self,
+        index: int,
+        module: Any,
+        args: Any,
+        kwargs: dict[str, Any],
+        device: int | None,
+        stream: Any,
+        state: _CallerState,
+        report: queue.SimpleQueue[tuple[int, bool, Any]],
+    ) -> None:
+        self.index, self.module, self.args, self.kwargs = index, module, args, kwargs
+        self.device, self.stream, self.state, self.report = device, stream, state, report
+
+    def __call__(self) -> None:
+        tag = Replication.of(self.module)
+        replication, copy_id = tag if tag is not None else (None, self.index)
+        group = replication.group if replication is not None else None
+        try:
+            with contextlib.ExitStack() as stack:
+                if group is not None:
+                    stack.enter_context(group.replica(copy_id))
+                if self.device is not None:
+                    stack.enter_context(torch.accelerator.device_index(self.device))
+                    stack.enter_context(self.stream)
+                stack.enter_context(self.state.applied())
+                args = self.args if isinstance(self.args, (list, tuple)) else (self.args,)
+                output = self.module(*args, **self.kwargs)
+        except BaseException as error:
+            if group is not None:
+                # The others may be waiting for this copy in a barrier: wake them, and let none write anything.
+                group.close(f"{ABORT_TAG}: replica {copy_id} raised {type(error).__name__}: {error}")
+            self.report.put((self.index, False, error))
+        else:
+            if group is not None:
+                group.copy_finished(copy_id)  # nobody waits for this copy any more
+            self.report.put((self.index, True, output))
+        finally:
+            self.module = self.args = self.kwargs = None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# parallel_apply
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _device_index(device: Any) -> int | None:
+    """None for the CPU (or no device given), else the accelerator index."""
+    if device is None:
+        return None
+    if isinstance(device, int):
+        return device
+    device = torch.device(device)
+    if device.type == "cpu":
+        return None
+    return device.index if device.index is not None else torch.accelerator.current_device_index()
+
+
+def _close_replications(replicas: Sequence[Any], reason: str) -> None:
+    """Closes the replications of ``replicas``, and aborts the barriers modules hold outside any replication."""
+    groups = {}
+    for replica in replicas:
+        tag = Replication.of(replica)
+        if tag is not None and tag[0].group is not None:
+            groups[id(tag[0].group)] = tag[0].group
+    for group in groups.values():
+        group.close(reason)
+    # Barriers of modules written against the established library's API (a SyncMaster held as an attribute,
+    # reset at each replication), which the group does not know.
+    seen: set[int] = set()
+    for replica in replicas:
+        if not isinstance(replica, torch.nn.Module):
+            continue
+        for m in replica.modules():
+            for value in vars(m).values():
+                if isinstance(value, _C.SyncMaster) and id(value) not in seen:
+                    seen.add(id(value))
+                    value.abort(reason)
+
+
+def _caused_by_closing(error: BaseException) -> bool:
+    return isinstance(error, _C.BarrierAbortedError) and ABORT_TAG in str(error)
+
+
+def parallel_apply(
+    modules: Sequence[Any],
+    inputs: Sequence[Any],
+    kwargs_tup: Sequence[dict[str, Any]] | None = None,
+    devices: Sequence[Any] | None = None,
+) -> list[Any]:
+    """Runs ``modules[i](*inputs[i], **kwargs_tup[i])`` for every ``i`` at once, one worker thread each.
+
+    ``devices[i]`` is replica ``i``'s accelerator (an index or device; it is made current, with its current
+    stream, in the replica's thread), or the CPU / ``None``. The caller's grad mode, inference mode and autocast
+    state apply in every replica. See the module's documentation for failures, interrupts and timeouts.
+
+    Returns:
+        The outputs, in replica order.
+
+    Raises:
+        The lowest copy id's exception (not counting errors the closing of the replication caused), the very
+        object the replica raised, with a note naming the replica; ``BarrierTimeoutError`` when replicas never
+        returned although one did.
+    """
+    n = len(modules)
+    if n != len(inputs):
+        raise ValueError(f"parallel apply: {n} replicas but {len(inputs)} inputs")
+    if kwargs_tup is None:
+        kwargs_tup = [{} for _ in modules]
+    elif len(kwargs_tup) != n:
+        raise ValueError(f"parallel apply: {n} replicas but {len(kwargs_tup)} kwargs")
+    indices = [_device_index(d) for d in devices] if devices is not None else [None] * n
+    if len(indices) != n:
+        raise ValueError(f"parallel apply: {n} replicas but {len(indices)} devices")
+    if n == 0:
+        return []
+    on_cpu = all(index is None for index in indices)
+    device_type = "cpu" if on_cpu else torch.accelerator.current_accelerator().type  # type: ignore[union-attr]
+    streams = [None if index is None else torch.accelerator.current_stream(index) for index in indices]
+    state = _CallerState(device_type)
+    timeout = _C.default_timeout_seconds()
+    wheres = [
+        f"in replica {i} on device {'cpu' if index is None else f'{device_type}:{index}'}"
+        for i, index in enumerate(indices)
+    ]
+
+    report: queue.SimpleQueue[tuple[int, bool, Any]] = queue.SimpleQueue()
+    workers = _POOL.acquire(n, max(1, torch.get_num_threads() // n) if on_cpu else None)
+    for i, worker in enumerate(workers):
+        worker.tasks.put(_ReplicaTask(i, modules[i], inputs[i], kwargs_tup[i], indices[i], streams[i], state, report))
+
+    outputs: dict[int, Any] = {}
+    errors: dict[int, BaseException] = {}
+    first_failure: float | None = None
+    first_return: float | None = None
+
+    def collect(block_until: float | None) -> bool:
+        """Takes one report, waiting until ``block_until`` (monotonic; None: for ever); False on timeout."""
+        nonlocal first_failure, first_return
+        wait = None if block_until is None else max(0.0, block_until - time.monotonic())
+        try:
+            index, ok, value = report.get(timeout=wait)
+        except queue.Empty:
+            return False
+        if ok:
+            outputs[index] = value
+            first_return = first_return if first_return is not None else time.monotonic()
+        else:
+            errors[index] = value
+            if first_failure is None:
+                first_failure = time.monotonic()
+                if len(errors) + len(outputs) < n:
+                    # The others may wait for this copy in a barrier the replication does not know (a module's
+                    # own SyncMaster): wake them too.
+                    _close_replications(modules, f"{ABORT_TAG}: replica {index} raised {type(value).__name__}")
+        return True
+
+    def pending() -> list[int]:
+        return [i for i in range(n) if i not in outputs and i not in errors]
+
+    try:
+        while pending():
+            if first_failure is not None:
+                until: float | None = first_failure + FAILURE_GRACE_SECONDS
+            elif first_return is not None and timeout <= 1e9:
+                until = first_return + timeout
+            else:
+                until = None
+            if not collect(until):
+                break
+    except BaseException as interrupt:  # KeyboardInterrupt (or any exception) in the calling thread
+        _close_replications(modules, f"{ABORT_TAG}: the calling thread was interrupted ({type(interrupt).__name__})")
+        deadline = time.monotonic() + INTERRUPT_GRACE_SECONDS
+        while pending() and collect(deadline):
+            pass
+        _give_up(workers, pending(), modules, "the calling thread was interrupted")
+        raise
+    missing = pending()
+    if missing:
+        _give_up(workers, missing, modules, "it did not return in time")
+    else:
+        _POOL.release(workers)
+
+    failures = sorted(errors)
+    if failures:
+        primary = [i for i in failures if not _caused_by_closing(errors[i])]
+        index = min(primary or failures)
+        error = errors[index]
+        error.add_note(f"(raised {wheres[index]})")
+        raise error
+    if missing:
+        returned = min(outputs)
+        raise _C.BarrierTimeoutError(
+            f"{ABORT_TAG}: replica(s) {missing} did not return within {timeout:g} s of replica {returned}'s "
+            "return; they were left running on their threads, and their replication was closed so that they can "
+            "write nothing (raise SYNCBN_TIMEOUT, in seconds, to wait longer)"
+        )
+    return [outputs[i] for i in range(n)]
+
+
+def _give_up(workers: Sequence[_Worker], missing: Sequence[int], modules: Sequence[Any], why: str) -> None:
+    """Leaves the replicas in ``missing`` behind (their replication closed) and returns the other workers."""
+    _close_replications(modules, f"{ABORT_TAG}: gave up on replica(s) {list(missing)}: {why}")
+    for i in missing:
+        workers[i].abandon(f"syncbn-abandoned-replica-{i}")
+    _POOL.release([w for i, w in enumerate(workers) if i not in missing])

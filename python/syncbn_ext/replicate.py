@@ -1,0 +1,259 @@
+"""Replication: CPU replicas of a module, and the replication callbacks that let the copies find each other.
+
+* :func:`replicate_on_cpu`: ``torch.nn.parallel.replicate`` for CPU replicas.
+* :class:`Replication`: one forward's replicas (any device) after the replication callbacks ran: their
+  replication group, and replica 0 working on copies of the original's buffers, written back only when every
+  replica succeeded (so a failed, interrupted or abandoned forward writes nothing to the model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from ._native import _C
+
+__all__ = ["Replication", "replicate_on_cpu"]
+
+M = TypeVar("M", bound=nn.Module)
+
+#: The attribute of a replica (in its ``__dict__``) naming its replication and copy id.
+REPLICATION_TAG = "_syncbn_replication"
+
+
+def _check_replicatable(module: nn.Module) -> None:
+    try:
+        from torch.nn.parallel.replicate import _replicatable_module
+    except ImportError:  # pragma: no cover - a private torch helper; its absence only skips the check
+        return
+    if not _replicatable_module(module):
+        raise RuntimeError("Cannot replicate network where python modules are children of ScriptModule")
+
+
+def replicate_on_cpu(module: M, n: int, *, detach: bool | None = None) -> list[M]:
+    """Makes ``n`` CPU replicas of ``module``, as ``torch.nn.parallel.replicate`` does for GPUs.
+
+    Every module of ``module.modules()`` is shallow-copied with ``_replicate_for_data_parallel()`` and the
+    copies are wired together as the originals are (a submodule shared by two parents stays shared inside
+    each replica). In each replica:
+
+    * parameters are differentiable views of the original parameters (``p.view_as(p)``), so gradients
+      flow back and accumulate on the original leaf parameters, like the broadcast copies on GPUs; with
+      ``detach`` they are ``p.detach()`` instead;
+    * buffers: replica 0 uses the original buffer tensors themselves (as device 0 does on GPUs, so running
+      statistics updated in replica 0 land on the original module); replicas ``1..n-1`` get clones,
+      detached unless the buffer requires grad and ``detach`` is false.
+
+    A ``torch.compile``'d module (``OptimizedModule``) replicates as a compiled module of the replica.
+
+    Args:
+        module: the module to replicate; its parameters and buffers must be on CPU.
+        n: the number of replicas (0 gives an empty list).
+        detach: cut the replicas' tensors from autograd; default ``not torch.is_grad_enabled()``, as
+            ``nn.DataParallel.replicate`` does.
+
+    Returns:
+        The ``n`` replicas, replica ``i`` for copy id ``i``. No replication callback has run yet: see
+        :func:`syncbn_ext.execute_replication_callbacks`.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"replicate_on_cpu: n must be a non-negative int, got {n!r}")
+    _check_replicatable(module)
+    if n == 0:
+        return []
+    if detach is None:
+        detach = not torch.is_grad_enabled()
+
+    params = list(module.parameters())
+    for p in params:
+        if nn.parameter.is_lazy(p):
+            raise ValueError("replicate_on_cpu: the module has uninitialized (lazy) parameters; run a forward first")
+    param_indices = {p: i for i, p in enumerate(params)}
+    param_copies = [[p.detach() if detach else p.view_as(p) for p in params] for _ in range(n)]
+
+    buffers = list(module.buffers())
+    buffer_indices = {b: i for i, b in enumerate(buffers)}
+
+    def buffer_copy(buf: torch.Tensor, copy_id: int) -> torch.Tensor:
+        if copy_id == 0:
+            return buf.detach() if detach and buf.requires_grad else buf
+        return buf.clone() if buf.requires_grad and not detach else buf.detach().clone()
+
+    buffer_copies = [[buffer_copy(b, j) for b in buffers] for j in range(n)]
+
+    modules = list(module.modules())
+    module_indices = {m: i for i, m in enumerate(modules)}
+    module_copies: list[list[nn.Module]] = [[] for _ in range(n)]
+    for m in modules:
+        for j in range(n):
+            replica = shallow_replica(m)
+            # As torch does for DDP, which reads the replicas' parameters from here.
+            replica.__dict__["_former_parameters"] = OrderedDict()
+            module_copies[j].append(replica)
+
+    for i, m in enumerate(modules):
+        for key, child in m._modules.items():
+            for j in range(n):
+                replica = module_copies[j][i]
+                if child is None:
+                    replica._modules[key] = None
+                else:
+                    setattr(replica, key, module_copies[j][module_indices[child]])
+        for key, param in m._parameters.items():
+            for j in range(n):
+                replica = module_copies[j][i]
+                if param is None:
+                    replica._parameters[key] = None
+                else:
+                    param_copy = param_copies[j][param_indices[param]]
+                    # No longer leaves: set as plain attributes, as torch does.
+                    setattr(replica, key, param_copy)
+                    replica._former_parameters[key] = param_copy
+        for key, buf in m._buffers.items():
+            for j in range(n):
+                replica = module_copies[j][i]
+                if buf is None:
+                    replica._buffers[key] = None
+                else:
+                    setattr(replica, key, buffer_copies[j][buffer_indices[buf]])
+
+    replicas = [module_copies[j][0] for j in range(n)]
+    rebind_compiled_modules(replicas)
+    return replicas  # type: ignore[return-value]
+
+
+def _optimized_module_type() -> type | None:
+    """torch.compile's module wrapper class, once torch._dynamo is loaded (no compiled module exists before)."""
+    if "torch._dynamo" not in sys.modules:
+        return None
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return OptimizedModule
+
+
+def shallow_replica(module: nn.Module) -> nn.Module:
+    """``module._replicate_for_data_parallel()``, also for a ``torch.compile`` wrapper (``OptimizedModule``).
+
+    The wrapper forwards attribute writes to the module it wraps, so the inherited method would write the replica's
+    ``_parameters``, ``_buffers`` and ``_modules`` into the *original* wrapped module (a ``Sequential`` would then
+    contain itself). Here the replica's dictionary is built directly.
+    """
+    optimized = _optimized_module_type()
+    if optimized is None or not isinstance(module, optimized):
+        return module._replicate_for_data_parallel()
+    replica = module.__new__(type(module))
+    state = module.__dict__.copy()
+    state.update(_parameters={}, _buffers=state["_buffers"].copy(), _modules=state["_modules"].copy(), _is_replica=True)
+    object.__setattr__(replica, "__dict__", state)
+    return replica
+
+
+def rebind_compiled_modules(replicas: Sequence[nn.Module]) -> None:
+    """Points each replicated ``torch.compile`` wrapper at its replica's module.
+
+    An ``OptimizedModule`` keeps its compiled forward in its ``__dict__``, bound to the module it wrapped: as
+    copied, the replica would run the *original* module. Rebinding compiles the replica's.
+    """
+    optimized = _optimized_module_type()
+    if optimized is None:
+        return
+    for replica in replicas:
+        for m in replica.modules():
+            if isinstance(m, optimized):
+                m._initialize()
+
+
+@contextlib.contextmanager
+def compiled_modules_replicable(module: nn.Module) -> Iterator[None]:
+    """While open, ``torch.nn.parallel.replicate`` copies the ``torch.compile`` wrappers in ``module`` safely.
+
+    Gives each wrapper an instance-level ``_replicate_for_data_parallel`` (:func:`shallow_replica`); removed on
+    exit, from the originals and from the replicas' copied dictionaries. Call :func:`rebind_compiled_modules` on
+    the replicas afterwards.
+    """
+    optimized = _optimized_module_type()
+    wrappers = [m for m in module.modules() if optimized is not None and isinstance(m, optimized)]
+    for wrapper in wrappers:
+        wrapper.__dict__["_replicate_for_data_parallel"] = _ReplicateOptimized(wrapper)
+    try:
+        yield
+    finally:
+        for wrapper in wrappers:
+            wrapper.__dict__.pop("_replicate_for_data_parallel", None)
+
+
+class _ReplicateOptimized:
+    def __init__(self, wrapper: nn.Module) -> None:
+        self.wrapper = wrapper
+
+    def __call__(self) -> nn.Module:
+        replica = shallow_replica(self.wrapper)
+        replica.__dict__.pop("_replicate_for_data_parallel", None)
+        return replica
+
+
+def _isolate_buffers(original: nn.Module, replica: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, int | None]]:
+    """Gives ``replica`` copies of the buffers it shares with ``original``.
+
+    Returns (original, copy, the copy's version) per buffer; the version is ``None`` for the buffers of norm layers,
+    which torch's kernels update in place without counting a version (``running_mean`` and co.).
+    """
+    links: list[tuple[torch.Tensor, torch.Tensor, int | None]] = []
+    copies: dict[int, torch.Tensor] = {}
+    for source, target in zip(original.modules(), replica.modules(), strict=False):
+        unversioned = isinstance(source, _NormBase)
+        for key, buf in target._buffers.items():
+            if buf is None or buf.requires_grad or source._buffers.get(key) is not buf:
+                continue
+            copy = copies.get(id(buf))
+            if copy is None:
+                copy = copies[id(buf)] = buf.detach().clone()
+                links.append((buf, copy, None if unversioned else copy._version))
+            target._buffers[key] = copy
+    return links
+
+
+class Replication:
+    """One forward's replicas after the replication callbacks ran.
+
+    Runs ``__data_parallel_replicate__(ctx, copy_id)`` on every module of every replica (see
+    :func:`syncbn_ext.execute_replication_callbacks`) and tags each replica with this replication and its copy id.
+    Given ``original`` (the replicated module), replica 0's buffers that are the original's become copies,
+    which :meth:`write_back` copies into the original's once the forward succeeded: nothing else a replica does
+    reaches the user's module, so a replica left running after its forward was given up can write nothing.
+
+    Attributes:
+        group: the ``ReplicationGroup`` shared by every context (``None`` without replicas).
+    """
+
+    def __init__(self, replicas: Sequence[nn.Module], original: nn.Module | None = None) -> None:
+        self.group: Any = None
+        self._links: list[tuple[torch.Tensor, torch.Tensor, int | None]] = []
+        if not replicas:
+            return
+        if original is not None:
+            self._links = _isolate_buffers(original, replicas[0])
+        self.group = _C.execute_replication_callbacks(list(replicas))[0].group
+        for copy_id, replica in enumerate(replicas):
+            replica.__dict__[REPLICATION_TAG] = (self, copy_id)
+
+    @staticmethod
+    def of(replica: Any) -> tuple[Replication, int] | None:
+        """(replication, copy id) of a replica made by a replication with callbacks, else ``None``."""
+        return getattr(replica, "__dict__", {}).get(REPLICATION_TAG)
+
+    def write_back(self) -> None:
+        """Copies each buffer replica 0 changed into the original's tensor (in place), unless closed."""
+        if self.group is not None and self.group.closed:
+            return
+        with torch.no_grad():
+            for original, copy, version in self._links:
+                if version is None or copy._version != version:
+                    original.copy_(copy)

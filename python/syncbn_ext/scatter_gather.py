@@ -1,0 +1,88 @@
+"""Scatter and gather for CPU replicas: ``torch.nn.parallel.scatter`` / ``gather`` without an accelerator."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["gather_on_cpu", "scatter_kwargs_on_cpu", "scatter_on_cpu"]
+
+
+def _is_namedtuple(obj: Any) -> bool:
+    return isinstance(obj, tuple) and hasattr(obj, "_asdict") and hasattr(obj, "_fields")
+
+
+def scatter_on_cpu(obj: Any, n: int, dim: int) -> list[Any]:
+    """``torch.nn.parallel.scatter`` for CPU: tensors split with ``chunk(n, dim)``, containers recursed."""
+
+    def scatter_map(obj: Any) -> list[Any]:
+        if isinstance(obj, torch.Tensor):
+            # Each replica gets its own copy of its slice (as each GPU does): an in-place layer must neither
+            # write into the caller's tensor nor rewrite the autograd history of a base shared by the threads.
+            return [chunk.clone() for chunk in obj.chunk(n, dim)]
+        if _is_namedtuple(obj):
+            return [type(obj)(*args) for args in zip(*map(scatter_map, obj), strict=False)]
+        if isinstance(obj, tuple) and len(obj) > 0:
+            return list(zip(*map(scatter_map, obj), strict=False))
+        if isinstance(obj, list) and len(obj) > 0:
+            return [list(i) for i in zip(*map(scatter_map, obj), strict=False)]
+        if isinstance(obj, dict) and len(obj) > 0:
+            return [type(obj)(i) for i in zip(*map(scatter_map, obj.items()), strict=False)]
+        return [obj for _ in range(n)]
+
+    try:
+        return scatter_map(obj)
+    finally:
+        scatter_map = None  # type: ignore[assignment]  # breaks the closure's reference cycle
+
+
+def scatter_kwargs_on_cpu(
+    inputs: tuple[Any, ...], kwargs: dict[str, Any] | None, n: int, dim: int
+) -> tuple[tuple[Any, ...], tuple[dict[str, Any], ...]]:
+    """Positional and keyword inputs split into at most ``n`` slices along ``dim`` (``scatter_kwargs`` on CPU)."""
+    scattered_inputs = scatter_on_cpu(inputs, n, dim) if inputs else []
+    scattered_kwargs = scatter_on_cpu(kwargs, n, dim) if kwargs else []
+    if not scattered_inputs:
+        scattered_inputs = [() for _ in scattered_kwargs]
+    elif not scattered_kwargs:
+        scattered_kwargs = [{} for _ in scattered_inputs]
+    else:
+        # Positional and keyword tensors of different batch sizes: as between two positional tensors, the
+        # number of slices is the smaller one.
+        count = min(len(scattered_inputs), len(scattered_kwargs))
+        scattered_inputs, scattered_kwargs = scattered_inputs[:count], scattered_kwargs[:count]
+    return tuple(scattered_inputs), tuple(scattered_kwargs)
+
+
+def gather_on_cpu(outputs: Sequence[Any], dim: int) -> Any:
+    """``torch.nn.parallel.gather`` for CPU: tensors concatenated with ``torch.cat`` (differentiable)."""
+
+    def gather_map(outputs: Sequence[Any]) -> Any:
+        out = outputs[0]
+        if isinstance(out, torch.Tensor):
+            tensors = list(outputs)
+            if dim == 0 and all(t.dim() == 0 for t in tensors):
+                warnings.warn(
+                    "Was asked to gather along dimension 0, but all input tensors were scalars; "
+                    "will instead unsqueeze and return a vector.",
+                    stacklevel=4,
+                )
+                tensors = [t.view(1) for t in tensors]
+            return torch.cat(tensors, dim)
+        if out is None:
+            return None
+        if isinstance(out, dict):
+            if not all(len(out) == len(d) for d in outputs):
+                raise ValueError("All dicts must have the same number of keys")
+            return type(out)((k, gather_map([d[k] for d in outputs])) for k in out)
+        if _is_namedtuple(out):
+            return type(out)._make(map(gather_map, zip(*outputs, strict=True)))
+        return type(out)(map(gather_map, zip(*outputs, strict=True)))
+
+    try:
+        return gather_map(outputs)
+    finally:
+        gather_map = None  # type: ignore[assignment]

@@ -1,0 +1,145 @@
+"""torch.utils.checkpoint around synchronized layers under the CPU wrapper: whole-batch gradients, or a clear error."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hang_guard import call_with_timeout
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import syncbn_ext
+from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm1d, SynchronizedBatchNorm2d
+
+C = 4
+
+
+class Checkpointed(nn.Module):
+    """Runs `block` under torch.utils.checkpoint (use_reentrant as given; None: no checkpoint)."""
+
+    def __init__(self, block: nn.Module, use_reentrant: bool | None = False, **options) -> None:
+        super().__init__()
+        self.block = block
+        self.use_reentrant = use_reentrant
+        self.options = options
+
+    def forward(self, x):
+        if self.use_reentrant is None:
+            return self.block(x)
+        return checkpoint(self.block, x, use_reentrant=self.use_reentrant, **self.options)
+
+
+def mlp_block(momentum=0.1):
+    return nn.Sequential(
+        nn.Linear(C, C),
+        SynchronizedBatchNorm1d(C, momentum=momentum),
+        nn.Tanh(),
+        nn.Linear(C, C),
+        SynchronizedBatchNorm1d(C, momentum=momentum),
+    )
+
+
+class ConvNet(nn.Module):
+    """A checkpointed conv block between plain layers; the block's layer is applied twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, C, 3, padding=1)
+        self.bn = SynchronizedBatchNorm2d(C)
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+        self.use_checkpoint = True
+
+    def block(self, x):
+        x = torch.relu(self.bn(x))
+        return self.bn(self.conv(x))  # the same layer twice in the checkpointed region
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = checkpoint(self.block, x, use_reentrant=False) if self.use_checkpoint else self.block(x)
+        return x.mean((2, 3))
+
+
+def train_step(module, x, grad):
+    x = x.clone().requires_grad_()
+    y = call_with_timeout(module, x)
+    y.backward(grad)
+    return y.detach(), x.grad
+
+
+def assert_parity(model, reference, x, replicas, steps=2):
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * replicas)
+    for step in range(steps):
+        torch.manual_seed(step)
+        grad = torch.randn(x.shape[0], C, dtype=x.dtype)
+        model.zero_grad()
+        reference.zero_grad()
+        y, x_grad = train_step(dp, x + step, grad)
+        y_ref, x_grad_ref = train_step(reference, x + step, grad)
+        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(x_grad, x_grad_ref, rtol=1e-10, atol=1e-10)
+        for (name, p), p_ref in zip(model.named_parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-10, msg=name)
+        # The recomputation in backward updated nothing: the running statistics are the single forward's.
+        for (name, b), b_ref in zip(model.named_buffers(), reference.buffers(), strict=True):
+            torch.testing.assert_close(b, b_ref, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_non_reentrant_checkpoint_gives_the_whole_batch_gradients(replicas, momentum):
+    torch.manual_seed(0)
+    model = Checkpointed(mlp_block(momentum)).double()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    reference.use_reentrant = None  # the reference runs without checkpointing
+    assert_parity(model, reference, torch.randn(9, C, dtype=torch.float64), replicas)
+    assert model.block[1].num_batches_tracked.item() == 2  # one count per forward, none per recomputation
+
+
+def test_a_layer_applied_twice_in_a_checkpointed_block():
+    torch.manual_seed(1)
+    model = ConvNet().double()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    reference.use_checkpoint = False
+    assert_parity(model, reference, torch.randn(6, 3, 5, 5, dtype=torch.float64), replicas=2)
+
+
+def test_reentrant_checkpoint_raises_an_error_that_says_what_to_do():
+    model = Checkpointed(mlp_block(), use_reentrant=True).double()
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2)
+    x = torch.randn(6, C, dtype=torch.float64, requires_grad=True)
+    y = call_with_timeout(dp, x)
+    with pytest.raises(RuntimeError, match=r"use_reentrant=True(.|\n)*use_reentrant=False"):
+        call_with_timeout(y.sum().backward)
+
+
+class Noisy(nn.Module):
+    """Adds fresh noise: a block that does not recompute what its forward computed (without saved RNG state)."""
+
+    def forward(self, x):
+        return x + torch.randn_like(x)
+
+
+def test_a_recomputation_that_differs_from_the_forward_is_an_error_naming_checkpointing():
+    block = nn.Sequential(Noisy(), SynchronizedBatchNorm1d(C))
+    model = Checkpointed(block, preserve_rng_state=False).double()
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2)
+    x = torch.randn(6, C, dtype=torch.float64, requires_grad=True)
+    y = call_with_timeout(dp, x)
+    with pytest.raises(RuntimeError, match=r"torch\.utils\.checkpoint(.|\n)*no call of its forward"):
+        call_with_timeout(y.sum().backward)
+
+
+def test_a_lone_layer_under_checkpoint_is_nn_batchnorm():
+    # Not replicated, the layer is nn.BatchNorm (which counts the batch again when recomputed).
+    torch.manual_seed(2)
+    model = Checkpointed(mlp_block()).double()
+    reference = copy.deepcopy(syncbn_ext.revert_model(copy.deepcopy(model)))
+    x = torch.randn(6, C, dtype=torch.float64)
+    grad = torch.randn(6, C, dtype=torch.float64)
+    y, x_grad = train_step(model, x, grad)
+    y_ref, x_grad_ref = train_step(reference, x, grad)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(x_grad, x_grad_ref)
+    assert model.block[1].num_batches_tracked.item() == reference.block[1].num_batches_tracked.item()

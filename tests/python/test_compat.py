@@ -1,0 +1,276 @@
+"""Nothing silently wrong: nn.BatchNorm's errors on the replicated path, tracing, scripting, exporting, compiled
+modules, torch's own SyncBatchNorm, and the exceptions replicas raise."""
+
+from __future__ import annotations
+
+import copy
+import errno
+
+import pytest
+import torch
+from hang_guard import call_with_timeout
+from torch import nn
+
+import syncbn_ext
+from syncbn_ext import (
+    DataParallelWithCallback,
+    SyncBatchNorm,
+    SynchronizedBatchNorm1d,
+    SynchronizedBatchNorm2d,
+    SynchronizedBatchNorm3d,
+)
+
+C = 3
+
+
+def outcome(fn, *args):
+    """(exception type, message) of fn(*args), or (None, None)."""
+    try:
+        fn(*args)
+    except Exception as error:
+        return type(error), str(error)
+    return None, None
+
+
+def replicated(layer, replicas=2):
+    return DataParallelWithCallback(layer, device_ids=["cpu"] * replicas)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# nn.BatchNorm's errors, on the replicated path too
+# ---------------------------------------------------------------------------------------------------------------
+
+ERROR_CASES = {
+    "eps zero": (dict(eps=0.0), lambda: torch.randn(6, C)),
+    "eps negative": (dict(eps=-1e-3), lambda: torch.randn(6, C)),
+    "eps zero, batch statistics in eval": (dict(eps=0.0, track_running_stats=False), lambda: torch.randn(6, C)),
+    "wrong dimensions": ({}, lambda: torch.randn(6, C, 2, 2)),
+    "wrong channel count": ({}, lambda: torch.randn(6, C + 1)),
+    "wrong dtype": ({}, lambda: torch.randn(6, C, dtype=torch.float64)),
+    "integer input": ({}, lambda: torch.ones(6, C, dtype=torch.long)),
+    "one value per channel": ({}, lambda: torch.randn(1, C)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_replicated_layers_raise_nn_batchnorms_errors(case, replicas):
+    options, make_input = ERROR_CASES[case]
+    ours = SynchronizedBatchNorm1d(C, **options)
+    reference = nn.BatchNorm1d(C, **options)
+    if "eval" in case:
+        ours.eval()
+        reference.eval()
+    x = make_input()
+    expected_type, expected_message = outcome(reference, x)
+    assert expected_type is not None, case
+    error_type, message = outcome(call_with_timeout, replicated(ours, replicas), x)
+    assert (error_type, message) == (expected_type, expected_message), case
+    if ours.num_batches_tracked is not None:
+        # Alone (one device) the layer is nn.BatchNorm, which counts the batch before it fails; replicated, a failed
+        # forward writes nothing.
+        expected = reference.num_batches_tracked.item() if replicas == 1 else 0
+        assert ours.num_batches_tracked.item() == expected
+
+
+@pytest.mark.parametrize("cls", [SynchronizedBatchNorm1d, SynchronizedBatchNorm2d, SynchronizedBatchNorm3d])
+def test_constructor_errors_are_nn_batchnorms(cls):
+    torch_cls = syncbn_ext.revert_model(cls(1)).__class__
+    for args in [(0,), (-1,), ("3",)]:
+        assert outcome(cls, *args)[0] is outcome(torch_cls, *args)[0], args
+
+
+def test_clamp_mode_rejects_non_positive_eps_too():
+    syncbn_ext.set_sbn_eps_mode("clamp")
+    try:
+        error_type, message = outcome(SynchronizedBatchNorm1d(C, eps=0.0), torch.randn(6, C))
+    finally:
+        syncbn_ext.set_sbn_eps_mode("plus")
+    assert error_type is ValueError and message == "batch_norm eps must be positive during training, but got 0.0"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tracing, exporting, scripting
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clamp_mode():
+    syncbn_ext.set_sbn_eps_mode("clamp")
+    yield
+    syncbn_ext.set_sbn_eps_mode("plus")
+
+
+def test_tracing_in_the_clamp_mode_with_batch_statistics_is_a_clear_error(clamp_mode):
+    layer = SynchronizedBatchNorm2d(C)
+    with pytest.raises(RuntimeError, match="cannot be traced or exported.*clamp eps mode"):
+        torch.jit.trace(layer, torch.randn(4, C, 3, 3), check_trace=False)
+    assert layer.num_batches_tracked.item() == 0
+
+
+def test_exporting_in_the_clamp_mode_with_batch_statistics_is_a_clear_error(clamp_mode):
+    with pytest.raises(Exception, match="cannot be traced or exported.*clamp eps mode"):
+        torch.export.export(SynchronizedBatchNorm2d(C), (torch.randn(4, C, 3, 3),))
+
+
+@pytest.mark.parametrize("eps_mode", ["plus", "clamp"])
+def test_tracing_and_exporting_in_eval_give_the_eager_result(eps_mode):
+    syncbn_ext.set_sbn_eps_mode(eps_mode)
+    try:
+        torch.manual_seed(0)
+        layer = SynchronizedBatchNorm2d(C)
+        layer(torch.randn(8, C, 3, 3) * 2 + 1)  # some running statistics
+        layer.eval()
+        x = torch.randn(4, C, 3, 3)
+        torch.testing.assert_close(torch.jit.trace(layer, x)(x), layer(x))
+        torch.testing.assert_close(torch.export.export(layer, (x,)).module()(x), layer(x))
+    finally:
+        syncbn_ext.set_sbn_eps_mode("plus")
+
+
+def test_tracing_a_lone_layer_in_training_gives_nn_batchnorms_trace():
+    layer = SynchronizedBatchNorm2d(C)
+    reference = nn.BatchNorm2d(C)
+    x = torch.randn(4, C, 3, 3)
+    traced = torch.jit.trace(layer, x, check_trace=False)
+    x2 = torch.randn(5, C, 3, 3) * 3
+    torch.testing.assert_close(traced(x2), reference(x2))
+
+
+def test_scripting_is_a_clear_error_that_says_what_to_do():
+    model = nn.Sequential(nn.Linear(C, C), SynchronizedBatchNorm1d(C))
+    with pytest.raises(RuntimeError, match=r"torch.jit.script does not support SynchronizedBatchNorm1d(.|\n)*revert"):
+        torch.jit.script(model)
+    assert isinstance(model[1], SynchronizedBatchNorm1d)  # the model was left as it was
+    scripted = torch.jit.script(syncbn_ext.revert_model(copy.deepcopy(model)))
+    x = torch.randn(4, C)
+    model.eval()
+    scripted.eval()
+    torch.testing.assert_close(scripted(x), model(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch's own nn.SyncBatchNorm, and our drop-in for it
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(8, C), (8, C, 5), (8, C, 4, 4), (8, C, 2, 3, 3)])
+def test_convert_model_turns_torchs_sync_batchnorm_into_ours_with_its_state(shape):
+    torch.manual_seed(0)
+    torch_layer = nn.SyncBatchNorm(C, momentum=None).double()
+    with torch.no_grad():
+        torch_layer.weight.uniform_(0.5, 1.5)
+        torch_layer.running_mean.uniform_(-1, 1)
+    torch_layer.num_batches_tracked += 3
+    weight = torch_layer.weight
+    reference = nn.BatchNorm1d(C, momentum=None).double() if len(shape) < 4 else None
+    state = copy.deepcopy(torch_layer.state_dict())
+    model = nn.Sequential(torch_layer)
+    converted = syncbn_ext.convert_model(model)
+    layer = converted[0]
+    assert type(layer) is SyncBatchNorm and layer.weight is weight and layer.momentum is None
+    for key, value in state.items():
+        assert torch.equal(layer.state_dict()[key], value), key
+    # Under the wrapper, the whole batch's statistics, whatever the input's dimensionality.
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = call_with_timeout(replicated(converted, 3), x)
+    ref = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape)](C, momentum=None)
+    ref = ref.double()
+    ref.load_state_dict(state)
+    torch.testing.assert_close(y, ref(x))
+    torch.testing.assert_close(layer.running_mean, ref.running_mean)
+    assert layer.num_batches_tracked.item() == 4
+    del reference
+
+
+def test_sync_batchnorm_is_a_drop_in_for_torchs():
+    ours, theirs = SyncBatchNorm(C, eps=1e-3, momentum=0.2, affine=False), nn.SyncBatchNorm(C, 1e-3, 0.2, False)
+    assert repr(ours) == repr(theirs)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for bad in [torch.randn(4), torch.randn(4, 0, 2)]:
+        assert outcome(ours, bad) == outcome(theirs, bad)
+
+
+def test_convert_sync_batchnorm_converts_every_kind_of_batchnorm():
+    model = nn.Sequential(
+        nn.BatchNorm1d(C), nn.BatchNorm2d(C), nn.SyncBatchNorm(C), SynchronizedBatchNorm3d(C), nn.InstanceNorm2d(C)
+    )
+    weights = [m.weight for m in model[:4]]
+    converted = SyncBatchNorm.convert_sync_batchnorm(model, process_group="group")
+    assert [type(m) for m in converted] == [SyncBatchNorm] * 4 + [nn.InstanceNorm2d]
+    assert [m.weight for m in converted[:4]] == weights
+    assert all(m.process_group == "group" for m in converted[:4])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compiled modules
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_replicating_a_compiled_module_matches_the_whole_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(C, C), SynchronizedBatchNorm1d(C), nn.ReLU(), nn.Linear(C, 2)).double()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    compiled = torch.compile(model)
+    dp = replicated(compiled, 2)
+    x = torch.randn(8, C, dtype=torch.float64)
+    y = call_with_timeout(dp, x, timeout=300)
+    y_ref = reference(x)
+    torch.testing.assert_close(y, y_ref)
+    y.sum().backward()
+    y_ref.sum().backward()
+    for p, p_ref in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad)
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
+    # The original compiled module was left intact (torch's replicate would have rewired it into itself).
+    assert list(compiled._orig_mod) == list(model)
+    torch.testing.assert_close(compiled(x), reference(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A replica's exception reaches the caller as it was raised
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class TwoArgumentError(Exception):
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(code, detail)
+        self.code = code
+        self.detail = detail
+
+
+class RaiseInCopy(nn.Module):
+    def __init__(self, copy_id, make_error):
+        super().__init__()
+        self.target, self.make_error, self.copy_id = copy_id, make_error, None
+
+    def __data_parallel_replicate__(self, ctx, copy_id):
+        self.copy_id = copy_id
+
+    def forward(self, x):
+        if self.copy_id == self.target:
+            raise self.make_error()
+        return x
+
+
+@pytest.mark.parametrize(
+    "make_error, check",
+    [
+        (lambda: TwoArgumentError(7, "seven"), lambda e: (e.code, e.detail, e.args) == (7, "seven", (7, "seven"))),
+        (lambda: OSError(errno.ENOENT, "missing", "file.txt"), lambda e: (e.errno, e.filename) == (2, "file.txt")),
+        (lambda: SystemExit(3), lambda e: e.code == 3),
+    ],
+)
+def test_a_replicas_exception_is_re_raised_as_the_same_object_with_a_note(make_error, check):
+    raised = []
+
+    def make():
+        raised.append(make_error())
+        return raised[-1]
+
+    dp = replicated(nn.Sequential(RaiseInCopy(1, make), SynchronizedBatchNorm1d(C)), 3)
+    with pytest.raises(BaseException) as info:
+        call_with_timeout(dp, torch.randn(6, C))
+    assert info.value is raised[0]
+    assert check(info.value)
+    assert info.value.__notes__ == ["(raised in replica 1 on device cpu)"]

@@ -1,0 +1,321 @@
+"""Nothing left running, nothing written late: Ctrl-C, stuck replicas, timeouts, and patched nn.DataParallel."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hang_guard import call_with_timeout
+from torch import nn
+
+import syncbn_ext
+from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm1d, replicate_on_cpu
+from syncbn_ext.data_parallel import _PatchedParallelApply
+from syncbn_ext.parallel_apply import FAILURE_GRACE_SECONDS, replica_threads_running
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "benchmarks"))
+import established_sync_master  # noqa: E402  (a re-implementation of the established library's pure-Python barrier)
+
+C = 3
+
+
+def wait_for_replica_threads(timeout: float) -> None:
+    """Waits until no replica thread runs (the ones left behind end when their replica returns)."""
+    deadline = time.monotonic() + timeout
+    while replica_threads_running():
+        assert time.monotonic() < deadline, [t.name for t in replica_threads_running()]
+        time.sleep(0.05)
+
+
+def forward_error(fn, *args):
+    """fn(*args) under the hang guard: the exception it raised, and how long it took."""
+    start = time.monotonic()
+    try:
+        call_with_timeout(fn, *args)
+    except Exception as error:  # handed to the test
+        return error, time.monotonic() - start
+    pytest.fail("expected an exception")
+
+
+class BlockInCopy(nn.Module):
+    """Blocks in the replica with copy id `copy_id` until `release` is set (a replica stuck for good)."""
+
+    def __init__(self, copy_id: int) -> None:
+        super().__init__()
+        self.target = copy_id
+        self.release = threading.Event()
+        self.copy_id = None
+
+    def __data_parallel_replicate__(self, ctx, copy_id):
+        self.copy_id = copy_id
+
+    def forward(self, x):
+        if self.copy_id == self.target:
+            self.release.wait(60)
+        return x
+
+
+def state_of(model):
+    return copy.deepcopy(model.state_dict())
+
+
+def assert_state_unchanged(model, before):
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ctrl-C
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_reaches_the_caller_at_once_and_the_slow_replica_writes_nothing_when_it_wakes():
+    result = subprocess.run(
+        [sys.executable, str(HERE / "interrupt_scenario.py")], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["raised"] == "KeyboardInterrupt"
+    assert report["latency"] < 1.2, report  # not when the slow replica (3 s) arrives
+    assert report["left_behind"] == ["syncbn-abandoned-replica-0"]  # the slow replica, still asleep
+    assert report["changed_at_interrupt"] == []
+    # It woke, ran a plain nn.BatchNorm1d and reached a synchronized layer: nothing reached the model.
+    assert report["changed_after_wake"] == []
+    assert report["left_after_wake"] == []  # and its thread ended
+    assert report["next_forward_error"] < 1e-12
+    assert report["next_running_mean_error"] < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stuck replicas and SYNCBN_TIMEOUT
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_a_replica_stuck_for_ever_before_its_layer_is_left_behind_at_the_timeout(monkeypatch):
+    monkeypatch.setenv("SYNCBN_TIMEOUT", "0.5")
+    blocker = BlockInCopy(1)
+    model = nn.Sequential(blocker, SynchronizedBatchNorm1d(C), nn.BatchNorm1d(C)).double()
+    before = state_of(model)
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 3)
+    try:
+        error, elapsed = forward_error(dp, torch.randn(6, C, dtype=torch.float64))
+        assert isinstance(error, syncbn_ext.BarrierTimeoutError), repr(error)
+        assert "layer '1: SynchronizedBatchNorm1d(3)' (synchronized call 1)" in str(error)
+        assert "copies that never arrived: [1]" in str(error)
+        assert elapsed < 0.5 + FAILURE_GRACE_SECONDS + 2.0, elapsed
+        assert [t.name for t in replica_threads_running()] == ["syncbn-abandoned-replica-1"]
+        assert_state_unchanged(model, before)
+    finally:
+        blocker.release.set()
+    wait_for_replica_threads(timeout=10)  # it woke, was refused at its barrier, and ended
+    assert_state_unchanged(model, before)
+    # The next forward works: the synchronized layer has the whole batch's statistics.
+    blocker.target = -1
+    reference = nn.BatchNorm1d(C).double()
+    reference.load_state_dict(model[1].state_dict())
+    x = torch.randn(6, C, dtype=torch.float64)
+    call_with_timeout(dp, x)
+    reference(x)
+    torch.testing.assert_close(model[1].running_mean, reference.running_mean)
+    torch.testing.assert_close(model[1].running_var, reference.running_var)
+
+
+def test_a_replica_stuck_after_the_others_returned_is_bounded_by_the_timeout(monkeypatch):
+    # No barrier waits for it (no synchronized layer after it): the forward is bounded all the same.
+    monkeypatch.setenv("SYNCBN_TIMEOUT", "0.5")
+    blocker = BlockInCopy(2)
+    model = nn.Sequential(nn.BatchNorm1d(C), blocker).double()
+    before = state_of(model)
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 3)
+    try:
+        error, elapsed = forward_error(dp, torch.randn(6, C, dtype=torch.float64))
+        assert isinstance(error, syncbn_ext.BarrierTimeoutError), repr(error)
+        assert "replica(s) [2] did not return within 0.5 s" in str(error)
+        assert elapsed < 5, elapsed
+        assert_state_unchanged(model, before)  # replica 0 finished, but the forward failed: no write-back
+    finally:
+        blocker.release.set()
+    wait_for_replica_threads(timeout=10)
+    assert_state_unchanged(model, before)
+
+
+class VendoredSyncBatchNorm(nn.Module):
+    """A client's own copy of the established library's layer: its pure-Python SyncMaster, whose master callback
+    fails on CPU (it reduces with CUDA-only communication), leaving the other copies waiting in its queue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sync_master = established_sync_master.SyncMaster(self._data_parallel_master)
+        self._parallel_id = None
+        self._slave_pipe = None
+
+    def __data_parallel_replicate__(self, ctx, copy_id):
+        self._parallel_id = copy_id
+        if copy_id == 0:
+            ctx.sync_master = self._sync_master
+        else:
+            self._slave_pipe = ctx.sync_master.register_slave(copy_id)
+
+    def _data_parallel_master(self, intermediates):
+        raise RuntimeError("reduce_add: CUDA tensors expected")
+
+    def forward(self, x):
+        if self._parallel_id == 0:
+            self._sync_master.run_master(x.sum())
+        else:
+            self._slave_pipe.run_slave(x.sum())
+        return x
+
+
+def test_a_failed_replica_is_reported_whatever_the_others_are_blocked_in():
+    layer = VendoredSyncBatchNorm()
+    dp = DataParallelWithCallback(layer, device_ids=["cpu"] * 2)
+    replicas = []
+    original_replicate = dp.replicate
+
+    def replicate(module, device_ids):
+        replicas[:] = original_replicate(module, device_ids)
+        return replicas
+
+    dp.replicate = replicate
+    error, elapsed = forward_error(dp, torch.randn(4, C))
+    assert type(error) is RuntimeError and str(error) == "reduce_add: CUDA tensors expected"
+    assert error.__notes__ == ["(raised in replica 0 on device cpu)"]
+    assert elapsed < FAILURE_GRACE_SECONDS + 3.0, elapsed
+    # Replica 1 still waits in the client's own queue, which nothing of ours can wake: left behind.
+    assert [t.name for t in replica_threads_running()] == ["syncbn-abandoned-replica-1"]
+    replicas[1]._slave_pipe.result.put(0.0)  # what the client's master would have sent
+    wait_for_replica_threads(timeout=10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# patch(nn.DataParallel): the same failure and finish handling
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class CpuDataParallel(nn.DataParallel):
+    """An nn.DataParallel subclass that brings its own replicate and parallel_apply, on CPU threads."""
+
+    def __init__(self, module: nn.Module, replicas: int) -> None:
+        nn.Module.__init__(self)
+        self.module = module
+        self.device_ids = list(range(replicas))
+        self.dim = 0
+
+    def forward(self, x):
+        slices = x.chunk(len(self.device_ids))
+        replicas = self.replicate(self.module, self.device_ids[: len(slices)])
+        outputs = self.parallel_apply(replicas, [(s,) for s in slices], [{} for _ in slices])
+        return torch.cat(outputs)
+
+    def replicate(self, module, device_ids):
+        return replicate_on_cpu(module, len(device_ids))
+
+    def parallel_apply(self, replicas, inputs, kwargs):
+        results: dict[int, object] = {}
+
+        def run(i):
+            try:
+                results[i] = replicas[i](*inputs[i], **kwargs[i])
+            except BaseException as error:
+                results[i] = error
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(replicas))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for i in range(len(replicas)):
+            if isinstance(results[i], BaseException):
+                raise results[i]
+        return [results[i] for i in range(len(replicas))]
+
+
+class RaiseInCopy(nn.Module):
+    def __init__(self, copy_id):
+        super().__init__()
+        self.target = copy_id
+        self.copy_id = None
+
+    def __data_parallel_replicate__(self, ctx, copy_id):
+        self.copy_id = copy_id
+
+    def forward(self, x):
+        if self.copy_id == self.target:
+            raise KeyError("replica failure")
+        return x
+
+
+class CallsTwiceInCopy(nn.Module):
+    def __init__(self, copy_id):
+        super().__init__()
+        self.target = copy_id
+        self.copy_id = None
+        self.bn = SynchronizedBatchNorm1d(C)
+
+    def __data_parallel_replicate__(self, ctx, copy_id):
+        self.copy_id = copy_id
+
+    def forward(self, x):
+        y = self.bn(x)
+        return self.bn(y) if self.copy_id == self.target else y
+
+
+@pytest.fixture
+def long_timeout(monkeypatch):
+    # A copy woken only by the timeout would trip the hang guard: it must be woken at once.
+    monkeypatch.setenv("SYNCBN_TIMEOUT", "120")
+
+
+def test_patch_gives_a_subclass_with_its_own_parallel_apply_the_failure_handling(long_timeout):
+    model = nn.Sequential(RaiseInCopy(1), SynchronizedBatchNorm1d(C))
+    before = state_of(model)
+    dp = syncbn_ext.patch(CpuDataParallel(model, 3))
+    assert isinstance(dp.parallel_apply, _PatchedParallelApply)
+    error, elapsed = forward_error(dp, torch.randn(6, C))
+    # Its parallel_apply raises what it raises first (copy 0's wake-up or copy 1's KeyError): either way, nobody
+    # waited for the timeout, and nothing was written.
+    assert isinstance(error, (KeyError, syncbn_ext.BarrierAbortedError)), repr(error)
+    assert elapsed < 10, elapsed
+    assert_state_unchanged(model, before)
+
+
+def test_patch_catches_call_count_mismatches_when_a_copy_finishes(long_timeout):
+    dp = syncbn_ext.patch(CpuDataParallel(CallsTwiceInCopy(1), 2))
+    error, _ = forward_error(dp, torch.randn(4, C))
+    assert isinstance(error, syncbn_ext.BarrierError), repr(error)
+    assert "finished its forward after 1 synchronized call(s), but copy 1 made call 2" in str(error)
+
+
+def test_a_patched_subclass_synchronizes_and_writes_back_replica_0s_buffers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(C, C), SynchronizedBatchNorm1d(C), nn.BatchNorm1d(C)).double()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    dp = syncbn_ext.patch(CpuDataParallel(model, 2))
+    x = torch.randn(8, C, dtype=torch.float64)
+    call_with_timeout(dp, x)
+    hidden = reference[0:2](x)  # the synchronized layer: whole-batch statistics
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var)
+    # The plain layer ran per replica: replica 0's statistics (of the first half) land on the model.
+    torch.testing.assert_close(model[2].running_mean, 0.1 * hidden[:4].mean(0).detach())
+    assert model[2].num_batches_tracked.item() == 1
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_patched_gpu_data_parallel_fails_fast_and_writes_nothing(long_timeout):
+    model = nn.Sequential(RaiseInCopy(1), SynchronizedBatchNorm1d(C)).cuda()
+    before = state_of(model)
+    dp = syncbn_ext.patch(nn.DataParallel(model, device_ids=[0, 1]))
+    error, elapsed = forward_error(dp, torch.randn(4, C, device="cuda"))
+    assert type(error) is KeyError and error.__notes__ == ["(raised in replica 1 on device cuda:1)"]
+    assert elapsed < 10
+    assert_state_unchanged(model, before)
