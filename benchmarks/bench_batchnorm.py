@@ -84,6 +84,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import established_batchnorm  # noqa: E402  (beside this file)
+import wrapper_cost  # noqa: E402  (beside this file)
 
 import syncbn_ext  # noqa: E402
 
@@ -446,7 +447,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads in every process (default: torch's own)"
     )
-    parser.add_argument("--only", choices=[key for key, _, _ in ROWS], nargs="+", help="run only these benchmarks")
+    parser.add_argument(
+        "--only", choices=[*(key for key, _, _ in ROWS), "wrapper"], nargs="+", help="run only these benchmarks"
+    )
     parser.add_argument(
         "--profile", action="store_true", help="also print each variant's top ops in the layer benchmark (profiler)"
     )
@@ -483,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    selected = args.only or [key for key, _, _ in ROWS]
+    selected = args.only or [*(key for key, _, _ in ROWS), "wrapper"]
     log(
         f"syncbn_ext {syncbn_ext.__version__} ({getattr(syncbn_ext.load_info, 'how', '?')} _C), "
         f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
@@ -519,22 +522,29 @@ def main(argv: list[str] | None = None) -> int:
         results["memory"] = summarize(samples)
         results["memory"]["calibration_mb"] = calibration
         log(f"  memory done ({time.perf_counter() - began:.1f} s)")
+    wrapper = None
+    if "wrapper" in selected:
+        image_size = 64 if args.quick else 128
+        wrapper = wrapper_cost.run(args.iters, args.rounds, args.mem_rounds, image_size, args.threads, log)
     elapsed = time.perf_counter() - began
     load_after = os.getloadavg()
 
-    print(format_table(results))
-    print(
-        f"\ntime: median of {args.rounds} interleaved rounds x {args.iters} iterations; memory: peak RSS growth of one "
-        f"iteration, {'one fresh process' if args.quick else 'fresh process per variant'} "
-        f"(calibration {CALIBRATION_MB} MiB -> "
-        + (f"{statistics.median(results['memory']['calibration_mb']):.1f} MB)" if "memory" in results else "not run)")
-        + f"; {elapsed:.1f} s"
-    )
-    print(
-        "per-round ratios ours/torch: "
-        + ", ".join(f"{key} {results[key]['round_ratio_ours']:.3f}" for key, _, _ in ROWS if key in results)
-        + f"; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"
-    )
+    if results:
+        print(format_table(results))
+        print(
+            f"\ntime: median of {args.rounds} interleaved rounds x {args.iters} iterations; memory: peak RSS growth of "
+            f"one iteration, {'one fresh process' if args.quick else 'fresh process per variant'} "
+            f"(calibration {CALIBRATION_MB} MiB -> "
+            + (f"{statistics.median(results['memory']['calibration_mb']):.1f} MB)" if "memory" in results else "not run)")
+            + f"; {elapsed:.1f} s"
+        )
+        print(
+            "per-round ratios ours/torch: "
+            + ", ".join(f"{key} {results[key]['round_ratio_ours']:.3f}" for key, _, _ in ROWS if key in results)
+            + f"; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"
+        )
+    if wrapper is not None:
+        print(("\n" if results else "") + wrapper_cost.format_table(wrapper))
     if max(load_before[0], load_after[0]) > 1.0 and args.threads is None:
         print(
             "note: other processes were running (load average above 1). With several intra-op threads per replica "
@@ -544,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     if not correct:
         print(f"CHECK FAILED: {', '.join(failed)} do(es) not match nn.BatchNorm2d on the whole batch")
     met = correct and all(row["ratio_ours"] <= TARGET_RATIO for row in results.values())
+    met = met and (wrapper is None or wrapper["met"])
     print("targets: " + ("all met" if met else "MISSED"))
     if args.profile:
         print("\n" + profile_layer(args.iters * 2))
@@ -569,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
             "correct": correct,
             "targets_met": met,
             "results": results,
+            "wrapper": wrapper,
         }
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)

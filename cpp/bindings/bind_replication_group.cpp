@@ -59,6 +59,23 @@ void bind_replication_group(py::module_& m) {
            "write of its replicas is refused with BarrierAbortedError.")
       .def_property_readonly("closed", &ReplicationGroup::closed)
       .def_property_readonly("close_reason", &ReplicationGroup::close_reason)
+      .def_property(
+          "parallel_backward", [](const ReplicationGroup& self) { return self.backward()->parallel(); },
+          [](const ReplicationGroup& self, bool parallel) { self.backward()->set_parallel(parallel); },
+          "Whether each replica's backward runs on a thread of its own (its synchronized layers then meet in "
+          "backward); default False.")
+      .def(
+          "begin_backward", [](const ReplicationGroup& self) { self.backward()->begin_run(); },
+          py::call_guard<py::gil_scoped_release>(), "A parallel backward run starts.")
+      .def(
+          "backward_done", [](const ReplicationGroup& self, int64_t copy_id) { self.backward()->copy_done(copy_id); },
+          py::arg("copy_id"), py::call_guard<py::gil_scoped_release>(),
+          "Copy `copy_id`'s backward task of this run ended: nobody waits for it any more.")
+      .def(
+          "abort_backward",
+          [](const ReplicationGroup& self, const std::string& reason) { self.backward()->close(reason); },
+          py::arg("reason"), py::call_guard<py::gil_scoped_release>(),
+          "A backward task failed: every copy waiting in the parallel backward fails.")
       .def(
           "replica",
           [](const std::shared_ptr<ReplicationGroup>& self, int64_t copy_id) {

@@ -8,6 +8,7 @@ namespace syncbn::python {
 void bind_batch_norm(pybind11::module_& m);
 void bind_errors(pybind11::module_& m);
 void bind_callback_context(pybind11::module_& m);
+void bind_replica_graph(pybind11::module_& m);
 void bind_replicate(pybind11::module_& m);
 void bind_replication_group(pybind11::module_& m);
 void bind_sync_master(pybind11::module_& m);

@@ -6,6 +6,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   syncbn::python::bind_version(m);
   syncbn::python::bind_callback_context(m);
   syncbn::python::bind_replicate(m);
+  syncbn::python::bind_replica_graph(m);
   syncbn::python::bind_replication_group(m);
   syncbn::python::bind_sync_master(m);
   syncbn::python::bind_batch_norm(m);

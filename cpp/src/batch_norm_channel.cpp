@@ -61,7 +61,7 @@ std::shared_ptr<BatchNormChannel> BatchNormChannel::of(CallbackContext& context,
   if (auto channel = shared.try_get<std::shared_ptr<BatchNormChannel>>(key)) return *channel;
   std::shared_ptr<BatchNormChannel> channel;
   if (copy_id == 0) {
-    auto master = std::make_shared<SyncMaster>(batch_norm_master_callback());
+    auto master = std::make_shared<SyncMaster>(batch_norm_master_callback(group ? group->backward() : nullptr));
     master->set_label("synchronized BatchNorm");
     if (group) group->add_barrier(master);
     channel = std::make_shared<BatchNormChannel>(0, master, nullptr, group);
@@ -140,6 +140,11 @@ Message BatchNormChannel::recall(const Message& message, int64_t layer_position,
               "the whole batch's gradients cannot be formed. Use torch.utils.checkpoint(..., use_reentrant=False); ",
               kCheckpointAdvice);
   return best->merged;
+}
+
+std::shared_ptr<ReplicaBackward> BatchNormChannel::backward() const {
+  auto group = group_.lock();
+  return group ? group->backward() : nullptr;
 }
 
 void BatchNormChannel::close(const std::string& reason) const {

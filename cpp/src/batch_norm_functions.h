@@ -1,4 +1,5 @@
-// Private to the core: the autograd nodes of the synchronized BatchNorm forward.
+// Private to the core: the per-replica autograd functions of the synchronized
+// BatchNorm forward (the merge across replicas is in merge_nodes.h).
 //
 // The graph of one pass over R replicas:
 //
@@ -7,18 +8,11 @@
 //            |                                                               made by the master) |
 //            +-- (dy token, scale token) ----> Normalize_i(x_i, (mean, var)_i, w, b) -> y_i <-----+
 //
-// Backward needs no barrier: autograd sums every ShareStats_i's gradient for the
-// shared (mean, var), MergeStats hands each LocalStats_i its share, and
-// LocalStats_i then computes dx_i in one pass. Normalize_i passes dy_i and the
+// LocalStats_i then computes dx_i in one pass: Normalize_i passes dy_i and the
 // per-channel scale w * invstd to LocalStats_i as the gradients of two token
 // inputs (zero-cost tensors LocalStats_i outputs and Normalize_i ignores), so
 // the input gradient is one elementwise pass, as in nn.BatchNorm, instead of
 // two gradients that autograd would have to add.
-//
-// Every node is created, and gets its graph edges, on one thread: MergeStats and
-// the ShareStats_i on the master's, LocalStats_i and Normalize_i on replica i's.
-// (Making an edge to a node writes to that node, so R threads linking their
-// Normalize_i to one shared node would race.)
 #pragma once
 
 #include <string>
@@ -73,69 +67,6 @@ struct LocalStatsFunction : Function<LocalStatsFunction> {
     at::Tensor shift = grad_mean.defined() ? grad_mean / static_cast<double>(count) : zeros;
     return {backward_elemt(dy.defined() ? dy : at::zeros_like(input), input, mean, dy_scale, x_scale, shift)};
   }
-};
-
-struct MergeStatsFunction : Function<MergeStatsFunction> {
-  static variable_list forward(AutogradContext* ctx, at::TensorList means, at::TensorList m2s,
-                               std::vector<int64_t> counts) {
-    const at::Device device = means[0].device();
-    std::vector<at::Tensor> local_means, local_m2s;
-    for (size_t i = 0; i < means.size(); ++i) {
-      local_means.push_back(means[i].to(device));
-      local_m2s.push_back(m2s[i].to(device));
-    }
-    at::Tensor stacked_means = at::stack(local_means);
-    at::Tensor count_tensor = at::tensor(counts, at::TensorOptions().dtype(at::kLong)).to(device);
-    auto [mean, var] = merge_stats(count_tensor, stacked_means, at::stack(local_m2s));
-    std::vector<std::string> devices;  // each replica's gradient goes back to its own device
-    for (const auto& m : means) devices.push_back(m.device().str());
-    ctx->save_for_backward({stacked_means, mean});
-    ctx->saved_data["counts"] = counts;
-    ctx->saved_data["devices"] = devices;
-    ctx->set_materialize_grads(false);
-    return {mean, var};
-  }
-
-  // mean = sum n_i mean_i / n; var = (sum m2_i + sum n_i (mean_i - mean)^2) / n, so
-  // d/d mean_i = n_i/n (d mean + 2 (mean_i - mean) d var) and d/d m2_i = d var / n.
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& stacked_means = saved[0];
-    const at::Tensor& mean = saved[1];
-    const auto counts = ctx->saved_data["counts"].toIntVector();
-    const auto devices = ctx->saved_data["devices"].toList();  // of strings
-    const at::Tensor &grad_mean = grads[0], &grad_var = grads[1];
-    const size_t replicas = counts.size();
-    variable_list result(2 * replicas + 1);  // means..., m2s..., counts
-    if (!grad_mean.defined() && !grad_var.defined()) return result;
-    int64_t total = 0;
-    for (int64_t n : counts) total += n;
-    if (total == 0) return result;
-    at::Tensor weights = (at::tensor(counts, stacked_means.options().dtype(at::kDouble)) / static_cast<double>(total))
-                             .to(stacked_means.scalar_type())
-                             .unsqueeze(1);
-    at::Tensor grad_means = at::zeros_like(stacked_means);
-    if (grad_mean.defined()) grad_means = grad_means + grad_mean.unsqueeze(0) * weights;
-    if (grad_var.defined()) grad_means = grad_means + (stacked_means - mean) * (grad_var.unsqueeze(0) * 2) * weights;
-    at::Tensor grad_m2 = grad_var.defined() ? grad_var / static_cast<double>(total) : at::Tensor();
-    for (size_t i = 0; i < replicas; ++i) {
-      const at::Device device(devices.get(i).toStringRef());
-      result[i] = grad_means[i].to(device);
-      if (grad_m2.defined()) result[replicas + i] = grad_m2.to(device);
-    }
-    return result;
-  }
-};
-
-// The merged statistics as one copy receives them: a node of the copy's own
-// (made by the master), so that the copy's Normalize links to it, not to the
-// MergeStats node every copy shares. Backward passes the gradients through.
-struct ShareStatsFunction : Function<ShareStatsFunction> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& mean, const at::Tensor& var) {
-    ctx->set_materialize_grads(false);
-    return {mean.clone(), var.clone()};
-  }
-  static variable_list backward(AutogradContext*, variable_list grads) { return {grads[0], grads[1]}; }
 };
 
 struct NormalizeFunction : Function<NormalizeFunction> {

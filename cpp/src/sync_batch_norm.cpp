@@ -5,12 +5,14 @@
 
 #include <sstream>
 
+#include <ATen/SequenceNumber.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/graph_task.h>
 
 #include <syncbn/errors.h>
 
 #include "batch_norm_functions.h"
+#include "merge_nodes.h"
 #include "statistics_message.h"
 
 namespace syncbn {
@@ -71,54 +73,47 @@ Merged unpack_merged(const Message& merged, const at::Device& device) {
           merged.ints[detail::kTotal]};
 }
 
-// A recomputation's merged statistics: the original call's, through the same
-// nodes (so the tensors the original forward saved are saved again, in the same
-// order): the master repeats the merge from every copy's recorded statistics;
-// the others take the recorded result.
-// `differentiable`: whether this copy's local statistics require grad, as every
-// copy's did in the original forward (then the merge made a node, which saved tensors).
-Merged replay(const Message& original, const at::Device& device, bool differentiable) {
-  if (original.tensors.size() > detail::kMergedM2s) {
-    std::vector<int64_t> counts(original.ints.begin() + detail::kCopyCounts, original.ints.end());
-    std::vector<at::Tensor> means = original.tensors[detail::kMergedMeans].unbind(0);
-    std::vector<at::Tensor> m2s = original.tensors[detail::kMergedM2s].unbind(0);
-    for (auto* list : {&means, &m2s}) {
-      for (auto& tensor : *list) tensor = tensor.detach().requires_grad_(differentiable);
-    }
-    variable_list merged = detail::MergeStatsFunction::apply(at::TensorList(means), at::TensorList(m2s), counts);
-    variable_list mine = detail::ShareStatsFunction::apply(merged[0], merged[1]);
-    return {mine[0].to(device), mine[1].to(device), original.ints[detail::kTotal]};
-  }
-  return unpack_merged(original, device);
-}
-
 // The body shared by both forms: `exchange` gets the merged statistics (a
-// barrier pass), `recall` those of the call being recomputed, `commit` runs a
-// write to the model.
+// barrier pass); `channel`, when given, is the copy's (recomputations recall
+// from it, writes commit through it, and a parallel backward's merge meets there).
 at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
                  const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& num_batches_tracked,
                  double exponential_average_factor, double eps, EpsMode eps_mode, const StatisticsExchange& exchange,
-                 const std::function<Message(const Message&)>& recall,
-                 const std::function<void(const std::function<void()>&)>& commit) {
+                 const BatchNormChannel* channel, const LayerSync* sync) {
   check_arguments(input, weight, bias, running_mean, running_var, eps);
   variable_list local = detail::LocalStatsFunction::apply(input);
-  Message message{{local[0], local[1]}, {detail::count_per_channel(input), -1, -1}, nullptr, {}};
+  const int64_t count = detail::count_per_channel(input);
+  // The merge nodes get sequence numbers reserved here, at the same point of every replica's forward.
+  const auto merge_sequence_nr = static_cast<int64_t>(at::sequence_number::get_and_increment());
+  const auto share_sequence_nr = static_cast<int64_t>(at::sequence_number::get_and_increment());
+  Message message{{local[0], local[1]}, {count, -1, -1, merge_sequence_nr, share_sequence_nr}, nullptr, {}};
   message.ints.insert(message.ints.end(), input.sizes().begin(), input.sizes().end());
-
-  // A recomputation inside backward (torch.utils.checkpoint) repeats an earlier call: no barrier, no writes.
-  if (recall && torch::autograd::get_current_graph_task_id() != -1) {
-    Merged merged = replay(recall(message), input.device(), local[0].requires_grad());
+  auto normalize = [&](const Merged& merged) {
     return detail::NormalizeFunction::apply(input, merged.mean, merged.var, weight, bias, local[2], local[3], eps,
                                             static_cast<int64_t>(eps_mode));
+  };
+
+  // A recomputation inside backward (torch.utils.checkpoint) repeats an earlier call: the same statistics, with
+  // no barrier and no writes. (The merge nodes save no tensors, so the recomputation saves what the forward did.)
+  if (channel != nullptr && torch::autograd::get_current_graph_task_id() != -1) {
+    return normalize(unpack_merged(channel->recall(message, sync->layer, sync->name), input.device()));
   }
 
-  Merged merged = unpack_merged(exchange(std::move(message)), input.device());
+  Message result = exchange(std::move(message));
+  Merged merged = unpack_merged(result, input.device());
+  if (result.payload && channel != nullptr) {
+    // The replicas' backward runs in parallel: this copy merges through a node of its own, where the copies
+    // meet in backward (the master's message carries the meeting point).
+    std::tie(merged.mean, merged.var) = detail::replica_merge(
+        channel->copy_id(), local[0], local[1], count, merged.total, merged.mean, merged.var, channel->backward(),
+        std::static_pointer_cast<ReplicaBackward::Point>(result.payload), result.label);
+  }
   const bool update_stats = merged.total > 0 && running_mean.has_value() && running_mean->defined() &&
                             running_var.has_value() && running_var->defined();
   const bool count_batch = num_batches_tracked.has_value() && num_batches_tracked->defined();
   if (update_stats || count_batch) {
-    commit([&] {
+    auto write = [&] {
       at::NoGradGuard no_grad;
       if (update_stats) {
         const double factor = exponential_average_factor;
@@ -128,22 +123,27 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
         running_var->copy_(running_var->to(var.scalar_type()) * (1 - factor) + var * (factor * unbias));
       }
       if (count_batch) num_batches_tracked->add_(1);
-    });
+    };
+    if (channel != nullptr) {
+      channel->commit(write);
+    } else {
+      write();
+    }
   }
-  return detail::NormalizeFunction::apply(input, merged.mean, merged.var, weight, bias, local[2], local[3], eps,
-                                          static_cast<int64_t>(eps_mode));
+  return normalize(merged);
 }
 
 }  // namespace
 
-MasterCallback batch_norm_master_callback() {
-  return [](MessageList messages) {
+MasterCallback batch_norm_master_callback(std::shared_ptr<ReplicaBackward> backward) {
+  return [backward = std::move(backward)](MessageList messages) {
     using detail::kCall;
     using detail::kCount;
     using detail::kLayer;
     using detail::kSizes;
     std::vector<at::Tensor> means, m2s;
     std::vector<int64_t> counts;
+    std::vector<uint64_t> share_sequence_nrs;
     int64_t total = 0;
     std::vector<int64_t> whole_batch_size;
     const Message& first = messages.front().second;
@@ -162,6 +162,7 @@ MasterCallback batch_norm_master_callback() {
       means.push_back(message.tensors[detail::kLocalMean]);
       m2s.push_back(message.tensors[detail::kLocalM2]);
       counts.push_back(message.ints[kCount]);
+      share_sequence_nrs.push_back(static_cast<uint64_t>(message.ints[detail::kShareSequenceNr]));
       total += message.ints[kCount];
       std::vector<int64_t> sizes(message.ints.begin() + kSizes, message.ints.end());
       if (whole_batch_size.empty()) {
@@ -175,26 +176,23 @@ MasterCallback batch_norm_master_callback() {
     }
     TORCH_CHECK_VALUE(total != 1, "Expected more than 1 value per channel when training, got input size ",
                       torch_size(whole_batch_size));
-    variable_list merged =
-        detail::MergeStatsFunction::apply(at::TensorList(means), at::TensorList(m2s), counts);
     MessageList results;
     results.reserve(messages.size());
-    for (const auto& entry : messages) {
-      // Each copy's own node, made here on the master's thread (see batch_norm_functions.h).
-      variable_list shared = detail::ShareStatsFunction::apply(merged[0], merged[1]);
-      results.emplace_back(entry.first, Message{{shared[0], shared[1]}, {total}, nullptr, {}});
+    if (backward && backward->parallel()) {
+      // Each copy merges through a node of its own (see merge_nodes.h): values, and the meeting point.
+      auto [mean, var] = detail::merge_values(means, m2s, counts);
+      auto point = std::make_shared<ReplicaBackward::Point>();
+      for (const auto& entry : messages) {
+        results.emplace_back(entry.first, Message{{mean, var}, {total}, point, first.label});
+      }
+      return results;
     }
-    // The master also keeps every copy's statistics, for a recomputation to repeat the merge.
-    Message& master = results.front().second;
-    const at::Device device = merged[0].device();
-    std::vector<at::Tensor> detached_means, detached_m2s;
-    for (size_t i = 0; i < means.size(); ++i) {
-      detached_means.push_back(means[i].detach().to(device));
-      detached_m2s.push_back(m2s[i].detach().to(device));
+    auto shared = detail::merge_with_graph(means, m2s, counts,
+                                           static_cast<uint64_t>(first.ints[detail::kMergeSequenceNr]),
+                                           share_sequence_nrs);
+    for (size_t i = 0; i < messages.size(); ++i) {
+      results.emplace_back(messages[i].first, Message{{shared[i].first, shared[i].second}, {total}, nullptr, {}});
     }
-    master.tensors.push_back(at::stack(detached_means));
-    master.tensors.push_back(at::stack(detached_m2s));
-    master.ints.insert(master.ints.end(), counts.begin(), counts.end());
     return results;
   };
 }
@@ -215,14 +213,12 @@ at::Tensor sync_batch_norm_train(const at::Tensor& input, const std::optional<at
                                  const LayerSync& sync) {
   if (!sync.channel) {
     return train(input, weight, bias, running_mean, running_var, num_batches_tracked, exponential_average_factor, eps,
-                 eps_mode, local_exchange(), nullptr, [](const std::function<void()>& write) { write(); });
+                 eps_mode, local_exchange(), nullptr, nullptr);
   }
-  const BatchNormChannel& channel = *sync.channel;
   return train(
       input, weight, bias, running_mean, running_var, num_batches_tracked, exponential_average_factor, eps, eps_mode,
       [&](Message message) { return sync.channel->exchange(std::move(message), sync.layer, sync.name); },
-      [&](const Message& message) { return channel.recall(message, sync.layer, sync.name); },
-      [&](const std::function<void()>& write) { channel.commit(write); });
+      sync.channel.get(), &sync);
 }
 
 at::Tensor sync_batch_norm_train(const at::Tensor& input, const std::optional<at::Tensor>& weight,
@@ -230,7 +226,7 @@ at::Tensor sync_batch_norm_train(const at::Tensor& input, const std::optional<at
                                  const std::optional<at::Tensor>& running_var, double exponential_average_factor,
                                  double eps, EpsMode eps_mode, const StatisticsExchange& exchange) {
   return train(input, weight, bias, running_mean, running_var, std::nullopt, exponential_average_factor, eps, eps_mode,
-               exchange, nullptr, [](const std::function<void()>& write) { write(); });
+               exchange, nullptr, nullptr);
 }
 
 }  // namespace syncbn

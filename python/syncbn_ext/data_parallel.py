@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from .parallel_apply import parallel_apply
+from .parallel_backward import join_replicas
+from .parallel_backward import wanted as parallel_backward_wanted
 from .replicate import Replication, compiled_modules_replicable, rebind_compiled_modules, replicate_on_cpu
 from .scatter_gather import gather_on_cpu, scatter_kwargs_on_cpu
 
@@ -139,9 +141,29 @@ class DataParallelWithCallback(nn.DataParallel):
             inputs, module_kwargs = self.scatter(inputs, kwargs, self.device_ids)
             if not inputs and not module_kwargs:
                 inputs, module_kwargs = ((),), ({},)
+            module_kwargs = module_kwargs or tuple({} for _ in inputs)
+            if len(inputs) > 1 and not self.__dict__.get("_serial_backward") and parallel_backward_wanted(self.module):
+                outputs = self._apply_with_parallel_backward(inputs, module_kwargs)
+                if outputs is not None:
+                    return self.gather(outputs, self.output_device)
+                # The replicas' graphs share nodes: from now on this wrapper keeps autograd's serial backward.
+                self.__dict__["_serial_backward"] = True
             replicas = self.replicate(self.module, self.device_ids[: len(inputs)])
             outputs = self.parallel_apply(replicas, inputs, module_kwargs)
             return self.gather(outputs, self.output_device)
+
+    def _apply_with_parallel_backward(self, inputs: Sequence[Any], kwargs: Sequence[Any]) -> list[Any] | None:
+        """Runs CPU replicas made for a parallel backward; ``None`` (the replication discarded) if it cannot apply."""
+        replicas = self.replicate(self.module, self.device_ids[: len(inputs)])
+        replication = Replication.of(replicas[0])[0]
+        replication.group.parallel_backward = True
+        outputs = parallel_apply(replicas, inputs, kwargs)
+        joined = join_replicas(replicas, inputs, kwargs, outputs)
+        if joined is None:
+            replication.group.close("DataParallelWithCallback: run again with a serial backward")
+            return None
+        replication.write_back()
+        return joined
 
     def replicate(self, module: M, device_ids: Sequence[int | str | torch.device]) -> list[M]:
         """Replicates ``module`` on ``device_ids`` (CPU ones included), then runs the replication callbacks."""

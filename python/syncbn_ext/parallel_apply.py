@@ -34,7 +34,7 @@ import torch
 from ._native import _C
 from .replicate import Replication
 
-__all__ = ["FAILURE_GRACE_SECONDS", "parallel_apply"]
+__all__ = ["FAILURE_GRACE_SECONDS", "INTERRUPT_GRACE_SECONDS", "parallel_apply", "run_on_workers"]
 
 #: How long the caller still waits for the other replicas once one failed.
 FAILURE_GRACE_SECONDS = 1.0
@@ -68,6 +68,7 @@ class _Worker:
     def _loop(self) -> None:
         if self.intra_op_threads is not None:
             torch.set_num_threads(self.intra_op_threads)  # this thread's OpenMP team size
+        self.sequence_number = _C.peek_sequence_number()
         self._ready.set()
         while True:
             task = self.tasks.get()
@@ -75,6 +76,7 @@ class _Worker:
                 return
             task()
             task = None  # drop the replica, its inputs and outputs before waiting again
+            self.sequence_number = _C.peek_sequence_number()
             if self.abandoned:
                 return
 
@@ -173,12 +175,15 @@ class _ReplicaTask:
         device: int | None,
         stream: Any,
         state: _CallerState,
-        report: queue.SimpleQueue[tuple[int, bool, Any]],
     ) -> None:
         self.index, self.module, self.args, self.kwargs = index, module, args, kwargs
-        self.device, self.stream, self.state, self.report = device, stream, state, report
+        self.device, self.stream, self.state = device, stream, state
+        self.sequence_number = 0  # set by the runner: where every replica starts numbering its autograd nodes
 
-    def __call__(self) -> None:
+    def __call__(self) -> Any:
+        # Replicas that build the same graph then number its nodes alike, so that autograd orders their
+        # backward alike when each runs on its own thread (see syncbn_ext.parallel_backward).
+        _C.align_sequence_number(self.sequence_number)
         tag = Replication.of(self.module)
         replication, copy_id = tag if tag is not None else (None, self.index)
         group = replication.group if replication is not None else None
@@ -196,13 +201,129 @@ class _ReplicaTask:
             if group is not None:
                 # The others may be waiting for this copy in a barrier: wake them, and let none write anything.
                 group.close(f"{ABORT_TAG}: replica {copy_id} raised {type(error).__name__}: {error}")
-            self.report.put((self.index, False, error))
-        else:
-            if group is not None:
-                group.copy_finished(copy_id)  # nobody waits for this copy any more
-            self.report.put((self.index, True, output))
+            raise
         finally:
             self.module = self.args = self.kwargs = None
+        if group is not None:
+            group.copy_finished(copy_id)  # nobody waits for this copy any more
+        return output
+
+
+class _Reporting:
+    """Runs a task on a worker, and reports ``(index, ok, result or exception)`` to the caller."""
+
+    def __init__(self, index: int, task: Any, report: queue.SimpleQueue[tuple[int, bool, Any]]) -> None:
+        self.index, self.task, self.report = index, task, report
+
+    def __call__(self) -> None:
+        try:
+            result = self.task()
+        except BaseException as error:
+            self.report.put((self.index, False, error))
+        else:
+            self.report.put((self.index, True, result))
+        finally:
+            self.task = None
+
+
+def run_on_workers(
+    tasks: Sequence[Any],
+    wheres: Sequence[str],
+    intra_op_threads: int | None,
+    close: Any,
+    caused_by_closing: Any,
+) -> list[Any]:
+    """Runs ``tasks[i]()`` for every ``i`` at once, each on a worker thread; returns their results in order.
+
+    ``close(reason)`` wakes and kills what the tasks may wait on (called once a task failed, on an interrupt, and
+    before leaving tasks behind); ``caused_by_closing(error)`` tells the errors it caused. Waits at most
+    :data:`FAILURE_GRACE_SECONDS` after a failure, ``$SYNCBN_TIMEOUT`` after a task returned, and
+    :data:`INTERRUPT_GRACE_SECONDS` after an interrupt; tasks still running then are left behind. Raises the
+    lowest index's own exception (with a note ``(raised <wheres[i]>)``), else a ``BarrierTimeoutError``.
+    """
+    n = len(tasks)
+    if n == 0:
+        return []
+    timeout = _C.default_timeout_seconds()
+    report: queue.SimpleQueue[tuple[int, bool, Any]] = queue.SimpleQueue()
+    workers = _POOL.acquire(n, intra_op_threads)
+    sequence_number = max(worker.sequence_number for worker in workers)
+    for i, (worker, task) in enumerate(zip(workers, tasks, strict=True)):
+        if isinstance(task, _ReplicaTask):
+            task.sequence_number = sequence_number
+        worker.tasks.put(_Reporting(i, task, report))
+
+    results: dict[int, Any] = {}
+    errors: dict[int, BaseException] = {}
+    first_failure: float | None = None
+    first_return: float | None = None
+
+    def collect(block_until: float | None) -> bool:
+        """Takes one report, waiting until ``block_until`` (monotonic; None: for ever); False on timeout."""
+        nonlocal first_failure, first_return
+        wait = None if block_until is None else max(0.0, block_until - time.monotonic())
+        try:
+            index, ok, value = report.get(timeout=wait)
+        except queue.Empty:
+            return False
+        if ok:
+            results[index] = value
+            first_return = first_return if first_return is not None else time.monotonic()
+        else:
+            errors[index] = value
+            if first_failure is None:
+                first_failure = time.monotonic()
+                if len(errors) + len(results) < n:
+                    close(f"{ABORT_TAG}: replica {index} raised {type(value).__name__}")
+        return True
+
+    def pending() -> list[int]:
+        return [i for i in range(n) if i not in results and i not in errors]
+
+    def give_up(missing: Sequence[int], why: str) -> None:
+        close(f"{ABORT_TAG}: gave up on replica(s) {list(missing)}: {why}")
+        for i in missing:
+            workers[i].abandon(f"syncbn-abandoned-replica-{i}")
+        _POOL.release([w for i, w in enumerate(workers) if i not in missing])
+
+    try:
+        while pending():
+            if first_failure is not None:
+                until: float | None = first_failure + FAILURE_GRACE_SECONDS
+            elif first_return is not None and timeout <= 1e9:
+                until = first_return + timeout
+            else:
+                until = None
+            if not collect(until):
+                break
+    except BaseException as interrupt:  # KeyboardInterrupt (or any exception) in the calling thread
+        close(f"{ABORT_TAG}: the calling thread was interrupted ({type(interrupt).__name__})")
+        deadline = time.monotonic() + INTERRUPT_GRACE_SECONDS
+        while pending() and collect(deadline):
+            pass
+        give_up(pending(), "the calling thread was interrupted")
+        raise
+    missing = pending()
+    if missing:
+        give_up(missing, "it did not return in time")
+    else:
+        _POOL.release(workers)
+
+    failures = sorted(errors)
+    if failures:
+        primary = [i for i in failures if not caused_by_closing(errors[i])]
+        index = min(primary or failures)
+        error = errors[index]
+        error.add_note(f"(raised {wheres[index]})")
+        raise error
+    if missing:
+        returned = min(results)
+        raise _C.BarrierTimeoutError(
+            f"{ABORT_TAG}: replica(s) {missing} did not return within {timeout:g} s of replica {returned}'s "
+            "return; they were left running on their threads, and their replication was closed so that they can "
+            "write nothing (raise SYNCBN_TIMEOUT, in seconds, to wait longer)"
+        )
+    return [results[i] for i in range(n)]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -222,7 +343,7 @@ def _device_index(device: Any) -> int | None:
     return device.index if device.index is not None else torch.accelerator.current_device_index()
 
 
-def _close_replications(replicas: Sequence[Any], reason: str) -> None:
+def close_replications(replicas: Sequence[Any], reason: str) -> None:
     """Closes the replications of ``replicas``, and aborts the barriers modules hold outside any replication."""
     groups = {}
     for replica in replicas:
@@ -244,7 +365,7 @@ def _close_replications(replicas: Sequence[Any], reason: str) -> None:
                     value.abort(reason)
 
 
-def _caused_by_closing(error: BaseException) -> bool:
+def caused_by_closing(error: BaseException) -> bool:
     return isinstance(error, _C.BarrierAbortedError) and ABORT_TAG in str(error)
 
 
@@ -284,89 +405,20 @@ def parallel_apply(
     device_type = "cpu" if on_cpu else torch.accelerator.current_accelerator().type  # type: ignore[union-attr]
     streams = [None if index is None else torch.accelerator.current_stream(index) for index in indices]
     state = _CallerState(device_type)
-    timeout = _C.default_timeout_seconds()
+    tasks = [_ReplicaTask(i, modules[i], inputs[i], kwargs_tup[i], indices[i], streams[i], state) for i in range(n)]
     wheres = [
         f"in replica {i} on device {'cpu' if index is None else f'{device_type}:{index}'}"
         for i, index in enumerate(indices)
     ]
-
-    report: queue.SimpleQueue[tuple[int, bool, Any]] = queue.SimpleQueue()
-    workers = _POOL.acquire(n, max(1, torch.get_num_threads() // n) if on_cpu else None)
-    for i, worker in enumerate(workers):
-        worker.tasks.put(_ReplicaTask(i, modules[i], inputs[i], kwargs_tup[i], indices[i], streams[i], state, report))
-
-    outputs: dict[int, Any] = {}
-    errors: dict[int, BaseException] = {}
-    first_failure: float | None = None
-    first_return: float | None = None
-
-    def collect(block_until: float | None) -> bool:
-        """Takes one report, waiting until ``block_until`` (monotonic; None: for ever); False on timeout."""
-        nonlocal first_failure, first_return
-        wait = None if block_until is None else max(0.0, block_until - time.monotonic())
-        try:
-            index, ok, value = report.get(timeout=wait)
-        except queue.Empty:
-            return False
-        if ok:
-            outputs[index] = value
-            first_return = first_return if first_return is not None else time.monotonic()
-        else:
-            errors[index] = value
-            if first_failure is None:
-                first_failure = time.monotonic()
-                if len(errors) + len(outputs) < n:
-                    # The others may wait for this copy in a barrier the replication does not know (a module's
-                    # own SyncMaster): wake them too.
-                    _close_replications(modules, f"{ABORT_TAG}: replica {index} raised {type(value).__name__}")
-        return True
-
-    def pending() -> list[int]:
-        return [i for i in range(n) if i not in outputs and i not in errors]
-
-    try:
-        while pending():
-            if first_failure is not None:
-                until: float | None = first_failure + FAILURE_GRACE_SECONDS
-            elif first_return is not None and timeout <= 1e9:
-                until = first_return + timeout
-            else:
-                until = None
-            if not collect(until):
-                break
-    except BaseException as interrupt:  # KeyboardInterrupt (or any exception) in the calling thread
-        _close_replications(modules, f"{ABORT_TAG}: the calling thread was interrupted ({type(interrupt).__name__})")
-        deadline = time.monotonic() + INTERRUPT_GRACE_SECONDS
-        while pending() and collect(deadline):
-            pass
-        _give_up(workers, pending(), modules, "the calling thread was interrupted")
-        raise
-    missing = pending()
-    if missing:
-        _give_up(workers, missing, modules, "it did not return in time")
-    else:
-        _POOL.release(workers)
-
-    failures = sorted(errors)
-    if failures:
-        primary = [i for i in failures if not _caused_by_closing(errors[i])]
-        index = min(primary or failures)
-        error = errors[index]
-        error.add_note(f"(raised {wheres[index]})")
-        raise error
-    if missing:
-        returned = min(outputs)
-        raise _C.BarrierTimeoutError(
-            f"{ABORT_TAG}: replica(s) {missing} did not return within {timeout:g} s of replica {returned}'s "
-            "return; they were left running on their threads, and their replication was closed so that they can "
-            "write nothing (raise SYNCBN_TIMEOUT, in seconds, to wait longer)"
-        )
-    return [outputs[i] for i in range(n)]
+    return run_on_workers(
+        tasks,
+        wheres,
+        cpu_intra_op_threads(n) if on_cpu else None,
+        lambda reason: close_replications(modules, reason),
+        caused_by_closing,
+    )
 
 
-def _give_up(workers: Sequence[_Worker], missing: Sequence[int], modules: Sequence[Any], why: str) -> None:
-    """Leaves the replicas in ``missing`` behind (their replication closed) and returns the other workers."""
-    _close_replications(modules, f"{ABORT_TAG}: gave up on replica(s) {list(missing)}: {why}")
-    for i in missing:
-        workers[i].abandon(f"syncbn-abandoned-replica-{i}")
-    _POOL.release([w for i, w in enumerate(workers) if i not in missing])
+def cpu_intra_op_threads(replicas: int) -> int:
+    """The intra-op threads of each of ``replicas`` CPU replicas running at once: their share of the caller's."""
+    return max(1, torch.get_num_threads() // replicas)

@@ -13,6 +13,7 @@
 #include <syncbn/callback_context.h>
 #include <syncbn/export.h>
 #include <syncbn/message.h>
+#include <syncbn/replica_backward.h>
 #include <syncbn/sync_master.h>
 
 namespace syncbn {
@@ -61,6 +62,8 @@ class SYNCBN_API BatchNormChannel {
   void close(const std::string& reason) const;
 
   int64_t copy_id() const { return copy_id_; }
+  // The replication's backward (null for a channel made without a group).
+  std::shared_ptr<ReplicaBackward> backward() const;
   // The replication's barrier.
   const std::shared_ptr<SyncMaster>& master() const { return master_; }
   // This copy's forward returned: it sends no more statistics.

@@ -9,6 +9,7 @@
 
 #include <syncbn/callback_context.h>
 #include <syncbn/export.h>
+#include <syncbn/replica_backward.h>
 #include <syncbn/sync_master.h>
 
 namespace syncbn {
@@ -26,7 +27,8 @@ namespace syncbn {
 // refused with BarrierAbortedError (see commit() and ReplicaScope).
 class SYNCBN_API ReplicationGroup {
  public:
-  explicit ReplicationGroup(int64_t copies) : copies_(copies) {}
+  explicit ReplicationGroup(int64_t copies)
+      : copies_(copies), backward_(std::make_shared<ReplicaBackward>(copies)) {}
   ReplicationGroup(const ReplicationGroup&) = delete;
   ReplicationGroup& operator=(const ReplicationGroup&) = delete;
 
@@ -34,6 +36,9 @@ class SYNCBN_API ReplicationGroup {
   // Storage shared by every position and copy of this replication.
   CallbackContext& shared() { return *shared_; }
   const std::shared_ptr<CallbackContext>& shared_context() const { return shared_; }
+
+  // How the replication's backward runs (serial by default), and its meeting points.
+  const std::shared_ptr<ReplicaBackward>& backward() const { return backward_; }
 
   // A barrier used by the replicas: copy_finished, abort and close reach it.
   void add_barrier(std::shared_ptr<SyncMaster> barrier);
@@ -68,6 +73,7 @@ class SYNCBN_API ReplicationGroup {
 
   const int64_t copies_;
   const std::shared_ptr<CallbackContext> shared_ = std::make_shared<CallbackContext>();
+  const std::shared_ptr<ReplicaBackward> backward_;
   mutable std::mutex mutex_;  // barriers_, reason_
   std::vector<std::shared_ptr<SyncMaster>> barriers_;
   mutable std::mutex commit_mutex_;  // held by commit() and close(): no write runs across a close

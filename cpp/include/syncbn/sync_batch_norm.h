@@ -12,15 +12,18 @@
 #include <syncbn/batch_norm_channel.h>
 #include <syncbn/export.h>
 #include <syncbn/message.h>
+#include <syncbn/replica_backward.h>
 #include <syncbn/sync_master.h>
 
 // The synchronized training-mode BatchNorm forward, with autograd across replicas.
 //
 // Backward never waits on a barrier: the merge is one autograd node whose
 // inputs are every replica's local statistics, so autograd itself sums the
-// replicas' gradient contributions and routes each replica its share. The
-// master gives every copy its merged statistics through a node of the copy's
-// own, so no autograd node is touched by two replica threads.
+// replicas' gradient contributions and routes each replica its share (or, when
+// a wrapper runs each replica's backward on its own thread, the replicas meet
+// at that node: see ReplicaBackward). The master gives every copy its merged
+// statistics through a node of the copy's own, so no autograd node is touched
+// by two replica threads.
 namespace syncbn {
 
 // One replica's statistics message in, the merged statistics out:
@@ -30,8 +33,9 @@ using StatisticsExchange = std::function<Message(Message)>;
 // The master callback of a BatchNorm SyncMaster: merges every copy's statistics
 // (differentiably) and hands every copy the whole batch's mean and variance.
 // A whole batch of one value per channel raises nn.BatchNorm's ValueError, in
-// every copy.
-SYNCBN_API MasterCallback batch_norm_master_callback();
+// every copy. `backward`: the replication's (its merge nodes meet there when
+// the replicas' backward runs in parallel); none: always serial.
+SYNCBN_API MasterCallback batch_norm_master_callback(std::shared_ptr<ReplicaBackward> backward = nullptr);
 
 // The exchange of a replica that is alone (no replication): merges its own statistics.
 SYNCBN_API StatisticsExchange local_exchange();

@@ -1,0 +1,191 @@
+"""The CPU wrapper's own cost: a ResNet-style training step on CPU replicas vs one module on the whole batch.
+
+The replicas do the same work as one module on the whole batch (same math, same batch), so the wrapper's cost is
+the ratio of the two. Measured for ``bench_batchnorm.py --only wrapper`` (and its full run):
+
+* **time**: one SGD training step (forward, cross-entropy, backward, step) of a ResNet-18-style network
+  (BasicBlocks 64-128-256-512, stride-2 stem and max-pool) at batch 8 on 3x128x128 images: one module with
+  ``nn.BatchNorm2d`` on the whole batch, and the same network with synchronized BatchNorm under
+  ``DataParallelWithCallback`` on 2 and 4 CPU replicas (the same statistics as the whole batch's). Interleaved
+  rounds in one process (one step per variant in turn, the order rotating), the median of each round's
+  iterations, then the median over rounds.
+* **peak RSS**: the process's peak resident set size (``VmHWM``) after a few steps of one variant, each in a fresh
+  process (interpreter, torch and the model included: what a user sees).
+
+Targets (issue 8): at most 1.20x the time and 1.15x the peak RSS of the whole-batch module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import syncbn_ext
+
+VARIANTS = ("whole batch", "2 replicas", "4 replicas")
+TIME_TARGET, MEMORY_TARGET = 1.20, 1.15
+BATCH, CLASSES = 8, 10
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+def make_resnet(width: int = 64) -> nn.Sequential:
+    """A ResNet-18-style network (two BasicBlocks per stage) with nn.BatchNorm2d."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, width, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+    ]
+    cin = width
+    for stage, cout in enumerate((width, width * 2, width * 4, width * 8)):
+        layers += [BasicBlock(cin, cout, 1 if stage == 0 else 2), BasicBlock(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, CLASSES)]
+    return nn.Sequential(*layers)
+
+
+class WrapperBench:
+    """One variant's training step, on fixed data, from the same initial weights as the others."""
+
+    def __init__(self, variant: str, image_size: int) -> None:
+        torch.manual_seed(0)
+        model = make_resnet()
+        if variant == "whole batch":
+            self.run: nn.Module = model
+        else:
+            replicas = int(variant.split()[0])
+            model = syncbn_ext.convert_model(model)
+            self.run = syncbn_ext.DataParallelWithCallback(model, device_ids=["cpu"] * replicas)
+        self.model = model
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        generator = torch.Generator().manual_seed(1)
+        self.images = torch.randn(BATCH, 3, image_size, image_size, generator=generator)
+        self.targets = torch.randint(0, CLASSES, (BATCH,), generator=generator)
+
+    def step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(self.run(self.images), self.targets)
+        loss.backward()
+        self.optimizer.step()
+
+
+def time_variants(iters: int, rounds: int, image_size: int) -> dict[str, list[float]]:
+    """Per variant, the median step time (ms) of each of ``rounds`` interleaved rounds."""
+    benches = {variant: WrapperBench(variant, image_size) for variant in VARIANTS}
+    for bench in benches.values():
+        bench.step()  # first use: worker threads, lazy initialization
+    samples: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    for round_index in range(rounds):
+        shift = round_index % len(VARIANTS)
+        for variant in VARIANTS[shift:] + VARIANTS[:shift]:
+            step = benches[variant].step
+            step()
+            times = []
+            for _ in range(iters):
+                start = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - start)
+            samples[variant].append(statistics.median(times) * 1e3)
+    return samples
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError("/proc/self/status has no VmHWM")
+
+
+def memory_worker(variant: str, steps: int, image_size: int) -> float:
+    """In a fresh process: the peak RSS (MB) after ``steps`` training steps of ``variant``."""
+    bench = WrapperBench(variant, image_size)
+    for _ in range(steps):
+        bench.step()
+    return _peak_rss_mb()
+
+
+def memory_variants(steps: int, rounds: int, image_size: int, threads: int | None) -> dict[str, list[float]]:
+    """Per variant, the peak RSS (MB) of ``rounds`` fresh processes each."""
+    samples: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    for round_index in range(rounds):
+        shift = round_index % len(VARIANTS)
+        for variant in VARIANTS[shift:] + VARIANTS[:shift]:
+            code = (
+                "import sys, json; sys.path.insert(0, sys.argv[1]); import torch; import wrapper_cost; "
+                "threads = int(sys.argv[5]); threads > 0 and torch.set_num_threads(threads); "
+                "print(json.dumps(wrapper_cost.memory_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))"
+            )
+            here = os.path.dirname(os.path.abspath(__file__))
+            command = [sys.executable, "-c", code, here, variant, str(steps), str(image_size), str(threads or 0)]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"memory worker for {variant} failed ({done.returncode}):\n{done.stderr}")
+            samples[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return samples
+
+
+def summarize(samples: dict[str, list[float]]) -> dict:
+    medians = {variant: statistics.median(values) for variant, values in samples.items()}
+    return {
+        "medians": medians,
+        "ratios": {variant: medians[variant] / medians["whole batch"] for variant in VARIANTS[1:]},
+        "samples": samples,
+    }
+
+
+def run(
+    iters: int, rounds: int, mem_rounds: int, image_size: int, threads: int | None, log: Callable[[str], None]
+) -> dict:
+    """Both rows: {'time': ..., 'memory': ...}, each with medians and ratios to the whole-batch module."""
+    began = time.perf_counter()
+    result = {"time": summarize(time_variants(iters, rounds, image_size))}
+    log(f"  wrapper time done ({time.perf_counter() - began:.1f} s)")
+    result["memory"] = summarize(memory_variants(3, mem_rounds, image_size, threads))
+    log(f"  wrapper memory done ({time.perf_counter() - began:.1f} s)")
+    result["image_size"] = image_size
+    result["met"] = all(r <= TIME_TARGET for r in result["time"]["ratios"].values()) and all(
+        r <= MEMORY_TARGET for r in result["memory"]["ratios"].values()
+    )
+    return result
+
+
+def format_table(result: dict) -> str:
+    size = result["image_size"]
+    header = f"{f'ResNet-18-style step, batch {BATCH}, {size}x{size}':<42} {'whole':>9} {'2 repl.':>9} {'4 repl.':>9}"
+    lines = [header, "-" * len(header)]
+    for key, unit, target in (("time", "ms", TIME_TARGET), ("memory", "MB", MEMORY_TARGET)):
+        m, r = result[key]["medians"], result[key]["ratios"]
+        title = "training step time" if key == "time" else "process peak RSS"
+        lines.append(
+            f"{title + f' ({unit})':<42} {m['whole batch']:>9.1f} {m['2 replicas']:>9.1f} {m['4 replicas']:>9.1f}"
+        )
+        ok = all(v <= target for v in r.values())
+        lines.append(
+            f"{f'  ratio to the whole batch (<= {target:.2f})':<42} {'':>9} {r['2 replicas']:>9.3f} "
+            f"{r['4 replicas']:>9.3f}  {'yes' if ok else 'NO'}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,42 @@
+#include <ATen/SequenceNumber.h>
+#include <torch/csrc/autograd/graph_task.h>
+
+#include <syncbn/replica_graph.h>
+
+#include "bindings.h"
+
+namespace syncbn::python {
+
+namespace py = pybind11;
+
+void bind_replica_graph(py::module_& m) {
+  m.def(
+      "analyze_replica_graphs",
+      [](const std::vector<std::vector<at::Tensor>>& outputs, const std::vector<std::vector<at::Tensor>>& boundaries) {
+        ReplicaGraphs graphs;
+        {
+          py::gil_scoped_release no_gil;
+          graphs = analyze_replica_graphs(outputs, boundaries);
+        }
+        return py::make_tuple(graphs.disjoint, graphs.foreign_leaves);
+      },
+      py::arg("outputs"), py::arg("boundaries"),
+      "(disjoint, foreign_leaves): whether the replicas' graphs, cut at their boundaries, share no node, and the "
+      "leaves each reaches outside its boundary.");
+  m.def(
+      "peek_sequence_number", [] { return at::sequence_number::peek(); },
+      "The calling thread's next autograd sequence number.");
+  m.def(
+      "align_sequence_number",
+      [](uint64_t target) {
+        while (at::sequence_number::peek() < target) at::sequence_number::get_and_increment();
+      },
+      py::arg("target"),
+      "Advances the calling thread's autograd sequence numbers to `target`, so that replicas that build the same "
+      "graph number its nodes alike.");
+  m.def(
+      "current_graph_task_keep_graph", [] { return torch::autograd::get_current_graph_task_keep_graph(); },
+      "Inside backward: whether the running backward keeps its graph (retain_graph).");
+}
+
+}  // namespace syncbn::python

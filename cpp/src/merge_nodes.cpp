@@ -1,0 +1,160 @@
+#include "merge_nodes.h"
+
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/functions/utils.h>
+
+#include <syncbn/batch_norm.h>
+
+namespace syncbn::detail {
+
+namespace {
+
+bool any_requires_grad(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
+  if (!c10::GradMode::is_enabled()) return false;
+  for (const auto* list : {&a, &b}) {
+    for (const auto& t : *list) {
+      if (t.requires_grad()) return true;
+    }
+  }
+  return false;
+}
+
+// `tensor` (a fresh alias of it) as an output of `node`.
+at::Tensor output_of(const at::Tensor& tensor, const c10::intrusive_ptr<torch::autograd::Node>& node) {
+  at::Tensor output = tensor.detach();
+  torch::autograd::set_history(output, node);
+  return output;
+}
+
+}  // namespace
+
+std::pair<at::Tensor, at::Tensor> merge_backward(const at::Tensor& local_mean, const at::Tensor& mean, int64_t count,
+                                                 int64_t total, const at::Tensor& grad_mean,
+                                                 const at::Tensor& grad_var) {
+  if (total == 0 || (!grad_mean.defined() && !grad_var.defined())) return {};
+  const double weight = static_cast<double>(count) / static_cast<double>(total);
+  at::Tensor grad_local_mean = at::zeros_like(local_mean);
+  if (grad_mean.defined()) grad_local_mean = grad_local_mean + grad_mean * weight;
+  if (grad_var.defined()) grad_local_mean = grad_local_mean + (local_mean - mean) * grad_var * (2 * weight);
+  at::Tensor grad_m2 = grad_var.defined() ? grad_var / static_cast<double>(total) : at::Tensor();
+  return {grad_local_mean, grad_m2};
+}
+
+MergeStatsNode::MergeStatsNode(uint64_t sequence_nr, std::vector<int64_t> counts, at::Tensor stacked_means,
+                               at::Tensor mean, std::vector<at::Device> devices)
+    : Node(sequence_nr),
+      counts_(std::move(counts)),
+      stacked_means_(std::move(stacked_means)),
+      mean_(std::move(mean)),
+      devices_(std::move(devices)) {}
+
+variable_list MergeStatsNode::apply(variable_list&& grads) {
+  const size_t replicas = counts_.size();
+  variable_list result(2 * replicas);  // means..., m2s...
+  int64_t total = 0;
+  for (int64_t n : counts_) total += n;
+  for (size_t i = 0; i < replicas; ++i) {
+    auto [grad_mean, grad_m2] = merge_backward(stacked_means_[i], mean_, counts_[i], total, grads[0], grads[1]);
+    if (grad_mean.defined()) result[i] = grad_mean.to(devices_[i]);
+    if (grad_m2.defined()) result[replicas + i] = grad_m2.to(devices_[i]);
+  }
+  return result;
+}
+
+ReplicaMergeNode::ReplicaMergeNode(int64_t copy, int64_t count, int64_t total, at::Tensor local_mean, at::Tensor mean,
+                                   std::shared_ptr<ReplicaBackward> backward,
+                                   std::shared_ptr<ReplicaBackward::Point> point, std::string label)
+    : copy_(copy),
+      count_(count),
+      total_(total),
+      local_mean_(std::move(local_mean)),
+      mean_(std::move(mean)),
+      backward_(std::move(backward)),
+      point_(std::move(point)),
+      label_(std::move(label)) {}
+
+variable_list ReplicaMergeNode::apply(variable_list&& grads) {
+  // Every copy's share of d(mean, var), summed in copy order by the last to arrive.
+  const at::Device device = mean_.device();
+  auto combine = [this, &device](const std::vector<std::vector<at::Tensor>>& contributions) {
+    at::Tensor grad_mean, grad_var;
+    for (const auto& contribution : contributions) {
+      if (contribution.size() != 2) continue;  // a copy whose backward ended without reaching this call
+      if (contribution[0].defined()) {
+        grad_mean = grad_mean.defined() ? grad_mean + contribution[0].to(device) : contribution[0].to(device);
+      }
+      if (contribution[1].defined()) {
+        grad_var = grad_var.defined() ? grad_var + contribution[1].to(device) : contribution[1].to(device);
+      }
+    }
+    return std::vector<std::vector<at::Tensor>>(contributions.size(), {grad_mean, grad_var});
+  };
+  std::vector<at::Tensor> total = backward_->rendezvous(*point_, copy_, {grads[0], grads[1]}, combine, label_);
+  auto [grad_mean, grad_m2] =
+      merge_backward(local_mean_, mean_, count_, total_, total[0].defined() ? total[0].to(local_mean_.device()) : total[0],
+                     total[1].defined() ? total[1].to(local_mean_.device()) : total[1]);
+  return {grad_mean, grad_m2};
+}
+
+std::pair<at::Tensor, at::Tensor> merge_values(const std::vector<at::Tensor>& means, const std::vector<at::Tensor>& m2s,
+                                               const std::vector<int64_t>& counts) {
+  const at::Device device = means[0].device();
+  std::vector<at::Tensor> local_means, local_m2s;
+  for (size_t i = 0; i < means.size(); ++i) {
+    local_means.push_back(means[i].detach().to(device));
+    local_m2s.push_back(m2s[i].detach().to(device));
+  }
+  at::Tensor count_tensor = at::tensor(counts, at::TensorOptions().dtype(at::kLong)).to(device);
+  auto [mean, var] = merge_stats(count_tensor, at::stack(local_means), at::stack(local_m2s));
+  return {mean, var};
+}
+
+std::vector<std::pair<at::Tensor, at::Tensor>> merge_with_graph(const std::vector<at::Tensor>& means,
+                                                                const std::vector<at::Tensor>& m2s,
+                                                                const std::vector<int64_t>& counts,
+                                                                uint64_t merge_sequence_nr,
+                                                                const std::vector<uint64_t>& share_sequence_nrs) {
+  auto [mean, var] = merge_values(means, m2s, counts);
+  std::vector<std::pair<at::Tensor, at::Tensor>> shared;
+  if (!any_requires_grad(means, m2s)) {
+    for (size_t i = 0; i < means.size(); ++i) shared.emplace_back(mean, var);
+    return shared;
+  }
+  std::vector<at::Tensor> stacked;
+  std::vector<at::Device> devices;
+  for (const auto& m : means) {
+    stacked.push_back(m.detach().to(mean.device()));
+    devices.push_back(m.device());
+  }
+  auto merge = c10::make_intrusive<MergeStatsNode>(merge_sequence_nr, counts, at::stack(stacked), mean, devices);
+  std::vector<at::Tensor> inputs(means.begin(), means.end());
+  inputs.insert(inputs.end(), m2s.begin(), m2s.end());
+  merge->set_next_edges(torch::autograd::collect_next_edges(inputs));
+  // Outputs in order: the n-th output_of(..., node) is the node's n-th input in backward.
+  at::Tensor merged_mean = output_of(mean, merge);
+  at::Tensor merged_var = output_of(var, merge);
+  for (size_t i = 0; i < means.size(); ++i) {
+    auto share = c10::make_intrusive<ShareStatsNode>(share_sequence_nrs[i]);
+    share->set_next_edges(torch::autograd::collect_next_edges(merged_mean, merged_var));
+    at::Tensor copy_mean = output_of(merged_mean, share);
+    at::Tensor copy_var = output_of(merged_var, share);
+    shared.emplace_back(std::move(copy_mean), std::move(copy_var));
+  }
+  return shared;
+}
+
+std::pair<at::Tensor, at::Tensor> replica_merge(int64_t copy, const at::Tensor& local_mean, const at::Tensor& local_m2,
+                                                int64_t count, int64_t total, const at::Tensor& mean,
+                                                const at::Tensor& var, std::shared_ptr<ReplicaBackward> backward,
+                                                std::shared_ptr<ReplicaBackward::Point> point, std::string label) {
+  const at::Device device = local_mean.device();
+  if (!any_requires_grad({local_mean}, {local_m2})) return {mean.to(device), var.to(device)};
+  auto merge = c10::make_intrusive<ReplicaMergeNode>(copy, count, total, local_mean.detach(), mean.detach().to(device),
+                                                     std::move(backward), std::move(point), std::move(label));
+  merge->set_next_edges(torch::autograd::collect_next_edges(local_mean, local_m2));
+  at::Tensor merged_mean = output_of(mean.to(device), merge);  // input 0 of the node in backward
+  at::Tensor merged_var = output_of(var.to(device), merge);    // input 1
+  return {std::move(merged_mean), std::move(merged_var)};
+}
+
+}  // namespace syncbn::detail

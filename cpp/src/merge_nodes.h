@@ -1,0 +1,103 @@
+// Private to the core: the autograd nodes that merge every replica's BatchNorm
+// statistics (see batch_norm_functions.h for the whole graph).
+//
+// MergeStats takes every copy's (mean_i, m2_i) and gives the whole batch's
+// (mean, var); each copy receives them through a ShareStats node of its own.
+// Both are made by the master, on its thread, and get explicit sequence numbers
+// that the replicas reserved at the same point of their forward, so that every
+// replica's graph orders its nodes alike (see ReplicaBackward). Making an edge
+// to a node writes to that node: R threads linking their Normalize_i to one
+// shared node would race, so no node is linked from two threads.
+//
+// That graph joins the replicas' graphs at MergeStats: autograd runs every
+// replica's backward on one thread (serial, the default), MergeStats gets every
+// ShareStats_i's gradient summed and hands each LocalStats_i its share, with no
+// waiting. When a wrapper runs each replica's backward on a thread of its own
+// (ReplicaBackward::parallel, decided before the forward), the replicas' graphs
+// must not meet: each copy makes its own ReplicaMerge node from its own
+// statistics, and the copies meet there in backward (a rendezvous: the last to
+// arrive sums every copy's gradient of (mean, var), in copy order).
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/function.h>
+
+#include <syncbn/replica_backward.h>
+
+namespace syncbn::detail {
+
+using torch::autograd::variable_list;
+
+struct MergeStatsNode : torch::autograd::Node {
+  // `stacked_means` (R, C), `mean` (C,) and the counts are what backward needs;
+  // `devices[i]` is copy i's, where its gradient goes.
+  MergeStatsNode(uint64_t sequence_nr, std::vector<int64_t> counts, at::Tensor stacked_means, at::Tensor mean,
+                 std::vector<at::Device> devices);
+
+  variable_list apply(variable_list&& grads) override;
+  std::string name() const override { return "syncbn::MergeStatsBackward"; }
+
+ private:
+  const std::vector<int64_t> counts_;
+  const at::Tensor stacked_means_, mean_;
+  const std::vector<at::Device> devices_;
+};
+
+// d mean_i and d m2_i of a copy with `count` of the `total` values and local
+// mean `local_mean`, from the whole batch's d mean and d var (undefined: zero):
+// mean = sum n_i mean_i / n; var = (sum m2_i + sum n_i (mean_i - mean)^2) / n, so
+// d/d mean_i = n_i/n (d mean + 2 (mean_i - mean) d var) and d/d m2_i = d var / n.
+std::pair<at::Tensor, at::Tensor> merge_backward(const at::Tensor& local_mean, const at::Tensor& mean, int64_t count,
+                                                 int64_t total, const at::Tensor& grad_mean,
+                                                 const at::Tensor& grad_var);
+
+// One copy's merge in a parallel backward: (mean_i, m2_i) -> the whole batch's
+// (mean, var), made by the copy itself; in backward the copies meet at `point`.
+struct ReplicaMergeNode : torch::autograd::Node {
+  ReplicaMergeNode(int64_t copy, int64_t count, int64_t total, at::Tensor local_mean, at::Tensor mean,
+                   std::shared_ptr<ReplicaBackward> backward, std::shared_ptr<ReplicaBackward::Point> point,
+                   std::string label);
+  variable_list apply(variable_list&& grads) override;
+  std::string name() const override { return "syncbn::ReplicaMergeBackward"; }
+
+ private:
+  const int64_t copy_, count_, total_;
+  const at::Tensor local_mean_, mean_;
+  const std::shared_ptr<ReplicaBackward> backward_;
+  const std::shared_ptr<ReplicaBackward::Point> point_;
+  const std::string label_;
+};
+
+struct ShareStatsNode : torch::autograd::Node {
+  explicit ShareStatsNode(uint64_t sequence_nr) : Node(sequence_nr) {}
+  variable_list apply(variable_list&& grads) override { return std::move(grads); }
+  std::string name() const override { return "syncbn::ShareStatsBackward"; }
+};
+
+// The merged statistics with their graph, for a serial backward: every copy's
+// (mean, var), each through its own ShareStats node. Without a copy that
+// requires grad (or with grad mode off), plain tensors. `share_sequence_nrs[i]`
+// is copy i's reserved sequence number for its ShareStats, `merge_sequence_nr`
+// the master's for MergeStats.
+std::vector<std::pair<at::Tensor, at::Tensor>> merge_with_graph(const std::vector<at::Tensor>& means,
+                                                                const std::vector<at::Tensor>& m2s,
+                                                                const std::vector<int64_t>& counts,
+                                                                uint64_t merge_sequence_nr,
+                                                                const std::vector<uint64_t>& share_sequence_nrs);
+
+// The whole batch's (mean, var) from every copy's statistics, without a graph.
+std::pair<at::Tensor, at::Tensor> merge_values(const std::vector<at::Tensor>& means, const std::vector<at::Tensor>& m2s,
+                                               const std::vector<int64_t>& counts);
+
+// Copy `copy`'s (mean, var) for a parallel backward: through its own
+// ReplicaMerge node from its (local_mean, local_m2), when they require grad.
+std::pair<at::Tensor, at::Tensor> replica_merge(int64_t copy, const at::Tensor& local_mean, const at::Tensor& local_m2,
+                                                int64_t count, int64_t total, const at::Tensor& mean,
+                                                const at::Tensor& var, std::shared_ptr<ReplicaBackward> backward,
+                                                std::shared_ptr<ReplicaBackward::Point> point, std::string label);
+
+}  // namespace syncbn::detail

@@ -1,0 +1,126 @@
+#include <syncbn/replica_backward.h>
+
+#include <chrono>
+#include <sstream>
+
+#include <c10/util/Exception.h>
+
+#include <syncbn/errors.h>
+#include <syncbn/sync_master.h>
+
+namespace syncbn {
+
+bool ReplicaBackward::parallel() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return parallel_;
+}
+
+void ReplicaBackward::set_parallel(bool parallel) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  parallel_ = parallel;
+}
+
+void ReplicaBackward::begin_run() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  ++run_;
+  done_.assign(copies_, false);
+  closed_reason_.clear();
+}
+
+void ReplicaBackward::copy_done(int64_t copy) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    TORCH_CHECK_VALUE(copy >= 0 && copy < copies_, "copy_done: no copy ", copy, " in a replication of ", copies_);
+    if (done_.empty()) done_.assign(copies_, false);
+    done_[copy] = true;
+  }
+  changed_.notify_all();
+}
+
+void ReplicaBackward::close(const std::string& reason) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    closed_reason_ = reason.empty() ? std::string("a replica's backward failed") : reason;
+  }
+  changed_.notify_all();
+}
+
+std::vector<at::Tensor> ReplicaBackward::rendezvous(Point& point, int64_t copy, std::vector<at::Tensor> contribution,
+                                                    const Combine& combine, const std::string& label) {
+  TORCH_CHECK_VALUE(copy >= 0 && copy < copies_, label, ": no copy ", copy, " in a replication of ", copies_);
+  const double timeout = default_timeout_seconds();
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (done_.empty()) done_.assign(copies_, false);
+  if (point.run != run_) {  // first arrival of this run
+    point.run = run_;
+    point.contributions.assign(copies_, {});
+    point.arrived.assign(copies_, false);
+    point.combining = false;
+    point.combined = false;
+    point.results.clear();
+    point.error = nullptr;
+  }
+  TORCH_CHECK(!point.arrived[copy], label, ": copy ", copy, " reached the same synchronized call twice in one backward");
+  point.arrived[copy] = true;
+  point.contributions[copy] = std::move(contribution);
+
+  auto everyone_in = [&] {
+    for (int64_t i = 0; i < copies_; ++i) {
+      if (!point.arrived[i] && !done_[i]) return false;
+    }
+    return true;
+  };
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                            std::chrono::duration<double>(timeout));
+  while (!point.combined) {
+    if (!closed_reason_.empty()) throw BarrierAbortedError(label + ": the parallel backward failed: " + closed_reason_);
+    if (!point.combining && everyone_in()) {
+      // The last to arrive combines, unlocked: other points may proceed meanwhile.
+      point.combining = true;
+      const auto contributions = point.contributions;
+      const int64_t run = point.run;
+      lock.unlock();
+      std::vector<std::vector<at::Tensor>> results;
+      std::exception_ptr error;
+      try {
+        results = combine(contributions);
+      } catch (...) {
+        error = std::current_exception();
+      }
+      lock.lock();
+      if (point.run == run) {
+        point.results = std::move(results);
+        point.error = error;
+        point.combined = true;
+      }
+      lock.unlock();
+      changed_.notify_all();
+      lock.lock();
+      break;
+    }
+    if (timeout > 1e9) {
+      changed_.wait(lock);
+    } else if (changed_.wait_until(lock, deadline) == std::cv_status::timeout && !point.combined &&
+               !point.combining && !everyone_in() && closed_reason_.empty()) {
+      std::ostringstream out;
+      out << label << ": the parallel backward timed out after " << timeout
+          << " s; copies that never reached this call: [";
+      bool first = true;
+      for (int64_t i = 0; i < copies_; ++i) {
+        if (!point.arrived[i] && !done_[i]) {
+          out << (first ? "" : ", ") << i;
+          first = false;
+        }
+      }
+      out << "] (raise SYNCBN_TIMEOUT, in seconds, to wait longer)";
+      throw BarrierTimeoutError(out.str());
+    }
+  }
+  if (point.error) std::rethrow_exception(point.error);
+  TORCH_CHECK(static_cast<int64_t>(point.results.size()) == copies_, label,
+              ": the combined backward returned the wrong number of results");
+  return point.results[copy];
+}
+
+}  // namespace syncbn

@@ -1,0 +1,52 @@
+#include <syncbn/replica_graph.h>
+
+#include <unordered_map>
+#include <unordered_set>
+
+#include <torch/csrc/autograd/functions/accumulate_grad.h>
+#include <torch/csrc/autograd/variable.h>
+
+
+namespace syncbn {
+
+ReplicaGraphs analyze_replica_graphs(const std::vector<std::vector<at::Tensor>>& outputs,
+                                     const std::vector<std::vector<at::Tensor>>& boundaries) {
+  using torch::autograd::Node;
+  const size_t replicas = outputs.size();
+  TORCH_CHECK_VALUE(boundaries.size() == replicas, "analyze_replica_graphs: ", replicas, " replicas' outputs but ",
+                    boundaries.size(), " boundaries");
+  ReplicaGraphs result;
+  result.foreign_leaves.resize(replicas);
+  std::unordered_map<const Node*, size_t> owner;  // non-leaf node -> the replica that reached it first
+  for (size_t replica = 0; replica < replicas; ++replica) {
+    std::unordered_set<const Node*> stop;
+    for (const auto& tensor : boundaries[replica]) {
+      if (tensor.defined() && tensor.requires_grad()) stop.insert(torch::autograd::impl::gradient_edge(tensor).function.get());
+    }
+    std::unordered_set<const Node*> leaves_seen;
+    std::vector<Node*> pending;
+    for (const auto& tensor : outputs[replica]) {
+      if (!tensor.defined() || !tensor.requires_grad()) continue;
+      if (auto fn = torch::autograd::impl::gradient_edge(tensor).function) pending.push_back(fn.get());
+    }
+    std::unordered_set<const Node*> visited;
+    while (!pending.empty()) {
+      Node* node = pending.back();
+      pending.pop_back();
+      if (node == nullptr || stop.count(node) != 0 || !visited.insert(node).second) continue;
+      if (auto* accumulate = dynamic_cast<torch::autograd::AccumulateGrad*>(node)) {
+        if (leaves_seen.insert(node).second) result.foreign_leaves[replica].push_back(accumulate->variable);
+        continue;  // a leaf: shared by several replicas is fine (its gradients are summed)
+      }
+      auto [it, first] = owner.emplace(node, replica);
+      if (!first && it->second != replica) {
+        result.disjoint = false;  // two replicas' graphs meet here: their backward must run on one thread
+        return result;
+      }
+      for (const auto& edge : node->next_edges()) pending.push_back(edge.function.get());
+    }
+  }
+  return result;
+}
+
+}  // namespace syncbn

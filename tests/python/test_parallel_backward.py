@@ -1,0 +1,235 @@
+"""CPU replicas' backward on one worker each, concurrently: the same gradients as autograd's serial backward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hang_guard import call_with_timeout
+from torch import nn
+
+import syncbn_ext
+from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm1d, SynchronizedBatchNorm2d
+from syncbn_ext.replicate import Replication
+
+C = 4
+
+
+def net():
+    return nn.Sequential(
+        nn.Conv2d(3, C, 3, padding=1),
+        SynchronizedBatchNorm2d(C),
+        nn.ReLU(),
+        nn.Conv2d(C, C, 3, padding=1),
+        SynchronizedBatchNorm2d(C, momentum=None),
+        nn.Flatten(),
+        nn.Linear(C * 16, 5),
+        SynchronizedBatchNorm1d(5),
+    ).double()
+
+
+def joined(output):
+    """Whether the output's backward goes through the node that runs the replicas' backward in parallel."""
+    pending, seen = [output.grad_fn], set()
+    while pending:
+        node = pending.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ == "_JoinReplicasBackward":
+            return True
+        pending += [next_node for next_node, _ in node.next_functions]
+    return False
+
+
+def setup(replicas=3, batch=10):
+    torch.manual_seed(0)
+    model = net()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    x = torch.randn(batch, 3, 4, 4, dtype=torch.float64)
+    return DataParallelWithCallback(model, device_ids=["cpu"] * replicas), model, reference, x
+
+
+def assert_grads_equal(model, reference, rtol=1e-10, atol=1e-10):
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("replicas", [2, 3, 4])
+def test_parallel_backward_gives_the_whole_batch_gradients(replicas):
+    dp, model, reference, x = setup(replicas)
+    for step in range(2):
+        xp, xr = (x + step).requires_grad_(), (x + step).requires_grad_()
+        y = call_with_timeout(dp, xp)
+        assert joined(y)
+        y_ref = reference(xr)
+        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+        grad = torch.randn_like(y)
+        call_with_timeout(y.backward, grad)
+        y_ref.backward(grad)
+        torch.testing.assert_close(xp.grad, xr.grad, rtol=1e-10, atol=1e-10)
+        assert_grads_equal(model, reference)
+    for b, b_ref in zip(model.buffers(), reference.buffers(), strict=True):
+        torch.testing.assert_close(b, b_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_autograd_grad_with_respect_to_parameters_and_inputs():
+    dp, model, reference, x = setup()
+    xp, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    loss = call_with_timeout(dp, xp).square().sum()
+    loss_ref = reference(xr).square().sum()
+    params, params_ref = list(model.parameters()), list(reference.parameters())
+    grads = call_with_timeout(torch.autograd.grad, loss, [xp, *params])
+    grads_ref = torch.autograd.grad(loss_ref, [xr, *params_ref])
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
+    assert all(p.grad is None for p in params)  # autograd.grad does not accumulate
+
+
+def test_retain_graph_and_a_second_backward():
+    dp, model, reference, x = setup()
+    y, y_ref = call_with_timeout(dp, x), reference(x)
+    for _ in range(2):
+        call_with_timeout(y.sum().backward, retain_graph=True)
+        y_ref.sum().backward(retain_graph=True)
+    assert_grads_equal(model, reference)
+    call_with_timeout(y.sum().backward)  # the last one frees the graph
+    with pytest.raises(RuntimeError, match="second time"):
+        call_with_timeout(y.sum().backward)
+
+
+def test_double_backward_for_a_gradient_penalty():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    reference = copy.deepcopy(model)
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2)
+    x = torch.randn(8, 3, dtype=torch.float64)
+
+    def penalty(module, x):
+        x = x.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(module(x).sum(), x, create_graph=True)
+        return grad.square().sum()
+
+    call_with_timeout(penalty(dp, x).backward)
+    penalty(reference, x).backward()
+    assert_grads_equal(model, reference)
+
+
+class SumAcrossReplicas(nn.Module):
+    """Adds the sum of every replica's input mean, exchanged *with its graph* through a SyncMaster (as the
+    established library's layers do): the replicas' graphs share nodes, so their backward stays serial."""
+
+    def __init__(self):
+        super().__init__()
+        self.master = syncbn_ext.SyncMaster(lambda items: [(i, sum(m for _, m in items)) for i, _ in items])
+        self.copy_id, self.pipe = None, None
+
+    def __data_parallel_replicate__(self, ctx, copy_id):
+        self.copy_id = copy_id
+        if copy_id == 0:
+            self.master.reset()
+            ctx.master = self.master
+        else:
+            self.pipe = ctx.master.register_slave(copy_id)
+
+    def forward(self, x):
+        mean = x.mean()
+        if self.copy_id is None:
+            total = mean
+        elif self.copy_id == 0:
+            total = self.master.run_master(mean)
+        else:
+            total = self.pipe.run_slave(mean)
+        return x + total
+
+
+def test_replicas_whose_graphs_meet_keep_the_serial_backward():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 3), SumAcrossReplicas()).double()
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    y = call_with_timeout(dp, x)
+    assert not joined(y)
+    call_with_timeout(y.sum().backward)
+    # The reference: each half adds the sum of both halves' means.
+    reference = copy.deepcopy(model[0])
+    h = reference(x)
+    total = h[:2].mean() + h[2:].mean()
+    (h + total).sum().backward()
+    torch.testing.assert_close(model[0].weight.grad, reference.weight.grad)
+
+
+def test_a_leaf_outside_the_module_gets_its_gradient():
+    external = torch.randn(C, dtype=torch.float64, requires_grad=True)
+
+    class UsesExternal(nn.Module):
+        def forward(self, x):
+            return x * external
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(C, C), UsesExternal(), SynchronizedBatchNorm1d(C)).double()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2)
+    x = torch.randn(6, C, dtype=torch.float64)
+    y = call_with_timeout(dp, x)
+    assert joined(y)
+    grad = torch.randn_like(y)
+    call_with_timeout(y.backward, grad)
+    expected = external.grad.clone()
+    external.grad = None
+    reference(x).backward(grad)
+    torch.testing.assert_close(expected, external.grad, rtol=1e-10, atol=1e-10)
+
+
+class FailingBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise ValueError("backward failed in this replica")
+
+
+MARKER = -1234.0
+
+
+class FailOnMarker(nn.Module):
+    """Fails in backward in the replica whose slice holds the marker (no replication hook: a parallel backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.armed = True
+
+    def forward(self, x):
+        return FailingBackward.apply(x) if self.armed and (x.abs() > 1000).any() else x
+
+
+def test_a_replica_failing_in_backward_raises_at_once(monkeypatch):
+    monkeypatch.setenv("SYNCBN_TIMEOUT", "120")  # the others must not wait for it until a timeout
+    torch.manual_seed(4)
+    model = nn.Sequential(FailOnMarker(), nn.Linear(C, C), SynchronizedBatchNorm1d(C)).double()
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 3)
+    x = torch.randn(6, C, dtype=torch.float64)
+    x[3] = MARKER  # in replica 1's slice
+    y = call_with_timeout(dp, x.requires_grad_())
+    assert joined(y)
+    with pytest.raises(ValueError, match="backward failed in this replica") as raised:
+        call_with_timeout(y.sum().backward)
+    assert raised.value.__notes__[-1] == "(raised in replica 1 on device cpu, in backward)"
+    # The next step works.
+    model[0].armed = False
+    y = call_with_timeout(dp, torch.randn(6, C, dtype=torch.float64))
+    call_with_timeout(y.sum().backward)
+
+
+def test_without_gradients_nothing_is_joined():
+    dp, _, _, x = setup()
+
+    def forward_without_grad():
+        with torch.no_grad():
+            return dp(x)
+
+    assert call_with_timeout(forward_without_grad).grad_fn is None
+    assert Replication.of(dp.replicate(dp.module, dp.device_ids)[0])[0].group.parallel_backward is False
