@@ -531,12 +531,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if results:
         print(format_table(results))
+        calibration = (
+            f"{statistics.median(results['memory']['calibration_mb']):.1f} MB)" if "memory" in results else "not run)"
+        )
         print(
             f"\ntime: median of {args.rounds} interleaved rounds x {args.iters} iterations; memory: peak RSS growth of "
             f"one iteration, {'one fresh process' if args.quick else 'fresh process per variant'} "
-            f"(calibration {CALIBRATION_MB} MiB -> "
-            + (f"{statistics.median(results['memory']['calibration_mb']):.1f} MB)" if "memory" in results else "not run)")
-            + f"; {elapsed:.1f} s"
+            f"(calibration {CALIBRATION_MB} MiB -> {calibration}; {elapsed:.1f} s"
         )
         print(
             "per-round ratios ours/torch: "
