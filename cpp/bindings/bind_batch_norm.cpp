@@ -1,3 +1,5 @@
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
 #include <syncbn/sync_batch_norm.h>
 
 #include "barrier_controls.h"
@@ -33,8 +35,10 @@ void bind_batch_norm(py::module_& m) {
       [](const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
          const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
          const std::optional<at::Tensor>& num_batches_tracked, double exponential_average_factor, double eps,
-         const std::string& eps_mode, const py::object& channel, int64_t layer, const std::string& layer_name) {
-        LayerSync sync{nullptr, layer, layer_name};
+         const std::string& eps_mode, const py::object& channel, int64_t layer, const std::string& layer_name,
+         const py::object& process_group, int64_t layer_id) {
+        LayerSync sync{nullptr, layer, layer_name, nullptr, layer_id};
+        if (!process_group.is_none()) sync.process_group = process_group.cast<ProcessGroupPtr>();
         if (!channel.is_none()) {
           if (!py::isinstance<BatchNormChannel>(channel)) {
             throw py::type_error("channel must be the copy's BatchNormChannel, or None when alone");
@@ -48,10 +52,12 @@ void bind_batch_norm(py::module_& m) {
       },
       py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"),
       py::arg("num_batches_tracked"), py::arg("exponential_average_factor"), py::arg("eps"), py::arg("eps_mode"),
-      py::arg("channel"), py::arg("layer") = -1, py::arg("layer_name") = "",
+      py::arg("channel"), py::arg("layer") = -1, py::arg("layer_name") = "", py::arg("process_group") = py::none(),
+      py::arg("layer_id") = -1,
       "Training-mode BatchNorm of this replica's slice with statistics merged over every replica through `channel`, "
       "the copy's BatchNormChannel (with the layer's position and name, checked across copies), or None when "
-      "alone. running_mean and running_var, when given, are updated from the merged statistics and "
+      "alone; then across `process_group` (a torch.distributed group) when it has several ranks, the layer known "
+      "there as `layer_id`. running_mean and running_var, when given, are updated from the merged statistics and "
       "num_batches_tracked counts the batch; inside backward (a checkpointed block recomputed) a replicated layer "
       "reuses the original call's statistics and writes nothing.");
 }

@@ -40,21 +40,31 @@ std::pair<at::Tensor, at::Tensor> merge_backward(const at::Tensor& local_mean, c
   return {grad_local_mean, grad_m2};
 }
 
-MergeStatsNode::MergeStatsNode(uint64_t sequence_nr, std::vector<int64_t> counts, at::Tensor stacked_means,
-                               at::Tensor mean, std::vector<at::Device> devices)
+std::pair<at::Tensor, at::Tensor> group_gradient(const GroupCall& call, const at::Tensor& grad_mean,
+                                                 const at::Tensor& grad_var, const at::Tensor& like) {
+  if (!spans_processes(call.group)) return {grad_mean, grad_var};
+  auto [mean_sum, var_sum] = sum_across_processes(call.group, grad_mean, grad_var, like.numel(), call.label);
+  return {mean_sum.to(like.options()), var_sum.to(like.options())};
+}
+
+MergeStatsNode::MergeStatsNode(uint64_t sequence_nr, std::vector<int64_t> counts, int64_t total,
+                               at::Tensor stacked_means, at::Tensor mean, std::vector<at::Device> devices,
+                               GroupCall call)
     : Node(sequence_nr),
       counts_(std::move(counts)),
+      total_(total),
       stacked_means_(std::move(stacked_means)),
       mean_(std::move(mean)),
-      devices_(std::move(devices)) {}
+      devices_(std::move(devices)),
+      call_(std::move(call)) {}
 
 variable_list MergeStatsNode::apply(variable_list&& grads) {
   const size_t replicas = counts_.size();
   variable_list result(2 * replicas);  // means..., m2s...
-  int64_t total = 0;
-  for (int64_t n : counts_) total += n;
+  auto [group_grad_mean, group_grad_var] = group_gradient(call_, grads[0], grads[1], mean_);
   for (size_t i = 0; i < replicas; ++i) {
-    auto [grad_mean, grad_m2] = merge_backward(stacked_means_[i], mean_, counts_[i], total, grads[0], grads[1]);
+    auto [grad_mean, grad_m2] =
+        merge_backward(stacked_means_[i], mean_, counts_[i], total_, group_grad_mean, group_grad_var);
     if (grad_mean.defined()) result[i] = grad_mean.to(devices_[i]);
     if (grad_m2.defined()) result[replicas + i] = grad_m2.to(devices_[i]);
   }
@@ -63,7 +73,7 @@ variable_list MergeStatsNode::apply(variable_list&& grads) {
 
 ReplicaMergeNode::ReplicaMergeNode(int64_t copy, int64_t count, int64_t total, at::Tensor local_mean, at::Tensor mean,
                                    std::shared_ptr<ReplicaBackward> backward,
-                                   std::shared_ptr<ReplicaBackward::Point> point, std::string label)
+                                   std::shared_ptr<ReplicaBackward::Point> point, GroupCall call)
     : copy_(copy),
       count_(count),
       total_(total),
@@ -71,10 +81,10 @@ ReplicaMergeNode::ReplicaMergeNode(int64_t copy, int64_t count, int64_t total, a
       mean_(std::move(mean)),
       backward_(std::move(backward)),
       point_(std::move(point)),
-      label_(std::move(label)) {}
+      call_(std::move(call)) {}
 
 variable_list ReplicaMergeNode::apply(variable_list&& grads) {
-  // Every copy's share of d(mean, var), summed in copy order by the last to arrive.
+  // Every copy's share of d(mean, var), summed in copy order by the last to arrive (then over the processes).
   const at::Device device = mean_.device();
   auto combine = [this, &device](const std::vector<std::vector<at::Tensor>>& contributions) {
     at::Tensor grad_mean, grad_var;
@@ -87,52 +97,62 @@ variable_list ReplicaMergeNode::apply(variable_list&& grads) {
         grad_var = grad_var.defined() ? grad_var + contribution[1].to(device) : contribution[1].to(device);
       }
     }
+    std::tie(grad_mean, grad_var) = group_gradient(call_, grad_mean, grad_var, mean_);
     return std::vector<std::vector<at::Tensor>>(contributions.size(), {grad_mean, grad_var});
   };
-  std::vector<at::Tensor> total = backward_->rendezvous(*point_, copy_, {grads[0], grads[1]}, combine, label_);
+  std::vector<at::Tensor> total = backward_->rendezvous(*point_, copy_, {grads[0], grads[1]}, combine, call_.label);
   auto [grad_mean, grad_m2] =
       merge_backward(local_mean_, mean_, count_, total_, total[0].defined() ? total[0].to(local_mean_.device()) : total[0],
                      total[1].defined() ? total[1].to(local_mean_.device()) : total[1]);
   return {grad_mean, grad_m2};
 }
 
-std::pair<at::Tensor, at::Tensor> merge_values(const std::vector<at::Tensor>& means, const std::vector<at::Tensor>& m2s,
-                                               const std::vector<int64_t>& counts) {
+Merged merge_values(const std::vector<at::Tensor>& means, const std::vector<at::Tensor>& m2s,
+                    const std::vector<int64_t>& counts, const GroupCall& call) {
   const at::Device device = means[0].device();
+  const auto dtype = means[0].scalar_type();
+  const bool across = spans_processes(call.group);
   std::vector<at::Tensor> local_means, local_m2s;
+  int64_t total = 0;
   for (size_t i = 0; i < means.size(); ++i) {
-    local_means.push_back(means[i].detach().to(device));
-    local_m2s.push_back(m2s[i].detach().to(device));
+    // Across processes the merge continues in float64: this process's partial result goes to the other ranks.
+    local_means.push_back(means[i].detach().to(device, across ? at::kDouble : dtype));
+    local_m2s.push_back(m2s[i].detach().to(device, across ? at::kDouble : dtype));
+    total += counts[i];
   }
   at::Tensor count_tensor = at::tensor(counts, at::TensorOptions().dtype(at::kLong)).to(device);
   auto [mean, var] = merge_stats(count_tensor, at::stack(local_means), at::stack(local_m2s));
-  return {mean, var};
+  if (!across) return {mean, var, total};
+  GroupStatistics group =
+      merge_across_processes(call.group, call.layer_id, total, mean, var * static_cast<double>(total), call.label);
+  return {group.mean.to(dtype), group.var.to(dtype), group.total};
 }
 
 std::vector<std::pair<at::Tensor, at::Tensor>> merge_with_graph(const std::vector<at::Tensor>& means,
                                                                 const std::vector<at::Tensor>& m2s,
                                                                 const std::vector<int64_t>& counts,
-                                                                uint64_t merge_sequence_nr,
-                                                                const std::vector<uint64_t>& share_sequence_nrs) {
-  auto [mean, var] = merge_values(means, m2s, counts);
+                                                                const Merged& merged, uint64_t merge_sequence_nr,
+                                                                const std::vector<uint64_t>& share_sequence_nrs,
+                                                                const GroupCall& call) {
   std::vector<std::pair<at::Tensor, at::Tensor>> shared;
   if (!any_requires_grad(means, m2s)) {
-    for (size_t i = 0; i < means.size(); ++i) shared.emplace_back(mean, var);
+    for (size_t i = 0; i < means.size(); ++i) shared.emplace_back(merged.mean, merged.var);
     return shared;
   }
   std::vector<at::Tensor> stacked;
   std::vector<at::Device> devices;
   for (const auto& m : means) {
-    stacked.push_back(m.detach().to(mean.device()));
+    stacked.push_back(m.detach().to(merged.mean.device()));
     devices.push_back(m.device());
   }
-  auto merge = c10::make_intrusive<MergeStatsNode>(merge_sequence_nr, counts, at::stack(stacked), mean, devices);
+  auto merge = c10::make_intrusive<MergeStatsNode>(merge_sequence_nr, counts, merged.total, at::stack(stacked),
+                                                   merged.mean, devices, call);
   std::vector<at::Tensor> inputs(means.begin(), means.end());
   inputs.insert(inputs.end(), m2s.begin(), m2s.end());
   merge->set_next_edges(torch::autograd::collect_next_edges(inputs));
   // Outputs in order: the n-th output_of(..., node) is the node's n-th input in backward.
-  at::Tensor merged_mean = output_of(mean, merge);
-  at::Tensor merged_var = output_of(var, merge);
+  at::Tensor merged_mean = output_of(merged.mean, merge);
+  at::Tensor merged_var = output_of(merged.var, merge);
   for (size_t i = 0; i < means.size(); ++i) {
     auto share = c10::make_intrusive<ShareStatsNode>(share_sequence_nrs[i]);
     share->set_next_edges(torch::autograd::collect_next_edges(merged_mean, merged_var));
@@ -144,16 +164,17 @@ std::vector<std::pair<at::Tensor, at::Tensor>> merge_with_graph(const std::vecto
 }
 
 std::pair<at::Tensor, at::Tensor> replica_merge(int64_t copy, const at::Tensor& local_mean, const at::Tensor& local_m2,
-                                                int64_t count, int64_t total, const at::Tensor& mean,
-                                                const at::Tensor& var, std::shared_ptr<ReplicaBackward> backward,
-                                                std::shared_ptr<ReplicaBackward::Point> point, std::string label) {
+                                                int64_t count, const Merged& merged,
+                                                std::shared_ptr<ReplicaBackward> backward,
+                                                std::shared_ptr<ReplicaBackward::Point> point, GroupCall call) {
   const at::Device device = local_mean.device();
-  if (!any_requires_grad({local_mean}, {local_m2})) return {mean.to(device), var.to(device)};
-  auto merge = c10::make_intrusive<ReplicaMergeNode>(copy, count, total, local_mean.detach(), mean.detach().to(device),
-                                                     std::move(backward), std::move(point), std::move(label));
+  if (!any_requires_grad({local_mean}, {local_m2})) return {merged.mean.to(device), merged.var.to(device)};
+  auto merge = c10::make_intrusive<ReplicaMergeNode>(copy, count, merged.total, local_mean.detach(),
+                                                     merged.mean.detach().to(device), std::move(backward),
+                                                     std::move(point), std::move(call));
   merge->set_next_edges(torch::autograd::collect_next_edges(local_mean, local_m2));
-  at::Tensor merged_mean = output_of(mean.to(device), merge);  // input 0 of the node in backward
-  at::Tensor merged_var = output_of(var.to(device), merge);    // input 1
+  at::Tensor merged_mean = output_of(merged.mean.to(device), merge);  // input 0 of the node in backward
+  at::Tensor merged_var = output_of(merged.var.to(device), merge);    // input 1
   return {std::move(merged_mean), std::move(merged_var)};
 }
 

@@ -26,25 +26,41 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/function.h>
 
+#include <syncbn/cross_process.h>
 #include <syncbn/replica_backward.h>
 
 namespace syncbn::detail {
 
 using torch::autograd::variable_list;
 
+// The statistics one synchronized call merged: of this process's replicas, and
+// of the whole process group when it spans several processes. `total` counts
+// every value merged; mean and var in the statistics dtype.
+struct Merged {
+  at::Tensor mean, var;
+  int64_t total = 0;
+};
+
+// A merge node's gradient of (mean, var) is the whole group's: summed across
+// processes (one all-reduce) when `call.group` spans several.
+std::pair<at::Tensor, at::Tensor> group_gradient(const GroupCall& call, const at::Tensor& grad_mean,
+                                                 const at::Tensor& grad_var, const at::Tensor& like);
+
 struct MergeStatsNode : torch::autograd::Node {
-  // `stacked_means` (R, C), `mean` (C,) and the counts are what backward needs;
-  // `devices[i]` is copy i's, where its gradient goes.
-  MergeStatsNode(uint64_t sequence_nr, std::vector<int64_t> counts, at::Tensor stacked_means, at::Tensor mean,
-                 std::vector<at::Device> devices);
+  // `stacked_means` (R, C), `mean` (C,), the counts and the total (over every
+  // process) are what backward needs; `devices[i]` is copy i's, where its gradient goes.
+  MergeStatsNode(uint64_t sequence_nr, std::vector<int64_t> counts, int64_t total, at::Tensor stacked_means,
+                 at::Tensor mean, std::vector<at::Device> devices, GroupCall call);
 
   variable_list apply(variable_list&& grads) override;
   std::string name() const override { return "syncbn::MergeStatsBackward"; }
 
  private:
   const std::vector<int64_t> counts_;
+  const int64_t total_;
   const at::Tensor stacked_means_, mean_;
   const std::vector<at::Device> devices_;
+  const GroupCall call_;
 };
 
 // d mean_i and d m2_i of a copy with `count` of the `total` values and local
@@ -60,7 +76,7 @@ std::pair<at::Tensor, at::Tensor> merge_backward(const at::Tensor& local_mean, c
 struct ReplicaMergeNode : torch::autograd::Node {
   ReplicaMergeNode(int64_t copy, int64_t count, int64_t total, at::Tensor local_mean, at::Tensor mean,
                    std::shared_ptr<ReplicaBackward> backward, std::shared_ptr<ReplicaBackward::Point> point,
-                   std::string label);
+                   GroupCall call);
   variable_list apply(variable_list&& grads) override;
   std::string name() const override { return "syncbn::ReplicaMergeBackward"; }
 
@@ -69,7 +85,7 @@ struct ReplicaMergeNode : torch::autograd::Node {
   const at::Tensor local_mean_, mean_;
   const std::shared_ptr<ReplicaBackward> backward_;
   const std::shared_ptr<ReplicaBackward::Point> point_;
-  const std::string label_;
+  const GroupCall call_;
 };
 
 struct ShareStatsNode : torch::autograd::Node {
@@ -77,6 +93,11 @@ struct ShareStatsNode : torch::autograd::Node {
   variable_list apply(variable_list&& grads) override { return std::move(grads); }
   std::string name() const override { return "syncbn::ShareStatsBackward"; }
 };
+
+// The whole batch's statistics from every copy's (and every process's, when
+// `call.group` spans several), without a graph.
+Merged merge_values(const std::vector<at::Tensor>& means, const std::vector<at::Tensor>& m2s,
+                    const std::vector<int64_t>& counts, const GroupCall& call);
 
 // The merged statistics with their graph, for a serial backward: every copy's
 // (mean, var), each through its own ShareStats node. Without a copy that
@@ -86,18 +107,15 @@ struct ShareStatsNode : torch::autograd::Node {
 std::vector<std::pair<at::Tensor, at::Tensor>> merge_with_graph(const std::vector<at::Tensor>& means,
                                                                 const std::vector<at::Tensor>& m2s,
                                                                 const std::vector<int64_t>& counts,
-                                                                uint64_t merge_sequence_nr,
-                                                                const std::vector<uint64_t>& share_sequence_nrs);
-
-// The whole batch's (mean, var) from every copy's statistics, without a graph.
-std::pair<at::Tensor, at::Tensor> merge_values(const std::vector<at::Tensor>& means, const std::vector<at::Tensor>& m2s,
-                                               const std::vector<int64_t>& counts);
+                                                                const Merged& merged, uint64_t merge_sequence_nr,
+                                                                const std::vector<uint64_t>& share_sequence_nrs,
+                                                                const GroupCall& call);
 
 // Copy `copy`'s (mean, var) for a parallel backward: through its own
 // ReplicaMerge node from its (local_mean, local_m2), when they require grad.
 std::pair<at::Tensor, at::Tensor> replica_merge(int64_t copy, const at::Tensor& local_mean, const at::Tensor& local_m2,
-                                                int64_t count, int64_t total, const at::Tensor& mean,
-                                                const at::Tensor& var, std::shared_ptr<ReplicaBackward> backward,
-                                                std::shared_ptr<ReplicaBackward::Point> point, std::string label);
+                                                int64_t count, const Merged& merged,
+                                                std::shared_ptr<ReplicaBackward> backward,
+                                                std::shared_ptr<ReplicaBackward::Point> point, GroupCall call);
 
 }  // namespace syncbn::detail

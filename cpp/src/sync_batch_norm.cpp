@@ -60,11 +60,7 @@ void check_arguments(const at::Tensor& input, const std::optional<at::Tensor>& w
   for (const auto* values : {&weight, &bias, &running_mean, &running_var}) check_dtype(input, *values);
 }
 
-// The merged statistics one copy normalizes with.
-struct Merged {
-  at::Tensor mean, var;
-  int64_t total = 0;
-};
+using detail::Merged;
 
 Merged unpack_merged(const Message& merged, const at::Device& device) {
   TORCH_CHECK(merged.tensors.size() >= 2 && !merged.ints.empty(),
@@ -81,13 +77,18 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
                  const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& num_batches_tracked,
                  double exponential_average_factor, double eps, EpsMode eps_mode, const StatisticsExchange& exchange,
                  const BatchNormChannel* channel, const LayerSync* sync) {
+  // The layer's cross-process step, for the master's merge (every copy sends it alike).
+  std::shared_ptr<GroupCall> group_call;
+  if (sync != nullptr && spans_processes(sync->process_group)) {
+    group_call = std::make_shared<GroupCall>(GroupCall{sync->process_group, sync->layer_id, sync->name});
+  }
   check_arguments(input, weight, bias, running_mean, running_var, eps);
   variable_list local = detail::LocalStatsFunction::apply(input);
   const int64_t count = detail::count_per_channel(input);
   // The merge nodes get sequence numbers reserved here, at the same point of every replica's forward.
   const auto merge_sequence_nr = static_cast<int64_t>(at::sequence_number::get_and_increment());
   const auto share_sequence_nr = static_cast<int64_t>(at::sequence_number::get_and_increment());
-  Message message{{local[0], local[1]}, {count, -1, -1, merge_sequence_nr, share_sequence_nr}, nullptr, {}};
+  Message message{{local[0], local[1]}, {count, -1, -1, merge_sequence_nr, share_sequence_nr}, group_call, {}};
   message.ints.insert(message.ints.end(), input.sizes().begin(), input.sizes().end());
   auto normalize = [&](const Merged& merged) {
     return detail::NormalizeFunction::apply(input, merged.mean, merged.var, weight, bias, local[2], local[3], eps,
@@ -105,9 +106,11 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
   if (result.payload && channel != nullptr) {
     // The replicas' backward runs in parallel: this copy merges through a node of its own, where the copies
     // meet in backward (the master's message carries the meeting point).
-    std::tie(merged.mean, merged.var) = detail::replica_merge(
-        channel->copy_id(), local[0], local[1], count, merged.total, merged.mean, merged.var, channel->backward(),
-        std::static_pointer_cast<ReplicaBackward::Point>(result.payload), result.label);
+    GroupCall call = group_call ? *group_call : GroupCall{};
+    call.label = result.label;
+    std::tie(merged.mean, merged.var) =
+        detail::replica_merge(channel->copy_id(), local[0], local[1], count, merged, channel->backward(),
+                              std::static_pointer_cast<ReplicaBackward::Point>(result.payload), std::move(call));
   }
   const bool update_stats = merged.total > 0 && running_mean.has_value() && running_mean->defined() &&
                             running_var.has_value() && running_var->defined();
@@ -174,24 +177,34 @@ MasterCallback batch_norm_master_callback(std::shared_ptr<ReplicaBackward> backw
         whole_batch_size[0] += sizes[0];
       }
     }
-    TORCH_CHECK_VALUE(total != 1, "Expected more than 1 value per channel when training, got input size ",
-                      torch_size(whole_batch_size));
+    // Across processes when the layer has a group of several ranks (the master's message carries it).
+    GroupCall call = first.payload ? *std::static_pointer_cast<GroupCall>(first.payload) : GroupCall{};
+    if (!first.label.empty()) call.label = first.label;
+    if (call.label.empty()) call.label = "syncbn BatchNorm";
+    if (!spans_processes(call.group)) {
+      TORCH_CHECK_VALUE(total != 1, "Expected more than 1 value per channel when training, got input size ",
+                        torch_size(whole_batch_size));
+    }
+    const Merged merged = detail::merge_values(means, m2s, counts, call);
+    TORCH_CHECK_VALUE(merged.total != 1,
+                      "Expected more than 1 value per channel when training, got input size ",
+                      torch_size(whole_batch_size), " on this rank and 1 value per channel in the whole process group");
     MessageList results;
     results.reserve(messages.size());
     if (backward && backward->parallel()) {
       // Each copy merges through a node of its own (see merge_nodes.h): values, and the meeting point.
-      auto [mean, var] = detail::merge_values(means, m2s, counts);
       auto point = std::make_shared<ReplicaBackward::Point>();
       for (const auto& entry : messages) {
-        results.emplace_back(entry.first, Message{{mean, var}, {total}, point, first.label});
+        results.emplace_back(entry.first, Message{{merged.mean, merged.var}, {merged.total}, point, first.label});
       }
       return results;
     }
-    auto shared = detail::merge_with_graph(means, m2s, counts,
+    auto shared = detail::merge_with_graph(means, m2s, counts, merged,
                                            static_cast<uint64_t>(first.ints[detail::kMergeSequenceNr]),
-                                           share_sequence_nrs);
+                                           share_sequence_nrs, call);
     for (size_t i = 0; i < messages.size(); ++i) {
-      results.emplace_back(messages[i].first, Message{{shared[i].first, shared[i].second}, {total}, nullptr, {}});
+      results.emplace_back(messages[i].first,
+                           Message{{shared[i].first, shared[i].second}, {merged.total}, nullptr, {}});
     }
     return results;
   };
@@ -213,7 +226,7 @@ at::Tensor sync_batch_norm_train(const at::Tensor& input, const std::optional<at
                                  const LayerSync& sync) {
   if (!sync.channel) {
     return train(input, weight, bias, running_mean, running_var, num_batches_tracked, exponential_average_factor, eps,
-                 eps_mode, local_exchange(), nullptr, nullptr);
+                 eps_mode, local_exchange(), nullptr, &sync);
   }
   return train(
       input, weight, bias, running_mean, running_var, num_batches_tracked, exponential_average_factor, eps, eps_mode,

@@ -56,6 +56,7 @@ M = TypeVar("M", bound=nn.Module)
 _DROPPED_ATTRIBUTES = (
     "_compiled_call_impl",  # a torch.compile'd call of the *old* module (Module.compile)
     "_is_replica",
+    "_layer_id",
     *_SYNC_STATE_DEFAULTS,
 )
 
@@ -76,13 +77,18 @@ def _transplant(module: nn.Module, cls: type[M]) -> M:
     return new
 
 
-def _to_synchronized(module: nn.Module) -> nn.Module:
-    target = _TORCH_TO_SYNC.get(type(module))
-    if target is None:
-        return module
-    new = _transplant(module, target)
-    new._init_sync_state()
-    return new
+def _to_synchronized(process_group: Any) -> Any:
+    def convert_layer(module: nn.Module) -> nn.Module:
+        target = _TORCH_TO_SYNC.get(type(module))
+        if target is None:
+            return module
+        new = _transplant(module, target)
+        new._init_sync_state()
+        if process_group is not None:
+            new.process_group = process_group
+        return new
+
+    return convert_layer
 
 
 def _to_sync_batch_norm(process_group: Any) -> Any:
@@ -101,7 +107,10 @@ def _to_torch(module: nn.Module) -> nn.Module:
     target = _SYNC_TO_TORCH.get(type(module))  # type: ignore[call-overload]
     if target is None:
         return module
-    return _transplant(module, target)
+    new = _transplant(module, target)
+    if target is not TorchSyncBatchNorm:
+        new.__dict__.pop("process_group", None)  # nn.BatchNormNd has none
+    return new
 
 
 def _convert(module: nn.Module, convert_layer: Any, wrap_data_parallel: bool, memo: dict[int, nn.Module]) -> nn.Module:
@@ -132,7 +141,7 @@ def _convert(module: nn.Module, convert_layer: Any, wrap_data_parallel: bool, me
     return result
 
 
-def convert_model(module: M) -> nn.Module:
+def convert_model(module: M, process_group: Any = None) -> nn.Module:
     """Replaces the BatchNorm layers of ``module`` by synchronized ones, recursively; returns the converted model.
 
     * Every ``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` / ``nn.BatchNorm3d`` (those exact classes: not their
@@ -152,6 +161,9 @@ def convert_model(module: M) -> nn.Module:
 
     Args:
         module: the model (or a single BatchNorm layer).
+        process_group: a ``torch.distributed`` group the converted layers also synchronize across (default
+            ``None``: a converted ``nn.BatchNormNd`` synchronizes the replicas of its process; a converted
+            ``nn.SyncBatchNorm`` keeps its own group).
 
     Returns:
         The converted model.
@@ -160,7 +172,7 @@ def convert_model(module: M) -> nn.Module:
         >>> model = convert_model(torchvision.models.resnet18())  # doctest: +SKIP
         >>> dp = syncbn_ext.DataParallelWithCallback(model, device_ids=["cpu"] * 4)  # doctest: +SKIP
     """
-    return _convert(module, _to_synchronized, True, {})
+    return _convert(module, _to_synchronized(process_group), True, {})
 
 
 def convert_to_sync_batch_norm(module: M, process_group: Any = None) -> nn.Module:

@@ -23,6 +23,8 @@ Example:
 
 from __future__ import annotations
 
+import copy
+import itertools
 import warnings
 from typing import Any
 
@@ -89,6 +91,9 @@ def get_sbn_eps_mode() -> str:
 # revert_model. Replicas get theirs from the replication hook.
 _SYNC_STATE_DEFAULTS: dict[str, Any] = {"_copy_id": None, "_channel": None, "_layer": (-1, "")}
 
+# Layers are known across processes by their construction order, the same on every rank that builds the same model.
+_layer_ids = itertools.count()
+
 
 class _SynchronizedBatchNorm(_BatchNorm):
     """The common base of the synchronized layers: everything but the input-dimension check.
@@ -103,7 +108,14 @@ class _SynchronizedBatchNorm(_BatchNorm):
     * ``_layer``: (position, name) of the layer in the replica: every statistics message carries it with the
       copy's call index, so replicas that call the layers in a different order or number of times get an
       error naming the layers instead of a hang or statistics paired across layers.
+    * ``_layer_id``: the layer's construction order in its process, its identity across processes (checked
+      alike).
+    * ``process_group``: the ``torch.distributed`` group its statistics are merged across, or ``None`` (see
+      :meth:`sync_group`).
     """
+
+    #: Whether ``process_group=None`` means the default group (``SyncBatchNorm``) or no cross-process step.
+    _default_to_world = False
 
     def __init__(
         self,
@@ -116,13 +128,28 @@ class _SynchronizedBatchNorm(_BatchNorm):
         dtype: Any = None,
         *,
         bias: bool = True,
+        process_group: Any = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.process_group = process_group
         self._init_sync_state()
 
     def _init_sync_state(self) -> None:
         """The synchronization state of a layer that is not a replica (a new, converted or unpickled one)."""
         self.__dict__.update(_SYNC_STATE_DEFAULTS)
+        self._layer_id = next(_layer_ids)
+        self._layer = (-1, f"{type(self).__name__}({self.num_features}) #{self._layer_id}")
+        self.__dict__.setdefault("process_group", None)
+
+    def sync_group(self) -> Any:
+        """The process group this layer merges its statistics across, or ``None`` (this process only).
+
+        ``process_group`` if given (``None`` on a rank outside it); else, for :class:`SyncBatchNorm`, the default
+        group when ``torch.distributed`` is initialized. A group of one rank is ``None``.
+        """
+        from .distributed import resolve_group
+
+        return resolve_group(self.process_group, self._default_to_world)
 
     # ---- replication ------------------------------------------------------------------------------------
 
@@ -146,8 +173,17 @@ class _SynchronizedBatchNorm(_BatchNorm):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for key, value in _SYNC_STATE_DEFAULTS.items():
-            self.__dict__.setdefault(key, value)
+        self._init_sync_state()  # a new layer (its own id), not a replica
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _SynchronizedBatchNorm:
+        # A process group is a process-wide handle: the copy uses the same one (it cannot be copied).
+        group = self.__dict__.get("process_group")
+        if group is not None:
+            memo[id(group)] = group
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
 
     # ---- forward ------------------------------------------------------------------------------------------
 
@@ -176,7 +212,8 @@ class _SynchronizedBatchNorm(_BatchNorm):
         copy_id = self.__dict__.get("_copy_id")
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         eps_mode = _eps_mode
-        if not use_batch_stats or (copy_id is None and eps_mode == "plus"):
+        group = self.sync_group() if use_batch_stats else None
+        if not use_batch_stats or (copy_id is None and eps_mode == "plus" and group is None):
             # Running statistics, or a lone module with nn.BatchNorm's eps: nn.BatchNorm itself.
             return super().forward(input)
 
@@ -186,7 +223,8 @@ class _SynchronizedBatchNorm(_BatchNorm):
         if torch.jit.is_tracing() or torch.compiler.is_exporting():
             raise RuntimeError(
                 f"{type(self).__name__} cannot be traced or exported while it normalizes with batch statistics "
-                f"{'across replicas' if copy_id is not None else 'in the clamp eps mode'}: its synchronized "
+                f"{'in the clamp eps mode' if copy_id is None and group is None else 'across replicas or processes'}"
+                ": its synchronized "
                 "forward is opaque C++ to the tracer. Trace or export in eval mode (running statistics: "
                 "nn.BatchNorm's forward), use set_sbn_eps_mode('plus') for a lone module, or revert_model() a copy"
             )
@@ -215,6 +253,8 @@ class _SynchronizedBatchNorm(_BatchNorm):
             self._channel,
             layer,
             layer_name,
+            group,
+            self._layer_id,
         )
 
 
@@ -234,6 +274,8 @@ class SynchronizedBatchNorm1d(_SynchronizedBatchNorm):
         device: device of the parameters and buffers.
         dtype: dtype of the parameters and buffers.
         bias: with ``affine``, whether to learn ``bias``. Default: ``True``.
+        process_group: a ``torch.distributed`` group to also synchronize across (every replica of every process
+            of the group). Default ``None``: the replicas of this process only.
     """
 
     _check_input_dim = _TorchBatchNorm1d._check_input_dim
@@ -255,6 +297,8 @@ class SynchronizedBatchNorm2d(_SynchronizedBatchNorm):
         device: device of the parameters and buffers.
         dtype: dtype of the parameters and buffers.
         bias: with ``affine``, whether to learn ``bias``. Default: ``True``.
+        process_group: a ``torch.distributed`` group to also synchronize across (every replica of every process
+            of the group). Default ``None``: the replicas of this process only.
     """
 
     _check_input_dim = _TorchBatchNorm2d._check_input_dim
@@ -276,6 +320,8 @@ class SynchronizedBatchNorm3d(_SynchronizedBatchNorm):
         device: device of the parameters and buffers.
         dtype: dtype of the parameters and buffers.
         bias: with ``affine``, whether to learn ``bias``. Default: ``True``.
+        process_group: a ``torch.distributed`` group to also synchronize across (every replica of every process
+            of the group). Default ``None``: the replicas of this process only.
     """
 
     _check_input_dim = _TorchBatchNorm3d._check_input_dim
@@ -314,9 +360,12 @@ class SyncBatchNorm(_SynchronizedBatchNorm):
         *,
         bias: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self.process_group = process_group
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+            process_group=process_group,
+        )
 
+    _default_to_world = True
     _check_input_dim = _TorchSyncBatchNorm._check_input_dim
 
     def forward(self, input: Tensor) -> Tensor:

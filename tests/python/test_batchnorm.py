@@ -179,8 +179,10 @@ def test_constructor_repr_and_state_dict_match_torch(kind):
     sync_cls, torch_cls, _ = KINDS[kind]
     ours_sig = inspect.signature(sync_cls.__init__).parameters
     torch_sig = inspect.signature(torch_cls.__init__).parameters
+    # nn.BatchNormNd's signature, and a group to synchronize across processes (keyword-only, last).
     assert [(p.name, p.kind, p.default) for p in ours_sig.values()] == [
-        (p.name, p.kind, p.default) for p in torch_sig.values()
+        *((p.name, p.kind, p.default) for p in torch_sig.values()),
+        ("process_group", inspect.Parameter.KEYWORD_ONLY, None),
     ]
     assert issubclass(sync_cls, nn.modules.batchnorm._BatchNorm)
     for options in (

@@ -10,6 +10,7 @@
 
 #include <syncbn/batch_norm.h>
 #include <syncbn/batch_norm_channel.h>
+#include <syncbn/cross_process.h>
 #include <syncbn/export.h>
 #include <syncbn/message.h>
 #include <syncbn/replica_backward.h>
@@ -42,11 +43,15 @@ SYNCBN_API StatisticsExchange local_exchange();
 
 // Where one synchronized layer's statistics are merged: through its copy's
 // channel of a replication, as layer `layer` (its module position) named `name`;
-// or, without a channel, alone.
+// or, without a channel, alone. With a process group of several ranks, the
+// result is merged again across the group (see cross_process.h), the layer
+// known there by `layer_id` (the same on every rank: its construction order).
 struct LayerSync {
   std::shared_ptr<BatchNormChannel> channel;
   int64_t layer = -1;
   std::string name;
+  ProcessGroupPtr process_group;
+  int64_t layer_id = -1;
 };
 
 // Training-mode BatchNorm of one replica's slice with statistics over every

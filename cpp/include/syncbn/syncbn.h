@@ -5,6 +5,7 @@
 #include <syncbn/batch_norm.h>
 #include <syncbn/batch_norm_channel.h>
 #include <syncbn/callback_context.h>
+#include <syncbn/cross_process.h>
 #include <syncbn/data_parallel.h>
 #include <syncbn/errors.h>
 #include <syncbn/export.h>

@@ -1,0 +1,57 @@
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <syncbn/export.h>
+
+// Synchronization across processes: the statistics each process merged from
+// its own replicas, merged again over a c10d process group (gloo on CPU, NCCL
+// on GPUs), so that every rank normalizes with the whole global batch's.
+namespace syncbn {
+
+using ProcessGroupPtr = c10::intrusive_ptr<c10d::ProcessGroup>;
+
+// A synchronized layer's cross-process step: its group (null: none), its id
+// alike on every rank (its construction order), its name for errors.
+struct GroupCall {
+  ProcessGroupPtr group;
+  int64_t layer_id = -1;
+  std::string label;
+};
+
+// What the group's merge gives every rank, bitwise alike: float64 (C,) tensors.
+struct GroupStatistics {
+  at::Tensor mean;  // of the whole global batch
+  at::Tensor var;   // biased
+  int64_t total = 0;
+};
+
+// One synchronized call's statistics across the group. Two all-gathers: first
+// every rank's (call number on this group, layer id, channels, count), checked
+// to agree, so that ranks at different layers or calls fail with a BarrierError
+// naming each rank's layer instead of pairing statistics across layers; then
+// every rank's (mean, M2), merged with Chan's formula in rank order (float64).
+// `mean` and `m2` are this process's, of `count` values per channel (0: an
+// empty batch). `layer_id` identifies the layer alike on every rank (its
+// construction order); `label` names it in errors. A rank that never comes is
+// caught by the group's own timeout, with `label` in the error.
+SYNCBN_API GroupStatistics merge_across_processes(const ProcessGroupPtr& group, int64_t layer_id, int64_t count,
+                                                  const at::Tensor& mean, const at::Tensor& m2,
+                                                  const std::string& label);
+
+// Backward: (d mean, d var) summed over the group (one all-reduce); undefined
+// gradients count as zeros. Returns float64 tensors.
+SYNCBN_API std::pair<at::Tensor, at::Tensor> sum_across_processes(const ProcessGroupPtr& group,
+                                                                  const at::Tensor& grad_mean,
+                                                                  const at::Tensor& grad_var, int64_t channels,
+                                                                  const std::string& label);
+
+// Whether `group` synchronizes anything: not null, and more than one rank.
+SYNCBN_API bool spans_processes(const ProcessGroupPtr& group);
+
+}  // namespace syncbn
