@@ -37,6 +37,8 @@ void wait(const c10::intrusive_ptr<c10d::Work>& work, const ProcessGroupPtr& gro
   } catch (c10::Error& error) {
     error.add_context(where(group, label, doing));
     throw;
+  } catch (const std::exception& error) {  // e.g. gloo's own: a peer that went away
+    TORCH_CHECK_WITH(DistBackendError, false, error.what(), "\n", where(group, label, doing));
   }
 }
 

@@ -1,8 +1,16 @@
 #include <syncbn/modules.h>
 
+#include <atomic>
+
 #include <c10/util/Exception.h>
 
 namespace syncbn {
+
+namespace {
+std::atomic<int64_t> next_layer_id{0};
+}  // namespace
+
+BatchNormSyncState::BatchNormSyncState() : layer_id_(next_layer_id++) {}
 
 void BatchNormSyncState::on_replicate(CallbackContext& context, int64_t copy_id) {
   channel_ = BatchNormChannel::of(context, copy_id);
@@ -18,7 +26,10 @@ void BatchNormSyncState::finish() const {
   if (channel_) channel_->finish();
 }
 
-LayerSync BatchNormSyncState::layer_sync() const { return LayerSync{channel_, position_, name_}; }
+LayerSync BatchNormSyncState::layer_sync() const {
+  const std::string name = channel_ ? name_ : "syncbn::SyncBatchNorm #" + std::to_string(layer_id_);
+  return LayerSync{channel_, position_, name, process_group_, layer_id_};
+}
 
 torch::Tensor sync_batch_norm_module_forward(const torch::Tensor& input, const torch::nn::BatchNormOptions& options,
                                              const torch::Tensor& weight, const torch::Tensor& bias,

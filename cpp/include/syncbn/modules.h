@@ -12,6 +12,7 @@
 #include <syncbn/batch_norm.h>
 #include <syncbn/batch_norm_channel.h>
 #include <syncbn/callback_context.h>
+#include <syncbn/cross_process.h>
 #include <syncbn/export.h>
 #include <syncbn/replicate.h>
 #include <syncbn/sync_batch_norm.h>
@@ -23,6 +24,7 @@ namespace syncbn {
 // and its end of the barrier (the master on copy 0, a pipe on the others).
 class SYNCBN_API BatchNormSyncState {
  public:
+  BatchNormSyncState();
   // The replication hook: joins this copy's channel of the replication's barrier.
   void on_replicate(CallbackContext& context, int64_t copy_id);
   // A copy failed: closes the replication, so every copy waiting on its barrier
@@ -32,13 +34,21 @@ class SYNCBN_API BatchNormSyncState {
   void finish() const;
   bool replicated() const { return channel_ != nullptr; }
   bool holds_buffers() const { return !channel_ || channel_->copy_id() == 0; }
-  // Where this layer's statistics merge: through the channel, or alone when not replicated.
+  // Where this layer's statistics merge: through the channel, or alone when not replicated; and across the
+  // process group, when set.
   LayerSync layer_sync() const;
+  // Whether a forward must take the synchronized path (replicated, or a group of several processes).
+  bool synchronizes() const { return replicated() || spans_processes(process_group_); }
+
+  void set_process_group(ProcessGroupPtr group) { process_group_ = std::move(group); }
+  const ProcessGroupPtr& process_group() const { return process_group_; }
 
  private:
   std::shared_ptr<BatchNormChannel> channel_;
   int64_t position_ = -1;
   std::string name_;
+  ProcessGroupPtr process_group_;
+  int64_t layer_id_;  // construction order: the layer's identity across processes
 };
 
 // Training-mode forward of a synchronized BatchNorm module: nn.BatchNorm's
@@ -64,13 +74,18 @@ class SyncBatchNormImplBase : public torch::nn::BatchNormImplBase<D, Derived>, p
 
   torch::Tensor forward(const torch::Tensor& input) {
     const bool batch_stats = this->is_training() || !this->options.track_running_stats();
-    if (!batch_stats || !sync_.replicated()) return torch::nn::BatchNormImplBase<D, Derived>::forward(input);
+    if (!batch_stats || !sync_.synchronizes()) return torch::nn::BatchNormImplBase<D, Derived>::forward(input);
     this->_check_input_dim(input);
     return sync_batch_norm_module_forward(input, this->options, this->weight, this->bias, this->running_mean,
                                           this->running_var, this->num_batches_tracked, this->is_training(), sync_);
   }
 
   void on_replicate(CallbackContext& context, int64_t copy_id) override { sync_.on_replicate(context, copy_id); }
+
+  // A c10d process group (e.g. ProcessGroupGloo over a FileStore) to also synchronize across: every replica of
+  // every process of the group. Default: none (the replicas of this process only).
+  void set_process_group(ProcessGroupPtr group) { sync_.set_process_group(std::move(group)); }
+  const ProcessGroupPtr& process_group() const { return sync_.process_group(); }
   void on_replica_failure(const std::string& reason) override { sync_.abort(reason); }
   void on_copy_finished() override { sync_.finish(); }
 

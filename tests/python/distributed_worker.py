@@ -1,0 +1,258 @@
+"""One rank of a multi-process test (run by test_distributed.py, or by torchrun): runs scenarios, prints JSON lines.
+
+Every rank builds the same model from the same seed and the same global batch; each takes its own slice (sizes
+per rank given, an empty slice allowed) and compares what it gets with one nn.BatchNorm model run on the whole
+global batch (float64). Each scenario prints one line ``{"scenario": ..., "rank": ..., <measures>}`` or, when it
+raised, ``{"scenario": ..., "rank": ..., "error": type, "message": ...}``.
+
+    python distributed_worker.py --rank R --world W --store FILE --replicas N --scenarios parity ddp ...
+    torchrun ... distributed_worker.py --replicas N --scenarios parity   # rank and world from the environment
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import syncbn_ext
+
+C = 3
+
+
+def make_models(layer: str, group: object, momentum: float | None = 0.1) -> tuple[nn.Module, nn.Module]:
+    """(synchronized model, nn.BatchNorm reference) with the same initial state."""
+
+    def norm(plain: bool, dims: int) -> nn.Module:
+        if plain:
+            return {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[dims](C, momentum=momentum)
+        if layer == "SyncBatchNorm":
+            return syncbn_ext.SyncBatchNorm(C, momentum=momentum, process_group=group)
+        cls = {1: syncbn_ext.SynchronizedBatchNorm1d, 2: syncbn_ext.SynchronizedBatchNorm2d}[dims]
+        return cls(C, momentum=momentum, process_group=group)
+
+    def build(plain: bool) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(2, C, 3, padding=1),
+            norm(plain, 2),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(4 * C, C),
+            norm(plain, 1),
+        ).double()
+
+    model, reference = build(False), build(True)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.uniform_(-1, 1)
+    model.load_state_dict(reference.state_dict())
+    return model, reference
+
+
+def global_batch(step: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(total, 2, 5, 5, generator=generator, dtype=torch.float64) * 2 + 1
+    grad = torch.randn(total, C, generator=generator, dtype=torch.float64)
+    return x, grad
+
+
+def wrap(model: nn.Module, replicas: int) -> nn.Module:
+    return model if replicas == 1 else syncbn_ext.DataParallelWithCallback(model, device_ids=["cpu"] * replicas)
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 0.0 if a.numel() == 0 else (a - b).abs().max().item()
+
+
+def same_on_every_rank(tensor: torch.Tensor, group: object) -> bool:
+    if group is None:
+        return True
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, tensor.contiguous(), group=group)
+    return all(torch.equal(t, gathered[0]) for t in gathered)
+
+
+WORLD = "world"  # the default group, looked up once torch.distributed is initialized
+
+
+def run_steps(model, reference, run, sizes, rank, steps, ddp_world=None, members=None, group=WORLD):
+    """Trains both on the global batch (each rank its slice); the largest errors of each quantity.
+
+    ``members``: the ranks this one synchronizes with (default all), whose batch the reference runs on; ``group``
+    their process group (``None``: this rank alone).
+    """
+    members = list(range(len(sizes))) if members is None else members
+    group = dist.group.WORLD if group == WORLD else group
+    total = sum(sizes)
+    start = sum(sizes[:rank])
+    mine = slice(start, start + sizes[rank])
+    errors = {"output": 0.0, "input_grad": 0.0, "param_grad": 0.0, "buffers": 0.0}
+    for step in range(steps):
+        x, grad = global_batch(step, total)
+        model.zero_grad()
+        reference.zero_grad()
+        x_mine = x[mine].clone().requires_grad_()
+        y = run(x_mine)
+        y.backward(grad[mine])
+        # The reference: one model on the batch of the ranks that synchronize together.
+        rows = torch.cat([torch.arange(sum(sizes[:r]), sum(sizes[: r + 1])) for r in members])
+        x_ref = x[rows].clone().requires_grad_()
+        y_ref = reference(x_ref)
+        y_ref.backward(grad[rows])
+        offset = sum(sizes[r] for r in members if r < rank)
+        here = slice(offset, offset + sizes[rank])
+        errors["output"] = max(errors["output"], max_error(y, y_ref[here]))
+        errors["input_grad"] = max(errors["input_grad"], max_error(x_mine.grad, x_ref.grad[here]))
+        for p, p_ref in zip(model.parameters(), reference.parameters(), strict=True):
+            g = p.grad.clone()
+            if ddp_world is None:
+                if group is not None:
+                    dist.all_reduce(g, group=group)  # each rank holds its share of the global batch's gradient
+                expected = p_ref.grad
+            else:
+                expected = p_ref.grad / ddp_world  # DistributedDataParallel averages
+            errors["param_grad"] = max(errors["param_grad"], max_error(g, expected))
+        for b, b_ref in zip(model.buffers(), reference.buffers(), strict=True):
+            errors["buffers"] = max(errors["buffers"], max_error(b.double(), b_ref.double()))
+    errors["buffers_equal_on_every_rank"] = all(same_on_every_rank(b, group) for b in model.buffers())
+    errors["num_batches_tracked"] = [m.num_batches_tracked.item() for m in model.modules() if hasattr(m, "momentum")]
+    return errors
+
+
+def scenario_parity(rank, world, replicas, sizes):
+    results = {}
+    for layer in ("SyncBatchNorm", "SynchronizedBatchNorm"):
+        for momentum in (0.1, None):
+            group = None if layer == "SyncBatchNorm" else dist.group.WORLD
+            model, reference = make_models(layer, group, momentum)
+            results[f"{layer}/{momentum}"] = run_steps(model, reference, wrap(model, replicas), sizes, rank, steps=3)
+    return results
+
+
+def scenario_ddp(rank, world, replicas, sizes):
+    model, reference = make_models("SyncBatchNorm", None)
+    ddp = nn.parallel.DistributedDataParallel(wrap(model, replicas))
+    return run_steps(model, reference, ddp, sizes, rank, steps=2, ddp_world=world)
+
+
+def scenario_subgroup(rank, world, replicas, sizes):
+    members = [0, 1]
+    group = dist.new_group(members)  # every rank calls new_group; rank 2 is not a member
+    model, reference = make_models("SyncBatchNorm", group)
+    inside = rank in members
+    return run_steps(
+        model,
+        reference,
+        wrap(model, replicas),
+        sizes,
+        rank,
+        steps=2,
+        members=members if inside else [rank],
+        group=group if inside else None,
+    )
+
+
+def scenario_eval(rank, world, replicas, sizes):
+    model, reference = make_models("SyncBatchNorm", None)
+    run_steps(model, reference, wrap(model, replicas), sizes, rank, steps=1)
+    model.eval()
+    reference.eval()
+    x, _ = global_batch(7, max(sizes[rank], 2))
+    with torch.no_grad():
+        return {"output": max_error(wrap(model, replicas)(x), reference(x))}
+
+
+class TwoLayers(nn.Module):
+    """Calls a then b on rank 0, b then a elsewhere: ranks at different layers."""
+
+    def __init__(self, rank):
+        super().__init__()
+        self.rank = rank
+        self.a = syncbn_ext.SyncBatchNorm(C).double()
+        self.b = syncbn_ext.SyncBatchNorm(C).double()
+
+    def forward(self, x):
+        return self.b(self.a(x)) if self.rank == 0 else self.a(self.b(x))
+
+
+def scenario_mismatch(rank, world, replicas, sizes):
+    model = TwoLayers(rank)
+    wrap(model, replicas)(torch.randn(4, C, dtype=torch.float64))
+    return {"ran": True}
+
+
+class StuckOnRank1(nn.Module):
+    """Rank 1 never reaches its synchronized layer within the group's timeout."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x):
+        if dist.get_rank() == 1:
+            time.sleep(self.seconds)
+            os._exit(0)  # the group timed out: nothing to tear down collectively
+        return x
+
+
+def scenario_absent(rank, world, replicas, sizes, timeout):
+    model = nn.Sequential(StuckOnRank1(timeout + 5), syncbn_ext.SyncBatchNorm(C)).double()
+    wrap(model, replicas)(torch.randn(4, C, dtype=torch.float64))
+    return {"ran": True}
+
+
+SCENARIOS = {
+    "parity": scenario_parity,
+    "ddp": scenario_ddp,
+    "subgroup": scenario_subgroup,
+    "eval": scenario_eval,
+    "mismatch": scenario_mismatch,
+    "absent": scenario_absent,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rank", type=int, default=None)
+    parser.add_argument("--world", type=int, default=None)
+    parser.add_argument("--store", default=None, help="a FileStore path (else torchrun's environment)")
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--sizes", type=int, nargs="+", required=True, help="batch slice of every rank")
+    parser.add_argument("--timeout", type=float, default=30.0, help="the process group's timeout, seconds")
+    parser.add_argument("--scenarios", nargs="+", choices=sorted(SCENARIOS), required=True)
+    args = parser.parse_args()
+    timeout = datetime.timedelta(seconds=args.timeout)
+    if args.store is not None:
+        store = dist.FileStore(args.store, args.world)
+        dist.init_process_group("gloo", store=store, rank=args.rank, world_size=args.world, timeout=timeout)
+    else:
+        dist.init_process_group("gloo", init_method="env://", timeout=timeout)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)  # several ranks share the cores of one machine
+    for name in args.scenarios:
+        extra = {"timeout": args.timeout} if name == "absent" else {}
+        try:
+            measures = SCENARIOS[name](rank, world, args.replicas, args.sizes, **extra)
+            result = {"scenario": name, "rank": rank, "result": measures}
+        except Exception as error:
+            result = {"scenario": name, "rank": rank, "error": type(error).__name__, "message": str(error)}
+            if os.environ.get("SYNCBN_TEST_TRACEBACK"):
+                traceback.print_exc()
+        print(json.dumps(result), flush=True)
+    if "absent" not in args.scenarios:  # a timed-out group cannot be torn down collectively
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Synchronization across processes: ranks on localhost (gloo), each with 1 or 2 CPU replicas, against one
+nn.BatchNorm model on the global batch (float64). Every launch is bounded in time and leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import syncbn_ext
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "distributed_worker.py"
+LAUNCH_TIMEOUT = 240  # seconds, for a whole launch
+TOLERANCE = 1e-12
+
+
+def collect(processes: list[subprocess.Popen]) -> dict[str, dict[int, dict]]:
+    """Waits for every process (killing all of them past the time limit); {scenario: {rank: line}}."""
+    outputs = []
+    try:
+        for process in processes:
+            out, err = process.communicate(timeout=LAUNCH_TIMEOUT)
+            outputs.append((process.returncode, out, err))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    results: dict[str, dict[int, dict]] = defaultdict(dict)
+    for returncode, out, err in outputs:
+        assert returncode == 0, err[-3000:]
+        for line in out.splitlines():
+            if line.startswith("{"):
+                record = json.loads(line)
+                results[record["scenario"]][record["rank"]] = record
+    return results
+
+
+def launch(tmp_path, world, replicas, sizes, scenarios, timeout=30.0):
+    """``world`` ranks over a FileStore, each running ``scenarios``."""
+    store = tmp_path / "store"
+    command = [sys.executable, str(WORKER), "--world", str(world), "--store", str(store), "--replicas", str(replicas)]
+    command += ["--sizes", *map(str, sizes), "--timeout", str(timeout), "--scenarios", *scenarios]
+    processes = [
+        subprocess.Popen([*command, "--rank", str(rank)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in range(world)
+    ]
+    return collect(processes)
+
+
+def measures(record: dict) -> dict:
+    assert "error" not in record, record
+    return record["result"]
+
+
+def assert_parity(result: dict, steps: int) -> None:
+    for quantity in ("output", "input_grad", "param_grad", "buffers"):
+        assert result[quantity] < TOLERANCE, (quantity, result)
+    assert result["buffers_equal_on_every_rank"], result  # bitwise
+    assert result["num_batches_tracked"] == [steps, steps]
+
+
+@pytest.mark.parametrize(
+    "world, replicas, sizes",
+    [
+        (2, 1, [3, 5]),
+        (2, 2, [4, 5]),
+        (3, 1, [3, 5, 0]),  # uneven slices, an empty rank
+        (3, 2, [2, 6, 0]),
+    ],
+)
+def test_every_rank_matches_one_batchnorm_on_the_global_batch(tmp_path, world, replicas, sizes):
+    scenarios = ["parity", "ddp", "eval"] + (["subgroup"] if world == 3 else [])
+    results = launch(tmp_path, world, replicas, sizes, scenarios)
+    for rank in range(world):
+        for case, result in measures(results["parity"][rank]).items():  # both layers, momentum 0.1 and None
+            assert_parity(result, steps=3), case
+        assert measures(results["eval"][rank])["output"] < TOLERANCE
+        if sizes[rank] > 0:  # DistributedDataParallel needs a batch on every rank
+            assert_parity(measures(results["ddp"][rank]), steps=2)
+    if world == 3:  # a subgroup of ranks 0 and 1: rank 2 normalizes alone
+        for rank in range(world):
+            assert_parity(measures(results["subgroup"][rank]), steps=2)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_ranks_at_different_layers_get_an_error_naming_every_ranks_layer(tmp_path, replicas):
+    results = launch(tmp_path, 2, replicas, [4, 4], ["mismatch"])
+    for rank in (0, 1):
+        record = results["mismatch"][rank]
+        assert record.get("error") == "BarrierError", record
+        message = record["message"]
+        # Its own layer by name (under the wrapper, with the layer's path in the replica), every rank's by id.
+        assert f"rank {rank} is at " in message and "SyncBatchNorm(3)" in message
+        assert "rank 0: synchronized call" in message and "rank 1: synchronized call" in message
+        assert "every rank must call the synchronized layers the same number of times" in message
+
+
+def test_a_rank_that_never_comes_is_caught_by_the_groups_timeout_naming_our_layer(tmp_path):
+    results = launch(tmp_path, 3, 1, [2, 2, 2], ["absent"], timeout=3.0)
+    for rank in (0, 2):  # rank 1 is stuck (it leaves when the others gave up)
+        record = results["absent"][rank]
+        assert record.get("error") == "DistBackendError", record
+        assert "in synchronized BatchNorm SyncBatchNorm(3)" in record["message"]
+        assert "across the process group" in record["message"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_with_two_nodes_on_one_machine(tmp_path):
+    port = free_port()
+    processes = []
+    for node in (0, 1):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+        command += ["--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port)]
+        command += [str(WORKER), "--replicas", "2", "--sizes", "3", "4", "--scenarios", "parity"]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        processes.append(
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        )
+    results = collect(processes)
+    assert sorted(results["parity"]) == [0, 1]
+    for rank in (0, 1):
+        for result in measures(results["parity"][rank]).values():
+            assert_parity(result, steps=3)
+
+
+def test_without_torch_distributed_sync_batchnorm_is_a_single_process_layer():
+    assert not dist.is_initialized()
+    layer = syncbn_ext.SyncBatchNorm(3)
+    assert layer.sync_group() is None
+    reference = torch.nn.BatchNorm1d(3)
+    x = torch.randn(6, 3)
+    torch.testing.assert_close(layer(x), reference(x))
+    torch.testing.assert_close(layer.running_var, reference.running_var)
+    # Our in-process layers ignore torch.distributed unless given a group.
+    assert syncbn_ext.SynchronizedBatchNorm1d(3).sync_group() is None
