@@ -54,3 +54,42 @@ def test_bad_arguments_are_usage_errors(argv, message, capsys):
     error = capsys.readouterr().err
     assert error.strip().splitlines()[-1].endswith(f"error: {message}")
     assert "Traceback" not in error
+
+
+def test_demo_across_two_processes_draws_its_plot(tmp_path):
+    plot = tmp_path / "demo.png"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "syncbn_ext",
+            "demo",
+            "--steps",
+            "2",
+            "--replicas",
+            "2",
+            "--processes",
+            "2",
+            "--plot",
+            str(plot),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 processes x 2 CPU replicas" in result.stdout
+    rows = {
+        line[:26].strip(): line.split()
+        for line in result.stdout.splitlines()
+        if line[:26].strip() in ("BatchNorm per replica", "synchronized BatchNorm")
+    }
+    assert float(rows["synchronized BatchNorm"][-2]) < 1e-5  # running statistics vs the whole batch
+    assert float(rows["BatchNorm per replica"][-2]) > 1e-3
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_progress_bar_when_asked(capsys):
+    run_demo(replicas=2, steps=2, batch_per_replica=2, seed=0, show_progress=True)
+    err = capsys.readouterr().err
+    assert "demo: 100%|" in err and "6/6" in err  # 3 ways x 2 steps
