@@ -26,4 +26,11 @@ def test_bench_batchnorm_smoke():
     out = run_script("bench_batchnorm.py", "--quick")
     for row in ("layer fwd+bwd 64x64x32x32", "CNN train step (8 blocks)", "layer fwd+bwd peak extra"):
         assert row in out
+    assert "training step time (ms)" in out and "process peak RSS (MB)" in out  # the wrapper's own cost
     assert "check layer against nn.BatchNorm2d on the whole batch" in out
+
+
+def test_bench_distributed_smoke():
+    out = run_script("bench_distributed.py", "--quick")
+    for row in ("1 CPU replica(s)", "2 CPU replica(s)", "per synchronized layer and step"):
+        assert row in out

@@ -1,0 +1,230 @@
+"""Synchronized BatchNorm across processes: a CNN training step under DistributedDataParallel, side by side.
+
+Two processes on localhost (gloo over a file store), each running the CNN of ``bench_batchnorm.py`` (8
+conv-BN-ReLU blocks, 32 channels, 32x32 images, global batch 32) under ``DistributedDataParallel``, with 1 CPU
+replica per process (``DDP(model)``) and with 2 (``DDP(DataParallelWithCallback(model, ["cpu"] * 2))``):
+
+* **torch**: ``nn.BatchNorm2d``, not synchronized (each replica normalizes its own slice): the reference of the
+  ratios;
+* **ours**: ``syncbn_ext.SyncBatchNorm`` (statistics over every replica of every process);
+* **naive**: a re-implementation of the common pure-Python approach (detectron2's ``NaiveSyncBatchNorm``): the
+  mean and mean of squares of each process's batch, averaged with a differentiable ``all_reduce`` (one in
+  forward, one in backward), the variance rebuilt as ``E[x^2] - E[x]^2``. It runs one replica per process only
+  (replica threads issuing collectives of their own would pair them at random across processes).
+
+Each variant's step is timed in interleaved rounds (every rank runs the same variants in the same order, a barrier
+between them); the reported figure is rank 0's median over rounds of each round's median step. The collectives of
+one step are counted with the profiler (c10d ops recorded on every thread) and their bytes from the tensors'
+shapes. Target (issue 9): ours at most 1.15x torch, and faster than naive.
+
+    python benchmarks/bench_distributed.py            # about a minute on 2 cores
+    python benchmarks/bench_distributed.py --quick    # a smoke run
+    python benchmarks/bench_distributed.py --check    # exit 1 when a target is missed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import syncbn_ext  # noqa: E402
+
+PROCESSES = 2
+TARGET_RATIO = 1.15
+BATCH, CHANNELS, SIZE, BLOCKS, CLASSES = 32, 32, 32, 8, 10
+
+
+class NaiveSyncBatchNorm2d(nn.BatchNorm2d):
+    """The common pure-Python synchronized BatchNorm (written for this comparison, after detectron2's idea)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or dist.get_world_size() == 1:
+            return super().forward(x)
+        world = dist.get_world_size()
+        mean = x.mean(dim=(0, 2, 3))
+        mean_sq = (x * x).mean(dim=(0, 2, 3))
+        both = differentiable_all_reduce(torch.cat([mean, mean_sq]) / world)
+        mean, mean_sq = both.split(x.shape[1])
+        var = mean_sq - mean * mean
+        invstd = torch.rsqrt(var + self.eps)
+        scale = self.weight * invstd
+        shift = self.bias - mean * scale
+        with torch.no_grad():
+            count = x.numel() // x.shape[1] * world
+            self.running_mean.mul_(1 - self.momentum).add_(mean, alpha=self.momentum)
+            self.running_var.mul_(1 - self.momentum).add_(var * count / (count - 1), alpha=self.momentum)
+            self.num_batches_tracked.add_(1)
+        return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+
+
+def make_cnn(variant: str) -> nn.Sequential:
+    torch.manual_seed(0)
+    norm = {"torch": nn.BatchNorm2d, "ours": syncbn_ext.SyncBatchNorm, "naive": NaiveSyncBatchNorm2d}[variant]
+    layers: list[nn.Module] = []
+    in_channels = 3
+    for _ in range(BLOCKS):
+        layers += [nn.Conv2d(in_channels, CHANNELS, 3, padding=1, bias=False), norm(CHANNELS), nn.ReLU(inplace=True)]
+        in_channels = CHANNELS
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(CHANNELS, CLASSES)]
+    return nn.Sequential(*layers)
+
+
+class Step:
+    """One variant's DDP training step on this rank's shard of a fixed global batch."""
+
+    def __init__(self, variant: str, replicas: int, rank: int) -> None:
+        model = make_cnn(variant)
+        inner = model if replicas == 1 else syncbn_ext.DataParallelWithCallback(model, device_ids=["cpu"] * replicas)
+        self.ddp = nn.parallel.DistributedDataParallel(inner)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        generator = torch.Generator().manual_seed(1)
+        images = torch.randn(BATCH, 3, SIZE, SIZE, generator=generator)
+        labels = torch.randint(0, CLASSES, (BATCH,), generator=generator)
+        shard = BATCH // PROCESSES
+        self.images, self.labels = images[rank * shard : (rank + 1) * shard], labels[rank * shard : (rank + 1) * shard]
+
+    def __call__(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(self.ddp(self.images), self.labels).backward()
+        self.optimizer.step()
+
+
+def count_collectives(step: Step) -> dict[str, int]:
+    """The c10d collectives of one step on this rank, by kind (every thread's: replicas issue them too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        from torch._C._profiler import _ExperimentalConfig
+
+        config = _ExperimentalConfig(profile_all_threads=True)
+    except (ImportError, TypeError):  # pragma: no cover - an older torch: the calling thread only
+        config = None
+    with profile(activities=[ProfilerActivity.CPU], experimental_config=config) as prof:
+        step()
+    calls: Counter[str] = Counter(
+        event.name.removeprefix("c10d::").rstrip("_")
+        for event in prof.events()
+        if event.name.startswith("c10d::") and "barrier" not in event.name
+    )
+    return dict(calls)
+
+
+# Bytes each synchronized call sends per rank (the tensors' sizes; a collective moves about this much per peer):
+# ours: forward, an all-gather of 4 int64 (call, layer, channels, count) then one of (mean, M2) in float64;
+# backward, an all-reduce of (d mean, d var) in float64. naive: an all-reduce of (mean, mean of squares) in the
+# input's dtype (float32 here) forward, and its gradient backward.
+BYTES_PER_CALL = {
+    "ours": (32 + 16 * CHANNELS, 16 * CHANNELS),
+    "naive": (8 * CHANNELS, 8 * CHANNELS),
+}
+
+
+def rank_main(rank: int, store: str, result: str, replicas: int, iters: int, rounds: int) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // PROCESSES))
+    dist.init_process_group("gloo", store=dist.FileStore(store, PROCESSES), rank=rank, world_size=PROCESSES)
+    variants = ("torch", "ours") if replicas > 1 else ("torch", "ours", "naive")
+    steps = {variant: Step(variant, replicas, rank) for variant in variants}
+    for step in steps.values():
+        step()  # first use
+    samples: dict[str, list[float]] = {variant: [] for variant in variants}
+    for round_index in range(rounds):
+        shift = round_index % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            dist.barrier()
+            times = []
+            for _ in range(iters):
+                start = time.perf_counter()
+                steps[variant]()
+                times.append(time.perf_counter() - start)
+            samples[variant].append(statistics.median(times) * 1e3)
+    collectives = {variant: count_collectives(steps[variant]) for variant in variants}
+    if rank == 0:
+        with open(result, "w", encoding="utf-8") as f:
+            json.dump({"samples": samples, "collectives": collectives}, f)
+    dist.destroy_process_group()
+
+
+def run(replicas: int, iters: int, rounds: int) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        store, result = os.path.join(folder, "store"), os.path.join(folder, "result.json")
+        mp.start_processes(
+            rank_main, args=(store, result, replicas, iters, rounds), nprocs=PROCESSES, join=True, start_method="spawn"
+        )
+        with open(result, encoding="utf-8") as f:
+            return json.load(f)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 iteration x 2 rounds")
+    parser.add_argument("--iters", type=int, default=None, help="timed steps per variant and round (default 3)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7)")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    iters = args.iters or (1 if args.quick else 3)
+    rounds = args.rounds or (2 if args.quick else 7)
+    print(
+        f"syncbn_ext {syncbn_ext.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, {PROCESSES} "
+        f"processes (gloo), CNN of {BLOCKS} conv-BN-ReLU blocks, global batch {BATCH}; {iters} steps x {rounds} rounds",
+        file=sys.stderr,
+    )
+    report, met = {}, True
+    header = (
+        f"{'per process':<22} {'torch ms':>9} {'ours ms':>9} {'naive ms':>9} {'ours/torch':>11} {'naive/torch':>12}"
+    )
+    lines = [header, "-" * len(header)]
+    collective_lines = []
+    for replicas in (1, 2):
+        result = run(replicas, iters, rounds)
+        medians = {variant: statistics.median(values) for variant, values in result["samples"].items()}
+        ratio = medians["ours"] / medians["torch"]
+        naive = medians.get("naive")
+        ok = ratio <= TARGET_RATIO and (naive is None or medians["ours"] < naive)
+        met = met and ok
+        naive_ms = f"{naive:9.1f}" if naive else "n/a"
+        naive_ratio = f"{naive / medians['torch']:12.3f}" if naive else "n/a"
+        lines.append(
+            f"{f'{replicas} CPU replica(s)':<22} {medians['torch']:>9.1f} {medians['ours']:>9.1f} {naive_ms:>9} "
+            f"{ratio:>11.3f} {naive_ratio:>12}  {'yes' if ok else 'NO'}"
+        )
+        baseline = result["collectives"]["torch"]  # DDP's own (buffer broadcast, gradient buckets)
+        for variant, kinds in result["collectives"].items():
+            if variant == "torch":
+                continue
+            extra = {n: calls - baseline.get(n, 0) for n, calls in kinds.items() if calls != baseline.get(n)}
+            forward_bytes, backward_bytes = BYTES_PER_CALL[variant]
+            collective_lines.append(
+                f"  {variant:<6} {replicas} replica(s): per synchronized layer and step "
+                + ", ".join(f"{calls / BLOCKS:g} {name}" for name, calls in sorted(extra.items()))
+                + f"; {forward_bytes} B sent forward, {backward_bytes} B backward (C = {CHANNELS})"
+            )
+        report[f"{replicas}_replicas"] = {**result, "medians": medians, "ratio": ratio}
+    print("\n".join(lines))
+    print(
+        "\ncollectives beside DDP's own (profiled, one step on rank 0):\n"
+        + "\n".join(collective_lines)
+    )
+    print(f"targets (ours/torch <= {TARGET_RATIO}, ours faster than naive): " + ("all met" if met else "MISSED"))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    return 1 if args.check and not met else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
