@@ -85,6 +85,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import established_batchnorm  # noqa: E402  (beside this file)
 import wrapper_cost  # noqa: E402  (beside this file)
+from timing import interleaved_rounds  # noqa: E402  (beside this file)
 
 import syncbn_ext  # noqa: E402
 
@@ -252,16 +253,6 @@ def check_cnn(variant: str) -> float:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _time_ms(step: Callable[[], None], iters: int) -> float:
-    step()  # warm-up: caches, after the other variants ran
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def time_rows(
     make: Callable[[str], LayerBench | CnnBench], iters: int, rounds: int, first_use: bool = True
 ) -> dict[str, list[float]]:
@@ -270,12 +261,7 @@ def time_rows(
     if first_use:
         for bench in benches.values():
             bench.step()  # first use: thread pools, lazy initialization
-    samples: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-    for round_index in range(rounds):
-        shift = round_index % len(VARIANTS)
-        for variant in VARIANTS[shift:] + VARIANTS[:shift]:
-            samples[variant].append(_time_ms(benches[variant].step, iters))
-    return samples
+    return interleaved_rounds({variant: bench.step for variant, bench in benches.items()}, iters, rounds)
 
 
 def profile_layer(iters: int, row_limit: int = 14) -> str:

@@ -30,7 +30,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from collections import Counter
 
 import torch
@@ -40,6 +39,8 @@ from torch import nn
 from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from timing import interleaved_rounds  # noqa: E402  (beside this file)
 
 import syncbn_ext  # noqa: E402
 
@@ -140,17 +141,7 @@ def rank_main(rank: int, store: str, result: str, replicas: int, iters: int, rou
     steps = {variant: Step(variant, replicas, rank) for variant in variants}
     for step in steps.values():
         step()  # first use
-    samples: dict[str, list[float]] = {variant: [] for variant in variants}
-    for round_index in range(rounds):
-        shift = round_index % len(variants)
-        for variant in variants[shift:] + variants[:shift]:
-            dist.barrier()
-            times = []
-            for _ in range(iters):
-                start = time.perf_counter()
-                steps[variant]()
-                times.append(time.perf_counter() - start)
-            samples[variant].append(statistics.median(times) * 1e3)
+    samples = interleaved_rounds(dict(steps), iters, rounds, before_each=dist.barrier)
     collectives = {variant: count_collectives(steps[variant]) for variant in variants}
     if rank == 0:
         with open(result, "w", encoding="utf-8") as f:

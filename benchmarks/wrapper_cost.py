@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from timing import interleaved_rounds
 from torch import nn
 
 import syncbn_ext
@@ -97,19 +98,7 @@ def time_variants(iters: int, rounds: int, image_size: int) -> dict[str, list[fl
     benches = {variant: WrapperBench(variant, image_size) for variant in VARIANTS}
     for bench in benches.values():
         bench.step()  # first use: worker threads, lazy initialization
-    samples: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-    for round_index in range(rounds):
-        shift = round_index % len(VARIANTS)
-        for variant in VARIANTS[shift:] + VARIANTS[:shift]:
-            step = benches[variant].step
-            step()
-            times = []
-            for _ in range(iters):
-                start = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - start)
-            samples[variant].append(statistics.median(times) * 1e3)
-    return samples
+    return interleaved_rounds({variant: bench.step for variant, bench in benches.items()}, iters, rounds)
 
 
 def _peak_rss_mb() -> float:
