@@ -17,6 +17,7 @@ gradients between replicas, as the established library's layers do) keep autogra
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -67,26 +68,107 @@ def _unique(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return unique
 
 
-def _boundary(replica: torch.nn.Module, inputs: Any, kwargs: Any) -> list[torch.Tensor]:
-    """Where a replica's graph is cut: its inputs, its parameters (views of the module's) and buffers."""
+def _parameter_views(replica: torch.nn.Module) -> list[torch.Tensor]:
+    """A replica's parameters (views of the module's), in the same order for every replica."""
+    views = [p for m in replica.modules() for p in m.__dict__.get("_former_parameters", {}).values() if p is not None]
+    return _unique([v for v in views if v.requires_grad])
+
+
+def _other_boundary(replica: torch.nn.Module, inputs: Any, kwargs: Any) -> list[torch.Tensor]:
+    """The rest of where a replica's graph is cut: its inputs and buffers requiring grad."""
     tensors = [*_tensors(inputs), *_tensors(kwargs)]
-    for module in replica.modules():
-        tensors += [p for p in module.__dict__.get("_former_parameters", {}).values() if p is not None]
-        tensors += [b for b in module._buffers.values() if b is not None]
+    tensors += [b for m in replica.modules() for b in m._buffers.values() if b is not None]
     return _unique([t for t in tensors if t.requires_grad])
+
+
+class _ParameterSums:
+    """Every replica's gradient of each parameter, summed as the backward produces them.
+
+    A hook on each replica's parameter view takes its gradient (the captured value becomes a free placeholder),
+    so that the replicas' full sets of parameter gradients are never all alive at once: once every replica gave
+    its gradient of a parameter they are summed, in replica order (deterministic), and dropped.
+    """
+
+    def __init__(self, views: list[list[torch.Tensor]]) -> None:
+        self.replicas, self.count = len(views), len(views[0])
+        self.lock = threading.Lock()
+        self.collecting = False  # only the replicas' backward tasks: not autograd's own pass through the views
+        self.pending: list[list[torch.Tensor | None]] = []
+        self.arrived: list[list[bool]] = []
+        self.totals: list[torch.Tensor | None] = []
+        self.reset()
+        for replica, replica_views in enumerate(views):
+            for index, view in enumerate(replica_views):
+                view.register_hook(self._hook(index, replica))
+
+    def reset(self) -> None:
+        self.pending = [[None] * self.replicas for _ in range(self.count)]
+        self.arrived = [[False] * self.replicas for _ in range(self.count)]
+        self.totals = [None] * self.count
+
+    @staticmethod
+    def _sum(grads: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+        total = None
+        for grad in grads:
+            if grad is not None:
+                total = grad if total is None else total + grad
+        return total
+
+    def _hook(self, index: int, replica: int) -> Callable[[torch.Tensor | None], torch.Tensor | None]:
+        def take(grad: torch.Tensor | None) -> torch.Tensor | None:
+            if not self.collecting:
+                return None  # the summed gradient on its way to the parameter: leave it
+            with self.lock:
+                self.pending[index][replica] = grad
+                self.arrived[index][replica] = True
+                if all(self.arrived[index]):
+                    self.totals[index] = self._sum([self.totals[index], *self.pending[index]])
+                    self.pending[index] = [None] * self.replicas
+                    self.arrived[index] = [False] * self.replicas
+            if grad is None:
+                return None
+            return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
+
+        return take
+
+    def start(self) -> None:
+        self.reset()
+        self.collecting = True
+
+    def finish(self) -> list[torch.Tensor | None]:
+        """The sums, once every backward task ended (a replica that did not use a parameter gave none)."""
+        self.collecting = False
+        totals = [self._sum([total, *pending]) for total, pending in zip(self.totals, self.pending, strict=True)]
+        self.reset()
+        return totals
 
 
 class _Plan:
     """What the joining node's backward needs: each replica's outputs (with their graphs) and boundary."""
 
-    def __init__(self, group: Any, outputs: list[list[torch.Tensor]], boundaries: list[list[torch.Tensor]]) -> None:
+    def __init__(
+        self,
+        group: Any,
+        outputs: list[list[torch.Tensor]],
+        views: list[list[torch.Tensor]],
+        others: list[list[torch.Tensor]],
+    ) -> None:
         self.group = group
         self.outputs: list[list[torch.Tensor]] | None = outputs
-        self.boundaries = boundaries
+        self.views, self.others = views, others
+        self.sums = _ParameterSums(views) if views[0] else None
+
+    def boundary(self, copy_id: int) -> list[torch.Tensor]:
+        return [*self.views[copy_id], *self.others[copy_id]]
+
+    def inputs(self) -> list[torch.Tensor]:
+        """The joining node's boundary inputs: every replica's parameter views, then every replica's others."""
+        return [*(v for views in self.views for v in views), *(t for others in self.others for t in others)]
 
 
 class _BackwardTask:
-    """One replica's part of the backward, on a worker: the gradients of its boundary."""
+    """One replica's part of the backward, on a worker: the gradients of its boundary (its parameters' go to
+    the plan's sums instead)."""
 
     def __init__(
         self,
@@ -104,15 +186,16 @@ class _BackwardTask:
         assert plan.outputs is not None
         try:
             with plan.group.replica(copy_id), torch.set_grad_enabled(self.create_graph):
-                return torch.autograd.grad(
+                grads = torch.autograd.grad(
                     plan.outputs[copy_id],
-                    plan.boundaries[copy_id],
+                    plan.boundary(copy_id),
                     self.grads,
                     retain_graph=self.keep_graph,
                     create_graph=self.create_graph,
                     allow_unused=True,
                     materialize_grads=False,
                 )
+            return grads[len(plan.views[copy_id]) :]  # the parameters' placeholders dropped
         except BaseException as error:
             plan.group.abort_backward(f"replica {copy_id}'s backward raised {type(error).__name__}: {error}")
             raise
@@ -126,7 +209,7 @@ class _JoinReplicas(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, plan: _Plan, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.plan = plan
-        ctx.boundary_count = sum(len(b) for b in plan.boundaries)
+        ctx.boundary_count = len(plan.inputs())
         return tuple(tensors[ctx.boundary_count :])
 
     @staticmethod
@@ -145,17 +228,24 @@ class _JoinReplicas(torch.autograd.Function):
             offset += len(outputs)
         replicas = len(tasks)
         plan.group.begin_backward()
-        results = run_on_workers(
-            tasks,
-            [f"in replica {i} on device cpu, in backward" for i in range(replicas)],
-            cpu_intra_op_threads(replicas),
-            plan.group.abort_backward,
-            caused_by_closing,
-        )
+        if plan.sums is not None:
+            plan.sums.start()
+        try:
+            results = run_on_workers(
+                tasks,
+                [f"in replica {i} on device cpu, in backward" for i in range(replicas)],
+                cpu_intra_op_threads(replicas),
+                plan.group.abort_backward,
+                caused_by_closing,
+            )
+        finally:
+            # Each parameter's summed gradient goes back through replica 0's view (the others' get none).
+            param_grads = plan.sums.finish() if plan.sums is not None else []
         if not keep_graph:
             plan.outputs = None  # the graphs were freed
-        boundary_grads = [g for replica_grads in results for g in replica_grads]
-        return (None, *boundary_grads, *([None] * len(grads)))
+        views = [*param_grads, *([None] * sum(len(v) for v in plan.views[1:]))]
+        others = [g for replica_grads in results for g in replica_grads]
+        return (None, *views, *others, *([None] * len(grads)))
 
 
 def wanted(module: torch.nn.Module) -> bool:
@@ -190,13 +280,14 @@ def join_replicas(
     flat = [[t for t in _tensors(output) if t.requires_grad] for output in outputs]
     if not any(flat):
         return list(outputs)
-    boundaries = [_boundary(r, i, k) for r, i, k in zip(replicas, inputs, kwargs, strict=True)]
-    disjoint, foreign = _C.analyze_replica_graphs(flat, boundaries)
+    views = [_parameter_views(r) for r in replicas]
+    others = [_other_boundary(r, i, k) for r, i, k in zip(replicas, inputs, kwargs, strict=True)]
+    disjoint, foreign = _C.analyze_replica_graphs(flat, [[*v, *o] for v, o in zip(views, others, strict=True)])
     if not disjoint:
         return None
-    boundaries = [_unique([*b, *f]) for b, f in zip(boundaries, foreign, strict=True)]
-    plan = _Plan(group, flat, boundaries)
+    others = [_unique([*o, *f]) for o, f in zip(others, foreign, strict=True)]
+    plan = _Plan(group, flat, views, others)
     detached = [t.detach() for replica_outputs in flat for t in replica_outputs]
-    joined = iter(_JoinReplicas.apply(plan, *[t for b in boundaries for t in b], *detached))
+    joined = iter(_JoinReplicas.apply(plan, *plan.inputs(), *detached))
     replacements = {id(t): next(joined) for replica_outputs in flat for t in replica_outputs}
     return [_replace_tensors(output, lambda t: replacements.get(id(t), t)) for output in outputs]
