@@ -1,5 +1,8 @@
 #include <syncbn/replicate.h>
 
+#include <string>
+#include <utility>
+
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -96,6 +99,18 @@ struct ReduceAddToOriginal : torch::autograd::Node {
   at::Device destination_;
 };
 
+// Hands one clone's gradient of one parameter on to the parameter's
+// ReduceAddToOriginal node: one per clone and parameter, linked here, before the
+// replica threads start. Each replica thread's graph then links only to nodes
+// of its own: making an edge to a node writes to that node (autograd's
+// Node::topological_nr() sets has_parent_), so R threads linking their first
+// use of a parameter to the one node every clone shares would race
+// (pytorch/pytorch#58442; found by ThreadSanitizer).
+struct CloneGradient : torch::autograd::Node {
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override { return std::move(grads); }
+  std::string name() const override { return "syncbn::CloneGradient"; }
+};
+
 // Walks the original and its clones together (same structure, as clones are).
 // Replica 0's buffers share the original's storage, or, given `isolated`, stay
 // copies whose pairs with the original's are listed there.
@@ -109,7 +124,10 @@ void link_clones(const std::shared_ptr<torch::nn::Module>& original,
     reduce->set_next_edges(torch::autograd::collect_next_edges(parameter));
     for (const auto& clone : clones) {
       // The dict holds handles to the clone's own parameter tensors.
-      torch::autograd::set_history(clone->named_parameters(/*recurse=*/false)[item.key()], reduce);
+      const at::Tensor copy = clone->named_parameters(/*recurse=*/false)[item.key()];
+      auto hop = c10::make_intrusive<CloneGradient>();
+      hop->add_next_edge(torch::autograd::Edge(reduce, reduce->add_input_metadata(copy)));
+      torch::autograd::set_history(copy, hop);
     }
   }
   {

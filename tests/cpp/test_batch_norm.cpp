@@ -17,6 +17,16 @@ std::vector<at::Tensor> run_replicas(const std::vector<at::Tensor>& slices, cons
   syncbn::SyncMaster master(syncbn::batch_norm_master_callback(), 60.0);
   std::vector<std::shared_ptr<syncbn::SlavePipe>> pipes(slices.size());
   for (size_t id = 1; id < slices.size(); ++id) pipes[id] = master.register_slave(static_cast<int64_t>(id));
+  // Each copy gets parameters of its own, differentiable views made here, as
+  // syncbn::replicate's clones have: making an edge to a node writes to that
+  // node (autograd's Node::topological_nr() sets has_parent_), so copies linking
+  // their graphs to one shared leaf's AccumulateGrad from several threads would
+  // race (pytorch/pytorch#58442; found by ThreadSanitizer).
+  std::vector<at::Tensor> weights, biases;
+  for (size_t id = 0; id < slices.size(); ++id) {
+    weights.push_back(weight.view_as(weight));
+    biases.push_back(bias.view_as(bias));
+  }
   std::vector<at::Tensor> outputs(slices.size());
   std::vector<std::exception_ptr> errors(slices.size());
   auto run = [&](size_t id) {
@@ -26,7 +36,7 @@ std::vector<at::Tensor> run_replicas(const std::vector<at::Tensor>& slices, cons
       };
       const bool master_copy = id == 0;
       outputs[id] = syncbn::sync_batch_norm_train(
-          slices[id], weight, bias, master_copy ? std::optional<at::Tensor>(running_mean) : std::nullopt,
+          slices[id], weights[id], biases[id], master_copy ? std::optional<at::Tensor>(running_mean) : std::nullopt,
           master_copy ? std::optional<at::Tensor>(running_var) : std::nullopt, 0.1, 1e-5, mode, exchange);
     } catch (...) {
       errors[id] = std::current_exception();
