@@ -1,0 +1,207 @@
+// Two processes synchronizing SyncBatchNorm2d through a c10d process group, from the LibTorch API.
+//
+// Run without arguments, this program is the test: it starts two copies of itself (ranks 0 and 1) sharing a
+// FileStore, waits for them (bounded), and passes when both do. Each rank runs syncbn::data_parallel on 2 CPU
+// replicas over its half of a global batch, with the layers' process group set, and compares with one
+// torch::nn::BatchNorm2d on the whole global batch.
+//
+// The group's backend is a small c10d::Backend over the FileStore (StoreBackend below): torch's wheel does not
+// ship gloo's headers, so a LibTorch application cannot construct ProcessGroupGloo itself; ours exercises the
+// same c10d::ProcessGroup calls (allgather, allreduce through the dispatcher) that our layers make with any
+// backend (the Python tests run them over gloo).
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <iostream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/FileStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/Work.hpp>
+#include <torch/torch.h>
+
+#include <syncbn/syncbn.h>
+
+extern char** environ;
+
+namespace {
+
+constexpr int kWorld = 2;
+
+// A finished piece of work.
+class DoneWork : public c10d::Work {
+ public:
+  DoneWork() { finish(); }
+};
+
+// allgather and allreduce (sum) of contiguous CPU tensors through a c10d::Store: each rank writes its tensor's
+// bytes under a key of its own, then reads everyone's. Enough for a test; collectives run in call order.
+class StoreBackend : public c10d::Backend {
+ public:
+  StoreBackend(c10::intrusive_ptr<c10d::Store> store, int rank, int size)
+      : Backend(rank, size), store_(std::move(store)) {}
+
+  const std::string getBackendName() const override { return "store"; }
+
+  c10::intrusive_ptr<c10d::Work> allgather(std::vector<std::vector<at::Tensor>>& outputs,
+                                           std::vector<at::Tensor>& inputs,
+                                           const c10d::AllgatherOptions&) override {
+    auto all = exchange(inputs.at(0));
+    for (int r = 0; r < getSize(); ++r) outputs.at(0).at(r).copy_(all[r]);
+    return c10::make_intrusive<DoneWork>();
+  }
+
+  c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& tensors,
+                                           const c10d::AllreduceOptions&) override {
+    auto all = exchange(tensors.at(0));
+    at::Tensor sum = all[0].clone();
+    for (int r = 1; r < getSize(); ++r) sum += all[r];
+    tensors.at(0).copy_(sum);
+    return c10::make_intrusive<DoneWork>();
+  }
+
+ private:
+  std::vector<at::Tensor> exchange(const at::Tensor& tensor) {
+    const std::string call = "call" + std::to_string(calls_++) + "/";
+    at::Tensor mine = tensor.contiguous().cpu();
+    const auto* bytes = static_cast<const uint8_t*>(mine.data_ptr());
+    store_->set(call + std::to_string(getRank()), std::vector<uint8_t>(bytes, bytes + mine.nbytes()));
+    std::vector<at::Tensor> all;
+    for (int r = 0; r < getSize(); ++r) {
+      std::vector<uint8_t> data = store_->get(call + std::to_string(r));  // waits for rank r
+      at::Tensor other = at::empty_like(mine);
+      TORCH_CHECK(data.size() == static_cast<size_t>(other.nbytes()), "rank ", r, " sent ", data.size(), " bytes");
+      std::memcpy(other.data_ptr(), data.data(), data.size());
+      all.push_back(other);
+    }
+    return all;
+  }
+
+  c10::intrusive_ptr<c10d::Store> store_;
+  int64_t calls_ = 0;
+};
+
+struct NetImpl : torch::nn::Cloneable<NetImpl> {
+  NetImpl() { reset(); }
+  void reset() override {
+    conv = register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(2, 3, 3).padding(1)));
+    bn = register_module("bn", syncbn::SyncBatchNorm2d(torch::nn::BatchNormOptions(3).momentum(std::nullopt)));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return bn->forward(conv->forward(x)); }
+  torch::nn::Conv2d conv{nullptr};
+  syncbn::SyncBatchNorm2d bn{nullptr};
+};
+TORCH_MODULE(Net);
+
+double max_difference(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<double>(); }
+
+// One rank: returns 0 when everything matches the whole-batch reference.
+int run_rank(int rank, const std::string& store_path) {
+  auto store = c10::make_intrusive<c10d::FileStore>(store_path, kWorld);
+  store->setTimeout(std::chrono::seconds(60));
+  auto group = c10::make_intrusive<c10d::ProcessGroup>(store, rank, kWorld);
+  group->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::CUSTOM,
+                    c10::make_intrusive<StoreBackend>(store, rank, kWorld));
+
+  torch::manual_seed(0);
+  Net net;
+  net->to(torch::kDouble);
+  net->bn->set_process_group(group);
+  torch::nn::Conv2d ref_conv(torch::nn::Conv2dOptions(2, 3, 3).padding(1));
+  torch::nn::BatchNorm2d ref_bn(torch::nn::BatchNormOptions(3).momentum(std::nullopt));
+  ref_conv->to(torch::kDouble);
+  ref_bn->to(torch::kDouble);
+  {
+    torch::NoGradGuard no_grad;
+    ref_conv->weight.copy_(net->conv->weight);
+    ref_conv->bias.copy_(net->conv->bias);
+  }
+
+  const std::vector<int64_t> sizes{3, 5};  // uneven slices of the global batch
+  double error = 0;
+  for (int step = 0; step < 3; ++step) {
+    torch::manual_seed(100 + step);
+    auto x = torch::randn({8, 2, 4, 4}, torch::kDouble) * 2 + 1;
+    auto grad = torch::randn({8, 3, 4, 4}, torch::kDouble);
+    const int64_t begin = rank == 0 ? 0 : sizes[0];
+    auto x_mine = x.slice(0, begin, begin + sizes[rank]).clone().requires_grad_();
+    net->zero_grad();
+    ref_conv->zero_grad();
+    ref_bn->zero_grad();
+    auto y = syncbn::data_parallel(net, x_mine, std::vector<torch::Device>(2, torch::kCPU));
+    y.backward(grad.slice(0, begin, begin + sizes[rank]));
+    auto x_ref = x.clone().requires_grad_();
+    auto y_ref = ref_bn->forward(ref_conv->forward(x_ref));
+    y_ref.backward(grad);
+    error = std::max(error, max_difference(y, y_ref.slice(0, begin, begin + sizes[rank])));
+    error = std::max(error, max_difference(x_mine.grad(), x_ref.grad().slice(0, begin, begin + sizes[rank])));
+    // Parameter gradients summed over the ranks are the global batch's.
+    std::vector<at::Tensor> summed{net->bn->weight.grad().clone()};
+    group->allreduce(summed)->wait();
+    error = std::max(error, max_difference(summed[0], ref_bn->weight.grad()));
+    error = std::max(error, max_difference(net->bn->running_var, ref_bn->running_var));
+  }
+  const bool counted = net->bn->num_batches_tracked.item<int64_t>() == 3;
+  std::printf("rank %d: largest difference %.3g, num_batches_tracked %s\n", rank, error, counted ? "3" : "wrong");
+  return error < 1e-12 && counted ? 0 : 1;
+}
+
+// Starts ranks 0 and 1 of this program and waits for both, killing them past the time limit.
+int run_test(const char* self) {
+  const auto store = std::filesystem::temp_directory_path() / ("syncbn_store_" + std::to_string(::getpid()));
+  std::filesystem::remove(store);
+  std::vector<pid_t> children;
+  for (int rank = 0; rank < kWorld; ++rank) {
+    std::string rank_text = std::to_string(rank), store_text = store.string();
+    std::vector<char*> argv{const_cast<char*>(self), const_cast<char*>("--rank"), rank_text.data(),
+                            const_cast<char*>("--store"), store_text.data(), nullptr};
+    pid_t pid = 0;
+    if (posix_spawn(&pid, "/proc/self/exe", nullptr, nullptr, argv.data(), environ) != 0) {
+      std::perror("posix_spawn");
+      return 1;
+    }
+    children.push_back(pid);
+  }
+  int failures = 0;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  for (pid_t child : children) {
+    int status = 0;
+    while (::waitpid(child, &status, WNOHANG) == 0) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        for (pid_t other : children) ::kill(other, SIGKILL);
+        ::waitpid(child, &status, 0);
+        std::cerr << "a rank did not finish within 120 s\n";
+        failures = 1;
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) failures = 1;
+  }
+  for (pid_t child : children) ::waitpid(child, nullptr, WNOHANG);  // reap any killed one
+  std::filesystem::remove(store);
+  std::cout << (failures ? "FAILED" : "PASSED") << ": 2 processes x 2 CPU replicas vs torch::nn::BatchNorm2d\n";
+  return failures;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc == 5 && std::string(argv[1]) == "--rank" && std::string(argv[3]) == "--store") {
+    try {
+      return run_rank(std::stoi(argv[2]), argv[4]);
+    } catch (const std::exception& error) {
+      std::cerr << "rank " << argv[2] << ": " << error.what() << "\n";
+      return 1;
+    }
+  }
+  return run_test(argv[0]);
+}
