@@ -83,7 +83,7 @@ class SYNCBN_API IsolatedReplication {
  private:
   struct BufferLink {
     at::Tensor original, replica;
-    uint32_t version;  // the replica buffer's version when replicated
+    int64_t version;  // the replica buffer's version when replicated
   };
   std::vector<std::shared_ptr<CallbackContext>> contexts_;
   std::vector<BufferLink> links_;
