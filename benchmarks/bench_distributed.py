@@ -206,10 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         report[f"{replicas}_replicas"] = {**result, "medians": medians, "ratio": ratio}
     print("\n".join(lines))
-    print(
-        "\ncollectives beside DDP's own (profiled, one step on rank 0):\n"
-        + "\n".join(collective_lines)
-    )
+    print("\ncollectives beside DDP's own (profiled, one step on rank 0):\n" + "\n".join(collective_lines))
     print(f"targets (ours/torch <= {TARGET_RATIO}, ours faster than naive): " + ("all met" if met else "MISSED"))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -361,7 +361,14 @@ class SyncBatchNorm(_SynchronizedBatchNorm):
         bias: bool = True,
     ) -> None:
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
             process_group=process_group,
         )
 

@@ -128,9 +128,7 @@ def test_torchrun_with_two_nodes_on_one_machine(tmp_path):
         command += ["--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port)]
         command += [str(WORKER), "--replicas", "2", "--sizes", "3", "4", "--scenarios", "parity"]
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        processes.append(
-            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        )
+        processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     results = collect(processes)
     assert sorted(results["parity"]) == [0, 1]
     for rank in (0, 1):
