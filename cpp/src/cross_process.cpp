@@ -67,10 +67,10 @@ GroupStatistics merge_across_processes(const ProcessGroupPtr& group, int64_t lay
   auto headers = all_gather(group, header, label, "checking that every rank is at the same layer");
   std::vector<std::vector<int64_t>> ranks;
   bool agree = true;
-  for (const auto& h : headers) {
-    at::Tensor values = h.cpu();
-    ranks.push_back({values[0].item<int64_t>(), values[1].item<int64_t>(), values[2].item<int64_t>(),
-                     values[3].item<int64_t>()});
+  const at::Tensor all_headers = at::stack(headers).cpu();  // one copy to the host for every rank's header
+  const auto values = all_headers.accessor<int64_t, 2>();
+  for (int64_t r = 0; r < values.size(0); ++r) {
+    ranks.push_back({values[r][0], values[r][1], values[r][2], values[r][3]});
     agree = agree && ranks.back()[0] == call && ranks.back()[1] == layer_id && ranks.back()[2] == channels;
   }
   if (!agree) {

@@ -121,11 +121,13 @@ Merged merge_values(const std::vector<at::Tensor>& means, const std::vector<at::
     total += counts[i];
   }
   at::Tensor count_tensor = at::tensor(counts, at::TensorOptions().dtype(at::kLong)).to(device);
-  auto [mean, var] = merge_stats(count_tensor, at::stack(local_means), at::stack(local_m2s));
-  if (!across) return {mean, var, total};
+  at::Tensor copy_means = at::stack(local_means);
+  auto [mean, var] = merge_stats(count_tensor, copy_means, at::stack(local_m2s));
+  if (!across) return {mean, var, total, copy_means};
   GroupStatistics group =
       merge_across_processes(call.group, call.layer_id, total, mean, var * static_cast<double>(total), call.label);
-  return {group.mean.to(dtype), group.var.to(dtype), group.total};
+  // float64 back to the statistics dtype: exactly the copies' own means.
+  return {group.mean.to(dtype), group.var.to(dtype), group.total, copy_means.to(dtype)};
 }
 
 std::vector<std::pair<at::Tensor, at::Tensor>> merge_with_graph(const std::vector<at::Tensor>& means,
@@ -139,13 +141,9 @@ std::vector<std::pair<at::Tensor, at::Tensor>> merge_with_graph(const std::vecto
     for (size_t i = 0; i < means.size(); ++i) shared.emplace_back(merged.mean, merged.var);
     return shared;
   }
-  std::vector<at::Tensor> stacked;
   std::vector<at::Device> devices;
-  for (const auto& m : means) {
-    stacked.push_back(m.detach().to(merged.mean.device()));
-    devices.push_back(m.device());
-  }
-  auto merge = c10::make_intrusive<MergeStatsNode>(merge_sequence_nr, counts, merged.total, at::stack(stacked),
+  for (const auto& m : means) devices.push_back(m.device());
+  auto merge = c10::make_intrusive<MergeStatsNode>(merge_sequence_nr, counts, merged.total, merged.copy_means,
                                                    merged.mean, devices, call);
   std::vector<at::Tensor> inputs(means.begin(), means.end());
   inputs.insert(inputs.end(), m2s.begin(), m2s.end());

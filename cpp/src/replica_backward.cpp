@@ -31,7 +31,6 @@ void ReplicaBackward::copy_done(int64_t copy) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     TORCH_CHECK_VALUE(copy >= 0 && copy < copies_, "copy_done: no copy ", copy, " in a replication of ", copies_);
-    if (done_.empty()) done_.assign(copies_, false);
     done_[copy] = true;
   }
   changed_.notify_all();
@@ -50,7 +49,6 @@ std::vector<at::Tensor> ReplicaBackward::rendezvous(Point& point, int64_t copy, 
   TORCH_CHECK_VALUE(copy >= 0 && copy < copies_, label, ": no copy ", copy, " in a replication of ", copies_);
   const double timeout = default_timeout_seconds();
   std::unique_lock<std::mutex> lock(mutex_);
-  if (done_.empty()) done_.assign(copies_, false);
   if (point.run != run_) {  // first arrival of this run
     point.run = run_;
     point.contributions.assign(copies_, {});

@@ -23,7 +23,6 @@ ReplicaGraphs analyze_replica_graphs(const std::vector<std::vector<at::Tensor>>&
     for (const auto& tensor : boundaries[replica]) {
       if (tensor.defined() && tensor.requires_grad()) stop.insert(torch::autograd::impl::gradient_edge(tensor).function.get());
     }
-    std::unordered_set<const Node*> leaves_seen;
     std::vector<Node*> pending;
     for (const auto& tensor : outputs[replica]) {
       if (!tensor.defined() || !tensor.requires_grad()) continue;
@@ -35,7 +34,7 @@ ReplicaGraphs analyze_replica_graphs(const std::vector<std::vector<at::Tensor>>&
       pending.pop_back();
       if (node == nullptr || stop.count(node) != 0 || !visited.insert(node).second) continue;
       if (auto* accumulate = dynamic_cast<torch::autograd::AccumulateGrad*>(node)) {
-        if (leaves_seen.insert(node).second) result.foreign_leaves[replica].push_back(accumulate->variable);
+        result.foreign_leaves[replica].push_back(accumulate->variable);  // once: `visited` lets it through once
         continue;  // a leaf: shared by several replicas is fine (its gradients are summed)
       }
       auto [it, first] = owner.emplace(node, replica);

@@ -42,7 +42,7 @@ class SYNCBN_API ReplicaBackward {
 
   using Combine = std::function<std::vector<std::vector<at::Tensor>>(const std::vector<std::vector<at::Tensor>>&)>;
 
-  explicit ReplicaBackward(int64_t copies) : copies_(copies) {}
+  explicit ReplicaBackward(int64_t copies) : copies_(copies), done_(copies, false) {}
   ReplicaBackward(const ReplicaBackward&) = delete;
   ReplicaBackward& operator=(const ReplicaBackward&) = delete;
 
