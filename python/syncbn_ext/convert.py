@@ -212,11 +212,12 @@ _PATCHED_NAMES = {cls.__name__: sync_cls for cls, sync_cls in _TORCH_TO_SYNC.ite
 
 @contextlib.contextmanager
 def patch_sync_batchnorm() -> Iterator[None]:
-    """While open, ``nn.BatchNorm1d/2d/3d`` are the synchronized classes.
+    """While open, ``nn.BatchNorm1d/2d/3d`` are the synchronized classes, and ``nn.SyncBatchNorm`` is ours.
 
-    Replaces the attributes ``BatchNorm1d``, ``BatchNorm2d`` and ``BatchNorm3d`` of ``torch.nn``,
-    ``torch.nn.modules`` and ``torch.nn.modules.batchnorm``, so that models built inside the block from
-    ``nn.BatchNorm2d`` get synchronized layers; restores the previous values on exit, also when the block raises.
+    Replaces the attributes ``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d`` and ``SyncBatchNorm`` of
+    ``torch.nn``, ``torch.nn.modules`` and ``torch.nn.modules.batchnorm`` (with the classes :func:`convert_model`
+    converts them to), so that models built inside the block from ``nn.BatchNorm2d`` get synchronized layers;
+    restores the previous values on exit, also when the block raises.
     Contexts nest. The patch is process-wide (every thread sees it): build models inside it, and prefer
     :func:`convert_model` where it serves.
 

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from .parallel_apply import parallel_apply
+from .parallel_apply import parallel_apply, reporting_outcome
 from .parallel_backward import join_replicas
 from .parallel_backward import wanted as parallel_backward_wanted
 from .replicate import Replication, compiled_modules_replicable, rebind_compiled_modules, replicate_on_cpu
@@ -48,13 +48,27 @@ def _is_cpu_device(device: Any) -> bool:
     return False
 
 
-def _apply_and_write_back(replicas: Sequence[Any], inputs: Sequence[Any], kwargs: Any, devices: Any) -> list[Any]:
-    """Runs the replicas, then writes replica 0's changed buffers into the module (only after a success)."""
-    outputs = parallel_apply(replicas, inputs, kwargs, devices)
+def _write_back(replicas: Sequence[Any]) -> None:
+    """Writes replica 0's changed buffers into the module (called only after every replica succeeded)."""
     tag = Replication.of(replicas[0]) if replicas else None
     if tag is not None:
         tag[0].write_back()
+
+
+def _apply_and_write_back(replicas: Sequence[Any], inputs: Sequence[Any], kwargs: Any, devices: Any) -> list[Any]:
+    """Runs the replicas, then writes replica 0's changed buffers into the module (only after a success)."""
+    outputs = parallel_apply(replicas, inputs, kwargs, devices)
+    _write_back(replicas)
     return outputs
+
+
+def _replicate_with_callbacks(replicate: Any, module: M, device_ids: Sequence[Any]) -> list[M]:
+    """``replicate(module, device_ids)`` (torch's, compiled modules included), then the replication callbacks."""
+    with compiled_modules_replicable(module):
+        replicas = replicate(module, device_ids)
+    rebind_compiled_modules(replicas)
+    Replication(replicas, module)
+    return replicas
 
 
 class DataParallelWithCallback(nn.DataParallel):
@@ -169,12 +183,9 @@ class DataParallelWithCallback(nn.DataParallel):
         """Replicates ``module`` on ``device_ids`` (CPU ones included), then runs the replication callbacks."""
         if device_ids and all(_is_cpu_device(d) for d in device_ids):
             replicas = replicate_on_cpu(module, len(device_ids), detach=not torch.is_grad_enabled())
-        else:
-            with compiled_modules_replicable(module):
-                replicas = super().replicate(module, device_ids)
-            rebind_compiled_modules(replicas)
-        Replication(replicas, module)
-        return replicas
+            Replication(replicas, module)
+            return replicas
+        return _replicate_with_callbacks(super().replicate, module, device_ids)
 
     def scatter(
         self,
@@ -210,11 +221,7 @@ class _ReplicateWithCallbacks:
         self.replicate = replicate
 
     def __call__(self, module: nn.Module, device_ids: Sequence[Any]) -> list[nn.Module]:
-        with compiled_modules_replicable(module):
-            replicas = self.replicate(module, device_ids)
-        rebind_compiled_modules(replicas)
-        Replication(replicas, module)
-        return replicas
+        return _replicate_with_callbacks(self.replicate, module, device_ids)
 
 
 class _PatchedParallelApply:
@@ -235,9 +242,7 @@ class _PatchedParallelApply:
             owner = self.parallel_apply.__self__
             return _apply_and_write_back(replicas, inputs, kwargs, owner.device_ids[: len(replicas)])
         outputs = self.parallel_apply([_FinishingReplica(r) for r in replicas], inputs, kwargs)
-        tag = Replication.of(replicas[0]) if replicas else None
-        if tag is not None:
-            tag[0].write_back()
+        _write_back(replicas)
         return outputs
 
 
@@ -255,13 +260,8 @@ class _FinishingReplica:
         if tag is None:
             return self.replica(*args, **kwargs)
         replication, copy_id = tag
-        try:
-            output = self.replica(*args, **kwargs)
-        except BaseException as error:
-            replication.group.close(f"replica {copy_id} raised {type(error).__name__}: {error}")
-            raise
-        replication.group.copy_finished(copy_id)
-        return output
+        with reporting_outcome(replication.group, copy_id):
+            return self.replica(*args, **kwargs)
 
 
 def patch(data_parallel: DP) -> DP:

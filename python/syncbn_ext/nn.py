@@ -37,6 +37,7 @@ from torch.nn.modules.batchnorm import SyncBatchNorm as _TorchSyncBatchNorm
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._native import _C
+from .distributed import resolve_group
 
 __all__ = [
     "SyncBatchNorm",
@@ -147,8 +148,6 @@ class _SynchronizedBatchNorm(_BatchNorm):
         ``process_group`` if given (``None`` on a rank outside it); else, for :class:`SyncBatchNorm`, the default
         group when ``torch.distributed`` is initialized. A group of one rank is ``None``.
         """
-        from .distributed import resolve_group
-
         return resolve_group(self.process_group, self._default_to_world)
 
     # ---- replication ------------------------------------------------------------------------------------

@@ -163,6 +163,21 @@ class _CallerState:
         return stack
 
 
+@contextlib.contextmanager
+def reporting_outcome(group: Any, copy_id: int, tag: str = "") -> Any:
+    """Tells ``group`` how copy ``copy_id``'s forward inside the block ended.
+
+    Raising closes the replication (``tag`` prefixes the reason): the others may be waiting for this copy in a
+    barrier; they wake, and none writes anything. Returning finishes the copy: nobody waits for it any more.
+    """
+    try:
+        yield
+    except BaseException as error:
+        group.close(f"{tag}replica {copy_id} raised {type(error).__name__}: {error}")
+        raise
+    group.copy_finished(copy_id)
+
+
 class _ReplicaTask:
     """Runs replica ``index`` on a worker and reports ``(index, ok, output or exception)``."""
 
@@ -187,26 +202,19 @@ class _ReplicaTask:
         tag = Replication.of(self.module)
         replication, copy_id = tag if tag is not None else (None, self.index)
         group = replication.group if replication is not None else None
-        try:
-            with contextlib.ExitStack() as stack:
-                if group is not None:
-                    stack.enter_context(group.replica(copy_id))
-                if self.device is not None:
-                    stack.enter_context(torch.accelerator.device_index(self.device))
-                    stack.enter_context(self.stream)
-                stack.enter_context(self.state.applied())
-                args = self.args if isinstance(self.args, (list, tuple)) else (self.args,)
-                output = self.module(*args, **self.kwargs)
-        except BaseException as error:
-            if group is not None:
-                # The others may be waiting for this copy in a barrier: wake them, and let none write anything.
-                group.close(f"{ABORT_TAG}: replica {copy_id} raised {type(error).__name__}: {error}")
-            raise
-        finally:
-            self.module = self.args = self.kwargs = None
-        if group is not None:
-            group.copy_finished(copy_id)  # nobody waits for this copy any more
-        return output
+        with reporting_outcome(group, copy_id, f"{ABORT_TAG}: ") if group is not None else contextlib.nullcontext():
+            try:
+                with contextlib.ExitStack() as stack:
+                    if group is not None:
+                        stack.enter_context(group.replica(copy_id))
+                    if self.device is not None:
+                        stack.enter_context(torch.accelerator.device_index(self.device))
+                        stack.enter_context(self.stream)
+                    stack.enter_context(self.state.applied())
+                    args = self.args if isinstance(self.args, (list, tuple)) else (self.args,)
+                    return self.module(*args, **self.kwargs)
+            finally:
+                self.module = self.args = self.kwargs = None
 
 
 class _Reporting:

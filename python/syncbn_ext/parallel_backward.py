@@ -24,14 +24,12 @@ from typing import Any
 import torch
 
 from ._native import _C
+from .nn import _SynchronizedBatchNorm
 from .parallel_apply import caused_by_closing, cpu_intra_op_threads, run_on_workers
 from .replicate import Replication
+from .scatter_gather import _is_namedtuple
 
 __all__ = ["join_replicas", "wanted"]
-
-
-def _is_namedtuple(obj: Any) -> bool:
-    return isinstance(obj, tuple) and hasattr(obj, "_asdict") and hasattr(obj, "_fields")
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -255,8 +253,6 @@ def wanted(module: torch.nn.Module) -> bool:
     module may exchange tensors with gradients between its copies (as the established library's layers do), which
     joins the replicas' graphs.
     """
-    from .nn import _SynchronizedBatchNorm
-
     if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
         return False
     return all(

@@ -257,8 +257,12 @@ def test_patch_sync_batchnorm_context():
     import torch.nn.modules.batchnorm as batchnorm_module
 
     originals = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    torch_sync_batch_norm = nn.SyncBatchNorm
     with patch_sync_batchnorm():
         assert (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) == SYNC_BN
+        # torch's own SyncBatchNorm becomes ours, as convert_model converts it.
+        assert nn.SyncBatchNorm is syncbn_ext.SyncBatchNorm
+        assert batchnorm_module.SyncBatchNorm is syncbn_ext.SyncBatchNorm
         assert (batchnorm_module.BatchNorm1d, batchnorm_module.BatchNorm2d, batchnorm_module.BatchNorm3d) == SYNC_BN
         assert torch.nn.modules.BatchNorm2d is SynchronizedBatchNorm2d
         layer = nn.BatchNorm2d(3)
@@ -276,6 +280,7 @@ def test_patch_sync_batchnorm_context():
         assert nn.BatchNorm1d is SynchronizedBatchNorm1d
     assert (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) == originals
     assert (batchnorm_module.BatchNorm1d, batchnorm_module.BatchNorm2d, batchnorm_module.BatchNorm3d) == originals
+    assert nn.SyncBatchNorm is torch_sync_batch_norm and batchnorm_module.SyncBatchNorm is torch_sync_batch_norm
     assert type(nn.BatchNorm2d(3)) is originals[1]
 
 
