@@ -11,17 +11,13 @@
 
 #include <syncbn/syncbn.h>
 
+#include "module_state.h"
+
 namespace {
 
-std::vector<torch::Device> cpu_replicas(int64_t n) { return std::vector<torch::Device>(n, torch::kCPU); }
+using syncbn_test::copy_state;
 
-void copy_state(torch::nn::Module& from, torch::nn::Module& to) {
-  torch::NoGradGuard no_grad;
-  auto source = from.named_parameters();
-  for (auto& item : to.named_parameters()) item.value().copy_(source[item.key()]);
-  auto buffers = from.named_buffers();
-  for (auto& item : to.named_buffers()) item.value().copy_(buffers[item.key()]);
-}
+std::vector<torch::Device> cpu_replicas(int64_t n) { return std::vector<torch::Device>(n, torch::kCPU); }
 
 void expect_close(const torch::Tensor& a, const torch::Tensor& b, const std::string& what) {
   EXPECT_TRUE(torch::allclose(a, b, 1e-10, 1e-10)) << what << ": max difference " << (a - b).abs().max().item<double>();

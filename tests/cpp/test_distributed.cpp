@@ -30,6 +30,8 @@
 
 #include <syncbn/syncbn.h>
 
+#include "module_state.h"
+
 extern char** environ;
 
 namespace {
@@ -119,11 +121,7 @@ int run_rank(int rank, const std::string& store_path) {
   torch::nn::BatchNorm2d ref_bn(torch::nn::BatchNormOptions(3).momentum(std::nullopt));
   ref_conv->to(torch::kDouble);
   ref_bn->to(torch::kDouble);
-  {
-    torch::NoGradGuard no_grad;
-    ref_conv->weight.copy_(net->conv->weight);
-    ref_conv->bias.copy_(net->conv->bias);
-  }
+  syncbn_test::copy_state(*net->conv, *ref_conv);
 
   const std::vector<int64_t> sizes{3, 5};  // uneven slices of the global batch
   double error = 0;
@@ -166,6 +164,10 @@ int run_test(const char* self) {
     pid_t pid = 0;
     if (posix_spawn(&pid, "/proc/self/exe", nullptr, nullptr, argv.data(), environ) != 0) {
       std::perror("posix_spawn");
+      for (pid_t started : children) {  // it would wait for its peer in the store
+        ::kill(started, SIGKILL);
+        ::waitpid(started, nullptr, 0);
+      }
       return 1;
     }
     children.push_back(pid);
@@ -186,7 +188,6 @@ int run_test(const char* self) {
     }
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) failures = 1;
   }
-  for (pid_t child : children) ::waitpid(child, nullptr, WNOHANG);  // reap any killed one
   std::filesystem::remove(store);
   std::cout << (failures ? "FAILED" : "PASSED") << ": 2 processes x 2 CPU replicas vs torch::nn::BatchNorm2d\n";
   return failures;

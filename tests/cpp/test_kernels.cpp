@@ -22,7 +22,11 @@
 
 #include <syncbn/syncbn.h>
 
+#include "module_state.h"
+
 namespace {
+
+using syncbn_test::copy_state;
 
 // Under a sanitizer (SYNCBN_SANITIZE builds, or SYNCBN_SANITIZED=1 set by hand)
 // the inputs are smaller, but still several tasks per channel.
@@ -556,14 +560,6 @@ torch::nn::Sequential conv_bn_relu_net() {
     net->push_back(torch::nn::ReLU());
   }
   return net;
-}
-
-void copy_state(torch::nn::Module& from, torch::nn::Module& to) {
-  torch::NoGradGuard no_grad;
-  auto parameters = from.named_parameters();
-  for (auto& item : to.named_parameters()) item.value().copy_(parameters[item.key()]);
-  auto buffers = from.named_buffers();
-  for (auto& item : to.named_buffers()) item.value().copy_(buffers[item.key()]);
 }
 
 // |a - b| <= tolerance * max|b| (float32 through three conv-BN layers; conv

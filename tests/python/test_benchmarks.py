@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
+
+import child_processes
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def run_script(name, *args):
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True, timeout=600
-    )
+    result = child_processes.run([sys.executable, str(BENCHMARKS / name), *args], timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 

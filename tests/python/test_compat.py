@@ -9,6 +9,7 @@ import errno
 import pytest
 import torch
 from hang_guard import call_with_timeout
+from replica_faults import RaiseInCopy
 from torch import nn
 
 import syncbn_ext
@@ -237,20 +238,6 @@ class TwoArgumentError(Exception):
         super().__init__(code, detail)
         self.code = code
         self.detail = detail
-
-
-class RaiseInCopy(nn.Module):
-    def __init__(self, copy_id, make_error):
-        super().__init__()
-        self.target, self.make_error, self.copy_id = copy_id, make_error, None
-
-    def __data_parallel_replicate__(self, ctx, copy_id):
-        self.copy_id = copy_id
-
-    def forward(self, x):
-        if self.copy_id == self.target:
-            raise self.make_error()
-        return x
 
 
 @pytest.mark.parametrize(

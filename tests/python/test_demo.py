@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
+import child_processes
 import pytest
 
 from syncbn_ext.__main__ import _max_difference, main, run_demo
@@ -25,11 +25,8 @@ def test_demo_synchronized_matches_whole_batch_and_per_replica_drifts():
 
 
 def test_demo_command_prints_the_table():
-    result = subprocess.run(
-        [sys.executable, "-m", "syncbn_ext", "demo", "--steps", "3", "--replicas", "2"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = child_processes.run(
+        [sys.executable, "-m", "syncbn_ext", "demo", "--steps", "3", "--replicas", "2"], timeout=300
     )
     assert result.returncode == 0, result.stderr
     for row in ("BatchNorm per replica", "synchronized BatchNorm", "one module, whole batch", "ms/step"):
@@ -58,7 +55,7 @@ def test_bad_arguments_are_usage_errors(argv, message, capsys):
 
 def test_demo_across_two_processes_draws_its_plot(tmp_path):
     plot = tmp_path / "demo.png"
-    result = subprocess.run(
+    result = child_processes.run(
         [
             sys.executable,
             "-m",
@@ -73,8 +70,6 @@ def test_demo_across_two_processes_draws_its_plot(tmp_path):
             "--plot",
             str(plot),
         ],
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr

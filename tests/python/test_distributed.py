@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+import child_processes
 import pytest
 import torch
 import torch.distributed as dist
@@ -23,22 +23,12 @@ LAUNCH_TIMEOUT = 240  # seconds, for a whole launch
 TOLERANCE = 1e-12
 
 
-def collect(processes: list[subprocess.Popen]) -> dict[str, dict[int, dict]]:
-    """Waits for every process (killing all of them past the time limit); {scenario: {rank: line}}."""
-    outputs = []
-    try:
-        for process in processes:
-            out, err = process.communicate(timeout=LAUNCH_TIMEOUT)
-            outputs.append((process.returncode, out, err))
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+def collect(children: list[child_processes.Child]) -> dict[str, dict[int, dict]]:
+    """Waits for every process (stopping all of them past the time limit); {scenario: {rank: line}}."""
     results: dict[str, dict[int, dict]] = defaultdict(dict)
-    for returncode, out, err in outputs:
-        assert returncode == 0, err[-3000:]
-        for line in out.splitlines():
+    for finished in child_processes.wait_all(children, LAUNCH_TIMEOUT):
+        assert finished.returncode == 0, finished.stderr[-3000:]
+        for line in finished.stdout.splitlines():
             if line.startswith("{"):
                 record = json.loads(line)
                 results[record["scenario"]][record["rank"]] = record
@@ -50,11 +40,7 @@ def launch(tmp_path, world, replicas, sizes, scenarios, timeout=30.0):
     store = tmp_path / "store"
     command = [sys.executable, str(WORKER), "--world", str(world), "--store", str(store), "--replicas", str(replicas)]
     command += ["--sizes", *map(str, sizes), "--timeout", str(timeout), "--scenarios", *scenarios]
-    processes = [
-        subprocess.Popen([*command, "--rank", str(rank)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for rank in range(world)
-    ]
-    return collect(processes)
+    return collect([child_processes.Child([*command, "--rank", str(rank)]) for rank in range(world)])
 
 
 def measures(record: dict) -> dict:
@@ -128,7 +114,7 @@ def test_torchrun_with_two_nodes_on_one_machine(tmp_path):
         command += ["--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port)]
         command += [str(WORKER), "--replicas", "2", "--sizes", "3", "4", "--scenarios", "parity"]
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+        processes.append(child_processes.Child(command, env=env))
     results = collect(processes)
     assert sorted(results["parity"]) == [0, 1]
     for rank in (0, 1):

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 from hang_guard import call_with_timeout
+from replica_faults import RaiseInCopy, assert_state_unchanged, state_of, wait_for_replica_threads
 from torch import nn
 
 import syncbn_ext
@@ -36,32 +37,6 @@ def run(module, *inputs):
 
 def no_replica_threads_left():
     return not replica_threads_running()
-
-
-def wait_for_replica_threads(timeout):
-    """Waits until no replica thread runs (the ones left behind end when their replica returns)."""
-    deadline = time.monotonic() + timeout
-    while replica_threads_running():
-        assert time.monotonic() < deadline, [t.name for t in replica_threads_running()]
-        time.sleep(0.05)
-
-
-class RaiseInCopy(nn.Module):
-    """Raises in the replica with copy id `copy_id` while armed."""
-
-    def __init__(self, copy_id):
-        super().__init__()
-        self.target = copy_id
-        self.armed = True
-        self.copy_id = None
-
-    def __data_parallel_replicate__(self, ctx, copy_id):
-        self.copy_id = copy_id
-
-    def forward(self, x):
-        if self.armed and self.copy_id == self.target:
-            raise KeyError("replica failure")
-        return x
 
 
 def make_model(position):
@@ -148,7 +123,7 @@ class SwapsOrderOnMarker(nn.Module):
 
 def test_replicas_calling_layers_in_a_different_order_get_an_error_not_mixed_statistics():
     model = SwapsOrderOnMarker()
-    before = copy.deepcopy(model.state_dict())
+    before = state_of(model)
     dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2)
     x = torch.randn(4, C, dtype=torch.float64)
     x[3, 2] = MARKER  # replica 1
@@ -158,8 +133,7 @@ def test_replicas_calling_layers_in_a_different_order_get_an_error_not_mixed_sta
     assert "different order or number of times" in message
     assert "copy 0 is at layer 'a: SynchronizedBatchNorm1d(3)' (synchronized call 1)" in message
     assert "copy 1 is at layer 'b: SynchronizedBatchNorm1d(3)' (synchronized call 1)" in message
-    for name, value in model.state_dict().items():  # no statistics were paired across layers
-        assert torch.equal(value, before[name]), name
+    assert_state_unchanged(model, before)  # no statistics were paired across layers
 
 
 class SlowOnMarker(nn.Module):
@@ -176,7 +150,7 @@ class SlowOnMarker(nn.Module):
 def test_timeout_names_the_layer_that_waited_and_the_missing_copies(monkeypatch):
     monkeypatch.setenv("SYNCBN_TIMEOUT", "0.3")
     model = nn.Sequential(SlowOnMarker(2.5), SynchronizedBatchNorm1d(C).double())
-    before = copy.deepcopy(model.state_dict())
+    before = state_of(model)
     dp = DataParallelWithCallback(model, device_ids=["cpu"] * 3)
     x = torch.randn(6, C, dtype=torch.float64)
     x[5, 0] = MARKER  # replica 2 arrives late
@@ -193,8 +167,7 @@ def test_timeout_names_the_layer_that_waited_and_the_missing_copies(monkeypatch)
     assert [t.name for t in replica_threads_running()] == ["syncbn-abandoned-replica-2"]
     # When it wakes, it can write nothing (its replication was closed), and its thread ends.
     wait_for_replica_threads(timeout=10)
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, before[name]), name
+    assert_state_unchanged(model, before)
 
 
 def test_nan_and_inf_propagate_as_in_batch_norm():

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import child_processes
 import pytest
 import torch
 from hang_guard import call_with_timeout
+from replica_faults import RaiseInCopy, assert_state_unchanged, state_of, wait_for_replica_threads
 from torch import nn
 
 import syncbn_ext
@@ -25,14 +26,6 @@ sys.path.insert(0, str(HERE.parents[1] / "benchmarks"))
 import established_sync_master  # noqa: E402  (a re-implementation of the established library's pure-Python barrier)
 
 C = 3
-
-
-def wait_for_replica_threads(timeout: float) -> None:
-    """Waits until no replica thread runs (the ones left behind end when their replica returns)."""
-    deadline = time.monotonic() + timeout
-    while replica_threads_running():
-        assert time.monotonic() < deadline, [t.name for t in replica_threads_running()]
-        time.sleep(0.05)
 
 
 def forward_error(fn, *args):
@@ -63,24 +56,13 @@ class BlockInCopy(nn.Module):
         return x
 
 
-def state_of(model):
-    return copy.deepcopy(model.state_dict())
-
-
-def assert_state_unchanged(model, before):
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, before[name]), name
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Ctrl-C
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def test_ctrl_c_reaches_the_caller_at_once_and_the_slow_replica_writes_nothing_when_it_wakes():
-    result = subprocess.run(
-        [sys.executable, str(HERE / "interrupt_scenario.py")], capture_output=True, text=True, timeout=120
-    )
+    result = child_processes.run([sys.executable, str(HERE / "interrupt_scenario.py")], timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["raised"] == "KeyboardInterrupt"
@@ -237,21 +219,6 @@ class CpuDataParallel(nn.DataParallel):
             if isinstance(results[i], BaseException):
                 raise results[i]
         return [results[i] for i in range(len(replicas))]
-
-
-class RaiseInCopy(nn.Module):
-    def __init__(self, copy_id):
-        super().__init__()
-        self.target = copy_id
-        self.copy_id = None
-
-    def __data_parallel_replicate__(self, ctx, copy_id):
-        self.copy_id = copy_id
-
-    def forward(self, x):
-        if self.copy_id == self.target:
-            raise KeyError("replica failure")
-        return x
 
 
 class CallsTwiceInCopy(nn.Module):

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
+import child_processes
 import pytest
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -35,9 +35,11 @@ def test_readme_torchrun_example_runs_in_two_processes(index, tmp_path):
     script = tmp_path / "train.py"
     script.write_text(UNDER_TORCHRUN[index])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
+    result = child_processes.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
-        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
+        timeout=240,
+        env=env,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     # The two ranks' lines may interleave on the shared stdout.

@@ -1,0 +1,89 @@
+"""Child processes for the tests: bounded in time, and leaving nothing behind when they overrun.
+
+Each child starts in a session of its own, so that on a timeout its whole process group is stopped (ranks a
+launcher spawned, a benchmark's workers), not only the child. Its output goes to temporary files, never to a pipe
+that could fill while another child is being waited for.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pytest
+
+# After SIGTERM, how long a child may take to stop its own children (torchrun's agent stops its workers, which
+# run in sessions of their own) before its group gets SIGKILL.
+TERMINATE_GRACE_SECONDS = 10.0
+
+
+@dataclass
+class Finished:
+    """A child that ended: its exit status and output."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class Child:
+    """A started child process."""
+
+    def __init__(self, command: Sequence[str], env: dict[str, str] | None = None, cwd: os.PathLike | None = None):
+        self._stdout = tempfile.TemporaryFile()
+        self._stderr = tempfile.TemporaryFile()
+        self.command = list(map(str, command))
+        self.process = subprocess.Popen(
+            self.command, stdout=self._stdout, stderr=self._stderr, env=env, cwd=cwd, start_new_session=True
+        )
+
+    def output(self) -> Finished:
+        """Its exit status (None while it runs) and everything it wrote."""
+        texts = []
+        for file in (self._stdout, self._stderr):
+            file.seek(0)
+            texts.append(file.read().decode(errors="replace"))
+        return Finished(self.process.returncode, *texts)
+
+    def stop(self) -> None:
+        """SIGTERM to its whole process group; SIGKILL to the group if the child has not ended after the grace."""
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=TERMINATE_GRACE_SECONDS)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+def wait_all(children: Sequence[Child], timeout: float) -> list[Finished]:
+    """Waits for every child within one deadline; past it, stops them all and fails the test."""
+    deadline = time.monotonic() + timeout
+    late = None
+    try:
+        for child in children:
+            try:
+                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                late = child
+                break
+    finally:
+        for child in children:
+            if child.process.poll() is None:
+                child.stop()
+    if late is not None:
+        pytest.fail(f"{' '.join(late.command)} did not finish within {timeout} s:\n{late.output().stderr[-3000:]}")
+    return [child.output() for child in children]
+
+
+def run(
+    command: Sequence[str], timeout: float, env: dict[str, str] | None = None, cwd: os.PathLike | None = None
+) -> Finished:
+    """Runs ``command`` to its end within ``timeout`` seconds (see :func:`wait_all`)."""
+    return wait_all([Child(command, env, cwd)], timeout)[0]
