@@ -50,6 +50,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import established_sync_master  # noqa: E402  (beside this file)
+from timing import rotated  # noqa: E402  (beside this file)
 
 import syncbn_ext  # noqa: E402
 
@@ -138,8 +139,7 @@ def run(replica_counts: list[int], passes: int, rounds: int, log=None) -> list[d
     for replicas in replica_counts:
         samples: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
         for round_index in range(rounds):
-            shift = round_index % len(VARIANTS)  # rotate the order: no variant always goes first
-            for variant in VARIANTS[shift:] + VARIANTS[:shift]:
+            for variant in rotated(VARIANTS, round_index):
                 samples[variant].append(measure(variant, replicas, passes))
         medians = {variant: statistics.median(values) for variant, values in samples.items()}
         per_round = list(zip(samples["ours"], samples["established"], samples["cpp"], strict=True))

@@ -85,7 +85,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import established_batchnorm  # noqa: E402  (beside this file)
 import wrapper_cost  # noqa: E402  (beside this file)
-from timing import interleaved_rounds  # noqa: E402  (beside this file)
+from timing import interleaved_rounds, rotated, status_kb  # noqa: E402  (beside this file)
 
 import syncbn_ext  # noqa: E402
 
@@ -292,14 +292,6 @@ def profile_layer(iters: int, row_limit: int = 14) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def _reset_peak_rss() -> None:
     with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
         f.write("5")  # resets VmHWM to the current RSS
@@ -307,10 +299,10 @@ def _reset_peak_rss() -> None:
 
 def _peak_extra_mb(step: Callable[[], None]) -> float:
     gc.collect()
-    base = _status_kb("VmRSS")
+    base = status_kb("VmRSS")
     _reset_peak_rss()
     step()
-    return (_status_kb("VmHWM") - base) / 1024.0
+    return (status_kb("VmHWM") - base) / 1024.0
 
 
 def memory_worker(variants: list[str], iters: int) -> list[dict]:
@@ -333,7 +325,7 @@ def memory_worker(variants: list[str], iters: int) -> list[dict]:
         bench = LayerBench(variant)
         for _ in range(2):
             bench.step()
-        steady_mb = _status_kb("VmRSS") / 1024.0
+        steady_mb = status_kb("VmRSS") / 1024.0
         peaks = [_peak_extra_mb(bench.step) for _ in range(iters)]
         del bench
         results.append(
@@ -364,8 +356,7 @@ def memory_rows(
     samples: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
     calibrations: list[float] = []
     for round_index in range(rounds):
-        shift = round_index % len(VARIANTS)
-        order = list(VARIANTS[shift:] + VARIANTS[:shift])
+        order = rotated(VARIANTS, round_index)
         if one_worker:
             results = _run_memory_worker(order, iters, threads)
         else:

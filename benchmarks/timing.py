@@ -1,10 +1,25 @@
-"""Timing shared by the benchmarks: variants measured in interleaved rounds (these machines are noisy)."""
+"""Measuring shared by the benchmarks: variants in interleaved rounds (these machines are noisy), memory counters."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from collections.abc import Callable, Sequence
+
+
+def rotated(names: Sequence[str], round_index: int) -> list[str]:
+    """``names`` in the order of round ``round_index``: rotated by one each round, so no variant always goes first."""
+    shift = round_index % len(names)
+    return [*names[shift:], *names[:shift]]
+
+
+def status_kb(field: str) -> int:
+    """A memory counter of this process from /proc/self/status (``VmRSS``, ``VmHWM``: peak RSS), in kB."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def median_ms(step: Callable[[], None], iters: int) -> float:
@@ -29,8 +44,7 @@ def interleaved_rounds(
     names: Sequence[str] = list(steps)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(rounds):
-        shift = round_index % len(names)
-        for name in [*names[shift:], *names[:shift]]:
+        for name in rotated(names, round_index):
             if before_each is not None:
                 before_each()
             samples[name].append(median_ms(steps[name], iters))

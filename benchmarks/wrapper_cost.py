@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from timing import interleaved_rounds
+from timing import interleaved_rounds, rotated, status_kb
 from torch import nn
 
 import syncbn_ext
@@ -119,28 +119,19 @@ def time_variants(iters: int, rounds: int, image_size: int) -> dict[str, list[fl
     return interleaved_rounds({variant: bench.step for variant, bench in benches.items()}, iters, rounds)
 
 
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError("/proc/self/status has no VmHWM")
-
-
 def memory_worker(variant: str, steps: int, image_size: int) -> float:
     """In a fresh process: the peak RSS (MB) after ``steps`` training steps of ``variant``."""
     bench = WrapperBench(variant, image_size)
     for _ in range(steps):
         bench.step()
-    return _peak_rss_mb()
+    return status_kb("VmHWM") / 1024.0
 
 
 def memory_variants(steps: int, rounds: int, image_size: int, threads: int | None) -> dict[str, list[float]]:
     """Per variant, the peak RSS (MB) of ``rounds`` fresh processes each."""
     samples: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
     for round_index in range(rounds):
-        shift = round_index % len(VARIANTS)
-        for variant in VARIANTS[shift:] + VARIANTS[:shift]:
+        for variant in rotated(VARIANTS, round_index):
             code = (
                 "import sys, json; sys.path.insert(0, sys.argv[1]); import torch; import wrapper_cost; "
                 "threads = int(sys.argv[5]); threads > 0 and torch.set_num_threads(threads); "
@@ -183,20 +174,18 @@ def run(
 
 def format_table(result: dict) -> str:
     size = result["image_size"]
-    columns = ("whole batch", "2 replicas", "4 replicas", "2 slices in turn", "4 slices in turn")
-    names = ("whole", "2 repl.", "4 repl.", "2 slices", "4 slices")
+    names = ("whole", "2 repl.", "4 repl.", "2 slices", "4 slices")  # VARIANTS, short
     title = f"ResNet-18-style step, batch {BATCH}, {size}x{size}"
     header = f"{title:<42}" + "".join(f" {name:>9}" for name in names)
     lines = [header, "-" * len(header)]
     for key, unit, target in (("time", "ms", TIME_TARGET), ("memory", "MB", MEMORY_TARGET)):
         m, r = result[key]["medians"], result[key]["ratios"]
         row_title = "training step time" if key == "time" else "process peak RSS"
-        lines.append(f"{row_title + f' ({unit})':<42}" + "".join(f" {m[c]:>9.1f}" for c in columns))
+        lines.append(f"{row_title + f' ({unit})':<42}" + "".join(f" {m[v]:>9.1f}" for v in VARIANTS))
         ok = all(r[v] <= target for v in REPLICATED)
         lines.append(
             f"{f'  ratio to the whole batch (<= {target:.2f})':<42} {'':>9}"
-            + "".join(f" {r[c]:>9.3f}" for c in columns[1:3])
-            + "".join(f" {r[c]:>9.3f}" for c in columns[3:])
+            + "".join(f" {r[v]:>9.3f}" for v in VARIANTS[1:])
             + f"  {'yes' if ok else 'NO'}"
         )
         own = result[key]["ratios to the slices in turn"]
