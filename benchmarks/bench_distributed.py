@@ -125,9 +125,9 @@ def count_collectives(step: Step) -> dict[str, int]:
 
 
 # Bytes each synchronized call sends per rank (the tensors' sizes; a collective moves about this much per peer):
-# ours: forward, an all-gather of 4 int64 (call, layer, channels, count) then one of (mean, M2) in float64;
-# backward, an all-reduce of (d mean, d var) in float64. naive: an all-reduce of (mean, mean of squares) in the
-# input's dtype (float32 here) forward, and its gradient backward.
+# ours: forward, an all-gather of 4 int64 (call, layer, channels, count) packed with (mean, M2) in float64;
+# backward, an all-gather of (d mean, d var) in float64, summed on every rank. naive: an all-reduce of (mean,
+# mean of squares) in the input's dtype (float32 here) forward, and its gradient backward.
 BYTES_PER_CALL = {
     "ours": (32 + 16 * CHANNELS, 16 * CHANNELS),
     "naive": (8 * CHANNELS, 8 * CHANNELS),

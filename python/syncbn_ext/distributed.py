@@ -3,7 +3,7 @@
 The merge itself is C++ (``cpp/src/cross_process.cpp``, on the c10d process group torch hands our module): each
 process first merges its own replicas' statistics, then its master replica exchanges them with the group's other
 ranks (gloo on CPU, NCCL on GPUs), and the merge nodes sum the gradient of the statistics across the group in
-backward (one all-reduce per synchronized call).
+backward (one all-gather per synchronized call each way).
 """
 
 from __future__ import annotations

@@ -85,11 +85,11 @@ def same_on_every_rank(tensor: torch.Tensor, group: object) -> bool:
 WORLD = "world"  # the default group, looked up once torch.distributed is initialized
 
 
-def run_steps(model, reference, run, sizes, rank, steps, ddp_world=None, members=None, group=WORLD):
+def run_steps(model, reference, run, sizes, rank, steps, ddp_world=None, members=None, group=WORLD, before_step=None):
     """Trains both on the global batch (each rank its slice); the largest errors of each quantity.
 
     ``members``: the ranks this one synchronizes with (default all), whose batch the reference runs on; ``group``
-    their process group (``None``: this rank alone).
+    their process group (``None``: this rank alone); ``before_step(step)`` is called before each step.
     """
     members = list(range(len(sizes))) if members is None else members
     group = dist.group.WORLD if group == WORLD else group
@@ -98,6 +98,8 @@ def run_steps(model, reference, run, sizes, rank, steps, ddp_world=None, members
     mine = slice(start, start + sizes[rank])
     errors = {"output": 0.0, "input_grad": 0.0, "param_grad": 0.0, "buffers": 0.0}
     for step in range(steps):
+        if before_step is not None:
+            before_step(step)
         x, grad = global_batch(step, total)
         model.zero_grad()
         reference.zero_grad()
@@ -114,6 +116,8 @@ def run_steps(model, reference, run, sizes, rank, steps, ddp_world=None, members
         errors["output"] = max(errors["output"], max_error(y, y_ref[here]))
         errors["input_grad"] = max(errors["input_grad"], max_error(x_mine.grad, x_ref.grad[here]))
         for p, p_ref in zip(model.parameters(), reference.parameters(), strict=True):
+            if p.grad is None and p_ref.grad is None:  # a layer left out of this step
+                continue
             g = p.grad.clone()
             if ddp_world is None:
                 if group is not None:
@@ -162,6 +166,57 @@ def scenario_subgroup(rank, world, replicas, sizes):
     )
 
 
+class ChannelsNet(nn.Module):
+    """Synchronized layers of 3, 5, 3 and 3 channels; ``skip_middle`` leaves out the 5- and second 3-channel ones."""
+
+    def __init__(self, norm2d, norm1d) -> None:
+        super().__init__()
+        self.skip_middle = False
+        self.first = nn.Sequential(nn.Conv2d(2, C, 3, padding=1), norm2d(C), nn.ReLU())
+        self.middle = nn.Sequential(nn.Conv2d(C, 5, 1), norm2d(5), nn.ReLU(), nn.Conv2d(5, C, 1), norm2d(C))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * C, C), norm1d(C))
+
+    def forward(self, x):
+        x = self.first(x)
+        return self.head(x if self.skip_middle else self.middle(x))
+
+
+def count_allgathers(step) -> int:
+    """The all-gathers ``step()`` makes on this rank, on any thread (replicas' masters issue them)."""
+    from torch._C._profiler import _ExperimentalConfig
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(
+        activities=[ProfilerActivity.CPU], experimental_config=_ExperimentalConfig(profile_all_threads=True)
+    ) as prof:
+        step()
+    return sum(1 for event in prof.events() if event.name.startswith("c10d::allgather"))
+
+
+def scenario_channels(rank, world, replicas, sizes):
+    """Layers of different channel counts, called in a changing order (the first exchange of each call is sized
+    by what followed the previous layer last time: too small, then too large): parity, and in a repeated order
+    one all-gather per synchronized call forward and one backward."""
+    torch.manual_seed(0)
+    reference = ChannelsNet(nn.BatchNorm2d, nn.BatchNorm1d).double()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.uniform_(-1, 1)
+    model = ChannelsNet(syncbn_ext.SyncBatchNorm, syncbn_ext.SyncBatchNorm).double()
+    model.load_state_dict(reference.state_dict())
+    order = [False, False, True, False, False]  # skip the middle at step 2
+
+    def before_step(step: int) -> None:
+        model.skip_middle = reference.skip_middle = order[step]
+
+    run = wrap(model, replicas)
+    errors = run_steps(model, reference, run, sizes, rank, steps=len(order), before_step=before_step)
+    x, grad = global_batch(9, sum(sizes))
+    mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    errors["allgathers_per_step"] = count_allgathers(lambda: run(x[mine]).backward(grad[mine]))
+    return errors
+
+
 def scenario_eval(rank, world, replicas, sizes):
     model, reference = make_models("SyncBatchNorm", None)
     run_steps(model, reference, wrap(model, replicas), sizes, rank, steps=1)
@@ -191,6 +246,33 @@ def scenario_mismatch(rank, world, replicas, sizes):
     return {"ran": True}
 
 
+class LayersOfDifferentWidths(nn.Module):
+    """a (3 channels) then b (5) on every rank while ``agree``; then a on rank 0 and b elsewhere."""
+
+    def __init__(self, rank):
+        super().__init__()
+        self.rank, self.agree = rank, True
+        self.a = syncbn_ext.SyncBatchNorm(C).double()
+        self.b = syncbn_ext.SyncBatchNorm(5).double()
+
+    def forward(self, x3, x5):
+        if self.agree:
+            return self.a(x3).sum() + self.b(x5).sum()
+        return self.a(x3).sum() if self.rank == 0 else self.b(x5).sum()
+
+
+def scenario_mismatch_widths(rank, world, replicas, sizes):
+    """Ranks at layers of different channel counts, after steps in which every rank learned the widths."""
+    model = LayersOfDifferentWidths(rank)
+    run = wrap(model, replicas)
+    x3, x5 = torch.randn(4, C, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    for _ in range(2):
+        run(x3, x5)
+    model.agree = False
+    run(x3, x5)
+    return {"ran": True}
+
+
 class StuckOnRank1(nn.Module):
     """Rank 1 never reaches its synchronized layer within the group's timeout."""
 
@@ -217,6 +299,8 @@ SCENARIOS = {
     "subgroup": scenario_subgroup,
     "eval": scenario_eval,
     "mismatch": scenario_mismatch,
+    "mismatch_widths": scenario_mismatch_widths,
+    "channels": scenario_channels,
     "absent": scenario_absent,
 }
 

@@ -65,12 +65,17 @@ def assert_parity(result: dict, steps: int) -> None:
     ],
 )
 def test_every_rank_matches_one_batchnorm_on_the_global_batch(tmp_path, world, replicas, sizes):
-    scenarios = ["parity", "ddp", "eval"] + (["subgroup"] if world == 3 else [])
+    scenarios = ["parity", "ddp", "eval", "channels"] + (["subgroup"] if world == 3 else [])
     results = launch(tmp_path, world, replicas, sizes, scenarios)
     for rank in range(world):
         for case, result in measures(results["parity"][rank]).items():  # both layers, momentum 0.1 and None
             assert_parity(result, steps=3), case
         assert measures(results["eval"][rank])["output"] < TOLERANCE
+        channels = measures(results["channels"][rank])  # widths 3, 5, 3, 3; the middle two skipped at step 2
+        for quantity in ("output", "input_grad", "param_grad", "buffers"):
+            assert channels[quantity] < TOLERANCE, (quantity, channels)
+        assert channels["buffers_equal_on_every_rank"] and channels["num_batches_tracked"] == [5, 4, 4, 5]
+        assert channels["allgathers_per_step"] == 2 * 4  # one forward, one backward, per synchronized call
         if sizes[rank] > 0:  # DistributedDataParallel needs a batch on every rank
             assert_parity(measures(results["ddp"][rank]), steps=2)
     if world == 3:  # a subgroup of ranks 0 and 1: rank 2 normalizes alone
@@ -89,6 +94,18 @@ def test_ranks_at_different_layers_get_an_error_naming_every_ranks_layer(tmp_pat
         assert f"rank {rank} is at " in message and "SyncBatchNorm(3)" in message
         assert "rank 0: synchronized call" in message and "rank 1: synchronized call" in message
         assert "every rank must call the synchronized layers the same number of times" in message
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_ranks_at_layers_of_different_widths_get_the_error_too(tmp_path, replicas):
+    # Every rank's exchange has the same size whatever its layer's width: the error, not a broken gloo exchange.
+    results = launch(tmp_path, 2, replicas, [4, 4], ["mismatch_widths"])
+    for rank in (0, 1):
+        record = results["mismatch_widths"][rank]
+        assert record.get("error") == "BarrierError", record
+        assert "rank 0: synchronized call 5 on this group, layer #" in record["message"], record
+        assert "(3 channels), rank 1: synchronized call 5" in record["message"], record
+        assert "(5 channels);" in record["message"], record
 
 
 def test_a_rank_that_never_comes_is_caught_by_the_groups_timeout_naming_our_layer(tmp_path):

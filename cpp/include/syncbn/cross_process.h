@@ -31,11 +31,16 @@ struct GroupStatistics {
   int64_t total = 0;
 };
 
-// One synchronized call's statistics across the group. Two all-gathers: first
-// every rank's (call number on this group, layer id, channels, count), checked
-// to agree, so that ranks at different layers or calls fail with a BarrierError
-// naming each rank's layer instead of pairing statistics across layers; then
-// every rank's (mean, M2), merged with Chan's formula in rank order (float64).
+// One synchronized call's statistics across the group, in one all-gather of a
+// packed tensor of the same size on every rank: every rank's (call number on
+// this group, layer id, channels, count) and (mean, M2) for as many channels as
+// followed the previous layer last time (every rank learns this alike from the
+// exchanged headers; exact from the second step of a network that calls its
+// layers in the same order). The headers are checked to agree before anything
+// is paired, so ranks at different layers or calls fail with a BarrierError on
+// every rank naming each rank's layer; channels the first exchange had no room
+// for (the first step, a new order) follow in a second all-gather. Merged with
+// Chan's formula in rank order (float64): bitwise alike on every rank.
 // `mean` and `m2` are this process's, of `count` values per channel (0: an
 // empty batch). `layer_id` identifies the layer alike on every rank (its
 // construction order); `label` names it in errors. A rank that never comes is
@@ -44,8 +49,9 @@ SYNCBN_API GroupStatistics merge_across_processes(const ProcessGroupPtr& group, 
                                                   const at::Tensor& mean, const at::Tensor& m2,
                                                   const std::string& label);
 
-// Backward: (d mean, d var) summed over the group (one all-reduce); undefined
-// gradients count as zeros. Returns float64 tensors.
+// Backward: (d mean, d var) summed over the group: one all-gather, summed in
+// rank order (fewer steps than an all-reduce for so few values, and bitwise
+// alike on every rank); undefined gradients count as zeros. Returns float64.
 SYNCBN_API std::pair<at::Tensor, at::Tensor> sum_across_processes(const ProcessGroupPtr& group,
                                                                   const at::Tensor& grad_mean,
                                                                   const at::Tensor& grad_var, int64_t channels,
