@@ -3,12 +3,14 @@
 The prebuilt module comes from ``pip install --no-build-isolation [-e] .``. Where it does not
 import (a source checkout on ``PYTHONPATH=python``), or where ``SYNCBN_EXT_JIT=1`` asks for it,
 the sources listed in ``cpp/sources.txt`` are compiled with ``torch.utils.cpp_extension.load``
-(optimized, cached under ``TORCH_EXTENSIONS_DIR``). One process never loads both.
+(optimized, as a few unity translation units, cached under ``TORCH_EXTENSIONS_DIR``). One process
+never loads both.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib
 import os
 import re
@@ -75,6 +77,29 @@ def jit_build_directory() -> Path:
     return Path(root) / JIT_MODULE_NAME
 
 
+def unity_sources(parts: dict[str, list[Path]], build_dir: Path, units_per_part: int = 2) -> list[Path]:
+    """Each part's sources as ``units_per_part`` translation units that ``#include`` them (a unity build).
+
+    torch's headers are then parsed, and their inline code compiled, a few times instead of once per source: the
+    JIT build's cost on few cores. The sources are unity-safe (the sanitized CMake builds compile them the same
+    way). Each unit names its sources' content hash, so that torch's extension cache sees a source change; a unit
+    is rewritten only when it changes, so that an unchanged build is reused.
+    """
+    units = []
+    for part, sources in parts.items():
+        count = max(1, min(units_per_part, len(sources)))
+        for index in range(count):
+            batch = sources[index::count]
+            digest = hashlib.sha256(b"".join(path.read_bytes() for path in batch)).hexdigest()
+            text = f"// unity build of {len(batch)} syncbn sources; their content: sha256 {digest}\n"
+            text += "".join(f'#include "{path}"\n' for path in batch)
+            unit = build_dir / f"unity_{part}_{index}.cpp"
+            if not unit.is_file() or unit.read_text() != text:
+                unit.write_text(text)
+            units.append(unit)
+    return units
+
+
 def load_jit(verbose: bool = False) -> ModuleType:
     """Compiles (or reuses the cached build of) the core and binding sources as one module."""
     from torch.utils.cpp_extension import load
@@ -85,7 +110,6 @@ def load_jit(verbose: bool = False) -> ModuleType:
             "JIT builds need a source checkout; install with 'pip install --no-build-isolation .' instead."
         )
     parts = read_source_list()
-    sources = [str(p) for part in ("core", "bindings") for p in parts.get(part, [])]
     include_dir = SOURCE_LIST.parent / "include"
     major, minor, patch = project_version()
     version_flags = [
@@ -108,9 +132,10 @@ def load_jit(verbose: bool = False) -> ModuleType:
                 f"syncbn_ext: a JIT build of {JIT_MODULE_NAME} was interrupted and left the lock file {stale} "
                 f"({age:.0f} s old); no build is running. Delete it and import again: rm {stale}"
             )
+        sources = unity_sources({part: parts.get(part, []) for part in ("core", "bindings")}, build_dir)
         return load(
             name=JIT_MODULE_NAME,
-            sources=sources,
+            sources=[str(unit) for unit in sources],
             extra_include_paths=[str(include_dir)],
             extra_cflags=["-O2", "-DSYNCBN_BUILDING_LIBRARY", *version_flags],
             build_directory=str(build_dir),

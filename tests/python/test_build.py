@@ -35,6 +35,34 @@ def test_source_list_rejects_duplicates(tmp_path):
         _loader.read_source_list(listing)
 
 
+def test_jit_units_include_every_source_once_and_change_only_with_a_source(tmp_path):
+    sources = tmp_path / "src"
+    sources.mkdir()
+    files = [sources / f"s{i}.cpp" for i in range(5)]
+    for i, path in enumerate(files):
+        path.write_text(f"int f{i}() {{ return {i}; }}\n")
+    build = tmp_path / "build"
+    build.mkdir()
+    parts = {"core": files[:3], "bindings": files[3:]}
+    units = _loader.unity_sources(parts, build)
+    assert [unit.name for unit in units] == [
+        "unity_core_0.cpp",
+        "unity_core_1.cpp",
+        "unity_bindings_0.cpp",
+        "unity_bindings_1.cpp",
+    ]
+    included = [
+        line.split('"')[1] for unit in units for line in unit.read_text().splitlines() if line.startswith("#include")
+    ]
+    assert sorted(included) == sorted(str(path) for path in files)
+    before = {unit: (unit.read_text(), unit.stat().st_mtime_ns) for unit in units}
+    assert _loader.unity_sources(parts, build) == units
+    assert all((unit.read_text(), unit.stat().st_mtime_ns) == before[unit] for unit in units)  # not rewritten
+    files[1].write_text("int f1() { return 10; }\n")  # in core's second unit: its hash changes, nothing else
+    _loader.unity_sources(parts, build)
+    assert [unit.read_text() != before[unit][0] for unit in units] == [False, True, False, False]
+
+
 def test_project_version_matches_package():
     assert ".".join(map(str, _loader.project_version())) == syncbn_ext._C.version()
 
