@@ -7,16 +7,14 @@
 namespace syncbn {
 
 void ReplicationGroup::add_barrier(std::shared_ptr<SyncMaster> barrier) {
-  bool already_closed = false;
   std::string reason;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (std::find(barriers_.begin(), barriers_.end(), barrier) == barriers_.end()) barriers_.push_back(barrier);
     reason = reason_;
-    already_closed = !reason.empty();
   }
   // A barrier joining a dead replication is dead too.
-  if (already_closed) barrier->close(reason);
+  if (!reason.empty()) barrier->close(reason);
 }
 
 std::vector<std::shared_ptr<SyncMaster>> ReplicationGroup::barriers() const {
@@ -36,17 +34,16 @@ void ReplicationGroup::close(const std::string& reason) {
   const std::string stated = reason.empty() ? std::string("the replication was closed") : reason;
   {
     std::lock_guard<std::mutex> commit_lock(commit_mutex_);  // waits for a write in progress
-    if (closed_) return;
-    closed_ = true;
     std::lock_guard<std::mutex> lock(mutex_);
+    if (!reason_.empty()) return;
     reason_ = stated;
   }
   for (const auto& barrier : barriers()) barrier->close(stated);
 }
 
 bool ReplicationGroup::closed() const {
-  std::lock_guard<std::mutex> lock(commit_mutex_);
-  return closed_;
+  std::lock_guard<std::mutex> lock(mutex_);
+  return !reason_.empty();
 }
 
 std::string ReplicationGroup::close_reason() const {
@@ -61,7 +58,7 @@ void ReplicationGroup::throw_closed(const std::string& what) const {
 
 void ReplicationGroup::commit(const std::function<void()>& write) const {
   std::unique_lock<std::mutex> lock(commit_mutex_);
-  if (closed_) {
+  if (!reason_.empty()) {
     lock.unlock();
     throw_closed("a write to the model");
   }

@@ -181,14 +181,11 @@ MasterCallback batch_norm_master_callback(std::shared_ptr<ReplicaBackward> backw
     GroupCall call = first.payload ? *std::static_pointer_cast<GroupCall>(first.payload) : GroupCall{};
     if (!first.label.empty()) call.label = first.label;
     if (call.label.empty()) call.label = "syncbn BatchNorm";
-    if (!spans_processes(call.group)) {
-      TORCH_CHECK_VALUE(total != 1, "Expected more than 1 value per channel when training, got input size ",
-                        torch_size(whole_batch_size));
-    }
     const Merged merged = detail::merge_values(means, m2s, counts, call);
-    TORCH_CHECK_VALUE(merged.total != 1,
-                      "Expected more than 1 value per channel when training, got input size ",
-                      torch_size(whole_batch_size), " on this rank and 1 value per channel in the whole process group");
+    TORCH_CHECK_VALUE(merged.total != 1, "Expected more than 1 value per channel when training, got input size ",
+                      torch_size(whole_batch_size),
+                      spans_processes(call.group) ? " on this rank and 1 value per channel in the whole process group"
+                                                  : "");
     MessageList results;
     results.reserve(messages.size());
     if (backward && backward->parallel()) {

@@ -188,7 +188,9 @@ namespace {
 
 // A replica thread whose replication was closed (the caller gave up on it) starts no pass, on any barrier.
 void check_replication_alive(const BarrierState& s) {
-  if (ReplicationGroup* group = ReplicaScope::current_group()) group->check_alive("a pass of the " + s.describe());
+  if (ReplicationGroup* group = ReplicaScope::current_group()) {
+    group->check_alive("a pass of the " + s.describe() + " by copy " + std::to_string(ReplicaScope::current_copy_id()));
+  }
 }
 
 void check_timeout(double seconds) {

@@ -100,8 +100,10 @@ def train_demo(
     device: torch.device,
     progress: Callable[[], None],
     global_loss: Callable[[torch.Tensor], float] = lambda loss: loss.item(),
+    record_history: bool = False,
 ) -> DemoRun:
-    """Trains ``runner`` (``model``, or a wrapper around it) with SGD over ``batches``."""
+    """Trains ``runner`` (``model``, or a wrapper around it) with SGD over ``batches``; ``record_history`` keeps the
+    BatchNorm buffers of every step (for the plot)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     run = DemoRun(name, [], [], [], [])
     for images, labels in batches:
@@ -112,7 +114,8 @@ def train_demo(
         optimizer.step()
         run.step_seconds.append(time.perf_counter() - start)
         run.losses.append(global_loss(loss))
-        run.buffer_history.append(_bn_buffers(model))
+        if record_history:
+            run.buffer_history.append(_bn_buffers(model))
         progress()
     run.buffers = _bn_buffers(model)
     run.parameters = [p.detach().cpu().clone() for p in model.parameters()]
@@ -130,7 +133,14 @@ def _progress_bar(total: int, enabled: bool) -> tuple[Callable[[], None], Callab
 
 
 def _train_all(
-    rank: int, processes: int, replicas: int, steps: int, batch_per_replica: int, seed: int, show_progress: bool
+    rank: int,
+    processes: int,
+    replicas: int,
+    steps: int,
+    batch_per_replica: int,
+    seed: int,
+    show_progress: bool,
+    record_history: bool,
 ) -> list[DemoRun]:
     """The three ways, on this rank (its shard of each global batch); rank 0's results are the ones shown."""
     import torch.distributed as dist
@@ -170,11 +180,11 @@ def _train_all(
     for name in WAYS:
         model = copy.deepcopy(initial)
         if name == "one module, whole batch":
-            runs.append(train_demo(name, model, model, batches, device, advance))
+            runs.append(train_demo(name, model, model, batches, device, advance, record_history=record_history))
             continue
         runner = replicated(model, synchronized=name == "synchronized BatchNorm")
         model = runner.module.module if processes > 1 else runner.module
-        runs.append(train_demo(name, model, runner, shard, device, advance, global_loss))
+        runs.append(train_demo(name, model, runner, shard, device, advance, global_loss, record_history))
     close()
     return runs
 
@@ -242,7 +252,7 @@ def run_demo(
 ) -> list[DemoRun]:
     """Trains the demo net three ways on the same data from the same initial weights; prints the table."""
     show = sys.stderr.isatty() if show_progress is None else show_progress
-    args = (replicas, steps, batch_per_replica, seed, show)
+    args = (replicas, steps, batch_per_replica, seed, show, plot is not None)
     gpus = torch.cuda.device_count()
     per_process = gpus if processes == 1 and gpus >= 2 else replicas
     where = f"{gpus} GPUs" if processes == 1 and gpus >= 2 else f"{replicas} CPU replicas"

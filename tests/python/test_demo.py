@@ -22,6 +22,7 @@ def test_demo_synchronized_matches_whole_batch_and_per_replica_drifts():
     assert _max_difference(synchronized.parameters, reference.parameters) < 1e-5
     assert _max_difference(per_replica.buffers, reference.buffers) > 1e-3
     assert len(synchronized.step_seconds) == 4 and all(t > 0 for t in synchronized.step_seconds)
+    assert all(run.buffer_history == [] for run in (per_replica, synchronized, reference))  # kept for --plot only
 
 
 def test_demo_command_prints_the_table():

@@ -73,7 +73,6 @@ class SYNCBN_API IsolatedReplication {
   IsolatedReplication(const std::shared_ptr<torch::nn::Module>& original,
                       const std::vector<std::shared_ptr<torch::nn::Module>>& clones);
 
-  const std::vector<std::shared_ptr<CallbackContext>>& contexts() const { return contexts_; }
   // The replication's group (shared by every context).
   std::shared_ptr<ReplicationGroup> group() const;
   // Copies each buffer of replica 0 that changed since the replication into the

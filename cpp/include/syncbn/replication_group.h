@@ -77,8 +77,7 @@ class SYNCBN_API ReplicationGroup {
   mutable std::mutex mutex_;  // barriers_, reason_
   std::vector<std::shared_ptr<SyncMaster>> barriers_;
   mutable std::mutex commit_mutex_;  // held by commit() and close(): no write runs across a close
-  bool closed_ = false;              // guarded by commit_mutex_
-  std::string reason_;               // guarded by mutex_
+  std::string reason_;  // closed when not empty; written holding both mutexes, so read holding either
 };
 
 // Marks the calling thread, for its lifetime, as running copy `copy_id` of
