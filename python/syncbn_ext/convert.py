@@ -18,7 +18,7 @@ layer it replaces, so an optimizer built over the model's parameters keeps worki
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -77,30 +77,37 @@ def _transplant(module: nn.Module, cls: type[M]) -> M:
     return new
 
 
-def _to_synchronized(process_group: Any) -> Any:
+def _to_synchronized_layers(
+    target_of: Callable[[type], type[nn.Module] | None], process_group: Any, keep_own_group: bool
+) -> Callable[[nn.Module], nn.Module]:
+    """A converter of each layer whose class ``target_of`` maps to a synchronized class, keeping its state.
+
+    The new layer synchronizes across ``process_group``; when that is None and ``keep_own_group``, across the group
+    the layer already had (if any).
+    """
+
     def convert_layer(module: nn.Module) -> nn.Module:
-        target = _TORCH_TO_SYNC.get(type(module))
+        target = target_of(type(module))
         if target is None:
             return module
         new = _transplant(module, target)
         new._init_sync_state()
-        if process_group is not None:
+        if process_group is not None or not keep_own_group:
             new.process_group = process_group
         return new
 
     return convert_layer
 
 
-def _to_sync_batch_norm(process_group: Any) -> Any:
-    def convert_layer(module: nn.Module) -> nn.Module:
-        if type(module) not in _TO_SYNC_BATCH_NORM:
-            return module
-        new = _transplant(module, SyncBatchNorm)
-        new._init_sync_state()
-        new.process_group = process_group
-        return new
+def _to_synchronized(process_group: Any) -> Callable[[nn.Module], nn.Module]:
+    return _to_synchronized_layers(_TORCH_TO_SYNC.get, process_group, keep_own_group=True)
 
-    return convert_layer
+
+def _to_sync_batch_norm(process_group: Any) -> Callable[[nn.Module], nn.Module]:
+    def target_of(cls: type) -> type[nn.Module] | None:
+        return SyncBatchNorm if cls in _TO_SYNC_BATCH_NORM else None
+
+    return _to_synchronized_layers(target_of, process_group, keep_own_group=False)
 
 
 def _to_torch(module: nn.Module) -> nn.Module:
