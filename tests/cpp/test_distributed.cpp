@@ -5,10 +5,9 @@
 // replicas over its half of a global batch, with the layers' process group set, and compares with one
 // torch::nn::BatchNorm2d on the whole global batch.
 //
-// The group's backend is a small c10d::Backend over the FileStore (StoreBackend below): torch's wheel does not
-// ship gloo's headers, so a LibTorch application cannot construct ProcessGroupGloo itself; ours exercises the
-// same c10d::ProcessGroup calls (allgather, allreduce through the dispatcher) that our layers make with any
-// backend (the Python tests run them over gloo).
+// The group's backend is gloo (c10d::ProcessGroupGloo, compiled into libtorch): torch's wheel ships its header
+// but not gloo's own, which the build takes from the system (Debian: libgloo-dev; only pointers to gloo's types
+// appear in ProcessGroupGloo's layout, so any gloo header version declares the same class).
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -22,10 +21,9 @@
 #include <thread>
 #include <vector>
 
-#include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
-#include <torch/csrc/distributed/c10d/Work.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/torch.h>
 
 #include <syncbn/syncbn.h>
@@ -37,59 +35,6 @@ extern char** environ;
 namespace {
 
 constexpr int kWorld = 2;
-
-// A finished piece of work.
-class DoneWork : public c10d::Work {
- public:
-  DoneWork() { finish(); }
-};
-
-// allgather and allreduce (sum) of contiguous CPU tensors through a c10d::Store: each rank writes its tensor's
-// bytes under a key of its own, then reads everyone's. Enough for a test; collectives run in call order.
-class StoreBackend : public c10d::Backend {
- public:
-  StoreBackend(c10::intrusive_ptr<c10d::Store> store, int rank, int size)
-      : Backend(rank, size), store_(std::move(store)) {}
-
-  const std::string getBackendName() const override { return "store"; }
-
-  c10::intrusive_ptr<c10d::Work> allgather(std::vector<std::vector<at::Tensor>>& outputs,
-                                           std::vector<at::Tensor>& inputs,
-                                           const c10d::AllgatherOptions&) override {
-    auto all = exchange(inputs.at(0));
-    for (int r = 0; r < getSize(); ++r) outputs.at(0).at(r).copy_(all[r]);
-    return c10::make_intrusive<DoneWork>();
-  }
-
-  c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& tensors,
-                                           const c10d::AllreduceOptions&) override {
-    auto all = exchange(tensors.at(0));
-    at::Tensor sum = all[0].clone();
-    for (int r = 1; r < getSize(); ++r) sum += all[r];
-    tensors.at(0).copy_(sum);
-    return c10::make_intrusive<DoneWork>();
-  }
-
- private:
-  std::vector<at::Tensor> exchange(const at::Tensor& tensor) {
-    const std::string call = "call" + std::to_string(calls_++) + "/";
-    at::Tensor mine = tensor.contiguous().cpu();
-    const auto* bytes = static_cast<const uint8_t*>(mine.data_ptr());
-    store_->set(call + std::to_string(getRank()), std::vector<uint8_t>(bytes, bytes + mine.nbytes()));
-    std::vector<at::Tensor> all;
-    for (int r = 0; r < getSize(); ++r) {
-      std::vector<uint8_t> data = store_->get(call + std::to_string(r));  // waits for rank r
-      at::Tensor other = at::empty_like(mine);
-      TORCH_CHECK(data.size() == static_cast<size_t>(other.nbytes()), "rank ", r, " sent ", data.size(), " bytes");
-      std::memcpy(other.data_ptr(), data.data(), data.size());
-      all.push_back(other);
-    }
-    return all;
-  }
-
-  c10::intrusive_ptr<c10d::Store> store_;
-  int64_t calls_ = 0;
-};
 
 struct NetImpl : torch::nn::Cloneable<NetImpl> {
   NetImpl() { reset(); }
@@ -109,9 +54,12 @@ double max_difference(const torch::Tensor& a, const torch::Tensor& b) { return (
 int run_rank(int rank, const std::string& store_path) {
   auto store = c10::make_intrusive<c10d::FileStore>(store_path, kWorld);
   store->setTimeout(std::chrono::seconds(60));
+  auto options = c10d::ProcessGroupGloo::Options::create(std::chrono::seconds(60));
+  options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+  auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, kWorld, options);
   auto group = c10::make_intrusive<c10d::ProcessGroup>(store, rank, kWorld);
-  group->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::CUSTOM,
-                    c10::make_intrusive<StoreBackend>(store, rank, kWorld));
+  group->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, gloo);
+  group->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
 
   torch::manual_seed(0);
   Net net;
@@ -148,7 +96,8 @@ int run_rank(int rank, const std::string& store_path) {
     error = std::max(error, max_difference(net->bn->running_var, ref_bn->running_var));
   }
   const bool counted = net->bn->num_batches_tracked.item<int64_t>() == 3;
-  std::printf("rank %d: largest difference %.3g, num_batches_tracked %s\n", rank, error, counted ? "3" : "wrong");
+  std::printf("rank %d (%s): largest difference %.3g, num_batches_tracked %s\n", rank,
+              group->getBackendName().c_str(), error, counted ? "3" : "wrong");
   return error < 1e-12 && counted ? 0 : 1;
 }
 
@@ -189,7 +138,7 @@ int run_test(const char* self) {
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) failures = 1;
   }
   std::filesystem::remove(store);
-  std::cout << (failures ? "FAILED" : "PASSED") << ": 2 processes x 2 CPU replicas vs torch::nn::BatchNorm2d\n";
+  std::cout << (failures ? "FAILED" : "PASSED") << ": 2 processes (gloo) x 2 CPU replicas vs torch::nn::BatchNorm2d\n";
   return failures;
 }
 
