@@ -20,7 +20,9 @@ namespace {
 // every rank received, so that every rank sizes the next exchange alike.
 struct GroupCalls {
   explicit GroupCalls(const ProcessGroupPtr& of) : group(of) {}
-  c10::weak_intrusive_ptr<c10d::ProcessGroup> group;  // while held, no new group can take this one's address
+  // While held, no new group can take this one's address. It keeps only the object's memory: when the user's last
+  // reference goes, ProcessGroup::release_resources drops its backends and store (their threads, sockets) at once.
+  c10::weak_intrusive_ptr<c10d::ProcessGroup> group;
   int64_t calls = 0;
   int64_t previous_layer = -1;                          // the layer of the last call every rank agreed on
   std::unordered_map<int64_t, int64_t> channels_after;  // layer id -> channels of the call that followed it
