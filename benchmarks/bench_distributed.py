@@ -12,6 +12,15 @@ replica per process (``DDP(model)``) and with 2 (``DDP(DataParallelWithCallback(
   forward, one in backward), the variance rebuilt as ``E[x^2] - E[x]^2``. It runs one replica per process only
   (replica threads issuing collectives of their own would pair them at random across processes).
 
+Two more variants split ours into its parts:
+
+* **ours alone**: ``syncbn_ext.SyncBatchNorm`` given a group of one process (each rank its own): our layers
+  without any exchange across processes (with 2 replicas, still synchronized between them), our own cost;
+* **sync points** (1 replica per process): ``nn.BatchNorm2d`` preceded by a function making exactly the
+  collectives ours makes (an all-gather of ours' sizes forward, one backward) and nothing else: what synchronizing
+  at each layer costs by itself on this machine, whatever the layer computes (the floor of any per-layer
+  synchronized BatchNorm).
+
 Each variant's step is timed in interleaved rounds (every rank runs the same variants in the same order, a barrier
 between them); the reported figure is rank 0's median over rounds of each round's median step. The collectives of
 one step are counted with the profiler (c10d ops recorded on every thread) and their bytes from the tensors'
@@ -72,9 +81,41 @@ class NaiveSyncBatchNorm2d(nn.BatchNorm2d):
         return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
 
 
-def make_cnn(variant: str) -> nn.Sequential:
+class _SyncPoint(torch.autograd.Function):
+    """The identity, making ours' collectives (same kinds, same sizes) forward and backward, and nothing else."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        ctx.channels = channels
+        header_and_stats = torch.zeros(4 + 2 * channels, dtype=torch.int64)
+        gathered = header_and_stats.new_empty(dist.get_world_size() * header_and_stats.numel())
+        dist.all_gather_into_tensor(gathered, header_and_stats)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        terms = torch.zeros(2 * ctx.channels, dtype=torch.float64)
+        dist.all_gather_into_tensor(terms.new_empty(dist.get_world_size() * terms.numel()), terms)
+        return grad
+
+
+class SyncPointBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` behind a synchronization point: the bare cost of one exchange per layer each way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(_SyncPoint.apply(x))
+
+
+def make_cnn(variant: str, process_group: dist.ProcessGroup | None = None) -> nn.Sequential:
     torch.manual_seed(0)
-    norm = {"torch": nn.BatchNorm2d, "ours": syncbn_ext.SyncBatchNorm, "naive": NaiveSyncBatchNorm2d}[variant]
+    norm = {
+        "torch": nn.BatchNorm2d,
+        "ours": syncbn_ext.SyncBatchNorm,
+        "ours alone": lambda channels: syncbn_ext.SyncBatchNorm(channels, process_group=process_group),
+        "sync points": SyncPointBatchNorm2d,
+        "naive": NaiveSyncBatchNorm2d,
+    }[variant]
     layers: list[nn.Module] = []
     in_channels = 3
     for _ in range(BLOCKS):
@@ -87,8 +128,8 @@ def make_cnn(variant: str) -> nn.Sequential:
 class Step:
     """One variant's DDP training step on this rank's shard of a fixed global batch."""
 
-    def __init__(self, variant: str, replicas: int, rank: int) -> None:
-        model = make_cnn(variant)
+    def __init__(self, variant: str, replicas: int, rank: int, process_group: dist.ProcessGroup | None = None) -> None:
+        model = make_cnn(variant, process_group)
         inner = model if replicas == 1 else syncbn_ext.DataParallelWithCallback(model, device_ids=["cpu"] * replicas)
         self.ddp = nn.parallel.DistributedDataParallel(inner)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -131,14 +172,18 @@ def count_collectives(step: Step) -> dict[str, int]:
 BYTES_PER_CALL = {
     "ours": (32 + 16 * CHANNELS, 16 * CHANNELS),
     "naive": (8 * CHANNELS, 8 * CHANNELS),
+    "sync points": (32 + 16 * CHANNELS, 16 * CHANNELS),
+    "ours alone": (0, 0),
 }
 
 
 def rank_main(rank: int, store: str, result: str, replicas: int, iters: int, rounds: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // PROCESSES))
     dist.init_process_group("gloo", store=dist.FileStore(store, PROCESSES), rank=rank, world_size=PROCESSES)
-    variants = ("torch", "ours") if replicas > 1 else ("torch", "ours", "naive")
-    steps = {variant: Step(variant, replicas, rank) for variant in variants}
+    # Every rank creates every group (new_group is collective); each rank's "ours alone" layers get its own.
+    groups_of_one = [dist.new_group([member]) for member in range(PROCESSES)]
+    variants = ("torch", "ours", "ours alone") + (("naive", "sync points") if replicas == 1 else ())
+    steps = {variant: Step(variant, replicas, rank, groups_of_one[rank]) for variant in variants}
     for step in steps.values():
         step()  # first use
     samples = interleaved_rounds(dict(steps), iters, rounds, before_each=dist.barrier)
@@ -175,10 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     report, met = {}, True
-    header = (
-        f"{'per process':<22} {'torch ms':>9} {'ours ms':>9} {'naive ms':>9} {'ours/torch':>11} {'naive/torch':>12}"
-    )
+    variants = ("torch", "ours", "naive", "ours alone", "sync points")
+    header = f"{'per process':<20}" + "".join(f" {variant + ' ms':>15}" for variant in variants) + "  ours/torch"
     lines = [header, "-" * len(header)]
+    ratio_lines = []
     collective_lines = []
     for replicas in (1, 2):
         result = run(replicas, iters, rounds)
@@ -187,11 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         naive = medians.get("naive")
         ok = ratio <= TARGET_RATIO and (naive is None or medians["ours"] < naive)
         met = met and ok
-        naive_ms = f"{naive:9.1f}" if naive else "n/a"
-        naive_ratio = f"{naive / medians['torch']:12.3f}" if naive else "n/a"
-        lines.append(
-            f"{f'{replicas} CPU replica(s)':<22} {medians['torch']:>9.1f} {medians['ours']:>9.1f} {naive_ms:>9} "
-            f"{ratio:>11.3f} {naive_ratio:>12}  {'yes' if ok else 'NO'}"
+        cells = "".join(f" {medians[v]:>15.1f}" if v in medians else f" {'n/a':>15}" for v in variants)
+        lines.append(f"{f'{replicas} CPU replica(s)':<20}{cells}  {ratio:>10.3f}  {'yes' if ok else 'NO'}")
+        ratio_lines.append(
+            f"  {replicas} replica(s): "
+            + ", ".join(f"{v} {medians[v] / medians['torch']:.3f}x" for v in variants[1:] if v in medians)
         )
         baseline = result["collectives"]["torch"]  # DDP's own (buffer broadcast, gradient buckets)
         for variant, kinds in result["collectives"].items():
@@ -200,12 +245,13 @@ def main(argv: list[str] | None = None) -> int:
             extra = {n: calls - baseline.get(n, 0) for n, calls in kinds.items() if calls != baseline.get(n)}
             forward_bytes, backward_bytes = BYTES_PER_CALL[variant]
             collective_lines.append(
-                f"  {variant:<6} {replicas} replica(s): per synchronized layer and step "
-                + ", ".join(f"{calls / BLOCKS:g} {name}" for name, calls in sorted(extra.items()))
+                f"  {variant:<11} {replicas} replica(s): per synchronized layer and step "
+                + (", ".join(f"{calls / BLOCKS:g} {name}" for name, calls in sorted(extra.items())) or "none")
                 + f"; {forward_bytes} B sent forward, {backward_bytes} B backward (C = {CHANNELS})"
             )
         report[f"{replicas}_replicas"] = {**result, "medians": medians, "ratio": ratio}
     print("\n".join(lines))
+    print("\neach variant / torch:\n" + "\n".join(ratio_lines))
     print("\ncollectives beside DDP's own (profiled, one step on rank 0):\n" + "\n".join(collective_lines))
     print(f"targets (ours/torch <= {TARGET_RATIO}, ours faster than naive): " + ("all met" if met else "MISSED"))
     if args.json:
