@@ -1,10 +1,15 @@
-"""Shared pytest configuration: the ``slow`` soak tests run only when SYNCBN_RUN_SLOW=1."""
+"""Shared pytest configuration: the ``slow`` soak tests run only when SYNCBN_RUN_SLOW=1; shared fixtures."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+
+import syncbn_ext
+
+# A bug makes a barrier fail after this many seconds, never hang the suite.
+SHORT_BARRIER_TIMEOUT = 30.0
 
 
 def pytest_collection_modifyitems(config, items):
@@ -14,3 +19,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
+
+
+@pytest.fixture
+def short_barrier_timeout(monkeypatch):
+    """Every replication's barrier (created per forward) fails after SHORT_BARRIER_TIMEOUT instead of hanging."""
+    monkeypatch.setenv("SYNCBN_TIMEOUT", str(SHORT_BARRIER_TIMEOUT))
+
+
+@pytest.fixture
+def eps_mode():
+    """``syncbn_ext.set_sbn_eps_mode``, the mode restored after the test."""
+    saved = syncbn_ext.get_sbn_eps_mode()
+    yield syncbn_ext.set_sbn_eps_mode
+    syncbn_ext.set_sbn_eps_mode(saved)

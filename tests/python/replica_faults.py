@@ -33,6 +33,17 @@ class RaiseInCopy(nn.Module):
         return x
 
 
+class RaiseOnMarker(nn.Module):
+    """Raises ValueError when its input contains MARKER (put the marker in the rows one replica gets)."""
+
+    MARKER = -12345.0
+
+    def forward(self, x):
+        if (x == self.MARKER).any():
+            raise ValueError("marker found in this slice")
+        return x
+
+
 def wait_for_replica_threads(timeout: float) -> None:
     """Waits until no replica thread runs (the ones left behind end when their replica returns)."""
     deadline = time.monotonic() + timeout

@@ -11,75 +11,14 @@ import time
 
 import pytest
 import torch
+from batchnorm_cases import cpu_dp
 from hang_guard import call_with_timeout
+from replica_faults import RaiseOnMarker
+from replica_modules import BatchSum, PersistentBatchSum
 from torch import nn
 
 import syncbn_ext
-from syncbn_ext import DataParallelWithCallback, patch, patch_replication_callback, replicate_on_cpu
-
-BARRIER_TIMEOUT = 30.0  # a bug makes a barrier fail after this, never hang the suite
-
-
-def _sum_messages(messages):
-    total = sum(msg for _, msg in messages)
-    return [(copy_id, total) for copy_id, _ in messages]
-
-
-class BatchSum(nn.Module):
-    """Adds the batch size summed over every replica (through a SyncMaster) to its input.
-
-    Run alone it adds its own batch size, so a parallel run must equal a plain run on the whole batch. The
-    replication hook and each pass record into lists shared by the original and its shallow copies.
-    """
-
-    def __init__(self, dim: int = 0) -> None:
-        super().__init__()
-        self.dim = dim
-        self.hook_calls: list[int] = []  # copy ids, in the order the hook saw them
-        self.passes: list[tuple[int, int, int]] = []  # (copy id, local size, total)
-        self.barrier_errors: list[type] = []
-        self.before_barrier = None  # optional callable(copy_id), runs in the replica before the barrier
-        self.copy_id = None
-        self.master = None
-        self.pipe = None
-
-    def __data_parallel_replicate__(self, ctx, copy_id):
-        # Runs on the replica: attributes set here stay on that copy.
-        self.hook_calls.append(copy_id)
-        self.copy_id = copy_id
-        if copy_id == 0:
-            self.master = syncbn_ext.SyncMaster(_sum_messages, timeout=BARRIER_TIMEOUT)
-            ctx.sync_master = self.master
-        else:
-            self.pipe = ctx.sync_master.register_slave(copy_id)
-
-    def forward(self, x):
-        local = x.shape[self.dim]
-        if self.before_barrier is not None:
-            self.before_barrier(self.copy_id)
-        try:
-            if self.pipe is not None:
-                total = self.pipe.run_slave(local)
-            elif self.master is not None:
-                total = self.master.run_master(local)
-            else:
-                total = local
-        except syncbn_ext.BarrierError as error:
-            self.barrier_errors.append(type(error))
-            raise
-        self.passes.append((self.copy_id, local, total))
-        return x + total
-
-
-class RaiseOnMarker(nn.Module):
-    """Raises ValueError when its input contains MARKER."""
-
-    MARKER = -12345.0
-
-    def forward(self, x):
-        if (x == self.MARKER).any():
-            raise ValueError("marker found in this slice")
-        return x
+from syncbn_ext import DataParallelWithCallback
 
 
 class Record(nn.Module):
@@ -104,10 +43,6 @@ def conv_net():
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3), nn.Flatten()).double()
 
 
-def cpu_dp(module, n, **kwargs):
-    return DataParallelWithCallback(module, device_ids=["cpu"] * n, **kwargs)
-
-
 def assert_matches_single_module(make_model, x, n):
     torch.manual_seed(0)
     model = make_model()
@@ -126,59 +61,6 @@ def assert_matches_single_module(make_model, x, n):
     for (name, p_par), p_ref in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert p_par.grad is not None, name
         torch.testing.assert_close(p_par.grad, p_ref.grad, msg=name)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Replication on CPU
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def test_replicate_on_cpu_shares_parameters_and_buffers_like_gpus():
-    shared = nn.Linear(3, 3)
-    model = nn.Sequential(shared, nn.BatchNorm1d(3), shared, nn.Sequential())
-    model.register_buffer("rg_buffer", torch.ones(3, requires_grad=True))
-    replicas = replicate_on_cpu(model, 3)
-    assert len(replicas) == 3
-
-    for j, replica in enumerate(replicas):
-        assert replica is not model and type(replica) is nn.Sequential and replica._is_replica
-        assert replica[0] is replica[2] and replica[0] is not shared  # shared submodule stays shared
-        # Parameters: differentiable views of the originals, plain attributes rather than Parameters.
-        assert list(replica.parameters()) == []
-        w = replica[0].weight
-        assert not isinstance(w, nn.Parameter) and w.requires_grad and w.grad_fn is not None
-        assert w.data_ptr() == shared.weight.data_ptr()
-        torch.testing.assert_close(w, shared.weight)
-        # Buffers: replica 0 uses the original's tensors, the others clones.
-        mean = replica[1].running_mean
-        if j == 0:
-            assert mean is model[1].running_mean and replica.rg_buffer is model.rg_buffer
-        else:
-            assert mean.data_ptr() != model[1].running_mean.data_ptr() and not mean.requires_grad
-            assert replica.rg_buffer.requires_grad and replica.rg_buffer.grad_fn is not None
-            torch.testing.assert_close(mean, model[1].running_mean)
-
-    # Gradients through every replica accumulate on the original leaf parameter.
-    x = torch.randn(4, 3)
-    sum(r[0](x).sum() for r in replicas).backward()
-    torch.testing.assert_close(shared.weight.grad, 3 * x.sum(0).expand(3, 3))
-
-
-def test_replicate_on_cpu_detaches_without_grad():
-    model = nn.Linear(2, 2)
-    with torch.no_grad():
-        replicas = replicate_on_cpu(model, 2)
-    assert all(not r.weight.requires_grad and r.weight.grad_fn is None for r in replicas)
-    assert all(r.weight.data_ptr() == model.weight.data_ptr() for r in replicas)
-    assert replicate_on_cpu(model, 2, detach=True)[1].bias.grad_fn is None
-
-
-def test_replicate_on_cpu_arguments():
-    assert replicate_on_cpu(nn.Linear(1, 1), 0) == []
-    with pytest.raises(ValueError, match="non-negative"):
-        replicate_on_cpu(nn.Linear(1, 1), -1)
-    with pytest.raises(ValueError, match="lazy"):
-        replicate_on_cpu(nn.LazyLinear(2), 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -514,82 +396,8 @@ def test_default_without_accelerator_is_a_plain_wrapper():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# patch()
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def test_patch_returns_the_instance_and_is_idempotent():
-    assert patch_replication_callback is patch
-    dp = nn.DataParallel(nn.Linear(2, 2))
-    assert patch(dp) is dp
-    wrapper = dp.__dict__["replicate"]
-    assert patch(dp) is dp and dp.__dict__["replicate"] is wrapper
-    x = torch.randn(3, 2)
-    torch.testing.assert_close(dp(x), dp.module(x))  # no accelerator: nn.DataParallel runs the module
-
-    ours = cpu_dp(nn.Linear(2, 2), 2)
-    assert patch(ours) is ours and "replicate" not in ours.__dict__  # already runs the callbacks
-
-
-@pytest.mark.parametrize("thing", [nn.Linear(1, 1), None, "model"])
-def test_patch_rejects_other_types(thing):
-    with pytest.raises(TypeError, match=type(thing).__qualname__):
-        patch(thing)
-
-
-def test_patch_runs_the_callbacks_after_the_original_replicate():
-    bs = BatchSum()
-    dp = nn.DataParallel(nn.Sequential(nn.Identity(), bs))
-    replicate_calls = []
-
-    def fake_replicate(module, device_ids):  # stands in for the GPU replication
-        replicate_calls.append(list(device_ids))
-        return replicate_on_cpu(module, len(device_ids))
-
-    dp.replicate = fake_replicate
-    patch(patch(dp))
-    replicas = dp.replicate(dp.module, [0, 1, 2])
-    assert replicate_calls == [[0, 1, 2]]
-    assert bs.hook_calls == [0, 1, 2]  # once, although patched twice
-    masters = [r[1].master for r in replicas]
-    assert masters[0] is not None and masters[1:] == [None, None]
-    assert masters[0].slave_ids == [1, 2] and [r[1].pipe.copy_id for r in replicas[1:]] == [1, 2]
-
-
-@pytest.mark.parametrize("clone", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))])
-def test_a_patched_data_parallel_can_be_copied(clone):
-    dp = patch(nn.DataParallel(nn.Linear(2, 2)))
-    twin = clone(dp)
-    wrapper = twin.__dict__["replicate"]
-    assert wrapper is not dp.__dict__["replicate"]
-    assert wrapper.replicate.__self__ is twin  # the copy wraps its own replicate
-    assert patch(twin) is twin and twin.__dict__["replicate"] is wrapper
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # A SyncMaster kept by the layer across forwards (the established library's pattern)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-class PersistentBatchSum(BatchSum):
-    """BatchSum whose one SyncMaster lives on the layer and serves every replication."""
-
-    def __init__(self, use_barrier: bool = True) -> None:
-        super().__init__()
-        self.use_barrier = use_barrier
-        self.persistent_master = syncbn_ext.SyncMaster(_sum_messages, timeout=1.0)
-
-    def __data_parallel_replicate__(self, ctx, copy_id):
-        self.hook_calls.append(copy_id)
-        self.copy_id = copy_id
-        if copy_id == 0:
-            self.persistent_master.reset()  # a new replication, maybe with fewer copies than the last
-            self.master = ctx.sync_master = self.persistent_master
-        else:
-            self.pipe = ctx.sync_master.register_slave(copy_id)
-
-    def forward(self, x):
-        return super().forward(x) if self.use_barrier else x
 
 
 def test_persistent_master_across_forwards():
@@ -629,12 +437,3 @@ def test_gpu_data_parallel_with_callback():
     out = call_with_timeout(DataParallelWithCallback(model, device_ids=[0, 1]), x)
     torch.testing.assert_close(out, expected)
     assert bs.hook_calls == [0, 1] and sorted(bs.passes) == [(0, 5, 10), (1, 5, 10)]
-
-
-@needs_two_gpus
-def test_gpu_patched_data_parallel():
-    bs = BatchSum()
-    dp = patch(nn.DataParallel(nn.Sequential(nn.Linear(6, 5), bs).cuda(), device_ids=[0, 1]))
-    out = call_with_timeout(dp, torch.zeros(10, 6, device="cuda"))
-    assert out.device == torch.device("cuda", 0) and bs.hook_calls == [0, 1]
-    assert sorted(bs.passes) == [(0, 5, 10), (1, 5, 10)]

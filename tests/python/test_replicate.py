@@ -1,4 +1,4 @@
-"""CallbackContext and execute_replication_callbacks over Python nn.Module replicas."""
+"""Replication: replicate_on_cpu, CallbackContext and execute_replication_callbacks over nn.Module replicas."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import syncbn_ext
+from syncbn_ext import replicate_on_cpu
 
 
 class Hooked(nn.Module):
@@ -107,3 +108,56 @@ def test_tensors_round_trip_through_context():
     ctx = syncbn_ext.CallbackContext()
     ctx.tensor = torch.arange(3)
     assert torch.equal(ctx.tensor, torch.arange(3))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Replication on CPU
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_replicate_on_cpu_shares_parameters_and_buffers_like_gpus():
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(shared, nn.BatchNorm1d(3), shared, nn.Sequential())
+    model.register_buffer("rg_buffer", torch.ones(3, requires_grad=True))
+    replicas = replicate_on_cpu(model, 3)
+    assert len(replicas) == 3
+
+    for j, replica in enumerate(replicas):
+        assert replica is not model and type(replica) is nn.Sequential and replica._is_replica
+        assert replica[0] is replica[2] and replica[0] is not shared  # shared submodule stays shared
+        # Parameters: differentiable views of the originals, plain attributes rather than Parameters.
+        assert list(replica.parameters()) == []
+        w = replica[0].weight
+        assert not isinstance(w, nn.Parameter) and w.requires_grad and w.grad_fn is not None
+        assert w.data_ptr() == shared.weight.data_ptr()
+        torch.testing.assert_close(w, shared.weight)
+        # Buffers: replica 0 uses the original's tensors, the others clones.
+        mean = replica[1].running_mean
+        if j == 0:
+            assert mean is model[1].running_mean and replica.rg_buffer is model.rg_buffer
+        else:
+            assert mean.data_ptr() != model[1].running_mean.data_ptr() and not mean.requires_grad
+            assert replica.rg_buffer.requires_grad and replica.rg_buffer.grad_fn is not None
+            torch.testing.assert_close(mean, model[1].running_mean)
+
+    # Gradients through every replica accumulate on the original leaf parameter.
+    x = torch.randn(4, 3)
+    sum(r[0](x).sum() for r in replicas).backward()
+    torch.testing.assert_close(shared.weight.grad, 3 * x.sum(0).expand(3, 3))
+
+
+def test_replicate_on_cpu_detaches_without_grad():
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        replicas = replicate_on_cpu(model, 2)
+    assert all(not r.weight.requires_grad and r.weight.grad_fn is None for r in replicas)
+    assert all(r.weight.data_ptr() == model.weight.data_ptr() for r in replicas)
+    assert replicate_on_cpu(model, 2, detach=True)[1].bias.grad_fn is None
+
+
+def test_replicate_on_cpu_arguments():
+    assert replicate_on_cpu(nn.Linear(1, 1), 0) == []
+    with pytest.raises(ValueError, match="non-negative"):
+        replicate_on_cpu(nn.Linear(1, 1), -1)
+    with pytest.raises(ValueError, match="lazy"):
+        replicate_on_cpu(nn.LazyLinear(2), 2)

@@ -19,6 +19,7 @@ import psutil
 import pytest
 import torch
 import torch.nn.functional as F
+from batchnorm_cases import sync_layers
 from torch import nn
 
 import syncbn_ext
@@ -95,10 +96,6 @@ def run_guarded(*fns, stall_timeout=STALL_TIMEOUT, total_timeout=None):
         if "error" in result:
             raise result["error"]
     return [result["value"] for result in results]
-
-
-def sync_layers(module):
-    return [m for m in module.modules() if isinstance(m, syncbn_ext.nn._SynchronizedBatchNorm)]
 
 
 def stress_net(seed=0):

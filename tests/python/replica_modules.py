@@ -1,0 +1,81 @@
+"""Modules with a barrier of their own that the wrapper tests replicate: shared by the test modules."""
+
+from __future__ import annotations
+
+from torch import nn
+
+import syncbn_ext
+
+BARRIER_TIMEOUT = 30.0  # a bug makes a barrier fail after this, never hang the suite
+
+
+def _sum_messages(messages):
+    total = sum(msg for _, msg in messages)
+    return [(copy_id, total) for copy_id, _ in messages]
+
+
+class BatchSum(nn.Module):
+    """Adds the batch size summed over every replica (through a SyncMaster) to its input.
+
+    Run alone it adds its own batch size, so a parallel run must equal a plain run on the whole batch. The
+    replication hook and each pass record into lists shared by the original and its shallow copies.
+    """
+
+    def __init__(self, dim: int = 0) -> None:
+        super().__init__()
+        self.dim = dim
+        self.hook_calls: list[int] = []  # copy ids, in the order the hook saw them
+        self.passes: list[tuple[int, int, int]] = []  # (copy id, local size, total)
+        self.barrier_errors: list[type] = []
+        self.before_barrier = None  # optional callable(copy_id), runs in the replica before the barrier
+        self.copy_id = None
+        self.master = None
+        self.pipe = None
+
+    def __data_parallel_replicate__(self, ctx, copy_id):
+        # Runs on the replica: attributes set here stay on that copy.
+        self.hook_calls.append(copy_id)
+        self.copy_id = copy_id
+        if copy_id == 0:
+            self.master = syncbn_ext.SyncMaster(_sum_messages, timeout=BARRIER_TIMEOUT)
+            ctx.sync_master = self.master
+        else:
+            self.pipe = ctx.sync_master.register_slave(copy_id)
+
+    def forward(self, x):
+        local = x.shape[self.dim]
+        if self.before_barrier is not None:
+            self.before_barrier(self.copy_id)
+        try:
+            if self.pipe is not None:
+                total = self.pipe.run_slave(local)
+            elif self.master is not None:
+                total = self.master.run_master(local)
+            else:
+                total = local
+        except syncbn_ext.BarrierError as error:
+            self.barrier_errors.append(type(error))
+            raise
+        self.passes.append((self.copy_id, local, total))
+        return x + total
+
+
+class PersistentBatchSum(BatchSum):
+    """BatchSum whose one SyncMaster lives on the layer and serves every replication."""
+
+    def __init__(self, use_barrier: bool = True) -> None:
+        super().__init__()
+        self.use_barrier = use_barrier
+        self.persistent_master = syncbn_ext.SyncMaster(_sum_messages, timeout=1.0)
+
+    def __data_parallel_replicate__(self, ctx, copy_id):
+        self.hook_calls.append(copy_id)
+        self.copy_id = copy_id
+        if copy_id == 0:
+            self.persistent_master.reset()  # a new replication, maybe with fewer copies than the last
+            self.master = ctx.sync_master = self.persistent_master
+        else:
+            self.pipe = ctx.sync_master.register_slave(copy_id)
+
+    def forward(self, x):
+        return super().forward(x) if self.use_barrier else x

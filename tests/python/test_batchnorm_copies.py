@@ -1,0 +1,117 @@
+"""SynchronizedBatchNorm layers and the wrapper after pickle, deepcopy and torch.save."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from batchnorm_cases import (
+    CHANNELS,
+    F64,
+    cpu_dp,
+    sync_layers,
+)
+from hang_guard import call_with_timeout
+from torch import nn
+
+import syncbn_ext
+from syncbn_ext import (
+    DataParallelWithCallback,
+    SynchronizedBatchNorm1d,
+    SynchronizedBatchNorm2d,
+    replicate_on_cpu,
+)
+
+pytestmark = pytest.mark.usefixtures("short_barrier_timeout")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pickle, deepcopy, torch.save
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def small_model():
+    torch.manual_seed(4)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        SynchronizedBatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 2, 1),
+        SynchronizedBatchNorm2d(2, momentum=None),
+        nn.Flatten(),
+        SynchronizedBatchNorm1d(2 * 5 * 5, affine=False),
+    ).double()
+
+
+def train_step(model, x, replicas, seed=0):
+    y = call_with_timeout(cpu_dp(model, replicas), x)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype))
+    return y
+
+
+def assert_models_equal(a, b, grads=True):
+    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(ta, tb, msg=name, **F64)
+    if grads:
+        for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+            torch.testing.assert_close(pa.grad, pb.grad, msg=name, **F64)
+
+
+def torch_save_load(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize(
+    "clone",
+    [lambda m: pickle.loads(pickle.dumps(m)), copy.deepcopy, torch_save_load],
+    ids=["pickle", "deepcopy", "torch.save"],
+)
+def test_pickle_deepcopy_and_save_then_training_still_matches(clone):
+    model = small_model()
+    train_step(model, torch.randn(6, 3, 5, 5, dtype=torch.float64), 3)
+    copied = clone(model)
+    for original, layer in zip(sync_layers(model), sync_layers(copied), strict=True):
+        assert layer._copy_id is None and layer._channel is None
+        assert original._copy_id is None and original._channel is None
+    assert_models_equal(model, copied, grads=False)
+    model.zero_grad()
+    for step in range(2):
+        x = torch.randn(7, 3, 5, 5, dtype=torch.float64)
+        y = train_step(model, x, 3, seed=step)
+        y_copy = train_step(copied, x, 3, seed=step)
+        torch.testing.assert_close(y_copy, y, **F64)
+        assert_models_equal(model, copied)
+    # The clone's own replication: independent of the original's master.
+    y, y_copy = train_step(model, x, 2), train_step(copied, x, 4)
+    torch.testing.assert_close(y_copy, y, **F64)
+
+
+def test_pickle_a_wrapper_and_a_replica():
+    model = small_model()
+    dp = cpu_dp(model, 3)
+    x = torch.randn(6, 3, 5, 5, dtype=torch.float64)
+    dp(x)
+    snapshot = copy.deepcopy(model)
+    for clone in (pickle.loads(pickle.dumps(dp)), copy.deepcopy(dp), torch_save_load(dp)):
+        assert isinstance(clone, DataParallelWithCallback) and clone.device_ids == dp.device_ids
+        assert_models_equal(clone.module, snapshot, grads=False)
+        expected = call_with_timeout(cpu_dp(copy.deepcopy(snapshot), 2), x)
+        torch.testing.assert_close(call_with_timeout(clone, x), expected, **F64)
+
+    # A replica holds its channel: an unpickled replica is a plain, unreplicated layer.
+    layer = SynchronizedBatchNorm1d(CHANNELS, dtype=torch.float64)
+    replicas = replicate_on_cpu(layer, 3)
+    syncbn_ext.execute_replication_callbacks(replicas)
+    assert replicas[2]._copy_id == 2 and replicas[2]._channel.copy_id == 2
+    assert layer._copy_id is None
+    restored = pickle.loads(pickle.dumps(replicas[2]))
+    assert restored._copy_id is None and restored._channel is None
+    x = torch.randn(5, CHANNELS, dtype=torch.float64)
+    expected = nn.functional.batch_norm(x, None, None, restored.weight, restored.bias, training=True)
+    torch.testing.assert_close(restored(x), expected, **F64)

@@ -1,0 +1,79 @@
+"""patch() (patch_replication_callback): nn.DataParallel running the replication callbacks."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from batchnorm_cases import cpu_dp
+from hang_guard import call_with_timeout
+from replica_modules import BatchSum
+from torch import nn
+
+from syncbn_ext import patch, patch_replication_callback, replicate_on_cpu
+
+# ---------------------------------------------------------------------------------------------------------------
+# patch()
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_patch_returns_the_instance_and_is_idempotent():
+    assert patch_replication_callback is patch
+    dp = nn.DataParallel(nn.Linear(2, 2))
+    assert patch(dp) is dp
+    wrapper = dp.__dict__["replicate"]
+    assert patch(dp) is dp and dp.__dict__["replicate"] is wrapper
+    x = torch.randn(3, 2)
+    torch.testing.assert_close(dp(x), dp.module(x))  # no accelerator: nn.DataParallel runs the module
+
+    ours = cpu_dp(nn.Linear(2, 2), 2)
+    assert patch(ours) is ours and "replicate" not in ours.__dict__  # already runs the callbacks
+
+
+@pytest.mark.parametrize("thing", [nn.Linear(1, 1), None, "model"])
+def test_patch_rejects_other_types(thing):
+    with pytest.raises(TypeError, match=type(thing).__qualname__):
+        patch(thing)
+
+
+def test_patch_runs_the_callbacks_after_the_original_replicate():
+    bs = BatchSum()
+    dp = nn.DataParallel(nn.Sequential(nn.Identity(), bs))
+    replicate_calls = []
+
+    def fake_replicate(module, device_ids):  # stands in for the GPU replication
+        replicate_calls.append(list(device_ids))
+        return replicate_on_cpu(module, len(device_ids))
+
+    dp.replicate = fake_replicate
+    patch(patch(dp))
+    replicas = dp.replicate(dp.module, [0, 1, 2])
+    assert replicate_calls == [[0, 1, 2]]
+    assert bs.hook_calls == [0, 1, 2]  # once, although patched twice
+    masters = [r[1].master for r in replicas]
+    assert masters[0] is not None and masters[1:] == [None, None]
+    assert masters[0].slave_ids == [1, 2] and [r[1].pipe.copy_id for r in replicas[1:]] == [1, 2]
+
+
+@pytest.mark.parametrize("clone", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))])
+def test_a_patched_data_parallel_can_be_copied(clone):
+    dp = patch(nn.DataParallel(nn.Linear(2, 2)))
+    twin = clone(dp)
+    wrapper = twin.__dict__["replicate"]
+    assert wrapper is not dp.__dict__["replicate"]
+    assert wrapper.replicate.__self__ is twin  # the copy wraps its own replicate
+    assert patch(twin) is twin and twin.__dict__["replicate"] is wrapper
+
+
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+
+
+@needs_two_gpus
+def test_gpu_patched_data_parallel():
+    bs = BatchSum()
+    dp = patch(nn.DataParallel(nn.Sequential(nn.Linear(6, 5), bs).cuda(), device_ids=[0, 1]))
+    out = call_with_timeout(dp, torch.zeros(10, 6, device="cuda"))
+    assert out.device == torch.device("cuda", 0) and bs.hook_calls == [0, 1]
+    assert sorted(bs.passes) == [(0, 5, 10), (1, 5, 10)]
