@@ -114,10 +114,11 @@ at::Tensor normalize(const at::Tensor& input, const at::Tensor& mean, const at::
     using acc_t = at::opmath_type<scalar_t>;
     auto* out = output.data_ptr<scalar_t>();
     if (layout.rows) {
-      rows_normalize<scalar_t>(layout, out, mean_acc, scale_acc, shift_acc);
+      rows_elementwise<scalar_t, false>(layout, nullptr, out, mean_acc, scale_acc, shift_acc, at::Tensor());
     } else {
-      planar_affine<scalar_t>(layout, out, mean_acc.const_data_ptr<acc_t>(), scale_acc.const_data_ptr<acc_t>(),
-                              shift_acc.const_data_ptr<acc_t>());
+      const ElementwiseTerms<acc_t> terms{mean_acc.const_data_ptr<acc_t>(), scale_acc.const_data_ptr<acc_t>(),
+                                          shift_acc.const_data_ptr<acc_t>(), nullptr};
+      planar_elementwise<scalar_t, false>(layout, nullptr, out, terms);
     }
   });
   return output;
@@ -166,11 +167,11 @@ at::Tensor backward_elemt(const at::Tensor& grad_out, const at::Tensor& input, c
     const auto* dy = grad.const_data_ptr<scalar_t>();
     auto* out = grad_in.data_ptr<scalar_t>();
     if (layout.rows) {
-      rows_backward_elemt<scalar_t>(layout, dy, out, mean_acc, dy_scale_acc, x_scale_acc, shift_acc);
+      rows_elementwise<scalar_t, true>(layout, dy, out, mean_acc, x_scale_acc, shift_acc, dy_scale_acc);
     } else {
-      planar_grad_input<scalar_t>(layout, dy, out, mean_acc.const_data_ptr<acc_t>(),
-                                  dy_scale_acc.const_data_ptr<acc_t>(), x_scale_acc.const_data_ptr<acc_t>(),
-                                  shift_acc.const_data_ptr<acc_t>());
+      const ElementwiseTerms<acc_t> terms{mean_acc.const_data_ptr<acc_t>(), x_scale_acc.const_data_ptr<acc_t>(),
+                                          shift_acc.const_data_ptr<acc_t>(), dy_scale_acc.const_data_ptr<acc_t>()};
+      planar_elementwise<scalar_t, true>(layout, dy, out, terms);
     }
   });
   return grad_in;

@@ -142,6 +142,16 @@ Layout layout_of(const at::Tensor& input) {
   return layout;
 }
 
+// The terms of the elementwise pass, per channel (planar) or per position
+// (rows): out = (x - mean) * x_scale + shift [+ dy * dy_scale in backward].
+template <typename acc_t>
+struct ElementwiseTerms {
+  const acc_t* mean;
+  const acc_t* x_scale;
+  const acc_t* shift;
+  const acc_t* dy_scale;  // backward_elemt only; unread by normalize
+};
+
 // Count, mean and M2 of a set of values, merged with Chan's formula.
 struct MeanM2 {
   double count = 0;

@@ -175,10 +175,11 @@ void planar_grad_sums(const Layout& layout, const scalar_t* grad, const at::opma
   }
 }
 
-// out = (x - mean[c]) * scale[c] + shift[c], a segment at a time.
-template <typename scalar_t>
-void planar_affine(const Layout& layout, scalar_t* out, const at::opmath_type<scalar_t>* mean,
-                   const at::opmath_type<scalar_t>* scale, const at::opmath_type<scalar_t>* shift) {
+// out = (x - mean[c]) * x_scale[c] + shift[c] (normalize), plus dy * dy_scale[c]
+// when kWithGrad (backward_elemt), a segment at a time.
+template <typename scalar_t, bool kWithGrad>
+void planar_elementwise(const Layout& layout, const scalar_t* grad, scalar_t* out,
+                        const ElementwiseTerms<at::opmath_type<scalar_t>>& terms) {
   using IoT = Io<scalar_t>;
   using Q = typename IoT::Q;
   const auto* x = layout.input.const_data_ptr<scalar_t>();
@@ -186,36 +187,15 @@ void planar_affine(const Layout& layout, scalar_t* out, const at::opmath_type<sc
   parallel_for(0, layout.batch * channels, grain_for(inner), [&](int64_t begin, int64_t end) {
     for (int64_t segment = begin; segment < end; ++segment) {
       const int64_t channel = segment % channels;
-      const Q m(mean[channel]), a(scale[channel]), b(shift[channel]);
+      const Q m(terms.mean[channel]), a(terms.x_scale[channel]), b(terms.shift[channel]);
+      const Q g(kWithGrad ? terms.dy_scale[channel] : 0);
       const int64_t start = segment * inner;
       for_each_vector<scalar_t>(inner, [&](auto full, int64_t i, int64_t width) {
         constexpr bool kFull = decltype(full)::value;
         const Q xv = IoT::template load<kFull>(x + start + i, width);
-        IoT::template store<kFull>(out + start + i, width, madd(xv - m, a, b));
-      });
-    }
-  });
-}
-
-// out = dy * dy_scale[c] + (x - mean[c]) * x_scale[c] + shift[c], a segment at a time.
-template <typename scalar_t>
-void planar_grad_input(const Layout& layout, const scalar_t* grad, scalar_t* out,
-                       const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* dy_scale,
-                       const at::opmath_type<scalar_t>* x_scale, const at::opmath_type<scalar_t>* shift) {
-  using IoT = Io<scalar_t>;
-  using Q = typename IoT::Q;
-  const auto* x = layout.input.const_data_ptr<scalar_t>();
-  const int64_t channels = layout.channels, inner = layout.inner;
-  parallel_for(0, layout.batch * channels, grain_for(inner), [&](int64_t begin, int64_t end) {
-    for (int64_t segment = begin; segment < end; ++segment) {
-      const int64_t channel = segment % channels;
-      const Q m(mean[channel]), g(dy_scale[channel]), a(x_scale[channel]), b(shift[channel]);
-      const int64_t start = segment * inner;
-      for_each_vector<scalar_t>(inner, [&](auto full, int64_t i, int64_t width) {
-        constexpr bool kFull = decltype(full)::value;
-        const Q xv = IoT::template load<kFull>(x + start + i, width);
-        const Q dy = IoT::template load<kFull>(grad + start + i, width);
-        IoT::template store<kFull>(out + start + i, width, madd(dy, g, madd(xv - m, a, b)));
+        Q value = madd(xv - m, a, b);
+        if constexpr (kWithGrad) value = madd(IoT::template load<kFull>(grad + start + i, width), g, value);
+        IoT::template store<kFull>(out + start + i, width, value);
       });
     }
   });

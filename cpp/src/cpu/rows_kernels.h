@@ -218,13 +218,12 @@ void rows_grad_sums(const scalar_t* data, const scalar_t* grad, int64_t num_rows
   }
 }
 
-// out = (x - mean[p]) * scale[p] + shift[p], per-position parameters. One row
-// at a time (tiles of rows, loading the parameters once per tile, were up to
-// 3x slower: several streams into the same pages).
-template <typename scalar_t>
-void rows_affine(const scalar_t* x, scalar_t* out, int64_t num_rows, int64_t width,
-                 const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* scale,
-                 const at::opmath_type<scalar_t>* shift) {
+// out = (x - mean[p]) * x_scale[p] + shift[p], plus dy * dy_scale[p] when
+// kWithGrad, per-position terms. One row at a time (tiles of rows, loading the
+// terms once per tile, were up to 3x slower: several streams into the same pages).
+template <typename scalar_t, bool kWithGrad>
+void rows_elementwise(const scalar_t* x, const scalar_t* grad, scalar_t* out, int64_t num_rows, int64_t width,
+                      const ElementwiseTerms<at::opmath_type<scalar_t>>& terms) {
   using IoT = Io<scalar_t>;
   using Q = typename IoT::Q;
   parallel_for(0, num_rows, grain_for(width), [&](int64_t begin, int64_t end) {
@@ -233,34 +232,15 @@ void rows_affine(const scalar_t* x, scalar_t* out, int64_t num_rows, int64_t wid
       for_each_vector<scalar_t>(width, [&](auto full, int64_t p, int64_t count) {
         constexpr bool kFull = decltype(full)::value;
         const Q xv = IoT::template load<kFull>(x + start + p, count);
-        const Q m = IoT::template load<kFull>(mean + p, count);
-        const Q a = IoT::template load<kFull>(scale + p, count);
-        const Q b = IoT::template load<kFull>(shift + p, count);
-        IoT::template store<kFull>(out + start + p, count, madd(xv - m, a, b));
-      });
-    }
-  });
-}
-
-// out = dy * dy_scale[p] + (x - mean[p]) * x_scale[p] + shift[p], per-position parameters.
-template <typename scalar_t>
-void rows_grad_input(const scalar_t* x, const scalar_t* grad, scalar_t* out, int64_t num_rows, int64_t width,
-                     const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* dy_scale,
-                     const at::opmath_type<scalar_t>* x_scale, const at::opmath_type<scalar_t>* shift) {
-  using IoT = Io<scalar_t>;
-  using Q = typename IoT::Q;
-  parallel_for(0, num_rows, grain_for(width), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t start = r * width;
-      for_each_vector<scalar_t>(width, [&](auto full, int64_t p, int64_t count) {
-        constexpr bool kFull = decltype(full)::value;
-        const Q xv = IoT::template load<kFull>(x + start + p, count);
-        const Q dy = IoT::template load<kFull>(grad + start + p, count);
-        const Q m = IoT::template load<kFull>(mean + p, count);
-        const Q g = IoT::template load<kFull>(dy_scale + p, count);
-        const Q a = IoT::template load<kFull>(x_scale + p, count);
-        const Q b = IoT::template load<kFull>(shift + p, count);
-        IoT::template store<kFull>(out + start + p, count, madd(dy, g, madd(xv - m, a, b)));
+        const Q m = IoT::template load<kFull>(terms.mean + p, count);
+        const Q a = IoT::template load<kFull>(terms.x_scale + p, count);
+        const Q b = IoT::template load<kFull>(terms.shift + p, count);
+        Q value = madd(xv - m, a, b);
+        if constexpr (kWithGrad) {
+          const Q dy = IoT::template load<kFull>(grad + start + p, count);
+          value = madd(dy, IoT::template load<kFull>(terms.dy_scale + p, count), value);
+        }
+        IoT::template store<kFull>(out + start + p, count, value);
       });
     }
   });
@@ -307,29 +287,19 @@ void rows_backward_reduce(const Layout& layout, const scalar_t* grad, const at::
   }
 }
 
-template <typename scalar_t>
-void rows_normalize(const Layout& layout, scalar_t* out, const at::Tensor& mean, const at::Tensor& scale,
-                    const at::Tensor& shift) {
+// Per-channel terms (acc_t tensors) spread to each region's positions.
+template <typename scalar_t, bool kWithGrad>
+void rows_elementwise(const Layout& layout, const scalar_t* grad, scalar_t* out, const at::Tensor& mean,
+                      const at::Tensor& x_scale, const at::Tensor& shift, const at::Tensor& dy_scale) {
   const RowsPlan<scalar_t> plan(layout);
   const auto* data = layout.input.const_data_ptr<scalar_t>();
   for (const auto& region : plan.regions) {
-    const auto m = plan.per_position(mean, region), a = plan.per_position(scale, region),
+    const auto m = plan.per_position(mean, region), a = plan.per_position(x_scale, region),
                b = plan.per_position(shift, region);
-    rows_affine<scalar_t>(data + region.offset, out + region.offset, region.num_rows, region.width, m.data(),
-                          a.data(), b.data());
-  }
-}
-
-template <typename scalar_t>
-void rows_backward_elemt(const Layout& layout, const scalar_t* grad, scalar_t* out, const at::Tensor& mean,
-                         const at::Tensor& dy_scale, const at::Tensor& x_scale, const at::Tensor& shift) {
-  const RowsPlan<scalar_t> plan(layout);
-  const auto* data = layout.input.const_data_ptr<scalar_t>();
-  for (const auto& region : plan.regions) {
-    const auto m = plan.per_position(mean, region), g = plan.per_position(dy_scale, region),
-               a = plan.per_position(x_scale, region), b = plan.per_position(shift, region);
-    rows_grad_input<scalar_t>(data + region.offset, grad + region.offset, out + region.offset, region.num_rows,
-                              region.width, m.data(), g.data(), a.data(), b.data());
+    const auto g = kWithGrad ? plan.per_position(dy_scale, region) : decltype(m){};
+    const ElementwiseTerms<at::opmath_type<scalar_t>> terms{m.data(), a.data(), b.data(), g.data()};
+    rows_elementwise<scalar_t, kWithGrad>(data + region.offset, kWithGrad ? grad + region.offset : nullptr,
+                                          out + region.offset, region.num_rows, region.width, terms);
   }
 }
 
