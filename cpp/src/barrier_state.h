@@ -1,0 +1,195 @@
+#pragma once
+
+// The shared state of one SyncMaster barrier and its SlavePipes: the slaves'
+// mailboxes, the pass and generation counters, and the errors a pass can end
+// in. Private to sync_master.cpp; every member is used under `mutex`.
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <exception>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <c10/util/Exception.h>
+
+#include <syncbn/errors.h>
+#include <syncbn/sync_master.h>
+
+namespace syncbn {
+
+namespace detail {
+
+// One slave's mailbox. Passes are numbered per participant from 1 within a
+// generation; a healthy barrier keeps every participant's number equal.
+struct SlaveSlot {
+  explicit SlaveSlot(int64_t id) : copy_id(id) {}
+  const int64_t copy_id;
+  int64_t entered = 0;       // passes this copy has entered
+  int64_t message_pass = 0;  // the pass `message` belongs to
+  Message message;
+  int64_t result_pass = 0;  // the pass `result` belongs to
+  Message result;
+  bool waiting = false;   // a thread is inside run_slave for this copy
+  bool finished = false;  // this copy sends no more messages in this generation
+  std::string label;      // where the copy is in its latest pass
+};
+
+struct BarrierState {
+  BarrierState(MasterCallback cb, double timeout) : callback(std::move(cb)), timeout_seconds(timeout) {}
+
+  std::mutex mutex;
+  std::condition_variable master_cv;  // the master waits here for the slaves' messages
+  std::condition_variable slave_cv;   // slaves wait here for their results
+
+  const MasterCallback callback;
+  double timeout_seconds;
+  std::string label;
+
+  int64_t generation = 0;
+  std::string generation_cause;  // what started the current generation, for the superseded error
+  bool activated = false;  // a pass has started in this generation
+  bool closed = false;     // close(): every pass of this generation fails
+  std::string closed_reason;
+  std::thread::id callback_thread;  // the thread running the master callback, while it runs
+  std::map<int64_t, std::shared_ptr<SlaveSlot>> slots;  // by copy id, so ascending
+  int64_t master_entered = 0;  // passes the master has entered
+  bool master_waiting = false;
+  bool master_finished = false;
+  std::string master_label;
+  bool master_busy = false;      // a thread is inside run_master
+  int64_t resolved_through = 0;  // every pass up to this one completed or failed
+  int64_t failed_through = 0;    // every pass up to this one that had not completed, failed
+  std::exception_ptr failure;    // why the most recent failed pass failed
+
+  std::string describe() const { return label.empty() ? "syncbn barrier" : "syncbn barrier of " + label; }
+
+  bool all_slaves_sent(int64_t pass) const {
+    for (const auto& entry : slots) {
+      if (entry.second->message_pass != pass) return false;
+    }
+    return true;
+  }
+
+  // Fails `pass` for everyone: current waiters wake, and whoever enters it later
+  // gets the same error. Unconsumed messages move to `graveyard`, to be
+  // destroyed by the caller after the lock is released.
+  void fail_pass(int64_t pass, std::exception_ptr error, std::vector<Message>& graveyard) {
+    failed_through = std::max(failed_through, pass);
+    resolved_through = std::max(resolved_through, pass);
+    failure = std::move(error);
+    for (auto& entry : slots) {
+      SlaveSlot& slot = *entry.second;
+      if (slot.message_pass != 0 && slot.message_pass <= pass) graveyard.push_back(std::move(slot.message));
+    }
+    master_cv.notify_all();
+    slave_cv.notify_all();
+  }
+
+  // Forgets the slaves and the pass history; whoever waits on the old generation
+  // wakes and throws. The old slots go to `old_slots`, to be destroyed unlocked.
+  void start_generation(std::map<int64_t, std::shared_ptr<SlaveSlot>>& old_slots, std::string cause) {
+    ++generation;
+    generation_cause = std::move(cause);
+    activated = false;
+    closed = false;
+    closed_reason.clear();
+    old_slots.swap(slots);
+    master_entered = 0;
+    master_finished = false;
+    master_label.clear();
+    resolved_through = 0;
+    failed_through = 0;
+    failure = nullptr;
+    master_cv.notify_all();
+    slave_cv.notify_all();
+  }
+
+  // A call-count mismatch: `finished_copy` sent its last message in pass
+  // `finished_after`, but `waiting_copy` waits in `pass` at `where`.
+  std::exception_ptr mismatch_error(int64_t finished_copy, int64_t finished_after, int64_t waiting_copy, int64_t pass,
+                                    const std::string& where) const {
+    std::ostringstream out;
+    out << describe() << ": copy " << finished_copy << " finished its forward after " << finished_after
+        << " synchronized call(s), but copy " << waiting_copy << " made call " << pass;
+    if (!where.empty()) out << " (" << where << ")";
+    out << "; every replica must call the synchronized layers the same number of times, in the same order";
+    return std::make_exception_ptr(BarrierError(out.str()));
+  }
+
+  // The first slave that finished before `pass`, if any.
+  const SlaveSlot* finished_slave_before(int64_t pass) const {
+    for (const auto& entry : slots) {
+      if (entry.second->finished && entry.second->entered < pass) return entry.second.get();
+    }
+    return nullptr;
+  }
+
+  [[noreturn]] void throw_superseded(int64_t copy_id) const {
+    std::ostringstream out;
+    out << describe() << ": copy " << copy_id << " was waiting on a replication that has been replaced by a new one ("
+        << generation_cause << ")";
+    throw BarrierAbortedError(out.str());
+  }
+
+  [[noreturn]] void throw_closed() const {
+    throw BarrierAbortedError(describe() + " was closed: " + closed_reason);
+  }
+
+  // A barrier method that must not run inside the master callback (which runs in
+  // the middle of a pass, inside run_master): says what the user did instead of
+  // a confusing error about threads or generations.
+  void check_not_in_callback(const char* what, const char* instead) const {
+    TORCH_CHECK(callback_thread != std::this_thread::get_id(), describe(), ": ", what,
+                " was called from inside the master callback, in the middle of a pass; ", instead);
+  }
+
+  // The timeout error for `pass`, naming where the waiting copy is and the copies that never arrived.
+  std::exception_ptr timeout_error(int64_t pass, const std::string& waiter_label) const {
+    std::vector<int64_t> missing;
+    if (master_entered < pass) missing.push_back(0);
+    for (const auto& entry : slots) {
+      if (entry.second->message_pass < pass) missing.push_back(entry.first);
+    }
+    std::ostringstream out;
+    out << describe() << " timed out after " << timeout_seconds << " s in pass " << pass;
+    if (!waiter_label.empty()) out << " (waiting at " << waiter_label << ")";
+    out << ": ";
+    if (missing.empty()) {
+      out << "every copy arrived, but the master callback did not return in time";
+    } else {
+      out << "copies that never arrived: [";
+      for (size_t i = 0; i < missing.size(); ++i) out << (i ? ", " : "") << missing[i];
+      out << "]";
+    }
+    out << " (raise SYNCBN_TIMEOUT, in seconds, or the barrier's timeout to wait longer)";
+    return std::make_exception_ptr(BarrierTimeoutError(out.str()));
+  }
+
+  // Deadline for a wait that starts now; nullopt for a timeout too long to represent.
+  std::optional<std::chrono::steady_clock::time_point> deadline() const {
+    if (timeout_seconds > 1e9) return std::nullopt;
+    return std::chrono::steady_clock::now() +
+           std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+               std::chrono::duration<double>(timeout_seconds));
+  }
+
+  // Waits on `cv` until notified or the deadline; returns false on timeout.
+  static bool wait(std::condition_variable& cv, std::unique_lock<std::mutex>& lock,
+                   const std::optional<std::chrono::steady_clock::time_point>& until) {
+    if (!until) {
+      cv.wait(lock);
+      return true;
+    }
+    return cv.wait_until(lock, *until) == std::cv_status::no_timeout;
+  }
+};
+
+}  // namespace detail
+}  // namespace syncbn
