@@ -67,7 +67,6 @@ The exit status is 0 whatever the numbers, unless ``--check`` is given.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -85,7 +84,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import established_batchnorm  # noqa: E402  (beside this file)
 import wrapper_cost  # noqa: E402  (beside this file)
-from timing import interleaved_rounds, rotated, status_kb  # noqa: E402  (beside this file)
+from timing import interleaved_rounds, peak_extra_mb, rotated, status_kb  # noqa: E402  (beside this file)
 
 import syncbn_ext  # noqa: E402
 
@@ -292,19 +291,6 @@ def profile_layer(iters: int, row_limit: int = 14) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-
-
-def _peak_extra_mb(step: Callable[[], None]) -> float:
-    gc.collect()
-    base = status_kb("VmRSS")
-    _reset_peak_rss()
-    step()
-    return (status_kb("VmHWM") - base) / 1024.0
-
-
 def memory_worker(variants: list[str], iters: int) -> list[dict]:
     """In a worker subprocess: per variant, the peak extra memory (MB) of ``iters`` layer iterations.
 
@@ -319,14 +305,14 @@ def memory_worker(variants: list[str], iters: int) -> list[dict]:
         holder.clear()
 
     calibration()
-    calibration_mb = _peak_extra_mb(calibration)
+    calibration_mb = peak_extra_mb(calibration)
     results = []
     for variant in variants:
         bench = LayerBench(variant)
         for _ in range(2):
             bench.step()
         steady_mb = status_kb("VmRSS") / 1024.0
-        peaks = [_peak_extra_mb(bench.step) for _ in range(iters)]
+        peaks = [peak_extra_mb(bench.step) for _ in range(iters)]
         del bench
         results.append(
             {"variant": variant, "peaks_mb": peaks, "steady_rss_mb": steady_mb, "calibration_mb": calibration_mb}

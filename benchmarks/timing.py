@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,17 @@ def status_kb(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_extra_mb(step: Callable[[], None]) -> float:
+    """How far the resident set size rises above its level before ``step()`` while it runs, in MB: the peak of
+    everything it holds at once (the kernel's peak-RSS mark, reset to the current RSS first)."""
+    gc.collect()
+    base = status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    step()
+    return (status_kb("VmHWM") - base) / 1024.0
 
 
 def median_ms(step: Callable[[], None], iters: int) -> float:
