@@ -85,26 +85,25 @@ def test_every_rank_matches_one_batchnorm_on_the_global_batch(tmp_path, world, r
 
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_ranks_at_different_layers_get_an_error_naming_every_ranks_layer(tmp_path, replicas):
-    results = launch(tmp_path, 2, replicas, [4, 4], ["mismatch"])
+    # mismatch: each rank at another layer of the same width. mismatch_widths (on the same group, after it): the
+    # layers' widths differ too, after steps in which every rank learned them: every rank's exchange still has the
+    # same size whatever its layer's width, so it is the error too, not a broken gloo exchange.
+    results = launch(tmp_path, 2, replicas, [4, 4], ["mismatch", "mismatch_widths"])
     for rank in (0, 1):
         record = results["mismatch"][rank]
         assert record.get("error") == "BarrierError", record
         message = record["message"]
         # Its own layer by name (under the wrapper, with the layer's path in the replica), every rank's by id.
         assert f"rank {rank} is at " in message and "SyncBatchNorm(3)" in message
-        assert "rank 0: synchronized call" in message and "rank 1: synchronized call" in message
+        assert "rank 0: synchronized call 1 on this group" in message
+        assert "rank 1: synchronized call 1 on this group" in message
         assert "every rank must call the synchronized layers the same number of times" in message
 
-
-@pytest.mark.parametrize("replicas", [1, 2])
-def test_ranks_at_layers_of_different_widths_get_the_error_too(tmp_path, replicas):
-    # Every rank's exchange has the same size whatever its layer's width: the error, not a broken gloo exchange.
-    results = launch(tmp_path, 2, replicas, [4, 4], ["mismatch_widths"])
-    for rank in (0, 1):
         record = results["mismatch_widths"][rank]
         assert record.get("error") == "BarrierError", record
-        assert "rank 0: synchronized call 5 on this group, layer #" in record["message"], record
-        assert "(3 channels), rank 1: synchronized call 5" in record["message"], record
+        # Calls 2-5: two agreeing steps of two layers; call 6: rank 0 at a (3 channels), rank 1 at b (5).
+        assert "rank 0: synchronized call 6 on this group, layer #" in record["message"], record
+        assert "(3 channels), rank 1: synchronized call 6" in record["message"], record
         assert "(5 channels);" in record["message"], record
 
 
