@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import io
+import pickle
 import threading
 
 import pytest
@@ -28,6 +31,17 @@ KINDS = {
     "3d": (SynchronizedBatchNorm3d, nn.BatchNorm3d, (3, 2, 2)),
 }
 CHANNELS = 3
+
+
+def torch_save_load(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+# The ways a model or a wrapper gets copied: @pytest.mark.parametrize("clone", list(CLONES.values()), ids=list(CLONES))
+CLONES = {"pickle": lambda m: pickle.loads(pickle.dumps(m)), "deepcopy": copy.deepcopy, "torch.save": torch_save_load}
 
 
 def sync_layers(module):
@@ -85,20 +99,25 @@ def split_forward(module, sizes):
     return lambda x: run_split(module, x, sizes)
 
 
+def randomize_batchnorm(layer, num_batches_tracked):
+    """Non-trivial parameters and running statistics for a BatchNorm layer (those it has), in place; returns it."""
+    with torch.no_grad():
+        if layer.weight is not None:
+            layer.weight.uniform_(0.5, 1.5)
+        if layer.bias is not None:
+            layer.bias.uniform_(-0.5, 0.5)
+        if layer.running_mean is not None:
+            layer.running_mean.uniform_(-1, 1)
+            layer.running_var.uniform_(0.5, 2)
+            layer.num_batches_tracked.fill_(num_batches_tracked)
+    return layer
+
+
 def make_pair(kind, dtype=torch.float64, seed=0, **options):
     """(nn.BatchNormNd, synchronized layer) with the same random parameters and running statistics."""
     sync_cls, torch_cls, _ = KINDS[kind]
     torch.manual_seed(seed)
-    ref = torch_cls(CHANNELS, dtype=dtype, **options)
-    with torch.no_grad():
-        if ref.weight is not None:
-            ref.weight.uniform_(0.5, 1.5)
-        if ref.bias is not None:
-            ref.bias.uniform_(-0.5, 0.5)
-        if ref.running_mean is not None:
-            ref.running_mean.uniform_(-1, 1)
-            ref.running_var.uniform_(0.5, 2)
-            ref.num_batches_tracked.fill_(3)
+    ref = randomize_batchnorm(torch_cls(CHANNELS, dtype=dtype, **options), num_batches_tracked=3)
     ours = sync_cls(CHANNELS, dtype=dtype, **options)
     ours.load_state_dict(ref.state_dict())
     return ref, ours

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-import io
 import pickle
 
 import pytest
 import torch
 from batchnorm_cases import (
     CHANNELS,
+    CLONES,
     F64,
     cpu_dp,
     sync_layers,
@@ -60,18 +60,7 @@ def assert_models_equal(a, b, grads=True):
             torch.testing.assert_close(pa.grad, pb.grad, msg=name, **F64)
 
 
-def torch_save_load(obj):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
-
-
-@pytest.mark.parametrize(
-    "clone",
-    [lambda m: pickle.loads(pickle.dumps(m)), copy.deepcopy, torch_save_load],
-    ids=["pickle", "deepcopy", "torch.save"],
-)
+@pytest.mark.parametrize("clone", list(CLONES.values()), ids=list(CLONES))
 def test_pickle_deepcopy_and_save_then_training_still_matches(clone):
     model = small_model()
     train_step(model, torch.randn(6, 3, 5, 5, dtype=torch.float64), 3)
@@ -98,11 +87,12 @@ def test_pickle_a_wrapper_and_a_replica():
     x = torch.randn(6, 3, 5, 5, dtype=torch.float64)
     dp(x)
     snapshot = copy.deepcopy(model)
-    for clone in (pickle.loads(pickle.dumps(dp)), copy.deepcopy(dp), torch_save_load(dp)):
+    for how, make_clone in CLONES.items():
+        clone = make_clone(dp)
         assert isinstance(clone, DataParallelWithCallback) and clone.device_ids == dp.device_ids
         assert_models_equal(clone.module, snapshot, grads=False)
         expected = call_with_timeout(cpu_dp(copy.deepcopy(snapshot), 2), x)
-        torch.testing.assert_close(call_with_timeout(clone, x), expected, **F64)
+        torch.testing.assert_close(call_with_timeout(clone, x), expected, msg=how, **F64)
 
     # A replica holds its channel: an unpickled replica is a plain, unreplicated layer.
     layer = SynchronizedBatchNorm1d(CHANNELS, dtype=torch.float64)

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from batchnorm_cases import randomize_batchnorm
 from hang_guard import call_with_timeout
 from torch import nn
 
@@ -54,17 +55,9 @@ class Net(nn.Module):
 def make_net(dtype=torch.float64):
     torch.manual_seed(0)
     net = Net().to(dtype)
-    with torch.no_grad():  # non-trivial parameters and statistics
-        for m in net.modules():
-            if isinstance(m, TORCH_BN):
-                if m.weight is not None:
-                    m.weight.uniform_(0.5, 1.5)
-                if m.bias is not None:
-                    m.bias.uniform_(-0.5, 0.5)
-                if m.running_mean is not None:
-                    m.running_mean.uniform_(-1, 1)
-                    m.running_var.uniform_(0.5, 2)
-                    m.num_batches_tracked.fill_(7)
+    for m in net.modules():
+        if isinstance(m, TORCH_BN):
+            randomize_batchnorm(m, num_batches_tracked=7)
     return net
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import io
-import pickle
 import threading
 import time
 import weakref
@@ -19,7 +17,7 @@ import psutil
 import pytest
 import torch
 import torch.nn.functional as F
-from batchnorm_cases import sync_layers
+from batchnorm_cases import CLONES, sync_layers
 from torch import nn
 
 import syncbn_ext
@@ -432,18 +430,7 @@ def test_two_wrapped_models_trained_concurrently_do_not_interfere():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def torch_save_load(obj):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
-
-
-@pytest.mark.parametrize(
-    "clone",
-    [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m)), torch_save_load],
-    ids=["deepcopy", "pickle", "torch.save"],
-)
+@pytest.mark.parametrize("clone", list(CLONES.values()), ids=list(CLONES))
 def test_a_cloned_trained_wrapper_keeps_training_like_the_original(clone):
     replicas, batch_size, momentum = 4, 12, 0.9
     model = stress_net(seed=3)
