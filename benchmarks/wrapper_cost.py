@@ -15,6 +15,9 @@ the ratio of the two. Measured for ``bench_batchnorm.py --only wrapper`` (and it
   wrapper, no threads, nn.BatchNorm2d per slice), one backward through all of them. Smaller convolutions are less
   efficient than one on the whole batch whatever runs them; ``replicas / slices in turn`` is what remains for the
   wrapper (threads, scatter, gather, synchronization).
+* **synchronization's own cost** (time only): the 4 replicas with plain ``nn.BatchNorm2d`` (each normalizing its
+  slice), and for every variant how busy the cores were while it ran (the process's CPU time over the wall time,
+  per core): replicas that wait for each other in a synchronized layer leave cores idle.
 
 Targets (issue 8): at most 1.20x the time and 1.15x the peak RSS of the whole-batch module.
 """
@@ -36,6 +39,8 @@ from torch import nn
 import syncbn_ext
 
 VARIANTS = ("whole batch", "2 replicas", "4 replicas", "2 slices in turn", "4 slices in turn")
+UNSYNCHRONIZED = "4 replicas, nn.BatchNorm2d"  # timed only
+TIME_VARIANTS = (*VARIANTS, UNSYNCHRONIZED)
 REPLICATED = ("2 replicas", "4 replicas")
 TIME_TARGET, MEMORY_TARGET = 1.20, 1.15
 BATCH, CLASSES = 8, 10
@@ -96,7 +101,8 @@ class WrapperBench:
             self.run = SlicesInTurn(model, int(variant.split()[0]))
         else:
             replicas = int(variant.split()[0])
-            model = syncbn_ext.convert_model(model)
+            if variant != UNSYNCHRONIZED:
+                model = syncbn_ext.convert_model(model)
             self.run = syncbn_ext.DataParallelWithCallback(model, device_ids=["cpu"] * replicas)
         self.model = model
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -111,12 +117,31 @@ class WrapperBench:
         self.optimizer.step()
 
 
-def time_variants(iters: int, rounds: int, image_size: int) -> dict[str, list[float]]:
-    """Per variant, the median step time (ms) of each of ``rounds`` interleaved rounds."""
-    benches = {variant: WrapperBench(variant, image_size) for variant in VARIANTS}
+class _BusyCores:
+    """Wraps a step, adding up the wall time it takes and the CPU time the whole process spends meanwhile."""
+
+    def __init__(self, step: Callable[[], None]) -> None:
+        self.step, self.wall, self.cpu = step, 0.0, 0.0
+
+    def __call__(self) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()  # process_time: every thread's
+        self.step()
+        self.wall += time.perf_counter() - wall
+        self.cpu += time.process_time() - cpu
+
+    def cores_busy(self) -> float:
+        return self.cpu / self.wall / (os.cpu_count() or 1)
+
+
+def time_variants(iters: int, rounds: int, image_size: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Per variant, the median step time (ms) of each of ``rounds`` interleaved rounds; and the share of the cores
+    busy while it ran."""
+    benches = {variant: WrapperBench(variant, image_size) for variant in TIME_VARIANTS}
     for bench in benches.values():
         bench.step()  # first use: worker threads, lazy initialization
-    return interleaved_rounds({variant: bench.step for variant, bench in benches.items()}, iters, rounds)
+    steps = {variant: _BusyCores(bench.step) for variant, bench in benches.items()}
+    samples = interleaved_rounds(dict(steps), iters, rounds)
+    return samples, {variant: step.cores_busy() for variant, step in steps.items()}
 
 
 def memory_worker(variant: str, steps: int, image_size: int) -> float:
@@ -150,7 +175,7 @@ def summarize(samples: dict[str, list[float]]) -> dict:
     medians = {variant: statistics.median(values) for variant, values in samples.items()}
     return {
         "medians": medians,
-        "ratios": {variant: medians[variant] / medians["whole batch"] for variant in VARIANTS[1:]},
+        "ratios": {variant: medians[variant] / medians["whole batch"] for variant in samples if variant != VARIANTS[0]},
         "ratios to the slices in turn": {v: medians[v] / medians[f"{v.split()[0]} slices in turn"] for v in REPLICATED},
         "samples": samples,
     }
@@ -161,7 +186,8 @@ def run(
 ) -> dict:
     """Both rows: {'time': ..., 'memory': ...}, each with medians and ratios to the whole-batch module."""
     began = time.perf_counter()
-    result = {"time": summarize(time_variants(iters, rounds, image_size))}
+    samples, cores_busy = time_variants(iters, rounds, image_size)
+    result = {"time": {**summarize(samples), "cores busy": cores_busy}}
     log(f"  wrapper time done ({time.perf_counter() - began:.1f} s)")
     result["memory"] = summarize(memory_variants(3, mem_rounds, image_size, threads))
     log(f"  wrapper memory done ({time.perf_counter() - began:.1f} s)")
@@ -174,20 +200,28 @@ def run(
 
 def format_table(result: dict) -> str:
     size = result["image_size"]
-    names = ("whole", "2 repl.", "4 repl.", "2 slices", "4 slices")  # VARIANTS, short
+    names = ("whole", "2 repl.", "4 repl.", "2 slices", "4 slices", "4 plain")  # TIME_VARIANTS, short
     title = f"ResNet-18-style step, batch {BATCH}, {size}x{size}"
     header = f"{title:<42}" + "".join(f" {name:>9}" for name in names)
     lines = [header, "-" * len(header)]
+
+    def cells(values: dict[str, float], variants: tuple[str, ...], digits: int) -> str:
+        return "".join(f" {values[v]:>9.{digits}f}" if v in values else f" {'n/a':>9}" for v in variants)
+
     for key, unit, target in (("time", "ms", TIME_TARGET), ("memory", "MB", MEMORY_TARGET)):
         m, r = result[key]["medians"], result[key]["ratios"]
         row_title = "training step time" if key == "time" else "process peak RSS"
-        lines.append(f"{row_title + f' ({unit})':<42}" + "".join(f" {m[v]:>9.1f}" for v in VARIANTS))
+        lines.append(f"{row_title + f' ({unit})':<42}" + cells(m, TIME_VARIANTS, 1))
         ok = all(r[v] <= target for v in REPLICATED)
         lines.append(
             f"{f'  ratio to the whole batch (<= {target:.2f})':<42} {'':>9}"
-            + "".join(f" {r[v]:>9.3f}" for v in VARIANTS[1:])
+            + cells(r, TIME_VARIANTS[1:], 3)
             + f"  {'yes' if ok else 'NO'}"
         )
+        if key == "time":
+            lines.append(
+                f"{'  cores busy (CPU / wall time / cores)':<42}" + cells(result[key]["cores busy"], TIME_VARIANTS, 2)
+            )
         own = result[key]["ratios to the slices in turn"]
         lines.append(
             f"{'  ratio to the same slices in turn':<42} {'':>9}" + "".join(f" {own[v]:>9.3f}" for v in REPLICATED)

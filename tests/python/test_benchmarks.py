@@ -27,6 +27,7 @@ def test_bench_batchnorm_smoke():
         assert row in out
     assert "training step time (ms)" in out and "process peak RSS (MB)" in out  # the wrapper's own cost
     assert "ratio to the same slices in turn" in out  # ... beside the split's own cost
+    assert "cores busy" in out and "4 plain" in out  # ... and synchronization's own
     assert "check layer against nn.BatchNorm2d on the whole batch" in out
 
 
