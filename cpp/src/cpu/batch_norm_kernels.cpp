@@ -75,6 +75,23 @@ at::Tensor grad_in_layout_of(const at::Tensor& grad_out, const at::Tensor& input
   return grad_out.to(input.scalar_type()).contiguous(layout.format);
 }
 
+// The elementwise pass of normalize (kWithGrad false: dy_scale unread) and
+// backward_elemt on either layout; the terms are acc-type tensors, one value
+// per channel.
+template <typename scalar_t, bool kWithGrad>
+void elementwise(const Layout& layout, const scalar_t* grad, scalar_t* out, const at::Tensor& mean,
+                 const at::Tensor& x_scale, const at::Tensor& shift, const at::Tensor& dy_scale) {
+  if (layout.rows) {
+    rows_elementwise<scalar_t, kWithGrad>(layout, grad, out, mean, x_scale, shift, dy_scale);
+    return;
+  }
+  using acc_t = at::opmath_type<scalar_t>;
+  const ElementwiseTerms<acc_t> terms{mean.const_data_ptr<acc_t>(), x_scale.const_data_ptr<acc_t>(),
+                                      shift.const_data_ptr<acc_t>(),
+                                      kWithGrad ? dy_scale.const_data_ptr<acc_t>() : nullptr};
+  planar_elementwise<scalar_t, kWithGrad>(layout, grad, out, terms);
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -111,15 +128,8 @@ at::Tensor normalize(const at::Tensor& input, const at::Tensor& mean, const at::
   if (output.numel() == 0) return output;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "syncbn_normalize", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto* out = output.data_ptr<scalar_t>();
-    if (layout.rows) {
-      rows_elementwise<scalar_t, false>(layout, nullptr, out, mean_acc, scale_acc, shift_acc, at::Tensor());
-    } else {
-      const ElementwiseTerms<acc_t> terms{mean_acc.const_data_ptr<acc_t>(), scale_acc.const_data_ptr<acc_t>(),
-                                          shift_acc.const_data_ptr<acc_t>(), nullptr};
-      planar_elementwise<scalar_t, false>(layout, nullptr, out, terms);
-    }
+    elementwise<scalar_t, false>(layout, nullptr, output.data_ptr<scalar_t>(), mean_acc, scale_acc, shift_acc,
+                                 at::Tensor());
   });
   return output;
 }
@@ -163,16 +173,8 @@ at::Tensor backward_elemt(const at::Tensor& grad_out, const at::Tensor& input, c
   if (grad_in.numel() == 0) return grad_in;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "syncbn_backward_elemt", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto* dy = grad.const_data_ptr<scalar_t>();
-    auto* out = grad_in.data_ptr<scalar_t>();
-    if (layout.rows) {
-      rows_elementwise<scalar_t, true>(layout, dy, out, mean_acc, x_scale_acc, shift_acc, dy_scale_acc);
-    } else {
-      const ElementwiseTerms<acc_t> terms{mean_acc.const_data_ptr<acc_t>(), x_scale_acc.const_data_ptr<acc_t>(),
-                                          shift_acc.const_data_ptr<acc_t>(), dy_scale_acc.const_data_ptr<acc_t>()};
-      planar_elementwise<scalar_t, true>(layout, dy, out, terms);
-    }
+    elementwise<scalar_t, true>(layout, grad.const_data_ptr<scalar_t>(), grad_in.data_ptr<scalar_t>(), mean_acc,
+                                x_scale_acc, shift_acc, dy_scale_acc);
   });
   return grad_in;
 }

@@ -222,8 +222,8 @@ void rows_grad_sums(const scalar_t* data, const scalar_t* grad, int64_t num_rows
 // kWithGrad, per-position terms. One row at a time (tiles of rows, loading the
 // terms once per tile, were up to 3x slower: several streams into the same pages).
 template <typename scalar_t, bool kWithGrad>
-void rows_elementwise(const scalar_t* x, const scalar_t* grad, scalar_t* out, int64_t num_rows, int64_t width,
-                      const ElementwiseTerms<at::opmath_type<scalar_t>>& terms) {
+void rows_elementwise_region(const scalar_t* x, const scalar_t* grad, scalar_t* out, int64_t num_rows, int64_t width,
+                             const ElementwiseTerms<at::opmath_type<scalar_t>>& terms) {
   using IoT = Io<scalar_t>;
   using Q = typename IoT::Q;
   parallel_for(0, num_rows, grain_for(width), [&](int64_t begin, int64_t end) {
@@ -298,8 +298,8 @@ void rows_elementwise(const Layout& layout, const scalar_t* grad, scalar_t* out,
                b = plan.per_position(shift, region);
     const auto g = kWithGrad ? plan.per_position(dy_scale, region) : decltype(m){};
     const ElementwiseTerms<at::opmath_type<scalar_t>> terms{m.data(), a.data(), b.data(), g.data()};
-    rows_elementwise<scalar_t, kWithGrad>(data + region.offset, kWithGrad ? grad + region.offset : nullptr,
-                                          out + region.offset, region.num_rows, region.width, terms);
+    rows_elementwise_region<scalar_t, kWithGrad>(data + region.offset, kWithGrad ? grad + region.offset : nullptr,
+                                                 out + region.offset, region.num_rows, region.width, terms);
   }
 }
 
