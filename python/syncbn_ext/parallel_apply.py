@@ -67,7 +67,10 @@ class _Worker:
 
     def _loop(self) -> None:
         if self.intra_op_threads is not None:
-            torch.set_num_threads(self.intra_op_threads)  # this thread's OpenMP team size
+            # torch sizes a thread's OpenMP team lazily, at its first parallel op, to the process-wide count, which
+            # would undo a count set before: let it do that now, then set this thread's own team size.
+            torch.get_num_threads()
+            torch.set_num_threads(self.intra_op_threads)
         self.sequence_number = _C.peek_sequence_number()
         self._ready.set()
         while True:

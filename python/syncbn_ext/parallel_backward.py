@@ -106,10 +106,19 @@ class _ParameterSums:
 
     @staticmethod
     def _sum(grads: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
-        total = None
+        """The sum in order; one new tensor, the rest added in place (a new tensor per addition costs the page
+        faults of a fresh allocation each time). The given gradients are never written: autograd may pass the same
+        tensor elsewhere too."""
+        total, owned = None, False
         for grad in grads:
-            if grad is not None:
-                total = grad if total is None else total + grad
+            if grad is None:
+                continue
+            if total is None:
+                total = grad
+            elif owned:
+                total.add_(grad)
+            else:
+                total, owned = total + grad, True
         return total
 
     def _hook(self, index: int, replica: int) -> Callable[[torch.Tensor | None], torch.Tensor | None]:
@@ -119,10 +128,14 @@ class _ParameterSums:
             with self.lock:
                 self.pending[index][replica] = grad
                 self.arrived[index][replica] = True
-                if all(self.arrived[index]):
-                    self.totals[index] = self._sum([self.totals[index], *self.pending[index]])
-                    self.pending[index] = [None] * self.replicas
+                complete = all(self.arrived[index])
+                if complete:
+                    grads, self.pending[index] = self.pending[index], [None] * self.replicas
                     self.arrived[index] = [False] * self.replicas
+            if complete:  # summed outside the lock: the other replicas' hooks need not wait for it
+                total = self._sum(grads)
+                with self.lock:
+                    self.totals[index] = self._sum([self.totals[index], total])
             if grad is None:
                 return None
             return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)

@@ -233,3 +233,44 @@ def test_without_gradients_nothing_is_joined():
 
     assert call_with_timeout(forward_without_grad).grad_fn is None
     assert Replication.of(dp.replicate(dp.module, dp.device_ids)[0])[0].group.parallel_backward is False
+
+
+class RecordThreads(torch.autograd.Function):
+    """Identity; records torch's intra-op thread count where its forward and its backward run."""
+
+    seen: list[tuple[str, int]] = []
+
+    @staticmethod
+    def forward(ctx, x):
+        RecordThreads.seen.append(("forward", torch.get_num_threads()))
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        RecordThreads.seen.append(("backward", torch.get_num_threads()))
+        return grad
+
+
+class RecordingLayer(nn.Module):
+    def forward(self, x):
+        return RecordThreads.apply(x)
+
+
+@pytest.mark.parametrize(("threads", "replicas", "share"), [(2, 2, 1), (4, 2, 2), (2, 4, 1), (3, 2, 1)])
+def test_each_replica_computes_with_its_share_of_the_intra_op_threads(threads, replicas, share):
+    # torch sizes a thread's OpenMP team at its first parallel op to the process-wide count: a worker must not
+    # take that over the share it was given, or the replicas oversubscribe the cores.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = nn.Sequential(nn.Linear(C, C), RecordingLayer(), SynchronizedBatchNorm1d(C)).double()
+        dp = DataParallelWithCallback(model, device_ids=["cpu"] * replicas)
+        RecordThreads.seen.clear()
+        for _ in range(2):
+            y = call_with_timeout(dp, torch.randn(2 * replicas, C, dtype=torch.float64))
+            assert joined(y)
+            call_with_timeout(y.sum().backward)
+        assert sorted(RecordThreads.seen) == sorted([("forward", share), ("backward", share)] * replicas * 2)
+        assert torch.get_num_threads() == threads  # the caller's own count is left alone
+    finally:
+        torch.set_num_threads(saved)
