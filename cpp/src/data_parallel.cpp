@@ -7,6 +7,7 @@
 #include <sstream>
 #include <thread>
 
+#include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
@@ -62,11 +63,13 @@ struct ReplicaRun {
   using Clock = std::chrono::steady_clock;
 
   ReplicaRun(int64_t n, std::function<void(int64_t)> body, std::function<void(const std::string&)> on_failure,
-             std::optional<std::vector<torch::Device>> devices, std::shared_ptr<ReplicationGroup> group)
+             std::optional<std::vector<torch::Device>> devices, std::shared_ptr<ReplicationGroup> group,
+             int intra_op_threads)
       : body(std::move(body)),
         on_failure(std::move(on_failure)),
         devices(std::move(devices)),
         group(std::move(group)),
+        intra_op_threads(intra_op_threads),
         errors(n),
         done(n, false) {}
 
@@ -75,9 +78,11 @@ struct ReplicaRun {
   const std::optional<std::vector<torch::Device>> devices;
   const std::shared_ptr<ReplicationGroup> group;
   const at::ThreadLocalState caller_state;  // grad mode, autocast, ...
+  const int intra_op_threads;              // each replica thread's; 0: left as torch sets it
 
   std::mutex mutex;
   std::condition_variable changed;
+  int64_t sized = 0;  // guarded by mutex: replica threads that set their intra-op thread count
   std::vector<std::exception_ptr> errors;  // guarded by mutex
   std::vector<bool> done;                  // guarded by mutex
   int64_t finished = 0;                    // guarded by mutex
@@ -85,6 +90,17 @@ struct ReplicaRun {
   bool failure_reported = false;  // guarded by mutex: on_failure runs once
 
   void run(int64_t i) {
+    if (intra_op_threads > 0) {
+      // torch sizes a thread's OpenMP team lazily, at its first parallel op, to the process-wide count, which
+      // would undo a count set before: let it do that now, then set this thread's own.
+      at::get_num_threads();
+      at::set_num_threads(intra_op_threads);
+      {
+        std::lock_guard<std::mutex> lock(mutex);
+        ++sized;
+      }
+      changed.notify_all();
+    }
     std::exception_ptr error;
     try {
       at::ThreadLocalStateGuard state_guard(caller_state);
@@ -139,13 +155,24 @@ struct ReplicaRun {
 void run_replicas(int64_t n, std::function<void(int64_t)> body, std::function<void(const std::string&)> on_failure,
                   const std::optional<std::vector<torch::Device>>& devices, std::shared_ptr<ReplicationGroup> group) {
   const double timeout = default_timeout_seconds();
-  auto state = std::make_shared<ReplicaRun>(n, std::move(body), std::move(on_failure), devices, group);
+  // CPU replicas computing at once share the caller's intra-op threads instead of oversubscribing the cores.
+  const bool on_cpu = !devices || std::all_of(devices->begin(), devices->end(), [](const torch::Device& device) {
+    return device.is_cpu();
+  });
+  const int caller_threads = at::get_num_threads();
+  const int share = on_cpu ? std::max<int>(1, static_cast<int>(caller_threads / std::max<int64_t>(n, 1))) : 0;
+  auto state = std::make_shared<ReplicaRun>(n, std::move(body), std::move(on_failure), devices, group, share);
   std::vector<std::thread> threads;
   threads.reserve(n);
   for (int64_t i = 0; i < n; ++i) threads.emplace_back([state, i] { state->run(i); });
 
-  // Wait for every replica, but no longer than a grace period after a failure, or the timeout after a return.
   std::unique_lock<std::mutex> lock(state->mutex);
+  if (share > 0) {
+    // at::set_num_threads in a replica thread also set the count that new threads start with: the caller's again.
+    state->changed.wait(lock, [&] { return state->sized == n; });
+    at::set_num_threads(caller_threads);
+  }
+  // Wait for every replica, but no longer than a grace period after a failure, or the timeout after a return.
   auto seconds = [](double s) {
     return std::chrono::duration_cast<ReplicaRun::Clock::duration>(std::chrono::duration<double>(s));
   };

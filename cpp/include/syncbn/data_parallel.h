@@ -86,7 +86,9 @@ std::shared_ptr<torch::nn::Module> as_module(const torch::nn::ModuleHolder<T>& m
 // Runs modules[i]->forward(inputs[i]) for every i at once, one std::thread per
 // replica (see detail::run_replicas: bounded waits, failures rethrown with their
 // copy id after the others were woken). Given the replication's group, its
-// threads run in a ReplicaScope and a failure closes it.
+// threads run in a ReplicaScope and a failure closes it. CPU replicas each get
+// their share of the caller's intra-op threads (at::get_num_threads() / n, at
+// least one), so that together they use the cores one module would.
 template <typename ModuleType>
 std::vector<torch::Tensor> parallel_apply(std::vector<ModuleType>& modules, const std::vector<torch::Tensor>& inputs,
                                           const std::optional<std::vector<torch::Device>>& devices = std::nullopt,
