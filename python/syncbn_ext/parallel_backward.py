@@ -82,18 +82,21 @@ def _other_boundary(replica: torch.nn.Module, inputs: Any, kwargs: Any) -> list[
 class _ParameterSums:
     """Every replica's gradient of each parameter, summed as the backward produces them.
 
-    A hook on each replica's parameter view takes its gradient (the captured value becomes a free placeholder),
-    so that the replicas' full sets of parameter gradients are never all alive at once: once every replica gave
-    its gradient of a parameter they are summed, in replica order (deterministic), and dropped.
+    A hook on each replica's parameter view takes its gradient (the captured value becomes a free placeholder)
+    and adds it to the parameter's total as soon as replica order allows (deterministic sums): a gradient waits only
+    for the lower replicas' gradients of the same parameter, so that few replicas' gradients are alive at once. One
+    thread at a time adds to a parameter's total, outside the lock; the others leave their gradients to it.
     """
 
     def __init__(self, views: list[list[torch.Tensor]]) -> None:
         self.replicas, self.count = len(views), len(views[0])
         self.lock = threading.Lock()
         self.collecting = False  # only the replicas' backward tasks: not autograd's own pass through the views
-        self.pending: list[list[torch.Tensor | None]] = []
+        self.pending: list[list[torch.Tensor | None]] = []  # arrived, not added yet
         self.arrived: list[list[bool]] = []
-        self.totals: list[torch.Tensor | None] = []
+        self.added: list[int] = []  # per parameter, how many replicas' gradients are in its total
+        self.adding: list[bool] = []  # per parameter, whether a thread is adding to its total
+        self.totals: list[_Total] = []
         self.reset()
         for replica, replica_views in enumerate(views):
             for index, view in enumerate(replica_views):
@@ -102,24 +105,18 @@ class _ParameterSums:
     def reset(self) -> None:
         self.pending = [[None] * self.replicas for _ in range(self.count)]
         self.arrived = [[False] * self.replicas for _ in range(self.count)]
-        self.totals = [None] * self.count
+        self.added = [0] * self.count
+        self.adding = [False] * self.count
+        self.totals = [_Total() for _ in range(self.count)]
 
-    @staticmethod
-    def _sum(grads: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
-        """The sum in order; one new tensor, the rest added in place (a new tensor per addition costs the page
-        faults of a fresh allocation each time). The given gradients are never written: autograd may pass the same
-        tensor elsewhere too."""
-        total, owned = None, False
-        for grad in grads:
-            if grad is None:
-                continue
-            if total is None:
-                total = grad
-            elif owned:
-                total.add_(grad)
-            else:
-                total, owned = total + grad, True
-        return total
+    def _next_in_order(self, index: int) -> list[torch.Tensor | None]:
+        """Under the lock: the arrived gradients that follow the total's in replica order, taken from pending."""
+        taken = []
+        while self.added[index] < self.replicas and self.arrived[index][self.added[index]]:
+            taken.append(self.pending[index][self.added[index]])
+            self.pending[index][self.added[index]] = None
+            self.added[index] += 1
+        return taken
 
     def _hook(self, index: int, replica: int) -> Callable[[torch.Tensor | None], torch.Tensor | None]:
         def take(grad: torch.Tensor | None) -> torch.Tensor | None:
@@ -128,14 +125,16 @@ class _ParameterSums:
             with self.lock:
                 self.pending[index][replica] = grad
                 self.arrived[index][replica] = True
-                complete = all(self.arrived[index])
-                if complete:
-                    grads, self.pending[index] = self.pending[index], [None] * self.replicas
-                    self.arrived[index] = [False] * self.replicas
-            if complete:  # summed outside the lock: the other replicas' hooks need not wait for it
-                total = self._sum(grads)
+                mine = not self.adding[index]
+                self.adding[index] = True
+            while mine:
                 with self.lock:
-                    self.totals[index] = self._sum([self.totals[index], total])
+                    grads = self._next_in_order(index)
+                    if not grads:
+                        self.adding[index] = False
+                        break
+                for addend in grads:
+                    self.totals[index].add(addend)
             if grad is None:
                 return None
             return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
@@ -147,11 +146,35 @@ class _ParameterSums:
         self.collecting = True
 
     def finish(self) -> list[torch.Tensor | None]:
-        """The sums, once every backward task ended (a replica that did not use a parameter gave none)."""
+        """The sums, once every backward task ended (a replica that did not use a parameter gave none, and the
+        gradients after it wait in pending)."""
         self.collecting = False
-        totals = [self._sum([total, *pending]) for total, pending in zip(self.totals, self.pending, strict=True)]
+        for total, pending in zip(self.totals, self.pending, strict=True):
+            for grad in pending:
+                total.add(grad)
+        totals = [total.value for total in self.totals]
         self.reset()
         return totals
+
+
+class _Total:
+    """A running sum: the first gradient as it is, then one new tensor, then additions in place (a new tensor per
+    addition costs a fresh allocation's page faults). The gradients given are never written: autograd may pass the
+    same tensor elsewhere too."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+        self.owned = False
+
+    def add(self, grad: torch.Tensor | None) -> None:
+        if grad is None:
+            return
+        if self.value is None:
+            self.value = grad
+        elif self.owned:
+            self.value.add_(grad)
+        else:
+            self.value, self.owned = self.value + grad, True
 
 
 class _Plan:

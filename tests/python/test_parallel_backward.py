@@ -274,3 +274,34 @@ def test_each_replica_computes_with_its_share_of_the_intra_op_threads(threads, r
         assert torch.get_num_threads() == threads  # the caller's own count is left alone
     finally:
         torch.set_num_threads(saved)
+
+
+class BranchBySign(nn.Module):
+    """Uses ``positive`` on slices whose first value is positive, else ``negative``: some replicas leave a
+    parameter without a gradient, and the replicas after them still give theirs."""
+
+    def __init__(self):
+        super().__init__()
+        self.positive, self.negative = nn.Linear(C, C), nn.Linear(C, C)
+
+    def forward(self, x):
+        return self.positive(x) if x[0, 0] > 0 else self.negative(x)
+
+
+def test_parameters_some_replicas_do_not_use_get_the_others_gradients():
+    torch.manual_seed(5)
+    model = nn.Sequential(BranchBySign(), SynchronizedBatchNorm1d(C)).double()
+    branch = copy.deepcopy(model[0])
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 4)
+    x = torch.randn(8, C, dtype=torch.float64)
+    x[0::2, 0] = torch.tensor([-1.0, 1.0, -1.0, 1.0], dtype=torch.float64)  # replicas 0 and 2 negative, 1 and 3 not
+    y = call_with_timeout(dp, x)
+    assert joined(y)
+    grad = torch.randn_like(y)
+    call_with_timeout(y.backward, grad)
+    # The reference: the same slices through the same branches, one BatchNorm over the whole batch.
+    slices = [branch.positive(s) if s[0, 0] > 0 else branch.negative(s) for s in x.chunk(4)]
+    nn.BatchNorm1d(C).double()(torch.cat(slices)).backward(grad)
+    for name in ("positive", "negative"):
+        for p, p_ref in zip(getattr(model[0], name).parameters(), getattr(branch, name).parameters(), strict=True):
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-10, msg=name)
