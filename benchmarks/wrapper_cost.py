@@ -11,24 +11,27 @@ the ratio of the two. Measured for ``bench_batchnorm.py --only wrapper`` (and it
   iterations, then the median over rounds.
 * **peak RSS**: the process's peak resident set size (``VmHWM``) after a few steps of one variant, each in a fresh
   process (interpreter, torch and the model included: what a user sees).
-* **the split's own cost**, for reference: the same one module run on the 2 or 4 slices of the batch in turn (no
-  wrapper, no threads, nn.BatchNorm2d per slice), one backward through all of them. Smaller convolutions are less
-  efficient than one on the whole batch whatever runs them; ``replicas / slices in turn`` is what remains for the
-  wrapper (threads, scatter, gather, synchronization).
-* **synchronization's own cost** (time only): the 4 replicas with plain ``nn.BatchNorm2d`` (each normalizing its
-  slice), and for every variant how busy the cores were while it ran (the process's CPU time over the wall time,
-  per core): replicas that wait for each other in a synchronized layer leave cores idle.
+* **what threads alone do**, for reference: each of 2 or 4 threads runs its own copy of the whole-batch module
+  (``nn.BatchNorm2d``) forward and backward on its slice of the batch, with its share of the intra-op threads as
+  the replicas get theirs; no wrapper, no synchronization, no gradient reduction, one optimizer step. What is left
+  between the replicas and these threads is the wrapper's own cost.
+* **synchronization's own cost**: the 2 and 4 replicas with plain ``nn.BatchNorm2d`` (each normalizing its slice),
+  and for every variant how busy the cores were while it ran (the process's CPU time over the wall time, per core):
+  replicas that wait for each other in a synchronized layer leave cores idle.
 
 Targets (issue 8): at most 1.20x the time and 1.15x the peak RSS of the whole-batch module.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import queue
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -38,10 +41,12 @@ from torch import nn
 
 import syncbn_ext
 
-VARIANTS = ("whole batch", "2 replicas", "4 replicas", "2 slices in turn", "4 slices in turn")
-UNSYNCHRONIZED = "4 replicas, nn.BatchNorm2d"  # timed only
-TIME_VARIANTS = (*VARIANTS, UNSYNCHRONIZED)
 REPLICATED = ("2 replicas", "4 replicas")
+UNSYNCHRONIZED = ("2 replicas, nn.BatchNorm2d", "4 replicas, nn.BatchNorm2d")
+THREADS_ALONE = ("2 threads alone", "4 threads alone")  # timed only
+VARIANT_WHOLE = "whole batch"
+MEMORY_VARIANTS = (VARIANT_WHOLE, *REPLICATED, *UNSYNCHRONIZED)
+TIME_VARIANTS = (*MEMORY_VARIANTS, *THREADS_ALONE)
 TIME_TARGET, MEMORY_TARGET = 1.20, 1.15
 BATCH, CLASSES = 8, 10
 
@@ -78,15 +83,41 @@ def make_resnet(width: int = 64) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class SlicesInTurn(nn.Module):
-    """One module on ``slices`` slices of the batch in turn: the split without the wrapper."""
+class ThreadsAlone:
+    """A training step of ``threads`` threads, each running its own copy of ``model`` on its slice of the batch
+    (forward, loss, backward), then one optimizer step on the first copy: threads without any wrapper."""
 
-    def __init__(self, module: nn.Module, slices: int) -> None:
-        super().__init__()
-        self.module, self.slices = module, slices
+    def __init__(self, model: nn.Module, threads: int, images: torch.Tensor, targets: torch.Tensor) -> None:
+        self.copies = [copy.deepcopy(model) for _ in range(threads)]
+        self.images, self.targets = images.chunk(threads), targets.chunk(threads)
+        self.intra_op_threads = max(1, torch.get_num_threads() // threads)
+        self.start = [threading.Semaphore(0) for _ in range(threads)]
+        self.done: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+        for index in range(threads):
+            threading.Thread(target=self._loop, args=(index,), daemon=True).start()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.module(part) for part in x.chunk(self.slices)])
+    def _loop(self, index: int) -> None:
+        torch.get_num_threads()  # torch's lazy per-thread setup first, or it undoes the count set next
+        torch.set_num_threads(self.intra_op_threads)
+        while True:
+            self.start[index].acquire()
+            try:
+                module = self.copies[index]
+                module.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(module(self.images[index]), self.targets[index])
+                (loss / len(self.copies)).backward()
+            except BaseException as error:  # reported to the caller, which raises it
+                self.done.put(error)
+            else:
+                self.done.put(None)
+
+    def __call__(self) -> None:
+        for start in self.start:
+            start.release()
+        errors = [self.done.get(timeout=600) for _ in self.copies]
+        for error in errors:
+            if error is not None:
+                raise error
 
 
 class WrapperBench:
@@ -95,22 +126,28 @@ class WrapperBench:
     def __init__(self, variant: str, image_size: int) -> None:
         torch.manual_seed(0)
         model = make_resnet()
-        if variant == "whole batch":
+        generator = torch.Generator().manual_seed(1)
+        self.images = torch.randn(BATCH, 3, image_size, image_size, generator=generator)
+        self.targets = torch.randint(0, CLASSES, (BATCH,), generator=generator)
+        self.threads_alone: ThreadsAlone | None = None
+        if variant == VARIANT_WHOLE:
             self.run: nn.Module = model
-        elif variant.endswith("slices in turn"):
-            self.run = SlicesInTurn(model, int(variant.split()[0]))
+        elif variant in THREADS_ALONE:
+            self.threads_alone = ThreadsAlone(model, int(variant.split()[0]), self.images, self.targets)
+            model = self.threads_alone.copies[0]
         else:
             replicas = int(variant.split()[0])
-            if variant != UNSYNCHRONIZED:
+            if variant not in UNSYNCHRONIZED:
                 model = syncbn_ext.convert_model(model)
             self.run = syncbn_ext.DataParallelWithCallback(model, device_ids=["cpu"] * replicas)
         self.model = model
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        generator = torch.Generator().manual_seed(1)
-        self.images = torch.randn(BATCH, 3, image_size, image_size, generator=generator)
-        self.targets = torch.randint(0, CLASSES, (BATCH,), generator=generator)
 
     def step(self) -> None:
+        if self.threads_alone is not None:
+            self.threads_alone()
+            self.optimizer.step()
+            return
         self.optimizer.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(self.run(self.images), self.targets)
         loss.backward()
@@ -154,9 +191,9 @@ def memory_worker(variant: str, steps: int, image_size: int) -> float:
 
 def memory_variants(steps: int, rounds: int, image_size: int, threads: int | None) -> dict[str, list[float]]:
     """Per variant, the peak RSS (MB) of ``rounds`` fresh processes each."""
-    samples: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    samples: dict[str, list[float]] = {variant: [] for variant in MEMORY_VARIANTS}
     for round_index in range(rounds):
-        for variant in rotated(VARIANTS, round_index):
+        for variant in rotated(MEMORY_VARIANTS, round_index):
             code = (
                 "import sys, json; sys.path.insert(0, sys.argv[1]); import torch; import wrapper_cost; "
                 "threads = int(sys.argv[5]); threads > 0 and torch.set_num_threads(threads); "
@@ -173,12 +210,16 @@ def memory_variants(steps: int, rounds: int, image_size: int, threads: int | Non
 
 def summarize(samples: dict[str, list[float]]) -> dict:
     medians = {variant: statistics.median(values) for variant, values in samples.items()}
+    whole = medians[VARIANT_WHOLE]
     return {
         "medians": medians,
-        "ratios": {variant: medians[variant] / medians["whole batch"] for variant in samples if variant != VARIANTS[0]},
-        "ratios to the slices in turn": {v: medians[v] / medians[f"{v.split()[0]} slices in turn"] for v in REPLICATED},
+        "ratios": {variant: value / whole for variant, value in medians.items() if variant != VARIANT_WHOLE},
         "samples": samples,
     }
+
+
+def _threads_alone_of(variant: str) -> str:
+    return f"{variant.split()[0]} threads alone"
 
 
 def run(
@@ -188,6 +229,10 @@ def run(
     began = time.perf_counter()
     samples, cores_busy = time_variants(iters, rounds, image_size)
     result = {"time": {**summarize(samples), "cores busy": cores_busy}}
+    medians = result["time"]["medians"]
+    result["time"]["ratios to the threads alone"] = {
+        v: medians[v] / medians[_threads_alone_of(v)] for v in (*REPLICATED, *UNSYNCHRONIZED)
+    }
     log(f"  wrapper time done ({time.perf_counter() - began:.1f} s)")
     result["memory"] = summarize(memory_variants(3, mem_rounds, image_size, threads))
     log(f"  wrapper memory done ({time.perf_counter() - began:.1f} s)")
@@ -200,30 +245,23 @@ def run(
 
 def format_table(result: dict) -> str:
     size = result["image_size"]
-    names = ("whole", "2 repl.", "4 repl.", "2 slices", "4 slices", "4 plain")  # TIME_VARIANTS, short
+    names = ("whole", "2 repl.", "4 repl.", "2 plain", "4 plain", "2 alone", "4 alone")  # TIME_VARIANTS, short
     title = f"ResNet-18-style step, batch {BATCH}, {size}x{size}"
     header = f"{title:<42}" + "".join(f" {name:>9}" for name in names)
     lines = [header, "-" * len(header)]
 
-    def cells(values: dict[str, float], variants: tuple[str, ...], digits: int) -> str:
-        return "".join(f" {values[v]:>9.{digits}f}" if v in values else f" {'n/a':>9}" for v in variants)
+    def cells(values: dict[str, float], digits: int) -> str:
+        return "".join(f" {values[v]:>9.{digits}f}" if v in values else f" {'n/a':>9}" for v in TIME_VARIANTS[1:])
 
     for key, unit, target in (("time", "ms", TIME_TARGET), ("memory", "MB", MEMORY_TARGET)):
         m, r = result[key]["medians"], result[key]["ratios"]
         row_title = "training step time" if key == "time" else "process peak RSS"
-        lines.append(f"{row_title + f' ({unit})':<42}" + cells(m, TIME_VARIANTS, 1))
+        lines.append(f"{row_title + f' ({unit})':<42} {m['whole batch']:>9.1f}" + cells(m, 1))
         ok = all(r[v] <= target for v in REPLICATED)
-        lines.append(
-            f"{f'  ratio to the whole batch (<= {target:.2f})':<42} {'':>9}"
-            + cells(r, TIME_VARIANTS[1:], 3)
-            + f"  {'yes' if ok else 'NO'}"
-        )
+        verdict = "yes" if ok else "NO"
+        lines.append(f"{f'  ratio to the whole batch (<= {target:.2f})':<42} {'':>9}" + cells(r, 3) + f"  {verdict}")
         if key == "time":
-            lines.append(
-                f"{'  cores busy (CPU / wall time / cores)':<42}" + cells(result[key]["cores busy"], TIME_VARIANTS, 2)
-            )
-        own = result[key]["ratios to the slices in turn"]
-        lines.append(
-            f"{'  ratio to the same slices in turn':<42} {'':>9}" + "".join(f" {own[v]:>9.3f}" for v in REPLICATED)
-        )
+            busy, alone = result[key]["cores busy"], result[key]["ratios to the threads alone"]
+            lines.append(f"{'  cores busy (CPU / wall time / cores)':<42} {busy[VARIANT_WHOLE]:>9.2f}" + cells(busy, 2))
+            lines.append(f"{'  ratio to the same threads alone':<42} {'':>9}" + cells(alone, 3))
     return "\n".join(lines)
