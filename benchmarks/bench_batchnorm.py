@@ -37,11 +37,12 @@ Timing: the variants are measured in interleaved rounds (these machines are nois
 variant in turn, the order rotating from round to round, one warm-up iteration then ``--iters`` timed
 iterations each; a round's figure is the median of its iterations and the reported figure the median of
 the rounds'. Memory: the median over the measured iterations of ``--mem-rounds`` workers per variant,
-interleaved too. Targets: ours / torch at most 1.10 in each of the three rows. Torch keeps its default
-intra-op thread count (``torch.get_num_threads()``, 2 on the 2-core development machine) in each replica
-thread, for every variant alike: 2 replicas x 2 OpenMP threads on 2 cores. Then any other busy process
-makes the spinning OpenMP threads lose their cores and a step (the CNN's above all) takes 2-10x longer at
-random; ``--threads 1`` (one intra-op thread per replica) is much steadier on a shared machine. The output
+interleaved too. Targets: ours / torch at most 1.10 in each of the three rows. Each replica computes with
+its share of the process's intra-op threads (``torch.get_num_threads() // 2``, at least one: one each on the
+2-core development machine), for every variant alike; ``--threads N`` sets the process's count first. With
+several OpenMP threads per replica, any other busy process makes the spinning OpenMP threads lose their
+cores and a step (the CNN's above all) takes 2-10x longer at random; with one thread per replica, a replica
+that loses its core still holds the other up at the next synchronized layer. The output
 gives the load average before and after, and the per-round ratios (each round's ours / torch, then the
 median) as a cross-check that cancels slow drifts of the load.
 
@@ -57,7 +58,7 @@ Run it from the repository root::
     python benchmarks/bench_batchnorm.py                     # the table, about 2 minutes on 2 cores
     python benchmarks/bench_batchnorm.py --quick             # a smoke run (--threads 1), 10-20 s
     python benchmarks/bench_batchnorm.py --only layer memory --rounds 15
-    python benchmarks/bench_batchnorm.py --threads 1         # one intra-op thread per process / replica
+    python benchmarks/bench_batchnorm.py --threads 1         # one intra-op thread per process
     python benchmarks/bench_batchnorm.py --only layer --profile   # + each variant's top ops (torch.profiler)
     python benchmarks/bench_batchnorm.py --check --json out.json   # exit 1 if a target is missed
 
@@ -511,9 +512,9 @@ def main(argv: list[str] | None = None) -> int:
         print(("\n" if results else "") + wrapper_cost.format_table(wrapper))
     if max(load_before[0], load_after[0]) > 1.0 and args.threads is None:
         print(
-            "note: other processes were running (load average above 1). With several intra-op threads per replica "
-            "on few cores, torch's OpenMP threads spin and one busy core can stretch a step 2-10x at random; "
-            "--threads 1 gives steadier numbers on a busy machine."
+            "note: other processes were running (load average above 1): a replica that loses its core holds the "
+            "others up at the next synchronized layer, and with several intra-op threads per replica torch's "
+            "OpenMP threads spin and one busy core can stretch a step 2-10x at random (--threads 1 then helps)."
         )
     if not correct:
         print(f"CHECK FAILED: {', '.join(failed)} do(es) not match nn.BatchNorm2d on the whole batch")
