@@ -26,7 +26,7 @@ def test_bench_batchnorm_smoke():
     for row in ("layer fwd+bwd 64x64x32x32", "CNN train step (8 blocks)", "layer fwd+bwd peak extra"):
         assert row in out
     assert "training step time (ms)" in out and "process peak RSS (MB)" in out  # the wrapper's own cost
-    assert "ratio to the same slices in turn" in out  # ... beside the split's own cost
+    assert "ratio to the same threads alone" in out and "4 alone" in out  # ... beside what threads alone cost
     assert "cores busy" in out and "4 plain" in out  # ... and synchronization's own
     assert "check layer against nn.BatchNorm2d on the whole batch" in out
 
