@@ -25,13 +25,12 @@ Targets (issue 8): at most 1.20x the time and 1.15x the peak RSS of the whole-ba
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
-import queue
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 
@@ -40,6 +39,7 @@ from timing import interleaved_rounds, rotated, status_kb
 from torch import nn
 
 import syncbn_ext
+from syncbn_ext.parallel_apply import cpu_intra_op_threads, run_on_workers
 
 REPLICATED = ("2 replicas", "4 replicas")
 UNSYNCHRONIZED = ("2 replicas, nn.BatchNorm2d", "4 replicas, nn.BatchNorm2d")
@@ -85,39 +85,28 @@ def make_resnet(width: int = 64) -> nn.Sequential:
 
 class ThreadsAlone:
     """A training step of ``threads`` threads, each running its own copy of ``model`` on its slice of the batch
-    (forward, loss, backward), then one optimizer step on the first copy: threads without any wrapper."""
+    (forward, loss, backward), then one optimizer step on the first copy: threads without any wrapper. The threads
+    are the wrapper's own workers, sized alike (see :mod:`syncbn_ext.parallel_apply`)."""
 
     def __init__(self, model: nn.Module, threads: int, images: torch.Tensor, targets: torch.Tensor) -> None:
         self.copies = [copy.deepcopy(model) for _ in range(threads)]
         self.images, self.targets = images.chunk(threads), targets.chunk(threads)
-        self.intra_op_threads = max(1, torch.get_num_threads() // threads)
-        self.start = [threading.Semaphore(0) for _ in range(threads)]
-        self.done: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
-        for index in range(threads):
-            threading.Thread(target=self._loop, args=(index,), daemon=True).start()
 
-    def _loop(self, index: int) -> None:
-        torch.get_num_threads()  # torch's lazy per-thread setup first, or it undoes the count set next
-        torch.set_num_threads(self.intra_op_threads)
-        while True:
-            self.start[index].acquire()
-            try:
-                module = self.copies[index]
-                module.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(module(self.images[index]), self.targets[index])
-                (loss / len(self.copies)).backward()
-            except BaseException as error:  # reported to the caller, which raises it
-                self.done.put(error)
-            else:
-                self.done.put(None)
+    def _slice_step(self, index: int) -> None:
+        module = self.copies[index]
+        module.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(module(self.images[index]), self.targets[index])
+        (loss / len(self.copies)).backward()
 
     def __call__(self) -> None:
-        for start in self.start:
-            start.release()
-        errors = [self.done.get(timeout=600) for _ in self.copies]
-        for error in errors:
-            if error is not None:
-                raise error
+        threads = len(self.copies)
+        run_on_workers(
+            [functools.partial(self._slice_step, index) for index in range(threads)],
+            [f"in thread {index} alone" for index in range(threads)],
+            cpu_intra_op_threads(threads),
+            close=lambda reason: None,  # nothing waits on another thread
+            caused_by_closing=lambda error: False,
+        )
 
 
 class WrapperBench:
@@ -256,7 +245,7 @@ def format_table(result: dict) -> str:
     for key, unit, target in (("time", "ms", TIME_TARGET), ("memory", "MB", MEMORY_TARGET)):
         m, r = result[key]["medians"], result[key]["ratios"]
         row_title = "training step time" if key == "time" else "process peak RSS"
-        lines.append(f"{row_title + f' ({unit})':<42} {m['whole batch']:>9.1f}" + cells(m, 1))
+        lines.append(f"{row_title + f' ({unit})':<42} {m[VARIANT_WHOLE]:>9.1f}" + cells(m, 1))
         ok = all(r[v] <= target for v in REPLICATED)
         verdict = "yes" if ok else "NO"
         lines.append(f"{f'  ratio to the whole batch (<= {target:.2f})':<42} {'':>9}" + cells(r, 3) + f"  {verdict}")
