@@ -17,6 +17,7 @@ gradients between replicas, as the established library's layers do) keep autogra
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -133,8 +134,10 @@ class _ParameterSums:
                     if not grads:
                         self.adding[index] = False
                         break
-                for addend in grads:
+                for position in range(len(grads)):
+                    addend, grads[position] = grads[position], None  # the total its only holder
                     self.totals[index].add(addend)
+                addend = None
             if grad is None:
                 return None
             return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
@@ -150,23 +153,32 @@ class _ParameterSums:
         gradients after it wait in pending)."""
         self.collecting = False
         for total, pending in zip(self.totals, self.pending, strict=True):
-            for grad in pending:
+            for position in range(len(pending)):
+                grad, pending[position] = pending[position], None
                 total.add(grad)
+            grad = None
         totals = [total.value for total in self.totals]
         self.reset()
         return totals
 
 
 class _Total:
-    """A running sum: the first gradient as it is, then one new tensor, then additions in place (a new tensor per
-    addition costs a fresh allocation's page faults). The gradients given are never written: autograd may pass the
-    same tensor elsewhere too."""
+    """A running sum: the first gradient as it is, then additions in place, in replica order.
+
+    The first addition goes into one of the two gradients when nothing else can see it (see :meth:`_writable`: a
+    fresh gradient autograd handed over and let go, as a convolution's or a matrix product's weight gradient is),
+    else into one new tensor: a new tensor per step costs a fresh allocation's page faults, on the backward's critical
+    path. ``b.add_(a)`` is ``a + b`` to the bit, so the sums do not depend on which one was written. A gradient
+    something else may hold is never written: autograd may pass the same tensor elsewhere too, and a user's function
+    may keep the gradient it returned.
+    """
 
     def __init__(self) -> None:
         self.value: torch.Tensor | None = None
         self.owned = False
 
     def add(self, grad: torch.Tensor | None) -> None:
+        """Adds ``grad``, which the caller holds in one variable only (so that :meth:`_writable` can tell)."""
         if grad is None:
             return
         if self.value is None:
@@ -174,7 +186,66 @@ class _Total:
         elif self.owned:
             self.value.add_(grad)
         else:
-            self.value, self.owned = self.value + grad, True
+            if _writable(self.value, grad, "value"):
+                self.value.add_(grad)
+            elif _writable(grad, self.value, "addend"):
+                self.value = grad.add_(self.value)
+            else:
+                self.value = self.value + grad
+            self.owned = True
+
+
+def _dense(tensor: torch.Tensor) -> bool:
+    """No two elements share memory (an in-place sum into an expanded tensor would add twice)."""
+    if tensor.is_contiguous():
+        return True
+    return (tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last)) or (
+        tensor.dim() == 5 and tensor.is_contiguous(memory_format=torch.channels_last_3d)
+    )
+
+
+def _writable(target: torch.Tensor, other: torch.Tensor, role: str) -> bool:
+    """Whether ``target += other`` may write ``target``, held by a :class:`_Total` as ``role``: a plain dense tensor
+    outside any graph, not a view, and nobody else holding it: no other Python reference, no other C++ reference (a
+    view keeps its base), no other tensor on its memory. The counts are compared with those of a fresh tensor held the
+    same way (measured once at import), so that they do not depend on the interpreter's version."""
+    if not (
+        type(target) is torch.Tensor
+        and not target.requires_grad  # create_graph: the sum must stay differentiable
+        and target.layout == torch.strided
+        and not target._is_view()
+        and target.shape == other.shape
+        and target.device == other.device
+        and target.dtype == torch.result_type(target, other)
+        and _dense(target)
+    ):
+        return False
+    counts = (
+        sys.getrefcount(target),
+        target._use_count(),
+        torch._C._storage_Use_Count(target.untyped_storage()._cdata),
+    )
+    if _CALIBRATION is not None:
+        _CALIBRATION[role] = counts
+        return False
+    return counts == _SOLE_OWNER_COUNTS[role]
+
+
+_CALIBRATION: dict[str, tuple[int, int, int]] | None = {}
+
+
+def _measure_sole_owner_counts() -> dict[str, tuple[int, int, int]]:
+    """The reference counts :func:`_writable` sees for fresh tensors held as a total's value, then as an addend."""
+    total = _Total()
+    total.add(torch.zeros(2))
+    addend = torch.zeros(2)
+    total.add(addend)  # measures both roles, writes neither
+    addend = None
+    return dict(_CALIBRATION or {})
+
+
+_SOLE_OWNER_COUNTS = _measure_sole_owner_counts()
+_CALIBRATION = None
 
 
 class _Plan:

@@ -305,3 +305,112 @@ def test_parameters_some_replicas_do_not_use_get_the_others_gradients():
     for name in ("positive", "negative"):
         for p, p_ref in zip(getattr(model[0], name).parameters(), getattr(branch, name).parameters(), strict=True):
             torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-10, msg=name)
+
+
+class KeepsItsGradient(torch.autograd.Function):
+    """``x * weight``; its backward keeps the weight gradient it returns (a user's function may)."""
+
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x)
+        return x * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        grad_weight = (grad * x).sum(0)
+        KeepsItsGradient.kept.append((grad_weight, grad_weight.clone()))
+        return grad * 0 + grad, grad_weight
+
+
+class ScaleByKeepingFunction(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(C, dtype=torch.float64))
+
+    def forward(self, x):
+        return KeepsItsGradient.apply(x, self.weight)
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_parameter_sums_never_write_a_gradient_someone_else_holds(replicas):
+    torch.manual_seed(6)
+    model = nn.Sequential(ScaleByKeepingFunction(), SynchronizedBatchNorm1d(C)).double()
+    x = torch.randn(12, C, dtype=torch.float64)
+    KeepsItsGradient.kept.clear()
+    y = call_with_timeout(DataParallelWithCallback(model, device_ids=["cpu"] * replicas), x)
+    assert joined(y)
+    call_with_timeout(y.square().sum().backward)
+    assert len(KeepsItsGradient.kept) == replicas
+    for kept, as_returned in KeepsItsGradient.kept:
+        assert torch.equal(kept, as_returned)  # not added to in place
+    expected = torch.stack([as_returned for _, as_returned in KeepsItsGradient.kept]).sum(0)
+    torch.testing.assert_close(model[0].weight.grad, expected, rtol=1e-12, atol=1e-12)
+    KeepsItsGradient.kept.clear()
+
+
+def fresh(*values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def test_the_first_sum_goes_into_a_gradient_nobody_else_holds():
+    from syncbn_ext.parallel_backward import _Total
+
+    total = _Total()
+    total.add(fresh(1.0, 2.0))
+    first = total.value
+    first_ptr = first.data_ptr()
+    first = None
+    total.add(fresh(0.5, 0.25))
+    assert total.value.data_ptr() == first_ptr  # written in place, no new tensor
+    assert total.value.tolist() == [1.5, 2.25]
+    # Or into the addend, when the first is held elsewhere: the same bits as first + addend.
+    a, b = torch.randn(1000), torch.randn(1000)
+    expected, a_before = a + b, a.clone()
+    total = _Total()
+    total.add(a)  # the caller keeps `a`
+    addend = b.clone()
+    addend_ptr = addend.data_ptr()
+    total.add(addend)
+    addend = None
+    assert total.value.data_ptr() == addend_ptr
+    assert torch.equal(total.value, expected)
+    assert torch.equal(a, a_before)  # `a`, held by the caller, untouched
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: torch.empty_strided((4,), (0,)).zero_(), id="overlapping"),
+        pytest.param(lambda: torch.zeros(8)[::2], id="a view"),
+        pytest.param(lambda: torch.zeros(4, requires_grad=True) * 1, id="in a graph"),
+        pytest.param(lambda: torch.zeros(4, dtype=torch.float16), id="another dtype"),
+    ],
+)
+def test_the_sums_never_write_a_gradient_that_cannot_take_it(make):
+    from syncbn_ext.parallel_backward import _Total
+
+    total = _Total()
+    total.add(make())
+    held = total.value
+    snapshot = held.detach().clone()
+    held = None
+    total.add(torch.ones(4))
+    assert total.value is not None and total.owned
+    first = total.value
+    assert torch.equal(first.detach().float(), snapshot.float() + 1)
+
+
+def test_the_sums_never_write_a_tensor_sharing_its_memory():
+    from syncbn_ext.parallel_backward import _Total
+
+    base = torch.zeros(4)
+    alias = base.view(2, 2)  # keeps base's memory shared
+    total = _Total()
+    total.add(base)
+    base = None
+    total.add(torch.ones(4))
+    assert torch.equal(alias, torch.zeros(2, 2))
+    assert torch.equal(total.value, torch.ones(4))
