@@ -90,10 +90,13 @@ def replicate_on_cpu(module: M, n: int, *, detach: bool | None = None) -> list[M
 
     modules = list(module.modules())
     module_indices = {m: i for i, m in enumerate(modules)}
+    # nn.Module.__setattr__ checks every assignment (a third of the replication's time): where it would only store the
+    # value (the module's class keeps nn.Module's, and no global registration hook is set), store it directly.
+    direct = _stores_directly([type(m) for m in modules])
     module_copies: list[list[nn.Module]] = [[] for _ in range(n)]
-    for m in modules:
+    for i, m in enumerate(modules):
         for j in range(n):
-            replica = shallow_replica(m)
+            replica = _plain_replica(m) if direct[i] else shallow_replica(m)
             # As torch does for DDP, which reads the replicas' parameters from here.
             replica.__dict__["_former_parameters"] = OrderedDict()
             module_copies[j].append(replica)
@@ -104,6 +107,8 @@ def replicate_on_cpu(module: M, n: int, *, detach: bool | None = None) -> list[M
                 replica = module_copies[j][i]
                 if child is None:
                     replica._modules[key] = None
+                elif direct[i]:
+                    replica._modules[key] = module_copies[j][module_indices[child]]
                 else:
                     setattr(replica, key, module_copies[j][module_indices[child]])
         for key, param in m._parameters.items():
@@ -114,19 +119,54 @@ def replicate_on_cpu(module: M, n: int, *, detach: bool | None = None) -> list[M
                 else:
                     param_copy = param_copies[j][param_indices[param]]
                     # No longer leaves: set as plain attributes, as torch does.
-                    setattr(replica, key, param_copy)
+                    if direct[i]:
+                        replica.__dict__[key] = param_copy
+                    else:
+                        setattr(replica, key, param_copy)
                     replica._former_parameters[key] = param_copy
         for key, buf in m._buffers.items():
             for j in range(n):
                 replica = module_copies[j][i]
-                if buf is None:
-                    replica._buffers[key] = None
+                if buf is None or direct[i]:
+                    replica._buffers[key] = None if buf is None else buffer_copies[j][buffer_indices[buf]]
                 else:
                     setattr(replica, key, buffer_copies[j][buffer_indices[buf]])
 
     replicas = [module_copies[j][0] for j in range(n)]
     rebind_compiled_modules(replicas)
     return replicas  # type: ignore[return-value]
+
+
+def _stores_directly(module_types: Sequence[type]) -> list[bool]:
+    """Per class, whether assigning a replica's children, parameters and buffers through ``nn.Module.__setattr__``
+    would only store them (``_modules[key]``, ``__dict__[key]``, ``_buffers[key]``), and
+    ``_replicate_for_data_parallel`` only copy the dictionaries: the class keeps both of nn.Module's, and no global
+    registration hook is set."""
+    from torch.nn.modules import module as module_internals
+
+    if (
+        module_internals._global_module_registration_hooks
+        or module_internals._global_buffer_registration_hooks
+        or module_internals._global_parameter_registration_hooks
+    ):
+        return [False] * len(module_types)
+    return [
+        t.__setattr__ is nn.Module.__setattr__
+        and t._replicate_for_data_parallel is nn.Module._replicate_for_data_parallel
+        for t in module_types
+    ]
+
+
+def _plain_replica(module: nn.Module) -> nn.Module:
+    """``nn.Module._replicate_for_data_parallel``, the dictionaries written directly (see :func:`_stores_directly`)."""
+    replica = module.__new__(type(module))
+    state = module.__dict__.copy()
+    state["_parameters"] = {}
+    state["_buffers"] = state["_buffers"].copy()
+    state["_modules"] = state["_modules"].copy()
+    state["_is_replica"] = True
+    object.__setattr__(replica, "__dict__", state)
+    return replica
 
 
 def _optimized_module_type() -> type | None:

@@ -161,3 +161,83 @@ def test_replicate_on_cpu_arguments():
         replicate_on_cpu(nn.Linear(1, 1), -1)
     with pytest.raises(ValueError, match="lazy"):
         replicate_on_cpu(nn.LazyLinear(2), 2)
+
+
+def _describe(replica):
+    """Per module of a replica: its class and what its dictionaries hold (tensors by identity of their source)."""
+
+    def key(value):
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), value.requires_grad, value._is_view())
+        if isinstance(value, nn.Module):
+            return ("module", type(value).__name__)
+        return ("other", type(value).__name__)
+
+    described = []
+    for m in replica.modules():
+        plain = {k: key(v) for k, v in m.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")}
+        described.append(
+            (
+                type(m).__name__,
+                plain,
+                {k: key(v) for k, v in m._parameters.items()},
+                {k: key(v) for k, v in m._buffers.items()},
+                {k: key(v) for k, v in m._modules.items()},
+            )
+        )
+    return described
+
+
+def test_replicas_are_the_same_through_setattr_and_direct_writes():
+    # A global registration hook makes the replication go through nn.Module.__setattr__ as torch's replicate does.
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), syncbn_ext.SynchronizedBatchNorm2d(4), nn.Sequential(nn.Linear(2, 2)))
+    net.shared = net[0]
+    direct = replicate_on_cpu(net, 2)
+    handle = torch.nn.modules.module.register_module_buffer_registration_hook(lambda module, name, buffer: None)
+    try:
+        through_setattr = replicate_on_cpu(net, 2)
+    finally:
+        handle.remove()
+    for a, b in zip(direct, through_setattr, strict=True):
+        assert _describe(a) == _describe(b)
+        assert a.shared is a[0] and b.shared is b[0]
+    assert direct[0][1].running_mean is net[1].running_mean  # replica 0 uses the module's buffers, as before
+    assert direct[1][1].running_mean is not net[1].running_mean
+
+
+class CountsAssignments(nn.Module):
+    """A module whose class brings its own __setattr__."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.register_buffer("scale", torch.ones(2))
+        self.weight = nn.Parameter(torch.ones(2))
+
+    def __setattr__(self, name, value):
+        self.__dict__.setdefault("assigned", []).append(name)
+        super().__setattr__(name, value)
+
+    def forward(self, x):
+        return self.linear(x) * self.weight * self.scale
+
+
+def test_a_class_with_its_own_setattr_and_global_registration_hooks_see_the_replicas_assignments():
+    module = CountsAssignments()
+    module.__dict__["assigned"] = []
+    replicas = replicate_on_cpu(module, 2)
+    for replica in replicas:
+        assert {"linear", "scale", "weight"} <= set(replica.__dict__["assigned"])
+        assert replica.weight._is_view() and "weight" not in replica._parameters
+    seen = []
+    net = nn.Sequential(nn.BatchNorm1d(2))
+    handles = [
+        torch.nn.modules.module.register_module_buffer_registration_hook(lambda m, n, b: seen.append(("buffer", n))),
+        torch.nn.modules.module.register_module_module_registration_hook(lambda m, n, c: seen.append(("module", n))),
+    ]
+    try:
+        replicate_on_cpu(net, 2)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen.count(("module", "0")) == 2 and seen.count(("buffer", "running_mean")) == 2
