@@ -165,7 +165,7 @@ class _ParameterSums:
 class _Total:
     """A running sum: the first gradient as it is, then additions in place, in replica order.
 
-    The first addition goes into one of the two gradients when nothing else can see it (see :meth:`_writable`: a
+    The first addition goes into one of the two gradients when nothing else can see it (see :func:`_writable`: a
     fresh gradient autograd handed over and let go, as a convolution's or a matrix product's weight gradient is),
     else into one new tensor: a new tensor per step costs a fresh allocation's page faults, on the backward's critical
     path. ``b.add_(a)`` is ``a + b`` to the bit, so the sums do not depend on which one was written. A gradient
@@ -178,7 +178,7 @@ class _Total:
         self.owned = False
 
     def add(self, grad: torch.Tensor | None) -> None:
-        """Adds ``grad``, which the caller holds in one variable only (so that :meth:`_writable` can tell)."""
+        """Adds ``grad``, which the caller holds in one variable only (so that :func:`_writable` can tell)."""
         if grad is None:
             return
         if self.value is None:
