@@ -46,6 +46,17 @@ void bind_replicate(py::module_& m) {
       "shared CallbackContext per module position, the master (copy 0) first at every position. Raises "
       "ValueError when the replicas' module trees differ. Returns the contexts, one per position; they share "
       "one ReplicationGroup (ctx.group).");
+  m.def(
+      "parameter_aliases",
+      [](const std::vector<at::Tensor>& parameters) {
+        std::vector<at::Tensor> aliases;
+        aliases.reserve(parameters.size());
+        for (const auto& parameter : parameters) aliases.push_back(parameter_alias(parameter));
+        return aliases;
+      },
+      py::arg("parameters"),
+      "A replica's handles on parameters: the same data, each gradient handed to its parameter's through a node "
+      "autograd runs as soon as that gradient is complete (as AccumulateGrad), not at the end of the backward.");
 }
 
 }  // namespace syncbn::python

@@ -1,5 +1,6 @@
 #include <syncbn/replicate.h>
 
+#include <cstdint>
 #include <string>
 #include <utility>
 
@@ -81,9 +82,14 @@ std::vector<std::shared_ptr<CallbackContext>> execute_replication_callbacks(
 
 namespace {
 
+// The sequence number autograd gives AccumulateGrad: of the ready nodes, it runs
+// first. The nodes below pass parameter gradients on; made before the forward,
+// they would otherwise run last (see parameter_alias in replicate.h).
+constexpr uint64_t kRunWhenReady = UINT64_MAX;
+
 // Sums the replicas' gradients of one parameter onto the original parameter.
 struct ReduceAddToOriginal : torch::autograd::Node {
-  explicit ReduceAddToOriginal(at::Device destination) : destination_(destination) {}
+  explicit ReduceAddToOriginal(at::Device destination) : Node(kRunWhenReady), destination_(destination) {}
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
     at::Tensor total;
     for (const auto& grad : grads) {
@@ -107,6 +113,7 @@ struct ReduceAddToOriginal : torch::autograd::Node {
 // use of a parameter to the one node every clone shares would race
 // (pytorch/pytorch#58442; found by ThreadSanitizer).
 struct CloneGradient : torch::autograd::Node {
+  CloneGradient() : Node(kRunWhenReady) {}
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override { return std::move(grads); }
   std::string name() const override { return "syncbn::CloneGradient"; }
 };
@@ -160,6 +167,27 @@ void link_clones(const std::shared_ptr<torch::nn::Module>& original,
 }
 
 }  // namespace
+
+namespace {
+
+// A replica's parameter: its gradient goes on to the parameter's, unchanged.
+struct ParameterAlias : torch::autograd::Node {
+  ParameterAlias() : Node(kRunWhenReady) {}
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override { return std::move(grads); }
+  std::string name() const override { return "syncbn::ParameterAlias"; }
+};
+
+}  // namespace
+
+at::Tensor parameter_alias(const at::Tensor& parameter) {
+  TORCH_CHECK_VALUE(parameter.defined(), "parameter_alias: the parameter is undefined");
+  at::Tensor alias = parameter.detach();
+  if (!parameter.requires_grad()) return alias;
+  auto node = c10::make_intrusive<ParameterAlias>();
+  node->set_next_edges(torch::autograd::collect_next_edges(parameter));
+  torch::autograd::set_history(alias, node);
+  return alias;
+}
 
 std::vector<std::shared_ptr<CallbackContext>> complete_replication(
     const std::shared_ptr<torch::nn::Module>& original, const std::vector<std::shared_ptr<torch::nn::Module>>& clones) {

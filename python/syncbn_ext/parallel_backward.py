@@ -3,7 +3,7 @@
 Autograd runs the backward of CPU tensors on the thread that called it: left alone, the replicas' backward runs
 one replica after the other, each on its slice of the batch, which on CPU costs more than the same work on the
 whole batch (the forward ran the replicas at once, each with its share of the cores). :func:`join_replicas` cuts
-each replica's graph at its boundary (its input slices, its parameters' views, its buffers, and any other leaf
+each replica's graph at its boundary (its input slices, its handles on the parameters, its buffers, and any other leaf
 its graph reaches) and joins the replicas' outputs through one node whose backward runs every replica's part of
 the graph on a worker thread of its own, at once, and hands the boundary's gradients back to autograd. For
 autograd the result is the same graph: ``backward()``, ``torch.autograd.grad`` (also with respect to
@@ -68,7 +68,9 @@ def _unique(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _parameter_views(replica: torch.nn.Module) -> list[torch.Tensor]:
-    """A replica's parameters (views of the module's), in the same order for every replica."""
+    """A replica's parameters (handles on the module's: see ``replicate_on_cpu``), in the same order for every
+    replica. Autograd hands each its gradient as soon as that is complete, so the sums below go on during the
+    backward."""
     views = [p for m in replica.modules() for p in m.__dict__.get("_former_parameters", {}).values() if p is not None]
     return _unique([v for v in views if v.requires_grad])
 
@@ -83,7 +85,7 @@ def _other_boundary(replica: torch.nn.Module, inputs: Any, kwargs: Any) -> list[
 class _ParameterSums:
     """Every replica's gradient of each parameter, summed as the backward produces them.
 
-    A hook on each replica's parameter view takes its gradient (the captured value becomes a free placeholder)
+    A hook on each replica's handle on a parameter takes its gradient (the captured value becomes a free placeholder)
     and adds it to the parameter's total as soon as replica order allows (deterministic sums): a gradient waits only
     for the lower replicas' gradients of the same parameter, so that few replicas' gradients are alive at once. One
     thread at a time adds to a parameter's total, outside the lock; the others leave their gradients to it.

@@ -44,9 +44,10 @@ def replicate_on_cpu(module: M, n: int, *, detach: bool | None = None) -> list[M
     copies are wired together as the originals are (a submodule shared by two parents stays shared inside
     each replica). In each replica:
 
-    * parameters are differentiable views of the original parameters (``p.view_as(p)``), so gradients
-      flow back and accumulate on the original leaf parameters, like the broadcast copies on GPUs; with
-      ``detach`` they are ``p.detach()`` instead;
+    * parameters are differentiable aliases of the original parameters (same data; a tensor subclass gets
+      ``p.view_as(p)``), so gradients flow back and accumulate on the original leaf parameters, like the
+      broadcast copies on GPUs, each as soon as it is complete (autograd runs the alias's node as it runs
+      AccumulateGrad, not at the end of the backward); with ``detach`` they are ``p.detach()`` instead;
     * buffers: replica 0 uses the original buffer tensors themselves (as device 0 does on GPUs, so running
       statistics updated in replica 0 land on the original module); replicas ``1..n-1`` get clones,
       detached unless the buffer requires grad and ``detach`` is false.
@@ -76,7 +77,7 @@ def replicate_on_cpu(module: M, n: int, *, detach: bool | None = None) -> list[M
         if nn.parameter.is_lazy(p):
             raise ValueError("replicate_on_cpu: the module has uninitialized (lazy) parameters; run a forward first")
     param_indices = {p: i for i, p in enumerate(params)}
-    param_copies = [[p.detach() if detach else p.view_as(p) for p in params] for _ in range(n)]
+    param_copies = [[p.detach() for p in params] if detach else _parameter_handles(params) for _ in range(n)]
 
     buffers = list(module.buffers())
     buffer_indices = {b: i for i, b in enumerate(buffers)}
@@ -135,6 +136,13 @@ def replicate_on_cpu(module: M, n: int, *, detach: bool | None = None) -> list[M
     replicas = [module_copies[j][0] for j in range(n)]
     rebind_compiled_modules(replicas)
     return replicas  # type: ignore[return-value]
+
+
+def _parameter_handles(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """One replica's differentiable handles on ``params`` (see :func:`replicate_on_cpu`)."""
+    plain = [type(p) in (nn.Parameter, torch.Tensor) for p in params]
+    aliases = iter(_C.parameter_aliases([p for p, ok in zip(params, plain, strict=True) if ok]))
+    return [next(aliases) if ok else p.view_as(p) for p, ok in zip(params, plain, strict=True)]
 
 
 def _stores_directly(module_types: Sequence[type]) -> list[bool]:

@@ -1,6 +1,8 @@
 #include <gtest/gtest.h>
 
 #include <mutex>
+#include <string>
+#include <vector>
 
 #include <torch/torch.h>
 
@@ -91,6 +93,65 @@ TEST(ExecuteReplicationCallbacks, DifferentModuleCountsAreAnError) {
   EXPECT_THROW(syncbn::execute_replication_callbacks(replicas), c10::ValueError);
   EXPECT_THROW(syncbn::execute_replication_callbacks(std::vector<std::vector<syncbn::ReplicaModule>>{}),
                c10::ValueError);
+}
+
+
+// Which of two leaves autograd hands its gradient first, in one backward.
+struct GradientOrder {
+  std::vector<std::string> order;
+  void watch(const at::Tensor& leaf, const std::string& name) {
+    leaf.register_hook([this, name](const at::Tensor& grad) {
+      order.push_back(name);
+      return grad;
+    });
+  }
+};
+
+at::Tensor long_chain(at::Tensor h) {
+  for (int i = 0; i < 12; ++i) h = torch::tanh(h * 1.1);
+  return h;
+}
+
+TEST(ParameterAlias, SharesTheDataAndHandsTheGradientOnAsSoonAsItIsComplete) {
+  at::Tensor parameter = torch::randn({4}, torch::requires_grad());
+  at::Tensor x = torch::randn({4}, torch::requires_grad());
+  at::Tensor alias = syncbn::parameter_alias(parameter);
+  EXPECT_EQ(alias.data_ptr(), parameter.data_ptr());
+  GradientOrder watched;
+  watched.watch(parameter, "parameter");
+  watched.watch(x, "input");
+  (long_chain(x) * alias).sum().backward();
+  EXPECT_EQ(watched.order, (std::vector<std::string>{"parameter", "input"}));
+  ASSERT_TRUE(parameter.grad().defined());
+  EXPECT_TRUE(torch::allclose(parameter.grad(), long_chain(x.detach())));
+
+  // The reason: a view made before the forward is reached only once nothing newer is ready, at the end.
+  parameter.mutable_grad() = at::Tensor();
+  GradientOrder viewed;
+  viewed.watch(parameter, "parameter");
+  viewed.watch(x, "input");
+  at::Tensor view = parameter.view_as(parameter);
+  (long_chain(x) * view).sum().backward();
+  EXPECT_EQ(viewed.order, (std::vector<std::string>{"input", "parameter"}));
+
+  at::Tensor frozen = torch::randn({2});
+  EXPECT_FALSE(syncbn::parameter_alias(frozen).requires_grad());
+}
+
+TEST(Replicate, TheReplicasGradientsReachTheOriginalAsSoonAsEveryReplicaGaveIts) {
+  torch::manual_seed(0);
+  torch::nn::Linear linear(4, 3);
+  auto replicas = syncbn::replicate(linear, {torch::kCPU, torch::kCPU});
+  at::Tensor x = torch::randn({6, 4}, torch::requires_grad());
+  GradientOrder watched;
+  watched.watch(linear->weight, "weight");
+  watched.watch(x, "input");
+  at::Tensor loss = replicas[0]->forward(long_chain(x.slice(0, 0, 3))).sum() +
+                    replicas[1]->forward(long_chain(x.slice(0, 3, 6))).sum();
+  loss.backward();
+  EXPECT_EQ(watched.order, (std::vector<std::string>{"weight", "input"}));
+  at::Tensor expected = long_chain(x.detach()).sum(0).expand({3, 4});
+  EXPECT_TRUE(torch::allclose(linear->weight.grad(), expected));
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -414,3 +415,61 @@ def test_the_sums_never_write_a_tensor_sharing_its_memory():
     total.add(torch.ones(4))
     assert torch.equal(alias, torch.zeros(2, 2))
     assert torch.equal(total.value, torch.ones(4))
+
+
+class Probe(torch.autograd.Function):
+    """Identity; its backward records when the gradient reached the start of the model, and on which thread."""
+
+    events: list[tuple[str, int, int]] = []
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        Probe.events.append(("start of the model", -1, threading.get_ident()))
+        return grad
+
+
+class Probed(nn.Module):
+    def forward(self, x):
+        return Probe.apply(x)
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_parameter_gradients_are_summed_while_the_backward_goes_on(monkeypatch, replicas):
+    # Autograd runs the most recently created ready node first: a replica's handle on a parameter, made before the
+    # forward, must not wait for the end of the backward (keeping every gradient alive until then).
+    from syncbn_ext import parallel_backward
+
+    take_for = parallel_backward._ParameterSums._hook
+
+    def logging_hook(self, index, replica):
+        take = take_for(self, index, replica)
+
+        def logged(grad):
+            if self.collecting:
+                Probe.events.append(("parameter", index, threading.get_ident()))
+            return take(grad)
+
+        return logged
+
+    monkeypatch.setattr(parallel_backward._ParameterSums, "_hook", logging_hook)
+    torch.manual_seed(7)
+    model = nn.Sequential(
+        Probed(), nn.Linear(C, C), SynchronizedBatchNorm1d(C), nn.ReLU(), nn.Linear(C, C), SynchronizedBatchNorm1d(C)
+    ).double()
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * replicas)
+    x = torch.randn(4 * replicas, C, dtype=torch.float64, requires_grad=True)
+    Probe.events.clear()
+    y = call_with_timeout(dp, x)
+    assert joined(y)
+    call_with_timeout(y.square().sum().backward)
+    last_layer_weight = len(list(model.parameters())) - 4  # the second Linear's weight: its gradient comes early
+    threads = {thread for kind, _, thread in Probe.events if kind == "start of the model"}
+    assert len(threads) == replicas
+    for thread in threads:
+        order = [(kind, index) for kind, index, t in Probe.events if t == thread]
+        assert order.index(("parameter", last_layer_weight)) < order.index(("start of the model", -1)), order
+    Probe.events.clear()

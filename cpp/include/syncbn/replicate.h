@@ -54,6 +54,16 @@ SYNCBN_API std::vector<std::shared_ptr<CallbackContext>> execute_replication_cal
 SYNCBN_API std::vector<std::shared_ptr<CallbackContext>> execute_replication_callbacks(
     const std::vector<std::shared_ptr<torch::nn::Module>>& replicas);
 
+// A replica's handle on `parameter`: the same data (and version counter), its
+// gradient handed to the parameter's through a node autograd runs as soon as
+// that gradient is complete, as it runs AccumulateGrad. A plain view's node is
+// created before the replica's forward, so autograd, which runs the most
+// recently created ready node first, would reach it only at the end of the
+// backward: every replica's gradient of every parameter would stay alive until
+// then and be summed then. A parameter that does not require grad gets a
+// detached alias.
+SYNCBN_API at::Tensor parameter_alias(const at::Tensor& parameter);
+
 // Completes a replication made of clones of `original` (one per device, copy 0
 // first): gradient edges from every clone's parameters to the original's (the
 // gradients of all replicas add up on the original, as with nn.DataParallel),
