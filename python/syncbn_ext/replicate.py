@@ -106,32 +106,32 @@ def replicate_on_cpu(module: M, n: int, *, detach: bool | None = None) -> list[M
         for key, child in m._modules.items():
             for j in range(n):
                 replica = module_copies[j][i]
-                if child is None:
-                    replica._modules[key] = None
-                elif direct[i]:
-                    replica._modules[key] = module_copies[j][module_indices[child]]
+                child_copy = None if child is None else module_copies[j][module_indices[child]]
+                if child is None or direct[i]:
+                    replica._modules[key] = child_copy
                 else:
-                    setattr(replica, key, module_copies[j][module_indices[child]])
+                    setattr(replica, key, child_copy)
         for key, param in m._parameters.items():
             for j in range(n):
                 replica = module_copies[j][i]
                 if param is None:
                     replica._parameters[key] = None
+                    continue
+                param_copy = param_copies[j][param_indices[param]]
+                # No longer leaves: set as plain attributes, as torch does.
+                if direct[i]:
+                    replica.__dict__[key] = param_copy
                 else:
-                    param_copy = param_copies[j][param_indices[param]]
-                    # No longer leaves: set as plain attributes, as torch does.
-                    if direct[i]:
-                        replica.__dict__[key] = param_copy
-                    else:
-                        setattr(replica, key, param_copy)
-                    replica._former_parameters[key] = param_copy
+                    setattr(replica, key, param_copy)
+                replica._former_parameters[key] = param_copy
         for key, buf in m._buffers.items():
             for j in range(n):
                 replica = module_copies[j][i]
+                buffer = None if buf is None else buffer_copies[j][buffer_indices[buf]]
                 if buf is None or direct[i]:
-                    replica._buffers[key] = None if buf is None else buffer_copies[j][buffer_indices[buf]]
+                    replica._buffers[key] = buffer
                 else:
-                    setattr(replica, key, buffer_copies[j][buffer_indices[buf]])
+                    setattr(replica, key, buffer)
 
     replicas = [module_copies[j][0] for j in range(n)]
     rebind_compiled_modules(replicas)
@@ -166,7 +166,8 @@ def _stores_directly(module_types: Sequence[type]) -> list[bool]:
 
 
 def _plain_replica(module: nn.Module) -> nn.Module:
-    """``nn.Module._replicate_for_data_parallel``, the dictionaries written directly (see :func:`_stores_directly`)."""
+    """``nn.Module._replicate_for_data_parallel``, the replica's dictionary built directly, not through
+    ``__setattr__`` (see :func:`_stores_directly` and :func:`shallow_replica`)."""
     replica = module.__new__(type(module))
     state = module.__dict__.copy()
     state["_parameters"] = {}
@@ -196,11 +197,7 @@ def shallow_replica(module: nn.Module) -> nn.Module:
     optimized = _optimized_module_type()
     if optimized is None or not isinstance(module, optimized):
         return module._replicate_for_data_parallel()
-    replica = module.__new__(type(module))
-    state = module.__dict__.copy()
-    state.update(_parameters={}, _buffers=state["_buffers"].copy(), _modules=state["_modules"].copy(), _is_replica=True)
-    object.__setattr__(replica, "__dict__", state)
-    return replica
+    return _plain_replica(module)
 
 
 def rebind_compiled_modules(replicas: Sequence[nn.Module]) -> None:
