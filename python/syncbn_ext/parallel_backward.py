@@ -136,10 +136,7 @@ class _ParameterSums:
                     if not grads:
                         self.adding[index] = False
                         break
-                for position in range(len(grads)):
-                    addend, grads[position] = grads[position], None  # the total its only holder
-                    self.totals[index].add(addend)
-                addend = None
+                self.totals[index].add_all(grads)
             if grad is None:
                 return None
             return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
@@ -155,10 +152,7 @@ class _ParameterSums:
         gradients after it wait in pending)."""
         self.collecting = False
         for total, pending in zip(self.totals, self.pending, strict=True):
-            for position in range(len(pending)):
-                grad, pending[position] = pending[position], None
-                total.add(grad)
-            grad = None
+            total.add_all(pending)
         totals = [total.value for total in self.totals]
         self.reset()
         return totals
@@ -195,6 +189,13 @@ class _Total:
             else:
                 self.value = self.value + grad
             self.owned = True
+
+    def add_all(self, grads: list[torch.Tensor | None]) -> None:
+        """Adds ``grads`` in order, taking each out of the list first (the list then holds none of them), so that
+        :func:`_writable` can tell when the total holds the only reference."""
+        for position in range(len(grads)):
+            grad, grads[position] = grads[position], None
+            self.add(grad)
 
 
 def _dense(tensor: torch.Tensor) -> bool:
