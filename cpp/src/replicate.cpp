@@ -118,6 +118,13 @@ struct CloneGradient : torch::autograd::Node {
   std::string name() const override { return "syncbn::CloneGradient"; }
 };
 
+// A replica's parameter: its gradient goes on to the parameter's, unchanged.
+struct ParameterAlias : torch::autograd::Node {
+  ParameterAlias() : Node(kRunWhenReady) {}
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override { return std::move(grads); }
+  std::string name() const override { return "syncbn::ParameterAlias"; }
+};
+
 // Walks the original and its clones together (same structure, as clones are).
 // Replica 0's buffers share the original's storage, or, given `isolated`, stay
 // copies whose pairs with the original's are listed there.
@@ -165,17 +172,6 @@ void link_clones(const std::shared_ptr<torch::nn::Module>& original,
     link_clones(child.value(), child_clones, isolated);
   }
 }
-
-}  // namespace
-
-namespace {
-
-// A replica's parameter: its gradient goes on to the parameter's, unchanged.
-struct ParameterAlias : torch::autograd::Node {
-  ParameterAlias() : Node(kRunWhenReady) {}
-  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override { return std::move(grads); }
-  std::string name() const override { return "syncbn::ParameterAlias"; }
-};
 
 }  // namespace
 
