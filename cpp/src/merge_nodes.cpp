@@ -1,9 +1,13 @@
 #include "merge_nodes.h"
 
+#include <algorithm>
+
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/functions/utils.h>
 
 #include <syncbn/batch_norm.h>
+
+#include "cpu/batch_norm_kernels.h"
 
 namespace syncbn::detail {
 
@@ -112,22 +116,29 @@ Merged merge_values(const std::vector<at::Tensor>& means, const std::vector<at::
   const at::Device device = means[0].device();
   const auto dtype = means[0].scalar_type();
   const bool across = spans_processes(call.group);
-  std::vector<at::Tensor> local_means, local_m2s;
   int64_t total = 0;
+  for (const int64_t count : counts) total += count;
+  const auto on_copy0 = [&](const at::Tensor& t) { return t.device() == device && t.scalar_type() == dtype; };
+  if (!across && device.is_cpu() && std::all_of(means.begin(), means.end(), on_copy0) &&
+      std::all_of(m2s.begin(), m2s.end(), on_copy0)) {
+    // Every replica waits for this: one loop, no stacking (see cpu::merge_stats).
+    at::NoGradGuard no_grad;
+    auto [mean, var] = cpu::merge_stats(std::vector<double>(counts.begin(), counts.end()), means, m2s);
+    return {mean, var, total};
+  }
+  std::vector<at::Tensor> local_means, local_m2s;
   for (size_t i = 0; i < means.size(); ++i) {
     // Across processes the merge continues in float64: this process's partial result goes to the other ranks.
     local_means.push_back(means[i].detach().to(device, across ? at::kDouble : dtype));
     local_m2s.push_back(m2s[i].detach().to(device, across ? at::kDouble : dtype));
-    total += counts[i];
   }
   at::Tensor count_tensor = at::tensor(counts, at::TensorOptions().dtype(at::kLong)).to(device);
-  at::Tensor copy_means = at::stack(local_means);
-  auto [mean, var] = merge_stats(count_tensor, copy_means, at::stack(local_m2s));
-  if (!across) return {mean, var, total, copy_means};
+  auto [mean, var] = merge_stats(count_tensor, at::stack(local_means), at::stack(local_m2s));
+  if (!across) return {mean, var, total};
   GroupStatistics group =
       merge_across_processes(call.group, call.layer_id, total, mean, var * static_cast<double>(total), call.label);
-  // float64 back to the statistics dtype: exactly the copies' own means.
-  return {group.mean.to(dtype), group.var.to(dtype), group.total, copy_means.to(dtype)};
+  // float64 back to the statistics dtype.
+  return {group.mean.to(dtype), group.var.to(dtype), group.total};
 }
 
 std::vector<std::pair<at::Tensor, at::Tensor>> merge_with_graph(const std::vector<at::Tensor>& means,
@@ -143,7 +154,9 @@ std::vector<std::pair<at::Tensor, at::Tensor>> merge_with_graph(const std::vecto
   }
   std::vector<at::Device> devices;
   for (const auto& m : means) devices.push_back(m.device());
-  auto merge = c10::make_intrusive<MergeStatsNode>(merge_sequence_nr, counts, merged.total, merged.copy_means,
+  std::vector<at::Tensor> copy_means;  // on copy 0's device, in the statistics dtype, as the merged mean
+  for (const auto& m : means) copy_means.push_back(m.detach().to(merged.mean.device(), merged.mean.scalar_type()));
+  auto merge = c10::make_intrusive<MergeStatsNode>(merge_sequence_nr, counts, merged.total, at::stack(copy_means),
                                                    merged.mean, devices, call);
   std::vector<at::Tensor> inputs(means.begin(), means.end());
   inputs.insert(inputs.end(), m2s.begin(), m2s.end());

@@ -39,9 +39,6 @@ using torch::autograd::variable_list;
 struct Merged {
   at::Tensor mean, var;
   int64_t total = 0;
-  // This process's copies' means, stacked on copy 0's device in the statistics
-  // dtype: what MergeStats needs in backward (merge_values stacks them anyway).
-  at::Tensor copy_means;
 };
 
 // A merge node's gradient of (mean, var) is the whole group's: summed across

@@ -114,6 +114,23 @@ def test_merge_stats_is_chan():
     torch.testing.assert_close(var, ref_var)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_merge_stats_cpu_kernel_is_the_composite_math_to_the_bit(dtype):
+    # The CPU kernel (one loop) and the ATen composite every other device runs: the same formula, in float64, the
+    # copies added in order from copy 0; also with an empty copy, non-contiguous rows, and no values at all.
+    generator = torch.Generator().manual_seed(4)
+    means = (torch.randn(3, 9, generator=generator, dtype=torch.float64) * 3 + 5).to(dtype)
+    m2s = (torch.rand(9, 3, generator=generator, dtype=torch.float64) * 50).to(dtype).t()  # (3, 9), not contiguous
+    for counts in (torch.tensor([4096, 0, 17]), torch.tensor([0, 0, 0])):
+        n = counts.double().unsqueeze(1)
+        total = n.sum(0).clamp_min(1)
+        mean64 = (n * means.double()).sum(0) / total
+        var64 = (m2s.double().sum(0) + (n * (means.double() - mean64).square()).sum(0)) / total
+        mean, var = ops.merge_stats(counts, means, m2s)
+        assert mean.dtype == var.dtype == dtype
+        assert torch.equal(mean, mean64.to(dtype)) and torch.equal(var, var64.to(dtype))
+
+
 def test_large_mean_float32_statistics_are_precise():
     # Sum and sum of squares in float32 would give variance 0 here.
     x = make((16, 8, 32, 32), torch.float32, None, seed=5, mean=1e4, std=1e-2)

@@ -159,6 +159,55 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_out, c
   return {sum_dy, sum_dy_xmu};
 }
 
+std::tuple<at::Tensor, at::Tensor> merge_stats(const std::vector<double>& counts, const std::vector<at::Tensor>& means,
+                                               const std::vector<at::Tensor>& m2s) {
+  TORCH_CHECK(!means.empty() && means.size() == counts.size() && m2s.size() == counts.size(),
+              "syncbn merge_stats: expected as many means and m2s as counts, at least one, got ", means.size(), ", ",
+              m2s.size(), " and ", counts.size());
+  const auto dtype = means[0].scalar_type();
+  const int64_t channels = means[0].numel();
+  const size_t copies = counts.size();
+  std::vector<at::Tensor> mean_in, m2_in;  // contiguous (a no-op when they are)
+  for (size_t i = 0; i < copies; ++i) {
+    for (const auto* part : {&means[i], &m2s[i]}) {
+      TORCH_CHECK(part->device().is_cpu() && part->dim() == 1 && part->numel() == channels &&
+                      part->scalar_type() == dtype,
+                  "syncbn merge_stats: expected 1-d CPU statistics of ", channels, " values of dtype ", dtype,
+                  ", got ", part->sizes(), " of ", part->scalar_type(), " on ", part->device());
+    }
+    mean_in.push_back(means[i].contiguous());
+    m2_in.push_back(m2s[i].contiguous());
+  }
+  double total = 0;
+  for (const double count : counts) total += count;
+  const double safe_total = std::max(total, 1.0);
+  at::Tensor mean = at::empty({channels}, means[0].options());
+  at::Tensor var = at::empty({channels}, means[0].options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "syncbn_merge_stats", [&] {
+    std::vector<const scalar_t*> mean_of(copies), m2_of(copies);
+    for (size_t i = 0; i < copies; ++i) {
+      mean_of[i] = mean_in[i].const_data_ptr<scalar_t>();
+      m2_of[i] = m2_in[i].const_data_ptr<scalar_t>();
+    }
+    scalar_t* mean_out = mean.mutable_data_ptr<scalar_t>();
+    scalar_t* var_out = var.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < channels; ++c) {
+      double weighted = 0;
+      for (size_t i = 0; i < copies; ++i) weighted += counts[i] * static_cast<double>(mean_of[i][c]);
+      const double merged = weighted / safe_total;
+      double m2 = 0, spread = 0;
+      for (size_t i = 0; i < copies; ++i) {
+        m2 += static_cast<double>(m2_of[i][c]);
+        const double deviation = static_cast<double>(mean_of[i][c]) - merged;
+        spread += counts[i] * (deviation * deviation);
+      }
+      mean_out[c] = static_cast<scalar_t>(merged);
+      var_out[c] = static_cast<scalar_t>((m2 + spread) / safe_total);
+    }
+  });
+  return {mean, var};
+}
+
 at::Tensor backward_elemt(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
                           const at::Tensor& dy_scale, const at::Tensor& x_scale, const at::Tensor& shift) {
   check_input(input, "input");

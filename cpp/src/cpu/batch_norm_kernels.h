@@ -1,6 +1,7 @@
 #pragma once
 
 #include <tuple>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 
@@ -22,6 +23,13 @@ namespace syncbn::cpu {
 // Never sum and sum of squares. One read of the input from memory.
 // Returns (mean, m2), acc dtype; zeros for an empty input.
 std::tuple<at::Tensor, at::Tensor> local_stats(const at::Tensor& input);
+
+// Chan's merge of R copies' statistics: copy i has counts[i] values per channel,
+// mean means[i] and M2 m2s[i] (1-d, C values, one float dtype for all). In
+// double, adding copy by copy from 0 (as the ATen composite's sums do); returns
+// the whole's (mean, biased var) in that dtype. A total of 0 gives 0 and 0.
+std::tuple<at::Tensor, at::Tensor> merge_stats(const std::vector<double>& counts, const std::vector<at::Tensor>& means,
+                                               const std::vector<at::Tensor>& m2s);
 
 // y = (x - mean[c]) * scale[c] + shift[c], the input's dtype and memory format.
 at::Tensor normalize(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& scale,
