@@ -118,9 +118,11 @@ Merged merge_values(const std::vector<at::Tensor>& means, const std::vector<at::
   const bool across = spans_processes(call.group);
   int64_t total = 0;
   for (const int64_t count : counts) total += count;
-  const auto on_copy0 = [&](const at::Tensor& t) { return t.device() == device && t.scalar_type() == dtype; };
-  if (!across && device.is_cpu() && std::all_of(means.begin(), means.end(), on_copy0) &&
-      std::all_of(m2s.begin(), m2s.end(), on_copy0)) {
+  // Plain CPU tensors only: a tensor subclass (Python dispatch) takes the ops' dispatcher path below.
+  const auto plain_cpu = [&](const at::Tensor& t) {
+    return t.device().is_cpu() && t.scalar_type() == dtype && !t.key_set().has(c10::DispatchKey::Python);
+  };
+  if (!across && std::all_of(means.begin(), means.end(), plain_cpu) && std::all_of(m2s.begin(), m2s.end(), plain_cpu)) {
     // Every replica waits for this: one loop, no stacking (see cpu::merge_stats).
     at::NoGradGuard no_grad;
     auto [mean, var] = cpu::merge_stats(std::vector<double>(counts.begin(), counts.end()), means, m2s);

@@ -229,6 +229,42 @@ def test_replicating_a_compiled_module_matches_the_whole_batch():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Tensor subclasses
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Wrapped(torch.Tensor):
+    """A ``__torch_dispatch__`` wrapper subclass without storage of its own, as tensor-subclass libraries make."""
+
+    @staticmethod
+    def __new__(cls, inner: torch.Tensor) -> Wrapped:
+        return torch.Tensor._make_wrapper_subclass(
+            cls, inner.shape, strides=inner.stride(), dtype=inner.dtype, device=inner.device
+        )
+
+    def __init__(self, inner: torch.Tensor) -> None:
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda t: t.inner if isinstance(t, Wrapped) else t  # noqa: E731
+        out = func(*torch.utils._pytree.tree_map(unwrap, args), **torch.utils._pytree.tree_map(unwrap, kwargs or {}))
+        return torch.utils._pytree.tree_map(lambda t: Wrapped(t) if isinstance(t, torch.Tensor) else t, out)
+
+
+def test_replicas_of_a_tensor_subclass_input_merge_through_the_ops_dispatcher():
+    # The merge's CPU fast path reads plain tensors' memory; statistics of a subclass go through the ops (which
+    # unwrap them), and the replicas still normalize with the whole batch's statistics.
+    x = torch.randn(8, C, 5, dtype=torch.float64)
+    layer = SynchronizedBatchNorm1d(C).double()
+    reference = nn.BatchNorm1d(C).double()
+    y = call_with_timeout(replicated(layer, 2), Wrapped(x), timeout=60)
+    assert isinstance(y, Wrapped)
+    torch.testing.assert_close(y.inner, reference(x))
+    torch.testing.assert_close(layer.running_var, reference.running_var)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # A replica's exception reaches the caller as it was raised
 # ---------------------------------------------------------------------------------------------------------------
 
