@@ -147,13 +147,13 @@ at::Tensor backward_elemt_aten(const at::Tensor& grad_out, const at::Tensor& inp
 // merge, which every replica waits for): cpu::merge_stats.
 std::tuple<at::Tensor, at::Tensor> merge_stats_cpu(const at::Tensor& counts, const at::Tensor& means,
                                                    const at::Tensor& m2s) {
-  if (!counts.device().is_cpu() || !m2s.device().is_cpu() || m2s.scalar_type() != means.scalar_type()) {
-    return merge_stats_aten(counts, means, m2s);  // mixed devices or dtypes: the general form
-  }
   check_merge_stats(counts, means, m2s);
+  if (!counts.device().is_cpu() || !m2s.device().is_cpu() || m2s.scalar_type() != means.scalar_type() ||
+      means.size(0) == 0) {
+    return merge_stats_aten(counts, means, m2s);  // mixed devices or dtypes, or no copy: the general form
+  }
   const at::Tensor n = counts.to(at::kDouble).contiguous();
   const std::vector<double> copy_counts(n.const_data_ptr<double>(), n.const_data_ptr<double>() + n.numel());
-  if (means.size(0) == 0) return merge_stats_aten(counts, means, m2s);  // no copy: zeros of C
   return cpu::merge_stats(copy_counts, means.unbind(0), m2s.unbind(0));
 }
 

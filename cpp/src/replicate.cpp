@@ -105,24 +105,18 @@ struct ReduceAddToOriginal : torch::autograd::Node {
   at::Device destination_;
 };
 
-// Hands one clone's gradient of one parameter on to the parameter's
-// ReduceAddToOriginal node: one per clone and parameter, linked here, before the
-// replica threads start. Each replica thread's graph then links only to nodes
-// of its own: making an edge to a node writes to that node (autograd's
-// Node::topological_nr() sets has_parent_), so R threads linking their first
-// use of a parameter to the one node every clone shares would race
-// (pytorch/pytorch#58442; found by ThreadSanitizer).
-struct CloneGradient : torch::autograd::Node {
-  CloneGradient() : Node(kRunWhenReady) {}
+// A replica's parameter: its gradient goes on, unchanged, to the parameter's
+// (parameter_alias), or to the parameter's ReduceAddToOriginal node (a clone's:
+// one per clone and parameter, linked here, before the replica threads start).
+// Each replica thread's graph then links only to nodes of its own: making an
+// edge to a node writes to that node (autograd's Node::topological_nr() sets
+// has_parent_), so R threads linking their first use of a parameter to the one
+// node every clone shares would race (pytorch/pytorch#58442; found by
+// ThreadSanitizer).
+struct ReplicaParameter : torch::autograd::Node {
+  ReplicaParameter() : Node(kRunWhenReady) {}
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override { return std::move(grads); }
-  std::string name() const override { return "syncbn::CloneGradient"; }
-};
-
-// A replica's parameter: its gradient goes on to the parameter's, unchanged.
-struct ParameterAlias : torch::autograd::Node {
-  ParameterAlias() : Node(kRunWhenReady) {}
-  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override { return std::move(grads); }
-  std::string name() const override { return "syncbn::ParameterAlias"; }
+  std::string name() const override { return "syncbn::ReplicaParameter"; }
 };
 
 // Walks the original and its clones together (same structure, as clones are).
@@ -139,7 +133,7 @@ void link_clones(const std::shared_ptr<torch::nn::Module>& original,
     for (const auto& clone : clones) {
       // The dict holds handles to the clone's own parameter tensors.
       const at::Tensor copy = clone->named_parameters(/*recurse=*/false)[item.key()];
-      auto hop = c10::make_intrusive<CloneGradient>();
+      auto hop = c10::make_intrusive<ReplicaParameter>();
       hop->add_next_edge(torch::autograd::Edge(reduce, reduce->add_input_metadata(copy)));
       torch::autograd::set_history(copy, hop);
     }
@@ -179,7 +173,7 @@ at::Tensor parameter_alias(const at::Tensor& parameter) {
   TORCH_CHECK_VALUE(parameter.defined(), "parameter_alias: the parameter is undefined");
   at::Tensor alias = parameter.detach();
   if (!parameter.requires_grad()) return alias;
-  auto node = c10::make_intrusive<ParameterAlias>();
+  auto node = c10::make_intrusive<ReplicaParameter>();
   node->set_next_edges(torch::autograd::collect_next_edges(parameter));
   torch::autograd::set_history(alias, node);
   return alias;
