@@ -8,7 +8,8 @@ the ratio of the two. Measured for ``bench_batchnorm.py --only wrapper`` (and it
   ``nn.BatchNorm2d`` on the whole batch, and the same network with synchronized BatchNorm under
   ``DataParallelWithCallback`` on 2 and 4 CPU replicas (the same statistics as the whole batch's). Interleaved
   rounds in one process (one step per variant in turn, the order rotating), the median of each round's
-  iterations, then the median over rounds.
+  iterations, then the median over rounds; as a cross-check that cancels the machine's drift between rounds,
+  also each round's ratio to the whole batch, then the median of those (the targets are judged on the former).
 * **peak RSS**: the process's peak resident set size (``VmHWM``) after a few steps of one variant, each in a fresh
   process (interpreter, torch and the model included: what a user sees).
 * **what threads alone do**, for reference: each of 2 or 4 threads runs its own copy of the whole-batch module
@@ -218,6 +219,13 @@ def run(
     began = time.perf_counter()
     samples, cores_busy = time_variants(iters, rounds, image_size)
     result = {"time": {**summarize(samples), "cores busy": cores_busy}}
+    whole = samples[VARIANT_WHOLE]
+    # each round's ratio, then their median: a cross-check that cancels the machine's drift from round to round
+    result["time"]["per-round ratios"] = {
+        v: statistics.median(x / w for x, w in zip(samples[v], whole, strict=True))
+        for v in TIME_VARIANTS
+        if v != VARIANT_WHOLE
+    }
     medians = result["time"]["medians"]
     result["time"]["ratios to the threads alone"] = {
         v: medians[v] / medians[_threads_alone_of(v)] for v in (*REPLICATED, *UNSYNCHRONIZED)
@@ -253,4 +261,6 @@ def format_table(result: dict) -> str:
             busy, alone = result[key]["cores busy"], result[key]["ratios to the threads alone"]
             lines.append(f"{'  cores busy (CPU / wall time / cores)':<42} {busy[VARIANT_WHOLE]:>9.2f}" + cells(busy, 2))
             lines.append(f"{'  ratio to the same threads alone':<42} {'':>9}" + cells(alone, 3))
+            per_round = result[key]["per-round ratios"]
+            lines.append(f"{'  per-round ratio to the whole batch':<42} {'':>9}" + cells(per_round, 3))
     return "\n".join(lines)
