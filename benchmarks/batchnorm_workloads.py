@@ -8,18 +8,12 @@ against one ``nn.BatchNorm2d`` on the whole batch. See ``bench_batchnorm.py`` fo
 
 from __future__ import annotations
 
-import os
-import sys
-
+import established_batchnorm  # beside this file, on the path of whoever imports this one (as wrapper_cost's imports)
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import established_batchnorm  # noqa: E402  (beside this file)
-
-import syncbn_ext  # noqa: E402
+import syncbn_ext
 
 REPLICAS = 2
 TOLERANCE = {"layer": 1e-4, "cnn": 1e-3}  # largest scaled error against the unreplicated torch reference
