@@ -6,7 +6,10 @@ replica per process (``DDP(model)``) and with 2 (``DDP(DataParallelWithCallback(
 
 * **torch**: ``nn.BatchNorm2d``, not synchronized (each replica normalizes its own slice): the reference of the
   ratios;
-* **ours**: ``syncbn_ext.SyncBatchNorm`` (statistics over every replica of every process);
+* **ours**: ``syncbn_ext.SyncBatchNorm`` (statistics over every replica of every process), the processes exchanging
+  through shared memory (ranks on one host: the default);
+* **ours, gloo**: the same layers exchanging through the group's gloo backend (``SYNCBN_SHARED_MEMORY=0`` when its
+  group is set up): what ranks on several hosts get;
 * **naive**: a re-implementation of the common pure-Python approach (detectron2's ``NaiveSyncBatchNorm``): the
   mean and mean of squares of each process's batch, averaged with a differentiable ``all_reduce`` (one in
   forward, one in backward), the variance rebuilt as ``E[x^2] - E[x]^2``. It runs one replica per process only
@@ -17,14 +20,14 @@ Two more variants split ours into its parts:
 * **ours alone**: ``syncbn_ext.SyncBatchNorm`` given a group of one process (each rank its own): our layers
   without any exchange across processes (with 2 replicas, still synchronized between them), our own cost;
 * **sync points** (1 replica per process): ``nn.BatchNorm2d`` preceded by a function making exactly the
-  collectives ours makes (an all-gather of ours' sizes forward, one backward) and nothing else: what synchronizing
-  at each layer costs by itself on this machine, whatever the layer computes (the floor of any per-layer
-  synchronized BatchNorm).
+  collectives ours makes over gloo (an all-gather of ours' sizes forward, one backward) and nothing else: what
+  synchronizing at each layer through gloo costs by itself on this machine, whatever the layer computes (the floor
+  of any per-layer synchronized BatchNorm over gloo).
 
 Each variant's step is timed in interleaved rounds (every rank runs the same variants in the same order, a barrier
 between them); the reported figure is rank 0's median over rounds of each round's median step. The collectives of
-one step are counted with the profiler (c10d ops recorded on every thread) and their bytes from the tensors'
-shapes. Target (issue 9): ours at most 1.15x torch, and faster than naive.
+one step are counted with the profiler (c10d ops and our shared-memory exchanges, recorded on every thread) and
+their bytes from the tensors' shapes. Target (issue 9): ours at most 1.15x torch, and faster than naive.
 
     python benchmarks/bench_distributed.py            # about a minute on 2 cores
     python benchmarks/bench_distributed.py --quick    # a smoke run
@@ -108,10 +111,12 @@ class SyncPointBatchNorm2d(nn.BatchNorm2d):
 
 
 def make_cnn(variant: str, process_group: dist.ProcessGroup | None = None) -> nn.Sequential:
+    """The CNN with ``variant``'s BatchNorm; ``process_group``: the group of "ours, gloo" and "ours alone"."""
     torch.manual_seed(0)
     norm = {
         "torch": nn.BatchNorm2d,
         "ours": syncbn_ext.SyncBatchNorm,
+        "ours, gloo": lambda channels: syncbn_ext.SyncBatchNorm(channels, process_group=process_group),
         "ours alone": lambda channels: syncbn_ext.SyncBatchNorm(channels, process_group=process_group),
         "sync points": SyncPointBatchNorm2d,
         "naive": NaiveSyncBatchNorm2d,
@@ -158,9 +163,12 @@ def count_collectives(step: Step) -> dict[str, int]:
     with profile(activities=[ProfilerActivity.CPU], experimental_config=config) as prof:
         step()
     calls: Counter[str] = Counter(
-        event.name.removeprefix("c10d::").rstrip("_")
+        event.name.removeprefix("c10d::")
+        .rstrip("_")
+        .replace("syncbn::shared_memory_allgather", "shared-memory allgather")
         for event in prof.events()
-        if event.name.startswith("c10d::") and "barrier" not in event.name
+        if (event.name.startswith("c10d::") and "barrier" not in event.name)
+        or event.name == "syncbn::shared_memory_allgather"
     )
     return dict(calls)
 
@@ -171,6 +179,7 @@ def count_collectives(step: Step) -> dict[str, int]:
 # mean of squares) in the input's dtype (float32 here) forward, and its gradient backward.
 BYTES_PER_CALL = {
     "ours": (32 + 16 * CHANNELS, 16 * CHANNELS),
+    "ours, gloo": (32 + 16 * CHANNELS, 16 * CHANNELS),
     "naive": (8 * CHANNELS, 8 * CHANNELS),
     "ours alone": (0, 0),
 }
@@ -182,15 +191,27 @@ def rank_main(rank: int, store: str, result: str, replicas: int, iters: int, rou
     dist.init_process_group("gloo", store=dist.FileStore(store, PROCESSES), rank=rank, world_size=PROCESSES)
     # Every rank creates every group (new_group is collective); each rank's "ours alone" layers get its own.
     groups_of_one = [dist.new_group([member]) for member in range(PROCESSES)]
-    variants = ("torch", "ours", "ours alone") + (("naive", "sync points") if replicas == 1 else ())
-    steps = {variant: Step(variant, replicas, rank, groups_of_one[rank]) for variant in variants}
-    for step in steps.values():
-        step()  # first use
+    groups = {"ours alone": groups_of_one[rank], "ours, gloo": dist.new_group(list(range(PROCESSES)))}
+    variants = ("torch", "ours", "ours, gloo", "ours alone") + (("naive", "sync points") if replicas == 1 else ())
+    steps = {variant: Step(variant, replicas, rank, groups.get(variant)) for variant in variants}
+    transports = {}
+    for variant, step in steps.items():
+        # First use. A group's transport is decided at its first synchronized call, reading SYNCBN_SHARED_MEMORY.
+        before = os.environ.get("SYNCBN_SHARED_MEMORY")
+        if variant == "ours, gloo":
+            os.environ["SYNCBN_SHARED_MEMORY"] = "0"
+        step()
+        if before is None:
+            os.environ.pop("SYNCBN_SHARED_MEMORY", None)
+        else:
+            os.environ["SYNCBN_SHARED_MEMORY"] = before
+        if variant.startswith("ours"):
+            transports[variant] = syncbn_ext.cross_process_transport(groups.get(variant))
     samples = interleaved_rounds(dict(steps), iters, rounds, before_each=dist.barrier)
     collectives = {variant: count_collectives(steps[variant]) for variant in variants}
     if rank == 0:
         with open(result, "w", encoding="utf-8") as f:
-            json.dump({"samples": samples, "collectives": collectives}, f)
+            json.dump({"samples": samples, "collectives": collectives, "transports": transports}, f)
     dist.destroy_process_group()
 
 
@@ -220,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     report, met = {}, True
-    variants = ("torch", "ours", "naive", "ours alone", "sync points")
+    variants = ("torch", "ours", "ours, gloo", "naive", "ours alone", "sync points")
     header = f"{'per process':<20}" + "".join(f" {variant + ' ms':>15}" for variant in variants) + "  ours/torch"
     lines = [header, "-" * len(header)]
     ratio_lines = []
@@ -244,8 +265,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             extra = {n: calls - baseline.get(n, 0) for n, calls in kinds.items() if calls != baseline.get(n)}
             forward_bytes, backward_bytes = BYTES_PER_CALL[variant]
+            transport = result["transports"].get(variant)
             collective_lines.append(
-                f"  {variant:<11} {replicas} replica(s): per synchronized layer and step "
+                f"  {variant:<11} {replicas} replica(s)"
+                + (f" ({transport})" if transport else "")
+                + ": per synchronized layer and step "
                 + (", ".join(f"{calls / BLOCKS:g} {name}" for name, calls in sorted(extra.items())) or "none")
                 + f"; {forward_bytes} B sent forward, {backward_bytes} B backward (C = {CHANNELS})"
             )

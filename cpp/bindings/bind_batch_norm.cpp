@@ -1,5 +1,6 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
+#include <syncbn/cross_process.h>
 #include <syncbn/sync_batch_norm.h>
 
 #include "barrier_controls.h"
@@ -60,6 +61,13 @@ void bind_batch_norm(py::module_& m) {
       "there as `layer_id`. running_mean and running_var, when given, are updated from the merged statistics and "
       "num_batches_tracked counts the batch; inside backward (a checkpointed block recomputed) a replicated layer "
       "reuses the original call's statistics and writes nothing.");
+
+  m.def(
+      "cross_process_transport",
+      [](const py::object& process_group) { return cross_process_transport(process_group.cast<ProcessGroupPtr>()); },
+      py::arg("process_group"),
+      "How synchronized layers exchange with the rest of `process_group`: 'shared memory' (every rank on this host), "
+      "'process group' (the group's backend), or 'not yet' (no synchronized call on it so far).");
 }
 
 }  // namespace syncbn::python

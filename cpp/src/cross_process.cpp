@@ -7,10 +7,13 @@
 #include <unordered_map>
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <c10/util/Exception.h>
 
 #include <syncbn/batch_norm.h>
 #include <syncbn/errors.h>
+
+#include "shared_memory_exchange.h"
 
 namespace syncbn {
 
@@ -26,6 +29,9 @@ struct GroupCalls {
   int64_t calls = 0;
   int64_t previous_layer = -1;                          // the layer of the last call every rank agreed on
   std::unordered_map<int64_t, int64_t> channels_after;  // layer id -> channels of the call that followed it
+  // Ranks on one host exchange through shared memory: decided at the group's first exchange of CPU tensors.
+  bool transport_decided = false;
+  std::shared_ptr<detail::SharedMemoryExchange> shared_memory;
 };
 
 std::mutex calls_mutex;
@@ -74,9 +80,9 @@ void wait(const c10::intrusive_ptr<c10d::Work>& work, const ProcessGroupPtr& gro
   }
 }
 
-// Every rank's `tensor` (the same size on every rank), stacked in rank order: (W, n).
-at::Tensor all_gather(const ProcessGroupPtr& group, const at::Tensor& tensor, const std::string& label,
-                      const char* doing) {
+// Every rank's `tensor` (the same size on every rank), stacked in rank order through the group's backend: (W, n).
+at::Tensor c10d_all_gather(const ProcessGroupPtr& group, const at::Tensor& tensor, const std::string& label,
+                           const char* doing) {
   std::vector<std::vector<at::Tensor>> outputs(1);
   for (int r = 0; r < group->getSize(); ++r) outputs[0].push_back(at::empty_like(tensor));
   std::vector<at::Tensor> inputs{tensor};
@@ -84,11 +90,74 @@ at::Tensor all_gather(const ProcessGroupPtr& group, const at::Tensor& tensor, co
   return at::stack(outputs[0]);
 }
 
+std::chrono::milliseconds group_timeout(const ProcessGroupPtr& group) {
+  try {
+    return group->getBackend(c10::DeviceType::CPU)->getBackendOptions()->timeout;
+  } catch (const std::exception&) {  // a backend that does not tell its options
+    return std::chrono::duration_cast<std::chrono::milliseconds>(::kBackendDefaultTimeout);
+  }
+}
+
+// The group's shared-memory exchange (null: none), set up at its first exchange of CPU tensors: every rank
+// reaches that point at the same exchange, so the set-up's collectives pair alike.
+std::shared_ptr<detail::SharedMemoryExchange> shared_memory_of(const ProcessGroupPtr& group,
+                                                               const std::string& label) {
+  {
+    std::lock_guard<std::mutex> lock(calls_mutex);
+    GroupCalls& calls = calls_of(group);
+    if (calls.transport_decided) return calls.shared_memory;
+  }
+  auto exchange = detail::SharedMemoryExchange::connect(group, [&](const at::Tensor& row) {
+    return c10d_all_gather(group, row, label, "setting up the exchange");
+  });
+  std::lock_guard<std::mutex> lock(calls_mutex);
+  GroupCalls& calls = calls_of(group);
+  calls.transport_decided = true;
+  calls.shared_memory = std::move(exchange);
+  return calls.shared_memory;
+}
+
+// Every rank's `tensor` (the same size on every rank), stacked in rank order: (W, n). Through shared memory where
+// the group's ranks share a host (CPU tensors), else (or for a row too large for its slots) the group's backend.
+// `sizes_known_alike`: every rank already knows every rank's row has this size (its headers agreed): a row too
+// large for the slots then goes to the backend at once, without first comparing sizes through shared memory.
+at::Tensor all_gather(const ProcessGroupPtr& group, const at::Tensor& tensor, detail::ExchangeKind kind,
+                      const std::string& label, const char* doing, bool sizes_known_alike = false) {
+  if (!tensor.device().is_cpu()) {  // GPUs: the group's backend (NCCL) is the fast path
+    std::lock_guard<std::mutex> lock(calls_mutex);
+    calls_of(group).transport_decided = true;
+  } else {
+    const auto exchange = shared_memory_of(group, label);
+    if (exchange && !(sizes_known_alike && static_cast<int64_t>(tensor.nbytes()) > exchange->capacity())) {
+      RECORD_FUNCTION("syncbn::shared_memory_allgather", std::vector<c10::IValue>());
+      std::optional<at::Tensor> gathered;
+      try {
+        gathered = exchange->all_gather(tensor, kind, group_timeout(group));
+      } catch (c10::Error& error) {
+        error.add_context(where(group, label, doing));
+        throw;
+      } catch (const BarrierError& error) {
+        throw BarrierError(std::string(error.what()) + "\n" + where(group, label, doing));
+      }
+      if (gathered) return *gathered;
+    }
+  }
+  return c10d_all_gather(group, tensor, label, doing);
+}
+
 constexpr int64_t kHeader = 4;  // call, layer id, channels, count
 
 }  // namespace
 
 bool spans_processes(const ProcessGroupPtr& group) { return group && group->getSize() > 1; }
+
+std::string cross_process_transport(const ProcessGroupPtr& group) {
+  TORCH_CHECK_VALUE(group, "cross_process_transport needs a process group");
+  std::lock_guard<std::mutex> lock(calls_mutex);
+  const GroupCalls& calls = calls_of(group);
+  if (!calls.transport_decided) return "not yet";
+  return calls.shared_memory ? "shared memory" : "process group";
+}
 
 GroupStatistics merge_across_processes(const ProcessGroupPtr& group, int64_t layer_id, int64_t count,
                                        const at::Tensor& mean, const at::Tensor& m2, const std::string& label) {
@@ -107,7 +176,7 @@ GroupStatistics merge_across_processes(const ProcessGroupPtr& group, int64_t lay
   at::Tensor packed_statistics = packed.narrow(0, kHeader, 2 * capacity).view(at::kDouble);
   packed_statistics.narrow(0, 0, first).copy_(statistics.narrow(0, 0, first));
   packed_statistics.narrow(0, capacity, first).copy_(statistics.narrow(0, channels, first));
-  const at::Tensor gathered = all_gather(group, packed, label, "exchanging statistics");  // (W, 4 + 2 capacity)
+  const at::Tensor gathered = all_gather(group, packed, detail::ExchangeKind::kStatistics, label, "exchanging statistics");  // (W, 4 + 2 capacity)
 
   const at::Tensor headers = gathered.narrow(1, 0, kHeader).cpu();  // one copy to the host for every rank's header
   const auto values = headers.accessor<int64_t, 2>();
@@ -139,7 +208,8 @@ GroupStatistics merge_across_processes(const ProcessGroupPtr& group, int64_t lay
   if (channels > first) {
     const int64_t rest = channels - first;
     at::Tensor remainder = at::cat({statistics.narrow(0, first, rest), statistics.narrow(0, channels + first, rest)});
-    const at::Tensor gathered_rest = all_gather(group, remainder, label, "exchanging statistics");  // (W, 2 rest)
+    const at::Tensor gathered_rest = all_gather(group, remainder, detail::ExchangeKind::kStatistics, label,
+                                                "exchanging statistics", /*sizes_known_alike=*/true);  // (W, 2 rest)
     means = at::cat({means, gathered_rest.narrow(1, 0, rest)}, 1);
     m2s = at::cat({m2s, gathered_rest.narrow(1, rest, rest)}, 1);
   }
@@ -162,7 +232,8 @@ std::pair<at::Tensor, at::Tensor> sum_across_processes(const ProcessGroupPtr& gr
   // An all-gather summed here in rank order rather than an all-reduce: half the steps of a ring all-reduce for these
   // few values per channel (gloo on localhost: 1.2 ms against 2 ms), and the same sum, bitwise, on every rank.
   const at::Tensor gathered =
-      all_gather(group, at::cat({part(grad_mean), part(grad_var)}), label, "summing gradients");  // (W, 2C)
+      all_gather(group, at::cat({part(grad_mean), part(grad_var)}), detail::ExchangeKind::kGradients, label,
+                 "summing gradients");  // (W, 2C)
   const at::Tensor sum = gathered.sum(0);
   return {sum.narrow(0, 0, channels), sum.narrow(0, channels, channels)};
 }

@@ -72,6 +72,7 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------------
 
 from .convert import convert_model, patch_sync_batchnorm, revert_model  # noqa: E402
+from .distributed import cross_process_transport  # noqa: E402
 from .nn import (  # noqa: E402
     SyncBatchNorm,
     SynchronizedBatchNorm1d,
@@ -87,6 +88,7 @@ __all__ += [
     "SynchronizedBatchNorm2d",
     "SynchronizedBatchNorm3d",
     "convert_model",
+    "cross_process_transport",
     "get_sbn_eps_mode",
     "patch_sync_batchnorm",
     "revert_model",

@@ -138,6 +138,7 @@ def load_jit(verbose: bool = False) -> ModuleType:
             sources=[str(unit) for unit in sources],
             extra_include_paths=[str(include_dir)],
             extra_cflags=["-O2", "-DSYNCBN_BUILDING_LIBRARY", *version_flags],
+            extra_ldflags=["-lrt"] if sys.platform.startswith("linux") else [],  # shm_open before glibc 2.34
             build_directory=str(build_dir),
             verbose=verbose,
         )

@@ -14,6 +14,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <iostream>
@@ -73,6 +74,7 @@ int run_rank(int rank, const std::string& store_path) {
 
   const std::vector<int64_t> sizes{3, 5};  // uneven slices of the global batch
   double error = 0;
+  const std::string before = syncbn::cross_process_transport(group);
   for (int step = 0; step < 3; ++step) {
     torch::manual_seed(100 + step);
     auto x = torch::randn({8, 2, 4, 4}, torch::kDouble) * 2 + 1;
@@ -96,9 +98,15 @@ int run_rank(int rank, const std::string& store_path) {
     error = std::max(error, max_difference(net->bn->running_var, ref_bn->running_var));
   }
   const bool counted = net->bn->num_batches_tracked.item<int64_t>() == 3;
-  std::printf("rank %d (%s): largest difference %.3g, num_batches_tracked %s\n", rank,
-              group->getBackendName().c_str(), error, counted ? "3" : "wrong");
-  return error < 1e-12 && counted ? 0 : 1;
+  // Both ranks on this host: shared memory, unless SYNCBN_SHARED_MEMORY=0 (the test's second run) keeps every
+  // exchange on the group's backend.
+  const char* shared_memory = std::getenv("SYNCBN_SHARED_MEMORY");
+  const std::string expected = shared_memory && std::string(shared_memory) == "0" ? "process group" : "shared memory";
+  const std::string transport = syncbn::cross_process_transport(group);
+  std::printf("rank %d (%s, exchanging through %s, '%s' before the first call): largest difference %.3g, "
+              "num_batches_tracked %s\n",
+              rank, group->getBackendName().c_str(), transport.c_str(), before.c_str(), error, counted ? "3" : "wrong");
+  return error < 1e-12 && counted && before == "not yet" && transport == expected ? 0 : 1;
 }
 
 // Starts ranks 0 and 1 of this program and waits for both, killing them past the time limit.

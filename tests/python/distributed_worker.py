@@ -181,8 +181,9 @@ class ChannelsNet(nn.Module):
         return self.head(x if self.skip_middle else self.middle(x))
 
 
-def count_allgathers(step) -> int:
-    """The all-gathers ``step()`` makes on this rank, on any thread (replicas' masters issue them)."""
+def count_exchanges(step) -> dict[str, int]:
+    """The all-gathers ``step()`` makes on this rank, on any thread (replicas' masters issue them), by transport:
+    the group's backend (``c10d``) or the same-host shared memory (``shared_memory``)."""
     from torch._C._profiler import _ExperimentalConfig
     from torch.profiler import ProfilerActivity, profile
 
@@ -190,7 +191,11 @@ def count_allgathers(step) -> int:
         activities=[ProfilerActivity.CPU], experimental_config=_ExperimentalConfig(profile_all_threads=True)
     ) as prof:
         step()
-    return sum(1 for event in prof.events() if event.name.startswith("c10d::allgather"))
+    names = [event.name for event in prof.events()]
+    return {
+        "c10d": sum(1 for name in names if name.startswith("c10d::allgather")),
+        "shared_memory": sum(1 for name in names if name == "syncbn::shared_memory_allgather"),
+    }
 
 
 def scenario_channels(rank, world, replicas, sizes):
@@ -213,8 +218,45 @@ def scenario_channels(rank, world, replicas, sizes):
     errors = run_steps(model, reference, run, sizes, rank, steps=len(order), before_step=before_step)
     x, grad = global_batch(9, sum(sizes))
     mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-    errors["allgathers_per_step"] = count_allgathers(lambda: run(x[mine]).backward(grad[mine]))
+    errors["exchanges_per_step"] = count_exchanges(lambda: run(x[mine]).backward(grad[mine]))
+    errors["transport"] = syncbn_ext.cross_process_transport()
     return errors
+
+
+WIDE = 5000  # channels: rows larger than a shared-memory slot (64 KiB: 4094 channels)
+
+
+def scenario_wide(rank, world, replicas, sizes):
+    """A layer too wide for the shared-memory slots: every rank's rows go through the group's backend (after their
+    sizes, through shared memory where it is used)."""
+    torch.manual_seed(0)
+    model, reference = syncbn_ext.SyncBatchNorm(WIDE).double(), nn.BatchNorm1d(WIDE).double()
+    run = wrap(model, replicas)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(sum(sizes), WIDE, generator=generator, dtype=torch.float64)
+    grad = torch.randn(sum(sizes), WIDE, generator=generator, dtype=torch.float64)
+    mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    x_mine, x_ref = x[mine].clone().requires_grad_(), x.clone().requires_grad_()
+    outputs = []
+
+    def step() -> None:
+        outputs.append(run(x_mine))
+        outputs[-1].backward(grad[mine])
+
+    step()
+    y_ref = reference(x_ref)
+    y_ref.backward(grad)
+    errors = {
+        "output": max_error(outputs[0], y_ref[mine]),
+        "running_var": max_error(model.running_var, reference.running_var),
+        "input_grad": max_error(x_mine.grad, x_ref.grad[mine]),
+    }
+    step()
+    exchanges = count_exchanges(step)  # sized by the channels of the steps before: one all-gather each way
+    return {
+        **errors,
+        "exchanges_per_step": exchanges,
+    }
 
 
 def scenario_eval(rank, world, replicas, sizes):
@@ -279,9 +321,10 @@ class StuckOnRank1(nn.Module):
     def __init__(self, seconds: float) -> None:
         super().__init__()
         self.seconds = seconds
+        self.armed = True
 
     def forward(self, x):
-        if dist.get_rank() == 1:
+        if self.armed and dist.get_rank() == 1:
             time.sleep(self.seconds)
             os._exit(0)  # the group timed out: nothing to tear down collectively
         return x
@@ -290,6 +333,43 @@ class StuckOnRank1(nn.Module):
 def scenario_absent(rank, world, replicas, sizes, timeout):
     model = nn.Sequential(StuckOnRank1(timeout + 5), syncbn_ext.SyncBatchNorm(C)).double()
     wrap(model, replicas)(torch.randn(4, C, dtype=torch.float64))
+    return {"ran": True}
+
+
+def scenario_absent_later(rank, world, replicas, sizes, timeout):
+    """One step together, then rank 1 never reaches its synchronized layer within the group's timeout."""
+    model = nn.Sequential(StuckOnRank1(timeout + 5), syncbn_ext.SyncBatchNorm(C)).double()
+    run = wrap(model, replicas)
+    x = torch.randn(4, C, dtype=torch.float64)
+    model[0].armed = False
+    run(x)  # every rank: one synchronized call
+    model[0].armed = True
+    run(x)
+    return {"ran": True}
+
+
+def scenario_exited(rank, world, replicas, sizes):
+    """One step together, then rank 1's process exits: the others are told so (not after the group's timeout)."""
+    model = syncbn_ext.SyncBatchNorm(C).double()
+    run = wrap(model, replicas)
+    x = torch.randn(4, C, dtype=torch.float64)
+    run(x)
+    if rank == 1:
+        os._exit(0)
+    run(x)
+    return {"ran": True}
+
+
+def scenario_steps(rank, world, replicas, sizes):
+    """Rank 0 runs backward while the others already run the next forward: ranks at different steps."""
+    model = syncbn_ext.SyncBatchNorm(C).double()
+    run = wrap(model, replicas)
+    x = torch.randn(4, C, dtype=torch.float64, requires_grad=True)
+    y = run(x)
+    if rank == 0:
+        y.sum().backward()
+    else:
+        run(x)
     return {"ran": True}
 
 
@@ -302,7 +382,13 @@ SCENARIOS = {
     "mismatch_widths": scenario_mismatch_widths,
     "channels": scenario_channels,
     "absent": scenario_absent,
+    "absent_later": scenario_absent_later,
+    "exited": scenario_exited,
+    "steps": scenario_steps,
+    "wide": scenario_wide,
 }
+WITH_TIMEOUT = {"absent", "absent_later"}
+LEAVE_THE_GROUP_AS_IS = {"absent", "absent_later", "exited"}  # a failed group cannot be torn down collectively
 
 
 def main() -> int:
@@ -324,7 +410,7 @@ def main() -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)  # several ranks share the cores of one machine
     for name in args.scenarios:
-        extra = {"timeout": args.timeout} if name == "absent" else {}
+        extra = {"timeout": args.timeout} if name in WITH_TIMEOUT else {}
         try:
             measures = SCENARIOS[name](rank, world, args.replicas, args.sizes, **extra)
             result = {"scenario": name, "rank": rank, "result": measures}
@@ -333,7 +419,7 @@ def main() -> int:
             if os.environ.get("SYNCBN_TEST_TRACEBACK"):
                 traceback.print_exc()
         print(json.dumps(result), flush=True)
-    if "absent" not in args.scenarios:  # a timed-out group cannot be torn down collectively
+    if not LEAVE_THE_GROUP_AS_IS.intersection(args.scenarios):
         dist.destroy_process_group()
     return 0
 

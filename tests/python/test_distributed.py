@@ -35,12 +35,17 @@ def collect(children: list[child_processes.Child]) -> dict[str, dict[int, dict]]
     return results
 
 
-def launch(tmp_path, world, replicas, sizes, scenarios, timeout=30.0):
+# How the ranks exchange: through shared memory (ranks on one host, the default) or the group's backend only.
+TRANSPORTS = {"shared_memory": {}, "c10d": {"SYNCBN_SHARED_MEMORY": "0"}}
+
+
+def launch(tmp_path, world, replicas, sizes, scenarios, timeout=30.0, transport="shared_memory"):
     """``world`` ranks over a FileStore, each running ``scenarios``."""
     store = tmp_path / "store"
     command = [sys.executable, str(WORKER), "--world", str(world), "--store", str(store), "--replicas", str(replicas)]
     command += ["--sizes", *map(str, sizes), "--timeout", str(timeout), "--scenarios", *scenarios]
-    return collect([child_processes.Child([*command, "--rank", str(rank)]) for rank in range(world)])
+    env = dict(os.environ, **TRANSPORTS[transport])
+    return collect([child_processes.Child([*command, "--rank", str(rank)], env=env) for rank in range(world)])
 
 
 def measures(record: dict) -> dict:
@@ -58,24 +63,34 @@ def assert_parity(result: dict, steps: int, tracked: list[int] | None = None) ->
 
 
 @pytest.mark.parametrize(
-    "world, replicas, sizes",
+    "world, replicas, sizes, transport",
     [
-        (2, 1, [3, 5]),
-        (2, 2, [4, 5]),
-        (3, 1, [3, 5, 0]),  # uneven slices, an empty rank
-        (3, 2, [2, 6, 0]),
+        (2, 1, [3, 5], "shared_memory"),
+        (2, 2, [4, 5], "shared_memory"),
+        (3, 1, [3, 5, 0], "shared_memory"),  # uneven slices, an empty rank
+        (3, 2, [2, 6, 0], "shared_memory"),
+        (2, 1, [3, 5], "c10d"),
+        (3, 2, [2, 6, 0], "c10d"),
     ],
 )
-def test_every_rank_matches_one_batchnorm_on_the_global_batch(tmp_path, world, replicas, sizes):
-    scenarios = ["parity", "ddp", "eval", "channels"] + (["subgroup"] if world == 3 else [])
-    results = launch(tmp_path, world, replicas, sizes, scenarios)
+def test_every_rank_matches_one_batchnorm_on_the_global_batch(tmp_path, world, replicas, sizes, transport):
+    scenarios = ["parity", "ddp", "eval", "channels", "wide"] + (["subgroup"] if world == 3 else [])
+    results = launch(tmp_path, world, replicas, sizes, scenarios, transport=transport)
     for rank in range(world):
         for case, result in measures(results["parity"][rank]).items():  # both layers, momentum 0.1 and None
             assert_parity(result, steps=3), case
         assert measures(results["eval"][rank])["output"] < TOLERANCE
         channels = measures(results["channels"][rank])  # widths 3, 5, 3, 3; the middle two skipped at step 2
         assert_parity(channels, steps=5, tracked=[5, 4, 4, 5])
-        assert channels["allgathers_per_step"] == 2 * 4  # one forward, one backward, per synchronized call
+        # One exchange forward and one backward per synchronized call, through the transport asked for.
+        other = "c10d" if transport == "shared_memory" else "shared_memory"
+        assert channels["exchanges_per_step"] == {transport: 2 * 4, other: 0}
+        assert channels["transport"] == {"shared_memory": "shared memory", "c10d": "process group"}[transport]
+        # Rows too large for the shared-memory slots go through the group's backend, on every rank alike (their
+        # sizes through shared memory first, where it is used).
+        wide = measures(results["wide"][rank])
+        assert wide["output"] < TOLERANCE and wide["running_var"] < TOLERANCE and wide["input_grad"] < TOLERANCE
+        assert wide["exchanges_per_step"] == {"c10d": 2, "shared_memory": 2 if transport == "shared_memory" else 0}
         if sizes[rank] > 0:  # DistributedDataParallel needs a batch on every rank
             assert_parity(measures(results["ddp"][rank]), steps=2)
     if world == 3:  # a subgroup of ranks 0 and 1: rank 2 normalizes alone
@@ -83,12 +98,12 @@ def test_every_rank_matches_one_batchnorm_on_the_global_batch(tmp_path, world, r
             assert_parity(measures(results["subgroup"][rank]), steps=2)
 
 
-@pytest.mark.parametrize("replicas", [1, 2])
-def test_ranks_at_different_layers_get_an_error_naming_every_ranks_layer(tmp_path, replicas):
+@pytest.mark.parametrize("replicas, transport", [(1, "shared_memory"), (2, "shared_memory"), (1, "c10d")])
+def test_ranks_at_different_layers_get_an_error_naming_every_ranks_layer(tmp_path, replicas, transport):
     # mismatch: each rank at another layer of the same width. mismatch_widths (on the same group, after it): the
     # layers' widths differ too, after steps in which every rank learned them: every rank's exchange still has the
     # same size whatever its layer's width, so it is the error too, not a broken gloo exchange.
-    results = launch(tmp_path, 2, replicas, [4, 4], ["mismatch", "mismatch_widths"])
+    results = launch(tmp_path, 2, replicas, [4, 4], ["mismatch", "mismatch_widths"], transport=transport)
     for rank in (0, 1):
         record = results["mismatch"][rank]
         assert record.get("error") == "BarrierError", record
@@ -107,13 +122,52 @@ def test_ranks_at_different_layers_get_an_error_naming_every_ranks_layer(tmp_pat
         assert "(5 channels);" in record["message"], record
 
 
-def test_a_rank_that_never_comes_is_caught_by_the_groups_timeout_naming_our_layer(tmp_path):
-    results = launch(tmp_path, 3, 1, [2, 2, 2], ["absent"], timeout=3.0)
+@pytest.mark.parametrize(
+    "scenario, transport",
+    [
+        ("absent", "shared_memory"),  # at the group's first exchange: the set-up, through the group's backend
+        ("absent_later", "shared_memory"),  # after a step: the shared-memory exchange's own wait
+        ("absent_later", "c10d"),
+    ],
+)
+def test_a_rank_that_never_comes_is_caught_by_the_groups_timeout_naming_our_layer(tmp_path, scenario, transport):
+    results = launch(tmp_path, 3, 1, [2, 2, 2], [scenario], timeout=3.0, transport=transport)
     for rank in (0, 2):  # rank 1 is stuck (it leaves when the others gave up)
-        record = results["absent"][rank]
+        record = results[scenario][rank]
         assert record.get("error") == "DistBackendError", record
         assert "in synchronized BatchNorm SyncBatchNorm(3)" in record["message"]
         assert "across the process group" in record["message"]
+        if scenario == "absent_later" and transport == "shared_memory":
+            assert "timed out after 3000 ms (the group's timeout) waiting for rank 1" in record["message"], record
+
+
+@pytest.mark.parametrize("transport", ["shared_memory", "c10d"])
+def test_a_rank_whose_process_exits_is_reported_without_waiting_for_the_timeout(tmp_path, transport):
+    # The group's timeout is 60 s: the launch's own limit (LAUNCH_TIMEOUT) would fail the test if the others waited.
+    results = launch(tmp_path, 3, 1, [2, 2, 2], ["exited"], timeout=60.0, transport=transport)
+    assert 1 not in results["exited"]  # rank 1 left without a word
+    for rank in (0, 2):
+        record = results["exited"][rank]
+        assert record.get("error") == "DistBackendError", record
+        assert "in synchronized BatchNorm SyncBatchNorm(3)" in record["message"]
+        if transport == "shared_memory":
+            assert "rank 1 (process " in record["message"], record
+            assert "exited before reaching this exchange" in record["message"], record
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_ranks_at_different_steps_get_an_error_saying_so(tmp_path, replicas):
+    # Rank 0 sums its gradients (backward) while rank 1 exchanges its next forward's statistics.
+    results = launch(tmp_path, 2, replicas, [4, 4], ["steps"])
+    for rank in (0, 1):
+        record = results["steps"][rank]
+        # Rank 0's in backward: torch's autograd engine passes our BarrierError on as a RuntimeError (its base).
+        assert record.get("error") == ("RuntimeError" if rank == 0 else "BarrierError"), record
+        message = record["message"]
+        assert "the ranks of the process group are at different steps" in message, message
+        assert "rank 0 is summing gradients (backward)" in message, message
+        assert "rank 1 is exchanging statistics (forward)" in message, message
+        assert "SyncBatchNorm(3)" in message and "across the process group" in message, message  # the layer named
 
 
 def free_port() -> int:
@@ -140,6 +194,7 @@ def test_torchrun_with_two_nodes_on_one_machine(tmp_path):
 
 def test_without_torch_distributed_sync_batchnorm_is_a_single_process_layer():
     assert not dist.is_initialized()
+    assert syncbn_ext.cross_process_transport() == "none"
     layer = syncbn_ext.SyncBatchNorm(3)
     assert layer.sync_group() is None
     reference = torch.nn.BatchNorm1d(3)

@@ -11,7 +11,9 @@
 
 // Synchronization across processes: the statistics each process merged from
 // its own replicas, merged again over a c10d process group (gloo on CPU, NCCL
-// on GPUs), so that every rank normalizes with the whole global batch's.
+// on GPUs), so that every rank normalizes with the whole global batch's. Ranks
+// on one host exchange CPU rows through shared memory instead of the group's
+// backend (set up through the group; see cross_process_transport).
 namespace syncbn {
 
 using ProcessGroupPtr = c10::intrusive_ptr<c10d::ProcessGroup>;
@@ -59,5 +61,14 @@ SYNCBN_API std::pair<at::Tensor, at::Tensor> sum_across_processes(const ProcessG
 
 // Whether `group` synchronizes anything: not null, and more than one rank.
 SYNCBN_API bool spans_processes(const ProcessGroupPtr& group);
+
+// How this process's synchronized layers exchange with the rest of `group`:
+// "shared memory" (every rank on this host: the default for CPU tensors),
+// "process group" (the group's own backend: ranks on several hosts,
+// SYNCBN_SHARED_MEMORY=0 on some rank, GPU tensors), or "not yet" (no
+// synchronized call on the group so far: it is decided at the first, alike on
+// every rank). Rows larger than the shared slots (more than 4094 channels) go
+// through the backend either way.
+SYNCBN_API std::string cross_process_transport(const ProcessGroupPtr& group);
 
 }  // namespace syncbn
