@@ -191,6 +191,17 @@ std::shared_ptr<SharedMemoryExchange> SharedMemoryExchange::connect(const Proces
     }
   }
 
+  // A set-up collective that fails (a rank that never comes) leaves nothing mapped or named behind.
+  auto gather_or_clean_up = [&](const at::Tensor& tensor) {
+    try {
+      return gather(tensor);
+    } catch (...) {
+      if (base != nullptr) munmap(base, size);
+      if (rank == 0 && !name.empty()) shm_unlink(name.c_str());
+      throw;
+    }
+  };
+
   at::Tensor row = at::zeros({kRowWords}, at::kLong);
   auto* words = row.data_ptr<int64_t>();
   words[kWants] = wants;
@@ -200,7 +211,7 @@ std::shared_ptr<SharedMemoryExchange> SharedMemoryExchange::connect(const Proces
   words[kStartTime] = static_cast<int64_t>(own_start.value_or(0));
   words[kCapacity] = capacity;
   std::memcpy(words + kName, name.c_str(), std::min(name.size(), static_cast<size_t>(kNameWords * 8 - 1)));
-  const at::Tensor rows = gather(row).contiguous();  // (W, kRowWords)
+  const at::Tensor rows = gather_or_clean_up(row).contiguous();  // (W, kRowWords)
   const auto* all = rows.data_ptr<int64_t>();
   auto field = [&](int r, RowField f) { return all[r * kRowWords + f]; };
 
@@ -236,7 +247,7 @@ std::shared_ptr<SharedMemoryExchange> SharedMemoryExchange::connect(const Proces
   }
 
   at::Tensor verdict = at::tensor({static_cast<int64_t>(ok)}, at::kLong);
-  const at::Tensor verdicts = gather(verdict);  // every rank has opened the segment, or failed to
+  const at::Tensor verdicts = gather_or_clean_up(verdict);  // every rank has opened the segment, or failed to
   if (rank == 0 && !name.empty()) shm_unlink(name.c_str());  // nothing left behind, whatever happens next
   const bool everyone_ok = verdicts.min().item<int64_t>() == 1;
   if (!everyone_ok) {

@@ -23,6 +23,16 @@ LAUNCH_TIMEOUT = 240  # seconds, for a whole launch
 TOLERANCE = 1e-12
 
 
+@pytest.fixture(autouse=True)
+def no_shared_memory_left_behind():
+    """The launches' shared-memory segments are unlinked: once every rank mapped one, or when its set-up failed."""
+    folder = Path("/dev/shm")
+    before = set(folder.glob("syncbn-*")) if folder.is_dir() else set()
+    yield
+    after = set(folder.glob("syncbn-*")) if folder.is_dir() else set()
+    assert after <= before, sorted(map(str, after - before))
+
+
 def collect(children: list[child_processes.Child]) -> dict[str, dict[int, dict]]:
     """Waits for every process (stopping all of them past the time limit); {scenario: {rank: line}}."""
     results: dict[str, dict[int, dict]] = defaultdict(dict)
