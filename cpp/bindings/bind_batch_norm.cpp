@@ -62,6 +62,17 @@ void bind_batch_norm(py::module_& m) {
       "num_batches_tracked counts the batch; inside backward (a checkpointed block recomputed) a replicated layer "
       "reuses the original call's statistics and writes nothing.");
 
+  // Ctrl-C while the main thread waits for other ranks in a shared-memory exchange: Python's handler runs (a
+  // KeyboardInterrupt ends the wait) instead of the signal waiting for the group's timeout. Other threads (replicas,
+  // autograd) cannot receive signals: they skip the GIL entirely.
+  const auto main_thread =
+      py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
+  set_cross_process_wait_hook([main_thread] {
+    if (PyThread_get_thread_ident() != main_thread) return;
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+  });
+
   m.def(
       "cross_process_transport",
       [](const py::object& process_group) { return cross_process_transport(process_group.cast<ProcessGroupPtr>()); },

@@ -123,7 +123,15 @@ constexpr int64_t kNameWords = 18;
 enum RowField : int64_t { kWants = 0, kCreated, kNonce, kPid, kStartTime, kCapacity, kName };
 #endif
 
+std::mutex wait_hook_mutex;
+std::function<void()> wait_hook;
+
 }  // namespace
+
+std::function<void()> cross_process_wait_hook() {
+  std::lock_guard<std::mutex> lock(wait_hook_mutex);
+  return wait_hook;
+}
 
 SharedMemoryExchange::SharedMemoryExchange(void* base, size_t size, int rank, int world, int64_t capacity,
                                            std::vector<int64_t> pids, std::vector<uint64_t> start_times)
@@ -296,6 +304,7 @@ void SharedMemoryExchange::wait_for_every_rank(uint64_t sequence, std::chrono::m
     cpu_relax();
   }
   auto* header = static_cast<SegmentHeader*>(base_);
+  const auto hook = cross_process_wait_hook();
   const auto start = std::chrono::steady_clock::now();
   auto next_liveness_check = start + kLivenessEvery;
   while (true) {
@@ -314,6 +323,14 @@ void SharedMemoryExchange::wait_for_every_rank(uint64_t sequence, std::chrono::m
     }
     atomic(&header->waiters).fetch_sub(1, std::memory_order_seq_cst);
     if (arrived()) return;
+    if (hook) {
+      try {
+        hook();
+      } catch (...) {
+        failure_ = "a rank's wait was interrupted";
+        throw;
+      }
+    }
 
     const auto now = std::chrono::steady_clock::now();
     const auto missing = missing_ranks(sequence);
@@ -393,3 +410,12 @@ std::optional<at::Tensor> SharedMemoryExchange::all_gather(const at::Tensor& ten
 }
 
 }  // namespace syncbn::detail
+
+namespace syncbn {
+
+void set_cross_process_wait_hook(std::function<void()> hook) {
+  std::lock_guard<std::mutex> lock(detail::wait_hook_mutex);
+  detail::wait_hook = std::move(hook);
+}
+
+}  // namespace syncbn

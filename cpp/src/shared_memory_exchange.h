@@ -28,6 +28,9 @@ namespace syncbn::detail {
 // fail alike instead of pairing unrelated values.
 enum class ExchangeKind : int64_t { kStatistics = 1, kGradients = 2 };
 
+// The hook set by set_cross_process_wait_hook (empty: none).
+std::function<void()> cross_process_wait_hook();
+
 class SharedMemoryExchange {
  public:
   // The group's c10d all-gather of a CPU int64 row, (W, n): the set-up's channel.

@@ -15,7 +15,9 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -360,6 +362,46 @@ def scenario_exited(rank, world, replicas, sizes):
     return {"ran": True}
 
 
+class WaitsOnRank1(nn.Module):
+    """Once armed, rank 1 waits (outside any synchronized layer) until rank 0 says it is done, then exits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+
+    def forward(self, x):
+        if self.armed and dist.get_rank() == 1:
+            dist.distributed_c10d._get_default_store().wait(["interrupt scenario done"])
+            os._exit(0)
+        return x
+
+
+def scenario_interrupted(rank, world, replicas, sizes):
+    """Ctrl-C on rank 0 while it waits for rank 1 in an exchange (after a step: the shared-memory wait): a
+    KeyboardInterrupt at once, not after the group's timeout; the group's later exchanges then fail at once."""
+    model = nn.Sequential(WaitsOnRank1(), syncbn_ext.SyncBatchNorm(C)).double()
+    run = wrap(model, replicas)
+    x = torch.randn(4, C, dtype=torch.float64)
+    run(x)
+    model[0].armed = True
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    start = time.monotonic()
+    try:
+        run(x)
+        outcome = {"interrupted": False}
+    except KeyboardInterrupt:
+        outcome = {"interrupted": True, "seconds": time.monotonic() - start}
+    finally:
+        timer.join()
+    try:
+        run(x)
+    except Exception as error:  # the ranks are out of step
+        outcome.update(after=type(error).__name__, message=str(error))
+    dist.distributed_c10d._get_default_store().set("interrupt scenario done", "1")
+    return outcome
+
+
 def scenario_steps(rank, world, replicas, sizes):
     """Rank 0 runs backward while the others already run the next forward: ranks at different steps."""
     model = syncbn_ext.SyncBatchNorm(C).double()
@@ -385,10 +427,12 @@ SCENARIOS = {
     "absent_later": scenario_absent_later,
     "exited": scenario_exited,
     "steps": scenario_steps,
+    "interrupted": scenario_interrupted,
     "wide": scenario_wide,
 }
 WITH_TIMEOUT = {"absent", "absent_later"}
-LEAVE_THE_GROUP_AS_IS = {"absent", "absent_later", "exited"}  # a failed group cannot be torn down collectively
+# A failed group cannot be torn down collectively.
+LEAVE_THE_GROUP_AS_IS = {"absent", "absent_later", "exited", "interrupted"}
 
 
 def main() -> int:

@@ -165,6 +165,16 @@ def test_a_rank_whose_process_exits_is_reported_without_waiting_for_the_timeout(
             assert "exited before reaching this exchange" in record["message"], record
 
 
+def test_ctrl_c_while_waiting_for_another_rank_interrupts_the_wait(tmp_path):
+    # The group's timeout is 60 s; rank 0 is interrupted 1 s into its wait for rank 1 (which exits afterwards).
+    results = launch(tmp_path, 2, 1, [4, 4], ["interrupted"], timeout=60.0)
+    outcome = measures(results["interrupted"][0])
+    assert outcome["interrupted"], outcome
+    assert outcome["seconds"] < 30, outcome  # the signal, not the group's timeout, ended the wait
+    assert outcome["after"] == "DistBackendError", outcome
+    assert "a rank's wait was interrupted" in outcome["message"] and "out of step" in outcome["message"], outcome
+
+
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_ranks_at_different_steps_get_an_error_saying_so(tmp_path, replicas):
     # Rank 0 sums its gradients (backward) while rank 1 exchanges its next forward's statistics.

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <utility>
 
@@ -70,5 +71,11 @@ SYNCBN_API bool spans_processes(const ProcessGroupPtr& group);
 // every rank). Rows larger than the shared slots (more than 4094 channels) go
 // through the backend either way.
 SYNCBN_API std::string cross_process_transport(const ProcessGroupPtr& group);
+
+// Called about every 50 ms by a rank waiting for the others in a shared-memory
+// exchange (the Python bindings deliver Ctrl-C this way); whatever it throws
+// ends the wait, leaving the exchange out of step (every later one on the group
+// fails). Empty: none (the default).
+SYNCBN_API void set_cross_process_wait_hook(std::function<void()> hook);
 
 }  // namespace syncbn
