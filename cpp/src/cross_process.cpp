@@ -176,7 +176,8 @@ GroupStatistics merge_across_processes(const ProcessGroupPtr& group, int64_t lay
   at::Tensor packed_statistics = packed.narrow(0, kHeader, 2 * capacity).view(at::kDouble);
   packed_statistics.narrow(0, 0, first).copy_(statistics.narrow(0, 0, first));
   packed_statistics.narrow(0, capacity, first).copy_(statistics.narrow(0, channels, first));
-  const at::Tensor gathered = all_gather(group, packed, detail::ExchangeKind::kStatistics, label, "exchanging statistics");  // (W, 4 + 2 capacity)
+  const at::Tensor gathered =  // (W, 4 + 2 capacity)
+      all_gather(group, packed, detail::ExchangeKind::kStatistics, label, "exchanging statistics");
 
   const at::Tensor headers = gathered.narrow(1, 0, kHeader).cpu();  // one copy to the host for every rank's header
   const auto values = headers.accessor<int64_t, 2>();
