@@ -81,6 +81,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import split_cost  # noqa: E402  (beside this file)
 import wrapper_cost  # noqa: E402  (beside this file)
 from batchnorm_workloads import (  # noqa: E402  (beside this file)
     REPLICAS,
@@ -340,10 +341,12 @@ def main(argv: list[str] | None = None) -> int:
         results["memory"] = summarize(samples)
         results["memory"]["calibration_mb"] = calibration
         log(f"  memory done ({time.perf_counter() - began:.1f} s)")
-    wrapper = None
+    wrapper = split = None
+    image_size = 64 if args.quick else 128
     if "wrapper" in selected:
-        image_size = 64 if args.quick else 128
         wrapper = wrapper_cost.run(args.iters, args.rounds, args.mem_rounds, image_size, args.threads, log)
+        split = split_cost.run(image_size, args.iters, args.rounds, logged_steps=1 if args.quick else 2)
+        log(f"  split alone done ({time.perf_counter() - began:.1f} s)")
     elapsed = time.perf_counter() - began
     load_after = os.getloadavg()
 
@@ -364,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if wrapper is not None:
         print(("\n" if results else "") + wrapper_cost.format_table(wrapper))
+    if split is not None:
+        print("\n" + split_cost.format_table(split, image_size))
     if max(load_before[0], load_after[0]) > 1.0 and args.threads is None:
         print(
             "note: other processes were running (load average above 1): a replica that loses its core holds the "
@@ -400,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             "targets_met": met,
             "results": results,
             "wrapper": wrapper,
+            "split": split,
         }
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)

@@ -19,6 +19,9 @@ the ratio of the two. Measured for ``bench_batchnorm.py --only wrapper`` (and it
 * **synchronization's own cost**: the 2 and 4 replicas with plain ``nn.BatchNorm2d`` (each normalizing its slice),
   and for every variant how busy the cores were while it ran (the process's CPU time over the wall time, per core):
   replicas that wait for each other in a synchronized layer leave cores idle.
+* **the split alone**, under everything: :mod:`split_cost` runs the whole-batch module on 1, 2 and 4 slices one
+  after another on one thread, with oneDNN's count and time of the convolutions' weight reorders (made once per
+  convolution call, so once per replica).
 
 Targets (issue 8): at most 1.20x the time and 1.15x the peak RSS of the whole-batch module.
 """

@@ -28,6 +28,7 @@ def test_bench_batchnorm_smoke():
     assert "training step time (ms)" in out and "process peak RSS (MB)" in out  # the wrapper's own cost
     assert "ratio to the same threads alone" in out and "4 alone" in out  # ... beside what threads alone cost
     assert "cores busy" in out and "4 plain" in out  # ... and synchronization's own
+    assert "The split alone: one thread" in out and "oneDNN weight reorders (calls per step)" in out  # ... the floor
     assert "check layer against nn.BatchNorm2d on the whole batch" in out
 
 
