@@ -22,6 +22,7 @@ import sys
 import time
 
 import torch
+import wrapper_cost
 from timing import interleaved_rounds
 from torch import nn
 
@@ -45,8 +46,6 @@ class _SlicedStep:
 def worker(image_size: int, iters: int, rounds: int, logged_steps: int) -> None:
     """In a fresh process: times the step per slice count (interleaved), then logs ``logged_steps`` steps of each
     with oneDNN's verbose log between markers; prints the timings (JSON) and the convolutions' weight shapes."""
-    import wrapper_cost  # beside this file; imported here so that the parent process need not load it twice
-
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = wrapper_cost.make_resnet()
@@ -79,7 +78,7 @@ def _primitive_times(lines: list[str], weights: set[str], steps: int) -> dict[st
     totals = {"convolution ms": 0.0, "weight reorder ms": 0.0, "weight reorders": 0.0, "other ms": 0.0}
     for line in lines:
         fields = line.split(",")
-        if "exec" not in fields:
+        if not line.startswith("onednn_verbose") or "exec" not in fields[:-2]:
             continue
         primitive, shape, ms = fields[fields.index("exec") + 2], fields[-2], float(fields[-1])
         if primitive == "convolution":
@@ -138,7 +137,7 @@ def format_table(result: dict, image_size: int) -> str:
         ("  oneDNN convolutions (ms per step)", "convolution ms", 1),
         ("  oneDNN weight reorders (ms per step)", "weight reorder ms", 1),
         ("  oneDNN weight reorders (calls per step)", "weight reorders", 0),
-        ("  other oneDNN primitives (activation reorders; ms)", "other ms", 1),
+        ("  other oneDNN primitives (ms per step)", "other ms", 1),
         ("  everything else (ms: a logged step less the above)", "everything else ms", 1),
     ]
     lines = [header, "-" * len(header)]
