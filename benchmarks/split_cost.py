@@ -47,12 +47,9 @@ def worker(image_size: int, iters: int, rounds: int, logged_steps: int) -> None:
     """In a fresh process: times the step per slice count (interleaved), then logs ``logged_steps`` steps of each
     with oneDNN's verbose log between markers; prints the timings (JSON) and the convolutions' weight shapes."""
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = wrapper_cost.make_resnet()
-    generator = torch.Generator().manual_seed(1)
-    images = torch.randn(wrapper_cost.BATCH, 3, image_size, image_size, generator=generator)
-    targets = torch.randint(0, wrapper_cost.CLASSES, (wrapper_cost.BATCH,), generator=generator)
-    steps = {str(k): _SlicedStep(model, images, targets, k) for k in SLICES}
+    whole = wrapper_cost.WrapperBench(wrapper_cost.VARIANT_WHOLE, image_size)  # the same weights and data
+    model = whole.model
+    steps = {str(k): _SlicedStep(model, whole.images, whole.targets, k) for k in SLICES}
     for step in steps.values():
         step()  # first use: oneDNN's primitive caches
     samples = interleaved_rounds(steps, iters, rounds)
@@ -64,7 +61,6 @@ def worker(image_size: int, iters: int, rounds: int, logged_steps: int) -> None:
             for _ in range(logged_steps):
                 step()
         logged_ms[name] = (time.perf_counter() - began) * 1e3 / logged_steps
-        sys.stdout.flush()
         print(_END, flush=True)
     weights = sorted({"x".join(map(str, m.weight.shape)) for m in model.modules() if isinstance(m, nn.Conv2d)})
     print(json.dumps({"samples": samples, "logged_ms": logged_ms, "weights": weights}), flush=True)
@@ -129,7 +125,7 @@ def run(image_size: int, iters: int, rounds: int, logged_steps: int = 2) -> dict
 
 def format_table(result: dict, image_size: int) -> str:
     names = [str(k) for k in SLICES]
-    title = f"The split alone: one thread, batch 8 in slices ({image_size}x{image_size})"
+    title = f"The split alone: one thread, batch {wrapper_cost.BATCH} in slices ({image_size}x{image_size})"
     header = f"{title:<58}" + "".join(f" {f'{k} slice' + ('s' if k != '1' else ''):>10}" for k in names)
     rows = [
         ("step time (ms), slices one after another", "step ms", 1),
