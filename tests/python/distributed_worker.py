@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import signal
@@ -20,9 +21,11 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  before init_process_group, so that it does not hold the default group
 from torch import nn
 
 import syncbn_ext
@@ -149,6 +152,42 @@ def scenario_ddp(rank, world, replicas, sizes):
     model, reference = make_models("SyncBatchNorm", None)
     ddp = nn.parallel.DistributedDataParallel(wrap(model, replicas))
     return run_steps(model, reference, ddp, sizes, rank, steps=2, ddp_world=world)
+
+
+def _threads() -> int:
+    """This process's OS threads (Linux)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def scenario_released(rank, world, replicas, sizes):
+    """A group our layers synchronized over (under DDP over the same group) is freed by ``destroy_process_group``
+    once DDP and the layers given the group are gone, without a garbage collection: nothing else of ours (replicas,
+    exchanges, shared memory) holds it, so gloo's threads end there and not at interpreter exit (README's "Ending
+    the script"). Measured twice: the group's Python object is gone, and so are the threads gloo started for it."""
+    before = _threads()
+    group = dist.new_group(list(range(world)))
+    group_threads = _threads() - before
+    model, reference = make_models("SyncBatchNorm", group)
+    ddp = nn.parallel.DistributedDataParallel(wrap(model, replicas), process_group=group)
+    errors = run_steps(model, reference, ddp, sizes, rank, steps=2, ddp_world=world, group=group)
+    transport = syncbn_ext.cross_process_transport(group)
+    released = weakref.ref(group)
+    del ddp, model, group  # the layers hold the group they were given, as torch's SyncBatchNorm does
+    gc.disable()  # a collection now could free what a reference cycle holds; that would not count
+    try:
+        before = _threads()
+        dist.destroy_process_group(released())
+        freed = released() is None
+        threads_ended = before - _threads()
+    finally:
+        gc.enable()
+    return {
+        "parity": errors,
+        "transport": transport,
+        "freed": freed,
+        "group_threads": group_threads,
+        "threads_ended": threads_ended,
+    }
 
 
 def scenario_subgroup(rank, world, replicas, sizes):
@@ -419,6 +458,7 @@ SCENARIOS = {
     "parity": scenario_parity,
     "ddp": scenario_ddp,
     "subgroup": scenario_subgroup,
+    "released": scenario_released,
     "eval": scenario_eval,
     "mismatch": scenario_mismatch,
     "mismatch_widths": scenario_mismatch_widths,

@@ -108,6 +108,19 @@ def test_every_rank_matches_one_batchnorm_on_the_global_batch(tmp_path, world, r
             assert_parity(measures(results["subgroup"][rank]), steps=2)
 
 
+@pytest.mark.parametrize("replicas, transport", [(1, "shared_memory"), (2, "c10d")])
+def test_destroy_process_group_frees_a_group_our_layers_synchronized_over(tmp_path, replicas, transport):
+    # Once DDP and the layers given the group are gone, nothing of ours holds it: destroy_process_group frees it
+    # at once (no garbage collection), and gloo's threads for it end there, not at interpreter exit.
+    results = launch(tmp_path, 2, replicas, [3, 4], ["released"], transport=transport)
+    for rank in range(2):
+        result = measures(results["released"][rank])
+        assert_parity(result["parity"], steps=2)
+        assert result["transport"] == {"shared_memory": "shared memory", "c10d": "process group"}[transport]
+        assert result["freed"], result
+        assert result["group_threads"] > 0 and result["threads_ended"] == result["group_threads"], result
+
+
 @pytest.mark.parametrize("replicas, transport", [(1, "shared_memory"), (2, "shared_memory"), (1, "c10d")])
 def test_ranks_at_different_layers_get_an_error_naming_every_ranks_layer(tmp_path, replicas, transport):
     # mismatch: each rank at another layer of the same width. mismatch_widths (on the same group, after it): the
