@@ -7,6 +7,7 @@
 #include <unordered_map>
 
 #include <ATen/ATen.h>
+#include <ATen/ThreadLocalPythonObjects.h>
 #include <ATen/record_function.h>
 #include <c10/util/Exception.h>
 
@@ -80,13 +81,35 @@ void wait(const c10::intrusive_ptr<c10d::Work>& work, const ProcessGroupPtr& gro
   }
 }
 
+// While alive, the calling thread holds none of the Python objects torch keeps in a thread's state (during a
+// backward, torch 2.13 keeps one there), so that a collective started meanwhile captures none. A gloo work keeps
+// the state it captured until its worker thread lets go of it, a moment after the work completes; if that moment
+// falls in the interpreter's shutdown, releasing a Python object there aborts the process. Ours need none.
+class WithoutThreadLocalPythonObjects {
+ public:
+  WithoutThreadLocalPythonObjects() : saved_(at::impl::ThreadLocalPythonObjects::get_state()) {
+    at::impl::ThreadLocalPythonObjects::set_state({});
+  }
+  ~WithoutThreadLocalPythonObjects() { at::impl::ThreadLocalPythonObjects::set_state(std::move(saved_)); }
+  WithoutThreadLocalPythonObjects(const WithoutThreadLocalPythonObjects&) = delete;
+  WithoutThreadLocalPythonObjects& operator=(const WithoutThreadLocalPythonObjects&) = delete;
+
+ private:
+  at::impl::ThreadLocalPythonObjects saved_;  // copies of the references: nothing is released while set aside
+};
+
 // Every rank's `tensor` (the same size on every rank), stacked in rank order through the group's backend: (W, n).
 at::Tensor c10d_all_gather(const ProcessGroupPtr& group, const at::Tensor& tensor, const std::string& label,
                            const char* doing) {
   std::vector<std::vector<at::Tensor>> outputs(1);
   for (int r = 0; r < group->getSize(); ++r) outputs[0].push_back(at::empty_like(tensor));
   std::vector<at::Tensor> inputs{tensor};
-  wait(group->allgather(outputs, inputs), group, label, doing);
+  c10::intrusive_ptr<c10d::Work> work;
+  {
+    WithoutThreadLocalPythonObjects no_python_objects;
+    work = group->allgather(outputs, inputs);
+  }
+  wait(work, group, label, doing);
   return at::stack(outputs[0]);
 }
 

@@ -236,3 +236,53 @@ def test_without_torch_distributed_sync_batchnorm_is_a_single_process_layer():
     torch.testing.assert_close(layer.running_var, reference.running_var)
     # Our in-process layers ignore torch.distributed unless given a group.
     assert syncbn_ext.SynchronizedBatchNorm1d(3).sync_group() is None
+
+
+class _PlaysRankZeroOfTwo(dist.ProcessGroup):
+    """A group of this process alone that plays rank 0 of 2 (rank 1 sends what rank 0 sends), recording for each
+    all-gather whether the calling thread held torch's per-backward Python object ("context") when it started."""
+
+    def __init__(self) -> None:
+        super().__init__(0, 2)
+        self.held_python_objects: list[bool] = []
+
+    def getBackendName(self) -> str:
+        return "test"
+
+    def allgather(self, output_tensors, input_tensors, opts=None):
+        self.held_python_objects.append(torch._C._is_key_in_tls("context"))
+        for output in output_tensors[0]:
+            output.copy_(input_tensors[0])
+        future = torch.futures.Future()
+        future.set_result(output_tensors)
+        return torch._C._distributed_c10d._create_work_from_future(future)
+
+
+def test_our_collectives_start_without_the_python_objects_torch_keeps_in_the_thread(monkeypatch):
+    # torch keeps a Python object in the thread's state during a backward, and a collective captures that state:
+    # gloo's worker releases its copy a moment after the work completes, which aborts the process when it falls in
+    # the interpreter's shutdown. Ours start without them (README's "Ending the script").
+    monkeypatch.setenv("SYNCBN_SHARED_MEMORY", "0")  # the group's own all-gathers only
+    group = _PlaysRankZeroOfTwo()
+    layer = syncbn_ext.SyncBatchNorm(3, process_group=group)
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    torch._C._stash_obj_in_tls("context", object())  # as a backward does, here around the forward too
+    try:
+        y = layer(x)
+    finally:
+        torch._C._remove_obj_from_tls("context")
+    assert group.held_python_objects and not any(group.held_python_objects)
+    forward_calls = len(group.held_python_objects)
+    held_in_backward = []
+    y.register_hook(lambda grad: held_in_backward.append(torch._C._is_key_in_tls("context")))
+    y.square().sum().backward()
+    assert held_in_backward == [True]  # torch's own, for this backward
+    assert len(group.held_python_objects) > forward_calls and not any(group.held_python_objects)
+    # The statistics and gradients are those of the whole batch of both ranks (rank 1's slice a copy of rank 0's).
+    ours = x.detach().clone().requires_grad_()
+    reference = torch.nn.BatchNorm1d(3)
+    out = reference(torch.cat([ours, x.detach()]))
+    out.square().sum().backward()
+    torch.testing.assert_close(y, out[:4])
+    torch.testing.assert_close(x.grad, ours.grad)
+    torch.testing.assert_close(layer.running_var, reference.running_var)
