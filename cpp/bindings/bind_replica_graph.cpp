@@ -1,6 +1,7 @@
 #include <ATen/SequenceNumber.h>
 #include <torch/csrc/autograd/graph_task.h>
 
+#include <syncbn/once_differentiable.h>
 #include <syncbn/replica_graph.h>
 
 #include "bindings.h"
@@ -37,6 +38,20 @@ void bind_replica_graph(py::module_& m) {
   m.def(
       "current_graph_task_keep_graph", [] { return torch::autograd::get_current_graph_task_keep_graph(); },
       "Inside backward: whether the running backward keeps its graph (retain_graph).");
+  m.def(
+      "once_differentiable",
+      [](const std::vector<std::optional<at::Tensor>>& grads, const std::string& message) {
+        std::vector<at::Tensor> tensors;
+        for (const auto& grad : grads) tensors.push_back(grad.value_or(at::Tensor()));
+        std::vector<std::optional<at::Tensor>> result;
+        for (auto& tensor : once_differentiable(std::move(tensors), message)) {
+          result.push_back(tensor.defined() ? std::optional<at::Tensor>(std::move(tensor)) : std::nullopt);
+        }
+        return result;
+      },
+      py::arg("grads"), py::arg("message"),
+        "The gradients (None kept) detached, each an output of one autograd node that raises `message` when a "
+        "second backward reaches it.");
 }
 
 }  // namespace syncbn::python

@@ -13,15 +13,24 @@
 // inputs (zero-cost tensors LocalStats_i outputs and Normalize_i ignores), so
 // the input gradient is one elementwise pass, as in nn.BatchNorm, instead of
 // two gradients that autograd would have to add.
+//
+// The backward is differentiable once: its sums meet the other replicas' and
+// processes' in the merge nodes, which a second backward cannot retrace. Under
+// create_graph its gradients come out of an Error node instead of a graph, so
+// that a double backward through them (a gradient penalty) fails with a message
+// instead of silently missing its second-order terms (torch's
+// @once_differentiable, in C++).
 #pragma once
 
 #include <string>
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <syncbn/batch_norm.h>
+#include <syncbn/once_differentiable.h>
 
 #include "inverse_std.h"
 
@@ -40,32 +49,53 @@ inline int64_t count_per_channel(const at::Tensor& input) {
   return count;
 }
 
+// What a double backward through a synchronized layer's batch statistics meets.
+inline std::string double_backward_message(const std::string& layer) {
+  return (layer.empty() ? std::string("synchronized BatchNorm") : "layer '" + layer + "'") +
+         ": double backward (create_graph=True, e.g. a gradient penalty) through a synchronized BatchNorm that "
+         "normalizes with batch statistics is not supported: its backward, which sums gradients across replicas "
+         "and processes, is differentiable only once. Compute such a term with plain BatchNorm layers "
+         "(in Python: syncbn_ext.revert_model on a copy of the model) or with this layer in eval mode";
+}
+
+// `grads`, computed without a graph, as they are without create_graph; with it,
+// failing a second backward through them.
+inline variable_list once_differentiable_grads(variable_list grads, bool create_graph, const std::string& layer) {
+  return create_graph ? once_differentiable(std::move(grads), double_backward_message(layer)) : grads;
+}
+
 struct LocalStatsFunction : Function<LocalStatsFunction> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const std::string& layer) {
     auto [mean, m2] = local_stats(input);
     at::Tensor dy_token = at::zeros({}, input.options()).expand(input.sizes());
     at::Tensor scale_token = at::zeros_like(mean);
     ctx->save_for_backward({input, mean});
     ctx->saved_data["count"] = count_per_channel(input);
+    ctx->saved_data["layer"] = layer;
     ctx->set_materialize_grads(false);
     return {mean, m2, dy_token, scale_token};
   }
 
-  // grads: (d mean_i, d m2_i, dy_i, w * invstd).
+  // grads: (d mean_i, d m2_i, dy_i, w * invstd). Returns (dx, nothing for the layer's name).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const bool create_graph = c10::GradMode::is_enabled();
+    at::NoGradGuard no_grad;
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& input = saved[0];
     const at::Tensor& mean = saved[1];
     const int64_t count = ctx->saved_data["count"].toInt();
     const at::Tensor &grad_mean = grads[0], &grad_m2 = grads[1], &dy = grads[2], &scale = grads[3];
-    if (!dy.defined() && !grad_mean.defined() && !grad_m2.defined()) return {at::Tensor()};
-    if (count == 0) return {at::zeros_like(input)};
+    const std::string layer = ctx->saved_data["layer"].toStringRef();
+    if (!dy.defined() && !grad_mean.defined() && !grad_m2.defined()) return {at::Tensor(), at::Tensor()};
+    if (count == 0) return once_differentiable_grads({at::zeros_like(input), at::Tensor()}, create_graph, layer);
     // dx = dy * w * invstd + d mean_i / n_i + 2 d m2_i (x - mean_i)
     at::Tensor zeros = at::zeros_like(mean);
     at::Tensor dy_scale = scale.defined() ? scale : zeros;
     at::Tensor x_scale = grad_m2.defined() ? grad_m2 * 2 : zeros;
     at::Tensor shift = grad_mean.defined() ? grad_mean / static_cast<double>(count) : zeros;
-    return {backward_elemt(dy.defined() ? dy : at::zeros_like(input), input, mean, dy_scale, x_scale, shift)};
+    at::Tensor grad_input =
+        backward_elemt(dy.defined() ? dy : at::zeros_like(input), input, mean, dy_scale, x_scale, shift);
+    return once_differentiable_grads({grad_input, at::Tensor()}, create_graph, layer);
   }
 };
 
@@ -73,11 +103,12 @@ struct NormalizeFunction : Function<NormalizeFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& mean,
                             const at::Tensor& var, const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& dy_token,
-                            const at::Tensor& scale_token, double eps, int64_t eps_mode) {
+                            const at::Tensor& scale_token, double eps, int64_t eps_mode, const std::string& layer) {
     at::Tensor output = normalize(input, mean, var, weight, bias, eps, static_cast<EpsMode>(eps_mode));
     ctx->save_for_backward({input, mean, var, weight.value_or(at::Tensor())});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["eps_mode"] = eps_mode;
+    ctx->saved_data["layer"] = layer;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["bias_dtype"] = bias.has_value() && bias->defined() ? bias->scalar_type() : at::kFloat;
     ctx->set_materialize_grads(false);
@@ -85,10 +116,12 @@ struct NormalizeFunction : Function<NormalizeFunction> {
   }
 
   // Returns: input (routed through the dy token instead), mean, var, weight, bias,
-  // dy token (dy itself), scale token (w * invstd), eps, eps_mode.
+  // dy token (dy itself), scale token (w * invstd), eps, eps_mode, the layer's name.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const bool create_graph = c10::GradMode::is_enabled();
+    at::NoGradGuard no_grad;
     const at::Tensor& dy = grads[0];
-    variable_list result(9);
+    variable_list result(10);
     if (!dy.defined()) return result;
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &input = saved[0], &mean = saved[1], &var = saved[2], &weight = saved[3];
@@ -105,7 +138,7 @@ struct NormalizeFunction : Function<NormalizeFunction> {
     if (ctx->saved_data["has_bias"].toBool()) result[4] = sum_dy.to(ctx->saved_data["bias_dtype"].toScalarType());
     result[5] = dy;
     result[6] = scale;
-    return result;
+    return once_differentiable_grads(std::move(result), create_graph, ctx->saved_data["layer"].toStringRef());
   }
 };
 

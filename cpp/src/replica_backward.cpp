@@ -49,6 +49,13 @@ std::vector<at::Tensor> ReplicaBackward::rendezvous(Point& point, int64_t copy, 
   TORCH_CHECK_VALUE(copy >= 0 && copy < copies_, label, ": no copy ", copy, " in a replication of ", copies_);
   const double timeout = default_timeout_seconds();
   std::unique_lock<std::mutex> lock(mutex_);
+  // Only a copy's task of a parallel run arrives here: the calling thread of a second backward (create_graph)
+  // would run every replica's graph one after the other, and wait here for the others for ever.
+  TORCH_CHECK(run_ > 0 && !done_[copy], label,
+              ": a backward reached this synchronized layer's merge outside the replicas' parallel backward (a "
+              "double backward, create_graph=True, runs the replicas' graphs one after the other, and this merge "
+              "waits for every replica); in Python, build DataParallelWithCallback with parallel_backward=False: "
+              "autograd's serial backward, which a double backward retraces");
   if (point.run != run_) {  // first arrival of this run
     point.run = run_;
     point.contributions.assign(copies_, {});

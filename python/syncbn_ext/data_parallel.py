@@ -83,7 +83,9 @@ class DataParallelWithCallback(nn.DataParallel):
     replicas, each on its own worker thread: the inputs are split along ``dim`` with ``chunk(n, dim)`` semantics
     (a batch smaller than ``n`` uses fewer replicas, as ``nn.DataParallel`` does), the module is copied
     with :func:`replicate_on_cpu`, the callbacks run, the replicas run concurrently and their outputs are
-    concatenated along ``dim``. Parameter gradients accumulate on the original module.
+    concatenated along ``dim``. Parameter gradients accumulate on the original module. Their backward runs in
+    parallel too, each replica's on its thread (see :mod:`syncbn_ext.parallel_backward`), unless
+    ``parallel_backward=False``.
 
     Buffers: replica 0 works on copies of the module's buffers, copied back into the module's own tensors once
     every replica succeeded (running statistics land on the module, as device 0's do with ``nn.DataParallel``).
@@ -95,6 +97,11 @@ class DataParallelWithCallback(nn.DataParallel):
         device_ids: accelerator devices (ints or devices; default: all), or ``n`` CPU devices.
         output_device: where outputs are gathered (default ``device_ids[0]``); ``None`` or CPU in CPU mode.
         dim: the dimension inputs are split along and outputs concatenated along.
+        parallel_backward: CPU replicas only: run the replicas' backward on their threads, at once (faster). A
+            second backward cannot retrace it: under ``create_graph=True`` the gradients it gives are right, but a
+            double backward through them raises an error. ``False`` keeps autograd's own serial backward through
+            every replica, which a double backward retraces (as far as the layers allow). The attribute of the
+            same name can be changed between forwards.
 
     Raises:
         ValueError: ``device_ids`` mixes CPU and accelerator devices, or in CPU mode ``output_device`` is
@@ -107,6 +114,8 @@ class DataParallelWithCallback(nn.DataParallel):
         device_ids: Sequence[int | str | torch.device] | None = None,
         output_device: int | str | torch.device | None = None,
         dim: int = 0,
+        *,
+        parallel_backward: bool = True,
     ) -> None:
         if device_ids is not None:
             device_ids = list(device_ids)
@@ -114,6 +123,7 @@ class DataParallelWithCallback(nn.DataParallel):
         if not any(cpu_entries):
             super().__init__(module, device_ids, output_device, dim)
             self._cpu_replicas = False
+            self.parallel_backward = parallel_backward
             return
         if not all(cpu_entries):
             raise ValueError(
@@ -133,6 +143,7 @@ class DataParallelWithCallback(nn.DataParallel):
         self.dim = dim
         self.src_device_obj = _CPU
         self._cpu_replicas = True
+        self.parallel_backward = parallel_backward
 
     @property
     def cpu_replicas(self) -> bool:
@@ -156,12 +167,13 @@ class DataParallelWithCallback(nn.DataParallel):
             if not inputs and not module_kwargs:
                 inputs, module_kwargs = ((),), ({},)
             module_kwargs = module_kwargs or tuple({} for _ in inputs)
-            if len(inputs) > 1 and not self.__dict__.get("_serial_backward") and parallel_backward_wanted(self.module):
+            parallel = self.__dict__.get("parallel_backward", True)
+            if len(inputs) > 1 and parallel and parallel_backward_wanted(self.module):
                 outputs = self._apply_with_parallel_backward(inputs, module_kwargs)
                 if outputs is not None:
                     return self.gather(outputs, self.output_device)
                 # The replicas' graphs share nodes: from now on this wrapper keeps autograd's serial backward.
-                self.__dict__["_serial_backward"] = True
+                self.parallel_backward = False
             replicas = self.replicate(self.module, self.device_ids[: len(inputs)])
             outputs = self.parallel_apply(replicas, inputs, module_kwargs)
             return self.gather(outputs, self.output_device)

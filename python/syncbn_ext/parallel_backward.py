@@ -7,8 +7,18 @@ each replica's graph at its boundary (its input slices, its handles on the param
 its graph reaches) and joins the replicas' outputs through one node whose backward runs every replica's part of
 the graph on a worker thread of its own, at once, and hands the boundary's gradients back to autograd. For
 autograd the result is the same graph: ``backward()``, ``torch.autograd.grad`` (also with respect to
-parameters), ``retain_graph``, ``create_graph``, hooks and ``DistributedDataParallel``'s reducer see the gradients
-they would see without it.
+parameters), ``retain_graph``, hooks and ``DistributedDataParallel``'s reducer see the gradients they would see
+without it.
+
+A second backward (``create_graph=True``) can retrace it only in part. The workers' gradients then have graphs
+that lead into the replicas' graphs directly, and a second backward runs those in the calling thread, one replica
+after the other: right for plain layers, but a synchronized layer's merge, which waits for every replica, cannot
+run that way (it raises an error that says so). And when the gradients coming into the joining node have graphs
+of their own (the outer loss depends on the outputs non-linearly), a second backward would reach the replicas'
+graphs both ways, through the joining node and directly; then the workers compute the gradients without a graph
+and a double backward through them raises an error. Both errors say to use
+``DataParallelWithCallback(..., parallel_backward=False)``: autograd's serial backward, which a second backward
+retraces.
 
 Synchronized layers meet in that backward (their merge node waits for every replica's share of the gradient: see
 ``ReplicationGroup.parallel_backward``). Replicas whose graphs share nodes (modules that exchange tensors with
@@ -311,6 +321,14 @@ class _BackwardTask:
             plan.group.backward_done(copy_id)
 
 
+_DOUBLE_BACKWARD_MESSAGE = (
+    "DataParallelWithCallback: this double backward (create_graph=True) cannot retrace the CPU replicas' parallel "
+    "backward (the gradients that reached the replicas had graphs of their own: a second backward would run the "
+    "replicas' graphs twice over). Build the wrapper with parallel_backward=False (or set its parallel_backward "
+    "attribute to False before the forward): autograd's serial backward, which a double backward retraces"
+)
+
+
 class _JoinReplicas(torch.autograd.Function):
     """Inputs: every replica's boundary, then its outputs, detached; outputs: those outputs, joined to the graph."""
 
@@ -329,10 +347,16 @@ class _JoinReplicas(torch.autograd.Function):
                 "after they have already been freed); specify retain_graph=True the first time"
             )
         keep_graph = _C.current_graph_task_keep_graph()
+        # create_graph: the gradients get a graph when only the direct way leads to the replicas' graphs (the
+        # gradients coming in have none), else none and a second backward through them fails (see the module).
         create_graph = torch.is_grad_enabled()
+        once_differentiable = create_graph and any(g is not None and g.requires_grad for g in grads)
         tasks, offset = [], 0
         for copy_id, outputs in enumerate(plan.outputs):
-            tasks.append(_BackwardTask(plan, copy_id, grads[offset : offset + len(outputs)], keep_graph, create_graph))
+            replica_grads = grads[offset : offset + len(outputs)]
+            tasks.append(
+                _BackwardTask(plan, copy_id, replica_grads, keep_graph, create_graph and not once_differentiable)
+            )
             offset += len(outputs)
         replicas = len(tasks)
         plan.group.begin_backward()
@@ -353,7 +377,10 @@ class _JoinReplicas(torch.autograd.Function):
             plan.outputs = None  # the graphs were freed
         views = [*param_grads, *([None] * sum(len(v) for v in plan.views[1:]))]
         others = [g for replica_grads in results for g in replica_grads]
-        return (None, *views, *others, *([None] * len(grads)))
+        boundary_grads = [*views, *others]
+        if once_differentiable:
+            boundary_grads = _C.once_differentiable(boundary_grads, _DOUBLE_BACKWARD_MESSAGE)
+        return (None, *boundary_grads, *([None] * len(grads)))
 
 
 def wanted(module: torch.nn.Module) -> bool:

@@ -82,6 +82,39 @@ TEST(SyncBatchNorm, ReplicasEqualOneBatchNormOnTheWholeBatch) {
   EXPECT_TRUE(torch::allclose(rv, rv_ref, 1e-12, 1e-12));
 }
 
+TEST(SyncBatchNorm, CreateGraphGivesTheSameGradientsAndADoubleBackwardRaises) {
+  // The backward is differentiable once: under create_graph the first-order gradients are the whole batch's,
+  // and a second backward through them raises instead of silently missing the second-order terms.
+  torch::manual_seed(2);
+  auto options = torch::TensorOptions().dtype(torch::kDouble);
+  at::Tensor x = torch::randn({8, 3, 2, 2}, options).requires_grad_();
+  at::Tensor weight = torch::rand({3}, options).add_(0.5).requires_grad_();
+  at::Tensor bias = torch::randn({3}, options).requires_grad_();
+  at::Tensor rm = torch::zeros({3}, options), rv = torch::ones({3}, options);
+  at::Tensor y = torch::cat(run_replicas({x.slice(0, 0, 5), x.slice(0, 5, 8)}, weight, bias, rm, rv));
+  auto grads = torch::autograd::grad({y.pow(3).sum()}, {x, weight}, {}, /*retain_graph=*/true, /*create_graph=*/true);
+
+  at::Tensor x_ref = x.detach().clone().requires_grad_();
+  at::Tensor w_ref = weight.detach().clone().requires_grad_();
+  at::Tensor b_ref = bias.detach().clone().requires_grad_();
+  at::Tensor y_ref = at::batch_norm(x_ref, w_ref, b_ref, {}, {}, true, 0.1, 1e-5, false);
+  auto grads_ref = torch::autograd::grad({y_ref.pow(3).sum()}, {x_ref, w_ref});
+  EXPECT_TRUE(torch::allclose(grads[0], grads_ref[0], 1e-10, 1e-10));
+  EXPECT_TRUE(torch::allclose(grads[1], grads_ref[1], 1e-10, 1e-10));
+
+  for (const auto& grad : grads) {
+    ASSERT_TRUE(grad.requires_grad());
+    try {
+      grad.square().sum().backward({}, /*retain_graph=*/true);
+      FAIL() << "expected the double backward to raise";
+    } catch (const c10::Error& error) {
+      EXPECT_NE(std::string(error.what()).find("double backward (create_graph=True"), std::string::npos)
+          << error.what();
+    }
+  }
+  EXPECT_FALSE(x.grad().defined());
+}
+
 TEST(SyncBatchNorm, AloneIsPlainBatchNormAndClampModeClampsTheVariance) {
   torch::manual_seed(1);
   auto options = torch::TensorOptions().dtype(torch::kDouble);

@@ -63,7 +63,9 @@ class SYNCBN_API ReplicaBackward {
   // contributions by copy id (empty for a copy that is done without arriving)
   // and returns one result per copy; every arriving copy returns its own. Waits
   // at most $SYNCBN_TIMEOUT seconds (BarrierTimeoutError naming `label` and the
-  // copies that never arrived).
+  // copies that never arrived). Only within a run (begin_run), from a copy whose
+  // task has not ended: anything else (the calling thread of a double backward
+  // running the replicas' graphs one after the other) fails at once.
   std::vector<at::Tensor> rendezvous(Point& point, int64_t copy, std::vector<at::Tensor> contribution,
                                      const Combine& combine, const std::string& label);
 

@@ -12,6 +12,7 @@
 #include <syncbn/future_result.h>
 #include <syncbn/message.h>
 #include <syncbn/modules.h>
+#include <syncbn/once_differentiable.h>
 #include <syncbn/replica_backward.h>
 #include <syncbn/replica_graph.h>
 #include <syncbn/replicate.h>
