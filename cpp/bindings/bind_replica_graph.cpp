@@ -50,8 +50,8 @@ void bind_replica_graph(py::module_& m) {
         return result;
       },
       py::arg("grads"), py::arg("message"),
-        "The gradients (None kept) detached, each an output of one autograd node that raises `message` when a "
-        "second backward reaches it.");
+      "The gradients (None kept) detached, each an output of one autograd node that raises `message` when a "
+      "second backward reaches it.");
 }
 
 }  // namespace syncbn::python

@@ -143,6 +143,12 @@ def assert_buffers_match(ours, ref, **tol):
         assert torch.equal(a, b), (a, b)
 
 
+def assert_grads_equal(model, reference, rtol=1e-10, atol=1e-10):
+    """Every parameter's gradient of ``model`` against ``reference``'s, in order (``None`` only against ``None``)."""
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=rtol, atol=atol, msg=name)
+
+
 def assert_grads_match(ours, ref, x_ours, x_ref, **tol):
     torch.testing.assert_close(x_ours.grad, x_ref.grad, msg="input grad", **tol)
     for name in ("weight", "bias"):

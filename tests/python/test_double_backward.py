@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from batchnorm_cases import assert_grads_equal
 from hang_guard import call_with_timeout
 from torch import nn
 
@@ -47,10 +48,7 @@ def penalty(module: nn.Module, x: torch.Tensor, wrt: str, outer: str) -> torch.T
 
 
 def assert_same_grads(model: nn.Module, reference: nn.Module) -> None:
-    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters(), strict=True):
-        assert (p.grad is None) == (p_ref.grad is None), name
-        if p.grad is not None:
-            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-10, msg=name)
+    assert_grads_equal(model, reference, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("outer", ["sum", "cube"])

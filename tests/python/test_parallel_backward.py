@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+from batchnorm_cases import assert_grads_equal
 from hang_guard import call_with_timeout
 from torch import nn
 
@@ -50,11 +51,6 @@ def setup(replicas=3, batch=10):
     reference = syncbn_ext.revert_model(copy.deepcopy(model))
     x = torch.randn(batch, 3, 4, 4, dtype=torch.float64)
     return DataParallelWithCallback(model, device_ids=["cpu"] * replicas), model, reference, x
-
-
-def assert_grads_equal(model, reference, rtol=1e-10, atol=1e-10):
-    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=rtol, atol=atol, msg=name)
 
 
 @pytest.mark.parametrize("replicas", [2, 3, 4])
