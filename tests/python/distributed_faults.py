@@ -1,0 +1,161 @@
+"""Scenarios of the multi-process test in which ranks disagree, stall, exit or are interrupted: each must end in a
+prompt, clear error on every rank. Run by ``distributed_worker.py``; each scenario returns its measures or raises.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+from distributed_parity import C, wrap
+from torch import nn
+
+import syncbn_ext
+
+
+class TwoLayers(nn.Module):
+    """Calls a then b on rank 0, b then a elsewhere: ranks at different layers."""
+
+    def __init__(self, rank):
+        super().__init__()
+        self.rank = rank
+        self.a = syncbn_ext.SyncBatchNorm(C).double()
+        self.b = syncbn_ext.SyncBatchNorm(C).double()
+
+    def forward(self, x):
+        return self.b(self.a(x)) if self.rank == 0 else self.a(self.b(x))
+
+
+def scenario_mismatch(rank, world, replicas, sizes):
+    model = TwoLayers(rank)
+    wrap(model, replicas)(torch.randn(4, C, dtype=torch.float64))
+    return {"ran": True}
+
+
+class LayersOfDifferentWidths(nn.Module):
+    """a (3 channels) then b (5) on every rank while ``agree``; then a on rank 0 and b elsewhere."""
+
+    def __init__(self, rank):
+        super().__init__()
+        self.rank, self.agree = rank, True
+        self.a = syncbn_ext.SyncBatchNorm(C).double()
+        self.b = syncbn_ext.SyncBatchNorm(5).double()
+
+    def forward(self, x3, x5):
+        if self.agree:
+            return self.a(x3).sum() + self.b(x5).sum()
+        return self.a(x3).sum() if self.rank == 0 else self.b(x5).sum()
+
+
+def scenario_mismatch_widths(rank, world, replicas, sizes):
+    """Ranks at layers of different channel counts, after steps in which every rank learned the widths."""
+    model = LayersOfDifferentWidths(rank)
+    run = wrap(model, replicas)
+    x3, x5 = torch.randn(4, C, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    for _ in range(2):
+        run(x3, x5)
+    model.agree = False
+    run(x3, x5)
+    return {"ran": True}
+
+
+class StuckOnRank1(nn.Module):
+    """Rank 1 never reaches its synchronized layer within the group's timeout."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.armed = True
+
+    def forward(self, x):
+        if self.armed and dist.get_rank() == 1:
+            time.sleep(self.seconds)
+            os._exit(0)  # the group timed out: nothing to tear down collectively
+        return x
+
+
+def scenario_absent(rank, world, replicas, sizes, timeout):
+    model = nn.Sequential(StuckOnRank1(timeout + 5), syncbn_ext.SyncBatchNorm(C)).double()
+    wrap(model, replicas)(torch.randn(4, C, dtype=torch.float64))
+    return {"ran": True}
+
+
+def scenario_absent_later(rank, world, replicas, sizes, timeout):
+    """One step together, then rank 1 never reaches its synchronized layer within the group's timeout."""
+    model = nn.Sequential(StuckOnRank1(timeout + 5), syncbn_ext.SyncBatchNorm(C)).double()
+    run = wrap(model, replicas)
+    x = torch.randn(4, C, dtype=torch.float64)
+    model[0].armed = False
+    run(x)  # every rank: one synchronized call
+    model[0].armed = True
+    run(x)
+    return {"ran": True}
+
+
+def scenario_exited(rank, world, replicas, sizes):
+    """One step together, then rank 1's process exits: the others are told so (not after the group's timeout)."""
+    model = syncbn_ext.SyncBatchNorm(C).double()
+    run = wrap(model, replicas)
+    x = torch.randn(4, C, dtype=torch.float64)
+    run(x)
+    if rank == 1:
+        os._exit(0)
+    run(x)
+    return {"ran": True}
+
+
+class WaitsOnRank1(nn.Module):
+    """Once armed, rank 1 waits (outside any synchronized layer) until rank 0 says it is done, then exits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+
+    def forward(self, x):
+        if self.armed and dist.get_rank() == 1:
+            dist.distributed_c10d._get_default_store().wait(["interrupt scenario done"])
+            os._exit(0)
+        return x
+
+
+def scenario_interrupted(rank, world, replicas, sizes):
+    """Ctrl-C on rank 0 while it waits for rank 1 in an exchange (after a step: the shared-memory wait): a
+    KeyboardInterrupt at once, not after the group's timeout; the group's later exchanges then fail at once."""
+    model = nn.Sequential(WaitsOnRank1(), syncbn_ext.SyncBatchNorm(C)).double()
+    run = wrap(model, replicas)
+    x = torch.randn(4, C, dtype=torch.float64)
+    run(x)
+    model[0].armed = True
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    start = time.monotonic()
+    try:
+        run(x)
+        outcome = {"interrupted": False}
+    except KeyboardInterrupt:
+        outcome = {"interrupted": True, "seconds": time.monotonic() - start}
+    finally:
+        timer.join()
+    try:
+        run(x)
+    except Exception as error:  # the ranks are out of step
+        outcome.update(after=type(error).__name__, message=str(error))
+    dist.distributed_c10d._get_default_store().set("interrupt scenario done", "1")
+    return outcome
+
+
+def scenario_steps(rank, world, replicas, sizes):
+    """Rank 0 runs backward while the others already run the next forward: ranks at different steps."""
+    model = syncbn_ext.SyncBatchNorm(C).double()
+    run = wrap(model, replicas)
+    x = torch.randn(4, C, dtype=torch.float64, requires_grad=True)
+    y = run(x)
+    if rank == 0:
+        y.sum().backward()
+    else:
+        run(x)
+    return {"ran": True}

@@ -1,0 +1,297 @@
+"""Scenarios of the multi-process test in which every rank must match one nn.BatchNorm model on the global batch.
+
+Every rank builds the same model from the same seed and the same global batch; each takes its own slice (sizes
+per rank given, an empty slice allowed) and compares what it gets with one nn.BatchNorm model run on the whole
+global batch (float64). Run by ``distributed_worker.py``; each scenario returns its measures.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import weakref
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import syncbn_ext
+
+C = 3
+
+
+def make_models(layer: str, group: object, momentum: float | None = 0.1) -> tuple[nn.Module, nn.Module]:
+    """(synchronized model, nn.BatchNorm reference) with the same initial state."""
+
+    def norm(plain: bool, dims: int) -> nn.Module:
+        if plain:
+            return {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[dims](C, momentum=momentum)
+        if layer == "SyncBatchNorm":
+            return syncbn_ext.SyncBatchNorm(C, momentum=momentum, process_group=group)
+        cls = {1: syncbn_ext.SynchronizedBatchNorm1d, 2: syncbn_ext.SynchronizedBatchNorm2d}[dims]
+        return cls(C, momentum=momentum, process_group=group)
+
+    def build(plain: bool) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(2, C, 3, padding=1),
+            norm(plain, 2),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(4 * C, C),
+            norm(plain, 1),
+        ).double()
+
+    model, reference = build(False), build(True)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.uniform_(-1, 1)
+    model.load_state_dict(reference.state_dict())
+    return model, reference
+
+
+def global_batch(step: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(total, 2, 5, 5, generator=generator, dtype=torch.float64) * 2 + 1
+    grad = torch.randn(total, C, generator=generator, dtype=torch.float64)
+    return x, grad
+
+
+def wrap(model: nn.Module, replicas: int) -> nn.Module:
+    return model if replicas == 1 else syncbn_ext.DataParallelWithCallback(model, device_ids=["cpu"] * replicas)
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 0.0 if a.numel() == 0 else (a - b).abs().max().item()
+
+
+def same_on_every_rank(tensor: torch.Tensor, group: object) -> bool:
+    if group is None:
+        return True
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, tensor.contiguous(), group=group)
+    return all(torch.equal(t, gathered[0]) for t in gathered)
+
+
+WORLD = "world"  # the default group, looked up once torch.distributed is initialized
+
+
+def run_steps(model, reference, run, sizes, rank, steps, ddp_world=None, members=None, group=WORLD, before_step=None):
+    """Trains both on the global batch (each rank its slice); the largest errors of each quantity.
+
+    ``members``: the ranks this one synchronizes with (default all), whose batch the reference runs on; ``group``
+    their process group (``None``: this rank alone); ``before_step(step)`` is called before each step.
+    """
+    members = list(range(len(sizes))) if members is None else members
+    group = dist.group.WORLD if group == WORLD else group
+    total = sum(sizes)
+    start = sum(sizes[:rank])
+    mine = slice(start, start + sizes[rank])
+    errors = {"output": 0.0, "input_grad": 0.0, "param_grad": 0.0, "buffers": 0.0}
+    for step in range(steps):
+        if before_step is not None:
+            before_step(step)
+        x, grad = global_batch(step, total)
+        model.zero_grad()
+        reference.zero_grad()
+        x_mine = x[mine].clone().requires_grad_()
+        y = run(x_mine)
+        y.backward(grad[mine])
+        # The reference: one model on the batch of the ranks that synchronize together.
+        rows = torch.cat([torch.arange(sum(sizes[:r]), sum(sizes[: r + 1])) for r in members])
+        x_ref = x[rows].clone().requires_grad_()
+        y_ref = reference(x_ref)
+        y_ref.backward(grad[rows])
+        offset = sum(sizes[r] for r in members if r < rank)
+        here = slice(offset, offset + sizes[rank])
+        errors["output"] = max(errors["output"], max_error(y, y_ref[here]))
+        errors["input_grad"] = max(errors["input_grad"], max_error(x_mine.grad, x_ref.grad[here]))
+        for p, p_ref in zip(model.parameters(), reference.parameters(), strict=True):
+            if p.grad is None and p_ref.grad is None:  # a layer left out of this step
+                continue
+            g = p.grad.clone()
+            if ddp_world is None:
+                if group is not None:
+                    dist.all_reduce(g, group=group)  # each rank holds its share of the global batch's gradient
+                expected = p_ref.grad
+            else:
+                expected = p_ref.grad / ddp_world  # DistributedDataParallel averages
+            errors["param_grad"] = max(errors["param_grad"], max_error(g, expected))
+        for b, b_ref in zip(model.buffers(), reference.buffers(), strict=True):
+            errors["buffers"] = max(errors["buffers"], max_error(b.double(), b_ref.double()))
+    errors["buffers_equal_on_every_rank"] = all(same_on_every_rank(b, group) for b in model.buffers())
+    errors["num_batches_tracked"] = [m.num_batches_tracked.item() for m in model.modules() if hasattr(m, "momentum")]
+    return errors
+
+
+def scenario_parity(rank, world, replicas, sizes):
+    results = {}
+    for layer in ("SyncBatchNorm", "SynchronizedBatchNorm"):
+        for momentum in (0.1, None):
+            group = None if layer == "SyncBatchNorm" else dist.group.WORLD
+            model, reference = make_models(layer, group, momentum)
+            results[f"{layer}/{momentum}"] = run_steps(model, reference, wrap(model, replicas), sizes, rank, steps=3)
+    return results
+
+
+def scenario_ddp(rank, world, replicas, sizes):
+    model, reference = make_models("SyncBatchNorm", None)
+    ddp = nn.parallel.DistributedDataParallel(wrap(model, replicas))
+    return run_steps(model, reference, ddp, sizes, rank, steps=2, ddp_world=world)
+
+
+def _threads() -> int:
+    """This process's OS threads (Linux)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def scenario_released(rank, world, replicas, sizes):
+    """A group our layers synchronized over (under DDP over the same group) is freed by ``destroy_process_group``
+    once DDP and the layers given the group are gone, without a garbage collection: nothing else of ours (replicas,
+    exchanges, shared memory) holds it, so gloo's threads end there and not at interpreter exit (README's "Ending
+    the script"). Measured twice: the group's Python object is gone, and so are the threads gloo started for it."""
+    before = _threads()
+    group = dist.new_group(list(range(world)))
+    group_threads = _threads() - before
+    model, reference = make_models("SyncBatchNorm", group)
+    ddp = nn.parallel.DistributedDataParallel(wrap(model, replicas), process_group=group)
+    errors = run_steps(model, reference, ddp, sizes, rank, steps=2, ddp_world=world, group=group)
+    transport = syncbn_ext.cross_process_transport(group)
+    released = weakref.ref(group)
+    del ddp, model, group  # the layers hold the group they were given, as torch's SyncBatchNorm does
+    gc.disable()  # a collection now could free what a reference cycle holds; that would not count
+    try:
+        before = _threads()
+        dist.destroy_process_group(released())
+        freed = released() is None
+        threads_ended = before - _threads()
+    finally:
+        gc.enable()
+    return {
+        "parity": errors,
+        "transport": transport,
+        "freed": freed,
+        "group_threads": group_threads,
+        "threads_ended": threads_ended,
+    }
+
+
+def scenario_subgroup(rank, world, replicas, sizes):
+    members = [0, 1]
+    group = dist.new_group(members)  # every rank calls new_group; rank 2 is not a member
+    model, reference = make_models("SyncBatchNorm", group)
+    inside = rank in members
+    return run_steps(
+        model,
+        reference,
+        wrap(model, replicas),
+        sizes,
+        rank,
+        steps=2,
+        members=members if inside else [rank],
+        group=group if inside else None,
+    )
+
+
+class ChannelsNet(nn.Module):
+    """Synchronized layers of 3, 5, 3 and 3 channels; ``skip_middle`` leaves out the 5- and second 3-channel ones."""
+
+    def __init__(self, norm2d, norm1d) -> None:
+        super().__init__()
+        self.skip_middle = False
+        self.first = nn.Sequential(nn.Conv2d(2, C, 3, padding=1), norm2d(C), nn.ReLU())
+        self.middle = nn.Sequential(nn.Conv2d(C, 5, 1), norm2d(5), nn.ReLU(), nn.Conv2d(5, C, 1), norm2d(C))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * C, C), norm1d(C))
+
+    def forward(self, x):
+        x = self.first(x)
+        return self.head(x if self.skip_middle else self.middle(x))
+
+
+def count_exchanges(step) -> dict[str, int]:
+    """The all-gathers ``step()`` makes on this rank, on any thread (replicas' masters issue them), by transport:
+    the group's backend (``c10d``) or the same-host shared memory (``shared_memory``)."""
+    from torch._C._profiler import _ExperimentalConfig
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(
+        activities=[ProfilerActivity.CPU], experimental_config=_ExperimentalConfig(profile_all_threads=True)
+    ) as prof:
+        step()
+    names = [event.name for event in prof.events()]
+    return {
+        "c10d": sum(1 for name in names if name.startswith("c10d::allgather")),
+        "shared_memory": sum(1 for name in names if name == "syncbn::shared_memory_allgather"),
+    }
+
+
+def scenario_channels(rank, world, replicas, sizes):
+    """Layers of different channel counts, called in a changing order (the first exchange of each call is sized
+    by what followed the previous layer last time: too small, then too large): parity, and in a repeated order
+    one all-gather per synchronized call forward and one backward."""
+    torch.manual_seed(0)
+    reference = ChannelsNet(nn.BatchNorm2d, nn.BatchNorm1d).double()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.uniform_(-1, 1)
+    model = ChannelsNet(syncbn_ext.SyncBatchNorm, syncbn_ext.SyncBatchNorm).double()
+    model.load_state_dict(reference.state_dict())
+    order = [False, False, True, False, False]  # skip the middle at step 2
+
+    def before_step(step: int) -> None:
+        model.skip_middle = reference.skip_middle = order[step]
+
+    run = wrap(model, replicas)
+    errors = run_steps(model, reference, run, sizes, rank, steps=len(order), before_step=before_step)
+    x, grad = global_batch(9, sum(sizes))
+    mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    errors["exchanges_per_step"] = count_exchanges(lambda: run(x[mine]).backward(grad[mine]))
+    errors["transport"] = syncbn_ext.cross_process_transport()
+    return errors
+
+
+WIDE = 5000  # channels: rows larger than a shared-memory slot (64 KiB: 4094 channels)
+
+
+def scenario_wide(rank, world, replicas, sizes):
+    """A layer too wide for the shared-memory slots: every rank's rows go through the group's backend (after their
+    sizes, through shared memory where it is used)."""
+    torch.manual_seed(0)
+    model, reference = syncbn_ext.SyncBatchNorm(WIDE).double(), nn.BatchNorm1d(WIDE).double()
+    run = wrap(model, replicas)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(sum(sizes), WIDE, generator=generator, dtype=torch.float64)
+    grad = torch.randn(sum(sizes), WIDE, generator=generator, dtype=torch.float64)
+    mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    x_mine, x_ref = x[mine].clone().requires_grad_(), x.clone().requires_grad_()
+    outputs = []
+
+    def step() -> None:
+        outputs.append(run(x_mine))
+        outputs[-1].backward(grad[mine])
+
+    step()
+    y_ref = reference(x_ref)
+    y_ref.backward(grad)
+    errors = {
+        "output": max_error(outputs[0], y_ref[mine]),
+        "running_var": max_error(model.running_var, reference.running_var),
+        "input_grad": max_error(x_mine.grad, x_ref.grad[mine]),
+    }
+    step()
+    exchanges = count_exchanges(step)  # sized by the channels of the steps before: one all-gather each way
+    return {
+        **errors,
+        "exchanges_per_step": exchanges,
+    }
+
+
+def scenario_eval(rank, world, replicas, sizes):
+    model, reference = make_models("SyncBatchNorm", None)
+    run_steps(model, reference, wrap(model, replicas), sizes, rank, steps=1)
+    model.eval()
+    reference.eval()
+    x, _ = global_batch(7, max(sizes[rank], 2))
+    with torch.no_grad():
+        return {"output": max_error(wrap(model, replicas)(x), reference(x))}
