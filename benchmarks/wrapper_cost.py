@@ -6,7 +6,9 @@ the ratio of the two. Measured for ``bench_batchnorm.py --only wrapper`` (and it
 * **time**: one SGD training step (forward, cross-entropy, backward, step) of a ResNet-18-style network
   (BasicBlocks 64-128-256-512, stride-2 stem and max-pool) at batch 8 on 3x128x128 images: one module with
   ``nn.BatchNorm2d`` on the whole batch, and the same network with synchronized BatchNorm under
-  ``DataParallelWithCallback`` on 2 and 4 CPU replicas (the same statistics as the whole batch's). Interleaved
+  ``DataParallelWithCallback`` on 2 and 4 CPU replicas (the same statistics as the whole batch's), with the
+  wrapper's default backward and, timed beside it, with ``parallel_backward=True`` (the replicas' backward at once
+  on their threads, which the default chooses only with fewer intra-op threads than replicas). Interleaved
   rounds in one process (one step per variant in turn, the order rotating), the median of each round's
   iterations, then the median over rounds; as a cross-check that cancels the machine's drift between rounds,
   also each round's ratio to the whole batch, then the median of those (the targets are judged on the former).
@@ -47,10 +49,11 @@ from syncbn_ext.parallel_apply import cpu_intra_op_threads, run_on_workers
 
 REPLICATED = ("2 replicas", "4 replicas")
 UNSYNCHRONIZED = ("2 replicas, nn.BatchNorm2d", "4 replicas, nn.BatchNorm2d")
+PARALLEL_BACKWARD = ("2 replicas, parallel backward", "4 replicas, parallel backward")  # timed only
 THREADS_ALONE = ("2 threads alone", "4 threads alone")  # timed only
 VARIANT_WHOLE = "whole batch"
 MEMORY_VARIANTS = (VARIANT_WHOLE, *REPLICATED, *UNSYNCHRONIZED)
-TIME_VARIANTS = (*MEMORY_VARIANTS, *THREADS_ALONE)
+TIME_VARIANTS = (*MEMORY_VARIANTS, *PARALLEL_BACKWARD, *THREADS_ALONE)
 TIME_TARGET, MEMORY_TARGET = 1.20, 1.15
 BATCH, CLASSES = 8, 10
 
@@ -132,7 +135,10 @@ class WrapperBench:
             replicas = int(variant.split()[0])
             if variant not in UNSYNCHRONIZED:
                 model = syncbn_ext.convert_model(model)
-            self.run = syncbn_ext.DataParallelWithCallback(model, device_ids=["cpu"] * replicas)
+            parallel_backward = True if variant in PARALLEL_BACKWARD else None
+            self.run = syncbn_ext.DataParallelWithCallback(
+                model, device_ids=["cpu"] * replicas, parallel_backward=parallel_backward
+            )
         self.model = model
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
@@ -231,7 +237,7 @@ def run(
     }
     medians = result["time"]["medians"]
     result["time"]["ratios to the threads alone"] = {
-        v: medians[v] / medians[_threads_alone_of(v)] for v in (*REPLICATED, *UNSYNCHRONIZED)
+        v: medians[v] / medians[_threads_alone_of(v)] for v in (*REPLICATED, *UNSYNCHRONIZED, *PARALLEL_BACKWARD)
     }
     log(f"  wrapper time done ({time.perf_counter() - began:.1f} s)")
     result["memory"] = summarize(memory_variants(3, mem_rounds, image_size, threads))
@@ -245,7 +251,8 @@ def run(
 
 def format_table(result: dict) -> str:
     size = result["image_size"]
-    names = ("whole", "2 repl.", "4 repl.", "2 plain", "4 plain", "2 alone", "4 alone")  # TIME_VARIANTS, short
+    # TIME_VARIANTS, short
+    names = ("whole", "2 repl.", "4 repl.", "2 plain", "4 plain", "2 par.bw", "4 par.bw", "2 alone", "4 alone")
     title = f"ResNet-18-style step, batch {BATCH}, {size}x{size}"
     header = f"{title:<42}" + "".join(f" {name:>9}" for name in names)
     lines = [header, "-" * len(header)]

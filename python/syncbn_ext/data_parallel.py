@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .parallel_apply import parallel_apply, reporting_outcome
-from .parallel_backward import join_replicas
+from .parallel_backward import faster_than_serial, join_replicas
 from .parallel_backward import wanted as parallel_backward_wanted
 from .replicate import Replication, compiled_modules_replicable, rebind_compiled_modules, replicate_on_cpu
 from .scatter_gather import gather_on_cpu, scatter_kwargs_on_cpu
@@ -83,9 +83,10 @@ class DataParallelWithCallback(nn.DataParallel):
     replicas, each on its own worker thread: the inputs are split along ``dim`` with ``chunk(n, dim)`` semantics
     (a batch smaller than ``n`` uses fewer replicas, as ``nn.DataParallel`` does), the module is copied
     with :func:`replicate_on_cpu`, the callbacks run, the replicas run concurrently and their outputs are
-    concatenated along ``dim``. Parameter gradients accumulate on the original module. Their backward runs in
-    parallel too, each replica's on its thread (see :mod:`syncbn_ext.parallel_backward`), unless
-    ``parallel_backward=False``.
+    concatenated along ``dim``. Parameter gradients accumulate on the original module. Their backward is
+    autograd's, one replica after the other with all of torch's intra-op threads, or runs each replica's on its
+    thread at once (see :mod:`syncbn_ext.parallel_backward`) where that is faster: with fewer intra-op threads
+    than replicas (``parallel_backward=None``, the default), or always (``True``).
 
     Buffers: replica 0 works on copies of the module's buffers, copied back into the module's own tensors once
     every replica succeeded (running statistics land on the module, as device 0's do with ``nn.DataParallel``).
@@ -97,11 +98,14 @@ class DataParallelWithCallback(nn.DataParallel):
         device_ids: accelerator devices (ints or devices; default: all), or ``n`` CPU devices.
         output_device: where outputs are gathered (default ``device_ids[0]``); ``None`` or CPU in CPU mode.
         dim: the dimension inputs are split along and outputs concatenated along.
-        parallel_backward: CPU replicas only: run the replicas' backward on their threads, at once (faster). A
+        parallel_backward: CPU replicas only. ``True``: run the replicas' backward on their threads, at once. A
             second backward cannot retrace it: under ``create_graph=True`` the gradients it gives are right, but a
-            double backward through them raises an error. ``False`` keeps autograd's own serial backward through
-            every replica, which a double backward retraces (as far as the layers allow). The attribute of the
-            same name can be changed between forwards.
+            double backward through them raises an error. ``False``: autograd's own serial backward through every
+            replica, which a double backward retraces (as far as the layers allow). ``None`` (default): parallel
+            only where it is faster, when ``torch.get_num_threads()`` at the forward is smaller than the number of
+            replicas and the process has more cores than that (see
+            :func:`syncbn_ext.parallel_backward.faster_than_serial`). The attribute of the same name can be
+            changed between forwards.
 
     Raises:
         ValueError: ``device_ids`` mixes CPU and accelerator devices, or in CPU mode ``output_device`` is
@@ -115,7 +119,7 @@ class DataParallelWithCallback(nn.DataParallel):
         output_device: int | str | torch.device | None = None,
         dim: int = 0,
         *,
-        parallel_backward: bool = True,
+        parallel_backward: bool | None = None,
     ) -> None:
         if device_ids is not None:
             device_ids = list(device_ids)
@@ -167,7 +171,9 @@ class DataParallelWithCallback(nn.DataParallel):
             if not inputs and not module_kwargs:
                 inputs, module_kwargs = ((),), ({},)
             module_kwargs = module_kwargs or tuple({} for _ in inputs)
-            parallel = self.__dict__.get("parallel_backward", True)
+            parallel = self.__dict__.get("parallel_backward")
+            if parallel is None:
+                parallel = faster_than_serial(len(inputs))
             if len(inputs) > 1 and parallel and parallel_backward_wanted(self.module):
                 outputs = self._apply_with_parallel_backward(inputs, module_kwargs)
                 if outputs is not None:

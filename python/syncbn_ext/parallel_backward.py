@@ -1,8 +1,10 @@
 """The backward of CPU replicas, each on its own worker thread, concurrently.
 
 Autograd runs the backward of CPU tensors on the thread that called it: left alone, the replicas' backward runs
-one replica after the other, each on its slice of the batch, which on CPU costs more than the same work on the
-whole batch (the forward ran the replicas at once, each with its share of the cores). :func:`join_replicas` cuts
+one replica after the other, each on its slice of the batch with all of the caller's intra-op threads. That leaves
+cores idle when the caller has fewer intra-op threads than there are replicas (``torch.set_num_threads(1)``: the
+forward ran the replicas at once, one thread each); otherwise it is the faster way, since it needs no meeting at
+the synchronized layers (see :func:`faster_than_serial`). :func:`join_replicas` cuts
 each replica's graph at its boundary (its input slices, its handles on the parameters, its buffers, and any other leaf
 its graph reaches) and joins the replicas' outputs through one node whose backward runs every replica's part of
 the graph on a worker thread of its own, at once, and hands the boundary's gradients back to autograd. For
@@ -27,6 +29,7 @@ gradients between replicas, as the established library's layers do) keep autogra
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -40,7 +43,7 @@ from .parallel_apply import caused_by_closing, cpu_intra_op_threads, run_on_work
 from .replicate import Replication
 from .scatter_gather import _is_namedtuple
 
-__all__ = ["join_replicas", "wanted"]
+__all__ = ["faster_than_serial", "join_replicas", "wanted"]
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -381,6 +384,29 @@ class _JoinReplicas(torch.autograd.Function):
         if once_differentiable:
             boundary_grads = _C.once_differentiable(boundary_grads, _DOUBLE_BACKWARD_MESSAGE)
         return (None, *boundary_grads, *([None] * len(grads)))
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def faster_than_serial(replicas: int) -> bool:
+    """Whether the backward of ``replicas`` CPU replicas at once should beat autograd's serial backward.
+
+    The serial backward runs every replica's part one after the other with all of the caller's intra-op threads
+    (``torch.get_num_threads()``); the parallel one runs them at once with their share each (at least one) and
+    meets at every synchronized layer, where replicas wait for each other. Measured side by side
+    (``benchmarks/wrapper_cost.py``, a ResNet-18-style step on 2 cores): with as many intra-op threads as cores,
+    the serial backward was faster (2 replicas 1.13-1.19x the whole batch's step against 1.31-1.35x, 4 replicas
+    1.40-1.49x against 1.55-1.66x); with one intra-op thread, the parallel one (0.70x against 1.00x, 0.92x
+    against 1.24x), whose replicas use cores the serial backward leaves idle. So: parallel when the replicas
+    would use more cores than the caller's intra-op threads, which happens only with fewer of those than replicas.
+    """
+    threads = torch.get_num_threads()
+    return replicas > threads and _usable_cores() > threads
 
 
 def wanted(module: torch.nn.Module) -> bool:

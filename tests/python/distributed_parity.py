@@ -58,8 +58,12 @@ def global_batch(step: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, grad
 
 
-def wrap(model: nn.Module, replicas: int) -> nn.Module:
-    return model if replicas == 1 else syncbn_ext.DataParallelWithCallback(model, device_ids=["cpu"] * replicas)
+def wrap(model: nn.Module, replicas: int, parallel_backward: bool | None = None) -> nn.Module:
+    if replicas == 1:
+        return model
+    return syncbn_ext.DataParallelWithCallback(
+        model, device_ids=["cpu"] * replicas, parallel_backward=parallel_backward
+    )
 
 
 def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -136,9 +140,16 @@ def scenario_parity(rank, world, replicas, sizes):
 
 
 def scenario_ddp(rank, world, replicas, sizes):
-    model, reference = make_models("SyncBatchNorm", None)
-    ddp = nn.parallel.DistributedDataParallel(wrap(model, replicas))
-    return run_steps(model, reference, ddp, sizes, rank, steps=2, ddp_world=world)
+    """DistributedDataParallel over the replicas, with either way of running their backward (the ranks' single
+    intra-op thread would choose the parallel one)."""
+    results = {}
+    for parallel_backward in (False, True):
+        model, reference = make_models("SyncBatchNorm", None)
+        ddp = nn.parallel.DistributedDataParallel(wrap(model, replicas, parallel_backward))
+        results[f"parallel_backward={parallel_backward}"] = run_steps(
+            model, reference, ddp, sizes, rank, steps=2, ddp_world=world
+        )
+    return results
 
 
 def _threads() -> int:

@@ -132,16 +132,17 @@ OPTIONS = {
 }
 
 
+@pytest.mark.parametrize("parallel_backward", [False, True], ids=["serial_backward", "parallel_backward"])
 @pytest.mark.parametrize("replicas", [1, 2, 3, 4])
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_parity_with_one_batchnorm_on_the_whole_batch(kind, option, replicas):
+def test_parity_with_one_batchnorm_on_the_whole_batch(kind, option, replicas, parallel_backward):
     options, steps, batch, eval_mode = OPTIONS[option]
     ref, ours = make_pair(kind, **options)
     if eval_mode:
         ref.eval()
         ours.eval()
-    dp = cpu_dp(ours, replicas)
+    dp = cpu_dp(ours, replicas, parallel_backward=parallel_backward)
     for step in range(steps):
         x = make_input(kind, batch, seed=10 + step)
         step_and_compare(ref, ours, dp, x, seed=20 + step)

@@ -61,6 +61,12 @@ class ConvNet(nn.Module):
         return x.mean((2, 3))
 
 
+@pytest.fixture(params=[False, True], ids=["serial_backward", "parallel_backward"])
+def parallel_backward(request):
+    """Both ways CPU replicas run their backward (a recomputation runs in the worker threads in parallel)."""
+    return request.param
+
+
 def train_step(module, x, grad):
     x = x.clone().requires_grad_()
     y = call_with_timeout(module, x)
@@ -68,8 +74,8 @@ def train_step(module, x, grad):
     return y.detach(), x.grad
 
 
-def assert_parity(model, reference, x, replicas, steps=2):
-    dp = DataParallelWithCallback(model, device_ids=["cpu"] * replicas)
+def assert_parity(model, reference, x, replicas, parallel_backward, steps=2):
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * replicas, parallel_backward=parallel_backward)
     for step in range(steps):
         torch.manual_seed(step)
         grad = torch.randn(x.shape[0], C, dtype=x.dtype)
@@ -88,26 +94,26 @@ def assert_parity(model, reference, x, replicas, steps=2):
 
 @pytest.mark.parametrize("replicas", [2, 3])
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_non_reentrant_checkpoint_gives_the_whole_batch_gradients(replicas, momentum):
+def test_non_reentrant_checkpoint_gives_the_whole_batch_gradients(replicas, momentum, parallel_backward):
     torch.manual_seed(0)
     model = Checkpointed(mlp_block(momentum)).double()
     reference = syncbn_ext.revert_model(copy.deepcopy(model))
     reference.use_reentrant = None  # the reference runs without checkpointing
-    assert_parity(model, reference, torch.randn(9, C, dtype=torch.float64), replicas)
+    assert_parity(model, reference, torch.randn(9, C, dtype=torch.float64), replicas, parallel_backward)
     assert model.block[1].num_batches_tracked.item() == 2  # one count per forward, none per recomputation
 
 
-def test_a_layer_applied_twice_in_a_checkpointed_block():
+def test_a_layer_applied_twice_in_a_checkpointed_block(parallel_backward):
     torch.manual_seed(1)
     model = ConvNet().double()
     reference = syncbn_ext.revert_model(copy.deepcopy(model))
     reference.use_checkpoint = False
-    assert_parity(model, reference, torch.randn(6, 3, 5, 5, dtype=torch.float64), replicas=2)
+    assert_parity(model, reference, torch.randn(6, 3, 5, 5, dtype=torch.float64), 2, parallel_backward)
 
 
-def test_reentrant_checkpoint_raises_an_error_that_says_what_to_do():
+def test_reentrant_checkpoint_raises_an_error_that_says_what_to_do(parallel_backward):
     model = Checkpointed(mlp_block(), use_reentrant=True).double()
-    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2)
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=parallel_backward)
     x = torch.randn(6, C, dtype=torch.float64, requires_grad=True)
     y = call_with_timeout(dp, x)
     with pytest.raises(RuntimeError, match=r"use_reentrant=True(.|\n)*use_reentrant=False"):
@@ -121,10 +127,10 @@ class Noisy(nn.Module):
         return x + torch.randn_like(x)
 
 
-def test_a_recomputation_that_differs_from_the_forward_is_an_error_naming_checkpointing():
+def test_a_recomputation_that_differs_from_the_forward_is_an_error_naming_checkpointing(parallel_backward):
     block = nn.Sequential(Noisy(), SynchronizedBatchNorm1d(C))
     model = Checkpointed(block, preserve_rng_state=False).double()
-    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2)
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=parallel_backward)
     x = torch.randn(6, C, dtype=torch.float64, requires_grad=True)
     y = call_with_timeout(dp, x)
     with pytest.raises(RuntimeError, match=r"torch\.utils\.checkpoint(.|\n)*no call of its forward"):

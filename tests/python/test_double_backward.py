@@ -118,7 +118,7 @@ def test_parallel_backward_with_a_graph_coming_in_raises_and_the_serial_one_work
     # run by one thread). The serial backward gives the reference's penalty gradients.
     model = net(bn)
     x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
-    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2)
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True)
     assert dp.parallel_backward
     with pytest.raises(RuntimeError, match=WRAPPER_MESSAGE):
         call_with_timeout(penalty(dp, x, "weight", "cube").backward)
@@ -134,7 +134,7 @@ def test_parallel_backward_retraced_into_a_synchronized_merge_raises_at_once():
     # A sum outer loss: the parallel backward's gradients have graphs into the replicas' graphs, which a second
     # backward runs one replica after the other; a synchronized layer's merge cannot (it would wait for the other
     # replicas for ever): an error at once.
-    dp = DataParallelWithCallback(net(), device_ids=["cpu"] * 2)
+    dp = DataParallelWithCallback(net(), device_ids=["cpu"] * 2, parallel_backward=True)
     x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
     with pytest.raises(RuntimeError, match=MERGE_MESSAGE):
         call_with_timeout(penalty(dp, x, "weight", "sum").backward, timeout=30)
@@ -146,7 +146,7 @@ def test_parallel_backward_retraced_through_plain_layers_works():
     # Without synchronized layers, the retraced replicas' graphs give the reference's penalty gradients.
     model = net(bn=False)
     reference = copy.deepcopy(model)
-    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2)
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True)
     x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
     for wrt in ("input", "weight"):
         call_with_timeout(penalty(dp, x, wrt, "sum").backward)

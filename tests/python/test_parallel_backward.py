@@ -50,7 +50,7 @@ def setup(replicas=3, batch=10):
     model = net()
     reference = syncbn_ext.revert_model(copy.deepcopy(model))
     x = torch.randn(batch, 3, 4, 4, dtype=torch.float64)
-    return DataParallelWithCallback(model, device_ids=["cpu"] * replicas), model, reference, x
+    return DataParallelWithCallback(model, device_ids=["cpu"] * replicas, parallel_backward=True), model, reference, x
 
 
 @pytest.mark.parametrize("replicas", [2, 3, 4])
@@ -69,6 +69,49 @@ def test_parallel_backward_gives_the_whole_batch_gradients(replicas):
         assert_grads_equal(model, reference)
     for b, b_ref in zip(model.buffers(), reference.buffers(), strict=True):
         torch.testing.assert_close(b, b_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("threads", "cores", "replicas", "parallel"),
+    [
+        (2, 2, 2, False),  # as many intra-op threads as cores: the serial backward uses them all
+        (2, 2, 4, False),  # more replicas than cores: no core to gain
+        (4, 8, 2, False),
+        (1, 2, 2, True),  # one intra-op thread: the replicas' threads use the cores the serial backward leaves idle
+        (1, 8, 4, True),
+        (2, 8, 4, True),
+        (1, 1, 2, False),  # one core
+    ],
+)
+def test_by_default_the_backward_runs_in_parallel_only_where_that_uses_more_cores(
+    monkeypatch, threads, cores, replicas, parallel
+):
+    from syncbn_ext import parallel_backward
+
+    monkeypatch.setattr(parallel_backward, "_usable_cores", lambda: cores)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert parallel_backward.faster_than_serial(replicas) is parallel
+        torch.manual_seed(0)
+        model = net()
+        reference = syncbn_ext.revert_model(copy.deepcopy(model))
+        dp = DataParallelWithCallback(model, device_ids=["cpu"] * replicas)
+        assert dp.parallel_backward is None
+        x = torch.randn(2 * replicas, 3, 4, 4, dtype=torch.float64)
+        for choice in (None, not parallel, None):  # the attribute switches between forwards
+            dp.parallel_backward = choice
+            model.zero_grad()
+            reference.zero_grad()
+            xp, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+            y = call_with_timeout(dp, xp)
+            assert joined(y) is (parallel if choice is None else choice)
+            call_with_timeout(y.sum().backward)
+            reference(xr).sum().backward()
+            torch.testing.assert_close(xp.grad, xr.grad, rtol=1e-10, atol=1e-10)
+            assert_grads_equal(model, reference)
+    finally:
+        torch.set_num_threads(saved)
 
 
 def test_autograd_grad_with_respect_to_parameters_and_inputs():
@@ -100,7 +143,7 @@ def test_double_backward_for_a_gradient_penalty():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
     reference = copy.deepcopy(model)
-    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2)
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True)
     x = torch.randn(8, 3, dtype=torch.float64)
 
     def penalty(module, x):
@@ -144,7 +187,7 @@ class SumAcrossReplicas(nn.Module):
 def test_replicas_whose_graphs_meet_keep_the_serial_backward():
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(3, 3), SumAcrossReplicas()).double()
-    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2)
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True)
     x = torch.randn(4, 3, dtype=torch.float64)
     y = call_with_timeout(dp, x)
     assert not joined(y)
@@ -167,7 +210,7 @@ def test_a_leaf_outside_the_module_gets_its_gradient():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(C, C), UsesExternal(), SynchronizedBatchNorm1d(C)).double()
     reference = syncbn_ext.revert_model(copy.deepcopy(model))
-    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2)
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True)
     x = torch.randn(6, C, dtype=torch.float64)
     y = call_with_timeout(dp, x)
     assert joined(y)
@@ -207,7 +250,7 @@ def test_a_replica_failing_in_backward_raises_at_once(monkeypatch):
     monkeypatch.setenv("SYNCBN_TIMEOUT", "120")  # the others must not wait for it until a timeout
     torch.manual_seed(4)
     model = nn.Sequential(FailOnMarker(), nn.Linear(C, C), SynchronizedBatchNorm1d(C)).double()
-    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 3)
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 3, parallel_backward=True)
     x = torch.randn(6, C, dtype=torch.float64)
     x[3] = MARKER  # in replica 1's slice
     y = call_with_timeout(dp, x.requires_grad_())
@@ -261,7 +304,7 @@ def test_each_replica_computes_with_its_share_of_the_intra_op_threads(threads, r
     torch.set_num_threads(threads)
     try:
         model = nn.Sequential(nn.Linear(C, C), RecordingLayer(), SynchronizedBatchNorm1d(C)).double()
-        dp = DataParallelWithCallback(model, device_ids=["cpu"] * replicas)
+        dp = DataParallelWithCallback(model, device_ids=["cpu"] * replicas, parallel_backward=True)
         RecordThreads.seen.clear()
         for _ in range(2):
             y = call_with_timeout(dp, torch.randn(2 * replicas, C, dtype=torch.float64))
@@ -289,7 +332,7 @@ def test_parameters_some_replicas_do_not_use_get_the_others_gradients():
     torch.manual_seed(5)
     model = nn.Sequential(BranchBySign(), SynchronizedBatchNorm1d(C)).double()
     branch = copy.deepcopy(model[0])
-    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 4)
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 4, parallel_backward=True)
     x = torch.randn(8, C, dtype=torch.float64)
     x[0::2, 0] = torch.tensor([-1.0, 1.0, -1.0, 1.0], dtype=torch.float64)  # replicas 0 and 2 negative, 1 and 3 not
     y = call_with_timeout(dp, x)
@@ -337,7 +380,7 @@ def test_parameter_sums_never_write_a_gradient_someone_else_holds(replicas):
     model = nn.Sequential(ScaleByKeepingFunction(), SynchronizedBatchNorm1d(C)).double()
     x = torch.randn(12, C, dtype=torch.float64)
     KeepsItsGradient.kept.clear()
-    y = call_with_timeout(DataParallelWithCallback(model, device_ids=["cpu"] * replicas), x)
+    y = call_with_timeout(DataParallelWithCallback(model, device_ids=["cpu"] * replicas, parallel_backward=True), x)
     assert joined(y)
     call_with_timeout(y.square().sum().backward)
     assert len(KeepsItsGradient.kept) == replicas
@@ -456,7 +499,7 @@ def test_parameter_gradients_are_summed_while_the_backward_goes_on(monkeypatch, 
     model = nn.Sequential(
         Probed(), nn.Linear(C, C), SynchronizedBatchNorm1d(C), nn.ReLU(), nn.Linear(C, C), SynchronizedBatchNorm1d(C)
     ).double()
-    dp = DataParallelWithCallback(model, device_ids=["cpu"] * replicas)
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * replicas, parallel_backward=True)
     x = torch.randn(4 * replicas, C, dtype=torch.float64, requires_grad=True)
     Probe.events.clear()
     y = call_with_timeout(dp, x)

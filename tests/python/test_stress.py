@@ -210,10 +210,10 @@ def rss():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def check_long_training(steps, replicas=8, batch_size=16):
+def check_long_training(steps, parallel_backward=None, replicas=8, batch_size=16):
     model = stress_net(seed=0)
     reference = whole_batch_reference(model)
-    dp = DataParallelWithCallback(model, device_ids=["cpu"] * replicas)
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * replicas, parallel_backward=parallel_backward)
 
     (losses,) = run_guarded(
         lambda tick: train_side_by_side(dp, reference, steps, vector_batch, batch_size, 1, tick),
@@ -227,8 +227,9 @@ def check_long_training(steps, replicas=8, batch_size=16):
         assert layer.num_batches_tracked.item() == steps
 
 
-def test_eight_replicas_2000_steps_match_the_whole_batch():
-    check_long_training(2000)
+@pytest.mark.parametrize("parallel_backward", [False, True], ids=["serial_backward", "parallel_backward"])
+def test_eight_replicas_2000_steps_match_the_whole_batch(parallel_backward):
+    check_long_training(2000, parallel_backward)
 
 
 @pytest.mark.slow
@@ -333,10 +334,10 @@ def leak_net(tracker, batch_size):
     ).double()
 
 
-def check_no_leaks(passes, warmup=200, replicas=4, batch_size=8, limit=5 * MB):
+def check_no_leaks(passes, parallel_backward=None, warmup=200, replicas=4, batch_size=8, limit=5 * MB):
     tracker = Tracker()
     model = leak_net(tracker, batch_size)
-    dp = DataParallelWithCallback(model, device_ids=["cpu"] * replicas)
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * replicas, parallel_backward=parallel_backward)
     x = torch.randn(batch_size, 4, dtype=torch.float64)
     threads_before = threading.active_count()
 
@@ -382,8 +383,9 @@ def check_no_leaks(passes, warmup=200, replicas=4, batch_size=8, limit=5 * MB):
         assert not alive_before_gc, f"{kind.__name__}: freed only by gc.collect(): {alive_before_gc}"
 
 
-def test_no_memory_growth_or_surviving_replicas_over_5000_passes():
-    check_no_leaks(5000)
+@pytest.mark.parametrize("parallel_backward", [False, True], ids=["serial_backward", "parallel_backward"])
+def test_no_memory_growth_or_surviving_replicas_over_5000_passes(parallel_backward):
+    check_no_leaks(5000, parallel_backward)
 
 
 @pytest.mark.slow
