@@ -400,7 +400,7 @@ def faster_than_serial(replicas: int) -> bool:
     (``torch.get_num_threads()``); the parallel one runs them at once with their share each (at least one) and
     meets at every synchronized layer, where replicas wait for each other. Measured side by side
     (``benchmarks/wrapper_cost.py``, a ResNet-18-style step on 2 cores): with as many intra-op threads as cores,
-    the serial backward was faster in each of five runs (2 replicas 1.13-1.23x the whole batch's step against
+    the serial backward was faster in each of six runs (2 replicas 1.13-1.23x the whole batch's step against
     1.22-1.35x, 4 replicas 1.40-1.49x against 1.52-1.66x); with one intra-op thread, the parallel one (0.70x
     against 1.00x, 0.92x against 1.24x), whose replicas use cores the serial backward leaves idle. So: parallel
     when the replicas would use more cores than the caller's intra-op threads, which happens only with fewer of
