@@ -33,3 +33,9 @@ def eps_mode():
     saved = syncbn_ext.get_sbn_eps_mode()
     yield syncbn_ext.set_sbn_eps_mode
     syncbn_ext.set_sbn_eps_mode(saved)
+
+
+@pytest.fixture(params=[False, True], ids=["serial_backward", "parallel_backward"])
+def parallel_backward(request):
+    """Both ways CPU replicas run their backward: ``DataParallelWithCallback(..., parallel_backward=...)``."""
+    return request.param

@@ -141,9 +141,9 @@ def scenario_parity(rank, world, replicas, sizes):
 
 def scenario_ddp(rank, world, replicas, sizes):
     """DistributedDataParallel over the replicas, with either way of running their backward (the ranks' single
-    intra-op thread would choose the parallel one)."""
+    intra-op thread would choose the parallel one); one way when there is one replica, which has neither."""
     results = {}
-    for parallel_backward in (False, True):
+    for parallel_backward in (False, True) if replicas > 1 else (None,):
         model, reference = make_models("SyncBatchNorm", None)
         ddp = nn.parallel.DistributedDataParallel(wrap(model, replicas, parallel_backward))
         results[f"parallel_backward={parallel_backward}"] = run_steps(

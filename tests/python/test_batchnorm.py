@@ -132,7 +132,6 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("parallel_backward", [False, True], ids=["serial_backward", "parallel_backward"])
 @pytest.mark.parametrize("replicas", [1, 2, 3, 4])
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("kind", list(KINDS))

@@ -61,12 +61,6 @@ class ConvNet(nn.Module):
         return x.mean((2, 3))
 
 
-@pytest.fixture(params=[False, True], ids=["serial_backward", "parallel_backward"])
-def parallel_backward(request):
-    """Both ways CPU replicas run their backward (a recomputation runs in the worker threads in parallel)."""
-    return request.param
-
-
 def train_step(module, x, grad):
     x = x.clone().requires_grad_()
     y = call_with_timeout(module, x)

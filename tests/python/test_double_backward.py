@@ -64,7 +64,6 @@ def test_serial_backward_retraces_the_first_derivative_of_synchronized_layers(ou
 
 
 @pytest.mark.parametrize("outer", ["sum", "cube"])
-@pytest.mark.parametrize("parallel_backward", [False, True])
 def test_a_synchronized_layers_second_derivative_raises_naming_the_layer(parallel_backward, outer):
     # The penalty on the input gradient needs the layer's second derivative (before: silently none at all).
     dp = DataParallelWithCallback(net(), device_ids=["cpu"] * 2, parallel_backward=parallel_backward)

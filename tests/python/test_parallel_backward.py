@@ -45,12 +45,13 @@ def joined(output):
     return False
 
 
-def setup(replicas=3, batch=10):
+def setup(replicas=3, batch=10, parallel_backward=True):
     torch.manual_seed(0)
     model = net()
     reference = syncbn_ext.revert_model(copy.deepcopy(model))
     x = torch.randn(batch, 3, 4, 4, dtype=torch.float64)
-    return DataParallelWithCallback(model, device_ids=["cpu"] * replicas, parallel_backward=True), model, reference, x
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * replicas, parallel_backward=parallel_backward)
+    return dp, model, reference, x
 
 
 @pytest.mark.parametrize("replicas", [2, 3, 4])
@@ -93,12 +94,8 @@ def test_by_default_the_backward_runs_in_parallel_only_where_that_uses_more_core
     torch.set_num_threads(threads)
     try:
         assert parallel_backward.faster_than_serial(replicas) is parallel
-        torch.manual_seed(0)
-        model = net()
-        reference = syncbn_ext.revert_model(copy.deepcopy(model))
-        dp = DataParallelWithCallback(model, device_ids=["cpu"] * replicas)
+        dp, model, reference, x = setup(replicas, 2 * replicas, parallel_backward=None)
         assert dp.parallel_backward is None
-        x = torch.randn(2 * replicas, 3, 4, 4, dtype=torch.float64)
         for choice in (None, not parallel, None):  # the attribute switches between forwards
             dp.parallel_backward = choice
             model.zero_grad()

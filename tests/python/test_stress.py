@@ -227,7 +227,6 @@ def check_long_training(steps, parallel_backward=None, replicas=8, batch_size=16
         assert layer.num_batches_tracked.item() == steps
 
 
-@pytest.mark.parametrize("parallel_backward", [False, True], ids=["serial_backward", "parallel_backward"])
 def test_eight_replicas_2000_steps_match_the_whole_batch(parallel_backward):
     check_long_training(2000, parallel_backward)
 
@@ -383,7 +382,6 @@ def check_no_leaks(passes, parallel_backward=None, warmup=200, replicas=4, batch
         assert not alive_before_gc, f"{kind.__name__}: freed only by gc.collect(): {alive_before_gc}"
 
 
-@pytest.mark.parametrize("parallel_backward", [False, True], ids=["serial_backward", "parallel_backward"])
 def test_no_memory_growth_or_surviving_replicas_over_5000_passes(parallel_backward):
     check_no_leaks(5000, parallel_backward)
 
