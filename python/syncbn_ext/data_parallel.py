@@ -25,7 +25,13 @@ from torch import nn
 from .parallel_apply import parallel_apply, reporting_outcome
 from .parallel_backward import faster_than_serial, join_replicas
 from .parallel_backward import wanted as parallel_backward_wanted
-from .replicate import Replication, compiled_modules_replicable, rebind_compiled_modules, replicate_on_cpu
+from .replicate import (
+    Replication,
+    compiled_modules_replicable,
+    rebind_compiled_modules,
+    replicate_on_cpu,
+    training_forward_lock,
+)
 from .scatter_gather import gather_on_cpu, scatter_kwargs_on_cpu
 
 __all__ = ["DataParallelWithCallback", "patch", "patch_replication_callback"]
@@ -157,32 +163,38 @@ class DataParallelWithCallback(nn.DataParallel):
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Scatters the inputs, replicates the module, runs the callbacks and the replicas, gathers."""
         if not self.cpu_replicas:
-            return super().forward(*inputs, **kwargs)
+            with training_forward_lock(self.module):
+                return super().forward(*inputs, **kwargs)
         with torch.autograd.profiler.record_function("DataParallelWithCallback.forward"):
             if len(self.device_ids) == 1:
                 return self.module(*inputs, **kwargs)
-            for t in (*self.module.parameters(), *self.module.buffers()):
-                if t.device != self.src_device_obj:
-                    raise RuntimeError(
-                        f"module must have its parameters and buffers on device {self.src_device_obj} "
-                        f"(device_ids[0]) but found one of them on device: {t.device}"
-                    )
-            inputs, module_kwargs = self.scatter(inputs, kwargs, self.device_ids)
-            if not inputs and not module_kwargs:
-                inputs, module_kwargs = ((),), ({},)
-            module_kwargs = module_kwargs or tuple({} for _ in inputs)
-            parallel = self.__dict__.get("parallel_backward")
-            if parallel is None:
-                parallel = faster_than_serial(len(inputs))
-            if len(inputs) > 1 and parallel and parallel_backward_wanted(self.module):
-                outputs = self._apply_with_parallel_backward(inputs, module_kwargs)
-                if outputs is not None:
-                    return self.gather(outputs, self.output_device)
-                # The replicas' graphs share nodes: from now on this wrapper keeps autograd's serial backward.
-                self.parallel_backward = False
-            replicas = self.replicate(self.module, self.device_ids[: len(inputs)])
-            outputs = self.parallel_apply(replicas, inputs, module_kwargs)
-            return self.gather(outputs, self.output_device)
+            with training_forward_lock(self.module):
+                return self._forward_on_cpu_replicas(inputs, kwargs)
+
+    def _forward_on_cpu_replicas(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Scatters, replicates on CPU, runs the replicas (writing replica 0's buffers back) and gathers."""
+        for t in (*self.module.parameters(), *self.module.buffers()):
+            if t.device != self.src_device_obj:
+                raise RuntimeError(
+                    f"module must have its parameters and buffers on device {self.src_device_obj} "
+                    f"(device_ids[0]) but found one of them on device: {t.device}"
+                )
+        inputs, module_kwargs = self.scatter(inputs, kwargs, self.device_ids)
+        if not inputs and not module_kwargs:
+            inputs, module_kwargs = ((),), ({},)
+        module_kwargs = module_kwargs or tuple({} for _ in inputs)
+        parallel = self.__dict__.get("parallel_backward")
+        if parallel is None:
+            parallel = faster_than_serial(len(inputs))
+        if len(inputs) > 1 and parallel and parallel_backward_wanted(self.module):
+            outputs = self._apply_with_parallel_backward(inputs, module_kwargs)
+            if outputs is not None:
+                return self.gather(outputs, self.output_device)
+            # The replicas' graphs share nodes: from now on this wrapper keeps autograd's serial backward.
+            self.parallel_backward = False
+        replicas = self.replicate(self.module, self.device_ids[: len(inputs)])
+        outputs = self.parallel_apply(replicas, inputs, module_kwargs)
+        return self.gather(outputs, self.output_device)
 
     def _apply_with_parallel_backward(self, inputs: Sequence[Any], kwargs: Sequence[Any]) -> list[Any] | None:
         """Runs CPU replicas made for a parallel backward; ``None`` (the replication discarded) if it cannot apply."""
@@ -282,13 +294,26 @@ class _FinishingReplica:
             return self.replica(*args, **kwargs)
 
 
+class _OneTrainingForwardAtATime:
+    """The ``forward`` that :func:`patch` installs: the instance's previous one under its module's
+    :func:`~syncbn_ext.replicate.training_forward_lock`. A class so that a patched module can still be pickled."""
+
+    def __init__(self, forward: Any) -> None:
+        self.forward = forward
+
+    def __call__(self, *inputs: Any, **kwargs: Any) -> Any:
+        with training_forward_lock(self.forward.__self__.module):
+            return self.forward(*inputs, **kwargs)
+
+
 def patch(data_parallel: DP) -> DP:
     """Makes an existing ``nn.DataParallel`` run the replication callbacks after each replication.
 
     Wraps the instance's ``replicate`` (monkey-patching, like the established library's
     ``patch_replication_callback``), so that each forward calls ``__data_parallel_replicate__(ctx,
-    copy_id)`` on the new copies, and its ``parallel_apply``, so that the patched instance handles failing,
-    interrupted and stuck replicas as :class:`DataParallelWithCallback` does. Prefer
+    copy_id)`` on the new copies, its ``parallel_apply``, so that the patched instance handles failing,
+    interrupted and stuck replicas as :class:`DataParallelWithCallback` does, and its ``forward``, so that
+    training forwards from several threads run one after another (as the wrapper's). Prefer
     :class:`DataParallelWithCallback` for new code.
 
     Args:
@@ -312,6 +337,7 @@ def patch(data_parallel: DP) -> DP:
         return data_parallel
     data_parallel.replicate = _ReplicateWithCallbacks(data_parallel.replicate)
     data_parallel.parallel_apply = _PatchedParallelApply(data_parallel.parallel_apply)
+    data_parallel.forward = _OneTrainingForwardAtATime(data_parallel.forward)
     return data_parallel
 
 

@@ -4,12 +4,16 @@
 * :class:`Replication`: one forward's replicas (any device) after the replication callbacks ran: their
   replication group, and replica 0 working on copies of the original's buffers, written back only when every
   replica succeeded (so a failed, interrupted or abandoned forward writes nothing to the model).
+* :func:`training_forward_lock`: training forwards of one module from several threads, one after another (each
+  replicates the buffers the previous one wrote back).
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
@@ -20,12 +24,37 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from ._native import _C
 
-__all__ = ["Replication", "replicate_on_cpu"]
+__all__ = ["Replication", "replicate_on_cpu", "training_forward_lock"]
 
 M = TypeVar("M", bound=nn.Module)
 
 #: The attribute of a replica (in its ``__dict__``) naming its replication and copy id.
 REPLICATION_TAG = "_syncbn_replication"
+
+
+_training_forward_locks: weakref.WeakKeyDictionary[nn.Module, contextlib.AbstractContextManager[Any]] = (
+    weakref.WeakKeyDictionary()
+)
+_training_forward_locks_guard = threading.Lock()
+
+
+def training_forward_lock(module: nn.Module) -> contextlib.AbstractContextManager[Any]:
+    """What a replicated forward of ``module`` holds from its replication to its write-back.
+
+    Replica 0 updates copies of the module's buffers, copied back at the forward's end: two training forwards at
+    once from two threads would each write back its own update over the other's (a running mean missing a
+    batch, ``num_batches_tracked`` counting half of them). So training forwards of one module run one after
+    another, as if called in turn; a forward in eval mode (no module of the tree training: no running statistics
+    to update) holds nothing and runs alongside any other. Reentrant: a forward that calls the same wrapper
+    again from its own thread goes on.
+    """
+    if not any(m.training for m in module.modules()):
+        return contextlib.nullcontext()
+    with _training_forward_locks_guard:
+        lock = _training_forward_locks.get(module)
+        if lock is None:
+            lock = _training_forward_locks[module] = threading.RLock()
+    return lock
 
 
 def _check_replicatable(module: nn.Module) -> None:

@@ -1,7 +1,13 @@
-"""Modules with a barrier of their own that the wrapper tests replicate: shared by the test modules."""
+"""Modules with a barrier of their own that the wrapper tests replicate, and an nn.DataParallel subclass on CPU
+threads to patch(): shared by the test modules."""
 
 from __future__ import annotations
 
+import threading
+import time
+
+import torch
+from hang_guard import call_with_timeout
 from torch import nn
 
 import syncbn_ext
@@ -79,3 +85,71 @@ class PersistentBatchSum(BatchSum):
 
     def forward(self, x):
         return super().forward(x) if self.use_barrier else x
+
+
+class CpuDataParallel(nn.DataParallel):
+    """An nn.DataParallel subclass that brings its own replicate and parallel_apply, on CPU threads."""
+
+    def __init__(self, module: nn.Module, replicas: int) -> None:
+        nn.Module.__init__(self)
+        self.module = module
+        self.device_ids = list(range(replicas))
+        self.dim = 0
+
+    def forward(self, x):
+        slices = x.chunk(len(self.device_ids))
+        replicas = self.replicate(self.module, self.device_ids[: len(slices)])
+        outputs = self.parallel_apply(replicas, [(s,) for s in slices], [{} for _ in slices])
+        return torch.cat(outputs)
+
+    def replicate(self, module, device_ids):
+        return syncbn_ext.replicate_on_cpu(module, len(device_ids))
+
+    def parallel_apply(self, replicas, inputs, kwargs):
+        results: dict[int, object] = {}
+
+        def run(i):
+            try:
+                results[i] = replicas[i](*inputs[i], **kwargs[i])
+            except BaseException as error:
+                results[i] = error
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(replicas))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for i in range(len(replicas)):
+            if isinstance(results[i], BaseException):
+                raise results[i]
+        return [results[i] for i in range(len(replicas))]
+
+
+class SlowSynchronizedBatchNorm1d(syncbn_ext.SynchronizedBatchNorm1d):
+    """Sleeps a little before normalizing, so that forwards started at once from several threads overlap."""
+
+    def forward(self, input):
+        time.sleep(0.003)
+        return super().forward(input)
+
+
+def forwards_from_threads(dp, batches, threads=3):
+    """dp(batch) for every batch, spread over ``threads`` threads started at once; fails on a hang or an error."""
+    errors = []
+
+    def train(first):
+        try:
+            for x in batches[first::threads]:
+                dp(x)
+        except BaseException as error:
+            errors.append(error)
+
+    def run_all():
+        workers = [threading.Thread(target=train, args=(i,)) for i in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+
+    call_with_timeout(run_all)
+    assert errors == []

@@ -14,10 +14,11 @@ import pytest
 import torch
 from hang_guard import call_with_timeout
 from replica_faults import RaiseInCopy, assert_state_unchanged, state_of, wait_for_replica_threads
+from replica_modules import CpuDataParallel
 from torch import nn
 
 import syncbn_ext
-from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm1d, replicate_on_cpu
+from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm1d
 from syncbn_ext.data_parallel import _PatchedParallelApply
 from syncbn_ext.parallel_apply import FAILURE_GRACE_SECONDS, replica_threads_running
 
@@ -181,44 +182,6 @@ def test_a_failed_replica_is_reported_whatever_the_others_are_blocked_in():
 # ---------------------------------------------------------------------------------------------------------------
 # patch(nn.DataParallel): the same failure and finish handling
 # ---------------------------------------------------------------------------------------------------------------
-
-
-class CpuDataParallel(nn.DataParallel):
-    """An nn.DataParallel subclass that brings its own replicate and parallel_apply, on CPU threads."""
-
-    def __init__(self, module: nn.Module, replicas: int) -> None:
-        nn.Module.__init__(self)
-        self.module = module
-        self.device_ids = list(range(replicas))
-        self.dim = 0
-
-    def forward(self, x):
-        slices = x.chunk(len(self.device_ids))
-        replicas = self.replicate(self.module, self.device_ids[: len(slices)])
-        outputs = self.parallel_apply(replicas, [(s,) for s in slices], [{} for _ in slices])
-        return torch.cat(outputs)
-
-    def replicate(self, module, device_ids):
-        return replicate_on_cpu(module, len(device_ids))
-
-    def parallel_apply(self, replicas, inputs, kwargs):
-        results: dict[int, object] = {}
-
-        def run(i):
-            try:
-                results[i] = replicas[i](*inputs[i], **kwargs[i])
-            except BaseException as error:
-                results[i] = error
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(replicas))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        for i in range(len(replicas)):
-            if isinstance(results[i], BaseException):
-                raise results[i]
-        return [results[i] for i in range(len(replicas))]
 
 
 class CallsTwiceInCopy(nn.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import io
 import pickle
@@ -14,11 +15,12 @@ import torch
 from batchnorm_cases import cpu_dp
 from hang_guard import call_with_timeout
 from replica_faults import RaiseOnMarker
-from replica_modules import BatchSum, PersistentBatchSum
+from replica_modules import BatchSum, PersistentBatchSum, SlowSynchronizedBatchNorm1d, forwards_from_threads
 from torch import nn
 
 import syncbn_ext
 from syncbn_ext import DataParallelWithCallback
+from syncbn_ext.replicate import Replication, training_forward_lock
 
 
 class Record(nn.Module):
@@ -223,6 +225,52 @@ def test_replica_zero_updates_the_running_statistics():
     torch.testing.assert_close(bn.running_mean, 0.1 * x[:4].mean(0))
     torch.testing.assert_close(bn.running_var, 0.9 + 0.1 * x[:4].var(0))
     assert bn.num_batches_tracked.item() == 1
+
+
+def test_training_forwards_from_several_threads_run_one_after_another():
+    torch.manual_seed(0)
+    bn = SlowSynchronizedBatchNorm1d(3, momentum=None).double()  # a cumulative average: the same in any order
+    batches = [torch.randn(6, 3, dtype=torch.float64) * (1 + i % 3) + i for i in range(24)]
+    forwards_from_threads(cpu_dp(bn, 2), batches)
+    # At once, each forward would write back its replica 0's update over the others' (8 of 24 counted):
+    # one after another, each replicates the buffers the previous one wrote back.
+    assert bn.num_batches_tracked.item() == 24
+    torch.testing.assert_close(bn.running_mean, torch.stack([x.mean(0) for x in batches]).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack([x.var(0) for x in batches]).mean(0))
+
+
+def test_a_training_forward_holds_its_module_and_an_eval_forward_nothing():
+    seen = []
+
+    class Probe(nn.Module):
+        """Replica 0 tries, from another thread, to take the module's lock while the forward runs."""
+
+        def forward(self, x):
+            if Replication.of(self)[1] == 0:
+                lock = training_forward_lock(dp.module)
+                if isinstance(lock, contextlib.nullcontext):
+                    seen.append((self.training, None))
+                else:
+                    taken = []
+                    other = threading.Thread(target=lambda: taken.append(lock.acquire(blocking=False)))
+                    other.start()
+                    other.join()
+                    seen.append((self.training, taken[0]))
+            return x
+
+    dp = cpu_dp(Probe(), 2)
+    call_with_timeout(dp, torch.randn(4, 2))
+    dp.eval()
+    call_with_timeout(dp, torch.randn(4, 2))
+    assert seen == [(True, False), (False, None)]  # training: held, another thread waits; eval: nothing held
+
+    dp.train()
+
+    def forward_inside_the_lock():  # reentrant: a forward that calls its wrapper again goes on
+        with training_forward_lock(dp.module):
+            return dp(torch.randn(4, 2))
+
+    assert call_with_timeout(forward_inside_the_lock).shape == (4, 2)
 
 
 def test_grad_inference_and_autocast_modes_reach_the_replicas():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from batchnorm_cases import cpu_dp
 from hang_guard import call_with_timeout
-from replica_modules import BatchSum
+from replica_modules import BatchSum, CpuDataParallel, SlowSynchronizedBatchNorm1d, forwards_from_threads
 from torch import nn
 
 from syncbn_ext import patch, patch_replication_callback, replicate_on_cpu
@@ -63,8 +63,20 @@ def test_a_patched_data_parallel_can_be_copied(clone):
     twin = clone(dp)
     wrapper = twin.__dict__["replicate"]
     assert wrapper is not dp.__dict__["replicate"]
-    assert wrapper.replicate.__self__ is twin  # the copy wraps its own replicate
+    assert wrapper.replicate.__self__ is twin  # the copy wraps its own replicate and forward
+    assert twin.__dict__["forward"].forward.__self__ is twin
     assert patch(twin) is twin and twin.__dict__["replicate"] is wrapper
+
+
+def test_a_patched_data_parallel_runs_training_forwards_from_several_threads_one_after_another():
+    torch.manual_seed(0)
+    bn = SlowSynchronizedBatchNorm1d(3, momentum=None).double()  # a cumulative average: the same in any order
+    dp = patch(CpuDataParallel(bn, 2))
+    batches = [torch.randn(6, 3, dtype=torch.float64) + i for i in range(24)]
+    forwards_from_threads(dp, batches)
+    # Replica 0's buffers are written back after each forward: at once, the forwards would overwrite each other's.
+    assert bn.num_batches_tracked.item() == 24
+    torch.testing.assert_close(bn.running_mean, torch.stack([x.mean(0) for x in batches]).mean(0))
 
 
 needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")

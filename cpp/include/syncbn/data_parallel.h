@@ -131,7 +131,9 @@ std::vector<torch::Tensor> parallel_apply(std::vector<ModuleType>& modules, cons
 // Replica 0 works on copies of the module's buffers, written back only once
 // every replica succeeded (IsolatedReplication): a failed, interrupted or timed
 // out forward leaves every buffer untouched, and a replica left running (see
-// detail::run_replicas) can write nothing.
+// detail::run_replicas) can write nothing. Training forwards of one module from
+// several threads run one after another (TrainingForwardLock), each replicating
+// the buffers the previous one wrote back.
 template <typename ModuleType>
 torch::Tensor data_parallel(ModuleType module, const torch::Tensor& input,
                             std::optional<std::vector<torch::Device>> devices = std::nullopt,
@@ -151,6 +153,7 @@ torch::Tensor data_parallel(ModuleType module, const torch::Tensor& input,
   if (inputs.size() == 1) return module->forward(inputs.front()).to(destination);
 
   const std::shared_ptr<torch::nn::Module> original = detail::as_module(module);
+  const TrainingForwardLock one_training_forward_at_a_time(original);
   std::vector<std::shared_ptr<torch::nn::Module>> clones;
   for (const auto& device : used) clones.push_back(module->clone(device));
   IsolatedReplication replication(original, clones);
