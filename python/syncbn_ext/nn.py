@@ -96,6 +96,16 @@ _SYNC_STATE_DEFAULTS: dict[str, Any] = {"_copy_id": None, "_channel": None, "_la
 _layer_ids = itertools.count()
 
 
+def _traced_as_a_leaf(layer: _BatchNorm, input: torch.fx.Proxy) -> torch.fx.Proxy:
+    """Under ``torch.fx`` symbolic tracing: one ``call_module`` node for the layer, as ``nn.BatchNorm`` gets.
+
+    FX records the insides of modules from outside ``torch.nn``; ours hold Python state (replica, process group)
+    and cannot be recorded: the traced ``GraphModule`` keeps the layer itself, synchronization included.
+    """
+    tracer = input.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(layer), (input,), {})
+
+
 class _SynchronizedBatchNorm(_BatchNorm):
     """The common base of the synchronized layers: everything but the input-dimension check.
 
@@ -208,6 +218,8 @@ class _SynchronizedBatchNorm(_BatchNorm):
         statistics arrived. Inside backward (``torch.utils.checkpoint(..., use_reentrant=False)`` recomputing a
         block), a replica reuses its original call's statistics and updates nothing.
         """
+        if isinstance(input, torch.fx.Proxy):
+            return _traced_as_a_leaf(self, input)
         copy_id = self.__dict__.get("_copy_id")
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         eps_mode = _eps_mode
@@ -376,6 +388,8 @@ class SyncBatchNorm(_SynchronizedBatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         """See :meth:`SynchronizedBatchNorm2d.forward`; ``nn.SyncBatchNorm``'s checks, in its order."""
+        if isinstance(input, torch.fx.Proxy):
+            return _traced_as_a_leaf(self, input)
         self._check_input_dim(input)
         _TorchSyncBatchNorm._check_non_zero_input_channels(self, input)
         return super().forward(input)

@@ -150,6 +150,34 @@ def test_scripting_is_a_clear_error_that_says_what_to_do():
     torch.testing.assert_close(scripted(x), model(x))
 
 
+@pytest.mark.parametrize(
+    ("layer_type", "shape"),
+    [
+        (SynchronizedBatchNorm1d, (8, C)),
+        (SynchronizedBatchNorm2d, (8, C, 4, 4)),
+        (SynchronizedBatchNorm3d, (8, C, 2, 3, 3)),
+        (SyncBatchNorm, (8, C, 5)),
+    ],
+)
+def test_fx_symbolic_tracing_keeps_the_layer_as_one_call_module_node(layer_type, shape):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Identity(), layer_type(C), nn.ReLU())
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))  # nn.BatchNorm: a leaf to torch.fx
+    traced = torch.fx.symbolic_trace(model)
+    layer_nodes = [n for n in traced.graph.nodes if n.op == "call_module" and n.target == "1"]
+    assert len(layer_nodes) == 1 and isinstance(traced.get_submodule("1"), layer_type)
+    assert [n.op for n in traced.graph.nodes] == [n.op for n in torch.fx.symbolic_trace(reference).graph.nodes]
+
+    # The GraphModule keeps the layer, synchronization included: replicated, it normalizes the whole batch.
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    traced.double()
+    reference.double()
+    out = call_with_timeout(replicated(traced, 2), x)
+    torch.testing.assert_close(out, reference(x))
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # torch's own nn.SyncBatchNorm, and our drop-in for it
 # ---------------------------------------------------------------------------------------------------------------
