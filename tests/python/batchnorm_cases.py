@@ -173,3 +173,17 @@ def step_and_compare(ref, ours, forward, x, seed=2, **tol):
     y_ours.backward(grad_output)
     assert_grads_match(ours, ref, x_ours, x_ref, **tol)
     assert_buffers_match(ours, ref, **tol)
+
+
+def joined(output):
+    """Whether the output's backward goes through the node that runs the replicas' backward in parallel."""
+    pending, seen = [output.grad_fn], set()
+    while pending:
+        node = pending.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ == "_JoinReplicasBackward":
+            return True
+        pending += [next_node for next_node, _ in node.next_functions]
+    return False
