@@ -256,6 +256,24 @@ def test_replicating_a_compiled_module_matches_the_whole_batch():
     torch.testing.assert_close(compiled(x), reference(x))
 
 
+def test_compiling_the_wrapper_matches_the_whole_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(C, C), SynchronizedBatchNorm1d(C), nn.ReLU(), nn.Linear(C, 2)).double()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    compiled = torch.compile(replicated(model, 2))
+    for step in range(2):
+        x = torch.randn(8, C, dtype=torch.float64) + step
+        y = call_with_timeout(compiled, x, timeout=300)
+        y_ref = reference(x)
+        torch.testing.assert_close(y, y_ref)
+        y.square().sum().backward()
+        y_ref.square().sum().backward()
+    for p, p_ref in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad)
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
+    assert model[1].num_batches_tracked.item() == 2
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Tensor subclasses
 # ---------------------------------------------------------------------------------------------------------------
