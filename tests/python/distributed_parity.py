@@ -7,6 +7,7 @@ global batch (float64). Run by ``distributed_worker.py``; each scenario returns 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import weakref
@@ -150,6 +151,39 @@ def scenario_ddp(rank, world, replicas, sizes):
             model, reference, ddp, sizes, rank, steps=2, ddp_world=world
         )
     return results
+
+
+def scenario_ddp_accumulate(rank, world, replicas, sizes):
+    """Gradient accumulation under DistributedDataParallel: two micro-batches a step, the first's backward in
+    ``ddp.no_sync()`` (no gradient all-reduce, while our layers still synchronize their statistics across the
+    ranks, forward and backward), the second's synchronized. Each rank must end with the gradients of one model run
+    on both global micro-batches, averaged over the ranks (DDP's mean), and its running statistics."""
+    model, reference = make_models("SyncBatchNorm", None)
+    ddp = nn.parallel.DistributedDataParallel(wrap(model, replicas))
+    total, start = sum(sizes), sum(sizes[:rank])
+    mine = slice(start, start + sizes[rank])
+    errors = {"output": 0.0, "input_grad": 0.0, "param_grad": 0.0, "buffers": 0.0}
+    for step in range(2):
+        model.zero_grad()
+        reference.zero_grad()
+        for micro_batch in range(2):
+            x, grad = global_batch(10 * step + micro_batch, total)
+            x_mine = x[mine].clone().requires_grad_()
+            x_ref = x.clone().requires_grad_()
+            with ddp.no_sync() if micro_batch == 0 else contextlib.nullcontext():
+                y = ddp(x_mine)
+                y.backward(grad[mine])
+            y_ref = reference(x_ref)
+            y_ref.backward(grad)
+            errors["output"] = max(errors["output"], max_error(y, y_ref[mine]))
+            errors["input_grad"] = max(errors["input_grad"], max_error(x_mine.grad, x_ref.grad[mine]))
+        for p, p_ref in zip(model.parameters(), reference.parameters(), strict=True):
+            errors["param_grad"] = max(errors["param_grad"], max_error(p.grad, p_ref.grad / world))
+        for b, b_ref in zip(model.buffers(), reference.buffers(), strict=True):
+            errors["buffers"] = max(errors["buffers"], max_error(b.double(), b_ref.double()))
+    errors["buffers_equal_on_every_rank"] = all(same_on_every_rank(b, dist.group.WORLD) for b in model.buffers())
+    errors["num_batches_tracked"] = [m.num_batches_tracked.item() for m in model.modules() if hasattr(m, "momentum")]
+    return errors
 
 
 def _threads() -> int:

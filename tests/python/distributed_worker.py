@@ -27,6 +27,7 @@ import torch.distributed.nn  # noqa: F401  before init_process_group, so that it
 SCENARIOS = {
     "parity": parity.scenario_parity,
     "ddp": parity.scenario_ddp,
+    "ddp_accumulate": parity.scenario_ddp_accumulate,
     "subgroup": parity.scenario_subgroup,
     "released": parity.scenario_released,
     "eval": parity.scenario_eval,
