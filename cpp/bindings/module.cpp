@@ -9,5 +9,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   syncbn::python::bind_replica_graph(m);
   syncbn::python::bind_replication_group(m);
   syncbn::python::bind_sync_master(m);
+  syncbn::python::bind_thread_state(m);
   syncbn::python::bind_batch_norm(m);
 }

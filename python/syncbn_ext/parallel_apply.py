@@ -141,9 +141,12 @@ def replica_threads_running() -> list[threading.Thread]:
 
 
 class _CallerState:
-    """The calling thread's autograd and autocast state, applied in each replica's thread."""
+    """The calling thread's state, applied in each replica's thread: ATen's thread-local state (as torch carries it
+    to its own autograd threads: the profiler, saved-tensor hooks, dispatch and torch-function modes...), then its
+    autograd and autocast modes explicitly."""
 
     def __init__(self, device_type: str) -> None:
+        self.thread_state = _C.ThreadLocalState()
         self.device_type = device_type
         self.grad_enabled = torch.is_grad_enabled()
         self.inference_mode = torch.is_inference_mode_enabled()
@@ -153,6 +156,7 @@ class _CallerState:
 
     def applied(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
+        stack.enter_context(self.thread_state.applied())
         stack.enter_context(torch.inference_mode(self.inference_mode))
         stack.enter_context(torch.set_grad_enabled(self.grad_enabled))
         stack.enter_context(

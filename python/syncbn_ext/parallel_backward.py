@@ -298,15 +298,17 @@ class _BackwardTask:
         grads: Sequence[torch.Tensor],
         keep_graph: bool,
         create_graph: bool,
+        thread_state: Any,
     ) -> None:
         self.plan, self.copy_id, self.grads = plan, copy_id, grads
         self.keep_graph, self.create_graph = keep_graph, create_graph
+        self.thread_state = thread_state  # the backward's thread's (the profiler, dispatch modes...)
 
     def __call__(self) -> tuple[torch.Tensor | None, ...]:
         plan, copy_id = self.plan, self.copy_id
         assert plan.outputs is not None
         try:
-            with plan.group.replica(copy_id), torch.set_grad_enabled(self.create_graph):
+            with self.thread_state.applied(), plan.group.replica(copy_id), torch.set_grad_enabled(self.create_graph):
                 grads = torch.autograd.grad(
                     plan.outputs[copy_id],
                     plan.boundary(copy_id),
@@ -355,11 +357,11 @@ class _JoinReplicas(torch.autograd.Function):
         create_graph = torch.is_grad_enabled()
         once_differentiable = create_graph and any(g is not None and g.requires_grad for g in grads)
         tasks, offset = [], 0
+        thread_state = _C.ThreadLocalState()
         for copy_id, outputs in enumerate(plan.outputs):
             replica_grads = grads[offset : offset + len(outputs)]
-            tasks.append(
-                _BackwardTask(plan, copy_id, replica_grads, keep_graph, create_graph and not once_differentiable)
-            )
+            task_graph = create_graph and not once_differentiable
+            tasks.append(_BackwardTask(plan, copy_id, replica_grads, keep_graph, task_graph, thread_state))
             offset += len(outputs)
         replicas = len(tasks)
         plan.group.begin_backward()

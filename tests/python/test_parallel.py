@@ -17,6 +17,7 @@ from hang_guard import call_with_timeout
 from replica_faults import RaiseOnMarker
 from replica_modules import BatchSum, PersistentBatchSum, SlowSynchronizedBatchNorm1d, forwards_from_threads
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import syncbn_ext
 from syncbn_ext import DataParallelWithCallback
@@ -292,6 +293,65 @@ def test_grad_inference_and_autocast_modes_reach_the_replicas():
         + [(False, True, False)] * 3
         + [(True, False, True)] * 3
     )
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten ops it sees, and the threads they ran on."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.threads = collections.Counter(), set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        self.threads.add(threading.current_thread().name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_callers_saved_tensor_hooks_dispatch_modes_and_profiler_reach_the_replicas(parallel_backward):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), syncbn_ext.SynchronizedBatchNorm1d(4), nn.ReLU())
+    dp = cpu_dp(model, 2, parallel_backward=parallel_backward)
+    x = torch.randn(6, 4)
+
+    def packs(run):
+        packed = []
+
+        def pack(tensor):
+            packed.append(threading.current_thread().name)
+            return tensor
+
+        def forward():
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                return run(x)
+
+        call_with_timeout(forward).sum().backward()
+        return packed
+
+    # Each replica saves what the whole module saves, through the caller's hooks (save_on_cpu, compression...).
+    whole, replicated = packs(model), packs(dp)
+    assert whole and len(replicated) == 2 * len(whole)
+    assert all(name.startswith("syncbn-worker-") for name in replicated)
+
+    def counted():
+        with CountOps() as forward_mode:
+            y = dp(x)
+        with CountOps() as backward_mode:
+            y.sum().backward()
+        return forward_mode, backward_mode
+
+    forward_mode, backward_mode = call_with_timeout(counted)
+    assert forward_mode.ops["addmm"] == 2 and forward_mode.ops["local_stats"] == 2  # one per replica
+    assert backward_mode.ops["mm"] == 2  # each replica's weight gradient, wherever its backward ran
+    assert any(name.startswith("syncbn-worker-") for name in backward_mode.threads) == parallel_backward
+
+    def profiled():
+        with torch.profiler.profile() as profile:
+            dp(x).sum().backward()
+        return {event.key: event.count for event in profile.key_averages()}
+
+    events = call_with_timeout(profiled)
+    assert events.get("syncbn::local_stats") == 2 and events.get("aten::addmm") == 2
 
 
 def test_other_threads_run_while_replicas_wait_in_the_barrier():

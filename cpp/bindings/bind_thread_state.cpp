@@ -1,0 +1,54 @@
+#include <memory>
+#include <optional>
+
+#include <ATen/ThreadLocalState.h>
+
+#include "bindings.h"
+
+namespace syncbn::python {
+
+namespace py = pybind11;
+
+namespace {
+
+// ATen's state of the thread that made it: grad and inference mode, autocast, the profiler's callbacks, saved-tensor
+// hooks, Python dispatch and torch-function modes... What torch's own autograd threads and at::launch carry from the
+// thread that starts the work to the thread that does it.
+struct CapturedThreadState {
+  at::ThreadLocalState state;
+};
+
+// Installs a captured state in the thread that enters it, and restores that thread's own state on exit.
+class AppliedThreadState {
+ public:
+  explicit AppliedThreadState(std::shared_ptr<const CapturedThreadState> captured) : captured_(std::move(captured)) {}
+  void enter() { guard_.emplace(captured_->state); }
+  void exit() { guard_.reset(); }
+
+ private:
+  std::shared_ptr<const CapturedThreadState> captured_;
+  std::optional<at::ThreadLocalStateGuard> guard_;
+};
+
+}  // namespace
+
+void bind_thread_state(py::module_& m) {
+  py::class_<AppliedThreadState>(m, "_AppliedThreadState")
+      .def("__enter__", [](AppliedThreadState& self) { self.enter(); })
+      .def("__exit__", [](AppliedThreadState& self, const py::args&) {
+        self.exit();
+        return false;
+      });
+  py::class_<CapturedThreadState, std::shared_ptr<CapturedThreadState>>(
+      m, "ThreadLocalState",
+      "ATen's thread-local state of the thread that creates it (grad and inference mode, autocast, the profiler, "
+      "saved-tensor hooks, Python dispatch and torch-function modes), as torch carries it to its own worker threads.")
+      .def(py::init<>())
+      .def(
+          "applied",
+          [](const std::shared_ptr<CapturedThreadState>& self) { return std::make_unique<AppliedThreadState>(self); },
+          "A context manager that installs this state in the thread entering it, and restores that thread's own "
+          "on exit.");
+}
+
+}  // namespace syncbn::python
