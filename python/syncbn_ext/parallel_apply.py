@@ -141,15 +141,15 @@ def replica_threads_running() -> list[threading.Thread]:
 
 
 class _CallerState:
-    """The calling thread's state, applied in each replica's thread: ATen's thread-local state (as torch carries it
-    to its own autograd threads: the profiler, saved-tensor hooks, dispatch and torch-function modes...), then its
-    autograd and autocast modes explicitly."""
+    """The calling thread's state, applied in each replica's thread: ATen's thread-local state, as torch carries it
+    to its own autograd threads (grad and inference mode, autocast, the profiler, saved-tensor hooks, dispatch and
+    torch-function modes...), inside an ``autocast`` block of the caller's settings: the thread-local state does not
+    carry autocast's cache flag, and leaving the block empties the worker's cache of cast weights, as it does the
+    caller's."""
 
     def __init__(self, device_type: str) -> None:
         self.thread_state = _C.ThreadLocalState()
         self.device_type = device_type
-        self.grad_enabled = torch.is_grad_enabled()
-        self.inference_mode = torch.is_inference_mode_enabled()
         self.autocast_enabled = torch.is_autocast_enabled(device_type)
         self.autocast_dtype = torch.get_autocast_dtype(device_type)
         self.autocast_cache = torch.is_autocast_cache_enabled()
@@ -157,8 +157,6 @@ class _CallerState:
     def applied(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
         stack.enter_context(self.thread_state.applied())
-        stack.enter_context(torch.inference_mode(self.inference_mode))
-        stack.enter_context(torch.set_grad_enabled(self.grad_enabled))
         stack.enter_context(
             torch.autocast(
                 self.device_type,
