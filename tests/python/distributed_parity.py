@@ -79,6 +79,19 @@ def same_on_every_rank(tensor: torch.Tensor, group: object) -> bool:
     return all(torch.equal(t, gathered[0]) for t in gathered)
 
 
+def measure_buffers(errors: dict, model: nn.Module, reference: nn.Module) -> None:
+    """Raises ``errors["buffers"]`` to the largest difference between the models' buffers."""
+    for b, b_ref in zip(model.buffers(), reference.buffers(), strict=True):
+        errors["buffers"] = max(errors["buffers"], max_error(b.double(), b_ref.double()))
+
+
+def with_final_state(errors: dict, model: nn.Module, group: object) -> dict:
+    """``errors`` with whether every rank of ``group`` holds the same buffers and each layer's num_batches_tracked."""
+    errors["buffers_equal_on_every_rank"] = all(same_on_every_rank(b, group) for b in model.buffers())
+    errors["num_batches_tracked"] = [m.num_batches_tracked.item() for m in model.modules() if hasattr(m, "momentum")]
+    return errors
+
+
 WORLD = "world"  # the default group, looked up once torch.distributed is initialized
 
 
@@ -123,11 +136,8 @@ def run_steps(model, reference, run, sizes, rank, steps, ddp_world=None, members
             else:
                 expected = p_ref.grad / ddp_world  # DistributedDataParallel averages
             errors["param_grad"] = max(errors["param_grad"], max_error(g, expected))
-        for b, b_ref in zip(model.buffers(), reference.buffers(), strict=True):
-            errors["buffers"] = max(errors["buffers"], max_error(b.double(), b_ref.double()))
-    errors["buffers_equal_on_every_rank"] = all(same_on_every_rank(b, group) for b in model.buffers())
-    errors["num_batches_tracked"] = [m.num_batches_tracked.item() for m in model.modules() if hasattr(m, "momentum")]
-    return errors
+        measure_buffers(errors, model, reference)
+    return with_final_state(errors, model, group)
 
 
 def scenario_parity(rank, world, replicas, sizes):
@@ -179,11 +189,8 @@ def scenario_ddp_accumulate(rank, world, replicas, sizes):
             errors["input_grad"] = max(errors["input_grad"], max_error(x_mine.grad, x_ref.grad[mine]))
         for p, p_ref in zip(model.parameters(), reference.parameters(), strict=True):
             errors["param_grad"] = max(errors["param_grad"], max_error(p.grad, p_ref.grad / world))
-        for b, b_ref in zip(model.buffers(), reference.buffers(), strict=True):
-            errors["buffers"] = max(errors["buffers"], max_error(b.double(), b_ref.double()))
-    errors["buffers_equal_on_every_rank"] = all(same_on_every_rank(b, dist.group.WORLD) for b in model.buffers())
-    errors["num_batches_tracked"] = [m.num_batches_tracked.item() for m in model.modules() if hasattr(m, "momentum")]
-    return errors
+        measure_buffers(errors, model, reference)
+    return with_final_state(errors, model, dist.group.WORLD)
 
 
 def _threads() -> int:
