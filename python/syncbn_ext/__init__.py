@@ -74,6 +74,9 @@ __all__ = [
 from .convert import convert_model, patch_sync_batchnorm, revert_model  # noqa: E402
 from .distributed import cross_process_transport  # noqa: E402
 from .nn import (  # noqa: E402
+    LazySynchronizedBatchNorm1d,
+    LazySynchronizedBatchNorm2d,
+    LazySynchronizedBatchNorm3d,
     SyncBatchNorm,
     SynchronizedBatchNorm1d,
     SynchronizedBatchNorm2d,
@@ -83,6 +86,9 @@ from .nn import (  # noqa: E402
 )
 
 __all__ += [
+    "LazySynchronizedBatchNorm1d",
+    "LazySynchronizedBatchNorm2d",
+    "LazySynchronizedBatchNorm3d",
     "SyncBatchNorm",
     "SynchronizedBatchNorm1d",
     "SynchronizedBatchNorm2d",

@@ -1,8 +1,8 @@
 """Turning the BatchNorm layers of an existing model into synchronized ones, and back.
 
 * :func:`convert_model`: every ``nn.BatchNorm1d/2d/3d`` becomes the matching :mod:`syncbn_ext.nn` layer (and
-  ``torch.nn.SyncBatchNorm`` a :class:`syncbn_ext.SyncBatchNorm`), and an ``nn.DataParallel`` a
-  :class:`syncbn_ext.DataParallelWithCallback`.
+  ``torch.nn.SyncBatchNorm`` a :class:`syncbn_ext.SyncBatchNorm`, ``nn.LazyBatchNormNd`` a
+  ``LazySynchronizedBatchNormNd``), and an ``nn.DataParallel`` a :class:`syncbn_ext.DataParallelWithCallback`.
 * :func:`convert_to_sync_batch_norm` (``SyncBatchNorm.convert_sync_batchnorm``): every BatchNorm layer becomes a
   :class:`syncbn_ext.SyncBatchNorm`.
 * :func:`revert_model`: the synchronized layers become ``nn.BatchNorm1d/2d/3d`` again.
@@ -23,8 +23,9 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from torch.nn.modules.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 from torch.nn.modules.batchnorm import SyncBatchNorm as TorchSyncBatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from .data_parallel import DataParallelWithCallback, patch
 from .nn import (
@@ -74,7 +75,22 @@ def _transplant(module: nn.Module, cls: type[M]) -> M:
         if key not in _DROPPED_ATTRIBUTES
     }
     new.__dict__.update(state)
+    if isinstance(module, LazyModuleMixin) and hasattr(module, "_initialize_hook"):
+        _move_lazy_hooks(module, new)
     return new
+
+
+def _move_lazy_hooks(module: nn.Module, new: nn.Module) -> None:
+    """The hooks that materialize a lazy module, registered by ``module`` on its own dicts, registered by ``new``.
+
+    Without this the copied handles would remove the hooks from the old module's dicts, leaving them on the new one.
+    """
+    initialize_id, load_id = module._initialize_hook.id, module._load_hook.id
+    del new._forward_pre_hooks[initialize_id]
+    new._forward_pre_hooks_with_kwargs.pop(initialize_id, None)
+    del new._load_state_dict_pre_hooks[load_id]
+    new._load_hook = new._register_load_state_dict_pre_hook(new._lazy_load_hook)
+    new._initialize_hook = new.register_forward_pre_hook(new._infer_parameters, with_kwargs=True, prepend=True)
 
 
 def _to_synchronized_layers(
@@ -105,6 +121,12 @@ def _to_synchronized(process_group: Any) -> Callable[[nn.Module], nn.Module]:
 
 def _to_sync_batch_norm(process_group: Any) -> Callable[[nn.Module], nn.Module]:
     def target_of(cls: type) -> type[nn.Module] | None:
+        if issubclass(cls, LazyModuleMixin) and issubclass(cls, _BatchNorm):
+            raise TypeError(
+                f"convert_sync_batchnorm: {cls.__name__} is not initialized yet and SyncBatchNorm has no lazy form; "
+                "run one forward first (the lazy layer then becomes an nn.BatchNormNd), or use "
+                "syncbn_ext.convert_model, which makes it a LazySynchronizedBatchNormNd"
+            )
         return SyncBatchNorm if cls in _TO_SYNC_BATCH_NORM else None
 
     return _to_synchronized_layers(target_of, process_group, keep_own_group=False)
@@ -152,12 +174,15 @@ def convert_model(module: M, process_group: Any = None) -> nn.Module:
     """Replaces the BatchNorm layers of ``module`` by synchronized ones, recursively; returns the converted model.
 
     * Every ``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` / ``nn.BatchNorm3d`` (those exact classes: not their
-      subclasses, lazy BatchNorms or layers already synchronized) becomes a
+      subclasses or layers already synchronized) becomes a
       :class:`~syncbn_ext.SynchronizedBatchNorm1d` / ``2d`` / ``3d`` with the same parameters and buffers (the same
       tensor objects, ``num_batches_tracked`` included), options (``eps``, ``momentum`` including ``None``,
       ``affine``, bias presence, ``track_running_stats``), training flag, device, dtype and hooks; a
       ``torch.nn.SyncBatchNorm`` (which would normalize each replica on its own) becomes a
-      :class:`~syncbn_ext.SyncBatchNorm` (any input dimensionality) with its state and ``process_group``.
+      :class:`~syncbn_ext.SyncBatchNorm` (any input dimensionality) with its state and ``process_group``; an
+      ``nn.LazyBatchNorm1d`` / ``2d`` / ``3d`` not yet initialized becomes a
+      :class:`~syncbn_ext.LazySynchronizedBatchNorm1d` / ``2d`` / ``3d`` (its first forward makes it a
+      synchronized layer, where the torch one would become a plain ``nn.BatchNormNd``).
     * An ``nn.DataParallel`` becomes a :class:`~syncbn_ext.DataParallelWithCallback` with the same ``device_ids``,
       ``output_device`` and ``dim`` around the converted module; a subclass of ``nn.DataParallel`` is kept and
       given the replication callbacks with :func:`syncbn_ext.patch`; a ``DataParallelWithCallback`` stays.
@@ -188,6 +213,7 @@ def convert_to_sync_batch_norm(module: M, process_group: Any = None) -> nn.Modul
     ``nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and the ``SynchronizedBatchNormNd`` layers (those exact
     classes) take the same parameters and buffers (the same tensors), options, training flag and hooks, and
     ``process_group``; wrappers are left as they are. ``syncbn_ext.SyncBatchNorm.convert_sync_batchnorm``.
+    A lazy BatchNorm not yet initialized raises a ``TypeError`` (``SyncBatchNorm`` has no lazy form).
 
     Returns:
         The converted model (the root itself is replaced when it is such a layer).
@@ -197,6 +223,8 @@ def convert_to_sync_batch_norm(module: M, process_group: Any = None) -> nn.Modul
 
 def revert_model(module: M) -> nn.Module:
     """The inverse of :func:`convert_model`: synchronized layers become plain ``nn.BatchNorm1d/2d/3d``.
+
+    (A ``LazySynchronizedBatchNormNd`` not yet initialized becomes an ``nn.LazyBatchNormNd``.)
 
     Parameters, buffers, options, training flag and hooks carry over as in :func:`convert_model` (the same
     tensors), in place. Wrappers are left as they are: a :class:`~syncbn_ext.DataParallelWithCallback` stays one
@@ -221,10 +249,10 @@ _PATCHED_NAMES = {cls.__name__: sync_cls for cls, sync_cls in _TORCH_TO_SYNC.ite
 def patch_sync_batchnorm() -> Iterator[None]:
     """While open, ``nn.BatchNorm1d/2d/3d`` are the synchronized classes, and ``nn.SyncBatchNorm`` is ours.
 
-    Replaces the attributes ``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d`` and ``SyncBatchNorm`` of
-    ``torch.nn``, ``torch.nn.modules`` and ``torch.nn.modules.batchnorm`` (with the classes :func:`convert_model`
-    converts them to), so that models built inside the block from ``nn.BatchNorm2d`` get synchronized layers;
-    restores the previous values on exit, also when the block raises.
+    Replaces the attributes ``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d``, ``SyncBatchNorm`` and
+    ``LazyBatchNorm1d/2d/3d`` of ``torch.nn``, ``torch.nn.modules`` and ``torch.nn.modules.batchnorm`` (with the
+    classes :func:`convert_model` converts them to), so that models built inside the block from ``nn.BatchNorm2d``
+    get synchronized layers; restores the previous values on exit, also when the block raises.
     Contexts nest. The patch is process-wide (every thread sees it): build models inside it, and prefer
     :func:`convert_model` where it serves.
 

@@ -127,11 +127,11 @@ def test_convert_model_leaves_other_norms_alone():
 
     mine = MyBatchNorm(3)
     ours = SynchronizedBatchNorm2d(3)
-    lazy = nn.LazyBatchNorm2d()
     instance = nn.InstanceNorm2d(3)
-    model = nn.Sequential(mine, ours, lazy, instance)
+    lazy_instance = nn.LazyInstanceNorm2d()
+    model = nn.Sequential(mine, ours, instance, lazy_instance)
     converted = convert_model(model)
-    assert list(converted) == [mine, ours, lazy, instance]
+    assert list(converted) == [mine, ours, instance, lazy_instance]
     assert convert_model(ours) is ours
 
 
