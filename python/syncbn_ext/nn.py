@@ -275,10 +275,11 @@ class _SynchronizedBatchNorm(_BatchNorm):
         )
 
 
-class SynchronizedBatchNorm1d(_SynchronizedBatchNorm):
+class SynchronizedBatchNorm1d(_SynchronizedBatchNorm, _TorchBatchNorm1d):
     r"""``nn.BatchNorm1d`` with batch statistics over every replica: input ``(N, C)`` or ``(N, C, L)``.
 
-    Same arguments, defaults, checks, ``repr`` and ``state_dict`` as :class:`torch.nn.BatchNorm1d`. Under
+    Same arguments, defaults, checks, ``repr`` and ``state_dict`` as :class:`torch.nn.BatchNorm1d`, and a subclass
+    of it (code that picks BatchNorm layers by ``isinstance`` finds it). Under
     :class:`syncbn_ext.DataParallelWithCallback` the mean and variance of each channel are those of the whole
     batch (all replicas' slices); alone, or with running statistics, it is ``nn.BatchNorm1d``.
 
@@ -298,10 +299,11 @@ class SynchronizedBatchNorm1d(_SynchronizedBatchNorm):
     _check_input_dim = _TorchBatchNorm1d._check_input_dim
 
 
-class SynchronizedBatchNorm2d(_SynchronizedBatchNorm):
+class SynchronizedBatchNorm2d(_SynchronizedBatchNorm, _TorchBatchNorm2d):
     r"""``nn.BatchNorm2d`` with batch statistics over every replica: input ``(N, C, H, W)``.
 
-    Same arguments, defaults, checks, ``repr`` and ``state_dict`` as :class:`torch.nn.BatchNorm2d`. Under
+    Same arguments, defaults, checks, ``repr`` and ``state_dict`` as :class:`torch.nn.BatchNorm2d`, and a subclass
+    of it (code that picks BatchNorm layers by ``isinstance`` finds it). Under
     :class:`syncbn_ext.DataParallelWithCallback` the mean and variance of each channel are those of the whole
     batch (all replicas' slices); alone, or with running statistics, it is ``nn.BatchNorm2d``.
 
@@ -321,10 +323,11 @@ class SynchronizedBatchNorm2d(_SynchronizedBatchNorm):
     _check_input_dim = _TorchBatchNorm2d._check_input_dim
 
 
-class SynchronizedBatchNorm3d(_SynchronizedBatchNorm):
+class SynchronizedBatchNorm3d(_SynchronizedBatchNorm, _TorchBatchNorm3d):
     r"""``nn.BatchNorm3d`` with batch statistics over every replica: input ``(N, C, D, H, W)``.
 
-    Same arguments, defaults, checks, ``repr`` and ``state_dict`` as :class:`torch.nn.BatchNorm3d`. Under
+    Same arguments, defaults, checks, ``repr`` and ``state_dict`` as :class:`torch.nn.BatchNorm3d`, and a subclass
+    of it (code that picks BatchNorm layers by ``isinstance`` finds it). Under
     :class:`syncbn_ext.DataParallelWithCallback` the mean and variance of each channel are those of the whole
     batch (all replicas' slices); alone, or with running statistics, it is ``nn.BatchNorm3d``.
 

@@ -47,7 +47,7 @@ def test_constructor_repr_and_state_dict_match_torch(kind):
         *((p.name, p.kind, p.default) for p in torch_sig.values()),
         ("process_group", inspect.Parameter.KEYWORD_ONLY, None),
     ]
-    assert issubclass(sync_cls, nn.modules.batchnorm._BatchNorm)
+    assert issubclass(sync_cls, torch_cls)  # isinstance(layer, nn.BatchNorm2d) finds ours too
     for options in (
         {},
         {"eps": 1e-3, "momentum": None},
@@ -64,6 +64,26 @@ def test_constructor_repr_and_state_dict_match_torch(kind):
             assert a.dtype == b.dtype and torch.equal(a, b), name
         assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
         assert ours._copy_id is None and ours._channel is None
+
+
+def test_code_that_picks_batchnorm_layers_by_class_finds_the_synchronized_ones():
+    """A training script's usual selections (no weight decay on BatchNorm, frozen BatchNorm) after a conversion."""
+
+    def batchnorm_parameters(model: nn.Module) -> set[int]:
+        return {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    expected = batchnorm_parameters(model)
+    assert len(expected) == 4
+    converted = syncbn_ext.convert_model(model)
+    assert batchnorm_parameters(converted) == expected
+    with syncbn_ext.patch_sync_batchnorm():
+        built_inside = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    assert type(built_inside[1]) is syncbn_ext.SynchronizedBatchNorm2d and len(batchnorm_parameters(built_inside)) == 2
+    for m in converted.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    assert not converted[1].training and not converted[4].training and converted.training
 
 
 @pytest.mark.parametrize("kind", ["1d-NC", "2d", "3d"])
