@@ -193,6 +193,21 @@ def scenario_ddp_accumulate(rank, world, replicas, sizes):
     return with_final_state(errors, model, dist.group.WORLD)
 
 
+def scenario_ddp_compiled(rank, world, replicas, sizes):
+    """torch.compile with DistributedDataParallel, both ways round (the compiled DDP, and DDP of the compiled
+    model): the layers' synchronized forward runs eagerly between compiled graphs, still across the ranks."""
+    results = {}
+    for way in ("compile(ddp)", "ddp(compile)"):
+        torch._dynamo.reset()
+        model, reference = make_models("SyncBatchNorm", None)
+        if way == "compile(ddp)":
+            run = torch.compile(nn.parallel.DistributedDataParallel(wrap(model, replicas)))
+        else:
+            run = nn.parallel.DistributedDataParallel(torch.compile(wrap(model, replicas)))
+        results[way] = run_steps(model, reference, run, sizes, rank, steps=2, ddp_world=world)
+    return results
+
+
 def _threads() -> int:
     """This process's OS threads (Linux)."""
     return len(os.listdir("/proc/self/task"))

@@ -31,6 +31,7 @@ SCENARIOS = {
     "subgroup": parity.scenario_subgroup,
     "released": parity.scenario_released,
     "eval": parity.scenario_eval,
+    "ddp_compiled": parity.scenario_ddp_compiled,
     "mismatch": faults.scenario_mismatch,
     "mismatch_widths": faults.scenario_mismatch_widths,
     "channels": parity.scenario_channels,

@@ -111,6 +111,13 @@ def test_every_rank_matches_one_batchnorm_on_the_global_batch(tmp_path, world, r
             assert_parity(measures(results["subgroup"][rank]), steps=2)
 
 
+def test_compiled_distributed_data_parallel_matches_one_batchnorm_on_the_global_batch(tmp_path):
+    results = launch(tmp_path, 2, 1, [3, 5], ["ddp_compiled"], timeout=120.0)
+    for rank in range(2):
+        for way, result in measures(results["ddp_compiled"][rank]).items():  # compile(ddp), ddp(compile)
+            assert_parity(result, steps=2), way
+
+
 @pytest.mark.parametrize("replicas, transport", [(1, "shared_memory"), (2, "c10d")])
 def test_destroy_process_group_frees_a_group_our_layers_synchronized_over(tmp_path, replicas, transport):
     # Once DDP and the layers given the group are gone, nothing of ours holds it: destroy_process_group frees it
