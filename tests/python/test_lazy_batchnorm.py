@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import pickle
 
 import pytest
@@ -54,6 +55,12 @@ def _whole_batch_and_replicated(torch_lazy: nn.Module, ours: nn.Module, shape: t
 @pytest.mark.parametrize("options", OPTIONS, ids=str)
 def test_lazy_layer_becomes_synchronized_and_matches_the_whole_batch(kind, options):
     torch_lazy_cls, lazy_cls, becomes, torch_becomes, shape = kind
+    ours_sig = inspect.signature(lazy_cls.__init__).parameters
+    torch_sig = inspect.signature(torch_lazy_cls.__init__).parameters
+    assert [(p.name, p.kind, p.default) for p in ours_sig.values()] == [
+        *((p.name, p.kind, p.default) for p in torch_sig.values()),
+        ("process_group", inspect.Parameter.KEYWORD_ONLY, None),
+    ]
     reference, layer = torch_lazy_cls(**options), lazy_cls(**options)
     assert repr(layer) == repr(reference).replace("LazyBatchNorm", "LazySynchronizedBatchNorm")
     _whole_batch_and_replicated(reference, layer, shape)
