@@ -18,6 +18,7 @@ layer it replaces, so an optimizer built over the model's parameters keeps worki
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -36,6 +37,7 @@ from .nn import (
     SynchronizedBatchNorm1d,
     SynchronizedBatchNorm2d,
     SynchronizedBatchNorm3d,
+    _SynchronizedBatchNorm,
 )
 
 __all__ = ["convert_model", "convert_to_sync_batch_norm", "patch_sync_batchnorm", "revert_model"]
@@ -170,6 +172,32 @@ def _convert(module: nn.Module, convert_layer: Any, wrap_data_parallel: bool, me
     return result
 
 
+def _warn_of_unconverted_layers(model: nn.Module, converter: str, stacklevel: int = 3) -> nn.Module:
+    """Warns of the BatchNorm layers a conversion left as they were and that will not synchronize.
+
+    Subclasses of ``nn.BatchNorm`` (e.g. a BatchNorm fused with its activation) keep their class and their own
+    forward: under the wrapper each replica would normalize its slice alone. Layers that handle replication
+    themselves (``__data_parallel_replicate__``, as the established library's) are not reported.
+    """
+    left = [
+        f"'{name or '<root>'}': {type(layer).__qualname__}"
+        for name, layer in model.named_modules()
+        if isinstance(layer, _BatchNorm)
+        and not isinstance(layer, _SynchronizedBatchNorm)
+        and not hasattr(layer, "__data_parallel_replicate__")
+    ]
+    if left:
+        shown = ", ".join(left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
+        warnings.warn(
+            f"{converter} left {len(left)} BatchNorm layer(s) of a class it does not convert as they were ({shown}): "
+            "they keep their own forward, which under DataParallelWithCallback normalizes each replica's slice "
+            "alone. Derive their class from a syncbn_ext layer, or replace them yourself",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+    return model
+
+
 def convert_model(module: M, process_group: Any = None) -> nn.Module:
     """Replaces the BatchNorm layers of ``module`` by synchronized ones, recursively; returns the converted model.
 
@@ -204,7 +232,7 @@ def convert_model(module: M, process_group: Any = None) -> nn.Module:
         >>> model = convert_model(torchvision.models.resnet18())  # doctest: +SKIP
         >>> dp = syncbn_ext.DataParallelWithCallback(model, device_ids=["cpu"] * 4)  # doctest: +SKIP
     """
-    return _convert(module, _to_synchronized(process_group), True, {})
+    return _warn_of_unconverted_layers(_convert(module, _to_synchronized(process_group), True, {}), "convert_model")
 
 
 def convert_to_sync_batch_norm(module: M, process_group: Any = None) -> nn.Module:
@@ -218,7 +246,12 @@ def convert_to_sync_batch_norm(module: M, process_group: Any = None) -> nn.Modul
     Returns:
         The converted model (the root itself is replaced when it is such a layer).
     """
-    return _convert(module, _to_sync_batch_norm(process_group), False, {})
+    return _convert_to_sync_batch_norm(module, process_group, stacklevel=4)
+
+
+def _convert_to_sync_batch_norm(module: M, process_group: Any, stacklevel: int) -> nn.Module:
+    converted = _convert(module, _to_sync_batch_norm(process_group), False, {})
+    return _warn_of_unconverted_layers(converted, "convert_sync_batchnorm", stacklevel)
 
 
 def revert_model(module: M) -> nn.Module:

@@ -413,9 +413,9 @@ class SyncBatchNorm(_SynchronizedBatchNorm):
         module (the root itself is replaced when it is such a layer). A lazy BatchNorm not yet initialized raises a
         ``TypeError``: run one forward first, or use :func:`syncbn_ext.convert_model`.
         """
-        from .convert import convert_to_sync_batch_norm
+        from .convert import _convert_to_sync_batch_norm
 
-        return convert_to_sync_batch_norm(module, process_group)
+        return _convert_to_sync_batch_norm(module, process_group, stacklevel=4)
 
 
 class _LazySynchronizedBatchNorm(_LazyNormBase):

@@ -130,9 +130,34 @@ def test_convert_model_leaves_other_norms_alone():
     instance = nn.InstanceNorm2d(3)
     lazy_instance = nn.LazyInstanceNorm2d()
     model = nn.Sequential(mine, ours, instance, lazy_instance)
-    converted = convert_model(model)
+    with pytest.warns(UserWarning, match="left 1 BatchNorm layer.*'0': .*MyBatchNorm.*each replica's slice alone"):
+        converted = convert_model(model)
     assert list(converted) == [mine, ours, instance, lazy_instance]
     assert convert_model(ours) is ours
+
+
+def test_conversions_warn_of_the_batchnorm_layers_they_leave_unsynchronized(recwarn):
+    class BatchNormAct2d(nn.BatchNorm2d):  # e.g. a BatchNorm fused with its activation
+        def forward(self, x):
+            return torch.relu(super().forward(x))
+
+    class SynchronizesItself(nn.BatchNorm2d):  # as the established library's layers: a replication hook of its own
+        def __data_parallel_replicate__(self, ctx, copy_id):
+            pass
+
+    model = nn.Sequential(*(BatchNormAct2d(3) for _ in range(5)), SynchronizesItself(3), nn.BatchNorm2d(3))
+    with pytest.warns(UserWarning) as record:
+        convert_model(model)
+    assert len(record) == 1 and record[0].filename == __file__  # points at the caller's line
+    message = str(record[0].message)
+    assert "convert_model left 5 BatchNorm layer(s)" in message
+    assert "'0': " in message and "'2': " in message and "and 2 more" in message and "SynchronizesItself" not in message
+    with pytest.warns(UserWarning, match="convert_sync_batchnorm left 5") as record:
+        syncbn_ext.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert record[0].filename == __file__
+    recwarn.clear()
+    convert_model(nn.Sequential(nn.BatchNorm2d(3), SynchronizesItself(3)))
+    assert not [w for w in recwarn if "BatchNorm layer" in str(w.message)]
 
 
 def test_shared_layer_converts_once():
