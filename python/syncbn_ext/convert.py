@@ -37,7 +37,6 @@ from .nn import (
     SynchronizedBatchNorm1d,
     SynchronizedBatchNorm2d,
     SynchronizedBatchNorm3d,
-    _SynchronizedBatchNorm,
 )
 
 __all__ = ["convert_model", "convert_to_sync_batch_norm", "patch_sync_batchnorm", "revert_model"]
@@ -182,9 +181,7 @@ def _warn_of_unconverted_layers(model: nn.Module, converter: str, stacklevel: in
     left = [
         f"'{name or '<root>'}': {type(layer).__qualname__}"
         for name, layer in model.named_modules()
-        if isinstance(layer, _BatchNorm)
-        and not isinstance(layer, _SynchronizedBatchNorm)
-        and not hasattr(layer, "__data_parallel_replicate__")
+        if isinstance(layer, _BatchNorm) and not hasattr(layer, "__data_parallel_replicate__")  # ours have it too
     ]
     if left:
         shown = ", ".join(left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")

@@ -155,8 +155,12 @@ class _SynchronizedBatchNorm(_BatchNorm):
         """The synchronization state of a layer that is not a replica (a new, converted or unpickled one)."""
         self.__dict__.update(_SYNC_STATE_DEFAULTS)
         self._layer_id = next(_layer_ids)
-        self._layer = (-1, f"{type(self).__name__}({self.num_features}) #{self._layer_id}")
+        self._name_unreplicated(type(self).__name__)
         self.__dict__.setdefault("process_group", None)
+
+    def _name_unreplicated(self, class_name: str) -> None:
+        """How error messages name the layer while it is not a replica: its class, width and construction order."""
+        self._layer = (-1, f"{class_name}({self.num_features}) #{self._layer_id}")
 
     def sync_group(self) -> Any:
         """The process group this layer merges its statistics across, or ``None`` (this process only).
@@ -444,7 +448,7 @@ class _LazySynchronizedBatchNorm(_LazyNormBase):
     def initialize_parameters(self, input: Tensor) -> None:  # type: ignore[override]
         super().initialize_parameters(input)
         # Error messages name the layer with its number of features, known from now on.
-        self._layer = (-1, f"{self.cls_to_become.__name__}({self.num_features}) #{self._layer_id}")
+        self._name_unreplicated(self.cls_to_become.__name__)
 
 
 class LazySynchronizedBatchNorm1d(_LazySynchronizedBatchNorm, SynchronizedBatchNorm1d):
