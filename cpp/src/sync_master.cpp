@@ -161,7 +161,7 @@ Message SyncMaster::run_master(Message message) {
         s.fail_pass(pass, s.mismatch_error(done->copy_id, done->entered, 0, pass, s.master_label), graveyard);
         continue;
       }
-      if (!detail::BarrierState::wait(s.master_cv, lock, until) && s.generation == generation &&
+      if (!s.wait(s.master_cv, lock, until) && s.generation == generation &&
           pass > s.failed_through && !s.all_slaves_sent(pass)) {
         s.fail_pass(pass, s.timeout_error(pass, s.master_label), graveyard);
       }
@@ -204,6 +204,7 @@ Message SyncMaster::run_master(Message message) {
     slot.result_pass = pass;
   }
   s.resolved_through = pass;
+  s.changed();
   busy.release();
   lock.unlock();
   s.slave_cv.notify_all();
@@ -245,6 +246,7 @@ void SyncMaster::finish(int64_t copy_id) {
     TORCH_CHECK_VALUE(it != s.slots.end(), s.describe(), ": finish(", copy_id, "): no such copy is registered");
     it->second->finished = true;
   }
+  s.changed();
   // Waiters re-check: a pass that a finished copy will never join fails now.
   s.master_cv.notify_all();
   s.slave_cv.notify_all();
@@ -310,6 +312,7 @@ Message SlavePipe::run_slave(Message message) {
   slot->label = message.label;
   slot->message = std::move(message);
   slot->message_pass = pass;
+  s.changed();
   if (s.master_waiting && s.master_entered == pass && s.all_slaves_sent(pass)) s.master_cv.notify_one();
 
   const auto until = s.deadline();
@@ -326,7 +329,7 @@ Message SlavePipe::run_slave(Message message) {
       s.fail_pass(pass, s.mismatch_error(done->copy_id, done->entered, copy_id_, pass, slot->label), graveyard);
       continue;
     }
-    if (!detail::BarrierState::wait(s.slave_cv, lock, until) && s.generation == generation_ &&
+    if (!s.wait(s.slave_cv, lock, until) && s.generation == generation_ &&
         slot->result_pass != pass && pass > s.failed_through) {
       s.fail_pass(pass, s.timeout_error(pass, slot->label), graveyard);
     }
