@@ -24,6 +24,8 @@
 #include <syncbn/errors.h>
 #include <syncbn/sync_master.h>
 
+#include "spin_wait.h"
+
 namespace syncbn {
 
 namespace detail {
@@ -189,37 +191,10 @@ struct BarrierState {
                std::chrono::duration<double>(timeout_seconds));
   }
 
-  // How long a waiter spins before it sleeps: longer than a pass between replicas that run at once (3-11 us with
-  // 2-8 replicas, measured), short against the milliseconds a replica computes between passes.
-  static constexpr std::chrono::microseconds spin_before_sleep{50};
-
-  // Waits on `cv` until notified or the deadline; returns false on timeout. It first spins up to
-  // `spin_before_sleep` without the lock, watching `changes`: a thread that sleeps at once waits for the kernel to
-  // wake it, which took 40-50 us a pass on a 2-core virtual machine (an idle virtual CPU is woken by an
-  // interrupt), against 3-6 us spinning. The spin yields the core at each turn, so that threads with work to do
-  // (more replicas than cores) go first.
+  // Waits on `cv` until notified or the deadline; returns false on timeout (spinning first: spin_wait.h).
   bool wait(std::condition_variable& cv, std::unique_lock<std::mutex>& lock,
             const std::optional<std::chrono::steady_clock::time_point>& until) {
-    const uint64_t seen = changes.load(std::memory_order_relaxed);
-    lock.unlock();
-    const auto spin_end = std::chrono::steady_clock::now() + spin_before_sleep;
-    bool moved = false;
-    for (int turn = 0;; ++turn) {
-      if (changes.load(std::memory_order_acquire) != seen) {
-        moved = true;
-        break;
-      }
-      if (turn % 16 == 15 && std::chrono::steady_clock::now() >= spin_end) break;
-      std::this_thread::yield();
-    }
-    lock.lock();
-    // Every change is made under the lock: none since `seen` means its notification is still to come.
-    if (moved || changes.load(std::memory_order_relaxed) != seen) return true;
-    if (!until) {
-      cv.wait(lock);
-      return true;
-    }
-    return cv.wait_until(lock, *until) == std::cv_status::no_timeout;
+    return spin_then_wait(cv, lock, changes, until);
   }
 };
 

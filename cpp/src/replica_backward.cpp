@@ -1,12 +1,15 @@
 #include <syncbn/replica_backward.h>
 
 #include <chrono>
+#include <optional>
 #include <sstream>
 
 #include <c10/util/Exception.h>
 
 #include <syncbn/errors.h>
 #include <syncbn/sync_master.h>
+
+#include "spin_wait.h"
 
 namespace syncbn {
 
@@ -32,6 +35,7 @@ void ReplicaBackward::copy_done(int64_t copy) {
     std::lock_guard<std::mutex> lock(mutex_);
     TORCH_CHECK_VALUE(copy >= 0 && copy < copies_, "copy_done: no copy ", copy, " in a replication of ", copies_);
     done_[copy] = true;
+    changes_.fetch_add(1, std::memory_order_release);
   }
   changed_.notify_all();
 }
@@ -40,6 +44,7 @@ void ReplicaBackward::close(const std::string& reason) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     closed_reason_ = reason.empty() ? std::string("a replica's backward failed") : reason;
+    changes_.fetch_add(1, std::memory_order_release);
   }
   changed_.notify_all();
 }
@@ -75,9 +80,11 @@ std::vector<at::Tensor> ReplicaBackward::rendezvous(Point& point, int64_t copy, 
     }
     return true;
   };
-  const auto deadline = std::chrono::steady_clock::now() +
-                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                            std::chrono::duration<double>(timeout));
+  std::optional<std::chrono::steady_clock::time_point> deadline;
+  if (timeout <= 1e9) {
+    deadline = std::chrono::steady_clock::now() + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                                      std::chrono::duration<double>(timeout));
+  }
   while (!point.combined) {
     if (!closed_reason_.empty()) throw BarrierAbortedError(label + ": the parallel backward failed: " + closed_reason_);
     if (!point.combining && everyone_in()) {
@@ -98,16 +105,15 @@ std::vector<at::Tensor> ReplicaBackward::rendezvous(Point& point, int64_t copy, 
         point.results = std::move(results);
         point.error = error;
         point.combined = true;
+        changes_.fetch_add(1, std::memory_order_release);
       }
       lock.unlock();
       changed_.notify_all();
       lock.lock();
       break;
     }
-    if (timeout > 1e9) {
-      changed_.wait(lock);
-    } else if (changed_.wait_until(lock, deadline) == std::cv_status::timeout && !point.combined &&
-               !point.combining && !everyone_in() && closed_reason_.empty()) {
+    if (!detail::spin_then_wait(changed_, lock, changes_, deadline) && !point.combined && !point.combining &&
+        !everyone_in() && closed_reason_.empty()) {
       std::ostringstream out;
       out << label << ": the parallel backward timed out after " << timeout
           << " s; copies that never reached this call: [";

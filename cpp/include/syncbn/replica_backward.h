@@ -1,5 +1,6 @@
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -73,6 +74,7 @@ class SYNCBN_API ReplicaBackward {
   const int64_t copies_;
   mutable std::mutex mutex_;
   std::condition_variable changed_;
+  std::atomic<uint64_t> changes_{0};  // bumped under mutex_ at each change a waiter waits for
   bool parallel_ = false;
   int64_t run_ = 0;
   std::vector<bool> done_;
