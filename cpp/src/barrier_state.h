@@ -184,12 +184,7 @@ struct BarrierState {
   }
 
   // Deadline for a wait that starts now; nullopt for a timeout too long to represent.
-  std::optional<std::chrono::steady_clock::time_point> deadline() const {
-    if (timeout_seconds > 1e9) return std::nullopt;
-    return std::chrono::steady_clock::now() +
-           std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-               std::chrono::duration<double>(timeout_seconds));
-  }
+  std::optional<std::chrono::steady_clock::time_point> deadline() const { return deadline_after(timeout_seconds); }
 
   // Waits on `cv` until notified or the deadline; returns false on timeout (spinning first: spin_wait.h).
   bool wait(std::condition_variable& cv, std::unique_lock<std::mutex>& lock,

@@ -1,7 +1,5 @@
 #include <syncbn/replica_backward.h>
 
-#include <chrono>
-#include <optional>
 #include <sstream>
 
 #include <c10/util/Exception.h>
@@ -80,11 +78,7 @@ std::vector<at::Tensor> ReplicaBackward::rendezvous(Point& point, int64_t copy, 
     }
     return true;
   };
-  std::optional<std::chrono::steady_clock::time_point> deadline;
-  if (timeout <= 1e9) {
-    deadline = std::chrono::steady_clock::now() + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                                                      std::chrono::duration<double>(timeout));
-  }
+  const auto deadline = detail::deadline_after(timeout);
   while (!point.combined) {
     if (!closed_reason_.empty()) throw BarrierAbortedError(label + ": the parallel backward failed: " + closed_reason_);
     if (!point.combining && everyone_in()) {

@@ -16,6 +16,13 @@ namespace syncbn::detail {
 // 2-8 replicas, measured), short against the milliseconds a replica computes between passes.
 inline constexpr std::chrono::microseconds kSpinBeforeSleep{50};
 
+// The deadline of a wait of `seconds` that starts now; nullopt (no deadline) for a timeout too long to represent.
+inline std::optional<std::chrono::steady_clock::time_point> deadline_after(double seconds) {
+  if (seconds > 1e9) return std::nullopt;
+  return std::chrono::steady_clock::now() +
+         std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(seconds));
+}
+
 // Waits on `cv` (`lock` held, as on return) until notified or `until`; returns false on timeout. `changes` must be
 // bumped under the same mutex at every change a waiter waits for (and the waiters notified as before). The wait
 // first spins up to kSpinBeforeSleep without the lock, watching `changes`: a thread that sleeps at once waits for
