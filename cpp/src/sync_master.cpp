@@ -312,8 +312,11 @@ Message SlavePipe::run_slave(Message message) {
   slot->label = message.label;
   slot->message = std::move(message);
   slot->message_pass = pass;
-  s.changed();
-  if (s.master_waiting && s.master_entered == pass && s.all_slaves_sent(pass)) s.master_cv.notify_one();
+  // Only the last message of a pass is news to a waiter (the master): the others would wake the spinners for nothing.
+  if (s.master_waiting && s.master_entered == pass && s.all_slaves_sent(pass)) {
+    s.changed();
+    s.master_cv.notify_one();
+  }
 
   const auto until = s.deadline();
   while (true) {
