@@ -11,8 +11,9 @@ import time
 
 import torch
 import torch.distributed as dist
-from distributed_parity import C, wrap
+from distributed_parity import C, same_on_every_rank, wrap
 from torch import nn
+from torch.distributed.algorithms.join import Join
 
 import syncbn_ext
 
@@ -159,3 +160,43 @@ def scenario_steps(rank, world, replicas, sizes):
     else:
         run(x)
     return {"ran": True}
+
+
+def train_unevenly(rank, replicas, throw_on_early_termination):
+    """DistributedDataParallel under DDP's ``Join``: rank 0 has one batch, the others two. Returns the model, its DDP,
+    this rank's batch and what the Join context raised on this rank (``{}``: nothing; else its type and message,
+    not the exception, whose traceback would keep the DDP, and so the group, alive past the scenario)."""
+    model = nn.Sequential(nn.Linear(C, C), syncbn_ext.SyncBatchNorm(C)).double()
+    ddp = nn.parallel.DistributedDataParallel(wrap(model, replicas))
+    x = torch.randn(4, C, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    raised = {}
+    try:
+        with Join([ddp], throw_on_early_termination=throw_on_early_termination):
+            for _ in range(1 if rank == 0 else 2):
+                ddp(x).sum().backward()
+    except Exception as error:  # Join's own error, or a timeout
+        raised = {"error": type(error).__name__, "message": str(error)}
+    return model, ddp, x, raised
+
+
+def scenario_join_throw(rank, world, replicas, sizes):
+    """Uneven inputs under ``Join(..., throw_on_early_termination=True)``: every rank gets Join's error at the start
+    of the step rank 0 lacks, before any synchronized exchange, so the ranks stay in step: one more step together
+    gives every rank the same statistics."""
+    model, ddp, x, raised = train_unevenly(rank, replicas, throw_on_early_termination=True)
+    ddp(x).sum().backward()  # every rank, after the Join error
+    layer = model[1]
+    statistics = torch.cat([layer.running_mean, layer.running_var])
+    return {
+        "join_error": raised.get("error"),
+        "join_message": raised.get("message"),
+        "num_batches_tracked": layer.num_batches_tracked.item(),
+        "statistics_equal_on_every_rank": same_on_every_rank(statistics, dist.group.WORLD),
+    }
+
+
+def scenario_join_shadowing(rank, world, replicas, sizes, timeout):
+    """Uneven inputs under ``Join`` without ``throw_on_early_termination``: rank 0, out of inputs, shadows DDP's
+    collectives but not our exchanges, so the others wait in their first synchronized layer until the group's
+    timeout, which names it."""
+    return train_unevenly(rank, replicas, throw_on_early_termination=False)[3]

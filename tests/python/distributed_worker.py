@@ -40,11 +40,13 @@ SCENARIOS = {
     "exited": faults.scenario_exited,
     "steps": faults.scenario_steps,
     "interrupted": faults.scenario_interrupted,
+    "join_throw": faults.scenario_join_throw,
+    "join_shadowing": faults.scenario_join_shadowing,
     "wide": parity.scenario_wide,
 }
-WITH_TIMEOUT = {"absent", "absent_later"}
+WITH_TIMEOUT = {"absent", "absent_later", "join_shadowing"}
 # A failed group cannot be torn down collectively.
-LEAVE_THE_GROUP_AS_IS = {"absent", "absent_later", "exited", "interrupted"}
+LEAVE_THE_GROUP_AS_IS = {"absent", "absent_later", "exited", "interrupted", "join_shadowing"}
 
 
 def main() -> int:

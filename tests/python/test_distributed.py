@@ -213,6 +213,31 @@ def test_ranks_at_different_steps_get_an_error_saying_so(tmp_path, replicas):
         assert "SyncBatchNorm(3)" in message and "across the process group" in message, message  # the layer named
 
 
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_uneven_inputs_under_join_with_throw_on_early_termination_end_together_and_stay_in_step(tmp_path, replicas):
+    # Rank 0 has one batch, the others two: every rank raises Join's error where rank 0 ran out, before our layers
+    # exchange anything, and a step together afterwards still gives every rank the same statistics.
+    results = launch(tmp_path, 3, replicas, [4, 4, 4], ["join_throw"])
+    for rank in range(3):
+        outcome = measures(results["join_throw"][rank])
+        assert outcome["join_error"] == "RuntimeError", outcome
+        expected = "Rank 0 exhausted all inputs" if rank == 0 else "Detected at least one rank that exhausted inputs"
+        assert expected in outcome["join_message"], outcome
+        assert outcome["num_batches_tracked"] == 2, outcome  # rank 0: 1 + 1, the others: 1 + 1 (their 2nd raised)
+        assert outcome["statistics_equal_on_every_rank"], outcome
+
+
+def test_uneven_inputs_under_join_without_throwing_end_at_the_groups_timeout_naming_our_layer(tmp_path):
+    # Rank 0, out of inputs, shadows only DDP's collectives: the others wait in our layer until the group's timeout.
+    results = launch(tmp_path, 3, 1, [4, 4, 4], ["join_shadowing"], timeout=3.0)
+    assert measures(results["join_shadowing"][0])["error"] == "RuntimeError", results  # gloo's, in DDP's join hook
+    for rank in (1, 2):
+        record = measures(results["join_shadowing"][rank])
+        assert record.get("error") == "DistBackendError", record
+        assert "timed out after 3000 ms (the group's timeout) waiting for rank 0" in record["message"], record
+        assert "in synchronized BatchNorm SyncBatchNorm(3)" in record["message"], record
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
