@@ -25,6 +25,7 @@
 #include <syncbn/sync_master.h>
 
 #include "spin_wait.h"
+#include "waiting_across_processes.h"
 
 namespace syncbn {
 
@@ -181,6 +182,12 @@ struct BarrierState {
     }
     out << " (raise SYNCBN_TIMEOUT, in seconds, or the barrier's timeout to wait longer)";
     return std::make_exception_ptr(BarrierTimeoutError(out.str()));
+  }
+
+  // Whether the master callback is running and waiting for the other ranks of a process group (see
+  // waiting_across_processes.h): then a slave waits on instead of timing out.
+  bool callback_waits_across_processes() const {
+    return callback_thread != std::thread::id() && is_waiting_across_processes(callback_thread);
   }
 
   // Deadline for a wait that starts now; nullopt for a timeout too long to represent.

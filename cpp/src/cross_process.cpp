@@ -15,6 +15,7 @@
 #include <syncbn/errors.h>
 
 #include "shared_memory_exchange.h"
+#include "waiting_across_processes.h"
 
 namespace syncbn {
 
@@ -146,6 +147,7 @@ std::shared_ptr<detail::SharedMemoryExchange> shared_memory_of(const ProcessGrou
 // large for the slots then goes to the backend at once, without first comparing sizes through shared memory.
 at::Tensor all_gather(const ProcessGroupPtr& group, const at::Tensor& tensor, detail::ExchangeKind kind,
                       const std::string& label, const char* doing, bool sizes_known_alike = false) {
+  detail::WaitingAcrossProcesses waiting;  // bounded by the group's timeout, not a barrier's
   if (!tensor.device().is_cpu()) {  // GPUs: the group's backend (NCCL) is the fast path
     std::lock_guard<std::mutex> lock(calls_mutex);
     calls_of(group).transport_decided = true;

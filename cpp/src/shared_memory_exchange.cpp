@@ -14,6 +14,7 @@
 #include <c10/util/Exception.h>
 
 #include <syncbn/errors.h>
+#include <syncbn/replication_group.h>
 
 #ifdef __linux__
 #include <fcntl.h>
@@ -330,6 +331,12 @@ void SharedMemoryExchange::wait_for_every_rank(uint64_t sequence, std::chrono::m
         failure_ = "a rank's wait was interrupted";
         throw;
       }
+    }
+    // A replica whose replication the caller gave up on (Ctrl-C, another replica's failure) waits no more: nothing
+    // of this call can reach the model now, and the next forward must not find this wait still going.
+    if (ReplicationGroup* replication = ReplicaScope::current_group(); replication && replication->closed()) {
+      failure_ = "a rank's replicas gave up waiting (" + replication->close_reason() + ")";
+      throw BarrierAbortedError(failure_ + " (shared-memory exchange of rank " + std::to_string(rank_) + ")");
     }
 
     const auto now = std::chrono::steady_clock::now();

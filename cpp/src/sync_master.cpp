@@ -318,7 +318,7 @@ Message SlavePipe::run_slave(Message message) {
     s.master_cv.notify_one();
   }
 
-  const auto until = s.deadline();
+  auto until = s.deadline();
   while (true) {
     if (s.generation != generation_) s.throw_superseded(copy_id_);
     if (slot->result_pass == pass) break;
@@ -334,6 +334,10 @@ Message SlavePipe::run_slave(Message message) {
     }
     if (!s.wait(s.slave_cv, lock, until) && s.generation == generation_ &&
         slot->result_pass != pass && pass > s.failed_through) {
+      if (s.callback_waits_across_processes()) {  // for other ranks: the group's timeout bounds that wait
+        until = s.deadline();
+        continue;
+      }
       s.fail_pass(pass, s.timeout_error(pass, slot->label), graveyard);
     }
   }

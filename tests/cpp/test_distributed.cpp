@@ -3,7 +3,9 @@
 // Run without arguments, this program is the test: it starts two copies of itself (ranks 0 and 1) sharing a
 // FileStore, waits for them (bounded), and passes when both do. Each rank runs syncbn::data_parallel on 2 CPU
 // replicas over its half of a global batch, with the layers' process group set, and compares with one
-// torch::nn::BatchNorm2d on the whole global batch.
+// torch::nn::BatchNorm2d on the whole global batch. Rank 1 starts its second step 3 s late, past the barrier's
+// timeout (SYNCBN_TIMEOUT=2, set for both ranks) but within the group's (60 s): rank 0's replicas must wait for it,
+// since a wait for other ranks is bounded by the group's timeout, not by the barrier's.
 //
 // The group's backend is gloo (c10d::ProcessGroupGloo, compiled into libtorch): torch's wheel ships its header
 // but not gloo's own, which the build takes from the system (Debian: libgloo-dev; only pointers to gloo's types
@@ -80,6 +82,7 @@ int run_rank(int rank, const std::string& store_path) {
     auto x = torch::randn({8, 2, 4, 4}, torch::kDouble) * 2 + 1;
     auto grad = torch::randn({8, 3, 4, 4}, torch::kDouble);
     const int64_t begin = rank == 0 ? 0 : sizes[0];
+    if (rank == 1 && step == 1) std::this_thread::sleep_for(std::chrono::seconds(3));
     auto x_mine = x.slice(0, begin, begin + sizes[rank]).clone().requires_grad_();
     net->zero_grad();
     ref_conv->zero_grad();
@@ -113,6 +116,7 @@ int run_rank(int rank, const std::string& store_path) {
 int run_test(const char* self) {
   const auto store = std::filesystem::temp_directory_path() / ("syncbn_store_" + std::to_string(::getpid()));
   std::filesystem::remove(store);
+  ::setenv("SYNCBN_TIMEOUT", "2", 1);  // the ranks' barrier timeout: shorter than rank 1's delay
   std::vector<pid_t> children;
   for (int rank = 0; rank < kWorld; ++rank) {
     std::string rank_text = std::to_string(rank), store_text = store.string();

@@ -141,12 +141,35 @@ def scenario_interrupted(rank, world, replicas, sizes):
         outcome = {"interrupted": True, "seconds": time.monotonic() - start}
     finally:
         timer.join()
+    start = time.monotonic()
     try:
         run(x)
     except Exception as error:  # the ranks are out of step
-        outcome.update(after=type(error).__name__, message=str(error))
+        outcome.update(after=type(error).__name__, message=str(error), after_seconds=time.monotonic() - start)
     dist.distributed_c10d._get_default_store().set("interrupt scenario done", "1")
     return outcome
+
+
+def scenario_slow_rank(rank, world, replicas, sizes):
+    """After a step together, rank 1 reaches its synchronized layer 3 s late: past $SYNCBN_TIMEOUT (1 s, set by the
+    test) but within the group's timeout. The others wait for it, their replicas too (a wait for other ranks is
+    bounded by the group's timeout, not by the barrier's), and every rank ends with the same statistics."""
+    model = nn.Sequential(nn.Linear(C, C), syncbn_ext.SyncBatchNorm(C)).double()
+    run = wrap(model, replicas)
+    x = torch.randn(4, C, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    run(x).sum().backward()
+    if rank == 1:
+        time.sleep(3.0)
+    start = time.monotonic()
+    run(x).square().sum().backward()
+    layer = model[1]
+    return {
+        "seconds": time.monotonic() - start,
+        "num_batches_tracked": layer.num_batches_tracked.item(),
+        "statistics_equal_on_every_rank": same_on_every_rank(
+            torch.cat([layer.running_mean, layer.running_var]), dist.group.WORLD
+        ),
+    }
 
 
 def scenario_steps(rank, world, replicas, sizes):

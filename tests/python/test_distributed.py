@@ -49,12 +49,12 @@ def collect(children: list[child_processes.Child]) -> dict[str, dict[int, dict]]
 TRANSPORTS = {"shared_memory": {}, "c10d": {"SYNCBN_SHARED_MEMORY": "0"}}
 
 
-def launch(tmp_path, world, replicas, sizes, scenarios, timeout=30.0, transport="shared_memory"):
-    """``world`` ranks over a FileStore, each running ``scenarios``."""
+def launch(tmp_path, world, replicas, sizes, scenarios, timeout=30.0, transport="shared_memory", env=None):
+    """``world`` ranks over a FileStore, each running ``scenarios`` (``env``: more environment variables)."""
     store = tmp_path / "store"
     command = [sys.executable, str(WORKER), "--world", str(world), "--store", str(store), "--replicas", str(replicas)]
     command += ["--sizes", *map(str, sizes), "--timeout", str(timeout), "--scenarios", *scenarios]
-    env = dict(os.environ, **TRANSPORTS[transport])
+    env = dict(os.environ, **TRANSPORTS[transport], **(env or {}))
     return collect([child_processes.Child([*command, "--rank", str(rank)], env=env) for rank in range(world)])
 
 
@@ -163,12 +163,19 @@ def test_ranks_at_different_layers_get_an_error_naming_every_ranks_layer(tmp_pat
         ("absent_later", "c10d"),
     ],
 )
-def test_a_rank_that_never_comes_is_caught_by_the_groups_timeout_naming_our_layer(tmp_path, scenario, transport):
-    results = launch(tmp_path, 3, 1, [2, 2, 2], [scenario], timeout=3.0, transport=transport)
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_a_rank_that_never_comes_is_caught_by_the_groups_timeout_naming_our_layer(
+    tmp_path, scenario, transport, replicas
+):
+    # With replicas, $SYNCBN_TIMEOUT (1 s) is shorter than the group's timeout (3 s): the replicas waiting for their
+    # master, which waits for rank 1, wait on, and the group's timeout (which names the rank) ends every wait.
+    results = launch(
+        tmp_path, 3, replicas, [2, 2, 2], [scenario], timeout=3.0, transport=transport, env={"SYNCBN_TIMEOUT": "1"}
+    )
     for rank in (0, 2):  # rank 1 is stuck (it leaves when the others gave up)
         record = results[scenario][rank]
         assert record.get("error") == "DistBackendError", record
-        assert "in synchronized BatchNorm SyncBatchNorm(3)" in record["message"]
+        assert "in synchronized BatchNorm " in record["message"] and "SyncBatchNorm(3)" in record["message"], record
         assert "across the process group" in record["message"]
         if scenario == "absent_later" and transport == "shared_memory":
             assert "timed out after 3000 ms (the group's timeout) waiting for rank 1" in record["message"], record
@@ -188,14 +195,29 @@ def test_a_rank_whose_process_exits_is_reported_without_waiting_for_the_timeout(
             assert "exited before reaching this exchange" in record["message"], record
 
 
-def test_ctrl_c_while_waiting_for_another_rank_interrupts_the_wait(tmp_path):
-    # The group's timeout is 60 s; rank 0 is interrupted 1 s into its wait for rank 1 (which exits afterwards).
-    results = launch(tmp_path, 2, 1, [4, 4], ["interrupted"], timeout=60.0)
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_ctrl_c_while_waiting_for_another_rank_interrupts_the_wait(tmp_path, replicas):
+    # The group's timeout is 60 s; rank 0 is interrupted 1 s into its wait for rank 1 (which exits afterwards). With
+    # replicas, the master replica's thread waits in the exchange: it stops once the interrupted forward closed its
+    # replication, so that the next forward fails at once instead of finding that wait still going.
+    results = launch(tmp_path, 2, replicas, [4, 4], ["interrupted"], timeout=60.0)
     outcome = measures(results["interrupted"][0])
     assert outcome["interrupted"], outcome
     assert outcome["seconds"] < 30, outcome  # the signal, not the group's timeout, ended the wait
     assert outcome["after"] == "DistBackendError", outcome
-    assert "a rank's wait was interrupted" in outcome["message"] and "out of step" in outcome["message"], outcome
+    assert outcome["after_seconds"] < 30, outcome
+    reason = "a rank's wait was interrupted" if replicas == 1 else "a rank's replicas gave up waiting"
+    assert reason in outcome["message"] and "out of step" in outcome["message"], outcome
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_a_rank_later_than_syncbn_timeout_but_within_the_groups_timeout_is_waited_for(tmp_path, replicas):
+    results = launch(tmp_path, 2, replicas, [4, 4], ["slow_rank"], timeout=30.0, env={"SYNCBN_TIMEOUT": "1"})
+    for rank in (0, 1):
+        outcome = measures(results["slow_rank"][rank])
+        assert outcome["num_batches_tracked"] == 2, outcome
+        assert outcome["statistics_equal_on_every_rank"], outcome
+    assert measures(results["slow_rank"][0])["seconds"] > 2.5  # it did wait for rank 1
 
 
 @pytest.mark.parametrize("replicas", [1, 2])

@@ -1,0 +1,25 @@
+#pragma once
+
+// Which threads are waiting for the other ranks of a process group right now.
+
+#include <thread>
+
+namespace syncbn::detail {
+
+// Marks the calling thread, for the scope's life, as waiting for the other ranks of a process group: a wait that
+// the group's own timeout bounds (init_process_group(timeout=...)), with its own error naming the ranks. A barrier
+// whose master callback waits so does not time its other copies out meanwhile: a rank that is slow on purpose
+// (validating, saving a checkpoint) must not fail the others' replicas after $SYNCBN_TIMEOUT when the user gave the
+// group longer, and a rank that never comes is reported by the group's timeout, not as a slow master callback.
+class WaitingAcrossProcesses {
+ public:
+  WaitingAcrossProcesses();
+  ~WaitingAcrossProcesses();
+  WaitingAcrossProcesses(const WaitingAcrossProcesses&) = delete;
+  WaitingAcrossProcesses& operator=(const WaitingAcrossProcesses&) = delete;
+};
+
+// Whether `thread` is inside a WaitingAcrossProcesses scope now.
+bool is_waiting_across_processes(std::thread::id thread);
+
+}  // namespace syncbn::detail
