@@ -35,6 +35,9 @@ class SlavePipe;
 // No pass can hang forever or fail silently: abort(reason), an exception from
 // the callback, or a timeout fail the pass for every participant, including one
 // that arrives at that pass later; the pass after a failed one works normally.
+// While the callback waits for the other ranks of a process group (a
+// synchronized layer's cross-process exchange), the slaves wait on: the
+// group's own timeout bounds that wait, and its error fails the pass.
 // A thread running a replica of a closed replication (ReplicaScope) starts no
 // pass. Calling run_master, reset or register_slave from inside the master
 // callback is an error that says so.
