@@ -321,10 +321,23 @@ class _BackwardTask:
             return grads[len(plan.views[copy_id]) :]  # the parameters' placeholders dropped
         except BaseException as error:
             plan.group.abort_backward(f"replica {copy_id}'s backward raised {type(error).__name__}: {error}")
+            if isinstance(error, RuntimeError) and _REENTRANT_CHECKPOINT_REFUSAL in str(error):
+                raise RuntimeError(_REENTRANT_CHECKPOINT_MESSAGE) from error
             raise
         finally:
             plan.group.backward_done(copy_id)
 
+
+# torch's refusal of torch.autograd.grad, which each replica's task calls, through a reentrant checkpoint: it
+# suggests not passing `inputs`, which the user never did.
+_REENTRANT_CHECKPOINT_REFUSAL = "use_reentrant=True, torch.utils.checkpoint is incompatible with .grad()"
+_REENTRANT_CHECKPOINT_MESSAGE = (
+    "DataParallelWithCallback: a block under torch.utils.checkpoint(use_reentrant=True) was reached in the CPU "
+    "replicas' parallel backward: that form recomputes each replica on its own, so the whole batch's gradients "
+    "cannot be formed (and torch refuses it inside the per-replica torch.autograd.grad this backward runs). Use "
+    "torch.utils.checkpoint(..., use_reentrant=False), which synchronized layers recompute with the whole batch's "
+    "statistics"
+)
 
 _DOUBLE_BACKWARD_MESSAGE = (
     "DataParallelWithCallback: this double backward (create_graph=True) cannot retrace the CPU replicas' parallel "
