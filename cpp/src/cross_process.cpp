@@ -4,7 +4,9 @@
 #include <iterator>
 #include <mutex>
 #include <sstream>
+#include <string>
 #include <unordered_map>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/ThreadLocalPythonObjects.h>
@@ -13,6 +15,7 @@
 
 #include <syncbn/batch_norm.h>
 #include <syncbn/errors.h>
+#include <syncbn/replication_group.h>
 
 #include "shared_memory_exchange.h"
 #include "waiting_across_processes.h"
@@ -34,6 +37,10 @@ struct GroupCalls {
   // Ranks on one host exchange through shared memory: decided at the group's first exchange of CPU tensors.
   bool transport_decided = false;
   std::shared_ptr<detail::SharedMemoryExchange> shared_memory;
+  // The replications whose replica threads wait in the group's backend now (one entry per waiting thread; each
+  // lives while its thread waits), and why the group is out of step (empty: it is not).
+  std::vector<const ReplicationGroup*> waiting_replications;
+  std::string out_of_step;
 };
 
 std::mutex calls_mutex;
@@ -99,9 +106,44 @@ class WithoutThreadLocalPythonObjects {
   at::impl::ThreadLocalPythonObjects saved_;  // copies of the references: nothing is released while set aside
 };
 
+// While alive, the calling replica thread's replication is listed among the group's waiting in its backend. A wait
+// there cannot be left early: if the caller gives up on the replication meanwhile (Ctrl-C), the thread stays until
+// the others come or the group's timeout, and its exchange is lost to this rank. The next exchange then fails at
+// once, the ranks being out of step, instead of queueing behind the abandoned one.
+class WaitingInBackend {
+ public:
+  WaitingInBackend(const ProcessGroupPtr& group, const std::string& label, const char* doing)
+      : group_(group), replication_(ReplicaScope::current_group()) {
+    std::lock_guard<std::mutex> lock(calls_mutex);
+    GroupCalls& calls = calls_of(group);
+    for (const ReplicationGroup* waiting : calls.waiting_replications) {
+      if (waiting->closed() && calls.out_of_step.empty()) {
+        calls.out_of_step = "an earlier exchange was abandoned while it waited for the other ranks (" +
+                            waiting->close_reason() + ")";
+      }
+    }
+    TORCH_CHECK_WITH(DistBackendError, calls.out_of_step.empty(), calls.out_of_step,
+                     ": the ranks are out of step; start the processes again\n", where(group, label, doing));
+    if (replication_ != nullptr) calls.waiting_replications.push_back(replication_);
+  }
+  ~WaitingInBackend() {
+    if (replication_ == nullptr) return;
+    std::lock_guard<std::mutex> lock(calls_mutex);
+    auto& waiting = calls_of(group_).waiting_replications;
+    waiting.erase(std::find(waiting.begin(), waiting.end(), replication_));
+  }
+  WaitingInBackend(const WaitingInBackend&) = delete;
+  WaitingInBackend& operator=(const WaitingInBackend&) = delete;
+
+ private:
+  ProcessGroupPtr group_;
+  const ReplicationGroup* replication_;  // the calling thread's (null: not a replica thread)
+};
+
 // Every rank's `tensor` (the same size on every rank), stacked in rank order through the group's backend: (W, n).
 at::Tensor c10d_all_gather(const ProcessGroupPtr& group, const at::Tensor& tensor, const std::string& label,
                            const char* doing) {
+  WaitingInBackend waiting(group, label, doing);
   std::vector<std::vector<at::Tensor>> outputs(1);
   for (int r = 0; r < group->getSize(); ++r) outputs[0].push_back(at::empty_like(tensor));
   std::vector<at::Tensor> inputs{tensor};

@@ -109,6 +109,9 @@ def scenario_exited(rank, world, replicas, sizes):
     return {"ran": True}
 
 
+ABANDONED = "syncbn-abandoned-replica"  # the name of a replica thread the wrapper left behind
+
+
 class WaitsOnRank1(nn.Module):
     """Once armed, rank 1 waits (outside any synchronized layer) until rank 0 says it is done, then exits."""
 
@@ -147,6 +150,11 @@ def scenario_interrupted(rank, world, replicas, sizes):
     except Exception as error:  # the ranks are out of step
         outcome.update(after=type(error).__name__, message=str(error), after_seconds=time.monotonic() - start)
     dist.distributed_c10d._get_default_store().set("interrupt scenario done", "1")
+    # Over gloo, the abandoned master replica's thread still waits inside gloo: it leaves with an error once rank 1
+    # has exited. This process must not end before (ending a process with a thread inside gloo's wait aborts it).
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(t.name.startswith(ABANDONED) for t in threading.enumerate()):
+        time.sleep(0.05)
     return outcome
 
 

@@ -195,18 +195,27 @@ def test_a_rank_whose_process_exits_is_reported_without_waiting_for_the_timeout(
             assert "exited before reaching this exchange" in record["message"], record
 
 
-@pytest.mark.parametrize("replicas", [1, 2])
-def test_ctrl_c_while_waiting_for_another_rank_interrupts_the_wait(tmp_path, replicas):
+@pytest.mark.parametrize(
+    "replicas, transport, reason",
+    [
+        (1, "shared_memory", "a rank's wait was interrupted"),
+        (2, "shared_memory", "a rank's replicas gave up waiting"),
+        # Over gloo (1 replica: the main thread waits there, deaf to Ctrl-C until the group's timeout) the master
+        # replica's thread cannot leave its wait: the next exchange fails at once instead of queueing behind it.
+        (2, "c10d", "an earlier exchange was abandoned while it waited for the other ranks"),
+    ],
+)
+def test_ctrl_c_while_waiting_for_another_rank_interrupts_the_wait(tmp_path, replicas, transport, reason):
     # The group's timeout is 60 s; rank 0 is interrupted 1 s into its wait for rank 1 (which exits afterwards). With
-    # replicas, the master replica's thread waits in the exchange: it stops once the interrupted forward closed its
-    # replication, so that the next forward fails at once instead of finding that wait still going.
-    results = launch(tmp_path, 2, replicas, [4, 4], ["interrupted"], timeout=60.0)
+    # replicas, the master replica's thread waits in the exchange: through shared memory it stops once the
+    # interrupted forward closed its replication, so that the next forward fails at once instead of finding that
+    # wait still going.
+    results = launch(tmp_path, 2, replicas, [4, 4], ["interrupted"], timeout=60.0, transport=transport)
     outcome = measures(results["interrupted"][0])
     assert outcome["interrupted"], outcome
     assert outcome["seconds"] < 30, outcome  # the signal, not the group's timeout, ended the wait
     assert outcome["after"] == "DistBackendError", outcome
     assert outcome["after_seconds"] < 30, outcome
-    reason = "a rank's wait was interrupted" if replicas == 1 else "a rank's replicas gave up waiting"
     assert reason in outcome["message"] and "out of step" in outcome["message"], outcome
 
 
