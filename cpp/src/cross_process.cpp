@@ -108,23 +108,13 @@ class WithoutThreadLocalPythonObjects {
 
 // While alive, the calling replica thread's replication is listed among the group's waiting in its backend. A wait
 // there cannot be left early: if the caller gives up on the replication meanwhile (Ctrl-C), the thread stays until
-// the others come or the group's timeout, and its exchange is lost to this rank. The next exchange then fails at
-// once, the ranks being out of step, instead of queueing behind the abandoned one.
+// the others come or the group's timeout, and its exchange is lost to this rank (see check_in_step).
 class WaitingInBackend {
  public:
-  WaitingInBackend(const ProcessGroupPtr& group, const std::string& label, const char* doing)
-      : group_(group), replication_(ReplicaScope::current_group()) {
+  explicit WaitingInBackend(const ProcessGroupPtr& group) : group_(group), replication_(ReplicaScope::current_group()) {
+    if (replication_ == nullptr) return;
     std::lock_guard<std::mutex> lock(calls_mutex);
-    GroupCalls& calls = calls_of(group);
-    for (const ReplicationGroup* waiting : calls.waiting_replications) {
-      if (waiting->closed() && calls.out_of_step.empty()) {
-        calls.out_of_step = "an earlier exchange was abandoned while it waited for the other ranks (" +
-                            waiting->close_reason() + ")";
-      }
-    }
-    TORCH_CHECK_WITH(DistBackendError, calls.out_of_step.empty(), calls.out_of_step,
-                     ": the ranks are out of step; start the processes again\n", where(group, label, doing));
-    if (replication_ != nullptr) calls.waiting_replications.push_back(replication_);
+    calls_of(group_).waiting_replications.push_back(replication_);
   }
   ~WaitingInBackend() {
     if (replication_ == nullptr) return;
@@ -140,10 +130,26 @@ class WaitingInBackend {
   const ReplicationGroup* replication_;  // the calling thread's (null: not a replica thread)
 };
 
+// Before any exchange on `group`, by either transport: once an exchange in its backend was abandoned (its
+// replication closed while it waited), the ranks are out of step, and every later exchange fails at once instead of
+// queueing behind the abandoned one.
+void check_in_step(const ProcessGroupPtr& group, const std::string& label, const char* doing) {
+  std::lock_guard<std::mutex> lock(calls_mutex);
+  GroupCalls& calls = calls_of(group);
+  for (const ReplicationGroup* waiting : calls.waiting_replications) {
+    if (waiting->closed() && calls.out_of_step.empty()) {
+      calls.out_of_step =
+          "an earlier exchange was abandoned while it waited for the other ranks (" + waiting->close_reason() + ")";
+    }
+  }
+  TORCH_CHECK_WITH(DistBackendError, calls.out_of_step.empty(), calls.out_of_step,
+                   ": the ranks are out of step; start the processes again\n", where(group, label, doing));
+}
+
 // Every rank's `tensor` (the same size on every rank), stacked in rank order through the group's backend: (W, n).
 at::Tensor c10d_all_gather(const ProcessGroupPtr& group, const at::Tensor& tensor, const std::string& label,
                            const char* doing) {
-  WaitingInBackend waiting(group, label, doing);
+  WaitingInBackend waiting(group);
   std::vector<std::vector<at::Tensor>> outputs(1);
   for (int r = 0; r < group->getSize(); ++r) outputs[0].push_back(at::empty_like(tensor));
   std::vector<at::Tensor> inputs{tensor};
@@ -189,6 +195,7 @@ std::shared_ptr<detail::SharedMemoryExchange> shared_memory_of(const ProcessGrou
 // large for the slots then goes to the backend at once, without first comparing sizes through shared memory.
 at::Tensor all_gather(const ProcessGroupPtr& group, const at::Tensor& tensor, detail::ExchangeKind kind,
                       const std::string& label, const char* doing, bool sizes_known_alike = false) {
+  check_in_step(group, label, doing);
   detail::WaitingAcrossProcesses waiting;  // bounded by the group's timeout, not a barrier's
   if (!tensor.device().is_cpu()) {  // GPUs: the group's backend (NCCL) is the fast path
     std::lock_guard<std::mutex> lock(calls_mutex);

@@ -11,7 +11,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from distributed_parity import C, same_on_every_rank, wrap
+from distributed_parity import C, with_final_state, wrap
 from torch import nn
 from torch.distributed.algorithms.join import Join
 
@@ -161,7 +161,7 @@ def scenario_interrupted(rank, world, replicas, sizes):
 def scenario_slow_rank(rank, world, replicas, sizes):
     """After a step together, rank 1 reaches its synchronized layer 3 s late: past $SYNCBN_TIMEOUT (1 s, set by the
     test) but within the group's timeout. The others wait for it, their replicas too (a wait for other ranks is
-    bounded by the group's timeout, not by the barrier's), and every rank ends with the same statistics."""
+    bounded by the group's timeout, not by the barrier's), and every rank ends with the same buffers."""
     model = nn.Sequential(nn.Linear(C, C), syncbn_ext.SyncBatchNorm(C)).double()
     run = wrap(model, replicas)
     x = torch.randn(4, C, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
@@ -170,14 +170,7 @@ def scenario_slow_rank(rank, world, replicas, sizes):
         time.sleep(3.0)
     start = time.monotonic()
     run(x).square().sum().backward()
-    layer = model[1]
-    return {
-        "seconds": time.monotonic() - start,
-        "num_batches_tracked": layer.num_batches_tracked.item(),
-        "statistics_equal_on_every_rank": same_on_every_rank(
-            torch.cat([layer.running_mean, layer.running_var]), dist.group.WORLD
-        ),
-    }
+    return with_final_state({"seconds": time.monotonic() - start}, model, dist.group.WORLD)
 
 
 def scenario_steps(rank, world, replicas, sizes):
@@ -213,17 +206,11 @@ def train_unevenly(rank, replicas, throw_on_early_termination):
 def scenario_join_throw(rank, world, replicas, sizes):
     """Uneven inputs under ``Join(..., throw_on_early_termination=True)``: every rank gets Join's error at the start
     of the step rank 0 lacks, before any synchronized exchange, so the ranks stay in step: one more step together
-    gives every rank the same statistics."""
+    gives every rank the same buffers."""
     model, ddp, x, raised = train_unevenly(rank, replicas, throw_on_early_termination=True)
     ddp(x).sum().backward()  # every rank, after the Join error
-    layer = model[1]
-    statistics = torch.cat([layer.running_mean, layer.running_var])
-    return {
-        "join_error": raised.get("error"),
-        "join_message": raised.get("message"),
-        "num_batches_tracked": layer.num_batches_tracked.item(),
-        "statistics_equal_on_every_rank": same_on_every_rank(statistics, dist.group.WORLD),
-    }
+    outcome = {"join_error": raised.get("error"), "join_message": raised.get("message")}
+    return with_final_state(outcome, model, dist.group.WORLD)
 
 
 def scenario_join_shadowing(rank, world, replicas, sizes, timeout):
