@@ -205,6 +205,12 @@ def scenario_ddp_compiled(rank, world, replicas, sizes):
         else:
             run = nn.parallel.DistributedDataParallel(torch.compile(wrap(model, replicas)))
         results[way] = run_steps(model, reference, run, sizes, rank, steps=2, ddp_world=world)
+    # The compiled graphs hold the DDP, and so the group, in reference cycles: released here, so that the worker's
+    # destroy_process_group() ends gloo's threads (else they live into the interpreter's exit, where torch 2.13 may
+    # abort the process: README, "Ending the script"; seen once in a loaded full run).
+    del run
+    torch._dynamo.reset()
+    gc.collect()
     return results
 
 
