@@ -55,9 +55,10 @@ replication normalizes each half with its own statistics: it is not meant to mat
 
 Run it from the repository root::
 
-    python benchmarks/bench_batchnorm.py                     # the table, about 2 minutes on 2 cores
+    python benchmarks/bench_batchnorm.py                     # the tables, about 12 minutes on 2 cores
     python benchmarks/bench_batchnorm.py --quick             # a smoke run (--threads 1), 10-20 s
     python benchmarks/bench_batchnorm.py --only layer memory --rounds 15
+    python benchmarks/bench_batchnorm.py --only wrapper --image-sizes 256   # the wrapper's cost, one size
     python benchmarks/bench_batchnorm.py --threads 1         # one intra-op thread per process
     python benchmarks/bench_batchnorm.py --only layer --profile   # + each variant's top ops (torch.profiler)
     python benchmarks/bench_batchnorm.py --check --json out.json   # exit 1 if a target is missed
@@ -272,6 +273,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", action="store_true", help="also print each variant's top ops in the layer benchmark (profiler)"
     )
+    parser.add_argument(
+        "--image-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="PIXELS",
+        help="the wrapper benchmark's image sizes, each its own table (default 128 256; --quick: 64)",
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--memory-worker", choices=VARIANTS, nargs="+", help=argparse.SUPPRESS)
@@ -285,12 +294,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.mem_rounds = 1 if quick else 2
     if args.mem_iters is None:
         args.mem_iters = 1 if quick else 3
+    if args.image_sizes is None:
+        args.image_sizes = [64] if quick else [128, 256]
     if args.threads is None and quick:
         args.threads = 1  # a smoke run must not take 10x longer on a busy machine (see the module docstring)
-    if min(args.iters, args.rounds, args.mem_rounds, args.mem_iters) < 1 or (
+    if min(args.iters, args.rounds, args.mem_rounds, args.mem_iters, *args.image_sizes) < 1 or (
         args.threads is not None and args.threads < 1
     ):
-        parser.error("--iters, --rounds, --mem-rounds, --mem-iters and --threads must be positive")
+        parser.error("--iters, --rounds, --mem-rounds, --mem-iters, --image-sizes and --threads must be positive")
     return args
 
 
@@ -341,11 +352,12 @@ def main(argv: list[str] | None = None) -> int:
         results["memory"] = summarize(samples)
         results["memory"]["calibration_mb"] = calibration
         log(f"  memory done ({time.perf_counter() - began:.1f} s)")
-    wrapper = split = None
-    image_size = 64 if args.quick else 128
-    if "wrapper" in selected:
+    wrappers: list[dict] = []  # per image size: {"wrapper": ..., "split": ...}
+    for image_size in args.image_sizes if "wrapper" in selected else ():
+        log(f"  wrapper at {image_size}x{image_size}")
         wrapper = wrapper_cost.run(args.iters, args.rounds, args.mem_rounds, image_size, args.threads, log)
         split = split_cost.run(image_size, args.iters, args.rounds, logged_steps=1 if args.quick else 2)
+        wrappers.append({"image_size": image_size, "wrapper": wrapper, "split": split})
         log(f"  split alone done ({time.perf_counter() - began:.1f} s)")
     elapsed = time.perf_counter() - began
     load_after = os.getloadavg()
@@ -365,10 +377,9 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{key} {results[key]['round_ratio_ours']:.3f}" for key, _, _ in ROWS if key in results)
             + f"; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"
         )
-    if wrapper is not None:
-        print(("\n" if results else "") + wrapper_cost.format_table(wrapper))
-    if split is not None:
-        print("\n" + split_cost.format_table(split, image_size))
+    for index, run in enumerate(wrappers):
+        print(("\n" if results or index else "") + wrapper_cost.format_table(run["wrapper"]))
+        print("\n" + split_cost.format_table(run["split"], run["image_size"]))
     if max(load_before[0], load_after[0]) > 1.0 and args.threads is None:
         print(
             "note: other processes were running (load average above 1): a replica that loses its core holds the "
@@ -378,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     if not correct:
         print(f"CHECK FAILED: {', '.join(failed)} do(es) not match nn.BatchNorm2d on the whole batch")
     met = correct and all(row["ratio_ours"] <= TARGET_RATIO for row in results.values())
-    met = met and (wrapper is None or wrapper["met"])
+    met = met and all(run["wrapper"]["met"] for run in wrappers)
     print("targets: " + ("all met" if met else "MISSED"))
     if args.profile:
         print("\n" + profile_layer(args.iters * 2))
@@ -404,8 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             "correct": correct,
             "targets_met": met,
             "results": results,
-            "wrapper": wrapper,
-            "split": split,
+            "wrappers": wrappers,
         }
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)

@@ -22,9 +22,11 @@ def test_bench_barrier_smoke():
 
 
 def test_bench_batchnorm_smoke():
-    out = run_script("bench_batchnorm.py", "--quick")
+    out = run_script("bench_batchnorm.py", "--quick", "--image-sizes", "32", "48")
     for row in ("layer fwd+bwd 64x64x32x32", "CNN train step (8 blocks)", "layer fwd+bwd peak extra"):
         assert row in out
+    assert "batch 8, 32x32" in out and "batch 8, 48x48" in out  # a wrapper table per image size
+    assert "in slices (32x32)" in out and "in slices (48x48)" in out
     assert "training step time (ms)" in out and "process peak RSS (MB)" in out  # the wrapper's own cost
     assert "ratio to the same threads alone" in out and "4 alone" in out  # ... beside what threads alone cost
     assert "cores busy" in out and "4 plain" in out  # ... and synchronization's own
