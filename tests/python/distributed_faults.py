@@ -213,7 +213,7 @@ def scenario_join_throw(rank, world, replicas, sizes):
     return with_final_state(outcome, model, dist.group.WORLD)
 
 
-def scenario_join_shadowing(rank, world, replicas, sizes, timeout):
+def scenario_join_shadowing(rank, world, replicas, sizes):
     """Uneven inputs under ``Join`` without ``throw_on_early_termination``: rank 0, out of inputs, shadows DDP's
     collectives but not our exchanges, so the others wait in their first synchronized layer until the group's
     timeout, which names it."""

@@ -45,7 +45,7 @@ SCENARIOS = {
     "join_shadowing": faults.scenario_join_shadowing,
     "wide": parity.scenario_wide,
 }
-WITH_TIMEOUT = {"absent", "absent_later", "join_shadowing"}
+WITH_TIMEOUT = {"absent", "absent_later"}
 # A failed group cannot be torn down collectively.
 LEAVE_THE_GROUP_AS_IS = {"absent", "absent_later", "exited", "interrupted", "join_shadowing"}
 
