@@ -14,12 +14,14 @@
 // the input gradient is one elementwise pass, as in nn.BatchNorm, instead of
 // two gradients that autograd would have to add.
 //
-// The backward is differentiable once: its sums meet the other replicas' and
-// processes' in the merge nodes, which a second backward cannot retrace. Under
-// create_graph its gradients come out of an Error node instead of a graph, so
-// that a double backward through them (a gradient penalty) fails with a message
-// instead of silently missing its second-order terms (torch's
-// @once_differentiable, in C++).
+// Under create_graph (a double backward to come: a gradient penalty) both
+// backwards build their gradients of differentiable ATen ops, and so does the
+// merge of a serial backward in one process (merge_nodes.h): a second backward
+// then gets the whole batch's second-order terms. What cannot be differentiated
+// again fails a second backward with a message instead of silently missing its
+// terms (torch's @once_differentiable, in C++): a merge across processes or in a
+// parallel backward. (A checkpoint recomputation's recalled statistics are
+// saved tensors: autograd gives them back with the forward's graph.)
 #pragma once
 
 #include <string>
@@ -32,6 +34,7 @@
 #include <syncbn/batch_norm.h>
 #include <syncbn/once_differentiable.h>
 
+#include "differentiable_ops.h"
 #include "inverse_std.h"
 
 namespace syncbn::detail {
@@ -49,19 +52,14 @@ inline int64_t count_per_channel(const at::Tensor& input) {
   return count;
 }
 
-// What a double backward through a synchronized layer's batch statistics meets.
-inline std::string double_backward_message(const std::string& layer) {
-  return (layer.empty() ? std::string("synchronized BatchNorm") : "layer '" + layer + "'") +
-         ": double backward (create_graph=True, e.g. a gradient penalty) through a synchronized BatchNorm that "
-         "normalizes with batch statistics is not supported: its backward, which sums gradients across replicas "
-         "and processes, is differentiable only once. Compute such a term with plain BatchNorm layers "
-         "(in Python: syncbn_ext.revert_model on a copy of the model) or with this layer in eval mode";
-}
-
-// `grads`, computed without a graph, as they are without create_graph; with it,
-// failing a second backward through them.
-inline variable_list once_differentiable_grads(variable_list grads, bool create_graph, const std::string& layer) {
-  return create_graph ? once_differentiable(std::move(grads), double_backward_message(layer)) : grads;
+// Why a double backward through a synchronized layer (`where`: e.g. "layer 'bn'
+// (synchronized call 1)") cannot be done (`why` completes "...is not
+// supported: "), and what to do instead.
+inline std::string double_backward_message(const std::string& where, const std::string& why) {
+  return where + ": double backward (create_graph=True, e.g. a gradient penalty) through a synchronized BatchNorm " +
+         why +
+         ". Compute such a term with plain BatchNorm layers (in Python: syncbn_ext.revert_model on a copy of the "
+         "model) or with this layer in eval mode";
 }
 
 struct LocalStatsFunction : Function<LocalStatsFunction> {
@@ -78,24 +76,23 @@ struct LocalStatsFunction : Function<LocalStatsFunction> {
 
   // grads: (d mean_i, d m2_i, dy_i, w * invstd). Returns (dx, nothing for the layer's name).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const bool create_graph = c10::GradMode::is_enabled();
-    at::NoGradGuard no_grad;
+    const bool create_graph = c10::GradMode::is_enabled();  // autograd's grad mode in backward
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& input = saved[0];
     const at::Tensor& mean = saved[1];
     const int64_t count = ctx->saved_data["count"].toInt();
     const at::Tensor &grad_mean = grads[0], &grad_m2 = grads[1], &dy = grads[2], &scale = grads[3];
-    const std::string layer = ctx->saved_data["layer"].toStringRef();
     if (!dy.defined() && !grad_mean.defined() && !grad_m2.defined()) return {at::Tensor(), at::Tensor()};
-    if (count == 0) return once_differentiable_grads({at::zeros_like(input), at::Tensor()}, create_graph, layer);
+    if (count == 0) return {at::zeros_like(input), at::Tensor()};
     // dx = dy * w * invstd + d mean_i / n_i + 2 d m2_i (x - mean_i)
     at::Tensor zeros = at::zeros_like(mean);
     at::Tensor dy_scale = scale.defined() ? scale : zeros;
     at::Tensor x_scale = grad_m2.defined() ? grad_m2 * 2 : zeros;
     at::Tensor shift = grad_mean.defined() ? grad_mean / static_cast<double>(count) : zeros;
-    at::Tensor grad_input =
-        backward_elemt(dy.defined() ? dy : at::zeros_like(input), input, mean, dy_scale, x_scale, shift);
-    return once_differentiable_grads({grad_input, at::Tensor()}, create_graph, layer);
+    const at::Tensor& grad_out = dy.defined() ? dy : at::zeros_like(input);
+    at::Tensor grad_input = create_graph ? backward_elemt_with_graph(grad_out, input, mean, dy_scale, x_scale, shift)
+                                         : backward_elemt(grad_out, input, mean, dy_scale, x_scale, shift);
+    return {grad_input, at::Tensor()};
   }
 };
 
@@ -118,8 +115,7 @@ struct NormalizeFunction : Function<NormalizeFunction> {
   // Returns: input (routed through the dy token instead), mean, var, weight, bias,
   // dy token (dy itself), scale token (w * invstd), eps, eps_mode, the layer's name.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const bool create_graph = c10::GradMode::is_enabled();
-    at::NoGradGuard no_grad;
+    const bool create_graph = c10::GradMode::is_enabled();  // autograd's grad mode in backward
     const at::Tensor& dy = grads[0];
     variable_list result(10);
     if (!dy.defined()) return result;
@@ -127,7 +123,8 @@ struct NormalizeFunction : Function<NormalizeFunction> {
     const at::Tensor &input = saved[0], &mean = saved[1], &var = saved[2], &weight = saved[3];
     const double eps = ctx->saved_data["eps"].toDouble();
     const auto mode = static_cast<EpsMode>(ctx->saved_data["eps_mode"].toInt());
-    auto [sum_dy, sum_dy_xmu] = backward_reduce(dy, input, mean);
+    auto [sum_dy, sum_dy_xmu] =
+        create_graph ? backward_reduce_with_graph(dy, input, mean) : backward_reduce(dy, input, mean);
     at::Tensor invstd = inverse_std(var, eps, mode);
     at::Tensor weight_acc = weight.defined() ? weight.to(invstd.scalar_type()) : at::Tensor();
     at::Tensor scale = weight.defined() ? invstd * weight_acc : invstd;
@@ -138,7 +135,7 @@ struct NormalizeFunction : Function<NormalizeFunction> {
     if (ctx->saved_data["has_bias"].toBool()) result[4] = sum_dy.to(ctx->saved_data["bias_dtype"].toScalarType());
     result[5] = dy;
     result[6] = scale;
-    return once_differentiable_grads(std::move(result), create_graph, ctx->saved_data["layer"].toStringRef());
+    return result;
   }
 };
 

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "cpu/batch_norm_kernels.h"
+#include "differentiable_ops.h"
 #include "inverse_std.h"
 
 namespace syncbn {
@@ -240,6 +241,20 @@ c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
 }
 
 }  // namespace
+
+namespace detail {
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce_with_graph(const at::Tensor& grad_out, const at::Tensor& input,
+                                                              const at::Tensor& mean) {
+  return backward_reduce_aten(grad_out, input, mean);
+}
+
+at::Tensor backward_elemt_with_graph(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                                     const at::Tensor& dy_scale, const at::Tensor& x_scale, const at::Tensor& shift) {
+  return backward_elemt_aten(grad_out, input, mean, dy_scale, x_scale, shift);
+}
+
+}  // namespace detail
 
 TORCH_LIBRARY(syncbn, m) {
   m.def("local_stats(Tensor input) -> (Tensor mean, Tensor m2)");

@@ -6,7 +6,9 @@
 #include <torch/csrc/autograd/functions/utils.h>
 
 #include <syncbn/batch_norm.h>
+#include <syncbn/once_differentiable.h>
 
+#include "batch_norm_functions.h"
 #include "cpu/batch_norm_kernels.h"
 
 namespace syncbn::detail {
@@ -52,23 +54,51 @@ std::pair<at::Tensor, at::Tensor> group_gradient(const GroupCall& call, const at
 }
 
 MergeStatsNode::MergeStatsNode(uint64_t sequence_nr, std::vector<int64_t> counts, int64_t total,
-                               at::Tensor stacked_means, at::Tensor mean, std::vector<at::Device> devices,
-                               GroupCall call)
+                               at::Tensor stacked_means, at::Tensor mean, std::vector<at::Tensor> local_means,
+                               std::vector<at::Device> devices, GroupCall call)
     : Node(sequence_nr),
       counts_(std::move(counts)),
       total_(total),
       stacked_means_(std::move(stacked_means)),
       mean_(std::move(mean)),
+      local_means_(std::move(local_means)),
       devices_(std::move(devices)),
       call_(std::move(call)) {}
 
 variable_list MergeStatsNode::apply(variable_list&& grads) {
+  const bool create_graph = c10::GradMode::is_enabled();  // autograd's grad mode in backward
+  if (create_graph && !spans_processes(call_.group)) return apply_with_graph(grads);
   const size_t replicas = counts_.size();
   variable_list result(2 * replicas);  // means..., m2s...
   auto [group_grad_mean, group_grad_var] = group_gradient(call_, grads[0], grads[1], mean_);
   for (size_t i = 0; i < replicas; ++i) {
     auto [grad_mean, grad_m2] =
         merge_backward(stacked_means_[i], mean_, counts_[i], total_, group_grad_mean, group_grad_var);
+    if (grad_mean.defined()) result[i] = grad_mean.to(devices_[i]);
+    if (grad_m2.defined()) result[replicas + i] = grad_m2.to(devices_[i]);
+  }
+  if (!create_graph) return result;
+  return once_differentiable(std::move(result),
+                             double_backward_message(call_.label, "that merges statistics across processes is not "
+                                                                  "supported: the all-reduce of its backward is "
+                                                                  "differentiable only once"));
+}
+
+variable_list MergeStatsNode::apply_with_graph(const variable_list& grads) const {
+  // The same gradients, as functions of every copy's local mean (and of the incoming gradients): the merged
+  // mean keeps its value and gets its graph, sum n_i mean_i / n.
+  const size_t replicas = counts_.size();
+  variable_list result(2 * replicas);
+  if (total_ == 0) return result;
+  std::vector<at::Tensor> means;
+  at::Tensor mean_with_graph = at::zeros_like(mean_);
+  for (size_t i = 0; i < replicas; ++i) {
+    means.push_back(local_means_[i].to(mean_.device(), mean_.scalar_type()));
+    mean_with_graph = mean_with_graph + means[i] * (static_cast<double>(counts_[i]) / static_cast<double>(total_));
+  }
+  const at::Tensor mean = mean_ + (mean_with_graph - mean_with_graph.detach());
+  for (size_t i = 0; i < replicas; ++i) {
+    auto [grad_mean, grad_m2] = merge_backward(means[i], mean, counts_[i], total_, grads[0], grads[1]);
     if (grad_mean.defined()) result[i] = grad_mean.to(devices_[i]);
     if (grad_m2.defined()) result[replicas + i] = grad_m2.to(devices_[i]);
   }
@@ -108,7 +138,14 @@ variable_list ReplicaMergeNode::apply(variable_list&& grads) {
   auto [grad_mean, grad_m2] =
       merge_backward(local_mean_, mean_, count_, total_, total[0].defined() ? total[0].to(local_mean_.device()) : total[0],
                      total[1].defined() ? total[1].to(local_mean_.device()) : total[1]);
-  return {grad_mean, grad_m2};
+  if (!c10::GradMode::is_enabled()) return {grad_mean, grad_m2};
+  return once_differentiable({grad_mean, grad_m2},
+                             double_backward_message(call_.label, "whose CPU replicas run their backward in parallel "
+                                                                  "is not supported: the copies' sums meet across "
+                                                                  "threads, which is differentiable only once (in "
+                                                                  "Python, build DataParallelWithCallback with "
+                                                                  "parallel_backward=False: autograd's serial "
+                                                                  "backward, which a double backward retraces)"));
 }
 
 Merged merge_values(const std::vector<at::Tensor>& means, const std::vector<at::Tensor>& m2s,
@@ -159,7 +196,7 @@ std::vector<std::pair<at::Tensor, at::Tensor>> merge_with_graph(const std::vecto
   std::vector<at::Tensor> copy_means;  // on copy 0's device, in the statistics dtype, as the merged mean
   for (const auto& m : means) copy_means.push_back(m.detach().to(merged.mean.device(), merged.mean.scalar_type()));
   auto merge = c10::make_intrusive<MergeStatsNode>(merge_sequence_nr, counts, merged.total, at::stack(copy_means),
-                                                   merged.mean, devices, call);
+                                                   merged.mean, means, devices, call);
   std::vector<at::Tensor> inputs(means.begin(), means.end());
   inputs.insert(inputs.end(), m2s.begin(), m2s.end());
   merge->set_next_edges(torch::autograd::collect_next_edges(inputs));

@@ -368,3 +368,23 @@ def scenario_eval(rank, world, replicas, sizes):
     x, _ = global_batch(7, max(sizes[rank], 2))
     with torch.no_grad():
         return {"output": max_error(wrap(model, replicas)(x), reference(x))}
+
+
+def scenario_double_backward(rank, world, replicas, sizes):
+    """A gradient penalty through layers that merge across processes (through the replicas' serial backward): the
+    all-reduce of their backward is differentiable once, so the second backward raises on every rank, after first
+    derivatives under create_graph that match the reference's."""
+    model, reference = make_models("SyncBatchNorm", None)
+    run = wrap(model, replicas, parallel_backward=False)
+    start = sum(sizes[:rank])
+    x, _ = global_batch(0, sum(sizes))
+    x_mine = x[start : start + sizes[rank]].clone().requires_grad_()
+    (grad,) = torch.autograd.grad(run(x_mine).pow(3).sum(), x_mine, create_graph=True)
+    x_ref = x.clone().requires_grad_()
+    (grad_ref,) = torch.autograd.grad(reference(x_ref).pow(3).sum(), x_ref)
+    try:
+        grad.square().sum().backward()
+        second_backward = None
+    except RuntimeError as error:
+        second_backward = str(error)
+    return {"input_grad": max_error(grad, grad_ref[start : start + sizes[rank]]), "second_backward": second_backward}

@@ -44,6 +44,7 @@ SCENARIOS = {
     "join_throw": faults.scenario_join_throw,
     "join_shadowing": faults.scenario_join_shadowing,
     "wide": parity.scenario_wide,
+    "double_backward": parity.scenario_double_backward,
 }
 WITH_TIMEOUT = {"absent", "absent_later"}
 # A failed group cannot be torn down collectively.

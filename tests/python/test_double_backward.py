@@ -1,9 +1,11 @@
 """Double backward (``create_graph=True``: gradient penalties) through synchronized layers and CPU replicas.
 
-A synchronized layer's backward with batch statistics is differentiable once: a second backward through it raises
-an error naming the layer, instead of silently dropping its second-order terms. CPU replicas' parallel backward
-can be retraced only where the gradients reaching it have no graph; otherwise a clear error says to use
-``parallel_backward=False``, autograd's serial backward, which gives the reference's double backward.
+Through autograd's serial backward a synchronized layer's backward is differentiable twice, as ``nn.BatchNorm``'s:
+its gradients have their graph through the merge of the copies' statistics, and a second backward gives the whole
+batch's second-order terms, checkpointed blocks included. What cannot be differentiated again (the merge in a
+parallel backward or across processes) raises an error naming the layer instead of silently dropping terms. CPU
+replicas' parallel backward can be retraced only where the gradients reaching it have no graph; otherwise a clear
+error says to use ``parallel_backward=False``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 import syncbn_ext
 from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm2d
 
-BN_MESSAGE = r"double backward \(create_graph=True.*differentiable only once"
+PARALLEL_MESSAGE = r"double backward \(create_graph=True.*run their backward in parallel.*parallel_backward=False"
 WRAPPER_MESSAGE = r"cannot retrace the CPU replicas' parallel backward.*parallel_backward=False"
 MERGE_MESSAGE = r"outside the replicas' parallel backward.*parallel_backward=False"
 
@@ -64,32 +66,121 @@ def test_serial_backward_retraces_the_first_derivative_of_synchronized_layers(ou
 
 
 @pytest.mark.parametrize("outer", ["sum", "cube"])
-def test_a_synchronized_layers_second_derivative_raises_naming_the_layer(parallel_backward, outer):
-    # The penalty on the input gradient needs the layer's second derivative (before: silently none at all).
-    dp = DataParallelWithCallback(net(), device_ids=["cpu"] * 2, parallel_backward=parallel_backward)
+def test_serial_backward_gives_a_synchronized_layers_second_derivative(outer):
+    # The penalty on the input gradient needs the layer's second derivative, through the merge of the copies'
+    # statistics (before: an error, "differentiable only once").
+    model = net()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 3, parallel_backward=False)
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)  # 3 + 3 + 2: copies of different sizes
+    call_with_timeout(penalty(dp, x, "input", outer).backward)
+    penalty(reference, x, "input", outer).backward()
+    assert_same_grads(model, reference)
+    # Running statistics as the reference's: the double backward writes none.
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var, rtol=1e-12, atol=1e-12)
+
+
+def test_double_backward_through_two_synchronized_layers_and_mixed_penalties():
+    # Two synchronized layers in a row, float32 input and parameters of the layers, a penalty on both the input's
+    # and a weight's gradient: every second-order path goes through two merges.
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        SynchronizedBatchNorm2d(4),
+        nn.Softplus(),
+        nn.Conv2d(4, 4, 1),
+        SynchronizedBatchNorm2d(4, affine=False),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(64, 2),
+    ).double()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=False)
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64)
+
+    def loss(module: nn.Module, inner: nn.Module) -> torch.Tensor:
+        xi = x.clone().requires_grad_()
+        out = module(xi)
+        gx, gw = torch.autograd.grad(out.pow(2).sum(), (xi, inner[1].weight), create_graph=True)
+        return gx.square().sum() + gw.pow(2).sum() + out.sum()
+
+    call_with_timeout(loss(dp, model).backward)
+    loss(reference, reference).backward()
+    assert_same_grads(model, reference)
+
+
+@pytest.mark.parametrize("outer", ["sum", "cube"])
+def test_parallel_backward_second_derivative_raises_naming_the_layer(outer):
+    # In parallel the copies' sums meet across threads: differentiable once. With a cubed outer loss the
+    # wrapper's own error comes first (see below).
+    dp = DataParallelWithCallback(net(), device_ids=["cpu"] * 2, parallel_backward=True)
     x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
-    # In parallel with a cubed outer loss the wrapper's own error comes first (see below).
-    message = WRAPPER_MESSAGE if parallel_backward and outer == "cube" else BN_MESSAGE
+    message = WRAPPER_MESSAGE if outer == "cube" else PARALLEL_MESSAGE
     with pytest.raises(RuntimeError, match=message) as raised:
         call_with_timeout(penalty(dp, x, "input", outer).backward)
-    if message == BN_MESSAGE:
+    if message == PARALLEL_MESSAGE:
         assert "layer '1: SynchronizedBatchNorm2d(4)'" in str(raised.value)
 
 
-def test_a_lone_layer_in_the_clamp_eps_mode_raises_too():
-    # A lone layer in the "clamp" eps mode runs the synchronized path (one copy): its gradients were silently
-    # missing the second-order terms (the input got no gradient at all).
-    bn = SynchronizedBatchNorm2d(3).double()
-    x = torch.randn(6, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("mode", ["plus", "clamp"])
+def test_a_lone_layer_is_differentiable_twice_in_either_eps_mode(mode):
+    # A lone layer in the "clamp" eps mode runs the synchronized path (one copy); its second derivative is the
+    # clamped formula's, as autograd gives it from plain ops.
+    bn = SynchronizedBatchNorm2d(3, eps=1e-5).double()
+    x = torch.randn(6, 3, 2, 2, dtype=torch.float64)
+    x[:, 2] = 0.5 + 1e-4 * x[:, 2]  # a channel whose variance is below eps: clamped in that mode
     previous = syncbn_ext.get_sbn_eps_mode()
-    syncbn_ext.set_sbn_eps_mode("clamp")
+    syncbn_ext.set_sbn_eps_mode(mode)
     try:
-        (grad,) = torch.autograd.grad(bn(x).pow(3).sum(), x, create_graph=True)
+        xa = x.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(bn(xa).pow(3).sum(), xa, create_graph=True)
+        grad.square().sum().backward()
     finally:
         syncbn_ext.set_sbn_eps_mode(previous)
-    with pytest.raises(RuntimeError, match=BN_MESSAGE):
-        grad.square().sum().backward()
-    assert x.grad is None
+    xb = x.clone().requires_grad_()
+    var = xb.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    denominator = var.clamp_min(bn.eps) if mode == "clamp" else var + bn.eps
+    weight, bias = bn.weight.detach().clone().requires_grad_(), bn.bias.detach().clone().requires_grad_()
+    y = (xb - xb.mean(dim=(0, 2, 3), keepdim=True)) * denominator.rsqrt() * weight.view(1, 3, 1, 1) + bias.view(
+        1, 3, 1, 1
+    )
+    (grad_ref,) = torch.autograd.grad(y.pow(3).sum(), xb, create_graph=True)
+    grad_ref.square().sum().backward()
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(bn.weight.grad, weight.grad, rtol=1e-9, atol=1e-10)
+
+
+class CheckpointedNet(nn.Module):
+    """``net()`` with its convolution and synchronized layer in a checkpointed block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = net()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.utils.checkpoint.checkpoint(self.body[:2], x, use_reentrant=False)
+        return self.body[2:](h)
+
+
+@pytest.mark.parametrize("wrt", ["input", "weight"])
+def test_double_backward_through_a_checkpointed_synchronized_layer(wrt):
+    # The recomputation inside the first backward recalls the forward's whole-batch statistics; autograd gives
+    # saved tensors back with the forward's graph, through which the second backward differentiates the merge.
+    model = CheckpointedNet()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=False)
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+
+    def checkpointed_penalty(module: nn.Module, inner: CheckpointedNet) -> torch.Tensor:
+        xi = x.clone().requires_grad_()
+        target = xi if wrt == "input" else inner.body[4].weight
+        (grad,) = torch.autograd.grad(module(xi).pow(3).sum(), target, create_graph=True)
+        return grad.square().sum()
+
+    call_with_timeout(checkpointed_penalty(dp, model).backward)
+    checkpointed_penalty(reference, reference).backward()
+    assert_same_grads(model, reference)
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
