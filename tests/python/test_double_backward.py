@@ -53,36 +53,37 @@ def assert_same_grads(model: nn.Module, reference: nn.Module) -> None:
     assert_grads_equal(model, reference, rtol=1e-9, atol=1e-10)
 
 
+def assert_serial_penalty_matches(model: nn.Module, wrt: str, outer: str, replicas: int = 2) -> nn.Module:
+    """``penalty`` through CPU replicas' serial backward gives the plain-layer reference's gradients; returns the
+    reference."""
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * replicas, parallel_backward=False)
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+    call_with_timeout(penalty(dp, x, wrt, outer).backward)
+    penalty(reference, x, wrt, outer).backward()
+    assert_same_grads(model, reference)
+    return reference
+
+
 @pytest.mark.parametrize("outer", ["sum", "cube"])
 def test_serial_backward_retraces_the_first_derivative_of_synchronized_layers(outer):
     # The penalty on the last layer's weight gradient needs the synchronized layer's first derivative only.
-    model = net()
-    reference = syncbn_ext.revert_model(copy.deepcopy(model))
-    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=False)
-    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
-    call_with_timeout(penalty(dp, x, "weight", outer).backward)
-    penalty(reference, x, "weight", outer).backward()
-    assert_same_grads(model, reference)
+    assert_serial_penalty_matches(net(), "weight", outer)
 
 
 @pytest.mark.parametrize("outer", ["sum", "cube"])
 def test_serial_backward_gives_a_synchronized_layers_second_derivative(outer):
     # The penalty on the input gradient needs the layer's second derivative, through the merge of the copies'
-    # statistics (before: an error, "differentiable only once").
+    # statistics (before: an error, "differentiable only once"). 3 copies of 3, 3 and 2 samples.
     model = net()
-    reference = syncbn_ext.revert_model(copy.deepcopy(model))
-    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 3, parallel_backward=False)
-    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)  # 3 + 3 + 2: copies of different sizes
-    call_with_timeout(penalty(dp, x, "input", outer).backward)
-    penalty(reference, x, "input", outer).backward()
-    assert_same_grads(model, reference)
+    reference = assert_serial_penalty_matches(model, "input", outer, replicas=3)
     # Running statistics as the reference's: the double backward writes none.
     torch.testing.assert_close(model[1].running_var, reference[1].running_var, rtol=1e-12, atol=1e-12)
 
 
 def test_double_backward_through_two_synchronized_layers_and_mixed_penalties():
-    # Two synchronized layers in a row, float32 input and parameters of the layers, a penalty on both the input's
-    # and a weight's gradient: every second-order path goes through two merges.
+    # Two synchronized layers in a row (the second without affine parameters), a penalty on both the input's and a
+    # weight's gradient: every second-order path goes through two merges.
     torch.manual_seed(3)
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1),
@@ -162,25 +163,15 @@ class CheckpointedNet(nn.Module):
         h = torch.utils.checkpoint.checkpoint(self.body[:2], x, use_reentrant=False)
         return self.body[2:](h)
 
+    def __getitem__(self, index: int) -> nn.Module:
+        return self.body[index]
+
 
 @pytest.mark.parametrize("wrt", ["input", "weight"])
 def test_double_backward_through_a_checkpointed_synchronized_layer(wrt):
     # The recomputation inside the first backward recalls the forward's whole-batch statistics; autograd gives
     # saved tensors back with the forward's graph, through which the second backward differentiates the merge.
-    model = CheckpointedNet()
-    reference = syncbn_ext.revert_model(copy.deepcopy(model))
-    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=False)
-    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
-
-    def checkpointed_penalty(module: nn.Module, inner: CheckpointedNet) -> torch.Tensor:
-        xi = x.clone().requires_grad_()
-        target = xi if wrt == "input" else inner.body[4].weight
-        (grad,) = torch.autograd.grad(module(xi).pow(3).sum(), target, create_graph=True)
-        return grad.square().sum()
-
-    call_with_timeout(checkpointed_penalty(dp, model).backward)
-    checkpointed_penalty(reference, reference).backward()
-    assert_same_grads(model, reference)
+    assert_serial_penalty_matches(CheckpointedNet(), wrt, "cube")
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
