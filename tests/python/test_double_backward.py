@@ -233,3 +233,30 @@ def test_parallel_backward_retraced_through_plain_layers_works():
         call_with_timeout(penalty(dp, x, wrt, "sum").backward)
         penalty(reference, x, wrt, "sum").backward()
     assert_same_grads(model, reference)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+def test_torch_func_transforms_over_a_synchronizing_layer_are_a_clear_error(transform):
+    # The synchronized forward is a C++ autograd function, which torch.func does not support (before: torch's
+    # "cannot use C++ torch::autograd::Function with functorch transforms", naming neither the layer nor a way out).
+    bn = SynchronizedBatchNorm2d(3).double()
+    x = torch.randn(6, 3, 2, 2, dtype=torch.float64)
+    run = {
+        "grad": lambda: torch.func.grad(lambda t: bn(t).pow(3).sum())(x),
+        "vmap": lambda: torch.func.vmap(bn)(x.unsqueeze(0).expand(2, -1, -1, -1, -1)),
+    }[transform]
+    previous = syncbn_ext.get_sbn_eps_mode()
+    syncbn_ext.set_sbn_eps_mode("clamp")
+    try:
+        with pytest.raises(RuntimeError, match=r"SynchronizedBatchNorm2d cannot run under torch.func.*clamp eps mode"):
+            run()
+    finally:
+        syncbn_ext.set_sbn_eps_mode(previous)
+    assert bn.num_batches_tracked.item() == 0
+    # A lone layer in the default eps mode is nn.BatchNorm, which torch.func supports as far as nn.BatchNorm does
+    # (without running statistics to update).
+    lone = SynchronizedBatchNorm2d(3, track_running_stats=False).double()
+    reference = nn.BatchNorm2d(3, track_running_stats=False).double()
+    torch.testing.assert_close(
+        torch.func.grad(lambda t: lone(t).pow(3).sum())(x), torch.func.grad(lambda t: reference(t).pow(3).sum())(x)
+    )
