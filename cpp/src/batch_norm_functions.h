@@ -16,12 +16,12 @@
 //
 // Under create_graph (a double backward to come: a gradient penalty) both
 // backwards build their gradients of differentiable ATen ops, and so does the
-// merge of a serial backward in one process (merge_nodes.h): a second backward
-// then gets the whole batch's second-order terms. What cannot be differentiated
-// again fails a second backward with a message instead of silently missing its
-// terms (torch's @once_differentiable, in C++): a merge across processes or in a
-// parallel backward. (A checkpoint recomputation's recalled statistics are
-// saved tensors: autograd gives them back with the forward's graph.)
+// merge of a serial backward, across processes too (merge_nodes.h): a second
+// backward then gets the whole batch's second-order terms. (A checkpoint
+// recomputation's recalled statistics are saved tensors: autograd gives them
+// back with the forward's graph.) The merge of a parallel backward cannot be
+// differentiated again: it fails a second backward with a message instead of
+// silently missing its terms (torch's @once_differentiable, in C++).
 #pragma once
 
 #include <string>

@@ -53,6 +53,30 @@ std::pair<at::Tensor, at::Tensor> group_gradient(const GroupCall& call, const at
   return {mean_sum.to(like.options()), var_sum.to(like.options())};
 }
 
+std::pair<at::Tensor, at::Tensor> group_sum_with_graph(const GroupCall& call, const at::Tensor& a, const at::Tensor& b,
+                                                       const at::Tensor& like) {
+  if (!spans_processes(call.group)) return {a, b};
+  at::Tensor a_sum, b_sum;
+  {
+    at::NoGradGuard no_grad;
+    std::tie(a_sum, b_sum) = group_gradient(call, a, b, like);
+  }
+  const bool needs_graph = (a.defined() && a.requires_grad()) || (b.defined() && b.requires_grad());
+  if (!needs_graph) return {a_sum, b_sum};
+  auto node = c10::make_intrusive<GroupSumNode>(call, like.detach());
+  node->set_next_edges(torch::autograd::collect_next_edges(a, b));
+  at::Tensor a_out = output_of(a_sum, node);  // input 0 of the node in backward
+  at::Tensor b_out = output_of(b_sum, node);  // input 1
+  return {std::move(a_out), std::move(b_out)};
+}
+
+variable_list GroupSumNode::apply(variable_list&& grads) {
+  // Always across the group, undefined gradients as zeros: every rank's backward reaches this sum alike.
+  auto [a, b] = c10::GradMode::is_enabled() ? group_sum_with_graph(call_, grads[0], grads[1], like_)
+                                            : group_gradient(call_, grads[0], grads[1], like_);
+  return {a, b};
+}
+
 MergeStatsNode::MergeStatsNode(uint64_t sequence_nr, std::vector<int64_t> counts, int64_t total,
                                at::Tensor stacked_means, at::Tensor mean, std::vector<at::Tensor> local_means,
                                std::vector<at::Device> devices, GroupCall call)
@@ -66,8 +90,7 @@ MergeStatsNode::MergeStatsNode(uint64_t sequence_nr, std::vector<int64_t> counts
       call_(std::move(call)) {}
 
 variable_list MergeStatsNode::apply(variable_list&& grads) {
-  const bool create_graph = c10::GradMode::is_enabled();  // autograd's grad mode in backward
-  if (create_graph && !spans_processes(call_.group)) return apply_with_graph(grads);
+  if (c10::GradMode::is_enabled()) return apply_with_graph(grads);  // autograd's grad mode: create_graph
   const size_t replicas = counts_.size();
   variable_list result(2 * replicas);  // means..., m2s...
   auto [group_grad_mean, group_grad_var] = group_gradient(call_, grads[0], grads[1], mean_);
@@ -77,28 +100,27 @@ variable_list MergeStatsNode::apply(variable_list&& grads) {
     if (grad_mean.defined()) result[i] = grad_mean.to(devices_[i]);
     if (grad_m2.defined()) result[replicas + i] = grad_m2.to(devices_[i]);
   }
-  if (!create_graph) return result;
-  return once_differentiable(std::move(result),
-                             double_backward_message(call_.label, "that merges statistics across processes is not "
-                                                                  "supported: the all-reduce of its backward is "
-                                                                  "differentiable only once"));
+  return result;
 }
 
 variable_list MergeStatsNode::apply_with_graph(const variable_list& grads) const {
-  // The same gradients, as functions of every copy's local mean (and of the incoming gradients): the merged
-  // mean keeps its value and gets its graph, sum n_i mean_i / n.
+  // The same gradients as functions of the incoming gradients (summed across the group) and of every copy's
+  // local mean, through the merged mean: it keeps its value and gets its graph, sum n_i mean_i / n over every
+  // copy of every process. Across the group both sums are made whatever the gradients, as in a first backward.
   const size_t replicas = counts_.size();
   variable_list result(2 * replicas);
-  if (total_ == 0) return result;
+  if (total_ == 0) return result;  // on every rank alike: nothing to normalize anywhere
   std::vector<at::Tensor> means;
-  at::Tensor mean_with_graph = at::zeros_like(mean_);
+  at::Tensor weighted_means = at::zeros_like(mean_);
   for (size_t i = 0; i < replicas; ++i) {
     means.push_back(local_means_[i].to(mean_.device(), mean_.scalar_type()));
-    mean_with_graph = mean_with_graph + means[i] * (static_cast<double>(counts_[i]) / static_cast<double>(total_));
+    weighted_means = weighted_means + means[i] * (static_cast<double>(counts_[i]) / static_cast<double>(total_));
   }
+  auto [group_grad_mean, group_grad_var] = group_sum_with_graph(call_, grads[0], grads[1], mean_);
+  const at::Tensor mean_with_graph = group_sum_with_graph(call_, weighted_means, at::Tensor(), mean_).first;
   const at::Tensor mean = mean_ + (mean_with_graph - mean_with_graph.detach());
   for (size_t i = 0; i < replicas; ++i) {
-    auto [grad_mean, grad_m2] = merge_backward(means[i], mean, counts_[i], total_, grads[0], grads[1]);
+    auto [grad_mean, grad_m2] = merge_backward(means[i], mean, counts_[i], total_, group_grad_mean, group_grad_var);
     if (grad_mean.defined()) result[i] = grad_mean.to(devices_[i]);
     if (grad_m2.defined()) result[replicas + i] = grad_m2.to(devices_[i]);
   }

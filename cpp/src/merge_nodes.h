@@ -46,11 +46,29 @@ struct Merged {
 std::pair<at::Tensor, at::Tensor> group_gradient(const GroupCall& call, const at::Tensor& grad_mean,
                                                  const at::Tensor& grad_var, const at::Tensor& like);
 
+// group_gradient with a graph, for a backward under create_graph across
+// processes: every rank's result is the sum of every rank's (a, b), so the
+// gradient of each rank's (a, b) is the same sum of the gradients coming in,
+// across the group again (GroupSumNode, itself differentiable). Every rank must
+// take the same path through its backward, as for the first derivatives.
+std::pair<at::Tensor, at::Tensor> group_sum_with_graph(const GroupCall& call, const at::Tensor& a, const at::Tensor& b,
+                                                       const at::Tensor& like);
+
+struct GroupSumNode : torch::autograd::Node {
+  GroupSumNode(GroupCall call, at::Tensor like) : call_(std::move(call)), like_(std::move(like)) {}
+  variable_list apply(variable_list&& grads) override;
+  std::string name() const override { return "syncbn::GroupSumBackward"; }
+
+ private:
+  const GroupCall call_;
+  const at::Tensor like_;  // (C,): the sums' size, dtype and device
+};
+
 struct MergeStatsNode : torch::autograd::Node {
   // `stacked_means` (R, C), `mean` (C,), the counts and the total (over every
   // process) are what backward needs; `devices[i]` is copy i's, where its gradient goes.
   // `local_means` are the copies' own, with their graph: a backward under
-  // create_graph in one process differentiates the merge through them.
+  // create_graph differentiates the merge through them.
   MergeStatsNode(uint64_t sequence_nr, std::vector<int64_t> counts, int64_t total, at::Tensor stacked_means,
                  at::Tensor mean, std::vector<at::Tensor> local_means, std::vector<at::Device> devices,
                  GroupCall call);

@@ -107,12 +107,9 @@ def test_every_rank_matches_one_batchnorm_on_the_global_batch(tmp_path, world, r
                 assert_parity(result, steps=2), case
             # Two micro-batches a step, the first in no_sync(): both counted by the running statistics.
             assert_parity(measures(results["ddp_accumulate"][rank]), steps=4)
-        if world == 2:  # a gradient penalty through a merge across processes: differentiable once
-            double_backward = measures(results["double_backward"][rank])
-            assert double_backward["input_grad"] < TOLERANCE
-            assert "double backward (create_graph=True" in double_backward["second_backward"]
-            assert "across processes" in double_backward["second_backward"]
-            assert "SyncBatchNorm" in double_backward["second_backward"]
+        if world == 2:  # a gradient penalty through a merge across processes: its second derivatives too
+            for quantity, error in measures(results["double_backward"][rank]).items():
+                assert error < TOLERANCE, (quantity, error)
     if world == 3:  # a subgroup of ranks 0 and 1: rank 2 normalizes alone
         for rank in range(world):
             assert_parity(measures(results["subgroup"][rank]), steps=2)
