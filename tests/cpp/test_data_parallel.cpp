@@ -71,6 +71,33 @@ TEST_P(DataParallelBatchNorm, FourCpuReplicasEqualOneBatchNormOnTheWholeBatch) {
 
 INSTANTIATE_TEST_SUITE_P(Momentum, DataParallelBatchNorm, ::testing::Values(std::optional<double>(0.1), std::nullopt));
 
+TEST(DataParallel, AGradientPenaltyThroughCpuReplicasEqualsOneBatchNormsDoubleBackward) {
+  // create_graph through the replicas (autograd's serial backward): a second backward gets the whole batch's
+  // second-order terms, through the merge of the copies' statistics.
+  torch::manual_seed(5);
+  syncbn::SyncBatchNorm2d synced(3);
+  torch::nn::BatchNorm2d reference(3);
+  synced->to(torch::kDouble);
+  reference->to(torch::kDouble);
+  {
+    torch::NoGradGuard no_grad;
+    synced->weight.uniform_(0.5, 1.5);
+    synced->bias.uniform_(-0.5, 0.5);
+  }
+  copy_state(*synced, *reference);
+  auto x = torch::randn({7, 3, 2, 2}, torch::kDouble).requires_grad_();
+  auto x_ref = x.detach().clone().requires_grad_();
+  auto penalty = [](const torch::Tensor& y, const torch::Tensor& input) {
+    auto grads = torch::autograd::grad({y.pow(3).sum()}, {input}, {}, /*retain_graph=*/true, /*create_graph=*/true);
+    return grads[0].square().sum();
+  };
+  penalty(syncbn::data_parallel(synced, x, cpu_replicas(3)), x).backward();
+  penalty(reference->forward(x_ref), x_ref).backward();
+  expect_close(x.grad(), x_ref.grad(), "input gradient of the penalty");
+  expect_close(synced->weight.grad(), reference->weight.grad(), "weight gradient of the penalty");
+  expect_close(synced->bias.grad(), reference->bias.grad(), "bias gradient of the penalty");
+}
+
 // A net that raises in the replica whose slice contains the marker value.
 struct FlakyNetImpl : torch::nn::Cloneable<FlakyNetImpl> {
   explicit FlakyNetImpl(bool c10_error = false) : c10_error(c10_error) { reset(); }
