@@ -371,24 +371,28 @@ def scenario_eval(rank, world, replicas, sizes):
 
 
 def scenario_double_backward(rank, world, replicas, sizes):
-    """A gradient penalty through layers that merge across processes (through the replicas' serial backward): the
-    input's gradient under create_graph, then the penalty's gradients (summed over the ranks: the penalty of the
-    global batch's input gradient), match the reference's on the global batch."""
+    """A gradient penalty through layers that merge across processes (through the replicas' serial backward), two
+    steps: the input's gradient under create_graph, then the penalty's gradients (summed over the ranks: the penalty
+    of the global batch's input gradient), match the reference's on the global batch."""
     model, reference = make_models("SyncBatchNorm", None)
     run = wrap(model, replicas, parallel_backward=False)
     mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-    x, _ = global_batch(0, sum(sizes))
-    x_mine = x[mine].clone().requires_grad_()
-    x_ref = x.clone().requires_grad_()
-    (grad,) = torch.autograd.grad(run(x_mine).pow(3).sum(), x_mine, create_graph=True)
-    (grad_ref,) = torch.autograd.grad(reference(x_ref).pow(3).sum(), x_ref, create_graph=True)
-    errors = {"input_grad": max_error(grad, grad_ref[mine])}
-    grad.square().sum().backward()
-    grad_ref.square().sum().backward()
-    errors["penalty_input_grad"] = max_error(x_mine.grad, x_ref.grad[mine])
-    errors["penalty_param_grad"] = 0.0
-    for p, p_ref in zip(model.parameters(), reference.parameters(), strict=True):
-        g = p.grad.clone()
-        dist.all_reduce(g)  # each rank holds its share
-        errors["penalty_param_grad"] = max(errors["penalty_param_grad"], max_error(g, p_ref.grad))
+    errors = {"input_grad": 0.0, "penalty_input_grad": 0.0, "penalty_param_grad": 0.0, "buffers": 0.0}
+    for step in range(2):
+        model.zero_grad()
+        reference.zero_grad()
+        x, _ = global_batch(step, sum(sizes))
+        x_mine = x[mine].clone().requires_grad_()
+        x_ref = x.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(run(x_mine).pow(3).sum(), x_mine, create_graph=True)
+        (grad_ref,) = torch.autograd.grad(reference(x_ref).pow(3).sum(), x_ref, create_graph=True)
+        errors["input_grad"] = max(errors["input_grad"], max_error(grad, grad_ref[mine]))
+        grad.square().sum().backward()
+        grad_ref.square().sum().backward()
+        errors["penalty_input_grad"] = max(errors["penalty_input_grad"], max_error(x_mine.grad, x_ref.grad[mine]))
+        for p, p_ref in zip(model.parameters(), reference.parameters(), strict=True):
+            g = p.grad.clone()
+            dist.all_reduce(g)  # each rank holds its share
+            errors["penalty_param_grad"] = max(errors["penalty_param_grad"], max_error(g, p_ref.grad))
+        measure_buffers(errors, model, reference)
     return errors
