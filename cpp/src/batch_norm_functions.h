@@ -24,6 +24,7 @@
 // silently missing its terms (torch's @once_differentiable, in C++).
 #pragma once
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -83,12 +84,14 @@ struct LocalStatsFunction : Function<LocalStatsFunction> {
     const int64_t count = ctx->saved_data["count"].toInt();
     const at::Tensor &grad_mean = grads[0], &grad_m2 = grads[1], &dy = grads[2], &scale = grads[3];
     if (!dy.defined() && !grad_mean.defined() && !grad_m2.defined()) return {at::Tensor(), at::Tensor()};
-    if (count == 0) return {at::zeros_like(input), at::Tensor()};
+    // An empty input's gradient is empty; under create_graph it keeps its graph all the same, so that a second
+    // backward on this rank reaches the sums across processes that the other ranks' make (merge_nodes.h).
+    if (count == 0 && !create_graph) return {at::zeros_like(input), at::Tensor()};
     // dx = dy * w * invstd + d mean_i / n_i + 2 d m2_i (x - mean_i)
     at::Tensor zeros = at::zeros_like(mean);
     at::Tensor dy_scale = scale.defined() ? scale : zeros;
     at::Tensor x_scale = grad_m2.defined() ? grad_m2 * 2 : zeros;
-    at::Tensor shift = grad_mean.defined() ? grad_mean / static_cast<double>(count) : zeros;
+    at::Tensor shift = grad_mean.defined() ? grad_mean / static_cast<double>(std::max<int64_t>(count, 1)) : zeros;
     const at::Tensor& grad_out = dy.defined() ? dy : at::zeros_like(input);
     at::Tensor grad_input = create_graph ? backward_elemt_with_graph(grad_out, input, mean, dy_scale, x_scale, shift)
                                          : backward_elemt(grad_out, input, mean, dy_scale, x_scale, shift);

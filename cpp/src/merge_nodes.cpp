@@ -61,8 +61,8 @@ std::pair<at::Tensor, at::Tensor> group_sum_with_graph(const GroupCall& call, co
     at::NoGradGuard no_grad;
     std::tie(a_sum, b_sum) = group_gradient(call, a, b, like);
   }
-  const bool needs_graph = (a.defined() && a.requires_grad()) || (b.defined() && b.requires_grad());
-  if (!needs_graph) return {a_sum, b_sum};
+  // A node even where neither requires grad (a rank with an empty batch): the other ranks' second backward sums
+  // through theirs, and this rank's must reach its own to take part.
   auto node = c10::make_intrusive<GroupSumNode>(call, like.detach());
   node->set_next_edges(torch::autograd::collect_next_edges(a, b));
   at::Tensor a_out = output_of(a_sum, node);  // input 0 of the node in backward

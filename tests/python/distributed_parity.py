@@ -389,9 +389,10 @@ def scenario_double_backward(rank, world, replicas, sizes):
         errors["input_grad"] = max(errors["input_grad"], max_error(grad, grad_ref[mine]))
         grad.square().sum().backward()
         grad_ref.square().sum().backward()
-        errors["penalty_input_grad"] = max(errors["penalty_input_grad"], max_error(x_mine.grad, x_ref.grad[mine]))
+        penalty_grad = x_mine.grad if x_mine.grad is not None else torch.zeros_like(x_mine)  # an empty slice's
+        errors["penalty_input_grad"] = max(errors["penalty_input_grad"], max_error(penalty_grad, x_ref.grad[mine]))
         for p, p_ref in zip(model.parameters(), reference.parameters(), strict=True):
-            g = p.grad.clone()
+            g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)  # none on an empty rank
             dist.all_reduce(g)  # each rank holds its share
             errors["penalty_param_grad"] = max(errors["penalty_param_grad"], max_error(g, p_ref.grad))
         measure_buffers(errors, model, reference)
