@@ -6,6 +6,7 @@
 #include <mutex>
 #include <sstream>
 #include <thread>
+#include <utility>
 
 #include <torch/torch.h>
 
@@ -23,11 +24,8 @@ void expect_close(const torch::Tensor& a, const torch::Tensor& b, const std::str
   EXPECT_TRUE(torch::allclose(a, b, 1e-10, 1e-10)) << what << ": max difference " << (a - b).abs().max().item<double>();
 }
 
-class DataParallelBatchNorm : public ::testing::TestWithParam<std::optional<double>> {};
-
-TEST_P(DataParallelBatchNorm, FourCpuReplicasEqualOneBatchNormOnTheWholeBatch) {
-  torch::manual_seed(0);
-  auto options = torch::nn::BatchNormOptions(3).momentum(GetParam());
+// A synchronized layer and torch's, in float64, with the same random affine parameters.
+std::pair<syncbn::SyncBatchNorm2d, torch::nn::BatchNorm2d> matching_layers(const torch::nn::BatchNormOptions& options) {
   syncbn::SyncBatchNorm2d synced(options);
   torch::nn::BatchNorm2d reference(options);
   synced->to(torch::kDouble);
@@ -38,6 +36,14 @@ TEST_P(DataParallelBatchNorm, FourCpuReplicasEqualOneBatchNormOnTheWholeBatch) {
     synced->bias.uniform_(-0.5, 0.5);
   }
   copy_state(*synced, *reference);
+  return {synced, reference};
+}
+
+class DataParallelBatchNorm : public ::testing::TestWithParam<std::optional<double>> {};
+
+TEST_P(DataParallelBatchNorm, FourCpuReplicasEqualOneBatchNormOnTheWholeBatch) {
+  torch::manual_seed(0);
+  auto [synced, reference] = matching_layers(torch::nn::BatchNormOptions(3).momentum(GetParam()));
 
   for (int step = 0; step < 3; ++step) {
     // Batch 10 over 4 replicas: uneven slices of 3, 3, 3 and 1.
@@ -75,16 +81,7 @@ TEST(DataParallel, AGradientPenaltyThroughCpuReplicasEqualsOneBatchNormsDoubleBa
   // create_graph through the replicas (autograd's serial backward): a second backward gets the whole batch's
   // second-order terms, through the merge of the copies' statistics.
   torch::manual_seed(5);
-  syncbn::SyncBatchNorm2d synced(3);
-  torch::nn::BatchNorm2d reference(3);
-  synced->to(torch::kDouble);
-  reference->to(torch::kDouble);
-  {
-    torch::NoGradGuard no_grad;
-    synced->weight.uniform_(0.5, 1.5);
-    synced->bias.uniform_(-0.5, 0.5);
-  }
-  copy_state(*synced, *reference);
+  auto [synced, reference] = matching_layers(torch::nn::BatchNormOptions(3));
   auto x = torch::randn({7, 3, 2, 2}, torch::kDouble).requires_grad_();
   auto x_ref = x.detach().clone().requires_grad_();
   auto penalty = [](const torch::Tensor& y, const torch::Tensor& input) {
