@@ -33,7 +33,6 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <syncbn/batch_norm.h>
-#include <syncbn/once_differentiable.h>
 
 #include "differentiable_ops.h"
 #include "inverse_std.h"
@@ -51,16 +50,6 @@ inline int64_t count_per_channel(const at::Tensor& input) {
     if (d != 1) count *= input.size(d);
   }
   return count;
-}
-
-// Why a double backward through a synchronized layer (`where`: e.g. "layer 'bn'
-// (synchronized call 1)") cannot be done (`why` completes "...is not
-// supported: "), and what to do instead.
-inline std::string double_backward_message(const std::string& where, const std::string& why) {
-  return where + ": double backward (create_graph=True, e.g. a gradient penalty) through a synchronized BatchNorm " +
-         why +
-         ". Compute such a term with plain BatchNorm layers (in Python: syncbn_ext.revert_model on a copy of the "
-         "model) or with this layer in eval mode";
 }
 
 struct LocalStatsFunction : Function<LocalStatsFunction> {

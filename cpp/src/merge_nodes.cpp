@@ -8,7 +8,6 @@
 #include <syncbn/batch_norm.h>
 #include <syncbn/once_differentiable.h>
 
-#include "batch_norm_functions.h"
 #include "cpu/batch_norm_kernels.h"
 
 namespace syncbn::detail {
@@ -77,48 +76,40 @@ variable_list GroupSumNode::apply(variable_list&& grads) {
   return {a, b};
 }
 
-MergeStatsNode::MergeStatsNode(uint64_t sequence_nr, std::vector<int64_t> counts, int64_t total,
-                               at::Tensor stacked_means, at::Tensor mean, std::vector<at::Tensor> local_means,
-                               std::vector<at::Device> devices, GroupCall call)
+MergeStatsNode::MergeStatsNode(uint64_t sequence_nr, std::vector<int64_t> counts, int64_t total, at::Tensor mean,
+                               std::vector<at::Tensor> local_means, std::vector<at::Device> devices, GroupCall call)
     : Node(sequence_nr),
       counts_(std::move(counts)),
       total_(total),
-      stacked_means_(std::move(stacked_means)),
       mean_(std::move(mean)),
       local_means_(std::move(local_means)),
       devices_(std::move(devices)),
       call_(std::move(call)) {}
 
 variable_list MergeStatsNode::apply(variable_list&& grads) {
-  if (c10::GradMode::is_enabled()) return apply_with_graph(grads);  // autograd's grad mode: create_graph
+  // Under create_graph (autograd's grad mode in backward) the gradients get their graph: through the sums across
+  // the group, and through the merged mean, which keeps its value and gets the graph of sum n_i mean_i / n over
+  // every copy of every process. Across the group every rank makes the same sums whatever its gradients.
+  const bool create_graph = c10::GradMode::is_enabled();
   const size_t replicas = counts_.size();
+  std::vector<at::Tensor> means;  // on copy 0's device, in the statistics dtype, as the merged mean
+  for (const auto& local_mean : local_means_) means.push_back(local_mean.to(mean_.device(), mean_.scalar_type()));
+  at::Tensor mean = mean_;
+  at::Tensor group_grad_mean, group_grad_var;
+  if (!create_graph) {
+    std::tie(group_grad_mean, group_grad_var) = group_gradient(call_, grads[0], grads[1], mean_);
+  } else {
+    std::tie(group_grad_mean, group_grad_var) = group_sum_with_graph(call_, grads[0], grads[1], mean_);
+    if (total_ > 0) {  // the total is the whole group's: every rank alike
+      at::Tensor weighted_means = at::zeros_like(mean_);
+      for (size_t i = 0; i < replicas; ++i) {
+        weighted_means = weighted_means + means[i] * (static_cast<double>(counts_[i]) / static_cast<double>(total_));
+      }
+      const at::Tensor mean_with_graph = group_sum_with_graph(call_, weighted_means, at::Tensor(), mean_).first;
+      mean = mean_ + (mean_with_graph - mean_with_graph.detach());
+    }
+  }
   variable_list result(2 * replicas);  // means..., m2s...
-  auto [group_grad_mean, group_grad_var] = group_gradient(call_, grads[0], grads[1], mean_);
-  for (size_t i = 0; i < replicas; ++i) {
-    auto [grad_mean, grad_m2] =
-        merge_backward(stacked_means_[i], mean_, counts_[i], total_, group_grad_mean, group_grad_var);
-    if (grad_mean.defined()) result[i] = grad_mean.to(devices_[i]);
-    if (grad_m2.defined()) result[replicas + i] = grad_m2.to(devices_[i]);
-  }
-  return result;
-}
-
-variable_list MergeStatsNode::apply_with_graph(const variable_list& grads) const {
-  // The same gradients as functions of the incoming gradients (summed across the group) and of every copy's
-  // local mean, through the merged mean: it keeps its value and gets its graph, sum n_i mean_i / n over every
-  // copy of every process. Across the group both sums are made whatever the gradients, as in a first backward.
-  const size_t replicas = counts_.size();
-  variable_list result(2 * replicas);
-  if (total_ == 0) return result;  // on every rank alike: nothing to normalize anywhere
-  std::vector<at::Tensor> means;
-  at::Tensor weighted_means = at::zeros_like(mean_);
-  for (size_t i = 0; i < replicas; ++i) {
-    means.push_back(local_means_[i].to(mean_.device(), mean_.scalar_type()));
-    weighted_means = weighted_means + means[i] * (static_cast<double>(counts_[i]) / static_cast<double>(total_));
-  }
-  auto [group_grad_mean, group_grad_var] = group_sum_with_graph(call_, grads[0], grads[1], mean_);
-  const at::Tensor mean_with_graph = group_sum_with_graph(call_, weighted_means, at::Tensor(), mean_).first;
-  const at::Tensor mean = mean_ + (mean_with_graph - mean_with_graph.detach());
   for (size_t i = 0; i < replicas; ++i) {
     auto [grad_mean, grad_m2] = merge_backward(means[i], mean, counts_[i], total_, group_grad_mean, group_grad_var);
     if (grad_mean.defined()) result[i] = grad_mean.to(devices_[i]);
@@ -161,13 +152,14 @@ variable_list ReplicaMergeNode::apply(variable_list&& grads) {
       merge_backward(local_mean_, mean_, count_, total_, total[0].defined() ? total[0].to(local_mean_.device()) : total[0],
                      total[1].defined() ? total[1].to(local_mean_.device()) : total[1]);
   if (!c10::GradMode::is_enabled()) return {grad_mean, grad_m2};
-  return once_differentiable({grad_mean, grad_m2},
-                             double_backward_message(call_.label, "whose CPU replicas run their backward in parallel "
-                                                                  "is not supported: the copies' sums meet across "
-                                                                  "threads, which is differentiable only once (in "
-                                                                  "Python, build DataParallelWithCallback with "
-                                                                  "parallel_backward=False: autograd's serial "
-                                                                  "backward, which a double backward retraces)"));
+  return once_differentiable(
+      {grad_mean, grad_m2},
+      call_.label +
+          ": double backward (create_graph=True, e.g. a gradient penalty) through a synchronized BatchNorm whose CPU "
+          "replicas run their backward in parallel is not supported: the copies' sums meet across threads, which is "
+          "differentiable only once. In Python, build DataParallelWithCallback with parallel_backward=False "
+          "(autograd's serial backward, which a double backward retraces); or compute such a term with plain "
+          "BatchNorm layers (syncbn_ext.revert_model on a copy of the model) or with this layer in eval mode");
 }
 
 Merged merge_values(const std::vector<at::Tensor>& means, const std::vector<at::Tensor>& m2s,
@@ -215,10 +207,8 @@ std::vector<std::pair<at::Tensor, at::Tensor>> merge_with_graph(const std::vecto
   }
   std::vector<at::Device> devices;
   for (const auto& m : means) devices.push_back(m.device());
-  std::vector<at::Tensor> copy_means;  // on copy 0's device, in the statistics dtype, as the merged mean
-  for (const auto& m : means) copy_means.push_back(m.detach().to(merged.mean.device(), merged.mean.scalar_type()));
-  auto merge = c10::make_intrusive<MergeStatsNode>(merge_sequence_nr, counts, merged.total, at::stack(copy_means),
-                                                   merged.mean, means, devices, call);
+  auto merge = c10::make_intrusive<MergeStatsNode>(merge_sequence_nr, counts, merged.total, merged.mean, means,
+                                                   devices, call);
   std::vector<at::Tensor> inputs(means.begin(), means.end());
   inputs.insert(inputs.end(), m2s.begin(), m2s.end());
   merge->set_next_edges(torch::autograd::collect_next_edges(inputs));

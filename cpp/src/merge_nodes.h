@@ -65,23 +65,20 @@ struct GroupSumNode : torch::autograd::Node {
 };
 
 struct MergeStatsNode : torch::autograd::Node {
-  // `stacked_means` (R, C), `mean` (C,), the counts and the total (over every
-  // process) are what backward needs; `devices[i]` is copy i's, where its gradient goes.
-  // `local_means` are the copies' own, with their graph: a backward under
-  // create_graph differentiates the merge through them.
-  MergeStatsNode(uint64_t sequence_nr, std::vector<int64_t> counts, int64_t total, at::Tensor stacked_means,
-                 at::Tensor mean, std::vector<at::Tensor> local_means, std::vector<at::Device> devices,
-                 GroupCall call);
+  // The merged `mean` (C,), every copy's local mean (with its graph: a backward
+  // under create_graph differentiates the merge through them), the counts and
+  // the total (over every process) are what backward needs; `devices[i]` is
+  // copy i's, where its gradient goes.
+  MergeStatsNode(uint64_t sequence_nr, std::vector<int64_t> counts, int64_t total, at::Tensor mean,
+                 std::vector<at::Tensor> local_means, std::vector<at::Device> devices, GroupCall call);
 
   variable_list apply(variable_list&& grads) override;
   std::string name() const override { return "syncbn::MergeStatsBackward"; }
 
  private:
-  variable_list apply_with_graph(const variable_list& grads) const;
-
   const std::vector<int64_t> counts_;
   const int64_t total_;
-  const at::Tensor stacked_means_, mean_;
+  const at::Tensor mean_;
   const std::vector<at::Tensor> local_means_;
   const std::vector<at::Device> devices_;
   const GroupCall call_;
