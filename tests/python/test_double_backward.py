@@ -2,10 +2,10 @@
 
 Through autograd's serial backward a synchronized layer's backward is differentiable twice, as ``nn.BatchNorm``'s:
 its gradients have their graph through the merge of the copies' statistics, and a second backward gives the whole
-batch's second-order terms, checkpointed blocks included. What cannot be differentiated again (the merge in a
-parallel backward or across processes) raises an error naming the layer instead of silently dropping terms. CPU
-replicas' parallel backward can be retraced only where the gradients reaching it have no graph; otherwise a clear
-error says to use ``parallel_backward=False``.
+batch's second-order terms, checkpointed blocks included (across processes: test_distributed.py). The merge of a
+parallel backward cannot be differentiated again: a second backward through it raises an error naming the layer
+instead of silently dropping terms. CPU replicas' parallel backward can be retraced only where the gradients reaching
+it have no graph; otherwise a clear error says to use ``parallel_backward=False``.
 """
 
 from __future__ import annotations
@@ -124,20 +124,16 @@ def test_parallel_backward_second_derivative_raises_naming_the_layer(outer):
 
 
 @pytest.mark.parametrize("mode", ["plus", "clamp"])
-def test_a_lone_layer_is_differentiable_twice_in_either_eps_mode(mode):
+def test_a_lone_layer_is_differentiable_twice_in_either_eps_mode(mode, eps_mode):
     # A lone layer in the "clamp" eps mode runs the synchronized path (one copy); its second derivative is the
     # clamped formula's, as autograd gives it from plain ops.
     bn = SynchronizedBatchNorm2d(3, eps=1e-5).double()
     x = torch.randn(6, 3, 2, 2, dtype=torch.float64)
     x[:, 2] = 0.5 + 1e-4 * x[:, 2]  # a channel whose variance is below eps: clamped in that mode
-    previous = syncbn_ext.get_sbn_eps_mode()
-    syncbn_ext.set_sbn_eps_mode(mode)
-    try:
-        xa = x.clone().requires_grad_()
-        (grad,) = torch.autograd.grad(bn(xa).pow(3).sum(), xa, create_graph=True)
-        grad.square().sum().backward()
-    finally:
-        syncbn_ext.set_sbn_eps_mode(previous)
+    eps_mode(mode)
+    xa = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(bn(xa).pow(3).sum(), xa, create_graph=True)
+    grad.square().sum().backward()
     xb = x.clone().requires_grad_()
     var = xb.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
     denominator = var.clamp_min(bn.eps) if mode == "clamp" else var + bn.eps
@@ -236,7 +232,7 @@ def test_parallel_backward_retraced_through_plain_layers_works():
 
 
 @pytest.mark.parametrize("transform", ["grad", "vmap"])
-def test_torch_func_transforms_over_a_synchronizing_layer_are_a_clear_error(transform):
+def test_torch_func_transforms_over_a_synchronizing_layer_are_a_clear_error(transform, eps_mode):
     # The synchronized forward is a C++ autograd function, which torch.func does not support (before: torch's
     # "cannot use C++ torch::autograd::Function with functorch transforms", naming neither the layer nor a way out).
     bn = SynchronizedBatchNorm2d(3).double()
@@ -245,14 +241,11 @@ def test_torch_func_transforms_over_a_synchronizing_layer_are_a_clear_error(tran
         "grad": lambda: torch.func.grad(lambda t: bn(t).pow(3).sum())(x),
         "vmap": lambda: torch.func.vmap(bn)(x.unsqueeze(0).expand(2, -1, -1, -1, -1)),
     }[transform]
-    previous = syncbn_ext.get_sbn_eps_mode()
-    syncbn_ext.set_sbn_eps_mode("clamp")
-    try:
-        with pytest.raises(RuntimeError, match=r"SynchronizedBatchNorm2d cannot run under torch.func.*clamp eps mode"):
-            run()
-    finally:
-        syncbn_ext.set_sbn_eps_mode(previous)
+    eps_mode("clamp")
+    with pytest.raises(RuntimeError, match=r"SynchronizedBatchNorm2d cannot run under torch.func.*clamp eps mode"):
+        run()
     assert bn.num_batches_tracked.item() == 0
+    eps_mode("plus")
     # A lone layer in the default eps mode is nn.BatchNorm, which torch.func supports as far as nn.BatchNorm does
     # (without running statistics to update).
     lone = SynchronizedBatchNorm2d(3, track_running_stats=False).double()
