@@ -41,6 +41,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 
 from ._native import _C
 from .distributed import resolve_group
+from .eps_mode import get_sbn_eps_mode, set_sbn_eps_mode
 
 __all__ = [
     "LazySynchronizedBatchNorm1d",
@@ -57,42 +58,6 @@ __all__ = [
 # torch.compile runs the synchronized forward (C++, with a barrier) eagerly, between compiled graphs: an expected
 # graph break, not worth Dynamo's warning about an unknown C++ function.
 warnings.filterwarnings("ignore", message=r"Dynamo does not know how to trace the builtin `syncbn_ext\._C")
-
-_EPS_MODES = ("plus", "clamp")
-_eps_mode = "plus"
-
-
-def set_sbn_eps_mode(mode: str) -> None:
-    """Chooses how ``eps`` enters the normalization of batch statistics, for every synchronized layer.
-
-    * ``"plus"`` (default): ``(x - mean) / sqrt(var + eps)``, as ``nn.BatchNorm``.
-    * ``"clamp"``: ``(x - mean) / sqrt(max(var, eps))``, as the established Synchronized-BatchNorm-PyTorch
-      library: for a channel whose batch variance is well above ``eps`` the output is that of an
-      un-regularized normalization.
-
-    The mode applies to every forward that normalizes with *batch* statistics (training mode, or eval mode
-    without running statistics), replicated or not, so a model behaves the same with one device and with
-    many. Normalization with the *running* statistics (eval mode with tracked statistics) is always
-    ``nn.BatchNorm``'s own, ``sqrt(running_var + eps)``, in both modes (as in the established library). The
-    running statistics are updated the same way in both modes. The mode is read at each forward; change it
-    between forwards, not while one is running.
-
-    Args:
-        mode: ``"plus"`` or ``"clamp"``.
-
-    Raises:
-        ValueError: ``mode`` is neither.
-    """
-    global _eps_mode
-    if not isinstance(mode, str) or mode not in _EPS_MODES:
-        raise ValueError(f"set_sbn_eps_mode: mode must be 'plus' or 'clamp', got {mode!r}")
-    _eps_mode = mode
-
-
-def get_sbn_eps_mode() -> str:
-    """The current eps mode of the synchronized layers, ``"plus"`` or ``"clamp"`` (see :func:`set_sbn_eps_mode`)."""
-    return _eps_mode
-
 
 # The synchronization state of a layer that is not a replica: set by __init__, restored by pickling, dropped by
 # revert_model. Replicas get theirs from the replication hook.
@@ -232,7 +197,7 @@ class _SynchronizedBatchNorm(_BatchNorm):
             return _traced_as_a_leaf(self, input)
         copy_id = self.__dict__.get("_copy_id")
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        eps_mode = _eps_mode
+        eps_mode = get_sbn_eps_mode()
         group = self.sync_group() if use_batch_stats else None
         if not use_batch_stats or (copy_id is None and eps_mode == "plus" and group is None):
             # Running statistics, or a lone module with nn.BatchNorm's eps: nn.BatchNorm itself.
