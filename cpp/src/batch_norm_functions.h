@@ -25,7 +25,6 @@
 #pragma once
 
 #include <algorithm>
-#include <string>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -53,18 +52,17 @@ inline int64_t count_per_channel(const at::Tensor& input) {
 }
 
 struct LocalStatsFunction : Function<LocalStatsFunction> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const std::string& layer) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input) {
     auto [mean, m2] = local_stats(input);
     at::Tensor dy_token = at::zeros({}, input.options()).expand(input.sizes());
     at::Tensor scale_token = at::zeros_like(mean);
     ctx->save_for_backward({input, mean});
     ctx->saved_data["count"] = count_per_channel(input);
-    ctx->saved_data["layer"] = layer;
     ctx->set_materialize_grads(false);
     return {mean, m2, dy_token, scale_token};
   }
 
-  // grads: (d mean_i, d m2_i, dy_i, w * invstd). Returns (dx, nothing for the layer's name).
+  // grads: (d mean_i, d m2_i, dy_i, w * invstd). Returns (dx).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const bool create_graph = c10::GradMode::is_enabled();  // autograd's grad mode in backward
     const auto saved = ctx->get_saved_variables();
@@ -72,10 +70,10 @@ struct LocalStatsFunction : Function<LocalStatsFunction> {
     const at::Tensor& mean = saved[1];
     const int64_t count = ctx->saved_data["count"].toInt();
     const at::Tensor &grad_mean = grads[0], &grad_m2 = grads[1], &dy = grads[2], &scale = grads[3];
-    if (!dy.defined() && !grad_mean.defined() && !grad_m2.defined()) return {at::Tensor(), at::Tensor()};
+    if (!dy.defined() && !grad_mean.defined() && !grad_m2.defined()) return {at::Tensor()};
     // An empty input's gradient is empty; under create_graph it keeps its graph all the same, so that a second
     // backward on this rank reaches the sums across processes that the other ranks' make (merge_nodes.h).
-    if (count == 0 && !create_graph) return {at::zeros_like(input), at::Tensor()};
+    if (count == 0 && !create_graph) return {at::zeros_like(input)};
     // dx = dy * w * invstd + d mean_i / n_i + 2 d m2_i (x - mean_i)
     at::Tensor zeros = at::zeros_like(mean);
     at::Tensor dy_scale = scale.defined() ? scale : zeros;
@@ -84,7 +82,7 @@ struct LocalStatsFunction : Function<LocalStatsFunction> {
     const at::Tensor& grad_out = dy.defined() ? dy : at::zeros_like(input);
     at::Tensor grad_input = create_graph ? backward_elemt_with_graph(grad_out, input, mean, dy_scale, x_scale, shift)
                                          : backward_elemt(grad_out, input, mean, dy_scale, x_scale, shift);
-    return {grad_input, at::Tensor()};
+    return {grad_input};
   }
 };
 
@@ -92,12 +90,11 @@ struct NormalizeFunction : Function<NormalizeFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& mean,
                             const at::Tensor& var, const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& dy_token,
-                            const at::Tensor& scale_token, double eps, int64_t eps_mode, const std::string& layer) {
+                            const at::Tensor& scale_token, double eps, int64_t eps_mode) {
     at::Tensor output = normalize(input, mean, var, weight, bias, eps, static_cast<EpsMode>(eps_mode));
     ctx->save_for_backward({input, mean, var, weight.value_or(at::Tensor())});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["eps_mode"] = eps_mode;
-    ctx->saved_data["layer"] = layer;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["bias_dtype"] = bias.has_value() && bias->defined() ? bias->scalar_type() : at::kFloat;
     ctx->set_materialize_grads(false);
@@ -105,11 +102,11 @@ struct NormalizeFunction : Function<NormalizeFunction> {
   }
 
   // Returns: input (routed through the dy token instead), mean, var, weight, bias,
-  // dy token (dy itself), scale token (w * invstd), eps, eps_mode, the layer's name.
+  // dy token (dy itself), scale token (w * invstd), eps, eps_mode.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const bool create_graph = c10::GradMode::is_enabled();  // autograd's grad mode in backward
     const at::Tensor& dy = grads[0];
-    variable_list result(10);
+    variable_list result(9);
     if (!dy.defined()) return result;
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &input = saved[0], &mean = saved[1], &var = saved[2], &weight = saved[3];

@@ -83,8 +83,7 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
     group_call = std::make_shared<GroupCall>(GroupCall{sync->process_group, sync->layer_id, sync->name});
   }
   check_arguments(input, weight, bias, running_mean, running_var, eps);
-  const std::string layer_name = sync != nullptr ? sync->name : std::string();
-  variable_list local = detail::LocalStatsFunction::apply(input, layer_name);
+  variable_list local = detail::LocalStatsFunction::apply(input);
   const int64_t count = detail::count_per_channel(input);
   // The merge nodes get sequence numbers reserved here, at the same point of every replica's forward.
   const auto merge_sequence_nr = static_cast<int64_t>(at::sequence_number::get_and_increment());
@@ -93,7 +92,7 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
   message.ints.insert(message.ints.end(), input.sizes().begin(), input.sizes().end());
   auto normalize = [&](const Merged& merged) {
     return detail::NormalizeFunction::apply(input, merged.mean, merged.var, weight, bias, local[2], local[3], eps,
-                                            static_cast<int64_t>(eps_mode), layer_name);
+                                            static_cast<int64_t>(eps_mode));
   };
 
   // A recomputation inside backward (torch.utils.checkpoint) repeats an earlier call: the same statistics, with

@@ -77,6 +77,11 @@ def _traced_as_a_leaf(layer: _BatchNorm, input: torch.fx.Proxy) -> torch.fx.Prox
     return tracer.create_proxy("call_module", tracer.path_of_module(layer), (input,), {})
 
 
+def _how_it_normalizes(copy_id: int | None, group: object) -> str:
+    """What takes a layer off ``nn.BatchNorm``'s forward, for the errors of the transforms that cannot follow it."""
+    return "in the clamp eps mode" if copy_id is None and group is None else "across replicas or processes"
+
+
 class _SynchronizedBatchNorm(_BatchNorm):
     """The common base of the synchronized layers: everything but the input-dimension check.
 
@@ -206,21 +211,20 @@ class _SynchronizedBatchNorm(_BatchNorm):
         self._check_input_dim(input)
         if self.eps <= 0.0:  # F.batch_norm's check, which this path does not go through
             raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
-        how = "in the clamp eps mode" if copy_id is None and group is None else "across replicas or processes"
         if torch.jit.is_tracing() or torch.compiler.is_exporting():
             raise RuntimeError(
                 f"{type(self).__name__} cannot be traced or exported while it normalizes with batch statistics "
-                f"{how}: its synchronized forward is opaque C++ to the tracer. Trace or export in eval mode (running "
-                "statistics: nn.BatchNorm's forward), use set_sbn_eps_mode('plus') for a lone module, or "
-                "revert_model() a copy"
+                f"{_how_it_normalizes(copy_id, group)}: its synchronized forward is opaque C++ to the tracer. Trace "
+                "or export in eval mode (running statistics: nn.BatchNorm's forward), use set_sbn_eps_mode('plus') "
+                "for a lone module, or revert_model() a copy"
             )
         if torch._C._functorch.peek_interpreter_stack() is not None:
             raise RuntimeError(
                 f"{type(self).__name__} cannot run under torch.func transforms (grad, vmap, jacrev, ...) while it "
-                f"normalizes with batch statistics {how}: its synchronized forward is a C++ autograd function, "
-                "which torch.func does not support. torch.autograd.grad(..., create_graph=True) gives its second "
-                "derivatives (torch.autograd.functional.hessian and hvp too); or use eval mode, "
-                "set_sbn_eps_mode('plus') for a lone module, or revert_model() a copy"
+                f"normalizes with batch statistics {_how_it_normalizes(copy_id, group)}: its synchronized forward is "
+                "a C++ autograd function, which torch.func does not support. torch.autograd.grad(..., "
+                "create_graph=True) gives its second derivatives (torch.autograd.functional.hessian and hvp too); or "
+                "use eval mode, set_sbn_eps_mode('plus') for a lone module, or revert_model() a copy"
             )
         holds_buffers = copy_id is None or copy_id == 0
         update_running_stats = self.training and self.track_running_stats and holds_buffers
