@@ -23,6 +23,7 @@ one), so that ``n`` replicas running at once use the caller's threads, not ``n``
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 import time
@@ -96,6 +97,13 @@ class _WorkerPool:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle: dict[int | None, list[_Worker]] = {}
+        # A forked child has only the thread that forked: the workers' threads are not there, and a task given to
+        # one would never run (a forward of the parent's wrapper in the child would wait for ever).
+        os.register_at_fork(after_in_child=self._forget_after_fork)
+
+    def _forget_after_fork(self) -> None:
+        self._lock = threading.Lock()  # another thread may have held it at the fork
+        self._idle = {}
 
     def acquire(self, count: int, intra_op_threads: int | None) -> list[_Worker]:
         with self._lock:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import weakref
@@ -36,6 +37,17 @@ _training_forward_locks: weakref.WeakKeyDictionary[nn.Module, contextlib.Abstrac
     weakref.WeakKeyDictionary()
 )
 _training_forward_locks_guard = threading.Lock()
+
+
+def _forget_training_forward_locks_after_fork() -> None:
+    # A forked child has only the thread that forked: a lock another thread held at the fork (a training forward
+    # running there) would never be released in the child.
+    global _training_forward_locks, _training_forward_locks_guard
+    _training_forward_locks = weakref.WeakKeyDictionary()
+    _training_forward_locks_guard = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_training_forward_locks_after_fork)
 
 
 def training_forward_lock(module: nn.Module) -> contextlib.AbstractContextManager[Any]:

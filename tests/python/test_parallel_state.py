@@ -6,9 +6,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import json
+import sys
 import threading
 import time
+from pathlib import Path
 
+import child_processes
 import torch
 from batchnorm_cases import cpu_dp
 from hang_guard import call_with_timeout
@@ -221,3 +225,14 @@ def test_without_random_ops_runs_repeat_bit_for_bit(parallel_backward):
     first = run()
     for _ in range(3):
         assert all(torch.equal(a, b) for a, b in zip(first, run(), strict=True))
+
+
+def test_a_forked_child_trains_on_the_parents_wrapper():
+    # The parent's worker threads and a training forward running in another thread at the fork are not in the
+    # child: the child's forward must not wait for them.
+    scenario = Path(__file__).resolve().parent / "fork_scenario.py"
+    result = child_processes.run([sys.executable, str(scenario)], timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["child_exit"] == 0, result.stderr  # 1: it hung (threads dumped above); 3: a wrong step
+    assert report["parent_error"] < 1e-5
