@@ -247,6 +247,16 @@ class _Reporting:
             self.task = None
 
 
+def _add_note(error: BaseException, note: str) -> None:
+    """``error.add_note(note)``; before Python 3.11, which has no ``add_note``, appended to ``__notes__`` as the
+    ``exceptiongroup`` backport does (its traceback display shows them)."""
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+        return
+    with contextlib.suppress(AttributeError, TypeError):  # an exception class without a __dict__ keeps no note
+        error.__notes__ = [*getattr(error, "__notes__", ()), note]
+
+
 def run_on_workers(
     tasks: Sequence[Any],
     wheres: Sequence[str],
@@ -335,7 +345,7 @@ def run_on_workers(
         primary = [i for i in failures if not caused_by_closing(errors[i])]
         index = min(primary or failures)
         error = errors[index]
-        error.add_note(f"(raised {wheres[index]})")
+        _add_note(error, f"(raised {wheres[index]})")
         raise error
     if missing:
         returned = min(results)

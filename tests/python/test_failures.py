@@ -91,6 +91,22 @@ class CallsTwiceOnMarker(nn.Module):
         return self.bn(y) if (x == MARKER).any() else y
 
 
+class ErrorWithoutAddNote(ValueError):
+    """An exception as Python 3.10 has them: no ``add_note``."""
+
+    def __getattribute__(self, name):
+        if name == "add_note":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+def test_before_python_3_11_the_replica_is_named_in_the_notes_all_the_same():
+    model = nn.Sequential(RaiseInCopy(1, lambda: ErrorWithoutAddNote("bad slice")), SynchronizedBatchNorm1d(C))
+    error = run(DataParallelWithCallback(model, device_ids=["cpu"] * 2), torch.randn(4, C))
+    assert type(error) is ErrorWithoutAddNote and error.args == ("bad slice",)
+    assert error.__notes__ == ["(raised in replica 1 on device cpu)"]
+
+
 def test_replicas_calling_a_layer_a_different_number_of_times_get_an_error_naming_it():
     dp = DataParallelWithCallback(CallsTwiceOnMarker(), device_ids=["cpu"] * 3)
     x = torch.randn(6, C, dtype=torch.float64)
