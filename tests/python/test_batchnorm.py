@@ -3,6 +3,7 @@ across CPU replicas."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import inspect
 
@@ -23,6 +24,8 @@ from batchnorm_cases import (
 from hang_guard import call_with_timeout
 from replica_faults import RaiseOnMarker
 from torch import nn
+from torch._C import DispatchKey, DispatchKeySet
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import syncbn_ext
 from syncbn_ext import (
@@ -166,6 +169,42 @@ def test_parity_with_one_batchnorm_on_the_whole_batch(kind, option, replicas, pa
         x = make_input(kind, batch, seed=10 + step)
         step_and_compare(ref, ours, dp, x, seed=20 + step)
     assert ours._copy_id is None  # the replication hook ran on the replicas only
+
+
+class KernelsOfOtherDevices(TorchDispatchMode):
+    """Runs every torch.ops.syncbn op with the kernel a CUDA tensor gets (the ATen composite), on the CPU tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace != "syncbn":
+            return func(*args, **(kwargs or {}))
+        self.calls[func.__name__] += 1  # from several threads: a count may be lost, never a name
+        return func.redispatch(DispatchKeySet(DispatchKey.CUDA), *args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("replicas", [2, 3])  # (one replica runs the module itself: nn.BatchNorm's kernels)
+@pytest.mark.parametrize("option", ["default", "momentum_none", "affine_false", "unequal_slices"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_parity_with_the_kernels_other_devices_run(kind, option, replicas, parallel_backward):
+    # The GPU path's kernels, through the whole layer: forward, both backwards, running statistics.
+    options, steps, batch, _ = OPTIONS[option]
+    ref, ours = make_pair(kind, **options)
+    dp = cpu_dp(ours, replicas, parallel_backward=parallel_backward)
+    kernels = KernelsOfOtherDevices()
+
+    def forward(x):
+        with kernels:  # in the hang guard's thread, which a dispatch mode (thread-local) does not reach
+            return dp(x)
+
+    with kernels:  # the backward, on this thread
+        for step in range(steps):
+            x = make_input(kind, batch, seed=10 + step)
+            step_and_compare(ref, ours, forward, x, seed=20 + step)
+    ran = {name.split(".")[0] for name in kernels.calls}
+    assert ran == {"local_stats", "normalize", "backward_reduce", "backward_elemt"}, kernels.calls
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

@@ -1,13 +1,44 @@
-"""The pure tensor ops torch.ops.syncbn.*: against float64 references, opcheck, numerics."""
+"""The pure tensor ops torch.ops.syncbn.*: against float64 references, opcheck, numerics.
+
+Each op has a vectorized CPU kernel and, for every other device (CUDA among them), one kernel made of ATen ops
+(registered as CompositeExplicitAutograd). The reference tests run both: the latter on CPU tensors, dispatched to
+the CUDA key (whose kernel is the composite), so that what a GPU runs is checked without one.
+"""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+from torch._C import DispatchKey, DispatchKeySet
 
 import syncbn_ext  # noqa: F401  (registers torch.ops.syncbn)
 
 ops = torch.ops.syncbn
+OP_NAMES = ("local_stats", "merge_stats", "normalize", "backward_reduce", "backward_elemt")
+
+
+class KernelsOfOtherDevices:
+    """``torch.ops.syncbn`` as a CUDA tensor gets it (the ATen composite kernel), callable with CPU tensors."""
+
+    def __getattr__(self, name: str):
+        qualified = f"syncbn::{name}"
+        # The CUDA key has no kernel of its own: it runs the composite one, the kernel this class stands for.
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CUDA")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CompositeExplicitAutograd")
+        return functools.partial(getattr(ops, name).default.redispatch, DispatchKeySet(DispatchKey.CUDA))
+
+
+KERNELS = {"cpu": ops, "other devices": KernelsOfOtherDevices()}
+
+
+@pytest.fixture(params=list(KERNELS))
+def kernels(request):
+    """The op namespace under test: the CPU kernels, or the kernels every other device runs."""
+    return KERNELS[request.param]
+
+
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 LAYOUTS = [
@@ -43,9 +74,9 @@ def assert_close(actual, expected, dtype, scale=1.0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name, shape, memory_format", LAYOUTS)
-def test_local_stats(name, shape, memory_format, dtype):
+def test_local_stats(name, shape, memory_format, dtype, kernels):
     x = make(shape, dtype, memory_format)
-    mean, m2 = ops.local_stats(x)
+    mean, m2 = kernels.local_stats(x)
     stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert mean.dtype == m2.dtype == stats_dtype and mean.shape == (shape[1],)
     x64 = x.double()
@@ -60,13 +91,13 @@ def test_local_stats(name, shape, memory_format, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name, shape, memory_format", LAYOUTS)
-def test_normalize_and_backward(name, shape, memory_format, dtype):
+def test_normalize_and_backward(name, shape, memory_format, dtype, kernels):
     x = make(shape, dtype, memory_format)
     C = shape[1]
     stats = torch.float64 if dtype == torch.float64 else torch.float32
     mean, var = torch.randn(C, dtype=stats), torch.rand(C, dtype=stats) + 0.5
     weight, bias = torch.randn(C, dtype=stats), torch.randn(C, dtype=stats)
-    y = ops.normalize(x, mean, var, weight, bias, 1e-5, 0)
+    y = kernels.normalize(x, mean, var, weight, bias, 1e-5, 0)
     assert y.dtype == dtype and y.shape == x.shape
     if memory_format:
         assert y.is_contiguous(memory_format=memory_format)
@@ -77,13 +108,13 @@ def test_normalize_and_backward(name, shape, memory_format, dtype):
     assert_close(y, ref, dtype, scale=ref.abs().max().item() if ref.numel() else 1.0)
 
     dy = make(shape, dtype, None, seed=1)  # a gradient in another memory format than the input
-    sum_dy, sum_dy_xmu = ops.backward_reduce(dy, x, mean)
+    sum_dy, sum_dy_xmu = kernels.backward_reduce(dy, x, mean)
     if x.numel():
         dims = reduce_dims(x64)
         assert_close(sum_dy, dy.double().sum(dims), stats, scale=x64.numel() ** 0.5)
         assert_close(sum_dy_xmu, (dy.double() * xmu).sum(dims), stats, scale=x64.numel() ** 0.5)
     dy_scale, x_scale, shift = torch.randn(C, dtype=stats), torch.randn(C, dtype=stats), torch.randn(C, dtype=stats)
-    dx = ops.backward_elemt(dy, x, mean, dy_scale, x_scale, shift)
+    dx = kernels.backward_elemt(dy, x, mean, dy_scale, x_scale, shift)
     assert dx.dtype == dtype and dx.shape == x.shape
     ref_dx = (
         dy.double() * per_channel(dy_scale.double(), x64)
@@ -93,21 +124,21 @@ def test_normalize_and_backward(name, shape, memory_format, dtype):
     assert_close(dx, ref_dx, dtype, scale=ref_dx.abs().max().item() if ref_dx.numel() else 1.0)
 
 
-def test_normalize_optional_affine_and_clamp_mode():
+def test_normalize_optional_affine_and_clamp_mode(kernels):
     x = make((4, 3, 5), torch.float64, None)
     mean, var = torch.zeros(3, dtype=torch.float64), torch.tensor([1e-7, 1.0, 4.0], dtype=torch.float64)
-    plain = ops.normalize(x, mean, var, None, None, 1e-5, 0)
+    plain = kernels.normalize(x, mean, var, None, None, 1e-5, 0)
     torch.testing.assert_close(plain, x / (per_channel(var, x) + 1e-5).sqrt())
-    clamped = ops.normalize(x, mean, var, None, None, 1e-5, 1)
+    clamped = kernels.normalize(x, mean, var, None, None, 1e-5, 1)
     torch.testing.assert_close(clamped, x / per_channel(var.clamp_min(1e-5), x).sqrt())
 
 
-def test_merge_stats_is_chan():
+def test_merge_stats_is_chan(kernels):
     generator = torch.Generator().manual_seed(3)
     parts = [torch.randn(n, 4, 5, generator=generator, dtype=torch.float64) * 3 + 7 for n in (3, 0, 5, 1)]
-    stats = [ops.local_stats(p) for p in parts]
+    stats = [kernels.local_stats(p) for p in parts]
     counts = torch.tensor([p.shape[0] * p.shape[2] for p in parts])
-    mean, var = ops.merge_stats(counts, torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats]))
+    mean, var = kernels.merge_stats(counts, torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats]))
     whole = torch.cat(parts)
     ref_var, ref_mean = torch.var_mean(whole, dim=[0, 2], correction=0)
     torch.testing.assert_close(mean, ref_mean)
@@ -129,12 +160,14 @@ def test_merge_stats_cpu_kernel_is_the_composite_math_to_the_bit(dtype):
         mean, var = ops.merge_stats(counts, means, m2s)
         assert mean.dtype == var.dtype == dtype
         assert torch.equal(mean, mean64.to(dtype)) and torch.equal(var, var64.to(dtype))
+        composite_mean, composite_var = KERNELS["other devices"].merge_stats(counts, means, m2s)
+        assert torch.equal(mean, composite_mean) and torch.equal(var, composite_var)
 
 
-def test_large_mean_float32_statistics_are_precise():
+def test_large_mean_float32_statistics_are_precise(kernels):
     # Sum and sum of squares in float32 would give variance 0 here.
     x = make((16, 8, 32, 32), torch.float32, None, seed=5, mean=1e4, std=1e-2)
-    mean, m2 = ops.local_stats(x)
+    mean, m2 = kernels.local_stats(x)
     x64 = x.double()
     ref_var, ref_mean = torch.var_mean(x64, dim=[0, 2, 3], correction=0)
     var = m2.double() / (x.numel() / x.shape[1])
@@ -195,10 +228,10 @@ def test_meta_kernels_give_shapes_and_dtypes():
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
-def test_local_stats_of_non_finite_data_match_the_plain_mean(value):
+def test_local_stats_of_non_finite_data_match_the_plain_mean(value, kernels):
     x = make((4, 3, 5), torch.float32, None)
     x[2, 1, 3] = value
-    mean, m2 = ops.local_stats(x)
+    mean, m2 = kernels.local_stats(x)
     ref_mean = x.double().mean([0, 2])
     torch.testing.assert_close(mean.double(), ref_mean, equal_nan=True)
     assert torch.isnan(m2[1]) and torch.isfinite(m2[[0, 2]]).all()
