@@ -152,9 +152,10 @@ def scenario_parity(rank, world, replicas, sizes):
 
 def scenario_ddp(rank, world, replicas, sizes):
     """DistributedDataParallel over the replicas, with either way of running their backward (the ranks' single
-    intra-op thread would choose the parallel one); one way when there is one replica, which has neither."""
+    intra-op thread would choose the parallel one). A rank with one replica (the module itself, which has neither
+    way) runs the same steps twice all the same: the ranks' layers meet at every step, whatever their replicas."""
     results = {}
-    for parallel_backward in (False, True) if replicas > 1 else (None,):
+    for parallel_backward in (False, True):
         model, reference = make_models("SyncBatchNorm", None)
         ddp = nn.parallel.DistributedDataParallel(wrap(model, replicas, parallel_backward))
         results[f"parallel_backward={parallel_backward}"] = run_steps(

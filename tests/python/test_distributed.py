@@ -50,12 +50,18 @@ TRANSPORTS = {"shared_memory": {}, "c10d": {"SYNCBN_SHARED_MEMORY": "0"}}
 
 
 def launch(tmp_path, world, replicas, sizes, scenarios, timeout=30.0, transport="shared_memory", env=None):
-    """``world`` ranks over a FileStore, each running ``scenarios`` (``env``: more environment variables)."""
+    """``world`` ranks over a FileStore, each running ``scenarios`` with ``replicas`` CPU replicas (one count, or
+    one per rank) (``env``: more environment variables)."""
     store = tmp_path / "store"
-    command = [sys.executable, str(WORKER), "--world", str(world), "--store", str(store), "--replicas", str(replicas)]
+    per_rank = replicas if isinstance(replicas, list) else [replicas] * world
+    command = [sys.executable, str(WORKER), "--world", str(world), "--store", str(store)]
     command += ["--sizes", *map(str, sizes), "--timeout", str(timeout), "--scenarios", *scenarios]
     env = dict(os.environ, **TRANSPORTS[transport], **(env or {}))
-    return collect([child_processes.Child([*command, "--rank", str(rank)], env=env) for rank in range(world)])
+    children = [
+        child_processes.Child([*command, "--rank", str(rank), "--replicas", str(per_rank[rank])], env=env)
+        for rank in range(world)
+    ]
+    return collect(children)
 
 
 def measures(record: dict) -> dict:
@@ -81,6 +87,8 @@ def assert_parity(result: dict, steps: int, tracked: list[int] | None = None) ->
         (3, 2, [2, 6, 0], "shared_memory"),
         (2, 1, [3, 5], "c10d"),
         (3, 2, [2, 6, 0], "c10d"),
+        (3, [2, 1, 3], [4, 5, 3], "shared_memory"),  # machines with different numbers of devices
+        (2, [3, 1], [4, 5], "c10d"),
     ],
 )
 def test_every_rank_matches_one_batchnorm_on_the_global_batch(tmp_path, world, replicas, sizes, transport):
