@@ -66,20 +66,20 @@ def main() -> None:
     release.set()
     thread.join()
     deadline = time.monotonic() + CHILD_SECONDS + 10
-    status = None
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)  # (0, 0) while it runs
         if done:
             break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            _, status = os.waitpid(pid, 0)  # killed: not an exit, so no exit status below
+            break
         time.sleep(0.05)
-    else:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
     # The parent's wrapper goes on as before.
     y, grads = training_step(wrapper, x)
     y_whole, grads_whole = training_step(whole, x)
     parent_error = max((a - b).abs().max().item() for a, b in zip([y, *grads], [y_whole, *grads_whole], strict=True))
-    child = None if status is None or not os.WIFEXITED(status) else os.WEXITSTATUS(status)
+    child = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
     print(json.dumps({"child_exit": child, "parent_error": parent_error}))
 
 

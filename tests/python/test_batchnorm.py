@@ -171,7 +171,7 @@ def test_parity_with_one_batchnorm_on_the_whole_batch(kind, option, replicas, pa
     assert ours._copy_id is None  # the replication hook ran on the replicas only
 
 
-class KernelsOfOtherDevices(TorchDispatchMode):
+class RoutedToOtherDevicesKernels(TorchDispatchMode):
     """Runs every torch.ops.syncbn op with the kernel a CUDA tensor gets (the ATen composite), on the CPU tensors."""
 
     def __init__(self) -> None:
@@ -193,7 +193,7 @@ def test_parity_with_the_kernels_other_devices_run(kind, option, replicas, paral
     options, steps, batch, _ = OPTIONS[option]
     ref, ours = make_pair(kind, **options)
     dp = cpu_dp(ours, replicas, parallel_backward=parallel_backward)
-    kernels = KernelsOfOtherDevices()
+    kernels = RoutedToOtherDevicesKernels()
 
     def forward(x):
         with kernels:  # in the hang guard's thread, which a dispatch mode (thread-local) does not reach

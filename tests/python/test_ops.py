@@ -16,7 +16,6 @@ from torch._C import DispatchKey, DispatchKeySet
 import syncbn_ext  # noqa: F401  (registers torch.ops.syncbn)
 
 ops = torch.ops.syncbn
-OP_NAMES = ("local_stats", "merge_stats", "normalize", "backward_reduce", "backward_elemt")
 
 
 class KernelsOfOtherDevices:
