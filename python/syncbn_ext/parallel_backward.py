@@ -152,6 +152,8 @@ class _ParameterSums:
                 self.totals[index].add_all(grads)
             if grad is None:
                 return None
+            if grad.layout != torch.strided:
+                return torch.zeros_like(grad)  # a sparse gradient (nn.Embedding(sparse=True)): an empty one
             return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
 
         return take

@@ -204,6 +204,27 @@ def test_a_leaf_outside_the_module_gets_its_gradient():
     torch.testing.assert_close(expected, external.grad, rtol=1e-10, atol=1e-10)
 
 
+def test_sparse_gradients_are_summed_as_sparse_gradients():
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Embedding(20, C, sparse=True), nn.Flatten(), nn.Linear(3 * C, C), SynchronizedBatchNorm1d(C)
+    ).double()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 3, parallel_backward=True)
+    indices = torch.randint(0, 20, (9, 3))
+    for _ in range(2):  # the second step adds to the sparse gradient the first left
+        y = call_with_timeout(dp, indices)
+        assert joined(y)
+        grad = torch.randn_like(y)
+        call_with_timeout(y.backward, grad)
+        reference(indices).backward(grad)
+    assert model[0].weight.grad.is_sparse
+    torch.testing.assert_close(
+        model[0].weight.grad.to_dense(), reference[0].weight.grad.to_dense(), rtol=1e-10, atol=1e-10
+    )
+    torch.testing.assert_close(model[2].weight.grad, reference[2].weight.grad, rtol=1e-10, atol=1e-10)
+
+
 class FailingBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
