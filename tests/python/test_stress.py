@@ -22,6 +22,7 @@ from torch import nn
 
 import syncbn_ext
 from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm1d, SynchronizedBatchNorm2d
+from syncbn_ext.parallel_apply import replica_threads_running
 
 BARRIER_TIMEOUT = "60"  # SYNCBN_TIMEOUT: a lost copy fails its barrier after this instead of waiting 300 s
 STALL_TIMEOUT = 90.0  # a guarded loop that makes no progress for this long has deadlocked (> BARRIER_TIMEOUT)
@@ -338,7 +339,6 @@ def check_no_leaks(passes, parallel_backward=None, warmup=200, replicas=4, batch
     model = leak_net(tracker, batch_size)
     dp = DataParallelWithCallback(model, device_ids=["cpu"] * replicas, parallel_backward=parallel_backward)
     x = torch.randn(batch_size, 4, dtype=torch.float64)
-    threads_before = threading.active_count()
 
     def train(count):
         def loop(tick):
@@ -348,12 +348,14 @@ def check_no_leaks(passes, parallel_backward=None, warmup=200, replicas=4, batch
 
         return loop
 
-    run_guarded(train(warmup))
+    run_guarded(train(warmup))  # also starts the pool's persistent workers, if this is the process's first wrapper
     before = rss()
+    threads_before = threading.active_count()
     run_guarded(train(passes))
     growth = rss() - before
     assert growth < limit, f"RSS grew by {growth / MB:.2f} MB over {passes} forward+backward passes"
     assert threading.active_count() == threads_before, "replica threads outlived their forward"
+    assert not replica_threads_running(), "replica threads outlived their forward"
 
     # One more pass of each kind, recording weak references to everything replication makes.
     def forward_backward(tick):
