@@ -71,6 +71,10 @@ void bind_replication_group(py::module_& m) {
           "backward_done", [](const ReplicationGroup& self, int64_t copy_id) { self.backward()->copy_done(copy_id); },
           py::arg("copy_id"), py::call_guard<py::gil_scoped_release>(),
           "Copy `copy_id`'s backward task of this run ended: nobody waits for it any more.")
+      .def("take_merge_roots", &ReplicationGroup::take_merge_roots,
+           "Every copy's merged statistics made through its own merge node in the forward (a parallel backward's), "
+           "by copy; the group keeps none afterwards. A copy's backward task starts from them too, so that it "
+           "reaches every meeting point.")
       .def(
           "abort_backward",
           [](const ReplicationGroup& self, const std::string& reason) { self.backward()->close(reason); },

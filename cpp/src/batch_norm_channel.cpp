@@ -147,6 +147,10 @@ std::shared_ptr<ReplicaBackward> BatchNormChannel::backward() const {
   return group ? group->backward() : nullptr;
 }
 
+void BatchNormChannel::keep_merge_roots(const at::Tensor& merged_mean, const at::Tensor& merged_var) const {
+  if (auto group = group_.lock()) group->keep_merge_roots(copy_id_, {merged_mean, merged_var});
+}
+
 void BatchNormChannel::close(const std::string& reason) const {
   if (auto group = group_.lock()) {
     group->close(reason);

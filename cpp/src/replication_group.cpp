@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include <c10/util/Exception.h>
+
 #include <syncbn/errors.h>
 
 namespace syncbn {
@@ -32,13 +34,33 @@ void ReplicationGroup::abort(const std::string& reason) const {
 
 void ReplicationGroup::close(const std::string& reason) {
   const std::string stated = reason.empty() ? std::string("the replication was closed") : reason;
+  std::vector<std::vector<at::Tensor>> unused_roots;  // freed unlocked: freeing a graph may need the GIL
   {
     std::lock_guard<std::mutex> commit_lock(commit_mutex_);  // waits for a write in progress
     std::lock_guard<std::mutex> lock(mutex_);
     if (!reason_.empty()) return;
     reason_ = stated;
+    unused_roots = std::move(merge_roots_);  // no backward will start from them
+    merge_roots_.clear();
   }
   for (const auto& barrier : barriers()) barrier->close(stated);
+}
+
+void ReplicationGroup::keep_merge_roots(int64_t copy_id, std::vector<at::Tensor> outputs) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  TORCH_CHECK_VALUE(copy_id >= 0 && copy_id < copies_, "keep_merge_roots: no copy ", copy_id, " in a replication of ",
+                    copies_);
+  if (!reason_.empty()) return;
+  if (merge_roots_.empty()) merge_roots_.resize(copies_);
+  for (auto& output : outputs) merge_roots_[copy_id].push_back(std::move(output));
+}
+
+std::vector<std::vector<at::Tensor>> ReplicationGroup::take_merge_roots() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<std::vector<at::Tensor>> roots = std::move(merge_roots_);
+  merge_roots_.clear();
+  roots.resize(copies_);
+  return roots;
 }
 
 bool ReplicationGroup::closed() const {

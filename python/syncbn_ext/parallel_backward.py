@@ -275,9 +275,13 @@ class _Plan:
         outputs: list[list[torch.Tensor]],
         views: list[list[torch.Tensor]],
         others: list[list[torch.Tensor]],
+        merges: list[list[torch.Tensor]],
     ) -> None:
         self.group = group
         self.outputs: list[list[torch.Tensor]] | None = outputs
+        self.merges: list[list[torch.Tensor]] | None = (
+            merges  # each copy's merged statistics, leading to its merge nodes (see _BackwardTask)
+        )
         self.views, self.others = views, others
         self.sums = _ParameterSums(views) if views[0] else None
 
@@ -308,13 +312,23 @@ class _BackwardTask:
 
     def __call__(self) -> tuple[torch.Tensor | None, ...]:
         plan, copy_id = self.plan, self.copy_id
-        assert plan.outputs is not None
+        assert plan.outputs is not None and plan.merges is not None
+        # Outputs the loss does not use get no gradient (not zeros: their parameters keep a None gradient, as the
+        # whole batch's would, which optimizers such as Adam tell apart from a zero one). The copy's merge nodes are
+        # roots too (with a zero gradient): every copy must reach each of them, whether or not its outputs lead
+        # there, for the other copies' share of the statistics' gradient to reach its input.
+        roots = [
+            (output, grad) for output, grad in zip(plan.outputs[copy_id], self.grads, strict=True) if grad is not None
+        ]
+        roots += [(merge, torch.zeros_like(merge)) for merge in plan.merges[copy_id]]
         try:
+            if not roots:
+                return (None,) * len(plan.others[copy_id])
             with self.thread_state.applied(), plan.group.replica(copy_id), torch.set_grad_enabled(self.create_graph):
                 grads = torch.autograd.grad(
-                    plan.outputs[copy_id],
+                    [output for output, _ in roots],
                     plan.boundary(copy_id),
-                    self.grads,
+                    [grad for _, grad in roots],
                     retain_graph=self.keep_graph,
                     create_graph=self.create_graph,
                     allow_unused=True,
@@ -356,6 +370,7 @@ class _JoinReplicas(torch.autograd.Function):
     def forward(ctx: Any, plan: _Plan, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.plan = plan
         ctx.boundary_count = len(plan.inputs())
+        ctx.set_materialize_grads(False)  # an output the loss does not use: None, not zeros (see _BackwardTask)
         return tuple(tensors[ctx.boundary_count :])
 
     @staticmethod
@@ -394,7 +409,7 @@ class _JoinReplicas(torch.autograd.Function):
             # Each parameter's summed gradient goes back through replica 0's view (the others' get none).
             param_grads = plan.sums.finish() if plan.sums is not None else []
         if not keep_graph:
-            plan.outputs = None  # the graphs were freed
+            plan.outputs = plan.merges = None  # the graphs were freed
         views = [*param_grads, *([None] * sum(len(v) for v in plan.views[1:]))]
         others = [g for replica_grads in results for g in replica_grads]
         boundary_grads = [*views, *others]
@@ -454,6 +469,7 @@ def join_replicas(
     tag = Replication.of(replicas[0])
     assert tag is not None and tag[0].group is not None and tag[0].group.parallel_backward
     group = tag[0].group
+    merges = group.take_merge_roots()  # first: the group must not keep them (they hold the graph)
     flat = [[t for t in _tensors(output) if t.requires_grad] for output in outputs]
     if not any(flat):
         return list(outputs)
@@ -463,7 +479,7 @@ def join_replicas(
     if not disjoint:
         return None
     others = [_unique([*o, *f]) for o, f in zip(others, foreign, strict=True)]
-    plan = _Plan(group, flat, views, others)
+    plan = _Plan(group, flat, views, others, merges)
     detached = [t.detach() for replica_outputs in flat for t in replica_outputs]
     joined = iter(_JoinReplicas.apply(plan, *plan.inputs(), *detached))
     replacements = {id(t): next(joined) for replica_outputs in flat for t in replica_outputs}

@@ -225,6 +225,58 @@ def test_sparse_gradients_are_summed_as_sparse_gradients():
     torch.testing.assert_close(model[2].weight.grad, reference[2].weight.grad, rtol=1e-10, atol=1e-10)
 
 
+class ChosenHead(nn.Module):
+    """A synchronized layer whose output only the replicas with a positive first value use (the others' head reads
+    the layer's input); optionally a second output, from a second head on the layer's output."""
+
+    def __init__(self, second_output):
+        super().__init__()
+        self.linear = nn.Linear(C, C)
+        self.norm = SynchronizedBatchNorm1d(C)
+        self.head = nn.Linear(C, 2)
+        self.second_head = nn.Linear(C, 2)
+        self.second_output = second_output
+
+    def forward(self, x):
+        z = self.linear(x)
+        y = self.norm(z)
+        head = self.head(y if x[0, 0] > 0 else z)
+        return (head, self.second_head(y)) if self.second_output else head
+
+    def reference(self, x, replicas):
+        """The whole batch through the same layers, each replica's slice choosing its head's input alike."""
+        z = self.linear(x)
+        y = self.norm(z)
+        chosen = [
+            ys if xs[0, 0] > 0 else zs
+            for xs, ys, zs in zip(x.chunk(replicas), y.chunk(replicas), z.chunk(replicas), strict=True)
+        ]
+        return self.head(torch.cat(chosen))
+
+
+@pytest.mark.parametrize("parallel_backward", [True, False])
+@pytest.mark.parametrize("second_output", [False, True], ids=["one_output", "unused_second_output"])
+def test_what_the_loss_does_not_use(parallel_backward, second_output):
+    # Replica 0's loss does not depend on the layer's output, but its input is in the whole batch's statistics,
+    # which the other replicas' losses depend on: it gets that gradient. A second output the loss does not use
+    # leaves its parameters' gradients None (not zeros, which an optimizer such as Adam would apply).
+    torch.manual_seed(5)
+    model = ChosenHead(second_output).double()
+    reference = copy.deepcopy(model)
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 3, parallel_backward=parallel_backward)
+    x = torch.randn(9, C, dtype=torch.float64)
+    x[0, 0], x[3, 0], x[6, 0] = -1.0, 1.0, -1.0
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    output = call_with_timeout(dp, x_ours)
+    head = output[0] if second_output else output
+    grad = torch.randn_like(head)
+    call_with_timeout(head.backward, grad)
+    reference.reference(x_ref, 3).backward(grad)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
+    assert model.second_head.weight.grad is None and model.second_head.bias.grad is None
+    assert_grads_equal(model, syncbn_ext.revert_model(reference))
+
+
 class FailingBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):

@@ -68,6 +68,17 @@ class SYNCBN_API ReplicationGroup {
   // Throws BarrierAbortedError, naming `what` was refused, if closed.
   void check_alive(const std::string& what) const;
 
+  // A parallel backward's merge of one synchronized call by copy `copy_id`:
+  // `outputs` lead to its merge node. Kept until take_merge_roots (none once
+  // closed): the copy's backward task starts from them too, so that it reaches
+  // every meeting point its forward made, also where its outputs do not lead
+  // there (the layer's output unused by that copy), and the other copies' share
+  // of the statistics' gradient reaches its input.
+  void keep_merge_roots(int64_t copy_id, std::vector<at::Tensor> outputs);
+  // The kept roots by copy, in the order each copy's forward made them; the
+  // group keeps none afterwards (they hold the graph, which must not hold the group).
+  std::vector<std::vector<at::Tensor>> take_merge_roots();
+
  private:
   [[noreturn]] void throw_closed(const std::string& what) const;
 
@@ -77,6 +88,7 @@ class SYNCBN_API ReplicationGroup {
   mutable std::mutex mutex_;  // barriers_, reason_
   std::vector<std::shared_ptr<SyncMaster>> barriers_;
   mutable std::mutex commit_mutex_;  // held by commit() and close(): no write runs across a close
+  std::vector<std::vector<at::Tensor>> merge_roots_;  // by copy; guarded by mutex_
   std::string reason_;  // closed when not empty; written holding both mutexes, so read holding either
 };
 
