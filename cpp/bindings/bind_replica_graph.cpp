@@ -25,6 +25,17 @@ void bind_replica_graph(py::module_& m) {
       "(disjoint, foreign_leaves): whether the replicas' graphs, cut at their boundaries, share no node, and the "
       "leaves each reaches outside its boundary.");
   m.def(
+      "reaches",
+      [](const std::vector<at::Tensor>& starts, const std::vector<std::optional<at::Tensor>>& targets,
+         const std::vector<at::Tensor>& boundary) {
+        std::vector<at::Tensor> defined;
+        for (const auto& target : targets) defined.push_back(target.value_or(at::Tensor()));
+        py::gil_scoped_release no_gil;
+        return reaches(starts, defined, boundary);
+      },
+      py::arg("starts"), py::arg("targets"), py::arg("boundary"),
+      "Per target (None: never): whether a backward from `starts` reaches its grad_fn, not walking past `boundary`.");
+  m.def(
       "peek_sequence_number", [] { return at::sequence_number::peek(); },
       "The calling thread's next autograd sequence number.");
   m.def(

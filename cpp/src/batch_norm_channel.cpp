@@ -148,7 +148,10 @@ std::shared_ptr<ReplicaBackward> BatchNormChannel::backward() const {
 }
 
 void BatchNormChannel::keep_merge_roots(const at::Tensor& merged_mean, const at::Tensor& merged_var) const {
-  if (auto group = group_.lock()) group->keep_merge_roots(copy_id_, {merged_mean, merged_var});
+  if (auto group = group_.lock()) {
+    const bool graph = merged_mean.requires_grad();  // else undefined: the calls stay aligned across copies
+    group->keep_merge_roots(copy_id_, {graph ? merged_mean : at::Tensor(), graph ? merged_var : at::Tensor()});
+  }
 }
 
 void BatchNormChannel::close(const std::string& reason) const {

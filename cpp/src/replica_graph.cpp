@@ -48,4 +48,37 @@ ReplicaGraphs analyze_replica_graphs(const std::vector<std::vector<at::Tensor>>&
   return result;
 }
 
+std::vector<bool> reaches(const std::vector<at::Tensor>& starts, const std::vector<at::Tensor>& targets,
+                          const std::vector<at::Tensor>& boundary) {
+  using torch::autograd::Node;
+  std::unordered_map<const Node*, std::vector<size_t>> wanted;  // node -> the targets it stands for
+  for (size_t i = 0; i < targets.size(); ++i) {
+    if (!targets[i].defined()) continue;
+    if (const auto& fn = torch::autograd::impl::gradient_edge(targets[i]).function) wanted[fn.get()].push_back(i);
+  }
+  std::vector<bool> reached(targets.size(), false);
+  size_t left = wanted.size();
+  std::unordered_set<const Node*> stop;
+  for (const auto& tensor : boundary) {
+    if (tensor.defined() && tensor.requires_grad()) stop.insert(torch::autograd::impl::gradient_edge(tensor).function.get());
+  }
+  std::vector<Node*> pending;
+  for (const auto& tensor : starts) {
+    if (!tensor.defined() || !tensor.requires_grad()) continue;
+    if (const auto& fn = torch::autograd::impl::gradient_edge(tensor).function) pending.push_back(fn.get());
+  }
+  std::unordered_set<const Node*> visited;
+  while (!pending.empty() && left > 0) {
+    Node* node = pending.back();
+    pending.pop_back();
+    if (node == nullptr || stop.count(node) != 0 || !visited.insert(node).second) continue;
+    if (auto it = wanted.find(node); it != wanted.end()) {
+      for (size_t i : it->second) reached[i] = true;
+      --left;
+    }
+    for (const auto& edge : node->next_edges()) pending.push_back(edge.function.get());
+  }
+  return reached;
+}
+
 }  // namespace syncbn

@@ -111,7 +111,7 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
     std::tie(merged.mean, merged.var) =
         detail::replica_merge(channel->copy_id(), local[0], local[1], count, merged, channel->backward(),
                               std::static_pointer_cast<ReplicaBackward::Point>(result.payload), std::move(call));
-    if (merged.mean.requires_grad()) channel->keep_merge_roots(merged.mean, merged.var);
+    channel->keep_merge_roots(merged.mean, merged.var);  // (without a graph: a call the backward never meets at)
   }
   const bool update_stats = merged.total > 0 && running_mean.has_value() && running_mean->defined() &&
                             running_var.has_value() && running_var->defined();

@@ -275,18 +275,47 @@ class _Plan:
         outputs: list[list[torch.Tensor]],
         views: list[list[torch.Tensor]],
         others: list[list[torch.Tensor]],
-        merges: list[list[torch.Tensor]],
+        merges: list[list[torch.Tensor | None]],
     ) -> None:
         self.group = group
         self.outputs: list[list[torch.Tensor]] | None = outputs
-        self.merges: list[list[torch.Tensor]] | None = (
-            merges  # each copy's merged statistics, leading to its merge nodes (see _BackwardTask)
-        )
+        # Per copy, each synchronized call's merged (mean, var), leading to its merge node (None without a graph).
+        self.merges: list[list[torch.Tensor | None]] | None = merges
         self.views, self.others = views, others
         self.sums = _ParameterSums(views) if views[0] else None
 
     def boundary(self, copy_id: int) -> list[torch.Tensor]:
         return [*self.views[copy_id], *self.others[copy_id]]
+
+    def meeting_roots(self, starts: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        """Per copy, the merged statistics of the synchronized calls whose merge some copy's backward from ``starts``
+        reaches (directly, or below another such call), for every copy to start from too: each meets there, and the
+        other copies' share of the statistics' gradient reaches its input even where its own outputs do not lead there
+        (the layer's output unused by that copy). A call no copy reaches is left out, so that parameters only it
+        leads to keep a None gradient, as in the whole batch's backward."""
+        assert self.merges is not None
+        merges = self.merges
+        calls = len(merges[0]) // 2
+        if any(len(m) != 2 * calls for m in merges):  # every copy made the same calls; should that fail, all of them
+            return [[t for t in m if t is not None] for m in merges]
+
+        def roots(needed: list[bool]) -> list[list[torch.Tensor]]:
+            return [
+                [t for call in range(calls) if needed[call] for t in m[2 * call : 2 * call + 2] if t is not None]
+                for m in merges
+            ]
+
+        needed = [False] * calls
+        search = starts
+        while True:
+            found = list(needed)
+            for copy_id, copy_merges in enumerate(merges):
+                reached = _C.reaches(search[copy_id], copy_merges[0::2], self.boundary(copy_id))
+                found = [f or r for f, r in zip(found, reached, strict=True)]
+            if found == needed or all(found):
+                return roots(found)
+            needed = found
+            search = [[*s, *r] for s, r in zip(starts, roots(needed), strict=True)]
 
     def inputs(self) -> list[torch.Tensor]:
         """The joining node's boundary inputs: every replica's parameter views, then every replica's others."""
@@ -302,25 +331,25 @@ class _BackwardTask:
         plan: _Plan,
         copy_id: int,
         grads: Sequence[torch.Tensor],
+        merges: list[torch.Tensor],
         keep_graph: bool,
         create_graph: bool,
         thread_state: Any,
     ) -> None:
-        self.plan, self.copy_id, self.grads = plan, copy_id, grads
+        self.plan, self.copy_id, self.grads, self.merges = plan, copy_id, grads, merges
         self.keep_graph, self.create_graph = keep_graph, create_graph
         self.thread_state = thread_state  # the backward's thread's (the profiler, dispatch modes...)
 
     def __call__(self) -> tuple[torch.Tensor | None, ...]:
         plan, copy_id = self.plan, self.copy_id
-        assert plan.outputs is not None and plan.merges is not None
+        assert plan.outputs is not None
         # Outputs the loss does not use get no gradient (not zeros: their parameters keep a None gradient, as the
-        # whole batch's would, which optimizers such as Adam tell apart from a zero one). The copy's merge nodes are
-        # roots too (with a zero gradient): every copy must reach each of them, whether or not its outputs lead
-        # there, for the other copies' share of the statistics' gradient to reach its input.
+        # whole batch's would, which optimizers such as Adam tell apart from a zero one); the meeting points the
+        # copy must reach are roots too, with a zero gradient (see _Plan.meeting_roots).
         roots = [
             (output, grad) for output, grad in zip(plan.outputs[copy_id], self.grads, strict=True) if grad is not None
         ]
-        roots += [(merge, torch.zeros_like(merge)) for merge in plan.merges[copy_id]]
+        roots += [(merge, torch.zeros_like(merge)) for merge in self.merges]
         try:
             if not roots:
                 return (None,) * len(plan.others[copy_id])
@@ -386,13 +415,23 @@ class _JoinReplicas(torch.autograd.Function):
         # gradients coming in have none), else none and a second backward through them fails (see the module).
         create_graph = torch.is_grad_enabled()
         once_differentiable = create_graph and any(g is not None and g.requires_grad for g in grads)
-        tasks, offset = [], 0
-        thread_state = _C.ThreadLocalState()
-        for copy_id, outputs in enumerate(plan.outputs):
-            replica_grads = grads[offset : offset + len(outputs)]
-            task_graph = create_graph and not once_differentiable
-            tasks.append(_BackwardTask(plan, copy_id, replica_grads, keep_graph, task_graph, thread_state))
+        per_copy, offset = [], 0
+        for outputs in plan.outputs:
+            per_copy.append(grads[offset : offset + len(outputs)])
             offset += len(outputs)
+        used = [
+            [output for output, grad in zip(outputs, copy_grads, strict=True) if grad is not None]
+            for outputs, copy_grads in zip(plan.outputs, per_copy, strict=True)
+        ]
+        meeting_roots = plan.meeting_roots(used)
+        thread_state = _C.ThreadLocalState()
+        task_graph = create_graph and not once_differentiable
+        tasks = [
+            _BackwardTask(
+                plan, copy_id, per_copy[copy_id], meeting_roots[copy_id], keep_graph, task_graph, thread_state
+            )
+            for copy_id in range(len(plan.outputs))
+        ]
         replicas = len(tasks)
         plan.group.begin_backward()
         if plan.sums is not None:

@@ -227,14 +227,15 @@ def test_sparse_gradients_are_summed_as_sparse_gradients():
 
 class ChosenHead(nn.Module):
     """A synchronized layer whose output only the replicas with a positive first value use (the others' head reads
-    the layer's input); optionally a second output, from a second head on the layer's output."""
+    the layer's input); optionally a second output, from a second head (with a synchronized layer of its own) on the
+    layer's output."""
 
     def __init__(self, second_output):
         super().__init__()
         self.linear = nn.Linear(C, C)
         self.norm = SynchronizedBatchNorm1d(C)
         self.head = nn.Linear(C, 2)
-        self.second_head = nn.Linear(C, 2)
+        self.second_head = nn.Sequential(nn.Linear(C, C), SynchronizedBatchNorm1d(C), nn.Linear(C, 2))
         self.second_output = second_output
 
     def forward(self, x):
@@ -259,7 +260,8 @@ class ChosenHead(nn.Module):
 def test_what_the_loss_does_not_use(parallel_backward, second_output):
     # Replica 0's loss does not depend on the layer's output, but its input is in the whole batch's statistics,
     # which the other replicas' losses depend on: it gets that gradient. A second output the loss does not use
-    # leaves its parameters' gradients None (not zeros, which an optimizer such as Adam would apply).
+    # leaves its parameters' gradients None (not zeros, which an optimizer such as Adam would apply), also those
+    # below its synchronized layer.
     torch.manual_seed(5)
     model = ChosenHead(second_output).double()
     reference = copy.deepcopy(model)
@@ -273,7 +275,7 @@ def test_what_the_loss_does_not_use(parallel_backward, second_output):
     call_with_timeout(head.backward, grad)
     reference.reference(x_ref, 3).backward(grad)
     torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
-    assert model.second_head.weight.grad is None and model.second_head.bias.grad is None
+    assert all(p.grad is None for p in model.second_head.parameters())
     assert_grads_equal(model, syncbn_ext.revert_model(reference))
 
 

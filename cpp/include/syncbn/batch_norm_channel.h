@@ -64,9 +64,9 @@ class SYNCBN_API BatchNormChannel {
   int64_t copy_id() const { return copy_id_; }
   // The replication's backward (null for a channel made without a group).
   std::shared_ptr<ReplicaBackward> backward() const;
-  // This copy's merged statistics of a call, made through its own merge node for a
-  // parallel backward: kept by the group for the copy's backward task
-  // (ReplicationGroup::keep_merge_roots).
+  // This copy's merged statistics of a call in a replication made for a parallel
+  // backward (through its own merge node, when they have a graph): kept by the
+  // group for the copy's backward task (ReplicationGroup::keep_merge_roots).
   void keep_merge_roots(const at::Tensor& merged_mean, const at::Tensor& merged_var) const;
   // The replication's barrier.
   const std::shared_ptr<SyncMaster>& master() const { return master_; }

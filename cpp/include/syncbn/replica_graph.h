@@ -26,4 +26,10 @@ struct ReplicaGraphs {
 SYNCBN_API ReplicaGraphs analyze_replica_graphs(const std::vector<std::vector<at::Tensor>>& outputs,
                                                 const std::vector<std::vector<at::Tensor>>& boundaries);
 
+// Which of `targets` (undefined, or tensors with a grad_fn) a backward from
+// `starts` would reach: whether each target's node is on the starts' graph, cut
+// at `boundary` (whose nodes are not walked).
+SYNCBN_API std::vector<bool> reaches(const std::vector<at::Tensor>& starts, const std::vector<at::Tensor>& targets,
+                                     const std::vector<at::Tensor>& boundary);
+
 }  // namespace syncbn

@@ -69,14 +69,15 @@ class SYNCBN_API ReplicationGroup {
   void check_alive(const std::string& what) const;
 
   // A parallel backward's merge of one synchronized call by copy `copy_id`:
-  // `outputs` lead to its merge node. Kept until take_merge_roots (none once
-  // closed): the copy's backward task starts from them too, so that it reaches
-  // every meeting point its forward made, also where its outputs do not lead
-  // there (the layer's output unused by that copy), and the other copies' share
-  // of the statistics' gradient reaches its input.
+  // `outputs` lead to its merge node (undefined where the call has no graph).
+  // Kept until take_merge_roots (none once closed): a copy whose outputs do not
+  // lead to a meeting point that other copies' do (the layer's output unused by
+  // that copy) starts its backward task from there too, so that the other
+  // copies' share of the statistics' gradient reaches its input.
   void keep_merge_roots(int64_t copy_id, std::vector<at::Tensor> outputs);
-  // The kept roots by copy, in the order each copy's forward made them; the
-  // group keeps none afterwards (they hold the graph, which must not hold the group).
+  // The kept roots by copy, in the order each copy's forward made them (the
+  // same calls for every copy); the group keeps none afterwards (they hold the
+  // graph, which must not hold the group).
   std::vector<std::vector<at::Tensor>> take_merge_roots();
 
  private:
