@@ -154,4 +154,18 @@ TEST(Replicate, TheReplicasGradientsReachTheOriginalAsSoonAsEveryReplicaGaveIts)
   EXPECT_TRUE(torch::allclose(linear->weight.grad(), expected));
 }
 
+TEST(ReplicaGraph, ReachesTellsWhichTargetsABackwardFromTheStartsMeets) {
+  at::Tensor leaf = torch::randn({3}, torch::requires_grad());
+  at::Tensor past = leaf * 2;         // below the boundary: reached only without it
+  at::Tensor boundary = past.exp();   // the walk stops at its node
+  at::Tensor on_the_way = boundary.sin();
+  at::Tensor start = on_the_way.cos();
+  at::Tensor beside = boundary.tanh();  // another branch up from the boundary: never walked
+  at::Tensor no_graph = torch::ones({3});
+  EXPECT_EQ(syncbn::reaches({start}, {on_the_way, past, beside, at::Tensor(), no_graph, start}, {boundary}),
+            (std::vector<bool>{true, false, false, false, false, true}));
+  EXPECT_EQ(syncbn::reaches({start}, {past, beside}, {}), (std::vector<bool>{true, false}));
+  EXPECT_EQ(syncbn::reaches({}, {on_the_way}, {}), (std::vector<bool>{false}));
+}
+
 }  // namespace
