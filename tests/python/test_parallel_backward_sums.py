@@ -97,9 +97,9 @@ def fresh(*values):
 
 
 def test_the_first_sum_goes_into_a_gradient_nobody_else_holds():
-    from syncbn_ext.parallel_backward import _Total
+    from syncbn_ext.parameter_sums import Total
 
-    total = _Total()
+    total = Total()
     total.add(fresh(1.0, 2.0))
     first = total.value
     first_ptr = first.data_ptr()
@@ -110,7 +110,7 @@ def test_the_first_sum_goes_into_a_gradient_nobody_else_holds():
     # Or into the addend, when the first is held elsewhere: the same bits as first + addend.
     a, b = torch.randn(1000), torch.randn(1000)
     expected, a_before = a + b, a.clone()
-    total = _Total()
+    total = Total()
     total.add(a)  # the caller keeps `a`
     addend = b.clone()
     addend_ptr = addend.data_ptr()
@@ -131,9 +131,9 @@ def test_the_first_sum_goes_into_a_gradient_nobody_else_holds():
     ],
 )
 def test_the_sums_never_write_a_gradient_that_cannot_take_it(make):
-    from syncbn_ext.parallel_backward import _Total
+    from syncbn_ext.parameter_sums import Total
 
-    total = _Total()
+    total = Total()
     total.add(make())
     held = total.value
     snapshot = held.detach().clone()
@@ -145,11 +145,11 @@ def test_the_sums_never_write_a_gradient_that_cannot_take_it(make):
 
 
 def test_the_sums_never_write_a_tensor_sharing_its_memory():
-    from syncbn_ext.parallel_backward import _Total
+    from syncbn_ext.parameter_sums import Total
 
     base = torch.zeros(4)
     alias = base.view(2, 2)  # keeps base's memory shared
-    total = _Total()
+    total = Total()
     total.add(base)
     base = None
     total.add(torch.ones(4))
@@ -181,9 +181,9 @@ class Probed(nn.Module):
 def test_parameter_gradients_are_summed_while_the_backward_goes_on(monkeypatch, replicas):
     # Autograd runs the most recently created ready node first: a replica's handle on a parameter, made before the
     # forward, must not wait for the end of the backward (keeping every gradient alive until then).
-    from syncbn_ext import parallel_backward
+    from syncbn_ext import parameter_sums
 
-    take_for = parallel_backward._ParameterSums._hook
+    take_for = parameter_sums.ParameterSums._hook
 
     def logging_hook(self, index, replica):
         take = take_for(self, index, replica)
@@ -195,7 +195,7 @@ def test_parameter_gradients_are_summed_while_the_backward_goes_on(monkeypatch, 
 
         return logged
 
-    monkeypatch.setattr(parallel_backward._ParameterSums, "_hook", logging_hook)
+    monkeypatch.setattr(parameter_sums.ParameterSums, "_hook", logging_hook)
     torch.manual_seed(7)
     model = nn.Sequential(
         Probed(), nn.Linear(C, C), SynchronizedBatchNorm1d(C), nn.ReLU(), nn.Linear(C, C), SynchronizedBatchNorm1d(C)
