@@ -9,9 +9,30 @@
 
 namespace syncbn {
 
+namespace {
+
+using torch::autograd::Node;
+
+// The nodes a backward reaches `tensors` by (their grad_fn, or a leaf's gradient accumulator), for those that
+// require grad.
+std::vector<Node*> gradient_nodes(const std::vector<at::Tensor>& tensors) {
+  std::vector<Node*> nodes;
+  for (const auto& tensor : tensors) {
+    if (!tensor.defined() || !tensor.requires_grad()) continue;
+    if (auto fn = torch::autograd::impl::gradient_edge(tensor).function) nodes.push_back(fn.get());
+  }
+  return nodes;
+}
+
+std::unordered_set<const Node*> boundary_nodes(const std::vector<at::Tensor>& boundary) {
+  const std::vector<Node*> nodes = gradient_nodes(boundary);
+  return {nodes.begin(), nodes.end()};
+}
+
+}  // namespace
+
 ReplicaGraphs analyze_replica_graphs(const std::vector<std::vector<at::Tensor>>& outputs,
                                      const std::vector<std::vector<at::Tensor>>& boundaries) {
-  using torch::autograd::Node;
   const size_t replicas = outputs.size();
   TORCH_CHECK_VALUE(boundaries.size() == replicas, "analyze_replica_graphs: ", replicas, " replicas' outputs but ",
                     boundaries.size(), " boundaries");
@@ -19,15 +40,8 @@ ReplicaGraphs analyze_replica_graphs(const std::vector<std::vector<at::Tensor>>&
   result.foreign_leaves.resize(replicas);
   std::unordered_map<const Node*, size_t> owner;  // non-leaf node -> the replica that reached it first
   for (size_t replica = 0; replica < replicas; ++replica) {
-    std::unordered_set<const Node*> stop;
-    for (const auto& tensor : boundaries[replica]) {
-      if (tensor.defined() && tensor.requires_grad()) stop.insert(torch::autograd::impl::gradient_edge(tensor).function.get());
-    }
-    std::vector<Node*> pending;
-    for (const auto& tensor : outputs[replica]) {
-      if (!tensor.defined() || !tensor.requires_grad()) continue;
-      if (auto fn = torch::autograd::impl::gradient_edge(tensor).function) pending.push_back(fn.get());
-    }
+    const std::unordered_set<const Node*> stop = boundary_nodes(boundaries[replica]);
+    std::vector<Node*> pending = gradient_nodes(outputs[replica]);
     std::unordered_set<const Node*> visited;
     while (!pending.empty()) {
       Node* node = pending.back();
@@ -50,23 +64,15 @@ ReplicaGraphs analyze_replica_graphs(const std::vector<std::vector<at::Tensor>>&
 
 std::vector<bool> reaches(const std::vector<at::Tensor>& starts, const std::vector<at::Tensor>& targets,
                           const std::vector<at::Tensor>& boundary) {
-  using torch::autograd::Node;
   std::unordered_map<const Node*, std::vector<size_t>> wanted;  // node -> the targets it stands for
   for (size_t i = 0; i < targets.size(); ++i) {
     if (!targets[i].defined()) continue;
-    if (const auto& fn = torch::autograd::impl::gradient_edge(targets[i]).function) wanted[fn.get()].push_back(i);
+    if (auto fn = torch::autograd::impl::gradient_edge(targets[i]).function) wanted[fn.get()].push_back(i);
   }
   std::vector<bool> reached(targets.size(), false);
   size_t left = wanted.size();
-  std::unordered_set<const Node*> stop;
-  for (const auto& tensor : boundary) {
-    if (tensor.defined() && tensor.requires_grad()) stop.insert(torch::autograd::impl::gradient_edge(tensor).function.get());
-  }
-  std::vector<Node*> pending;
-  for (const auto& tensor : starts) {
-    if (!tensor.defined() || !tensor.requires_grad()) continue;
-    if (const auto& fn = torch::autograd::impl::gradient_edge(tensor).function) pending.push_back(fn.get());
-  }
+  const std::unordered_set<const Node*> stop = boundary_nodes(boundary);
+  std::vector<Node*> pending = gradient_nodes(starts);
   std::unordered_set<const Node*> visited;
   while (!pending.empty() && left > 0) {
     Node* node = pending.back();

@@ -122,23 +122,22 @@ class _Plan:
         (the layer's output unused by that copy). A call no copy reaches is left out, so that parameters only it
         leads to keep a None gradient, as in the whole batch's backward."""
         assert self.merges is not None
-        merges = self.merges
-        calls = len(merges[0]) // 2
-        if any(len(m) != 2 * calls for m in merges):  # every copy made the same calls; should that fail, all of them
-            return [[t for t in m if t is not None] for m in merges]
+        calls = [list(zip(m[0::2], m[1::2], strict=True)) for m in self.merges]  # per copy, (mean, var) per call
+        if len({len(c) for c in calls}) != 1:  # every copy made the same calls; should that fail, all of them
+            return [[t for t in m if t is not None] for m in self.merges]
 
         def roots(needed: list[bool]) -> list[list[torch.Tensor]]:
             return [
-                [t for call in range(calls) if needed[call] for t in m[2 * call : 2 * call + 2] if t is not None]
-                for m in merges
+                [t for call, pair in zip(needed, copy_calls, strict=True) if call for t in pair if t is not None]
+                for copy_calls in calls
             ]
 
-        needed = [False] * calls
+        needed = [False] * len(calls[0])
         search = starts
         while True:
             found = list(needed)
-            for copy_id, copy_merges in enumerate(merges):
-                reached = _C.reaches(search[copy_id], copy_merges[0::2], self.boundary(copy_id))
+            for copy_id, copy_calls in enumerate(calls):
+                reached = _C.reaches(search[copy_id], [mean for mean, _ in copy_calls], self.boundary(copy_id))
                 found = [f or r for f, r in zip(found, reached, strict=True)]
             if found == needed or all(found):
                 return roots(found)
@@ -158,34 +157,26 @@ class _BackwardTask:
         self,
         plan: _Plan,
         copy_id: int,
-        grads: Sequence[torch.Tensor],
-        merges: list[torch.Tensor],
+        roots: list[tuple[torch.Tensor, torch.Tensor]],
         keep_graph: bool,
         create_graph: bool,
         thread_state: Any,
     ) -> None:
-        self.plan, self.copy_id, self.grads, self.merges = plan, copy_id, grads, merges
+        self.plan, self.copy_id = plan, copy_id
+        self.roots = roots  # (tensor, its gradient): where this copy's backward starts
         self.keep_graph, self.create_graph = keep_graph, create_graph
         self.thread_state = thread_state  # the backward's thread's (the profiler, dispatch modes...)
 
     def __call__(self) -> tuple[torch.Tensor | None, ...]:
         plan, copy_id = self.plan, self.copy_id
-        assert plan.outputs is not None
-        # Outputs the loss does not use get no gradient (not zeros: their parameters keep a None gradient, as the
-        # whole batch's would, which optimizers such as Adam tell apart from a zero one); the meeting points the
-        # copy must reach are roots too, with a zero gradient (see _Plan.meeting_roots).
-        roots = [
-            (output, grad) for output, grad in zip(plan.outputs[copy_id], self.grads, strict=True) if grad is not None
-        ]
-        roots += [(merge, torch.zeros_like(merge)) for merge in self.merges]
         try:
-            if not roots:
+            if not self.roots:
                 return (None,) * len(plan.others[copy_id])
             with self.thread_state.applied(), plan.group.replica(copy_id), torch.set_grad_enabled(self.create_graph):
                 grads = torch.autograd.grad(
-                    [output for output, _ in roots],
+                    [root for root, _ in self.roots],
                     plan.boundary(copy_id),
-                    [grad for _, grad in roots],
+                    [grad for _, grad in self.roots],
                     retain_graph=self.keep_graph,
                     create_graph=self.create_graph,
                     allow_unused=True,
@@ -243,22 +234,27 @@ class _JoinReplicas(torch.autograd.Function):
         # gradients coming in have none), else none and a second backward through them fails (see the module).
         create_graph = torch.is_grad_enabled()
         once_differentiable = create_graph and any(g is not None and g.requires_grad for g in grads)
-        per_copy, offset = [], 0
+        # Outputs the loss does not use get no gradient (not zeros: their parameters keep a None gradient, as the
+        # whole batch's would, which optimizers such as Adam tell apart from a zero one); the meeting points each
+        # copy must reach are roots too, with a zero gradient (see _Plan.meeting_roots).
+        used, offset = [], 0
         for outputs in plan.outputs:
-            per_copy.append(grads[offset : offset + len(outputs)])
+            copy_grads = grads[offset : offset + len(outputs)]
+            used.append([(output, g) for output, g in zip(outputs, copy_grads, strict=True) if g is not None])
             offset += len(outputs)
-        used = [
-            [output for output, grad in zip(outputs, copy_grads, strict=True) if grad is not None]
-            for outputs, copy_grads in zip(plan.outputs, per_copy, strict=True)
-        ]
-        meeting_roots = plan.meeting_roots(used)
+        meeting_roots = plan.meeting_roots([[output for output, _ in copy_used] for copy_used in used])
         thread_state = _C.ThreadLocalState()
         task_graph = create_graph and not once_differentiable
         tasks = [
             _BackwardTask(
-                plan, copy_id, per_copy[copy_id], meeting_roots[copy_id], keep_graph, task_graph, thread_state
+                plan,
+                copy_id,
+                [*copy_used, *((merge, torch.zeros_like(merge)) for merge in copy_merges)],
+                keep_graph,
+                task_graph,
+                thread_state,
             )
-            for copy_id in range(len(plan.outputs))
+            for copy_id, (copy_used, copy_merges) in enumerate(zip(used, meeting_roots, strict=True))
         ]
         replicas = len(tasks)
         plan.group.begin_backward()
