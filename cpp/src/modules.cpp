@@ -26,9 +26,9 @@ void BatchNormSyncState::finish() const {
   if (channel_) channel_->finish();
 }
 
-LayerSync BatchNormSyncState::layer_sync() const {
+LayerSync BatchNormSyncState::layer_sync(bool training) const {
   const std::string name = channel_ ? name_ : "syncbn::SyncBatchNorm #" + std::to_string(layer_id_);
-  return LayerSync{channel_, position_, name, process_group_, layer_id_};
+  return LayerSync{channel_, position_, name, training ? process_group_ : ProcessGroupPtr(), layer_id_};
 }
 
 torch::Tensor sync_batch_norm_module_forward(const torch::Tensor& input, const torch::nn::BatchNormOptions& options,
@@ -48,7 +48,7 @@ torch::Tensor sync_batch_norm_module_forward(const torch::Tensor& input, const t
                                update_running_stats ? optional(running_mean) : std::nullopt,
                                update_running_stats ? optional(running_var) : std::nullopt,
                                count_batch ? optional(num_batches_tracked) : std::nullopt, factor, options.eps(),
-                               EpsMode::Plus, state.layer_sync());
+                               EpsMode::Plus, state.layer_sync(training));
 }
 
 void check_batch_norm_input_dim(const torch::Tensor& input, size_t D) {

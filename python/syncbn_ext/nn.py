@@ -195,15 +195,19 @@ class _SynchronizedBatchNorm(_BatchNorm):
         Follows ``nn.BatchNorm.forward``: batch statistics are used in training mode and in eval mode when
         the running statistics are ``None``; the running statistics (and ``num_batches_tracked``) are updated
         in training mode when ``track_running_stats`` is set, by copy 0 (which holds the buffers), once the merged
-        statistics arrived. Inside backward (``torch.utils.checkpoint(..., use_reentrant=False)`` recomputing a
-        block), a replica reuses its original call's statistics and updates nothing.
+        statistics arrived. Across the process group (:meth:`sync_group`) only in training mode, as
+        ``torch.nn.SyncBatchNorm``: in eval mode the batch statistics are those of this process's replicas.
+        Inside backward (``torch.utils.checkpoint(..., use_reentrant=False)`` recomputing a block), a replica
+        reuses its original call's statistics and updates nothing.
         """
         if isinstance(input, torch.fx.Proxy):
             return _traced_as_a_leaf(self, input)
         copy_id = self.__dict__.get("_copy_id")
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         eps_mode = get_sbn_eps_mode()
-        group = self.sync_group() if use_batch_stats else None
+        # Across processes only in training, as torch.nn.SyncBatchNorm: an eval-mode forward with batch statistics
+        # (track_running_stats=False) normalizes with its process's batch, so evaluating on one rank works.
+        group = self.sync_group() if self.training else None
         if not use_batch_stats or (copy_id is None and eps_mode == "plus" and group is None):
             # Running statistics, or a lone module with nn.BatchNorm's eps: nn.BatchNorm itself.
             return super().forward(input)

@@ -5,7 +5,8 @@
 // replicas over its half of a global batch, with the layers' process group set, and compares with one
 // torch::nn::BatchNorm2d on the whole global batch. Rank 1 starts its second step 3 s late, past the barrier's
 // timeout (SYNCBN_TIMEOUT=2, set for both ranks) but within the group's (60 s): rank 0's replicas must wait for it,
-// since a wait for other ranks is bounded by the group's timeout, not by the barrier's.
+// since a wait for other ranks is bounded by the group's timeout, not by the barrier's. Then an eval-mode forward
+// with batch statistics on rank 0 alone, which must not wait for rank 1 (as torch.nn.SyncBatchNorm's).
 //
 // The group's backend is gloo (c10d::ProcessGroupGloo, compiled into libtorch): torch's wheel ships its header
 // but not gloo's own, which the build takes from the system (Debian: libgloo-dev; only pointers to gloo's types
@@ -101,6 +102,35 @@ int run_rank(int rank, const std::string& store_path) {
     error = std::max(error, max_difference(net->bn->running_var, ref_bn->running_var));
   }
   const bool counted = net->bn->num_batches_tracked.item<int64_t>() == 3;
+
+  // Batch statistics in eval mode (track_running_stats=false) stay within the process, as torch.nn.SyncBatchNorm's
+  // do: rank 0 evaluates alone (its 2 replicas on its own batch) while rank 1 waits at the group's barrier; then
+  // a training forward together, the ranks still in step.
+  const auto replicas = std::vector<torch::Device>(2, torch::kCPU);
+  syncbn::SyncBatchNorm2d untracked(torch::nn::BatchNormOptions(3).track_running_stats(false));
+  torch::nn::BatchNorm2d untracked_ref(torch::nn::BatchNormOptions(3).track_running_stats(false));
+  untracked->to(torch::kDouble);
+  untracked_ref->to(torch::kDouble);
+  untracked->set_process_group(group);
+  torch::manual_seed(200);
+  const auto x_global = torch::randn({8, 3, 4, 4}, torch::kDouble) * 2 + 1;
+  const auto x_rank = x_global.slice(0, rank == 0 ? 0 : sizes[0], rank == 0 ? sizes[0] : 8);
+  if (rank == 0) {
+    torch::NoGradGuard no_grad;
+    untracked->eval();
+    untracked_ref->eval();
+    error = std::max(error, max_difference(syncbn::data_parallel(untracked, x_rank, replicas),
+                                           untracked_ref->forward(x_rank)));
+    untracked->train();
+    untracked_ref->train();
+  }
+  group->barrier()->wait();
+  {
+    torch::NoGradGuard no_grad;
+    const auto y_global = untracked_ref->forward(x_global);
+    error = std::max(error, max_difference(syncbn::data_parallel(untracked, x_rank, replicas),
+                                           y_global.slice(0, rank == 0 ? 0 : sizes[0], rank == 0 ? sizes[0] : 8)));
+  }
   // Both ranks on this host: shared memory, unless SYNCBN_SHARED_MEMORY=0 (the test's second run) keeps every
   // exchange on the group's backend.
   const char* shared_memory = std::getenv("SYNCBN_SHARED_MEMORY");

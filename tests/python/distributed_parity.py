@@ -21,16 +21,19 @@ import syncbn_ext
 C = 3
 
 
-def make_models(layer: str, group: object, momentum: float | None = 0.1) -> tuple[nn.Module, nn.Module]:
+def make_models(
+    layer: str, group: object, momentum: float | None = 0.1, track_running_stats: bool = True
+) -> tuple[nn.Module, nn.Module]:
     """(synchronized model, nn.BatchNorm reference) with the same initial state."""
 
     def norm(plain: bool, dims: int) -> nn.Module:
+        options = {"momentum": momentum, "track_running_stats": track_running_stats}
         if plain:
-            return {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[dims](C, momentum=momentum)
+            return {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[dims](C, **options)
         if layer == "SyncBatchNorm":
-            return syncbn_ext.SyncBatchNorm(C, momentum=momentum, process_group=group)
+            return syncbn_ext.SyncBatchNorm(C, process_group=group, **options)
         cls = {1: syncbn_ext.SynchronizedBatchNorm1d, 2: syncbn_ext.SynchronizedBatchNorm2d}[dims]
-        return cls(C, momentum=momentum, process_group=group)
+        return cls(C, process_group=group, **options)
 
     def build(plain: bool) -> nn.Module:
         torch.manual_seed(0)
@@ -88,7 +91,9 @@ def measure_buffers(errors: dict, model: nn.Module, reference: nn.Module) -> Non
 def with_final_state(errors: dict, model: nn.Module, group: object) -> dict:
     """``errors`` with whether every rank of ``group`` holds the same buffers and each layer's num_batches_tracked."""
     errors["buffers_equal_on_every_rank"] = all(same_on_every_rank(b, group) for b in model.buffers())
-    errors["num_batches_tracked"] = [m.num_batches_tracked.item() for m in model.modules() if hasattr(m, "momentum")]
+    errors["num_batches_tracked"] = [
+        m.num_batches_tracked.item() for m in model.modules() if getattr(m, "num_batches_tracked", None) is not None
+    ]
     return errors
 
 
@@ -368,7 +373,24 @@ def scenario_eval(rank, world, replicas, sizes):
     reference.eval()
     x, _ = global_batch(7, max(sizes[rank], 2))
     with torch.no_grad():
-        return {"output": max_error(wrap(model, replicas)(x), reference(x))}
+        errors = {"output": max_error(wrap(model, replicas)(x), reference(x))}
+    # Batch statistics in eval mode (track_running_stats=False) stay within the process, as torch.nn.SyncBatchNorm's
+    # do: rank 0 evaluates alone (a common validation loop) and its replicas normalize with rank 0's batch, while
+    # the other ranks wait at the barrier. Then a training step together: the ranks are still in step.
+    for layer in ("SyncBatchNorm", "SynchronizedBatchNorm"):
+        group = None if layer == "SyncBatchNorm" else dist.group.WORLD
+        model, reference = make_models(layer, group, track_running_stats=False)
+        model.eval()
+        reference.eval()
+        if rank == 0:
+            with torch.no_grad():
+                errors[f"{layer}/rank 0 alone"] = max_error(wrap(model, replicas)(x), reference(x))
+        dist.barrier()
+        model.train()
+        reference.train()
+        step = run_steps(model, reference, wrap(model, replicas), sizes, rank, steps=1)
+        errors[f"{layer}/then a step"] = max(step[quantity] for quantity in ("output", "input_grad", "param_grad"))
+    return errors
 
 
 def scenario_double_backward(rank, world, replicas, sizes):

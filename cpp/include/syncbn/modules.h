@@ -35,10 +35,11 @@ class SYNCBN_API BatchNormSyncState {
   bool replicated() const { return channel_ != nullptr; }
   bool holds_buffers() const { return !channel_ || channel_->copy_id() == 0; }
   // Where this layer's statistics merge: through the channel, or alone when not replicated; and across the
-  // process group, when set.
-  LayerSync layer_sync() const;
-  // Whether a forward must take the synchronized path (replicated, or a group of several processes).
-  bool synchronizes() const { return replicated() || spans_processes(process_group_); }
+  // process group, when set and `training` (as torch.nn.SyncBatchNorm, an eval-mode forward normalizing with
+  // batch statistics, track_running_stats=false, stays within the process: evaluating on one rank works).
+  LayerSync layer_sync(bool training) const;
+  // Whether a forward must take the synchronized path (replicated, or training across several processes).
+  bool synchronizes(bool training) const { return replicated() || (training && spans_processes(process_group_)); }
 
   void set_process_group(ProcessGroupPtr group) { process_group_ = std::move(group); }
   const ProcessGroupPtr& process_group() const { return process_group_; }
@@ -74,7 +75,7 @@ class SyncBatchNormImplBase : public torch::nn::BatchNormImplBase<D, Derived>, p
 
   torch::Tensor forward(const torch::Tensor& input) {
     const bool batch_stats = this->is_training() || !this->options.track_running_stats();
-    if (!batch_stats || !sync_.synchronizes()) return torch::nn::BatchNormImplBase<D, Derived>::forward(input);
+    if (!batch_stats || !sync_.synchronizes(this->is_training())) return torch::nn::BatchNormImplBase<D, Derived>::forward(input);
     this->_check_input_dim(input);
     return sync_batch_norm_module_forward(input, this->options, this->weight, this->bias, this->running_mean,
                                           this->running_var, this->num_batches_tracked, this->is_training(), sync_);
