@@ -277,8 +277,8 @@ class SynchronizedBatchNorm1d(_SynchronizedBatchNorm, _TorchBatchNorm1d):
         device: device of the parameters and buffers.
         dtype: dtype of the parameters and buffers.
         bias: with ``affine``, whether to learn ``bias``. Default: ``True``.
-        process_group: a ``torch.distributed`` group to also synchronize across (every replica of every process
-            of the group). Default ``None``: the replicas of this process only.
+        process_group: a ``torch.distributed`` group to also synchronize across in training mode (every replica of
+            every process of the group). Default ``None``: the replicas of this process only.
     """
 
     _check_input_dim = _TorchBatchNorm1d._check_input_dim
@@ -301,8 +301,8 @@ class SynchronizedBatchNorm2d(_SynchronizedBatchNorm, _TorchBatchNorm2d):
         device: device of the parameters and buffers.
         dtype: dtype of the parameters and buffers.
         bias: with ``affine``, whether to learn ``bias``. Default: ``True``.
-        process_group: a ``torch.distributed`` group to also synchronize across (every replica of every process
-            of the group). Default ``None``: the replicas of this process only.
+        process_group: a ``torch.distributed`` group to also synchronize across in training mode (every replica of
+            every process of the group). Default ``None``: the replicas of this process only.
     """
 
     _check_input_dim = _TorchBatchNorm2d._check_input_dim
@@ -325,8 +325,8 @@ class SynchronizedBatchNorm3d(_SynchronizedBatchNorm, _TorchBatchNorm3d):
         device: device of the parameters and buffers.
         dtype: dtype of the parameters and buffers.
         bias: with ``affine``, whether to learn ``bias``. Default: ``True``.
-        process_group: a ``torch.distributed`` group to also synchronize across (every replica of every process
-            of the group). Default ``None``: the replicas of this process only.
+        process_group: a ``torch.distributed`` group to also synchronize across in training mode (every replica of
+            every process of the group). Default ``None``: the replicas of this process only.
     """
 
     _check_input_dim = _TorchBatchNorm3d._check_input_dim
@@ -345,7 +345,8 @@ class SyncBatchNorm(_SynchronizedBatchNorm):
         momentum: the running statistics' update factor; ``None`` for a cumulative average. Default: 0.1.
         affine: learnable ``weight`` and ``bias``. Default: ``True``.
         track_running_stats: keep ``running_mean`` / ``running_var`` (used in eval mode). Default: ``True``.
-        process_group: the ``torch.distributed`` group to synchronize across; ``None`` (the default) is the
+        process_group: the ``torch.distributed`` group to synchronize across in training mode (in eval mode, as
+            ``torch.nn.SyncBatchNorm``, batch statistics are this process's); ``None`` (the default) is the
             default group when ``torch.distributed`` is initialized.
         device: device of the parameters and buffers.
         dtype: dtype of the parameters and buffers.
