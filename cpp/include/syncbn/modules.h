@@ -74,11 +74,12 @@ class SyncBatchNormImplBase : public torch::nn::BatchNormImplBase<D, Derived>, p
   using torch::nn::BatchNormImplBase<D, Derived>::BatchNormImplBase;
 
   torch::Tensor forward(const torch::Tensor& input) {
-    const bool batch_stats = this->is_training() || !this->options.track_running_stats();
-    if (!batch_stats || !sync_.synchronizes(this->is_training())) return torch::nn::BatchNormImplBase<D, Derived>::forward(input);
+    const bool training = this->is_training();
+    const bool batch_stats = training || !this->options.track_running_stats();
+    if (!batch_stats || !sync_.synchronizes(training)) return torch::nn::BatchNormImplBase<D, Derived>::forward(input);
     this->_check_input_dim(input);
     return sync_batch_norm_module_forward(input, this->options, this->weight, this->bias, this->running_mean,
-                                          this->running_var, this->num_batches_tracked, this->is_training(), sync_);
+                                          this->running_var, this->num_batches_tracked, training, sync_);
   }
 
   void on_replicate(CallbackContext& context, int64_t copy_id) override { sync_.on_replicate(context, copy_id); }
