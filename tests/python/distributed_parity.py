@@ -220,6 +220,36 @@ def scenario_ddp_compiled(rank, world, replicas, sizes):
     return results
 
 
+def scenario_fsdp(rank, world, replicas, sizes):
+    """FSDP2 (``fully_shard``, on CPU over gloo): the layers get the gathered parameters in forward, their buffers
+    stay whole on every rank, and FSDP reduce-scatters the parameter gradients (averaged over the ranks) while our
+    layers exchange their statistics and gradients, in the same backward. One replica per process."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model, reference = make_models("SyncBatchNorm", None)
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    total = sum(sizes)
+    mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    errors = {"output": 0.0, "input_grad": 0.0, "param_grad": 0.0, "buffers": 0.0}
+    for step in range(2):
+        model.zero_grad()
+        reference.zero_grad()
+        x, grad = global_batch(step, total)
+        x_mine = x[mine].clone().requires_grad_()
+        x_ref = x.clone().requires_grad_()
+        y = model(x_mine)
+        y.backward(grad[mine])
+        y_ref = reference(x_ref)
+        y_ref.backward(grad)
+        errors["output"] = max(errors["output"], max_error(y, y_ref[mine]))
+        errors["input_grad"] = max(errors["input_grad"], max_error(x_mine.grad, x_ref.grad[mine]))
+        for p, p_ref in zip(model.parameters(), reference.parameters(), strict=True):
+            errors["param_grad"] = max(errors["param_grad"], max_error(p.grad.full_tensor(), p_ref.grad / world))
+        measure_buffers(errors, model, reference)
+    return with_final_state(errors, model, dist.group.WORLD)
+
+
 def _threads() -> int:
     """This process's OS threads (Linux)."""
     return len(os.listdir("/proc/self/task"))

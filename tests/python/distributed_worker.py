@@ -32,6 +32,7 @@ SCENARIOS = {
     "released": parity.scenario_released,
     "eval": parity.scenario_eval,
     "ddp_compiled": parity.scenario_ddp_compiled,
+    "fsdp": parity.scenario_fsdp,
     "mismatch": faults.scenario_mismatch,
     "mismatch_widths": faults.scenario_mismatch_widths,
     "channels": parity.scenario_channels,

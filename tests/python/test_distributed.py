@@ -132,6 +132,13 @@ def test_compiled_distributed_data_parallel_matches_one_batchnorm_on_the_global_
             assert_parity(result, steps=2), way
 
 
+@pytest.mark.parametrize("world, sizes, transport", [(2, [3, 5], "shared_memory"), (3, [2, 6, 0], "c10d")])
+def test_fully_sharded_data_parallel_matches_one_batchnorm_on_the_global_batch(tmp_path, world, sizes, transport):
+    results = launch(tmp_path, world, 1, sizes, ["fsdp"], transport=transport, timeout=60.0)
+    for rank in range(world):
+        assert_parity(measures(results["fsdp"][rank]), steps=2)
+
+
 @pytest.mark.parametrize("replicas, transport", [(1, "shared_memory"), (2, "c10d")])
 def test_destroy_process_group_frees_a_group_our_layers_synchronized_over(tmp_path, replicas, transport):
     # Once DDP and the layers given the group are gone, nothing of ours holds it: destroy_process_group frees it
