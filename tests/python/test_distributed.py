@@ -262,6 +262,7 @@ def test_ranks_at_different_steps_get_an_error_saying_so(tmp_path, replicas):
         assert "the ranks of the process group are at different steps" in message, message
         assert "rank 0 is summing gradients (backward)" in message, message
         assert "rank 1 is exchanging statistics (forward)" in message, message
+        assert "a rank that skipped the backward, whose loss does not use a synchronized call's output" in message
         assert "SyncBatchNorm(3)" in message and "across the process group" in message, message  # the layer named
 
 
