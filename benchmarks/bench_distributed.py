@@ -91,14 +91,14 @@ class _SyncPoint(torch.autograd.Function):
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
         channels = x.shape[1]
         ctx.channels = channels
-        header_and_stats = torch.zeros(4 + 2 * channels, dtype=torch.int64)
+        header_and_stats = torch.zeros(5 + 2 * channels, dtype=torch.int64)
         gathered = header_and_stats.new_empty(dist.get_world_size() * header_and_stats.numel())
         dist.all_gather_into_tensor(gathered, header_and_stats)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
-        terms = torch.zeros(2 * ctx.channels, dtype=torch.float64)
+        terms = torch.zeros(5 + 2 * ctx.channels, dtype=torch.int64)  # a header, then the gradient terms
         dist.all_gather_into_tensor(terms.new_empty(dist.get_world_size() * terms.numel()), terms)
         return grad
 
@@ -178,8 +178,8 @@ def count_collectives(step: Step) -> dict[str, int]:
 # backward, an all-gather of (d mean, d var) in float64, summed on every rank. naive: an all-reduce of (mean,
 # mean of squares) in the input's dtype (float32 here) forward, and its gradient backward.
 BYTES_PER_CALL = {
-    "ours": (32 + 16 * CHANNELS, 16 * CHANNELS),
-    "ours, gloo": (32 + 16 * CHANNELS, 16 * CHANNELS),
+    "ours": (40 + 16 * CHANNELS, 40 + 16 * CHANNELS),  # a 5-int64 header, then (mean, M2) or their gradients
+    "ours, gloo": (40 + 16 * CHANNELS, 40 + 16 * CHANNELS),
     "naive": (8 * CHANNELS, 8 * CHANNELS),
     "ours alone": (0, 0),
 }

@@ -31,9 +31,10 @@ struct GroupCalls {
   // While held, no new group can take this one's address. It keeps only the object's memory: when the user's last
   // reference goes, ProcessGroup::release_resources drops its backends and store (their threads, sockets) at once.
   c10::weak_intrusive_ptr<c10d::ProcessGroup> group;
-  int64_t calls = 0;
-  int64_t previous_layer = -1;                          // the layer of the last call every rank agreed on
-  std::unordered_map<int64_t, int64_t> channels_after;  // layer id -> channels of the call that followed it
+  int64_t calls = 0;                 // forward exchanges (synchronized calls)
+  int64_t backward_exchanges = 0;    // backward ones (a call's gradient summed)
+  int64_t previous_exchange = -1;    // the last exchange every rank agreed on (exchange_key; -1: none)
+  std::unordered_map<int64_t, int64_t> channels_after;  // exchange key -> channels of the exchange that followed it
   // Ranks on one host exchange through shared memory: decided at the group's first exchange of CPU tensors.
   bool transport_decided = false;
   std::shared_ptr<detail::SharedMemoryExchange> shared_memory;
@@ -53,20 +54,27 @@ GroupCalls& calls_of(const ProcessGroupPtr& group) {  // under calls_mutex
   return calls_by_group.try_emplace(group.get(), group).first->second;
 }
 
-// The next call on `group`: its number, and how many channels the first exchange carries (what followed the
-// previous layer last time: exact in a network that calls its layers in the same order every step).
-std::pair<int64_t, int64_t> begin_call(const ProcessGroupPtr& group) {
-  std::lock_guard<std::mutex> lock(calls_mutex);
-  GroupCalls& calls = calls_of(group);
-  const auto known = calls.channels_after.find(calls.previous_layer);
-  return {++calls.calls, known == calls.channels_after.end() ? 0 : known->second};
+// An exchange's identity, for sizing the next one: a layer's forward exchange, or its backward one.
+int64_t exchange_key(detail::ExchangeKind kind, int64_t layer_id) {
+  return kind == detail::ExchangeKind::kStatistics ? layer_id : -2 - layer_id;  // -1: none yet
 }
 
-void end_call(const ProcessGroupPtr& group, int64_t layer_id, int64_t channels) {
+// The next exchange of `kind` on `group`: its number (forward and backward ones counted apart), and how many
+// channels its first all-gather carries (what followed the previous exchange last time: exact in a network that
+// calls its layers in the same order every step).
+std::pair<int64_t, int64_t> begin_exchange(const ProcessGroupPtr& group, detail::ExchangeKind kind) {
   std::lock_guard<std::mutex> lock(calls_mutex);
   GroupCalls& calls = calls_of(group);
-  calls.channels_after[calls.previous_layer] = channels;
-  calls.previous_layer = layer_id;
+  const auto known = calls.channels_after.find(calls.previous_exchange);
+  const int64_t number = kind == detail::ExchangeKind::kStatistics ? ++calls.calls : ++calls.backward_exchanges;
+  return {number, known == calls.channels_after.end() ? 0 : known->second};
+}
+
+void end_exchange(const ProcessGroupPtr& group, int64_t key, int64_t channels) {
+  std::lock_guard<std::mutex> lock(calls_mutex);
+  GroupCalls& calls = calls_of(group);
+  calls.channels_after[calls.previous_exchange] = channels;
+  calls.previous_exchange = key;
 }
 
 std::string where(const ProcessGroupPtr& group, const std::string& label, const char* doing) {
@@ -219,7 +227,86 @@ at::Tensor all_gather(const ProcessGroupPtr& group, const at::Tensor& tensor, de
   return c10d_all_gather(group, tensor, label, doing);
 }
 
-constexpr int64_t kHeader = 4;  // call, layer id, channels, count
+constexpr int64_t kHeader = 5;  // exchange number, kind, layer id, channels, count
+
+std::string describe_exchange(int64_t number, int64_t kind, int64_t layer_id, int64_t channels) {
+  std::ostringstream out;
+  if (kind == static_cast<int64_t>(detail::ExchangeKind::kGradients)) {
+    out << "backward exchange " << number << " on this group (summing gradients), layer #" << layer_id;
+  } else {
+    out << "synchronized call " << number << " on this group, layer #" << layer_id;
+  }
+  out << " (" << channels << " channels)";
+  return out.str();
+}
+
+// Every rank's row of one exchange: `values`, this rank's 2 x `channels` float64 values (two per-channel quantities,
+// one after the other), stacked in rank order as (W, 2 channels), with every rank's `count`. The row is packed with
+// a header into one int64 tensor of the same size on every rank: the header, then room for `capacity` channels of
+// each quantity (what followed the previous exchange last time; zeros past this layer's channels). So ranks at
+// different layers, or one in backward and another in forward, still exchange alike (a mismatch is our error, not a
+// broken collective), and each sees every rank's header before anything is paired. Channels the first all-gather
+// had no room for follow in a second one.
+std::pair<at::Tensor, std::vector<int64_t>> exchange_rows(const ProcessGroupPtr& group, detail::ExchangeKind kind,
+                                                          int64_t layer_id, int64_t channels, int64_t count,
+                                                          const at::Tensor& values, const std::string& label,
+                                                          const char* doing) {
+  const auto device = values.device();
+  const auto [number, capacity] = begin_exchange(group, kind);
+  const int64_t first = std::min(channels, capacity);
+  const auto kind_code = static_cast<int64_t>(kind);
+  at::Tensor packed = at::zeros({kHeader + 2 * capacity}, at::TensorOptions().dtype(at::kLong).device(device));
+  packed.narrow(0, 0, kHeader).copy_(at::tensor({number, kind_code, layer_id, channels, count}, at::kLong));
+  at::Tensor packed_values = packed.narrow(0, kHeader, 2 * capacity).view(at::kDouble);
+  packed_values.narrow(0, 0, first).copy_(values.narrow(0, 0, first));
+  packed_values.narrow(0, capacity, first).copy_(values.narrow(0, channels, first));
+  const at::Tensor gathered = all_gather(group, packed, kind, label, doing);  // (W, kHeader + 2 capacity)
+
+  const at::Tensor headers = gathered.narrow(1, 0, kHeader).cpu();  // one copy to the host for every rank's header
+  const auto rows = headers.accessor<int64_t, 2>();
+  bool agree = true, kinds_differ = false;
+  std::vector<int64_t> counts;
+  for (int64_t r = 0; r < rows.size(0); ++r) {
+    agree = agree && rows[r][0] == number && rows[r][1] == kind_code && rows[r][2] == layer_id &&
+            rows[r][3] == channels;
+    kinds_differ = kinds_differ || rows[r][1] != kind_code;
+    counts.push_back(rows[r][4]);
+  }
+  if (!agree) {
+    std::ostringstream out;
+    out << "synchronized BatchNorm layers were called in a different order or number of times by the ranks of the "
+           "process group: rank "
+        << group->getRank() << " is at " << label << ";";
+    for (int64_t r = 0; r < rows.size(0); ++r) {
+      out << " rank " << r << ": " << describe_exchange(rows[r][0], rows[r][1], rows[r][2], rows[r][3])
+          << (r + 1 < rows.size(0) ? "," : ";");
+    }
+    out << " every rank must call the synchronized layers the same number of times, in the same order";
+    if (kinds_differ) {
+      // The usual cause: a rank's backward skipped a call's exchange, since its loss did not depend on that call.
+      out << ", forward and backward (a rank's backward exchanges once for each synchronized call its loss depends "
+             "on: a rank that skipped the backward, whose loss does not use a synchronized call's output, or that "
+             "made the call under torch.no_grad() exchanges nothing for it in backward and moves on ahead of the "
+             "others)";
+    }
+    throw BarrierError(out.str() + "\n" + where(group, label, doing));
+  }
+
+  // Every rank agrees on the exchange: the channels the first all-gather had no room for follow in a second one.
+  const at::Tensor gathered_values = gathered.narrow(1, kHeader, 2 * capacity).view(at::kDouble);
+  at::Tensor a = gathered_values.narrow(1, 0, first);  // (W, C)
+  at::Tensor b = gathered_values.narrow(1, capacity, first);
+  if (channels > first) {
+    const int64_t rest = channels - first;
+    at::Tensor remainder = at::cat({values.narrow(0, first, rest), values.narrow(0, channels + first, rest)});
+    const at::Tensor gathered_rest =
+        all_gather(group, remainder, kind, label, doing, /*sizes_known_alike=*/true);  // (W, 2 rest)
+    a = at::cat({a, gathered_rest.narrow(1, 0, rest)}, 1);
+    b = at::cat({b, gathered_rest.narrow(1, rest, rest)}, 1);
+  }
+  end_exchange(group, exchange_key(kind, layer_id), channels);
+  return {at::cat({a, b}, 1), std::move(counts)};
+}
 
 }  // namespace
 
@@ -237,68 +324,24 @@ GroupStatistics merge_across_processes(const ProcessGroupPtr& group, int64_t lay
                                        const at::Tensor& mean, const at::Tensor& m2, const std::string& label) {
   TORCH_CHECK_VALUE(group, "merge_across_processes needs a process group");
   const int64_t channels = mean.numel();
-  const auto device = mean.device();
-  const auto [call, capacity] = begin_call(group);
-  const int64_t first = std::min(channels, capacity);
-
-  // One packed int64 tensor of the same size on every rank: the header, then `capacity` means and `capacity` M2s
-  // (float64 bits; zeros past this layer's channels), so that ranks at different layers still exchange alike and
-  // each sees every rank's header before any statistics are paired.
-  at::Tensor statistics = at::cat({mean.reshape({channels}).to(at::kDouble), m2.reshape({channels}).to(at::kDouble)});
-  at::Tensor packed = at::zeros({kHeader + 2 * capacity}, at::TensorOptions().dtype(at::kLong).device(device));
-  packed.narrow(0, 0, kHeader).copy_(at::tensor({call, layer_id, channels, count}, at::kLong));
-  at::Tensor packed_statistics = packed.narrow(0, kHeader, 2 * capacity).view(at::kDouble);
-  packed_statistics.narrow(0, 0, first).copy_(statistics.narrow(0, 0, first));
-  packed_statistics.narrow(0, capacity, first).copy_(statistics.narrow(0, channels, first));
-  const at::Tensor gathered =  // (W, 4 + 2 capacity)
-      all_gather(group, packed, detail::ExchangeKind::kStatistics, label, "exchanging statistics");
-
-  const at::Tensor headers = gathered.narrow(1, 0, kHeader).cpu();  // one copy to the host for every rank's header
-  const auto values = headers.accessor<int64_t, 2>();
-  bool agree = true;
-  std::vector<int64_t> counts;
+  const at::Tensor statistics =
+      at::cat({mean.reshape({channels}).to(at::kDouble), m2.reshape({channels}).to(at::kDouble)});
+  const auto [gathered, counts] = exchange_rows(group, detail::ExchangeKind::kStatistics, layer_id, channels, count,
+                                                statistics, label, "exchanging statistics");  // (W, 2C)
   int64_t total = 0;
-  for (int64_t r = 0; r < values.size(0); ++r) {
-    agree = agree && values[r][0] == call && values[r][1] == layer_id && values[r][2] == channels;
-    counts.push_back(values[r][3]);
-    total += values[r][3];
-  }
-  if (!agree) {
-    std::ostringstream out;
-    out << "synchronized BatchNorm layers were called in a different order or number of times by the ranks of the "
-           "process group: rank "
-        << group->getRank() << " is at " << label << ";";
-    for (int64_t r = 0; r < values.size(0); ++r) {
-      out << " rank " << r << ": synchronized call " << values[r][0] << " on this group, layer #" << values[r][1]
-          << " (" << values[r][2] << " channels)" << (r + 1 < values.size(0) ? "," : ";");
-    }
-    out << " every rank must call the synchronized layers the same number of times, in the same order";
-    throw BarrierError(out.str());
-  }
-
-  // Every rank agrees on the layer: the channels the first exchange had no room for follow in a second one.
-  const at::Tensor gathered_statistics = gathered.narrow(1, kHeader, 2 * capacity).view(at::kDouble);
-  at::Tensor means = gathered_statistics.narrow(1, 0, first);  // (W, C)
-  at::Tensor m2s = gathered_statistics.narrow(1, capacity, first);
-  if (channels > first) {
-    const int64_t rest = channels - first;
-    at::Tensor remainder = at::cat({statistics.narrow(0, first, rest), statistics.narrow(0, channels + first, rest)});
-    const at::Tensor gathered_rest = all_gather(group, remainder, detail::ExchangeKind::kStatistics, label,
-                                                "exchanging statistics", /*sizes_known_alike=*/true);  // (W, 2 rest)
-    means = at::cat({means, gathered_rest.narrow(1, 0, rest)}, 1);
-    m2s = at::cat({m2s, gathered_rest.narrow(1, rest, rest)}, 1);
-  }
-  end_call(group, layer_id, channels);
+  for (const int64_t c : counts) total += c;
 
   // Every rank's (mean, M2), merged in rank order: the same float64 operations on every rank.
-  at::Tensor count_tensor = at::tensor(counts, at::TensorOptions().dtype(at::kLong)).to(device);
-  auto [group_mean, group_var] = merge_stats(count_tensor, means, m2s);
+  at::Tensor count_tensor = at::tensor(counts, at::TensorOptions().dtype(at::kLong)).to(mean.device());
+  auto [group_mean, group_var] =
+      merge_stats(count_tensor, gathered.narrow(1, 0, channels), gathered.narrow(1, channels, channels));
   return {group_mean, group_var, total};
 }
 
-std::pair<at::Tensor, at::Tensor> sum_across_processes(const ProcessGroupPtr& group, const at::Tensor& grad_mean,
-                                                       const at::Tensor& grad_var, int64_t channels,
-                                                       const std::string& label) {
+std::pair<at::Tensor, at::Tensor> sum_across_processes(const ProcessGroupPtr& group, int64_t layer_id,
+                                                       const at::Tensor& grad_mean, const at::Tensor& grad_var,
+                                                       int64_t channels, const std::string& label) {
+  TORCH_CHECK_VALUE(group, "sum_across_processes needs a process group");
   const auto device = grad_mean.defined() ? grad_mean.device() : grad_var.defined() ? grad_var.device() : at::kCPU;
   auto part = [&](const at::Tensor& grad) {
     return grad.defined() ? grad.reshape({channels}).to(at::kDouble)
@@ -306,9 +349,9 @@ std::pair<at::Tensor, at::Tensor> sum_across_processes(const ProcessGroupPtr& gr
   };
   // An all-gather summed here in rank order rather than an all-reduce: half the steps of a ring all-reduce for these
   // few values per channel (gloo on localhost: 1.2 ms against 2 ms), and the same sum, bitwise, on every rank.
-  const at::Tensor gathered =
-      all_gather(group, at::cat({part(grad_mean), part(grad_var)}), detail::ExchangeKind::kGradients, label,
-                 "summing gradients");  // (W, 2C)
+  const auto [gathered, counts] = exchange_rows(group, detail::ExchangeKind::kGradients, layer_id, channels, 0,
+                                                at::cat({part(grad_mean), part(grad_var)}), label,
+                                                "summing gradients");  // (W, 2C)
   const at::Tensor sum = gathered.sum(0);
   return {sum.narrow(0, 0, channels), sum.narrow(0, channels, channels)};
 }

@@ -48,7 +48,8 @@ std::pair<at::Tensor, at::Tensor> merge_backward(const at::Tensor& local_mean, c
 std::pair<at::Tensor, at::Tensor> group_gradient(const GroupCall& call, const at::Tensor& grad_mean,
                                                  const at::Tensor& grad_var, const at::Tensor& like) {
   if (!spans_processes(call.group)) return {grad_mean, grad_var};
-  auto [mean_sum, var_sum] = sum_across_processes(call.group, grad_mean, grad_var, like.numel(), call.label);
+  auto [mean_sum, var_sum] = sum_across_processes(call.group, call.layer_id, grad_mean, grad_var, like.numel(),
+                                                     call.label);
   return {mean_sum.to(like.options()), var_sum.to(like.options())};
 }
 

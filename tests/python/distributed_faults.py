@@ -186,6 +186,19 @@ def scenario_steps(rank, world, replicas, sizes):
     return {"ran": True}
 
 
+def scenario_unused_output(rank, world, replicas, sizes):
+    """Rank 1's loss does not use the synchronized layer's output (a branch taken on rank 1 only): its backward
+    makes no exchange for the call, and it moves on to the next step's forward while rank 0 sums gradients."""
+    model = nn.Sequential(nn.Linear(C, C), syncbn_ext.SyncBatchNorm(C)).double()
+    head = nn.Linear(C, 1).double()
+    run = wrap(model, replicas)
+    x = torch.randn(4, C, dtype=torch.float64)
+    for _ in range(2):
+        y = run(x)
+        (head(y) if rank == 0 else head(model[0](x))).sum().backward()
+    return {"ran": True}
+
+
 def train_unevenly(rank, replicas, throw_on_early_termination):
     """DistributedDataParallel under DDP's ``Join``: rank 0 has one batch, the others two. Returns the model, its DDP,
     this rank's batch and what the Join context raised on this rank (``{}``: nothing; else its type and message,

@@ -40,6 +40,7 @@ SCENARIOS = {
     "absent_later": faults.scenario_absent_later,
     "exited": faults.scenario_exited,
     "steps": faults.scenario_steps,
+    "unused_output": faults.scenario_unused_output,
     "slow_rank": faults.scenario_slow_rank,
     "interrupted": faults.scenario_interrupted,
     "join_throw": faults.scenario_join_throw,

@@ -3,6 +3,7 @@ nn.BatchNorm model on the global batch (float64). Every launch is bounded in tim
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -250,18 +251,29 @@ def test_a_rank_later_than_syncbn_timeout_but_within_the_groups_timeout_is_waite
     assert measures(results["slow_rank"][0])["seconds"] > 2.5  # it did wait for rank 1
 
 
-@pytest.mark.parametrize("replicas", [1, 2])
-def test_ranks_at_different_steps_get_an_error_saying_so(tmp_path, replicas):
-    # Rank 0 sums its gradients (backward) while rank 1 exchanges its next forward's statistics.
-    results = launch(tmp_path, 2, replicas, [4, 4], ["steps"])
-    for rank in (0, 1):
-        record = results["steps"][rank]
+@pytest.mark.parametrize("replicas, transport", [(1, "shared_memory"), (2, "shared_memory"), (2, "c10d")])
+def test_ranks_at_different_steps_get_an_error_saying_so(tmp_path, replicas, transport):
+    # Rank 0 sums its gradients (backward) while rank 1 exchanges its next forward's statistics. Over gloo too: the
+    # backward's rows carry a header and have the forward's size, so the exchange completes and the headers tell
+    # (before, gloo's own size-mismatch error could abort a process).
+    # unused_output: the usual cause, rank 1's loss not using the layer's output (its backward skips the exchange).
+    # Each on a group of its own: after the error the ranks' groups are out of step.
+    results = {}
+    for scenario in ("steps", "unused_output"):
+        (tmp_path / scenario).mkdir()
+        results[scenario] = launch(tmp_path / scenario, 2, replicas, [4, 4], [scenario], transport=transport)[scenario]
+    for rank, scenario in itertools.product((0, 1), ("steps", "unused_output")):
+        record = results[scenario][rank]
         # Rank 0's in backward: torch's autograd engine passes our BarrierError on as a RuntimeError (its base).
         assert record.get("error") == ("RuntimeError" if rank == 0 else "BarrierError"), record
         message = record["message"]
-        assert "the ranks of the process group are at different steps" in message, message
-        assert "rank 0 is summing gradients (backward)" in message, message
-        assert "rank 1 is exchanging statistics (forward)" in message, message
+        if transport == "shared_memory":
+            assert "the ranks of the process group are at different steps" in message, message
+            assert "rank 0 is summing gradients (backward)" in message, message
+            assert "rank 1 is exchanging statistics (forward)" in message, message
+        else:
+            assert "rank 0: backward exchange 1 on this group (summing gradients), layer #" in message, message
+            assert "rank 1: synchronized call 2 on this group, layer #" in message, message
         assert "a rank that skipped the backward, whose loss does not use a synchronized call's output" in message
         assert "SyncBatchNorm(3)" in message and "across the process group" in message, message  # the layer named
 
