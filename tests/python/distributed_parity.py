@@ -88,6 +88,19 @@ def measure_buffers(errors: dict, model: nn.Module, reference: nn.Module) -> Non
         errors["buffers"] = max(errors["buffers"], max_error(b.double(), b_ref.double()))
 
 
+def compare_step(errors: dict, run: object, reference: nn.Module, x: torch.Tensor, grad: torch.Tensor, mine: slice):
+    """Forward and backward of ``run`` on this rank's rows ``mine`` of the global batch and of ``reference`` on all of
+    it; raises ``errors["output"]`` and ``errors["input_grad"]`` to this rank's differences."""
+    x_mine = x[mine].clone().requires_grad_()
+    x_ref = x.clone().requires_grad_()
+    y = run(x_mine)
+    y.backward(grad[mine])
+    y_ref = reference(x_ref)
+    y_ref.backward(grad)
+    errors["output"] = max(errors["output"], max_error(y, y_ref[mine]))
+    errors["input_grad"] = max(errors["input_grad"], max_error(x_mine.grad, x_ref.grad[mine]))
+
+
 def with_final_state(errors: dict, model: nn.Module, group: object) -> dict:
     """``errors`` with whether every rank of ``group`` holds the same buffers and each layer's num_batches_tracked."""
     errors["buffers_equal_on_every_rank"] = all(same_on_every_rank(b, group) for b in model.buffers())
@@ -184,15 +197,8 @@ def scenario_ddp_accumulate(rank, world, replicas, sizes):
         reference.zero_grad()
         for micro_batch in range(2):
             x, grad = global_batch(10 * step + micro_batch, total)
-            x_mine = x[mine].clone().requires_grad_()
-            x_ref = x.clone().requires_grad_()
             with ddp.no_sync() if micro_batch == 0 else contextlib.nullcontext():
-                y = ddp(x_mine)
-                y.backward(grad[mine])
-            y_ref = reference(x_ref)
-            y_ref.backward(grad)
-            errors["output"] = max(errors["output"], max_error(y, y_ref[mine]))
-            errors["input_grad"] = max(errors["input_grad"], max_error(x_mine.grad, x_ref.grad[mine]))
+                compare_step(errors, ddp, reference, x, grad, mine)
         for p, p_ref in zip(model.parameters(), reference.parameters(), strict=True):
             errors["param_grad"] = max(errors["param_grad"], max_error(p.grad, p_ref.grad / world))
         measure_buffers(errors, model, reference)
@@ -236,14 +242,7 @@ def scenario_fsdp(rank, world, replicas, sizes):
         model.zero_grad()
         reference.zero_grad()
         x, grad = global_batch(step, total)
-        x_mine = x[mine].clone().requires_grad_()
-        x_ref = x.clone().requires_grad_()
-        y = model(x_mine)
-        y.backward(grad[mine])
-        y_ref = reference(x_ref)
-        y_ref.backward(grad)
-        errors["output"] = max(errors["output"], max_error(y, y_ref[mine]))
-        errors["input_grad"] = max(errors["input_grad"], max_error(x_mine.grad, x_ref.grad[mine]))
+        compare_step(errors, model, reference, x, grad, mine)
         for p, p_ref in zip(model.parameters(), reference.parameters(), strict=True):
             errors["param_grad"] = max(errors["param_grad"], max_error(p.grad.full_tensor(), p_ref.grad / world))
         measure_buffers(errors, model, reference)
