@@ -282,13 +282,7 @@ std::pair<at::Tensor, std::vector<int64_t>> exchange_rows(const ProcessGroupPtr&
           << (r + 1 < rows.size(0) ? "," : ";");
     }
     out << " every rank must call the synchronized layers the same number of times, in the same order";
-    if (kinds_differ) {
-      // The usual cause: a rank's backward skipped a call's exchange, since its loss did not depend on that call.
-      out << ", forward and backward (a rank's backward exchanges once for each synchronized call its loss depends "
-             "on: a rank that skipped the backward, whose loss does not use a synchronized call's output, or that "
-             "made the call under torch.no_grad() exchanges nothing for it in backward and moves on ahead of the "
-             "others)";
-    }
+    if (kinds_differ) out << ", forward and backward" << detail::kSkippedBackwardExchange;
     throw BarrierError(out.str() + "\n" + where(group, label, doing));
   }
 

@@ -409,12 +409,7 @@ std::optional<at::Tensor> SharedMemoryExchange::all_gather(const at::Tensor& ten
       any_backward = any_backward || kind_of_rank == static_cast<int64_t>(ExchangeKind::kGradients);
       any_forward = any_forward || kind_of_rank == static_cast<int64_t>(ExchangeKind::kStatistics);
     }
-    if (any_backward && any_forward) {
-      // The usual cause: a rank's backward skipped a call's exchange, since its loss did not depend on that call.
-      out << " (a rank's backward exchanges once for each synchronized call its loss depends on: a rank that "
-             "skipped the backward, whose loss does not use a synchronized call's output, or that made the call "
-             "under torch.no_grad() exchanges nothing for it in backward and moves on ahead of the others)";
-    }
+    if (any_backward && any_forward) out << kSkippedBackwardExchange;
     throw BarrierError(out.str());
   }
   if (bytes > capacity_) return std::nullopt;  // alike on every rank: every rank uses the group's all-gather

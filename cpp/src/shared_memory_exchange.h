@@ -28,6 +28,12 @@ namespace syncbn::detail {
 // fail alike instead of pairing unrelated values.
 enum class ExchangeKind : int64_t { kStatistics = 1, kGradients = 2 };
 
+// Told when ranks fail with one in backward and another in forward, whatever the transport: the usual cause.
+inline constexpr const char* kSkippedBackwardExchange =
+    " (a rank's backward exchanges once for each synchronized call its loss depends on: a rank that skipped the "
+    "backward, whose loss does not use a synchronized call's output, or that made the call under torch.no_grad() "
+    "exchanges nothing for it in backward and moves on ahead of the others)";
+
 // The hook set by set_cross_process_wait_hook (empty: none).
 std::function<void()> cross_process_wait_hook();
 
