@@ -240,17 +240,22 @@ std::string describe_exchange(int64_t number, int64_t kind, int64_t layer_id, in
   return out.str();
 }
 
+// What one exchange gathered, in rank order: every rank's two per-channel quantities, (W, C) each, and count.
+struct GatheredRows {
+  at::Tensor first;
+  at::Tensor second;
+  std::vector<int64_t> counts;
+};
+
 // Every rank's row of one exchange: `values`, this rank's 2 x `channels` float64 values (two per-channel quantities,
-// one after the other), stacked in rank order as (W, 2 channels), with every rank's `count`. The row is packed with
+// one after the other), gathered with every rank's `count`. The row is packed with
 // a header into one int64 tensor of the same size on every rank: the header, then room for `capacity` channels of
 // each quantity (what followed the previous exchange last time; zeros past this layer's channels). So ranks at
 // different layers, or one in backward and another in forward, still exchange alike (a mismatch is our error, not a
 // broken collective), and each sees every rank's header before anything is paired. Channels the first all-gather
 // had no room for follow in a second one.
-std::pair<at::Tensor, std::vector<int64_t>> exchange_rows(const ProcessGroupPtr& group, detail::ExchangeKind kind,
-                                                          int64_t layer_id, int64_t channels, int64_t count,
-                                                          const at::Tensor& values, const std::string& label,
-                                                          const char* doing) {
+GatheredRows exchange_rows(const ProcessGroupPtr& group, detail::ExchangeKind kind, int64_t layer_id, int64_t channels,
+                           int64_t count, const at::Tensor& values, const std::string& label, const char* doing) {
   const auto device = values.device();
   const auto [number, capacity] = begin_exchange(group, kind);
   const int64_t first = std::min(channels, capacity);
@@ -299,7 +304,7 @@ std::pair<at::Tensor, std::vector<int64_t>> exchange_rows(const ProcessGroupPtr&
     b = at::cat({b, gathered_rest.narrow(1, rest, rest)}, 1);
   }
   end_exchange(group, exchange_key(kind, layer_id), channels);
-  return {at::cat({a, b}, 1), std::move(counts)};
+  return {std::move(a), std::move(b), std::move(counts)};
 }
 
 }  // namespace
@@ -320,15 +325,14 @@ GroupStatistics merge_across_processes(const ProcessGroupPtr& group, int64_t lay
   const int64_t channels = mean.numel();
   const at::Tensor statistics =
       at::cat({mean.reshape({channels}).to(at::kDouble), m2.reshape({channels}).to(at::kDouble)});
-  const auto [gathered, counts] = exchange_rows(group, detail::ExchangeKind::kStatistics, layer_id, channels, count,
-                                                statistics, label, "exchanging statistics");  // (W, 2C)
+  const GatheredRows gathered = exchange_rows(group, detail::ExchangeKind::kStatistics, layer_id, channels, count,
+                                              statistics, label, "exchanging statistics");
   int64_t total = 0;
-  for (const int64_t c : counts) total += c;
+  for (const int64_t c : gathered.counts) total += c;
 
   // Every rank's (mean, M2), merged in rank order: the same float64 operations on every rank.
-  at::Tensor count_tensor = at::tensor(counts, at::TensorOptions().dtype(at::kLong)).to(mean.device());
-  auto [group_mean, group_var] =
-      merge_stats(count_tensor, gathered.narrow(1, 0, channels), gathered.narrow(1, channels, channels));
+  at::Tensor count_tensor = at::tensor(gathered.counts, at::TensorOptions().dtype(at::kLong)).to(mean.device());
+  auto [group_mean, group_var] = merge_stats(count_tensor, gathered.first, gathered.second);
   return {group_mean, group_var, total};
 }
 
@@ -343,10 +347,10 @@ std::pair<at::Tensor, at::Tensor> sum_across_processes(const ProcessGroupPtr& gr
   };
   // An all-gather summed here in rank order rather than an all-reduce: half the steps of a ring all-reduce for these
   // few values per channel (gloo on localhost: 1.2 ms against 2 ms), and the same sum, bitwise, on every rank.
-  const auto [gathered, counts] = exchange_rows(group, detail::ExchangeKind::kGradients, layer_id, channels, 0,
-                                                at::cat({part(grad_mean), part(grad_var)}), label,
-                                                "summing gradients");  // (W, 2C)
-  const at::Tensor sum = gathered.sum(0);
+  const GatheredRows gathered = exchange_rows(group, detail::ExchangeKind::kGradients, layer_id, channels, 0,
+                                              at::cat({part(grad_mean), part(grad_var)}), label, "summing gradients");
+  // Summed as one contiguous (W, 2C) tensor, as always: a strided half's sum may round otherwise.
+  const at::Tensor sum = at::cat({gathered.first, gathered.second}, 1).sum(0);
   return {sum.narrow(0, 0, channels), sum.narrow(0, channels, channels)};
 }
 
