@@ -5,6 +5,7 @@
 #include <string>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/function.h>
@@ -204,8 +205,22 @@ std::shared_ptr<ReplicationGroup> IsolatedReplication::group() const {
 void IsolatedReplication::write_back() const {
   auto write = [this] {
     torch::NoGradGuard no_grad;
+    // Its version alone does not tell whether replica 0 changed a buffer: some kernels write their arguments in
+    // place without counting a version (BatchNorm's running statistics), some also resize them. Every buffer is
+    // compared before any is written, so an original that views another (and sees its write) is not taken for
+    // changed. Only dense tensors can be compared (at::equal).
+    auto changed_by_replica = [](const BufferLink& link) {
+      if (link.replica._version() != link.version) return true;
+      if (link.replica.layout() != at::kStrided || link.replica.is_nested()) return false;
+      return !link.replica.sizes().equals(link.original.sizes()) || !at::equal(link.replica, link.original);
+    };
+    std::vector<const BufferLink*> changed;
     for (const auto& link : links_) {
-      if (link.replica._version() != link.version) link.original.copy_(link.replica);
+      if (changed_by_replica(link)) changed.push_back(&link);
+    }
+    for (const auto* link : changed) {
+      if (!link->original.sizes().equals(link->replica.sizes())) link->original.resize_(link->replica.sizes());
+      link->original.copy_(link->replica);
     }
   };
   if (auto replication = group()) {

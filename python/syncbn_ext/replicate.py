@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
 
 from ._native import _C
 
@@ -285,25 +284,34 @@ class _ReplicateOptimized:
         return replica
 
 
-def _isolate_buffers(original: nn.Module, replica: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, int | None]]:
+def _isolate_buffers(original: nn.Module, replica: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
     """Gives ``replica`` copies of the buffers it shares with ``original``.
 
-    Returns (original, copy, the copy's version) per buffer; the version is ``None`` for the buffers of norm layers,
-    which torch's kernels update in place without counting a version (``running_mean`` and co.).
+    Returns (original, copy, the copy's version) per buffer.
     """
-    links: list[tuple[torch.Tensor, torch.Tensor, int | None]] = []
+    links: list[tuple[torch.Tensor, torch.Tensor, int]] = []
     copies: dict[int, torch.Tensor] = {}
     for source, target in zip(original.modules(), replica.modules(), strict=False):
-        unversioned = isinstance(source, _NormBase)
         for key, buf in target._buffers.items():
             if buf is None or buf.requires_grad or source._buffers.get(key) is not buf:
                 continue
             copy = copies.get(id(buf))
             if copy is None:
                 copy = copies[id(buf)] = buf.detach().clone()
-                links.append((buf, copy, None if unversioned else copy._version))
+                links.append((buf, copy, copy._version))
             target._buffers[key] = copy
     return links
+
+
+def _changed(original: torch.Tensor, copy: torch.Tensor, version: int) -> bool:
+    """Whether replica 0 changed its copy of ``original``. Its version alone does not tell: some kernels write their
+    arguments in place without counting a version (BatchNorm's running statistics, fake quantization's observers,
+    which may also resize them). Only dense tensors can be compared (``torch.equal``)."""
+    if copy._version != version:
+        return True
+    if copy.layout != torch.strided or copy.is_nested:
+        return False
+    return copy.shape != original.shape or not torch.equal(copy, original)
 
 
 class Replication:
@@ -336,10 +344,14 @@ class Replication:
         return getattr(replica, "__dict__", {}).get(REPLICATION_TAG)
 
     def write_back(self) -> None:
-        """Copies each buffer replica 0 changed into the original's tensor (in place), unless closed."""
+        """Copies each buffer replica 0 changed into the original's tensor (in place, resized as replica 0 resized
+        it), unless closed. Every buffer is compared before any is written, so an original that views another
+        (and sees its write) is not taken for changed."""
         if self.group is not None and self.group.closed:
             return
         with torch.no_grad():
-            for original, copy, version in self._links:
-                if version is None or copy._version != version:
-                    original.copy_(copy)
+            changed = [(original, copy) for original, copy, version in self._links if _changed(original, copy, version)]
+            for original, copy in changed:
+                if original.shape != copy.shape:
+                    original.resize_(copy.shape)
+                original.copy_(copy)

@@ -490,3 +490,41 @@ TEST(SyncBatchNormModule, ARecomputationOfAForwardRunWithoutGradientsNamesReentr
     }
   });
 }
+
+namespace {
+
+// Resizes a buffer in place (as torch's per-channel observers do); holds a sparse one too (which at::equal cannot
+// compare).
+struct KeepsItsLastBatchImpl : torch::nn::Cloneable<KeepsItsLastBatchImpl> {
+  KeepsItsLastBatchImpl() { reset(); }
+  void reset() override {
+    last = register_buffer("last", torch::empty({0}));
+    register_buffer("pairs", torch::eye(2).to_sparse());
+  }
+  torch::Tensor forward(const torch::Tensor& input) {
+    last.resize_({input.size(0)}).copy_(input.select(1, 0).detach());
+    return input;
+  }
+  torch::Tensor last;
+};
+TORCH_MODULE(KeepsItsLastBatch);
+
+}  // namespace
+
+TEST(DataParallel, EveryBufferReplicaZeroChangesReachesTheModuleAsOnGpus) {
+  // Replica 0 writes copies of the buffers, copied back after the forward: also those a kernel writes without
+  // counting a version (torch::nn::BatchNorm's running statistics), resized if replica 0 resized them.
+  torch::nn::Sequential net(torch::nn::BatchNorm1d(3), KeepsItsLastBatch());
+  torch::nn::Sequential reference(torch::nn::BatchNorm1d(3), KeepsItsLastBatch());
+  const auto x = torch::randn({6, 3}) * 3 + 1;
+  for (int step = 0; step < 2; ++step) {
+    syncbn::data_parallel(net, x + step, cpu_replicas(3));
+    reference->forward(x.slice(0, 0, 2) + step);  // replica 0's slice
+    const auto buffers = net->named_buffers();
+    for (const auto& expected : reference->named_buffers()) {
+      const auto& buffer = buffers[expected.key()];
+      EXPECT_TRUE(torch::allclose(buffer.to_dense(), expected.value().to_dense()))
+          << expected.key() << " at step " << step;
+    }
+  }
+}

@@ -6,6 +6,7 @@ import collections
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -191,6 +192,73 @@ def test_zero_dim_outputs_are_unsqueezed_with_a_warning():
     with pytest.warns(UserWarning, match="scalars"):
         out = call_with_timeout(cpu_dp(Total(), 3), x)
     torch.testing.assert_close(out, torch.tensor([1.0, 5.0, 9.0]))
+
+
+class FunctionalRunningStats(nn.Module):
+    """Running statistics of its own, kept by ``F.batch_norm`` (not an nn.BatchNorm): the kernel writes them in place
+    without counting a version."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x):
+        return nn.functional.batch_norm(x, self.running_mean, self.running_var, training=True, momentum=0.5)
+
+
+class KeepsItsLastBatch(nn.Module):
+    """Resizes a buffer in place (as torch's per-channel observers do) and counts in a buffer another one views; holds
+    a sparse one too (which ``torch.equal`` cannot compare)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("last", torch.empty(0))
+        self.register_buffer("pairs", torch.eye(2).to_sparse())
+        self.register_buffer("counts", torch.zeros(4))
+        self.register_buffer("first_counts", self.counts[:2])
+
+    def forward(self, x):
+        self.last.resize_(x.shape[0]).copy_(x[:, 0])
+        self.counts.add_(1)
+        return x
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_every_buffer_replica_0_changes_reaches_the_module_as_on_gpus(n):
+    # On GPUs replica 0 holds the module's own buffers; on CPU it writes copies, copied back after the forward: also
+    # those a kernel writes without counting a version, resized in place if replica 0 resized them, and none taken
+    # for changed because it views one that was (its copy would undo the write).
+    model = nn.Sequential(FunctionalRunningStats(3), KeepsItsLastBatch())
+    reference = copy.deepcopy(model)
+    x = torch.randn(6, 3) * 3 + 1
+    for step in range(2):
+        call_with_timeout(cpu_dp(model, n), x + step)
+        reference(x[: 6 // n] + step)  # replica 0's slice
+        for name, expected in reference.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[name], expected, msg=name)
+    counts = model[1].counts
+    assert model[1].first_counts.data_ptr() == counts.data_ptr() and torch.equal(counts, torch.full((4,), 2.0))
+
+
+def test_fake_quantization_observers_under_the_replicas_observe_as_on_gpus():
+    # Quantization-aware training: torch's fused observers update (and resize) their buffers without counting a
+    # version. As on GPUs, the module's observers observe replica 0's slice.
+    quantization = pytest.importorskip("torch.ao.quantization")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    model.qconfig = quantization.get_default_qat_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation, its observers' reduce_range
+        model = quantization.prepare_qat(model.train())
+    reference = copy.deepcopy(model)
+    x = torch.randn(8, 3, 6, 6)
+    call_with_timeout(cpu_dp(model, 2), x).sum().backward()
+    reference(x[:4])
+    observed = {name: t for name, t in model.state_dict().items() if "fake_quant" in name or "post_process" in name}
+    assert any(t.numel() == 4 for t in observed.values())  # the weight's per-channel observer grew to 4 channels
+    for name, tensor in observed.items():
+        torch.testing.assert_close(tensor, reference.state_dict()[name], msg=name)
 
 
 # ---------------------------------------------------------------------------------------------------------------

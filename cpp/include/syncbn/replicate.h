@@ -86,8 +86,10 @@ class SYNCBN_API IsolatedReplication {
 
   // The replication's group (shared by every context).
   std::shared_ptr<ReplicationGroup> group() const;
-  // Copies each buffer of replica 0 that changed since the replication into the
-  // original's (same tensor objects, in place), unless the group was closed.
+  // Copies each buffer of replica 0 that changed since the replication (its
+  // version moved, or its shape or values differ from the original's) into the
+  // original's (same tensor objects, in place, resized as replica 0 resized it),
+  // unless the group was closed.
   void write_back() const;
 
  private:
