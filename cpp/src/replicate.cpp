@@ -194,7 +194,7 @@ IsolatedReplication::IsolatedReplication(const std::shared_ptr<torch::nn::Module
   TORCH_CHECK_VALUE(!clones.empty(), "IsolatedReplication needs at least one clone");
   std::vector<std::pair<at::Tensor, at::Tensor>> pairs;
   link_clones(original, clones, &pairs);
-  for (auto& [source, copy] : pairs) links_.push_back({source, copy, copy._version()});
+  for (auto& [source, copy] : pairs) links_.push_back({source, copy, source._version(), copy._version()});
   contexts_ = execute_replication_callbacks(clones);
 }
 
@@ -206,12 +206,17 @@ void IsolatedReplication::write_back() const {
   auto write = [this] {
     torch::NoGradGuard no_grad;
     // Its version alone does not tell whether replica 0 changed a buffer: some kernels write their arguments in
-    // place without counting a version (BatchNorm's running statistics), some also resize them. Every buffer is
-    // compared before any is written, so an original that views another (and sees its write) is not taken for
-    // changed. Only dense tensors can be compared (at::equal).
+    // place without counting a version (BatchNorm's running statistics), some also resize them. So an unchanged
+    // version is checked by comparing the copy with the original, unless the original was written in the meantime
+    // (through a reference the module keeps besides its buffers: that write stays). Every buffer is compared
+    // before any is written, so an original that views another (and sees its write) is not taken for changed.
+    // Only dense tensors can be compared (at::equal).
     auto changed_by_replica = [](const BufferLink& link) {
-      if (link.replica._version() != link.version) return true;
-      if (link.replica.layout() != at::kStrided || link.replica.is_nested()) return false;
+      if (link.replica._version() != link.replica_version) return true;
+      if (link.original._version() != link.original_version || link.replica.layout() != at::kStrided ||
+          link.replica.is_nested()) {
+        return false;
+      }
       return !link.replica.sizes().equals(link.original.sizes()) || !at::equal(link.replica, link.original);
     };
     std::vector<const BufferLink*> changed;

@@ -17,7 +17,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -284,12 +284,31 @@ class _ReplicateOptimized:
         return replica
 
 
-def _isolate_buffers(original: nn.Module, replica: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-    """Gives ``replica`` copies of the buffers it shares with ``original``.
+class _BufferLink(NamedTuple):
+    """A buffer of the original module and replica 0's copy of it, with both versions when the copy was made."""
 
-    Returns (original, copy, the copy's version) per buffer.
-    """
-    links: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+    original: torch.Tensor
+    copy: torch.Tensor
+    original_version: int
+    copy_version: int
+
+    def changed_by_replica(self) -> bool:
+        """Whether replica 0 changed its copy. The copy's version alone does not tell: some kernels write their
+        arguments in place without counting a version (BatchNorm's running statistics, fake quantization's
+        observers, which may also resize them), so an unchanged version is checked by comparing the copy with
+        the original, unless the original was written in the meantime (through a reference the module keeps
+        besides its buffers: that write stays). Only dense tensors can be compared (``torch.equal``)."""
+        original, copy = self.original, self.copy
+        if copy._version != self.copy_version:
+            return True
+        if original._version != self.original_version or copy.layout != torch.strided or copy.is_nested:
+            return False
+        return copy.shape != original.shape or not torch.equal(copy, original)
+
+
+def _isolate_buffers(original: nn.Module, replica: nn.Module) -> list[_BufferLink]:
+    """Gives ``replica`` copies of the buffers it shares with ``original``; returns their links."""
+    links: list[_BufferLink] = []
     copies: dict[int, torch.Tensor] = {}
     for source, target in zip(original.modules(), replica.modules(), strict=False):
         for key, buf in target._buffers.items():
@@ -298,20 +317,9 @@ def _isolate_buffers(original: nn.Module, replica: nn.Module) -> list[tuple[torc
             copy = copies.get(id(buf))
             if copy is None:
                 copy = copies[id(buf)] = buf.detach().clone()
-                links.append((buf, copy, copy._version))
+                links.append(_BufferLink(buf, copy, buf._version, copy._version))
             target._buffers[key] = copy
     return links
-
-
-def _changed(original: torch.Tensor, copy: torch.Tensor, version: int) -> bool:
-    """Whether replica 0 changed its copy of ``original``. Its version alone does not tell: some kernels write their
-    arguments in place without counting a version (BatchNorm's running statistics, fake quantization's observers,
-    which may also resize them). Only dense tensors can be compared (``torch.equal``)."""
-    if copy._version != version:
-        return True
-    if copy.layout != torch.strided or copy.is_nested:
-        return False
-    return copy.shape != original.shape or not torch.equal(copy, original)
 
 
 class Replication:
@@ -329,7 +337,7 @@ class Replication:
 
     def __init__(self, replicas: Sequence[nn.Module], original: nn.Module | None = None) -> None:
         self.group: Any = None
-        self._links: list[tuple[torch.Tensor, torch.Tensor, int | None]] = []
+        self._links: list[_BufferLink] = []
         if not replicas:
             return
         if original is not None:
@@ -343,6 +351,7 @@ class Replication:
         """(replication, copy id) of a replica made by a replication with callbacks, else ``None``."""
         return getattr(replica, "__dict__", {}).get(REPLICATION_TAG)
 
+    @torch.compiler.disable  # runs as it is under a compiled wrapper: tensor versions and values are the question
     def write_back(self) -> None:
         """Copies each buffer replica 0 changed into the original's tensor (in place, resized as replica 0 resized
         it), unless closed. Every buffer is compared before any is written, so an original that views another
@@ -350,8 +359,8 @@ class Replication:
         if self.group is not None and self.group.closed:
             return
         with torch.no_grad():
-            changed = [(original, copy) for original, copy, version in self._links if _changed(original, copy, version)]
-            for original, copy in changed:
-                if original.shape != copy.shape:
-                    original.resize_(copy.shape)
-                original.copy_(copy)
+            changed = [link for link in self._links if link.changed_by_replica()]
+            for link in changed:
+                if link.original.shape != link.copy.shape:
+                    link.original.resize_(link.copy.shape)
+                link.original.copy_(link.copy)

@@ -509,13 +509,30 @@ struct KeepsItsLastBatchImpl : torch::nn::Cloneable<KeepsItsLastBatchImpl> {
 };
 TORCH_MODULE(KeepsItsLastBatch);
 
+// Writes its buffer through a member that refers to it and that clone() copies as it is: every replica writes the
+// module's tensor.
+struct MarksThroughAnAliasImpl : torch::nn::Cloneable<MarksThroughAnAliasImpl> {
+  MarksThroughAnAliasImpl() {
+    reset();
+    alias = mark;
+  }
+  void reset() override { mark = register_buffer("mark", torch::zeros({2})); }
+  torch::Tensor forward(const torch::Tensor& input) {
+    alias.fill_(7.0);
+    return input;
+  }
+  torch::Tensor mark, alias;
+};
+TORCH_MODULE(MarksThroughAnAlias);
+
 }  // namespace
 
 TEST(DataParallel, EveryBufferReplicaZeroChangesReachesTheModuleAsOnGpus) {
   // Replica 0 writes copies of the buffers, copied back after the forward: also those a kernel writes without
-  // counting a version (torch::nn::BatchNorm's running statistics), resized if replica 0 resized them.
-  torch::nn::Sequential net(torch::nn::BatchNorm1d(3), KeepsItsLastBatch());
-  torch::nn::Sequential reference(torch::nn::BatchNorm1d(3), KeepsItsLastBatch());
+  // counting a version (torch::nn::BatchNorm's running statistics), resized if replica 0 resized them; not one the
+  // module wrote directly (its copy would undo the write).
+  torch::nn::Sequential net(torch::nn::BatchNorm1d(3), KeepsItsLastBatch(), MarksThroughAnAlias());
+  torch::nn::Sequential reference(torch::nn::BatchNorm1d(3), KeepsItsLastBatch(), MarksThroughAnAlias());
   const auto x = torch::randn({6, 3}) * 3 + 1;
   for (int step = 0; step < 2; ++step) {
     syncbn::data_parallel(net, x + step, cpu_replicas(3));

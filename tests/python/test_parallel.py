@@ -224,12 +224,26 @@ class KeepsItsLastBatch(nn.Module):
         return x
 
 
+class MarksThroughAnAlias(nn.Module):
+    """Writes its buffer through a plain attribute that refers to it: every replica writes the module's tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mark", torch.zeros(2))
+        self.alias = self.mark
+
+    def forward(self, x):
+        self.alias.fill_(7.0)
+        return x
+
+
 @pytest.mark.parametrize("n", [2, 3])
 def test_every_buffer_replica_0_changes_reaches_the_module_as_on_gpus(n):
     # On GPUs replica 0 holds the module's own buffers; on CPU it writes copies, copied back after the forward: also
-    # those a kernel writes without counting a version, resized in place if replica 0 resized them, and none taken
-    # for changed because it views one that was (its copy would undo the write).
-    model = nn.Sequential(FunctionalRunningStats(3), KeepsItsLastBatch())
+    # those a kernel writes without counting a version, resized in place if replica 0 resized them; none taken for
+    # changed because it views one that was, or because the module's tensor was written directly (its copy would
+    # undo the write).
+    model = nn.Sequential(FunctionalRunningStats(3), KeepsItsLastBatch(), MarksThroughAnAlias())
     reference = copy.deepcopy(model)
     x = torch.randn(6, 3) * 3 + 1
     for step in range(2):

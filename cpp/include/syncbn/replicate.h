@@ -95,7 +95,7 @@ class SYNCBN_API IsolatedReplication {
  private:
   struct BufferLink {
     at::Tensor original, replica;
-    int64_t version;  // the replica buffer's version when replicated
+    int64_t original_version, replica_version;  // when replicated
   };
   std::vector<std::shared_ptr<CallbackContext>> contexts_;
   std::vector<BufferLink> links_;
