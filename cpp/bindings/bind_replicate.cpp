@@ -1,5 +1,8 @@
 #include <syncbn/replicate.h>
 
+#include <tuple>
+#include <vector>
+
 #include "bindings.h"
 #include "py_object_ref.h"
 
@@ -57,6 +60,19 @@ void bind_replicate(py::module_& m) {
       py::arg("parameters"),
       "A replica's handles on parameters: the same data, each gradient handed to its parameter's through a node "
       "autograd runs as soon as that gradient is complete (as AccumulateGrad), not at the end of the backward.");
+  m.def(
+      "write_back_buffers",
+      [](const std::vector<std::tuple<at::Tensor, at::Tensor, int64_t, int64_t>>& buffers) {
+        std::vector<BufferCopy> copies;
+        copies.reserve(buffers.size());
+        for (const auto& [original, copy, original_version, copy_version] : buffers) {
+          copies.push_back({original, copy, original_version, copy_version});
+        }
+        write_back_buffers(copies);
+      },
+      py::arg("buffers"),
+      "Given (original, copy, original's version, copy's version) per buffer, the versions when the copy was made: "
+      "copies into each original the copy a replica changed (syncbn::write_back_buffers).");
 }
 
 }  // namespace syncbn::python

@@ -194,7 +194,7 @@ IsolatedReplication::IsolatedReplication(const std::shared_ptr<torch::nn::Module
   TORCH_CHECK_VALUE(!clones.empty(), "IsolatedReplication needs at least one clone");
   std::vector<std::pair<at::Tensor, at::Tensor>> pairs;
   link_clones(original, clones, &pairs);
-  for (auto& [source, copy] : pairs) links_.push_back({source, copy, source._version(), copy._version()});
+  for (auto& [source, copy] : pairs) buffers_.push_back({source, copy, source._version(), copy._version()});
   contexts_ = execute_replication_callbacks(clones);
 }
 
@@ -202,32 +202,28 @@ std::shared_ptr<ReplicationGroup> IsolatedReplication::group() const {
   return contexts_.empty() ? nullptr : contexts_.front()->group();
 }
 
-void IsolatedReplication::write_back() const {
-  auto write = [this] {
-    torch::NoGradGuard no_grad;
-    // Its version alone does not tell whether replica 0 changed a buffer: some kernels write their arguments in
-    // place without counting a version (BatchNorm's running statistics), some also resize them. So an unchanged
-    // version is checked by comparing the copy with the original, unless the original was written in the meantime
-    // (through a reference the module keeps besides its buffers: that write stays). Every buffer is compared
-    // before any is written, so an original that views another (and sees its write) is not taken for changed.
-    // Only dense tensors can be compared (at::equal).
-    auto changed_by_replica = [](const BufferLink& link) {
-      if (link.replica._version() != link.replica_version) return true;
-      if (link.original._version() != link.original_version || link.replica.layout() != at::kStrided ||
-          link.replica.is_nested()) {
-        return false;
-      }
-      return !link.replica.sizes().equals(link.original.sizes()) || !at::equal(link.replica, link.original);
-    };
-    std::vector<const BufferLink*> changed;
-    for (const auto& link : links_) {
-      if (changed_by_replica(link)) changed.push_back(&link);
+void write_back_buffers(const std::vector<BufferCopy>& buffers) {
+  torch::NoGradGuard no_grad;
+  auto changed_by_replica = [](const BufferCopy& buffer) {
+    if (buffer.copy._version() != buffer.copy_version) return true;
+    if (buffer.original._version() != buffer.original_version || buffer.copy.layout() != at::kStrided ||
+        buffer.copy.is_nested()) {
+      return false;
     }
-    for (const auto* link : changed) {
-      if (!link->original.sizes().equals(link->replica.sizes())) link->original.resize_(link->replica.sizes());
-      link->original.copy_(link->replica);
-    }
+    return !buffer.copy.sizes().equals(buffer.original.sizes()) || !at::equal(buffer.copy, buffer.original);
   };
+  std::vector<const BufferCopy*> changed;
+  for (const auto& buffer : buffers) {
+    if (changed_by_replica(buffer)) changed.push_back(&buffer);
+  }
+  for (const auto* buffer : changed) {
+    if (!buffer->original.sizes().equals(buffer->copy.sizes())) buffer->original.resize_(buffer->copy.sizes());
+    buffer->original.copy_(buffer->copy);
+  }
+}
+
+void IsolatedReplication::write_back() const {
+  auto write = [this] { write_back_buffers(buffers_); };
   if (auto replication = group()) {
     replication->commit(write);
   } else {

@@ -17,7 +17,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -284,31 +284,12 @@ class _ReplicateOptimized:
         return replica
 
 
-class _BufferLink(NamedTuple):
-    """A buffer of the original module and replica 0's copy of it, with both versions when the copy was made."""
+def _isolate_buffers(original: nn.Module, replica: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, int, int]]:
+    """Gives ``replica`` copies of the buffers it shares with ``original``.
 
-    original: torch.Tensor
-    copy: torch.Tensor
-    original_version: int
-    copy_version: int
-
-    def changed_by_replica(self) -> bool:
-        """Whether replica 0 changed its copy. The copy's version alone does not tell: some kernels write their
-        arguments in place without counting a version (BatchNorm's running statistics, fake quantization's
-        observers, which may also resize them), so an unchanged version is checked by comparing the copy with
-        the original, unless the original was written in the meantime (through a reference the module keeps
-        besides its buffers: that write stays). Only dense tensors can be compared (``torch.equal``)."""
-        original, copy = self.original, self.copy
-        if copy._version != self.copy_version:
-            return True
-        if original._version != self.original_version or copy.layout != torch.strided or copy.is_nested:
-            return False
-        return copy.shape != original.shape or not torch.equal(copy, original)
-
-
-def _isolate_buffers(original: nn.Module, replica: nn.Module) -> list[_BufferLink]:
-    """Gives ``replica`` copies of the buffers it shares with ``original``; returns their links."""
-    links: list[_BufferLink] = []
+    Returns (original, copy, the original's version, the copy's version) per buffer.
+    """
+    links: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
     copies: dict[int, torch.Tensor] = {}
     for source, target in zip(original.modules(), replica.modules(), strict=False):
         for key, buf in target._buffers.items():
@@ -317,7 +298,7 @@ def _isolate_buffers(original: nn.Module, replica: nn.Module) -> list[_BufferLin
             copy = copies.get(id(buf))
             if copy is None:
                 copy = copies[id(buf)] = buf.detach().clone()
-                links.append(_BufferLink(buf, copy, buf._version, copy._version))
+                links.append((buf, copy, buf._version, copy._version))
             target._buffers[key] = copy
     return links
 
@@ -337,7 +318,7 @@ class Replication:
 
     def __init__(self, replicas: Sequence[nn.Module], original: nn.Module | None = None) -> None:
         self.group: Any = None
-        self._links: list[_BufferLink] = []
+        self._links: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
         if not replicas:
             return
         if original is not None:
@@ -354,13 +335,7 @@ class Replication:
     @torch.compiler.disable  # runs as it is under a compiled wrapper: tensor versions and values are the question
     def write_back(self) -> None:
         """Copies each buffer replica 0 changed into the original's tensor (in place, resized as replica 0 resized
-        it), unless closed. Every buffer is compared before any is written, so an original that views another
-        (and sees its write) is not taken for changed."""
+        it; see ``syncbn::write_back_buffers`` for what counts as changed), unless closed."""
         if self.group is not None and self.group.closed:
             return
-        with torch.no_grad():
-            changed = [link for link in self._links if link.changed_by_replica()]
-            for link in changed:
-                if link.original.shape != link.copy.shape:
-                    link.original.resize_(link.copy.shape)
-                link.original.copy_(link.copy)
+        _C.write_back_buffers(self._links)

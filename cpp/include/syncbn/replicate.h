@@ -74,6 +74,25 @@ SYNCBN_API at::Tensor parameter_alias(const at::Tensor& parameter);
 SYNCBN_API std::vector<std::shared_ptr<CallbackContext>> complete_replication(
     const std::shared_ptr<torch::nn::Module>& original, const std::vector<std::shared_ptr<torch::nn::Module>>& clones);
 
+// A buffer of a module and replica 0's copy of it, with both versions when the
+// copy was made.
+struct BufferCopy {
+  at::Tensor original, copy;
+  int64_t original_version, copy_version;
+};
+
+// Copies into each original the copy replica 0 changed (in place, resized as
+// the copy was). Changed: its version moved or, since some kernels write their
+// arguments in place without counting a version (BatchNorm's running
+// statistics, fake quantization's observers, which may also resize them), its
+// shape or values differ from the original's, unless the original was written
+// in the meantime (through a reference the module keeps besides its buffers:
+// that write stays). Every buffer is compared before any is written, so an
+// original that views another (and sees its write) is not taken for changed.
+// Only dense tensors can be compared (at::equal); others go by their version.
+// Used by IsolatedReplication and by Python's CPU replicas.
+SYNCBN_API void write_back_buffers(const std::vector<BufferCopy>& buffers);
+
 // A replication whose replica 0 works on copies of the original's buffers:
 // nothing a replica does reaches the original until write_back() (after every
 // replica's forward succeeded) copies the buffers replica 0 changed into the
@@ -86,19 +105,13 @@ class SYNCBN_API IsolatedReplication {
 
   // The replication's group (shared by every context).
   std::shared_ptr<ReplicationGroup> group() const;
-  // Copies each buffer of replica 0 that changed since the replication (its
-  // version moved, or its shape or values differ from the original's) into the
-  // original's (same tensor objects, in place, resized as replica 0 resized it),
-  // unless the group was closed.
+  // Copies each buffer replica 0 changed into the original's (same tensor
+  // objects: write_back_buffers), unless the group was closed.
   void write_back() const;
 
  private:
-  struct BufferLink {
-    at::Tensor original, replica;
-    int64_t original_version, replica_version;  // when replicated
-  };
   std::vector<std::shared_ptr<CallbackContext>> contexts_;
-  std::vector<BufferLink> links_;
+  std::vector<BufferCopy> buffers_;
 };
 
 // Held by syncbn::data_parallel from before its clones to the write-back: the
