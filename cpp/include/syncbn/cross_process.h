@@ -37,9 +37,9 @@ struct GroupStatistics {
 // One synchronized call's statistics across the group, in one all-gather of a
 // packed tensor of the same size on every rank: every rank's (call number on
 // this group, kind, layer id, channels, count) and (mean, M2) for as many
-// channels as followed the previous exchange last time (every rank learns this alike from the
-// exchanged headers; exact from the second step of a network that calls its
-// layers in the same order). The headers are checked to agree before anything
+// channels as followed the previous exchange last time (every rank learns this
+// alike from the exchanged headers; exact from the second step of a network
+// that calls its layers in the same order). The headers are checked to agree before anything
 // is paired, so ranks at different layers or calls fail with a BarrierError on
 // every rank naming each rank's layer; channels the first exchange had no room
 // for (the first step, a new order) follow in a second all-gather. Merged with
@@ -56,7 +56,7 @@ SYNCBN_API GroupStatistics merge_across_processes(const ProcessGroupPtr& group, 
 // one all-gather, summed in rank order (fewer steps than an all-reduce for so
 // few values, and bitwise alike on every rank); undefined gradients count as
 // zeros. Returns float64. Packed as the forward's rows are, with a header
-// (backward exchange number, layer id, channels), so that ranks out of step
+// (backward exchange number, kind, layer id, channels), so that ranks out of step
 // (one in backward, another in its next forward: a rank whose loss does not
 // use a call's output makes no backward exchange for it) fail with a
 // BarrierError on every rank, whatever the transport.
