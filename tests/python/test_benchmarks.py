@@ -38,3 +38,8 @@ def test_bench_distributed_smoke():
     out = run_script("bench_distributed.py", "--quick")
     for row in ("1 CPU replica(s)", "2 CPU replica(s)", "per synchronized layer and step"):
         assert row in out
+
+
+def test_buffer_cost_smoke():
+    out = run_script("buffer_cost.py", "--sizes-mb", "0", "4", "--iters", "1", "--rounds", "1")
+    assert "4 MB" in out and "ms per step per 100 MB of buffers" in out and "torch.equal" in out
