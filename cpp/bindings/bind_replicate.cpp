@@ -62,7 +62,8 @@ void bind_replicate(py::module_& m) {
       "autograd runs as soon as that gradient is complete (as AccumulateGrad), not at the end of the backward.");
   m.def(
       "write_back_buffers",
-      [](const std::vector<std::tuple<at::Tensor, at::Tensor, int64_t, int64_t>>& buffers) {
+      [](const std::vector<std::tuple<at::Tensor, at::Tensor, std::optional<int64_t>, std::optional<int64_t>>>&
+             buffers) {
         std::vector<BufferCopy> copies;
         copies.reserve(buffers.size());
         for (const auto& [original, copy, original_version, copy_version] : buffers) {
@@ -71,8 +72,11 @@ void bind_replicate(py::module_& m) {
         write_back_buffers(copies);
       },
       py::arg("buffers"),
-      "Given (original, copy, original's version, copy's version) per buffer, the versions when the copy was made: "
-      "copies into each original the copy a replica changed (syncbn::write_back_buffers).");
+      "Given (original, copy, original's version, copy's version) per buffer, the versions when the copy was made "
+      "(None for an inference tensor): copies into each original the copy a replica changed "
+      "(syncbn::write_back_buffers).");
+  m.def("version_of", &version_of, py::arg("tensor"),
+        "A tensor's version counter, or None for an inference tensor (syncbn::version_of).");
 }
 
 }  // namespace syncbn::python

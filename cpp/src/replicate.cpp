@@ -194,7 +194,7 @@ IsolatedReplication::IsolatedReplication(const std::shared_ptr<torch::nn::Module
   TORCH_CHECK_VALUE(!clones.empty(), "IsolatedReplication needs at least one clone");
   std::vector<std::pair<at::Tensor, at::Tensor>> pairs;
   link_clones(original, clones, &pairs);
-  for (auto& [source, copy] : pairs) buffers_.push_back({source, copy, source._version(), copy._version()});
+  for (auto& [source, copy] : pairs) buffers_.push_back({source, copy, version_of(source), version_of(copy)});
   contexts_ = execute_replication_callbacks(clones);
 }
 
@@ -202,14 +202,17 @@ std::shared_ptr<ReplicationGroup> IsolatedReplication::group() const {
   return contexts_.empty() ? nullptr : contexts_.front()->group();
 }
 
+std::optional<int64_t> version_of(const at::Tensor& tensor) {
+  if (tensor.is_inference()) return std::nullopt;
+  return tensor._version();
+}
+
 void write_back_buffers(const std::vector<BufferCopy>& buffers) {
   torch::NoGradGuard no_grad;
   auto changed_by_replica = [](const BufferCopy& buffer) {
-    if (buffer.copy._version() != buffer.copy_version) return true;
-    if (buffer.original._version() != buffer.original_version || buffer.copy.layout() != at::kStrided ||
-        buffer.copy.is_nested()) {
-      return false;
-    }
+    if (buffer.copy_version && version_of(buffer.copy) != buffer.copy_version) return true;
+    if (buffer.original_version && version_of(buffer.original) != buffer.original_version) return false;
+    if (buffer.copy.layout() != at::kStrided || buffer.copy.is_nested()) return !buffer.copy_version;
     return !buffer.copy.sizes().equals(buffer.original.sizes()) || !at::equal(buffer.copy, buffer.original);
   };
   std::vector<const BufferCopy*> changed;

@@ -284,12 +284,15 @@ class _ReplicateOptimized:
         return replica
 
 
-def _isolate_buffers(original: nn.Module, replica: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, int, int]]:
+def _isolate_buffers(
+    original: nn.Module, replica: nn.Module
+) -> list[tuple[torch.Tensor, torch.Tensor, int | None, int | None]]:
     """Gives ``replica`` copies of the buffers it shares with ``original``.
 
-    Returns (original, copy, the original's version, the copy's version) per buffer.
+    Returns (original, copy, the original's version, the copy's version) per buffer (``None``: an inference tensor,
+    which has no version).
     """
-    links: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
+    links: list[tuple[torch.Tensor, torch.Tensor, int | None, int | None]] = []
     copies: dict[int, torch.Tensor] = {}
     for source, target in zip(original.modules(), replica.modules(), strict=False):
         for key, buf in target._buffers.items():
@@ -298,7 +301,7 @@ def _isolate_buffers(original: nn.Module, replica: nn.Module) -> list[tuple[torc
             copy = copies.get(id(buf))
             if copy is None:
                 copy = copies[id(buf)] = buf.detach().clone()
-                links.append((buf, copy, buf._version, copy._version))
+                links.append((buf, copy, _C.version_of(buf), _C.version_of(copy)))
             target._buffers[key] = copy
     return links
 
@@ -318,7 +321,7 @@ class Replication:
 
     def __init__(self, replicas: Sequence[nn.Module], original: nn.Module | None = None) -> None:
         self.group: Any = None
-        self._links: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
+        self._links: list[tuple[torch.Tensor, torch.Tensor, int | None, int | None]] = []
         if not replicas:
             return
         if original is not None:

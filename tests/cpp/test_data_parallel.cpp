@@ -545,3 +545,40 @@ TEST(DataParallel, EveryBufferReplicaZeroChangesReachesTheModuleAsOnGpus) {
     }
   }
 }
+
+TEST(DataParallel, InferenceModeForwardsUpdateAndReadTheBuffersAsOnGpus) {
+  // Under c10::InferenceMode replica 0's copies of the buffers are inference tensors, which count no version: they
+  // are compared instead. The synchronized layer gives the whole batch's outputs and statistics; a
+  // torch::nn::BatchNorm gets replica 0's update, as on GPUs; in eval mode nothing changes. Also for a module built
+  // under inference mode (its own buffers inference tensors).
+  for (const bool built_inside : {false, true}) {
+    for (const bool training : {true, false}) {
+      std::optional<c10::InferenceMode> building;
+      if (built_inside) building.emplace();
+      torch::manual_seed(0);
+      auto [synced, reference] = matching_layers(torch::nn::BatchNormOptions(3));
+      torch::nn::BatchNorm1d plain(3), plain_reference(3);
+      building.reset();
+      synced->train(training);
+      reference->train(training);
+      plain->train(training);
+      plain_reference->train(training);
+      const auto x = torch::randn({6, 3, 2, 2}, torch::kDouble) * 3 + 1;
+      const auto x_plain = torch::randn({6, 3}) * 3 + 1;
+      for (int step = 0; step < 2; ++step) {
+        const std::string where = std::string(built_inside ? "built inside" : "built outside") +
+                                  (training ? ", training" : ", eval") + ", step " + std::to_string(step);
+        c10::InferenceMode inference;
+        expect_close(syncbn::data_parallel(synced, x + step, cpu_replicas(2)), reference->forward(x + step),
+                     "output, " + where);
+        expect_close(synced->running_mean, reference->running_mean, "running_mean, " + where);
+        expect_close(synced->running_var, reference->running_var, "running_var, " + where);
+        EXPECT_EQ(synced->num_batches_tracked.item<int64_t>(), reference->num_batches_tracked.item<int64_t>()) << where;
+        syncbn::data_parallel(plain, x_plain + step, cpu_replicas(2));
+        plain_reference->forward(x_plain.slice(0, 0, 3) + step);  // replica 0's slice
+        EXPECT_TRUE(torch::allclose(plain->running_mean, plain_reference->running_mean)) << "plain, " << where;
+        EXPECT_TRUE(torch::allclose(plain->running_var, plain_reference->running_var)) << "plain, " << where;
+      }
+    }
+  }
+}

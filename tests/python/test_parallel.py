@@ -255,6 +255,51 @@ def test_every_buffer_replica_0_changes_reaches_the_module_as_on_gpus(n):
     assert model[1].first_counts.data_ptr() == counts.data_ptr() and torch.equal(counts, torch.full((4,), 2.0))
 
 
+def under_inference_mode(forward):
+    """``forward`` called under ``torch.inference_mode()`` (thread-local: call_with_timeout calls it on a thread)."""
+
+    def call(*args):
+        with torch.inference_mode():
+            return forward(*args)
+
+    return call
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_inference_mode_forwards_update_and_read_the_buffers_as_on_gpus(training):
+    # Under torch.inference_mode() replica 0's copies of the buffers are inference tensors, which count no version:
+    # they are compared instead. As on GPUs, the synchronized layer gives the whole batch's outputs and statistics,
+    # the other modules' buffers get replica 0's updates, and in eval mode nothing changes.
+    torch.manual_seed(0)
+    synchronized = nn.Sequential(nn.Linear(3, 3), syncbn_ext.SynchronizedBatchNorm1d(3)).train(training)
+    writers = nn.Sequential(FunctionalRunningStats(3), KeepsItsLastBatch(), MarksThroughAnAlias()).train(training)
+    whole_batch = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).train(training)
+    whole_batch.load_state_dict(synchronized.state_dict())
+    writers_reference = copy.deepcopy(writers)
+    x = torch.randn(6, 3) * 3 + 1
+    for step in range(2):
+        with torch.inference_mode():
+            out = call_with_timeout(under_inference_mode(cpu_dp(synchronized, 2)), x + step)
+            expected = whole_batch(x + step)
+            call_with_timeout(under_inference_mode(cpu_dp(writers, 2)), x + step)
+            writers_reference(x[:3] + step)  # replica 0's slice
+        torch.testing.assert_close(out, expected)
+        for name, tensor in whole_batch.state_dict().items():
+            torch.testing.assert_close(synchronized.state_dict()[name], tensor, msg=name)
+        for name, tensor in writers_reference.state_dict().items():
+            torch.testing.assert_close(writers.state_dict()[name].to_dense(), tensor.to_dense(), msg=name)
+
+    with torch.inference_mode():  # a module built under inference mode: its own buffers are inference tensors
+        built_inside = nn.Sequential(nn.Linear(3, 3), syncbn_ext.SynchronizedBatchNorm1d(3)).train(training)
+        whole_batch = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).train(training)
+        whole_batch.load_state_dict(built_inside.state_dict())
+        out = call_with_timeout(under_inference_mode(cpu_dp(built_inside, 2)), x)
+        expected = whole_batch(x)
+    torch.testing.assert_close(out, expected)
+    for name, tensor in whole_batch.state_dict().items():
+        torch.testing.assert_close(built_inside.state_dict()[name], tensor, msg=name)
+
+
 def test_fake_quantization_observers_under_the_replicas_observe_as_on_gpus():
     # Quantization-aware training: torch's fused observers update (and resize) their buffers without counting a
     # version. As on GPUs, the module's observers observe replica 0's slice.

@@ -4,6 +4,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -74,11 +75,14 @@ SYNCBN_API at::Tensor parameter_alias(const at::Tensor& parameter);
 SYNCBN_API std::vector<std::shared_ptr<CallbackContext>> complete_replication(
     const std::shared_ptr<torch::nn::Module>& original, const std::vector<std::shared_ptr<torch::nn::Module>>& clones);
 
-// A buffer of a module and replica 0's copy of it, with both versions when the
-// copy was made.
+// A tensor's version counter; none for an inference tensor, which has none.
+SYNCBN_API std::optional<int64_t> version_of(const at::Tensor& tensor);
+
+// A buffer of a module and replica 0's copy of it, with both versions (as
+// version_of) when the copy was made.
 struct BufferCopy {
   at::Tensor original, copy;
-  int64_t original_version, copy_version;
+  std::optional<int64_t> original_version, copy_version;
 };
 
 // Copies into each original the copy replica 0 changed (in place, resized as
@@ -90,6 +94,9 @@ struct BufferCopy {
 // that write stays). Every buffer is compared before any is written, so an
 // original that views another (and sees its write) is not taken for changed.
 // Only dense tensors can be compared (at::equal); others go by their version.
+// A tensor without a version (an inference tensor: copies made, or a module
+// built, under inference mode) goes by comparison alone; a non-dense copy
+// without one is copied back.
 // Used by IsolatedReplication and by Python's CPU replicas.
 SYNCBN_API void write_back_buffers(const std::vector<BufferCopy>& buffers);
 
