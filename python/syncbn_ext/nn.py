@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.nn.modules.batchnorm import BatchNorm1d as _TorchBatchNorm1d
 from torch.nn.modules.batchnorm import BatchNorm2d as _TorchBatchNorm2d
 from torch.nn.modules.batchnorm import BatchNorm3d as _TorchBatchNorm3d
@@ -80,6 +81,14 @@ def _traced_as_a_leaf(layer: _BatchNorm, input: torch.fx.Proxy) -> torch.fx.Prox
 def _how_it_normalizes(copy_id: int | None, group: object) -> str:
     """What takes a layer off ``nn.BatchNorm``'s forward, for the errors of the transforms that cannot follow it."""
     return "in the clamp eps mode" if copy_id is None and group is None else "across replicas or processes"
+
+
+def _carries_a_tangent(*tensors: Tensor | None) -> bool:
+    """Whether one of ``tensors`` is a forward-mode AD dual tensor at the open level (none open: no, at once; the
+    level is what ``forward_ad.unpack_dual`` itself reads, and the full check would cost each call a microsecond)."""
+    if getattr(forward_ad, "_current_level", 0) < 0:
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 class _SynchronizedBatchNorm(_BatchNorm):
@@ -228,6 +237,14 @@ class _SynchronizedBatchNorm(_BatchNorm):
                 f"normalizes with batch statistics {_how_it_normalizes(copy_id, group)}: its synchronized forward is "
                 "a C++ autograd function, which torch.func does not support. torch.autograd.grad(..., "
                 "create_graph=True) gives its second derivatives (torch.autograd.functional.hessian and hvp too); or "
+                "use eval mode, set_sbn_eps_mode('plus') for a lone module, or revert_model() a copy"
+            )
+        if _carries_a_tangent(input, self.weight, self.bias):
+            raise RuntimeError(
+                f"{type(self).__name__} cannot compute forward-mode derivatives (torch.autograd.forward_ad dual "
+                f"tensors) while it normalizes with batch statistics {_how_it_normalizes(copy_id, group)}: its "
+                "synchronized forward is a C++ autograd function without a forward-mode formula. "
+                "torch.autograd.functional.jvp gives the same Jacobian-vector products (through double backward); or "
                 "use eval mode, set_sbn_eps_mode('plus') for a lone module, or revert_model() a copy"
             )
         holds_buffers = copy_id is None or copy_id == 0

@@ -231,6 +231,43 @@ def test_parallel_backward_retraced_through_plain_layers_works():
     assert_same_grads(model, reference)
 
 
+def test_forward_mode_derivatives_through_a_synchronizing_layer_are_a_clear_error_and_jvp_works(eps_mode):
+    # Forward-mode AD needs a forward formula, which the C++ autograd function does not have (before: torch's "jvp is
+    # not implemented for the c++ API of custom Function yet", naming neither the layer nor a way out).
+    # torch.autograd.functional.jvp, through double backward, gives the whole batch's Jacobian-vector products.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), SynchronizedBatchNorm2d(3)).double()
+    reference = copy.deepcopy(syncbn_ext.revert_model(copy.deepcopy(model)))
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=False)
+    x, tangent = torch.randn(6, 3, 2, 2, dtype=torch.float64), torch.randn(6, 3, 2, 2, dtype=torch.float64)
+
+    def forward_ad_jvp(module):
+        with torch.autograd.forward_ad.dual_level():
+            return torch.autograd.forward_ad.unpack_dual(module(torch.autograd.forward_ad.make_dual(x, tangent)))
+
+    with pytest.raises(
+        RuntimeError,
+        match=r"SynchronizedBatchNorm2d cannot compute forward-mode derivatives.*"
+        r"across replicas or processes.*torch.autograd.functional.jvp",
+    ) as raised:
+        call_with_timeout(forward_ad_jvp, dp)
+    assert raised.value.__notes__ == ["(raised in replica 0 on device cpu)"]
+    assert model[1].num_batches_tracked.item() == 0
+    eps_mode("clamp")
+    with pytest.raises(RuntimeError, match=r"cannot compute forward-mode derivatives.*in the clamp eps mode"):
+        forward_ad_jvp(model[1])
+    eps_mode("plus")
+    # A lone layer in the default eps mode is nn.BatchNorm, which has a forward formula.
+    lone = copy.deepcopy(model[1])
+    torch.testing.assert_close(forward_ad_jvp(lone).tangent, forward_ad_jvp(reference[1]).tangent)
+
+    model.zero_grad()
+    out, jvp = call_with_timeout(torch.autograd.functional.jvp, dp, x, tangent)
+    expected_out, expected_jvp = torch.autograd.functional.jvp(reference, x, tangent)
+    torch.testing.assert_close(out, expected_out)
+    torch.testing.assert_close(jvp, expected_jvp)
+
+
 @pytest.mark.parametrize("transform", ["grad", "vmap"])
 def test_torch_func_transforms_over_a_synchronizing_layer_are_a_clear_error(transform, eps_mode):
     # The synchronized forward is a C++ autograd function, which torch.func does not support (before: torch's
