@@ -221,9 +221,6 @@ class _SynchronizedBatchNorm(_BatchNorm):
             # Running statistics, or a lone module with nn.BatchNorm's eps: nn.BatchNorm itself.
             return super().forward(input)
 
-        self._check_input_dim(input)
-        if self.eps <= 0.0:  # F.batch_norm's check, which this path does not go through
-            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
         if torch.jit.is_tracing() or torch.compiler.is_exporting():
             raise RuntimeError(
                 f"{type(self).__name__} cannot be traced or exported while it normalizes with batch statistics "
@@ -231,6 +228,16 @@ class _SynchronizedBatchNorm(_BatchNorm):
                 "or export in eval mode (running statistics: nn.BatchNorm's forward), use set_sbn_eps_mode('plus') "
                 "for a lone module, or revert_model() a copy"
             )
+        return self._forward_with_batch_statistics(input, copy_id, group, eps_mode)
+
+    # Opaque to Dynamo: torch.compile breaks the graph at this call and compiles around it. (Traced, its torch.func
+    # check read true, and Dynamo, meeting that error, ran the whole calling frame eagerly from then on.)
+    @torch.compiler.disable
+    def _forward_with_batch_statistics(self, input: Tensor, copy_id: int | None, group: Any, eps_mode: str) -> Tensor:
+        """The synchronized forward: batch statistics merged over the replicas and the process group."""
+        self._check_input_dim(input)
+        if self.eps <= 0.0:  # F.batch_norm's check, which this path does not go through
+            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
         if torch._C._functorch.peek_interpreter_stack() is not None:
             raise RuntimeError(
                 f"{type(self).__name__} cannot run under torch.func transforms (grad, vmap, jacrev, ...) while it "

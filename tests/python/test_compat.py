@@ -3,8 +3,10 @@ modules, torch's own SyncBatchNorm, and the exceptions replicas raise."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import errno
+import threading
 
 import pytest
 import torch
@@ -272,6 +274,58 @@ def test_compiling_the_wrapper_matches_the_whole_batch():
         torch.testing.assert_close(p.grad, p_ref.grad)
     torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
     assert model[1].num_batches_tracked.item() == 2
+
+
+class GraphRecorder:
+    """A ``torch.compile`` backend that counts the functions called in the graphs it is given (and runs them as they
+    are)."""
+
+    def __init__(self) -> None:
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.lock = threading.Lock()  # replicas compile on their threads
+
+    def __call__(self, graph_module, example_inputs):
+        with self.lock:
+            self.calls.update(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    def count(self, name: str) -> int:
+        with self.lock:
+            return sum(n for target, n in self.calls.items() if name in target)
+
+
+class LinearNormLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.norm, self.second = nn.Linear(C, C), SynchronizedBatchNorm1d(C), nn.Linear(C, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.norm(self.first(x)).relu())
+
+
+def test_compiled_models_compile_around_a_synchronizing_layer(eps_mode):
+    # A synchronizing forward is opaque to Dynamo (one graph break), not a reason to run the whole model eagerly.
+    # Before, Dynamo took the layer's torch.func check for true, met its error, and gave up on the model's forward for
+    # good: no graph compiled, and every later compile of that code skipped (fullgraph=True: "found no compiled
+    # frames").
+    torch._dynamo.reset()
+    x = torch.randn(8, C, dtype=torch.float64)
+
+    def model() -> nn.Module:
+        return LinearNormLinear().double()  # not an nn.Sequential: Dynamo compiles no torch.nn container's frame
+
+    eps_mode("clamp")
+    lone = GraphRecorder()
+    torch.compile(model(), backend=lone)(x).sum().backward()
+    assert lone.count("linear") == 2, lone.calls  # the graphs before and after the layer
+    eps_mode("plus")
+    replicas = GraphRecorder()
+    call_with_timeout(replicated(torch.compile(model(), backend=replicas), 2), x, timeout=300).sum().backward()
+    assert replicas.count("linear") >= 2, replicas.calls
+    # A lone layer in the default eps mode is nn.BatchNorm: the whole model is one graph.
+    whole = GraphRecorder()
+    torch.compile(model(), backend=whole, fullgraph=True)(x).sum().backward()
+    assert whole.count("linear") == 2 and whole.count("batch_norm") == 1, whole.calls
 
 
 # ---------------------------------------------------------------------------------------------------------------
