@@ -159,11 +159,11 @@ def _writable(target: torch.Tensor, other: torch.Tensor, role: str) -> bool:
         and _dense(target)
     ):
         return False
-    counts = (
-        sys.getrefcount(target),
-        target._use_count(),
-        torch._C._storage_Use_Count(target.untyped_storage()._cdata),
-    )
+    try:
+        storage_uses = torch._C._storage_Use_Count(target.untyped_storage()._cdata)
+    except NotImplementedError:  # a tensor without storage: vmap's batched gradients (is_grads_batched=True)
+        return False
+    counts = (sys.getrefcount(target), target._use_count(), storage_uses)
     if _CALIBRATION is not None:
         _CALIBRATION[role] = counts
         return False

@@ -109,6 +109,20 @@ def test_autograd_grad_with_respect_to_parameters_and_inputs():
     assert all(p.grad is None for p in params)  # autograd.grad does not accumulate
 
 
+def test_batched_gradients_give_the_whole_batch_vector_jacobian_products():
+    # torch.autograd.grad(..., is_grads_batched=True) runs the backward under vmap: the gradients the replicas' sums
+    # add are batched tensors, which have no storage to tell whether they may be written in place.
+    dp, model, reference, x = setup()
+    xp, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, out_ref = call_with_timeout(dp, xp), reference(xr)
+    vectors = torch.randn(3, *out.shape, dtype=torch.float64)
+    params, params_ref = list(model.parameters()), list(reference.parameters())
+    grads = call_with_timeout(torch.autograd.grad, out, [xp, *params], vectors, is_grads_batched=True)
+    grads_ref = torch.autograd.grad(out_ref, [xr, *params_ref], vectors, is_grads_batched=True)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
+
+
 def test_retain_graph_and_a_second_backward():
     dp, model, reference, x = setup()
     y, y_ref = call_with_timeout(dp, x), reference(x)
