@@ -14,6 +14,7 @@ import contextlib
 import os
 import sys
 import threading
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -241,10 +242,11 @@ def shallow_replica(module: nn.Module) -> nn.Module:
 
 
 def rebind_compiled_modules(replicas: Sequence[nn.Module]) -> None:
-    """Points each replicated ``torch.compile`` wrapper at its replica's module.
+    """Points each replicated ``torch.compile`` wrapper, and each module compiled in place, at its replica.
 
-    An ``OptimizedModule`` keeps its compiled forward in its ``__dict__``, bound to the module it wrapped: as
-    copied, the replica would run the *original* module. Rebinding compiles the replica's.
+    An ``OptimizedModule`` keeps its compiled forward in its ``__dict__``, bound to the module it wrapped, and a
+    module compiled in place (``Module.compile()``) its compiled call, bound to itself: as copied, the replica would
+    run the *original* module. Rebinding compiles the replica's, with the same options.
     """
     optimized = _optimized_module_type()
     if optimized is None:
@@ -253,6 +255,30 @@ def rebind_compiled_modules(replicas: Sequence[nn.Module]) -> None:
         for m in replica.modules():
             if isinstance(m, optimized):
                 m._initialize()
+            elif m.__dict__.get("_compiled_call_impl") is not None:
+                m.__dict__["_compiled_call_impl"] = _compiled_call_of(m)
+
+
+def _compiled_call_of(replica: nn.Module) -> Any:
+    """The replica's own compiled call: the original's ``torch.compile`` context (its backend, mode and options) applied
+    to the replica's ``_call_impl``. Where that context cannot be found (a torch that keeps it elsewhere), ``None``:
+    the replica runs eagerly (right, not compiled), with a warning."""
+    from torch._dynamo.eval_frame import _TorchDynamoContext
+
+    compiled = replica.__dict__["_compiled_call_impl"]
+    for cell in getattr(compiled, "__closure__", None) or ():
+        try:
+            context = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(context, _TorchDynamoContext):
+            return context(replica._call_impl)
+    warnings.warn(
+        f"syncbn_ext: cannot recompile the replicas of a {type(replica).__name__} compiled in place "
+        "(Module.compile()) with its options; they run eagerly. Replicate torch.compile(module) instead",
+        stacklevel=3,
+    )
+    return None
 
 
 @contextlib.contextmanager

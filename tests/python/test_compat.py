@@ -328,6 +328,31 @@ def test_compiled_models_compile_around_a_synchronizing_layer(eps_mode):
     assert whole.count("linear") == 2 and whole.count("batch_norm") == 1, whole.calls
 
 
+def test_replicating_a_module_compiled_in_place_matches_the_whole_batch():
+    # Module.compile() keeps a compiled call bound to the module in its __dict__: copied as it is, every replica ran
+    # the *original* module on its slice (its buffers written by every thread, its layers not synchronized).
+    torch.manual_seed(0)
+    model = LinearNormLinear().double()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    recorder = GraphRecorder()
+    model.compile(backend=recorder)
+    dp = replicated(model, 2)
+    for step in range(2):
+        x = torch.randn(8, C, dtype=torch.float64) + step
+        y = call_with_timeout(dp, x, timeout=300)
+        y_ref = reference(x)
+        torch.testing.assert_close(y, y_ref)
+        y.square().sum().backward()
+        y_ref.square().sum().backward()
+    for p, p_ref in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad)
+    torch.testing.assert_close(model.norm.running_var, reference.norm.running_var)
+    assert model.norm.num_batches_tracked.item() == 2
+    assert recorder.count("linear") >= 2, recorder.calls  # the replicas ran compiled
+    model.eval(), reference.eval()
+    torch.testing.assert_close(model(x), reference(x))  # the original's own compiled call is intact
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Tensor subclasses
 # ---------------------------------------------------------------------------------------------------------------
