@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import copy
 import errno
+import functools
 import threading
 
 import pytest
@@ -351,6 +352,20 @@ def test_replicating_a_module_compiled_in_place_matches_the_whole_batch():
     assert recorder.count("linear") >= 2, recorder.calls  # the replicas ran compiled
     model.eval(), reference.eval()
     torch.testing.assert_close(model(x), reference(x))  # the original's own compiled call is intact
+
+
+def test_a_compiled_call_whose_options_cannot_be_found_leaves_the_replicas_eager_with_a_warning():
+    # A compiled call without torch.compile's context where this torch keeps it: the replicas run their own forward
+    # eagerly (right, not compiled) rather than the original's.
+    torch.manual_seed(0)
+    model = LinearNormLinear().double()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    model.__dict__["_compiled_call_impl"] = functools.partial(model._call_impl)
+    x = torch.randn(8, C, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="cannot recompile the replicas of a LinearNormLinear.*run eagerly"):
+        y = call_with_timeout(replicated(model, 2), x)
+    torch.testing.assert_close(y, reference(x))
+    torch.testing.assert_close(model.norm.running_mean, reference.norm.running_mean)
 
 
 # ---------------------------------------------------------------------------------------------------------------
