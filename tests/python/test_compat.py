@@ -259,20 +259,27 @@ def test_replicating_a_compiled_module_matches_the_whole_batch():
     torch.testing.assert_close(compiled(x), reference(x))
 
 
-def test_compiling_the_wrapper_matches_the_whole_batch():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(C, C), SynchronizedBatchNorm1d(C), nn.ReLU(), nn.Linear(C, 2)).double()
-    reference = syncbn_ext.revert_model(copy.deepcopy(model))
-    compiled = torch.compile(replicated(model, 2))
+def two_steps_match_the_whole_batch(run, model: nn.Module, reference: nn.Module) -> torch.Tensor:
+    """Two training steps of ``run`` (``model`` replicated, compiled somehow) against ``reference`` on the whole
+    batch: the outputs, then the gradients. Returns the last batch."""
     for step in range(2):
         x = torch.randn(8, C, dtype=torch.float64) + step
-        y = call_with_timeout(compiled, x, timeout=300)
+        y = call_with_timeout(run, x, timeout=300)
         y_ref = reference(x)
         torch.testing.assert_close(y, y_ref)
         y.square().sum().backward()
         y_ref.square().sum().backward()
     for p, p_ref in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p.grad, p_ref.grad)
+    return x
+
+
+def test_compiling_the_wrapper_matches_the_whole_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(C, C), SynchronizedBatchNorm1d(C), nn.ReLU(), nn.Linear(C, 2)).double()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    compiled = torch.compile(replicated(model, 2))
+    two_steps_match_the_whole_batch(compiled, model, reference)
     torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
     assert model[1].num_batches_tracked.item() == 2
 
@@ -338,15 +345,7 @@ def test_replicating_a_module_compiled_in_place_matches_the_whole_batch():
     recorder = GraphRecorder()
     model.compile(backend=recorder)
     dp = replicated(model, 2)
-    for step in range(2):
-        x = torch.randn(8, C, dtype=torch.float64) + step
-        y = call_with_timeout(dp, x, timeout=300)
-        y_ref = reference(x)
-        torch.testing.assert_close(y, y_ref)
-        y.square().sum().backward()
-        y_ref.square().sum().backward()
-    for p, p_ref in zip(model.parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, p_ref.grad)
+    x = two_steps_match_the_whole_batch(dp, model, reference)
     torch.testing.assert_close(model.norm.running_var, reference.norm.running_var)
     assert model.norm.num_batches_tracked.item() == 2
     assert recorder.count("linear") >= 2, recorder.calls  # the replicas ran compiled
