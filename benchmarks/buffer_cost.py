@@ -67,15 +67,14 @@ def main() -> None:
         f"intra-op threads; median of {args.rounds} rounds x {args.iters} steps)"
     )
     print(f"{'buffer':>10} {'whole batch ms':>15} {'replicas ms':>12} {'replicas - whole ms':>20}")
-    base = None
+    wrapper_ms = {}  # per size, what the replicas add to the whole batch's step
     for size in args.sizes_mb:
         whole, replicas = ms[f"{size:g} MB, whole batch"], ms[f"{size:g} MB, {args.replicas} replicas"]
-        base = replicas - whole if base is None else base
+        wrapper_ms[size] = replicas - whole
         print(f"{size:>7g} MB {whole:>15.2f} {replicas:>12.2f} {replicas - whole:>20.2f}")
-    largest = max(args.sizes_mb)
-    if largest > min(args.sizes_mb):
-        whole, replicas = ms[f"{largest:g} MB, whole batch"], ms[f"{largest:g} MB, {args.replicas} replicas"]
-        added = (replicas - whole - base) / (largest - min(args.sizes_mb)) * 100
+    smallest, largest = min(args.sizes_mb), max(args.sizes_mb)
+    if largest > smallest:
+        added = (wrapper_ms[largest] - wrapper_ms[smallest]) / (largest - smallest) * 100
         print(f"added by the buffer: {added:.1f} ms per step per 100 MB of buffers")
 
     table = torch.randn(max(64, int(largest * 2**20) // 4))

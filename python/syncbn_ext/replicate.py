@@ -310,15 +310,17 @@ class _ReplicateOptimized:
         return replica
 
 
-def _isolate_buffers(
-    original: nn.Module, replica: nn.Module
-) -> list[tuple[torch.Tensor, torch.Tensor, int | None, int | None]]:
+# (a module's buffer, replica 0's copy, the buffer's version, the copy's version): what _C.write_back_buffers takes.
+_BufferCopy = tuple[torch.Tensor, torch.Tensor, int | None, int | None]
+
+
+def _isolate_buffers(original: nn.Module, replica: nn.Module) -> list[_BufferCopy]:
     """Gives ``replica`` copies of the buffers it shares with ``original``.
 
     Returns (original, copy, the original's version, the copy's version) per buffer (``None``: an inference tensor,
     which has no version).
     """
-    links: list[tuple[torch.Tensor, torch.Tensor, int | None, int | None]] = []
+    links: list[_BufferCopy] = []
     copies: dict[int, torch.Tensor] = {}
     for source, target in zip(original.modules(), replica.modules(), strict=False):
         for key, buf in target._buffers.items():
@@ -347,7 +349,7 @@ class Replication:
 
     def __init__(self, replicas: Sequence[nn.Module], original: nn.Module | None = None) -> None:
         self.group: Any = None
-        self._links: list[tuple[torch.Tensor, torch.Tensor, int | None, int | None]] = []
+        self._links: list[_BufferCopy] = []
         if not replicas:
             return
         if original is not None:
