@@ -308,3 +308,45 @@ def test_patch_sync_batchnorm_restores_after_an_exception():
         assert nn.BatchNorm3d is SynchronizedBatchNorm3d
         raise KeyError("inside")
     assert (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, torch.nn.modules.batchnorm.BatchNorm2d) == originals
+
+
+def test_quantization_aware_training_fused_and_prepared_then_converted_synchronizes_the_fused_batchnorms():
+    """torch.ao.quantization builds plain nn.BatchNorm inside its fused QAT modules (ConvBnReLU2d.bn): converted
+    after prepare_qat, those synchronize, and the quantized model converts from them directly."""
+    import warnings
+
+    from torch.ao import quantization
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation, its observers' reduce_range
+        plain = quantization.fuse_modules_qat(plain.train(), [["0", "1", "2"], ["3", "4"]])
+        plain.qconfig = quantization.get_default_qat_qconfig("x86")
+        plain = quantization.prepare_qat(plain)
+    # Without fake quantization (observers see each replica's slice, as on GPUs), the fused BatchNorm's statistics
+    # are the whole batch's.
+    plain.apply(quantization.disable_fake_quant)
+    plain.apply(quantization.disable_observer)
+    converted = convert_model(copy.deepcopy(plain))
+    assert type(converted[0].bn) is type(converted[3].bn) is SynchronizedBatchNorm2d  # (1, 2, 4: Identity)
+    dp = DataParallelWithCallback(converted, device_ids=["cpu"] * 2)
+    for step in range(2):
+        x = torch.randn(8, 3, 6, 6) + step
+        y_dp, y_plain = call_with_timeout(dp, x), plain(x)
+        torch.testing.assert_close(y_dp, y_plain)
+        y_dp.square().sum().backward()
+        y_plain.square().sum().backward()
+    for (name, p_dp), p_plain in zip(converted.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p_dp.grad, p_plain.grad, msg=name, rtol=1e-4, atol=1e-4)
+    for name in ("0.bn.running_mean", "0.bn.running_var", "3.bn.running_mean", "3.bn.running_var"):
+        torch.testing.assert_close(converted.state_dict()[name], plain.state_dict()[name], msg=name)
+    converted.apply(quantization.enable_fake_quant)
+    converted.apply(quantization.enable_observer)
+    call_with_timeout(dp, torch.randn(8, 3, 6, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = quantization.convert(converted.eval())
+    assert type(quantized[0]).__name__ == "ConvReLU2d"
+    quantized_input = torch.quantize_per_tensor(torch.randn(2, 3, 6, 6), 0.05, 128, torch.quint8)
+    assert quantized(quantized_input).shape == (2, 2, 4, 4)
