@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 from torch.nn.modules.batchnorm import SyncBatchNorm as TorchSyncBatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.modules.module import _WrappedHook
 
 from .data_parallel import DataParallelWithCallback, patch
 from .nn import (
@@ -66,8 +67,9 @@ _DROPPED_ATTRIBUTES = (
 def _transplant(module: nn.Module, cls: type[M]) -> M:
     """A new ``cls`` instance with ``module``'s state: the same parameters, buffers, options, flags and hooks.
 
-    The attributes are copied shallowly (the tensors are shared, the dicts of parameters, buffers, submodules and
-    hooks are copies), so that later changes to one module's structure do not affect the other.
+    The attributes are copied shallowly (the tensors are shared, the dicts of parameters, buffers and submodules are
+    copies), so that later changes to one module's structure do not affect the other. The hooks move to the new
+    module (see :func:`_move_hooks`).
     """
     new = cls.__new__(cls)
     state = {
@@ -76,15 +78,41 @@ def _transplant(module: nn.Module, cls: type[M]) -> M:
         if key not in _DROPPED_ATTRIBUTES
     }
     new.__dict__.update(state)
+    _move_hooks(module, new)
     if isinstance(module, LazyModuleMixin) and hasattr(module, "_initialize_hook"):
         _move_lazy_hooks(module, new)
     return new
 
 
+def _hook_dict_names(module: nn.Module) -> list[str]:
+    """The names of ``module``'s dicts of hooks (``_forward_hooks``, ``_load_state_dict_pre_hooks``, ...)."""
+    return [
+        key
+        for key, value in module.__dict__.items()
+        if isinstance(value, dict) and (key.endswith("_hooks") or "_hooks_" in key)
+    ]
+
+
+def _move_hooks(module: nn.Module, new: nn.Module) -> None:
+    """``module``'s dicts of hooks, the same objects, become ``new``'s; ``module`` keeps copies of them.
+
+    A ``RemovableHandle`` refers to the dict its hook is in: the handles the user holds then remove the hooks from
+    the module that replaces ``module``. A load-state-dict pre-hook registered with its module
+    (``register_load_state_dict_pre_hook``) is given ``new`` in place of ``module``.
+    """
+    for key in _hook_dict_names(module):
+        hooks = module.__dict__[key]
+        new.__dict__[key] = hooks
+        module.__dict__[key] = hooks.copy()
+    for hook_id, hook in list(new._load_state_dict_pre_hooks.items()):
+        if isinstance(hook, _WrappedHook) and hook.with_module and hook.module() is module:
+            new._load_state_dict_pre_hooks[hook_id] = _WrappedHook(hook.hook, new)
+
+
 def _move_lazy_hooks(module: nn.Module, new: nn.Module) -> None:
     """The hooks that materialize a lazy module, registered by ``module`` on its own dicts, registered by ``new``.
 
-    Without this the copied handles would remove the hooks from the old module's dicts, leaving them on the new one.
+    Those are bound to ``module``: ``new`` registers its own in their place (``module`` keeps its copies).
     """
     initialize_id, load_id = module._initialize_hook.id, module._load_hook.id
     del new._forward_pre_hooks[initialize_id]
@@ -158,7 +186,9 @@ def _convert(module: nn.Module, convert_layer: Any, wrap_data_parallel: bool, me
                 output_device=getattr(module, "output_device", None),
                 dim=getattr(module, "dim", 0),
             )
-            result.train(module.training)
+            # Only the wrapper's own flag: its module's layers keep theirs (e.g. BatchNorm frozen in eval mode).
+            result.training = module.training
+            _move_hooks(module, result)
         else:
             # A subclass of nn.DataParallel may have behaviour of its own: keep it, add the replication callbacks.
             result = patch(module)
@@ -209,8 +239,9 @@ def convert_model(module: M, process_group: Any = None) -> nn.Module:
       :class:`~syncbn_ext.LazySynchronizedBatchNorm1d` / ``2d`` / ``3d`` (its first forward makes it a
       synchronized layer, where the torch one would become a plain ``nn.BatchNormNd``).
     * An ``nn.DataParallel`` becomes a :class:`~syncbn_ext.DataParallelWithCallback` with the same ``device_ids``,
-      ``output_device`` and ``dim`` around the converted module; a subclass of ``nn.DataParallel`` is kept and
-      given the replication callbacks with :func:`syncbn_ext.patch`; a ``DataParallelWithCallback`` stays.
+      ``output_device``, ``dim``, hooks and training flag around the converted module; a subclass of
+      ``nn.DataParallel`` is kept and given the replication callbacks with :func:`syncbn_ext.patch`; a
+      ``DataParallelWithCallback`` stays.
 
     The conversion is in place (see the module's documentation): containers are modified and returned as they
     are, and the root is replaced when it is itself a BatchNorm or an ``nn.DataParallel``, so always use the

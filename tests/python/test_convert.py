@@ -204,13 +204,39 @@ def test_convert_model_patches_data_parallel_subclasses():
     assert not any(type(m) in TORCH_BN for m in converted.modules())
 
 
-def test_convert_keeps_hooks():
+@pytest.mark.parametrize("convert", [convert_model, revert_model])
+def test_conversions_move_the_hooks_and_their_handles_to_the_new_layer(convert):
     calls = []
-    bn = nn.BatchNorm2d(3)
-    bn.register_forward_hook(lambda module, args, output: calls.append(type(module)))
-    converted = convert_model(bn)
+    bn = nn.BatchNorm2d(3) if convert is convert_model else SynchronizedBatchNorm2d(3)
+    bn.register_forward_hook(lambda module, args, output: calls.append(("kept", type(module))))
+    removed = bn.register_forward_pre_hook(lambda module, args: calls.append("removed"))
+    # A load-state-dict pre-hook registered with its module is given the new layer (the old one may be gone).
+    bn.register_load_state_dict_pre_hook(lambda module, *args: calls.append(("load", type(module))))
+    model = nn.Sequential(bn)
+    converted = convert(model)
+    new_type = type(converted[0])
+    assert new_type is not type(bn)
+    del bn
+    removed.remove()  # a handle taken before the conversion removes the hook from the new layer
     converted(torch.randn(2, 3, 2, 2))
-    assert calls == [SynchronizedBatchNorm2d]
+    converted.load_state_dict(converted.state_dict())
+    assert calls == [("kept", new_type), ("load", new_type)]
+
+
+def test_converting_data_parallel_keeps_its_hooks_and_every_layers_training_flag():
+    calls = []
+    net = make_net().train()
+    net.features[1].eval()  # a BatchNorm frozen in eval mode stays so
+    dp = nn.DataParallel(net)
+    handle = dp.register_forward_hook(lambda module, args, output: calls.append(type(module)))
+    converted = convert_model(dp)
+    assert type(converted) is DataParallelWithCallback and converted.training
+    assert not converted.module.features[1].training
+    assert sum(not m.training for m in converted.module.modules()) == 1
+    converted(torch.randn(2, 3, 4, 4, dtype=torch.float64))
+    handle.remove()
+    converted(torch.randn(2, 3, 4, 4, dtype=torch.float64))
+    assert calls == [DataParallelWithCallback]
 
 
 @pytest.mark.parametrize("training", [True, False])
