@@ -16,6 +16,7 @@ without a GPU.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -191,6 +192,16 @@ class DataParallelWithCallback(nn.DataParallel):
             if outputs is not None:
                 return self.gather(outputs, self.output_device)
             # The replicas' graphs share nodes: from now on this wrapper keeps autograd's serial backward.
+            warnings.warn(
+                "DataParallelWithCallback: the CPU replicas' autograd graphs meet at a tensor every replica used "
+                "that is not a parameter, buffer, input or module attribute (one with a graph, e.g. computed "
+                "before the forward and reached through a global or closure), so their backward cannot run at "
+                "once: this forward ran again (its hooks and other side effects twice) with autograd's serial "
+                "backward, and this wrapper keeps that from now on (parallel_backward=False). Hold such a tensor as "
+                "a module attribute, or build the wrapper with parallel_backward=False",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             self.parallel_backward = False
         replicas = self.replicate(self.module, self.device_ids[: len(inputs)])
         outputs = self.parallel_apply(replicas, inputs, module_kwargs)

@@ -4,13 +4,13 @@ Autograd runs the backward of CPU tensors on the thread that called it: left alo
 one replica after the other, each on its slice of the batch with all of the caller's intra-op threads. That leaves
 cores idle when the caller has fewer intra-op threads than there are replicas (``torch.set_num_threads(1)``: the
 forward ran the replicas at once, one thread each); otherwise it is the faster way, since it needs no meeting at
-the synchronized layers (see :func:`faster_than_serial`). :func:`join_replicas` cuts
-each replica's graph at its boundary (its input slices, its handles on the parameters, its buffers, and any other leaf
-its graph reaches) and joins the replicas' outputs through one node whose backward runs every replica's part of
-the graph on a worker thread of its own, at once, and hands the boundary's gradients back to autograd. For
-autograd the result is the same graph: ``backward()``, ``torch.autograd.grad`` (also with respect to
-parameters), ``retain_graph``, hooks and ``DistributedDataParallel``'s reducer see the gradients they would see
-without it.
+the synchronized layers (see :func:`faster_than_serial`). :func:`join_replicas` cuts each replica's graph at its
+boundary (its input slices, its handles on the parameters, its buffers, the tensors with a graph its modules hold as
+attributes, and any other leaf its graph reaches) and joins the replicas' outputs through one node whose backward
+runs every replica's part of the graph on a worker thread of its own, at once, and hands the boundary's gradients
+back to autograd. For autograd the result is the same graph: ``backward()``, ``torch.autograd.grad`` (also with
+respect to parameters), ``retain_graph``, hooks and ``DistributedDataParallel``'s reducer see the gradients they
+would see without it.
 
 A second backward (``create_graph=True``) can retrace it only in part. The workers' gradients then have graphs
 that lead into the replicas' graphs directly, and a second backward runs those in the calling thread, one replica
@@ -87,10 +87,32 @@ def _parameter_views(replica: torch.nn.Module) -> list[torch.Tensor]:
     return _unique([v for v in views if v.requires_grad])
 
 
-def _other_boundary(replica: torch.nn.Module, inputs: Any, kwargs: Any) -> list[torch.Tensor]:
-    """The rest of where a replica's graph is cut: its inputs and buffers requiring grad."""
+# A module's own dicts of tensors: its parameters (and a replica's handles on them), buffers and submodules.
+_MODULE_DICTS = frozenset({"_parameters", "_buffers", "_modules", "_former_parameters"})
+
+
+def _attribute_tensors(replica: torch.nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors with a graph a replica's modules hold as plain attributes, other than its parameter handles:
+    e.g. one computed from the parameters once, before the forward. Every replica shares them (a replica is a
+    shallow copy), so their graph is common to all: the cut goes there, and autograd sums the replicas' gradients."""
+    handles = {id(v) for v in views}
+    return [
+        t
+        for m in replica.modules()
+        for key, value in m.__dict__.items()
+        if key not in _MODULE_DICTS
+        for t in _tensors(value)
+        if t.grad_fn is not None and id(t) not in handles
+    ]
+
+
+def _other_boundary(
+    replica: torch.nn.Module, inputs: Any, kwargs: Any, views: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """The rest of where a replica's graph is cut: its inputs, buffers and attribute tensors requiring grad."""
     tensors = [*_tensors(inputs), *_tensors(kwargs)]
     tensors += [b for m in replica.modules() for b in m._buffers.values() if b is not None]
+    tensors += _attribute_tensors(replica, views)
     return _unique([t for t in tensors if t.requires_grad])
 
 
@@ -337,7 +359,7 @@ def join_replicas(
     if not any(flat):
         return list(outputs)
     views = [_parameter_views(r) for r in replicas]
-    others = [_other_boundary(r, i, k) for r, i, k in zip(replicas, inputs, kwargs, strict=True)]
+    others = [_other_boundary(r, i, k, v) for r, i, k, v in zip(replicas, inputs, kwargs, views, strict=True)]
     disjoint, foreign = _C.analyze_replica_graphs(flat, [[*v, *o] for v, o in zip(views, others, strict=True)])
     if not disjoint:
         return None

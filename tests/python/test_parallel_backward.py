@@ -218,6 +218,70 @@ def test_a_leaf_outside_the_module_gets_its_gradient():
     torch.testing.assert_close(expected, external.grad, rtol=1e-10, atol=1e-10)
 
 
+class ScaledByAnAttribute(nn.Module):
+    """Multiplies by ``self.scale``, a tensor with a graph computed from the parameters before the forward (held
+    as a plain attribute, as a cache), and adds the tensors ``self.external()`` returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(C, C)
+        self.bn = SynchronizedBatchNorm1d(C)
+        self.external = list  # tensors reached through a closure: a function returning them
+
+    def forward(self, x):
+        y = self.linear(x) * self.scale
+        for t in self.external():
+            y = y + t
+        return self.bn(y)
+
+
+def _scaled_model(external=None):
+    torch.manual_seed(5)
+    model = ScaledByAnAttribute().double()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    if external is not None:
+        model.external = reference.external = lambda: [external]
+    return model, reference
+
+
+def test_a_tensor_with_a_graph_held_as_an_attribute_is_cut_at_and_runs_each_replica_once():
+    model, reference = _scaled_model()
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True)
+    x = torch.randn(6, C, dtype=torch.float64)
+    for step in range(2):
+        for m in (model, reference):
+            m.scale = m.linear.weight.sum(0) * 0.5  # a new graph each step
+        y = call_with_timeout(dp, x + step)
+        assert joined(y) and dp.parallel_backward is True
+        grad = torch.randn_like(y)
+        call_with_timeout(y.backward, grad)
+        reference(x + step).backward(grad)
+    assert len(calls) == 2 * 2  # once per replica and step: never run again
+    assert_grads_equal(model, reference)
+
+
+def test_replicas_meeting_at_a_tensor_reached_otherwise_run_again_serially_with_a_warning():
+    source = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    external = source + 1.0  # a graph every replica reaches, not through an attribute tensor (none saved)
+    model, reference = _scaled_model(external)
+    for m in (model, reference):
+        m.scale = torch.ones(C, dtype=torch.float64)
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True)
+    x = torch.randn(6, C, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="ran again .* parallel_backward=False"):
+        y = call_with_timeout(dp, x)
+    assert not joined(y) and dp.parallel_backward is False
+    grad = torch.randn_like(y)
+    call_with_timeout(y.backward, grad)
+    expected = source.grad.clone()
+    source.grad = None
+    reference(x).backward(grad)
+    torch.testing.assert_close(expected, source.grad, rtol=1e-10, atol=1e-10)
+    assert_grads_equal(model, reference)
+
+
 def test_sparse_gradients_are_summed_as_sparse_gradients():
     torch.manual_seed(4)
     model = nn.Sequential(
