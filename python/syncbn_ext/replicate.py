@@ -17,7 +17,7 @@ import threading
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -320,18 +320,57 @@ def _isolate_buffers(original: nn.Module, replica: nn.Module) -> list[_BufferCop
     Returns (original, copy, the original's version, the copy's version) per buffer (``None``: an inference tensor,
     which has no version).
     """
+    shared = [
+        (target, key, buf)
+        for source, target in zip(original.modules(), replica.modules(), strict=False)
+        for key, buf in target._buffers.items()
+        if buf is not None and not buf.requires_grad and source._buffers.get(key) is buf
+    ]
+    copy_of = _copier_keeping_views([buf for _, _, buf in shared])
     links: list[_BufferCopy] = []
     copies: dict[int, torch.Tensor] = {}
-    for source, target in zip(original.modules(), replica.modules(), strict=False):
-        for key, buf in target._buffers.items():
-            if buf is None or buf.requires_grad or source._buffers.get(key) is not buf:
-                continue
-            copy = copies.get(id(buf))
-            if copy is None:
-                copy = copies[id(buf)] = buf.detach().clone()
-                links.append((buf, copy, _C.version_of(buf), _C.version_of(copy)))
-            target._buffers[key] = copy
+    for target, key, buf in shared:
+        copy = copies.get(id(buf))
+        if copy is None:
+            copy = copies[id(buf)] = copy_of(buf)
+            links.append((buf, copy, _C.version_of(buf), _C.version_of(copy)))
+        target._buffers[key] = copy
     return links
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[Any, int] | None:
+    """What identifies ``tensor``'s memory, for a dense tensor with some; else ``None``."""
+    if tensor.layout != torch.strided or tensor.is_nested or tensor.device.type == "meta":
+        return None
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # a tensor subclass or wrapper without storage
+        return None
+    return (tensor.device, storage.data_ptr()) if storage.nbytes() > 0 else None
+
+
+def _copier_keeping_views(buffers: Sequence[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function that copies each of ``buffers``: a clone, except that buffers sharing memory (one a view of the
+    other, or both views of one tensor) get copies that share a copy of that memory, as in the module, so that a
+    write through one shows through the others."""
+    tensors_of: dict[tuple[Any, int], set[int]] = {}
+    for buf in buffers:
+        key = _storage_key(buf)
+        if key is not None:
+            tensors_of.setdefault(key, set()).add(id(buf))
+    storage_copies: dict[tuple[Any, int], torch.UntypedStorage] = {}
+
+    def copy_of(buf: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(buf)
+        if key is None or len(tensors_of.get(key, ())) < 2:
+            return buf.detach().clone()
+        storage = storage_copies.get(key)
+        if storage is None:
+            storage = storage_copies[key] = buf.untyped_storage().clone()
+        copy = torch.empty((0,), dtype=buf.dtype, device=buf.device)
+        return copy.set_(storage, buf.storage_offset(), buf.size(), buf.stride())
+
+    return copy_of
 
 
 class Replication:

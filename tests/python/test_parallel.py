@@ -208,8 +208,8 @@ class FunctionalRunningStats(nn.Module):
 
 
 class KeepsItsLastBatch(nn.Module):
-    """Resizes a buffer in place (as torch's per-channel observers do) and counts in a buffer another one views; holds
-    a sparse one too (which ``torch.equal`` cannot compare)."""
+    """Resizes a buffer in place (as torch's per-channel observers do), counts in a buffer another one views and
+    scales through the view; holds a sparse one too (which ``torch.equal`` cannot compare)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -221,6 +221,7 @@ class KeepsItsLastBatch(nn.Module):
     def forward(self, x):
         self.last.resize_(x.shape[0]).copy_(x[:, 0])
         self.counts.add_(1)
+        self.first_counts.mul_(10)  # seen by counts too
         return x
 
 
@@ -240,9 +241,9 @@ class MarksThroughAnAlias(nn.Module):
 @pytest.mark.parametrize("n", [2, 3])
 def test_every_buffer_replica_0_changes_reaches_the_module_as_on_gpus(n):
     # On GPUs replica 0 holds the module's own buffers; on CPU it writes copies, copied back after the forward: also
-    # those a kernel writes without counting a version, resized in place if replica 0 resized them; none taken for
-    # changed because it views one that was, or because the module's tensor was written directly (its copy would
-    # undo the write).
+    # those a kernel writes without counting a version, resized in place if replica 0 resized them; views of one
+    # another stay views in replica 0's copies; none taken for changed because it views one that was, or because the
+    # module's tensor was written directly (its copy would undo the write).
     model = nn.Sequential(FunctionalRunningStats(3), KeepsItsLastBatch(), MarksThroughAnAlias())
     reference = copy.deepcopy(model)
     x = torch.randn(6, 3) * 3 + 1
@@ -252,7 +253,8 @@ def test_every_buffer_replica_0_changes_reaches_the_module_as_on_gpus(n):
         for name, expected in reference.state_dict().items():
             torch.testing.assert_close(model.state_dict()[name], expected, msg=name)
     counts = model[1].counts
-    assert model[1].first_counts.data_ptr() == counts.data_ptr() and torch.equal(counts, torch.full((4,), 2.0))
+    assert model[1].first_counts.data_ptr() == counts.data_ptr()
+    assert torch.equal(counts, torch.tensor([110.0, 110.0, 2.0, 2.0]))
 
 
 def under_inference_mode(forward):
