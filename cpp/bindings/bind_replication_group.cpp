@@ -81,6 +81,12 @@ void bind_replication_group(py::module_& m) {
           py::arg("reason"), py::call_guard<py::gil_scoped_release>(),
           "A backward task failed: every copy waiting in the parallel backward fails.")
       .def(
+          "raise_backward_failure",
+          [](const ReplicationGroup& self, int64_t copy_id) { self.backward()->rethrow_failure(copy_id); },
+          py::arg("copy_id"),
+          "Raises the barrier error (BarrierAbortedError, BarrierTimeoutError) copy `copy_id` got in this parallel "
+          "backward, if any: autograd hands the task a plain RuntimeError.")
+      .def(
           "replica",
           [](const std::shared_ptr<ReplicationGroup>& self, int64_t copy_id) {
             return PyReplicaScope{self, copy_id, nullptr};

@@ -26,6 +26,7 @@ void ReplicaBackward::begin_run() {
   ++run_;
   done_.assign(copies_, false);
   closed_reason_.clear();
+  failures_.assign(copies_, nullptr);
 }
 
 void ReplicaBackward::copy_done(int64_t copy) {
@@ -41,10 +42,21 @@ void ReplicaBackward::copy_done(int64_t copy) {
 void ReplicaBackward::close(const std::string& reason) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    closed_reason_ = reason.empty() ? std::string("a replica's backward failed") : reason;
+    // The first failure is the cause; the copies it woke report theirs after it.
+    if (closed_reason_.empty()) closed_reason_ = reason.empty() ? std::string("a replica's backward failed") : reason;
     changes_.fetch_add(1, std::memory_order_release);
   }
   changed_.notify_all();
+}
+
+void ReplicaBackward::rethrow_failure(int64_t copy) const {
+  std::exception_ptr failure;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    TORCH_CHECK_VALUE(copy >= 0 && copy < copies_, "rethrow_failure: no copy ", copy, " in a replication of ", copies_);
+    failure = failures_[copy];
+  }
+  if (failure) std::rethrow_exception(failure);
 }
 
 std::vector<at::Tensor> ReplicaBackward::rendezvous(Point& point, int64_t copy, std::vector<at::Tensor> contribution,
@@ -80,7 +92,7 @@ std::vector<at::Tensor> ReplicaBackward::rendezvous(Point& point, int64_t copy, 
   };
   const auto deadline = detail::deadline_after(timeout);
   while (!point.combined) {
-    if (!closed_reason_.empty()) throw BarrierAbortedError(label + ": the parallel backward failed: " + closed_reason_);
+    if (!closed_reason_.empty()) fail(copy, BarrierAbortedError(label + ": the parallel backward failed: " + closed_reason_));
     if (!point.combining && everyone_in()) {
       // The last to arrive combines, unlocked: other points may proceed meanwhile.
       point.combining = true;
@@ -119,7 +131,7 @@ std::vector<at::Tensor> ReplicaBackward::rendezvous(Point& point, int64_t copy, 
         }
       }
       out << "] (raise SYNCBN_TIMEOUT, in seconds, to wait longer)";
-      throw BarrierTimeoutError(out.str());
+      fail(copy, BarrierTimeoutError(out.str()));
     }
   }
   if (point.error) std::rethrow_exception(point.error);

@@ -37,7 +37,7 @@ import torch
 
 from ._native import _C
 from .nn import _SynchronizedBatchNorm
-from .parallel_apply import caused_by_closing, cpu_intra_op_threads, run_on_workers
+from .parallel_apply import ABORT_TAG, caused_by_closing, cpu_intra_op_threads, run_on_workers
 from .parameter_sums import ParameterSums
 from .replicate import Replication
 from .scatter_gather import _is_namedtuple
@@ -206,12 +206,28 @@ class _BackwardTask:
                 )
             return grads[len(plan.views[copy_id]) :]  # the parameters' placeholders dropped
         except BaseException as error:
-            plan.group.abort_backward(f"replica {copy_id}'s backward raised {type(error).__name__}: {error}")
+            failure = _barrier_failure(plan.group, copy_id)
+            if isinstance(failure, _C.BarrierAbortedError):
+                # Woken by another copy's failure (or the caller's interrupt): that one is the error to report.
+                raise _C.BarrierAbortedError(f"{ABORT_TAG}: {failure}") from error
+            cause = failure if failure is not None else error
+            plan.group.abort_backward(f"replica {copy_id}'s backward raised {type(cause).__name__}: {cause}")
+            if failure is not None:
+                raise failure from error  # its type (BarrierTimeoutError), which autograd turned into RuntimeError
             if isinstance(error, RuntimeError) and _REENTRANT_CHECKPOINT_REFUSAL in str(error):
                 raise RuntimeError(_REENTRANT_CHECKPOINT_MESSAGE) from error
             raise
         finally:
             plan.group.backward_done(copy_id)
+
+
+def _barrier_failure(group: Any, copy_id: int) -> BaseException | None:
+    """The barrier error copy ``copy_id`` got waiting in this parallel backward, typed; ``None`` if none."""
+    try:
+        group.raise_backward_failure(copy_id)
+    except _C.BarrierError as failure:
+        return failure
+    return None
 
 
 # torch's refusal of torch.autograd.grad, which each replica's task calls, through a reentrant checkpoint: it

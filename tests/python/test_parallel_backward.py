@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -370,21 +371,30 @@ class FailingBackward(torch.autograd.Function):
 MARKER = -1234.0
 
 
-class FailOnMarker(nn.Module):
-    """Fails in backward in the replica whose slice holds the marker (no replication hook: a parallel backward)."""
+class MarkedNet(nn.Module):
+    """Linear and a synchronized layer; in the replica whose slice holds the marker, ``slow_down`` (a Function) is
+    applied to the input (its backward then runs after the layer's merge) or to the output (before the merge)."""
 
-    def __init__(self):
+    def __init__(self, slow_down, before_the_merge):
         super().__init__()
-        self.armed = True
+        self.linear, self.bn = nn.Linear(C, C), SynchronizedBatchNorm1d(C)
+        self.slow_down, self.before_the_merge, self.armed = slow_down, before_the_merge, True
 
     def forward(self, x):
-        return FailingBackward.apply(x) if self.armed and (x.abs() > 1000).any() else x
+        marked = self.armed and bool((x.abs() > 1000).any())
+        if marked and not self.before_the_merge:
+            x = self.slow_down.apply(x)
+        y = self.bn(self.linear(x))
+        return self.slow_down.apply(y) if marked and self.before_the_merge else y
 
 
-def test_a_replica_failing_in_backward_raises_at_once(monkeypatch):
+@pytest.mark.parametrize("before_the_merge", [False, True])
+def test_a_replica_failing_in_backward_raises_its_own_error_at_once(monkeypatch, before_the_merge):
+    # Failing before its synchronized layer's merge, the replica wakes the others waiting there: its error is the
+    # one raised, not theirs.
     monkeypatch.setenv("SYNCBN_TIMEOUT", "120")  # the others must not wait for it until a timeout
     torch.manual_seed(4)
-    model = nn.Sequential(FailOnMarker(), nn.Linear(C, C), SynchronizedBatchNorm1d(C)).double()
+    model = MarkedNet(FailingBackward, before_the_merge).double()
     dp = DataParallelWithCallback(model, device_ids=["cpu"] * 3, parallel_backward=True)
     x = torch.randn(6, C, dtype=torch.float64)
     x[3] = MARKER  # in replica 1's slice
@@ -394,9 +404,33 @@ def test_a_replica_failing_in_backward_raises_at_once(monkeypatch):
         call_with_timeout(y.sum().backward)
     assert raised.value.__notes__[-1] == "(raised in replica 1 on device cpu, in backward)"
     # The next step works.
-    model[0].armed = False
+    model.armed = False
     y = call_with_timeout(dp, torch.randn(6, C, dtype=torch.float64))
     call_with_timeout(y.sum().backward)
+
+
+class SlowBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(3)
+        return grad
+
+
+def test_a_replica_late_in_backward_is_a_barrier_timeout_error(monkeypatch):
+    monkeypatch.setenv("SYNCBN_TIMEOUT", "1")
+    dp = DataParallelWithCallback(
+        MarkedNet(SlowBackward, before_the_merge=True).double(), device_ids=["cpu"] * 2, parallel_backward=True
+    )
+    x = torch.randn(4, C, dtype=torch.float64)
+    x[2] = MARKER  # replica 1 is late at the merge
+    y = call_with_timeout(dp, x)
+    # The type the merge raised, which autograd's engine hands on as a plain RuntimeError.
+    with pytest.raises(syncbn_ext.BarrierTimeoutError, match=r"timed out after 1 s; copies that never .*\[1\]"):
+        call_with_timeout(y.sum().backward)
 
 
 def test_without_gradients_nothing_is_joined():

@@ -3,6 +3,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -43,7 +44,7 @@ class SYNCBN_API ReplicaBackward {
 
   using Combine = std::function<std::vector<std::vector<at::Tensor>>(const std::vector<std::vector<at::Tensor>>&)>;
 
-  explicit ReplicaBackward(int64_t copies) : copies_(copies), done_(copies, false) {}
+  explicit ReplicaBackward(int64_t copies) : copies_(copies), done_(copies, false), failures_(copies) {}
   ReplicaBackward(const ReplicaBackward&) = delete;
   ReplicaBackward& operator=(const ReplicaBackward&) = delete;
 
@@ -56,8 +57,13 @@ class SYNCBN_API ReplicaBackward {
   void begin_run();
   // Copy `copy`'s backward task of this run ended (returned or failed).
   void copy_done(int64_t copy);
-  // A task failed: every copy waiting at a point fails with BarrierAbortedError.
+  // A task failed: every copy waiting at a point fails with BarrierAbortedError
+  // naming the first reason given in this run.
   void close(const std::string& reason);
+  // Rethrows the barrier error (BarrierAbortedError, BarrierTimeoutError) copy
+  // `copy` got at a point in this run, if it got one. Autograd hands a task the
+  // error as a plain runtime_error: this gives its type back.
+  void rethrow_failure(int64_t copy) const;
 
   // Copy `copy` arrives at `point` with `contribution`. Once every copy arrived
   // or is done, `combine` runs once (on the last thread to arrive) with the
@@ -79,6 +85,14 @@ class SYNCBN_API ReplicaBackward {
   int64_t run_ = 0;
   std::vector<bool> done_;
   std::string closed_reason_;  // non-empty: this run failed
+  std::vector<std::exception_ptr> failures_;  // per copy, the barrier error it got in this run
+
+  // Records `error` as copy `copy`'s failure, then throws it. Under mutex_.
+  template <class Error>
+  [[noreturn]] void fail(int64_t copy, const Error& error) {
+    failures_[copy] = std::make_exception_ptr(error);
+    throw error;
+  }
 };
 
 }  // namespace syncbn
