@@ -129,6 +129,8 @@ class _Plan:
     ) -> None:
         self.group = group
         self.outputs: list[list[torch.Tensor]] | None = outputs
+        # (copy, output index) of the outputs a backward without retain_graph went through: their graphs are freed.
+        self.freed: set[tuple[int, int]] = set()
         # Per copy, each synchronized call's merged (mean, var), leading to its merge node (None without a graph).
         self.merges: list[list[torch.Tensor | None]] | None = merges
         self.views, self.others = views, others
@@ -241,6 +243,11 @@ _REENTRANT_CHECKPOINT_MESSAGE = (
     "statistics"
 )
 
+_SECOND_BACKWARD_MESSAGE = (
+    "Trying to backward through the replicas' graph a second time (or directly access saved tensors after they have "
+    "already been freed); specify retain_graph=True the first time"
+)
+
 _DOUBLE_BACKWARD_MESSAGE = (
     "DataParallelWithCallback: this double backward (create_graph=True) cannot retrace the CPU replicas' parallel "
     "backward (the gradients that reached the replicas had graphs of their own: a second backward would run the "
@@ -263,10 +270,7 @@ class _JoinReplicas(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         plan: _Plan = ctx.plan
         if plan.outputs is None:
-            raise RuntimeError(
-                "Trying to backward through the replicas' graph a second time (or directly access saved tensors "
-                "after they have already been freed); specify retain_graph=True the first time"
-            )
+            raise RuntimeError(_SECOND_BACKWARD_MESSAGE)
         keep_graph = _C.current_graph_task_keep_graph()
         # create_graph: the gradients get a graph when only the direct way leads to the replicas' graphs (the
         # gradients coming in have none), else none and a second backward through them fails (see the module).
@@ -275,11 +279,16 @@ class _JoinReplicas(torch.autograd.Function):
         # Outputs the loss does not use get no gradient (not zeros: their parameters keep a None gradient, as the
         # whole batch's would, which optimizers such as Adam tell apart from a zero one); the meeting points each
         # copy must reach are roots too, with a zero gradient (see _Plan.meeting_roots).
-        used, offset = [], 0
-        for outputs in plan.outputs:
+        used, used_ids, offset = [], set(), 0
+        for copy_id, outputs in enumerate(plan.outputs):
             copy_grads = grads[offset : offset + len(outputs)]
             used.append([(output, g) for output, g in zip(outputs, copy_grads, strict=True) if g is not None])
+            used_ids.update((copy_id, i) for i, g in enumerate(copy_grads) if g is not None)
             offset += len(outputs)
+        # Outputs whose graphs an earlier backward freed: torch's error. (Others, e.g. another head's, can still run;
+        # a node they share with the freed graphs raises torch's own error, as the whole batch's would.)
+        if used_ids & plan.freed:
+            raise RuntimeError(_SECOND_BACKWARD_MESSAGE)
         meeting_roots = plan.meeting_roots([[output for output, _ in copy_used] for copy_used in used])
         thread_state = _C.ThreadLocalState()
         task_graph = create_graph and not once_differentiable
@@ -310,7 +319,9 @@ class _JoinReplicas(torch.autograd.Function):
             # Each parameter's summed gradient goes back through replica 0's view (the others' get none).
             param_grads = plan.sums.finish() if plan.sums is not None else []
         if not keep_graph:
-            plan.outputs = plan.merges = None  # the graphs were freed
+            plan.freed |= used_ids
+            if len(plan.freed) == offset:
+                plan.outputs = plan.merges = None  # every graph was freed: let go of them
         views = [*param_grads, *([None] * sum(len(v) for v in plan.views[1:]))]
         others = [g for replica_grads in results for g in replica_grads]
         boundary_grads = [*views, *others]

@@ -136,6 +136,46 @@ def test_retain_graph_and_a_second_backward():
         call_with_timeout(y.sum().backward)
 
 
+class TwoHeads(nn.Module):
+    """Two outputs whose graphs share nothing but the input; ``trunk=True``: a common synchronized layer first."""
+
+    def __init__(self, trunk=False):
+        super().__init__()
+        self.trunk = SynchronizedBatchNorm1d(C) if trunk else nn.Identity()
+        self.a = nn.Sequential(nn.Linear(C, C), SynchronizedBatchNorm1d(C))
+        self.b = nn.Sequential(nn.Linear(C, C), SynchronizedBatchNorm1d(C))
+
+    def forward(self, x):
+        x = self.trunk(x)
+        return self.a(x), self.b(x)
+
+
+def test_separate_backwards_through_separate_outputs_free_only_their_graphs():
+    # As on the whole batch: one backward per head without retain_graph; a second one through a freed graph, or
+    # through a node the heads share, is torch's error.
+    torch.manual_seed(6)
+    model = TwoHeads().double()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True)
+    x = torch.randn(6, C, dtype=torch.float64)
+    x_dp, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (a, b), (a_ref, b_ref) = call_with_timeout(dp, x_dp), reference(x_ref)
+    call_with_timeout(a.square().sum().backward)
+    call_with_timeout(b.pow(3).sum().backward)
+    a_ref.square().sum().backward()
+    b_ref.pow(3).sum().backward()
+    torch.testing.assert_close(x_dp.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
+    assert_grads_equal(model, reference)
+    with pytest.raises(RuntimeError, match="second time"):
+        call_with_timeout(a.sum().backward)
+
+    shared = DataParallelWithCallback(TwoHeads(trunk=True).double(), device_ids=["cpu"] * 2, parallel_backward=True)
+    a, b = call_with_timeout(shared, x.clone().requires_grad_())
+    call_with_timeout(a.sum().backward)
+    with pytest.raises(RuntimeError, match="second time"):
+        call_with_timeout(b.sum().backward)
+
+
 def test_double_backward_for_a_gradient_penalty():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
