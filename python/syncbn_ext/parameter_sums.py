@@ -113,9 +113,12 @@ class Total:
         """Adds ``grad``, which the caller holds in one variable only (so that :func:`_writable` can tell)."""
         if grad is None:
             return
+        # A sparse total takes no dense addend (torch adds sparse to dense only): then the dense one takes the sum,
+        # as autograd's accumulation does when one replica's gradient is sparse and another's dense.
+        sparse_into_dense = self.value is not None and self.value.is_sparse and not grad.is_sparse
         if self.value is None:
             self.value = grad
-        elif self.owned:
+        elif self.owned and not sparse_into_dense:
             self.value.add_(grad)
         else:
             if _writable(self.value, grad, "value"):
@@ -123,7 +126,7 @@ class Total:
             elif _writable(grad, self.value, "addend"):
                 self.value = grad.add_(self.value)
             else:
-                self.value = self.value + grad
+                self.value = grad + self.value if sparse_into_dense else self.value + grad
             self.owned = True
 
     def add_all(self, grads: list[torch.Tensor | None]) -> None:

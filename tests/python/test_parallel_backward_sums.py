@@ -144,6 +144,55 @@ def test_the_sums_never_write_a_gradient_that_cannot_take_it(make):
     assert torch.equal(first.detach().float(), snapshot.float() + 1)
 
 
+@pytest.mark.parametrize("order", ["sparse, sparse, dense", "dense, sparse, sparse", "sparse, dense, dense"])
+def test_sparse_and_dense_gradients_of_one_parameter_sum_to_a_dense_one(order):
+    # One replica's gradient of an Embedding(sparse=True) weight is dense when that replica also used the weight
+    # densely (a tied layer, on some samples only): the sum is dense, as autograd's accumulation makes it.
+    from syncbn_ext.parameter_sums import Total
+
+    def gradient(kind, row):
+        dense = torch.zeros(3, 2)
+        dense[row] = row + 1.0
+        return dense if kind == "dense" else dense.to_sparse()
+
+    total = Total()
+    total.add_all([gradient(kind, row) for row, kind in enumerate(order.split(", "))])
+    assert total.value is not None and not total.value.is_sparse
+    torch.testing.assert_close(total.value, torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]))
+
+
+class TiedOnSomeSamples(nn.Module):
+    """A sparse embedding whose weight the slices holding index 19 also use densely (a tied output layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(20, C, sparse=True)
+        self.bn = SynchronizedBatchNorm1d(C)
+
+    def forward(self, indices):
+        h = self.bn(self.embedding(indices).sum(1))
+        if bool((indices == 19).any()):
+            h = h + nn.functional.linear(h, self.embedding.weight).sum(1, keepdim=True)
+        return h
+
+
+def test_a_parameter_some_replicas_give_sparse_and_others_dense_gradients_gets_the_serial_sum():
+    torch.manual_seed(7)
+    indices = torch.randint(0, 19, (9, 3))
+    indices[7, 0] = 19  # replica 2 only
+    grad = torch.randn(9, C, dtype=torch.float64)
+    results = {}
+    for parallel in (False, True):  # autograd's serial backward accumulates them: the reference
+        torch.manual_seed(8)
+        model = TiedOnSomeSamples().double()
+        dp = DataParallelWithCallback(model, device_ids=["cpu"] * 3, parallel_backward=parallel)
+        y = call_with_timeout(dp, indices)
+        assert joined(y) == parallel
+        call_with_timeout(y.backward, grad)
+        results[parallel] = model.embedding.weight.grad.to_dense()
+    torch.testing.assert_close(results[True], results[False], rtol=1e-10, atol=1e-10)
+
+
 def test_the_sums_never_write_a_tensor_sharing_its_memory():
     from syncbn_ext.parameter_sums import Total
 
