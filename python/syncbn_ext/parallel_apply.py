@@ -390,7 +390,8 @@ def close_replications(replicas: Sequence[Any], reason: str) -> None:
         if not isinstance(replica, torch.nn.Module):
             continue
         for m in replica.modules():
-            for value in vars(m).values():
+            # A copy of the values, taken at once (under the GIL): replicas still running may set attributes.
+            for value in list(vars(m).values()):
                 if isinstance(value, _C.SyncMaster) and id(value) not in seen:
                     seen.add(id(value))
                     value.abort(reason)
