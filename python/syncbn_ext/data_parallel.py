@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from ._native import _C
 from .parallel_apply import parallel_apply, reporting_outcome
 from .parallel_backward import faster_than_serial, join_replicas
 from .parallel_backward import wanted as parallel_backward_wanted
@@ -76,6 +77,26 @@ def _replicate_with_callbacks(replicate: Any, module: M, device_ids: Sequence[An
     rebind_compiled_modules(replicas)
     Replication(replicas, module)
     return replicas
+
+
+def _warn_of_parameters_written(versions: list[tuple[str, torch.Tensor, int | None]]) -> None:
+    """Warns of the parameters a forward of CPU replicas wrote in place (their version moved).
+
+    CPU replicas use the module's parameters themselves (their gradients must reach it): a write in place from a
+    replica's forward reaches the module from every replica, at once, also when the forward fails, where on GPUs only
+    device 0's would (the others write copies), as the buffers' isolation gives for buffers.
+    """
+    written = [name for name, p, version in versions if version is not None and _C.version_of(p) != version]
+    if written:
+        warnings.warn(
+            f"DataParallelWithCallback: the forward of the CPU replicas wrote parameter(s) {written} in place. The "
+            "replicas share the module's parameters, so every replica's write reached the module, even if the "
+            "forward failed (on GPUs only device 0's write would: the others write copies). State a forward updates "
+            "(a moving average, a counter) belongs in a buffer (register_buffer): replica 0's update reaches the "
+            "module after a successful forward, as on GPUs",
+            RuntimeWarning,
+            stacklevel=6,  # the wrapper's caller (through Module.__call__, forward, _forward_on_cpu_replicas)
+        )
 
 
 class DataParallelWithCallback(nn.DataParallel):
@@ -180,6 +201,13 @@ class DataParallelWithCallback(nn.DataParallel):
                     f"module must have its parameters and buffers on device {self.src_device_obj} "
                     f"(device_ids[0]) but found one of them on device: {t.device}"
                 )
+        versions = [(name, p, _C.version_of(p)) for name, p in self.module.named_parameters()]
+        try:
+            return self._run_cpu_replicas(inputs, kwargs)
+        finally:
+            _warn_of_parameters_written(versions)
+
+    def _run_cpu_replicas(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         inputs, module_kwargs = self.scatter(inputs, kwargs, self.device_ids)
         if not inputs and not module_kwargs:
             inputs, module_kwargs = ((),), ({},)

@@ -257,6 +257,45 @@ def test_every_buffer_replica_0_changes_reaches_the_module_as_on_gpus(n):
     assert torch.equal(counts, torch.tensor([110.0, 110.0, 2.0, 2.0]))
 
 
+class CountsInAParameter(nn.Module):
+    """Counts the samples it saw in a frozen parameter, in place (state that belongs in a buffer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+        self.seen = nn.Parameter(torch.zeros(()), requires_grad=False)
+
+    def forward(self, x):
+        self.seen.add_(x.shape[0])
+        if (x == RaiseOnMarker.MARKER).any():
+            raise ValueError("marked")
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("parallel_backward", [False, True])
+def test_a_forward_writing_a_parameter_in_place_warns_that_every_replica_wrote_it(parallel_backward):
+    # The replicas share the module's parameters (their gradients must reach it): each replica's write reaches it,
+    # also from a failed forward, where on GPUs only device 0's would. Not silently.
+    model = CountsInAParameter()
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=parallel_backward)
+    with pytest.warns(RuntimeWarning, match=r"wrote parameter\(s\) \['seen'\] in place.*register_buffer"):
+        call_with_timeout(dp, torch.randn(8, 3)).sum().backward()
+    assert model.seen.item() == 8  # both replicas' 4
+    x = torch.randn(8, 3)
+    x[6, 0] = RaiseOnMarker.MARKER
+    with pytest.warns(RuntimeWarning, match=r"\['seen'\].*even if the forward failed"):
+        with pytest.raises(ValueError, match="marked"):
+            call_with_timeout(dp, x)
+    # A forward that writes no parameter in place warns of nothing (gradients, buffers, frozen parameters).
+    quiet = nn.Sequential(nn.Linear(3, 3), syncbn_ext.SynchronizedBatchNorm1d(3))
+    quiet[0].bias.requires_grad_(False)
+    dp = DataParallelWithCallback(quiet, device_ids=["cpu"] * 2, parallel_backward=parallel_backward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            call_with_timeout(dp, torch.randn(8, 3)).sum().backward()
+
+
 def under_inference_mode(forward):
     """``forward`` called under ``torch.inference_mode()`` (thread-local: call_with_timeout calls it on a thread)."""
 
