@@ -39,6 +39,7 @@ from .nn import (
     SynchronizedBatchNorm2d,
     SynchronizedBatchNorm3d,
 )
+from .replicate import _optimized_module_type
 
 __all__ = ["convert_model", "convert_to_sync_batch_norm", "patch_sync_batchnorm", "revert_model"]
 
@@ -198,7 +199,16 @@ def _convert(module: nn.Module, convert_layer: Any, wrap_data_parallel: bool, me
             converted = _convert(child, convert_layer, wrap_data_parallel, memo)
             if converted is not child:
                 result._modules[name] = converted
+                _recompile_around(result, name)
     return result
+
+
+def _recompile_around(module: nn.Module, name: str) -> None:
+    """A ``torch.compile`` wrapper whose module was replaced calls the new one: it had bound its forward to the old
+    module's call (which would still run, unconverted, when the wrapper is called directly)."""
+    optimized = _optimized_module_type()
+    if optimized is not None and isinstance(module, optimized) and name == "_orig_mod":
+        module._initialize()
 
 
 def _warn_of_unconverted_layers(model: nn.Module, converter: str, stacklevel: int = 3) -> nn.Module:

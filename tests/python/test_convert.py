@@ -376,3 +376,17 @@ def test_quantization_aware_training_fused_and_prepared_then_converted_synchroni
     assert type(quantized[0]).__name__ == "ConvReLU2d"
     quantized_input = torch.quantize_per_tensor(torch.randn(2, 3, 6, 6), 0.05, 128, torch.quint8)
     assert quantized(quantized_input).shape == (2, 2, 4, 4)
+
+
+@pytest.mark.parametrize("convert", [convert_model, revert_model])
+def test_converting_a_compiled_layer_makes_the_compiled_call_run_the_new_layer(convert):
+    # torch.compile's wrapper binds its forward to its module's call: converted, it must call the new layer (the old
+    # one would run, unconverted, whenever the wrapper is called directly).
+    layer = nn.BatchNorm1d(3) if convert is convert_model else SynchronizedBatchNorm1d(3)
+    compiled = torch.compile(layer, backend="eager")
+    converted = convert(compiled)
+    assert converted is compiled and type(converted._orig_mod) is not type(layer)
+    called = []
+    converted._orig_mod.register_forward_hook(lambda module, args, output: called.append(type(module)))
+    converted(torch.randn(4, 3))
+    assert called == [type(converted._orig_mod)]
