@@ -28,6 +28,7 @@ from torch.nn.modules.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _B
 from torch.nn.modules.batchnorm import SyncBatchNorm as TorchSyncBatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.modules.module import _WrappedHook
+from torch.nn.utils import parametrize
 
 from .data_parallel import DataParallelWithCallback, patch
 from .nn import (
@@ -80,6 +81,12 @@ def _transplant(module: nn.Module, cls: type[M]) -> M:
     }
     new.__dict__.update(state)
     _move_hooks(module, new)
+    if parametrize.is_parametrized(module):
+        # torch.nn.utils.parametrize made the layer an instance of a class of its own (a subclass with a property per
+        # parametrized tensor): the new layer gets the same around its class.
+        parametrize._inject_new_class(new)
+        for name in new.parametrizations:
+            parametrize._inject_property(new, name)
     if isinstance(module, LazyModuleMixin) and hasattr(module, "_initialize_hook"):
         _move_lazy_hooks(module, new)
     return new
@@ -133,7 +140,7 @@ def _to_synchronized_layers(
     """
 
     def convert_layer(module: nn.Module) -> nn.Module:
-        target = target_of(type(module))
+        target = target_of(parametrize.type_before_parametrizations(module))
         if target is None:
             return module
         new = _transplant(module, target)
@@ -163,7 +170,7 @@ def _to_sync_batch_norm(process_group: Any) -> Callable[[nn.Module], nn.Module]:
 
 
 def _to_torch(module: nn.Module) -> nn.Module:
-    target = _SYNC_TO_TORCH.get(type(module))  # type: ignore[call-overload]
+    target = _SYNC_TO_TORCH.get(parametrize.type_before_parametrizations(module))  # type: ignore[call-overload]
     if target is None:
         return module
     new = _transplant(module, target)

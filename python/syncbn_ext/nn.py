@@ -180,7 +180,9 @@ class _SynchronizedBatchNorm(_BatchNorm):
             memo[id(group)] = group
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        # This class's state, also for a parametrized layer, whose class (torch.nn.utils.parametrize's) refuses
+        # __getstate__ to refuse pickling, not copying.
+        new.__setstate__(copy.deepcopy(_SynchronizedBatchNorm.__getstate__(self), memo))
         return new
 
     # ---- forward ------------------------------------------------------------------------------------------

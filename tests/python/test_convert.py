@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -339,7 +340,6 @@ def test_patch_sync_batchnorm_restores_after_an_exception():
 def test_quantization_aware_training_fused_and_prepared_then_converted_synchronizes_the_fused_batchnorms():
     """torch.ao.quantization builds plain nn.BatchNorm inside its fused QAT modules (ConvBnReLU2d.bn): converted
     after prepare_qat, those synchronize, and the quantized model converts from them directly."""
-    import warnings
 
     from torch.ao import quantization
 
@@ -390,3 +390,43 @@ def test_converting_a_compiled_layer_makes_the_compiled_call_run_the_new_layer(c
     converted._orig_mod.register_forward_hook(lambda module, args, output: called.append(type(module)))
     converted(torch.randn(4, 3))
     assert called == [type(converted._orig_mod)]
+
+
+class Absolute(nn.Module):
+    """A parametrization: the weight is the absolute value of the tensor the optimizer trains."""
+
+    def forward(self, weight):
+        return weight.abs()
+
+
+def test_parametrized_layers_convert_keeping_their_parametrizations_and_copy():
+    # torch.nn.utils.parametrize gives the layer a class of its own (a subclass of nn.BatchNorm1d): converted, it
+    # gets the same around the synchronized class, and synchronizes.
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(9)
+    plain = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).double()
+    nn.init.normal_(plain[1].weight)
+    parametrize.register_parametrization(plain[1], "weight", Absolute())
+    reference = copy.deepcopy(plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left unconverted
+        converted = convert_model(plain)
+    layer = converted[1]
+    assert isinstance(layer, SynchronizedBatchNorm1d) and parametrize.is_parametrized(layer, "weight")
+    assert parametrize.type_before_parametrizations(layer) is SynchronizedBatchNorm1d
+    dp = DataParallelWithCallback(converted, device_ids=["cpu"] * 2)
+    x = torch.randn(8, 3, dtype=torch.float64) * 2 + 1
+    y, y_ref = call_with_timeout(dp, x), reference(x)
+    torch.testing.assert_close(y, y_ref, **F64)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(
+        layer.parametrizations.weight.original.grad, reference[1].parametrizations.weight.original.grad, **F64
+    )
+    torch.testing.assert_close(layer.running_var, reference[1].running_var, **F64)
+    copied = copy.deepcopy(converted)  # (pickling stays refused, as torch refuses it for parametrized modules)
+    assert type(copied[1]) is type(layer) and torch.equal(copied[1].weight, layer.weight)
+    reverted = revert_model(converted)[1]
+    assert parametrize.type_before_parametrizations(reverted) is nn.BatchNorm1d
+    assert torch.equal(reverted.weight, reference[1].weight.detach().abs())
