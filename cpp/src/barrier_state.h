@@ -46,6 +46,16 @@ struct SlaveSlot {
   std::string label;      // where the copy is in its latest pass
 };
 
+// What a barrier operation takes out of the state under the lock, destroyed after the lock is released (declare
+// it before the lock): messages and errors may hold Python objects, whose destruction takes the GIL, and a thread
+// holding the GIL may be waiting for the lock.
+struct Graveyard {
+  std::vector<Message> messages;
+  std::vector<std::exception_ptr> errors;
+  std::map<int64_t, std::shared_ptr<SlaveSlot>> slots;
+  void push_back(Message&& message) { messages.push_back(std::move(message)); }
+};
+
 struct BarrierState {
   BarrierState(MasterCallback cb, double timeout) : callback(std::move(cb)), timeout_seconds(timeout) {}
 
@@ -71,7 +81,9 @@ struct BarrierState {
   bool master_busy = false;      // a thread is inside run_master
   int64_t resolved_through = 0;  // every pass up to this one completed or failed
   int64_t failed_through = 0;    // every pass up to this one that had not completed, failed
-  std::exception_ptr failure;    // why the most recent failed pass failed
+  // Why passes failed, by the pass fail_pass was given: a pass that had not completed failed with the error of the
+  // first failed pass at or after it (a copy arriving late at a pass gets that pass's error, not a later one's).
+  std::map<int64_t, std::exception_ptr> failures;
   // Bumped (under `mutex`) whenever something a waiter waits for changes, so that a waiter can spin on it
   // without the lock before it sleeps on a condition variable.
   std::atomic<uint64_t> changes{0};
@@ -90,10 +102,14 @@ struct BarrierState {
   // Fails `pass` for everyone: current waiters wake, and whoever enters it later
   // gets the same error. Unconsumed messages move to `graveyard`, to be
   // destroyed by the caller after the lock is released.
-  void fail_pass(int64_t pass, std::exception_ptr error, std::vector<Message>& graveyard) {
+  void fail_pass(int64_t pass, std::exception_ptr error, Graveyard& graveyard) {
     failed_through = std::max(failed_through, pass);
     resolved_through = std::max(resolved_through, pass);
-    failure = std::move(error);
+    auto [it, inserted] = failures.try_emplace(pass, error);
+    if (!inserted) {
+      graveyard.errors.push_back(std::move(it->second));
+      it->second = std::move(error);
+    }
     for (auto& entry : slots) {
       SlaveSlot& slot = *entry.second;
       if (slot.message_pass != 0 && slot.message_pass <= pass) graveyard.push_back(std::move(slot.message));
@@ -104,20 +120,21 @@ struct BarrierState {
   }
 
   // Forgets the slaves and the pass history; whoever waits on the old generation
-  // wakes and throws. The old slots go to `old_slots`, to be destroyed unlocked.
-  void start_generation(std::map<int64_t, std::shared_ptr<SlaveSlot>>& old_slots, std::string cause) {
+  // wakes and throws. The old slots and errors go to `graveyard`, to be destroyed unlocked.
+  void start_generation(Graveyard& graveyard, std::string cause) {
     ++generation;
     generation_cause = std::move(cause);
     activated = false;
     closed = false;
     closed_reason.clear();
-    old_slots.swap(slots);
+    graveyard.slots.swap(slots);
     master_entered = 0;
     master_finished = false;
     master_label.clear();
     resolved_through = 0;
     failed_through = 0;
-    failure = nullptr;
+    for (auto& entry : failures) graveyard.errors.push_back(std::move(entry.second));
+    failures.clear();
     changed();
     master_cv.notify_all();
     slave_cv.notify_all();
@@ -148,6 +165,13 @@ struct BarrierState {
     out << describe() << ": copy " << copy_id << " was waiting on a replication that has been replaced by a new one ("
         << generation_cause << ")";
     throw BarrierAbortedError(out.str());
+  }
+
+  // Rethrows the error `pass` failed with (pass <= failed_through).
+  [[noreturn]] void rethrow_failure(int64_t pass) const {
+    auto it = failures.lower_bound(pass);
+    TORCH_INTERNAL_ASSERT(it != failures.end(), "no failure recorded for failed pass ", pass);
+    std::rethrow_exception(it->second);
   }
 
   [[noreturn]] void throw_closed() const {

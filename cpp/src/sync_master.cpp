@@ -101,7 +101,7 @@ SyncMaster::SyncMaster(MasterCallback callback, std::optional<double> timeout_se
 
 SyncMaster::~SyncMaster() {
   // Wake anyone still waiting on this barrier instead of leaving them blocked.
-  std::vector<Message> graveyard;
+  detail::Graveyard graveyard;  // destroyed after the lock
   std::lock_guard<std::mutex> lock(state_->mutex);
   if (state_->master_waiting || state_->master_busy ||
       std::any_of(state_->slots.begin(), state_->slots.end(), [](const auto& e) { return e.second->waiting; })) {
@@ -112,32 +112,32 @@ SyncMaster::~SyncMaster() {
 
 std::shared_ptr<SlavePipe> SyncMaster::register_slave(int64_t copy_id) {
   TORCH_CHECK_VALUE(copy_id > 0, "register_slave: copy ids of slaves start at 1 (0 is the master), got ", copy_id);
-  std::map<int64_t, std::shared_ptr<detail::SlaveSlot>> old_slots;  // destroyed after the lock
+  detail::Graveyard graveyard;  // destroyed after the lock
   std::lock_guard<std::mutex> lock(state_->mutex);
   detail::BarrierState& s = *state_;
   s.check_not_in_callback("register_slave()",
                           "register the slaves in their replication hook (__data_parallel_replicate__)");
   // A pass since the last registration, or a copy registering again: a new replication.
   if (s.activated) {
-    s.start_generation(old_slots, "copy " + std::to_string(copy_id) + " registered after a pass had run");
+    s.start_generation(graveyard, "copy " + std::to_string(copy_id) + " registered after a pass had run");
   } else if (s.slots.count(copy_id) != 0) {
-    s.start_generation(old_slots, "copy " + std::to_string(copy_id) + " registered again");
+    s.start_generation(graveyard, "copy " + std::to_string(copy_id) + " registered again");
   }
   s.slots.emplace(copy_id, std::make_shared<detail::SlaveSlot>(copy_id));
   return std::make_shared<SlavePipe>(state_, copy_id, s.generation);
 }
 
 void SyncMaster::reset() {
-  std::map<int64_t, std::shared_ptr<detail::SlaveSlot>> old_slots;  // destroyed after the lock
+  detail::Graveyard graveyard;  // destroyed after the lock
   std::lock_guard<std::mutex> lock(state_->mutex);
   state_->check_not_in_callback(
       "reset()", "reset() starts a new replication: call it in the master's replication hook (__data_parallel_replicate__)");
-  state_->start_generation(old_slots, "reset() was called");
+  state_->start_generation(graveyard, "reset() was called");
 }
 
 Message SyncMaster::run_master(Message message) {
   detail::BarrierState& s = *state_;
-  std::vector<Message> graveyard;  // destroyed after the lock
+  detail::Graveyard graveyard;  // destroyed after the lock
   detail::check_replication_alive(s);
   std::unique_lock<std::mutex> lock(s.mutex);
   s.check_not_in_callback("run_master()", "the callback must return its results, not start another pass");
@@ -155,7 +155,7 @@ Message SyncMaster::run_master(Message message) {
     while (true) {
       if (s.generation != generation) s.throw_superseded(0);
       if (s.closed) s.throw_closed();
-      if (pass <= s.failed_through) std::rethrow_exception(s.failure);
+      if (pass <= s.failed_through) s.rethrow_failure(pass);
       if (s.all_slaves_sent(pass)) break;
       if (const detail::SlaveSlot* done = s.finished_slave_before(pass)) {
         s.fail_pass(pass, s.mismatch_error(done->copy_id, done->entered, 0, pass, s.master_label), graveyard);
@@ -193,9 +193,14 @@ Message SyncMaster::run_master(Message message) {
   }
   lock.lock();
   s.callback_thread = std::thread::id();
-  if (s.generation != generation) s.throw_superseded(0);
-  if (s.closed) s.throw_closed();
-  if (pass <= s.failed_through) std::rethrow_exception(s.failure);  // aborted or timed out meanwhile
+  if (s.generation != generation || s.closed || pass <= s.failed_through) {
+    // Replaced, closed, aborted or timed out meanwhile: the results are destroyed after the lock.
+    for (auto& result : results) graveyard.push_back(std::move(result.second));
+    results.clear();
+    if (s.generation != generation) s.throw_superseded(0);
+    if (s.closed) s.throw_closed();
+    s.rethrow_failure(pass);
+  }
 
   for (size_t i = 1; i < results.size(); ++i) {
     detail::SlaveSlot& slot = *s.slots.at(results[i].first);
@@ -212,7 +217,7 @@ Message SyncMaster::run_master(Message message) {
 }
 
 void SyncMaster::abort(const std::string& reason) {
-  std::vector<Message> graveyard;
+  detail::Graveyard graveyard;  // destroyed after the lock
   std::lock_guard<std::mutex> lock(state_->mutex);
   detail::BarrierState& s = *state_;
   s.fail_pass(s.resolved_through + 1,
@@ -220,7 +225,7 @@ void SyncMaster::abort(const std::string& reason) {
 }
 
 void SyncMaster::close(const std::string& reason) {
-  std::vector<Message> graveyard;
+  detail::Graveyard graveyard;  // destroyed after the lock
   std::lock_guard<std::mutex> lock(state_->mutex);
   detail::BarrierState& s = *state_;
   if (s.closed) return;
@@ -236,7 +241,7 @@ bool SyncMaster::closed() const {
 }
 
 void SyncMaster::finish(int64_t copy_id) {
-  std::vector<Message> graveyard;
+  detail::Graveyard graveyard;  // destroyed after the lock
   std::lock_guard<std::mutex> lock(state_->mutex);
   detail::BarrierState& s = *state_;
   if (copy_id == 0) {
@@ -290,7 +295,7 @@ SlavePipe::SlavePipe(std::shared_ptr<detail::BarrierState> state, int64_t copy_i
 
 Message SlavePipe::run_slave(Message message) {
   detail::BarrierState& s = *state_;
-  std::vector<Message> graveyard;               // destroyed after the lock
+  detail::Graveyard graveyard;                  // destroyed after the lock
   std::shared_ptr<detail::SlaveSlot> slot;      // may outlive its generation: release after the lock too
   detail::check_replication_alive(s);
   std::unique_lock<std::mutex> lock(s.mutex);
@@ -306,7 +311,7 @@ Message SlavePipe::run_slave(Message message) {
   detail::FlagGuard waiting(slot->waiting);
   s.activated = true;
   const int64_t pass = ++slot->entered;
-  if (pass <= s.failed_through) std::rethrow_exception(s.failure);
+  if (pass <= s.failed_through) s.rethrow_failure(pass);
 
   if (slot->message_pass != 0) graveyard.push_back(std::move(slot->message));
   slot->label = message.label;
@@ -323,7 +328,7 @@ Message SlavePipe::run_slave(Message message) {
     if (s.generation != generation_) s.throw_superseded(copy_id_);
     if (slot->result_pass == pass) break;
     if (s.closed) s.throw_closed();
-    if (pass <= s.failed_through) std::rethrow_exception(s.failure);
+    if (pass <= s.failed_through) s.rethrow_failure(pass);
     if (s.master_finished && s.master_entered < pass) {
       s.fail_pass(pass, s.mismatch_error(0, s.master_entered, copy_id_, pass, slot->label), graveyard);
       continue;

@@ -5,9 +5,11 @@ from __future__ import annotations
 import collections
 import copy
 import pickle
+import sys
 import threading
 import time
 
+import child_processes
 import pytest
 import torch
 
@@ -203,6 +205,52 @@ def test_timeout_names_the_missing_copies_and_the_barrier_recovers():
     results, errors = run_copies(master, pipes, lambda copy_id, _: copy_id * 2)
     assert errors == {}
     assert {copy_id: values[0] for copy_id, values in results.items()} == {0: 0, 1: 2, 2: 4, 3: 6, 4: 8}
+
+
+def test_a_copy_late_at_a_failed_pass_gets_that_pass_s_error_not_a_later_one_s():
+    master = syncbn_ext.SyncMaster(lambda items: items, timeout=0.3)
+    late = master.register_slave(1)
+    with pytest.raises(syncbn_ext.BarrierTimeoutError):  # pass 1: copy 1 never comes
+        master.run_master("alone")
+    master.abort("meant for pass 2")  # fails pass 2
+    with pytest.raises(syncbn_ext.BarrierTimeoutError, match=r"in pass 1: copies that never arrived: \[1\]"):
+        late.run_slave("late for pass 1")
+    with pytest.raises(syncbn_ext.BarrierAbortedError, match="meant for pass 2"):
+        late.run_slave("pass 2")
+
+
+# Passes that fail for 2 seconds while another thread pickles the barrier (reading its label and timeout under its
+# lock, holding the GIL). Run in a child process: a deadlock there holds the GIL for good.
+_FAILING_PASSES_WHILE_PICKLING = """
+import pickle, sys, threading, time
+import syncbn_ext
+
+def callback(items):
+    if sys.argv[1] == "raises":
+        raise KeyError("callback failed")
+    master.abort("aborted in the callback")
+    return [(copy_id, [object()]) for copy_id, _ in items]
+
+master = syncbn_ext.SyncMaster(callback, timeout=5)
+threading.Thread(target=lambda: [pickle.dumps(master) for _ in iter(int, 1)], daemon=True).start()
+passes, end = 0, time.monotonic() + 2
+while time.monotonic() < end:
+    try:
+        master.run_master([object()])
+    except (KeyError, syncbn_ext.BarrierAbortedError):
+        passes += 1
+print(passes)
+"""
+
+
+@pytest.mark.parametrize("failing", ["raises", "aborts"])
+def test_failed_passes_release_python_objects_outside_the_lock_other_threads_take_with_the_gil(failing):
+    # A failed pass's error and a discarded callback's results hold Python objects, whose release takes the GIL; the
+    # barrier releases them after its lock. Before, a thread waiting for the lock with the GIL held deadlocked with
+    # the pass within a second.
+    finished = child_processes.run([sys.executable, "-c", _FAILING_PASSES_WHILE_PICKLING, failing], timeout=60)
+    assert finished.returncode == 0, finished.stderr
+    assert int(finished.stdout) > 0
 
 
 def test_finish_fails_whoever_waits_for_a_copy_that_sends_no_more():
