@@ -44,6 +44,9 @@ std::string where(int64_t copy_id, const std::optional<std::vector<torch::Device
     throw;  // names its barrier, layer and copies already
   } catch (const std::exception& e) {
     std::throw_with_nested(ReplicaError(copy_id, "Caught " + std::string(e.what()) + " " + where(copy_id, devices)));
+  } catch (...) {  // not a std::exception (a thrown int, a foreign type): nested all the same
+    std::throw_with_nested(ReplicaError(copy_id, "Caught an exception of a type not derived from std::exception " +
+                                                     where(copy_id, devices)));
   }
 }
 
@@ -164,7 +167,20 @@ void run_replicas(int64_t n, std::function<void(int64_t)> body, std::function<vo
   auto state = std::make_shared<ReplicaRun>(n, std::move(body), std::move(on_failure), devices, group, share);
   std::vector<std::thread> threads;
   threads.reserve(n);
-  for (int64_t i = 0; i < n; ++i) threads.emplace_back([state, i] { state->run(i); });
+  try {
+    for (int64_t i = 0; i < n; ++i) threads.emplace_back([state, i] { state->run(i); });
+  } catch (...) {
+    // A thread could not start (the process's thread limit): those that did would wait for it at the barrier.
+    // Close their replication so that they stop and write nothing, and leave them (they own what they use).
+    const std::string reason = std::string(kAbortTag) + std::to_string(threads.size()) + " could not be started";
+    if (state->group) state->group->close(reason);
+    try {
+      state->on_failure(reason);
+    } catch (...) {
+    }
+    for (auto& thread : threads) thread.detach();
+    throw;
+  }
 
   std::unique_lock<std::mutex> lock(state->mutex);
   if (share > 0) {

@@ -78,19 +78,21 @@ TEST(DataParallel, AGradientPenaltyThroughCpuReplicasEqualsOneBatchNormsDoubleBa
 
 // A net that raises in the replica whose slice contains the marker value.
 struct FlakyNetImpl : torch::nn::Cloneable<FlakyNetImpl> {
-  explicit FlakyNetImpl(bool c10_error = false) : c10_error(c10_error) { reset(); }
+  enum class Error { kStd, kC10, kNotStd };
+  explicit FlakyNetImpl(Error error = Error::kStd) : error(error) { reset(); }
   void reset() override {
     conv = register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(2, 4, 3).padding(1)));
     bn = register_module("bn", syncbn::SyncBatchNorm2d(4));
   }
   torch::Tensor forward(const torch::Tensor& input) {
     if ((input == -1000).any().item<bool>()) {
-      if (c10_error) TORCH_CHECK_VALUE(false, "marker found");
+      if (error == Error::kC10) TORCH_CHECK_VALUE(false, "marker found");
+      if (error == Error::kNotStd) throw 42;  // NOLINT: a type not derived from std::exception
       throw std::out_of_range("marker found");
     }
     return bn->forward(conv->forward(input));
   }
-  bool c10_error;
+  Error error;
   torch::nn::Conv2d conv{nullptr};
   syncbn::SyncBatchNorm2d bn{nullptr};
 };
@@ -114,12 +116,26 @@ TEST(DataParallel, AFailingReplicaRaisesWithItsCopyIdAndTheNextForwardWorks) {
     }
   }
   // c10 errors keep their type and name the replica in their context.
-  FlakyNet c10_net(true);
+  FlakyNet c10_net(FlakyNetImpl::Error::kC10);
   try {
     syncbn::data_parallel(c10_net, x, cpu_replicas(4));
     FAIL() << "expected a ValueError";
   } catch (const c10::ValueError& error) {
     EXPECT_NE(std::string(error.what()).find("in replica 2 on device cpu"), std::string::npos) << error.what();
+  }
+  // Anything else thrown is nested in a ReplicaError too.
+  FlakyNet odd_net(FlakyNetImpl::Error::kNotStd);
+  try {
+    syncbn::data_parallel(odd_net, x, cpu_replicas(4));
+    FAIL() << "expected a ReplicaError";
+  } catch (const syncbn::ReplicaError& error) {
+    EXPECT_EQ(error.copy_id(), 2);
+    try {
+      std::rethrow_if_nested(error);
+      FAIL() << "the original exception is nested";
+    } catch (int thrown) {
+      EXPECT_EQ(thrown, 42);
+    }
   }
   auto y = syncbn::data_parallel(net, torch::randn({8, 2, 4, 4}), cpu_replicas(4));
   EXPECT_EQ(y.sizes(), (std::vector<int64_t>{8, 4, 4, 4}));
