@@ -92,7 +92,9 @@ std::vector<at::Tensor> ReplicaBackward::rendezvous(Point& point, int64_t copy, 
   };
   const auto deadline = detail::deadline_after(timeout);
   while (!point.combined) {
-    if (!closed_reason_.empty()) fail(copy, BarrierAbortedError(label + ": the parallel backward failed: " + closed_reason_));
+    if (!closed_reason_.empty()) {
+      fail(copy, BarrierAbortedError(label + ": the parallel backward failed: " + closed_reason_));
+    }
     if (!point.combining && everyone_in()) {
       // The last to arrive combines, unlocked: other points may proceed meanwhile.
       point.combining = true;
@@ -118,7 +120,11 @@ std::vector<at::Tensor> ReplicaBackward::rendezvous(Point& point, int64_t copy, 
       lock.lock();
       break;
     }
-    if (!detail::spin_then_wait(changed_, lock, changes_, deadline) && !point.combined && !point.combining &&
+    // Once every copy is in, the wait is for the combine (which may be a cross-process exchange, bounded by the
+    // group's own timeout): without a deadline, or a waiter past it would spin until the combine ends.
+    auto wait_until = deadline;
+    if (point.combining || everyone_in()) wait_until.reset();
+    if (!detail::spin_then_wait(changed_, lock, changes_, wait_until) && !point.combined && !point.combining &&
         !everyone_in() && closed_reason_.empty()) {
       std::ostringstream out;
       out << label << ": the parallel backward timed out after " << timeout

@@ -174,7 +174,8 @@ MasterCallback batch_norm_master_callback(std::shared_ptr<ReplicaBackward> backw
       } else {
         TORCH_CHECK(sizes.size() == whole_batch_size.size() && sizes[1] == whole_batch_size[1],
                     "syncbn BatchNorm: copy ", copy_id, " has input of size ", torch_size(sizes),
-                    " but copy 0 has ", torch_size(whole_batch_size), "; replicas must agree on everything but dim 0");
+                    " but copy 0 has ", torch_size(whole_batch_size),
+                    "; replicas must agree on the number of dimensions and of channels (dim 1)");
         whole_batch_size[0] += sizes[0];
       }
     }

@@ -359,7 +359,7 @@ def scenario_channels(rank, world, replicas, sizes):
     return errors
 
 
-WIDE = 5000  # channels: rows larger than a shared-memory slot (64 KiB: 4094 channels)
+WIDE = 5000  # channels: rows larger than a shared-memory slot (64 KiB: 4093 channels)
 
 
 def scenario_wide(rank, world, replicas, sizes):
