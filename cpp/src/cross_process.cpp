@@ -269,11 +269,12 @@ GatheredRows exchange_rows(const ProcessGroupPtr& group, detail::ExchangeKind ki
 
   const at::Tensor headers = gathered.narrow(1, 0, kHeader).cpu();  // one copy to the host for every rank's header
   const auto rows = headers.accessor<int64_t, 2>();
-  bool agree = true, kinds_differ = false;
+  bool agree = true, kinds_differ = false, only_layer_numbers_differ = true;
   std::vector<int64_t> counts;
   for (int64_t r = 0; r < rows.size(0); ++r) {
-    agree = agree && rows[r][0] == number && rows[r][1] == kind_code && rows[r][2] == layer_id &&
-            rows[r][3] == channels;
+    const bool same_call = rows[r][0] == number && rows[r][1] == kind_code && rows[r][3] == channels;
+    agree = agree && same_call && rows[r][2] == layer_id;
+    only_layer_numbers_differ = only_layer_numbers_differ && same_call;
     kinds_differ = kinds_differ || rows[r][1] != kind_code;
     counts.push_back(rows[r][4]);
   }
@@ -288,6 +289,11 @@ GatheredRows exchange_rows(const ProcessGroupPtr& group, detail::ExchangeKind ki
     }
     out << " every rank must call the synchronized layers the same number of times, in the same order";
     if (kinds_differ) out << ", forward and backward" << detail::kSkippedBackwardExchange;
+    if (only_layer_numbers_differ) {
+      out << " (only the layers' numbers differ: the ranks called different layers, or numbered the same layer "
+             "differently: a process numbers its synchronized layers in the order it constructs them, so construct "
+             "them in the same order on every rank, e.g. no synchronized layer built on one rank only before them)";
+    }
     throw BarrierError(out.str() + "\n" + where(group, label, doing));
   }
 

@@ -144,7 +144,7 @@ def _to_synchronized_layers(
         if target is None:
             return module
         new = _transplant(module, target)
-        new._init_sync_state()
+        new._init_sync_state(module.__dict__.get("_layer_id"))  # a synchronized layer converted keeps its number
         if process_group is not None or not keep_own_group:
             new.process_group = process_group
         return new

@@ -29,7 +29,9 @@ def resolve_group(group: Any, default_to_world: bool) -> Any:
         if not default_to_world or not dist.is_initialized():
             return None
         group = dist.group.WORLD
-    if group is dist.GroupMember.NON_GROUP_MEMBER:
+    # torch's marker of a rank outside a group (new_group's return there): compared by value, as torch does, since
+    # an unpickled one (torch.save, a spawned process) is another object.
+    if not isinstance(group, dist.ProcessGroup) and group == dist.GroupMember.NON_GROUP_MEMBER:
         return None
     return group if group.size() > 1 else None
 

@@ -130,10 +130,13 @@ class _SynchronizedBatchNorm(_BatchNorm):
         self.process_group = process_group
         self._init_sync_state()
 
-    def _init_sync_state(self) -> None:
-        """The synchronization state of a layer that is not a replica (a new, converted or unpickled one)."""
+    def _init_sync_state(self, layer_id: int | None = None) -> None:
+        """The synchronization state of a layer that is not a replica (a new, converted or unpickled one).
+
+        ``layer_id``: the number of the layer it stands for (a copy, or a conversion, is that layer), else a new one.
+        """
         self.__dict__.update(_SYNC_STATE_DEFAULTS)
-        self._layer_id = next(_layer_ids)
+        self._layer_id = next(_layer_ids) if layer_id is None else layer_id
         self._name_unreplicated(type(self).__name__)
         self.__dict__.setdefault("process_group", None)
 
@@ -171,7 +174,9 @@ class _SynchronizedBatchNorm(_BatchNorm):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._init_sync_state()  # a new layer (its own id), not a replica
+        # Not a replica; the same layer across processes (its number kept), so that a copy or an unpickling made on
+        # some ranks only (an EMA model's deepcopy on rank 0) does not number the layers built later differently.
+        self._init_sync_state(state.get("_layer_id"))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _SynchronizedBatchNorm:
         # A process group is a process-wide handle: the copy uses the same one (it cannot be copied).

@@ -4,7 +4,9 @@ prompt, clear error on every rank. Run by ``distributed_worker.py``; each scenar
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import signal
 import threading
 import time
@@ -35,6 +37,20 @@ def scenario_mismatch(rank, world, replicas, sizes):
     model = TwoLayers(rank)
     wrap(model, replicas)(torch.randn(4, C, dtype=torch.float64))
     return {"ran": True}
+
+
+def scenario_copied_on_one_rank(rank, world, replicas, sizes):
+    """Rank 0 alone deep-copies and unpickles a model of synchronized layers (an EMA copy, a checkpoint), then every
+    rank builds and trains another: the copies keep their layers' numbers, so the ranks number the new layers alike."""
+    first = TwoLayers(0)
+    if rank == 0:
+        copy.deepcopy(first)
+        pickle.loads(pickle.dumps(first))
+    second = syncbn_ext.convert_model(nn.Sequential(nn.BatchNorm1d(C)).double(), process_group=dist.group.WORLD)
+    third = syncbn_ext.SyncBatchNorm(C).double()
+    x = torch.randn(4, C, dtype=torch.float64)
+    wrap(nn.Sequential(second, third), replicas)(x).sum().backward()
+    return {"ran": True, "ids": [second[0]._layer_id, third._layer_id]}
 
 
 class LayersOfDifferentWidths(nn.Module):

@@ -35,6 +35,7 @@ SCENARIOS = {
     "fsdp": parity.scenario_fsdp,
     "mismatch": faults.scenario_mismatch,
     "mismatch_widths": faults.scenario_mismatch_widths,
+    "copied_on_one_rank": faults.scenario_copied_on_one_rank,
     "channels": parity.scenario_channels,
     "absent": faults.scenario_absent,
     "absent_later": faults.scenario_absent_later,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import pickle
 import socket
 import sys
 from collections import defaultdict
@@ -158,7 +159,10 @@ def test_ranks_at_different_layers_get_an_error_naming_every_ranks_layer(tmp_pat
     # mismatch: each rank at another layer of the same width. mismatch_widths (on the same group, after it): the
     # layers' widths differ too, after steps in which every rank learned them: every rank's exchange still has the
     # same size whatever its layer's width, so it is the error too, not a broken gloo exchange.
-    results = launch(tmp_path, 2, replicas, [4, 4], ["mismatch", "mismatch_widths"], transport=transport)
+    # copied_on_one_rank: rank 0 alone deep-copied and unpickled a model first (an EMA copy): no mismatch.
+    scenarios = ["mismatch", "mismatch_widths", "copied_on_one_rank"]
+    results = launch(tmp_path, 2, replicas, [4, 4], scenarios, transport=transport)
+    assert measures(results["copied_on_one_rank"][0])["ids"] == measures(results["copied_on_one_rank"][1])["ids"]
     for rank in (0, 1):
         record = results["mismatch"][rank]
         assert record.get("error") == "BarrierError", record
@@ -168,6 +172,7 @@ def test_ranks_at_different_layers_get_an_error_naming_every_ranks_layer(tmp_pat
         assert "rank 0: synchronized call 1 on this group" in message
         assert "rank 1: synchronized call 1 on this group" in message
         assert "every rank must call the synchronized layers the same number of times" in message
+        assert "only the layers' numbers differ" in message and "construct them in the same order" in message
 
         record = results["mismatch_widths"][rank]
         assert record.get("error") == "BarrierError", record
@@ -336,6 +341,16 @@ def test_without_torch_distributed_sync_batchnorm_is_a_single_process_layer():
     torch.testing.assert_close(layer.running_var, reference.running_var)
     # Our in-process layers ignore torch.distributed unless given a group.
     assert syncbn_ext.SynchronizedBatchNorm1d(3).sync_group() is None
+
+
+def test_a_layer_on_a_rank_outside_its_group_normalizes_alone_also_once_pickled():
+    # new_group returns torch's marker on ranks outside the group (an int in torch 2.13): an unpickled layer holds
+    # another object of the same value (torch.save, a spawned process), which is still "not a member".
+    outside = pickle.loads(pickle.dumps(dist.GroupMember.NON_GROUP_MEMBER))
+    layer = pickle.loads(pickle.dumps(syncbn_ext.SyncBatchNorm(3, process_group=dist.GroupMember.NON_GROUP_MEMBER)))
+    assert layer.sync_group() is None and syncbn_ext.cross_process_transport(outside) == "none"
+    x = torch.randn(6, 3)
+    torch.testing.assert_close(layer(x), torch.nn.BatchNorm1d(3)(x))
 
 
 class _PlaysRankZeroOfTwo(dist.ProcessGroup):
