@@ -124,7 +124,7 @@ def test_converted_lazy_layer_materializes_from_a_state_dict():
 def test_uninitialized_lazy_layer_pickles():
     layer = LazySynchronizedBatchNorm2d(momentum=0.5)
     copied = pickle.loads(pickle.dumps(layer))
-    assert type(copied) is LazySynchronizedBatchNorm2d and copied._layer_id != layer._layer_id
+    assert type(copied) is LazySynchronizedBatchNorm2d and copied._layer_id == layer._layer_id  # the same layer
     copied(torch.randn(4, 3, 2, 2))
     assert type(copied) is SynchronizedBatchNorm2d and copied.num_features == 3 and copied.momentum == 0.5
     assert type(layer) is LazySynchronizedBatchNorm2d and layer.has_uninitialized_params()
