@@ -237,6 +237,17 @@ def test_replicas_whose_graphs_meet_keep_the_serial_backward():
     torch.testing.assert_close(model[0].weight.grad, reference.weight.grad)
 
 
+def assert_the_leaf_gets_the_references_gradient(y, reference, x, leaf):
+    """Backward of ``y`` (the wrapper's output), then of ``reference(x)``, with one random gradient: ``leaf``, a tensor
+    outside the modules, gets the same gradient from both."""
+    grad = torch.randn_like(y)
+    call_with_timeout(y.backward, grad)
+    expected = leaf.grad.clone()
+    leaf.grad = None
+    reference(x).backward(grad)
+    torch.testing.assert_close(expected, leaf.grad, rtol=1e-10, atol=1e-10)
+
+
 def test_a_leaf_outside_the_module_gets_its_gradient():
     external = torch.randn(C, dtype=torch.float64, requires_grad=True)
 
@@ -251,12 +262,7 @@ def test_a_leaf_outside_the_module_gets_its_gradient():
     x = torch.randn(6, C, dtype=torch.float64)
     y = call_with_timeout(dp, x)
     assert joined(y)
-    grad = torch.randn_like(y)
-    call_with_timeout(y.backward, grad)
-    expected = external.grad.clone()
-    external.grad = None
-    reference(x).backward(grad)
-    torch.testing.assert_close(expected, external.grad, rtol=1e-10, atol=1e-10)
+    assert_the_leaf_gets_the_references_gradient(y, reference, x, external)
 
 
 class ScaledByAnAttribute(nn.Module):
@@ -314,12 +320,7 @@ def test_replicas_meeting_at_a_tensor_reached_otherwise_run_again_serially_with_
     with pytest.warns(RuntimeWarning, match="ran again .* parallel_backward=False"):
         y = call_with_timeout(dp, x)
     assert not joined(y) and dp.parallel_backward is False
-    grad = torch.randn_like(y)
-    call_with_timeout(y.backward, grad)
-    expected = source.grad.clone()
-    source.grad = None
-    reference(x).backward(grad)
-    torch.testing.assert_close(expected, source.grad, rtol=1e-10, atol=1e-10)
+    assert_the_leaf_gets_the_references_gradient(y, reference, x, source)
     assert_grads_equal(model, reference)
 
 
@@ -398,34 +399,46 @@ def test_what_the_loss_does_not_use(parallel_backward, second_output):
     assert_grads_equal(model, syncbn_ext.revert_model(reference))
 
 
-class FailingBackward(torch.autograd.Function):
+class InBackward(torch.autograd.Function):
+    """Identity; its backward calls ``action()`` first."""
+
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, action):
+        ctx.action = action
         return x.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        raise ValueError("backward failed in this replica")
+        ctx.action()
+        return grad, None
+
+
+def fail():
+    raise ValueError("backward failed in this replica")
+
+
+def take_three_seconds():
+    time.sleep(3)
 
 
 MARKER = -1234.0
 
 
 class MarkedNet(nn.Module):
-    """Linear and a synchronized layer; in the replica whose slice holds the marker, ``slow_down`` (a Function) is
-    applied to the input (its backward then runs after the layer's merge) or to the output (before the merge)."""
+    """Linear and a synchronized layer; in the replica whose slice holds the marker, ``in_backward`` is called in
+    backward, after the layer's merge or before it."""
 
-    def __init__(self, slow_down, before_the_merge):
+    def __init__(self, in_backward, before_the_merge):
         super().__init__()
         self.linear, self.bn = nn.Linear(C, C), SynchronizedBatchNorm1d(C)
-        self.slow_down, self.before_the_merge, self.armed = slow_down, before_the_merge, True
+        self.in_backward, self.before_the_merge, self.armed = in_backward, before_the_merge, True
 
     def forward(self, x):
         marked = self.armed and bool((x.abs() > 1000).any())
         if marked and not self.before_the_merge:
-            x = self.slow_down.apply(x)
+            x = InBackward.apply(x, self.in_backward)
         y = self.bn(self.linear(x))
-        return self.slow_down.apply(y) if marked and self.before_the_merge else y
+        return InBackward.apply(y, self.in_backward) if marked and self.before_the_merge else y
 
 
 @pytest.mark.parametrize("before_the_merge", [False, True])
@@ -434,7 +447,7 @@ def test_a_replica_failing_in_backward_raises_its_own_error_at_once(monkeypatch,
     # one raised, not theirs.
     monkeypatch.setenv("SYNCBN_TIMEOUT", "120")  # the others must not wait for it until a timeout
     torch.manual_seed(4)
-    model = MarkedNet(FailingBackward, before_the_merge).double()
+    model = MarkedNet(fail, before_the_merge).double()
     dp = DataParallelWithCallback(model, device_ids=["cpu"] * 3, parallel_backward=True)
     x = torch.randn(6, C, dtype=torch.float64)
     x[3] = MARKER  # in replica 1's slice
@@ -449,21 +462,10 @@ def test_a_replica_failing_in_backward_raises_its_own_error_at_once(monkeypatch,
     call_with_timeout(y.sum().backward)
 
 
-class SlowBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        time.sleep(3)
-        return grad
-
-
 def test_a_replica_late_in_backward_is_a_barrier_timeout_error(monkeypatch):
     monkeypatch.setenv("SYNCBN_TIMEOUT", "1")
     dp = DataParallelWithCallback(
-        MarkedNet(SlowBackward, before_the_merge=True).double(), device_ids=["cpu"] * 2, parallel_backward=True
+        MarkedNet(take_three_seconds, before_the_merge=True).double(), device_ids=["cpu"] * 2, parallel_backward=True
     )
     x = torch.randn(4, C, dtype=torch.float64)
     x[2] = MARKER  # replica 1 is late at the merge
