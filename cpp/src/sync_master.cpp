@@ -100,14 +100,14 @@ SyncMaster::SyncMaster(MasterCallback callback, std::optional<double> timeout_se
 }
 
 SyncMaster::~SyncMaster() {
-  // Wake anyone still waiting on this barrier instead of leaving them blocked.
+  // Wake anyone still waiting on this barrier instead of leaving them blocked, and fail at once a slave that comes
+  // later (its pipe outlives the master): no master will ever run a pass.
   detail::Graveyard graveyard;  // destroyed after the lock
   std::lock_guard<std::mutex> lock(state_->mutex);
-  if (state_->master_waiting || state_->master_busy ||
-      std::any_of(state_->slots.begin(), state_->slots.end(), [](const auto& e) { return e.second->waiting; })) {
-    state_->fail_pass(state_->resolved_through + 1,
-                      std::make_exception_ptr(BarrierAbortedError(state_->describe() + " was destroyed")), graveyard);
-  }
+  state_->closed = true;
+  state_->closed_reason = "its SyncMaster was destroyed";
+  state_->fail_pass(state_->resolved_through + 1,
+                    std::make_exception_ptr(BarrierAbortedError(state_->describe() + " was destroyed")), graveyard);
 }
 
 std::shared_ptr<SlavePipe> SyncMaster::register_slave(int64_t copy_id) {

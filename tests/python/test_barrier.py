@@ -153,6 +153,16 @@ def test_malformed_callback_result_fails_every_copy():
     assert all("one (copy_id, result) pair per copy" in str(error) for error in errors.values())
 
 
+def test_a_slave_of_a_destroyed_master_fails_at_once_saying_so():
+    master = syncbn_ext.SyncMaster(lambda items: items, timeout=60)
+    pipe = master.register_slave(1)
+    del master  # its pipe outlives it: no pass will ever run
+    start = time.monotonic()
+    with pytest.raises(syncbn_ext.BarrierAbortedError, match="its SyncMaster was destroyed"):
+        pipe.run_slave("late")
+    assert time.monotonic() - start < 30  # not the barrier's timeout (60 s)
+
+
 def test_abort_wakes_every_waiter_and_the_next_pass_works():
     master = syncbn_ext.SyncMaster(lambda items: items, timeout=60)
     pipes = [master.register_slave(i) for i in range(1, 4)]
