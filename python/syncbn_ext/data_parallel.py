@@ -195,13 +195,14 @@ class DataParallelWithCallback(nn.DataParallel):
 
     def _forward_on_cpu_replicas(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Scatters, replicates on CPU, runs the replicas (writing replica 0's buffers back) and gathers."""
-        for t in (*self.module.parameters(), *self.module.buffers()):
+        parameters = list(self.module.named_parameters())
+        for t in (*(p for _, p in parameters), *self.module.buffers()):
             if t.device != self.src_device_obj:
                 raise RuntimeError(
                     f"module must have its parameters and buffers on device {self.src_device_obj} "
                     f"(device_ids[0]) but found one of them on device: {t.device}"
                 )
-        versions = [(name, p, _C.version_of(p)) for name, p in self.module.named_parameters()]
+        versions = [(name, p, _C.version_of(p)) for name, p in parameters]
         try:
             return self._run_cpu_replicas(inputs, kwargs)
         finally:
@@ -228,7 +229,7 @@ class DataParallelWithCallback(nn.DataParallel):
                 "backward, and this wrapper keeps that from now on (parallel_backward=False). Hold such a tensor as "
                 "a module attribute, or build the wrapper with parallel_backward=False",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=6,  # the wrapper's caller, as _warn_of_parameters_written's
             )
             self.parallel_backward = False
         replicas = self.replicate(self.module, self.device_ids[: len(inputs)])

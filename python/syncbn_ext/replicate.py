@@ -353,16 +353,16 @@ def _copier_keeping_views(buffers: Sequence[torch.Tensor]) -> Callable[[torch.Te
     """A function that copies each of ``buffers``: a clone, except that buffers sharing memory (one a view of the
     other, or both views of one tensor) get copies that share a copy of that memory, as in the module, so that a
     write through one shows through the others."""
+    key_of = {id(buf): _storage_key(buf) for buf in buffers}  # once per buffer: each forward runs this
     tensors_of: dict[tuple[Any, int], set[int]] = {}
-    for buf in buffers:
-        key = _storage_key(buf)
+    for buf_id, key in key_of.items():
         if key is not None:
-            tensors_of.setdefault(key, set()).add(id(buf))
+            tensors_of.setdefault(key, set()).add(buf_id)
     storage_copies: dict[tuple[Any, int], torch.UntypedStorage] = {}
 
     def copy_of(buf: torch.Tensor) -> torch.Tensor:
-        key = _storage_key(buf)
-        if key is None or len(tensors_of.get(key, ())) < 2:
+        key = key_of[id(buf)]
+        if key is None or len(tensors_of[key]) < 2:
             return buf.detach().clone()
         storage = storage_copies.get(key)
         if storage is None:
