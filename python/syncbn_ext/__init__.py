@@ -68,15 +68,17 @@ __all__ = [
 ]
 
 # ----------------------------------------------------------------------------------------------------------------
-# Synchronized BatchNorm layers and model conversion (nn.py, convert.py)
+# Synchronized BatchNorm layers and model conversion (nn.py, lazy.py, convert.py)
 # ----------------------------------------------------------------------------------------------------------------
 
 from .convert import convert_model, patch_sync_batchnorm, revert_model  # noqa: E402
 from .distributed import cross_process_transport  # noqa: E402
-from .nn import (  # noqa: E402
+from .lazy import (  # noqa: E402
     LazySynchronizedBatchNorm1d,
     LazySynchronizedBatchNorm2d,
     LazySynchronizedBatchNorm3d,
+)
+from .nn import (  # noqa: E402
     SyncBatchNorm,
     SynchronizedBatchNorm1d,
     SynchronizedBatchNorm2d,

@@ -24,25 +24,46 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+from torch.nn.modules.batchnorm import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+    _BatchNorm,
+)
 from torch.nn.modules.batchnorm import SyncBatchNorm as TorchSyncBatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.modules.module import _WrappedHook
 from torch.nn.utils import parametrize
 
 from .data_parallel import DataParallelWithCallback, patch
+from .lazy import LazySynchronizedBatchNorm1d, LazySynchronizedBatchNorm2d, LazySynchronizedBatchNorm3d
 from .nn import (
     _SYNC_STATE_DEFAULTS,
-    _SYNC_TO_TORCH,
-    _TORCH_TO_SYNC,
     SyncBatchNorm,
     SynchronizedBatchNorm1d,
     SynchronizedBatchNorm2d,
     SynchronizedBatchNorm3d,
+    _SynchronizedBatchNorm,
 )
 from .replicate import _optimized_module_type
 
 __all__ = ["convert_model", "convert_to_sync_batch_norm", "patch_sync_batchnorm", "revert_model"]
+
+# The torch classes and their synchronized counterparts, captured at import so that a patch of torch.nn
+# (patch_sync_batchnorm) does not change them.
+_TORCH_TO_SYNC: dict[type[_BatchNorm], type[_SynchronizedBatchNorm]] = {
+    BatchNorm1d: SynchronizedBatchNorm1d,
+    BatchNorm2d: SynchronizedBatchNorm2d,
+    BatchNorm3d: SynchronizedBatchNorm3d,
+    TorchSyncBatchNorm: SyncBatchNorm,
+    LazyBatchNorm1d: LazySynchronizedBatchNorm1d,
+    LazyBatchNorm2d: LazySynchronizedBatchNorm2d,
+    LazyBatchNorm3d: LazySynchronizedBatchNorm3d,
+}
+_SYNC_TO_TORCH: dict[type[_SynchronizedBatchNorm], type[_BatchNorm]] = {v: k for k, v in _TORCH_TO_SYNC.items()}
 
 # The layers SyncBatchNorm.convert_sync_batchnorm converts (exact classes, captured at import).
 _TO_SYNC_BATCH_NORM = (

@@ -34,20 +34,14 @@ from torch.autograd import forward_ad
 from torch.nn.modules.batchnorm import BatchNorm1d as _TorchBatchNorm1d
 from torch.nn.modules.batchnorm import BatchNorm2d as _TorchBatchNorm2d
 from torch.nn.modules.batchnorm import BatchNorm3d as _TorchBatchNorm3d
-from torch.nn.modules.batchnorm import LazyBatchNorm1d as _TorchLazyBatchNorm1d
-from torch.nn.modules.batchnorm import LazyBatchNorm2d as _TorchLazyBatchNorm2d
-from torch.nn.modules.batchnorm import LazyBatchNorm3d as _TorchLazyBatchNorm3d
 from torch.nn.modules.batchnorm import SyncBatchNorm as _TorchSyncBatchNorm
-from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._native import _C
 from .distributed import resolve_group
 from .eps_mode import get_sbn_eps_mode, set_sbn_eps_mode
 
 __all__ = [
-    "LazySynchronizedBatchNorm1d",
-    "LazySynchronizedBatchNorm2d",
-    "LazySynchronizedBatchNorm3d",
     "SyncBatchNorm",
     "SynchronizedBatchNorm1d",
     "SynchronizedBatchNorm2d",
@@ -435,74 +429,11 @@ class SyncBatchNorm(_SynchronizedBatchNorm):
         return _convert_to_sync_batch_norm(module, process_group, stacklevel=4)
 
 
-class _LazySynchronizedBatchNorm(_LazyNormBase):
-    """``nn.LazyBatchNormNd``'s lazy initialization for a synchronized layer: ``num_features`` from the first input.
+def __getattr__(name: str) -> Any:
+    # The lazy layers live in lazy.py (which imports this module); their old home still finds them, so that
+    # pickles naming syncbn_ext.nn.LazySynchronizedBatchNormNd load.
+    if name.startswith("LazySynchronizedBatchNorm"):
+        from . import lazy
 
-    Until its first forward the layer holds uninitialized parameters and buffers (which the replicas cannot share:
-    run one forward outside the wrapper first, as with every lazy module); that forward materializes them and the
-    layer becomes the ``cls_to_become`` synchronized layer.
-    """
-
-    def __init__(
-        self,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        bias: bool = True,
-        process_group: Any = None,
-    ) -> None:
-        super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self.process_group = process_group
-
-    def initialize_parameters(self, input: Tensor) -> None:  # type: ignore[override]
-        super().initialize_parameters(input)
-        # Error messages name the layer with its number of features, known from now on.
-        self._name_unreplicated(self.cls_to_become.__name__)
-
-
-class LazySynchronizedBatchNorm1d(_LazySynchronizedBatchNorm, SynchronizedBatchNorm1d):
-    """``nn.LazyBatchNorm1d`` for :class:`SynchronizedBatchNorm1d`: ``num_features`` inferred at the first forward.
-
-    Same arguments as :class:`torch.nn.LazyBatchNorm1d`, and ``process_group`` as
-    :class:`SynchronizedBatchNorm1d`'s; becomes a :class:`SynchronizedBatchNorm1d` at its first forward.
-    """
-
-    cls_to_become = SynchronizedBatchNorm1d  # type: ignore[assignment]
-
-
-class LazySynchronizedBatchNorm2d(_LazySynchronizedBatchNorm, SynchronizedBatchNorm2d):
-    """``nn.LazyBatchNorm2d`` for :class:`SynchronizedBatchNorm2d`: ``num_features`` inferred at the first forward.
-
-    Same arguments as :class:`torch.nn.LazyBatchNorm2d`, and ``process_group`` as
-    :class:`SynchronizedBatchNorm2d`'s; becomes a :class:`SynchronizedBatchNorm2d` at its first forward.
-    """
-
-    cls_to_become = SynchronizedBatchNorm2d  # type: ignore[assignment]
-
-
-class LazySynchronizedBatchNorm3d(_LazySynchronizedBatchNorm, SynchronizedBatchNorm3d):
-    """``nn.LazyBatchNorm3d`` for :class:`SynchronizedBatchNorm3d`: ``num_features`` inferred at the first forward.
-
-    Same arguments as :class:`torch.nn.LazyBatchNorm3d`, and ``process_group`` as
-    :class:`SynchronizedBatchNorm3d`'s; becomes a :class:`SynchronizedBatchNorm3d` at its first forward.
-    """
-
-    cls_to_become = SynchronizedBatchNorm3d  # type: ignore[assignment]
-
-
-# The torch classes and their synchronized counterparts (for convert.py), captured at import so that a patch of
-# torch.nn (patch_sync_batchnorm) does not change them.
-_TORCH_TO_SYNC: dict[type[_BatchNorm], type[_SynchronizedBatchNorm]] = {
-    _TorchBatchNorm1d: SynchronizedBatchNorm1d,
-    _TorchBatchNorm2d: SynchronizedBatchNorm2d,
-    _TorchBatchNorm3d: SynchronizedBatchNorm3d,
-    _TorchSyncBatchNorm: SyncBatchNorm,
-    _TorchLazyBatchNorm1d: LazySynchronizedBatchNorm1d,
-    _TorchLazyBatchNorm2d: LazySynchronizedBatchNorm2d,
-    _TorchLazyBatchNorm3d: LazySynchronizedBatchNorm3d,
-}
-_SYNC_TO_TORCH: dict[type[_SynchronizedBatchNorm], type[_BatchNorm]] = {v: k for k, v in _TORCH_TO_SYNC.items()}
+        return getattr(lazy, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
