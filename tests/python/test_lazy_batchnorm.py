@@ -10,6 +10,7 @@ import torch
 from hang_guard import call_with_timeout
 from torch import nn
 
+import syncbn_ext
 from syncbn_ext import (
     DataParallelWithCallback,
     LazySynchronizedBatchNorm1d,
@@ -128,6 +129,14 @@ def test_uninitialized_lazy_layer_pickles():
     copied(torch.randn(4, 3, 2, 2))
     assert type(copied) is SynchronizedBatchNorm2d and copied.num_features == 3 and copied.momentum == 0.5
     assert type(layer) is LazySynchronizedBatchNorm2d and layer.has_uninitialized_params()
+
+
+def test_pickles_naming_the_lazy_layers_old_module_load():
+    # The lazy layers moved from syncbn_ext.nn to syncbn_ext.lazy: a pickle written before names the old module.
+    for dims in (1, 2, 3):
+        name = f"LazySynchronizedBatchNorm{dims}d"
+        loaded = pickle.loads(f"csyncbn_ext.nn\n{name}\n.".encode())
+        assert loaded is getattr(syncbn_ext, name)
 
 
 def test_patch_sync_batchnorm_patches_the_lazy_classes():
