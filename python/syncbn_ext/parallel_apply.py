@@ -11,7 +11,8 @@ handling synchronized layers need:
   :data:`FAILURE_GRACE_SECONDS` more; once one returned, at most ``$SYNCBN_TIMEOUT`` more. A replica still running
   then (stuck where nothing can wake it) is left behind on its thread, its replication closed so it can write
   nothing; it ends when it returns. An exception in the calling thread (Ctrl-C) closes the replication, waits the
-  grace period at most, and propagates.
+  grace period at most, and propagates. The interpreter's exit waits for replicas left behind, at most
+  :data:`EXIT_WAIT_SECONDS` (one returning from a torch op during the exit would abort the process).
 * The exception raised is the replica's own object (type, arguments and attributes intact), with a note naming the
   replica; errors the closing itself caused in the other copies are not reported over the original one.
 
@@ -22,9 +23,11 @@ one), so that ``n`` replicas running at once use the caller's threads, not ``n``
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -35,12 +38,21 @@ import torch
 from ._native import _C
 from .replicate import Replication
 
-__all__ = ["FAILURE_GRACE_SECONDS", "INTERRUPT_GRACE_SECONDS", "parallel_apply", "run_on_workers"]
+__all__ = [
+    "EXIT_WAIT_SECONDS",
+    "FAILURE_GRACE_SECONDS",
+    "INTERRUPT_GRACE_SECONDS",
+    "parallel_apply",
+    "replica_threads_running",
+    "run_on_workers",
+]
 
 #: How long the caller still waits for the other replicas once one failed.
 FAILURE_GRACE_SECONDS = 1.0
 #: How long an interrupted caller (Ctrl-C) waits for the replicas, which it woke, before it propagates.
 INTERRUPT_GRACE_SECONDS = 0.5
+#: How long the interpreter's exit waits for replicas still running (left behind by a failed forward or backward).
+EXIT_WAIT_SECONDS = 10.0
 
 #: Tag of the reasons this module closes replications with: the errors it causes in other copies carry it.
 ABORT_TAG = "DataParallelWithCallback"
@@ -142,6 +154,35 @@ def replica_threads_running() -> list[threading.Thread]:
     """The threads still running a replica: busy workers, and replicas left behind by a forward that gave up."""
     return _POOL.busy_or_abandoned_threads()
 
+
+def _wait_for_replica_threads_at_exit() -> None:
+    """Gives replicas still running at the interpreter's exit time to end, at most :data:`EXIT_WAIT_SECONDS`.
+
+    A daemon thread that returns from a torch op while the interpreter shuts down is ended by CPython in a way C++
+    cannot unwind: the process aborts ("terminate called without an active exception", or a fatal Python error)
+    instead of exiting with its status. A replica left behind (Ctrl-C during a forward, a replica past the timeout)
+    usually ends soon: its replication is closed, so its next synchronized layer raises.
+    """
+
+    def join_all(threads: list[threading.Thread], until: float) -> list[threading.Thread]:
+        for thread in threads:
+            thread.join(max(0.0, until - time.monotonic()))
+        return [thread for thread in threads if thread.is_alive()]
+
+    start = time.monotonic()
+    still_running = join_all(replica_threads_running(), until=start + min(1.0, EXIT_WAIT_SECONDS))
+    if still_running:
+        print(
+            f"syncbn_ext: waiting up to {EXIT_WAIT_SECONDS:g} s for {len(still_running)} replica thread(s) left "
+            "behind by a failed or interrupted forward or backward, before the interpreter exits (one ending "
+            "during the exit would crash it); Ctrl-C to exit at once",
+            file=sys.stderr,
+            flush=True,
+        )
+        join_all(still_running, until=start + EXIT_WAIT_SECONDS)
+
+
+atexit.register(_wait_for_replica_threads_at_exit)
 
 # ------------------------------------------------------------------------------------------------------------------
 # One replica's task

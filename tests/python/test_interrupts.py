@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
 import sys
 import threading
 import time
@@ -75,6 +76,17 @@ def test_ctrl_c_reaches_the_caller_at_once_and_the_slow_replica_writes_nothing_w
     assert report["left_after_wake"] == []  # and its thread ended
     assert report["next_forward_error"] < 1e-12
     assert report["next_running_mean_error"] < 1e-12
+
+
+@pytest.mark.parametrize(("scenario", "status"), [("interrupt", -signal.SIGINT), ("backward-timeout", 0)])
+def test_the_exit_waits_for_replicas_left_behind_and_ends_with_the_scripts_status(scenario, status):
+    # Replicas left behind (Ctrl-C during a forward; a replica late in the parallel backward) still run torch ops
+    # while the interpreter exits: one returning from an op then would abort the process (measured: "terminate
+    # called without an active exception", or a fatal Python error, and status 134 in both scenarios).
+    result = child_processes.run([sys.executable, str(HERE / "exit_scenario.py"), scenario], timeout=120)
+    assert result.returncode == status, result.stderr
+    assert "terminate called" not in result.stderr and "Fatal Python error" not in result.stderr
+    assert "syncbn_ext: waiting up to 10 s for" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
@@ -324,27 +323,6 @@ def test_replicas_meeting_at_a_tensor_reached_otherwise_run_again_serially_with_
     assert_grads_equal(model, reference)
 
 
-def test_sparse_gradients_are_summed_as_sparse_gradients():
-    torch.manual_seed(4)
-    model = nn.Sequential(
-        nn.Embedding(20, C, sparse=True), nn.Flatten(), nn.Linear(3 * C, C), SynchronizedBatchNorm1d(C)
-    ).double()
-    reference = syncbn_ext.revert_model(copy.deepcopy(model))
-    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 3, parallel_backward=True)
-    indices = torch.randint(0, 20, (9, 3))
-    for _ in range(2):  # the second step adds to the sparse gradient the first left
-        y = call_with_timeout(dp, indices)
-        assert joined(y)
-        grad = torch.randn_like(y)
-        call_with_timeout(y.backward, grad)
-        reference(indices).backward(grad)
-    assert model[0].weight.grad.is_sparse
-    torch.testing.assert_close(
-        model[0].weight.grad.to_dense(), reference[0].weight.grad.to_dense(), rtol=1e-10, atol=1e-10
-    )
-    torch.testing.assert_close(model[2].weight.grad, reference[2].weight.grad, rtol=1e-10, atol=1e-10)
-
-
 class ChosenHead(nn.Module):
     """A synchronized layer whose output only the replicas with a positive first value use (the others' head reads
     the layer's input); optionally a second output, from a second head (with a synchronized layer of its own) on the
@@ -397,82 +375,6 @@ def test_what_the_loss_does_not_use(parallel_backward, second_output):
     torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
     assert all(p.grad is None for p in model.second_head.parameters())
     assert_grads_equal(model, syncbn_ext.revert_model(reference))
-
-
-class InBackward(torch.autograd.Function):
-    """Identity; its backward calls ``action()`` first."""
-
-    @staticmethod
-    def forward(ctx, x, action):
-        ctx.action = action
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.action()
-        return grad, None
-
-
-def fail():
-    raise ValueError("backward failed in this replica")
-
-
-def take_three_seconds():
-    time.sleep(3)
-
-
-MARKER = -1234.0
-
-
-class MarkedNet(nn.Module):
-    """Linear and a synchronized layer; in the replica whose slice holds the marker, ``in_backward`` is called in
-    backward, after the layer's merge or before it."""
-
-    def __init__(self, in_backward, before_the_merge):
-        super().__init__()
-        self.linear, self.bn = nn.Linear(C, C), SynchronizedBatchNorm1d(C)
-        self.in_backward, self.before_the_merge, self.armed = in_backward, before_the_merge, True
-
-    def forward(self, x):
-        marked = self.armed and bool((x.abs() > 1000).any())
-        if marked and not self.before_the_merge:
-            x = InBackward.apply(x, self.in_backward)
-        y = self.bn(self.linear(x))
-        return InBackward.apply(y, self.in_backward) if marked and self.before_the_merge else y
-
-
-@pytest.mark.parametrize("before_the_merge", [False, True])
-def test_a_replica_failing_in_backward_raises_its_own_error_at_once(monkeypatch, before_the_merge):
-    # Failing before its synchronized layer's merge, the replica wakes the others waiting there: its error is the
-    # one raised, not theirs.
-    monkeypatch.setenv("SYNCBN_TIMEOUT", "120")  # the others must not wait for it until a timeout
-    torch.manual_seed(4)
-    model = MarkedNet(fail, before_the_merge).double()
-    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 3, parallel_backward=True)
-    x = torch.randn(6, C, dtype=torch.float64)
-    x[3] = MARKER  # in replica 1's slice
-    y = call_with_timeout(dp, x.requires_grad_())
-    assert joined(y)
-    with pytest.raises(ValueError, match="backward failed in this replica") as raised:
-        call_with_timeout(y.sum().backward)
-    assert raised.value.__notes__[-1] == "(raised in replica 1 on device cpu, in backward)"
-    # The next step works.
-    model.armed = False
-    y = call_with_timeout(dp, torch.randn(6, C, dtype=torch.float64))
-    call_with_timeout(y.sum().backward)
-
-
-def test_a_replica_late_in_backward_is_a_barrier_timeout_error(monkeypatch):
-    monkeypatch.setenv("SYNCBN_TIMEOUT", "1")
-    dp = DataParallelWithCallback(
-        MarkedNet(take_three_seconds, before_the_merge=True).double(), device_ids=["cpu"] * 2, parallel_backward=True
-    )
-    x = torch.randn(4, C, dtype=torch.float64)
-    x[2] = MARKER  # replica 1 is late at the merge
-    y = call_with_timeout(dp, x)
-    # The type the merge raised, which autograd's engine hands on as a plain RuntimeError.
-    with pytest.raises(syncbn_ext.BarrierTimeoutError, match=r"timed out after 1 s; copies that never .*\[1\]"):
-        call_with_timeout(y.sum().backward)
 
 
 def test_without_gradients_nothing_is_joined():

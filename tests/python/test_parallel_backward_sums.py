@@ -1,5 +1,5 @@
 """CPU replicas' backward in parallel: how each parameter's gradients from the replicas are summed (as soon as
-each is complete, into a tensor nobody else holds), and parameters some replicas do not use."""
+each is complete, into a tensor nobody else holds; sparse ones as sparse), and parameters some replicas do not use."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from batchnorm_cases import joined
 from hang_guard import call_with_timeout
 from torch import nn
 
+import syncbn_ext
 from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm1d
 
 C = 4
@@ -262,3 +263,24 @@ def test_parameter_gradients_are_summed_while_the_backward_goes_on(monkeypatch, 
         order = [(kind, index) for kind, index, t in Probe.events if t == thread]
         assert order.index(("parameter", last_layer_weight)) < order.index(("start of the model", -1)), order
     Probe.events.clear()
+
+
+def test_sparse_gradients_are_summed_as_sparse_gradients():
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Embedding(20, C, sparse=True), nn.Flatten(), nn.Linear(3 * C, C), SynchronizedBatchNorm1d(C)
+    ).double()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 3, parallel_backward=True)
+    indices = torch.randint(0, 20, (9, 3))
+    for _ in range(2):  # the second step adds to the sparse gradient the first left
+        y = call_with_timeout(dp, indices)
+        assert joined(y)
+        grad = torch.randn_like(y)
+        call_with_timeout(y.backward, grad)
+        reference(indices).backward(grad)
+    assert model[0].weight.grad.is_sparse
+    torch.testing.assert_close(
+        model[0].weight.grad.to_dense(), reference[0].weight.grad.to_dense(), rtol=1e-10, atol=1e-10
+    )
+    torch.testing.assert_close(model[2].weight.grad, reference[2].weight.grad, rtol=1e-10, atol=1e-10)

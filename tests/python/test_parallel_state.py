@@ -1,5 +1,6 @@
-"""CPU DataParallelWithCallback: the state the replicas work with and write back, the caller's thread state they
-run under, and threads around them (training forwards from several threads, others running meanwhile)."""
+"""CPU DataParallelWithCallback: the state the replicas work with and write back (buffers, parameters written in
+place), the caller's thread state they run under, and threads around them (training forwards from several threads,
+others running meanwhile)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,21 @@ import json
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import child_processes
+import pytest
 import torch
 from batchnorm_cases import cpu_dp
 from hang_guard import call_with_timeout
+from replica_faults import RaiseOnMarker
 from replica_modules import BatchSum, SlowSynchronizedBatchNorm1d, forwards_from_threads
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import syncbn_ext
+from syncbn_ext import DataParallelWithCallback
 from syncbn_ext.replicate import Replication, training_forward_lock
 
 
@@ -236,3 +241,173 @@ def test_a_forked_child_trains_on_the_parents_wrapper():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["child_exit"] == 0, result.stderr  # 1: it hung (threads dumped above); 3: a wrong step
     assert report["parent_error"] < 1e-5
+
+
+# Buffers and parameters a replica's forward writes, and what reaches the module
+
+
+class FunctionalRunningStats(nn.Module):
+    """Running statistics of its own, kept by ``F.batch_norm`` (not an nn.BatchNorm): the kernel writes them in place
+    without counting a version."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x):
+        return nn.functional.batch_norm(x, self.running_mean, self.running_var, training=True, momentum=0.5)
+
+
+class KeepsItsLastBatch(nn.Module):
+    """Resizes a buffer in place (as torch's per-channel observers do), counts in a buffer another one views and
+    scales through the view; holds a sparse one too (which ``torch.equal`` cannot compare)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("last", torch.empty(0))
+        self.register_buffer("pairs", torch.eye(2).to_sparse())
+        self.register_buffer("counts", torch.zeros(4))
+        self.register_buffer("first_counts", self.counts[:2])
+
+    def forward(self, x):
+        self.last.resize_(x.shape[0]).copy_(x[:, 0])
+        self.counts.add_(1)
+        self.first_counts.mul_(10)  # seen by counts too
+        return x
+
+
+class MarksThroughAnAlias(nn.Module):
+    """Writes its buffer through a plain attribute that refers to it: every replica writes the module's tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mark", torch.zeros(2))
+        self.alias = self.mark
+
+    def forward(self, x):
+        self.alias.fill_(7.0)
+        return x
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_every_buffer_replica_0_changes_reaches_the_module_as_on_gpus(n):
+    # On GPUs replica 0 holds the module's own buffers; on CPU it writes copies, copied back after the forward: also
+    # those a kernel writes without counting a version, resized in place if replica 0 resized them; views of one
+    # another stay views in replica 0's copies; none taken for changed because it views one that was, or because the
+    # module's tensor was written directly (its copy would undo the write).
+    model = nn.Sequential(FunctionalRunningStats(3), KeepsItsLastBatch(), MarksThroughAnAlias())
+    reference = copy.deepcopy(model)
+    x = torch.randn(6, 3) * 3 + 1
+    for step in range(2):
+        call_with_timeout(cpu_dp(model, n), x + step)
+        reference(x[: 6 // n] + step)  # replica 0's slice
+        for name, expected in reference.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[name], expected, msg=name)
+    counts = model[1].counts
+    assert model[1].first_counts.data_ptr() == counts.data_ptr()
+    assert torch.equal(counts, torch.tensor([110.0, 110.0, 2.0, 2.0]))
+
+
+class CountsInAParameter(nn.Module):
+    """Counts the samples it saw in a frozen parameter, in place (state that belongs in a buffer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+        self.seen = nn.Parameter(torch.zeros(()), requires_grad=False)
+
+    def forward(self, x):
+        self.seen.add_(x.shape[0])
+        if (x == RaiseOnMarker.MARKER).any():
+            raise ValueError("marked")
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("parallel_backward", [False, True])
+def test_a_forward_writing_a_parameter_in_place_warns_that_every_replica_wrote_it(parallel_backward):
+    # The replicas share the module's parameters (their gradients must reach it): each replica's write reaches it,
+    # also from a failed forward, where on GPUs only device 0's would. Not silently.
+    model = CountsInAParameter()
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=parallel_backward)
+    with pytest.warns(RuntimeWarning, match=r"wrote parameter\(s\) \['seen'\] in place.*register_buffer"):
+        call_with_timeout(dp, torch.randn(8, 3)).sum().backward()
+    assert model.seen.item() == 8  # both replicas' 4
+    x = torch.randn(8, 3)
+    x[6, 0] = RaiseOnMarker.MARKER
+    with pytest.warns(RuntimeWarning, match=r"\['seen'\].*even if the forward failed"):
+        with pytest.raises(ValueError, match="marked"):
+            call_with_timeout(dp, x)
+    # A forward that writes no parameter in place warns of nothing (gradients, buffers, frozen parameters).
+    quiet = nn.Sequential(nn.Linear(3, 3), syncbn_ext.SynchronizedBatchNorm1d(3))
+    quiet[0].bias.requires_grad_(False)
+    dp = DataParallelWithCallback(quiet, device_ids=["cpu"] * 2, parallel_backward=parallel_backward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            call_with_timeout(dp, torch.randn(8, 3)).sum().backward()
+
+
+def under_inference_mode(forward):
+    """``forward`` called under ``torch.inference_mode()`` (thread-local: call_with_timeout calls it on a thread)."""
+
+    def call(*args):
+        with torch.inference_mode():
+            return forward(*args)
+
+    return call
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_inference_mode_forwards_update_and_read_the_buffers_as_on_gpus(training):
+    # Under torch.inference_mode() replica 0's copies of the buffers are inference tensors, which count no version:
+    # they are compared instead. As on GPUs, the synchronized layer gives the whole batch's outputs and statistics,
+    # the other modules' buffers get replica 0's updates, and in eval mode nothing changes.
+    torch.manual_seed(0)
+    synchronized = nn.Sequential(nn.Linear(3, 3), syncbn_ext.SynchronizedBatchNorm1d(3)).train(training)
+    writers = nn.Sequential(FunctionalRunningStats(3), KeepsItsLastBatch(), MarksThroughAnAlias()).train(training)
+    whole_batch = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).train(training)
+    whole_batch.load_state_dict(synchronized.state_dict())
+    writers_reference = copy.deepcopy(writers)
+    x = torch.randn(6, 3) * 3 + 1
+    for step in range(2):
+        with torch.inference_mode():
+            out = call_with_timeout(under_inference_mode(cpu_dp(synchronized, 2)), x + step)
+            expected = whole_batch(x + step)
+            call_with_timeout(under_inference_mode(cpu_dp(writers, 2)), x + step)
+            writers_reference(x[:3] + step)  # replica 0's slice
+        torch.testing.assert_close(out, expected)
+        for name, tensor in whole_batch.state_dict().items():
+            torch.testing.assert_close(synchronized.state_dict()[name], tensor, msg=name)
+        for name, tensor in writers_reference.state_dict().items():
+            torch.testing.assert_close(writers.state_dict()[name].to_dense(), tensor.to_dense(), msg=name)
+
+    with torch.inference_mode():  # a module built under inference mode: its own buffers are inference tensors
+        built_inside = nn.Sequential(nn.Linear(3, 3), syncbn_ext.SynchronizedBatchNorm1d(3)).train(training)
+        whole_batch = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).train(training)
+        whole_batch.load_state_dict(built_inside.state_dict())
+        out = call_with_timeout(under_inference_mode(cpu_dp(built_inside, 2)), x)
+        expected = whole_batch(x)
+    torch.testing.assert_close(out, expected)
+    for name, tensor in whole_batch.state_dict().items():
+        torch.testing.assert_close(built_inside.state_dict()[name], tensor, msg=name)
+
+
+def test_fake_quantization_observers_under_the_replicas_observe_as_on_gpus():
+    # Quantization-aware training: torch's fused observers update (and resize) their buffers without counting a
+    # version. As on GPUs, the module's observers observe replica 0's slice.
+    quantization = pytest.importorskip("torch.ao.quantization")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    model.qconfig = quantization.get_default_qat_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation, its observers' reduce_range
+        model = quantization.prepare_qat(model.train())
+    reference = copy.deepcopy(model)
+    x = torch.randn(8, 3, 6, 6)
+    call_with_timeout(cpu_dp(model, 2), x).sum().backward()
+    reference(x[:4])
+    observed = {name: t for name, t in model.state_dict().items() if "fake_quant" in name or "post_process" in name}
+    assert any(t.numel() == 4 for t in observed.values())  # the weight's per-channel observer grew to 4 channels
+    for name, tensor in observed.items():
+        torch.testing.assert_close(tensor, reference.state_dict()[name], msg=name)
