@@ -29,13 +29,26 @@ std::string torch_size(const std::vector<int64_t>& sizes) {
   return out.str();
 }
 
-// nn.BatchNorm on CPU: parameters share the input's dtype, except float32
-// parameters with a float16/bfloat16 input.
-void check_dtype(const at::Tensor& input, const std::optional<at::Tensor>& values) {
-  if (!values.has_value() || !values->defined() || values->scalar_type() == input.scalar_type()) return;
-  const bool reduced_input = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(reduced_input && values->scalar_type() == at::kFloat,
-              "mixed dtype (CPU): all inputs must share same datatype.");
+// nn.BatchNorm's dtype rules and messages on CPU (ATen's mixed_type.h): the first
+// defined parameter or buffer decides. Of the input's dtype, every one must be
+// (the kernel's "expected scalar type"); of another, every one must be float32
+// and the input float16 or bfloat16.
+void check_dtypes(const at::Tensor& input, std::initializer_list<const std::optional<at::Tensor>*> values) {
+  std::vector<at::ScalarType> types;
+  for (const auto* value : values) {
+    if (value->has_value() && (*value)->defined()) types.push_back((*value)->scalar_type());
+  }
+  if (types.empty()) return;
+  if (types.front() == input.scalar_type()) {
+    for (const auto type : types) {
+      TORCH_CHECK(type == input.scalar_type(), "expected scalar type ", input.scalar_type(), " but found ", type);
+    }
+    return;
+  }
+  for (const auto type : types) {
+    TORCH_CHECK(type == at::kFloat, "mixed dtype (CPU): expect parameter to have scalar type of Float");
+  }
+  TORCH_CHECK(at::isReducedFloatingType(input.scalar_type()), "mixed dtype (CPU): all inputs must share same datatype.");
 }
 
 void check_features(const std::optional<at::Tensor>& values, const char* name, int64_t features) {
@@ -57,7 +70,7 @@ void check_arguments(const at::Tensor& input, const std::optional<at::Tensor>& w
   check_features(running_var, "running_var", features);
   check_features(weight, "weight", features);
   check_features(bias, "bias", features);
-  for (const auto* values : {&weight, &bias, &running_mean, &running_var}) check_dtype(input, *values);
+  check_dtypes(input, {&weight, &bias, &running_mean, &running_var});
 }
 
 using detail::Merged;

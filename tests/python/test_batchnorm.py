@@ -106,6 +106,35 @@ def test_input_checks_raise_torch_messages(kind):
             assert expected in str(caught.value)
 
 
+FLOATS = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def outcome_of(module, x):
+    try:
+        return "ok", call_with_timeout(module, x).dtype
+    except Exception as error:  # noqa: BLE001 (the outcome compared)
+        return type(error), str(error).splitlines()[0]
+
+
+@pytest.mark.parametrize("parameters", FLOATS)
+@pytest.mark.parametrize("buffers", FLOATS)
+def test_mixed_dtypes_are_accepted_or_refused_as_batchnorm_does(parameters, buffers, eps_mode):
+    # nn.BatchNorm on CPU: float32 parameters and buffers with a float16/bfloat16 input, or all of one dtype; its
+    # messages otherwise. The replicated path and the clamp mode run our kernels, not F.batch_norm's checks.
+    def with_dtypes(module):
+        module.weight.data, module.bias.data = module.weight.data.to(parameters), module.bias.data.to(parameters)
+        module.running_mean, module.running_var = module.running_mean.to(buffers), module.running_var.to(buffers)
+        return module
+
+    for dtype in FLOATS:
+        x = torch.randn(4, 3, 2, 2, dtype=dtype)
+        expected = outcome_of(with_dtypes(nn.BatchNorm2d(3)), x)
+        assert outcome_of(cpu_dp(with_dtypes(syncbn_ext.SynchronizedBatchNorm2d(3)), 2), x) == expected, dtype
+        eps_mode("clamp")
+        assert outcome_of(with_dtypes(syncbn_ext.SynchronizedBatchNorm2d(3)), x) == expected, dtype
+        eps_mode("plus")
+
+
 @pytest.mark.parametrize("kind", ["1d-NC", "2d", "3d"])
 def test_state_dicts_load_both_ways_and_old_versions(kind):
     ref, ours = make_pair(kind, momentum=None)
