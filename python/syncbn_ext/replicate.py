@@ -4,8 +4,8 @@
 * :class:`Replication`: one forward's replicas (any device) after the replication callbacks ran: their
   replication group, and replica 0 working on copies of the original's buffers, written back only when every
   replica succeeded (so a failed, interrupted or abandoned forward writes nothing to the model).
-* :func:`training_forward_lock`: training forwards of one module from several threads, one after another (each
-  replicates the buffers the previous one wrote back).
+* :func:`training_forward_lock`: training forwards of one module (or of modules sharing a module with buffers)
+  from several threads, one after another (each replicates the buffers the previous one wrote back).
 """
 
 from __future__ import annotations
@@ -33,9 +33,7 @@ M = TypeVar("M", bound=nn.Module)
 REPLICATION_TAG = "_syncbn_replication"
 
 
-_training_forward_locks: weakref.WeakKeyDictionary[nn.Module, contextlib.AbstractContextManager[Any]] = (
-    weakref.WeakKeyDictionary()
-)
+_training_forward_locks: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _training_forward_locks_guard = threading.Lock()
 
 
@@ -50,23 +48,58 @@ def _forget_training_forward_locks_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_training_forward_locks_after_fork)
 
 
+class TrainingForwardLocks:
+    """The locks of a module and of every module of its tree that holds buffers, taken in one global order (so
+    that forwards of overlapping trees cannot deadlock) and released together. Reentrant, as each lock is."""
+
+    def __init__(self, locks: list[threading.RLock]) -> None:
+        self._locks = locks
+
+    def acquire(self, blocking: bool = True) -> bool:
+        """Takes every lock (waits for them unless ``blocking`` is false); False if one was held elsewhere."""
+        for taken, lock in enumerate(self._locks):
+            if not lock.acquire(blocking):
+                for held in reversed(self._locks[:taken]):
+                    held.release()
+                return False
+        return True
+
+    def release(self) -> None:
+        for lock in reversed(self._locks):
+            lock.release()
+
+    def __enter__(self) -> TrainingForwardLocks:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
 def training_forward_lock(module: nn.Module) -> contextlib.AbstractContextManager[Any]:
     """What a replicated forward of ``module`` holds from its replication to its write-back.
 
     Replica 0 updates copies of the module's buffers, copied back at the forward's end: two training forwards at
     once from two threads would each write back its own update over the other's (a running mean missing a
     batch, ``num_batches_tracked`` counting half of them). So training forwards of one module run one after
-    another, as if called in turn; a forward in eval mode (no module of the tree training: no running statistics
-    to update) holds nothing and runs alongside any other. Reentrant: a forward that calls the same wrapper
-    again from its own thread goes on.
+    another, as if called in turn, and so do those of two modules whose trees share a module holding buffers
+    (a wrapper of a model and one of its block, two models sharing a layer): each module with buffers has its
+    lock, and a forward holds those of its tree. A forward in eval mode (no module of the tree training: no
+    running statistics to update) holds nothing and runs alongside any other. Reentrant: a forward that calls the
+    same wrapper again from its own thread goes on.
     """
-    if not any(m.training for m in module.modules()):
+    modules = list(module.modules())
+    if not any(m.training for m in modules):
         return contextlib.nullcontext()
+    holders = [module, *(m for m in modules if m is not module and any(b is not None for b in m._buffers.values()))]
     with _training_forward_locks_guard:
-        lock = _training_forward_locks.get(module)
-        if lock is None:
-            lock = _training_forward_locks[module] = threading.RLock()
-    return lock
+        locks = {}
+        for holder in holders:
+            lock = _training_forward_locks.get(holder)
+            if lock is None:
+                lock = _training_forward_locks[holder] = threading.RLock()
+            locks[id(lock)] = lock
+    return TrainingForwardLocks([locks[key] for key in sorted(locks)])
 
 
 def _check_replicatable(module: nn.Module) -> None:

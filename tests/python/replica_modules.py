@@ -134,13 +134,15 @@ class SlowSynchronizedBatchNorm1d(syncbn_ext.SynchronizedBatchNorm1d):
 
 
 def forwards_from_threads(dp, batches, threads=3):
-    """dp(batch) for every batch, spread over ``threads`` threads started at once; fails on a hang or an error."""
+    """dp(batch) for every batch, spread over ``threads`` threads started at once; fails on a hang or an error.
+    ``dp`` may be a list: thread ``i`` calls ``dp[i % len(dp)]``."""
     errors = []
+    wrappers = dp if isinstance(dp, list) else [dp]
 
     def train(first):
         try:
             for x in batches[first::threads]:
-                dp(x)
+                wrappers[first % len(wrappers)](x)
         except BaseException as error:
             errors.append(error)
 

@@ -66,6 +66,23 @@ def test_training_forwards_from_several_threads_run_one_after_another():
     torch.testing.assert_close(bn.running_var, torch.stack([x.var(0) for x in batches]).mean(0))
 
 
+@pytest.mark.parametrize("overlap", ["a block of the model", "a layer shared by two models"])
+def test_training_forwards_of_overlapping_models_from_several_threads_run_one_after_another(overlap):
+    # A wrapper of a model and one of its block (or of two models sharing a layer) write back the shared layer's
+    # buffers: at once, each would write its update over the other's.
+    torch.manual_seed(0)
+    bn = SlowSynchronizedBatchNorm1d(3, momentum=None).double()  # a cumulative average: the same in any order
+    if overlap == "a block of the model":
+        models = [nn.Sequential(nn.Sequential(bn), nn.Identity()), bn]
+    else:
+        models = [nn.Sequential(nn.Identity(), bn), nn.Sequential(bn, nn.Identity())]
+    batches = [torch.randn(6, 3, dtype=torch.float64) * (1 + i % 3) + i for i in range(24)]
+    forwards_from_threads([cpu_dp(model, 2) for model in models], batches, threads=4)
+    assert bn.num_batches_tracked.item() == 24
+    torch.testing.assert_close(bn.running_mean, torch.stack([x.mean(0) for x in batches]).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack([x.var(0) for x in batches]).mean(0))
+
+
 def test_a_training_forward_holds_its_module_and_an_eval_forward_nothing():
     seen = []
 
