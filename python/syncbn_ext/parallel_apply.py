@@ -53,6 +53,8 @@ FAILURE_GRACE_SECONDS = 1.0
 INTERRUPT_GRACE_SECONDS = 0.5
 #: How long the interpreter's exit waits for replicas still running (left behind by a failed forward or backward).
 EXIT_WAIT_SECONDS = 10.0
+#: Idle workers unused for longer than this end (those of a replica count or intra-op thread count no longer used).
+IDLE_WORKER_SECONDS = 60.0
 
 #: Tag of the reasons this module closes replications with: the errors it causes in other copies carry it.
 ABORT_TAG = "DataParallelWithCallback"
@@ -73,6 +75,7 @@ class _Worker:
         self.intra_op_threads = intra_op_threads
         self.tasks: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.abandoned = False
+        self.idle_since = 0.0
         self._ready = threading.Event()
         self.thread = threading.Thread(target=self._loop, name=f"syncbn-worker-{_Worker._counter}", daemon=True)
         self.thread.start()
@@ -131,10 +134,21 @@ class _WorkerPool:
         return workers
 
     def release(self, workers: Sequence[_Worker]) -> None:
+        now = time.monotonic()
         with self._lock:
             for worker in workers:
                 if not worker.abandoned:
+                    worker.idle_since = now
                     self._idle.setdefault(worker.intra_op_threads, []).append(worker)
+            # Workers kept for a replica count or thread count no longer used (a last batch smaller than the
+            # replicas, a wrapper no longer called, torch.set_num_threads changed) end, with their OpenMP teams.
+            for key, idle in list(self._idle.items()):
+                unused = [worker for worker in idle if now - worker.idle_since > IDLE_WORKER_SECONDS]
+                for worker in unused:
+                    worker.tasks.put(None)
+                self._idle[key] = [worker for worker in idle if worker not in unused]
+                if not self._idle[key]:
+                    del self._idle[key]
 
     def busy_or_abandoned_threads(self) -> list[threading.Thread]:
         """The workers' threads that are not idle in the pool (for tests and diagnostics)."""

@@ -428,3 +428,25 @@ def test_fake_quantization_observers_under_the_replicas_observe_as_on_gpus():
     assert any(t.numel() == 4 for t in observed.values())  # the weight's per-channel observer grew to 4 channels
     for name, tensor in observed.items():
         torch.testing.assert_close(tensor, reference.state_dict()[name], msg=name)
+
+
+def test_idle_workers_of_replica_counts_no_longer_used_end(monkeypatch):
+    # Workers are kept per intra-op thread count (the caller's count // replicas): those of a count no longer used
+    # (a last batch smaller than the replicas, another wrapper) end once unused for IDLE_WORKER_SECONDS.
+    pool = syncbn_ext.parallel_apply._POOL
+    monkeypatch.setattr(syncbn_ext.parallel_apply, "IDLE_WORKER_SECONDS", 0.0)
+    model = nn.Sequential(nn.Linear(3, 3), syncbn_ext.SynchronizedBatchNorm1d(3))
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(12)  # shares of 6, 4 and 3 threads: a key each
+    try:
+        for replicas in (2, 3, 4):
+            call_with_timeout(cpu_dp(model, replicas), torch.randn(12, 3))
+            idle = {key: len(workers) for key, workers in pool._idle.items()}
+            assert idle == {12 // replicas: replicas}, idle  # the previous count's workers were told to end
+    finally:
+        torch.set_num_threads(threads_before)
+    kept = {worker.thread for workers in pool._idle.values() for worker in workers}
+    ending = [t for t in threading.enumerate() if t.name.startswith("syncbn-worker-") and t not in kept]
+    for thread in ending:
+        thread.join(10)
+    assert not [t for t in ending if t.is_alive()]
