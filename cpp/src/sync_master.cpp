@@ -138,8 +138,11 @@ void SyncMaster::reset() {
 Message SyncMaster::run_master(Message message) {
   detail::BarrierState& s = *state_;
   detail::Graveyard graveyard;  // destroyed after the lock
-  detail::check_replication_alive(s);
   std::unique_lock<std::mutex> lock(s.mutex);
+  // Under the lock: checked before it, a thread of a closed replication stalled in between would join the pass of
+  // whatever generation a later replication's reset() made. (Lock order: barrier, then group; the group never takes
+  // a barrier's lock holding its own.)
+  detail::check_replication_alive(s);
   s.check_not_in_callback("run_master()", "the callback must return its results, not start another pass");
   TORCH_CHECK(!s.master_busy, s.describe(), ": run_master is already running in another thread");
   if (s.closed) s.throw_closed();
@@ -297,8 +300,8 @@ Message SlavePipe::run_slave(Message message) {
   detail::BarrierState& s = *state_;
   detail::Graveyard graveyard;                  // destroyed after the lock
   std::shared_ptr<detail::SlaveSlot> slot;      // may outlive its generation: release after the lock too
-  detail::check_replication_alive(s);
   std::unique_lock<std::mutex> lock(s.mutex);
+  detail::check_replication_alive(s);  // under the lock, as run_master's
   if (s.generation != generation_) {
     std::ostringstream out;
     out << s.describe() << ": the pipe of copy " << copy_id_
