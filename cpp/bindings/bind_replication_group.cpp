@@ -16,6 +16,13 @@ struct PyReplicaScope {
   std::unique_ptr<ReplicaScope> scope;
 };
 
+// `with group.backward_run(run):` marks the calling thread as running a task of that backward run (RunScope).
+struct PyRunScope {
+  std::shared_ptr<ReplicaBackward> backward;
+  int64_t run;
+  std::unique_ptr<ReplicaBackward::RunScope> scope;
+};
+
 }  // namespace
 
 void bind_replication_group(py::module_& m) {
@@ -29,6 +36,20 @@ void bind_replication_group(py::module_& m) {
              return self;
            })
       .def("__exit__", [](PyReplicaScope& self, const py::args&) {
+        self.scope.reset();
+        return false;
+      });
+
+  py::class_<PyRunScope>(m, "BackwardRunScope",
+                         "While entered, the calling thread runs a task of one parallel backward run of its "
+                         "replication (see ReplicationGroup.begin_backward).")
+      .def("__enter__",
+           [](PyRunScope& self) -> PyRunScope& {
+             if (self.scope) throw py::value_error("BackwardRunScope is already entered");
+             self.scope = std::make_unique<ReplicaBackward::RunScope>(self.backward, self.run);
+             return self;
+           })
+      .def("__exit__", [](PyRunScope& self, const py::args&) {
         self.scope.reset();
         return false;
       });
@@ -59,33 +80,62 @@ void bind_replication_group(py::module_& m) {
            "write of its replicas is refused with BarrierAbortedError.")
       .def_property_readonly("closed", &ReplicationGroup::closed)
       .def_property_readonly("close_reason", &ReplicationGroup::close_reason)
+      // The ReplicaBackward calls below lock its mutex: without the GIL, so that a thread holding that mutex never
+      // waits for us (freeing a tensor with a Python object takes the GIL).
       .def_property(
-          "parallel_backward", [](const ReplicationGroup& self) { return self.backward()->parallel(); },
-          [](const ReplicationGroup& self, bool parallel) { self.backward()->set_parallel(parallel); },
+          "parallel_backward",
+          [](const ReplicationGroup& self) {
+            py::gil_scoped_release no_gil;
+            return self.backward()->parallel();
+          },
+          [](const ReplicationGroup& self, bool parallel) {
+            py::gil_scoped_release no_gil;
+            self.backward()->set_parallel(parallel);
+          },
           "Whether each replica's backward runs on a thread of its own (its synchronized layers then meet in "
           "backward); default False.")
       .def(
-          "begin_backward", [](const ReplicationGroup& self) { self.backward()->begin_run(); },
-          py::call_guard<py::gil_scoped_release>(), "A parallel backward run starts.")
+          "begin_backward", [](const ReplicationGroup& self) { return self.backward()->begin_run(); },
+          py::call_guard<py::gil_scoped_release>(),
+          "A parallel backward run starts; returns its id, which each of its tasks passes below and enters with "
+          "backward_run: a task of an earlier run (left running after a failure or an interrupt) is refused.")
       .def(
-          "backward_done", [](const ReplicationGroup& self, int64_t copy_id) { self.backward()->copy_done(copy_id); },
-          py::arg("copy_id"), py::call_guard<py::gil_scoped_release>(),
-          "Copy `copy_id`'s backward task of this run ended: nobody waits for it any more.")
+          "backward_run",
+          [](const ReplicationGroup& self, int64_t run) {
+            return PyRunScope{self.backward(), run, nullptr};
+          },
+          py::arg("run"), "A context manager: the calling thread runs a task of parallel backward run `run`.")
+      .def(
+          "backward_done",
+          [](const ReplicationGroup& self, int64_t copy_id, int64_t run) { self.backward()->copy_done(copy_id, run); },
+          py::arg("copy_id"), py::arg("run"), py::call_guard<py::gil_scoped_release>(),
+          "Copy `copy_id`'s backward task of run `run` ended: nobody waits for it any more (ignored for an earlier "
+          "run).")
       .def("take_merge_roots", &ReplicationGroup::take_merge_roots,
            "Every copy's merged statistics made through its own merge node in the forward (a parallel backward's), "
            "by copy; the group keeps none afterwards. A copy's backward task starts from them too, so that it "
            "reaches every meeting point.")
       .def(
           "abort_backward",
-          [](const ReplicationGroup& self, const std::string& reason) { self.backward()->close(reason); },
-          py::arg("reason"), py::call_guard<py::gil_scoped_release>(),
-          "A backward task failed: every copy waiting in the parallel backward fails.")
+          [](const ReplicationGroup& self, const std::string& reason, int64_t run) {
+            self.backward()->close(reason, run);
+          },
+          py::arg("reason"), py::arg("run"), py::call_guard<py::gil_scoped_release>(),
+          "A backward task of run `run` failed: every copy waiting in that parallel backward fails (ignored for an "
+          "earlier run).")
       .def(
           "raise_backward_failure",
-          [](const ReplicationGroup& self, int64_t copy_id) { self.backward()->rethrow_failure(copy_id); },
-          py::arg("copy_id"),
-          "Raises the barrier error (BarrierAbortedError, BarrierTimeoutError) copy `copy_id` got in this parallel "
-          "backward, if any: autograd hands the task a plain RuntimeError.")
+          [](const ReplicationGroup& self, int64_t copy_id, int64_t run) {
+            std::exception_ptr failure;
+            {
+              py::gil_scoped_release no_gil;
+              failure = self.backward()->failure(copy_id, run);
+            }
+            if (failure) std::rethrow_exception(failure);  // converted to its Python type with the GIL held
+          },
+          py::arg("copy_id"), py::arg("run"),
+          "Raises the barrier error (BarrierAbortedError, BarrierTimeoutError) copy `copy_id` got in parallel "
+          "backward run `run`, if any: autograd hands the task a plain RuntimeError.")
       .def(
           "replica",
           [](const std::shared_ptr<ReplicationGroup>& self, int64_t copy_id) {

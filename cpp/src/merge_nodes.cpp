@@ -148,7 +148,8 @@ variable_list ReplicaMergeNode::apply(variable_list&& grads) {
     std::tie(grad_mean, grad_var) = group_gradient(call_, grad_mean, grad_var, mean_);
     return std::vector<std::vector<at::Tensor>>(contributions.size(), {grad_mean, grad_var});
   };
-  std::vector<at::Tensor> total = backward_->rendezvous(*point_, copy_, {grads[0], grads[1]}, combine, call_.label);
+  const int64_t run = backward_->current_run();  // the calling task's (0: not a task of a parallel backward)
+  std::vector<at::Tensor> total = backward_->rendezvous(*point_, copy_, run, {grads[0], grads[1]}, combine, call_.label);
   auto [grad_mean, grad_m2] =
       merge_backward(local_mean_, mean_, count_, total_, total[0].defined() ? total[0].to(local_mean_.device()) : total[0],
                      total[1].defined() ? total[1].to(local_mean_.device()) : total[1]);

@@ -29,6 +29,7 @@ gradients between replicas, as the established library's layers do) keep autogra
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -181,22 +182,32 @@ class _BackwardTask:
         self,
         plan: _Plan,
         copy_id: int,
+        run: int,
         roots: list[tuple[torch.Tensor, torch.Tensor]],
         keep_graph: bool,
         create_graph: bool,
         thread_state: Any,
     ) -> None:
         self.plan, self.copy_id = plan, copy_id
+        # The backward run this task belongs to (group.begin_backward): a task its caller gave up on may outlive it,
+        # and is then refused everywhere (meeting points, parameter sums, failure reports) by a later run.
+        self.run = run
         self.roots = roots  # (tensor, its gradient): where this copy's backward starts
         self.keep_graph, self.create_graph = keep_graph, create_graph
         self.thread_state = thread_state  # the backward's thread's (the profiler, dispatch modes...)
 
     def __call__(self) -> tuple[torch.Tensor | None, ...]:
-        plan, copy_id = self.plan, self.copy_id
+        plan, copy_id, run = self.plan, self.copy_id, self.run
         try:
             if not self.roots:
                 return (None,) * len(plan.others[copy_id])
-            with self.thread_state.applied(), plan.group.replica(copy_id), torch.set_grad_enabled(self.create_graph):
+            with (
+                self.thread_state.applied(),
+                plan.group.replica(copy_id),
+                plan.group.backward_run(run),
+                plan.sums.task(run) if plan.sums is not None else contextlib.nullcontext(),
+                torch.set_grad_enabled(self.create_graph),
+            ):
                 grads = torch.autograd.grad(
                     [root for root, _ in self.roots],
                     plan.boundary(copy_id),
@@ -208,25 +219,25 @@ class _BackwardTask:
                 )
             return grads[len(plan.views[copy_id]) :]  # the parameters' placeholders dropped
         except BaseException as error:
-            failure = _barrier_failure(plan.group, copy_id)
+            failure = _barrier_failure(plan.group, copy_id, run)
             if isinstance(failure, _C.BarrierAbortedError):
                 # Woken by another copy's failure (or the caller's interrupt): that one is the error to report.
                 raise _C.BarrierAbortedError(f"{ABORT_TAG}: {failure}") from error
             cause = failure if failure is not None else error
-            plan.group.abort_backward(f"replica {copy_id}'s backward raised {type(cause).__name__}: {cause}")
+            plan.group.abort_backward(f"replica {copy_id}'s backward raised {type(cause).__name__}: {cause}", run)
             if failure is not None:
                 raise failure from error  # its type (BarrierTimeoutError), which autograd turned into RuntimeError
             if isinstance(error, RuntimeError) and _REENTRANT_CHECKPOINT_REFUSAL in str(error):
                 raise RuntimeError(_REENTRANT_CHECKPOINT_MESSAGE) from error
             raise
         finally:
-            plan.group.backward_done(copy_id)
+            plan.group.backward_done(copy_id, run)
 
 
-def _barrier_failure(group: Any, copy_id: int) -> BaseException | None:
-    """The barrier error copy ``copy_id`` got waiting in this parallel backward, typed; ``None`` if none."""
+def _barrier_failure(group: Any, copy_id: int, run: int) -> BaseException | None:
+    """The barrier error copy ``copy_id`` got waiting in parallel backward run ``run``, typed; ``None`` if none."""
     try:
-        group.raise_backward_failure(copy_id)
+        group.raise_backward_failure(copy_id, run)
     except _C.BarrierError as failure:
         return failure
     return None
@@ -292,10 +303,12 @@ class _JoinReplicas(torch.autograd.Function):
         meeting_roots = plan.meeting_roots([[output for output, _ in copy_used] for copy_used in used])
         thread_state = _C.ThreadLocalState()
         task_graph = create_graph and not once_differentiable
+        run = plan.group.begin_backward()
         tasks = [
             _BackwardTask(
                 plan,
                 copy_id,
+                run,
                 [*copy_used, *((merge, torch.zeros_like(merge)) for merge in copy_merges)],
                 keep_graph,
                 task_graph,
@@ -304,15 +317,14 @@ class _JoinReplicas(torch.autograd.Function):
             for copy_id, (copy_used, copy_merges) in enumerate(zip(used, meeting_roots, strict=True))
         ]
         replicas = len(tasks)
-        plan.group.begin_backward()
         if plan.sums is not None:
-            plan.sums.start()
+            plan.sums.start(run)
         try:
             results = run_on_workers(
                 tasks,
                 [f"in replica {i} on device cpu, in backward" for i in range(replicas)],
                 cpu_intra_op_threads(replicas),
-                plan.group.abort_backward,
+                lambda reason: plan.group.abort_backward(reason, run),
                 caused_by_closing,
             )
         finally:

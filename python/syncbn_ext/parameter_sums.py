@@ -7,9 +7,10 @@ tensor written.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -23,12 +24,17 @@ class ParameterSums:
     and adds it to the parameter's total as soon as replica order allows (deterministic sums): a gradient waits only
     for the lower replicas' gradients of the same parameter, so that few replicas' gradients are alive at once. One
     thread at a time adds to a parameter's total, outside the lock; the others leave their gradients to it.
+
+    Each backward run (:meth:`start`) has an id, which its tasks enter with :meth:`task`: a task of an earlier run,
+    left running when its caller gave up on it (a failure, an interrupt), adds nothing to a later run's sums.
     """
 
     def __init__(self, views: list[list[torch.Tensor]]) -> None:
         self.replicas, self.count = len(views), len(views[0])
         self.lock = threading.Lock()
         self.collecting = False  # only the replicas' backward tasks: not autograd's own pass through the views
+        self.run: int | None = None  # the run being summed; changed under the lock
+        self._thread = threading.local()  # .run: the run of the task on this thread
         self.pending: list[list[torch.Tensor | None]] = []  # arrived, not added yet
         self.arrived: list[list[bool]] = []
         self.added: list[int] = []  # per parameter, how many replicas' gradients are in its total
@@ -59,18 +65,24 @@ class ParameterSums:
         def take(grad: torch.Tensor | None) -> torch.Tensor | None:
             if not self.collecting:
                 return None  # the summed gradient on its way to the parameter: leave it
+            run = getattr(self._thread, "run", None)
             with self.lock:
+                if run != self.run:
+                    return None  # not a task of the run being summed (one left behind by an earlier run): nothing
                 self.pending[index][replica] = grad
                 self.arrived[index][replica] = True
                 mine = not self.adding[index]
                 self.adding[index] = True
+                total = self.totals[index]  # this run's, even should a later run start meanwhile
             while mine:
                 with self.lock:
+                    if run != self.run:
+                        break  # a later run started: its state is not ours to touch
                     grads = self._next_in_order(index)
                     if not grads:
                         self.adding[index] = False
                         break
-                self.totals[index].add_all(grads)
+                total.add_all(grads)
             if grad is None:
                 return None
             if grad.layout != torch.strided:
@@ -79,19 +91,34 @@ class ParameterSums:
 
         return take
 
-    def start(self) -> None:
-        self.reset()
-        self.collecting = True
+    def start(self, run: int) -> None:
+        """Run ``run`` (an id no earlier run had) starts: only its tasks' gradients are summed from now on."""
+        with self.lock:
+            self.reset()
+            self.run = run
+            self.collecting = True
+
+    @contextlib.contextmanager
+    def task(self, run: int) -> Iterator[None]:
+        """Marks the calling thread, while entered, as running a backward task of run ``run``."""
+        outer = getattr(self._thread, "run", None)
+        self._thread.run = run
+        try:
+            yield
+        finally:
+            self._thread.run = outer
 
     def finish(self) -> list[torch.Tensor | None]:
         """The sums, once every backward task ended (a replica that did not use a parameter gave none, and the
-        gradients after it wait in pending)."""
-        self.collecting = False
-        for total, pending in zip(self.totals, self.pending, strict=True):
+        gradients after it wait in pending). A task left running adds nothing afterwards."""
+        with self.lock:
+            self.collecting = False
+            self.run = None
+            totals, pendings = self.totals, self.pending
+            self.reset()
+        for total, pending in zip(totals, pendings, strict=True):
             total.add_all(pending)
-        totals = [total.value for total in self.totals]
-        self.reset()
-        return totals
+        return [total.value for total in totals]
 
 
 class Total:

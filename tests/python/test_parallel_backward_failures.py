@@ -3,8 +3,11 @@ failing replica's own error, at once; a late one's BarrierTimeoutError."""
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
+import child_processes
 import pytest
 import torch
 from batchnorm_cases import joined
@@ -13,6 +16,10 @@ from torch import nn
 
 import syncbn_ext
 from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm1d
+from syncbn_ext.parallel_apply import FAILURE_GRACE_SECONDS, replica_threads_running
+from syncbn_ext.replicate import Replication
+
+HERE = Path(__file__).resolve().parent
 
 C = 4
 
@@ -91,3 +98,64 @@ def test_a_replica_late_in_backward_is_a_barrier_timeout_error(monkeypatch):
     # The type the merge raised, which autograd's engine hands on as a plain RuntimeError.
     with pytest.raises(syncbn_ext.BarrierTimeoutError, match=r"timed out after 1 s; copies that never .*\[1\]"):
         call_with_timeout(y.sum().backward)
+
+
+class PhasedNet(nn.Module):
+    """Linear (and a synchronized layer); in backward, each replica calls ``phase["action"](copy_id)`` first."""
+
+    def __init__(self, phase, sync):
+        super().__init__()
+        self.phase = phase
+        self.lin, self.bn = nn.Linear(C, C), SynchronizedBatchNorm1d(C) if sync else nn.Identity()
+
+    def forward(self, x):
+        tag = Replication.of(self)
+        copy_id = tag[1] if tag is not None else 0
+        return InBackward.apply(self.bn(self.lin(x)), lambda: self.phase["action"](copy_id))
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_a_backward_task_left_running_writes_nothing_into_the_next_backward(sync):
+    # loss1.backward(retain_graph=True) fails while replica 0 is slow: the caller gives up on it and raises; then
+    # loss2.backward() runs the same graph while replica 0's old task is still running. That task must not be
+    # summed into the new .grad (measured: wrong gradients), nor arrive at the new run's merge as its copy 0
+    # (measured: a healthy backward raised).
+    torch.manual_seed(0)
+    phase = {"action": lambda copy_id: None}
+    model = PhasedNet(phase, sync).double()
+    x = torch.randn(8, C, dtype=torch.float64)
+    call_with_timeout((3 * DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True)(x)).sum().backward)
+    expected = model.lin.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+
+    out = call_with_timeout(DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True), x)
+    slow = FAILURE_GRACE_SECONDS + 1.0  # the old task wakes during the next backward
+
+    def first_backward(copy_id):
+        if copy_id == 1:
+            raise ValueError("replica 1 fails in the first backward")
+        time.sleep(slow)
+
+    phase["action"] = first_backward
+    with pytest.raises(ValueError, match="replica 1 fails"):
+        call_with_timeout(out.sum().backward, retain_graph=True)
+    model.zero_grad(set_to_none=True)
+    phase["action"] = lambda copy_id: time.sleep(slow + 0.5) if copy_id == 0 else None  # outlasts the old task
+    try:
+        call_with_timeout((3 * out).sum().backward)
+        torch.testing.assert_close(model.lin.weight.grad, expected)
+    finally:
+        phase["action"] = lambda copy_id: None
+        deadline = time.monotonic() + 30
+        while replica_threads_running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def test_a_failing_parallel_backward_does_not_deadlock_on_python_backed_tensors_at_its_merge():
+    # The merge point held the last run's tensors with Python objects (a dispatch mode): the first arrival freed them
+    # holding the point's lock (freeing takes the GIL) while the failing replica asked, from Python, for its barrier
+    # error (the same lock, the GIL held): measured, a deadlock of the whole process.
+    result = child_processes.run([sys.executable, str(HERE / "backward_gil_scenario.py")], timeout=150)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines == [f"attempt {i}: run 2 raised: replica 1's backward fails (run 2)" for i in (1, 2, 3)], result.stdout

@@ -44,7 +44,8 @@ class SYNCBN_API ReplicaBackward {
 
   using Combine = std::function<std::vector<std::vector<at::Tensor>>(const std::vector<std::vector<at::Tensor>>&)>;
 
-  explicit ReplicaBackward(int64_t copies) : copies_(copies), done_(copies, false), failures_(copies) {}
+  explicit ReplicaBackward(int64_t copies)
+      : copies_(copies), done_(static_cast<size_t>(copies), false), failures_(static_cast<size_t>(copies)) {}
   ReplicaBackward(const ReplicaBackward&) = delete;
   ReplicaBackward& operator=(const ReplicaBackward&) = delete;
 
@@ -53,28 +54,57 @@ class SYNCBN_API ReplicaBackward {
   // Whether the next backward runs one task per replica, concurrently.
   void set_parallel(bool parallel);
 
-  // A parallel backward run starts: forgets which copies were done.
-  void begin_run();
-  // Copy `copy`'s backward task of this run ended (returned or failed).
-  void copy_done(int64_t copy);
-  // A task failed: every copy waiting at a point fails with BarrierAbortedError
-  // naming the first reason given in this run.
-  void close(const std::string& reason);
-  // Rethrows the barrier error (BarrierAbortedError, BarrierTimeoutError) copy
-  // `copy` got at a point in this run, if it got one. Autograd hands a task the
-  // error as a plain runtime_error: this gives its type back.
-  void rethrow_failure(int64_t copy) const;
+  // A parallel backward run starts: forgets which copies were done and any
+  // failure. Returns the run's id (from 1), which each of its tasks carries
+  // (RunScope, and the calls below): a task of an earlier run, left running by
+  // a caller that gave up on it (a failure, an interrupt), is refused and
+  // writes nothing into this run.
+  int64_t begin_run();
+  // Copy `copy`'s backward task of run `run` ended (returned or failed).
+  // Ignored for an earlier run.
+  void copy_done(int64_t copy, int64_t run);
+  // A task of run `run` failed: every copy waiting at a point fails with
+  // BarrierAbortedError naming the first reason given in this run. Ignored for
+  // an earlier run.
+  void close(const std::string& reason, int64_t run);
+  // The barrier error (BarrierAbortedError, BarrierTimeoutError) copy `copy`
+  // got at a point in run `run`, if it got one (null otherwise, and for an
+  // earlier run). Autograd hands a task the error as a plain runtime_error:
+  // this gives its type back.
+  std::exception_ptr failure(int64_t copy, int64_t run) const;
+  // Rethrows failure(copy, run), if any.
+  void rethrow_failure(int64_t copy, int64_t run) const;
 
-  // Copy `copy` arrives at `point` with `contribution`. Once every copy arrived
-  // or is done, `combine` runs once (on the last thread to arrive) with the
-  // contributions by copy id (empty for a copy that is done without arriving)
-  // and returns one result per copy; every arriving copy returns its own. Waits
-  // at most $SYNCBN_TIMEOUT seconds (BarrierTimeoutError naming `label` and the
-  // copies that never arrived). Only within a run (begin_run), from a copy whose
-  // task has not ended: anything else (the calling thread of a double backward
-  // running the replicas' graphs one after the other) fails at once.
-  std::vector<at::Tensor> rendezvous(Point& point, int64_t copy, std::vector<at::Tensor> contribution,
+  // Copy `copy`'s task of run `run` arrives at `point` with `contribution`.
+  // Once every copy arrived or is done, `combine` runs once (on the last
+  // thread to arrive) with the contributions by copy id (empty for a copy that
+  // is done without arriving) and returns one result per copy; every arriving
+  // copy returns its own. Waits at most $SYNCBN_TIMEOUT seconds
+  // (BarrierTimeoutError naming `label` and the copies that never arrived).
+  // Only within the current run, from a copy whose task has not ended:
+  // anything else fails at once (run 0, no run: the calling thread of a double
+  // backward running the replicas' graphs one after the other; an earlier run:
+  // BarrierAbortedError, and the run in progress is left untouched).
+  std::vector<at::Tensor> rendezvous(Point& point, int64_t copy, int64_t run, std::vector<at::Tensor> contribution,
                                      const Combine& combine, const std::string& label);
+
+  // Marks the calling thread, for its lifetime, as running a task of run `run`
+  // of `backward` (a merge node finds its run there: current_run). Scopes nest.
+  class SYNCBN_API RunScope {
+   public:
+    RunScope(std::shared_ptr<ReplicaBackward> backward, int64_t run);
+    ~RunScope();
+    RunScope(const RunScope&) = delete;
+    RunScope& operator=(const RunScope&) = delete;
+
+   private:
+    friend class ReplicaBackward;
+    std::shared_ptr<ReplicaBackward> backward_;
+    int64_t run_;
+    RunScope* outer_;
+  };
+  // The run of the calling thread's innermost RunScope of this object; 0 if none.
+  int64_t current_run() const;
 
  private:
   const int64_t copies_;
@@ -87,6 +117,8 @@ class SYNCBN_API ReplicaBackward {
   std::string closed_reason_;  // non-empty: this run failed
   std::vector<std::exception_ptr> failures_;  // per copy, the barrier error it got in this run
 
+  // Refuses a call of run `run` unless it is the current one. Under mutex_.
+  void check_run(int64_t run, const std::string& label) const;
   // Records `error` as copy `copy`'s failure, then throws it. Under mutex_.
   template <class Error>
   [[noreturn]] void fail(int64_t copy, const Error& error) {
