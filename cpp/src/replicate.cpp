@@ -1,9 +1,7 @@
 #include <syncbn/replicate.h>
 
 #include <cstdint>
-#include <mutex>
 #include <string>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -232,36 +230,6 @@ void IsolatedReplication::write_back() const {
   } else {
     write();
   }
-}
-
-namespace {
-
-// One mutex per module some forward holds or waits for; entries of modules no
-// forward holds any more expire and are dropped.
-std::mutex training_forward_registry_mutex;
-std::unordered_map<const torch::nn::Module*, std::weak_ptr<std::recursive_mutex>> training_forward_registry;
-
-}  // namespace
-
-TrainingForwardLock::TrainingForwardLock(const std::shared_ptr<torch::nn::Module>& module) {
-  bool training = false;
-  for (const auto& sub : module->modules(/*include_self=*/true)) training = training || sub->is_training();
-  if (!training) return;
-  {
-    std::lock_guard<std::mutex> guard(training_forward_registry_mutex);
-    std::erase_if(training_forward_registry, [](const auto& entry) { return entry.second.expired(); });
-    auto& entry = training_forward_registry[module.get()];
-    mutex_ = entry.lock();
-    if (!mutex_) {
-      mutex_ = std::make_shared<std::recursive_mutex>();
-      entry = mutex_;
-    }
-  }
-  mutex_->lock();
-}
-
-TrainingForwardLock::~TrainingForwardLock() {
-  if (mutex_) mutex_->unlock();
 }
 
 }  // namespace syncbn

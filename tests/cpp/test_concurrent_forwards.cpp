@@ -92,3 +92,55 @@ TEST(DataParallel, ATrainingForwardLockHoldsOnlyInTrainingAndWaitsForTheOneHeld)
   training_forward.join();
   EXPECT_TRUE(second_holds.load());
 }
+
+TEST(DataParallel, TrainingForwardsOfOverlappingModulesFromTwoThreadsKeepEveryUpdate) {
+  // data_parallel(net) on one thread, data_parallel(net->bn) on the other: both replicate and write back the
+  // same layer's buffers, so each must wait for the other (a lock on the root alone lost about half the updates).
+  SlowBatchNorm net;
+  constexpr int kSteps = 15;
+  const auto x = torch::randn({4, 3});
+  auto run = [&](auto module) {
+    for (int i = 0; i < kSteps; ++i) syncbn::data_parallel(module, x, std::vector<torch::Device>(2, torch::kCPU));
+  };
+  std::thread whole([&] { run(net); });
+  std::thread part([&] { run(net->bn); });
+  whole.join();
+  part.join();
+  EXPECT_EQ(net->bn->num_batches_tracked.item<int64_t>(), 2 * kSteps);
+
+  // Two trees sharing one layer.
+  syncbn::SyncBatchNorm1d shared(3);
+  torch::nn::Sequential a(shared, torch::nn::ReLU()), b(shared, torch::nn::Tanh());
+  std::thread first([&] { run(a); });
+  std::thread second([&] { run(b); });
+  first.join();
+  second.join();
+  EXPECT_EQ(shared->num_batches_tracked.item<int64_t>(), 2 * kSteps);
+}
+
+TEST(DataParallel, ATrainingForwardLockHoldsEveryModuleWithBuffersOfItsTree) {
+  SlowBatchNorm net;
+  torch::nn::Sequential other(net->bn, torch::nn::ReLU());  // shares the layer
+  std::atomic<int> holding{0};
+  std::vector<std::thread> waiting;
+  {
+    const syncbn::TrainingForwardLock whole(net.ptr());
+    ASSERT_TRUE(whole.held());
+    waiting.emplace_back([&] {
+      const syncbn::TrainingForwardLock part(net->bn.ptr());
+      ++holding;
+    });
+    waiting.emplace_back([&] {
+      const syncbn::TrainingForwardLock sharing(other.ptr());
+      ++holding;
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    EXPECT_EQ(holding.load(), 0);  // both wait for `whole`
+  }
+  for (auto& thread : waiting) thread.join();
+  EXPECT_EQ(holding.load(), 2);
+
+  // A tree without buffers (nothing to write back) holds nothing.
+  torch::nn::Sequential no_buffers(torch::nn::Linear(2, 2));
+  EXPECT_FALSE(syncbn::TrainingForwardLock(no_buffers.ptr()).held());
+}

@@ -17,6 +17,7 @@
 #include <syncbn/export.h>
 #include <syncbn/replicate.h>
 #include <syncbn/replication_group.h>
+#include <syncbn/training_forward_lock.h>
 
 namespace syncbn {
 

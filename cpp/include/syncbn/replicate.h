@@ -3,7 +3,6 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -14,6 +13,7 @@
 #include <syncbn/callback_context.h>
 #include <syncbn/export.h>
 #include <syncbn/replication_group.h>
+#include <syncbn/training_forward_lock.h>  // declared here before it had its own header
 
 namespace syncbn {
 
@@ -119,26 +119,6 @@ class SYNCBN_API IsolatedReplication {
  private:
   std::vector<std::shared_ptr<CallbackContext>> contexts_;
   std::vector<BufferCopy> buffers_;
-};
-
-// Held by syncbn::data_parallel from before its clones to the write-back: the
-// replicas work on copies of the module's buffers, copied back at the end, so two
-// training forwards of one module at once from two threads would each write back
-// its own update over the other's. Training forwards of one module therefore run
-// one after another; nothing is held when no module of the tree is training
-// (eval forwards update no running statistics) and the lock is reentrant.
-class SYNCBN_API TrainingForwardLock {
- public:
-  explicit TrainingForwardLock(const std::shared_ptr<torch::nn::Module>& module);
-  ~TrainingForwardLock();
-  TrainingForwardLock(const TrainingForwardLock&) = delete;
-  TrainingForwardLock& operator=(const TrainingForwardLock&) = delete;
-
-  // Whether this lock holds anything (the module was training).
-  bool held() const { return mutex_ != nullptr; }
-
- private:
-  std::shared_ptr<std::recursive_mutex> mutex_;
 };
 
 // torch::nn::parallel::replicate with the replication callbacks: one clone()

@@ -19,4 +19,5 @@
 #include <syncbn/replication_group.h>
 #include <syncbn/sync_batch_norm.h>
 #include <syncbn/sync_master.h>
+#include <syncbn/training_forward_lock.h>
 #include <syncbn/version.h>
