@@ -1,16 +1,56 @@
 #include <syncbn/modules.h>
 
-#include <atomic>
+#include <mutex>
+#include <set>
 
 #include <c10/util/Exception.h>
 
 namespace syncbn {
 
 namespace {
-std::atomic<int64_t> next_layer_id{0};
+
+// Layer numbers: the next never given, and those given back (by layers overwritten by assignment).
+std::mutex layer_numbers_mutex;
+int64_t next_layer_id = 0;     // guarded by layer_numbers_mutex
+std::set<int64_t> free_layer_ids;  // guarded by layer_numbers_mutex
+
+std::shared_ptr<const int64_t> take_layer_id() {
+  std::lock_guard<std::mutex> lock(layer_numbers_mutex);
+  int64_t id = next_layer_id;
+  if (free_layer_ids.empty()) {
+    ++next_layer_id;
+  } else {
+    id = *free_layer_ids.begin();  // the smallest: what a rank that made no copies takes from its counter
+    free_layer_ids.erase(free_layer_ids.begin());
+  }
+  return std::make_shared<const int64_t>(id);
+}
+
+void give_back_layer_id(int64_t id) {
+  std::lock_guard<std::mutex> lock(layer_numbers_mutex);
+  free_layer_ids.insert(id);
+}
+
 }  // namespace
 
-BatchNormSyncState::BatchNormSyncState() : layer_id_(next_layer_id++) {}
+BatchNormSyncState::BatchNormSyncState() : layer_id_(take_layer_id()) {}
+
+// Not the channel, position or name: a copy is tied to no replication.
+BatchNormSyncState::BatchNormSyncState(const BatchNormSyncState& other)
+    : process_group_(other.process_group_), layer_id_(other.layer_id_) {}
+
+BatchNormSyncState& BatchNormSyncState::operator=(const BatchNormSyncState& other) {
+  if (this == &other) return *this;
+  // Cloneable::clone_ assigns the original's state over a layer its reset() just built: that layer's number
+  // was taken on this rank only, so it goes back (when no copy of this layer holds it).
+  if (layer_id_ != other.layer_id_ && layer_id_.use_count() == 1) give_back_layer_id(*layer_id_);
+  layer_id_ = other.layer_id_;
+  process_group_ = other.process_group_;
+  channel_.reset();
+  position_ = -1;
+  name_.clear();
+  return *this;
+}
 
 void BatchNormSyncState::on_replicate(CallbackContext& context, int64_t copy_id) {
   channel_ = BatchNormChannel::of(context, copy_id);
@@ -27,8 +67,8 @@ void BatchNormSyncState::finish() const {
 }
 
 LayerSync BatchNormSyncState::layer_sync(bool training) const {
-  const std::string name = channel_ ? name_ : "syncbn::SyncBatchNorm #" + std::to_string(layer_id_);
-  return LayerSync{channel_, position_, name, training ? process_group_ : ProcessGroupPtr(), layer_id_};
+  const std::string name = channel_ ? name_ : "syncbn::SyncBatchNorm #" + std::to_string(*layer_id_);
+  return LayerSync{channel_, position_, name, training ? process_group_ : ProcessGroupPtr(), *layer_id_};
 }
 
 torch::Tensor sync_batch_norm_module_forward(const torch::Tensor& input, const torch::nn::BatchNormOptions& options,

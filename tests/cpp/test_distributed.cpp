@@ -6,7 +6,8 @@
 // torch::nn::BatchNorm2d on the whole global batch. Rank 1 starts its second step 3 s late, past the barrier's
 // timeout (SYNCBN_TIMEOUT=2, set for both ranks) but within the group's (60 s): rank 0's replicas must wait for it,
 // since a wait for other ranks is bounded by the group's timeout, not by the barrier's. Then an eval-mode forward
-// with batch statistics on rank 0 alone, which must not wait for rank 1 (as torch.nn.SyncBatchNorm's).
+// with batch statistics on rank 0 alone, which must not wait for rank 1 (as torch.nn.SyncBatchNorm's). Then copies
+// made on rank 0 alone (clone(), eval-mode data_parallel), which must not change the number of a layer built later.
 //
 // The group's backend is gloo (c10d::ProcessGroupGloo, compiled into libtorch): torch's wheel ships its header
 // but not gloo's own, which the build takes from the system (Debian: libgloo-dev; only pointers to gloo's types
@@ -131,6 +132,21 @@ int run_rank(int rank, const std::string& store_path) {
     error = std::max(error, max_difference(syncbn::data_parallel(untracked, x_rank, replicas),
                                            y_global.slice(0, rank == 0 ? 0 : sizes[0], rank == 0 ? sizes[0] : 8)));
   }
+  // Copies made on rank 0 only (an EMA model, an eval-mode validation's clones) keep their layers' numbers: a
+  // layer both ranks build afterwards has one number on both, and they synchronize (a BarrierError otherwise).
+  std::shared_ptr<torch::nn::Module> ema;
+  if (rank == 0) {
+    ema = net->clone();
+    torch::NoGradGuard no_grad;
+    net->eval();
+    syncbn::data_parallel(net, torch::randn({4, 2, 4, 4}, torch::kDouble), replicas);
+    net->train();
+  }
+  Net late;
+  late->to(torch::kDouble);
+  late->bn->set_process_group(group);
+  syncbn::data_parallel(late, torch::randn({4, 2, 4, 4}, torch::kDouble), replicas);
+
   // Both ranks on this host: shared memory, unless SYNCBN_SHARED_MEMORY=0 (the test's second run) keeps every
   // exchange on the group's backend.
   const char* shared_memory = std::getenv("SYNCBN_SHARED_MEMORY");

@@ -21,10 +21,27 @@
 namespace syncbn {
 
 // The state a synchronized BatchNorm keeps per replication: which copy this is,
-// and its end of the barrier (the master on copy 0, a pipe on the others).
+// and its end of the barrier (the master on copy 0, a pipe on the others); and
+// its layer number, which identifies the layer across processes.
+//
+// Layer numbers follow construction order, so every rank must build its
+// synchronized layers in the same order. Copies keep the number of the layer
+// they copy (copies share it), so that copies made on one rank only (an EMA
+// model, clone(), the clones of an eval-mode data_parallel) shift no later
+// layer's number: Cloneable::clone() constructs new layers (its reset()) and
+// then assigns the originals' state over them, and a layer so overwritten,
+// when it was the only holder of its number, gives that number back; a new
+// layer takes the smallest number given back, else the next one. Destroying a
+// layer gives nothing back (a rank deleting a model renumbers nothing).
+//
+// A copy is not replicated: it is tied to no replication's barrier, whatever
+// the layer it copies (a clone of a replica works alone, as a new layer).
 class SYNCBN_API BatchNormSyncState {
  public:
   BatchNormSyncState();
+  BatchNormSyncState(const BatchNormSyncState& other);
+  BatchNormSyncState& operator=(const BatchNormSyncState& other);
+  ~BatchNormSyncState() = default;
   // The replication hook: joins this copy's channel of the replication's barrier.
   void on_replicate(CallbackContext& context, int64_t copy_id);
   // A copy failed: closes the replication, so every copy waiting on its barrier
@@ -43,13 +60,15 @@ class SYNCBN_API BatchNormSyncState {
 
   void set_process_group(ProcessGroupPtr group) { process_group_ = std::move(group); }
   const ProcessGroupPtr& process_group() const { return process_group_; }
+  // The layer's number across processes (see above).
+  int64_t layer_id() const { return *layer_id_; }
 
  private:
   std::shared_ptr<BatchNormChannel> channel_;
   int64_t position_ = -1;
   std::string name_;
   ProcessGroupPtr process_group_;
-  int64_t layer_id_;  // construction order: the layer's identity across processes
+  std::shared_ptr<const int64_t> layer_id_;  // shared by copies; see above
 };
 
 // Training-mode forward of a synchronized BatchNorm module: nn.BatchNorm's
@@ -88,6 +107,9 @@ class SyncBatchNormImplBase : public torch::nn::BatchNormImplBase<D, Derived>, p
   // every process of the group. Default: none (the replicas of this process only).
   void set_process_group(ProcessGroupPtr group) { sync_.set_process_group(std::move(group)); }
   const ProcessGroupPtr& process_group() const { return sync_.process_group(); }
+  // The number that identifies this layer across processes: construction order, kept by copies
+  // (BatchNormSyncState). A cross-process BarrierError names it.
+  int64_t layer_id() const { return sync_.layer_id(); }
   void on_replica_failure(const std::string& reason) override { sync_.abort(reason); }
   void on_copy_finished() override { sync_.finish(); }
 
