@@ -83,6 +83,10 @@ BatchNormChannel::BatchNormChannel(int64_t copy_id, std::shared_ptr<SyncMaster> 
 Message BatchNormChannel::exchange(Message message, int64_t layer_position, const std::string& layer_name) {
   TORCH_CHECK(message.tensors.size() == 2 && message.ints.size() > detail::kSizes,
               "syncbn BatchNorm: malformed statistics message");
+  // Without this, the barrier would blame the other copies' call counts (they finished too).
+  TORCH_CHECK(!finished_, "synchronized BatchNorm layer '", layer_name, "' (copy ", copy_id_,
+              "): this replica already ran its forward; replicas from syncbn::replicate serve one forward (one "
+              "syncbn::parallel_apply): replicate the module again for the next one (syncbn::data_parallel does)");
   const int64_t call = ++calls_;
   message.ints[detail::kLayer] = layer_position;
   message.ints[detail::kCall] = call;

@@ -1,5 +1,7 @@
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -153,6 +155,67 @@ TEST(Replicate, TheReplicasGradientsReachTheOriginalAsSoonAsEveryReplicaGaveIts)
   at::Tensor expected = long_chain(x.detach()).sum(0).expand({3, 4});
   EXPECT_TRUE(torch::allclose(linear->weight.grad(), expected));
 }
+
+struct ClonableBaseImpl : torch::nn::Cloneable<ClonableBaseImpl> {
+  ClonableBaseImpl() { reset(); }
+  void reset() override { bn = register_module("bn", syncbn::SyncBatchNorm1d(3)); }
+  torch::Tensor forward(const torch::Tensor& x) { return bn->forward(x); }
+  syncbn::SyncBatchNorm1d bn{nullptr};
+};
+struct DerivedFromClonableImpl : ClonableBaseImpl {  // its clone() returns a ClonableBaseImpl
+  torch::Tensor forward(const torch::Tensor& x) { return ClonableBaseImpl::forward(x) * 2; }
+};
+
+TEST(Replicate, ACloneOfAnotherTypeIsRefusedNotReturnedAsNull) {
+  auto module = std::make_shared<DerivedFromClonableImpl>();
+  try {
+    syncbn::replicate(module, std::vector<torch::Device>(2, torch::kCPU));
+    FAIL() << "replicate returned replicas it could not cast";
+  } catch (const c10::Error& error) {
+    EXPECT_NE(std::string(error.what()).find("clone() of the module returned a module of another type"),
+              std::string::npos)
+        << error.what();
+  }
+}
+
+TEST(Replicate, ReplicasServeOneForwardAndSaySoWhenUsedAgain) {
+  syncbn::SyncBatchNorm1d bn(3);
+  auto replicas = syncbn::replicate(bn, std::vector<torch::Device>(2, torch::kCPU));
+  std::vector<torch::Tensor> inputs{torch::randn({2, 3}), torch::randn({3, 3})};
+  syncbn::parallel_apply(replicas, inputs);
+  try {
+    syncbn::parallel_apply(replicas, inputs);
+    FAIL() << "a second forward of the replicas ran";
+  } catch (const c10::Error& error) {
+    EXPECT_NE(std::string(error.what()).find("replicas from syncbn::replicate serve one forward"), std::string::npos)
+        << error.what();
+  }
+  EXPECT_EQ(bn->num_batches_tracked.item<int64_t>(), 1);
+  // Replicating again works.
+  auto again = syncbn::replicate(bn, std::vector<torch::Device>(2, torch::kCPU));
+  syncbn::parallel_apply(again, inputs);
+  EXPECT_EQ(bn->num_batches_tracked.item<int64_t>(), 2);
+}
+
+TEST(Replicate, ACloneOfAReplicaIsAnUnreplicatedLayer) {
+  // It used to keep the replica's end of the barrier, and waited there for the other copy until the timeout.
+  torch::manual_seed(0);
+  ::setenv("SYNCBN_TIMEOUT", "1", 1);  // the replication's barrier: without the fix, fail in 1 s, not 300
+  syncbn::SyncBatchNorm1d bn(3);
+  auto replicas = syncbn::replicate(bn, std::vector<torch::Device>(2, torch::kCPU));
+  ::unsetenv("SYNCBN_TIMEOUT");
+  const auto x = torch::randn({5, 3});
+  for (const auto& replica : replicas) {
+    auto alone = std::dynamic_pointer_cast<syncbn::SyncBatchNorm1dImpl>(replica->clone());
+    ASSERT_NE(alone, nullptr);
+    const auto start = std::chrono::steady_clock::now();
+    const auto y = alone->forward(x);
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(2));
+    EXPECT_TRUE(torch::allclose(y, (x - x.mean(0)) / (x.var(0, false) + 1e-5).sqrt(), 1e-5, 1e-5));
+    EXPECT_EQ(alone->layer_id(), bn->layer_id());  // still the same layer across processes
+  }
+}
+
 
 TEST(ReplicaGraph, ReachesTellsWhichTargetsABackwardFromTheStartsMeets) {
   at::Tensor leaf = torch::randn({3}, torch::requires_grad());

@@ -70,8 +70,12 @@ class SYNCBN_API BatchNormChannel {
   void keep_merge_roots(const at::Tensor& merged_mean, const at::Tensor& merged_var) const;
   // The replication's barrier.
   const std::shared_ptr<SyncMaster>& master() const { return master_; }
-  // This copy's forward returned: it sends no more statistics.
-  void finish() const { master_->finish(copy_id_); }
+  // This copy's forward returned: it sends no more statistics. A later exchange
+  // (the replicas used for a second forward) is refused: a replication serves one forward.
+  void finish() const {
+    finished_ = true;
+    master_->finish(copy_id_);
+  }
   // The number of synchronized calls made through this channel.
   int64_t calls() const { return calls_; }
 
@@ -91,6 +95,7 @@ class SYNCBN_API BatchNormChannel {
   std::shared_ptr<SlavePipe> pipe_;  // null on copy 0
   std::weak_ptr<ReplicationGroup> group_;
   std::atomic<int64_t> calls_{0};
+  mutable std::atomic<bool> finished_{false};
   mutable std::mutex records_mutex_;
   std::vector<CallRecord> records_;
 };

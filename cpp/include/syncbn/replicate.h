@@ -122,19 +122,30 @@ class SYNCBN_API IsolatedReplication {
 };
 
 // torch::nn::parallel::replicate with the replication callbacks: one clone()
-// per device (the module must be a torch::nn::Cloneable), completed by
-// complete_replication.
+// per device (the module must be a torch::nn::Cloneable<ModuleType>: a clone()
+// that returns another type, e.g. a module derived from a Cloneable base, is
+// refused), completed by complete_replication.
+//
+// The replicas serve one forward (one syncbn::parallel_apply): their
+// synchronized layers then refuse further calls; replicate again for the next
+// forward (syncbn::data_parallel does). A clone() of a replica is a new,
+// unreplicated module.
 template <typename ModuleType>
 std::vector<std::shared_ptr<ModuleType>> replicate(const std::shared_ptr<ModuleType>& module,
                                                    const std::vector<torch::Device>& devices) {
   TORCH_CHECK_VALUE(!devices.empty(), "syncbn::replicate needs at least one device");
   std::vector<std::shared_ptr<torch::nn::Module>> clones;
-  clones.reserve(devices.size());
-  for (const auto& device : devices) clones.push_back(module->clone(device));
-  complete_replication(module, clones);
   std::vector<std::shared_ptr<ModuleType>> replicas;
-  replicas.reserve(clones.size());
-  for (const auto& clone : clones) replicas.push_back(std::dynamic_pointer_cast<ModuleType>(clone));
+  clones.reserve(devices.size());
+  replicas.reserve(devices.size());
+  for (const auto& device : devices) {
+    clones.push_back(module->clone(device));
+    replicas.push_back(std::dynamic_pointer_cast<ModuleType>(clones.back()));
+    TORCH_CHECK(replicas.back() != nullptr,
+                "syncbn::replicate: clone() of the module returned a module of another type; ",
+                "derive the module from torch::nn::Cloneable<ItsOwnType>");
+  }
+  complete_replication(module, clones);
   return replicas;
 }
 
