@@ -60,6 +60,16 @@ bool caused_by_abort(const std::exception_ptr& error) {
   }
 }
 
+// at::set_num_threads sets the calling thread's count and also the process-wide default that threads started
+// later take (threads started meanwhile, and every later one once a thread that got the share ran data_parallel
+// itself, got 1). torch's OpenMP backend keeps each thread's count in OpenMP's per-thread state, so set only that.
+// Weak: resolved in the OpenMP runtime torch loaded, null where torch has none (then replicas keep the default).
+extern "C" void omp_set_num_threads(int) __attribute__((weak));
+
+bool thread_local_intra_op_threads_supported() { return &omp_set_num_threads != nullptr; }
+
+void set_thread_local_intra_op_threads(int threads) { omp_set_num_threads(threads); }
+
 // What the caller and the replica threads share; outlives run_replicas when a
 // replica is left behind.
 struct ReplicaRun {
@@ -85,7 +95,6 @@ struct ReplicaRun {
 
   std::mutex mutex;
   std::condition_variable changed;
-  int64_t sized = 0;  // guarded by mutex: replica threads that set their intra-op thread count
   std::vector<std::exception_ptr> errors;  // guarded by mutex
   std::vector<bool> done;                  // guarded by mutex
   int64_t finished = 0;                    // guarded by mutex
@@ -97,12 +106,7 @@ struct ReplicaRun {
       // torch sizes a thread's OpenMP team lazily, at its first parallel op, to the process-wide count, which
       // would undo a count set before: let it do that now, then set this thread's own.
       at::get_num_threads();
-      at::set_num_threads(intra_op_threads);
-      {
-        std::lock_guard<std::mutex> lock(mutex);
-        ++sized;
-      }
-      changed.notify_all();
+      set_thread_local_intra_op_threads(intra_op_threads);
     }
     std::exception_ptr error;
     try {
@@ -163,7 +167,9 @@ void run_replicas(int64_t n, std::function<void(int64_t)> body, std::function<vo
     return device.is_cpu();
   });
   const int caller_threads = at::get_num_threads();
-  const int share = on_cpu ? std::max<int>(1, static_cast<int>(caller_threads / std::max<int64_t>(n, 1))) : 0;
+  const int share = on_cpu && thread_local_intra_op_threads_supported()
+                        ? std::max<int>(1, static_cast<int>(caller_threads / std::max<int64_t>(n, 1)))
+                        : 0;
   auto state = std::make_shared<ReplicaRun>(n, std::move(body), std::move(on_failure), devices, group, share);
   std::vector<std::thread> threads;
   threads.reserve(n);
@@ -183,11 +189,6 @@ void run_replicas(int64_t n, std::function<void(int64_t)> body, std::function<vo
   }
 
   std::unique_lock<std::mutex> lock(state->mutex);
-  if (share > 0) {
-    // at::set_num_threads in a replica thread also set the count that new threads start with: the caller's again.
-    state->changed.wait(lock, [&] { return state->sized == n; });
-    at::set_num_threads(caller_threads);
-  }
   // Wait for every replica, but no longer than a grace period after a failure, or the timeout after a return.
   auto seconds = [](double s) {
     return std::chrono::duration_cast<ReplicaRun::Clock::duration>(std::chrono::duration<double>(s));

@@ -1,6 +1,7 @@
 #include <syncbn/future_result.h>
 
 #include <chrono>
+#include <cmath>
 
 #include <c10/util/Exception.h>
 
@@ -18,6 +19,10 @@ void FutureResult::put(Message result) {
 }
 
 Message FutureResult::get(std::optional<double> timeout_seconds) {
+  // As SyncMaster's timeouts: positive (NaN is not), infinity meaning none.
+  TORCH_CHECK_VALUE(!timeout_seconds || *timeout_seconds > 0,
+                    "FutureResult::get: the timeout must be a positive number of seconds, got ", *timeout_seconds);
+  if (timeout_seconds && std::isinf(*timeout_seconds)) timeout_seconds.reset();
   std::unique_lock<std::mutex> lock(mutex_);
   auto has_result = [this] { return result_.has_value(); };
   if (timeout_seconds.has_value()) {

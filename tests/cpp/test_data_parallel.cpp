@@ -208,6 +208,14 @@ TEST(DataParallel, SmallBatchesUseFewerReplicasAndOneDeviceRunsDirectly) {
   expect_close(syncbn::data_parallel(synced, x, cpu_replicas(1)), reference->forward(x), "one device");
 }
 
+TEST(DataParallel, NoChannelsRaisesTheIndexErrorTorchBatchNormRaises) {
+  auto x = torch::randn({4, 0, 2, 2});
+  EXPECT_THROW(torch::nn::BatchNorm2d(0)->forward(x), c10::IndexError);
+  EXPECT_THROW(syncbn::SyncBatchNorm2d(0)->forward(x), c10::IndexError);
+  syncbn::SyncBatchNorm2d synced(0);
+  EXPECT_THROW(syncbn::data_parallel(synced, x, cpu_replicas(2)), c10::IndexError);
+}
+
 TEST(ParallelApply, RunsEveryReplicaOnItsOwnThread) {
   // Replicas that meet in a barrier deadlock unless they all run at once.
   syncbn::SyncBatchNorm1d bn(2);

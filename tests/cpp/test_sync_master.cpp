@@ -2,8 +2,10 @@
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <functional>
+#include <limits>
 #include <thread>
 
 #include <torch/torch.h>
@@ -406,6 +408,12 @@ TEST(FutureResult, PutThenGetAndTimeout) {
   EXPECT_THROW(future.put(Message{}), c10::Error);  // the previous result was not fetched
   EXPECT_EQ(future.get().ints.at(0), 1);
   EXPECT_THROW(future.get(0.05), syncbn::BarrierTimeoutError);
+  // As SyncMaster's timeouts: positive, NaN refused, infinity meaning none.
+  EXPECT_THROW(future.get(-1.0), c10::ValueError);
+  EXPECT_THROW(future.get(0.0), c10::ValueError);
+  EXPECT_THROW(future.get(std::nan("")), c10::ValueError);
+  future.put(Message{{}, {7}, nullptr});
+  EXPECT_EQ(future.get(std::numeric_limits<double>::infinity()).ints.at(0), 7);
 }
 
 TEST(BarrierBenchmark, MeasuresARoundTrip) {

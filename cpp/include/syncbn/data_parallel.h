@@ -89,7 +89,10 @@ std::shared_ptr<torch::nn::Module> as_module(const torch::nn::ModuleHolder<T>& m
 // copy id after the others were woken). Given the replication's group, its
 // threads run in a ReplicaScope and a failure closes it. CPU replicas each get
 // their share of the caller's intra-op threads (at::get_num_threads() / n, at
-// least one), so that together they use the cores one module would.
+// least one), so that together they use the cores one module would. The share
+// is set in the replica threads alone (OpenMP's per-thread count, not
+// at::set_num_threads, which also sets the count of threads started later);
+// with a torch built without OpenMP the replicas keep torch's count.
 template <typename ModuleType>
 std::vector<torch::Tensor> parallel_apply(std::vector<ModuleType>& modules, const std::vector<torch::Tensor>& inputs,
                                           const std::optional<std::vector<torch::Device>>& devices = std::nullopt,
@@ -112,9 +115,10 @@ std::vector<torch::Tensor> parallel_apply(std::vector<ModuleType>& modules, cons
   detail::run_replicas(
       static_cast<int64_t>(modules.size()),
       [work](int64_t i) {
-        torch::Tensor output = work->modules[i]->forward(work->inputs[i]);
-        detail::notify_copy_finished(work->replicas[i]);  // nobody waits for this copy any more
-        work->outputs[i] = std::move(output);
+        const auto index = static_cast<size_t>(i);
+        torch::Tensor output = work->modules[index]->forward(work->inputs[index]);
+        detail::notify_copy_finished(work->replicas[index]);  // nobody waits for this copy any more
+        work->outputs[index] = std::move(output);
       },
       [work](const std::string& reason) { detail::notify_replica_failure(work->replicas, reason); }, devices,
       std::move(group));

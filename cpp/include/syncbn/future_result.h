@@ -16,7 +16,8 @@ class SYNCBN_API FutureResult {
   // Throws if the previous result has not been fetched yet.
   void put(Message result);
   // Waits for a result; with a timeout (seconds), throws BarrierTimeoutError
-  // when none arrives in time.
+  // when none arrives in time. The timeout must be positive (a ValueError
+  // otherwise, NaN included, as SyncMaster's); infinity waits for ever.
   Message get(std::optional<double> timeout_seconds = std::nullopt);
   bool ready() const;
 

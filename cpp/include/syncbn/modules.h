@@ -86,7 +86,9 @@ SYNCBN_API torch::Tensor sync_batch_norm_module_forward(const torch::Tensor& inp
 // syncbn::data_parallel (or syncbn::replicate). Same options, parameters,
 // buffers and names as torch::nn::BatchNorm{1,2,3}d, so checkpoints load both
 // ways; not replicated, or in eval mode with running statistics, it computes
-// exactly what torch::nn::BatchNorm computes.
+// exactly what torch::nn::BatchNorm computes. On the synchronized path, eps <= 0
+// (or NaN) raises a ValueError in training, where torch::nn::BatchNorm accepts
+// it and gives inf or NaN.
 template <size_t D, typename Derived>
 class SyncBatchNormImplBase : public torch::nn::BatchNormImplBase<D, Derived>, public ReplicationCallback {
  public:
@@ -114,15 +116,15 @@ class SyncBatchNormImplBase : public torch::nn::BatchNormImplBase<D, Derived>, p
   void on_copy_finished() override { sync_.finish(); }
 
   void pretty_print(std::ostream& stream) const override {
-    const auto& options = this->options;
-    stream << std::boolalpha << "syncbn::SyncBatchNorm" << D << "d(" << options.num_features()
-           << ", eps=" << options.eps() << ", momentum=";
-    if (options.momentum().has_value()) {
-      stream << *options.momentum();
+    const auto& opts = this->options;  // not `options`: that would shadow the member (-Wshadow)
+    stream << std::boolalpha << "syncbn::SyncBatchNorm" << D << "d(" << opts.num_features() << ", eps=" << opts.eps()
+           << ", momentum=";
+    if (opts.momentum().has_value()) {
+      stream << *opts.momentum();
     } else {
       stream << "None";
     }
-    stream << ", affine=" << options.affine() << ", track_running_stats=" << options.track_running_stats() << ')';
+    stream << ", affine=" << opts.affine() << ", track_running_stats=" << opts.track_running_stats() << ')';
   }
 
  private:

@@ -1,0 +1,74 @@
+// CPU replicas compute with their share of the caller's intra-op threads, set for the replica threads only: the
+// count other threads of the process start with stays torch's default.
+#include <gtest/gtest.h>
+
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include <syncbn/syncbn.h>
+
+// The OpenMP runtime torch loaded (null without one): to give one thread a count of its own, as a thread started
+// while another thread's data_parallel call ran used to get.
+extern "C" void omp_set_num_threads(int) __attribute__((weak));
+
+namespace {
+
+int count_in_a_new_thread() {
+  int count = 0;
+  std::thread([&] { count = at::get_num_threads(); }).join();
+  return count;
+}
+
+// Records the intra-op thread count a thread started during its forward gets.
+struct StartsAThreadImpl : torch::nn::Cloneable<StartsAThreadImpl> {
+  std::shared_ptr<std::vector<int>> seen = std::make_shared<std::vector<int>>();
+  std::shared_ptr<std::mutex> mutex = std::make_shared<std::mutex>();
+  void reset() override {}
+  torch::Tensor forward(const torch::Tensor& x) {
+    const int count = count_in_a_new_thread();
+    std::lock_guard<std::mutex> lock(*mutex);
+    seen->push_back(count);
+    return x;
+  }
+};
+TORCH_MODULE(StartsAThread);
+
+class IntraOpThreads : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    saved_ = at::get_num_threads();
+    at::set_num_threads(4);  // the process default: 4, shared as 2 per replica below
+  }
+  void TearDown() override { at::set_num_threads(saved_); }
+  int saved_ = 1;
+};
+
+TEST_F(IntraOpThreads, ThreadsStartedDuringACallGetTheProcessDefaultNotTheReplicasShare) {
+  StartsAThread module;
+  for (int step = 0; step < 5; ++step) {
+    syncbn::data_parallel(module, torch::randn({4, 3}), std::vector<torch::Device>(2, torch::kCPU));
+  }
+  EXPECT_EQ(*module->seen, std::vector<int>(10, 4));
+  EXPECT_EQ(count_in_a_new_thread(), 4);
+}
+
+TEST_F(IntraOpThreads, ACallerWithACountOfItsOwnLeavesTheProcessDefaultAlone) {
+  // A caller whose own count differs from the default (1 here) used to make its count the process default, for
+  // good, when it restored "the caller's count" after its replicas set theirs.
+  if (&omp_set_num_threads == nullptr) GTEST_SKIP() << "torch without OpenMP";
+  syncbn::SyncBatchNorm1d bn(3);
+  std::thread caller([&] {
+    at::get_num_threads();   // torch's lazy per-thread initialization first, as the replicas do
+    omp_set_num_threads(1);  // this thread's own count only
+    syncbn::data_parallel(bn, torch::randn({4, 3}), std::vector<torch::Device>(2, torch::kCPU));
+    EXPECT_EQ(at::get_num_threads(), 1) << "the caller's own count is left alone";
+  });
+  caller.join();
+  EXPECT_EQ(count_in_a_new_thread(), 4);
+  EXPECT_EQ(at::get_num_threads(), 4);
+}
+
+}  // namespace
