@@ -18,8 +18,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm2d
-from syncbn_ext import parallel_backward
+from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm2d, parallel_backward
 from syncbn_ext.parallel_apply import replica_threads_running
 from syncbn_ext.replicate import Replication
 

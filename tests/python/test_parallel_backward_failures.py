@@ -124,7 +124,9 @@ def test_a_backward_task_left_running_writes_nothing_into_the_next_backward(sync
     phase = {"action": lambda copy_id: None}
     model = PhasedNet(phase, sync).double()
     x = torch.randn(8, C, dtype=torch.float64)
-    call_with_timeout((3 * DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True)(x)).sum().backward)
+    call_with_timeout(
+        (3 * DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True)(x)).sum().backward
+    )
     expected = model.lin.weight.grad.clone()
     model.zero_grad(set_to_none=True)
 
