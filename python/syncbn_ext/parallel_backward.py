@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -136,6 +137,9 @@ class _Plan:
         self.merges: list[list[torch.Tensor | None]] | None = merges
         self.views, self.others = views, others
         self.sums = ParameterSums(views) if views[0] else None
+        # Backwards of this forward's outputs from several threads at once (torch allows them) run one after
+        # another: a run's tasks, meeting points and parameter sums are the plan's.
+        self.one_backward_at_a_time = threading.Lock()
 
     def boundary(self, copy_id: int) -> list[torch.Tensor]:
         return [*self.views[copy_id], *self.others[copy_id]]
@@ -280,66 +284,72 @@ class _JoinReplicas(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         plan: _Plan = ctx.plan
-        if plan.outputs is None:
-            raise RuntimeError(_SECOND_BACKWARD_MESSAGE)
-        keep_graph = _C.current_graph_task_keep_graph()
-        # create_graph: the gradients get a graph when only the direct way leads to the replicas' graphs (the
-        # gradients coming in have none), else none and a second backward through them fails (see the module).
-        create_graph = torch.is_grad_enabled()
-        once_differentiable = create_graph and any(g is not None and g.requires_grad for g in grads)
-        # Outputs the loss does not use get no gradient (not zeros: their parameters keep a None gradient, as the
-        # whole batch's would, which optimizers such as Adam tell apart from a zero one); the meeting points each
-        # copy must reach are roots too, with a zero gradient (see _Plan.meeting_roots).
-        used, used_ids, offset = [], set(), 0
-        for copy_id, outputs in enumerate(plan.outputs):
-            copy_grads = grads[offset : offset + len(outputs)]
-            used.append([(output, g) for output, g in zip(outputs, copy_grads, strict=True) if g is not None])
-            used_ids.update((copy_id, i) for i, g in enumerate(copy_grads) if g is not None)
-            offset += len(outputs)
-        # Outputs whose graphs an earlier backward freed: torch's error. (Others, e.g. another head's, can still run;
-        # a node they share with the freed graphs raises torch's own error, as the whole batch's would.)
-        if used_ids & plan.freed:
-            raise RuntimeError(_SECOND_BACKWARD_MESSAGE)
-        meeting_roots = plan.meeting_roots([[output for output, _ in copy_used] for copy_used in used])
-        thread_state = _C.ThreadLocalState()
-        task_graph = create_graph and not once_differentiable
-        run = plan.group.begin_backward()
-        tasks = [
-            _BackwardTask(
-                plan,
-                copy_id,
-                run,
-                [*copy_used, *((merge, torch.zeros_like(merge)) for merge in copy_merges)],
-                keep_graph,
-                task_graph,
-                thread_state,
-            )
-            for copy_id, (copy_used, copy_merges) in enumerate(zip(used, meeting_roots, strict=True))
-        ]
-        replicas = len(tasks)
-        if plan.sums is not None:
-            plan.sums.start(run)
-        try:
-            results = run_on_workers(
-                tasks,
-                [f"in replica {i} on device cpu, in backward" for i in range(replicas)],
-                cpu_intra_op_threads(replicas),
-                lambda reason: plan.group.abort_backward(reason, run),
-                caused_by_closing,
-            )
-        finally:
-            # Each parameter's summed gradient goes back through replica 0's view (the others' get none).
-            param_grads = plan.sums.finish() if plan.sums is not None else []
-        if not keep_graph:
-            plan.freed |= used_ids
-            if len(plan.freed) == offset:
-                plan.outputs = plan.merges = None  # every graph was freed: let go of them
-        views = [*param_grads, *([None] * sum(len(v) for v in plan.views[1:]))]
-        others = [g for replica_grads in results for g in replica_grads]
-        boundary_grads = [*views, *others]
-        if once_differentiable:
-            boundary_grads = _C.once_differentiable(boundary_grads, _DOUBLE_BACKWARD_MESSAGE)
-        return (None, *boundary_grads, *([None] * len(grads)))
+        with plan.one_backward_at_a_time:
+            return _parallel_backward(plan, grads)
+
+
+def _parallel_backward(plan: _Plan, grads: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, ...]:
+    """The replicas' backward from the joined outputs' gradients ``grads``, each replica's on its worker."""
+    if plan.outputs is None:
+        raise RuntimeError(_SECOND_BACKWARD_MESSAGE)
+    keep_graph = _C.current_graph_task_keep_graph()
+    # create_graph: the gradients get a graph when only the direct way leads to the replicas' graphs (the
+    # gradients coming in have none), else none and a second backward through them fails (see the module).
+    create_graph = torch.is_grad_enabled()
+    once_differentiable = create_graph and any(g is not None and g.requires_grad for g in grads)
+    # Outputs the loss does not use get no gradient (not zeros: their parameters keep a None gradient, as the
+    # whole batch's would, which optimizers such as Adam tell apart from a zero one); the meeting points each
+    # copy must reach are roots too, with a zero gradient (see _Plan.meeting_roots).
+    used, used_ids, offset = [], set(), 0
+    for copy_id, outputs in enumerate(plan.outputs):
+        copy_grads = grads[offset : offset + len(outputs)]
+        used.append([(output, g) for output, g in zip(outputs, copy_grads, strict=True) if g is not None])
+        used_ids.update((copy_id, i) for i, g in enumerate(copy_grads) if g is not None)
+        offset += len(outputs)
+    # Outputs whose graphs an earlier backward freed: torch's error. (Others, e.g. another head's, can still run;
+    # a node they share with the freed graphs raises torch's own error, as the whole batch's would.)
+    if used_ids & plan.freed:
+        raise RuntimeError(_SECOND_BACKWARD_MESSAGE)
+    meeting_roots = plan.meeting_roots([[output for output, _ in copy_used] for copy_used in used])
+    thread_state = _C.ThreadLocalState()
+    task_graph = create_graph and not once_differentiable
+    run = plan.group.begin_backward()
+    tasks = [
+        _BackwardTask(
+            plan,
+            copy_id,
+            run,
+            [*copy_used, *((merge, torch.zeros_like(merge)) for merge in copy_merges)],
+            keep_graph,
+            task_graph,
+            thread_state,
+        )
+        for copy_id, (copy_used, copy_merges) in enumerate(zip(used, meeting_roots, strict=True))
+    ]
+    replicas = len(tasks)
+    if plan.sums is not None:
+        plan.sums.start(run)
+    try:
+        results = run_on_workers(
+            tasks,
+            [f"in replica {i} on device cpu, in backward" for i in range(replicas)],
+            cpu_intra_op_threads(replicas),
+            lambda reason: plan.group.abort_backward(reason, run),
+            caused_by_closing,
+        )
+    finally:
+        # Each parameter's summed gradient goes back through replica 0's view (the others' get none).
+        param_grads = plan.sums.finish(run) if plan.sums is not None else []
+    if not keep_graph:
+        plan.freed |= used_ids
+        if len(plan.freed) == offset:
+            plan.outputs = plan.merges = None  # every graph was freed: let go of them
+    views = [*param_grads, *([None] * sum(len(v) for v in plan.views[1:]))]
+    others = [g for replica_grads in results for g in replica_grads]
+    boundary_grads = [*views, *others]
+    if once_differentiable:
+        boundary_grads = _C.once_differentiable(boundary_grads, _DOUBLE_BACKWARD_MESSAGE)
+    return (None, *boundary_grads, *([None] * len(grads)))
 
 
 def _usable_cores() -> int:

@@ -108,10 +108,12 @@ class ParameterSums:
         finally:
             self._thread.run = outer
 
-    def finish(self) -> list[torch.Tensor | None]:
-        """The sums, once every backward task ended (a replica that did not use a parameter gave none, and the
-        gradients after it wait in pending). A task left running adds nothing afterwards."""
+    def finish(self, run: int) -> list[torch.Tensor | None]:
+        """Run ``run``'s sums, once every backward task ended (a replica that did not use a parameter gave none, and
+        the gradients after it wait in pending). A task left running adds nothing afterwards."""
         with self.lock:
+            if run != self.run:
+                raise RuntimeError(f"syncbn_ext: parallel backward run {run} finished while run {self.run} was summed")
             self.collecting = False
             self.run = None
             totals, pendings = self.totals, self.pending

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import threading
+import time
 
 import pytest
 import torch
@@ -173,6 +175,60 @@ def test_separate_backwards_through_separate_outputs_free_only_their_graphs():
     call_with_timeout(a.sum().backward)
     with pytest.raises(RuntimeError, match="second time"):
         call_with_timeout(b.sum().backward)
+
+
+class SlowBackward(torch.autograd.Function):
+    """Identity whose backward takes a while: backwards started from two threads overlap there."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(0.5)
+        return grad
+
+
+class SlowTrunk(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(C, C), SynchronizedBatchNorm1d(C))
+        self.heads = TwoHeads()
+
+    def forward(self, x):
+        return self.heads(SlowBackward.apply(self.trunk(x)))
+
+
+def test_backwards_of_two_outputs_from_two_threads_at_once_add_both(monkeypatch):
+    # torch lets threads run backward through one graph at once (retain_graph): the replicas' backwards of one
+    # forward then run one after another. At once, the second run's start made the first one's tasks stale and the
+    # first one's end emptied the second one's parameter sums: parameters got no gradient, without an error.
+    monkeypatch.setenv("SYNCBN_TIMEOUT", "120")
+    torch.manual_seed(7)
+    model = SlowTrunk().double()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True)
+    x = torch.randn(6, C, dtype=torch.float64)
+    heads = call_with_timeout(dp, x)
+    errors = []
+
+    def backward(head, delay):
+        time.sleep(delay)
+        try:
+            head.sum().backward(retain_graph=True)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=backward, args=(head, 0.2 * i)) for i, head in enumerate(heads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == [] and not any(thread.is_alive() for thread in threads)
+    a_ref, b_ref = reference(x)
+    (a_ref.sum() + b_ref.sum()).backward()
+    assert_grads_equal(model, reference)
 
 
 def test_double_backward_for_a_gradient_penalty():
