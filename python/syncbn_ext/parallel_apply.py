@@ -187,9 +187,9 @@ def _wait_for_replica_threads_at_exit() -> None:
     still_running = join_all(replica_threads_running(), until=start + min(1.0, EXIT_WAIT_SECONDS))
     if still_running:
         print(
-            f"syncbn_ext: waiting up to {EXIT_WAIT_SECONDS:g} s for {len(still_running)} replica thread(s) left "
-            "behind by a failed or interrupted forward or backward, before the interpreter exits (one ending "
-            "during the exit would crash it); Ctrl-C to exit at once",
+            f"syncbn_ext: waiting up to {EXIT_WAIT_SECONDS:g} s for {len(still_running)} replica thread(s) still "
+            "running (left behind by a failed or interrupted forward or backward, or a daemon thread's forward), "
+            "before the interpreter exits (one ending during the exit would crash it); Ctrl-C to exit at once",
             file=sys.stderr,
             flush=True,
         )

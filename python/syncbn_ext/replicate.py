@@ -56,17 +56,29 @@ class TrainingForwardLocks:
         self._locks = locks
 
     def acquire(self, blocking: bool = True) -> bool:
-        """Takes every lock (waits for them unless ``blocking`` is false); False if one was held elsewhere."""
-        for taken, lock in enumerate(self._locks):
-            if not lock.acquire(blocking):
-                for held in reversed(self._locks[:taken]):
-                    held.release()
-                return False
-        return True
+        """Takes every lock (waits for them unless ``blocking`` is false); False if one was held elsewhere. An
+        exception while waiting (Ctrl-C) releases those already taken."""
+        taken = 0
+        try:
+            for lock in self._locks:
+                if not lock.acquire(blocking):
+                    break
+                taken += 1
+        finally:
+            if taken < len(self._locks):
+                self._release(taken)
+        return taken == len(self._locks)
 
     def release(self) -> None:
-        for lock in reversed(self._locks):
-            lock.release()
+        self._release(len(self._locks))
+
+    def _release(self, count: int) -> None:
+        # Each lock released even should an exception (Ctrl-C) arrive between two releases.
+        if count:
+            try:
+                self._locks[count - 1].release()
+            finally:
+                self._release(count - 1)
 
     def __enter__(self) -> TrainingForwardLocks:
         self.acquire()

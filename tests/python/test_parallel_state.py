@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import syncbn_ext
 from syncbn_ext import DataParallelWithCallback
-from syncbn_ext.replicate import Replication, training_forward_lock
+from syncbn_ext.replicate import Replication, TrainingForwardLocks, training_forward_lock
 
 
 class Record(nn.Module):
@@ -81,6 +81,36 @@ def test_training_forwards_of_overlapping_models_from_several_threads_run_one_af
     assert bn.num_batches_tracked.item() == 24
     torch.testing.assert_close(bn.running_mean, torch.stack([x.mean(0) for x in batches]).mean(0))
     torch.testing.assert_close(bn.running_var, torch.stack([x.var(0) for x in batches]).mean(0))
+
+
+class InterruptedLock:
+    """A lock whose acquire (or release) raises KeyboardInterrupt, as Ctrl-C does in a thread waiting for it."""
+
+    def __init__(self, fail_in: str) -> None:
+        self.fail_in = fail_in
+
+    def acquire(self, blocking: bool = True) -> bool:
+        if self.fail_in == "acquire":
+            raise KeyboardInterrupt
+        return True
+
+    def release(self) -> None:
+        if self.fail_in == "release":
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("fail_in", ["acquire", "release"])
+def test_an_interrupt_while_taking_or_releasing_the_forward_locks_leaves_none_held(fail_in):
+    first, last = threading.RLock(), threading.RLock()
+    locks = TrainingForwardLocks([first, InterruptedLock(fail_in), last])
+    with pytest.raises(KeyboardInterrupt):
+        with locks:
+            pass
+    taken = []
+    other = threading.Thread(target=lambda: taken.extend(lock.acquire(blocking=False) for lock in (first, last)))
+    other.start()
+    other.join()
+    assert taken == [True, True]  # not held by this thread any more
 
 
 def test_a_training_forward_holds_its_module_and_an_eval_forward_nothing():
