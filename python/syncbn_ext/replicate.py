@@ -98,7 +98,9 @@ def training_forward_lock(module: nn.Module) -> contextlib.AbstractContextManage
     (a wrapper of a model and one of its block, two models sharing a layer): each module with buffers has its
     lock, and a forward holds those of its tree. A forward in eval mode (no module of the tree training: no
     running statistics to update) holds nothing and runs alongside any other. Reentrant: a forward that calls the
-    same wrapper again from its own thread goes on.
+    same wrapper again from its own thread goes on. (A forward that calls, from its own thread, a wrapper of another
+    model sharing modules with its own takes the locks it lacks after those it holds, out of the global order: two
+    threads doing so crosswise could wait for each other.)
     """
     modules = list(module.modules())
     if not any(m.training for m in modules):
