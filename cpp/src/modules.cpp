@@ -1,5 +1,6 @@
 #include <syncbn/modules.h>
 
+#include <atomic>
 #include <mutex>
 #include <set>
 
@@ -9,31 +10,55 @@ namespace syncbn {
 
 namespace {
 
-// Layer numbers: the next never given, and those given back (by layers overwritten by assignment).
-std::mutex layer_numbers_mutex;
-int64_t next_layer_id = 0;     // guarded by layer_numbers_mutex
-std::set<int64_t> free_layer_ids;  // guarded by layer_numbers_mutex
+// Layer numbers: the next never given, and those given back (by layers gone unpublished).
+struct LayerNumbers {
+  std::mutex mutex;
+  int64_t next = 0;        // guarded by mutex
+  std::set<int64_t> free;  // guarded by mutex
+};
 
-std::shared_ptr<const int64_t> take_layer_id() {
-  std::lock_guard<std::mutex> lock(layer_numbers_mutex);
-  int64_t id = next_layer_id;
-  if (free_layer_ids.empty()) {
-    ++next_layer_id;
-  } else {
-    id = *free_layer_ids.begin();  // the smallest: what a rank that made no copies takes from its counter
-    free_layer_ids.erase(free_layer_ids.begin());
-  }
-  return std::make_shared<const int64_t>(id);
+// Never destroyed: a layer with static storage (in another translation unit) gives its number back during the
+// exit, maybe after this file's statics are gone.
+LayerNumbers& layer_numbers() {
+  static auto* numbers = new LayerNumbers;
+  return *numbers;
+}
+
+int64_t take_layer_id() {
+  LayerNumbers& numbers = layer_numbers();
+  std::lock_guard<std::mutex> lock(numbers.mutex);
+  if (numbers.free.empty()) return numbers.next++;
+  // The smallest: what a rank that made no copies takes from its counter (or from the same numbers given back).
+  const int64_t id = *numbers.free.begin();
+  numbers.free.erase(numbers.free.begin());
+  return id;
 }
 
 void give_back_layer_id(int64_t id) {
-  std::lock_guard<std::mutex> lock(layer_numbers_mutex);
-  free_layer_ids.insert(id);
+  LayerNumbers& numbers = layer_numbers();
+  std::lock_guard<std::mutex> lock(numbers.mutex);
+  numbers.free.insert(id);
 }
 
 }  // namespace
 
-BatchNormSyncState::BatchNormSyncState() : layer_id_(take_layer_id()) {}
+// Held by a layer and its copies; the last holder gone takes the number back unless it was published.
+class detail::LayerNumber {
+ public:
+  LayerNumber() : id(take_layer_id()) {}
+  LayerNumber(const LayerNumber&) = delete;
+  LayerNumber& operator=(const LayerNumber&) = delete;
+  // A layer that never ran a training forward was known to no other rank: a fresh layer a clone() built and
+  // assigned over, or a model built and dropped unused (on every rank alike).
+  ~LayerNumber() {
+    if (!published.load(std::memory_order_relaxed)) give_back_layer_id(id);
+  }
+
+  const int64_t id;
+  std::atomic<bool> published{false};
+};
+
+BatchNormSyncState::BatchNormSyncState() : layer_id_(std::make_shared<detail::LayerNumber>()) {}
 
 // Not the channel, position or name: a copy is tied to no replication.
 BatchNormSyncState::BatchNormSyncState(const BatchNormSyncState& other)
@@ -41,15 +66,22 @@ BatchNormSyncState::BatchNormSyncState(const BatchNormSyncState& other)
 
 BatchNormSyncState& BatchNormSyncState::operator=(const BatchNormSyncState& other) {
   if (this == &other) return *this;
-  // Cloneable::clone_ assigns the original's state over a layer its reset() just built: that layer's number
-  // was taken on this rank only, so it goes back (when no copy of this layer holds it).
-  if (layer_id_ != other.layer_id_ && layer_id_.use_count() == 1) give_back_layer_id(*layer_id_);
+  // Cloneable::clone_ assigns the original's state over a layer its reset() just built: that layer's number,
+  // taken on this rank only, goes back with its token (when no copy holds it and it was never published).
   layer_id_ = other.layer_id_;
   process_group_ = other.process_group_;
   channel_.reset();
   position_ = -1;
   name_.clear();
   return *this;
+}
+
+int64_t BatchNormSyncState::layer_id() const { return layer_id_->id; }
+
+void BatchNormSyncState::publish_layer_id() const {
+  // Checked first: replica threads publish the shared token at every forward, and a read keeps the line shared.
+  std::atomic<bool>& published = layer_id_->published;
+  if (!published.load(std::memory_order_relaxed)) published.store(true, std::memory_order_relaxed);
 }
 
 void BatchNormSyncState::on_replicate(CallbackContext& context, int64_t copy_id) {
@@ -67,8 +99,10 @@ void BatchNormSyncState::finish() const {
 }
 
 LayerSync BatchNormSyncState::layer_sync(bool training) const {
-  const std::string name = channel_ ? name_ : "syncbn::SyncBatchNorm #" + std::to_string(*layer_id_);
-  return LayerSync{channel_, position_, name, training ? process_group_ : ProcessGroupPtr(), *layer_id_};
+  if (training) publish_layer_id();  // its number goes to the other ranks
+  const int64_t id = layer_id();
+  const std::string name = channel_ ? name_ : "syncbn::SyncBatchNorm #" + std::to_string(id);
+  return LayerSync{channel_, position_, name, training ? process_group_ : ProcessGroupPtr(), id};
 }
 
 torch::Tensor sync_batch_norm_module_forward(const torch::Tensor& input, const torch::nn::BatchNormOptions& options,

@@ -7,7 +7,9 @@
 // timeout (SYNCBN_TIMEOUT=2, set for both ranks) but within the group's (60 s): rank 0's replicas must wait for it,
 // since a wait for other ranks is bounded by the group's timeout, not by the barrier's. Then an eval-mode forward
 // with batch statistics on rank 0 alone, which must not wait for rank 1 (as torch.nn.SyncBatchNorm's). Then copies
-// made on rank 0 alone (clone(), eval-mode data_parallel), which must not change the number of a layer built later.
+// made on rank 0 alone (clone(), eval-mode data_parallel), also of a model whose layers sit in a block and a
+// Sequential, a model dropped unused on both ranks and a used one deleted on rank 0 alone: none may change the
+// number of a layer built later.
 //
 // The group's backend is gloo (c10d::ProcessGroupGloo, compiled into libtorch): torch's wheel ships its header
 // but not gloo's own, which the build takes from the system (Debian: libgloo-dev; only pointers to gloo's types
@@ -52,6 +54,31 @@ struct NetImpl : torch::nn::Cloneable<NetImpl> {
   syncbn::SyncBatchNorm2d bn{nullptr};
 };
 TORCH_MODULE(Net);
+
+// Synchronized layers one level down (a ResNet's sit in blocks): Net's clone() copy-assigns over the Block and the
+// Sequential its reset() built, destroying the layers their constructors built without assigning over them.
+struct BlockImpl : torch::nn::Cloneable<BlockImpl> {
+  BlockImpl() { reset(); }
+  void reset() override { bn = register_module("bn", syncbn::SyncBatchNorm2d(3)); }
+  torch::Tensor forward(const torch::Tensor& x) { return bn->forward(x); }
+  syncbn::SyncBatchNorm2d bn{nullptr};
+};
+TORCH_MODULE(Block);
+
+struct DeepNetImpl : torch::nn::Cloneable<DeepNetImpl> {
+  DeepNetImpl() { reset(); }
+  void reset() override {
+    conv = register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(2, 3, 3).padding(1)));
+    block = register_module("block", Block());
+    seq = register_module("seq", torch::nn::Sequential(syncbn::SyncBatchNorm2d(3)));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return seq->forward(block->forward(conv->forward(x))); }
+  syncbn::SyncBatchNorm2dImpl& seq_bn() { return *seq->ptr(0)->as<syncbn::SyncBatchNorm2dImpl>(); }
+  torch::nn::Conv2d conv{nullptr};
+  Block block{nullptr};
+  torch::nn::Sequential seq{nullptr};
+};
+TORCH_MODULE(DeepNet);
 
 double max_difference(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<double>(); }
 
@@ -146,6 +173,30 @@ int run_rank(int rank, const std::string& store_path) {
   late->to(torch::kDouble);
   late->bn->set_process_group(group);
   syncbn::data_parallel(late, torch::randn({4, 2, 4, 4}, torch::kDouble), replicas);
+
+  // The same with layers one level down, whose clone()s used to leak the numbers of the layers they built; a
+  // model built and dropped unused on every rank gives its numbers back on every rank; a used one deleted on
+  // rank 0 alone gives nothing back. A layer built afterwards still has one number on both ranks.
+  {
+    DeepNet deep;
+    deep->to(torch::kDouble);
+    if (rank == 0) {
+      auto ema = std::dynamic_pointer_cast<DeepNetImpl>(deep->clone());
+      auto ema_of_ema = ema->clone();
+      torch::NoGradGuard no_grad;
+      deep->eval();
+      syncbn::data_parallel(deep, torch::randn({4, 2, 4, 4}, torch::kDouble), replicas);
+      deep->train();
+    }
+  }
+  if (rank == 0) late = Net(nullptr);
+  DeepNet deep_late;
+  deep_late->to(torch::kDouble);
+  deep_late->block->bn->set_process_group(group);
+  deep_late->seq_bn().set_process_group(group);
+  for (int step = 0; step < 2; ++step) {  // training data_parallel clones too, at every step
+    syncbn::data_parallel(deep_late, torch::randn({4, 2, 4, 4}, torch::kDouble), replicas);
+  }
 
   // Both ranks on this host: shared memory, unless SYNCBN_SHARED_MEMORY=0 (the test's second run) keeps every
   // exchange on the group's backend.

@@ -25,17 +25,27 @@ namespace syncbn {
 // its layer number, which identifies the layer across processes.
 //
 // Layer numbers follow construction order, so every rank must build its
-// synchronized layers in the same order. Copies keep the number of the layer
-// they copy (copies share it), so that copies made on one rank only (an EMA
-// model, clone(), the clones of an eval-mode data_parallel) shift no later
-// layer's number: Cloneable::clone() constructs new layers (its reset()) and
-// then assigns the originals' state over them, and a layer so overwritten,
-// when it was the only holder of its number, gives that number back; a new
-// layer takes the smallest number given back, else the next one. Destroying a
-// layer gives nothing back (a rank deleting a model renumbers nothing).
+// synchronized layers in the same order; a new layer takes the smallest number
+// given back, else the next one. Copies share the number of the layer they copy
+// (one shared token), so that copies made on one rank only (an EMA model,
+// clone(), the clones of an eval-mode data_parallel) shift no later layer's
+// number. Cloneable::clone() also builds layers of its own (its reset(), and
+// the reset() of every intermediate module, a block or a Sequential, which it
+// then copy-assigns over): those must leave no trace. So a number goes back
+// when its last holder (the layer and its copies) is assigned over or
+// destroyed, unless it was published: a training-mode forward (the number goes
+// into the exchange with the other ranks, which all run it) publishes it for
+// good, and then nothing gives it back (a rank deleting a used model renumbers
+// no later layer). Eval-mode forwards publish nothing: they are what a rank
+// does alone (validation), and a model built, maybe validated, and destroyed
+// unused on every rank gives its numbers back on every rank alike.
 //
 // A copy is not replicated: it is tied to no replication's barrier, whatever
 // the layer it copies (a clone of a replica works alone, as a new layer).
+namespace detail {
+class LayerNumber;  // the shared token (modules.cpp)
+}  // namespace detail
+
 class SYNCBN_API BatchNormSyncState {
  public:
   BatchNormSyncState();
@@ -60,15 +70,18 @@ class SYNCBN_API BatchNormSyncState {
 
   void set_process_group(ProcessGroupPtr group) { process_group_ = std::move(group); }
   const ProcessGroupPtr& process_group() const { return process_group_; }
-  // The layer's number across processes (see above).
-  int64_t layer_id() const { return *layer_id_; }
+  // The layer's number across processes (see above). Reading it publishes nothing.
+  int64_t layer_id() const;
+  // Makes the number this layer's for good (see above): called by every training-mode forward, and by
+  // layer_sync(true).
+  void publish_layer_id() const;
 
  private:
   std::shared_ptr<BatchNormChannel> channel_;
   int64_t position_ = -1;
   std::string name_;
   ProcessGroupPtr process_group_;
-  std::shared_ptr<const int64_t> layer_id_;  // shared by copies; see above
+  std::shared_ptr<detail::LayerNumber> layer_id_;  // shared by copies; see above
 };
 
 // Training-mode forward of a synchronized BatchNorm module: nn.BatchNorm's
@@ -96,6 +109,7 @@ class SyncBatchNormImplBase : public torch::nn::BatchNormImplBase<D, Derived>, p
 
   torch::Tensor forward(const torch::Tensor& input) {
     const bool training = this->is_training();
+    if (training) sync_.publish_layer_id();
     const bool batch_stats = training || !this->options.track_running_stats();
     if (!batch_stats || !sync_.synchronizes(training)) return torch::nn::BatchNormImplBase<D, Derived>::forward(input);
     this->_check_input_dim(input);
@@ -109,8 +123,9 @@ class SyncBatchNormImplBase : public torch::nn::BatchNormImplBase<D, Derived>, p
   // every process of the group. Default: none (the replicas of this process only).
   void set_process_group(ProcessGroupPtr group) { sync_.set_process_group(std::move(group)); }
   const ProcessGroupPtr& process_group() const { return sync_.process_group(); }
-  // The number that identifies this layer across processes: construction order, kept by copies
-  // (BatchNormSyncState). A cross-process BarrierError names it.
+  // The number that identifies this layer across processes: construction order, shared by copies, given back
+  // when the layer and its copies are gone unless a training forward ran (BatchNormSyncState). A
+  // cross-process BarrierError names it.
   int64_t layer_id() const { return sync_.layer_id(); }
   void on_replica_failure(const std::string& reason) override { sync_.abort(reason); }
   void on_copy_finished() override { sync_.finish(); }
