@@ -3,6 +3,8 @@
 
 #include <ATen/ThreadLocalState.h>
 
+#include <syncbn/data_parallel.h>
+
 #include "bindings.h"
 
 namespace syncbn::python {
@@ -49,6 +51,10 @@ void bind_thread_state(py::module_& m) {
           [](const std::shared_ptr<CapturedThreadState>& self) { return std::make_unique<AppliedThreadState>(self); },
           "A context manager that installs this state in the thread entering it, and restores that thread's own "
           "on exit.");
+  m.def("set_thread_intra_op_threads", &syncbn::set_thread_intra_op_threads, py::arg("threads"),
+        "Sets the calling thread's own intra-op thread count (OpenMP's per-thread count), where "
+        "torch.set_num_threads also sets the count every thread started later takes. Returns False, changing "
+        "nothing, when torch has no OpenMP.");
 }
 
 }  // namespace syncbn::python

@@ -14,7 +14,26 @@
 
 #include <syncbn/errors.h>
 
+// at::set_num_threads sets the calling thread's count and also the process-wide default that threads started
+// later take (threads started meanwhile, and every later one once a thread that got a replica's share ran
+// data_parallel itself, got the share). torch's OpenMP backend keeps each thread's count in OpenMP's per-thread
+// state, so set only that. Weak: resolved in the OpenMP runtime torch loaded, null where torch has none.
+extern "C" void omp_set_num_threads(int) __attribute__((weak));
+
 namespace syncbn {
+
+bool thread_intra_op_threads_supported() { return &omp_set_num_threads != nullptr; }
+
+bool set_thread_intra_op_threads(int threads) {
+  TORCH_CHECK_VALUE(threads > 0, "set_thread_intra_op_threads: the number of threads must be positive, got ",
+                    threads);
+  if (!thread_intra_op_threads_supported()) return false;
+  // torch sizes a thread's OpenMP team lazily, at its first parallel op, to the process-wide count, which would
+  // undo a count set before: let it do that now, then set this thread's own.
+  at::get_num_threads();
+  omp_set_num_threads(threads);
+  return true;
+}
 
 ReplicaError::ReplicaError(int64_t copy_id, const std::string& message)
     : std::runtime_error(message), copy_id_(copy_id) {}
@@ -60,16 +79,6 @@ bool caused_by_abort(const std::exception_ptr& error) {
   }
 }
 
-// at::set_num_threads sets the calling thread's count and also the process-wide default that threads started
-// later take (threads started meanwhile, and every later one once a thread that got the share ran data_parallel
-// itself, got 1). torch's OpenMP backend keeps each thread's count in OpenMP's per-thread state, so set only that.
-// Weak: resolved in the OpenMP runtime torch loaded, null where torch has none (then replicas keep the default).
-extern "C" void omp_set_num_threads(int) __attribute__((weak));
-
-bool thread_local_intra_op_threads_supported() { return &omp_set_num_threads != nullptr; }
-
-void set_thread_local_intra_op_threads(int threads) { omp_set_num_threads(threads); }
-
 // What the caller and the replica threads share; outlives run_replicas when a
 // replica is left behind.
 struct ReplicaRun {
@@ -102,12 +111,7 @@ struct ReplicaRun {
   bool failure_reported = false;  // guarded by mutex: on_failure runs once
 
   void run(int64_t i) {
-    if (intra_op_threads > 0) {
-      // torch sizes a thread's OpenMP team lazily, at its first parallel op, to the process-wide count, which
-      // would undo a count set before: let it do that now, then set this thread's own.
-      at::get_num_threads();
-      set_thread_local_intra_op_threads(intra_op_threads);
-    }
+    if (intra_op_threads > 0) set_thread_intra_op_threads(intra_op_threads);
     std::exception_ptr error;
     try {
       at::ThreadLocalStateGuard state_guard(caller_state);
@@ -167,7 +171,7 @@ void run_replicas(int64_t n, std::function<void(int64_t)> body, std::function<vo
     return device.is_cpu();
   });
   const int caller_threads = at::get_num_threads();
-  const int share = on_cpu && thread_local_intra_op_threads_supported()
+  const int share = on_cpu && thread_intra_op_threads_supported()
                         ? std::max<int>(1, static_cast<int>(caller_threads / std::max<int64_t>(n, 1)))
                         : 0;
   auto state = std::make_shared<ReplicaRun>(n, std::move(body), std::move(on_failure), devices, group, share);

@@ -18,7 +18,8 @@ handling synchronized layers need:
 
 The worker threads are kept between forwards (a thread started per replica per forward costs time and, on CPU,
 a new OpenMP team each time). A CPU replica runs with ``torch.get_num_threads() // n`` intra-op threads (at least
-one), so that ``n`` replicas running at once use the caller's threads, not ``n`` times as many.
+one), so that ``n`` replicas running at once use the caller's threads, not ``n`` times as many: set for the worker's
+thread alone (OpenMP's per-thread count), so threads started meanwhile and later still get torch's default.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ class _Worker:
     def __init__(self, intra_op_threads: int | None) -> None:
         _Worker._counter += 1
         self.intra_op_threads = intra_op_threads
+        # False with a torch without OpenMP: the thread's count was set process-wide, and acquire() puts it back.
+        self.own_intra_op_threads = True
         self.tasks: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.abandoned = False
         self.idle_since = 0.0
@@ -84,9 +87,12 @@ class _Worker:
     def _loop(self) -> None:
         if self.intra_op_threads is not None:
             # torch sizes a thread's OpenMP team lazily, at its first parallel op, to the process-wide count, which
-            # would undo a count set before: let it do that now, then set this thread's own team size.
+            # would undo a count set before: let it do that now, then set this thread's own team size. Not with
+            # torch.set_num_threads: that also sets the count every thread started later takes.
             torch.get_num_threads()
-            torch.set_num_threads(self.intra_op_threads)
+            if not _C.set_thread_intra_op_threads(self.intra_op_threads):
+                self.own_intra_op_threads = False
+                torch.set_num_threads(self.intra_op_threads)
         self.sequence_number = _C.peek_sequence_number()
         self._ready.set()
         while True:
@@ -126,11 +132,12 @@ class _WorkerPool:
             workers = [idle.pop() for _ in range(min(count, len(idle)))]
         missing = count - len(workers)
         if missing:
-            # torch.set_num_threads in a new worker also sets the count new threads start with: keep the caller's.
             caller_threads = torch.get_num_threads()
-            workers += [_Worker(intra_op_threads) for _ in range(missing)]
-            if intra_op_threads is not None:
+            created = [_Worker(intra_op_threads) for _ in range(missing)]
+            if not all(worker.own_intra_op_threads for worker in created):
+                # torch without OpenMP: the new workers' torch.set_num_threads set the process-wide count.
                 torch.set_num_threads(caller_threads)
+            workers += created
         return workers
 
     def release(self, workers: Sequence[_Worker]) -> None:

@@ -10,10 +10,6 @@
 
 #include <syncbn/syncbn.h>
 
-// The OpenMP runtime torch loaded (null without one): to give one thread a count of its own, as a thread started
-// while another thread's data_parallel call ran used to get.
-extern "C" void omp_set_num_threads(int) __attribute__((weak));
-
 namespace {
 
 int count_in_a_new_thread() {
@@ -55,14 +51,34 @@ TEST_F(IntraOpThreads, ThreadsStartedDuringACallGetTheProcessDefaultNotTheReplic
   EXPECT_EQ(count_in_a_new_thread(), 4);
 }
 
+TEST_F(IntraOpThreads, SetThreadIntraOpThreadsSetsTheCallingThreadsCountOnly) {
+  // What the Python replica workers call (syncbn_ext._C.set_thread_intra_op_threads).
+  if (!syncbn::thread_intra_op_threads_supported()) {
+    EXPECT_FALSE(syncbn::set_thread_intra_op_threads(1));
+    GTEST_SKIP() << "torch without OpenMP";
+  }
+  int own = 0, started_meanwhile = 0;
+  std::thread worker([&] {
+    EXPECT_TRUE(syncbn::set_thread_intra_op_threads(1));
+    started_meanwhile = count_in_a_new_thread();
+    torch::randn({64, 64}).matmul(torch::randn({64, 64}));  // a parallel op: the count stays the thread's own
+    own = at::get_num_threads();
+  });
+  worker.join();
+  EXPECT_EQ(own, 1);
+  EXPECT_EQ(started_meanwhile, 4);
+  EXPECT_EQ(count_in_a_new_thread(), 4);
+  EXPECT_EQ(at::get_num_threads(), 4);
+  EXPECT_THROW(syncbn::set_thread_intra_op_threads(0), c10::ValueError);
+}
+
 TEST_F(IntraOpThreads, ACallerWithACountOfItsOwnLeavesTheProcessDefaultAlone) {
   // A caller whose own count differs from the default (1 here) used to make its count the process default, for
   // good, when it restored "the caller's count" after its replicas set theirs.
-  if (&omp_set_num_threads == nullptr) GTEST_SKIP() << "torch without OpenMP";
+  if (!syncbn::thread_intra_op_threads_supported()) GTEST_SKIP() << "torch without OpenMP";
   syncbn::SyncBatchNorm1d bn(3);
   std::thread caller([&] {
-    at::get_num_threads();   // torch's lazy per-thread initialization first, as the replicas do
-    omp_set_num_threads(1);  // this thread's own count only
+    syncbn::set_thread_intra_op_threads(1);  // this thread's own count only
     syncbn::data_parallel(bn, torch::randn({4, 3}), std::vector<torch::Device>(2, torch::kCPU));
     EXPECT_EQ(at::get_num_threads(), 1) << "the caller's own count is left alone";
   });

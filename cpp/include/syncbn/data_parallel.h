@@ -34,6 +34,15 @@ class SYNCBN_API ReplicaError : public std::runtime_error {
   int64_t copy_id_;
 };
 
+// Sets the calling thread's own intra-op thread count (what its ATen parallel ops use): OpenMP's per-thread
+// count, which torch's OpenMP backend reads, where at::set_num_threads also sets the process-wide count that
+// every thread started later takes. Sizes the thread's team first (at::get_num_threads(): ATen would otherwise
+// size it at the thread's first parallel op to the process-wide count, undoing this). Returns false, changing
+// nothing, with a torch built without OpenMP (its thread pools have one process-wide size).
+SYNCBN_API bool set_thread_intra_op_threads(int threads);
+// Whether set_thread_intra_op_threads can set a per-thread count (torch has OpenMP).
+SYNCBN_API bool thread_intra_op_threads_supported();
+
 namespace detail {
 
 // Runs body(i) for every i in [0, n), each on its own std::thread (never
