@@ -6,15 +6,23 @@ ranks (gloo on CPU, NCCL on GPUs), and the merge nodes sum the gradient of the s
 backward (one all-gather per synchronized call each way). Ranks that share a host exchange CPU rows through shared
 memory instead of the group's backend (set up through the group at its first synchronized call;
 ``SYNCBN_SHARED_MEMORY=0`` turns it off): see :func:`cross_process_transport`.
+
+The layers exchange on a communicator of their own (:func:`exchange_group`), never on the user's gloo group itself:
+other users of that group (DistributedDataParallel's gradient all-reduces) issue their collectives in their own
+order, which differs between ranks that run their backward differently (autograd's serial backward on one rank,
+the replicas' parallel backward on another), so collectives sharing one communicator would pair up wrongly.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
-__all__ = ["cross_process_transport", "resolve_group"]
+__all__ = ["cross_process_transport", "exchange_group", "resolve_group"]
 
 
 def resolve_group(group: Any, default_to_world: bool) -> Any:
@@ -48,4 +56,94 @@ def cross_process_transport(group: Any = None) -> str:
     from ._native import _C
 
     resolved = resolve_group(group, default_to_world=True)
-    return "none" if resolved is None else _C.cross_process_transport(resolved)
+    if resolved is None:
+        return "none"
+    # Where the layers exchange for it: its own group once made (see exchange_group), else the group itself.
+    own = _own_groups.get(resolved)
+    return _C.cross_process_transport(own if isinstance(own, dist.ProcessGroup) else resolved)
+
+
+# ---- the layers' own communicator --------------------------------------------------------------------------------
+
+_NOT_YET = object()
+
+
+class _FailedSetUp:
+    """A group whose own communicator could not be set up: its rendezvous keys are spent, so it is not tried again."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.message = f"{type(error).__name__}: {error}"
+
+
+# user group -> the layers' own group over its ranks (None: the user's group itself; _FailedSetUp). Weak keys: the
+# user's group is freed as before (destroy_process_group ends gloo's threads), and its own group with it.
+_own_groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_own_groups_lock = threading.Lock()
+
+
+def exchange_group(group: Any, label: str = "") -> Any:
+    """The group a synchronized layer's collectives go through for ``group`` (a :func:`resolve_group` result).
+
+    For a gloo group made by ``torch.distributed`` (``init_process_group``, ``new_group``, ...): a group of its
+    own over the same ranks, with the same timeout, made once per process at the first synchronized call on
+    ``group`` (collectively: every member rank reaches it at the same call, per the collective-order rule), on a
+    prefix of ``group``'s own store, outside torch's registry of groups (whose names would shift on the member ranks
+    only). Its collectives then cannot pair with those of other users of ``group`` (DistributedDataParallel's
+    all-reduces), which ranks issue in different orders when they run their backward differently. Other groups
+    (NCCL, several backends, groups torch does not know) and ``None``: unchanged. ``label``: the calling layer, named
+    in the ``DistBackendError`` of a set-up that failed (a rank that never came: the group's timeout).
+    """
+    if group is None:
+        return None
+    own = _own_groups.get(group, _NOT_YET)
+    if own is _NOT_YET:
+        with _own_groups_lock:  # the replica threads of a process may arrive together: one sets it up
+            own = _own_groups.get(group, _NOT_YET)
+            if own is _NOT_YET:
+                try:
+                    own = _new_own_group(group)
+                except BaseException as error:  # a timeout, Ctrl-C: its keys in the store are spent
+                    _own_groups[group] = _FailedSetUp(error)
+                    if not isinstance(error, Exception):
+                        raise
+                    raise dist.DistBackendError(f"{error}\n{_where(group, label)}") from error
+                _own_groups[group] = own
+    if isinstance(own, _FailedSetUp):
+        raise dist.DistBackendError(
+            f"the layers' communicator over this group could not be set up ({own.message}); every exchange on the "
+            f"group fails from then on: start the processes again\n{_where(group, label)}"
+        )
+    return group if own is None else own
+
+
+def _where(group: Any, label: str) -> str:
+    """As the C++ exchanges' errors name the layer and the group."""
+    return (
+        f"in synchronized BatchNorm {label}, setting up its communicator across the process group (rank "
+        f"{group.rank()} of {group.size()}, {dist.get_backend(group)})"
+    )
+
+
+def _new_own_group(group: Any) -> Any:
+    """A gloo group over ``group``'s ranks, made as torch's ``_new_process_group_helper`` makes one (None: keep
+    ``group``). Holds ``group``'s store, not ``group``."""
+    from torch.distributed import distributed_c10d as c10d
+
+    registered = c10d._world.pg_map.get(group)
+    if registered is None or registered[0] != dist.Backend.GLOO:
+        return None  # NCCL (GPUs), several backends, or a group torch does not know: unchanged
+    _, group_store = registered
+    timeout = group._get_backend(torch.device("cpu")).options._timeout
+    name = f"syncbn_ext/{group.group_name}"
+    store = dist.PrefixStore(f"{name}/", group_store)
+    rank, size = group.rank(), group.size()
+    own = dist.ProcessGroup(store, rank, size)
+    own._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
+    backend = dist.ProcessGroupGloo(dist.PrefixStore("cpu/", store), rank, size, timeout=timeout)
+    backend._set_sequence_number_for_group()
+    # As torch does for a gloo group: the one backend for every device gloo serves (CPU, and CUDA tensors too).
+    for device in c10d.BackendConfig(dist.Backend.GLOO).get_device_backend_map():
+        own._register_backend(torch.device(device), dist.ProcessGroup.BackendType.GLOO, backend)
+    own._set_group_name(name)
+    own._set_group_desc(name)
+    return own

@@ -38,7 +38,7 @@ from torch.nn.modules.batchnorm import SyncBatchNorm as _TorchSyncBatchNorm
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._native import _C
-from .distributed import resolve_group
+from .distributed import exchange_group, resolve_group
 from .eps_mode import get_sbn_eps_mode, set_sbn_eps_mode
 
 __all__ = [
@@ -280,7 +280,7 @@ class _SynchronizedBatchNorm(_BatchNorm):
             self._channel,
             layer,
             layer_name,
-            group,
+            exchange_group(group, layer_name),  # the layers' own communicator over the group's ranks (gloo)
             self._layer_id,
         )
 

@@ -182,6 +182,25 @@ def scenario_ddp(rank, world, replicas, sizes):
     return results
 
 
+def scenario_ddp_mixed_backward(rank, world, replicas, sizes):
+    """DistributedDataParallel with several gradient buckets while the ranks run their backward differently: a rank
+    with one replica runs autograd's serial backward (DDP's bucket all-reduces start between our layers' backward
+    exchanges), a rank with replicas their parallel backward (its all-reduces start only after all of them). Our
+    layers exchange on a communicator of their own, so neither pairs with DDP's all-reduces (on the group itself
+    they did, from the second step, when DDP has rebuilt its buckets: every rank waited until the group's timeout).
+    That communicator is not one of torch's groups: none is registered meanwhile."""
+    from torch.distributed import distributed_c10d as c10d
+
+    groups_before = len(c10d._world.pg_map)
+    model, reference = make_models("SyncBatchNorm", None)
+    ddp = nn.parallel.DistributedDataParallel(wrap(model, replicas, parallel_backward=True), bucket_cap_mb=1e-4)
+    errors = run_steps(model, reference, ddp, sizes, rank, steps=3, ddp_world=world)
+    errors["buckets"] = len(ddp.reducer._get_zeros_like_grad_buckets())
+    errors["groups_registered"] = len(c10d._world.pg_map) - groups_before
+    errors["transport"] = syncbn_ext.cross_process_transport()
+    return errors
+
+
 def scenario_ddp_accumulate(rank, world, replicas, sizes):
     """Gradient accumulation under DistributedDataParallel: two micro-batches a step, the first's backward in
     ``ddp.no_sync()`` (no gradient all-reduce, while our layers still synchronize their statistics across the

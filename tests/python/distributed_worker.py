@@ -28,6 +28,7 @@ SCENARIOS = {
     "parity": parity.scenario_parity,
     "ddp": parity.scenario_ddp,
     "ddp_accumulate": parity.scenario_ddp_accumulate,
+    "ddp_mixed_backward": parity.scenario_ddp_mixed_backward,
     "subgroup": parity.scenario_subgroup,
     "released": parity.scenario_released,
     "eval": parity.scenario_eval,

@@ -127,6 +127,18 @@ def test_every_rank_matches_one_batchnorm_on_the_global_batch(tmp_path, world, r
             assert_parity(measures(results["subgroup"][rank]), steps=2)
 
 
+def test_ddp_and_ranks_running_their_backward_differently_do_not_pair_our_exchanges_with_its_all_reduces(tmp_path):
+    # Rank 0: the model itself (autograd's serial backward: DDP's bucket all-reduces start between our backward
+    # all-gathers); rank 1: 2 replicas, parallel backward (they start after all of ours); several buckets; through
+    # gloo. On one communicator the collectives paired up wrongly: every rank waited until the group's timeout.
+    results = launch(tmp_path, 2, [1, 2], [3, 4], ["ddp_mixed_backward"], timeout=15.0, transport="c10d")
+    for rank in range(2):
+        result = measures(results["ddp_mixed_backward"][rank])
+        assert_parity(result, steps=3)
+        assert result["buckets"] > 2 and result["transport"] == "process group", result
+        assert result["groups_registered"] == 0, result  # torch's registry (and its groups' names) untouched
+
+
 def test_compiled_distributed_data_parallel_matches_one_batchnorm_on_the_global_batch(tmp_path):
     results = launch(tmp_path, 2, 1, [3, 5], ["ddp_compiled"], timeout=120.0)
     for rank in range(2):
@@ -151,7 +163,8 @@ def test_destroy_process_group_frees_a_group_our_layers_synchronized_over(tmp_pa
         assert_parity(result["parity"], steps=2)
         assert result["transport"] == {"shared_memory": "shared memory", "c10d": "process group"}[transport]
         assert result["freed"], result
-        assert result["group_threads"] > 0 and result["threads_ended"] == result["group_threads"], result
+        # Its threads, and as many for the layers' own communicator over its ranks (freed with it).
+        assert result["group_threads"] > 0 and result["threads_ended"] == 2 * result["group_threads"], result
 
 
 @pytest.mark.parametrize("replicas, transport", [(1, "shared_memory"), (2, "shared_memory"), (1, "c10d")])
