@@ -85,14 +85,12 @@ class _Worker:
         self._ready.wait()
 
     def _loop(self) -> None:
-        if self.intra_op_threads is not None:
-            # torch sizes a thread's OpenMP team lazily, at its first parallel op, to the process-wide count, which
-            # would undo a count set before: let it do that now, then set this thread's own team size. Not with
-            # torch.set_num_threads: that also sets the count every thread started later takes.
-            torch.get_num_threads()
-            if not _C.set_thread_intra_op_threads(self.intra_op_threads):
-                self.own_intra_op_threads = False
-                torch.set_num_threads(self.intra_op_threads)
+        # This thread's own count (not torch.set_num_threads: that also sets the count every thread started later
+        # takes); without OpenMP, torch's process-wide one.
+        if self.intra_op_threads is not None and not _C.set_thread_intra_op_threads(self.intra_op_threads):
+            self.own_intra_op_threads = False
+            torch.get_num_threads()  # torch's lazy per-thread initialization first, as before a count of its own
+            torch.set_num_threads(self.intra_op_threads)
         self.sequence_number = _C.peek_sequence_number()
         self._ready.set()
         while True:

@@ -32,8 +32,7 @@ class ParameterSums:
     def __init__(self, views: list[list[torch.Tensor]]) -> None:
         self.replicas, self.count = len(views), len(views[0])
         self.lock = threading.Lock()
-        self.collecting = False  # only the replicas' backward tasks: not autograd's own pass through the views
-        self.run: int | None = None  # the run being summed; changed under the lock
+        self.run: int | None = None  # the run being summed (between start and finish); changed under the lock
         self._thread = threading.local()  # .run: the run of the task on this thread
         self.pending: list[list[torch.Tensor | None]] = []  # arrived, not added yet
         self.arrived: list[list[bool]] = []
@@ -91,12 +90,17 @@ class ParameterSums:
 
         return take
 
+    @property
+    def collecting(self) -> bool:
+        """Whether a run is being summed: only the replicas' backward tasks, not autograd's own pass of the sums
+        through the views."""
+        return self.run is not None
+
     def start(self, run: int) -> None:
         """Run ``run`` (an id no earlier run had) starts: only its tasks' gradients are summed from now on."""
         with self.lock:
             self.reset()
             self.run = run
-            self.collecting = True
 
     @contextlib.contextmanager
     def task(self, run: int) -> Iterator[None]:
@@ -114,7 +118,6 @@ class ParameterSums:
         with self.lock:
             if run != self.run:
                 raise RuntimeError(f"syncbn_ext: parallel backward run {run} finished while run {self.run} was summed")
-            self.collecting = False
             self.run = None
             totals, pendings = self.totals, self.pending
             self.reset()

@@ -58,27 +58,19 @@ class TrainingForwardLocks:
     def acquire(self, blocking: bool = True) -> bool:
         """Takes every lock (waits for them unless ``blocking`` is false); False if one was held elsewhere. An
         exception while waiting (Ctrl-C) releases those already taken."""
-        taken = 0
-        try:
+        with contextlib.ExitStack() as taken:  # releases them on False or an exception
             for lock in self._locks:
                 if not lock.acquire(blocking):
-                    break
-                taken += 1
-        finally:
-            if taken < len(self._locks):
-                self._release(taken)
-        return taken == len(self._locks)
+                    return False
+                taken.callback(lock.release)
+            taken.pop_all()
+        return True
 
     def release(self) -> None:
-        self._release(len(self._locks))
-
-    def _release(self, count: int) -> None:
-        # Each lock released even should an exception (Ctrl-C) arrive between two releases.
-        if count:
-            try:
-                self._locks[count - 1].release()
-            finally:
-                self._release(count - 1)
+        # ExitStack releases each one (last taken first), even should an exception (Ctrl-C) arrive in between.
+        with contextlib.ExitStack() as taken:
+            for lock in self._locks:
+                taken.callback(lock.release)
 
     def __enter__(self) -> TrainingForwardLocks:
         self.acquire()
