@@ -49,7 +49,8 @@ from timing import interleaved_rounds, rotated, status_kb
 from torch import nn
 
 import syncbn_ext
-from syncbn_ext.parallel_apply import cpu_intra_op_threads, run_on_workers
+from syncbn_ext.parallel_apply import run_on_workers
+from syncbn_ext.replica_workers import cpu_intra_op_threads
 
 REPLICATED = ("2 replicas", "4 replicas")
 UNSYNCHRONIZED = ("2 replicas, nn.BatchNorm2d", "4 replicas, nn.BatchNorm2d")

@@ -12,24 +12,19 @@ handling synchronized layers need:
   then (stuck where nothing can wake it) is left behind on its thread, its replication closed so it can write
   nothing; it ends when it returns. An exception in the calling thread (Ctrl-C) closes the replication, waits the
   grace period at most, and propagates. The interpreter's exit waits for replicas left behind, at most
-  :data:`EXIT_WAIT_SECONDS` (one returning from a torch op during the exit would abort the process).
+  :data:`~syncbn_ext.replica_workers.EXIT_WAIT_SECONDS` (one returning from a torch op during the exit would abort
+  the process).
 * The exception raised is the replica's own object (type, arguments and attributes intact), with a note naming the
   replica; errors the closing itself caused in the other copies are not reported over the original one.
 
-The worker threads are kept between forwards (a thread started per replica per forward costs time and, on CPU,
-a new OpenMP team each time). A CPU replica runs with ``torch.get_num_threads() // n`` intra-op threads (at least
-one), so that ``n`` replicas running at once use the caller's threads, not ``n`` times as many: set for the worker's
-thread alone (OpenMP's per-thread count), so threads started meanwhile and later still get torch's default.
+The replicas run on the persistent worker threads of :mod:`syncbn_ext.replica_workers`, each CPU replica with its
+share of the caller's intra-op threads.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import os
 import queue
-import sys
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -37,12 +32,14 @@ from typing import Any
 import torch
 
 from ._native import _C
+from .replica_workers import _POOL, EXIT_WAIT_SECONDS, cpu_intra_op_threads, replica_threads_running
 from .replicate import Replication
 
 __all__ = [
     "EXIT_WAIT_SECONDS",
     "FAILURE_GRACE_SECONDS",
     "INTERRUPT_GRACE_SECONDS",
+    "cpu_intra_op_threads",
     "parallel_apply",
     "replica_threads_running",
     "run_on_workers",
@@ -52,156 +49,10 @@ __all__ = [
 FAILURE_GRACE_SECONDS = 1.0
 #: How long an interrupted caller (Ctrl-C) waits for the replicas, which it woke, before it propagates.
 INTERRUPT_GRACE_SECONDS = 0.5
-#: How long the interpreter's exit waits for replicas still running (left behind by a failed forward or backward).
-EXIT_WAIT_SECONDS = 10.0
-#: Idle workers unused for longer than this end (those of a replica count or intra-op thread count no longer used).
-IDLE_WORKER_SECONDS = 60.0
 
 #: Tag of the reasons this module closes replications with: the errors it causes in other copies carry it.
 ABORT_TAG = "DataParallelWithCallback"
 
-
-# ------------------------------------------------------------------------------------------------------------------
-# Worker threads
-# ------------------------------------------------------------------------------------------------------------------
-
-
-class _Worker:
-    """A daemon thread that runs tasks from its queue; with a CPU intra-op thread count of its own."""
-
-    _counter = 0
-
-    def __init__(self, intra_op_threads: int | None) -> None:
-        _Worker._counter += 1
-        self.intra_op_threads = intra_op_threads
-        # False with a torch without OpenMP: the thread's count was set process-wide, and acquire() puts it back.
-        self.own_intra_op_threads = True
-        self.tasks: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.abandoned = False
-        self.idle_since = 0.0
-        self._ready = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name=f"syncbn-worker-{_Worker._counter}", daemon=True)
-        self.thread.start()
-        self._ready.wait()
-
-    def _loop(self) -> None:
-        # This thread's own count (not torch.set_num_threads: that also sets the count every thread started later
-        # takes); without OpenMP, torch's process-wide one.
-        if self.intra_op_threads is not None and not _C.set_thread_intra_op_threads(self.intra_op_threads):
-            self.own_intra_op_threads = False
-            torch.get_num_threads()  # torch's lazy per-thread initialization first, as before a count of its own
-            torch.set_num_threads(self.intra_op_threads)
-        self.sequence_number = _C.peek_sequence_number()
-        self._ready.set()
-        while True:
-            task = self.tasks.get()
-            if task is None:
-                return
-            task()
-            task = None  # drop the replica, its inputs and outputs before waiting again
-            self.sequence_number = _C.peek_sequence_number()
-            if self.abandoned:
-                return
-
-    def abandon(self, name: str) -> None:
-        """Leaves the thread to finish its task alone; it exits afterwards instead of taking another."""
-        self.abandoned = True
-        self.thread.name = name
-        self.tasks.put(None)
-
-
-class _WorkerPool:
-    """Idle workers by intra-op thread count, shared by every wrapper of the process."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._idle: dict[int | None, list[_Worker]] = {}
-        # A forked child has only the thread that forked: the workers' threads are not there, and a task given to
-        # one would never run (a forward of the parent's wrapper in the child would wait for ever).
-        os.register_at_fork(after_in_child=self._forget_after_fork)
-
-    def _forget_after_fork(self) -> None:
-        self._lock = threading.Lock()  # another thread may have held it at the fork
-        self._idle = {}
-
-    def acquire(self, count: int, intra_op_threads: int | None) -> list[_Worker]:
-        with self._lock:
-            idle = self._idle.setdefault(intra_op_threads, [])
-            workers = [idle.pop() for _ in range(min(count, len(idle)))]
-        missing = count - len(workers)
-        if missing:
-            caller_threads = torch.get_num_threads()
-            created = [_Worker(intra_op_threads) for _ in range(missing)]
-            if not all(worker.own_intra_op_threads for worker in created):
-                # torch without OpenMP: the new workers' torch.set_num_threads set the process-wide count.
-                torch.set_num_threads(caller_threads)
-            workers += created
-        return workers
-
-    def release(self, workers: Sequence[_Worker]) -> None:
-        now = time.monotonic()
-        with self._lock:
-            for worker in workers:
-                if not worker.abandoned:
-                    worker.idle_since = now
-                    self._idle.setdefault(worker.intra_op_threads, []).append(worker)
-            # Workers kept for a replica count or thread count no longer used (a last batch smaller than the
-            # replicas, a wrapper no longer called, torch.set_num_threads changed) end, with their OpenMP teams.
-            for key, idle in list(self._idle.items()):
-                unused = [worker for worker in idle if now - worker.idle_since > IDLE_WORKER_SECONDS]
-                for worker in unused:
-                    worker.tasks.put(None)
-                self._idle[key] = [worker for worker in idle if worker not in unused]
-                if not self._idle[key]:
-                    del self._idle[key]
-
-    def busy_or_abandoned_threads(self) -> list[threading.Thread]:
-        """The workers' threads that are not idle in the pool (for tests and diagnostics)."""
-        with self._lock:
-            idle = {id(w.thread) for workers in self._idle.values() for w in workers}
-        return [
-            t
-            for t in threading.enumerate()
-            if t.name.startswith(("syncbn-worker-", "syncbn-abandoned-")) and id(t) not in idle and t.is_alive()
-        ]
-
-
-_POOL = _WorkerPool()
-
-
-def replica_threads_running() -> list[threading.Thread]:
-    """The threads still running a replica: busy workers, and replicas left behind by a forward that gave up."""
-    return _POOL.busy_or_abandoned_threads()
-
-
-def _wait_for_replica_threads_at_exit() -> None:
-    """Gives replicas still running at the interpreter's exit time to end, at most :data:`EXIT_WAIT_SECONDS`.
-
-    A daemon thread that returns from a torch op while the interpreter shuts down is ended by CPython in a way C++
-    cannot unwind: the process aborts ("terminate called without an active exception", or a fatal Python error)
-    instead of exiting with its status. A replica left behind (Ctrl-C during a forward, a replica past the timeout)
-    usually ends soon: its replication is closed, so its next synchronized layer raises.
-    """
-
-    def join_all(threads: list[threading.Thread], until: float) -> list[threading.Thread]:
-        for thread in threads:
-            thread.join(max(0.0, until - time.monotonic()))
-        return [thread for thread in threads if thread.is_alive()]
-
-    start = time.monotonic()
-    still_running = join_all(replica_threads_running(), until=start + min(1.0, EXIT_WAIT_SECONDS))
-    if still_running:
-        print(
-            f"syncbn_ext: waiting up to {EXIT_WAIT_SECONDS:g} s for {len(still_running)} replica thread(s) still "
-            "running (left behind by a failed or interrupted forward or backward, or a daemon thread's forward), "
-            "before the interpreter exits (one ending during the exit would crash it); Ctrl-C to exit at once",
-            file=sys.stderr,
-            flush=True,
-        )
-        join_all(still_running, until=start + EXIT_WAIT_SECONDS)
-
-
-atexit.register(_wait_for_replica_threads_at_exit)
 
 # ------------------------------------------------------------------------------------------------------------------
 # One replica's task
@@ -509,8 +360,3 @@ def parallel_apply(
         lambda reason: close_replications(modules, reason),
         caused_by_closing,
     )
-
-
-def cpu_intra_op_threads(replicas: int) -> int:
-    """The intra-op threads of each of ``replicas`` CPU replicas running at once: their share of the caller's."""
-    return max(1, torch.get_num_threads() // replicas)

@@ -39,8 +39,9 @@ import torch
 
 from ._native import _C
 from .nn import _SynchronizedBatchNorm
-from .parallel_apply import ABORT_TAG, caused_by_closing, cpu_intra_op_threads, run_on_workers
+from .parallel_apply import ABORT_TAG, caused_by_closing, run_on_workers
 from .parameter_sums import ParameterSums
+from .replica_workers import cpu_intra_op_threads
 from .replicate import Replication
 from .scatter_gather import _is_namedtuple
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm2d, parallel_backward
-from syncbn_ext.parallel_apply import replica_threads_running
+from syncbn_ext.replica_workers import replica_threads_running
 from syncbn_ext.replicate import Replication
 
 state = {"run": 0}

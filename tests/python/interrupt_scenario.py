@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import syncbn_ext
-from syncbn_ext.parallel_apply import replica_threads_running
+from syncbn_ext.replica_workers import replica_threads_running
 
 SLOW_SECONDS = 3.0
 SIGNAL_AFTER = 0.5

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from syncbn_ext.parallel_apply import replica_threads_running
+from syncbn_ext.replica_workers import replica_threads_running
 
 
 def replica_failure() -> Exception:

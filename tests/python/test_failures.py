@@ -14,7 +14,7 @@ from torch import nn
 
 import syncbn_ext
 from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm1d
-from syncbn_ext.parallel_apply import replica_threads_running
+from syncbn_ext.replica_workers import replica_threads_running
 
 C = 3
 MARKER = -12345.0

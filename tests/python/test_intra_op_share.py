@@ -16,7 +16,7 @@ import torch
 from hang_guard import call_with_timeout
 from torch import nn
 
-import syncbn_ext.parallel_apply as parallel_apply
+import syncbn_ext.replica_workers as replica_workers
 from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm1d
 from syncbn_ext._native import _C
 
@@ -51,7 +51,7 @@ def process_default() -> Iterator[None]:
 @contextlib.contextmanager
 def no_idle_workers(intra_op_threads: int) -> Iterator[None]:
     """Holds the pool's idle workers of that count (left by other tests), so that the next forward creates its own."""
-    pool = parallel_apply._POOL
+    pool = replica_workers._POOL
     held = pool.acquire(len(pool._idle.get(intra_op_threads, [])), intra_op_threads)
     try:
         yield
@@ -66,13 +66,13 @@ def wrapper() -> DataParallelWithCallback:
 
 def test_threads_started_while_workers_are_created_get_the_process_default(process_default, monkeypatch):
     started_meanwhile: list[int] = []
-    create = parallel_apply._Worker.__init__
+    create = replica_workers._Worker.__init__
 
     def create_then_start_a_thread(self, intra_op_threads):
         create(self, intra_op_threads)
         started_meanwhile.append(count_in_new_thread())  # as another thread of the program would, at that moment
 
-    monkeypatch.setattr(parallel_apply._Worker, "__init__", create_then_start_a_thread)
+    monkeypatch.setattr(replica_workers._Worker, "__init__", create_then_start_a_thread)
     with no_idle_workers(SHARE):
         call_with_timeout(wrapper(), torch.randn(4, 3))  # from a new thread: with the default count
     assert started_meanwhile == [DEFAULT] * REPLICAS  # was the share
@@ -106,7 +106,7 @@ def test_a_caller_with_its_own_count_leaves_the_process_default_alone(process_de
 
 
 def test_the_workers_compute_with_their_share(process_default):
-    worker = parallel_apply._Worker(1)
+    worker = replica_workers._Worker(1)
     try:
         seen: list[int] = []
         ran = threading.Event()

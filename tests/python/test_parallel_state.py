@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import syncbn_ext
+import syncbn_ext.replica_workers
 from syncbn_ext import DataParallelWithCallback
 from syncbn_ext.replicate import Replication, TrainingForwardLocks, training_forward_lock
 
@@ -463,8 +464,8 @@ def test_fake_quantization_observers_under_the_replicas_observe_as_on_gpus():
 def test_idle_workers_of_replica_counts_no_longer_used_end(monkeypatch):
     # Workers are kept per intra-op thread count (the caller's count // replicas): those of a count no longer used
     # (a last batch smaller than the replicas, another wrapper) end once unused for IDLE_WORKER_SECONDS.
-    pool = syncbn_ext.parallel_apply._POOL
-    monkeypatch.setattr(syncbn_ext.parallel_apply, "IDLE_WORKER_SECONDS", 0.0)
+    pool = syncbn_ext.replica_workers._POOL
+    monkeypatch.setattr(syncbn_ext.replica_workers, "IDLE_WORKER_SECONDS", 0.0)
     model = nn.Sequential(nn.Linear(3, 3), syncbn_ext.SynchronizedBatchNorm1d(3))
     threads_before = torch.get_num_threads()
     torch.set_num_threads(12)  # shares of 6, 4 and 3 threads: a key each

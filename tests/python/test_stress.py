@@ -22,7 +22,7 @@ from torch import nn
 
 import syncbn_ext
 from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm1d, SynchronizedBatchNorm2d
-from syncbn_ext.parallel_apply import replica_threads_running
+from syncbn_ext.replica_workers import replica_threads_running
 
 BARRIER_TIMEOUT = "60"  # SYNCBN_TIMEOUT: a lost copy fails its barrier after this instead of waiting 300 s
 STALL_TIMEOUT = 90.0  # a guarded loop that makes no progress for this long has deadlocked (> BARRIER_TIMEOUT)
