@@ -71,7 +71,10 @@ def gather_on_cpu(outputs: Sequence[Any], dim: int) -> Any:
                     stacklevel=4,
                 )
                 tensors = [t.view(1) for t in tensors]
-            return torch.cat(tensors, dim)
+            # Joined as they are: under the caller's CPU autocast, cat promotes, and refuses the 16-bit type other
+            # than autocast's (float16 outputs under bfloat16 autocast), which one module on the batch returns.
+            with torch.autocast("cpu", enabled=False):
+                return torch.cat(tensors, dim)
         if out is None:
             return None
         if isinstance(out, dict):

@@ -169,6 +169,28 @@ def test_grad_inference_and_autocast_modes_reach_the_replicas():
     )
 
 
+@pytest.mark.parametrize(
+    ("module_dtype", "autocast_dtype"), [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)]
+)
+def test_outputs_of_the_other_16_bit_type_than_autocasts_are_gathered(module_dtype, autocast_dtype):
+    # autocast leaves BatchNorm and ReLU in the module's type; cat under CPU autocast refused the other 16-bit type.
+    model = syncbn_ext.convert_model(nn.Sequential(nn.BatchNorm2d(3), nn.ReLU())).to(module_dtype)
+    reference = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()).to(module_dtype)
+    x = torch.randn(4, 3, 5, 5, dtype=module_dtype)
+    dp = cpu_dp(model, 2)
+
+    def under_autocast(module):  # in the thread call_with_timeout runs it on: autocast's state is per thread
+        with torch.autocast("cpu", dtype=autocast_dtype):
+            return module(x)
+
+    expected = under_autocast(reference)
+    out = call_with_timeout(under_autocast, dp)
+    assert out.dtype == expected.dtype == module_dtype
+    # 16-bit rounding of statistics merged from two halves against one pass over the batch
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(model[0].running_var, reference[0].running_var, atol=2e-2, rtol=2e-2)
+
+
 class CountOps(TorchDispatchMode):
     """Counts the aten ops it sees, and the threads they ran on."""
 
