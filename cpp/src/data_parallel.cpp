@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <c10/core/DeviceGuard.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
 #include <syncbn/errors.h>
@@ -278,6 +280,9 @@ torch::Tensor gather(const std::vector<torch::Tensor>& outputs, const torch::Dev
   std::vector<torch::Tensor> moved;
   moved.reserve(outputs.size());
   for (const auto& output : outputs) moved.push_back(output.to(device));
+  // Joined as they are: under the caller's autocast, cat promotes, and CPU autocast refuses the 16-bit type other
+  // than its own (float16 outputs under bfloat16 autocast), which one module on the whole batch returns.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   return torch::cat(moved, dim);
 }
 

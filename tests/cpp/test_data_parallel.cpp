@@ -8,6 +8,7 @@
 #include <thread>
 #include <utility>
 
+#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
 #include <syncbn/syncbn.h>
@@ -206,6 +207,28 @@ TEST(DataParallel, SmallBatchesUseFewerReplicasAndOneDeviceRunsDirectly) {
   auto x = torch::randn({2, 3}, torch::kDouble);
   expect_close(syncbn::data_parallel(synced, x, cpu_replicas(4)), reference->forward(x), "batch 2 over 4 replicas");
   expect_close(syncbn::data_parallel(synced, x, cpu_replicas(1)), reference->forward(x), "one device");
+}
+
+TEST(DataParallel, OutputsOfTheOther16BitTypeThanAutocastsAreGathered) {
+  // autocast leaves BatchNorm in the module's type; cat under CPU autocast refused float16 under bfloat16 autocast.
+  torch::manual_seed(2);
+  syncbn::SyncBatchNorm2d synced(3);
+  synced->to(torch::kHalf);
+  auto x = torch::randn({4, 3, 5, 5}).to(torch::kHalf);
+  const bool was_enabled = at::autocast::is_autocast_enabled(at::kCPU);
+  const at::ScalarType was_dtype = at::autocast::get_autocast_dtype(at::kCPU);
+  at::autocast::set_autocast_enabled(at::kCPU, true);
+  at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
+  torch::Tensor out;
+  EXPECT_NO_THROW(out = syncbn::data_parallel(synced, x, cpu_replicas(2)));
+  at::autocast::set_autocast_enabled(at::kCPU, was_enabled);
+  at::autocast::set_autocast_dtype(at::kCPU, was_dtype);
+  ASSERT_TRUE(out.defined());
+  EXPECT_EQ(out.scalar_type(), torch::kHalf);
+  torch::nn::BatchNorm2d reference(3);
+  const torch::Tensor expected = reference->forward(x.to(torch::kFloat));
+  EXPECT_TRUE(torch::allclose(out.to(torch::kFloat), expected, 2e-2, 2e-2))  // float16 rounding
+      << "max difference " << (out.to(torch::kFloat) - expected).abs().max().item<double>();
 }
 
 TEST(DataParallel, NoChannelsRaisesTheIndexErrorTorchBatchNormRaises) {
