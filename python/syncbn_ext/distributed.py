@@ -60,7 +60,7 @@ def cross_process_transport(group: Any = None) -> str:
         return "none"
     # Where the layers exchange for it: its own group once made (see exchange_group), else the group itself.
     own = _own_groups.get(resolved)
-    return _C.cross_process_transport(own if isinstance(own, dist.ProcessGroup) else resolved)
+    return _C.cross_process_transport(own.group if isinstance(own, _OwnGroup) else resolved)
 
 
 # ---- the layers' own communicator --------------------------------------------------------------------------------
@@ -75,75 +75,122 @@ class _FailedSetUp:
         self.message = f"{type(error).__name__}: {error}"
 
 
-# user group -> the layers' own group over its ranks (None: the user's group itself; _FailedSetUp). Weak keys: the
-# user's group is freed as before (destroy_process_group ends gloo's threads), and its own group with it.
+class _OwnGroup:
+    """The layers' own gloo group over a user group's ranks, and the device types it serves: those the user's group
+    serves with gloo (CPU; CUDA too for a pure gloo group, not for ``"cpu:gloo,cuda:nccl"``)."""
+
+    __slots__ = ("device_types", "group")
+
+    def __init__(self, group: Any, device_types: frozenset[str]) -> None:
+        self.group = group
+        self.device_types = device_types
+
+
+# user group -> _OwnGroup, None (the user's group itself) or _FailedSetUp. Weak keys: the user's group is freed as
+# before (destroy_process_group ends gloo's threads), and its own group with it.
 _own_groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_own_groups_lock = threading.Lock()
+# user group -> the lock of its set-up: a set-up waits for the group's other ranks (up to its timeout), so it holds
+# its group's lock only (two groups first used from two threads, in other orders on other ranks, go on).
+_set_up_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_own_groups_lock = threading.Lock()  # guards both dictionaries, never held while waiting
 
 
-def exchange_group(group: Any, label: str = "") -> Any:
-    """The group a synchronized layer's collectives go through for ``group`` (a :func:`resolve_group` result).
+def exchange_group(group: Any, label: str = "", device: torch.device | None = None) -> Any:
+    """The group a synchronized layer's collectives on ``device`` (default CPU) go through for ``group`` (a
+    :func:`resolve_group` result).
 
-    For a gloo group made by ``torch.distributed`` (``init_process_group``, ``new_group``, ...): a group of its
-    own over the same ranks, with the same timeout, made once per process at the first synchronized call on
-    ``group`` (collectively: every member rank reaches it at the same call, per the collective-order rule), on a
-    prefix of ``group``'s own store, outside torch's registry of groups (whose names would shift on the member ranks
-    only). Its collectives then cannot pair with those of other users of ``group`` (DistributedDataParallel's
-    all-reduces), which ranks issue in different orders when they run their backward differently. Other groups
-    (NCCL, several backends, groups torch does not know) and ``None``: unchanged. ``label``: the calling layer, named
-    in the ``DistBackendError`` of a set-up that failed (a rank that never came: the group's timeout).
+    For a group made by ``torch.distributed`` (``init_process_group``, ``new_group``, ...) whose CPU backend is
+    gloo (``"gloo"``, ``"cpu:gloo"``, no backend named): a gloo group of its own over the same ranks, with the same
+    timeout, made once per process at the first synchronized call on ``group`` (collectively: every member rank
+    reaches it at the same call, per the collective-order rule), on a prefix of ``group``'s store (a connection of
+    its own), outside torch's registry of groups (whose names would shift on the member ranks only). Its collectives
+    then cannot pair with those of other users of ``group`` (DistributedDataParallel's all-reduces), which ranks
+    issue in different orders when they run their backward differently. It serves the devices ``group`` serves with
+    gloo; other devices (NCCL's), other groups (NCCL, groups torch does not know) and ``None``: unchanged.
+    ``label``: the calling layer, named in the ``DistBackendError`` of a set-up that failed (a rank that never came:
+    the group's timeout).
     """
     if group is None:
         return None
     own = _own_groups.get(group, _NOT_YET)
     if own is _NOT_YET:
-        with _own_groups_lock:  # the replica threads of a process may arrive together: one sets it up
-            own = _own_groups.get(group, _NOT_YET)
-            if own is _NOT_YET:
-                try:
-                    own = _new_own_group(group)
-                except BaseException as error:  # a timeout, Ctrl-C: its keys in the store are spent
-                    _own_groups[group] = _FailedSetUp(error)
-                    if not isinstance(error, Exception):
-                        raise
-                    raise dist.DistBackendError(f"{error}\n{_where(group, label)}") from error
-                _own_groups[group] = own
+        own = _set_up(group, label)
     if isinstance(own, _FailedSetUp):
         raise dist.DistBackendError(
             f"the layers' communicator over this group could not be set up ({own.message}); every exchange on the "
             f"group fails from then on: start the processes again\n{_where(group, label)}"
         )
-    return group if own is None else own
+    device_type = "cpu" if device is None else device.type
+    return own.group if isinstance(own, _OwnGroup) and device_type in own.device_types else group
+
+
+def _set_up(group: Any, label: str) -> Any:
+    """``group``'s entry in ``_own_groups``, made by the first caller (the replica threads of a process may arrive
+    together)."""
+    with _own_groups_lock:
+        lock = _set_up_locks.setdefault(group, threading.Lock())
+    with lock:
+        own = _own_groups.get(group, _NOT_YET)
+        if own is not _NOT_YET:
+            return own
+        try:
+            own = _new_own_group(group)
+        except BaseException as error:  # a timeout, Ctrl-C: its keys in the store are spent
+            with _own_groups_lock:
+                _own_groups[group] = _FailedSetUp(error)
+            if not isinstance(error, Exception):
+                raise
+            raise dist.DistBackendError(f"{error}\n{_where(group, label)}") from error
+        with _own_groups_lock:
+            _own_groups[group] = own
+        return own
 
 
 def _where(group: Any, label: str) -> str:
     """As the C++ exchanges' errors name the layer and the group."""
     return (
         f"in synchronized BatchNorm {label}, setting up its communicator across the process group (rank "
-        f"{group.rank()} of {group.size()}, {dist.get_backend(group)})"
+        f"{group.rank()} of {group.size()}, {dist.get_backend(group)}): every rank of the group sets it up at its "
+        "first synchronized call on the group, and waits for the others up to the group's timeout"
     )
 
 
-def _new_own_group(group: Any) -> Any:
+def _new_own_group(group: Any) -> _OwnGroup | None:
     """A gloo group over ``group``'s ranks, made as torch's ``_new_process_group_helper`` makes one (None: keep
     ``group``). Holds ``group``'s store, not ``group``."""
     from torch.distributed import distributed_c10d as c10d
 
     registered = c10d._world.pg_map.get(group)
-    if registered is None or registered[0] != dist.Backend.GLOO:
-        return None  # NCCL (GPUs), several backends, or a group torch does not know: unchanged
+    if registered is None:
+        return None  # a group torch does not know: unchanged
+    gloo_devices = []  # where the group's backend is gloo (whatever name it was made with: "gloo", "cpu:gloo", none)
+    for device in c10d.BackendConfig(dist.Backend.GLOO).get_device_backend_map():
+        try:
+            backend = group._get_backend(torch.device(device))
+        except RuntimeError:  # no backend for that device type
+            continue
+        if isinstance(backend, dist.ProcessGroupGloo):
+            gloo_devices.append(device)
+    if "cpu" not in gloo_devices:
+        return None  # NCCL (GPUs) alone: unchanged
     _, group_store = registered
     timeout = group._get_backend(torch.device("cpu")).options._timeout
     name = f"syncbn_ext/{group.group_name}"
+    try:
+        # A connection of its own: a set-up waiting in store.wait on a shared TCPStore client holds that client, so
+        # another group's set-up from another thread could not set its keys.
+        group_store = group_store.clone()
+    except (RuntimeError, NotImplementedError):  # a store that cannot be cloned (a Python one): shared
+        pass
     store = dist.PrefixStore(f"{name}/", group_store)
     rank, size = group.rank(), group.size()
     own = dist.ProcessGroup(store, rank, size)
     own._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
     backend = dist.ProcessGroupGloo(dist.PrefixStore("cpu/", store), rank, size, timeout=timeout)
     backend._set_sequence_number_for_group()
-    # As torch does for a gloo group: the one backend for every device gloo serves (CPU, and CUDA tensors too).
-    for device in c10d.BackendConfig(dist.Backend.GLOO).get_device_backend_map():
+    # As torch does for a gloo group: the one backend for every device the group serves with gloo.
+    for device in gloo_devices:
         own._register_backend(torch.device(device), dist.ProcessGroup.BackendType.GLOO, backend)
     own._set_group_name(name)
     own._set_group_desc(name)
-    return own
+    return _OwnGroup(own, frozenset(gloo_devices))

@@ -280,7 +280,7 @@ class _SynchronizedBatchNorm(_BatchNorm):
             self._channel,
             layer,
             layer_name,
-            exchange_group(group, layer_name),  # the layers' own communicator over the group's ranks (gloo)
+            exchange_group(group, layer_name, input.device),  # the layers' own communicator (gloo groups)
             self._layer_id,
         )
 

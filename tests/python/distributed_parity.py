@@ -321,6 +321,37 @@ def scenario_subgroup(rank, world, replicas, sizes):
     )
 
 
+def scenario_two_groups_in_threads(rank, world, replicas, sizes, timeout):
+    """Two models on two groups over the same ranks, each trained from a thread of its own; rank 0 reaches group A's
+    first synchronized call first, the other ranks B's. Each group's set-up of the layers' communicator waits for
+    that group's ranks only (a process-wide lock held through a set-up made each rank's second thread wait for its
+    first, which waited for the other rank's second: both groups failed at the timeout, and stayed broken)."""
+    import datetime
+    import threading
+    import time
+
+    groups = {name: dist.new_group(timeout=datetime.timedelta(seconds=timeout)) for name in "AB"}
+    models = {name: make_models("SyncBatchNorm", group) for name, group in groups.items()}
+    first = "A" if rank == 0 else "B"
+    results: dict = {}
+
+    def train(name: str) -> None:
+        if name != first:
+            time.sleep(0.5)
+        model, reference = models[name]
+        try:
+            results[name] = run_steps(model, reference, wrap(model, replicas), sizes, rank, 2, group=groups[name])
+        except Exception as error:  # reported in the result: the other thread's outcome is wanted too
+            results[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+
+    threads = [threading.Thread(target=train, args=(name,)) for name in "AB"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
 class ChannelsNet(nn.Module):
     """Synchronized layers of 3, 5, 3 and 3 channels; ``skip_middle`` leaves out the 5- and second 3-channel ones."""
 

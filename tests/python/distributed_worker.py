@@ -49,8 +49,9 @@ SCENARIOS = {
     "join_shadowing": faults.scenario_join_shadowing,
     "wide": parity.scenario_wide,
     "double_backward": parity.scenario_double_backward,
+    "two_groups_in_threads": parity.scenario_two_groups_in_threads,
 }
-WITH_TIMEOUT = {"absent", "absent_later"}
+WITH_TIMEOUT = {"absent", "absent_later", "two_groups_in_threads"}
 # A failed group cannot be torn down collectively.
 LEAVE_THE_GROUP_AS_IS = {"absent", "absent_later", "exited", "interrupted", "join_shadowing"}
 # torch's FSDP2 keeps the default group alive past destroy_process_group (with plain nn.BatchNorm and without this
@@ -68,13 +69,15 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", required=True, help="batch slice of every rank")
     parser.add_argument("--timeout", type=float, default=30.0, help="the process group's timeout, seconds")
     parser.add_argument("--scenarios", nargs="+", choices=sorted(SCENARIOS), required=True)
+    parser.add_argument("--backend", default="gloo", help="init_process_group's backend; 'none': none named")
     args = parser.parse_args()
     timeout = datetime.timedelta(seconds=args.timeout)
+    backend = None if args.backend == "none" else args.backend
     if args.store is not None:
         store = dist.FileStore(args.store, args.world)
-        dist.init_process_group("gloo", store=store, rank=args.rank, world_size=args.world, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=args.rank, world_size=args.world, timeout=timeout)
     else:
-        dist.init_process_group("gloo", init_method="env://", timeout=timeout)
+        dist.init_process_group(backend, init_method="env://", timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)  # several ranks share the cores of one machine
     for name in args.scenarios:

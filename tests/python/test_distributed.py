@@ -51,14 +51,33 @@ def collect(children: list[child_processes.Child]) -> dict[str, dict[int, dict]]
 TRANSPORTS = {"shared_memory": {}, "c10d": {"SYNCBN_SHARED_MEMORY": "0"}}
 
 
-def launch(tmp_path, world, replicas, sizes, scenarios, timeout=30.0, transport="shared_memory", env=None):
-    """``world`` ranks over a FileStore, each running ``scenarios`` with ``replicas`` CPU replicas (one count, or
-    one per rank) (``env``: more environment variables)."""
-    store = tmp_path / "store"
+def launch(
+    tmp_path,
+    world,
+    replicas,
+    sizes,
+    scenarios,
+    timeout=30.0,
+    transport="shared_memory",
+    env=None,
+    backend="gloo",
+    rendezvous="file",
+):
+    """``world`` ranks, each running ``scenarios`` with ``replicas`` CPU replicas (one count, or one per rank)
+    (``env``: more environment variables; ``backend``: init_process_group's, "none" for none named;
+    ``rendezvous``: a FileStore, or "tcp": env://, a TCPStore on 127.0.0.1)."""
     per_rank = replicas if isinstance(replicas, list) else [replicas] * world
-    command = [sys.executable, str(WORKER), "--world", str(world), "--store", str(store)]
+    command = [sys.executable, str(WORKER), "--backend", backend]
     command += ["--sizes", *map(str, sizes), "--timeout", str(timeout), "--scenarios", *scenarios]
     env = dict(os.environ, **TRANSPORTS[transport], **(env or {}))
+    if rendezvous == "tcp":
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world))
+        children = [
+            child_processes.Child([*command, "--replicas", str(per_rank[rank])], env=dict(env, RANK=str(rank)))
+            for rank in range(world)
+        ]
+        return collect(children)
+    command += ["--world", str(world), "--store", str(tmp_path / "store")]
     children = [
         child_processes.Child([*command, "--rank", str(rank), "--replicas", str(per_rank[rank])], env=env)
         for rank in range(world)
@@ -127,16 +146,32 @@ def test_every_rank_matches_one_batchnorm_on_the_global_batch(tmp_path, world, r
             assert_parity(measures(results["subgroup"][rank]), steps=2)
 
 
-def test_ddp_and_ranks_running_their_backward_differently_do_not_pair_our_exchanges_with_its_all_reduces(tmp_path):
+@pytest.mark.parametrize("backend", ["gloo", "none", "cpu:gloo"])  # a gloo group whatever it was made with
+def test_ddp_and_ranks_running_their_backward_differently_do_not_pair_our_exchanges_with_its_all_reduces(
+    tmp_path, backend
+):
     # Rank 0: the model itself (autograd's serial backward: DDP's bucket all-reduces start between our backward
     # all-gathers); rank 1: 2 replicas, parallel backward (they start after all of ours); several buckets; through
     # gloo. On one communicator the collectives paired up wrongly: every rank waited until the group's timeout.
-    results = launch(tmp_path, 2, [1, 2], [3, 4], ["ddp_mixed_backward"], timeout=15.0, transport="c10d")
+    results = launch(
+        tmp_path, 2, [1, 2], [3, 4], ["ddp_mixed_backward"], timeout=15.0, transport="c10d", backend=backend
+    )
     for rank in range(2):
         result = measures(results["ddp_mixed_backward"][rank])
         assert_parity(result, steps=3)
         assert result["buckets"] > 2 and result["transport"] == "process group", result
         assert result["groups_registered"] == 0, result  # torch's registry (and its groups' names) untouched
+
+
+@pytest.mark.parametrize("rendezvous", ["file", "tcp"])
+def test_two_groups_first_used_from_two_threads_in_other_orders_on_the_ranks(tmp_path, rendezvous):
+    # Each group's set-up of the layers' communicator waits for that group's ranks only: under one process-wide
+    # lock, and over one shared TCPStore connection, each waited for the other until the timeout.
+    results = launch(tmp_path, 2, 1, [3, 4], ["two_groups_in_threads"], timeout=10.0, rendezvous=rendezvous)
+    for rank in range(2):
+        for name, result in measures(results["two_groups_in_threads"][rank]).items():
+            assert "error" not in result, (rank, name, result)
+            assert_parity(result, steps=2)
 
 
 def test_compiled_distributed_data_parallel_matches_one_batchnorm_on_the_global_batch(tmp_path):
