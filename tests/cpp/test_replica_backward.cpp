@@ -1,8 +1,12 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdlib>
+#include <exception>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <string>
 #include <vector>
@@ -23,6 +27,38 @@ std::vector<std::vector<at::Tensor>> sum_of_contributions(const std::vector<std:
   }
   return std::vector<std::vector<at::Tensor>>(contributions.size(), {total});
 }
+
+// Copies 0 (this thread) and 1 (a thread of its own) meet at `point` in run `run`. Returns what went wrong ("" if
+// nothing): an exception escaping the helper thread would terminate the test binary instead of failing the test.
+std::string meet_both_copies(ReplicaBackward& backward, ReplicaBackward::Point& point, int64_t run,
+                             at::Tensor contribution0) {
+  std::string error1;
+  std::thread copy1([&] {
+    try {
+      backward.rendezvous(point, 1, run, {at::full({1}, 2.0)}, sum_of_contributions, "layer 'bn'");
+    } catch (const std::exception& error) {
+      error1 = error.what();
+    }
+  });
+  std::string error0;
+  try {
+    backward.rendezvous(point, 0, run, {std::move(contribution0)}, sum_of_contributions, "layer 'bn'");
+  } catch (const std::exception& error) {
+    error0 = error.what();
+  }
+  copy1.join();  // bounded: copy 1's wait is (SYNCBN_TIMEOUT), and copy 0 arrived or failed
+  return error0 + error1;
+}
+
+// What a tensor's deleter saw of a call into ReplicaBackward made while it ran. Shared: a detached thread may
+// outlive the test's stack.
+struct DeleterCallIn {
+  std::mutex mutex;
+  std::condition_variable changed;
+  bool freed = false;             // the deleter ran
+  bool returned = false;          // the call into ReplicaBackward returned (at any time)
+  bool returned_in_time = false;  // ... while the deleter waited for it
+};
 
 }  // namespace
 
@@ -114,4 +150,62 @@ TEST(ReplicaBackward, AMergeFindsItsRunInTheThreadsScope) {
   EXPECT_EQ(backward->current_run(), 0);
   ReplicaBackward::Point point;
   EXPECT_THROW(backward->rendezvous(point, 0, 0, {at::ones({1})}, sum_of_contributions, "layer 'bn'"), c10::Error);
+}
+
+TEST(ReplicaBackward, NothingIsFreedUnderItsLockSoADeleterMayCallIn) {
+  // A tensor whose Python object is alive takes the GIL when freed, and a Python thread calls in (parallel()) holding
+  // the GIL: if rendezvous freed the last run's contributions under mutex_, the two would deadlock. Here the deleter
+  // stands for the GIL: it calls parallel(), which takes mutex_, on another thread and waits for it, bounded.
+  ::setenv("SYNCBN_TIMEOUT", "30", 1);  // a broken barrier fails instead of waiting the default 300 s
+  auto backward = std::make_shared<ReplicaBackward>(2);
+  auto seen = std::make_shared<DeleterCallIn>();
+  auto deleter = [backward, seen](void* data) {
+    std::thread caller([backward, seen] {  // owns what it touches: it may be detached
+      backward->parallel();
+      {
+        std::lock_guard<std::mutex> lock(seen->mutex);
+        seen->returned = true;
+      }
+      seen->changed.notify_all();
+    });
+    bool returned = false;
+    {
+      std::unique_lock<std::mutex> lock(seen->mutex);
+      returned = seen->changed.wait_for(lock, std::chrono::seconds(1), [&] { return seen->returned; });
+      seen->freed = true;
+      seen->returned_in_time = returned;
+    }
+    seen->changed.notify_all();
+    // Joining a call blocked on mutex_ held by this very thread would deadlock: the test fails instead.
+    if (returned) {
+      caller.join();
+    } else {
+      caller.detach();
+    }
+    delete[] static_cast<float*>(data);
+  };
+  ReplicaBackward::Point point;
+  {
+    at::Tensor blob = torch::from_blob(new float[1]{1.0F}, {1}, deleter, torch::dtype(torch::kFloat32));
+    const int64_t run = backward->begin_run();
+    ASSERT_EQ(meet_both_copies(*backward, point, run, blob), "");
+  }  // the test's reference is gone: the point keeps the last run's contribution
+  ASSERT_FALSE(seen->freed) << "the contribution was freed before the next run: the test checks nothing";
+
+  // The next run's first arrival drops the last run's contribution.
+  const int64_t run = backward->begin_run();
+  const std::string error = meet_both_copies(*backward, point, run, at::full({1}, 1.0));
+  {
+    // A detached call returns once the lock is free: wait for it (bounded) so that it ends within this test.
+    std::unique_lock<std::mutex> lock(seen->mutex);
+    seen->changed.wait_for(lock, std::chrono::seconds(10), [&] { return seen->returned; });
+  }
+  ::unsetenv("SYNCBN_TIMEOUT");
+  EXPECT_EQ(error, "");
+  std::lock_guard<std::mutex> lock(seen->mutex);
+  ASSERT_TRUE(seen->freed) << "the next run's rendezvous did not free the last run's contribution";
+  EXPECT_TRUE(seen->returned_in_time)
+      << "ReplicaBackward::parallel(), called from the deleter of the last run's contribution, waited over 1 s for "
+         "ReplicaBackward's lock: rendezvous frees tensors under mutex_ (a Python tensor's deleter takes the GIL, "
+         "and a Python thread calls in holding the GIL: deadlock)";
 }
