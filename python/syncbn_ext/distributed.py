@@ -58,9 +58,14 @@ def cross_process_transport(group: Any = None) -> str:
     resolved = resolve_group(group, default_to_world=True)
     if resolved is None:
         return "none"
-    # Where the layers exchange for it: its own group once made (see exchange_group), else the group itself.
+    # Where the layers exchange for it: its own group once made (see exchange_group; CPU tensors), else the group
+    # itself (other groups, and tensors on devices the group does not serve with gloo: NCCL's).
     own = _own_groups.get(resolved)
-    return _C.cross_process_transport(own.group if isinstance(own, _OwnGroup) else resolved)
+    if isinstance(own, _OwnGroup):
+        transport = _C.cross_process_transport(own.group)
+        if transport != "not yet":
+            return transport
+    return _C.cross_process_transport(resolved)
 
 
 # ---- the layers' own communicator --------------------------------------------------------------------------------
@@ -71,8 +76,8 @@ _NOT_YET = object()
 class _FailedSetUp:
     """A group whose own communicator could not be set up: its rendezvous keys are spent, so it is not tried again."""
 
-    def __init__(self, error: BaseException) -> None:
-        self.message = f"{type(error).__name__}: {error}"
+    def __init__(self, message: str) -> None:
+        self.message = message
 
 
 class _OwnGroup:
@@ -86,32 +91,45 @@ class _OwnGroup:
         self.device_types = device_types
 
 
+class _SetUpState:
+    """A group's set-up: its lock (a set-up waits for the group's other ranks, up to its timeout, so it holds its
+    group's lock only: two groups first used from two threads, in other orders on other ranks, go on), and whether
+    one was attempted (one interrupted before it recorded its outcome has spent the group's keys all the same)."""
+
+    __slots__ = ("attempted", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.attempted = False
+
+
 # user group -> _OwnGroup, None (the user's group itself) or _FailedSetUp. Weak keys: the user's group is freed as
 # before (destroy_process_group ends gloo's threads), and its own group with it.
 _own_groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# user group -> the lock of its set-up: a set-up waits for the group's other ranks (up to its timeout), so it holds
-# its group's lock only (two groups first used from two threads, in other orders on other ranks, go on).
-_set_up_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_own_groups_lock = threading.Lock()  # guards both dictionaries, never held while waiting
+_set_up_states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # user group -> _SetUpState
+_gloo_device_types: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # user group -> frozenset
+_own_groups_lock = threading.Lock()  # guards the dictionaries' writes, never held while waiting
 
 
 def exchange_group(group: Any, label: str = "", device: torch.device | None = None) -> Any:
     """The group a synchronized layer's collectives on ``device`` (default CPU) go through for ``group`` (a
     :func:`resolve_group` result).
 
-    For a group made by ``torch.distributed`` (``init_process_group``, ``new_group``, ...) whose CPU backend is
-    gloo (``"gloo"``, ``"cpu:gloo"``, no backend named): a gloo group of its own over the same ranks, with the same
-    timeout, made once per process at the first synchronized call on ``group`` (collectively: every member rank
-    reaches it at the same call, per the collective-order rule), on a prefix of ``group``'s store (a connection of
-    its own), outside torch's registry of groups (whose names would shift on the member ranks only). Its collectives
-    then cannot pair with those of other users of ``group`` (DistributedDataParallel's all-reduces), which ranks
-    issue in different orders when they run their backward differently. It serves the devices ``group`` serves with
-    gloo; other devices (NCCL's), other groups (NCCL, groups torch does not know) and ``None``: unchanged.
-    ``label``: the calling layer, named in the ``DistBackendError`` of a set-up that failed (a rank that never came:
-    the group's timeout).
+    For a group made by ``torch.distributed`` (``init_process_group``, ``new_group``, ...) that serves ``device``'s
+    type with gloo (CPU tensors of a ``"gloo"`` or ``"cpu:gloo"`` group, or of one made with no backend named): a
+    gloo group of its own over the same ranks, with the same timeout, made once per process at the first
+    synchronized call on ``group`` with such a device (collectively: every member rank reaches it at the same call,
+    per the collective-order rule), on a prefix of ``group``'s store (a connection of its own), outside torch's
+    registry of groups (whose names would shift on the member ranks only). Its collectives then cannot pair with
+    those of other users of ``group`` (DistributedDataParallel's all-reduces), which ranks issue in different orders
+    when they run their backward differently. Other devices (NCCL's), other groups (groups torch does not know) and
+    ``None``: unchanged. ``label``: the calling layer, named in the ``DistBackendError`` of a set-up that failed (a
+    rank that never came: the group's timeout).
     """
     if group is None:
         return None
+    if ("cpu" if device is None else device.type) not in _gloo_devices(group):
+        return group
     own = _own_groups.get(group, _NOT_YET)
     if own is _NOT_YET:
         own = _set_up(group, label)
@@ -120,27 +138,54 @@ def exchange_group(group: Any, label: str = "", device: torch.device | None = No
             f"the layers' communicator over this group could not be set up ({own.message}); every exchange on the "
             f"group fails from then on: start the processes again\n{_where(group, label)}"
         )
-    device_type = "cpu" if device is None else device.type
-    return own.group if isinstance(own, _OwnGroup) and device_type in own.device_types else group
+    return group if own is None else own.group
+
+
+def _gloo_devices(group: Any) -> frozenset[str]:
+    """The device types ``group`` serves with gloo (whatever name it was made with), if torch made it; else none."""
+    devices = _gloo_device_types.get(group)
+    if devices is None:
+        from torch.distributed import distributed_c10d as c10d
+
+        found = []
+        if c10d._world.pg_map.get(group) is not None:
+            for device in c10d.BackendConfig(dist.Backend.GLOO).get_device_backend_map():
+                try:
+                    backend = group._get_backend(torch.device(device))
+                except RuntimeError:  # no backend for that device type
+                    continue
+                # TORCH_DISTRIBUTED_DEBUG=DETAIL wraps each backend in a _ProcessGroupWrapper
+                if isinstance(getattr(backend, "wrapped_pg", backend), dist.ProcessGroupGloo):
+                    found.append(device)
+        devices = frozenset(found)
+        with _own_groups_lock:
+            _gloo_device_types[group] = devices
+    return devices
 
 
 def _set_up(group: Any, label: str) -> Any:
     """``group``'s entry in ``_own_groups``, made by the first caller (the replica threads of a process may arrive
     together)."""
     with _own_groups_lock:
-        lock = _set_up_locks.setdefault(group, threading.Lock())
-    with lock:
+        state = _set_up_states.get(group)
+        if state is None:
+            state = _set_up_states[group] = _SetUpState()
+    with state.lock:
         own = _own_groups.get(group, _NOT_YET)
         if own is not _NOT_YET:
             return own
-        try:
-            own = _new_own_group(group)
-        except BaseException as error:  # a timeout, Ctrl-C: its keys in the store are spent
-            with _own_groups_lock:
-                _own_groups[group] = _FailedSetUp(error)
-            if not isinstance(error, Exception):
-                raise
-            raise dist.DistBackendError(f"{error}\n{_where(group, label)}") from error
+        if state.attempted:  # interrupted before it recorded its outcome (an exception raised in its handler)
+            own = _FailedSetUp("an earlier set-up on this process was interrupted")
+        else:
+            state.attempted = True  # first: a Ctrl-C may arrive at any Python line from here on
+            try:
+                own = _new_own_group(group)
+            except BaseException as error:  # a timeout, Ctrl-C: its keys in the store are spent
+                with _own_groups_lock:
+                    _own_groups[group] = _FailedSetUp(f"{type(error).__name__}: {error}")
+                if not isinstance(error, Exception):
+                    raise
+                raise dist.DistBackendError(f"{error}\n{_where(group, label)}") from error
         with _own_groups_lock:
             _own_groups[group] = own
         return own
@@ -155,26 +200,14 @@ def _where(group: Any, label: str) -> str:
     )
 
 
-def _new_own_group(group: Any) -> _OwnGroup | None:
-    """A gloo group over ``group``'s ranks, made as torch's ``_new_process_group_helper`` makes one (None: keep
-    ``group``). Holds ``group``'s store, not ``group``."""
+def _new_own_group(group: Any) -> _OwnGroup:
+    """A gloo group over ``group``'s ranks, made as torch's ``_new_process_group_helper`` makes one, serving the
+    device types ``group`` serves with gloo. Holds ``group``'s store, not ``group``."""
     from torch.distributed import distributed_c10d as c10d
 
-    registered = c10d._world.pg_map.get(group)
-    if registered is None:
-        return None  # a group torch does not know: unchanged
-    gloo_devices = []  # where the group's backend is gloo (whatever name it was made with: "gloo", "cpu:gloo", none)
-    for device in c10d.BackendConfig(dist.Backend.GLOO).get_device_backend_map():
-        try:
-            backend = group._get_backend(torch.device(device))
-        except RuntimeError:  # no backend for that device type
-            continue
-        if isinstance(backend, dist.ProcessGroupGloo):
-            gloo_devices.append(device)
-    if "cpu" not in gloo_devices:
-        return None  # NCCL (GPUs) alone: unchanged
-    _, group_store = registered
-    timeout = group._get_backend(torch.device("cpu")).options._timeout
+    _, group_store = c10d._world.pg_map[group]
+    gloo_devices = _gloo_devices(group)
+    timeout = group._get_backend(torch.device(next(iter(gloo_devices)))).options._timeout
     name = f"syncbn_ext/{group.group_name}"
     try:
         # A connection of its own: a set-up waiting in store.wait on a shared TCPStore client holds that client, so
@@ -189,8 +222,8 @@ def _new_own_group(group: Any) -> _OwnGroup | None:
     backend = dist.ProcessGroupGloo(dist.PrefixStore("cpu/", store), rank, size, timeout=timeout)
     backend._set_sequence_number_for_group()
     # As torch does for a gloo group: the one backend for every device the group serves with gloo.
-    for device in gloo_devices:
+    for device in sorted(gloo_devices):
         own._register_backend(torch.device(device), dist.ProcessGroup.BackendType.GLOO, backend)
     own._set_group_name(name)
     own._set_group_desc(name)
-    return _OwnGroup(own, frozenset(gloo_devices))
+    return _OwnGroup(own, gloo_devices)

@@ -32,11 +32,10 @@ from typing import Any
 import torch
 
 from ._native import _C
-from .replica_workers import _POOL, EXIT_WAIT_SECONDS, cpu_intra_op_threads, replica_threads_running
+from .replica_workers import _POOL, cpu_intra_op_threads, replica_threads_running
 from .replicate import Replication
 
 __all__ = [
-    "EXIT_WAIT_SECONDS",
     "FAILURE_GRACE_SECONDS",
     "INTERRUPT_GRACE_SECONDS",
     "cpu_intra_op_threads",

@@ -174,6 +174,33 @@ def scenario_interrupted(rank, world, replicas, sizes):
     return outcome
 
 
+def scenario_interrupted_set_up(rank, world, replicas, sizes, timeout):
+    """Ctrl-C on rank 0 while it sets up the layers' communicator, waiting for rank 1, which never makes a
+    synchronized call: the KeyboardInterrupt arrives once gloo's wait ends (the group's timeout), and the group is
+    marked failed all the same (it stayed unmarked, and the next call set it up again on the spent keys, waiting
+    for the timeout once more)."""
+    if rank != 0:
+        time.sleep(3 * timeout)  # stays until rank 0 is done, never calling
+        return {"ran": False}
+    layer = syncbn_ext.SyncBatchNorm(C).double()
+    x = torch.randn(4, C, dtype=torch.float64)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        layer(x)
+        outcome = {"first": "returned"}
+    except BaseException as error:  # KeyboardInterrupt
+        outcome = {"first": type(error).__name__}
+    finally:
+        timer.join()
+    start = time.monotonic()
+    try:
+        layer(x)
+    except Exception as error:
+        outcome.update(after=type(error).__name__, message=str(error), after_seconds=time.monotonic() - start)
+    return outcome
+
+
 def scenario_slow_rank(rank, world, replicas, sizes):
     """After a step together, rank 1 reaches its synchronized layer 3 s late: past $SYNCBN_TIMEOUT (1 s, set by the
     test) but within the group's timeout. The others wait for it, their replicas too (a wait for other ranks is

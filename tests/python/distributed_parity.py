@@ -273,6 +273,27 @@ def _threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
+def scenario_own_communicator(rank, world, replicas, sizes):
+    """A training step's exchanges go through the layers' own communicator: the default group (whatever wraps its
+    backend: TORCH_DISTRIBUTED_DEBUG=DETAIL) sees none of them."""
+    from syncbn_ext import distributed
+
+    group = dist.group.WORLD
+    # A device the group does not serve with gloo (as CUDA tensors on a "cpu:gloo,cuda:nccl" group): its own
+    # backend, and no communicator made for it.
+    other_device_unchanged = distributed.exchange_group(group, "probe", torch.device("meta")) is group
+    made_for_other_device = distributed._own_groups.get(group) is not None
+    model, _ = make_models("SyncBatchNorm", None)
+    x, grad = global_batch(0, sum(sizes))
+    before = group._get_sequence_number_for_group()
+    model(x[: sizes[rank]]).backward(grad[: sizes[rank]])
+    return {
+        "own_communicator": isinstance(distributed._own_groups.get(group), distributed._OwnGroup),
+        "user_group_collectives": group._get_sequence_number_for_group() - before,
+        "other_device_unchanged": other_device_unchanged and not made_for_other_device,
+    }
+
+
 def scenario_released(rank, world, replicas, sizes):
     """A group our layers synchronized over (under DDP over the same group) is freed by ``destroy_process_group``
     once DDP and the layers given the group are gone, without a garbage collection: nothing else of ours (replicas,

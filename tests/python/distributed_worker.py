@@ -45,15 +45,17 @@ SCENARIOS = {
     "unused_output": faults.scenario_unused_output,
     "slow_rank": faults.scenario_slow_rank,
     "interrupted": faults.scenario_interrupted,
+    "interrupted_set_up": faults.scenario_interrupted_set_up,
     "join_throw": faults.scenario_join_throw,
     "join_shadowing": faults.scenario_join_shadowing,
     "wide": parity.scenario_wide,
     "double_backward": parity.scenario_double_backward,
     "two_groups_in_threads": parity.scenario_two_groups_in_threads,
+    "own_communicator": parity.scenario_own_communicator,
 }
-WITH_TIMEOUT = {"absent", "absent_later", "two_groups_in_threads"}
+WITH_TIMEOUT = {"absent", "absent_later", "interrupted_set_up", "two_groups_in_threads"}
 # A failed group cannot be torn down collectively.
-LEAVE_THE_GROUP_AS_IS = {"absent", "absent_later", "exited", "interrupted", "join_shadowing"}
+LEAVE_THE_GROUP_AS_IS = {"absent", "absent_later", "exited", "interrupted", "interrupted_set_up", "join_shadowing"}
 # torch's FSDP2 keeps the default group alive past destroy_process_group (with plain nn.BatchNorm and without this
 # package too), so gloo's threads live into the interpreter's shutdown, where torch 2.13 may abort the process
 # (README, "Ending the script"): these end with os._exit once their results are out.

@@ -294,6 +294,26 @@ def test_ctrl_c_while_waiting_for_another_rank_interrupts_the_wait(tmp_path, rep
     assert reason in outcome["message"] and "out of step" in outcome["message"], outcome
 
 
+def test_ctrl_c_during_the_communicators_set_up_marks_the_group_failed(tmp_path):
+    # The group's timeout is 4 s: without the mark, the next call set up again on the spent keys and waited 4 s more.
+    results = launch(tmp_path, 2, 1, [4, 4], ["interrupted_set_up"], timeout=4.0)
+    outcome = measures(results["interrupted_set_up"][0])
+    assert outcome["first"] == "KeyboardInterrupt", outcome
+    assert outcome["after"] == "DistBackendError", outcome
+    assert "could not be set up (an earlier set-up on this process was interrupted)" in outcome["message"], outcome
+    assert outcome["after_seconds"] < 2, outcome
+
+
+def test_the_layers_communicator_is_made_under_torch_distributed_debug_detail(tmp_path):
+    # TORCH_DISTRIBUTED_DEBUG=DETAIL wraps each backend (a _ProcessGroupWrapper): the group is gloo all the same.
+    env = {"TORCH_DISTRIBUTED_DEBUG": "DETAIL"}
+    results = launch(tmp_path, 2, 1, [3, 4], ["own_communicator"], transport="c10d", env=env)
+    for rank in range(2):
+        result = measures(results["own_communicator"][rank])
+        assert result["own_communicator"] and result["user_group_collectives"] == 0, result
+        assert result["other_device_unchanged"], result
+
+
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_a_rank_later_than_syncbn_timeout_but_within_the_groups_timeout_is_waited_for(tmp_path, replicas):
     results = launch(tmp_path, 2, replicas, [4, 4], ["slow_rank"], timeout=30.0, env={"SYNCBN_TIMEOUT": "1"})
