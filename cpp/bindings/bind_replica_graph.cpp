@@ -51,18 +51,20 @@ void bind_replica_graph(py::module_& m) {
       "Inside backward: whether the running backward keeps its graph (retain_graph).");
   m.def(
       "once_differentiable",
-      [](const std::vector<std::optional<at::Tensor>>& grads, const std::string& message) {
+      [](const std::vector<std::optional<at::Tensor>>& grads, const std::string& message,
+         const std::vector<at::Tensor>& computed_from) {
         std::vector<at::Tensor> tensors;
         for (const auto& grad : grads) tensors.push_back(grad.value_or(at::Tensor()));
         std::vector<std::optional<at::Tensor>> result;
-        for (auto& tensor : once_differentiable(std::move(tensors), message)) {
+        for (auto& tensor : once_differentiable(std::move(tensors), message, computed_from)) {
           result.push_back(tensor.defined() ? std::optional<at::Tensor>(std::move(tensor)) : std::nullopt);
         }
         return result;
       },
-      py::arg("grads"), py::arg("message"),
+      py::arg("grads"), py::arg("message"), py::arg("computed_from") = std::vector<at::Tensor>(),
       "The gradients (None kept) detached, each an output of one autograd node that raises `message` when a "
-      "second backward reaches it.");
+      "second backward reaches it; `computed_from` (the gradients that came in) are its next edges, so that a "
+      "second backward toward what they depend on reaches it.");
 }
 
 }  // namespace syncbn::python

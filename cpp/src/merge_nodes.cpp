@@ -161,7 +161,8 @@ variable_list ReplicaMergeNode::apply(variable_list&& grads) {
           "replicas run their backward in parallel is not supported: the copies' sums meet across threads, which is "
           "differentiable only once. In Python, build DataParallelWithCallback with parallel_backward=False "
           "(autograd's serial backward, which a double backward retraces); or compute such a term with plain "
-          "BatchNorm layers (syncbn_ext.revert_model on a copy of the model) or with this layer in eval mode");
+          "BatchNorm layers (syncbn_ext.revert_model on a copy of the model) or with this layer in eval mode",
+      {grads[0], grads[1]});
 }
 
 Merged merge_values(const std::vector<at::Tensor>& means, const std::vector<at::Tensor>& m2s,

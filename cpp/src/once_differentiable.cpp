@@ -5,8 +5,9 @@
 
 namespace syncbn {
 
-std::vector<at::Tensor> once_differentiable(std::vector<at::Tensor> grads, const std::string& message) {
-  auto error = c10::make_intrusive<torch::autograd::Error>(message);
+std::vector<at::Tensor> once_differentiable(std::vector<at::Tensor> grads, const std::string& message,
+                                            const std::vector<at::Tensor>& computed_from) {
+  auto error = c10::make_intrusive<torch::autograd::Error>(message, torch::autograd::collect_next_edges(computed_from));
   for (auto& grad : grads) {
     if (!grad.defined()) continue;
     grad = grad.detach();

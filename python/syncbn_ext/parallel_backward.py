@@ -266,8 +266,9 @@ _SECOND_BACKWARD_MESSAGE = (
 
 _DOUBLE_BACKWARD_MESSAGE = (
     "DataParallelWithCallback: this double backward (create_graph=True) cannot retrace the CPU replicas' parallel "
-    "backward (the gradients that reached the replicas had graphs of their own: a second backward would run the "
-    "replicas' graphs twice over). Build the wrapper with parallel_backward=False (or set its parallel_backward "
+    "backward (the gradients that reached the replicas had graphs of their own, as under a loss not linear in the "
+    "outputs or torch.autograd.functional.hessian, hvp and jvp: a second backward would run the replicas' graphs "
+    "twice over). Build the wrapper with parallel_backward=False (or set its parallel_backward "
     "attribute to False before the forward): autograd's serial backward, which a double backward retraces"
 )
 
@@ -349,7 +350,10 @@ def _parallel_backward(plan: _Plan, grads: tuple[torch.Tensor, ...]) -> tuple[to
     others = [g for replica_grads in results for g in replica_grads]
     boundary_grads = [*views, *others]
     if once_differentiable:
-        boundary_grads = _C.once_differentiable(boundary_grads, _DOUBLE_BACKWARD_MESSAGE)
+        # Linked to the gradients that came in: a second backward toward what they depend on (the input, for
+        # torch.autograd.functional.hessian/hvp/jvp) reaches the error, instead of skipping it and getting zeros.
+        computed_from = [g for g in grads if g is not None and g.requires_grad]
+        boundary_grads = _C.once_differentiable(boundary_grads, _DOUBLE_BACKWARD_MESSAGE, computed_from)
     return (None, *boundary_grads, *([None] * len(grads)))
 
 

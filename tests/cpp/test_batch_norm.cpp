@@ -160,4 +160,22 @@ TEST(SyncBatchNorm, OpsAreRegistered) {
   EXPECT_THROW(syncbn::parse_eps_mode("max"), c10::ValueError);
 }
 
+TEST(OnceDifferentiable, ASecondBackwardTowardWhatTheGradientsCameFromRaises) {
+  auto x = torch::randn({3}, torch::requires_grad());
+  const auto incoming = x * 2;  // a gradient that came in, with a graph to x
+  const auto computed = incoming.detach() * 3;  // computed from it without a graph
+  const auto linked = syncbn::once_differentiable({computed}, "differentiated twice", {incoming});
+  ASSERT_TRUE(linked[0].requires_grad());
+  try {
+    torch::autograd::grad({linked[0].sum()}, {x});
+    ADD_FAILURE() << "a second backward toward x did not reach the error node";
+  } catch (const c10::Error& error) {
+    EXPECT_NE(std::string(error.what()).find("differentiated twice"), std::string::npos) << error.what();
+  }
+  // Without the tensors it came from, torch.autograd.grad(..., inputs) skips the node: nothing found, no error.
+  const auto unlinked = syncbn::once_differentiable({computed}, "differentiated twice");
+  const auto found = torch::autograd::grad({unlinked[0].sum()}, {x}, {}, std::nullopt, false, /*allow_unused=*/true);
+  EXPECT_FALSE(found[0].defined());
+}
+
 }  // namespace

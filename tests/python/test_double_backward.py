@@ -19,7 +19,7 @@ from hang_guard import call_with_timeout
 from torch import nn
 
 import syncbn_ext
-from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm2d
+from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm1d, SynchronizedBatchNorm2d
 
 PARALLEL_MESSAGE = r"double backward \(create_graph=True.*run their backward in parallel.*parallel_backward=False"
 WRAPPER_MESSAGE = r"cannot retrace the CPU replicas' parallel backward.*parallel_backward=False"
@@ -217,6 +217,53 @@ def test_parallel_backward_retraced_into_a_synchronized_merge_raises_at_once():
         call_with_timeout(penalty(dp, x, "weight", "sum").backward, timeout=30)
     # The wrapper works afterwards.
     call_with_timeout(dp(x).sum().backward)
+
+
+def test_parallel_backward_second_derivative_toward_the_input_alone_raises_too():
+    # torch.autograd.grad(penalty, x) runs only the nodes on a path to x: the error nodes of the merge's gradients
+    # are on it (they had no next edges: it skipped them, and the retraced replicas' graph reached the merge itself,
+    # which raised an error of its own).
+    dp = DataParallelWithCallback(net(), device_ids=["cpu"] * 2, parallel_backward=True)
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+
+    def penalty_gradient():
+        (grad,) = torch.autograd.grad(dp(x).sum(), x, create_graph=True)
+        return torch.autograd.grad(grad.square().sum(), x)
+
+    with pytest.raises(RuntimeError, match=PARALLEL_MESSAGE):
+        call_with_timeout(penalty_gradient)
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_autograd_functional_second_derivatives_need_the_serial_backward(bn):
+    # hessian, hvp and jvp (the latter through the double-backward trick: a gradient of gradients whose incoming
+    # gradients require grad) raised nothing under the parallel backward and returned zeros or wrong values. They
+    # raise there now; through the serial backward they give the whole batch's values.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2), SynchronizedBatchNorm1d(2) if bn else nn.Tanh()).double()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    x, v = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+
+    def cube(module):
+        return lambda inp: module(inp).pow(3).sum()
+
+    def outputs(module):
+        return lambda inp: module(inp)
+
+    functional = torch.autograd.functional
+    computations = {
+        "hessian": lambda m: functional.hessian(cube(m), x),
+        "hvp": lambda m: functional.hvp(cube(m), x, v)[1],
+        "jvp": lambda m: functional.jvp(outputs(m), x, v)[1],
+    }
+    for name, compute in computations.items():
+        parallel = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True)
+        with pytest.raises(RuntimeError, match=WRAPPER_MESSAGE):
+            call_with_timeout(compute, parallel)
+        serial = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=False)
+        expected = compute(reference)
+        assert expected.abs().max() > 0.1, name
+        torch.testing.assert_close(call_with_timeout(compute, serial), expected, msg=name)
 
 
 def test_parallel_backward_retraced_through_plain_layers_works():

@@ -14,6 +14,13 @@ namespace syncbn {
 // defined tensor, detached, becomes an output of one autograd Error node, so it
 // requires grad and a double backward that reaches it raises instead of silently
 // missing its second-order terms. Undefined tensors stay undefined.
-SYNCBN_API std::vector<at::Tensor> once_differentiable(std::vector<at::Tensor> grads, const std::string& message);
+//
+// `computed_from`: the tensors the gradients were computed from (the gradients
+// that came in), the node's next edges. torch.autograd.grad(..., inputs) runs
+// only the nodes on a path to its inputs: without those edges it skips the node
+// and returns zeros (or None) for what depends on the gradients, where it must
+// raise (torch.autograd.functional.hessian, hvp, jvp).
+SYNCBN_API std::vector<at::Tensor> once_differentiable(std::vector<at::Tensor> grads, const std::string& message,
+                                                       const std::vector<at::Tensor>& computed_from = {});
 
 }  // namespace syncbn
