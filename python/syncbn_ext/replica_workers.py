@@ -123,6 +123,8 @@ class _WorkerPool:
             for key, idle in list(self._idle.items()):
                 unused = [worker for worker in idle if now - worker.idle_since > IDLE_WORKER_SECONDS]
                 for worker in unused:
+                    # Renamed first: ending, it runs no replica (replica_threads_running must not count it).
+                    worker.thread.name = worker.thread.name.replace("syncbn-worker-", "syncbn-retiring-", 1)
                     worker.tasks.put(None)
                 self._idle[key] = [worker for worker in idle if worker not in unused]
                 if not self._idle[key]:
