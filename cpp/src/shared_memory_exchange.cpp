@@ -169,10 +169,15 @@ std::shared_ptr<SharedMemoryExchange> SharedMemoryExchange::connect(const Proces
   const auto own_start = process_start_time(getpid());
   const bool wants = enabled_by_environment() && own_start.has_value();
 
+  // Every rank has arrived before rank 0 names a segment, so that it is named only between two back-to-back
+  // gathers: a rank 0 killed while the others are late (a slow first forward) leaves nothing in /dev/shm.
+  gather(at::zeros({1}, at::kLong));
+
   // Rank 0 creates the segment (reserving its memory now: a full /dev/shm fails here, not with a SIGBUS later).
   std::string name;
   void* base = nullptr;
   uint64_t nonce = 0;
+  std::string failure;  // rank 0's: why it could not create the segment (a full /dev/shm)
   if (rank == 0 && wants) {
     std::random_device entropy;
     nonce = (static_cast<uint64_t>(entropy()) << 32) ^ entropy() ^
@@ -181,10 +186,16 @@ std::shared_ptr<SharedMemoryExchange> SharedMemoryExchange::connect(const Proces
     out << "/syncbn-" << getpid() << "-" << std::hex << nonce;
     name = out.str();
     const int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+    if (fd < 0) failure = std::string("shm_open: ") + std::strerror(errno);
     if (fd >= 0) {
-      if (posix_fallocate(fd, 0, static_cast<off_t>(size)) == 0) {
+      if (const int error = posix_fallocate(fd, 0, static_cast<off_t>(size)); error == 0) {
         base = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-        if (base == MAP_FAILED) base = nullptr;
+        if (base == MAP_FAILED) {
+          failure = std::string("mmap: ") + std::strerror(errno);
+          base = nullptr;
+        }
+      } else {
+        failure = "reserving " + std::to_string(size) + " bytes: " + std::strerror(error);
       }
       close(fd);
       if (base == nullptr) {
@@ -259,6 +270,11 @@ std::shared_ptr<SharedMemoryExchange> SharedMemoryExchange::connect(const Proces
   const at::Tensor verdicts = gather_or_clean_up(verdict);  // every rank has opened the segment, or failed to
   if (rank == 0 && !name.empty()) shm_unlink(name.c_str());  // nothing left behind, whatever happens next
   const bool everyone_ok = verdicts.min().item<int64_t>() == 1;
+  if (!failure.empty() && everyone_wants) {  // not silently slower: say why (leaked segments can fill /dev/shm)
+    TORCH_WARN("syncbn_ext: ranks on this host exchange through the process group's backend, not shared memory ",
+               "(slower): rank 0 could not create a segment in /dev/shm (", failure,
+               "). Free space there (or set SYNCBN_SHARED_MEMORY=0 on every rank to skip the attempt)");
+  }
   if (!everyone_ok) {
     if (base != nullptr) munmap(base, size);
     return nullptr;
@@ -268,6 +284,7 @@ std::shared_ptr<SharedMemoryExchange> SharedMemoryExchange::connect(const Proces
 #else
   // Still a party to the set-up, so that every rank makes the same collectives.
   at::Tensor row = at::zeros({1}, at::kLong);
+  gather(row);
   gather(row);
   gather(row);
   return nullptr;

@@ -201,6 +201,34 @@ def scenario_interrupted_set_up(rank, world, replicas, sizes, timeout):
     return outcome
 
 
+def scenario_killed_in_set_up(rank, world, replicas, sizes):
+    """Rank 0 is killed (SIGKILL) while it sets up the same-host exchange and rank 1 is late to its first
+    synchronized call: the shared-memory segment, named only once every rank has arrived, is not left in /dev/shm
+    (rank 0 named it before waiting for the others, and a rank 0 killed meanwhile left it there)."""
+    from syncbn_ext import distributed
+
+    group = dist.group.WORLD
+    if rank != 0:
+        distributed.exchange_group(group, "probe")  # the layers' communicator is set up together; then late
+        time.sleep(6)
+        return {"ran": True}
+    threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGKILL)).start()
+    syncbn_ext.SyncBatchNorm(C).double()(torch.randn(4, C, dtype=torch.float64))
+    return {"ran": True}  # not reached: rank 1 is still asleep when the timer kills this process
+
+
+def scenario_shared_memory_unavailable(rank, world, replicas, sizes):
+    """Rank 0 cannot create the same-host segment (a file size limit below its size stands for a full /dev/shm):
+    every rank exchanges through the group's backend, and rank 0 says why instead of being silently slower."""
+    import resource
+
+    if rank == 0:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (128 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    model = nn.Sequential(nn.Linear(C, C), syncbn_ext.SyncBatchNorm(C)).double()
+    out = wrap(model, replicas)(torch.randn(4, C, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    return {"transport": syncbn_ext.cross_process_transport(), "finite": bool(out.isfinite().all())}
+
+
 def scenario_slow_rank(rank, world, replicas, sizes):
     """After a step together, rank 1 reaches its synchronized layer 3 s late: past $SYNCBN_TIMEOUT (1 s, set by the
     test) but within the group's timeout. The others wait for it, their replicas too (a wait for other ranks is

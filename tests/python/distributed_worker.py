@@ -46,6 +46,8 @@ SCENARIOS = {
     "slow_rank": faults.scenario_slow_rank,
     "interrupted": faults.scenario_interrupted,
     "interrupted_set_up": faults.scenario_interrupted_set_up,
+    "killed_in_set_up": faults.scenario_killed_in_set_up,
+    "shared_memory_unavailable": faults.scenario_shared_memory_unavailable,
     "join_throw": faults.scenario_join_throw,
     "join_shadowing": faults.scenario_join_shadowing,
     "wide": parity.scenario_wide,
@@ -55,7 +57,15 @@ SCENARIOS = {
 }
 WITH_TIMEOUT = {"absent", "absent_later", "interrupted_set_up", "two_groups_in_threads"}
 # A failed group cannot be torn down collectively.
-LEAVE_THE_GROUP_AS_IS = {"absent", "absent_later", "exited", "interrupted", "interrupted_set_up", "join_shadowing"}
+LEAVE_THE_GROUP_AS_IS = {
+    "absent",
+    "absent_later",
+    "exited",
+    "interrupted",
+    "interrupted_set_up",
+    "join_shadowing",
+    "killed_in_set_up",
+}
 # torch's FSDP2 keeps the default group alive past destroy_process_group (with plain nn.BatchNorm and without this
 # package too), so gloo's threads live into the interpreter's shutdown, where torch 2.13 may abort the process
 # (README, "Ending the script"): these end with os._exit once their results are out.

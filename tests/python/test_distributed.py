@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import pickle
+import signal
 import socket
 import sys
 from collections import defaultdict
@@ -302,6 +303,34 @@ def test_ctrl_c_during_the_communicators_set_up_marks_the_group_failed(tmp_path)
     assert outcome["after"] == "DistBackendError", outcome
     assert "could not be set up (an earlier set-up on this process was interrupted)" in outcome["message"], outcome
     assert outcome["after_seconds"] < 2, outcome
+
+
+def test_a_rank_0_killed_while_the_others_are_late_leaves_no_shared_memory_behind(tmp_path):
+    command = [sys.executable, str(WORKER), "--world", "2", "--store", str(tmp_path / "store"), "--sizes", "4", "4"]
+    command += ["--scenarios", "killed_in_set_up"]
+    children = [child_processes.Child([*command, "--rank", str(rank)], env=dict(os.environ)) for rank in range(2)]
+    finished = child_processes.wait_all(children, LAUNCH_TIMEOUT)
+    assert finished[0].returncode == -signal.SIGKILL, finished[0].stderr[-3000:]
+    assert finished[1].returncode == 0, finished[1].stderr[-3000:]
+    leftovers = sorted(Path("/dev/shm").glob(f"syncbn-{children[0].process.pid}-*"))
+    for leftover in leftovers:
+        leftover.unlink()
+    assert leftovers == []
+
+
+def test_a_shared_memory_segment_that_cannot_be_created_is_said_not_silent(tmp_path):
+    # Leaked segments (ranks killed during a set-up) can fill a small /dev/shm; later jobs then fell back to the
+    # group's backend without a word.
+    command = [sys.executable, str(WORKER), "--world", "2", "--store", str(tmp_path / "store"), "--sizes", "4", "4"]
+    command += ["--scenarios", "shared_memory_unavailable"]
+    children = [child_processes.Child([*command, "--rank", str(rank)], env=dict(os.environ)) for rank in range(2)]
+    finished = child_processes.wait_all(children, LAUNCH_TIMEOUT)
+    for outcome in finished:
+        assert outcome.returncode == 0, outcome.stderr[-3000:]
+        (line,) = [line for line in outcome.stdout.splitlines() if line.startswith("{")]
+        assert measures(json.loads(line)) == {"transport": "process group", "finite": True}
+    assert "rank 0 could not create a segment in /dev/shm (reserving" in finished[0].stderr, finished[0].stderr
+    assert "File too large" in finished[0].stderr
 
 
 def test_the_layers_communicator_is_made_under_torch_distributed_debug_detail(tmp_path):
