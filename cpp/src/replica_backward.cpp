@@ -98,7 +98,8 @@ void ReplicaBackward::close(const std::string& reason, int64_t run) {
 
 std::exception_ptr ReplicaBackward::failure(int64_t copy, int64_t run) const {
   std::lock_guard<std::mutex> lock(mutex_);
-  TORCH_CHECK_VALUE(copy >= 0 && copy < copies_, "ReplicaBackward::failure: no copy ", copy, " in a replication of ", copies_);
+  TORCH_CHECK_VALUE(copy >= 0 && copy < copies_, "ReplicaBackward::failure: no copy ", copy, " in a replication of ",
+                    copies_);
   return run == run_ ? failures_[copy] : nullptr;
 }
 

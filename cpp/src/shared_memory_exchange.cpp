@@ -186,8 +186,9 @@ std::shared_ptr<SharedMemoryExchange> SharedMemoryExchange::connect(const Proces
     out << "/syncbn-" << getpid() << "-" << std::hex << nonce;
     name = out.str();
     const int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
-    if (fd < 0) failure = std::string("shm_open: ") + std::strerror(errno);
-    if (fd >= 0) {
+    if (fd < 0) {
+      failure = std::string("shm_open: ") + std::strerror(errno);
+    } else {
       if (const int error = posix_fallocate(fd, 0, static_cast<off_t>(size)); error == 0) {
         base = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         if (base == MAP_FAILED) {

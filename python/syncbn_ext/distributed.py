@@ -61,8 +61,8 @@ def cross_process_transport(group: Any = None) -> str:
     # Where the layers exchange for it: its own group once made (see exchange_group; CPU tensors), else the group
     # itself (other groups, and tensors on devices the group does not serve with gloo: NCCL's).
     own = _own_groups.get(resolved)
-    if isinstance(own, _OwnGroup):
-        transport = _C.cross_process_transport(own.group)
+    if isinstance(own, dist.ProcessGroup):
+        transport = _C.cross_process_transport(own)
         if transport != "not yet":
             return transport
     return _C.cross_process_transport(resolved)
@@ -80,17 +80,6 @@ class _FailedSetUp:
         self.message = message
 
 
-class _OwnGroup:
-    """The layers' own gloo group over a user group's ranks, and the device types it serves: those the user's group
-    serves with gloo (CPU; CUDA too for a pure gloo group, not for ``"cpu:gloo,cuda:nccl"``)."""
-
-    __slots__ = ("device_types", "group")
-
-    def __init__(self, group: Any, device_types: frozenset[str]) -> None:
-        self.group = group
-        self.device_types = device_types
-
-
 class _SetUpState:
     """A group's set-up: its lock (a set-up waits for the group's other ranks, up to its timeout, so it holds its
     group's lock only: two groups first used from two threads, in other orders on other ranks, go on), and whether
@@ -103,8 +92,8 @@ class _SetUpState:
         self.attempted = False
 
 
-# user group -> _OwnGroup, None (the user's group itself) or _FailedSetUp. Weak keys: the user's group is freed as
-# before (destroy_process_group ends gloo's threads), and its own group with it.
+# user group -> the layers' own group over its ranks, or _FailedSetUp. Weak keys: the user's group is freed as before
+# (destroy_process_group ends gloo's threads), and its own group with it.
 _own_groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _set_up_states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # user group -> _SetUpState
 _gloo_device_types: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # user group -> frozenset
@@ -138,7 +127,7 @@ def exchange_group(group: Any, label: str = "", device: torch.device | None = No
             f"the layers' communicator over this group could not be set up ({own.message}); every exchange on the "
             f"group fails from then on: start the processes again\n{_where(group, label)}"
         )
-    return group if own is None else own.group
+    return own
 
 
 def _gloo_devices(group: Any) -> frozenset[str]:
@@ -200,9 +189,10 @@ def _where(group: Any, label: str) -> str:
     )
 
 
-def _new_own_group(group: Any) -> _OwnGroup:
+def _new_own_group(group: Any) -> Any:
     """A gloo group over ``group``'s ranks, made as torch's ``_new_process_group_helper`` makes one, serving the
-    device types ``group`` serves with gloo. Holds ``group``'s store, not ``group``."""
+    device types ``group`` serves with gloo (CPU; CUDA too for a pure gloo group, not for ``"cpu:gloo,cuda:nccl"``).
+    Holds ``group``'s store, not ``group``."""
     from torch.distributed import distributed_c10d as c10d
 
     _, group_store = c10d._world.pg_map[group]
@@ -226,4 +216,4 @@ def _new_own_group(group: Any) -> _OwnGroup:
         own._register_backend(torch.device(device), dist.ProcessGroup.BackendType.GLOO, backend)
     own._set_group_name(name)
     own._set_group_desc(name)
-    return _OwnGroup(own, gloo_devices)
+    return own

@@ -288,7 +288,7 @@ def scenario_own_communicator(rank, world, replicas, sizes):
     before = group._get_sequence_number_for_group()
     model(x[: sizes[rank]]).backward(grad[: sizes[rank]])
     return {
-        "own_communicator": isinstance(distributed._own_groups.get(group), distributed._OwnGroup),
+        "own_communicator": isinstance(distributed._own_groups.get(group), dist.ProcessGroup),
         "user_group_collectives": group._get_sequence_number_for_group() - before,
         "other_device_unchanged": other_device_unchanged and not made_for_other_device,
     }
