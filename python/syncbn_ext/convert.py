@@ -152,21 +152,28 @@ def _move_lazy_hooks(module: nn.Module, new: nn.Module) -> None:
 
 
 def _to_synchronized_layers(
-    target_of: Callable[[type], type[nn.Module] | None], process_group: Any, keep_own_group: bool
+    target_of: Callable[[type], type[nn.Module] | None],
+    process_group: Any,
+    keep_own_group: Callable[[nn.Module], bool],
 ) -> Callable[[nn.Module], nn.Module]:
     """A converter of each layer whose class ``target_of`` maps to a synchronized class, keeping its state.
 
-    The new layer synchronizes across ``process_group``; when that is None and ``keep_own_group``, across the group
-    the layer already had (if any).
+    The new layer synchronizes across ``process_group``; when that is None and ``keep_own_group(layer)``, across
+    the group the layer already had (if any). A synchronized layer that ``target_of`` leaves in its class (one of
+    ours, or a class derived from one) is given ``process_group`` in place under the same rule: a group asked for
+    is never silently dropped.
     """
 
     def convert_layer(module: nn.Module) -> nn.Module:
         target = target_of(parametrize.type_before_parametrizations(module))
+        regroup = process_group is not None or not keep_own_group(module)
         if target is None:
+            if isinstance(module, _SynchronizedBatchNorm) and regroup:
+                module.process_group = process_group
             return module
         new = _transplant(module, target)
         new._init_sync_state(module.__dict__.get("_layer_id"))  # a synchronized layer converted keeps its number
-        if process_group is not None or not keep_own_group:
+        if regroup:
             new.process_group = process_group
         return new
 
@@ -174,7 +181,7 @@ def _to_synchronized_layers(
 
 
 def _to_synchronized(process_group: Any) -> Callable[[nn.Module], nn.Module]:
-    return _to_synchronized_layers(_TORCH_TO_SYNC.get, process_group, keep_own_group=True)
+    return _to_synchronized_layers(_TORCH_TO_SYNC.get, process_group, keep_own_group=lambda layer: True)
 
 
 def _to_sync_batch_norm(process_group: Any) -> Callable[[nn.Module], nn.Module]:
@@ -187,7 +194,13 @@ def _to_sync_batch_norm(process_group: Any) -> Callable[[nn.Module], nn.Module]:
             )
         return SyncBatchNorm if cls in _TO_SYNC_BATCH_NORM else None
 
-    return _to_synchronized_layers(target_of, process_group, keep_own_group=False)
+    def keep_own_group(layer: nn.Module) -> bool:
+        # As torch's convert_sync_batchnorm, the layers it converts and every SyncBatchNorm get the group given,
+        # None (the default group) included; other synchronized layers keep theirs unless one is given.
+        converted = parametrize.type_before_parametrizations(layer) in _TO_SYNC_BATCH_NORM
+        return not (converted or isinstance(layer, SyncBatchNorm))
+
+    return _to_synchronized_layers(target_of, process_group, keep_own_group)
 
 
 def _to_torch(module: nn.Module) -> nn.Module:
@@ -244,7 +257,8 @@ def _warn_of_unconverted_layers(model: nn.Module, converter: str, stacklevel: in
 
     Subclasses of ``nn.BatchNorm`` (e.g. a BatchNorm fused with its activation) keep their class and their own
     forward: under the wrapper each replica would normalize its slice alone. Layers that handle replication
-    themselves (``__data_parallel_replicate__``, as the established library's) are not reported.
+    themselves (``__data_parallel_replicate__``, as the established library's) are not reported. Nor can a
+    TorchScript module (``torch.jit.script`` / ``trace``) be converted: its code is compiled, whatever its layers.
     """
     left = [
         f"'{name or '<root>'}': {type(layer).__qualname__}"
@@ -257,6 +271,20 @@ def _warn_of_unconverted_layers(model: nn.Module, converter: str, stacklevel: in
             f"{converter} left {len(left)} BatchNorm layer(s) of a class it does not convert as they were ({shown}): "
             "they keep their own forward, which under DataParallelWithCallback normalizes each replica's slice "
             "alone. Derive their class from a syncbn_ext layer, or replace them yourself",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+    scripted = [
+        f"'{name or '<root>'}': {layer.original_name}"
+        for name, layer in model.named_modules()
+        if isinstance(layer, torch.jit.ScriptModule) and "BatchNorm" in getattr(layer, "original_name", "")
+    ]
+    if scripted:
+        shown = ", ".join(scripted[:3]) + (f" and {len(scripted) - 3} more" if len(scripted) > 3 else "")
+        warnings.warn(
+            f"{converter} cannot convert TorchScript modules and left {len(scripted)} scripted or traced BatchNorm "
+            f"layer(s) as they were ({shown}): under DataParallelWithCallback they normalize each replica's slice "
+            "alone. Convert the model before torch.jit.script / torch.jit.trace",
             UserWarning,
             stacklevel=stacklevel,
         )
@@ -287,9 +315,10 @@ def convert_model(module: M, process_group: Any = None) -> nn.Module:
 
     Args:
         module: the model (or a single BatchNorm layer).
-        process_group: a ``torch.distributed`` group the converted layers also synchronize across (default
-            ``None``: a converted ``nn.BatchNormNd`` synchronizes the replicas of its process; a converted
-            ``nn.SyncBatchNorm`` keeps its own group).
+        process_group: a ``torch.distributed`` group the converted layers also synchronize across, given also to
+            the layers already synchronized (default ``None``: a converted ``nn.BatchNormNd`` synchronizes the
+            replicas of its process; a converted ``nn.SyncBatchNorm`` and the layers already synchronized keep
+            their own group).
 
     Returns:
         The converted model.
@@ -306,7 +335,9 @@ def convert_to_sync_batch_norm(module: M, process_group: Any = None) -> nn.Modul
 
     ``nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and the ``SynchronizedBatchNormNd`` layers (those exact
     classes) take the same parameters and buffers (the same tensors), options, training flag and hooks, and
-    ``process_group``; wrappers are left as they are. ``syncbn_ext.SyncBatchNorm.convert_sync_batchnorm``.
+    ``process_group``; a :class:`~syncbn_ext.SyncBatchNorm` already there gets ``process_group`` in place (as
+    torch's does, ``None`` included), other synchronized layers only a group given; wrappers are left as they
+    are. ``syncbn_ext.SyncBatchNorm.convert_sync_batchnorm``. TorchScript modules cannot be converted (warned).
     A lazy BatchNorm not yet initialized raises a ``TypeError`` (``SyncBatchNorm`` has no lazy form).
 
     Returns:

@@ -161,6 +161,62 @@ def test_conversions_warn_of_the_batchnorm_layers_they_leave_unsynchronized(recw
     assert not [w for w in recwarn if "BatchNorm layer" in str(w.message)]
 
 
+def test_conversions_warn_of_scripted_and_traced_batchnorm_layers(recwarn):
+    x = torch.randn(8, 3, 2, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's own warnings
+        models = {
+            "scripted": torch.jit.script(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))),
+            "traced": torch.jit.trace(nn.Sequential(nn.BatchNorm2d(3)), (x,)),
+        }
+    for kind, model in models.items():
+        with pytest.warns(UserWarning, match="convert_model cannot convert TorchScript modules and left 1") as record:
+            assert convert_model(model) is model
+        assert record[0].filename == __file__, kind
+        assert "BatchNorm2d" in str(record[0].message) and "before torch.jit.script" in str(record[0].message)
+    recwarn.clear()
+    convert_model(torch.jit.script(nn.Sequential(nn.Conv2d(3, 3, 1))))  # nothing to warn of
+    assert not [w for w in recwarn if "TorchScript" in str(w.message)]
+
+
+class GroupedBatchNorm(SynchronizedBatchNorm2d):
+    """A user's layer derived from a synchronized one."""
+
+
+def test_conversions_give_a_group_asked_for_to_layers_already_synchronized():
+    def model():
+        layers = [
+            SynchronizedBatchNorm2d(3),
+            syncbn_ext.SyncBatchNorm(3),
+            syncbn_ext.LazySynchronizedBatchNorm2d(),
+            GroupedBatchNorm(3),
+        ]
+        for layer in layers:
+            layer.process_group = "old"
+        return nn.Sequential(*layers)
+
+    def groups(converted):
+        return [layer.process_group for layer in converted]
+
+    original = model()
+    layers = list(original)
+    converted = convert_model(original, process_group="new")
+    assert list(converted) == layers  # already synchronized: the same layers, in place
+    assert groups(converted) == ["new"] * 4
+    assert groups(convert_model(model())) == ["old"] * 4  # no group asked for: each keeps its own
+
+    # As torch's convert_sync_batchnorm, which gives its own SyncBatchNorm layers the group, None included.
+    original = model()
+    converted = syncbn_ext.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(original[1], original[3]), "new")
+    assert groups(converted) == ["new", "new"] and converted[0] is original[1]
+    original = model()
+    converted = syncbn_ext.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(original[1], original[3]))
+    assert groups(converted) == [None, "old"]  # the SyncBatchNorm: the default group; the other keeps its own
+    with patch_sync_batchnorm():  # a model zoo's own call, on the layers it built while patched
+        built = nn.Sequential(nn.SyncBatchNorm(3))
+        assert groups(nn.SyncBatchNorm.convert_sync_batchnorm(built, process_group="new")) == ["new"]
+
+
 def test_shared_layer_converts_once():
     bn = nn.BatchNorm1d(3)
     model = nn.Sequential(bn, nn.Sequential(nn.Linear(3, 3), bn))
