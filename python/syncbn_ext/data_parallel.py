@@ -190,6 +190,14 @@ class DataParallelWithCallback(nn.DataParallel):
         with torch.autograd.profiler.record_function("DataParallelWithCallback.forward"):
             if len(self.device_ids) == 1:
                 return self.module(*inputs, **kwargs)
+            if torch.jit.is_tracing() or torch.compiler.is_exporting():
+                # The replicas run on worker threads, out of the tracer's sight (a synchronized layer traced there
+                # recursed until the thread's stack overflowed).
+                raise RuntimeError(
+                    f"{type(self).__name__} with {len(self.device_ids)} CPU replicas cannot be traced or exported: "
+                    "its replicas run on worker threads the tracer does not follow. Trace or export the module it "
+                    "wraps (its .module), in eval mode where it has synchronized layers"
+                )
             with training_forward_lock(self.module):
                 return self._forward_on_cpu_replicas(inputs, kwargs)
 

@@ -141,6 +141,23 @@ def test_tracing_a_lone_layer_in_training_gives_nn_batchnorms_trace():
     torch.testing.assert_close(traced(x2), reference(x2))
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_tracing_or_exporting_the_wrapper_of_cpu_replicas_is_a_clear_error(training):
+    # In training, tracing a synchronized layer on the replicas' worker threads crashed the process (a stack
+    # overflow); in eval, torch's own errors said nothing of the wrapper.
+    model = nn.Sequential(nn.Conv2d(C, C, 1), SynchronizedBatchNorm2d(C)).train(training)
+    dp = replicated(model, 2)
+    x = torch.randn(6, C, 4, 4)
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match="with 2 CPU replicas cannot be traced or exported.*its .module"):
+        torch.jit.trace(dp, (x,), check_trace=False)
+    with pytest.raises(Exception, match="with 2 CPU replicas cannot be traced or exported"):
+        torch.export.export(dp, (x,))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    torch.testing.assert_close(torch.jit.trace(dp.module.eval(), (x,))(x), model(x))  # what the error says works
+
+
 def test_scripting_is_a_clear_error_that_says_what_to_do():
     model = nn.Sequential(nn.Linear(C, C), SynchronizedBatchNorm1d(C))
     with pytest.raises(RuntimeError, match=r"torch.jit.script does not support SynchronizedBatchNorm1d(.|\n)*revert"):
