@@ -279,10 +279,21 @@ std::vector<torch::Tensor> scatter(const torch::Tensor& input, const std::vector
 torch::Tensor gather(const std::vector<torch::Tensor>& outputs, const torch::Device& device, int64_t dim) {
   std::vector<torch::Tensor> moved;
   moved.reserve(outputs.size());
-  for (const auto& output : outputs) moved.push_back(output.to(device));
+  bool all_scalars = true;
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    TORCH_CHECK(outputs[i].defined(), "data_parallel: replica ", i,
+                " returned an undefined tensor, which cannot be gathered with the others' outputs");
+    all_scalars = all_scalars && outputs[i].dim() == 0;
+    moved.push_back(outputs[i].to(device));
+  }
   // Joined as they are: under the caller's autocast, cat promotes, and CPU autocast refuses the 16-bit type other
   // than its own (float16 outputs under bfloat16 autocast), which one module on the whole batch returns.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  if (all_scalars && dim == 0) {
+    TORCH_WARN("data_parallel: was asked to gather along dimension 0, but all the replicas' outputs are scalars; ",
+               "returning them as a vector instead (as nn.DataParallel does)");
+    return torch::stack(moved);
+  }
   return torch::cat(moved, dim);
 }
 

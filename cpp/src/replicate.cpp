@@ -128,7 +128,12 @@ void link_clones(const std::shared_ptr<torch::nn::Module>& original,
                  std::vector<std::pair<at::Tensor, at::Tensor>>* isolated) {
   for (const auto& item : original->named_parameters(/*recurse=*/false)) {
     const at::Tensor& parameter = item.value();
-    if (!parameter.defined() || !parameter.requires_grad()) continue;
+    if (!parameter.defined()) continue;
+    if (!parameter.requires_grad()) {
+      // clone() registers every parameter anew, requiring grad: a frozen one stays frozen in the replicas.
+      for (const auto& clone : clones) clone->named_parameters(/*recurse=*/false)[item.key()].requires_grad_(false);
+      continue;
+    }
     auto reduce = c10::make_intrusive<ReduceAddToOriginal>(parameter.device());
     reduce->set_next_edges(torch::autograd::collect_next_edges(parameter));
     for (const auto& clone : clones) {

@@ -239,6 +239,77 @@ TEST(DataParallel, NoChannelsRaisesTheIndexErrorTorchBatchNormRaises) {
   EXPECT_THROW(syncbn::data_parallel(synced, x, cpu_replicas(2)), c10::IndexError);
 }
 
+// Returns a scalar loss per replica, or an output the replicas' outputs cannot be joined with.
+struct LossNetImpl : torch::nn::Cloneable<LossNetImpl> {
+  enum class Output { kScalar, kUndefinedForOneRow, kRowOfItsOwnWidth };
+  explicit LossNetImpl(Output kind = Output::kScalar) : output(kind) { reset(); }
+  void reset() override { bn = register_module("bn", syncbn::SyncBatchNorm1d(3)); }
+  torch::Tensor forward(const torch::Tensor& x) {
+    const torch::Tensor y = bn->forward(x);
+    switch (output) {
+      case Output::kScalar:
+        return y.pow(2).mean();
+      case Output::kUndefinedForOneRow:
+        return x.size(0) == 1 ? torch::Tensor() : y;
+      case Output::kRowOfItsOwnWidth:
+        return y.reshape({1, -1});
+    }
+    return y;
+  }
+  Output output;
+  syncbn::SyncBatchNorm1d bn{nullptr};
+};
+TORCH_MODULE(LossNet);
+
+TEST(DataParallel, ScalarOutputsAreStackedIntoAVectorAsNnDataParallelDoes) {
+  torch::manual_seed(3);
+  LossNet net;
+  net->to(torch::kDouble);
+  torch::nn::BatchNorm1d reference(3);
+  reference->to(torch::kDouble);
+  const auto x = torch::randn({8, 3}, torch::kDouble);
+  const torch::Tensor losses = syncbn::data_parallel(net, x, cpu_replicas(4));
+  const torch::Tensor expected = torch::stack(
+      torch::fmap(reference->forward(x).pow(2).chunk(4), [](const torch::Tensor& part) { return part.mean(); }));
+  expect_close(losses, expected, "one loss per replica, the whole batch's statistics");
+  EXPECT_EQ(net->bn->num_batches_tracked.item<int64_t>(), 1);
+}
+
+TEST(DataParallel, OutputsThatCannotBeGatheredFailNamingTheReplicaAndLeaveTheBuffersUntouched) {
+  // Before, the buffers were written back before the outputs were joined: the error came with the running
+  // statistics already updated.
+  const auto x = torch::randn({7, 3});  // over 4 replicas: 2, 2, 2 and 1 rows
+  for (const auto kind : {LossNetImpl::Output::kUndefinedForOneRow, LossNetImpl::Output::kRowOfItsOwnWidth}) {
+    LossNet net(kind);
+    const torch::Tensor running_mean = net->bn->running_mean.clone();
+    try {
+      syncbn::data_parallel(net, x, cpu_replicas(4));
+      ADD_FAILURE() << "gathered outputs that cannot be joined";
+    } catch (const c10::Error& error) {
+      if (kind == LossNetImpl::Output::kUndefinedForOneRow) {
+        EXPECT_NE(std::string(error.what()).find("replica 3 returned an undefined tensor"), std::string::npos)
+            << error.what();
+      }
+    }
+    EXPECT_EQ(net->bn->num_batches_tracked.item<int64_t>(), 0);
+    EXPECT_TRUE(torch::equal(net->bn->running_mean, running_mean));
+  }
+}
+
+TEST(DataParallel, FrozenParametersStayFrozenInTheReplicas) {
+  // clone() registers every parameter anew, requiring grad: before, a frozen model's output required grad under
+  // data_parallel, and a backward through it succeeded where torch's raises.
+  syncbn::SyncBatchNorm2d frozen(3);
+  for (auto& parameter : frozen->parameters()) parameter.requires_grad_(false);
+  EXPECT_FALSE(syncbn::data_parallel(frozen, torch::randn({8, 3, 2, 2}), cpu_replicas(4)).requires_grad());
+
+  torch::nn::Linear linear(3, 3);
+  linear->weight.requires_grad_(false);
+  syncbn::data_parallel(linear, torch::randn({8, 3}), cpu_replicas(2)).sum().backward();
+  EXPECT_FALSE(linear->weight.grad().defined());
+  EXPECT_TRUE(linear->bias.grad().defined());
+}
+
 TEST(ParallelApply, RunsEveryReplicaOnItsOwnThread) {
   // Replicas that meet in a barrier deadlock unless they all run at once.
   syncbn::SyncBatchNorm1d bn(2);

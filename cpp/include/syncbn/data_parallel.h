@@ -79,7 +79,9 @@ SYNCBN_API void notify_copy_finished(const std::shared_ptr<torch::nn::Module>& r
 SYNCBN_API std::vector<torch::Tensor> scatter(const torch::Tensor& input, const std::vector<torch::Device>& devices,
                                               int64_t dim);
 
-// Concatenates the outputs along `dim` on `device` (differentiably).
+// Concatenates the outputs along `dim` on `device` (differentiably); outputs that are all scalars (0-dim)
+// with `dim` 0 are stacked into a vector, with a warning, as nn.DataParallel's gather does. An undefined
+// output is an error naming its replica.
 SYNCBN_API torch::Tensor gather(const std::vector<torch::Tensor>& outputs, const torch::Device& device, int64_t dim);
 
 template <class T>
@@ -179,8 +181,9 @@ torch::Tensor data_parallel(ModuleType module, const torch::Tensor& input,
                 "derive the module from torch::nn::Cloneable<ItsOwnType>");
   }
   std::vector<torch::Tensor> outputs = parallel_apply(replicas, inputs, used, replication.group());
+  torch::Tensor output = detail::gather(outputs, destination, dim);  // before the write-back: a failure writes nothing
   replication.write_back();
-  return detail::gather(outputs, destination, dim);
+  return output;
 }
 
 }  // namespace syncbn
