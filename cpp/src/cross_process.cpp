@@ -59,15 +59,33 @@ int64_t exchange_key(detail::ExchangeKind kind, int64_t layer_id) {
   return kind == detail::ExchangeKind::kStatistics ? layer_id : -2 - layer_id;  // -1: none yet
 }
 
-// The next exchange of `kind` on `group`: its number (forward and backward ones counted apart), and how many
-// channels its first all-gather carries (what followed the previous exchange last time: exact in a network that
-// calls its layers in the same order every step).
-std::pair<int64_t, int64_t> begin_exchange(const ProcessGroupPtr& group, detail::ExchangeKind kind) {
+// The next exchange of `kind` on `group`: its number (forward and backward ones counted apart), the counts of both
+// kinds after it, and how many channels its first all-gather carries (what followed the previous exchange last
+// time: exact in a network that calls its layers in the same order every step).
+struct ExchangeNumbers {
+  int64_t number;              // of this exchange, among those of its kind
+  int64_t calls;               // forward exchanges so far, this one included if it is one
+  int64_t backward_exchanges;  // backward ones so far, likewise
+  int64_t capacity;
+};
+
+ExchangeNumbers begin_exchange(const ProcessGroupPtr& group, detail::ExchangeKind kind) {
   std::lock_guard<std::mutex> lock(calls_mutex);
   GroupCalls& calls = calls_of(group);
   const auto known = calls.channels_after.find(calls.previous_exchange);
   const int64_t number = kind == detail::ExchangeKind::kStatistics ? ++calls.calls : ++calls.backward_exchanges;
-  return {number, known == calls.channels_after.end() ? 0 : known->second};
+  return {number, calls.calls, calls.backward_exchanges,
+          known == calls.channels_after.end() ? 0 : known->second};
+}
+
+// After ranks met at different steps (a rank that caught an exception and skipped the rest of its step, say), every
+// rank counts on from the furthest rank's counts, alike: once each has left the failed step, their next steps pair
+// again instead of failing for good, one call apart.
+void realign_counts(const ProcessGroupPtr& group, int64_t calls_seen, int64_t backward_exchanges_seen) {
+  std::lock_guard<std::mutex> lock(calls_mutex);
+  GroupCalls& calls = calls_of(group);
+  calls.calls = std::max(calls.calls, calls_seen);
+  calls.backward_exchanges = std::max(calls.backward_exchanges, backward_exchanges_seen);
 }
 
 void end_exchange(const ProcessGroupPtr& group, int64_t key, int64_t channels) {
@@ -227,7 +245,9 @@ at::Tensor all_gather(const ProcessGroupPtr& group, const at::Tensor& tensor, de
   return c10d_all_gather(group, tensor, label, doing);
 }
 
-constexpr int64_t kHeader = 5;  // exchange number, kind, layer id, channels, count
+// exchange number, kind, layer id, channels, count, the rank's forward and backward exchange counts, and whether
+// the rank's call will sum gradients in backward (its statistics require grad; forward exchanges only)
+constexpr int64_t kHeader = 8;
 
 std::string describe_exchange(int64_t number, int64_t kind, int64_t layer_id, int64_t channels) {
   std::ostringstream out;
@@ -240,12 +260,68 @@ std::string describe_exchange(int64_t number, int64_t kind, int64_t layer_id, in
   return out.str();
 }
 
-// What one exchange gathered, in rank order: every rank's two per-channel quantities, (W, C) each, and count.
+// What one exchange gathered, in rank order: every rank's two per-channel quantities, (W, C) each, count, and
+// whether its backward will exchange.
 struct GatheredRows {
   at::Tensor first;
   at::Tensor second;
   std::vector<int64_t> counts;
+  std::vector<bool> backward_follows;
 };
+
+// Every rank's header (W, kHeader), checked to describe the same exchange; else a BarrierError on every rank alike,
+// naming each rank's exchange and the likely cause, after realigning the ranks' counts.
+void check_headers_agree(const ProcessGroupPtr& group, const at::Tensor& headers, int64_t number, int64_t kind_code,
+                         int64_t layer_id, int64_t channels, const std::string& label, const char* doing) {
+  const auto rows = headers.accessor<int64_t, 2>();
+  const int64_t world = rows.size(0);
+  bool agree = true, kinds_differ = false, numbers_differ = false, only_layer_numbers_differ = true,
+       only_channels_differ = true;
+  int64_t calls_seen = 0, backward_exchanges_seen = 0;
+  for (int64_t r = 0; r < world; ++r) {
+    const bool same_number = rows[r][0] == number && rows[r][1] == kind_code;
+    agree = agree && same_number && rows[r][2] == layer_id && rows[r][3] == channels;
+    only_layer_numbers_differ = only_layer_numbers_differ && same_number && rows[r][3] == channels;
+    only_channels_differ = only_channels_differ && same_number && rows[r][2] == layer_id;
+    kinds_differ = kinds_differ || rows[r][1] != kind_code;
+    numbers_differ = numbers_differ || rows[r][5] != rows[0][5] || rows[r][6] != rows[0][6];
+    calls_seen = std::max(calls_seen, rows[r][5]);
+    backward_exchanges_seen = std::max(backward_exchanges_seen, rows[r][6]);
+  }
+  if (agree) return;
+  if (numbers_differ) realign_counts(group, calls_seen, backward_exchanges_seen);
+
+  std::ostringstream out;
+  if (only_channels_differ) {
+    out << "synchronized BatchNorm layer #" << layer_id << " has different numbers of channels on the ranks of the "
+        << "process group:";
+    for (int64_t r = 0; r < world; ++r) out << " rank " << r << ": " << rows[r][3] << (r + 1 < world ? "," : ";");
+    out << " construct it alike (the same num_features) on every rank";
+    throw BarrierError(out.str() + "\n" + where(group, label, doing));
+  }
+  out << "synchronized BatchNorm layers were called in a different order or number of times by the ranks of the "
+         "process group: rank "
+      << group->getRank() << " is at " << label << ";";
+  for (int64_t r = 0; r < world; ++r) {
+    out << " rank " << r << ": " << describe_exchange(rows[r][0], rows[r][1], rows[r][2], rows[r][3])
+        << (r + 1 < world ? "," : ";");
+  }
+  out << " every rank must call the synchronized layers the same number of times, in the same order";
+  if (kinds_differ) out << ", forward and backward" << detail::kSkippedBackwardExchange;
+  if (only_layer_numbers_differ) {
+    out << " (only the layers' numbers differ: the ranks called different layers, e.g. one rank's previous step "
+           "failed part-way and it started the next while the others were still in theirs, or they numbered the "
+           "same layer differently: a process numbers its synchronized layers in the order it constructs them, so "
+           "construct them in the same order on every rank, e.g. no synchronized layer built on one rank only "
+           "before them)";
+  }
+  if (numbers_differ) {
+    out << ". The ranks are at different steps (e.g. a rank whose step failed and was skipped, or that skipped a "
+           "backward); each counts on from here alike, so that once every rank has left this step, the next steps "
+           "pair again";
+  }
+  throw BarrierError(out.str() + "\n" + where(group, label, doing));
+}
 
 // Every rank's row of one exchange: `values`, this rank's 2 x `channels` float64 values (two per-channel quantities,
 // one after the other), gathered with every rank's `count`. The row is packed with
@@ -255,46 +331,31 @@ struct GatheredRows {
 // broken collective), and each sees every rank's header before anything is paired. Channels the first all-gather
 // had no room for follow in a second one.
 GatheredRows exchange_rows(const ProcessGroupPtr& group, detail::ExchangeKind kind, int64_t layer_id, int64_t channels,
-                           int64_t count, const at::Tensor& values, const std::string& label, const char* doing) {
+                           int64_t count, bool backward_follows, const at::Tensor& values, const std::string& label,
+                           const char* doing) {
   const auto device = values.device();
-  const auto [number, capacity] = begin_exchange(group, kind);
+  const ExchangeNumbers numbers = begin_exchange(group, kind);
+  const int64_t capacity = numbers.capacity;
   const int64_t first = std::min(channels, capacity);
   const auto kind_code = static_cast<int64_t>(kind);
   at::Tensor packed = at::zeros({kHeader + 2 * capacity}, at::TensorOptions().dtype(at::kLong).device(device));
-  packed.narrow(0, 0, kHeader).copy_(at::tensor({number, kind_code, layer_id, channels, count}, at::kLong));
+  packed.narrow(0, 0, kHeader)
+      .copy_(at::tensor({numbers.number, kind_code, layer_id, channels, count, numbers.calls,
+                         numbers.backward_exchanges, static_cast<int64_t>(backward_follows)},
+                        at::kLong));
   at::Tensor packed_values = packed.narrow(0, kHeader, 2 * capacity).view(at::kDouble);
   packed_values.narrow(0, 0, first).copy_(values.narrow(0, 0, first));
   packed_values.narrow(0, capacity, first).copy_(values.narrow(0, channels, first));
   const at::Tensor gathered = all_gather(group, packed, kind, label, doing);  // (W, kHeader + 2 capacity)
 
   const at::Tensor headers = gathered.narrow(1, 0, kHeader).cpu();  // one copy to the host for every rank's header
+  check_headers_agree(group, headers, numbers.number, kind_code, layer_id, channels, label, doing);
   const auto rows = headers.accessor<int64_t, 2>();
-  bool agree = true, kinds_differ = false, only_layer_numbers_differ = true;
   std::vector<int64_t> counts;
+  std::vector<bool> backward_follows_on;
   for (int64_t r = 0; r < rows.size(0); ++r) {
-    const bool same_call = rows[r][0] == number && rows[r][1] == kind_code && rows[r][3] == channels;
-    agree = agree && same_call && rows[r][2] == layer_id;
-    only_layer_numbers_differ = only_layer_numbers_differ && same_call;
-    kinds_differ = kinds_differ || rows[r][1] != kind_code;
     counts.push_back(rows[r][4]);
-  }
-  if (!agree) {
-    std::ostringstream out;
-    out << "synchronized BatchNorm layers were called in a different order or number of times by the ranks of the "
-           "process group: rank "
-        << group->getRank() << " is at " << label << ";";
-    for (int64_t r = 0; r < rows.size(0); ++r) {
-      out << " rank " << r << ": " << describe_exchange(rows[r][0], rows[r][1], rows[r][2], rows[r][3])
-          << (r + 1 < rows.size(0) ? "," : ";");
-    }
-    out << " every rank must call the synchronized layers the same number of times, in the same order";
-    if (kinds_differ) out << ", forward and backward" << detail::kSkippedBackwardExchange;
-    if (only_layer_numbers_differ) {
-      out << " (only the layers' numbers differ: the ranks called different layers, or numbered the same layer "
-             "differently: a process numbers its synchronized layers in the order it constructs them, so construct "
-             "them in the same order on every rank, e.g. no synchronized layer built on one rank only before them)";
-    }
-    throw BarrierError(out.str() + "\n" + where(group, label, doing));
+    backward_follows_on.push_back(rows[r][7] != 0);
   }
 
   // Every rank agrees on the exchange: the channels the first all-gather had no room for follow in a second one.
@@ -310,7 +371,28 @@ GatheredRows exchange_rows(const ProcessGroupPtr& group, detail::ExchangeKind ki
     b = at::cat({b, gathered_rest.narrow(1, rest, rest)}, 1);
   }
   end_exchange(group, exchange_key(kind, layer_id), channels);
-  return {std::move(a), std::move(b), std::move(counts)};
+  return {std::move(a), std::move(b), std::move(counts), std::move(backward_follows_on)};
+}
+
+// Every rank's call sums gradients in backward, or none does: else a BarrierError on every rank alike (after the
+// exchange, which every rank completed). A rank's input gradient depends on every rank's batch through the shared
+// statistics, so a rank whose call needs none would leave the others waiting in backward (or pair their backward
+// exchange with its next forward).
+void check_backward_alike(const ProcessGroupPtr& group, const std::vector<bool>& backward_follows,
+                          const std::string& label) {
+  if (std::all_of(backward_follows.begin(), backward_follows.end(), [&](bool b) { return b == backward_follows[0]; })) {
+    return;
+  }
+  std::ostringstream with, without;
+  for (size_t r = 0; r < backward_follows.size(); ++r) (backward_follows[r] ? with : without) << " " << r;
+  std::ostringstream out;
+  out << "synchronized BatchNorm " << label << ": its statistics require grad on rank(s)" << with.str()
+      << " but not on rank(s)" << without.str()
+      << " (its input requires grad on some ranks only, or some ranks made the call under torch.no_grad()); every "
+         "rank's backward must take part in this call's gradient, since each rank's input gradient depends on every "
+         "rank's batch through the shared statistics: freeze the same layers, and set requires_grad and grad mode "
+         "alike on every rank";
+  throw BarrierError(out.str() + "\n" + where(group, label, "exchanging statistics"));
 }
 
 }  // namespace
@@ -326,13 +408,15 @@ std::string cross_process_transport(const ProcessGroupPtr& group) {
 }
 
 GroupStatistics merge_across_processes(const ProcessGroupPtr& group, int64_t layer_id, int64_t count,
-                                       const at::Tensor& mean, const at::Tensor& m2, const std::string& label) {
+                                       const at::Tensor& mean, const at::Tensor& m2, const std::string& label,
+                                       bool backward_follows) {
   TORCH_CHECK_VALUE(group, "merge_across_processes needs a process group");
   const int64_t channels = mean.numel();
   const at::Tensor statistics =
       at::cat({mean.reshape({channels}).to(at::kDouble), m2.reshape({channels}).to(at::kDouble)});
   const GatheredRows gathered = exchange_rows(group, detail::ExchangeKind::kStatistics, layer_id, channels, count,
-                                              statistics, label, "exchanging statistics");
+                                              backward_follows, statistics, label, "exchanging statistics");
+  check_backward_alike(group, gathered.backward_follows, label);
   int64_t total = 0;
   for (const int64_t c : gathered.counts) total += c;
 
@@ -353,8 +437,9 @@ std::pair<at::Tensor, at::Tensor> sum_across_processes(const ProcessGroupPtr& gr
   };
   // An all-gather summed here in rank order rather than an all-reduce: half the steps of a ring all-reduce for these
   // few values per channel (gloo on localhost: 1.2 ms against 2 ms), and the same sum, bitwise, on every rank.
-  const GatheredRows gathered = exchange_rows(group, detail::ExchangeKind::kGradients, layer_id, channels, 0,
-                                              at::cat({part(grad_mean), part(grad_var)}), label, "summing gradients");
+  const GatheredRows gathered =
+      exchange_rows(group, detail::ExchangeKind::kGradients, layer_id, channels, 0, /*backward_follows=*/false,
+                    at::cat({part(grad_mean), part(grad_var)}), label, "summing gradients");
   // Summed as one contiguous (W, 2C) tensor, as always: a strided half's sum may round otherwise.
   const at::Tensor sum = at::cat({gathered.first, gathered.second}, 1).sum(0);
   return {sum.narrow(0, 0, channels), sum.narrow(0, channels, channels)};

@@ -191,8 +191,9 @@ Merged merge_values(const std::vector<at::Tensor>& means, const std::vector<at::
   at::Tensor count_tensor = at::tensor(counts, at::TensorOptions().dtype(at::kLong)).to(device);
   auto [mean, var] = merge_stats(count_tensor, at::stack(local_means), at::stack(local_m2s));
   if (!across) return {mean, var, total};
-  GroupStatistics group =
-      merge_across_processes(call.group, call.layer_id, total, mean, var * static_cast<double>(total), call.label);
+  GroupStatistics group = merge_across_processes(call.group, call.layer_id, total, mean,
+                                                 var * static_cast<double>(total), call.label,
+                                                 /*backward_follows=*/any_requires_grad(means, m2s));
   // float64 back to the statistics dtype.
   return {group.mean.to(dtype), group.var.to(dtype), group.total};
 }

@@ -56,8 +56,9 @@ class SharedMemoryExchange {
   // Every rank's `tensor` (CPU; the same size on every rank), stacked in rank
   // order: (W, n). nullopt on every rank alike when the rows are larger than the
   // slots (the caller then uses the group's all-gather). Throws BarrierError on
-  // every rank when the ranks exchange different kinds or sizes (ranks at
-  // different steps), DistBackendError when a rank does not come within
+  // every rank when the ranks exchange rows of different sizes (naming each
+  // rank's kind; rows of one size are gathered whatever their kinds: the
+  // caller's headers tell), DistBackendError when a rank does not come within
   // `timeout` or its process exited; after either, every later exchange fails.
   std::optional<at::Tensor> all_gather(const at::Tensor& tensor, ExchangeKind kind, std::chrono::milliseconds timeout);
 

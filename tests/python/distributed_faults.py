@@ -270,6 +270,48 @@ def scenario_unused_output(rank, world, replicas, sizes):
     return {"ran": True}
 
 
+def scenario_skipped_step(rank, world, replicas, sizes):
+    """A training loop that catches a failed step and goes on: rank 1 raises once between forward and backward (in its
+    loss). Rank 0's backward then meets rank 1's next forward, and both fail; from there the ranks count their calls
+    on alike, so their following steps pair again (before, every later step failed, one call apart for good)."""
+    model = nn.Sequential(nn.Linear(C, C), syncbn_ext.SyncBatchNorm(C), syncbn_ext.SyncBatchNorm(C)).double()
+    run = wrap(model, replicas)
+    x = torch.randn(4, C, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    errors = {}
+    for step in range(4 if rank == 0 else 5):  # rank 1 loses one step more: its step 2 met rank 0's step 1
+        try:
+            loss = run(x).square().sum()
+            if rank == 1 and step == 1:
+                raise ValueError("a bad batch")
+            loss.backward()
+        except Exception as error:
+            errors[step] = [type(error).__name__, str(error)]
+    return with_final_state({"errors": errors}, model, dist.group.WORLD)
+
+
+def scenario_input_grad_on_one_rank(rank, world, replicas, sizes):
+    """The synchronized layer's input requires grad on rank 0 only: rank 0's input gradient needs rank 1's part of
+    the backward, which rank 1 would never make. Every rank fails in the forward, saying so; a step with inputs alike
+    afterwards works."""
+    model = syncbn_ext.SyncBatchNorm(C).double()
+    run = wrap(model, replicas)
+    x = torch.randn(4, C, dtype=torch.float64)
+    outcome = {}
+    try:
+        run(x.clone().requires_grad_(rank == 0)).square().sum().backward()
+    except Exception as error:
+        outcome = {"error": type(error).__name__, "message": str(error)}
+    run(x.clone().requires_grad_()).square().sum().backward()
+    return with_final_state(outcome, model, dist.group.WORLD)
+
+
+def scenario_channels_differ(rank, world, replicas, sizes):
+    """The same layer built with 3 channels on rank 0 and 4 elsewhere (a user's bug)."""
+    channels = C if rank == 0 else C + 1
+    wrap(syncbn_ext.SyncBatchNorm(channels).double(), replicas)(torch.randn(4, channels, dtype=torch.float64))
+    return {"ran": True}
+
+
 def train_unevenly(rank, replicas, throw_on_early_termination):
     """DistributedDataParallel under DDP's ``Join``: rank 0 has one batch, the others two. Returns the model, its DDP,
     this rank's batch and what the Join context raised on this rank (``{}``: nothing; else its type and message,

@@ -369,15 +369,51 @@ def test_ranks_at_different_steps_get_an_error_saying_so(tmp_path, replicas, tra
         # Rank 0's in backward: torch's autograd engine passes our BarrierError on as a RuntimeError (its base).
         assert record.get("error") == ("RuntimeError" if rank == 0 else "BarrierError"), record
         message = record["message"]
-        if transport == "shared_memory":
-            assert "the ranks of the process group are at different steps" in message, message
-            assert "rank 0 is summing gradients (backward)" in message, message
-            assert "rank 1 is exchanging statistics (forward)" in message, message
-        else:
-            assert "rank 0: backward exchange 1 on this group (summing gradients), layer #" in message, message
-            assert "rank 1: synchronized call 2 on this group, layer #" in message, message
+        # The same through either transport: the headers tell.
+        assert "rank 0: backward exchange 1 on this group (summing gradients), layer #" in message, message
+        assert "rank 1: synchronized call 2 on this group, layer #" in message, message
+        assert "The ranks are at different steps" in message, message
         assert "a rank that skipped the backward, whose loss does not use a synchronized call's output" in message
         assert "SyncBatchNorm(3)" in message and "across the process group" in message, message  # the layer named
+
+
+@pytest.mark.parametrize("replicas, transport", [(1, "shared_memory"), (2, "shared_memory"), (1, "c10d")])
+def test_after_a_step_one_rank_skipped_the_ranks_pair_again(tmp_path, replicas, transport):
+    # Rank 1 raises in its loss at step 1 and goes on (a training loop that skips a bad batch): rank 0's backward
+    # meets rank 1's step 2 forward and both fail; then rank 0's steps 2-3 pair with rank 1's 3-4. Before, the
+    # ranks stayed one call apart: every later step failed on both.
+    results = launch(tmp_path, 2, replicas, [4, 4], ["skipped_step"], transport=transport)["skipped_step"]
+    zero, one = measures(results[0]), measures(results[1])
+    assert sorted(zero["errors"]) == ["1"] and sorted(one["errors"]) == ["1", "2"], (zero, one)
+    assert zero["errors"]["1"][0] == "RuntimeError"  # in backward: torch's autograd engine keeps the message only
+    assert one["errors"]["1"] == ["ValueError", "a bad batch"]
+    assert one["errors"]["2"][0] == "BarrierError"
+    for message in (zero["errors"]["1"][1], one["errors"]["2"][1]):
+        assert "The ranks are at different steps" in message and "the next steps pair again" in message, message
+    for outcome in (zero, one):
+        assert outcome["buffers_equal_on_every_rank"], outcome  # the same merges, bitwise
+        assert outcome["num_batches_tracked"] == [4, 4], outcome  # every forward that got its statistics
+
+
+@pytest.mark.parametrize("replicas, transport", [(1, "shared_memory"), (2, "c10d")])
+def test_ranks_whose_calls_differ_in_requires_grad_or_channels_get_an_error_saying_so(tmp_path, replicas, transport):
+    # input_grad_on_one_rank: before, rank 1 skipped the backward exchange rank 0 waited in (an error naming other
+    # causes at the next step, or the group's timeout where rank 1 went into another collective).
+    # channels_differ: before, the error said the layers were called in a different order or number of times.
+    scenarios = ["input_grad_on_one_rank", "channels_differ"]
+    results = launch(tmp_path, 2, replicas, [4, 4], scenarios, transport=transport)
+    for rank in (0, 1):
+        outcome = measures(results["input_grad_on_one_rank"][rank])
+        assert outcome.get("error") == "BarrierError", outcome  # in the forward, on every rank
+        assert "its statistics require grad on rank(s) 0 but not on rank(s) 1" in outcome["message"], outcome
+        assert outcome["buffers_equal_on_every_rank"] and outcome["num_batches_tracked"] == [1], outcome
+        record = results["channels_differ"][rank]
+        assert record.get("error") == "BarrierError", record
+        assert (
+            "has different numbers of channels on the ranks of the process group: rank 0: 3, rank 1: 4;"
+            in (record["message"])
+        ), record
+        assert "different order" not in record["message"], record
 
 
 @pytest.mark.parametrize("replicas", [1, 2])

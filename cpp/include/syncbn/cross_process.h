@@ -36,7 +36,8 @@ struct GroupStatistics {
 
 // One synchronized call's statistics across the group, in one all-gather of a
 // packed tensor of the same size on every rank: every rank's (call number on
-// this group, kind, layer id, channels, count) and (mean, M2) for as many
+// this group, kind, layer id, channels, count, its counts of forward and
+// backward exchanges, `backward_follows`) and (mean, M2) for as many
 // channels as followed the previous exchange last time (every rank learns this
 // alike from the exchanged headers; exact from the second step of a network
 // that calls its layers in the same order). The headers are checked to agree before anything
@@ -47,10 +48,14 @@ struct GroupStatistics {
 // `mean` and `m2` are this process's, of `count` values per channel (0: an
 // empty batch). `layer_id` identifies the layer alike on every rank (its
 // construction order); `label` names it in errors. A rank that never comes is
-// caught by the group's own timeout, with `label` in the error.
+// caught by the group's own timeout, with `label` in the error. Ranks met at
+// different steps (their exchange counts differ) count on from the furthest
+// rank's counts, alike, so that their next steps pair again. `backward_follows`:
+// this rank's call will sum gradients in backward (its statistics require
+// grad); ranks that differ get a BarrierError on every rank.
 SYNCBN_API GroupStatistics merge_across_processes(const ProcessGroupPtr& group, int64_t layer_id, int64_t count,
                                                   const at::Tensor& mean, const at::Tensor& m2,
-                                                  const std::string& label);
+                                                  const std::string& label, bool backward_follows = false);
 
 // Backward: (d mean, d var) of layer `layer_id`'s call summed over the group:
 // one all-gather, summed in rank order (fewer steps than an all-reduce for so
