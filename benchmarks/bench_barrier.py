@@ -50,7 +50,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import established_sync_master  # noqa: E402  (beside this file)
-from timing import rotated  # noqa: E402  (beside this file)
+from timing import rotated, writable_file  # noqa: E402  (beside this file)
 
 import syncbn_ext  # noqa: E402
 
@@ -185,7 +185,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--passes", type=int, default=2000, help="timed passes per measurement (default: 2000)")
     parser.add_argument("--rounds", type=int, default=11, help="interleaved rounds per replica count (default: 11)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--json", metavar="PATH", type=writable_file, help="also write the results as JSON to PATH")
     args = parser.parse_args(argv)
     if any(r < 2 for r in args.replicas):
         parser.error("--replicas: every count must be at least 2 (a master and a slave)")

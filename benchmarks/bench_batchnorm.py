@@ -56,7 +56,8 @@ replication normalizes each half with its own statistics: it is not meant to mat
 Run it from the repository root::
 
     python benchmarks/bench_batchnorm.py                     # the tables, about 12 minutes on 2 cores
-    python benchmarks/bench_batchnorm.py --quick             # a smoke run (--threads 1), 10-20 s
+    python benchmarks/bench_batchnorm.py --quick             # a smoke run (--threads 1): 31 s on 2 cores, 46-49 s
+                                                             # beside other jobs; 3/4 of it the wrapper's and split's
     python benchmarks/bench_batchnorm.py --only layer memory --rounds 15
     python benchmarks/bench_batchnorm.py --only wrapper --image-sizes 256   # the wrapper's cost, one size
     python benchmarks/bench_batchnorm.py --threads 1         # one intra-op thread per process
@@ -93,7 +94,13 @@ from batchnorm_workloads import (  # noqa: E402  (beside this file)
     check_cnn,
     check_layer,
 )
-from timing import interleaved_rounds, peak_extra_mb, rotated, status_kb  # noqa: E402  (beside this file)
+from timing import (  # noqa: E402  (beside this file)
+    interleaved_rounds,
+    peak_extra_mb,
+    rotated,
+    status_kb,
+    writable_file,
+)
 
 import syncbn_ext  # noqa: E402
 
@@ -282,7 +289,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the wrapper benchmark's image sizes, each its own table (default 128 256; --quick: 64)",
     )
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--json", metavar="PATH", type=writable_file, help="also write the results as JSON to PATH")
     parser.add_argument("--memory-worker", choices=VARIANTS, nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quick = args.quick

@@ -52,7 +52,7 @@ from torch.distributed.nn.functional import all_reduce as differentiable_all_red
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from timing import interleaved_rounds  # noqa: E402  (beside this file)
+from timing import interleaved_rounds, positive_int, writable_file  # noqa: E402  (beside this file)
 
 import syncbn_ext  # noqa: E402
 
@@ -227,14 +227,16 @@ def run(replicas: int, iters: int, rounds: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 iteration x 2 rounds")
-    parser.add_argument("--iters", type=int, default=None, help="timed steps per variant and round (default 3)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: --iters 1 --rounds 2 unless given")
+    parser.add_argument(
+        "--iters", type=positive_int, default=None, help="timed steps per variant and round (default 3; --quick: 1)"
+    )
+    parser.add_argument("--rounds", type=positive_int, default=None, help="interleaved rounds (default 7; --quick: 2)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--json", metavar="PATH", type=writable_file, help="also write the results as JSON")
     args = parser.parse_args(argv)
-    iters = args.iters or (1 if args.quick else 3)
-    rounds = args.rounds or (2 if args.quick else 7)
+    iters = args.iters if args.iters is not None else 1 if args.quick else 3
+    rounds = args.rounds if args.rounds is not None else 2 if args.quick else 7
     print(
         f"syncbn_ext {syncbn_ext.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, {PROCESSES} "
         f"processes (gloo), CNN of {BLOCKS} conv-BN-ReLU blocks, global batch {BATCH}; {iters} steps x {rounds} rounds",

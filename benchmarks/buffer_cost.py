@@ -17,10 +17,11 @@ README ("Use from Python").
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 
 import torch
-from timing import interleaved_rounds, median_ms
+from timing import interleaved_rounds, median_ms, positive_int
 from torch import nn
 
 import syncbn_ext
@@ -42,15 +43,26 @@ def _step(model: nn.Module, x: torch.Tensor) -> None:
     model(x).square().mean().backward()
 
 
-def main() -> None:
+def size_mb(text: str) -> float:
+    """An argparse type: a buffer size in MB, a finite number of at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of at least 0, got {text}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--sizes-mb", type=float, nargs="+", default=[0, 25, 100], help="buffer sizes (default 0 25 100)"
+        "--sizes-mb", type=size_mb, nargs="+", default=[0, 25, 100], help="buffer sizes (default 0 25 100)"
     )
-    parser.add_argument("--replicas", type=int, default=2, help="CPU replicas (default 2)")
-    parser.add_argument("--iters", type=int, default=5, help="timed steps per variant and round (default 5)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
-    args = parser.parse_args()
+    parser.add_argument("--replicas", type=positive_int, default=2, help="CPU replicas (default 2)")
+    parser.add_argument("--iters", type=positive_int, default=5, help="timed steps per variant and round (default 5)")
+    parser.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds (default 5)")
+    args = parser.parse_args(argv)
 
     x = torch.randn(16, 64)
     steps = {}

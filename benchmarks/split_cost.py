@@ -14,6 +14,7 @@ Run in a fresh process (one thread, the log on stdout), by ``bench_batchnorm.py 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -23,7 +24,7 @@ import time
 
 import torch
 import wrapper_cost
-from timing import interleaved_rounds
+from timing import interleaved_rounds, positive_int
 from torch import nn
 
 SLICES = (1, 2, 4)
@@ -142,8 +143,20 @@ def format_table(result: dict, image_size: int) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "image_size", type=positive_int, nargs="?", default=128, metavar="PIXELS", help="image size (default 128)"
+    )
+    parser.add_argument(
+        "--iters", type=positive_int, default=3, help="timed steps per slice count and round (default 3)"
+    )
+    parser.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds (default 5)")
+    args = parser.parse_args(argv)
     began = time.perf_counter()
-    size = int(sys.argv[1]) if len(sys.argv) > 1 else 128
-    print(format_table(run(size, 3, 5), size))
+    print(format_table(run(args.image_size, args.iters, args.rounds), args.image_size))
     print(f"({time.perf_counter() - began:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

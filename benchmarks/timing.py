@@ -1,8 +1,11 @@
-"""Measuring shared by the benchmarks: variants in interleaved rounds (these machines are noisy), memory counters."""
+"""Measuring shared by the benchmarks: variants in interleaved rounds (these machines are noisy), memory counters;
+and the argparse types of their options, checked before any work."""
 
 from __future__ import annotations
 
+import argparse
 import gc
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -61,3 +64,32 @@ def interleaved_rounds(
                 before_each()
             samples[name].append(median_ms(steps[name], iters))
     return samples
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (argparse reports the error as a usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def writable_file(text: str) -> str:
+    """An argparse type: a file path that can be written (e.g. ``--json``), checked before the run rather than
+    found unwritable at its end. A file that does not exist yet is created and removed again to find out."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory")
+    try:
+        if os.path.exists(text):
+            with open(text, "a", encoding="utf-8"):  # appending nothing leaves the file as it is
+                pass
+        else:
+            with open(text, "x", encoding="utf-8"):
+                pass
+            os.remove(text)
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {error.strerror}") from None
+    return text

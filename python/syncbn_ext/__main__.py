@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
+import shutil
 import statistics
 import sys
+import textwrap
 import threading
 import time
 
 import torch
 
 import syncbn_ext
-from syncbn_ext.demo import _max_difference, run_demo  # noqa: F401  (_max_difference: for tests)
+from syncbn_ext.demo import _max_difference, plot_path_error, run_demo  # noqa: F401  (_max_difference: for tests)
 
 
 def barrier_self_check(replicas: int, passes: int) -> float:
@@ -87,12 +90,52 @@ def positive_int(text: str) -> int:
     return value
 
 
+# torch.manual_seed and torch.Generator.manual_seed take seeds from -2**63 to 2**64 - 1.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def seed_int(text: str) -> int:
+    """An argparse type: an integer that torch accepts as a seed (see :data:`SEED_RANGE`)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"must be from -2**63 to 2**64 - 1 (torch's seeds), got {value}")
+    return value
+
+
+def plain_text(docstring: str) -> str:
+    """``docstring`` for ``--help``: its reST markup (double backquotes, roles such as ``:mod:``) dropped, each
+    paragraph wrapped to the terminal's width."""
+    text = re.sub(r":\w+:`([^`]*)`", r"\1", docstring)
+    text = re.sub(r"``([^`]*)``", r"\1", text)
+    width = max(40, min(shutil.get_terminal_size().columns, 100) - 2)
+    return "\n\n".join(
+        textwrap.fill(" ".join(paragraph.split()), width, break_on_hyphens=False)
+        for paragraph in text.strip().split("\n\n")
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m syncbn_ext", description=__doc__)
-    parser.add_argument("--replicas", type=positive_int, default=4, help="CPU replicas (default 4)")
+    parser = argparse.ArgumentParser(
+        prog="python -m syncbn_ext",
+        description=plain_text(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    # The self-check's options: their own dests (not the demo's --replicas), None when not given, so that
+    # "--replicas 2 demo" is an error rather than silently overridden by the demo's default.
     parser.add_argument(
-        "--passes", type=positive_int, default=2000, help="barrier passes in the self-check (default 2000)"
+        "--replicas",
+        dest="check_replicas",
+        metavar="REPLICAS",
+        type=positive_int,
+        default=None,
+        help="CPU replicas in the self-check (default 4; the demo's --replicas goes after 'demo')",
+    )
+    parser.add_argument(
+        "--passes", type=positive_int, default=None, help="barrier passes in the self-check (default 2000)"
     )
     commands = parser.add_subparsers(dest="command")
     demo = commands.add_parser("demo", help="train a small conv net three ways and compare them")
@@ -101,24 +144,45 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.add_argument("--steps", type=positive_int, default=40, help="training steps (default 40)")
     demo.add_argument("--batch-per-replica", type=positive_int, default=4, help="images per replica (default 4)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=seed_int, default=0, help="seed of the weights and the data (default 0)")
     demo.add_argument(
         "--processes", type=positive_int, default=1, help="processes on localhost (torch.distributed, gloo; default 1)"
     )
-    demo.add_argument("--plot", metavar="FILE.png", help="draw the losses and running statistics per step (matplotlib)")
+    demo.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="draw the losses and running statistics per step (matplotlib; the extension names the format)",
+    )
     args = parser.parse_args(argv)
 
     if args.command == "demo":
-        if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
-            demo.error("--plot needs matplotlib: pip install 'syncbn_ext[plot]'")
+        if args.check_replicas is not None:
+            parser.error(
+                f"argument --replicas: before 'demo' it is the self-check's, which the demo does not run; "
+                f"put it after 'demo': python -m syncbn_ext demo --replicas {args.check_replicas}"
+            )
+        if args.passes is not None:
+            parser.error("argument --passes: the self-check's, which the demo does not run")
+        if args.plot is not None:
+            if importlib.util.find_spec("matplotlib") is None:
+                demo.error("--plot needs matplotlib: pip install 'syncbn_ext[plot]'")
+            problem = plot_path_error(args.plot)
+            if problem is not None:
+                demo.error(f"argument --plot: {problem}")
+    try:
+        syncbn_ext.default_timeout_seconds()  # a bad SYNCBN_TIMEOUT: one line now, not a traceback halfway through
+    except ValueError as error:
+        print(f"{parser.prog}: {error}", file=sys.stderr)
+        return 1
+
+    if args.command == "demo":
         run_demo(args.replicas, args.steps, args.batch_per_replica, args.seed, args.processes, args.plot)
         return 0
+    replicas = 4 if args.check_replicas is None else args.check_replicas
+    passes = 2000 if args.passes is None else args.passes
     print_info()
-    median_us = barrier_self_check(args.replicas, args.passes)
-    print(
-        f"self-check: {args.replicas} CPU replicas x {args.passes} barrier passes OK, "
-        f"median round trip {median_us:.1f} us"
-    )
+    median_us = barrier_self_check(replicas, passes)
+    print(f"self-check: {replicas} CPU replicas x {passes} barrier passes OK, median round trip {median_us:.1f} us")
     return 0
 
 

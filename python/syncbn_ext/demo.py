@@ -214,6 +214,26 @@ def _spawn(processes: int, args: tuple) -> list[DemoRun]:
         return torch.load(result, weights_only=False)
 
 
+def plot_path_error(path: str) -> str | None:
+    """Why :func:`plot_runs` could not save to ``path``, found before any training (None when it can): its folder
+    is missing, it is a folder, or its extension names no format that matplotlib writes. Needs matplotlib."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        return f"no folder {folder!r}"
+    if os.path.isdir(path):
+        return f"{path!r} is a folder"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    extension = os.path.splitext(path)[1][1:].lower()
+    if extension not in formats:
+        known = ", ".join(sorted(formats))
+        if not extension:
+            return f"{path!r} has no extension to name its format ({known})"
+        return f"{path!r}: .{extension} is not a format matplotlib writes ({known})"
+    return None
+
+
 def plot_runs(runs: list[DemoRun], path: str) -> None:
     """Draws the loss curves and the running statistics' distance to the whole-batch run, per step, to ``path``."""
     import matplotlib

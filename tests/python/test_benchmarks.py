@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import child_processes
+import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -43,3 +44,59 @@ def test_bench_distributed_smoke():
 def test_buffer_cost_smoke():
     out = run_script("buffer_cost.py", "--sizes-mb", "0", "4", "--iters", "1", "--rounds", "1")
     assert "4 MB" in out and "ms per step per 100 MB of buffers" in out and "torch.equal" in out
+
+
+def usage_error(name, *args):
+    """The last line of a run of benchmark ``name`` that must stop at its arguments: exit status 2, the usage
+    first (nothing measured before it), no traceback."""
+    result = child_processes.run([sys.executable, str(BENCHMARKS / name), *args], timeout=120)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout == "" and result.stderr.startswith("usage: "), result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("name", ["bench_barrier.py", "bench_batchnorm.py", "bench_distributed.py"])
+def test_an_unwritable_json_path_is_a_usage_error(name, tmp_path):
+    path = tmp_path / "missing" / "out.json"
+    last = usage_error(name, "--json", str(path))  # it was found only at the end, after the whole run
+    assert last == f"{name}: error: argument --json: cannot write '{path}': No such file or directory"
+    assert usage_error(name, "--json", str(tmp_path)) == f"{name}: error: argument --json: '{tmp_path}' is a directory"
+
+
+@pytest.mark.parametrize(
+    "name, args, message",
+    [
+        # --iters 0 --rounds 0 became 1 x 2 silently; --iters -1 failed in the spawned ranks after their set-up.
+        (
+            "bench_distributed.py",
+            ["--iters", "0", "--rounds", "0", "--quick"],
+            "argument --iters: must be at least 1, got 0",
+        ),
+        ("bench_distributed.py", ["--iters", "-1"], "argument --iters: must be at least 1, got -1"),
+        ("bench_distributed.py", ["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
+        ("buffer_cost.py", ["--replicas", "0"], "argument --replicas: must be at least 1, got 0"),
+        ("buffer_cost.py", ["--replicas", "-2"], "argument --replicas: must be at least 1, got -2"),
+        (
+            "buffer_cost.py",
+            ["--sizes-mb", "4", "-5"],
+            "argument --sizes-mb: must be a finite number of at least 0, got -5",
+        ),
+        (
+            "buffer_cost.py",
+            ["--sizes-mb", "inf"],
+            "argument --sizes-mb: must be a finite number of at least 0, got inf",
+        ),
+        ("buffer_cost.py", ["--iters", "0"], "argument --iters: must be at least 1, got 0"),
+        ("buffer_cost.py", ["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
+        ("split_cost.py", ["0"], "argument PIXELS: must be at least 1, got 0"),
+        ("split_cost.py", ["--rounds", "x"], "argument --rounds: invalid int value: 'x'"),
+    ],
+)
+def test_bad_counts_are_usage_errors(name, args, message):
+    assert usage_error(name, *args) == f"{name}: error: {message}"
+
+
+def test_split_cost_has_help():
+    out = run_script("split_cost.py", "--help")  # it read sys.argv[1] as the image size: ValueError
+    assert out.startswith("usage: split_cost.py") and "PIXELS" in out and "--rounds" in out

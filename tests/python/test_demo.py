@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import child_processes
@@ -43,15 +44,88 @@ def test_demo_command_prints_the_table():
         (["demo", "--steps", "0"], "argument --steps: must be at least 1, got 0"),
         (["--replicas", "0"], "argument --replicas: must be at least 1, got 0"),
         (["--passes", "x"], "argument --passes: invalid int value: 'x'"),
+        (
+            ["--replicas", "2", "demo"],  # the self-check's option: it was silently overridden by the demo's default
+            "argument --replicas: before 'demo' it is the self-check's, which the demo does not run; "
+            "put it after 'demo': python -m syncbn_ext demo --replicas 2",
+        ),
+        (["--passes", "3", "demo"], "argument --passes: the self-check's, which the demo does not run"),
+        (
+            ["demo", "--seed", str(2**64)],  # torch's seeds end at 2**64 - 1: it overflowed in torch.manual_seed
+            f"argument --seed: must be from -2**63 to 2**64 - 1 (torch's seeds), got {2**64}",
+        ),
+        (
+            ["demo", "--seed", str(-(2**63) - 1)],
+            f"argument --seed: must be from -2**63 to 2**64 - 1 (torch's seeds), got {-(2**63) - 1}",
+        ),
     ],
 )
 def test_bad_arguments_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
-    error = capsys.readouterr().err
-    assert error.strip().splitlines()[-1].endswith(f"error: {message}")
-    assert "Traceback" not in error
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines()[-1].endswith(f"error: {message}")
+    assert "Traceback" not in captured.err
+    assert captured.out == ""  # before any work
+
+
+def test_the_widest_seeds_are_taken(monkeypatch):
+    taken = []
+    monkeypatch.setattr("syncbn_ext.__main__.run_demo", lambda *args: taken.append(args[3]))
+    for seed in (2**64 - 1, -(2**63)):
+        assert main(["demo", "--seed", str(seed)]) == 0
+    assert taken == [2**64 - 1, -(2**63)]
+
+
+@pytest.mark.parametrize(
+    "plot, message",
+    [
+        ("{tmp}/missing/demo.png", "argument --plot: no folder '{tmp}/missing'"),
+        ("{tmp}", "argument --plot: '{tmp}' is a folder"),
+        ("{tmp}/demo.xyz", "argument --plot: '{tmp}/demo.xyz': .xyz is not a format matplotlib writes ("),
+        ("{tmp}/demo", "argument --plot: '{tmp}/demo' has no extension to name its format ("),
+    ],
+)
+def test_a_plot_matplotlib_cannot_write_is_a_usage_error_before_training(plot, message, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--plot", plot.format(tmp=tmp_path)])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    last = captured.err.strip().splitlines()[-1]
+    assert f"demo: error: {message.format(tmp=tmp_path)}" in last
+    assert "Traceback" not in captured.err
+    assert captured.out == ""  # nothing trained
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_command_line_errors_in_one_line_without_a_traceback():
+    """The same checks, as a user meets them: exit status 2, the usage and one error line, no traceback."""
+    result = child_processes.run([sys.executable, "-m", "syncbn_ext", "--replicas", "2", "demo"], timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("usage: python -m syncbn_ext")
+    assert result.stderr.strip().splitlines()[-1].startswith("python -m syncbn_ext: error: argument --replicas: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_a_bad_syncbn_timeout_is_one_line_not_a_traceback():
+    env = {**os.environ, "SYNCBN_TIMEOUT": "abc"}
+    result = child_processes.run([sys.executable, "-m", "syncbn_ext", "--passes", "1"], timeout=120, env=env)
+    assert result.returncode == 1
+    assert result.stdout == ""  # not half the information block
+    assert result.stderr.strip().splitlines() == [
+        "python -m syncbn_ext: SYNCBN_TIMEOUT must be a positive number of seconds, got 'abc'"
+    ]
+
+
+def test_help_is_plain_text(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "python -m syncbn_ext: versions, how _C was loaded" in " ".join(out.split())
+    assert "``" not in out and ":mod:" not in out
 
 
 def test_demo_across_two_processes_draws_its_plot(tmp_path):
