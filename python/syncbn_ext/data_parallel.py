@@ -16,8 +16,10 @@ without a GPU.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -56,10 +58,36 @@ def _is_cpu_device(device: Any) -> bool:
     return False
 
 
+# Per calling thread: the replications whose write-back waits for the end of the forward (None: none waits).
+_deferred = threading.local()
+
+
+@contextlib.contextmanager
+def _one_forward(module: nn.Module) -> Iterator[None]:
+    """A forward of a wrapper around ``module``: under its :func:`~syncbn_ext.replicate.training_forward_lock`, and
+    with the replicas' buffers written back only once the whole forward succeeded, the gather included (outputs
+    that cannot be joined raised with the running statistics already updated)."""
+    with training_forward_lock(module):
+        outer = getattr(_deferred, "replications", None)
+        _deferred.replications = []
+        try:
+            yield
+            for replication in _deferred.replications:
+                replication.write_back()
+        finally:
+            _deferred.replications = outer
+
+
 def _write_back(replicas: Sequence[Any]) -> None:
-    """Writes replica 0's changed buffers into the module (called only after every replica succeeded)."""
+    """Writes replica 0's changed buffers into the module (called only after every replica succeeded); inside a
+    wrapper's forward, once that forward succeeded (see :func:`_one_forward`)."""
     tag = Replication.of(replicas[0]) if replicas else None
-    if tag is not None:
+    if tag is None:
+        return
+    deferred = getattr(_deferred, "replications", None)
+    if deferred is not None:
+        deferred.append(tag[0])
+    else:
         tag[0].write_back()
 
 
@@ -185,7 +213,7 @@ class DataParallelWithCallback(nn.DataParallel):
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Scatters the inputs, replicates the module, runs the callbacks and the replicas, gathers."""
         if not self.cpu_replicas:
-            with training_forward_lock(self.module):
+            with _one_forward(self.module):
                 return super().forward(*inputs, **kwargs)
         with torch.autograd.profiler.record_function("DataParallelWithCallback.forward"):
             if len(self.device_ids) == 1:
@@ -198,7 +226,7 @@ class DataParallelWithCallback(nn.DataParallel):
                     "its replicas run on worker threads the tracer does not follow. Trace or export the module it "
                     "wraps (its .module), in eval mode where it has synchronized layers"
                 )
-            with training_forward_lock(self.module):
+            with _one_forward(self.module):
                 return self._forward_on_cpu_replicas(inputs, kwargs)
 
     def _forward_on_cpu_replicas(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -254,7 +282,7 @@ class DataParallelWithCallback(nn.DataParallel):
         if joined is None:
             replication.group.close("DataParallelWithCallback: run again with a serial backward")
             return None
-        replication.write_back()
+        _write_back(replicas)
         return joined
 
     def replicate(self, module: M, device_ids: Sequence[int | str | torch.device]) -> list[M]:
@@ -344,13 +372,14 @@ class _FinishingReplica:
 
 class _OneTrainingForwardAtATime:
     """The ``forward`` that :func:`patch` installs: the instance's previous one under its module's
-    :func:`~syncbn_ext.replicate.training_forward_lock`. A class so that a patched module can still be pickled."""
+    :func:`~syncbn_ext.replicate.training_forward_lock`, writing the buffers back once it succeeded (see
+    :func:`_one_forward`). A class so that a patched module can still be pickled."""
 
     def __init__(self, forward: Any) -> None:
         self.forward = forward
 
     def __call__(self, *inputs: Any, **kwargs: Any) -> Any:
-        with training_forward_lock(self.forward.__self__.module):
+        with _one_forward(self.forward.__self__.module):
             return self.forward(*inputs, **kwargs)
 
 

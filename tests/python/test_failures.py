@@ -10,6 +10,7 @@ import pytest
 import torch
 from hang_guard import call_with_timeout
 from replica_faults import RaiseInCopy, assert_state_unchanged, state_of, wait_for_replica_threads
+from replica_modules import CpuDataParallel
 from torch import nn
 
 import syncbn_ext
@@ -77,6 +78,35 @@ def test_a_failing_replica_raises_its_exception_and_the_next_forward_works(posit
     reference.load_state_dict(initial)
     x_ok = torch.randn(8, C, dtype=torch.float64)
     torch.testing.assert_close(run(dp, x_ok), reference(x_ok), rtol=1e-10, atol=1e-10)
+
+
+class NoOutputForOneRow(nn.Module):
+    """Returns nothing from the replica whose slice has one row: outputs the gather cannot join."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = SynchronizedBatchNorm1d(C).double()
+
+    def forward(self, x):
+        y = self.bn(x)
+        return None if x.shape[0] == 1 else y
+
+
+@pytest.mark.parametrize("wrapper", ["serial_backward", "parallel_backward", "patched_subclass"])
+def test_outputs_that_cannot_be_gathered_leave_the_model_untouched(wrapper):
+    # Before, replica 0's buffers were written back before the gather: its error came with the running statistics
+    # already updated.
+    model = NoOutputForOneRow()
+    before = state_of(model)
+    if wrapper == "patched_subclass":
+        dp = syncbn_ext.patch(CpuDataParallel(model, 4))
+    else:
+        dp = DataParallelWithCallback(model, ["cpu"] * 4, parallel_backward=wrapper == "parallel_backward")
+    error = run(dp, torch.randn(7, C, dtype=torch.float64))  # 2, 2, 2 and 1 rows
+    assert isinstance(error, TypeError), repr(error)
+    assert_state_unchanged(model, before)
+    assert run(dp, torch.randn(8, C, dtype=torch.float64)).shape == (8, C)
+    assert model.bn.num_batches_tracked.item() == 1
 
 
 class CallsTwiceOnMarker(nn.Module):
