@@ -265,6 +265,22 @@ void notify_copy_finished(const std::shared_ptr<torch::nn::Module>& replica) {
   }
 }
 
+void check_on_first_device(const torch::nn::Module& module, const torch::Device& first) {
+  // "cuda" without an index is the current device; CPU tensors have none.
+  const auto on_first = [&](const torch::Device& device) {
+    return device.type() == first.type() && (!first.has_index() || device.is_cpu() || device.index() == first.index());
+  };
+  auto check = [&](const torch::Tensor& tensor) {
+    TORCH_CHECK_VALUE(!tensor.defined() || on_first(tensor.device()),
+                      "data_parallel: the module must have its parameters and buffers on device ", first,
+                      " (devices[0], where replica 0 runs and whose buffers are written back) but found one of them "
+                      "on device ",
+                      tensor.device(), ": move the module there first (module->to(devices[0]))");
+  };
+  for (const auto& parameter : module.parameters()) check(parameter);
+  for (const auto& buffer : module.buffers()) check(buffer);
+}
+
 std::vector<torch::Tensor> scatter(const torch::Tensor& input, const std::vector<torch::Device>& devices,
                                    int64_t dim) {
   std::vector<torch::Tensor> slices = input.chunk(static_cast<int64_t>(devices.size()), dim);

@@ -310,6 +310,23 @@ TEST(DataParallel, FrozenParametersStayFrozenInTheReplicas) {
   EXPECT_TRUE(linear->bias.grad().defined());
 }
 
+TEST(DataParallel, AModuleNotOnTheFirstDeviceIsRefusedBeforeAnythingRuns) {
+  // Before, CUDA devices given a CPU module cloned replica 0 onto the GPU, whose running statistics were then never
+  // written back (its buffers were on another device than the module's). Checked before any tensor moves, so the
+  // check runs without a GPU.
+  syncbn::SyncBatchNorm1d bn(3);
+  const std::vector<torch::Device> gpus{torch::Device(torch::kCUDA, 0), torch::Device(torch::kCUDA, 1)};
+  try {
+    syncbn::data_parallel(bn, torch::randn({8, 3}), gpus);
+    ADD_FAILURE() << "a CPU module ran on CUDA devices";
+  } catch (const c10::ValueError& error) {
+    EXPECT_NE(std::string(error.what()).find("the module must have its parameters and buffers on device cuda:0"),
+              std::string::npos)
+        << error.what();
+  }
+  EXPECT_EQ(bn->num_batches_tracked.item<int64_t>(), 0);
+}
+
 TEST(ParallelApply, RunsEveryReplicaOnItsOwnThread) {
   // Replicas that meet in a barrier deadlock unless they all run at once.
   syncbn::SyncBatchNorm1d bn(2);

@@ -74,6 +74,10 @@ SYNCBN_API void notify_replica_failure(const std::vector<std::shared_ptr<torch::
 // Calls on_copy_finished() on every module of `replica` that implements ReplicationCallback.
 SYNCBN_API void notify_copy_finished(const std::shared_ptr<torch::nn::Module>& replica);
 
+// As nn.DataParallel: the module's parameters and buffers must be on the first device, where replica 0 runs
+// (its buffers are the ones written back). Throws a ValueError naming the device of one that is not.
+SYNCBN_API void check_on_first_device(const torch::nn::Module& module, const torch::Device& first);
+
 // nn.DataParallel's scatter for one tensor: chunks along `dim` (at most one per
 // device; fewer when the batch is smaller), each copied onto its device.
 SYNCBN_API std::vector<torch::Tensor> scatter(const torch::Tensor& input, const std::vector<torch::Device>& devices,
@@ -164,11 +168,12 @@ torch::Tensor data_parallel(ModuleType module, const torch::Tensor& input,
   const torch::Device destination = output_device.value_or(devices->front());
   if (devices->size() == 1) return module->forward(input.to(devices->front())).to(destination);
 
+  const std::shared_ptr<torch::nn::Module> original = detail::as_module(module);
+  detail::check_on_first_device(*original, devices->front());
   std::vector<torch::Tensor> inputs = detail::scatter(input, *devices, dim);
   std::vector<torch::Device> used(devices->begin(), devices->begin() + static_cast<int64_t>(inputs.size()));
   if (inputs.size() == 1) return module->forward(inputs.front()).to(destination);
 
-  const std::shared_ptr<torch::nn::Module> original = detail::as_module(module);
   const TrainingForwardLock one_training_forward_at_a_time(original);
   std::vector<std::shared_ptr<torch::nn::Module>> clones;
   for (const auto& device : used) clones.push_back(module->clone(device));
