@@ -252,6 +252,12 @@ def _recompile_around(module: nn.Module, name: str) -> None:
         module._initialize()
 
 
+def _is_scripted_torch_batchnorm(layer: torch.jit.ScriptModule) -> bool:
+    """Whether a TorchScript module is one of torch's BatchNorm layers (scripted or traced; "___torch_mangle_N"
+    may follow the module path), not some other layer whose name says BatchNorm (e.g. a FrozenBatchNorm2d)."""
+    return layer._c._type().qualified_name().startswith("__torch__.torch.nn.modules.batchnorm.")
+
+
 def _warn_of_unconverted_layers(model: nn.Module, converter: str, stacklevel: int = 3) -> nn.Module:
     """Warns of the BatchNorm layers a conversion left as they were and that will not synchronize.
 
@@ -277,7 +283,7 @@ def _warn_of_unconverted_layers(model: nn.Module, converter: str, stacklevel: in
     scripted = [
         f"'{name or '<root>'}': {layer.original_name}"
         for name, layer in model.named_modules()
-        if isinstance(layer, torch.jit.ScriptModule) and "BatchNorm" in getattr(layer, "original_name", "")
+        if isinstance(layer, torch.jit.ScriptModule) and _is_scripted_torch_batchnorm(layer)
     ]
     if scripted:
         shown = ", ".join(scripted[:3]) + (f" and {len(scripted) - 3} more" if len(scripted) > 3 else "")

@@ -65,17 +65,24 @@ _deferred = threading.local()
 @contextlib.contextmanager
 def _one_forward(module: nn.Module) -> Iterator[None]:
     """A forward of a wrapper around ``module``: under its :func:`~syncbn_ext.replicate.training_forward_lock`, and
-    with the replicas' buffers written back only once the whole forward succeeded, the gather included (outputs
-    that cannot be joined raised with the running statistics already updated)."""
+    with the replicas' buffers written back only once the whole forward succeeded, the gather included (so outputs
+    the gather cannot join leave the module untouched), or when the same forward replicates again (a forward that
+    runs its replicas twice, e.g. once per view, replicates the second time from the first's buffers)."""
     with training_forward_lock(module):
         outer = getattr(_deferred, "replications", None)
         _deferred.replications = []
         try:
             yield
-            for replication in _deferred.replications:
-                replication.write_back()
+            _write_back_deferred()
         finally:
             _deferred.replications = outer
+
+
+def _write_back_deferred() -> None:
+    """Writes back the replications of the calling thread's forward that are still waiting (see _one_forward)."""
+    deferred = getattr(_deferred, "replications", None)
+    while deferred:
+        deferred.pop(0).write_back()
 
 
 def _write_back(replicas: Sequence[Any]) -> None:
@@ -92,7 +99,8 @@ def _write_back(replicas: Sequence[Any]) -> None:
 
 
 def _apply_and_write_back(replicas: Sequence[Any], inputs: Sequence[Any], kwargs: Any, devices: Any) -> list[Any]:
-    """Runs the replicas, then writes replica 0's changed buffers into the module (only after a success)."""
+    """Runs the replicas, then writes replica 0's changed buffers into the module (only after a success; inside a
+    wrapper's forward, once that succeeded: see :func:`_one_forward`)."""
     outputs = parallel_apply(replicas, inputs, kwargs, devices)
     _write_back(replicas)
     return outputs
@@ -145,9 +153,10 @@ class DataParallelWithCallback(nn.DataParallel):
     than replicas (``parallel_backward=None``, the default), or always (``True``).
 
     Buffers: replica 0 works on copies of the module's buffers, copied back into the module's own tensors once
-    every replica succeeded (running statistics land on the module, as device 0's do with ``nn.DataParallel``).
-    A forward that fails, is interrupted or times out leaves every buffer untouched, and a replica left running
-    on its thread afterwards can write nothing.
+    every replica succeeded and their outputs were gathered (running statistics land on the module, as device
+    0's do with ``nn.DataParallel``). A forward that fails, is interrupted or times out, or whose outputs cannot
+    be gathered, leaves every buffer untouched, and a replica left running on its thread afterwards can write
+    nothing.
 
     Args:
         module: the module to parallelize.
@@ -230,7 +239,7 @@ class DataParallelWithCallback(nn.DataParallel):
                 return self._forward_on_cpu_replicas(inputs, kwargs)
 
     def _forward_on_cpu_replicas(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Scatters, replicates on CPU, runs the replicas (writing replica 0's buffers back) and gathers."""
+        """Scatters, replicates on CPU, runs the replicas and gathers (then replica 0's buffers are written back)."""
         parameters = list(self.module.named_parameters())
         for t in (*(p for _, p in parameters), *self.module.buffers()):
             if t.device != self.src_device_obj:
@@ -287,6 +296,7 @@ class DataParallelWithCallback(nn.DataParallel):
 
     def replicate(self, module: M, device_ids: Sequence[int | str | torch.device]) -> list[M]:
         """Replicates ``module`` on ``device_ids`` (CPU ones included), then runs the replication callbacks."""
+        _write_back_deferred()  # a forward replicating again starts from its previous replicas' buffers
         if device_ids and all(_is_cpu_device(d) for d in device_ids):
             replicas = replicate_on_cpu(module, len(device_ids), detach=not torch.is_grad_enabled())
             Replication(replicas, module)
@@ -306,7 +316,8 @@ class DataParallelWithCallback(nn.DataParallel):
 
     def parallel_apply(self, replicas: Sequence[nn.Module], inputs: Sequence[Any], kwargs: Any) -> list[Any]:
         """Runs every replica on its slice concurrently (see :func:`syncbn_ext.parallel_apply.parallel_apply`),
-        then writes replica 0's changed buffers back into the module."""
+        then writes replica 0's changed buffers back into the module (within this wrapper's forward: once the
+        forward succeeded, or the forward replicates again)."""
         devices = None if self.cpu_replicas else self.device_ids[: len(replicas)]
         return _apply_and_write_back(replicas, inputs, kwargs, devices)
 
@@ -327,6 +338,7 @@ class _ReplicateWithCallbacks:
         self.replicate = replicate
 
     def __call__(self, module: nn.Module, device_ids: Sequence[Any]) -> list[nn.Module]:
+        _write_back_deferred()  # a forward replicating again starts from its previous replicas' buffers
         return _replicate_with_callbacks(self.replicate, module, device_ids)
 
 

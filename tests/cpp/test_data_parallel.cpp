@@ -305,6 +305,10 @@ TEST(DataParallel, FrozenParametersStayFrozenInTheReplicas) {
 
   torch::nn::Linear linear(3, 3);
   linear->weight.requires_grad_(false);
+  for (const auto& replica : syncbn::replicate(linear.ptr(), cpu_replicas(2))) {
+    EXPECT_FALSE(replica->weight.requires_grad());
+    EXPECT_TRUE(replica->bias.requires_grad());
+  }
   syncbn::data_parallel(linear, torch::randn({8, 3}), cpu_replicas(2)).sum().backward();
   EXPECT_FALSE(linear->weight.grad().defined());
   EXPECT_TRUE(linear->bias.grad().defined());

@@ -176,7 +176,19 @@ def test_conversions_warn_of_scripted_and_traced_batchnorm_layers(recwarn):
         assert "BatchNorm2d" in str(record[0].message) and "before torch.jit.script" in str(record[0].message)
     recwarn.clear()
     convert_model(torch.jit.script(nn.Sequential(nn.Conv2d(3, 3, 1))))  # nothing to warn of
+    convert_model(torch.jit.script(nn.Sequential(FrozenBatchNorm2d(3))))  # fixed statistics: nothing to synchronize
     assert not [w for w in recwarn if "TorchScript" in str(w.message)]
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision's kind: BatchNorm with fixed statistics, not a BatchNorm layer."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(channels))
+
+    def forward(self, x):
+        return x * self.scale.view(1, -1, 1, 1)
 
 
 class GroupedBatchNorm(SynchronizedBatchNorm2d):

@@ -109,6 +109,40 @@ def test_outputs_that_cannot_be_gathered_leave_the_model_untouched(wrapper):
     assert model.bn.num_batches_tracked.item() == 1
 
 
+class TwoViews(CpuDataParallel):
+    """A subclass whose forward runs its replicas once per view (a siamese model), as ``nn.DataParallel``'s would."""
+
+    def forward(self, a, b):
+        return super().forward(a), super().forward(b)
+
+
+class TwoViewsWithCallback(DataParallelWithCallback):
+    """The same, derived from the wrapper."""
+
+    def forward(self, a, b):
+        return super().forward(a), super().forward(b)
+
+
+@pytest.mark.parametrize("wrapper", ["patched_subclass", "wrapper_subclass"])
+def test_a_forward_that_runs_its_replicas_twice_updates_the_statistics_twice(wrapper):
+    # The second replication starts from the buffers the first wrote back: as one BatchNorm called on both views.
+    # (The write-back waits for the end of the forward, or for the forward's next replication.)
+    torch.manual_seed(0)
+    model = SynchronizedBatchNorm1d(C).double()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    if wrapper == "patched_subclass":
+        dp = syncbn_ext.patch(TwoViews(model, 2))
+    else:
+        dp = TwoViewsWithCallback(model, ["cpu"] * 2)
+    a, b = torch.randn(8, C, dtype=torch.float64), torch.randn(8, C, dtype=torch.float64) + 1
+    outputs = run(dp, a, b)
+    for output, expected in zip(outputs, (reference(a), reference(b)), strict=True):
+        torch.testing.assert_close(output, expected, rtol=1e-10, atol=1e-10)
+    assert model.num_batches_tracked.item() == 2
+    torch.testing.assert_close(model.running_mean, reference.running_mean, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(model.running_var, reference.running_var, rtol=1e-10, atol=1e-10)
+
+
 class CallsTwiceOnMarker(nn.Module):
     """Calls its BatchNorm twice in the replica whose slice holds the marker: a call-count mismatch."""
 

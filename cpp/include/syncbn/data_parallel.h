@@ -84,7 +84,7 @@ SYNCBN_API std::vector<torch::Tensor> scatter(const torch::Tensor& input, const 
                                               int64_t dim);
 
 // Concatenates the outputs along `dim` on `device` (differentiably); outputs that are all scalars (0-dim)
-// with `dim` 0 are stacked into a vector, with a warning, as nn.DataParallel's gather does. An undefined
+// with `dim` 0 are stacked into a vector, with a warning (once), as nn.DataParallel's gather does. An undefined
 // output is an error naming its replica.
 SYNCBN_API torch::Tensor gather(const std::vector<torch::Tensor>& outputs, const torch::Device& device, int64_t dim);
 
