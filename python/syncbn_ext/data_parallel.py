@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ._native import _C
-from .parallel_apply import parallel_apply, reporting_outcome
+from .parallel_apply import ABORT_TAG, parallel_apply, reporting_outcome
 from .parallel_backward import faster_than_serial, join_replicas
 from .parallel_backward import wanted as parallel_backward_wanted
 from .replicate import (
@@ -93,7 +93,8 @@ def _write_back(replicas: Sequence[Any]) -> None:
         return
     deferred = getattr(_deferred, "replications", None)
     if deferred is not None:
-        deferred.append(tag[0])
+        if tag[0] not in deferred:  # a subclass's parallel_apply around ours hands it on twice
+            deferred.append(tag[0])
     else:
         tag[0].write_back()
 
@@ -193,6 +194,7 @@ class DataParallelWithCallback(nn.DataParallel):
             super().__init__(module, device_ids, output_device, dim)
             self._cpu_replicas = False
             self.parallel_backward = parallel_backward
+            self._adopt_own_parallel_apply()
             return
         if not all(cpu_entries):
             raise ValueError(
@@ -213,6 +215,16 @@ class DataParallelWithCallback(nn.DataParallel):
         self.src_device_obj = _CPU
         self._cpu_replicas = True
         self.parallel_backward = parallel_backward
+        self._adopt_own_parallel_apply()
+
+    def _adopt_own_parallel_apply(self) -> None:
+        """A subclass's own ``parallel_apply`` runs the replicas as :func:`patch` runs an ``nn.DataParallel``
+        subclass's: each replica closes its replication when it fails (the others stop waiting) and finishes its
+        copy when it returns, and replica 0's buffers are written back after a success (else a subclass running
+        the replicas on its own threads lost every running-statistics update, and a failure waited for the
+        timeout)."""
+        if type(self).parallel_apply is not DataParallelWithCallback.parallel_apply:
+            self.parallel_apply = _PatchedParallelApply(self.parallel_apply)
 
     @property
     def cpu_replicas(self) -> bool:
@@ -261,7 +273,8 @@ class DataParallelWithCallback(nn.DataParallel):
         parallel = self.__dict__.get("parallel_backward")
         if parallel is None:
             parallel = faster_than_serial(len(inputs))
-        if len(inputs) > 1 and parallel and parallel_backward_wanted(self.module):
+        own_parallel_apply = type(self).parallel_apply is not DataParallelWithCallback.parallel_apply
+        if len(inputs) > 1 and parallel and not own_parallel_apply and parallel_backward_wanted(self.module):
             outputs = self._apply_with_parallel_backward(inputs, module_kwargs)
             if outputs is not None:
                 return self.gather(outputs, self.output_device)
@@ -378,7 +391,9 @@ class _FinishingReplica:
         if tag is None:
             return self.replica(*args, **kwargs)
         replication, copy_id = tag
-        with reporting_outcome(replication.group, copy_id):
+        # Tagged as our closings are, so that syncbn_ext's parallel_apply, if it runs this, tells the errors the
+        # closing caused in the other replicas from the failure itself.
+        with reporting_outcome(replication.group, copy_id, f"{ABORT_TAG}: "):
             return self.replica(*args, **kwargs)
 
 

@@ -14,6 +14,7 @@ from replica_modules import CpuDataParallel
 from torch import nn
 
 import syncbn_ext
+import syncbn_ext.parallel_apply
 from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm1d
 from syncbn_ext.replica_workers import replica_threads_running
 
@@ -141,6 +142,53 @@ def test_a_forward_that_runs_its_replicas_twice_updates_the_statistics_twice(wra
     assert model.num_batches_tracked.item() == 2
     torch.testing.assert_close(model.running_mean, reference.running_mean, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(model.running_var, reference.running_var, rtol=1e-10, atol=1e-10)
+
+
+class RunsReplicasOnItsOwnThreads(DataParallelWithCallback):
+    """A subclass with a parallel_apply of its own (CpuDataParallel's), which patch() supports for nn.DataParallel."""
+
+    parallel_apply = CpuDataParallel.parallel_apply
+
+
+class CallsTheLibrarysParallelApply(DataParallelWithCallback):
+    def parallel_apply(self, replicas, inputs, kwargs):
+        self.calls = getattr(self, "calls", 0) + 1
+        return syncbn_ext.parallel_apply.parallel_apply(replicas, inputs, kwargs)
+
+
+@pytest.mark.parametrize("subclass", [RunsReplicasOnItsOwnThreads, CallsTheLibrarysParallelApply])
+@pytest.mark.parametrize("parallel_backward", [False, True])
+def test_a_subclass_with_its_own_parallel_apply_updates_the_statistics_and_fails_fast(subclass, parallel_backward):
+    # Before, its replicas' running statistics never reached the module, a failing replica left the others waiting
+    # for SYNCBN_TIMEOUT (120 s here: the hang guard's failure), and with the parallel backward its parallel_apply
+    # was not called at all.
+    model = make_model("between")
+    fault = next(m for m in model.modules() if isinstance(m, RaiseInCopy))
+    fault.armed = False
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    dp = subclass(model, ["cpu"] * 4, parallel_backward=parallel_backward)
+    for _ in range(2):
+        x = torch.randn(8, C, dtype=torch.float64)
+        torch.testing.assert_close(run(dp, x), reference(x), rtol=1e-10, atol=1e-10)
+    for layer, expected in zip(batchnorms(model), batchnorms(reference), strict=True):
+        assert layer.num_batches_tracked.item() == 2
+        torch.testing.assert_close(layer.running_mean, expected.running_mean, rtol=1e-10, atol=1e-10)
+    if subclass is CallsTheLibrarysParallelApply:
+        assert dp.calls == 2
+
+    fault.armed = True
+    before = state_of(model)
+    error = run(dp, torch.randn(8, C, dtype=torch.float64))
+    if subclass is CallsTheLibrarysParallelApply:
+        assert type(error) is KeyError, repr(error)
+    else:  # its own threads raise the first error in replica order: a replica the failure's closing woke
+        assert isinstance(error, syncbn_ext.BarrierAbortedError), repr(error)
+        assert "replica 2 raised KeyError" in str(error)
+    assert_state_unchanged(model, before)
+
+
+def batchnorms(model):
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 class CallsTwiceOnMarker(nn.Module):
