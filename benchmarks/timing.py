@@ -10,6 +10,8 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
+from syncbn_ext.__main__ import positive_int  # noqa: F401  (the command line's, for the benchmarks' options)
+
 
 def rotated(names: Sequence[str], round_index: int) -> list[str]:
     """``names`` in the order of round ``round_index``: rotated by one each round, so no variant always goes first."""
@@ -64,17 +66,6 @@ def interleaved_rounds(
                 before_each()
             samples[name].append(median_ms(steps[name], iters))
     return samples
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1 (argparse reports the error as a usage error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def writable_file(text: str) -> str:
