@@ -307,8 +307,7 @@ torch::Tensor gather(const std::vector<torch::Tensor>& outputs, const torch::Dev
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   if (all_scalars && dim == 0) {
     TORCH_WARN_ONCE("data_parallel: was asked to gather along dimension 0, but all the replicas' outputs are "
-                    "scalars; ",
-               "returning them as a vector instead (as nn.DataParallel does)");
+                    "scalars; returning them as a vector instead (as nn.DataParallel does)");
     return torch::stack(moved);
   }
   return torch::cat(moved, dim);

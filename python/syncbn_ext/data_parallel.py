@@ -223,8 +223,13 @@ class DataParallelWithCallback(nn.DataParallel):
         copy when it returns, and replica 0's buffers are written back after a success (else a subclass running
         the replicas on its own threads lost every running-statistics update, and a failure waited for the
         timeout)."""
-        if type(self).parallel_apply is not DataParallelWithCallback.parallel_apply:
+        if self._has_own_parallel_apply:
             self.parallel_apply = _PatchedParallelApply(self.parallel_apply)
+
+    @property
+    def _has_own_parallel_apply(self) -> bool:
+        """Whether this instance's class overrides ``parallel_apply``."""
+        return type(self).parallel_apply is not DataParallelWithCallback.parallel_apply
 
     @property
     def cpu_replicas(self) -> bool:
@@ -273,8 +278,7 @@ class DataParallelWithCallback(nn.DataParallel):
         parallel = self.__dict__.get("parallel_backward")
         if parallel is None:
             parallel = faster_than_serial(len(inputs))
-        own_parallel_apply = type(self).parallel_apply is not DataParallelWithCallback.parallel_apply
-        if len(inputs) > 1 and parallel and not own_parallel_apply and parallel_backward_wanted(self.module):
+        if len(inputs) > 1 and parallel and not self._has_own_parallel_apply and parallel_backward_wanted(self.module):
             outputs = self._apply_with_parallel_backward(inputs, module_kwargs)
             if outputs is not None:
                 return self.gather(outputs, self.output_device)
