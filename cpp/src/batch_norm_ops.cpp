@@ -72,16 +72,17 @@ std::pair<at::Tensor, at::Tensor> affine_scale_shift(const at::Tensor& input, co
 
 std::tuple<at::Tensor, at::Tensor> local_stats_aten(const at::Tensor& input) {
   check_input(input, "local_stats");
-  const auto dtype = stats_dtype(input);
   if (input.numel() == 0) {
-    at::Tensor zeros = at::zeros({input.size(1)}, input.options().dtype(dtype));
+    at::Tensor zeros = at::zeros({input.size(1)}, input.options().dtype(at::kDouble));
     return {zeros, zeros.clone()};
   }
-  at::Tensor x = input.to(dtype);
+  // Reduced in the opmath dtype (a float64 copy of the input would cost its size again), returned in float64 as
+  // the CPU kernels' are.
+  at::Tensor x = input.to(stats_dtype(input));
   const auto dims = reduced_dims(input);
   at::Tensor mean = x.mean(dims);
   at::Tensor m2 = (x - per_channel_view(mean, x)).square().sum(dims);  // two-pass: no sum of squares
-  return {mean, m2};
+  return {mean.to(at::kDouble), m2.to(at::kDouble)};
 }
 
 void check_merge_stats(const at::Tensor& counts, const at::Tensor& means, const at::Tensor& m2s) {
@@ -203,10 +204,15 @@ at::Tensor backward_elemt_cpu(const at::Tensor& grad_out, const at::Tensor& inpu
 
 // ---- Meta: shapes and dtypes only (symbolic sizes allowed) ---------------------------
 
+// Two per-channel tensors of the given dtype.
+std::tuple<at::Tensor, at::Tensor> per_channel_pair_meta(const at::Tensor& input, at::ScalarType dtype) {
+  auto options = input.options().dtype(dtype);
+  return {at::empty_symint({input.sym_size(1)}, options), at::empty_symint({input.sym_size(1)}, options)};
+}
+
 std::tuple<at::Tensor, at::Tensor> local_stats_meta(const at::Tensor& input) {
   check_input(input, "local_stats");
-  auto options = input.options().dtype(stats_dtype(input));
-  return {at::empty_symint({input.sym_size(1)}, options), at::empty_symint({input.sym_size(1)}, options)};
+  return per_channel_pair_meta(input, at::kDouble);
 }
 
 std::tuple<at::Tensor, at::Tensor> merge_stats_meta(const at::Tensor& counts, const at::Tensor& means,
@@ -225,7 +231,8 @@ at::Tensor normalize_meta(const at::Tensor& input, const at::Tensor&, const at::
 
 std::tuple<at::Tensor, at::Tensor> backward_reduce_meta(const at::Tensor&, const at::Tensor& input,
                                                         const at::Tensor&) {
-  return local_stats_meta(input);
+  check_input(input, "backward_reduce");
+  return per_channel_pair_meta(input, stats_dtype(input));
 }
 
 at::Tensor backward_elemt_meta(const at::Tensor&, const at::Tensor& input, const at::Tensor&, const at::Tensor&,

@@ -466,6 +466,29 @@ def scenario_wide(rank, world, replicas, sizes):
     }
 
 
+def scenario_large_mean(rank, world, replicas, sizes):
+    """float32 data with a mean large next to its spread, each rank's rows another mean: the merged running
+    statistics' errors against float64, and nn.BatchNorm's own float32 errors on the global batch."""
+    total = sum(sizes)
+    generator = torch.Generator().manual_seed(9)
+    x64 = 1e5 + torch.randn(total, C, 6, 6, generator=generator, dtype=torch.float64)
+    x64 += torch.arange(total, dtype=torch.float64).view(-1, 1, 1, 1)  # rows of other means on every rank
+    x = x64.float()
+    mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    ours = syncbn_ext.SyncBatchNorm(C, momentum=1.0)  # momentum 1: the running statistics are the batch's
+    ref32, ref64 = nn.BatchNorm2d(C, momentum=1.0), nn.BatchNorm2d(C, momentum=1.0, dtype=torch.float64)
+    with torch.no_grad():
+        wrap(ours, replicas)(x[mine])
+        ref32(x)
+        ref64(x.double())
+
+    def errors(model: nn.Module) -> dict:
+        var = ((model.running_var.double() - ref64.running_var) / ref64.running_var).abs().max().item()
+        return {"var": var, "mean": max_error(model.running_mean.double(), ref64.running_mean)}
+
+    return {"ours": errors(ours), "nn.BatchNorm": errors(ref32)}
+
+
 def scenario_eval(rank, world, replicas, sizes):
     model, reference = make_models("SyncBatchNorm", None)
     run_steps(model, reference, wrap(model, replicas), sizes, rank, steps=1)

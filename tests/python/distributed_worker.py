@@ -32,6 +32,7 @@ SCENARIOS = {
     "subgroup": parity.scenario_subgroup,
     "released": parity.scenario_released,
     "eval": parity.scenario_eval,
+    "large_mean": parity.scenario_large_mean,
     "ddp_compiled": parity.scenario_ddp_compiled,
     "fsdp": parity.scenario_fsdp,
     "mismatch": faults.scenario_mismatch,

@@ -153,6 +153,36 @@ def test_large_mean_small_variance_float32():
     assert mean_err_ours <= mean_err_nn * 1.05 + 1e-9, (mean_err_ours, mean_err_nn)
 
 
+@pytest.mark.parametrize(
+    "shape, mean, std, replicas",
+    [((8, 64), 1e4, 1e-2, 2), ((8, 64), 1e5, 1.0, 2), ((32, 16, 8, 8), 1e5, 1.0, 4), ((32, 16, 8, 8), 1e3, 1e-3, 4)],
+)
+def test_merging_replicas_keeps_the_precision_of_a_large_mean_float32_batch(shape, mean, std, replicas):
+    # Chan's merge weighs each copy's (mean_i - mean)^2 by its count: local means rounded to float32 made the merged
+    # variance 4-20x less precise than nn.BatchNorm's own float32 result (local statistics are float64 now).
+    generator = torch.Generator().manual_seed(1)
+    x64 = mean + std * torch.randn(shape, generator=generator, dtype=torch.float64)
+    x64 += torch.arange(shape[0], dtype=torch.float64).view(-1, *[1] * (len(shape) - 1)) * std  # means per replica
+    x = x64.float()
+    layer = {2: nn.BatchNorm1d, 4: nn.BatchNorm2d}[len(shape)]
+    ref64 = layer(shape[1], momentum=1.0, dtype=torch.float64)  # momentum 1: running_var = the batch's
+    ref32 = layer(shape[1], momentum=1.0)
+    ours = syncbn_ext.convert_model(layer(shape[1], momentum=1.0))
+    ref64(x.double())
+    ref32(x)
+    call_with_timeout(cpu_dp(ours, replicas), x)
+
+    def relative(buffer: torch.Tensor) -> float:
+        return ((buffer.double() - ref64.running_var) / ref64.running_var).abs().max().item()
+
+    assert relative(ours.running_var) <= min(relative(ref32.running_var), 1e-6), (
+        relative(ours.running_var),
+        relative(ref32.running_var),
+    )
+    mean_error_nn = (ref32.running_mean.double() - ref64.running_mean).abs().max().item()
+    assert (ours.running_mean.double() - ref64.running_mean).abs().max().item() <= mean_error_nn
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # gradcheck of the whole N-replica computation
 # ---------------------------------------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ def assert_parity(result: dict, steps: int, tracked: list[int] | None = None) ->
     ],
 )
 def test_every_rank_matches_one_batchnorm_on_the_global_batch(tmp_path, world, replicas, sizes, transport):
-    scenarios = ["parity", "ddp", "ddp_accumulate", "eval", "channels", "wide", "double_backward"]
+    scenarios = ["parity", "ddp", "ddp_accumulate", "eval", "channels", "wide", "double_backward", "large_mean"]
     scenarios += ["subgroup"] if world == 3 else []
     results = launch(tmp_path, world, replicas, sizes, scenarios, transport=transport)
     for rank in range(world):
@@ -139,6 +139,11 @@ def test_every_rank_matches_one_batchnorm_on_the_global_batch(tmp_path, world, r
                 assert_parity(result, steps=2), case
             # Two micro-batches a step, the first in no_sync(): both counted by the running statistics.
             assert_parity(measures(results["ddp_accumulate"][rank]), steps=4)
+        # float32 data of a large mean: the merge across processes keeps the local statistics' precision (float64),
+        # at least nn.BatchNorm's own on the global batch (local means rounded to float32: 10x less precise).
+        large_mean = measures(results["large_mean"][rank])
+        ours, plain = large_mean["ours"], large_mean["nn.BatchNorm"]
+        assert ours["var"] <= min(plain["var"], 1e-6) and ours["mean"] <= plain["mean"], large_mean
         # A gradient penalty through a merge across processes: its second derivatives too (an empty rank's as well).
         for quantity, error in measures(results["double_backward"][rank]).items():
             assert error < TOLERANCE, (quantity, error)

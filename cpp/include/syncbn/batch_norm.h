@@ -34,9 +34,12 @@ SYNCBN_API std::string eps_mode_name(EpsMode mode);
 // Registered as torch.ops.syncbn.<name> (TORCH_LIBRARY(syncbn)): optimized CPU
 // kernels, Meta kernels, and an ATen implementation serving other devices.
 // Input is (N, C, *); per-channel tensors have length C and the statistics
-// dtype: float32 for float16/bfloat16/float32 input, float64 for float64.
+// dtype: float32 for float16/bfloat16/float32 input, float64 for float64;
+// local_stats returns float64 for every input.
 
-// Per channel: (mean, M2 = sum((x - mean)^2)) of this replica's input.
+// Per channel: (mean, M2 = sum((x - mean)^2)) of this replica's input, in
+// float64 (a float32 local mean would lose the merge's accuracy where the mean
+// is large next to the spread: Chan's formula weighs its rounding by n_i).
 SYNCBN_API std::tuple<at::Tensor, at::Tensor> local_stats(const at::Tensor& input);
 
 // Merges R replicas' statistics: counts (R,) int64, means and m2s (R, C).

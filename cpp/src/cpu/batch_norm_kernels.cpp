@@ -100,17 +100,18 @@ void elementwise(const Layout& layout, const scalar_t* grad, scalar_t* out, cons
 std::tuple<at::Tensor, at::Tensor> local_stats(const at::Tensor& input) {
   check_input(input, "input");
   const Layout layout = layout_of(input);
-  const auto acc_options = input.options().dtype(acc_dtype_of(input));
-  at::Tensor mean = at::zeros({layout.channels}, acc_options);
-  at::Tensor m2 = at::zeros({layout.channels}, acc_options);
+  // float64 whatever the input: the kernels reduce in double, and the merge (Chan's n_i (mean_i - mean)^2 term)
+  // would magnify a rounding of mean_i to float32 where the mean is large next to the spread.
+  const auto stats_options = input.options().dtype(at::kDouble);
+  at::Tensor mean = at::zeros({layout.channels}, stats_options);
+  at::Tensor m2 = at::zeros({layout.channels}, stats_options);
   if (layout.channels == 0 || layout.values_per_channel() == 0) return {mean, m2};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "syncbn_local_stats", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     if (layout.rows) {
-      rows_local_stats<scalar_t>(layout, mean.data_ptr<acc_t>(), m2.data_ptr<acc_t>());
+      rows_local_stats<scalar_t>(layout, mean.data_ptr<double>(), m2.data_ptr<double>());
     } else {
-      planar_stats<scalar_t>(layout, mean.data_ptr<acc_t>(), m2.data_ptr<acc_t>());
+      planar_stats<scalar_t>(layout, mean.data_ptr<double>(), m2.data_ptr<double>());
     }
   });
   return {mean, m2};

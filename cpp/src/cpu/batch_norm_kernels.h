@@ -21,7 +21,7 @@ namespace syncbn::cpu {
 // cache-sized blocks (the block's mean as the shift, then sums of x - shift
 // and its square from cache), blocks merged with Chan's formula in double.
 // Never sum and sum of squares. One read of the input from memory.
-// Returns (mean, m2), acc dtype; zeros for an empty input.
+// Returns (mean, m2) in float64 for every input dtype; zeros for an empty input.
 std::tuple<at::Tensor, at::Tensor> local_stats(const at::Tensor& input);
 
 // Chan's merge of R copies' statistics: copy i has counts[i] values per channel,

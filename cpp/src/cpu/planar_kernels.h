@@ -56,7 +56,7 @@ struct PlanarTasks {
 };
 
 template <typename scalar_t>
-void planar_stats(const Layout& layout, at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* m2_out) {
+void planar_stats(const Layout& layout, double* mean_out, double* m2_out) {
   using IoT = Io<scalar_t>;
   using acc_t = typename IoT::acc_t;
   using Q = typename IoT::Q;
@@ -115,8 +115,8 @@ void planar_stats(const Layout& layout, at::opmath_type<scalar_t>* mean_out, at:
       const MeanM2& p = partial[channel * tasks.parts_per_channel + part];
       total.merge(p.count, p.mean, p.m2);
     }
-    mean_out[channel] = static_cast<acc_t>(total.mean);
-    m2_out[channel] = static_cast<acc_t>(total.m2);
+    mean_out[channel] = total.mean;
+    m2_out[channel] = total.m2;
   }
 }
 

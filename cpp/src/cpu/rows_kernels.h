@@ -249,7 +249,7 @@ void rows_elementwise_region(const scalar_t* x, const scalar_t* grad, scalar_t* 
 // The four operations on a rows layout: each region in turn, then positions
 // folded into channels (in region and position order).
 template <typename scalar_t>
-void rows_local_stats(const Layout& layout, at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* m2_out) {
+void rows_local_stats(const Layout& layout, double* mean_out, double* m2_out) {
   const RowsPlan<scalar_t> plan(layout);
   const auto* data = layout.input.const_data_ptr<scalar_t>();
   std::vector<MeanM2> channel(layout.channels);
@@ -260,8 +260,8 @@ void rows_local_stats(const Layout& layout, at::opmath_type<scalar_t>* mean_out,
     }
   }
   for (int64_t c = 0; c < layout.channels; ++c) {
-    mean_out[c] = static_cast<at::opmath_type<scalar_t>>(channel[c].mean);
-    m2_out[c] = static_cast<at::opmath_type<scalar_t>>(channel[c].m2);
+    mean_out[c] = channel[c].mean;
+    m2_out[c] = channel[c].m2;
   }
 }
 
