@@ -77,11 +77,12 @@ std::vector<bool> reaches(const std::vector<at::Tensor>& starts, const std::vect
   while (!pending.empty() && left > 0) {
     Node* node = pending.back();
     pending.pop_back();
-    if (node == nullptr || stop.count(node) != 0 || !visited.insert(node).second) continue;
+    if (node == nullptr || !visited.insert(node).second) continue;
     if (auto it = wanted.find(node); it != wanted.end()) {
       for (size_t i : it->second) reached[i] = true;
       --left;
     }
+    if (stop.count(node) != 0) continue;  // reached, not walked past
     for (const auto& edge : node->next_edges()) pending.push_back(edge.function.get());
   }
   return reached;

@@ -27,7 +27,7 @@ from torch import nn
 
 from ._native import _C
 from .parallel_apply import ABORT_TAG, parallel_apply, reporting_outcome
-from .parallel_backward import faster_than_serial, join_replicas
+from .parallel_backward import Boundaries, faster_than_serial, join_replicas
 from .parallel_backward import wanted as parallel_backward_wanted
 from .replicate import (
     Replication,
@@ -303,8 +303,9 @@ class DataParallelWithCallback(nn.DataParallel):
         replicas = self.replicate(self.module, self.device_ids[: len(inputs)])
         replication = Replication.of(replicas[0])[0]
         replication.group.parallel_backward = True
+        boundaries = Boundaries(replicas, inputs, kwargs)
         outputs = parallel_apply(replicas, inputs, kwargs)
-        joined = join_replicas(replicas, inputs, kwargs, outputs)
+        joined = join_replicas(replicas, boundaries, outputs)
         if joined is None:
             replication.group.close("DataParallelWithCallback: run again with a serial backward")
             return None

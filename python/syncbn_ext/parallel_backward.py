@@ -5,12 +5,12 @@ one replica after the other, each on its slice of the batch with all of the call
 cores idle when the caller has fewer intra-op threads than there are replicas (``torch.set_num_threads(1)``: the
 forward ran the replicas at once, one thread each); otherwise it is the faster way, since it needs no meeting at
 the synchronized layers (see :func:`faster_than_serial`). :func:`join_replicas` cuts each replica's graph at its
-boundary (its input slices, its handles on the parameters, its buffers, the tensors with a graph its modules hold as
-attributes, and any other leaf its graph reaches) and joins the replicas' outputs through one node whose backward
-runs every replica's part of the graph on a worker thread of its own, at once, and hands the boundary's gradients
-back to autograd. For autograd the result is the same graph: ``backward()``, ``torch.autograd.grad`` (also with
-respect to parameters), ``retain_graph``, hooks and ``DistributedDataParallel``'s reducer see the gradients they
-would see without it.
+boundary (its input slices, its handles on the parameters, its buffers, the tensors with a graph its modules held as
+attributes before the forward, and any other leaf its graph reaches) and joins the replicas' outputs through one node
+whose backward runs every replica's part of the graph on a worker thread of its own, at once, and hands the
+boundary's gradients back to autograd. For autograd the result is the same graph: ``backward()``,
+``torch.autograd.grad`` (also with respect to parameters), ``retain_graph``, hooks and ``DistributedDataParallel``'s
+reducer see the gradients they would see without it.
 
 A second backward (``create_graph=True``) can retrace it only in part. The workers' gradients then have graphs
 that lead into the replicas' graphs directly, and a second backward runs those in the calling thread, one replica
@@ -45,7 +45,7 @@ from .replica_workers import cpu_intra_op_threads
 from .replicate import Replication
 from .scatter_gather import _is_namedtuple
 
-__all__ = ["faster_than_serial", "join_replicas", "wanted"]
+__all__ = ["Boundaries", "faster_than_serial", "join_replicas", "wanted"]
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -396,14 +396,37 @@ def wanted(module: torch.nn.Module) -> bool:
     )
 
 
+class Boundaries:
+    """Where each replica's graph is cut, taken before the forward: its parameter handles, and its inputs, buffers and
+    attribute tensors requiring grad. A tensor the forward itself stores on a module (an old-style ``spectral_norm``'s
+    weight, an activation a hook or a forward caches) is inside the replica's graph, not at its edge: cut there too,
+    the worker's backward would go through it and autograd again after it (a freed graph, or gradients twice)."""
+
+    def __init__(self, replicas: Sequence[torch.nn.Module], inputs: Sequence[Any], kwargs: Sequence[Any]) -> None:
+        self.views = [_parameter_views(r) for r in replicas]
+        self.others = [
+            _other_boundary(r, i, k, v) for r, i, k, v in zip(replicas, inputs, kwargs, self.views, strict=True)
+        ]
+
+
+def _reached(outputs: list[torch.Tensor], views: list[torch.Tensor], others: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Those of a replica's ``others`` its graph from ``outputs`` reaches (leaves kept): an edge to a tensor it does
+    not reach (a module's attribute left from an earlier step, whose graph that step's backward freed) would have
+    autograd run that tensor's graph too."""
+    with_graph = [t if t.grad_fn is not None else None for t in others]
+    reached = _C.reaches(outputs, with_graph, [*views, *others])
+    return [t for t, r in zip(others, reached, strict=True) if r or t.grad_fn is None]
+
+
 def join_replicas(
-    replicas: Sequence[torch.nn.Module], inputs: Sequence[Any], kwargs: Sequence[Any], outputs: Sequence[Any]
+    replicas: Sequence[torch.nn.Module], boundaries: Boundaries, outputs: Sequence[Any]
 ) -> list[Any] | None:
     """The replicas' outputs, their backward to run on one worker per replica (see the module's documentation).
 
     The replication must have been made for it (``group.parallel_backward`` set before the forward: the
-    synchronized layers then merge through nodes of each copy's own). Returns ``outputs`` unchanged when no output
-    requires grad, and ``None`` when the replicas' graphs share nodes (then they must run again, serially).
+    synchronized layers then merge through nodes of each copy's own), and ``boundaries`` taken before its forward.
+    Returns ``outputs`` unchanged when no output requires grad, and ``None`` when the replicas' graphs share nodes
+    (then they must run again, serially).
     """
     tag = Replication.of(replicas[0])
     assert tag is not None and tag[0].group is not None and tag[0].group.parallel_backward
@@ -412,8 +435,8 @@ def join_replicas(
     flat = [[t for t in _tensors(output) if t.requires_grad] for output in outputs]
     if not any(flat):
         return list(outputs)
-    views = [_parameter_views(r) for r in replicas]
-    others = [_other_boundary(r, i, k, v) for r, i, k, v in zip(replicas, inputs, kwargs, views, strict=True)]
+    views = boundaries.views
+    others = [_reached(f, v, o) for f, v, o in zip(flat, views, boundaries.others, strict=True)]
     disjoint, foreign = _C.analyze_replica_graphs(flat, [[*v, *o] for v, o in zip(views, others, strict=True)])
     if not disjoint:
         return None

@@ -364,6 +364,56 @@ def test_a_tensor_with_a_graph_held_as_an_attribute_is_cut_at_and_runs_each_repl
     assert_grads_equal(model, reference)
 
 
+class CachesItsActivation(nn.Module):
+    """Keeps its hidden activation as an attribute and in a list its replicas share, as caching modules do."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(C, C)
+        self.bn = SynchronizedBatchNorm1d(C)
+        self.seen = []
+
+    def forward(self, x):
+        self.hidden = self.linear(x)
+        self.seen.append(self.hidden)
+        return self.bn(self.hidden)
+
+
+@pytest.mark.parametrize("store", ["spectral_norm", "weight_norm", "forward_hook", "forward"])
+def test_tensors_the_forward_stores_on_a_module_are_inside_the_replicas_graph(store):
+    # Taken for the graph's edge (as attribute tensors made before the forward are), the worker's backward went
+    # through them and autograd again after it: "backward through the graph a second time", or, with
+    # retain_graph=True, twice their gradients. Old-style spectral_norm and weight_norm set the weight in a hook.
+    torch.manual_seed(6)
+    if store == "forward":
+        model = CachesItsActivation().double()
+    else:
+        model = nn.Sequential(nn.Linear(C, C), SynchronizedBatchNorm1d(C), nn.ReLU(), nn.Linear(C, 3)).double()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    for m in (model, reference):
+        bn = m.bn if store == "forward" else m[1]
+        if store == "spectral_norm":
+            torch.nn.utils.spectral_norm(bn, "weight", dim=0)
+        elif store == "weight_norm":
+            with pytest.warns(FutureWarning):
+                torch.nn.utils.weight_norm(bn, "weight", dim=None)
+        elif store == "forward_hook":
+            bn.register_forward_hook(lambda module, args, output: setattr(module, "last_output", output))
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True)
+    x = torch.randn(6, C, dtype=torch.float64)
+    for step in range(3):
+        model.zero_grad()
+        reference.zero_grad()
+        y = call_with_timeout(dp, x + step)
+        assert joined(y) and dp.parallel_backward is True
+        grad = torch.randn_like(y)
+        call_with_timeout(y.backward, grad, retain_graph=step == 0)
+        reference(x + step).backward(grad)
+        assert_grads_equal(model, reference)
+    for b, b_ref in zip(model.buffers(), reference.buffers(), strict=True):
+        torch.testing.assert_close(b, b_ref, rtol=1e-12, atol=1e-12)
+
+
 def test_replicas_meeting_at_a_tensor_reached_otherwise_run_again_serially_with_a_warning():
     source = torch.randn(C, dtype=torch.float64, requires_grad=True)
     external = source + 1.0  # a graph every replica reaches, not through an attribute tensor (none saved)

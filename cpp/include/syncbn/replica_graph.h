@@ -28,7 +28,7 @@ SYNCBN_API ReplicaGraphs analyze_replica_graphs(const std::vector<std::vector<at
 
 // Which of `targets` (undefined, or tensors with a grad_fn) a backward from
 // `starts` would reach: whether each target's node is on the starts' graph, cut
-// at `boundary` (whose nodes are not walked).
+// at `boundary` (whose nodes are reached but not walked past).
 SYNCBN_API std::vector<bool> reaches(const std::vector<at::Tensor>& starts, const std::vector<at::Tensor>& targets,
                                      const std::vector<at::Tensor>& boundary);
 
