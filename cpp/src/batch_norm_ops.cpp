@@ -162,19 +162,18 @@ std::tuple<at::Tensor, at::Tensor> merge_stats_cpu(const at::Tensor& counts, con
 std::tuple<at::Tensor, at::Tensor> local_stats_cpu(const at::Tensor& input) {
   check_input(input, "local_stats");
   auto [mean, m2] = cpu::local_stats(input);
-  // Non-finite data (inf, nan): the shifted algorithm's x - mean gives nan where
-  // nn.BatchNorm's plain mean gives inf. Take the plain mean of such a channel;
-  // its variance is nan either way.
-  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "syncbn_local_stats_nonfinite", [&] {
-    const scalar_t* means = mean.const_data_ptr<scalar_t>();
-    const scalar_t* m2s = m2.const_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < mean.numel(); ++c) {
-      if (std::isfinite(static_cast<double>(means[c])) && std::isfinite(static_cast<double>(m2s[c]))) continue;
-      at::Tensor channel = input.select(1, c);
-      mean[c] = channel.sum(at::kDouble).item<double>() / static_cast<double>(channel.numel());
-      m2[c] = std::numeric_limits<double>::quiet_NaN();
-    }
-  });
+  // A channel whose statistics are not finite: non-finite data (inf, nan), where the shifted algorithm's x - mean
+  // gives nan and nn.BatchNorm's plain mean gives inf, or finite data whose squares overflow the kernels' blocks
+  // (float32 deviations beyond ~1e18). Such a channel is computed again plainly in float64: the plain mean, and
+  // an M2 that is nan for non-finite data and right for finite data.
+  double* means = mean.data_ptr<double>();
+  double* m2s = m2.data_ptr<double>();
+  for (int64_t c = 0; c < mean.numel(); ++c) {
+    if (std::isfinite(means[c]) && std::isfinite(m2s[c])) continue;
+    const at::Tensor channel = input.select(1, c).to(at::kDouble);
+    means[c] = channel.sum().item<double>() / static_cast<double>(channel.numel());
+    m2s[c] = (channel - means[c]).square().sum().item<double>();
+  }
   return {mean, m2};
 }
 

@@ -220,9 +220,20 @@ def test_opcheck(index):
 def test_meta_kernels_give_shapes_and_dtypes():
     x = torch.empty(4, 3, 5, 5, device="meta", dtype=torch.bfloat16)
     mean, m2 = ops.local_stats(x)
-    assert mean.device.type == "meta" and mean.shape == (3,) and mean.dtype == torch.float32
+    assert mean.device.type == "meta" and mean.shape == (3,) and mean.dtype == torch.float64
     y = ops.normalize(x, mean, m2, None, None, 1e-5, 0)
     assert y.shape == x.shape and y.dtype == x.dtype
+
+
+def test_cpu_local_stats_of_finite_data_whose_squares_overflow_float32_are_right():
+    # Deviations of 4e18 (squares beyond float32's range in the CPU kernels' blocks) gave an M2 of nan (every output
+    # of the channel nan, where nn.BatchNorm gives a running_var of inf): such a channel is computed again in float64.
+    x = make((4, 2, 6, 6), torch.float32, None)
+    x[:, 0] = torch.where(x[:, 0] > 0, 4e18, -4e18)
+    mean, m2 = ops.local_stats(x)
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=[0, 2, 3], correction=0)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(m2 / (x.numel() / 2), ref_var, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
