@@ -46,6 +46,8 @@ __all__ = [
 
 #: How long the caller still waits for the other replicas once one failed.
 FAILURE_GRACE_SECONDS = 1.0
+# How long the calling thread waits for a replica's report at a time (see run_on_workers's collect).
+_REPORT_POLL_SECONDS = 0.1
 #: How long an interrupted caller (Ctrl-C) waits for the replicas, which it woke, before it propagates.
 INTERRUPT_GRACE_SECONDS = 0.5
 
@@ -202,11 +204,18 @@ def run_on_workers(
     def collect(block_until: float | None) -> bool:
         """Takes one report, waiting until ``block_until`` (monotonic; None: for ever); False on timeout."""
         nonlocal first_failure, first_return
-        wait = None if block_until is None else max(0.0, block_until - time.monotonic())
-        try:
-            index, ok, value = report.get(timeout=wait)
-        except queue.Empty:
-            return False
+        while True:
+            # In short waits: an exception set for this thread without a signal (_thread.interrupt_main(), a
+            # signal raised from another thread, an asynchronous exception) is raised only between bytecodes.
+            left = None if block_until is None else max(0.0, block_until - time.monotonic())
+            try:
+                index, ok, value = report.get(
+                    timeout=_REPORT_POLL_SECONDS if left is None else min(left, _REPORT_POLL_SECONDS)
+                )
+                break
+            except queue.Empty:
+                if left is not None and left <= _REPORT_POLL_SECONDS:
+                    return False
         if ok:
             results[index] = value
             first_return = first_return if first_return is not None else time.monotonic()

@@ -1,14 +1,18 @@
 """Ctrl-C during a forward, in a process of its own (run by test_interrupts.py; prints one JSON line).
 
-4 CPU replicas; replica 0 (the one that holds the model's buffers) sleeps before its layers. SIGINT reaches the main
-thread while the others wait for it in the first synchronized layer. Measures how fast the KeyboardInterrupt
-arrives, waits for the slow replica to wake and run on (a plain nn.BatchNorm1d, then a synchronized layer), and
-checks that nothing reached the model afterwards; then that the next forward is correct.
+4 CPU replicas; replica 0 (the one that holds the model's buffers) sleeps before its layers. An interrupt reaches the
+main thread while the others wait for it in the first synchronized layer: SIGINT, or (argument ``interrupt_main`` or
+``async``) an exception set for the main thread without a signal (``_thread.interrupt_main()``, as IDLE's Ctrl-C;
+``PyThreadState_SetAsyncExc``, as timeout libraries), which Python raises only between bytecodes. Measures how fast
+the KeyboardInterrupt arrives, waits for the slow replica to wake and run on (a plain nn.BatchNorm1d, then a
+synchronized layer), and checks that nothing reached the model afterwards; then that the next forward is correct.
 """
 
 from __future__ import annotations
 
+import _thread
 import copy
+import ctypes
 import json
 import signal
 import sys
@@ -59,10 +63,17 @@ def main() -> None:
     main_thread = threading.main_thread().ident
     sent: dict[str, float] = {}
 
+    how = sys.argv[1] if len(sys.argv) > 1 else "signal"
+
     def interrupt() -> None:
         time.sleep(SIGNAL_AFTER)
         sent["at"] = time.monotonic()
-        signal.pthread_kill(main_thread, signal.SIGINT)
+        if how == "interrupt_main":
+            _thread.interrupt_main()
+        elif how == "async":
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(main_thread), ctypes.py_object(KeyboardInterrupt))
+        else:
+            signal.pthread_kill(main_thread, signal.SIGINT)
 
     threading.Thread(target=interrupt, daemon=True).start()
     result: dict[str, object] = {}
