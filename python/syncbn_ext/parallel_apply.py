@@ -320,6 +320,25 @@ def caused_by_closing(error: BaseException) -> bool:
     return isinstance(error, _C.BarrierAbortedError) and ABORT_TAG in str(error)
 
 
+_CHECKPOINT_AROUND_MESSAGE = (
+    "DataParallelWithCallback: torch.utils.checkpoint(..., use_reentrant=False) around the replicas (around the "
+    "wrapper, or a module that calls it) is not supported: its saved-tensor hooks, which the replicas' threads "
+    "inherit, would pair one replica's recomputed tensors with another's (wrong gradients). Checkpoint inside the "
+    "wrapped module instead (torch.utils.checkpoint(block, x, use_reentrant=False) in its forward): synchronized "
+    "layers recompute such blocks with the whole batch's statistics"
+)
+
+
+def _under_checkpoint() -> bool:
+    """Whether the innermost saved-tensor hooks of the calling thread are torch.utils.checkpoint's (non-reentrant):
+    they match recomputed tensors to saved ones by the order they were packed, which replicas packing at once from
+    several threads do not keep."""
+    if not torch.is_grad_enabled():
+        return False
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"
+
+
 def parallel_apply(
     modules: Sequence[Any],
     inputs: Sequence[Any],
@@ -352,6 +371,9 @@ def parallel_apply(
         raise ValueError(f"parallel apply: {n} replicas but {len(indices)} devices")
     if n == 0:
         return []
+    if _under_checkpoint():
+        close_replications(modules, f"{ABORT_TAG}: {_CHECKPOINT_AROUND_MESSAGE}")
+        raise RuntimeError(_CHECKPOINT_AROUND_MESSAGE)
     on_cpu = all(index is None for index in indices)
     device_type = "cpu" if on_cpu else torch.accelerator.current_accelerator().type  # type: ignore[union-attr]
     streams = [None if index is None else torch.accelerator.current_stream(index) for index in indices]

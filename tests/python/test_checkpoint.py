@@ -115,6 +115,25 @@ def test_reentrant_checkpoint_raises_an_error_that_says_what_to_do(parallel_back
     assert "recomputes each replica on its own" in str(raised.value)  # ours, not torch's advice about `inputs`
 
 
+def test_checkpointing_around_the_wrapper_is_an_error_saying_to_checkpoint_inside(parallel_backward):
+    # Its saved-tensor hooks ran in every replica's thread at once and paired one replica's recomputed tensors with
+    # another's: wrong gradients (2 replicas) or torch's CheckpointError about metadata (uneven slices).
+    torch.manual_seed(2)
+    model = mlp_block().double()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=parallel_backward)
+    x = torch.randn(6, C, dtype=torch.float64, requires_grad=True)
+    before = copy.deepcopy(model.state_dict())
+    message = r"checkpoint\(\.\.\., use_reentrant=False\) around the replicas(.|\n)*inside the wrapped module"
+    with pytest.raises(RuntimeError, match=message):
+        call_with_timeout(checkpoint, dp, x, use_reentrant=False)
+    with pytest.raises(RuntimeError, match=message):  # around a module that calls the wrapper
+        call_with_timeout(Checkpointed(dp), x)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert_parity(model, reference, x.detach(), 2, parallel_backward, steps=1)  # and the next step is right
+
+
 class Noisy(nn.Module):
     """Adds fresh noise: a block that does not recompute what its forward computed (without saved RNG state)."""
 
