@@ -152,10 +152,14 @@ def replicate_on_cpu(module: M, n: int, *, detach: bool | None = None) -> list[M
     if detach is None:
         detach = not torch.is_grad_enabled()
 
+    lazy = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if nn.parameter.is_lazy(t)]
+    if lazy:
+        raise ValueError(
+            f"replicate_on_cpu: the module has uninitialized (lazy) parameters or buffers ({', '.join(lazy[:3])}"
+            f"{' ...' if len(lazy) > 3 else ''}); run one forward of the module itself, outside the wrapper, first "
+            "(the replicas cannot share tensors they would each initialize)"
+        )
     params = list(module.parameters())
-    for p in params:
-        if nn.parameter.is_lazy(p):
-            raise ValueError("replicate_on_cpu: the module has uninitialized (lazy) parameters; run a forward first")
     param_indices = {p: i for i, p in enumerate(params)}
     param_copies = [[p.detach() for p in params] if detach else _parameter_handles(params) for _ in range(n)]
 

@@ -72,9 +72,11 @@ def test_lazy_layer_becomes_synchronized_and_matches_the_whole_batch(kind, optio
     assert not layer._forward_pre_hooks and not layer._load_state_dict_pre_hooks
 
 
-def test_uninitialized_lazy_layer_under_the_wrapper_says_to_run_a_forward_first():
-    wrapper = DataParallelWithCallback(LazySynchronizedBatchNorm2d(), device_ids=["cpu"] * 2)
-    with pytest.raises(ValueError, match="lazy"):
+@pytest.mark.parametrize("affine", [True, False])
+def test_uninitialized_lazy_layer_under_the_wrapper_says_to_run_a_forward_first(affine):
+    # Without affine parameters only its buffers are lazy: torch's "uninitialized parameter in detach" came first.
+    wrapper = DataParallelWithCallback(LazySynchronizedBatchNorm2d(affine=affine), device_ids=["cpu"] * 2)
+    with pytest.raises(ValueError, match=r"lazy\) parameters or buffers \((weight, bias, )?running_mean.*outside"):
         wrapper(torch.randn(4, 3, 2, 2))
 
 
