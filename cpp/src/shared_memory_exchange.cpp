@@ -154,6 +154,14 @@ uint64_t* SharedMemoryExchange::published(int rank) const {
   return reinterpret_cast<uint64_t*>(static_cast<char*>(base_) + kLine + kLine * static_cast<size_t>(rank));
 }
 
+uint64_t* SharedMemoryExchange::gave_up(int rank) const { return published(rank) + 1; }  // same line, next word
+
+void SharedMemoryExchange::give_up(std::string why) {
+  failure_ = std::move(why);
+  atomic(gave_up(rank_)).store(1, std::memory_order_release);
+  wake_waiters();
+}
+
 char* SharedMemoryExchange::slot(uint64_t sequence, int rank) const {
   const size_t index = static_cast<size_t>(sequence & 1) * static_cast<size_t>(world_) + static_cast<size_t>(rank);
   return static_cast<char*>(base_) + kLine + kLine * static_cast<size_t>(world_) + index * slot_stride(capacity_);
@@ -346,26 +354,38 @@ void SharedMemoryExchange::wait_for_every_rank(uint64_t sequence, std::chrono::m
       try {
         hook();
       } catch (...) {
-        failure_ = "a rank's wait was interrupted";
+        give_up("a rank's wait was interrupted");
         throw;
       }
     }
     // A replica whose replication the caller gave up on (Ctrl-C, another replica's failure) waits no more: nothing
     // of this call can reach the model now, and the next forward must not find this wait still going.
     if (ReplicationGroup* replication = ReplicaScope::current_group(); replication && replication->closed()) {
-      failure_ = "a rank's replicas gave up waiting (" + replication->close_reason() + ")";
+      give_up("a rank's replicas gave up waiting (" + replication->close_reason() + ")");
       throw BarrierAbortedError(failure_ + " (shared-memory exchange of rank " + std::to_string(rank_) + ")");
     }
 
     const auto now = std::chrono::steady_clock::now();
     const auto missing = missing_ranks(sequence);
+    // A rank whose own wait failed (interrupted and caught, timed out...) never comes: say so now, not at the
+    // group's timeout.
+    for (int r : missing) {
+      if (atomic(gave_up(r)).load(std::memory_order_acquire) != 0) {
+        std::ostringstream out;
+        out << "rank " << r << " gave up an earlier exchange (its wait failed: interrupted, timed out, or its "
+            << "replicas gave up) and takes part in no later one";
+        give_up(out.str());
+        TORCH_CHECK_WITH(DistBackendError, false, failure_, " (shared-memory exchange of rank ", rank_,
+                         "): the ranks are out of step; start the processes again");
+      }
+    }
     if (now >= next_liveness_check) {
       next_liveness_check = now + kLivenessEvery;
       for (int r : missing) {
         if (process_start_time(pids_[r]) != std::optional<uint64_t>(start_times_[r])) {
           std::ostringstream out;
           out << "rank " << r << " (process " << pids_[r] << ") exited before reaching this exchange";
-          failure_ = out.str();
+          give_up(out.str());
           TORCH_CHECK_WITH(DistBackendError, false, failure_, " (shared-memory exchange of rank ", rank_, ")");
         }
       }
@@ -376,7 +396,7 @@ void SharedMemoryExchange::wait_for_every_rank(uint64_t sequence, std::chrono::m
       out << (missing.size() > 1 ? "s" : "");
       for (size_t i = 0; i < missing.size(); ++i) out << (i ? ", " : " ") << missing[i];
       out << " to reach this exchange";
-      failure_ = out.str();
+      give_up(out.str());
       TORCH_CHECK_WITH(DistBackendError, false, failure_, " (shared-memory exchange of rank ", rank_, ")");
     }
   }

@@ -59,7 +59,8 @@ class SharedMemoryExchange {
   // every rank when the ranks exchange rows of different sizes (naming each
   // rank's kind; rows of one size are gathered whatever their kinds: the
   // caller's headers tell), DistBackendError when a rank does not come within
-  // `timeout` or its process exited; after either, every later exchange fails.
+  // `timeout`, its process exited or its own wait failed (then it gives up:
+  // every later exchange fails at once, on this rank and on the others).
   std::optional<at::Tensor> all_gather(const at::Tensor& tensor, ExchangeKind kind, std::chrono::milliseconds timeout);
 
   // The largest row, in bytes, an exchange carries through the segment.
@@ -69,6 +70,9 @@ class SharedMemoryExchange {
   SharedMemoryExchange(void* base, size_t size, int rank, int world, int64_t capacity, std::vector<int64_t> pids,
                        std::vector<uint64_t> start_times);
   uint64_t* published(int rank) const;
+  // Set (1) by a rank whose wait failed: it takes part in no later exchange, so whoever waits for it stops.
+  uint64_t* gave_up(int rank) const;
+  void give_up(std::string why);
   char* slot(uint64_t sequence, int rank) const;
   void wake_waiters() const;
   void wait_for_every_rank(uint64_t sequence, std::chrono::milliseconds timeout);
@@ -83,7 +87,7 @@ class SharedMemoryExchange {
   std::vector<uint64_t> start_times_;  // each rank's process start (to tell it from a later process of its pid)
   std::mutex mutex_;                   // one exchange at a time from this process
   uint64_t sequence_ = 0;
-  std::string failure_;  // set once an exchange timed out or a rank exited: the segment is out of step
+  std::string failure_;  // set once a wait failed here (timeout, interrupt, a rank exited or gave up): out of step
 };
 
 }  // namespace syncbn::detail

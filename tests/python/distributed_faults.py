@@ -129,16 +129,21 @@ ABANDONED = "syncbn-abandoned-replica"  # the name of a replica thread the wrapp
 
 
 class WaitsOnRank1(nn.Module):
-    """Once armed, rank 1 waits (outside any synchronized layer) until rank 0 says it is done, then exits."""
+    """Once armed, rank 1 waits (outside any synchronized layer) until rank 0 says it is done, then exits (over
+    gloo, where rank 0's abandoned exchange waits inside gloo until then), or goes on (through shared memory)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.armed = False
 
+    released: float | None = None  # when rank 1 went on
+
     def forward(self, x):
         if self.armed and dist.get_rank() == 1:
             dist.distributed_c10d._get_default_store().wait(["interrupt scenario done"])
-            os._exit(0)
+            if syncbn_ext.cross_process_transport() != "shared memory":
+                os._exit(0)
+            WaitsOnRank1.released = WaitsOnRank1.released or time.monotonic()
         return x
 
 
@@ -150,6 +155,19 @@ def scenario_interrupted(rank, world, replicas, sizes):
     x = torch.randn(4, C, dtype=torch.float64)
     run(x)
     model[0].armed = True
+    store = dist.distributed_c10d._get_default_store()
+    if rank == 1:
+        # Through shared memory: rank 1 comes once rank 0 is done (its first exchange pairs with the one rank 0 gave
+        # up), and its next exchange fails at once, told that rank 0 gave up, instead of waiting the group's timeout.
+        try:
+            for _ in range(2):
+                run(x)
+            outcome = {"after": None}
+        except Exception as error:
+            waited = time.monotonic() - WaitsOnRank1.released
+            outcome = {"after": type(error).__name__, "message": str(error), "after_seconds": waited}
+        store.set("peer done", "1")
+        return outcome
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     start = time.monotonic()
@@ -165,7 +183,9 @@ def scenario_interrupted(rank, world, replicas, sizes):
         run(x)
     except Exception as error:  # the ranks are out of step
         outcome.update(after=type(error).__name__, message=str(error), after_seconds=time.monotonic() - start)
-    dist.distributed_c10d._get_default_store().set("interrupt scenario done", "1")
+    store.set("interrupt scenario done", "1")
+    if syncbn_ext.cross_process_transport() == "shared memory":
+        store.wait(["peer done"])  # rank 1 must not find this process gone instead
     # Over gloo, the abandoned master replica's thread still waits inside gloo: it leaves with an error once rank 1
     # has exited. This process must not end before (ending a process with a thread inside gloo's wait aborts it).
     deadline = time.monotonic() + 30

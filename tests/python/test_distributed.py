@@ -298,6 +298,10 @@ def test_ctrl_c_while_waiting_for_another_rank_interrupts_the_wait(tmp_path, rep
     assert outcome["after"] == "DistBackendError", outcome
     assert outcome["after_seconds"] < 30, outcome
     assert reason in outcome["message"] and "out of step" in outcome["message"], outcome
+    if transport == "shared_memory":  # rank 1, told (it waited the group's timeout before)
+        peer = measures(results["interrupted"][1])
+        assert peer["after"] == "DistBackendError" and peer["after_seconds"] < 10, peer
+        assert "rank 0 gave up an earlier exchange" in peer["message"], peer
 
 
 def test_ctrl_c_during_the_communicators_set_up_marks_the_group_failed(tmp_path):
