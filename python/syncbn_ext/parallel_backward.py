@@ -273,6 +273,13 @@ _DOUBLE_BACKWARD_MESSAGE = (
 )
 
 
+def _same_strides(tensor: torch.Tensor) -> torch.Tensor:
+    """A view of ``tensor`` with its very strides."""
+    if tensor.layout != torch.strided:
+        return tensor
+    return tensor.as_strided(tensor.size(), tensor.stride(), tensor.storage_offset())
+
+
 class _JoinReplicas(torch.autograd.Function):
     """Inputs: every replica's boundary, then its outputs, detached; outputs: those outputs, joined to the graph."""
 
@@ -281,7 +288,9 @@ class _JoinReplicas(torch.autograd.Function):
         ctx.plan = plan
         ctx.boundary_count = len(plan.inputs())
         ctx.set_materialize_grads(False)  # an output the loss does not use: None, not zeros (see _BackwardTask)
-        return tuple(tensors[ctx.boundary_count :])
+        # Returned as they are, autograd would re-alias them with a size-1 dimension's stride renormalized (a
+        # channels_last slice of one sample), and the gather's cat would lose their memory format.
+        return tuple(_same_strides(t) for t in tensors[ctx.boundary_count :])
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:

@@ -533,3 +533,27 @@ def test_each_replica_computes_with_its_share_of_the_intra_op_threads(threads, r
         assert torch.get_num_threads() == threads  # the caller's own count is left alone
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize(
+    "memory_format, shape", [(torch.channels_last, (5, C, 3, 4)), (torch.channels_last_3d, (5, C, 2, 3, 4))]
+)
+def test_outputs_keep_their_memory_format_when_a_replica_has_one_sample(memory_format, shape):
+    # Batch 5 over 3 replicas: a slice of one sample, whose joined output autograd re-aliased with its batch
+    # dimension's stride renormalized, so the gather's cat gave a contiguous output where nn.BatchNorm keeps the
+    # input's channels_last.
+    torch.manual_seed(8)
+    layer = SynchronizedBatchNorm2d(C) if len(shape) == 4 else syncbn_ext.SynchronizedBatchNorm3d(C)
+    reference = syncbn_ext.revert_model(copy.deepcopy(layer)).double()
+    dp = DataParallelWithCallback(layer.double(), device_ids=["cpu"] * 3, parallel_backward=True)
+    x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=memory_format)
+    xp, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = call_with_timeout(dp, xp)
+    y_ref = reference(xr)
+    assert joined(y) and y.is_contiguous(memory_format=memory_format)
+    assert y.stride() == y_ref.stride()
+    grad = torch.randn_like(y)
+    call_with_timeout(y.backward, grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(xp.grad, xr.grad, rtol=1e-10, atol=1e-10)
