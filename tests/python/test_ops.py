@@ -122,6 +122,26 @@ def test_normalize_and_backward(name, shape, memory_format, dtype, kernels):
     assert_close(dx, ref_dx, dtype, scale=ref_dx.abs().max().item() if ref_dx.numel() else 1.0)
 
 
+@pytest.mark.parametrize(
+    "memory_format, shape", [(torch.channels_last, (3, 5, 4, 12)), (torch.channels_last_3d, (2, 3, 2, 4, 12))]
+)
+def test_outputs_of_a_channels_last_slice_with_a_step_stay_channels_last(memory_format, shape):
+    # Dense in neither format: it was made contiguous (the output too), where nn.BatchNorm keeps the format its
+    # strides suggest.
+    x = make(shape, torch.float32, memory_format)[..., ::2]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=memory_format)
+    C = shape[1]
+    mean, var = torch.randn(C), torch.rand(C) + 0.5
+    y = ops.normalize(x, mean, var, None, None, 1e-5, 0)
+    torch.testing.assert_close(y, (x - per_channel(mean, x)) / (per_channel(var, x) + 1e-5).sqrt())
+    dx = ops.backward_elemt(torch.ones_like(x), x, mean, mean, var, var)
+    for out in (y, dx):
+        assert out.is_contiguous(memory_format=memory_format)
+        assert out.is_contiguous(memory_format=memory_format) == torch.batch_norm(
+            x, None, None, None, None, True, 0.1, 1e-5, False
+        ).is_contiguous(memory_format=memory_format)
+
+
 def test_normalize_optional_affine_and_clamp_mode(kernels):
     x = make((4, 3, 5), torch.float64, None)
     mean, var = torch.zeros(3, dtype=torch.float64), torch.tensor([1e-7, 1.0, 4.0], dtype=torch.float64)

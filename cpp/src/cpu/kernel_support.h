@@ -119,7 +119,10 @@ Layout layout_of(const at::Tensor& input) {
     layout.input = input;
     layout.format = at::MemoryFormat::ChannelsLast3d;
   } else {
-    layout.input = input.contiguous();
+    // Neither (a slice with a step): made dense in the format its strides suggest, as nn.BatchNorm keeps it.
+    const at::MemoryFormat suggested = input.suggest_memory_format();
+    layout.input = input.contiguous(suggested);
+    layout.format = suggested;
   }
   const int64_t batch = input.size(0), channels = input.size(1);
   const int64_t inner = batch * channels == 0 ? 0 : input.numel() / (batch * channels);
