@@ -36,6 +36,7 @@ from torch.nn.modules.batchnorm import BatchNorm2d as _TorchBatchNorm2d
 from torch.nn.modules.batchnorm import BatchNorm3d as _TorchBatchNorm3d
 from torch.nn.modules.batchnorm import SyncBatchNorm as _TorchSyncBatchNorm
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
 
 from ._native import _C
 from .distributed import exchange_group, resolve_group
@@ -179,12 +180,11 @@ class _SynchronizedBatchNorm(_BatchNorm):
             memo[id(group)] = group
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        # This class's state, also for a parametrized layer, whose class (torch.nn.utils.parametrize's) refuses
-        # __getstate__ to refuse pickling, not copying.
-        new.__setstate__(copy.deepcopy(_SynchronizedBatchNorm.__getstate__(self), memo))
+        # The state by the layer's own class (a subclass may leave something out), also for a parametrized layer,
+        # whose class (torch.nn.utils.parametrize's) refuses __getstate__ to refuse pickling, not copying.
+        state = parametrize.type_before_parametrizations(self).__getstate__(self)
+        new.__setstate__(copy.deepcopy(state, memo))
         return new
-
-    # ---- forward ------------------------------------------------------------------------------------------
 
     # ---- scripting --------------------------------------------------------------------------------------
 

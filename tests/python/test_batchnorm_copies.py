@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import threading
 
 import pytest
 import torch
@@ -105,3 +106,31 @@ def test_pickle_a_wrapper_and_a_replica():
     x = torch.randn(5, CHANNELS, dtype=torch.float64)
     expected = nn.functional.batch_norm(x, None, None, restored.weight, restored.bias, training=True)
     torch.testing.assert_close(restored(x), expected, **F64)
+
+
+class KeepsALock(SynchronizedBatchNorm2d):
+    """Holds a lock (which cannot be copied) that its own __getstate__ leaves out."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lock = threading.Lock()
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("lock", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.lock = threading.Lock()
+
+
+@pytest.mark.parametrize("clone", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))], ids=["deepcopy", "pickle"])
+def test_a_subclass_s_own_getstate_is_used_by_deepcopy_as_by_pickle(clone):
+    # deepcopy called our class's __getstate__, bypassing the subclass's: "cannot pickle '_thread.lock' object".
+    layer = KeepsALock(3)
+    with torch.no_grad():
+        layer.running_mean.add_(1.0)
+    copied = clone(layer)
+    assert type(copied) is KeepsALock and copied.lock is not layer.lock
+    assert torch.equal(copied.running_mean, layer.running_mean)
