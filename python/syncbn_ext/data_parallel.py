@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ._native import _C
-from .parallel_apply import ABORT_TAG, parallel_apply, reporting_outcome
+from .parallel_apply import ABORT_TAG, parallel_apply, reporting_outcome, running_a_replica
 from .parallel_backward import Boundaries, faster_than_serial, join_replicas
 from .parallel_backward import wanted as parallel_backward_wanted
 from .replicate import (
@@ -244,6 +244,13 @@ class DataParallelWithCallback(nn.DataParallel):
         with torch.autograd.profiler.record_function("DataParallelWithCallback.forward"):
             if len(self.device_ids) == 1:
                 return self.module(*inputs, **kwargs)
+            if running_a_replica():
+                # Its replicas would make a replication of their own, synchronizing among themselves only.
+                raise RuntimeError(
+                    f"{type(self).__name__} was called inside a replica of another wrapper (nested wrappers): its "
+                    "replicas would synchronize their BatchNorm statistics among themselves only, not over the whole "
+                    "batch. Wrap the model once (the outer wrapper's replicas already split the batch)"
+                )
             if torch.jit.is_tracing() or torch.compiler.is_exporting():
                 # The replicas run on worker threads, out of the tracer's sight (a synchronized layer traced there
                 # recursed until the thread's stack overflowed).

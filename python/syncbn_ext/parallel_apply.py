@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -42,6 +43,7 @@ __all__ = [
     "parallel_apply",
     "replica_threads_running",
     "run_on_workers",
+    "running_a_replica",
 ]
 
 #: How long the caller still waits for the other replicas once one failed.
@@ -136,10 +138,28 @@ class _ReplicaTask:
                         stack.enter_context(torch.accelerator.device_index(self.device))
                         stack.enter_context(self.stream)
                     stack.enter_context(self.state.applied())
+                    stack.enter_context(_running_a_replica())
                     args = self.args if isinstance(self.args, (list, tuple)) else (self.args,)
                     return self.module(*args, **self.kwargs)
             finally:
                 self.module = self.args = self.kwargs = None
+
+
+_replica_thread = threading.local()  # depth: how many replicas' forwards this thread is running (nested: more)
+
+
+@contextlib.contextmanager
+def _running_a_replica() -> Any:
+    _replica_thread.depth = getattr(_replica_thread, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _replica_thread.depth -= 1
+
+
+def running_a_replica() -> bool:
+    """Whether the calling thread is running a replica's forward (of :func:`parallel_apply`)."""
+    return getattr(_replica_thread, "depth", 0) > 0
 
 
 class _Reporting:

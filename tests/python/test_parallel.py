@@ -351,3 +351,23 @@ def test_gpu_data_parallel_with_callback():
     out = call_with_timeout(DataParallelWithCallback(model, device_ids=[0, 1]), x)
     torch.testing.assert_close(out, expected)
     assert bs.hook_calls == [0, 1] and sorted(bs.passes) == [(0, 5, 10), (1, 5, 10)]
+
+
+def test_a_wrapper_nested_in_another_s_replicas_is_an_error_and_one_of_one_device_is_the_module():
+    # The inner wrapper replicated each outer replica's module, whose copies synchronized among themselves only:
+    # BatchNorm over each outer replica's half of the batch, silently.
+    torch.manual_seed(4)
+    layer = syncbn_ext.SynchronizedBatchNorm2d(3).double()
+    reference = syncbn_ext.revert_model(copy.deepcopy(layer))
+    x = torch.randn(8, 3, 2, 2, dtype=torch.float64) * torch.arange(1, 9, dtype=torch.float64).view(8, 1, 1, 1)
+    before = copy.deepcopy(layer.state_dict())
+    nested = DataParallelWithCallback(DataParallelWithCallback(layer, device_ids=["cpu"] * 2), device_ids=["cpu"] * 2)
+    with pytest.raises(RuntimeError, match=r"inside a replica of another wrapper \(nested wrappers\)") as raised:
+        call_with_timeout(nested, x)
+    assert "(raised in replica 0 on device cpu)" in raised.value.__notes__
+    for name, value in layer.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    # An inner wrapper of one device runs its module: its layers are the outer replicas' and see the whole batch.
+    single = DataParallelWithCallback(DataParallelWithCallback(layer, device_ids=["cpu"]), device_ids=["cpu"] * 2)
+    torch.testing.assert_close(call_with_timeout(single, x), reference(x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.running_var, reference.running_var, rtol=1e-12, atol=1e-12)
