@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <c10/core/DeviceGuard.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <c10/core/DispatchKeySet.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
@@ -93,15 +95,32 @@ struct ReplicaRun {
         on_failure(std::move(on_failure)),
         devices(std::move(devices)),
         group(std::move(group)),
+        caller_streams(current_streams(this->devices)),
         intra_op_threads(intra_op_threads),
         errors(n),
         done(n, false) {}
+
+  // The caller's current stream on each accelerator of `devices` (none for the CPU).
+  static std::vector<c10::Stream> current_streams(const std::optional<std::vector<torch::Device>>& devices) {
+    std::vector<c10::Stream> streams;
+    if (!devices) return streams;
+    for (const auto& device : *devices) {
+      if (device.is_cpu()) continue;
+      const bool seen = std::any_of(streams.begin(), streams.end(),
+                                    [&](const c10::Stream& s) { return s.device() == device; });
+      if (!seen) streams.push_back(c10::impl::getDeviceGuardImpl(device.type())->getStream(device));
+    }
+    return streams;
+  }
 
   const std::function<void(int64_t)> body;
   const std::function<void(const std::string&)> on_failure;
   const std::optional<std::vector<torch::Device>> devices;
   const std::shared_ptr<ReplicationGroup> group;
   const at::ThreadLocalState caller_state;  // grad mode, autocast, ...
+  // Current in every replica's thread, for every device: current streams are per thread, and a replica copying
+  // the master's merged statistics from device 0 must do it on the stream they were computed on (the caller's).
+  const std::vector<c10::Stream> caller_streams;
   const int intra_op_threads;              // each replica thread's; 0: left as torch sets it
 
   std::mutex mutex;
@@ -119,6 +138,7 @@ struct ReplicaRun {
       at::ThreadLocalStateGuard state_guard(caller_state);
       std::optional<ReplicaScope> scope;
       if (group) scope.emplace(group, i);
+      c10::MultiStreamGuard stream_guard(caller_streams);
       c10::OptionalDeviceGuard device_guard;
       if (devices) device_guard.reset_device((*devices)[i]);
       body(i);

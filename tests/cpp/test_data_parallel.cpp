@@ -319,14 +319,18 @@ TEST(DataParallel, AModuleNotOnTheFirstDeviceIsRefusedBeforeAnythingRuns) {
   // written back (its buffers were on another device than the module's). Checked before any tensor moves, so the
   // check runs without a GPU.
   syncbn::SyncBatchNorm1d bn(3);
-  const std::vector<torch::Device> gpus{torch::Device(torch::kCUDA, 0), torch::Device(torch::kCUDA, 1)};
-  try {
-    syncbn::data_parallel(bn, torch::randn({8, 3}), gpus);
-    ADD_FAILURE() << "a CPU module ran on CUDA devices";
-  } catch (const c10::ValueError& error) {
-    EXPECT_NE(std::string(error.what()).find("the module must have its parameters and buffers on device cuda:0"),
-              std::string::npos)
-        << error.what();
+  // Two devices, and one (which skipped the check: an ATen device mismatch from inside the forward, or a forward
+  // on the CPU with the input moved to the GPU).
+  for (const auto& gpus : {std::vector<torch::Device>{torch::Device(torch::kCUDA, 0), torch::Device(torch::kCUDA, 1)},
+                           std::vector<torch::Device>{torch::Device(torch::kCUDA, 0)}}) {
+    try {
+      syncbn::data_parallel(bn, torch::randn({8, 3}), gpus);
+      ADD_FAILURE() << "a CPU module ran on " << gpus.size() << " CUDA device(s)";
+    } catch (const c10::ValueError& error) {
+      EXPECT_NE(std::string(error.what()).find("the module must have its parameters and buffers on device cuda:0"),
+                std::string::npos)
+          << error.what();
+    }
   }
   EXPECT_EQ(bn->num_batches_tracked.item<int64_t>(), 0);
 }

@@ -166,10 +166,10 @@ torch::Tensor data_parallel(ModuleType module, const torch::Tensor& input,
   }
   TORCH_CHECK_VALUE(!devices->empty(), "data_parallel needs at least one device");
   const torch::Device destination = output_device.value_or(devices->front());
+  const std::shared_ptr<torch::nn::Module> original = detail::as_module(module);
+  detail::check_on_first_device(*original, devices->front());  // one device too: before anything runs
   if (devices->size() == 1) return module->forward(input.to(devices->front())).to(destination);
 
-  const std::shared_ptr<torch::nn::Module> original = detail::as_module(module);
-  detail::check_on_first_device(*original, devices->front());
   std::vector<torch::Tensor> inputs = detail::scatter(input, *devices, dim);
   std::vector<torch::Device> used(devices->begin(), devices->begin() + static_cast<int64_t>(inputs.size()));
   if (inputs.size() == 1) return module->forward(inputs.front()).to(destination);
