@@ -115,11 +115,13 @@ class _ReplicaTask:
         args: Any,
         kwargs: dict[str, Any],
         device: int | None,
-        stream: Any,
+        streams: dict[int, Any],
         state: _CallerState,
     ) -> None:
         self.index, self.module, self.args, self.kwargs = index, module, args, kwargs
-        self.device, self.stream, self.state = device, stream, state
+        # The caller's current stream of every device the replicas use: current streams are per thread, and a
+        # replica copying the master's merged statistics from device 0 must do it on the stream they were computed on.
+        self.device, self.streams, self.state = device, streams, state
         self.sequence_number = 0  # set by the runner: where every replica starts numbering its autograd nodes
 
     def __call__(self) -> Any:
@@ -135,8 +137,11 @@ class _ReplicaTask:
                     if group is not None:
                         stack.enter_context(group.replica(copy_id))
                     if self.device is not None:
+                        for index, stream in self.streams.items():
+                            if index != self.device:
+                                stack.enter_context(stream)  # (it makes its device current: set below)
                         stack.enter_context(torch.accelerator.device_index(self.device))
-                        stack.enter_context(self.stream)
+                        stack.enter_context(self.streams[self.device])
                     stack.enter_context(self.state.applied())
                     stack.enter_context(_running_a_replica())
                     args = self.args if isinstance(self.args, (list, tuple)) else (self.args,)
@@ -313,6 +318,21 @@ def _device_index(device: Any) -> int | None:
     return device.index if device.index is not None else torch.accelerator.current_device_index()
 
 
+def _input_device_index(args: Any, kwargs: Any) -> int | None:
+    """The accelerator index of the first tensor in a replica's arguments (None: on the CPU, or no tensor)."""
+    pending = [args, kwargs]
+    while pending:
+        item = pending.pop(0)
+        if isinstance(item, torch.Tensor):
+            accelerator = torch.accelerator.current_accelerator()
+            return _device_index(item.device) if accelerator and item.device.type == accelerator.type else None
+        if isinstance(item, dict):
+            pending[:0] = list(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending[:0] = list(item)
+    return None
+
+
 def close_replications(replicas: Sequence[Any], reason: str) -> None:
     """Closes the replications of ``replicas``, and aborts the barriers modules hold outside any replication."""
     groups = {}
@@ -367,9 +387,11 @@ def parallel_apply(
 ) -> list[Any]:
     """Runs ``modules[i](*inputs[i], **kwargs_tup[i])`` for every ``i`` at once, one worker thread each.
 
-    ``devices[i]`` is replica ``i``'s accelerator (an index or device; it is made current, with its current
-    stream, in the replica's thread), or the CPU / ``None``. The caller's grad mode, inference mode and autocast
-    state apply in every replica. See the module's documentation for failures, interrupts and timeouts.
+    ``devices[i]`` is replica ``i``'s accelerator (an index or device; it is made current, with the caller's
+    current stream of every device used, in the replica's thread), or the CPU / ``None``; without ``devices``,
+    each replica's is its first input tensor's (as ``torch.nn.parallel.parallel_apply`` takes it). The caller's
+    grad mode, inference mode and autocast state apply in every replica. See the module's documentation for
+    failures, interrupts and timeouts.
 
     Returns:
         The outputs, in replica order.
@@ -386,7 +408,10 @@ def parallel_apply(
         kwargs_tup = [{} for _ in modules]
     elif len(kwargs_tup) != n:
         raise ValueError(f"parallel apply: {n} replicas but {len(kwargs_tup)} kwargs")
-    indices = [_device_index(d) for d in devices] if devices is not None else [None] * n
+    if devices is None:  # as torch's: each replica's device is its input's
+        indices = [_input_device_index(inputs[i], kwargs_tup[i]) for i in range(n)]
+    else:
+        indices = [_device_index(d) for d in devices]
     if len(indices) != n:
         raise ValueError(f"parallel apply: {n} replicas but {len(indices)} devices")
     if n == 0:
@@ -396,9 +421,9 @@ def parallel_apply(
         raise RuntimeError(_CHECKPOINT_AROUND_MESSAGE)
     on_cpu = all(index is None for index in indices)
     device_type = "cpu" if on_cpu else torch.accelerator.current_accelerator().type  # type: ignore[union-attr]
-    streams = [None if index is None else torch.accelerator.current_stream(index) for index in indices]
+    streams = {index: torch.accelerator.current_stream(index) for index in indices if index is not None}
     state = _CallerState(device_type)
-    tasks = [_ReplicaTask(i, modules[i], inputs[i], kwargs_tup[i], indices[i], streams[i], state) for i in range(n)]
+    tasks = [_ReplicaTask(i, modules[i], inputs[i], kwargs_tup[i], indices[i], streams, state) for i in range(n)]
     wheres = [
         f"in replica {i} on device {'cpu' if index is None else f'{device_type}:{index}'}"
         for i, index in enumerate(indices)

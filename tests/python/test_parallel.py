@@ -353,6 +353,47 @@ def test_gpu_data_parallel_with_callback():
     assert bs.hook_calls == [0, 1] and sorted(bs.passes) == [(0, 5, 10), (1, 5, 10)]
 
 
+@needs_two_gpus
+def test_gpu_replicas_synchronize_on_the_callers_streams():
+    # Current streams are per thread: replica 1 copied the merged statistics from GPU 0 on GPU 0's default stream,
+    # not on the caller's stream that computed them (kept busy here), and could read them before they were written.
+    torch.manual_seed(0)
+    layer = syncbn_ext.SynchronizedBatchNorm2d(3).double().cuda()
+    reference = syncbn_ext.revert_model(copy.deepcopy(layer))
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64, device="cuda") * 3 + 1
+    dp = DataParallelWithCallback(layer, device_ids=[0, 1])
+    streams = [torch.cuda.Stream(device=i) for i in range(2)]
+    torch.cuda.synchronize()
+
+    def step():
+        with torch.cuda.stream(streams[1]), torch.cuda.stream(streams[0]):
+            torch.cuda._sleep(10**8)  # the caller's stream on GPU 0 is busy for a while
+            y = dp(x)
+        torch.cuda.synchronize()
+        return y
+
+    torch.testing.assert_close(call_with_timeout(step), reference(x))
+    torch.testing.assert_close(layer.running_mean, reference.running_mean)
+    torch.testing.assert_close(layer.running_var, reference.running_var)
+
+
+def test_parallel_apply_without_devices_takes_each_replica_s_device_from_its_input(monkeypatch):
+    # It took every replica for a CPU one (no device made current: all ran on GPU 0's context, on CPU threads' share).
+    from syncbn_ext import parallel_apply as module
+
+    assert module._input_device_index((torch.ones(1),), {}) is None
+    assert module._input_device_index((), {"x": [1, (torch.ones(1),)]}) is None
+    assert module._input_device_index((3, "a"), {}) is None
+    # An accelerator's tensor (meta standing in for one here) gives its device index, wherever it is nested.
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("meta"))
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 0)
+    assert module._input_device_index(([{"y": torch.empty(1, device="meta")}],), {}) == 0
+    assert module._input_device_index((torch.ones(1), torch.empty(1, device="meta")), {}) is None  # the first's
+    monkeypatch.undo()
+    outputs = module.parallel_apply([nn.Identity(), nn.Identity()], [(torch.ones(1),), (torch.zeros(1),)])
+    assert [o.item() for o in outputs] == [1.0, 0.0]
+
+
 def test_a_wrapper_nested_in_another_s_replicas_is_an_error_and_one_of_one_device_is_the_module():
     # The inner wrapper replicated each outer replica's module, whose copies synchronized among themselves only:
     # BatchNorm over each outer replica's half of the batch, silently.
