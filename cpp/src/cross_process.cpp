@@ -428,9 +428,12 @@ GroupStatistics merge_across_processes(const ProcessGroupPtr& group, int64_t lay
 
 std::pair<at::Tensor, at::Tensor> sum_across_processes(const ProcessGroupPtr& group, int64_t layer_id,
                                                        const at::Tensor& grad_mean, const at::Tensor& grad_var,
-                                                       int64_t channels, const std::string& label) {
+                                                       int64_t channels, const std::string& label,
+                                                       std::optional<at::Device> zeros_device) {
   TORCH_CHECK_VALUE(group, "sum_across_processes needs a process group");
-  const auto device = grad_mean.defined() ? grad_mean.device() : grad_var.defined() ? grad_var.device() : at::kCPU;
+  const auto device = grad_mean.defined() ? grad_mean.device()
+                      : grad_var.defined() ? grad_var.device()
+                                           : zeros_device.value_or(at::Device(at::kCPU));
   auto part = [&](const at::Tensor& grad) {
     return grad.defined() ? grad.reshape({channels}).to(at::kDouble)
                           : at::zeros({channels}, at::TensorOptions().dtype(at::kDouble).device(device));

@@ -49,7 +49,7 @@ std::pair<at::Tensor, at::Tensor> group_gradient(const GroupCall& call, const at
                                                  const at::Tensor& grad_var, const at::Tensor& like) {
   if (!spans_processes(call.group)) return {grad_mean, grad_var};
   auto [mean_sum, var_sum] = sum_across_processes(call.group, call.layer_id, grad_mean, grad_var, like.numel(),
-                                                     call.label);
+                                                     call.label, like.device());
   return {mean_sum.to(like.options()), var_sum.to(like.options())};
 }
 

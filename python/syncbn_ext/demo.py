@@ -112,6 +112,8 @@ def train_demo(
         loss = nn.functional.cross_entropy(runner(images.to(device)), labels.to(device))
         loss.backward()
         optimizer.step()
+        if device.type != "cpu":
+            torch.accelerator.synchronize(device)  # the step's kernels, not just their launches
         run.step_seconds.append(time.perf_counter() - start)
         run.losses.append(global_loss(loss))
         if record_history:

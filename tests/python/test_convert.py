@@ -239,6 +239,7 @@ def test_shared_layer_converts_once():
     assert type(reverted[0]) is nn.BatchNorm1d and reverted[0] is reverted[1][1]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="nn.DataParallel without an accelerator runs its module")
 def test_convert_model_wraps_data_parallel():
     net = make_net()
     reference = copy.deepcopy(net)
@@ -292,6 +293,7 @@ def test_conversions_move_the_hooks_and_their_handles_to_the_new_layer(convert):
     assert calls == [("kept", new_type), ("load", new_type)]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="nn.DataParallel without an accelerator runs its module")
 def test_converting_data_parallel_keeps_its_hooks_and_every_layers_training_flag():
     calls = []
     net = make_net().train()

@@ -19,6 +19,7 @@ from syncbn_ext import patch, patch_replication_callback, replicate_on_cpu
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="nn.DataParallel without an accelerator runs its module")
 def test_patch_returns_the_instance_and_is_idempotent():
     assert patch_replication_callback is patch
     dp = nn.DataParallel(nn.Linear(2, 2))
