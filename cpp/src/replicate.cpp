@@ -1,5 +1,6 @@
 #include <syncbn/replicate.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -212,15 +213,46 @@ std::optional<int64_t> version_of(const at::Tensor& tensor) {
 
 void write_back_buffers(const std::vector<BufferCopy>& buffers) {
   torch::NoGradGuard no_grad;
+  enum class Verdict { kChanged, kUnchanged, kCompareValues };
   auto changed_by_replica = [](const BufferCopy& buffer) {
-    if (buffer.copy_version && version_of(buffer.copy) != buffer.copy_version) return true;
-    if (buffer.original_version && version_of(buffer.original) != buffer.original_version) return false;
-    if (buffer.copy.layout() != at::kStrided || buffer.copy.is_nested()) return !buffer.copy_version;
-    return !buffer.copy.sizes().equals(buffer.original.sizes()) || !at::equal(buffer.copy, buffer.original);
+    if (buffer.copy_version && version_of(buffer.copy) != buffer.copy_version) return Verdict::kChanged;
+    if (buffer.original_version && version_of(buffer.original) != buffer.original_version) return Verdict::kUnchanged;
+    if (buffer.copy.layout() != at::kStrided || buffer.copy.is_nested()) {
+      return buffer.copy_version ? Verdict::kUnchanged : Verdict::kChanged;
+    }
+    if (!buffer.copy.sizes().equals(buffer.original.sizes())) return Verdict::kChanged;
+    return Verdict::kCompareValues;  // written without a version bump (an op's out argument), or not at all
   };
-  std::vector<const BufferCopy*> changed;
+  std::vector<const BufferCopy*> changed, on_device;
   for (const auto& buffer : buffers) {
-    if (changed_by_replica(buffer)) changed.push_back(&buffer);
+    switch (changed_by_replica(buffer)) {
+      case Verdict::kChanged:
+        changed.push_back(&buffer);
+        break;
+      case Verdict::kUnchanged:
+        break;
+      case Verdict::kCompareValues:
+        if (buffer.copy.device().is_cpu() || buffer.copy.device() != buffer.original.device()) {
+          if (!at::equal(buffer.copy, buffer.original)) changed.push_back(&buffer);
+        } else {
+          on_device.push_back(&buffer);
+        }
+        break;
+    }
+  }
+  // On an accelerator at::equal waits for the device once per buffer: compare them all, then wait once.
+  if (!on_device.empty()) {
+    std::vector<at::Tensor> differs;
+    const at::Device device = on_device.front()->copy.device();
+    for (const auto* buffer : on_device) {
+      differs.push_back(at::ne(buffer->copy, buffer->original).any().to(device));
+    }
+    const at::Tensor verdicts = at::stack(differs).cpu();
+    const bool* differ = verdicts.const_data_ptr<bool>();
+    for (size_t i = 0; i < on_device.size(); ++i) {
+      if (differ[i]) changed.push_back(on_device[i]);
+    }
+    std::sort(changed.begin(), changed.end());  // written in the buffers' order (elements of one vector)
   }
   for (const auto* buffer : changed) {
     if (!buffer->original.sizes().equals(buffer->copy.sizes())) buffer->original.resize_(buffer->copy.sizes());

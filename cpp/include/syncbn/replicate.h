@@ -93,7 +93,8 @@ struct BufferCopy {
 // in the meantime (through a reference the module keeps besides its buffers:
 // that write stays). Every buffer is compared before any is written, so an
 // original that views another (and sees its write) is not taken for changed.
-// Only dense tensors can be compared (at::equal); others go by their version.
+// Only dense tensors can be compared (at::equal; on an accelerator, all of
+// them at once, waiting for the device once); others go by their version.
 // A tensor without a version (an inference tensor: copies made, or a module
 // built, under inference mode) goes by comparison alone; a non-dense copy
 // without one is copied back.
