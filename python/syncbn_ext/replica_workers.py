@@ -130,6 +130,17 @@ class _WorkerPool:
                 if not self._idle[key]:
                     del self._idle[key]
 
+    def end_idle_workers(self) -> list[threading.Thread]:
+        """Tells every idle worker to end (at the interpreter's exit); returns their threads. A worker just released
+        may still be dropping its task's tensors: it takes the end once back at its queue."""
+        with self._lock:
+            idle = [worker for workers in self._idle.values() for worker in workers]
+            self._idle = {}
+        for worker in idle:
+            worker.thread.name = worker.thread.name.replace("syncbn-worker-", "syncbn-retiring-", 1)
+            worker.tasks.put(None)
+        return [worker.thread for worker in idle]
+
     def busy_or_abandoned_threads(self) -> list[threading.Thread]:
         """The workers' threads that are not idle in the pool (for tests and diagnostics)."""
         with self._lock:
@@ -164,6 +175,11 @@ def _wait_for_replica_threads_at_exit() -> None:
         return [thread for thread in threads if thread.is_alive()]
 
     start = time.monotonic()
+    # Idle workers end too, so that no daemon thread of ours is left for the interpreter's shutdown to stop: one
+    # released to the pool is still running C++ for a moment (its task's tensors freed), and the shutdown stopping
+    # it there aborted the process (seen under load, at the end of a multi-process test).
+    retiring = [t for t in threading.enumerate() if t.name.startswith("syncbn-retiring-") and t.is_alive()]
+    join_all([*_POOL.end_idle_workers(), *retiring], until=start + min(1.0, EXIT_WAIT_SECONDS))
     still_running = join_all(replica_threads_running(), until=start + min(1.0, EXIT_WAIT_SECONDS))
     if still_running:
         print(

@@ -81,6 +81,20 @@ def test_ctrl_c_reaches_the_caller_at_once_and_the_slow_replica_writes_nothing_w
     assert report["next_running_mean_error"] < 1e-12
 
 
+def test_at_exit_every_worker_of_ours_ends_idle_ones_too():
+    # Idle workers were left to the interpreter's shutdown, which stops daemon threads where they are: one just
+    # released to the pool was still freeing its task's tensors in C++, and stopping it there aborted the process
+    # ("terminate called without an active exception"; seen under load at the end of a multi-process test).
+    from syncbn_ext import replica_workers
+
+    dp = DataParallelWithCallback(SynchronizedBatchNorm1d(3), device_ids=["cpu"] * 3)
+    call_with_timeout(lambda: dp(torch.randn(6, 3)).sum().backward())
+    assert any(t.name.startswith("syncbn-worker-") for t in threading.enumerate())
+    replica_workers._wait_for_replica_threads_at_exit()
+    assert [t.name for t in threading.enumerate() if t.name.startswith("syncbn-")] == []
+    call_with_timeout(lambda: dp(torch.randn(6, 3)).sum().backward())  # (a later forward starts workers again)
+
+
 @pytest.mark.parametrize(("scenario", "status"), [("interrupt", -signal.SIGINT), ("backward-timeout", 0)])
 def test_the_exit_waits_for_replicas_left_behind_and_ends_with_the_scripts_status(scenario, status):
     # Replicas left behind (Ctrl-C during a forward; a replica late in the parallel backward) still run torch ops
