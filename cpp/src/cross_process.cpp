@@ -17,6 +17,7 @@
 #include <syncbn/errors.h>
 #include <syncbn/replication_group.h>
 
+#include "host_values.h"
 #include "shared_memory_exchange.h"
 #include "waiting_across_processes.h"
 
@@ -340,9 +341,10 @@ GatheredRows exchange_rows(const ProcessGroupPtr& group, detail::ExchangeKind ki
   const auto kind_code = static_cast<int64_t>(kind);
   at::Tensor packed = at::zeros({kHeader + 2 * capacity}, at::TensorOptions().dtype(at::kLong).device(device));
   packed.narrow(0, 0, kHeader)
-      .copy_(at::tensor({numbers.number, kind_code, layer_id, channels, count, numbers.calls,
-                         numbers.backward_exchanges, static_cast<int64_t>(backward_follows)},
-                        at::kLong));
+      .copy_(detail::host_values_to(at::tensor({numbers.number, kind_code, layer_id, channels, count, numbers.calls,
+                                                numbers.backward_exchanges, static_cast<int64_t>(backward_follows)},
+                                               at::kLong),
+                                    device));
   at::Tensor packed_values = packed.narrow(0, kHeader, 2 * capacity).view(at::kDouble);
   packed_values.narrow(0, 0, first).copy_(values.narrow(0, 0, first));
   packed_values.narrow(0, capacity, first).copy_(values.narrow(0, channels, first));
@@ -421,7 +423,8 @@ GroupStatistics merge_across_processes(const ProcessGroupPtr& group, int64_t lay
   for (const int64_t c : gathered.counts) total += c;
 
   // Every rank's (mean, M2), merged in rank order: the same float64 operations on every rank.
-  at::Tensor count_tensor = at::tensor(gathered.counts, at::TensorOptions().dtype(at::kLong)).to(mean.device());
+  at::Tensor count_tensor =
+      detail::host_values_to(at::tensor(gathered.counts, at::TensorOptions().dtype(at::kLong)), mean.device());
   auto [group_mean, group_var] = merge_stats(count_tensor, gathered.first, gathered.second);
   return {group_mean, group_var, total};
 }

@@ -9,6 +9,7 @@
 #include <syncbn/once_differentiable.h>
 
 #include "cpu/batch_norm_kernels.h"
+#include "host_values.h"
 
 namespace syncbn::detail {
 
@@ -188,7 +189,7 @@ Merged merge_values(const std::vector<at::Tensor>& means, const std::vector<at::
     local_means.push_back(means[i].detach().to(device, across ? at::kDouble : dtype));
     local_m2s.push_back(m2s[i].detach().to(device, across ? at::kDouble : dtype));
   }
-  at::Tensor count_tensor = at::tensor(counts, at::TensorOptions().dtype(at::kLong)).to(device);
+  at::Tensor count_tensor = host_values_to(at::tensor(counts, at::TensorOptions().dtype(at::kLong)), device);
   auto [mean, var] = merge_stats(count_tensor, at::stack(local_means), at::stack(local_m2s));
   if (!across) return {mean, var, total};
   GroupStatistics group = merge_across_processes(call.group, call.layer_id, total, mean,
