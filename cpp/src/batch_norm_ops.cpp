@@ -76,13 +76,19 @@ std::tuple<at::Tensor, at::Tensor> local_stats_aten(const at::Tensor& input) {
     at::Tensor zeros = at::zeros({input.size(1)}, input.options().dtype(at::kDouble));
     return {zeros, zeros.clone()};
   }
-  // Reduced in the opmath dtype (a float64 copy of the input would cost its size again), returned in float64 as
-  // the CPU kernels' are.
+  // Reduced in the opmath dtype (a float64 copy of the input would cost its size again), with that mean as a
+  // shift: what it missed, the mean of the deviations, is added in float64, so the mean keeps its digits for the
+  // merge (as the CPU kernels' does). Two passes: no sum of squares.
   at::Tensor x = input.to(stats_dtype(input));
   const auto dims = reduced_dims(input);
-  at::Tensor mean = x.mean(dims);
-  at::Tensor m2 = (x - per_channel_view(mean, x)).square().sum(dims);  // two-pass: no sum of squares
-  return {mean.to(at::kDouble), m2.to(at::kDouble)};
+  const double count = static_cast<double>(input.numel() / input.size(1));
+  at::Tensor shift = x.mean(dims);
+  at::Tensor deviations = x - per_channel_view(shift, x);
+  at::Tensor correction = deviations.sum(dims).to(at::kDouble) / count;
+  // (Non-finite data: the plain mean, inf as nn.BatchNorm's, where a correction of inf - inf would give nan.)
+  at::Tensor mean = at::where(shift.isfinite(), shift.to(at::kDouble) + correction, shift.to(at::kDouble));
+  at::Tensor m2 = deviations.square().sum(dims).to(at::kDouble) - correction.square() * count;
+  return {mean, m2};
 }
 
 void check_merge_stats(const at::Tensor& counts, const at::Tensor& means, const at::Tensor& m2s) {

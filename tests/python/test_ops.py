@@ -193,6 +193,19 @@ def test_large_mean_float32_statistics_are_precise(kernels):
     assert (mean.double() - ref_mean).abs().max() < 1e-3
 
 
+def test_merged_statistics_of_large_mean_float32_slices_keep_their_precision(kernels):
+    # Chan's merge weighs each slice's (mean_i - mean)^2 by its count: a local mean rounded to float32 gave a merged
+    # variance 1e-3 off (1e5 + randn; nn.BatchNorm's own float32 error: 2e-7). Every kernel gives float64 means.
+    x = make((32, 4, 6, 6), torch.float32, None, seed=6, mean=1e5)
+    x += torch.arange(32, dtype=torch.float32).view(-1, 1, 1, 1)  # slices of other means
+    stats = [kernels.local_stats(part) for part in x.chunk(4)]
+    counts = torch.full((4,), 8 * 36)
+    mean, var = kernels.merge_stats(counts, torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats]))
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=[0, 2, 3], correction=0)
+    assert ((var - ref_var) / ref_var).abs().max() < 1e-6
+    assert (mean - ref_mean).abs().max() < 1e-6
+
+
 def test_errors_are_clear():
     with pytest.raises(ValueError, match=r"expected an input of shape \(N, C, \*\), got 1D input"):
         ops.local_stats(torch.randn(4))
