@@ -311,7 +311,7 @@ class DataParallelWithCallback(nn.DataParallel):
         replication = Replication.of(replicas[0])[0]
         replication.group.parallel_backward = True
         boundaries = Boundaries(replicas, inputs, kwargs)
-        outputs = parallel_apply(replicas, inputs, kwargs)
+        outputs = parallel_apply(replicas, inputs, kwargs, ["cpu"] * len(replicas))
         joined = join_replicas(replicas, boundaries, outputs)
         if joined is None:
             replication.group.close("DataParallelWithCallback: run again with a serial backward")
@@ -343,7 +343,7 @@ class DataParallelWithCallback(nn.DataParallel):
         """Runs every replica on its slice concurrently (see :func:`syncbn_ext.parallel_apply.parallel_apply`),
         then writes replica 0's changed buffers back into the module (within this wrapper's forward: once the
         forward succeeded, or the forward replicates again)."""
-        devices = None if self.cpu_replicas else self.device_ids[: len(replicas)]
+        devices = ["cpu"] * len(replicas) if self.cpu_replicas else self.device_ids[: len(replicas)]
         return _apply_and_write_back(replicas, inputs, kwargs, devices)
 
     def gather(self, outputs: Any, output_device: int | torch.device) -> Any:

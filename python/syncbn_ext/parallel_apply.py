@@ -421,9 +421,16 @@ def parallel_apply(
         raise RuntimeError(_CHECKPOINT_AROUND_MESSAGE)
     on_cpu = all(index is None for index in indices)
     device_type = "cpu" if on_cpu else torch.accelerator.current_accelerator().type  # type: ignore[union-attr]
-    streams = {index: torch.accelerator.current_stream(index) for index in indices if index is not None}
+    used = sorted({index for index in indices if index is not None})
     state = _CallerState(device_type)
-    tasks = [_ReplicaTask(i, modules[i], inputs[i], kwargs_tup[i], indices[i], streams, state) for i in range(n)]
+
+    def caller_streams() -> dict[int, Any]:
+        # Objects of each task's own: a Stream object keeps the state its context restores, one entry at a time.
+        return {index: torch.accelerator.current_stream(index) for index in used}
+
+    tasks = [
+        _ReplicaTask(i, modules[i], inputs[i], kwargs_tup[i], indices[i], caller_streams(), state) for i in range(n)
+    ]
     wheres = [
         f"in replica {i} on device {'cpu' if index is None else f'{device_type}:{index}'}"
         for i, index in enumerate(indices)

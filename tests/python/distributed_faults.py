@@ -132,11 +132,11 @@ class WaitsOnRank1(nn.Module):
     """Once armed, rank 1 waits (outside any synchronized layer) until rank 0 says it is done, then exits (over
     gloo, where rank 0's abandoned exchange waits inside gloo until then), or goes on (through shared memory)."""
 
+    released: float | None = None  # when rank 1 went on
+
     def __init__(self) -> None:
         super().__init__()
         self.armed = False
-
-    released: float | None = None  # when rank 1 went on
 
     def forward(self, x):
         if self.armed and dist.get_rank() == 1:
@@ -159,12 +159,13 @@ def scenario_interrupted(rank, world, replicas, sizes):
     if rank == 1:
         # Through shared memory: rank 1 comes once rank 0 is done (its first exchange pairs with the one rank 0 gave
         # up), and its next exchange fails at once, told that rank 0 gave up, instead of waiting the group's timeout.
+        start = time.monotonic()
         try:
             for _ in range(2):
                 run(x)
             outcome = {"after": None}
         except Exception as error:
-            waited = time.monotonic() - WaitsOnRank1.released
+            waited = time.monotonic() - (WaitsOnRank1.released or start)
             outcome = {"after": type(error).__name__, "message": str(error), "after_seconds": waited}
         store.set("peer done", "1")
         return outcome

@@ -65,14 +65,14 @@ SYNCBN_API GroupStatistics merge_across_processes(const ProcessGroupPtr& group, 
 // (backward exchange number, kind, layer id, channels), so that ranks out of step
 // (one in backward, another in its next forward: a rank whose loss does not
 // use a call's output makes no backward exchange for it) fail with a
-// BarrierError on every rank, whatever the transport. `device`: where this
+// BarrierError on every rank, whatever the transport. `zeros_device`: where this
 // rank's zeros go when both gradients are undefined (default: the CPU; give the
 // statistics' device, so that every rank of an NCCL group sends CUDA rows).
 SYNCBN_API std::pair<at::Tensor, at::Tensor> sum_across_processes(const ProcessGroupPtr& group, int64_t layer_id,
                                                                   const at::Tensor& grad_mean,
                                                                   const at::Tensor& grad_var, int64_t channels,
                                                                   const std::string& label,
-                                                                  std::optional<at::Device> device = std::nullopt);
+                                                                  std::optional<at::Device> zeros_device = std::nullopt);
 
 // Whether `group` synchronizes anything: not null, and more than one rank.
 SYNCBN_API bool spans_processes(const ProcessGroupPtr& group);

@@ -145,8 +145,8 @@ std::vector<torch::Tensor> parallel_apply(std::vector<ModuleType>& modules, cons
 // runs the replicas with syncbn::parallel_apply and gathers the outputs along
 // `dim` on `output_device` (default: the first device). `devices`: CUDA devices
 // (default: all of them), or N CPU replicas, std::vector<torch::Device>(N,
-// torch::kCPU). With one device, or none given and no GPU, the module runs
-// directly.
+// torch::kCPU). With one device the module runs directly (its placement on
+// it checked first), and so it does with none given and no GPU.
 //
 // Replica 0 works on copies of the module's buffers, written back only once
 // every replica succeeded (IsolatedReplication): a failed, interrupted or timed
