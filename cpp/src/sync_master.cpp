@@ -1,6 +1,7 @@
 #include <syncbn/sync_master.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdlib>
 #include <exception>
@@ -86,8 +87,10 @@ double default_timeout_seconds() {
   const char* text = std::getenv("SYNCBN_TIMEOUT");
   if (text == nullptr || *text == '\0') return 300.0;
   char* end = nullptr;
-  const double seconds = std::strtod(text, &end);
-  TORCH_CHECK_VALUE(end != text && *end == '\0' && seconds > 0, "SYNCBN_TIMEOUT must be a positive number of seconds,",
+  const double seconds = std::strtod(text, &end);  // (leading blanks skipped; trailing ones too, below)
+  const char* rest = end;
+  while (std::isspace(static_cast<unsigned char>(*rest))) ++rest;
+  TORCH_CHECK_VALUE(end != text && *rest == '\0' && seconds > 0, "SYNCBN_TIMEOUT must be a positive number of seconds,",
                     " got '", text, "'");
   return seconds;
 }

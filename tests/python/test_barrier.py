@@ -283,6 +283,8 @@ def test_timeout_from_environment(monkeypatch):
     assert syncbn_ext.default_timeout_seconds() == 7.5
     assert syncbn_ext.SyncMaster(lambda items: items).timeout == 7.5
     assert syncbn_ext.SyncMaster(lambda items: items, timeout=2).timeout == 2
+    monkeypatch.setenv("SYNCBN_TIMEOUT", " 5 \n")  # blanks around it (a shell export, an .env file)
+    assert syncbn_ext.default_timeout_seconds() == 5
     monkeypatch.setenv("SYNCBN_TIMEOUT", "later")
     with pytest.raises(ValueError, match="SYNCBN_TIMEOUT"):
         syncbn_ext.SyncMaster(lambda items: items)
