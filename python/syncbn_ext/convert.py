@@ -184,14 +184,18 @@ def _to_synchronized(process_group: Any) -> Callable[[nn.Module], nn.Module]:
     return _to_synchronized_layers(_TORCH_TO_SYNC.get, process_group, keep_own_group=lambda layer: True)
 
 
+def _refuse_lazy_batch_norm(cls: type) -> None:
+    if issubclass(cls, LazyModuleMixin) and issubclass(cls, _BatchNorm):
+        raise TypeError(
+            f"convert_sync_batchnorm: {cls.__name__} is not initialized yet and SyncBatchNorm has no lazy form; "
+            "run one forward first (the lazy layer then becomes an nn.BatchNormNd), or use "
+            "syncbn_ext.convert_model, which makes it a LazySynchronizedBatchNormNd"
+        )
+
+
 def _to_sync_batch_norm(process_group: Any) -> Callable[[nn.Module], nn.Module]:
     def target_of(cls: type) -> type[nn.Module] | None:
-        if issubclass(cls, LazyModuleMixin) and issubclass(cls, _BatchNorm):
-            raise TypeError(
-                f"convert_sync_batchnorm: {cls.__name__} is not initialized yet and SyncBatchNorm has no lazy form; "
-                "run one forward first (the lazy layer then becomes an nn.BatchNormNd), or use "
-                "syncbn_ext.convert_model, which makes it a LazySynchronizedBatchNormNd"
-            )
+        _refuse_lazy_batch_norm(cls)
         return SyncBatchNorm if cls in _TO_SYNC_BATCH_NORM else None
 
     def keep_own_group(layer: nn.Module) -> bool:
@@ -353,6 +357,8 @@ def convert_to_sync_batch_norm(module: M, process_group: Any = None) -> nn.Modul
 
 
 def _convert_to_sync_batch_norm(module: M, process_group: Any, stacklevel: int) -> nn.Module:
+    for layer in module.modules():  # refused before anything is converted: never half a model
+        _refuse_lazy_batch_norm(type(layer))
     converted = _convert(module, _to_sync_batch_norm(process_group), False, {})
     return _warn_of_unconverted_layers(converted, "convert_sync_batchnorm", stacklevel)
 

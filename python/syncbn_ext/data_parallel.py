@@ -99,6 +99,14 @@ def _write_back(replicas: Sequence[Any]) -> None:
         tag[0].write_back()
 
 
+def _check_parallel_backward(value: Any) -> None:
+    # A truthy string ("false" from a config file) would choose the parallel backward.
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(
+            f"DataParallelWithCallback: parallel_backward must be None (choose), True or False, got {value!r}"
+        )
+
+
 def _apply_and_write_back(replicas: Sequence[Any], inputs: Sequence[Any], kwargs: Any, devices: Any) -> list[Any]:
     """Runs the replicas, then writes replica 0's changed buffers into the module (only after a success; inside a
     wrapper's forward, once that succeeded: see :func:`_one_forward`)."""
@@ -187,6 +195,7 @@ class DataParallelWithCallback(nn.DataParallel):
         *,
         parallel_backward: bool | None = None,
     ) -> None:
+        _check_parallel_backward(parallel_backward)
         if device_ids is not None:
             device_ids = list(device_ids)
         cpu_entries = [_is_cpu_device(d) for d in device_ids] if device_ids is not None else []
@@ -283,6 +292,7 @@ class DataParallelWithCallback(nn.DataParallel):
             inputs, module_kwargs = ((),), ({},)
         module_kwargs = module_kwargs or tuple({} for _ in inputs)
         parallel = self.__dict__.get("parallel_backward")
+        _check_parallel_backward(parallel)  # (an attribute, which can be set between forwards)
         if parallel is None:
             parallel = faster_than_serial(len(inputs))
         if len(inputs) > 1 and parallel and not self._has_own_parallel_apply and parallel_backward_wanted(self.module):

@@ -278,6 +278,13 @@ def test_finish_fails_whoever_waits_for_a_copy_that_sends_no_more():
         master.finish(7)
 
 
+@pytest.mark.parametrize("callback", [None, 3, "merge"])
+def test_a_master_callback_that_cannot_be_called_is_refused_when_the_master_is_made(callback):
+    # It was accepted, and the first pass failed with "'NoneType' object is not callable", naming nothing.
+    with pytest.raises(TypeError, match="SyncMaster: master_callback must be callable"):
+        syncbn_ext.SyncMaster(callback)
+
+
 def test_timeout_from_environment(monkeypatch):
     monkeypatch.setenv("SYNCBN_TIMEOUT", "7.5")
     assert syncbn_ext.default_timeout_seconds() == 7.5

@@ -149,8 +149,10 @@ def test_patch_sync_batchnorm_patches_the_lazy_classes():
 
 
 def test_convert_sync_batchnorm_refuses_an_uninitialized_lazy_layer():
-    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.LazyBatchNorm2d())
+    # Refused before anything is converted: the BatchNorm2d before it was converted already (half a model).
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1), nn.LazyBatchNorm2d())
     with pytest.raises(TypeError, match="LazyBatchNorm2d is not initialized.*run one forward first"):
         SyncBatchNorm.convert_sync_batchnorm(model)
+    assert [type(m) for m in model] == [nn.BatchNorm2d, nn.Conv2d, nn.LazyBatchNorm2d]
     model(torch.randn(2, 3, 2, 2))  # materialized: an nn.BatchNorm2d, which converts
-    assert type(SyncBatchNorm.convert_sync_batchnorm(model)[1]) is SyncBatchNorm
+    assert type(SyncBatchNorm.convert_sync_batchnorm(model)[2]) is SyncBatchNorm

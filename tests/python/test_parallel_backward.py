@@ -557,3 +557,14 @@ def test_outputs_keep_their_memory_format_when_a_replica_has_one_sample(memory_f
     y_ref.backward(grad)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(xp.grad, xr.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("value", ["false", "no", 1, 0.5, [0]])
+def test_parallel_backward_is_none_true_or_false(value):
+    # Any truthy value chose the parallel backward: "false" from a config file turned it on.
+    with pytest.raises(TypeError, match="parallel_backward must be None \\(choose\\), True or False"):
+        DataParallelWithCallback(net(), device_ids=["cpu"] * 2, parallel_backward=value)
+    dp = DataParallelWithCallback(net(), device_ids=["cpu"] * 2)
+    dp.parallel_backward = value  # an attribute, which can be set between forwards: checked at the forward
+    with pytest.raises(TypeError, match="parallel_backward must be None"):
+        call_with_timeout(dp, torch.randn(4, 3, 4, 4, dtype=torch.float64))
