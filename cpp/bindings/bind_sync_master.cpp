@@ -34,8 +34,17 @@ py::object from_message(Message message) {
 // with (kept for pickling, as the established library does).
 struct PySyncMaster {
   PySyncMaster(py::object master_callback, std::optional<double> timeout)
-      : callback(std::move(master_callback)),
+      : callback(checked_callable(std::move(master_callback))),
         core(std::make_shared<SyncMaster>(wrap_callback(hold(callback)), timeout)) {}
+
+  // Refused when made, not at the first pass ("'NoneType' object is not callable", naming nothing).
+  static py::object checked_callable(py::object callback) {
+    if (!PyCallable_Check(callback.ptr())) {
+      throw py::type_error("SyncMaster: master_callback must be callable (it merges the copies' messages), got " +
+                           std::string(py::repr(callback)));
+    }
+    return callback;
+  }
 
   ~PySyncMaster() {
     // The core takes the barrier's lock; never wait for it holding the GIL.
