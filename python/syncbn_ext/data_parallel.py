@@ -196,6 +196,12 @@ class DataParallelWithCallback(nn.DataParallel):
         parallel_backward: bool | None = None,
     ) -> None:
         _check_parallel_backward(parallel_backward)
+        if isinstance(device_ids, (str, torch.device, int)):
+            # A bare "cpu" would be read as the devices 'c', 'p', 'u' (nn.DataParallel then runs the module alone).
+            raise TypeError(
+                "DataParallelWithCallback: device_ids is a list of devices, one per replica (e.g. ['cpu'] * 4 or "
+                f"[0, 1]), got the single device {device_ids!r}"
+            )
         if device_ids is not None:
             device_ids = list(device_ids)
         cpu_entries = [_is_cpu_device(d) for d in device_ids] if device_ids is not None else []

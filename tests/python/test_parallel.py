@@ -412,3 +412,10 @@ def test_a_wrapper_nested_in_another_s_replicas_is_an_error_and_one_of_one_devic
     single = DataParallelWithCallback(DataParallelWithCallback(layer, device_ids=["cpu"]), device_ids=["cpu"] * 2)
     torch.testing.assert_close(call_with_timeout(single, x), reference(x), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(layer.running_var, reference.running_var, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device_ids", ["cpu", torch.device("cpu"), 0])
+def test_a_single_device_for_device_ids_is_refused(device_ids):
+    # "cpu" was read as the devices 'c', 'p', 'u': nn.DataParallel's path, which here ran the module alone.
+    with pytest.raises(TypeError, match=r"device_ids is a list of devices, one per replica \(e\.g\. \['cpu'\] \* 4"):
+        DataParallelWithCallback(nn.Linear(2, 2), device_ids=device_ids)
