@@ -35,6 +35,7 @@ import torch
 from ._native import _C
 from .replica_workers import _POOL, cpu_intra_op_threads, replica_threads_running
 from .replicate import Replication
+from .scatter_gather import _tensors
 
 __all__ = [
     "FAILURE_GRACE_SECONDS",
@@ -320,17 +321,12 @@ def _device_index(device: Any) -> int | None:
 
 def _input_device_index(args: Any, kwargs: Any) -> int | None:
     """The accelerator index of the first tensor in a replica's arguments (None: on the CPU, or no tensor)."""
-    pending = [args, kwargs]
-    while pending:
-        item = pending.pop(0)
-        if isinstance(item, torch.Tensor):
-            accelerator = torch.accelerator.current_accelerator()
-            return _device_index(item.device) if accelerator and item.device.type == accelerator.type else None
-        if isinstance(item, dict):
-            pending[:0] = list(item.values())
-        elif isinstance(item, (list, tuple)):
-            pending[:0] = list(item)
-    return None
+    tensors = _tensors((args, kwargs))
+    if not tensors:
+        return None
+    accelerator = torch.accelerator.current_accelerator()
+    device = tensors[0].device
+    return _device_index(device) if accelerator and device.type == accelerator.type else None
 
 
 def close_replications(replicas: Sequence[Any], reason: str) -> None:

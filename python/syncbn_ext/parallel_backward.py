@@ -43,20 +43,9 @@ from .parallel_apply import ABORT_TAG, caused_by_closing, run_on_workers
 from .parameter_sums import ParameterSums
 from .replica_workers import cpu_intra_op_threads
 from .replicate import Replication
-from .scatter_gather import _is_namedtuple
+from .scatter_gather import _is_namedtuple, _tensors
 
 __all__ = ["Boundaries", "faster_than_serial", "join_replicas", "wanted"]
-
-
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    """The tensors in ``obj`` (tensors, and tuples, lists and dicts of them), depth first."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (list, tuple)):
-        return [t for item in obj for t in _tensors(item)]
-    if isinstance(obj, dict):
-        return [t for item in obj.values() for t in _tensors(item)]
-    return []
 
 
 def _replace_tensors(obj: Any, replace: Callable[[torch.Tensor], torch.Tensor]) -> Any:

@@ -15,6 +15,17 @@ def _is_namedtuple(obj: Any) -> bool:
     return isinstance(obj, tuple) and hasattr(obj, "_asdict") and hasattr(obj, "_fields")
 
 
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """The tensors in ``obj`` (tensors, and tuples, lists and dicts of them), depth first."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors(item)]
+    if isinstance(obj, dict):
+        return [t for item in obj.values() for t in _tensors(item)]
+    return []
+
+
 def scatter_on_cpu(obj: Any, n: int, dim: int) -> list[Any]:
     """``torch.nn.parallel.scatter`` for CPU: tensors split with ``chunk(n, dim)``, containers recursed."""
 
