@@ -85,8 +85,9 @@ std::tuple<at::Tensor, at::Tensor> local_stats_aten(const at::Tensor& input) {
   at::Tensor shift = x.mean(dims);
   at::Tensor deviations = x - per_channel_view(shift, x);
   at::Tensor correction = deviations.sum(dims).to(at::kDouble) / count;
+  at::Tensor plain_mean = shift.to(at::kDouble);
   // (Non-finite data: the plain mean, inf as nn.BatchNorm's, where a correction of inf - inf would give nan.)
-  at::Tensor mean = at::where(shift.isfinite(), shift.to(at::kDouble) + correction, shift.to(at::kDouble));
+  at::Tensor mean = at::where(plain_mean.isfinite(), plain_mean + correction, plain_mean);
   at::Tensor m2 = deviations.square().sum(dims).to(at::kDouble) - correction.square() * count;
   return {mean, m2};
 }
