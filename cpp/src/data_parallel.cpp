@@ -142,6 +142,9 @@ struct ReplicaRun {
       c10::OptionalDeviceGuard device_guard;
       if (devices) device_guard.reset_device((*devices)[i]);
       body(i);
+      // Nobody waits for this copy any more, in any barrier of the replication (a module's own SyncMaster added
+      // to the group too, not only the library's layers).
+      if (group) group->copy_finished(i);
     } catch (...) {
       error = std::current_exception();
     }

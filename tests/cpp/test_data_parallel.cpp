@@ -335,6 +335,83 @@ TEST(DataParallel, AModuleNotOnTheFirstDeviceIsRefusedBeforeAnythingRuns) {
   EXPECT_EQ(bn->num_batches_tracked.item<int64_t>(), 0);
 }
 
+// x minus the whole batch's mean through a SyncMaster of the module's own (the established library's pattern),
+// added to the replication group; copy 1 may skip its pass.
+struct CenterImpl : torch::nn::Cloneable<CenterImpl>, syncbn::ReplicationCallback {
+  explicit CenterImpl(bool copy_one_skips = false) : copy_one_skips(copy_one_skips) {}
+  void reset() override {}
+  void on_replicate(syncbn::CallbackContext& context, int64_t copy_id) override {
+    copy = copy_id;
+    pipe.reset();
+    master.reset();
+    if (copy_id == 0) {
+      master = std::make_shared<syncbn::SyncMaster>([](syncbn::MessageList messages) {
+        torch::Tensor sum = torch::zeros_like(messages.front().second.tensors[0]);
+        int64_t count = 0;
+        for (auto& entry : messages) {
+          sum += entry.second.tensors[0];
+          count += entry.second.ints[0];
+        }
+        syncbn::MessageList results;
+        for (auto& entry : messages) results.emplace_back(entry.first, syncbn::Message{{sum / count}, {}, nullptr, {}});
+        return results;
+      });
+      context.set("master", master);
+      context.group()->add_barrier(master);
+    } else {
+      pipe = context.get<std::shared_ptr<syncbn::SyncMaster>>("master")->register_slave(copy_id);
+    }
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    if (copy_one_skips && copy == 1) return x;
+    syncbn::Message message{{x.sum(0)}, {x.size(0)}, nullptr, {}};
+    syncbn::Message mean = master ? master->run_master(std::move(message)) : pipe->run_slave(std::move(message));
+    return x - mean.tensors[0];
+  }
+  bool copy_one_skips;
+  int64_t copy = -1;
+  std::shared_ptr<syncbn::SyncMaster> master;
+  std::shared_ptr<syncbn::SlavePipe> pipe;
+};
+TORCH_MODULE(Center);
+
+TEST(DataParallel, ABarrierOfTheModulesOwnAddedToTheGroupLearnsWhichCopiesReturned) {
+  ::setenv("SYNCBN_TIMEOUT", "300", 1);  // waiting for it would trip the test's limit instead
+  auto x = torch::randn({9, 4}, torch::kDouble);
+  Center healthy;
+  expect_close(syncbn::data_parallel(healthy, x, cpu_replicas(3)), x - x.mean(0), "a module's own SyncMaster");
+  // Copy 1 returns without its pass: the copies waiting for it must fail at once, not after the timeout.
+  Center skipping(true);
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    syncbn::data_parallel(skipping, x, cpu_replicas(3));
+    FAIL() << "expected a BarrierError";
+  } catch (const syncbn::BarrierError& error) {
+    EXPECT_NE(std::string(error.what()).find("copy 1 finished its forward"), std::string::npos) << error.what();
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+  ::unsetenv("SYNCBN_TIMEOUT");
+}
+
+TEST(DataParallel, NestedDataParallelIsRefused) {
+  // The inner call's replicas would synchronize among themselves only: statistics of a slice, silently.
+  struct OuterImpl : torch::nn::Cloneable<OuterImpl> {
+    OuterImpl() { reset(); }
+    void reset() override { bn = register_module("bn", syncbn::SyncBatchNorm1d(3)); }
+    torch::Tensor forward(const torch::Tensor& x) { return syncbn::data_parallel(bn, x, cpu_replicas(2)); }
+    syncbn::SyncBatchNorm1d bn{nullptr};
+  };
+  auto outer = std::make_shared<OuterImpl>();
+  try {
+    syncbn::data_parallel(outer, torch::randn({8, 3}), cpu_replicas(2));
+    FAIL() << "expected an error";
+  } catch (const c10::Error& error) {
+    EXPECT_NE(std::string(error.what()).find("inside a replica of another data_parallel"), std::string::npos)
+        << error.what();
+  }
+  EXPECT_EQ(outer->bn->num_batches_tracked.item<int64_t>(), 0);
+}
+
 TEST(ParallelApply, RunsEveryReplicaOnItsOwnThread) {
   // Replicas that meet in a barrier deadlock unless they all run at once.
   syncbn::SyncBatchNorm1d bn(2);

@@ -169,6 +169,11 @@ torch::Tensor data_parallel(ModuleType module, const torch::Tensor& input,
   const std::shared_ptr<torch::nn::Module> original = detail::as_module(module);
   detail::check_on_first_device(*original, devices->front());  // one device too: before anything runs
   if (devices->size() == 1) return module->forward(input.to(devices->front())).to(destination);
+  // Its replicas would make a replication of their own, synchronizing among themselves only.
+  TORCH_CHECK(ReplicaScope::current_group() == nullptr,
+              "data_parallel was called inside a replica of another data_parallel (nested): its replicas would "
+              "synchronize their BatchNorm statistics among themselves only, not over the whole batch. Call "
+              "data_parallel once (the outer replicas already split the batch)");
 
   std::vector<torch::Tensor> inputs = detail::scatter(input, *devices, dim);
   std::vector<torch::Device> used(devices->begin(), devices->begin() + static_cast<int64_t>(inputs.size()));
