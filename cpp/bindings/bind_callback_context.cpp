@@ -9,11 +9,46 @@ namespace syncbn::python {
 
 namespace py = pybind11;
 
+namespace {
+
+// The garbage collector must see the Python values a context holds: a replica
+// that keeps its context (self._ctx = ctx) while the context holds the replica
+// (ctx.master_copy = self) is a cycle, freed only if the collector can follow it.
+int traverse_context(PyObject* self, visitproc visit, void* arg) {
+  Py_VISIT(Py_TYPE(self));
+  if (!py::detail::is_holder_constructed(self)) return 0;
+  const auto& context = py::cast<const CallbackContext&>(py::handle(self));
+  int result = 0;
+  // Busy (another thread is setting a value): visit nothing this time, which can only keep objects alive longer.
+  context.try_for_each_value([&](const std::any& value) {
+    if (result != 0) return;
+    if (const PyObjectRef* ref = std::any_cast<PyObjectRef>(&value); ref && *ref && (*ref)->object) {
+      result = visit((*ref)->object.ptr(), arg);
+    }
+  });
+  return result;
+}
+
+int clear_context(PyObject* self) {
+  if (!py::detail::is_holder_constructed(self)) return 0;
+  auto& context = py::cast<CallbackContext&>(py::handle(self));
+  context.erase_if([](const std::any& value) { return std::any_cast<PyObjectRef>(&value) != nullptr; });
+  return 0;
+}
+
+}  // namespace
+
 void bind_callback_context(py::module_& m) {
   py::class_<CallbackContext, std::shared_ptr<CallbackContext>>(
       m, "CallbackContext",
       "Storage shared by every replica of one module position: the master sets attributes "
-      "(ctx.sync_master = ...), the other copies read them. Thread-safe.")
+      "(ctx.sync_master = ...), the other copies read them. Thread-safe.",
+      py::custom_type_setup([](PyHeapTypeObject* heap_type) {
+        PyTypeObject* type = &heap_type->ht_type;
+        type->tp_flags |= Py_TPFLAGS_HAVE_GC;
+        type->tp_traverse = traverse_context;
+        type->tp_clear = clear_context;
+      }))
       .def(py::init<>())
       .def("__getattr__",
            [](const CallbackContext& self, const std::string& name) -> py::object {
@@ -25,8 +60,16 @@ void bind_callback_context(py::module_& m) {
              throw py::type_error("CallbackContext attribute '" + name + "' holds a C++ value of type " +
                                   c10::demangle(value->type().name()) + ", which Python cannot read");
            })
-      .def("__setattr__", [](CallbackContext& self, const std::string& name,
-                             py::object value) { self.set(name, hold(std::move(value))); })
+      .def("__setattr__",
+           [](const py::object& self, const std::string& name, py::object value) {
+             // Stored, a name of the class's own (group, position, keys...) could never be read back.
+             if (py::hasattr(py::type::handle_of(self), name.c_str())) {
+               throw py::attribute_error("'CallbackContext' attribute '" + name +
+                                         "' belongs to the context itself and cannot be set: store your value under "
+                                         "another name");
+             }
+             self.cast<CallbackContext&>().set(name, hold(std::move(value)));
+           })
       .def("__delattr__",
            [](CallbackContext& self, const std::string& name) {
              if (!self.erase(name)) {

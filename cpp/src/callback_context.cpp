@@ -45,6 +45,27 @@ std::vector<std::string> CallbackContext::keys() const {
   return result;
 }
 
+bool CallbackContext::try_for_each_value(const std::function<void(const std::any&)>& visit) const {
+  std::unique_lock<std::mutex> lock(mutex_, std::try_to_lock);
+  if (!lock.owns_lock()) return false;
+  for (const auto& entry : values_) visit(entry.second);
+  return true;
+}
+
+size_t CallbackContext::erase_if(const std::function<bool(const std::any&)>& remove) {
+  std::vector<std::any> removed;  // destroyed after the lock is released
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (auto it = values_.begin(); it != values_.end();) {
+    if (remove(it->second)) {
+      removed.push_back(std::move(it->second));
+      it = values_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  return removed.size();
+}
+
 size_t CallbackContext::size() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return values_.size();

@@ -149,6 +149,13 @@ Message SyncMaster::run_master(Message message) {
   s.check_not_in_callback("run_master()", "the callback must return its results, not start another pass");
   TORCH_CHECK(!s.master_busy, s.describe(), ": run_master is already running in another thread");
   if (s.closed) s.throw_closed();
+  // Slaves registered by an earlier replication of more copies, none since: this replication's copies are fewer
+  // (a last batch of one sample, on one copy). Waiting for them could only time out.
+  if (const ReplicationGroup* group = ReplicaScope::current_group();
+      group != nullptr && !s.slots.empty() && s.slots.rbegin()->first >= group->copies()) {
+    s.start_generation(graveyard, "a replication of " + std::to_string(group->copies()) +
+                                      " copies ran its master after slaves of an earlier replication had registered");
+  }
   detail::FlagGuard busy(s.master_busy);
   s.activated = true;
   const int64_t generation = s.generation;

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <any>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -64,6 +65,14 @@ class SYNCBN_API CallbackContext {
   bool erase(const std::string& key);
   std::vector<std::string> keys() const;
   size_t size() const;
+
+  // For a garbage collector that must see the values a binding stored (and
+  // must never block): calls `visit` on each value and returns true, or
+  // returns false at once if another thread holds the context's lock.
+  bool try_for_each_value(const std::function<void(const std::any&)>& visit) const;
+  // Removes the values `remove` selects (destroyed after the lock is
+  // released); returns how many.
+  size_t erase_if(const std::function<bool(const std::any&)>& remove);
 
   // The replication this context belongs to; null for a context made by hand.
   const std::shared_ptr<ReplicationGroup>& group() const { return group_; }
