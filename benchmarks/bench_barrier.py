@@ -98,21 +98,30 @@ def _python_threads_round_trip_us(make_master, replicas: int, passes: int) -> fl
         except BaseException as error:  # reported by the master thread
             errors.append(error)
 
-    threads = [threading.Thread(target=slave, args=(copy_id,), daemon=True) for copy_id in range(1, replicas)]
-    for thread in threads:
-        thread.start()
-
     payload = torch.ones(1)
     msg = (payload, 0)
     clock = time.perf_counter_ns
     run_masters = [m.run_master for m in masters]
     times_ns = [0] * total
     result = None
-    for i in range(total):
-        run_master = run_masters[i & 1]
-        start = clock()
-        result = run_master(msg)
-        times_ns[i] = clock() - start
+    threads = [threading.Thread(target=slave, args=(copy_id,), daemon=True) for copy_id in range(1, replicas)]
+    for thread in threads:
+        thread.start()
+    try:
+        for i in range(total):
+            run_master = run_masters[i & 1]
+            start = clock()
+            result = run_master(msg)
+            times_ns[i] = clock() - start
+    except BaseException:
+        # Wake the slaves (they wait for passes that will not come) so none is left waiting in C++ at exit.
+        # (The established library's pure-Python slaves cannot be woken; being daemons, they end with the program.)
+        closable = all(hasattr(master, "close") for master in masters)
+        for master in masters if closable else ():
+            master.close("the benchmark's master thread failed")
+        for thread in threads if closable else ():
+            thread.join(10.0)
+        raise
     for thread in threads:
         thread.join()
     if errors:
@@ -191,6 +200,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--replicas: every count must be at least 2 (a master and a slave)")
     if args.passes < 1 or args.rounds < 1:
         parser.error("--passes and --rounds must be positive")
+    if args.passes > 10_000_000:
+        parser.error("--passes: at most 10000000 (each pass's time is kept)")
     return args
 
 

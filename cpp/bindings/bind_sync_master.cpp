@@ -4,6 +4,7 @@
 #include "barrier_controls.h"
 #include "bindings.h"
 #include "py_object_ref.h"
+#include "without_gil.h"
 
 namespace syncbn::python {
 
@@ -31,11 +32,15 @@ py::object from_message(Message message) {
 }
 
 // The Python SyncMaster: the core barrier plus the Python callback it was made
-// with (kept for pickling, as the established library does).
+// with (kept for pickling, as the established library does). Only this object
+// owns the callback, and the garbage collector sees it: a module that owns its
+// SyncMaster(self._reduce) is a cycle (module, master, bound method, module),
+// which must be freed like the established library's pure-Python one. The core
+// barrier, which may outlive this object, reaches the callback weakly.
 struct PySyncMaster {
   PySyncMaster(py::object master_callback, std::optional<double> timeout)
-      : callback(checked_callable(std::move(master_callback))),
-        core(std::make_shared<SyncMaster>(wrap_callback(hold(callback)), timeout)) {}
+      : callback(hold(checked_callable(std::move(master_callback)))),
+        core(std::make_shared<SyncMaster>(wrap_callback(callback), timeout)) {}
 
   // Refused when made, not at the first pass ("'NoneType' object is not callable", naming nothing).
   static py::object checked_callable(py::object callback) {
@@ -52,9 +57,13 @@ struct PySyncMaster {
     core.reset();
   }
 
-  static MasterCallback wrap_callback(PyObjectRef callback) {
-    return [callback](MessageList messages) {
+  static MasterCallback wrap_callback(const PyObjectRef& held_callback) {
+    return [weak_callback = std::weak_ptr<PyObjectHolder>(held_callback)](MessageList messages) {
       py::gil_scoped_acquire gil;
+      const PyObjectRef callback = weak_callback.lock();
+      if (!callback || !callback->object) {
+        throw BarrierError("the SyncMaster's master callback is gone (the SyncMaster was freed)");
+      }
       try {
         py::list intermediates;
         for (auto& entry : messages) {
@@ -88,9 +97,27 @@ struct PySyncMaster {
     };
   }
 
-  py::object callback;
+  // The master callback (None once the garbage collector cleared it).
+  py::object master_callback() const { return callback->object ? callback->object : py::none(); }
+
+  PyObjectRef callback;
   std::shared_ptr<SyncMaster> core;
 };
+
+int traverse_sync_master(PyObject* self, visitproc visit, void* arg) {
+  Py_VISIT(Py_TYPE(self));
+  if (!py::detail::is_holder_constructed(self)) return 0;
+  const auto& master = py::cast<const PySyncMaster&>(py::handle(self));
+  if (master.callback && master.callback->object) Py_VISIT(master.callback->object.ptr());
+  return 0;
+}
+
+int clear_sync_master(PyObject* self) {
+  if (!py::detail::is_holder_constructed(self)) return 0;
+  auto& master = py::cast<PySyncMaster&>(py::handle(self));
+  if (master.callback) master.callback->object = py::object();
+  return 0;
+}
 
 }  // namespace
 
@@ -110,11 +137,7 @@ void bind_sync_master(py::module_& m) {
           "run_slave",
           [](SlavePipe& self, py::object msg) {
             Message message = to_message(std::move(msg));
-            Message result;
-            {
-              py::gil_scoped_release no_gil;
-              result = self.run_slave(std::move(message));
-            }
+            Message result = without_gil([&] { return self.run_slave(std::move(message)); });
             return from_message(std::move(result));
           },
           py::arg("msg"), "Sends this copy's message and waits for its result (the GIL is released meanwhile).")
@@ -123,26 +146,29 @@ void bind_sync_master(py::module_& m) {
       .def("__repr__", [](const SlavePipe& self) { return "SlavePipe(identifier=" + std::to_string(self.copy_id()) + ")"; });
 
   py::class_<PySyncMaster> sync_master(m, "SyncMaster",
-                           "The master/slave reduction barrier. master_callback receives [(copy_id, msg), ...], the "
-                           "master's (0, msg) first, and returns [(copy_id, result), ...], the master's first.");
+                                       "The master/slave reduction barrier. master_callback receives [(copy_id, msg), "
+                                       "...], the master's (0, msg) first, and returns [(copy_id, result), ...], the "
+                                       "master's first.",
+                                       py::custom_type_setup([](PyHeapTypeObject* heap_type) {
+                                         PyTypeObject* type = &heap_type->ht_type;
+                                         type->tp_flags |= Py_TPFLAGS_HAVE_GC;
+                                         type->tp_traverse = traverse_sync_master;
+                                         type->tp_clear = clear_sync_master;
+                                       }));
   sync_master
       .def(py::init<py::object, std::optional<double>>(), py::arg("master_callback"), py::arg("timeout") = py::none())
       .def(
           "run_master",
           [](PySyncMaster& self, py::object master_msg) {
             Message message = to_message(std::move(master_msg));
-            Message result;
-            {
-              py::gil_scoped_release no_gil;
-              result = self.core->run_master(std::move(message));
-            }
+            Message result = without_gil([&] { return self.core->run_master(std::move(message)); });
             return from_message(std::move(result));
           },
           py::arg("master_msg"), "Collects every copy's message, runs the master callback, returns the master's result.")
-      .def_readonly("master_callback", &PySyncMaster::callback)
+      .def_property_readonly("master_callback", &PySyncMaster::master_callback)
       .def(py::pickle(
           [](const PySyncMaster& self) {
-            return py::dict("master_callback"_a = self.callback, "timeout"_a = self.core->timeout_seconds(),
+            return py::dict("master_callback"_a = self.master_callback(), "timeout"_a = self.core->timeout_seconds(),
                             "label"_a = self.core->label());
           },
           [](const py::dict& state) {
@@ -159,18 +185,13 @@ void bind_sync_master(py::module_& m) {
           "put",
           [](FutureResult& self, py::object result) {
             Message message = to_message(std::move(result));
-            py::gil_scoped_release no_gil;
-            self.put(std::move(message));
+            without_gil([&] { self.put(std::move(message)); });
           },
           py::arg("result"))
       .def(
           "get",
           [](FutureResult& self, std::optional<double> timeout) {
-            Message result;
-            {
-              py::gil_scoped_release no_gil;
-              result = self.get(timeout);
-            }
+            Message result = without_gil([&] { return self.get(timeout); });
             return from_message(std::move(result));
           },
           py::arg("timeout") = py::none(), "Waits for the result (the GIL is released meanwhile) and takes it.")

@@ -11,6 +11,14 @@ namespace syncbn::python {
 
 namespace py = pybind11;
 
+inline bool interpreter_finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing() != 0;
+#else
+  return _Py_IsFinalizing() != 0;
+#endif
+}
+
 // Owns a Python object on behalf of C++ state that may be copied or destroyed
 // on a thread without the GIL (the barrier, a context): copies share the holder
 // (an atomic shared_ptr count), and the last owner takes the GIL to drop it.
@@ -20,8 +28,10 @@ struct __attribute__((visibility("hidden"))) PyObjectHolder {
   PyObjectHolder& operator=(const PyObjectHolder&) = delete;
   ~PyObjectHolder() {
     if (!object) return;
-    if (!Py_IsInitialized()) {
-      object.release();  // the interpreter is gone: nothing left to decref into
+    if (!Py_IsInitialized() || interpreter_finalizing()) {
+      // The interpreter is gone or going: nothing left to decref into, and a thread other than the finalizing
+      // one that asked for the GIL now would be ended (pthread_exit) inside this destructor, aborting the process.
+      object.release();
       return;
     }
     py::gil_scoped_acquire gil;

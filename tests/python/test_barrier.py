@@ -253,6 +253,33 @@ print(passes)
 """
 
 
+# The program ends (an uncaught error) while daemon threads still wait in the barrier: pipes and futures of masters
+# freed as the interpreter shuts down.
+_EXIT_WHILE_THREADS_WAIT = """
+import sys, threading, time
+import torch, syncbn_ext
+
+masters = [syncbn_ext.SyncMaster(lambda items: items, timeout=60.0) for _ in range(2)]
+pipes = [master.register_slave(1) for master in masters]
+future = syncbn_ext.FutureResult()
+threading.Thread(target=lambda: pipes[0].run_slave((torch.ones(1), 1)), daemon=True).start()
+threading.Thread(target=lambda: future.get(60.0), daemon=True).start()
+time.sleep(0.3)
+raise OverflowError("the main thread failed")
+"""
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_a_program_ending_while_daemon_threads_wait_in_the_barrier_exits_with_its_status(attempt):
+    # Those threads, woken as the interpreter shut down, took the GIL back in a destructor (pybind's
+    # gil_scoped_release); the thread's forced exit from inside it aborted the process ("terminate called without
+    # an active exception", status 134) instead of the traceback and status 1.
+    finished = child_processes.run([sys.executable, "-c", _EXIT_WHILE_THREADS_WAIT], timeout=60)
+    assert finished.returncode == 1, finished.stderr
+    assert "OverflowError: the main thread failed" in finished.stderr
+    assert "terminate called" not in finished.stderr
+
+
 @pytest.mark.parametrize("failing", ["raises", "aborts"])
 def test_failed_passes_release_python_objects_outside_the_lock_other_threads_take_with_the_gil(failing):
     # A failed pass's error and a discarded callback's results hold Python objects, whose release takes the GIL; the
