@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ._native import _C
+from ._tracing import being_traced
 from .parallel_apply import ABORT_TAG, parallel_apply, reporting_outcome, running_a_replica
 from .parallel_backward import Boundaries, faster_than_serial, join_replicas
 from .parallel_backward import wanted as parallel_backward_wanted
@@ -266,7 +267,7 @@ class DataParallelWithCallback(nn.DataParallel):
                     "replicas would synchronize their BatchNorm statistics among themselves only, not over the whole "
                     "batch. Wrap the model once (the outer wrapper's replicas already split the batch)"
                 )
-            if torch.jit.is_tracing() or torch.compiler.is_exporting():
+            if being_traced():
                 # The replicas run on worker threads, out of the tracer's sight (a synchronized layer traced there
                 # recursed until the thread's stack overflowed).
                 raise RuntimeError(
@@ -299,8 +300,17 @@ class DataParallelWithCallback(nn.DataParallel):
         module_kwargs = module_kwargs or tuple({} for _ in inputs)
         parallel = self.__dict__.get("parallel_backward")
         _check_parallel_backward(parallel)  # (an attribute, which can be set between forwards)
+        # torch.func's transforms (grad, vjp, jacrev, vmap) cannot see into the join of the parallel backward (an
+        # autograd.Function without setup_context): the serial one, which they can.
+        under_transforms = torch._C._are_functorch_transforms_active()
         if parallel is None:
-            parallel = faster_than_serial(len(inputs))
+            parallel = faster_than_serial(len(inputs)) and not under_transforms
+        elif parallel and under_transforms and len(inputs) > 1:
+            raise RuntimeError(
+                f"{type(self).__name__}(parallel_backward=True) cannot run under torch.func transforms (grad, vjp, "
+                "jacrev, vmap, ...): its parallel backward is opaque to them. Build the wrapper with "
+                "parallel_backward=None (which then chooses the serial backward) or False"
+            )
         if len(inputs) > 1 and parallel and not self._has_own_parallel_apply and parallel_backward_wanted(self.module):
             outputs = self._apply_with_parallel_backward(inputs, module_kwargs)
             if outputs is not None:

@@ -158,6 +158,46 @@ def test_tracing_or_exporting_the_wrapper_of_cpu_replicas_is_a_clear_error(train
     torch.testing.assert_close(torch.jit.trace(dp.module.eval(), (x,))(x), model(x))  # what the error says works
 
 
+def test_make_fx_or_fake_tensors_around_the_wrapper_or_a_clamped_layer_is_a_clear_error(clamp_mode):
+    # make_fx recorded each replica's statistics and normalization but not the merge (C++, through the barrier):
+    # the graph read uninitialized tensors where the merged statistics belong, and its replay wrote them to the
+    # model. Under FakeTensorMode the replicas raised a different internal error each run.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    model = nn.Sequential(nn.Linear(C, C), SynchronizedBatchNorm1d(C))
+    dp = replicated(model, 2)
+    x = torch.randn(8, C)
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match="with 2 CPU replicas cannot be traced or exported"):
+        make_fx(lambda t: dp(t))(x)
+    with pytest.raises(RuntimeError, match="cannot be traced or exported.*clamp eps mode"):
+        make_fx(lambda t: model(t))(x)  # a lone layer in the clamp mode: our C++ path too
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(RuntimeError, match="cannot be traced"):
+        dp(x)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name
+
+
+def test_torch_func_through_the_wrapper_chooses_the_serial_backward_or_says_what_to_do():
+    # The parallel backward (chosen when the replicas have fewer intra-op threads than there are of them) failed
+    # under torch.func with torch's message about an autograd.Function's setup_context, naming nothing of ours.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(C, 6), nn.Tanh(), nn.Linear(6, 3))
+    x = torch.randn(8, C)
+    expected = torch.func.grad(lambda t: model(t).pow(2).sum())(x)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dp = replicated(model, 2)  # parallel_backward=None
+        torch.testing.assert_close(torch.func.grad(lambda t: dp(t).pow(2).sum())(x), expected)
+        dp.parallel_backward = True
+        with pytest.raises(RuntimeError, match=r"parallel_backward=True\) cannot run under torch.func transforms"):
+            torch.func.grad(lambda t: dp(t).pow(2).sum())(x)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_scripting_is_a_clear_error_that_says_what_to_do():
     model = nn.Sequential(nn.Linear(C, C), SynchronizedBatchNorm1d(C))
     with pytest.raises(RuntimeError, match=r"torch.jit.script does not support SynchronizedBatchNorm1d(.|\n)*revert"):
