@@ -181,8 +181,10 @@ class _BackwardTask:
         keep_graph: bool,
         create_graph: bool,
         thread_state: Any,
+        wanted: list[bool] | None = None,
     ) -> None:
         self.plan, self.copy_id = plan, copy_id
+        self.wanted = wanted  # which of the copy's boundary tensors to compute gradients for (None: all)
         # The backward run this task belongs to (group.begin_backward): a task its caller gave up on may outlive it,
         # and is then refused everywhere (meeting points, parameter sums, failure reports) by a later run.
         self.run = run
@@ -193,7 +195,9 @@ class _BackwardTask:
     def __call__(self) -> tuple[torch.Tensor | None, ...]:
         plan, copy_id, run = self.plan, self.copy_id, self.run
         try:
-            if not self.roots:
+            boundary = plan.boundary(copy_id)
+            chosen = boundary if self.wanted is None else [t for t, w in zip(boundary, self.wanted, strict=True) if w]
+            if not self.roots or not chosen:
                 return (None,) * len(plan.others[copy_id])
             with (
                 self.thread_state.applied(),
@@ -202,16 +206,23 @@ class _BackwardTask:
                 plan.sums.task(run) if plan.sums is not None else contextlib.nullcontext(),
                 torch.set_grad_enabled(self.create_graph),
             ):
-                grads = torch.autograd.grad(
-                    [root for root, _ in self.roots],
-                    plan.boundary(copy_id),
-                    [grad for _, grad in self.roots],
-                    retain_graph=self.keep_graph,
-                    create_graph=self.create_graph,
-                    allow_unused=True,
-                    materialize_grads=False,
+                computed = iter(
+                    torch.autograd.grad(
+                        [root for root, _ in self.roots],
+                        chosen,
+                        [grad for _, grad in self.roots],
+                        retain_graph=self.keep_graph,
+                        create_graph=self.create_graph,
+                        allow_unused=True,
+                        materialize_grads=False,
+                    )
                 )
-            return grads[len(plan.views[copy_id]) :]  # the parameters' placeholders dropped
+                grads = (
+                    [next(computed) for _ in boundary]
+                    if self.wanted is None
+                    else [next(computed) if w else None for w in self.wanted]
+                )
+            return tuple(grads[len(plan.views[copy_id]) :])  # the parameters' placeholders dropped
         except BaseException as error:
             failure = _barrier_failure(plan.group, copy_id, run)
             if isinstance(failure, _C.BarrierAbortedError):
@@ -284,14 +295,44 @@ class _JoinReplicas(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         plan: _Plan = ctx.plan
+        # Which boundary inputs this backward wants gradients for (backward(inputs=...), torch.autograd.grad of some
+        # parameters): the serial engine would prune the rest, and so must the replicas' (see _wanted_boundaries).
+        wanted = [
+            node is not None and torch._C._will_engine_execute_node(node)
+            for node, _ in ctx.next_functions[: ctx.boundary_count]
+        ]
         with plan.one_backward_at_a_time:
-            return _parallel_backward(plan, grads)
+            return _parallel_backward(plan, grads, wanted)
 
 
-def _parallel_backward(plan: _Plan, grads: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, ...]:
-    """The replicas' backward from the joined outputs' gradients ``grads``, each replica's on its worker."""
+def _wanted_boundaries(plan: _Plan, wanted: list[bool]) -> list[list[bool]] | None:
+    """Per copy, which of its boundary tensors its task computes gradients for; ``None``: all of them.
+
+    A backward that wants only some parameters' gradients (``torch.autograd.grad(loss, [bn.weight])``, a
+    GradNorm-style step) must not compute the rest: the serial engine would not, and a synchronized layer's backward
+    exchange across processes happens only when its input's gradient is computed, so a rank running the parallel
+    backward would make an exchange the others (one replica, or the serial backward) skip. Alike for every copy: a
+    parameter is wanted for all if for one (the copies meet in backward where they merged). When an input, buffer or
+    attribute tensor is wanted, every copy computes its whole boundary, as before.
+    """
+    views = sum(len(v) for v in plan.views)
+    if all(wanted) or any(wanted[views:]):
+        return None
+    per_parameter = len(plan.views[0])
+    parameter_wanted = [
+        any(wanted[c * per_parameter + j] for c in range(len(plan.views))) for j in range(per_parameter)
+    ]
+    return [parameter_wanted + [False] * len(others) for others in plan.others]
+
+
+def _parallel_backward(
+    plan: _Plan, grads: tuple[torch.Tensor, ...], wanted: list[bool]
+) -> tuple[torch.Tensor | None, ...]:
+    """The replicas' backward from the joined outputs' gradients ``grads``, each replica's on its worker, for the
+    boundary inputs ``wanted``."""
     if plan.outputs is None:
         raise RuntimeError(_SECOND_BACKWARD_MESSAGE)
+    chosen = _wanted_boundaries(plan, wanted)
     keep_graph = _C.current_graph_task_keep_graph()
     # create_graph: the gradients get a graph when only the direct way leads to the replicas' graphs (the
     # gradients coming in have none), else none and a second backward through them fails (see the module).
@@ -323,6 +364,7 @@ def _parallel_backward(plan: _Plan, grads: tuple[torch.Tensor, ...]) -> tuple[to
             keep_graph,
             task_graph,
             thread_state,
+            None if chosen is None else chosen[copy_id],
         )
         for copy_id, (copy_used, copy_merges) in enumerate(zip(used, meeting_roots, strict=True))
     ]
