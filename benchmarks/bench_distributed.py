@@ -84,6 +84,11 @@ class NaiveSyncBatchNorm2d(nn.BatchNorm2d):
         return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
 
 
+def _row_words(channels: int) -> int:
+    """The int64 words ours sends per rank in one exchange of ``channels`` channels: its header, then 2 per channel."""
+    return syncbn_ext._C.exchange_header_words + 2 * channels
+
+
 class _SyncPoint(torch.autograd.Function):
     """The identity, making ours' collectives (same kinds, same sizes) forward and backward, and nothing else."""
 
@@ -91,15 +96,14 @@ class _SyncPoint(torch.autograd.Function):
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
         channels = x.shape[1]
         ctx.channels = channels
-        header_and_stats = torch.zeros(5 + 2 * channels, dtype=torch.int64)
-        gathered = header_and_stats.new_empty(dist.get_world_size() * header_and_stats.numel())
-        dist.all_gather_into_tensor(gathered, header_and_stats)
+        header_and_stats = torch.zeros(_row_words(channels), dtype=torch.int64)
+        dist.all_gather([torch.empty_like(header_and_stats) for _ in range(dist.get_world_size())], header_and_stats)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
-        terms = torch.zeros(5 + 2 * ctx.channels, dtype=torch.int64)  # a header, then the gradient terms
-        dist.all_gather_into_tensor(terms.new_empty(dist.get_world_size() * terms.numel()), terms)
+        terms = torch.zeros(_row_words(ctx.channels), dtype=torch.int64)  # a header, then the gradient terms
+        dist.all_gather([torch.empty_like(terms) for _ in range(dist.get_world_size())], terms)
         return grad
 
 
@@ -174,12 +178,12 @@ def count_collectives(step: Step) -> dict[str, int]:
 
 
 # Bytes each synchronized call sends per rank (the tensors' sizes; a collective moves about this much per peer):
-# ours: forward, an all-gather of 4 int64 (call, layer, channels, count) packed with (mean, M2) in float64;
-# backward, an all-gather of (d mean, d var) in float64, summed on every rank. naive: an all-reduce of (mean,
+# ours: forward, an all-gather of an int64 header (call, kind, layer, channels, count, ...) packed with (mean, M2)
+# in float64; backward, the same with (d mean, d var), summed on every rank. naive: an all-reduce of (mean,
 # mean of squares) in the input's dtype (float32 here) forward, and its gradient backward.
 BYTES_PER_CALL = {
-    "ours": (40 + 16 * CHANNELS, 40 + 16 * CHANNELS),  # a 5-int64 header, then (mean, M2) or their gradients
-    "ours, gloo": (40 + 16 * CHANNELS, 40 + 16 * CHANNELS),
+    "ours": (8 * _row_words(CHANNELS), 8 * _row_words(CHANNELS)),  # every layer has CHANNELS channels
+    "ours, gloo": (8 * _row_words(CHANNELS), 8 * _row_words(CHANNELS)),
     "naive": (8 * CHANNELS, 8 * CHANNELS),
     "ours alone": (0, 0),
 }

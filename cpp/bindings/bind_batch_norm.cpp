@@ -5,12 +5,14 @@
 
 #include "barrier_controls.h"
 #include "bindings.h"
+#include "without_gil.h"
 
 namespace syncbn::python {
 
 namespace py = pybind11;
 
 void bind_batch_norm(py::module_& m) {
+  m.attr("exchange_header_words") = py::int_(kExchangeHeaderWords);  // a cross-process row: these + 2 per channel
   // The replication's barrier as a channel exposes it (timeout, label, abort, ...); its master callback
   // merges BatchNorm statistics natively, with no Python (and no GIL) between the replicas.
   py::class_<SyncMaster, std::shared_ptr<SyncMaster>> master(
@@ -31,14 +33,21 @@ void bind_batch_norm(py::module_& m) {
       .def("close", &BatchNormChannel::close, py::arg("reason"), py::call_guard<py::gil_scoped_release>(),
            "Ends the replication: every copy stops waiting, and none writes anything.");
 
+  py::class_<CallRecords, std::shared_ptr<CallRecords>>(
+      m, "CallRecords",
+      "A layer's recent synchronized calls alone across processes, made in a checkpointed forward: their "
+      "recomputation inside backward reuses the merged statistics.")
+      .def(py::init<size_t>(), py::arg("capacity") = kRecentCallsKept)
+      .def("__len__", &CallRecords::size);
+
   m.def(
       "sync_batch_norm_train",
       [](const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
          const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
          const std::optional<at::Tensor>& num_batches_tracked, double exponential_average_factor, double eps,
          const std::string& eps_mode, const py::object& channel, int64_t layer, const std::string& layer_name,
-         const py::object& process_group, int64_t layer_id) {
-        LayerSync sync{nullptr, layer, layer_name, nullptr, layer_id};
+         const py::object& process_group, int64_t layer_id, std::shared_ptr<CallRecords> recent_calls) {
+        LayerSync sync{nullptr, layer, layer_name, nullptr, layer_id, std::move(recent_calls)};
         if (!process_group.is_none()) sync.process_group = process_group.cast<ProcessGroupPtr>();
         if (!channel.is_none()) {
           if (!py::isinstance<BatchNormChannel>(channel)) {
@@ -47,20 +56,22 @@ void bind_batch_norm(py::module_& m) {
           sync.channel = channel.cast<std::shared_ptr<BatchNormChannel>>();
         }
         const EpsMode mode = parse_eps_mode(eps_mode);
-        py::gil_scoped_release no_gil;  // kernels and the barrier wait run without the GIL
-        return sync_batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                                     exponential_average_factor, eps, mode, sync);
+        return without_gil([&] {  // kernels and the barrier wait run without the GIL
+          return sync_batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                                       exponential_average_factor, eps, mode, sync);
+        });
       },
       py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"),
       py::arg("num_batches_tracked"), py::arg("exponential_average_factor"), py::arg("eps"), py::arg("eps_mode"),
       py::arg("channel"), py::arg("layer") = -1, py::arg("layer_name") = "", py::arg("process_group") = py::none(),
-      py::arg("layer_id") = -1,
+      py::arg("layer_id") = -1, py::arg("recent_calls") = py::none(),
       "Training-mode BatchNorm of this replica's slice with statistics merged over every replica through `channel`, "
       "the copy's BatchNormChannel (with the layer's position and name, checked across copies), or None when "
       "alone; then across `process_group` (a torch.distributed group) when it has several ranks, the layer known "
       "there as `layer_id`. running_mean and running_var, when given, are updated from the merged statistics and "
       "num_batches_tracked counts the batch; inside backward (a checkpointed block recomputed) a replicated layer "
-      "reuses the original call's statistics and writes nothing.");
+      "reuses the original call's statistics and writes nothing (so does a layer alone across processes, with "
+      "`recent_calls`, for a call it made in a checkpointed forward).");
 
   // Ctrl-C while the main thread waits for other ranks in a shared-memory exchange: Python's handler runs (a
   // KeyboardInterrupt ends the wait) instead of the signal waiting for the group's timeout. Other threads (replicas,
@@ -73,6 +84,16 @@ void bind_batch_norm(py::module_& m) {
     if (PyErr_CheckSignals() != 0) throw py::error_already_set();
   });
 
+  m.def(
+      "announce_failed_call",
+      [](const py::object& process_group, int64_t layer_id, int64_t channels, const std::string& label,
+         const at::Device& device) {
+        const auto group = process_group.cast<ProcessGroupPtr>();
+        without_gil([&] { announce_failed_call(group, layer_id, channels, label, device); });
+      },
+      py::arg("process_group"), py::arg("layer_id"), py::arg("channels"), py::arg("label"), py::arg("device"),
+      "This rank's call of layer `layer_id` failed before its exchange: takes part in the other ranks' exchange, "
+      "marked failed, so that every rank fails this call (raises the BarrierError naming the failed ranks).");
   m.def(
       "cross_process_transport",
       [](const py::object& process_group) { return cross_process_transport(process_group.cast<ProcessGroupPtr>()); },

@@ -1,7 +1,5 @@
 #include <syncbn/batch_norm_channel.h>
 
-#include <cmath>
-#include <limits>
 #include <sstream>
 
 #include <ATen/ATen.h>
@@ -17,35 +15,6 @@
 namespace syncbn {
 
 namespace {
-
-// Local statistics of a recomputation and of the call it repeats agree exactly
-// on a deterministic device; this much relative difference (non-deterministic
-// kernels upstream) still counts as the same call.
-constexpr double kRecallTolerance = 1e-4;
-
-// The largest difference between two local statistics, relative to the recorded values.
-double relative_difference(const at::Tensor& recomputed, const at::Tensor& recorded) {
-  if (recorded.numel() == 0) return 0.0;
-  at::Tensor a = recomputed.detach().to(at::kDouble), b = recorded.to(recomputed.device()).to(at::kDouble);
-  at::Tensor difference = ((a - b).abs() / (b.abs() + 1.0)).nan_to_num(std::numeric_limits<double>::infinity());
-  // NaN statistics (NaN input) recompute as NaN: equal where both are NaN.
-  difference.masked_fill_(a.isnan() & b.isnan(), 0.0);
-  return difference.max().item<double>();
-}
-
-bool same_tensors(const Message& a, const Message& b) {
-  if (a.tensors.size() != b.tensors.size() || a.ints != b.ints) return false;
-  for (size_t i = 0; i < a.tensors.size(); ++i) {
-    if (!a.tensors[i].equal(b.tensors[i])) return false;
-  }
-  return true;
-}
-
-Message detached(const Message& message) {
-  Message copy{{}, message.ints, nullptr, message.label};
-  for (const auto& tensor : message.tensors) copy.tensors.push_back(tensor.detach());
-  return copy;
-}
 
 const char* const kCheckpointAdvice =
     "synchronized layers support torch.utils.checkpoint(..., use_reentrant=False) when the checkpointed block "
@@ -91,59 +60,29 @@ Message BatchNormChannel::exchange(Message message, int64_t layer_position, cons
   message.ints[detail::kLayer] = layer_position;
   message.ints[detail::kCall] = call;
   message.label = "layer '" + layer_name + "' (synchronized call " + std::to_string(call) + ")";
-  CallRecord record{layer_position,
-                    call,
-                    message.ints[detail::kCount],
-                    message.tensors[detail::kLocalMean].detach(),
-                    message.tensors[detail::kLocalM2].detach(),
-                    {},
-                    c10::GradMode::is_enabled(),
-                    message.label};
+  const bool grad_enabled = c10::GradMode::is_enabled();
+  const Message sent{{message.tensors[detail::kLocalMean].detach(), message.tensors[detail::kLocalM2].detach()},
+                     message.ints, nullptr, message.label};
   Message merged = pipe_ ? pipe_->run_slave(std::move(message)) : master_->run_master(std::move(message));
-  record.merged = detached(merged);
-  std::lock_guard<std::mutex> lock(records_mutex_);
-  records_.push_back(std::move(record));
+  records_.add(sent, merged, layer_position, grad_enabled, sent.label);
   return merged;
 }
 
 Message BatchNormChannel::recall(const Message& message, int64_t layer_position, const std::string& layer_name) const {
-  const int64_t count = message.ints.at(detail::kCount);
-  std::lock_guard<std::mutex> lock(records_mutex_);
-  const CallRecord* best = nullptr;
-  double best_difference = std::numeric_limits<double>::infinity();
-  std::vector<const CallRecord*> matches;
-  for (const auto& record : records_) {
-    if (record.layer != layer_position || record.count != count) continue;
-    const double difference =
-        std::max(relative_difference(message.tensors[detail::kLocalMean], record.local_mean),
-                 relative_difference(message.tensors[detail::kLocalM2], record.local_m2));
-    if (difference > kRecallTolerance) continue;
-    matches.push_back(&record);
-    if (difference < best_difference) {
-      best = &record;
-      best_difference = difference;
-    }
-  }
   std::ostringstream where;
   where << "synchronized BatchNorm layer '" << layer_name << "' (copy " << copy_id_ << ")";
-  TORCH_CHECK(best != nullptr, where.str(),
+  const std::optional<CallRecords::Record> record = records_.find(message, layer_position, where.str());
+  TORCH_CHECK(record.has_value(), where.str(),
               " was called again inside backward (a block recomputed by torch.utils.checkpoint?), but no call of its "
               "forward had these local statistics: the recomputation did not repeat the forward, so the whole batch's "
               "statistics of that call are unknown here; ",
               kCheckpointAdvice);
-  for (const CallRecord* other : matches) {
-    TORCH_CHECK(other == best || same_tensors(other->merged, best->merged), where.str(),
-                " was recomputed inside backward (torch.utils.checkpoint) with local statistics that match two of its "
-                "forward's calls (", best->label, " and ", other->label,
-                ") whose whole-batch statistics differ, so the call being recomputed cannot be told; checkpoint a "
-                "block that calls the layer once, or do not checkpoint it");
-  }
-  TORCH_CHECK(best->grad_enabled, where.str(),
+  TORCH_CHECK(record->grad_enabled, where.str(),
               " is being recomputed inside backward for a forward that ran without gradients, as "
               "torch.utils.checkpoint(use_reentrant=True) runs it: that form recomputes each replica on its own, so "
               "the whole batch's gradients cannot be formed. Use torch.utils.checkpoint(..., use_reentrant=False); ",
               kCheckpointAdvice);
-  return best->merged;
+  return record->merged;
 }
 
 std::shared_ptr<ReplicaBackward> BatchNormChannel::backward() const {

@@ -248,7 +248,8 @@ at::Tensor all_gather(const ProcessGroupPtr& group, const at::Tensor& tensor, de
 
 // exchange number, kind, layer id, channels, count, the rank's forward and backward exchange counts, and whether
 // the rank's call will sum gradients in backward (its statistics require grad; forward exchanges only)
-constexpr int64_t kHeader = 8;
+constexpr int64_t kHeader = kExchangeHeaderWords;
+static_assert(kHeader == 8, "describe each header word above");
 
 std::string describe_exchange(int64_t number, int64_t kind, int64_t layer_id, int64_t channels) {
   std::ostringstream out;
@@ -324,6 +325,25 @@ void check_headers_agree(const ProcessGroupPtr& group, const at::Tensor& headers
   throw BarrierError(out.str() + "\n" + where(group, label, doing));
 }
 
+// A count of kFailedCall: the rank's call failed before its exchange (announce_failed_call).
+constexpr int64_t kFailedCall = -1;
+
+// Every rank fails alike when one announced a failed call, before anything is paired.
+void check_no_rank_failed(const ProcessGroupPtr& group, const at::TensorAccessor<int64_t, 2>& rows,
+                          const std::string& label, const char* doing) {
+  std::vector<int64_t> failed;
+  for (int64_t r = 0; r < rows.size(0); ++r) {
+    if (rows[r][4] == kFailedCall) failed.push_back(r);
+  }
+  if (failed.empty()) return;
+  std::ostringstream out;
+  out << "synchronized BatchNorm " << label << ": rank(s)";
+  for (const int64_t r : failed) out << " " << r;
+  out << " raised in this call before exchanging their statistics (an input or argument it refused: see the error "
+         "of that rank); every rank fails this call alike, nothing was written, and the next call pairs again";
+  throw BarrierError(out.str() + "\n" + where(group, label, doing));
+}
+
 // Every rank's row of one exchange: `values`, this rank's 2 x `channels` float64 values (two per-channel quantities,
 // one after the other), gathered with every rank's `count`. The row is packed with
 // a header into one int64 tensor of the same size on every rank: the header, then room for `capacity` channels of
@@ -353,6 +373,7 @@ GatheredRows exchange_rows(const ProcessGroupPtr& group, detail::ExchangeKind ki
   const at::Tensor headers = gathered.narrow(1, 0, kHeader).cpu();  // one copy to the host for every rank's header
   check_headers_agree(group, headers, numbers.number, kind_code, layer_id, channels, label, doing);
   const auto rows = headers.accessor<int64_t, 2>();
+  check_no_rank_failed(group, rows, label, doing);
   std::vector<int64_t> counts;
   std::vector<bool> backward_follows_on;
   for (int64_t r = 0; r < rows.size(0); ++r) {
@@ -427,6 +448,15 @@ GroupStatistics merge_across_processes(const ProcessGroupPtr& group, int64_t lay
       detail::host_values_to(at::tensor(gathered.counts, at::TensorOptions().dtype(at::kLong)), mean.device());
   auto [group_mean, group_var] = merge_stats(count_tensor, gathered.first, gathered.second);
   return {group_mean, group_var, total};
+}
+
+void announce_failed_call(const ProcessGroupPtr& group, int64_t layer_id, int64_t channels, const std::string& label,
+                          at::Device device) {
+  TORCH_CHECK_VALUE(group, "announce_failed_call needs a process group");
+  const at::Tensor zeros = at::zeros({2 * channels}, at::TensorOptions().dtype(at::kDouble).device(device));
+  exchange_rows(group, detail::ExchangeKind::kStatistics, layer_id, channels, kFailedCall, /*backward_follows=*/false,
+                zeros, label, "exchanging statistics");
+  TORCH_CHECK(false, "announce_failed_call: the exchange completed without this rank's failure");  // unreachable
 }
 
 std::pair<at::Tensor, at::Tensor> sum_across_processes(const ProcessGroupPtr& group, int64_t layer_id,

@@ -102,7 +102,7 @@ LayerSync BatchNormSyncState::layer_sync(bool training) const {
   if (training) publish_layer_id();  // its number goes to the other ranks
   const int64_t id = layer_id();
   const std::string name = channel_ ? name_ : "syncbn::SyncBatchNorm #" + std::to_string(id);
-  return LayerSync{channel_, position_, name, training ? process_group_ : ProcessGroupPtr(), id};
+  return LayerSync{channel_, position_, name, training ? process_group_ : ProcessGroupPtr(), id, recent_calls_};
 }
 
 torch::Tensor sync_batch_norm_module_forward(const torch::Tensor& input, const torch::nn::BatchNormOptions& options,

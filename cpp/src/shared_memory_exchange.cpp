@@ -39,7 +39,7 @@ namespace {
 // A slot is its row's description (a cache line) and then the row.
 constexpr uint64_t kMagic = 0x73796e63626e3031ULL;  // "syncbn01"
 constexpr size_t kLine = 64;
-constexpr int64_t kSlotCapacity = 64 * 1024;  // bytes of a row: its 5-word header + 2 x 4093 channels' 8-byte words
+constexpr int64_t kSlotCapacity = 64 * 1024;  // bytes of a row: its 8-word header + 2 x 4092 channels' 8-byte words
 constexpr int kSpins = 2000;                  // polls before sleeping on the futex (tens of microseconds)
 constexpr auto kSleepSlice = std::chrono::milliseconds(50);
 constexpr auto kLivenessEvery = std::chrono::milliseconds(100);

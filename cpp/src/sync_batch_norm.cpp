@@ -5,7 +5,9 @@
 
 #include <sstream>
 
+#include <ATen/SavedTensorHooks.h>
 #include <ATen/SequenceNumber.h>
+#include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/graph_task.h>
 
@@ -82,6 +84,22 @@ Merged unpack_merged(const Message& merged, const at::Device& device) {
           merged.ints[detail::kTotal]};
 }
 
+// Tells the other ranks that this rank's call failed before its exchange (see announce_failed_call); whatever
+// that exchange raises, the caller raises its own error.
+void announce_failure(const GroupCall& call, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& running_mean) {
+  int64_t channels = input.dim() >= 2 ? input.size(1) : 0;  // the layer's own count where it has one
+  if (running_mean.has_value() && running_mean->defined()) {
+    channels = running_mean->numel();
+  } else if (weight.has_value() && weight->defined()) {
+    channels = weight->numel();
+  }
+  try {
+    announce_failed_call(call.group, call.layer_id, channels, call.label, input.device());
+  } catch (...) {  // expected: the failure this rank announced (or the exchange's own)
+  }
+}
+
 // The body shared by both forms: `exchange` gets the merged statistics (a
 // barrier pass); `channel`, when given, is the copy's (recomputations recall
 // from it, writes commit through it, and a parallel backward's merge meets there).
@@ -95,7 +113,16 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
   if (sync != nullptr && spans_processes(sync->process_group)) {
     group_call = std::make_shared<GroupCall>(GroupCall{sync->process_group, sync->layer_id, sync->name});
   }
-  check_arguments(input, weight, bias, running_mean, running_var, eps);
+  try {
+    check_arguments(input, weight, bias, running_mean, running_var, eps);
+  } catch (...) {
+    // Refused on this rank only, maybe: the other ranks must not pair this call with this rank's next one. (A
+    // replica other than copy 0 refused: its replication closes, and copy 0 fails without exchanging.)
+    if (group_call && (channel == nullptr || channel->copy_id() == 0)) {
+      announce_failure(*group_call, input, weight, running_mean);
+    }
+    throw;
+  }
   variable_list local = detail::LocalStatsFunction::apply(input);
   const int64_t count = detail::count_per_channel(input);
   // The merge nodes get sequence numbers reserved here, at the same point of every replica's forward.
@@ -110,11 +137,26 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
 
   // A recomputation inside backward (torch.utils.checkpoint) repeats an earlier call: the same statistics, with
   // no barrier and no writes. (The merge nodes save no tensors, so the recomputation saves what the forward did.)
-  if (channel != nullptr && torch::autograd::get_current_graph_task_id() != -1) {
+  const bool in_backward = torch::autograd::get_current_graph_task_id() != -1;
+  if (channel != nullptr && in_backward) {
     return normalize(unpack_merged(channel->recall(message, sync->layer, sync->name), input.device()));
   }
+  // Alone in its process but across processes: the same for a call recorded in a checkpointed forward. (The forward
+  // of a use_reentrant=True checkpoint runs without gradients and is not recorded: its recomputation's graph is the
+  // one backward uses, so it exchanges again, as every rank's does.)
+  CallRecords* const recent = channel == nullptr && group_call && sync != nullptr ? sync->recent_calls.get() : nullptr;
+  if (recent != nullptr && in_backward) {
+    if (const auto record = recent->find(message, -1, group_call->label)) {
+      return normalize(unpack_merged(record->merged, input.device()));
+    }
+  }
+  const bool record_call = recent != nullptr && !in_backward && c10::GradMode::is_enabled() &&
+                           !at::SavedTensorDefaultHooks::get_tls_state().stack.empty();
+  std::optional<Message> sent;
+  if (record_call) sent = Message{{local[0].detach(), local[1].detach()}, message.ints, nullptr, {}};
 
   Message result = exchange(std::move(message));
+  if (record_call) recent->add(*sent, result, -1, /*grad_enabled=*/true, group_call->label);
   Merged merged = unpack_merged(result, input.device());
   if (result.payload && channel != nullptr) {
     // The replicas' backward runs in parallel: this copy merges through a node of its own, where the copies

@@ -39,6 +39,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from ._native import _C
+from ._tracing import being_traced
 from .distributed import exchange_group, resolve_group
 from .eps_mode import get_sbn_eps_mode, set_sbn_eps_mode
 
@@ -57,7 +58,7 @@ warnings.filterwarnings("ignore", message=r"Dynamo does not know how to trace th
 
 # The synchronization state of a layer that is not a replica: set by __init__, restored by pickling, dropped by
 # revert_model. Replicas get theirs from the replication hook.
-_SYNC_STATE_DEFAULTS: dict[str, Any] = {"_copy_id": None, "_channel": None, "_layer": (-1, "")}
+_SYNC_STATE_DEFAULTS: dict[str, Any] = {"_copy_id": None, "_channel": None, "_layer": (-1, ""), "_recent_calls": None}
 
 # Layers are known across processes by their construction order, the same on every rank that builds the same model.
 _layer_ids = itertools.count()
@@ -76,6 +77,29 @@ def _traced_as_a_leaf(layer: _BatchNorm, input: torch.fx.Proxy) -> torch.fx.Prox
 def _how_it_normalizes(copy_id: int | None, group: object) -> str:
     """What takes a layer off ``nn.BatchNorm``'s forward, for the errors of the transforms that cannot follow it."""
     return "in the clamp eps mode" if copy_id is None and group is None else "across replicas or processes"
+
+
+def _own_context(ctx: Any, layer: str) -> Any:
+    """Our ``CallbackContext`` for the hook's ``ctx``: itself, or one kept on another library's context.
+
+    The hook protocol is shared: another wrapper (the established library's ``DataParallelWithCallback``,
+    jactorch's) calls it with its own plain context object, one per module position and replication, copy 0
+    first. The copies then meet on a context of ours stored on it (no replication group: the barrier's timeout
+    is their only failure handling).
+    """
+    if isinstance(ctx, _C.CallbackContext):
+        return ctx
+    own = getattr(ctx, "_syncbn_context", None)
+    if own is None:
+        try:
+            own = ctx._syncbn_context = _C.CallbackContext()
+        except AttributeError:
+            raise TypeError(
+                f"{layer}.__data_parallel_replicate__: the replication context must be syncbn_ext's CallbackContext "
+                f"or an object that takes attributes, got {type(ctx).__name__}; wrap the model with "
+                "syncbn_ext.DataParallelWithCallback (or syncbn_ext.patch(nn.DataParallel(...)))"
+            ) from None
+    return own
 
 
 def _carries_a_tangent(*tensors: Tensor | None) -> bool:
@@ -154,6 +178,7 @@ class _SynchronizedBatchNorm(_BatchNorm):
 
         Runs on each replica (a shallow copy), copy 0 first; attributes set here stay on that replica.
         """
+        ctx = _own_context(ctx, type(self).__name__)
         self._copy_id = copy_id
         self._channel = _C.BatchNormChannel.of(ctx, copy_id)
         name = ctx.module_name or "<root>"
@@ -222,7 +247,7 @@ class _SynchronizedBatchNorm(_BatchNorm):
             # Running statistics, or a lone module with nn.BatchNorm's eps: nn.BatchNorm itself.
             return super().forward(input)
 
-        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        if being_traced():
             raise RuntimeError(
                 f"{type(self).__name__} cannot be traced or exported while it normalizes with batch statistics "
                 f"{_how_it_normalizes(copy_id, group)}: its synchronized forward is opaque C++ to the tracer. Trace "
@@ -236,25 +261,11 @@ class _SynchronizedBatchNorm(_BatchNorm):
     @torch.compiler.disable
     def _forward_with_batch_statistics(self, input: Tensor, copy_id: int | None, group: Any, eps_mode: str) -> Tensor:
         """The synchronized forward: batch statistics merged over the replicas and the process group."""
-        self._check_input_dim(input)
-        if self.eps <= 0.0:  # F.batch_norm's check, which this path does not go through
-            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
-        if torch._C._functorch.peek_interpreter_stack() is not None:
-            raise RuntimeError(
-                f"{type(self).__name__} cannot run under torch.func transforms (grad, vmap, jacrev, ...) while it "
-                f"normalizes with batch statistics {_how_it_normalizes(copy_id, group)}: its synchronized forward is "
-                "a C++ autograd function, which torch.func does not support. torch.autograd.grad(..., "
-                "create_graph=True) gives its second derivatives (torch.autograd.functional.hessian and hvp too); or "
-                "use eval mode, set_sbn_eps_mode('plus') for a lone module, or revert_model() a copy"
-            )
-        if _carries_a_tangent(input, self.weight, self.bias):
-            raise RuntimeError(
-                f"{type(self).__name__} cannot compute forward-mode derivatives (torch.autograd.forward_ad dual "
-                f"tensors) while it normalizes with batch statistics {_how_it_normalizes(copy_id, group)}: its "
-                "synchronized forward is a C++ autograd function without a forward-mode formula. "
-                "torch.autograd.functional.jvp gives the same Jacobian-vector products (through double backward); or "
-                "use eval mode, set_sbn_eps_mode('plus') for a lone module, or revert_model() a copy"
-            )
+        try:
+            self._check_arguments(input, copy_id, group)
+        except BaseException:
+            self._announce_failure(input, copy_id, group)
+            raise
         holds_buffers = copy_id is None or copy_id == 0
         update_running_stats = self.training and self.track_running_stats and holds_buffers
 
@@ -282,7 +293,53 @@ class _SynchronizedBatchNorm(_BatchNorm):
             layer_name,
             exchange_group(group, layer_name, input.device),  # the layers' own communicator (gloo groups)
             self._layer_id,
+            self._recent_calls_across(group, copy_id),
         )
+
+    def _recent_calls_across(self, group: Any, copy_id: int | None) -> Any:
+        """Alone in its process but across processes: the calls this layer made in a checkpointed forward, whose
+        recomputation inside backward then reuses the merged statistics (a replica's channel keeps its own)."""
+        if group is None or copy_id is not None:
+            return None
+        if self.__dict__.get("_recent_calls") is None:
+            self._recent_calls = _C.CallRecords()
+        return self._recent_calls
+
+    def _check_arguments(self, input: Tensor, copy_id: int | None, group: Any) -> None:
+        """nn.BatchNorm's checks this path would otherwise miss, and the transforms it cannot run under."""
+        self._check_input_dim(input)
+        if self.eps <= 0.0:  # F.batch_norm's check, which this path does not go through
+            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            raise RuntimeError(
+                f"{type(self).__name__} cannot run under torch.func transforms (grad, vmap, jacrev, ...) while it "
+                f"normalizes with batch statistics {_how_it_normalizes(copy_id, group)}: its synchronized forward is "
+                "a C++ autograd function, which torch.func does not support. torch.autograd.grad(..., "
+                "create_graph=True) gives its second derivatives (torch.autograd.functional.hessian and hvp too); or "
+                "use eval mode, set_sbn_eps_mode('plus') for a lone module, or revert_model() a copy"
+            )
+        if _carries_a_tangent(input, self.weight, self.bias):
+            raise RuntimeError(
+                f"{type(self).__name__} cannot compute forward-mode derivatives (torch.autograd.forward_ad dual "
+                f"tensors) while it normalizes with batch statistics {_how_it_normalizes(copy_id, group)}: its "
+                "synchronized forward is a C++ autograd function without a forward-mode formula. "
+                "torch.autograd.functional.jvp gives the same Jacobian-vector products (through double backward); or "
+                "use eval mode, set_sbn_eps_mode('plus') for a lone module, or revert_model() a copy"
+            )
+
+    def _announce_failure(self, input: Tensor, copy_id: int | None, group: Any) -> None:
+        """Tells the other ranks that this rank's call failed before its exchange, so that they fail this call too
+        instead of pairing it with this rank's next one. Copy 0 speaks for its process (another copy's failure
+        closes the replication, and copy 0 fails without exchanging)."""
+        if group is None or copy_id not in (None, 0):
+            return
+        device = input.device if isinstance(input, Tensor) else torch.device("cpu")
+        label = self._layer[1]
+        try:
+            exchanging = exchange_group(group, label, device)
+            _C.announce_failed_call(exchanging, self._layer_id, self.num_features, label, device)
+        except Exception:  # the failure announced (or the exchange's own): this rank raises its own error
+            pass
 
 
 class SynchronizedBatchNorm1d(_SynchronizedBatchNorm, _TorchBatchNorm1d):

@@ -333,6 +333,102 @@ def scenario_channels_differ(rank, world, replicas, sizes):
     return {"ran": True}
 
 
+def scenario_refused_input(rank, world, replicas, sizes):
+    """Rank 1 feeds a batch its synchronized layer refuses, twice: 4-D input to a SynchronizedBatchNorm1d (refused in
+    Python), then one channel too many (refused in C++). Every rank must fail that step (rank 1 with its own error),
+    and the steps after it must pair as before; before, rank 0 merged its step with rank 1's next one, silently."""
+    model = syncbn_ext.SynchronizedBatchNorm1d(C, momentum=None, process_group=dist.group.WORLD).double()
+    run = wrap(model, replicas)
+    x = torch.randn(4, C, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    bad = {1: torch.randn(4, C, 2, 2, dtype=torch.float64), 2: torch.randn(4, C + 1, dtype=torch.float64)}
+    errors = {}
+    for step in range(4):
+        try:
+            run(bad[step] if rank == 1 and step in bad else x).square().sum().backward()
+        except Exception as error:
+            errors[step] = [type(error).__name__, str(error)]
+    return with_final_state({"errors": errors}, model, dist.group.WORLD)
+
+
+def scenario_some_parameters_grads(rank, world, replicas, sizes):
+    """GradNorm-style steps: every rank asks for the synchronized layer's weight gradient only (torch.autograd.grad,
+    then backward(inputs=...)), ranks with several replicas through the parallel backward. Before, those computed the
+    gradients of their whole boundary, so their layer made a backward exchange the other ranks' engines pruned."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, C, 1), syncbn_ext.SyncBatchNorm(C)).double()
+    reference = nn.Sequential(nn.Conv2d(3, C, 1), nn.BatchNorm2d(C)).double()
+    reference.load_state_dict(model.state_dict())
+    run = wrap(model, replicas, parallel_backward=True if replicas > 1 else None)
+    batches = [
+        torch.randn(sizes[r], 3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(r))
+        for r in range(world)
+    ]
+    weight = model[1].weight
+    (by_grad,) = torch.autograd.grad(run(batches[rank]).square().sum(), [weight])
+    dist.all_reduce(by_grad)  # a collective right after: before, it met the other ranks' pruned exchange
+    run(batches[rank]).square().sum().backward(inputs=[weight])
+    by_inputs = weight.grad.clone()
+    dist.all_reduce(by_inputs)
+    (expected,) = torch.autograd.grad(reference(torch.cat(batches)).square().sum(), [reference[1].weight])
+    outcome = {
+        "grad_error": (by_grad - expected).abs().max().item(),
+        "inputs_error": (by_inputs - expected).abs().max().item(),
+        "others_untouched": model[0].weight.grad is None and model[1].bias.grad is None,
+    }
+    run(batches[rank]).square().sum().backward()  # and a whole backward after them pairs as ever
+    return with_final_state(outcome, model, dist.group.WORLD)
+
+
+class CheckpointedBlock(nn.Module):
+    """A block with a synchronized layer under torch.utils.checkpoint(use_reentrant=False), then a head."""
+
+    def __init__(self, norm, checkpointed=True):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, C, 1), norm(C), nn.Tanh())
+        self.head = nn.Conv2d(C, 2, 1)
+        self.checkpointed = checkpointed
+
+    def forward(self, x):
+        if not self.checkpointed:
+            return self.head(self.block(x))
+        return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False))
+
+
+def scenario_checkpoint(rank, world, replicas, sizes):
+    """Ranks with and without replicas checkpoint a block together: a replica's recomputation reuses its channel's
+    statistics, and a layer alone in its process must too (before, it exchanged again, which the ranks with replicas
+    did not: every step failed; and alike on every rank it counted each batch twice)."""
+    torch.manual_seed(0)
+    reference = CheckpointedBlock(nn.BatchNorm2d, checkpointed=False).double()  # (checkpointed, it counts twice)
+    model = CheckpointedBlock(syncbn_ext.SyncBatchNorm).double()
+    model.load_state_dict(reference.state_dict())
+    run = wrap(model, replicas)
+    errors = {"output": 0.0, "input_grad": 0.0, "param_grad": 0.0}
+    for step in range(2):
+        batches = [
+            torch.randn(sizes[r], 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(10 * step + r))
+            for r in range(world)
+        ]
+        model.zero_grad()
+        reference.zero_grad()
+        x = batches[rank].clone().requires_grad_()
+        out = run(x)
+        out.square().sum().backward()
+        whole = torch.cat(batches).requires_grad_()
+        expected = reference(whole)
+        expected.square().sum().backward()
+        mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+        grad = model.block[0].weight.grad.clone()
+        dist.all_reduce(grad)
+        errors["output"] = max(errors["output"], (out - expected[mine]).abs().max().item())
+        errors["input_grad"] = max(errors["input_grad"], (x.grad - whole.grad[mine]).abs().max().item())
+        errors["param_grad"] = max(errors["param_grad"], (grad - reference.block[0].weight.grad).abs().max().item())
+    errors["buffers"] = max(
+        (a - b).abs().max().item() for a, b in zip(model.buffers(), reference.buffers(), strict=True)
+    )
+    return with_final_state(errors, model, dist.group.WORLD)
+
+
 def train_unevenly(rank, replicas, throw_on_early_termination):
     """DistributedDataParallel under DDP's ``Join``: rank 0 has one batch, the others two. Returns the model, its DDP,
     this rank's batch and what the Join context raised on this rank (``{}``: nothing; else its type and message,

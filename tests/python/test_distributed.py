@@ -404,6 +404,51 @@ def test_after_a_step_one_rank_skipped_the_ranks_pair_again(tmp_path, replicas, 
         assert outcome["num_batches_tracked"] == [4, 4], outcome  # every forward that got its statistics
 
 
+@pytest.mark.parametrize("replicas, transport", [([2, 1], "shared_memory"), ([1, 1], "c10d"), ([1, 2], "c10d")])
+def test_checkpointed_blocks_match_the_global_batch_with_and_without_replicas_and_count_each_batch_once(
+    tmp_path, replicas, transport
+):
+    # A layer alone in its process exchanged again when its checkpointed block was recomputed, where a replica reuses
+    # its channel's statistics: with replicas on some ranks only, every step failed; on all ranks alike, each batch
+    # was counted twice in the running statistics.
+    results = launch(tmp_path, 2, replicas, [4, 3], ["checkpoint"], transport=transport)
+    for rank in range(2):
+        outcome = measures(results["checkpoint"][rank])
+        for quantity in ("output", "input_grad", "param_grad", "buffers"):
+            assert outcome[quantity] < TOLERANCE, (quantity, outcome)
+        assert outcome["buffers_equal_on_every_rank"] and outcome["num_batches_tracked"] == [2], outcome
+
+
+@pytest.mark.parametrize("replicas, transport", [([2, 1], "shared_memory"), ([2, 2], "c10d"), ([1, 2], "c10d")])
+def test_gradients_of_some_parameters_pair_whatever_the_ranks_backward(tmp_path, replicas, transport):
+    # With the parallel backward on some ranks only, asking for the BatchNorm weight's gradient alone made those
+    # ranks exchange for the input's gradient, which the others' engines pruned: an error on one rank, or every rank
+    # waiting for the group's timeout when a collective followed.
+    results = launch(tmp_path, 2, replicas, [4, 3], ["some_parameters_grads"], transport=transport)
+    for rank in range(2):
+        outcome = measures(results["some_parameters_grads"][rank])
+        assert outcome["grad_error"] < TOLERANCE and outcome["inputs_error"] < TOLERANCE, outcome
+        assert outcome["others_untouched"], outcome
+        assert outcome["buffers_equal_on_every_rank"] and outcome["num_batches_tracked"] == [3], outcome
+
+
+@pytest.mark.parametrize("replicas, transport", [(1, "shared_memory"), (2, "c10d")])
+def test_an_input_one_rank_refuses_fails_that_step_on_every_rank_and_the_next_steps_pair(tmp_path, replicas, transport):
+    # Before, rank 1 raised alone, before exchanging: rank 0 merged its step with rank 1's next one (silently wrong
+    # statistics), and its last step waited for the group's timeout.
+    results = launch(tmp_path, 2, replicas, [4, 4], ["refused_input"], transport=transport)["refused_input"]
+    zero, one = measures(results[0]), measures(results[1])
+    assert sorted(zero["errors"]) == sorted(one["errors"]) == ["1", "2"], (zero, one)
+    assert one["errors"]["1"][0] == "ValueError" and "expected 2D or 3D input" in one["errors"]["1"][1], one
+    assert one["errors"]["2"][0] == "RuntimeError" and "should contain" in one["errors"]["2"][1], one
+    for step in ("1", "2"):
+        assert zero["errors"][step][0] == "BarrierError", zero
+        assert "rank(s) 1 raised in this call before exchanging their statistics" in zero["errors"][step][1], zero
+    for outcome in (zero, one):
+        assert outcome["buffers_equal_on_every_rank"], outcome  # steps 0 and 3 merged alike, bitwise
+        assert outcome["num_batches_tracked"] == [2], outcome
+
+
 @pytest.mark.parametrize("replicas, transport", [(1, "shared_memory"), (2, "c10d")])
 def test_ranks_whose_calls_differ_in_requires_grad_or_channels_get_an_error_saying_so(tmp_path, replicas, transport):
     # input_grad_on_one_rank: before, rank 1 skipped the backward exchange rank 0 waited in (an error naming other

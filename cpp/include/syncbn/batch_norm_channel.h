@@ -10,6 +10,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <syncbn/call_records.h>
 #include <syncbn/callback_context.h>
 #include <syncbn/export.h>
 #include <syncbn/message.h>
@@ -80,24 +81,13 @@ class SYNCBN_API BatchNormChannel {
   int64_t calls() const { return calls_; }
 
  private:
-  struct CallRecord {
-    int64_t layer;
-    int64_t call;
-    int64_t count;
-    at::Tensor local_mean, local_m2;  // detached
-    Message merged;                   // tensors detached
-    bool grad_enabled;
-    std::string label;
-  };
-
   const int64_t copy_id_;
   std::shared_ptr<SyncMaster> master_;
   std::shared_ptr<SlavePipe> pipe_;  // null on copy 0
   std::weak_ptr<ReplicationGroup> group_;
   std::atomic<int64_t> calls_{0};
   mutable std::atomic<bool> finished_{false};
-  mutable std::mutex records_mutex_;
-  std::vector<CallRecord> records_;
+  CallRecords records_;  // every call of this replication's forward
 };
 
 }  // namespace syncbn

@@ -28,6 +28,12 @@ struct GroupCall {
   std::string label;
 };
 
+// The int64 words of the header each rank sends ahead of its 2 words per
+// channel ((mean, M2), or their gradients) in one exchange: a row is
+// kExchangeHeaderWords + 2 * C words (C: the most channels the group has
+// exchanged so far).
+inline constexpr int64_t kExchangeHeaderWords = 8;
+
 // What the group's merge gives every rank, bitwise alike: float64 (C,) tensors.
 struct GroupStatistics {
   at::Tensor mean;  // of the whole global batch
@@ -57,6 +63,16 @@ struct GroupStatistics {
 SYNCBN_API GroupStatistics merge_across_processes(const ProcessGroupPtr& group, int64_t layer_id, int64_t count,
                                                   const at::Tensor& mean, const at::Tensor& m2,
                                                   const std::string& label, bool backward_follows = false);
+
+// This rank's call of layer `layer_id` failed before its exchange (its input
+// or arguments were refused): takes part in the exchange the other ranks make
+// for that call, marked failed, so that every rank fails at this call (a
+// BarrierError naming the failed ranks) instead of pairing it with this rank's
+// next call. `channels`: the layer's num_features; `device`: where the row
+// goes (the input's: CUDA for NCCL). Throws that BarrierError here too (or the
+// exchange's own error); the caller raises its own error instead.
+SYNCBN_API void announce_failed_call(const ProcessGroupPtr& group, int64_t layer_id, int64_t channels,
+                                     const std::string& label, at::Device device);
 
 // Backward: (d mean, d var) of layer `layer_id`'s call summed over the group:
 // one all-gather, summed in rank order (fewer steps than an all-reduce for so

@@ -82,6 +82,8 @@ class SYNCBN_API BatchNormSyncState {
   std::string name_;
   ProcessGroupPtr process_group_;
   std::shared_ptr<detail::LayerNumber> layer_id_;  // shared by copies; see above
+  // Calls made alone across processes in a checkpointed forward (LayerSync::recent_calls); each copy its own.
+  std::shared_ptr<CallRecords> recent_calls_ = std::make_shared<CallRecords>(kRecentCallsKept);
 };
 
 // Training-mode forward of a synchronized BatchNorm module: nn.BatchNorm's

@@ -10,6 +10,7 @@
 
 #include <syncbn/batch_norm.h>
 #include <syncbn/batch_norm_channel.h>
+#include <syncbn/call_records.h>
 #include <syncbn/cross_process.h>
 #include <syncbn/export.h>
 #include <syncbn/message.h>
@@ -52,6 +53,10 @@ struct LayerSync {
   std::string name;
   ProcessGroupPtr process_group;
   int64_t layer_id = -1;
+  // Without a channel, across processes: the layer's calls made under saved-tensor hooks (a checkpointed block's
+  // forward), so that their recomputation inside backward reuses the merged statistics instead of exchanging
+  // again (which ranks recomputing through a replica's channel would not do) and writes nothing. Optional.
+  std::shared_ptr<CallRecords> recent_calls;
 };
 
 // Training-mode BatchNorm of one replica's slice with statistics over every
