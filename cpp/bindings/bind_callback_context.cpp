@@ -19,8 +19,9 @@ int traverse_context(PyObject* self, visitproc visit, void* arg) {
   if (!py::detail::is_holder_constructed(self)) return 0;
   const auto& context = py::cast<const CallbackContext&>(py::handle(self));
   int result = 0;
-  // Busy (another thread is setting a value): visit nothing this time, which can only keep objects alive longer.
-  context.try_for_each_value([&](const std::any& value) {
+  // Every time alike (a collection traverses twice; values visited once only would look unreachable): the lock is
+  // held only briefly, by threads that wait for nothing else (values are destroyed after it is released).
+  context.for_each_value([&](const std::any& value) {
     if (result != 0) return;
     if (const PyObjectRef* ref = std::any_cast<PyObjectRef>(&value); ref && *ref && (*ref)->object) {
       result = visit((*ref)->object.ptr(), arg);
@@ -43,12 +44,7 @@ void bind_callback_context(py::module_& m) {
       m, "CallbackContext",
       "Storage shared by every replica of one module position: the master sets attributes "
       "(ctx.sync_master = ...), the other copies read them. Thread-safe.",
-      py::custom_type_setup([](PyHeapTypeObject* heap_type) {
-        PyTypeObject* type = &heap_type->ht_type;
-        type->tp_flags |= Py_TPFLAGS_HAVE_GC;
-        type->tp_traverse = traverse_context;
-        type->tp_clear = clear_context;
-      }))
+      collected_by_gc<traverse_context, clear_context>())
       .def(py::init<>())
       .def("__getattr__",
            [](const CallbackContext& self, const std::string& name) -> py::object {

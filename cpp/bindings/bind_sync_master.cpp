@@ -149,12 +149,7 @@ void bind_sync_master(py::module_& m) {
                                        "The master/slave reduction barrier. master_callback receives [(copy_id, msg), "
                                        "...], the master's (0, msg) first, and returns [(copy_id, result), ...], the "
                                        "master's first.",
-                                       py::custom_type_setup([](PyHeapTypeObject* heap_type) {
-                                         PyTypeObject* type = &heap_type->ht_type;
-                                         type->tp_flags |= Py_TPFLAGS_HAVE_GC;
-                                         type->tp_traverse = traverse_sync_master;
-                                         type->tp_clear = clear_sync_master;
-                                       }));
+                                       collected_by_gc<traverse_sync_master, clear_sync_master>());
   sync_master
       .def(py::init<py::object, std::optional<double>>(), py::arg("master_callback"), py::arg("timeout") = py::none())
       .def(

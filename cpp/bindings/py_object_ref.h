@@ -45,6 +45,18 @@ using PyObjectRef = std::shared_ptr<PyObjectHolder>;
 // Call with the GIL held.
 inline PyObjectRef hold(py::object obj) { return std::make_shared<PyObjectHolder>(std::move(obj)); }
 
+// A class option for py::class_: instances take part in the garbage collector, through `traverse` (visits each
+// Python object the instance owns, once) and `clear` (drops them), so that cycles through C++ state are freed.
+template <traverseproc Traverse, inquiry Clear>
+py::custom_type_setup collected_by_gc() {
+  return py::custom_type_setup([](PyHeapTypeObject* heap_type) {
+    PyTypeObject* type = &heap_type->ht_type;
+    type->tp_flags |= Py_TPFLAGS_HAVE_GC;
+    type->tp_traverse = Traverse;
+    type->tp_clear = Clear;
+  });
+}
+
 // A Python exception raised in a Python callback that C++ code called, carried
 // through C++ (the barrier hands it to every waiting copy). Unlike
 // py::error_already_set it can be raised again any number of times: bind_errors'

@@ -22,6 +22,7 @@
 #include <c10/util/Exception.h>
 
 #include <syncbn/errors.h>
+#include <syncbn/replication_group.h>
 #include <syncbn/sync_master.h>
 
 #include "spin_wait.h"
@@ -74,6 +75,10 @@ struct BarrierState {
   std::string closed_reason;
   std::thread::id callback_thread;  // the thread running the master callback, while it runs
   std::map<int64_t, std::shared_ptr<SlaveSlot>> slots;  // by copy id, so ascending
+  // The replication whose hooks registered this generation's slaves (ReplicationSetupScope), unless some slave
+  // registered elsewhere (threads of the user's own): a master of another replication does not wait for them.
+  std::weak_ptr<ReplicationGroup> registered_for;
+  bool registered_elsewhere = false;
   int64_t master_entered = 0;  // passes the master has entered
   bool master_waiting = false;
   bool master_finished = false;
@@ -128,6 +133,8 @@ struct BarrierState {
     closed = false;
     closed_reason.clear();
     graveyard.slots.swap(slots);
+    registered_for.reset();
+    registered_elsewhere = false;
     master_entered = 0;
     master_finished = false;
     master_label.clear();

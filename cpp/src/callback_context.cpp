@@ -45,11 +45,9 @@ std::vector<std::string> CallbackContext::keys() const {
   return result;
 }
 
-bool CallbackContext::try_for_each_value(const std::function<void(const std::any&)>& visit) const {
-  std::unique_lock<std::mutex> lock(mutex_, std::try_to_lock);
-  if (!lock.owns_lock()) return false;
+void CallbackContext::for_each_value(const std::function<void(const std::any&)>& visit) const {
+  std::lock_guard<std::mutex> lock(mutex_);
   for (const auto& entry : values_) visit(entry.second);
-  return true;
 }
 
 size_t CallbackContext::erase_if(const std::function<bool(const std::any&)>& remove) {

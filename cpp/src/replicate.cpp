@@ -49,6 +49,7 @@ std::vector<std::shared_ptr<CallbackContext>> execute_replication_callbacks(
   }
   // Replica-major order: all of copy 0 first, so at every position the master
   // has stored its shared state before any other copy looks for it.
+  const ReplicationSetupScope setting_up(group);
   for (size_t copy_id = 0; copy_id < replicas.size(); ++copy_id) {
     const auto& modules = replicas[copy_id];
     for (size_t position = 0; position < modules.size(); ++position) {

@@ -25,6 +25,9 @@ std::vector<std::shared_ptr<SyncMaster>> ReplicationGroup::barriers() const {
 }
 
 void ReplicationGroup::copy_finished(int64_t copy_id) const {
+  // A copy of a closed replication (left behind, returning late) tells nothing: a barrier it shares with a later
+  // replication (a module's own SyncMaster) belongs to that one now.
+  if (closed()) return;
   for (const auto& barrier : barriers()) barrier->finish(copy_id);
 }
 
@@ -93,7 +96,19 @@ void ReplicationGroup::check_alive(const std::string& what) const {
 
 namespace {
 thread_local ReplicaScope* innermost_scope = nullptr;
+thread_local ReplicationSetupScope* innermost_setup = nullptr;
 }  // namespace
+
+ReplicationSetupScope::ReplicationSetupScope(std::shared_ptr<ReplicationGroup> group)
+    : group_(std::move(group)), outer_(innermost_setup) {
+  innermost_setup = this;
+}
+
+ReplicationSetupScope::~ReplicationSetupScope() { innermost_setup = outer_; }
+
+std::shared_ptr<ReplicationGroup> ReplicationSetupScope::current() {
+  return innermost_setup != nullptr ? innermost_setup->group_ : nullptr;
+}
 
 ReplicaScope::ReplicaScope(std::shared_ptr<ReplicationGroup> group, int64_t copy_id)
     : group_(std::move(group)), copy_id_(copy_id), outer_(innermost_scope) {

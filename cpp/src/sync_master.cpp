@@ -1,5 +1,7 @@
 #include <syncbn/sync_master.h>
 
+#include <cxxabi.h>
+
 #include <algorithm>
 #include <cctype>
 #include <cmath>
@@ -126,6 +128,14 @@ std::shared_ptr<SlavePipe> SyncMaster::register_slave(int64_t copy_id) {
   } else if (s.slots.count(copy_id) != 0) {
     s.start_generation(graveyard, "copy " + std::to_string(copy_id) + " registered again");
   }
+  const std::shared_ptr<ReplicationGroup> setting_up = ReplicationSetupScope::current();
+  if (setting_up == nullptr) {
+    s.registered_elsewhere = true;
+  } else if (s.slots.empty()) {
+    s.registered_for = setting_up;
+  } else if (s.registered_for.lock() != setting_up) {
+    s.registered_elsewhere = true;
+  }
   s.slots.emplace(copy_id, std::make_shared<detail::SlaveSlot>(copy_id));
   return std::make_shared<SlavePipe>(state_, copy_id, s.generation);
 }
@@ -149,10 +159,10 @@ Message SyncMaster::run_master(Message message) {
   s.check_not_in_callback("run_master()", "the callback must return its results, not start another pass");
   TORCH_CHECK(!s.master_busy, s.describe(), ": run_master is already running in another thread");
   if (s.closed) s.throw_closed();
-  // Slaves registered by an earlier replication of more copies, none since: this replication's copies are fewer
+  // Slaves registered by the hooks of an earlier replication, none since: this replication's copies register none
   // (a last batch of one sample, on one copy). Waiting for them could only time out.
   if (const ReplicationGroup* group = ReplicaScope::current_group();
-      group != nullptr && !s.slots.empty() && s.slots.rbegin()->first >= group->copies()) {
+      group != nullptr && !s.slots.empty() && !s.registered_elsewhere && s.registered_for.lock().get() != group) {
     s.start_generation(graveyard, "a replication of " + std::to_string(group->copies()) +
                                       " copies ran its master after slaves of an earlier replication had registered");
   }
@@ -198,6 +208,17 @@ Message SyncMaster::run_master(Message message) {
   MessageList results;
   try {
     results = detail::order_results(s.callback(std::move(messages)), slave_ids, where);
+  } catch (abi::__forced_unwind&) {
+    // The thread is being ended (a Python daemon thread taking the GIL in its callback while the interpreter shuts
+    // down): not an exception current_exception() can hold. The slaves get an error of their own.
+    lock.lock();
+    s.callback_thread = std::thread::id();
+    if (s.generation == generation && pass > s.failed_through) {
+      s.fail_pass(pass,
+                  std::make_exception_ptr(BarrierAbortedError(where + ": the master's thread ended in its callback")),
+                  graveyard);
+    }
+    throw;
   } catch (...) {
     lock.lock();
     s.callback_thread = std::thread::id();

@@ -66,10 +66,10 @@ class SYNCBN_API CallbackContext {
   std::vector<std::string> keys() const;
   size_t size() const;
 
-  // For a garbage collector that must see the values a binding stored (and
-  // must never block): calls `visit` on each value and returns true, or
-  // returns false at once if another thread holds the context's lock.
-  bool try_for_each_value(const std::function<void(const std::any&)>& visit) const;
+  // Calls `visit` on each value, under the context's lock (for a garbage
+  // collector that must see the values a binding stored: the lock is never
+  // held by a thread that waits for anything else).
+  void for_each_value(const std::function<void(const std::any&)>& visit) const;
   // Removes the values `remove` selects (destroyed after the lock is
   // released); returns how many.
   size_t erase_if(const std::function<bool(const std::any&)>& remove);

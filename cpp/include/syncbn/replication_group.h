@@ -99,6 +99,25 @@ class SYNCBN_API ReplicationGroup {
 // outlives the replication (a module's own SyncMaster, reset by the next
 // replication): a replica thread left behind can never join a later
 // replication's pass. Scopes nest; the innermost applies.
+// Marks the calling thread, for its lifetime, as running the replication
+// hooks of `group` (execute_replication_callbacks): a SyncMaster learns which
+// replication its slaves registered for, and a master of another replication
+// (fewer copies, none registering) does not wait for them.
+class SYNCBN_API ReplicationSetupScope {
+ public:
+  explicit ReplicationSetupScope(std::shared_ptr<ReplicationGroup> group);
+  ~ReplicationSetupScope();
+  ReplicationSetupScope(const ReplicationSetupScope&) = delete;
+  ReplicationSetupScope& operator=(const ReplicationSetupScope&) = delete;
+
+  // The group whose hooks run on this thread now, or null.
+  static std::shared_ptr<ReplicationGroup> current();
+
+ private:
+  std::shared_ptr<ReplicationGroup> group_;
+  ReplicationSetupScope* outer_;
+};
+
 class SYNCBN_API ReplicaScope {
  public:
   ReplicaScope(std::shared_ptr<ReplicationGroup> group, int64_t copy_id);
