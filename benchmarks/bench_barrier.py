@@ -113,7 +113,7 @@ def _python_threads_round_trip_us(make_master, replicas: int, passes: int) -> fl
             start = clock()
             result = run_master(msg)
             times_ns[i] = clock() - start
-    except BaseException:
+    except BaseException as failure:
         # Wake the slaves (they wait for passes that will not come) so none is left waiting in C++ at exit.
         # (The established library's pure-Python slaves cannot be woken; being daemons, they end with the program.)
         closable = all(hasattr(master, "close") for master in masters)
@@ -121,6 +121,8 @@ def _python_threads_round_trip_us(make_master, replicas: int, passes: int) -> fl
             master.close("the benchmark's master thread failed")
         for thread in threads if closable else ():
             thread.join(10.0)
+        if errors and isinstance(failure, syncbn_ext.BarrierError):
+            raise errors[0] from failure  # a slave failed first: the master only waited for it
         raise
     for thread in threads:
         thread.join()

@@ -13,4 +13,6 @@ def being_traced() -> bool:
     record would read uninitialized tensors where the merged statistics belong."""
     if torch.jit.is_tracing() or torch.compiler.is_exporting():
         return True
+    if torch.compiler.is_compiling():
+        return False  # Dynamo: it breaks the graph at our C++ path itself (and cannot trace the mode lookup)
     return any(torch._C._get_dispatch_mode(key) is not None for key in _RECORDING_MODES)

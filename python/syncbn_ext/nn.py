@@ -178,9 +178,12 @@ class _SynchronizedBatchNorm(_BatchNorm):
 
         Runs on each replica (a shallow copy), copy 0 first; attributes set here stay on that replica.
         """
-        ctx = _own_context(ctx, type(self).__name__)
+        own = _own_context(ctx, type(self).__name__)
         self._copy_id = copy_id
-        self._channel = _C.BatchNormChannel.of(ctx, copy_id)
+        self._channel = _C.BatchNormChannel.of(own, copy_id)
+        if own is not ctx:  # another library's context says nothing of the module's place: keep its own name
+            self._layer = (-1, self._layer[1])
+            return
         name = ctx.module_name or "<root>"
         self._layer = (ctx.position, f"{name}: {type(self).__name__}({self.num_features})")
 
@@ -329,17 +332,18 @@ class _SynchronizedBatchNorm(_BatchNorm):
 
     def _announce_failure(self, input: Tensor, copy_id: int | None, group: Any) -> None:
         """Tells the other ranks that this rank's call failed before its exchange, so that they fail this call too
-        instead of pairing it with this rank's next one. Copy 0 speaks for its process (another copy's failure
-        closes the replication, and copy 0 fails without exchanging)."""
-        if group is None or copy_id not in (None, 0):
+        instead of pairing it with this rank's next one. Alone in its process only: a replica's refusal closes its
+        replication at once, which would cut copy 0's announcement short while the other ranks are on their way."""
+        if group is None or copy_id is not None:
             return
         device = input.device if isinstance(input, Tensor) else torch.device("cpu")
         label = self._layer[1]
-        try:
-            exchanging = exchange_group(group, label, device)
-            _C.announce_failed_call(exchanging, self._layer_id, self.num_features, label, device)
-        except Exception:  # the failure announced (or the exchange's own): this rank raises its own error
-            pass
+        with torch._C._DisableFuncTorch():  # a refusal under torch.func: the exchange's own tensors are plain
+            try:
+                exchanging = exchange_group(group, label, device)
+                _C.announce_failed_call(exchanging, self._layer_id, self.num_features, label, device)
+            except _C.BarrierError:  # expected: the failure this rank announced; it raises its own error
+                pass
 
 
 class SynchronizedBatchNorm1d(_SynchronizedBatchNorm, _TorchBatchNorm1d):
@@ -467,8 +471,13 @@ class SyncBatchNorm(_SynchronizedBatchNorm):
         """See :meth:`SynchronizedBatchNorm2d.forward`; ``nn.SyncBatchNorm``'s checks, in its order."""
         if isinstance(input, torch.fx.Proxy):
             return _traced_as_a_leaf(self, input)
-        self._check_input_dim(input)
-        _TorchSyncBatchNorm._check_non_zero_input_channels(self, input)
+        try:
+            self._check_input_dim(input)
+            _TorchSyncBatchNorm._check_non_zero_input_channels(self, input)
+        except BaseException:
+            if self.training:  # the other ranks must fail this call too (see _announce_failure)
+                self._announce_failure(input, self.__dict__.get("_copy_id"), self.sync_group())
+            raise
         return super().forward(input)
 
     @classmethod

@@ -297,12 +297,21 @@ class _JoinReplicas(torch.autograd.Function):
         plan: _Plan = ctx.plan
         # Which boundary inputs this backward wants gradients for (backward(inputs=...), torch.autograd.grad of some
         # parameters): the serial engine would prune the rest, and so must the replicas' (see _wanted_boundaries).
-        wanted = [
-            node is not None and torch._C._will_engine_execute_node(node)
-            for node, _ in ctx.next_functions[: ctx.boundary_count]
-        ]
+        wanted = [_will_execute(node) for node, _ in ctx.next_functions[: ctx.boundary_count]]
         with plan.one_backward_at_a_time:
             return _parallel_backward(plan, grads, wanted)
+
+
+def _will_execute(node: Any) -> bool:
+    """Whether the running backward will execute ``node`` (one of the join's next nodes); ``None``: no gradient."""
+    if node is None:
+        return False
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:
+        # torch cannot tell for a leaf's AccumulateGrad under torch.autograd.grad (a buffer or module attribute that
+        # requires grad, asked for by name): wanted, as every boundary input was before.
+        return True
 
 
 def _wanted_boundaries(plan: _Plan, wanted: list[bool]) -> list[list[bool]] | None:

@@ -170,6 +170,62 @@ def test_a_replication_of_one_copy_after_a_larger_one_runs_without_the_old_copie
     assert torch.equal(call_with_timeout(dp, torch.zeros(1, 1), timeout=30), torch.ones(1, 1))
 
 
+def test_a_master_whose_slaves_are_threads_of_the_modules_own_waits_for_them_inside_a_replica():
+    # Only slaves a replication's hooks registered belong to a replication; a replica's master discarded these.
+    class Workers(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            master = SyncMaster(_sum_of_messages, timeout=30)
+            pipes = [master.register_slave(copy_id) for copy_id in (1, 2, 3)]
+            threads = [threading.Thread(target=pipe.run_slave, args=(1,)) for pipe in pipes]
+            for thread in threads:
+                thread.start()
+            total = master.run_master(1)
+            for thread in threads:
+                thread.join(30)
+            return x + total
+
+    dp = DataParallelWithCallback(Workers(), device_ids=["cpu"] * 2)
+    assert torch.equal(call_with_timeout(dp, torch.zeros(4, 1), timeout=60), torch.full((4, 1), 4.0))
+
+
+def test_a_replica_left_behind_finishes_nothing_in_the_next_replication(monkeypatch):
+    # Its late return told the group of its closed replication that its copy finished, which reached a SyncMaster the
+    # module keeps across replications: the next replication's copy 1, merely late, was reported finished.
+    monkeypatch.setenv("SYNCBN_TIMEOUT", "1")
+
+    class Count(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.master = SyncMaster(_sum_of_messages, timeout=30)
+            self.step = 0
+
+        def __data_parallel_replicate__(self, ctx: CallbackContext, copy_id: int) -> None:
+            self.copy_id = copy_id
+            if copy_id == 0:
+                self.master.reset()
+                ctx.group.add_barrier(self.master)
+            else:
+                self.pipe = self.master.register_slave(copy_id)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.copy_id == 0:
+                return x + self.master.run_master(x.shape[0])
+            if self.step == 1:
+                time.sleep(1.5)  # late to its pass, within the master's own timeout
+            total = self.pipe.run_slave(x.shape[0])
+            if self.step == 0:
+                time.sleep(2.5)  # slow after its pass: left behind, returns during the next step
+            return x + total
+
+    model = Count()
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2)
+    with pytest.raises(syncbn_ext.BarrierTimeoutError, match=r"replica\(s\) \[1\] did not return"):
+        call_with_timeout(dp, torch.zeros(4, 1))
+    model.step = 1
+    assert torch.equal(call_with_timeout(dp, torch.zeros(4, 1)), torch.full((4, 1), 4.0))
+    time.sleep(1.5)  # the thread left behind ends
+
+
 class ForeignContext:
     """Another library's replication context: a plain object (the established library's CallbackContext)."""
 
@@ -209,6 +265,21 @@ def test_our_layers_replicated_by_another_librarys_wrapper_normalize_over_the_wh
     x = torch.randn(10, 3, dtype=torch.double) * 3 + 1
     outputs = _run_foreign_replication(layer, x, 2)
     torch.testing.assert_close(torch.cat(outputs), reference(x))
+
+
+def test_under_another_librarys_wrapper_errors_name_the_layer_itself(monkeypatch):
+    # Its contexts say nothing of the module's place: errors named every layer "<root>".
+    monkeypatch.setenv("SYNCBN_TIMEOUT", "1")
+    model = nn.Sequential(nn.Linear(3, 3), syncbn_ext.SynchronizedBatchNorm1d(3))
+    replicas = syncbn_ext.replicate_on_cpu(model, 2)
+    contexts = [ForeignContext() for _ in replicas[0].modules()]
+    for copy_id, replica in enumerate(replicas):
+        for ctx, m in zip(contexts, replica.modules(), strict=True):
+            if hasattr(m, "__data_parallel_replicate__"):
+                m.__data_parallel_replicate__(ctx, copy_id)
+    with pytest.raises(syncbn_ext.BarrierTimeoutError) as raised:  # copy 1 never comes
+        call_with_timeout(replicas[0], torch.randn(4, 3), timeout=30)
+    assert "SynchronizedBatchNorm1d(3) #" in str(raised.value) and "<root>" not in str(raised.value)
 
 
 def test_a_foreign_context_that_takes_no_attributes_is_a_clear_error():

@@ -111,6 +111,35 @@ def test_autograd_grad_with_respect_to_parameters_and_inputs():
     assert all(p.grad is None for p in params)  # autograd.grad does not accumulate
 
 
+class ScaledByABuffer(nn.Module):
+    """A synchronized layer's output scaled by a buffer that requires grad (a leaf, not a parameter)."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.linear = nn.Linear(3, 4)
+        self.norm = norm(4)
+        self.register_buffer("gain", torch.linspace(0.5, 2.0, 4, requires_grad=True))
+
+    def forward(self, x):
+        return self.norm(self.linear(x)) * self.gain
+
+
+def test_autograd_grad_of_some_parameters_or_of_a_buffer_that_requires_grad():
+    # Each replica computes only the gradients the engine will use. torch cannot tell that for a leaf asked for by
+    # torch.autograd.grad (the buffer): such a boundary is computed as before (it raised torch's error).
+    torch.manual_seed(0)
+    model = ScaledByABuffer(SynchronizedBatchNorm1d).double()
+    reference = ScaledByABuffer(nn.BatchNorm1d).double()
+    reference.load_state_dict(model.state_dict())
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    for asked, asked_ref in (([model.norm.weight], [reference.norm.weight]), ([model.gain], [reference.gain])):
+        got = call_with_timeout(torch.autograd.grad, dp(x).square().sum(), asked)
+        expected = torch.autograd.grad(reference(x).square().sum(), asked_ref)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_batched_gradients_give_the_whole_batch_vector_jacobian_products():
     # torch.autograd.grad(..., is_grads_batched=True) runs the backward under vmap: the gradients the replicas' sums
     # add are batched tensors, which have no storage to tell whether they may be written in place.
