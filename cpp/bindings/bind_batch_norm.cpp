@@ -38,7 +38,8 @@ void bind_batch_norm(py::module_& m) {
       "A layer's recent synchronized calls alone across processes, made in a checkpointed forward: their "
       "recomputation inside backward reuses the merged statistics.")
       .def(py::init<size_t>(), py::arg("capacity") = kRecentCallsKept)
-      .def("__len__", &CallRecords::size);
+      .def("__len__", &CallRecords::size)
+      .def_property_readonly("capacity", &CallRecords::capacity);
 
   m.def(
       "sync_batch_norm_train",

@@ -1,5 +1,6 @@
 #include <syncbn/call_records.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -54,18 +55,29 @@ void CallRecords::add(const Message& message, const Message& merged, int64_t lay
                 label};
   std::lock_guard<std::mutex> lock(mutex_);
   if (capacity_ == 0) return;
-  if (records_.size() == capacity_) records_.pop_front();
+  if (records_.size() == capacity_) {
+    // A record already recalled goes first (its recomputation ran); else the oldest. Its fingerprint stays.
+    size_t victim = 0;
+    while (victim < records_.size() && !records_[victim].recalled) ++victim;
+    if (victim == records_.size()) victim = 0;
+    forgotten_.push_back(fingerprints_[victim]);
+    if (forgotten_.size() > kFingerprintsKept) forgotten_.pop_front();
+    records_.erase(records_.begin() + static_cast<std::ptrdiff_t>(victim));
+    fingerprints_.erase(fingerprints_.begin() + static_cast<std::ptrdiff_t>(victim));
+  }
+  fingerprints_.push_back(
+      {layer, record.count, record.local_mean.sum(at::kDouble), record.local_m2.sum(at::kDouble)});  // no sync
   records_.push_back(std::move(record));
 }
 
-std::optional<CallRecords::Record> CallRecords::find(const Message& message, int64_t layer,
-                                                     const std::string& where) const {
+std::optional<CallRecords::Record> CallRecords::find(const Message& message, int64_t layer, const std::string& where,
+                                                     bool across_forwards) {
   const int64_t count = message.ints.at(detail::kCount);
   std::lock_guard<std::mutex> lock(mutex_);
-  const Record* best = nullptr;
+  Record* best = nullptr;
   double best_difference = std::numeric_limits<double>::infinity();
-  std::vector<const Record*> matches;
-  for (const auto& record : records_) {
+  std::vector<Record*> matches;
+  for (auto& record : records_) {
     if (record.layer != layer || record.count != count) continue;
     const double difference =
         std::max(relative_difference(message.tensors[detail::kLocalMean], record.local_mean),
@@ -78,6 +90,14 @@ std::optional<CallRecords::Record> CallRecords::find(const Message& message, int
     }
   }
   if (best == nullptr) return std::nullopt;
+  const bool alike = std::all_of(matches.begin(), matches.end(),
+                                 [&](const Record* other) { return same_tensors(other->merged, best->merged); });
+  if (across_forwards && !alike) {
+    const auto unrecalled = std::find_if(matches.begin(), matches.end(), [](const Record* r) { return !r->recalled; });
+    best = unrecalled != matches.end() ? *unrecalled : matches.back();  // records_ is oldest first
+    best->recalled = true;
+    return *best;
+  }
   for (const Record* other : matches) {
     TORCH_CHECK(other == best || same_tensors(other->merged, best->merged), where,
                 " was recomputed inside backward (torch.utils.checkpoint) with local statistics that match two of its "
@@ -85,7 +105,32 @@ std::optional<CallRecords::Record> CallRecords::find(const Message& message, int
                 ") whose whole-batch statistics differ, so the call being recomputed cannot be told; checkpoint a "
                 "block that calls the layer once, or do not checkpoint it");
   }
+  best->recalled = true;
   return *best;
+}
+
+bool CallRecords::forgot(const Message& message, int64_t layer) const {
+  const int64_t count = message.ints.at(detail::kCount);
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::optional<double> mean_sum, m2_sum;
+  for (const auto& print : forgotten_) {
+    if (print.layer != layer || print.count != count) continue;
+    if (!mean_sum) {
+      mean_sum = message.tensors[detail::kLocalMean].detach().sum(at::kDouble).item<double>();
+      m2_sum = message.tensors[detail::kLocalM2].detach().sum(at::kDouble).item<double>();
+    }
+    const double a = print.mean_sum.item<double>(), b = print.m2_sum.item<double>();
+    // Sums of values within the recall tolerance of each other (relative to each value, plus 1) stay within it
+    // relative to the sums of their magnitudes plus their number; generous, so that no forgotten call slips by.
+    const auto close = [&](double x, double y, const at::Tensor& values) {
+      const double scale = values.detach().abs().sum(at::kDouble).item<double>() + static_cast<double>(values.numel());
+      return std::abs(x - y) <= 2 * kRecallTolerance * scale || (std::isnan(x) && std::isnan(y));
+    };
+    if (close(*mean_sum, a, message.tensors[detail::kLocalMean]) && close(*m2_sum, b, message.tensors[detail::kLocalM2])) {
+      return true;
+    }
+  }
+  return false;
 }
 
 size_t CallRecords::size() const {

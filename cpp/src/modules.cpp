@@ -1,5 +1,7 @@
 #include <syncbn/modules.h>
 
+#include <syncbn/errors.h>
+
 #include <atomic>
 #include <mutex>
 #include <set>
@@ -96,6 +98,15 @@ void BatchNormSyncState::abort(const std::string& reason) const {
 
 void BatchNormSyncState::finish() const {
   if (channel_) channel_->finish();
+}
+
+void BatchNormSyncState::announce_refused(bool training, int64_t channels, const at::Device& device) const {
+  if (!training || channel_ || !spans_processes(process_group_)) return;
+  const LayerSync sync = layer_sync(training);
+  try {
+    announce_failed_call(sync.process_group, sync.layer_id, channels, sync.name, device);
+  } catch (const BarrierError&) {  // expected: the failure this rank announced; the caller raises its own error
+  }
 }
 
 LayerSync BatchNormSyncState::layer_sync(bool training) const {

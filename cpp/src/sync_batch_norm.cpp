@@ -96,7 +96,7 @@ void announce_failure(const GroupCall& call, const at::Tensor& input, const std:
   }
   try {
     announce_failed_call(call.group, call.layer_id, channels, call.label, input.device());
-  } catch (...) {  // expected: the failure this rank announced (or the exchange's own)
+  } catch (const BarrierError&) {  // expected: the failure this rank announced
   }
 }
 
@@ -116,11 +116,10 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
   try {
     check_arguments(input, weight, bias, running_mean, running_var, eps);
   } catch (...) {
-    // Refused on this rank only, maybe: the other ranks must not pair this call with this rank's next one. (A
-    // replica other than copy 0 refused: its replication closes, and copy 0 fails without exchanging.)
-    if (group_call && (channel == nullptr || channel->copy_id() == 0)) {
-      announce_failure(*group_call, input, weight, running_mean);
-    }
+    // Refused on this rank only, maybe: the other ranks must not pair this call with this rank's next one. Alone
+    // in its process only: a replica's refusal closes its replication at once, which would cut copy 0's
+    // announcement short while the other ranks are still on their way (and leave the group out of step).
+    if (group_call && channel == nullptr) announce_failure(*group_call, input, weight, running_mean);
     throw;
   }
   variable_list local = detail::LocalStatsFunction::apply(input);
@@ -146,9 +145,17 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
   // one backward uses, so it exchanges again, as every rank's does.)
   CallRecords* const recent = channel == nullptr && group_call && sync != nullptr ? sync->recent_calls.get() : nullptr;
   if (recent != nullptr && in_backward) {
-    if (const auto record = recent->find(message, -1, group_call->label)) {
+    if (const auto record = recent->find(message, -1, group_call->label, /*across_forwards=*/true)) {
       return normalize(unpack_merged(record->merged, input.device()));
     }
+    // Exchanging again would pair with nothing on ranks that recall through a replica's channel, and count the
+    // batch twice everywhere: an error instead, on every rank that forgot it.
+    TORCH_CHECK(!recent->forgot(message, -1), "synchronized BatchNorm ", group_call->label,
+                " was recomputed inside backward (torch.utils.checkpoint), but the statistics of that call were "
+                "forgotten: a layer alone in its process across processes keeps its last ", kRecentCallsKept,
+                " calls made in checkpointed forwards that were not recomputed yet. Run the backward sooner (fewer "
+                "forwards or calls of the layer between a checkpointed forward and its backward), or replicate the "
+                "model in this process (DataParallelWithCallback), whose replicas keep every call");
   }
   const bool record_call = recent != nullptr && !in_backward && c10::GradMode::is_enabled() &&
                            !at::SavedTensorDefaultHooks::get_tls_state().stack.empty();

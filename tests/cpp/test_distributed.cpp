@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -198,6 +199,28 @@ int run_rank(int rank, const std::string& store_path) {
     syncbn::data_parallel(deep_late, torch::randn({4, 2, 4, 4}, torch::kDouble), replicas);
   }
 
+  // A layer alone in its process whose input rank 1 refuses (4-D to a 1-D layer): every rank fails that call (rank 0
+  // with a BarrierError naming rank 1), and the next call pairs (before, rank 0 merged with rank 1's next call).
+  bool refusal_announced = false;
+  {
+    syncbn::SyncBatchNorm1d lone(torch::nn::BatchNormOptions(3).momentum(std::nullopt));
+    lone->to(torch::kDouble);
+    lone->set_process_group(group);
+    const auto good = torch::full({2, 3}, static_cast<double>(rank), torch::kDouble) + torch::arange(2).unsqueeze(1);
+    std::string zero_error;
+    try {
+      lone->forward(rank == 1 ? torch::zeros({2, 3, 2, 2}, torch::kDouble) : good);
+    } catch (const std::exception& refused) {
+      zero_error = refused.what();
+    }
+    lone->forward(good);  // ranks 0 and 1: means 0.5 and 1.5, so the global mean is 1
+    const bool named = rank == 1 ? zero_error.find("expected 2D or 3D input") != std::string::npos
+                                 : zero_error.find("rank(s) 1 raised in this call") != std::string::npos;
+    refusal_announced = named && std::abs(lone->running_mean[0].item<double>() - 1.0) < 1e-12 &&
+                        lone->num_batches_tracked.item<int64_t>() == 1;
+    if (!refusal_announced) std::fprintf(stderr, "rank %d: refusal not announced: %s\n", rank, zero_error.c_str());
+  }
+
   // Both ranks on this host: shared memory, unless SYNCBN_SHARED_MEMORY=0 (the test's second run) keeps every
   // exchange on the group's backend.
   const char* shared_memory = std::getenv("SYNCBN_SHARED_MEMORY");
@@ -206,7 +229,7 @@ int run_rank(int rank, const std::string& store_path) {
   std::printf("rank %d (%s, exchanging through %s, '%s' before the first call): largest difference %.3g, "
               "num_batches_tracked %s\n",
               rank, group->getBackendName().c_str(), transport.c_str(), before.c_str(), error, counted ? "3" : "wrong");
-  return error < 1e-12 && counted && before == "not yet" && transport == expected ? 0 : 1;
+  return error < 1e-12 && counted && refusal_announced && before == "not yet" && transport == expected ? 0 : 1;
 }
 
 // Starts ranks 0 and 1 of this program and waits for both, killing them past the time limit.

@@ -334,20 +334,28 @@ def scenario_channels_differ(rank, world, replicas, sizes):
 
 
 def scenario_refused_input(rank, world, replicas, sizes):
-    """Rank 1 feeds a batch its synchronized layer refuses, twice: 4-D input to a SynchronizedBatchNorm1d (refused in
-    Python), then one channel too many (refused in C++). Every rank must fail that step (rank 1 with its own error),
-    and the steps after it must pair as before; before, rank 0 merged its step with rank 1's next one, silently."""
+    """Rank 1 feeds batches its synchronized layers refuse: 4-D input to a SynchronizedBatchNorm1d (refused in Python),
+    one channel too many (refused in C++), then 1-D input to a SyncBatchNorm (refused in its own forward). Every rank
+    must fail those steps (rank 1 with its own error), and the steps after must pair as before; before, rank 0 merged
+    its step with rank 1's next one, silently."""
     model = syncbn_ext.SynchronizedBatchNorm1d(C, momentum=None, process_group=dist.group.WORLD).double()
-    run = wrap(model, replicas)
+    drop_in = syncbn_ext.SyncBatchNorm(C, momentum=None).double()
+    run, run_drop_in = wrap(model, replicas), wrap(drop_in, replicas)
     x = torch.randn(4, C, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
     bad = {1: torch.randn(4, C, 2, 2, dtype=torch.float64), 2: torch.randn(4, C + 1, dtype=torch.float64)}
     errors = {}
-    for step in range(4):
+    for step in range(6):
+        layer_run = run if step < 4 else run_drop_in
+        batch = bad.get(step, x) if rank == 1 else x
+        if rank == 1 and step == 4:
+            batch = torch.randn(4, dtype=torch.float64)
         try:
-            run(bad[step] if rank == 1 and step in bad else x).square().sum().backward()
+            layer_run(batch).square().sum().backward()
         except Exception as error:
             errors[step] = [type(error).__name__, str(error)]
-    return with_final_state({"errors": errors}, model, dist.group.WORLD)
+    outcome = with_final_state({"errors": errors}, model, dist.group.WORLD)
+    outcome["drop_in"] = with_final_state({}, drop_in, dist.group.WORLD)
+    return outcome
 
 
 def scenario_some_parameters_grads(rank, world, replicas, sizes):
@@ -427,6 +435,41 @@ def scenario_checkpoint(rank, world, replicas, sizes):
         (a - b).abs().max().item() for a, b in zip(model.buffers(), reference.buffers(), strict=True)
     )
     return with_final_state(errors, model, dist.group.WORLD)
+
+
+class CallsTheLayerInACheckpoint(nn.Module):
+    """A checkpointed block that calls one synchronized layer ``times`` times."""
+
+    def __init__(self, times):
+        super().__init__()
+        self.norm = syncbn_ext.SyncBatchNorm(C)
+        self.times = times
+
+    def block(self, x):
+        for _ in range(self.times):
+            x = self.norm(x).tanh()
+        return x
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+
+
+def scenario_checkpoint_forgotten(rank, world, replicas, sizes):
+    """A layer alone in its process keeps a bounded number of calls for recomputation: one call more in a
+    checkpointed forward fails its backward on every rank, saying so (before: it exchanged again, counting the batch
+    twice, or failed on ranks with replicas); as many as it keeps work, counting each batch once."""
+    kept = syncbn_ext._C.CallRecords().capacity
+    x = torch.randn(4, C, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    outcome = {}
+    for times in (kept + 1, kept):
+        model = CallsTheLayerInACheckpoint(times).double()
+        try:
+            model(x).square().sum().backward()
+            outcome[str(times)] = {"num_batches_tracked": model.norm.num_batches_tracked.item()}
+        except RuntimeError as error:
+            outcome[str(times)] = {"error": str(error)}
+    outcome["kept"] = kept
+    return outcome
 
 
 def train_unevenly(rank, replicas, throw_on_early_termination):

@@ -419,6 +419,15 @@ def test_checkpointed_blocks_match_the_global_batch_with_and_without_replicas_an
         assert outcome["buffers_equal_on_every_rank"] and outcome["num_batches_tracked"] == [2], outcome
 
 
+def test_a_checkpointed_layer_alone_in_its_process_called_more_than_it_keeps_fails_its_backward_saying_so(tmp_path):
+    results = launch(tmp_path, 2, 1, [4, 3], ["checkpoint_forgotten"])
+    for rank in range(2):
+        outcome = measures(results["checkpoint_forgotten"][rank])
+        kept = outcome["kept"]
+        assert "the statistics of that call were forgotten" in outcome[str(kept + 1)].get("error", ""), outcome
+        assert outcome[str(kept)] == {"num_batches_tracked": kept}, outcome  # once per call, not once more
+
+
 @pytest.mark.parametrize("replicas, transport", [([2, 1], "shared_memory"), ([2, 2], "c10d"), ([1, 2], "c10d")])
 def test_gradients_of_some_parameters_pair_whatever_the_ranks_backward(tmp_path, replicas, transport):
     # With the parallel backward on some ranks only, asking for the BatchNorm weight's gradient alone made those
@@ -432,21 +441,25 @@ def test_gradients_of_some_parameters_pair_whatever_the_ranks_backward(tmp_path,
         assert outcome["buffers_equal_on_every_rank"] and outcome["num_batches_tracked"] == [3], outcome
 
 
-@pytest.mark.parametrize("replicas, transport", [(1, "shared_memory"), (2, "c10d")])
+@pytest.mark.parametrize("replicas, transport", [(1, "shared_memory"), ([2, 1], "c10d")])
 def test_an_input_one_rank_refuses_fails_that_step_on_every_rank_and_the_next_steps_pair(tmp_path, replicas, transport):
     # Before, rank 1 raised alone, before exchanging: rank 0 merged its step with rank 1's next one (silently wrong
-    # statistics), and its last step waited for the group's timeout.
+    # statistics), and its last step waited for the group's timeout. (Rank 1 runs its layers alone in its process:
+    # a rank with replicas does not announce, see README.)
     results = launch(tmp_path, 2, replicas, [4, 4], ["refused_input"], transport=transport)["refused_input"]
     zero, one = measures(results[0]), measures(results[1])
-    assert sorted(zero["errors"]) == sorted(one["errors"]) == ["1", "2"], (zero, one)
+    assert sorted(zero["errors"]) == sorted(one["errors"]) == ["1", "2", "4"], (zero, one)
     assert one["errors"]["1"][0] == "ValueError" and "expected 2D or 3D input" in one["errors"]["1"][1], one
     assert one["errors"]["2"][0] == "RuntimeError" and "should contain" in one["errors"]["2"][1], one
-    for step in ("1", "2"):
+    assert one["errors"]["4"][0] == "ValueError" and "expected at least 2D input" in one["errors"]["4"][1], one
+    for step in ("1", "2", "4"):
         assert zero["errors"][step][0] == "BarrierError", zero
         assert "rank(s) 1 raised in this call before exchanging their statistics" in zero["errors"][step][1], zero
     for outcome in (zero, one):
         assert outcome["buffers_equal_on_every_rank"], outcome  # steps 0 and 3 merged alike, bitwise
         assert outcome["num_batches_tracked"] == [2], outcome
+        assert outcome["drop_in"]["buffers_equal_on_every_rank"], outcome
+        assert outcome["drop_in"]["num_batches_tracked"] == [1], outcome
 
 
 @pytest.mark.parametrize("replicas, transport", [(1, "shared_memory"), (2, "c10d")])

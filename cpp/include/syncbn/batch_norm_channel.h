@@ -87,7 +87,7 @@ class SYNCBN_API BatchNormChannel {
   std::weak_ptr<ReplicationGroup> group_;
   std::atomic<int64_t> calls_{0};
   mutable std::atomic<bool> finished_{false};
-  CallRecords records_;  // every call of this replication's forward
+  mutable CallRecords records_;  // every call of this replication's forward (recall marks what it finds)
 };
 
 }  // namespace syncbn

@@ -15,10 +15,10 @@
 
 namespace syncbn {
 
-// How many calls a layer alone in its process keeps for recomputation across
-// processes (LayerSync::recent_calls): the forwards a checkpointed block may
-// make before its backward recomputes them (gradient accumulation).
-inline constexpr size_t kRecentCallsKept = 8;
+// How many calls not yet recomputed a layer alone in its process keeps for
+// recomputation across processes (LayerSync::recent_calls): its calls in the
+// checkpointed forwards made before their backward (gradient accumulation).
+inline constexpr size_t kRecentCallsKept = 16;
 
 // The merged statistics of a layer's synchronized calls, found again by their
 // local statistics: a call repeated inside backward (torch.utils.checkpoint
@@ -33,9 +33,11 @@ class SYNCBN_API CallRecords {
     Message merged;                   // tensors detached
     bool grad_enabled = true;         // the forward ran with gradients (not a use_reentrant=True checkpoint's)
     std::string label;
+    bool recalled = false;            // found again at least once
   };
 
-  // Keeps at most `capacity` records, forgetting the oldest.
+  // Keeps at most `capacity` records: beyond it forgets one already recalled
+  // if any, else the oldest (keeping its fingerprint, see forgot()).
   explicit CallRecords(size_t capacity = std::numeric_limits<size_t>::max()) : capacity_(capacity) {}
 
   // Remembers a call: `message` is the statistics message it sent (local mean
@@ -44,16 +46,36 @@ class SYNCBN_API CallRecords {
 
   // The earlier call of layer `layer` whose local statistics `message` repeats
   // (within a relative 1e-4: non-deterministic kernels upstream), the closest
-  // one; std::nullopt when none does. Throws, naming `where`, when two such
-  // calls had different merged statistics (which one is repeated cannot be told).
-  std::optional<Record> find(const Message& message, int64_t layer, const std::string& where) const;
+  // one; std::nullopt when none does. When two such calls had different merged
+  // statistics: throws, naming `where` (which one is repeated cannot be told:
+  // the calls of one forward), or with `across_forwards` (the calls of several
+  // forwards, e.g. a rank whose batch repeats or is empty) takes the oldest
+  // not recalled yet (recomputations run in the forward's order), else the newest.
+  std::optional<Record> find(const Message& message, int64_t layer, const std::string& where,
+                             bool across_forwards = false);
+
+  // Whether a record of layer `layer` that `message` would have matched was
+  // forgotten (the capacity was exceeded): a recomputation that finds nothing
+  // then fails with an error rather than exchanging again. By the records'
+  // sums (a call's fingerprint), so false only where it surely was not.
+  bool forgot(const Message& message, int64_t layer) const;
 
   size_t size() const;
+  size_t capacity() const { return capacity_; }
 
  private:
+  struct Fingerprint {
+    int64_t layer;
+    int64_t count;
+    at::Tensor mean_sum, m2_sum;  // 0-dim float64, on the statistics' device (read only by forgot())
+  };
+  static constexpr size_t kFingerprintsKept = 1024;
+
   const size_t capacity_;
   mutable std::mutex mutex_;
   std::deque<Record> records_;
+  std::deque<Fingerprint> fingerprints_;  // parallel to records_
+  std::deque<Fingerprint> forgotten_;
 };
 
 }  // namespace syncbn

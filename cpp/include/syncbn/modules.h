@@ -65,6 +65,9 @@ class SYNCBN_API BatchNormSyncState {
   // process group, when set and `training` (as torch.nn.SyncBatchNorm, an eval-mode forward normalizing with
   // batch statistics, track_running_stats=false, stays within the process: evaluating on one rank works).
   LayerSync layer_sync(bool training) const;
+  // This call refused its input before exchanging: when alone in its process and training across processes,
+  // tells the other ranks (announce_failed_call), so that they fail this call too. Never throws.
+  void announce_refused(bool training, int64_t channels, const at::Device& device) const;
   // Whether a forward must take the synchronized path (replicated, or training across several processes).
   bool synchronizes(bool training) const { return replicated() || (training && spans_processes(process_group_)); }
 
@@ -114,7 +117,12 @@ class SyncBatchNormImplBase : public torch::nn::BatchNormImplBase<D, Derived>, p
     if (training) sync_.publish_layer_id();
     const bool batch_stats = training || !this->options.track_running_stats();
     if (!batch_stats || !sync_.synchronizes(training)) return torch::nn::BatchNormImplBase<D, Derived>::forward(input);
-    this->_check_input_dim(input);
+    try {
+      this->_check_input_dim(input);
+    } catch (...) {
+      sync_.announce_refused(training, this->options.num_features(), input.device());
+      throw;
+    }
     return sync_batch_norm_module_forward(input, this->options, this->weight, this->bias, this->running_mean,
                                           this->running_var, this->num_batches_tracked, training, sync_);
   }
