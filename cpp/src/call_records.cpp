@@ -90,20 +90,16 @@ std::optional<CallRecords::Record> CallRecords::find(const Message& message, int
     }
   }
   if (best == nullptr) return std::nullopt;
-  const bool alike = std::all_of(matches.begin(), matches.end(),
-                                 [&](const Record* other) { return same_tensors(other->merged, best->merged); });
-  if (across_forwards && !alike) {
-    const auto unrecalled = std::find_if(matches.begin(), matches.end(), [](const Record* r) { return !r->recalled; });
-    best = unrecalled != matches.end() ? *unrecalled : matches.back();  // records_ is oldest first
-    best->recalled = true;
-    return *best;
-  }
-  for (const Record* other : matches) {
-    TORCH_CHECK(other == best || same_tensors(other->merged, best->merged), where,
+  const auto differing = std::find_if(matches.begin(), matches.end(),
+                                      [&](const Record* other) { return !same_tensors(other->merged, best->merged); });
+  if (differing != matches.end()) {
+    TORCH_CHECK(across_forwards, where,
                 " was recomputed inside backward (torch.utils.checkpoint) with local statistics that match two of its "
-                "forward's calls (", best->label, " and ", other->label,
+                "forward's calls (", best->label, " and ", (*differing)->label,
                 ") whose whole-batch statistics differ, so the call being recomputed cannot be told; checkpoint a "
                 "block that calls the layer once, or do not checkpoint it");
+    const auto unrecalled = std::find_if(matches.begin(), matches.end(), [](const Record* r) { return !r->recalled; });
+    best = unrecalled != matches.end() ? *unrecalled : matches.back();  // records_ is oldest first
   }
   best->recalled = true;
   return *best;
@@ -112,23 +108,28 @@ std::optional<CallRecords::Record> CallRecords::find(const Message& message, int
 bool CallRecords::forgot(const Message& message, int64_t layer) const {
   const int64_t count = message.ints.at(detail::kCount);
   std::lock_guard<std::mutex> lock(mutex_);
-  std::optional<double> mean_sum, m2_sum;
+  // One statistic's sum, and how far a sum of values within the recall tolerance of each other (relative to each
+  // value, plus 1) may be off: relative to the sum of their magnitudes plus their number; generous, so that no
+  // forgotten call slips by. Read once, at the first fingerprint of this layer and count.
+  struct Sum {
+    double value, allowed;
+  };
+  const auto sum_of = [](const at::Tensor& values) {
+    const at::Tensor v = values.detach();
+    return Sum{v.sum(at::kDouble).item<double>(),
+               2 * kRecallTolerance * (v.abs().sum(at::kDouble).item<double>() + static_cast<double>(v.numel()))};
+  };
+  const auto close = [](const Sum& sum, double recorded) {
+    return std::abs(sum.value - recorded) <= sum.allowed || (std::isnan(sum.value) && std::isnan(recorded));
+  };
+  std::optional<Sum> mean_sum, m2_sum;
   for (const auto& print : forgotten_) {
     if (print.layer != layer || print.count != count) continue;
     if (!mean_sum) {
-      mean_sum = message.tensors[detail::kLocalMean].detach().sum(at::kDouble).item<double>();
-      m2_sum = message.tensors[detail::kLocalM2].detach().sum(at::kDouble).item<double>();
+      mean_sum = sum_of(message.tensors[detail::kLocalMean]);
+      m2_sum = sum_of(message.tensors[detail::kLocalM2]);
     }
-    const double a = print.mean_sum.item<double>(), b = print.m2_sum.item<double>();
-    // Sums of values within the recall tolerance of each other (relative to each value, plus 1) stay within it
-    // relative to the sums of their magnitudes plus their number; generous, so that no forgotten call slips by.
-    const auto close = [&](double x, double y, const at::Tensor& values) {
-      const double scale = values.detach().abs().sum(at::kDouble).item<double>() + static_cast<double>(values.numel());
-      return std::abs(x - y) <= 2 * kRecallTolerance * scale || (std::isnan(x) && std::isnan(y));
-    };
-    if (close(*mean_sum, a, message.tensors[detail::kLocalMean]) && close(*m2_sum, b, message.tensors[detail::kLocalM2])) {
-      return true;
-    }
+    if (close(*mean_sum, print.mean_sum.item<double>()) && close(*m2_sum, print.m2_sum.item<double>())) return true;
   }
   return false;
 }
