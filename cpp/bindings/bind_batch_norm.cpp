@@ -94,7 +94,8 @@ void bind_batch_norm(py::module_& m) {
       },
       py::arg("process_group"), py::arg("layer_id"), py::arg("channels"), py::arg("label"), py::arg("device"),
       "This rank's call of layer `layer_id` failed before its exchange: takes part in the other ranks' exchange, "
-      "marked failed, so that every rank fails this call (raises the BarrierError naming the failed ranks).");
+      "marked failed, so that every rank fails this call (a BarrierError naming the failed ranks); returns once told, "
+      "the caller raising its own error.");
   m.def(
       "cross_process_transport",
       [](const py::object& process_group) { return cross_process_transport(process_group.cast<ProcessGroupPtr>()); },

@@ -454,8 +454,12 @@ void announce_failed_call(const ProcessGroupPtr& group, int64_t layer_id, int64_
                           at::Device device) {
   TORCH_CHECK_VALUE(group, "announce_failed_call needs a process group");
   const at::Tensor zeros = at::zeros({2 * channels}, at::TensorOptions().dtype(at::kDouble).device(device));
-  exchange_rows(group, detail::ExchangeKind::kStatistics, layer_id, channels, kFailedCall, /*backward_follows=*/false,
-                zeros, label, "exchanging statistics");
+  try {
+    exchange_rows(group, detail::ExchangeKind::kStatistics, layer_id, channels, kFailedCall,
+                  /*backward_follows=*/false, zeros, label, "exchanging statistics");
+  } catch (const BarrierError&) {  // expected: every rank fails this call, this one with the caller's own error
+    return;
+  }
   TORCH_CHECK(false, "announce_failed_call: the exchange completed without this rank's failure");  // unreachable
 }
 

@@ -103,10 +103,7 @@ void BatchNormSyncState::finish() const {
 void BatchNormSyncState::announce_refused(bool training, int64_t channels, const at::Device& device) const {
   if (!training || channel_ || !spans_processes(process_group_)) return;
   const LayerSync sync = layer_sync(training);
-  try {
-    announce_failed_call(sync.process_group, sync.layer_id, channels, sync.name, device);
-  } catch (const BarrierError&) {  // expected: the failure this rank announced; the caller raises its own error
-  }
+  announce_failed_call(sync.process_group, sync.layer_id, channels, sync.name, device);  // the caller raises next
 }
 
 LayerSync BatchNormSyncState::layer_sync(bool training) const {

@@ -84,8 +84,8 @@ Merged unpack_merged(const Message& merged, const at::Device& device) {
           merged.ints[detail::kTotal]};
 }
 
-// Tells the other ranks that this rank's call failed before its exchange (see announce_failed_call); whatever
-// that exchange raises, the caller raises its own error.
+// Tells the other ranks that this rank's call failed before its exchange (see announce_failed_call); the caller
+// then raises its own error.
 void announce_failure(const GroupCall& call, const at::Tensor& input, const std::optional<at::Tensor>& weight,
                       const std::optional<at::Tensor>& running_mean) {
   int64_t channels = input.dim() >= 2 ? input.size(1) : 0;  // the layer's own count where it has one
@@ -94,10 +94,7 @@ void announce_failure(const GroupCall& call, const at::Tensor& input, const std:
   } else if (weight.has_value() && weight->defined()) {
     channels = weight->numel();
   }
-  try {
-    announce_failed_call(call.group, call.layer_id, channels, call.label, input.device());
-  } catch (const BarrierError&) {  // expected: the failure this rank announced
-  }
+  announce_failed_call(call.group, call.layer_id, channels, call.label, input.device());
 }
 
 // The body shared by both forms: `exchange` gets the merged statistics (a

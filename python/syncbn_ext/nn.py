@@ -339,11 +339,8 @@ class _SynchronizedBatchNorm(_BatchNorm):
         device = input.device if isinstance(input, Tensor) else torch.device("cpu")
         label = self._layer[1]
         with torch._C._DisableFuncTorch():  # a refusal under torch.func: the exchange's own tensors are plain
-            try:
-                exchanging = exchange_group(group, label, device)
-                _C.announce_failed_call(exchanging, self._layer_id, self.num_features, label, device)
-            except _C.BarrierError:  # expected: the failure this rank announced; it raises its own error
-                pass
+            exchanging = exchange_group(group, label, device)
+            _C.announce_failed_call(exchanging, self._layer_id, self.num_features, label, device)
 
 
 class SynchronizedBatchNorm1d(_SynchronizedBatchNorm, _TorchBatchNorm1d):

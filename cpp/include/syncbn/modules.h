@@ -66,7 +66,8 @@ class SYNCBN_API BatchNormSyncState {
   // batch statistics, track_running_stats=false, stays within the process: evaluating on one rank works).
   LayerSync layer_sync(bool training) const;
   // This call refused its input before exchanging: when alone in its process and training across processes,
-  // tells the other ranks (announce_failed_call), so that they fail this call too. Never throws.
+  // tells the other ranks (announce_failed_call), so that they fail this call too; then the caller raises its own
+  // error. Throws only what breaks the telling itself (an interrupt in the wait, the transport's error).
   void announce_refused(bool training, int64_t channels, const at::Device& device) const;
   // Whether a forward must take the synchronized path (replicated, or training across several processes).
   bool synchronizes(bool training) const { return replicated() || (training && spans_processes(process_group_)); }
