@@ -66,7 +66,8 @@ void check_arguments(const at::Tensor& input, const std::optional<at::Tensor>& w
   TORCH_CHECK_VALUE(input.dim() >= 2, "expected an input of shape (N, C, *), got ", input.dim(), "D input");
   TORCH_CHECK_NOT_IMPLEMENTED(at::isFloatingType(input.scalar_type()), "\"batch_norm\" not implemented for '",
                               input.scalar_type(), "'");
-  TORCH_CHECK_VALUE(eps > 0, "batch_norm eps must be positive during training, but got ", eps);
+  // As torch's: only eps <= 0 is refused (a NaN eps normalizes to NaN, an infinite one to zeros).
+  TORCH_CHECK_VALUE(!(eps <= 0), "batch_norm eps must be positive during training, but got ", eps);
   const int64_t features = input.size(1);
   check_features(running_mean, "running_mean", features);
   check_features(running_var, "running_var", features);

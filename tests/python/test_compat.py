@@ -93,6 +93,23 @@ def test_clamp_mode_rejects_non_positive_eps_too():
     assert error_type is ValueError and message == "batch_norm eps must be positive during training, but got 0.0"
 
 
+@pytest.mark.parametrize("eps", [float("nan"), float("inf")])
+@pytest.mark.parametrize("eps_mode", ["plus", "clamp"])
+def test_nan_and_infinite_eps_give_nn_batchnorms_result_replicated_too(eps, eps_mode):
+    # torch refuses eps <= 0 only: a NaN eps normalizes to NaN, an infinite one to zeros; the statistics are kept.
+    torch.manual_seed(0)
+    ours, reference = SynchronizedBatchNorm1d(C, eps=eps).double(), nn.BatchNorm1d(C, eps=eps).double()
+    x = torch.randn(6, C, dtype=torch.float64) * 2 + 1
+    syncbn_ext.set_sbn_eps_mode(eps_mode)
+    try:
+        got = call_with_timeout(replicated(ours), x)
+    finally:
+        syncbn_ext.set_sbn_eps_mode("plus")
+    torch.testing.assert_close(got, reference(x), equal_nan=True)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(reference, name))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Tracing, exporting, scripting
 # ---------------------------------------------------------------------------------------------------------------
