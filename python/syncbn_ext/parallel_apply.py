@@ -291,7 +291,14 @@ def run_on_workers(
         index = min(primary or failures)
         error = errors[index]
         _add_note(error, f"(raised {wheres[index]})")
-        raise error
+        # Raised from a local, the error's traceback would hold this frame and the frame the error: a cycle that
+        # only the garbage collector frees, keeping the replicas' frames (their process groups among them) alive
+        # until then, past the user's destroy_process_group().
+        errors.clear()
+        try:
+            raise error
+        finally:
+            del error
     if missing:
         returned = min(results)
         raise _C.BarrierTimeoutError(

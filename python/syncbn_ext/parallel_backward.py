@@ -225,16 +225,21 @@ class _BackwardTask:
             return tuple(grads[len(plan.views[copy_id]) :])  # the parameters' placeholders dropped
         except BaseException as error:
             failure = _barrier_failure(plan.group, copy_id, run)
-            if isinstance(failure, _C.BarrierAbortedError):
-                # Woken by another copy's failure (or the caller's interrupt): that one is the error to report.
-                raise _C.BarrierAbortedError(f"{ABORT_TAG}: {failure}") from error
             cause = failure if failure is not None else error
-            plan.group.abort_backward(f"replica {copy_id}'s backward raised {type(cause).__name__}: {cause}", run)
-            if failure is not None:
-                raise failure from error  # its type (BarrierTimeoutError), which autograd turned into RuntimeError
-            if isinstance(error, RuntimeError) and _REENTRANT_CHECKPOINT_REFUSAL in str(error):
-                raise RuntimeError(_REENTRANT_CHECKPOINT_MESSAGE) from error
-            raise
+            try:
+                if isinstance(failure, _C.BarrierAbortedError):
+                    # Woken by another copy's failure (or the caller's interrupt): that one is the error to report.
+                    raise _C.BarrierAbortedError(f"{ABORT_TAG}: {failure}") from error
+                plan.group.abort_backward(f"replica {copy_id}'s backward raised {type(cause).__name__}: {cause}", run)
+                if failure is not None:
+                    raise failure from error  # its type (BarrierTimeoutError); autograd turned it into RuntimeError
+                if isinstance(error, RuntimeError) and _REENTRANT_CHECKPOINT_REFUSAL in str(error):
+                    raise RuntimeError(_REENTRANT_CHECKPOINT_MESSAGE) from error
+                raise
+            finally:
+                # The error raised keeps this frame in its traceback: its locals must not keep the error (a cycle
+                # only the garbage collector frees, holding the replicas' frames and process groups until then).
+                del failure, cause
         finally:
             plan.group.backward_done(copy_id, run)
 

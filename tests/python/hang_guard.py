@@ -27,5 +27,9 @@ def call_with_timeout(fn: Callable[..., Any], *args: Any, timeout: float = HANG_
     if thread.is_alive():
         pytest.fail(f"did not return within {timeout} s (deadlock?)")
     if "error" in result:
-        raise result["error"]
+        error = result.pop("error")
+        try:
+            raise error
+        finally:
+            del error  # raised from a local, it would hold this frame and this frame it: a cycle
     return result["value"]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import gc
 import threading
 import time
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -340,3 +343,67 @@ def test_fewer_samples_than_replicas():
     x = torch.randn(3, C, dtype=torch.float64)
     torch.testing.assert_close(run(DataParallelWithCallback(ours, device_ids=["cpu"] * 8), x), ref(x))
     torch.testing.assert_close(ours.running_var, ref.running_var)
+
+
+class FailsInBackward(torch.autograd.Function):
+    """Identity whose backward raises."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise ValueError("backward failed in this replica")
+
+
+class FailsInReplicaOne(nn.Module):
+    """A synchronized layer; replica 1 (its slice holds MARKER) raises in forward before it, or in backward."""
+
+    def __init__(self, when):
+        super().__init__()
+        self.bn, self.when = SynchronizedBatchNorm1d(C), when
+
+    def forward(self, x):
+        marked = bool((x == MARKER).any())
+        if marked and self.when == "forward":
+            raise ValueError("forward failed in this replica")
+        y = self.bn(x)
+        return FailsInBackward.apply(y) if marked else y
+
+
+def frames_of_ours_left_to_the_garbage_collector(step):
+    """The frames of syncbn_ext that only the garbage collector would free once ``step()`` raised and the error
+    was dropped: a reference cycle through a raised error keeps the replicas' frames, and whatever they hold (the
+    user's process groups), alive until the collector runs, in a short script not before the interpreter's
+    shutdown (past the user's destroy_process_group)."""
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        with pytest.raises(ValueError):
+            step()
+        gc.collect()
+        return sorted(
+            f"{Path(o.f_code.co_filename).name}:{o.f_code.co_name}"
+            for o in gc.garbage
+            if isinstance(o, types.FrameType) and "syncbn_ext" in o.f_code.co_filename
+        )
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+@pytest.mark.parametrize(
+    "when, parallel_backward", [("forward", False), ("forward", True), ("backward", False), ("backward", True)]
+)
+def test_a_failed_step_leaves_no_reference_cycle_holding_the_replicas_frames(when, parallel_backward):
+    dp = DataParallelWithCallback(FailsInReplicaOne(when), device_ids=["cpu"] * 2, parallel_backward=parallel_backward)
+    x = torch.randn(4, C)
+    x[3] = MARKER  # replica 1's slice
+
+    def step():
+        call_with_timeout(lambda: dp(x).sum().backward())
+
+    assert frames_of_ours_left_to_the_garbage_collector(step) == []
