@@ -77,11 +77,7 @@ LEAVE_THE_GROUP_AS_IS = {
 # torch's FSDP2 keeps the default group alive past destroy_process_group (with plain nn.BatchNorm and without this
 # package too), so gloo's threads live into the interpreter's shutdown, where torch 2.13 may abort the process
 # (README, "Ending the script"): these end with os._exit once their results are out.
-END_WITH_OS_EXIT = {"fsdp", "skipped_step"}
-# skipped_step (2 CPU replicas per rank, shared memory): a rank aborted at the interpreter's shutdown, after its
-# results were out, in about 1 of 15 runs, on a thread that is not Python's ("terminate called without an active
-# exception"), before this session's changes too (1 of 20 on 64d1270); cause not found yet (README, "Ending the
-# script"). Its checks are of the steps, which it completes.
+END_WITH_OS_EXIT = {"fsdp"}
 
 
 def main() -> int:
