@@ -70,7 +70,7 @@ struct BarrierState {
 
   int64_t generation = 0;
   std::string generation_cause;  // what started the current generation, for the superseded error
-  bool activated = false;  // a pass has started in this generation
+  bool activated = false;  // the master has started a pass in this generation
   bool closed = false;     // close(): every pass of this generation fails
   std::string closed_reason;
   std::thread::id callback_thread;  // the thread running the master callback, while it runs

@@ -343,7 +343,8 @@ Message SlavePipe::run_slave(Message message) {
   TORCH_CHECK(!slot->waiting, s.describe(), ": copy ", copy_id_, " is already inside run_slave in another thread");
   if (s.closed) s.throw_closed();
   detail::FlagGuard waiting(slot->waiting);
-  s.activated = true;
+  // Not `activated`: as in the established library, only the master's pass starts one. A slave may enter its pass
+  // before the other slaves of its replication have registered (threads started as they get their pipes).
   const int64_t pass = ++slot->entered;
   if (pass <= s.failed_through) s.rethrow_failure(pass);
 

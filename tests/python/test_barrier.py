@@ -343,6 +343,31 @@ def test_registering_after_a_pass_starts_a_new_generation():
     assert sorted(results) == [0, 1, 2]
 
 
+def test_a_slave_may_enter_its_pass_before_the_other_slaves_register():
+    # As in the established library, only the master's pass ends a replication's registrations: a slave started as
+    # soon as it has its pipe waits in run_slave while the next copy registers, and the master collects both.
+    master = syncbn_ext.SyncMaster(
+        lambda items: [(copy_id, sum(m for _, m in items)) for copy_id, _ in items], timeout=60
+    )
+    master.reset()
+    results, errors, threads = {}, {}, []
+
+    def run(pipe):
+        try:
+            results[pipe.identifier] = pipe.run_slave(pipe.identifier)
+        except BaseException as error:
+            errors[pipe.identifier] = error
+
+    for copy_id in (1, 2):
+        threads.append(threading.Thread(target=run, args=(master.register_slave(copy_id),)))
+        threads[-1].start()
+        time.sleep(0.2)  # copy 1 waits in its pass when copy 2 registers
+    results[0] = master.run_master(0)
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == {} and results == {0: 3, 1: 3, 2: 3}
+
+
 def test_replication_without_a_pass_then_a_smaller_one():
     # Eval mode replicates without any pass; the next replication registers the same ids again.
     master = syncbn_ext.SyncMaster(lambda items: items, timeout=60)

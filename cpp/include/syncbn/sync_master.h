@@ -44,9 +44,10 @@ class SlavePipe;
 // Each replication is a generation of registrations. A new one starts with
 // reset() (the master's replication hook should call it: a replication may
 // have fewer copies than the last), or implicitly when a slave registers after
-// a pass has run or registers a copy id already registered (the established
-// library's semantics). Then the old pipes stop working, and anyone still
-// waiting on the old generation is woken with BarrierAbortedError.
+// the master has run a pass or registers a copy id already registered (the
+// established library's semantics: a slave may enter its pass before the other
+// slaves register). Then the old pipes stop working, and anyone still waiting
+// on the old generation is woken with BarrierAbortedError.
 class SYNCBN_API SyncMaster {
  public:
   // `timeout_seconds` defaults to default_timeout_seconds(), read now.
