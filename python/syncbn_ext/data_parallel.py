@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import types
 import warnings
-import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -242,7 +240,7 @@ class DataParallelWithCallback(nn.DataParallel):
         the replicas on its own threads lost every running-statistics update, and a failure waited for the
         timeout)."""
         if self._has_own_parallel_apply:
-            self.parallel_apply = _PatchedParallelApply(_held_by(self, self.parallel_apply))
+            self.parallel_apply = _PatchedParallelApply(self.parallel_apply)
 
     @property
     def _has_own_parallel_apply(self) -> bool:
@@ -381,38 +379,6 @@ class DataParallelWithCallback(nn.DataParallel):
         return super().gather(outputs, output_device)
 
 
-class _MethodOfOwner:
-    """A bound method of the instance it is patched onto, holding that instance weakly: a bound method stored in
-    its own instance's ``__dict__`` is a reference cycle, which would keep a patched ``nn.DataParallel`` and its
-    model (on GPUs, their memory) alive after the user drops them, until the garbage collector runs. Called,
-    pickled and deep-copied as the bound method."""
-
-    def __init__(self, method: types.MethodType) -> None:
-        self._owner = weakref.ref(method.__self__)
-        self.__func__ = method.__func__
-
-    @property
-    def __self__(self) -> Any:
-        owner = self._owner()
-        if owner is None:
-            raise ReferenceError("the patched nn.DataParallel this method belongs to was freed")
-        return owner
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.__func__(self.__self__, *args, **kwargs)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return _MethodOfOwner, (types.MethodType(self.__func__, self.__self__),)
-
-
-def _held_by(owner: Any, method: Any) -> Any:
-    """``method`` to store on ``owner``: weakly bound where it is a method of ``owner`` itself (see
-    :class:`_MethodOfOwner`), else as it is."""
-    if isinstance(method, types.MethodType) and method.__self__ is owner:
-        return _MethodOfOwner(method)
-    return method
-
-
 class _ReplicateWithCallbacks:
     """The ``replicate`` that :func:`patch` installs: the previous one, then the replication callbacks.
 
@@ -511,9 +477,9 @@ def patch(data_parallel: DP) -> DP:
         return data_parallel
     if isinstance(data_parallel.__dict__.get("replicate"), _ReplicateWithCallbacks):
         return data_parallel
-    data_parallel.replicate = _ReplicateWithCallbacks(_held_by(data_parallel, data_parallel.replicate))
-    data_parallel.parallel_apply = _PatchedParallelApply(_held_by(data_parallel, data_parallel.parallel_apply))
-    data_parallel.forward = _OneTrainingForwardAtATime(_held_by(data_parallel, data_parallel.forward))
+    data_parallel.replicate = _ReplicateWithCallbacks(data_parallel.replicate)
+    data_parallel.parallel_apply = _PatchedParallelApply(data_parallel.parallel_apply)
+    data_parallel.forward = _OneTrainingForwardAtATime(data_parallel.forward)
     return data_parallel
 
 

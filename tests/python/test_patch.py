@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import gc
 import pickle
-import weakref
 
 import pytest
 import torch
@@ -14,13 +12,7 @@ from hang_guard import call_with_timeout
 from replica_modules import BatchSum, CpuDataParallel, SlowSynchronizedBatchNorm1d, forwards_from_threads
 from torch import nn
 
-from syncbn_ext import (
-    DataParallelWithCallback,
-    SynchronizedBatchNorm1d,
-    patch,
-    patch_replication_callback,
-    replicate_on_cpu,
-)
+from syncbn_ext import patch, patch_replication_callback, replicate_on_cpu
 
 # ---------------------------------------------------------------------------------------------------------------
 # patch()
@@ -75,36 +67,6 @@ def test_a_patched_data_parallel_can_be_copied(clone):
     assert wrapper.replicate.__self__ is twin  # the copy wraps its own replicate and forward
     assert twin.__dict__["forward"].forward.__self__ is twin
     assert patch(twin) is twin and twin.__dict__["replicate"] is wrapper
-
-
-class OwnParallelApply(DataParallelWithCallback):
-    """The wrapper, subclassed with a parallel_apply of its own (which the wrapper adopts)."""
-
-    parallel_apply = CpuDataParallel.parallel_apply
-
-
-@pytest.mark.parametrize(
-    "wrap",
-    [
-        lambda m: patch(CpuDataParallel(m, 2)),
-        lambda m: patch(nn.DataParallel(m)),
-        lambda m: OwnParallelApply(m, device_ids=["cpu"] * 2),
-    ],
-    ids=["patched subclass", "patched nn.DataParallel", "wrapper subclass with its own parallel_apply"],
-)
-def test_a_patched_wrapper_and_its_model_are_freed_once_dropped_without_the_garbage_collector(wrap):
-    # The methods patched onto the instance hold it weakly: bound methods in its own __dict__ were a reference
-    # cycle, keeping the wrapper and the model (on GPUs, their memory) until the garbage collector ran.
-    model = nn.Sequential(nn.Linear(3, 3), SynchronizedBatchNorm1d(3))
-    dp = wrap(model)
-    call_with_timeout(dp, torch.randn(6, 3)).sum().backward()
-    dropped = weakref.ref(model), weakref.ref(dp)
-    gc.disable()
-    try:
-        del model, dp
-        assert [ref() for ref in dropped] == [None, None]
-    finally:
-        gc.enable()
 
 
 def test_a_patched_data_parallel_runs_training_forwards_from_several_threads_one_after_another():
