@@ -175,14 +175,19 @@ class _Reporting:
         self.index, self.task, self.report = index, task, report
 
     def __call__(self) -> None:
+        # Neither this frame nor self may keep the queue once the outcome is in it: the error's traceback holds
+        # this frame, and a queue no caller reads any more (a replica given up on) would close a cycle the garbage
+        # collector alone frees, keeping the replica's frames, inputs and parameters until then.
+        report, self.report = self.report, None
         try:
             result = self.task()
         except BaseException as error:
-            self.report.put((self.index, False, error))
+            report.put((self.index, False, error))
         else:
-            self.report.put((self.index, True, result))
+            report.put((self.index, True, result))
         finally:
             self.task = None
+            del report
 
 
 def _add_note(error: BaseException, note: str) -> None:
@@ -256,11 +261,17 @@ def run_on_workers(
     def pending() -> list[int]:
         return [i for i in range(n) if i not in results and i not in errors]
 
+    def hand_back(returned: Sequence[int]) -> None:
+        # A worker whose task raised ends: a backward that failed leaves the nodes it had queued in its thread's
+        # autograd state (the graph, and the process groups its nodes hold) until that thread's next backward.
+        _POOL.release([workers[i] for i in returned if i not in errors])
+        _POOL.retire([workers[i] for i in returned if i in errors])
+
     def give_up(missing: Sequence[int], why: str) -> None:
         close(f"{ABORT_TAG}: gave up on replica(s) {list(missing)}: {why}")
         for i in missing:
             workers[i].abandon(f"syncbn-abandoned-replica-{i}")
-        _POOL.release([w for i, w in enumerate(workers) if i not in missing])
+        hand_back([i for i in range(n) if i not in missing])
 
     try:
         while pending():
@@ -283,7 +294,7 @@ def run_on_workers(
     if missing:
         give_up(missing, "it did not return in time")
     else:
-        _POOL.release(workers)
+        hand_back(range(n))
 
     failures = sorted(errors)
     if failures:

@@ -130,6 +130,15 @@ class _WorkerPool:
                 if not self._idle[key]:
                     del self._idle[key]
 
+    def retire(self, workers: Sequence[_Worker]) -> None:
+        """Ends these workers (done with their task) instead of keeping them: their threads' state goes with them."""
+        for worker in workers:
+            if not worker.abandoned:
+                worker.abandoned = True
+                # Renamed first: ending, it runs no replica (replica_threads_running must not count it).
+                worker.thread.name = worker.thread.name.replace("syncbn-worker-", "syncbn-retiring-", 1)
+                worker.tasks.put(None)
+
     def end_idle_workers(self) -> list[threading.Thread]:
         """Tells every idle worker to end (at the interpreter's exit); returns their threads. A worker just released
         may still be dropping its task's tensors: it takes the end once back at its queue."""

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import gc
+import queue
 import threading
 import time
 import types
+import weakref
 from pathlib import Path
 
 import pytest
@@ -407,3 +409,54 @@ def test_a_failed_step_leaves_no_reference_cycle_holding_the_replicas_frames(whe
         call_with_timeout(lambda: dp(x).sum().backward())
 
     assert frames_of_ours_left_to_the_garbage_collector(step) == []
+
+
+class SlowInReplicaOne(nn.Module):
+    """Replica 1 (its slice holds MARKER) sleeps ``seconds`` before its synchronized layer."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.linear, self.bn, self.seconds = nn.Linear(C, C), SynchronizedBatchNorm1d(C), seconds
+
+    def forward(self, x):
+        if bool((x == MARKER).any()):
+            time.sleep(self.seconds)
+        return self.bn(self.linear(x))
+
+
+def test_a_replica_s_report_of_its_error_makes_no_reference_cycle():
+    # The error's traceback holds the reporting frame; were that frame (or its object) still holding the queue, a
+    # queue no caller reads any more (a replica given up on) would close a cycle error -> frame -> queue -> error,
+    # keeping the replica's frames, the user's input and the model until the garbage collector ran.
+    def fails():
+        raise KeyError("replica failure")
+
+    report = queue.SimpleQueue()
+    syncbn_ext.parallel_apply._Reporting(1, fails, report)()
+    unread = weakref.ref(report)
+    gc.disable()
+    try:
+        del report
+        assert unread() is None
+    finally:
+        gc.enable()
+
+
+def test_a_replica_left_behind_that_fails_later_frees_the_model_and_input_without_the_garbage_collector(monkeypatch):
+    # Its error goes to a queue no caller reads any more (see the test above): nothing may keep it.
+    monkeypatch.setenv("SYNCBN_TIMEOUT", "1")
+    model = SlowInReplicaOne(seconds=2)
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2)
+    x = torch.randn(4, C)
+    x[3] = MARKER
+    x.requires_grad_()
+    with pytest.raises(syncbn_ext.BarrierTimeoutError):
+        call_with_timeout(dp, x)
+    dropped = [weakref.ref(model), weakref.ref(model.linear.weight), weakref.ref(x)]
+    gc.disable()
+    try:
+        del model, dp, x
+        wait_for_replica_threads(timeout=30)  # it returns, and its closed replication's layer refuses it
+        assert [ref() for ref in dropped] == [None, None, None]
+    finally:
+        gc.enable()

@@ -3,8 +3,11 @@ failing replica's own error, at once; a late one's BarrierTimeoutError."""
 
 from __future__ import annotations
 
+import gc
 import sys
+import threading
 import time
+import weakref
 from pathlib import Path
 
 import child_processes
@@ -162,3 +165,43 @@ def test_a_failing_parallel_backward_does_not_deadlock_on_python_backed_tensors_
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert lines == [f"attempt {i}: run 2 raised: replica 1's backward fails (run 2)" for i in (1, 2, 3)], result.stdout
+
+
+class ExpAndFailing(nn.Module):
+    """A synchronized layer, then exp(y) + InBackward(y): in the replica whose slice holds the marker, the backward
+    fails with other nodes of that replica's graph still queued in its thread."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.bn = nn.Linear(C, C), SynchronizedBatchNorm1d(C)
+
+    def forward(self, x):
+        y = self.bn(self.linear(x))
+        return y.exp() + (InBackward.apply(y, fail) if bool((x == MARKER).any()) else y)
+
+
+def forward_and_backward(module, x):
+    module(x).sum().backward()
+
+
+def test_a_failed_parallel_backward_leaves_nothing_on_the_workers():
+    # The nodes autograd had queued when the replica's backward failed stay in the thread's autograd state until
+    # its next backward: on a pooled worker, the graph (input, parameters, and across processes the groups its nodes
+    # hold) lived until some later step. The worker of a failed task now ends instead.
+    model = ExpAndFailing()
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True)
+    x = torch.randn(4, C)
+    x[3] = MARKER  # replica 1's slice
+    x.requires_grad_()
+    with pytest.raises(ValueError, match="backward failed in this replica"):
+        call_with_timeout(forward_and_backward, dp, x)
+    dropped = [weakref.ref(model.linear.weight), weakref.ref(x)]
+    gc.disable()
+    try:
+        del model, dp, x
+        for thread in threading.enumerate():
+            if thread.name.startswith("syncbn-retiring-"):
+                thread.join(timeout=30)
+        assert [ref() for ref in dropped] == [None, None]
+    finally:
+        gc.enable()
