@@ -440,11 +440,12 @@ class _OneTrainingForwardAtATime:
     :func:`~syncbn_ext.replicate.training_forward_lock`, writing the buffers back once it succeeded (see
     :func:`_one_forward`). A class so that a patched module can still be pickled."""
 
-    def __init__(self, forward: Any) -> None:
-        self.forward = forward
+    def __init__(self, forward: Any, data_parallel: nn.DataParallel) -> None:
+        self.forward = forward  # a bound method, or a function of the user's set on the instance before patch()
+        self.data_parallel = data_parallel
 
     def __call__(self, *inputs: Any, **kwargs: Any) -> Any:
-        with _one_forward(self.forward.__self__.module):
+        with _one_forward(self.data_parallel.module):
             return self.forward(*inputs, **kwargs)
 
 
@@ -479,7 +480,7 @@ def patch(data_parallel: DP) -> DP:
         return data_parallel
     data_parallel.replicate = _ReplicateWithCallbacks(data_parallel.replicate)
     data_parallel.parallel_apply = _PatchedParallelApply(data_parallel.parallel_apply)
-    data_parallel.forward = _OneTrainingForwardAtATime(data_parallel.forward)
+    data_parallel.forward = _OneTrainingForwardAtATime(data_parallel.forward, data_parallel)
     return data_parallel
 
 

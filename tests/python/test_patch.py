@@ -12,7 +12,7 @@ from hang_guard import call_with_timeout
 from replica_modules import BatchSum, CpuDataParallel, SlowSynchronizedBatchNorm1d, forwards_from_threads
 from torch import nn
 
-from syncbn_ext import patch, patch_replication_callback, replicate_on_cpu
+from syncbn_ext import SynchronizedBatchNorm1d, patch, patch_replication_callback, replicate_on_cpu
 
 # ---------------------------------------------------------------------------------------------------------------
 # patch()
@@ -67,6 +67,23 @@ def test_a_patched_data_parallel_can_be_copied(clone):
     assert wrapper.replicate.__self__ is twin  # the copy wraps its own replicate and forward
     assert twin.__dict__["forward"].forward.__self__ is twin
     assert patch(twin) is twin and twin.__dict__["replicate"] is wrapper
+
+
+def test_patch_keeps_a_forward_the_user_set_on_the_instance_before():
+    torch.manual_seed(0)
+    dp = CpuDataParallel(SynchronizedBatchNorm1d(3).double(), 2)
+    calls = []
+    own_forward = dp.forward
+
+    def logged_forward(*args, **kwargs):
+        calls.append(len(args))
+        return own_forward(*args, **kwargs)
+
+    dp.forward = logged_forward  # a plain function, not a method of the instance
+    patch(dp)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    torch.testing.assert_close(call_with_timeout(dp, x), nn.BatchNorm1d(3).double()(x))
+    assert calls == [1] and dp.module.num_batches_tracked.item() == 1
 
 
 def test_a_patched_data_parallel_runs_training_forwards_from_several_threads_one_after_another():
