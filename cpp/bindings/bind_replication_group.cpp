@@ -61,7 +61,9 @@ void bind_replication_group(py::module_& m) {
       .def_property_readonly("copies", &ReplicationGroup::copies)
       .def_property_readonly(
           "shared", [](ReplicationGroup& self) { return self.shared_context(); },
-          "A CallbackContext shared by every position and copy of the replication.")
+          "A CallbackContext shared by every position and copy of the replication. Python values set on it are "
+          "not seen by the garbage collector through the replicas' contexts: hold a replica or a module there "
+          "weakly (weakref), or it and the replication live for good.")
       .def(
           "add_barrier",
           [](ReplicationGroup& self, const py::object& barrier) {

@@ -69,8 +69,9 @@ SYNCBN_API GroupStatistics merge_across_processes(const ProcessGroupPtr& group, 
 // for that call, marked failed, so that every rank fails at this call (a
 // BarrierError naming the failed ranks) instead of pairing it with this rank's
 // next call. `channels`: the layer's num_features; `device`: where the row
-// goes (the input's: CUDA for NCCL). Returns once the exchange has carried the
-// failure: its BarrierError, expected, is the caller's to supersede with its own
+// goes (the input's: CUDA for NCCL). Returns once the exchange is over: its
+// BarrierError (this rank's failure, or whatever else the exchange found wrong,
+// which the other ranks are told) is the caller's to supersede with its own
 // error. Other errors (an interrupt in the wait, the transport's) propagate.
 SYNCBN_API void announce_failed_call(const ProcessGroupPtr& group, int64_t layer_id, int64_t channels,
                                      const std::string& label, at::Device device);
