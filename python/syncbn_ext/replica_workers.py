@@ -39,6 +39,11 @@ EXIT_WAIT_SECONDS = 10.0
 IDLE_WORKER_SECONDS = 60.0
 
 
+# The OS thread ids of the workers started (those still running, at the last start), for the exit to wait for
+# their OS threads' end too (see _wait_for_os_thread_end).
+_started_thread_ids: set[int] = set()
+
+
 class _Worker:
     """A daemon thread that runs tasks from its queue; with a CPU intra-op thread count of its own."""
 
@@ -55,6 +60,9 @@ class _Worker:
         self._ready = threading.Event()
         self.thread = threading.Thread(target=self._loop, name=f"syncbn-worker-{_Worker._counter}", daemon=True)
         self.thread.start()
+        _started_thread_ids.difference_update([i for i in _started_thread_ids if not _os_thread_exists(i)])
+        if self.thread.native_id is not None:
+            _started_thread_ids.add(self.thread.native_id)
         self._ready.wait()
 
     def _loop(self) -> None:
@@ -199,6 +207,23 @@ def _wait_for_replica_threads_at_exit() -> None:
             flush=True,
         )
         join_all(still_running, until=start + EXIT_WAIT_SECONDS)
+    running = {t.native_id for t in threading.enumerate()}
+    until = time.monotonic() + 1.0
+    for thread_id in _started_thread_ids - running:  # their Python part ended
+        _wait_for_os_thread_end(thread_id, until)
+
+
+def _os_thread_exists(thread_id: int) -> bool:
+    return os.path.exists(f"/proc/self/task/{thread_id}")
+
+
+def _wait_for_os_thread_end(thread_id: int, until: float) -> None:
+    """Waits, at most until ``until``, for a worker's OS thread to end after its Python part did. ``Thread.join``
+    returns once the thread's Python state is gone, before its C++ thread-local destructors run: a worker whose
+    parallel backward failed frees the autograd nodes still queued in its thread there, taking the GIL, and the
+    interpreter's shutdown meeting it aborted the process. Linux (``/proc/self/task``); elsewhere it returns."""
+    while _os_thread_exists(thread_id) and time.monotonic() < until:
+        time.sleep(0.001)  # without the GIL, which those destructors take
 
 
 atexit.register(_wait_for_replica_threads_at_exit)

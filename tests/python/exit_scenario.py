@@ -5,6 +5,9 @@ caught, so the interpreter exits at once, with the replicas (left behind) return
 ``backward-timeout``: in the parallel backward, replica 1 is late at the merge; backward raises
 ``BarrierTimeoutError``, which the script catches and exits normally while replica 1 still sleeps in its backward;
 the module's teardown is slow, so that the replica wakes while the interpreter shuts down.
+``backward-failed``: in the parallel backward, replica 1's backward fails with many Python autograd nodes queued in
+its worker's thread; the script catches the error and exits: the worker's thread frees them as it ends (C++
+thread-local destructors, after its Python part), taking the GIL.
 
 Without the exit's wait for them, either ends in an abort ("terminate called without an active exception" or a
 fatal Python error) instead of the script's exit status.
@@ -98,7 +101,54 @@ def backward_timeout() -> tuple[nn.Module, torch.Tensor]:
     return dp, y  # the exit destroys the wrapper and the graph replica 1 is still in
 
 
-SCENARIOS = {"interrupt": interrupt, "backward-timeout": backward_timeout}
+class PythonIdentity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class FailsInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        raise ValueError("backward failed in this replica")
+
+
+class ManyNodesQueuedAtTheFailure(nn.Module):
+    """In the replica whose slice holds the marker, backward fails first with many Python nodes still queued."""
+
+    def __init__(self, nodes: int) -> None:
+        super().__init__()
+        self.bn, self.nodes = syncbn_ext.SynchronizedBatchNorm1d(C), nodes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(x)
+        if not bool((x == MARKER).any()):
+            return y
+        queued = [PythonIdentity.apply(y) for _ in range(self.nodes)]
+        return torch.stack([*queued, FailsInBackward.apply(y)]).sum(0)  # the last made runs first
+
+
+def backward_failed() -> None:
+    dp = syncbn_ext.DataParallelWithCallback(
+        ManyNodesQueuedAtTheFailure(2000), device_ids=["cpu"] * 2, parallel_backward=True
+    )
+    x = torch.randn(4, C)
+    x[3] = MARKER  # in replica 1's slice
+    try:
+        dp(x.requires_grad_()).sum().backward()
+    except ValueError:
+        print("ValueError", flush=True)
+
+
+SCENARIOS = {"interrupt": interrupt, "backward-timeout": backward_timeout, "backward-failed": backward_failed}
 
 if __name__ == "__main__":
     # As in a user's program, the scenario's code lives in an imported module and what it returns in the script's
