@@ -15,6 +15,7 @@ fatal Python error) instead of the script's exit status.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
@@ -22,6 +23,7 @@ import threading
 import time
 
 import torch
+from replica_faults import InBackward, fail
 from torch import nn
 
 import syncbn_ext
@@ -46,20 +48,6 @@ class BusyReplica(nn.Module):
         return self.bn(x)
 
 
-class LateInBackward(torch.autograd.Function):
-    """Identity; its backward sleeps ``seconds`` first."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, seconds: float) -> torch.Tensor:
-        ctx.seconds = seconds
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        time.sleep(ctx.seconds)
-        return grad, None
-
-
 class LateBeforeTheMerge(nn.Module):
     """In the replica whose slice holds the marker, backward sleeps before the synchronized layer's merge."""
 
@@ -69,7 +57,7 @@ class LateBeforeTheMerge(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.bn(x)
-        return LateInBackward.apply(y, self.seconds) if bool((x == MARKER).any()) else y
+        return InBackward.apply(y, functools.partial(time.sleep, self.seconds)) if bool((x == MARKER).any()) else y
 
 
 class SlowTeardown:
@@ -101,26 +89,6 @@ def backward_timeout() -> tuple[nn.Module, torch.Tensor]:
     return dp, y  # the exit destroys the wrapper and the graph replica 1 is still in
 
 
-class PythonIdentity(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad
-
-
-class FailsInBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        raise ValueError("backward failed in this replica")
-
-
 class ManyNodesQueuedAtTheFailure(nn.Module):
     """In the replica whose slice holds the marker, backward fails first with many Python nodes still queued."""
 
@@ -132,8 +100,12 @@ class ManyNodesQueuedAtTheFailure(nn.Module):
         y = self.bn(x)
         if not bool((x == MARKER).any()):
             return y
-        queued = [PythonIdentity.apply(y) for _ in range(self.nodes)]
-        return torch.stack([*queued, FailsInBackward.apply(y)]).sum(0)  # the last made runs first
+        queued = [InBackward.apply(y, nothing) for _ in range(self.nodes)]  # Python nodes
+        return torch.stack([*queued, InBackward.apply(y, fail)]).sum(0)  # the last made runs first
+
+
+def nothing() -> None:
+    pass
 
 
 def backward_failed() -> None:

@@ -2,14 +2,44 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 from syncbn_ext.replica_workers import replica_threads_running
+
+
+class InBackward(torch.autograd.Function):
+    """Identity; its backward calls ``action()`` first."""
+
+    @staticmethod
+    def forward(ctx, x, action):
+        ctx.action = action
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.action()
+        return grad, None
+
+
+def fail() -> None:
+    raise ValueError("backward failed in this replica")
+
+
+@contextlib.contextmanager
+def garbage_collector_off() -> Iterator[None]:
+    """No automatic collection inside: what is freed there was freed by reference counting alone."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def replica_failure() -> Exception:

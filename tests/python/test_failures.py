@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 from hang_guard import call_with_timeout
-from replica_faults import RaiseInCopy, assert_state_unchanged, state_of, wait_for_replica_threads
+from replica_faults import (
+    InBackward,
+    RaiseInCopy,
+    assert_state_unchanged,
+    fail,
+    garbage_collector_off,
+    state_of,
+    wait_for_replica_threads,
+)
 from replica_modules import CpuDataParallel
 from torch import nn
 
@@ -347,18 +355,6 @@ def test_fewer_samples_than_replicas():
     torch.testing.assert_close(ours.running_var, ref.running_var)
 
 
-class FailsInBackward(torch.autograd.Function):
-    """Identity whose backward raises."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise ValueError("backward failed in this replica")
-
-
 class FailsInReplicaOne(nn.Module):
     """A synchronized layer; replica 1 (its slice holds MARKER) raises in forward before it, or in backward."""
 
@@ -371,7 +367,7 @@ class FailsInReplicaOne(nn.Module):
         if marked and self.when == "forward":
             raise ValueError("forward failed in this replica")
         y = self.bn(x)
-        return FailsInBackward.apply(y) if marked else y
+        return InBackward.apply(y, fail) if marked else y
 
 
 def frames_of_ours_left_to_the_garbage_collector(step):
@@ -380,21 +376,20 @@ def frames_of_ours_left_to_the_garbage_collector(step):
     user's process groups), alive until the collector runs, in a short script not before the interpreter's
     shutdown (past the user's destroy_process_group)."""
     gc.collect()
-    gc.disable()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
-        with pytest.raises(ValueError):
-            step()
-        gc.collect()
-        return sorted(
-            f"{Path(o.f_code.co_filename).name}:{o.f_code.co_name}"
-            for o in gc.garbage
-            if isinstance(o, types.FrameType) and "syncbn_ext" in o.f_code.co_filename
-        )
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
+    with garbage_collector_off():
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            with pytest.raises(ValueError):
+                step()
+            gc.collect()
+            return sorted(
+                f"{Path(o.f_code.co_filename).name}:{o.f_code.co_name}"
+                for o in gc.garbage
+                if isinstance(o, types.FrameType) and "syncbn_ext" in o.f_code.co_filename
+            )
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
 
 
 @pytest.mark.parametrize(
@@ -434,12 +429,9 @@ def test_a_replica_s_report_of_its_error_makes_no_reference_cycle():
     report = queue.SimpleQueue()
     syncbn_ext.parallel_apply._Reporting(1, fails, report)()
     unread = weakref.ref(report)
-    gc.disable()
-    try:
+    with garbage_collector_off():
         del report
         assert unread() is None
-    finally:
-        gc.enable()
 
 
 def test_a_replica_left_behind_that_fails_later_frees_the_model_and_input_without_the_garbage_collector(monkeypatch):
@@ -453,10 +445,7 @@ def test_a_replica_left_behind_that_fails_later_frees_the_model_and_input_withou
     with pytest.raises(syncbn_ext.BarrierTimeoutError):
         call_with_timeout(dp, x)
     dropped = [weakref.ref(model), weakref.ref(model.linear.weight), weakref.ref(x)]
-    gc.disable()
-    try:
+    with garbage_collector_off():
         del model, dp, x
         wait_for_replica_threads(timeout=30)  # it returns, and its closed replication's layer refuses it
         assert [ref() for ref in dropped] == [None, None, None]
-    finally:
-        gc.enable()

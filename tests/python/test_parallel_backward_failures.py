@@ -3,7 +3,6 @@ failing replica's own error, at once; a late one's BarrierTimeoutError."""
 
 from __future__ import annotations
 
-import gc
 import sys
 import threading
 import time
@@ -15,6 +14,7 @@ import pytest
 import torch
 from batchnorm_cases import joined
 from hang_guard import call_with_timeout
+from replica_faults import InBackward, fail, garbage_collector_off
 from torch import nn
 
 import syncbn_ext
@@ -26,24 +26,6 @@ from syncbn_ext.replicate import Replication
 HERE = Path(__file__).resolve().parent
 
 C = 4
-
-
-class InBackward(torch.autograd.Function):
-    """Identity; its backward calls ``action()`` first."""
-
-    @staticmethod
-    def forward(ctx, x, action):
-        ctx.action = action
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.action()
-        return grad, None
-
-
-def fail():
-    raise ValueError("backward failed in this replica")
 
 
 def take_three_seconds():
@@ -196,12 +178,9 @@ def test_a_failed_parallel_backward_leaves_nothing_on_the_workers():
     with pytest.raises(ValueError, match="backward failed in this replica"):
         call_with_timeout(forward_and_backward, dp, x)
     dropped = [weakref.ref(model.linear.weight), weakref.ref(x)]
-    gc.disable()
-    try:
+    with garbage_collector_off():
         del model, dp, x
         for thread in threading.enumerate():
             if thread.name.startswith("syncbn-retiring-"):
                 thread.join(timeout=30)
         assert [ref() for ref in dropped] == [None, None]
-    finally:
-        gc.enable()
