@@ -265,7 +265,9 @@ def run_on_workers(
         # A worker whose task raised ends: a backward that failed leaves the nodes it had queued in its thread's
         # autograd state (the graph, and the process groups its nodes hold) until that thread's next backward.
         _POOL.release([workers[i] for i in returned if i not in errors])
-        _POOL.retire([workers[i] for i in returned if i in errors])
+        for i in returned:
+            if i in errors:
+                workers[i].retire()
 
     def give_up(missing: Sequence[int], why: str) -> None:
         close(f"{ABORT_TAG}: gave up on replica(s) {list(missing)}: {why}")

@@ -84,6 +84,12 @@ class _Worker:
             if self.abandoned:
                 return
 
+    def retire(self) -> None:
+        """Tells the thread to end once back at its queue (an idle worker, or one done with its task)."""
+        # Renamed first: ending, it runs no replica (replica_threads_running must not count it).
+        self.thread.name = self.thread.name.replace("syncbn-worker-", "syncbn-retiring-", 1)
+        self.tasks.put(None)
+
     def abandon(self, name: str) -> None:
         """Leaves the thread to finish its task alone; it exits afterwards instead of taking another."""
         self.abandoned = True
@@ -131,21 +137,10 @@ class _WorkerPool:
             for key, idle in list(self._idle.items()):
                 unused = [worker for worker in idle if now - worker.idle_since > IDLE_WORKER_SECONDS]
                 for worker in unused:
-                    # Renamed first: ending, it runs no replica (replica_threads_running must not count it).
-                    worker.thread.name = worker.thread.name.replace("syncbn-worker-", "syncbn-retiring-", 1)
-                    worker.tasks.put(None)
+                    worker.retire()
                 self._idle[key] = [worker for worker in idle if worker not in unused]
                 if not self._idle[key]:
                     del self._idle[key]
-
-    def retire(self, workers: Sequence[_Worker]) -> None:
-        """Ends these workers (done with their task) instead of keeping them: their threads' state goes with them."""
-        for worker in workers:
-            if not worker.abandoned:
-                worker.abandoned = True
-                # Renamed first: ending, it runs no replica (replica_threads_running must not count it).
-                worker.thread.name = worker.thread.name.replace("syncbn-worker-", "syncbn-retiring-", 1)
-                worker.tasks.put(None)
 
     def end_idle_workers(self) -> list[threading.Thread]:
         """Tells every idle worker to end (at the interpreter's exit); returns their threads. A worker just released
@@ -154,8 +149,7 @@ class _WorkerPool:
             idle = [worker for workers in self._idle.values() for worker in workers]
             self._idle = {}
         for worker in idle:
-            worker.thread.name = worker.thread.name.replace("syncbn-worker-", "syncbn-retiring-", 1)
-            worker.tasks.put(None)
+            worker.retire()
         return [worker.thread for worker in idle]
 
     def busy_or_abandoned_threads(self) -> list[threading.Thread]:
