@@ -221,12 +221,7 @@ def run_on_workers(
     timeout = _C.default_timeout_seconds()
     report: queue.SimpleQueue[tuple[int, bool, Any]] = queue.SimpleQueue()
     workers = _POOL.acquire(n, intra_op_threads)
-    sequence_number = max(worker.sequence_number for worker in workers)
-    for i, (worker, task) in enumerate(zip(workers, tasks, strict=True)):
-        if isinstance(task, _ReplicaTask):
-            task.sequence_number = sequence_number
-        worker.tasks.put(_Reporting(i, task, report))
-
+    handed = 0  # tasks given to their workers (counted just before the put: an interrupt between leaves none unseen)
     results: dict[int, Any] = {}
     errors: dict[int, BaseException] = {}
     first_failure: float | None = None
@@ -259,7 +254,7 @@ def run_on_workers(
         return True
 
     def pending() -> list[int]:
-        return [i for i in range(n) if i not in results and i not in errors]
+        return [i for i in range(handed) if i not in results and i not in errors]
 
     def hand_back(returned: Sequence[int]) -> None:
         # A worker whose task raised ends: a backward that failed leaves the nodes it had queued in its thread's
@@ -273,9 +268,16 @@ def run_on_workers(
         close(f"{ABORT_TAG}: gave up on replica(s) {list(missing)}: {why}")
         for i in missing:
             workers[i].abandon(f"syncbn-abandoned-replica-{i}")
-        hand_back([i for i in range(n) if i not in missing])
+        hand_back([i for i in range(n) if i not in missing])  # those never handed a task too
 
     try:
+        sequence_number = max(worker.sequence_number for worker in workers)
+        for i, (worker, task) in enumerate(zip(workers, tasks, strict=True)):
+            if isinstance(task, _ReplicaTask):
+                task.sequence_number = sequence_number
+            reporting = _Reporting(i, task, report)
+            handed = i + 1
+            worker.tasks.put(reporting)
         while pending():
             if first_failure is not None:
                 until: float | None = first_failure + FAILURE_GRACE_SECONDS

@@ -14,6 +14,7 @@ during the exit would abort the process).
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import queue
 import sys
@@ -40,17 +41,41 @@ IDLE_WORKER_SECONDS = 60.0
 
 
 # The OS thread ids of the workers started (those still running, at the last start), for the exit to wait for
-# their OS threads' end too (see _wait_for_os_thread_end).
+# their OS threads' end too (see _wait_for_os_thread_end). Workers start from several threads at once (wrappers
+# used from several threads): read and written under the lock.
 _started_thread_ids: set[int] = set()
+_started_thread_ids_lock = threading.Lock()
+_worker_numbers = itertools.count(1)
+
+
+def _note_started_thread(thread_id: int) -> None:
+    with _started_thread_ids_lock:
+        ended = [i for i in _started_thread_ids if not _os_thread_exists(i)]
+        _started_thread_ids.difference_update(ended)
+        _started_thread_ids.add(thread_id)
+
+
+def _started_threads() -> set[int]:
+    with _started_thread_ids_lock:
+        return set(_started_thread_ids)
+
+
+def _forget_started_threads_after_fork() -> None:
+    global _started_thread_ids_lock
+    _started_thread_ids_lock = threading.Lock()  # another thread may have held it at the fork
+    _started_thread_ids.clear()  # the child has none of those threads
+
+
+os.register_at_fork(after_in_child=_forget_started_threads_after_fork)
 
 
 class _Worker:
     """A daemon thread that runs tasks from its queue; with a CPU intra-op thread count of its own."""
 
-    _counter = 0
-
-    def __init__(self, intra_op_threads: int | None) -> None:
-        _Worker._counter += 1
+    def __init__(self, intra_op_threads: int | None, started: list[_Worker] | None = None) -> None:
+        """Starts the thread and appends the worker to ``started`` (from then on the caller ends it on failure);
+        returns once the thread is ready. On an exception meanwhile (KeyboardInterrupt) the thread is told to end."""
+        started = [] if started is None else started
         self.intra_op_threads = intra_op_threads
         # False with a torch without OpenMP: the thread's count was set process-wide, and acquire() puts it back.
         self.own_intra_op_threads = True
@@ -58,11 +83,17 @@ class _Worker:
         self.abandoned = False
         self.idle_since = 0.0
         self._ready = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name=f"syncbn-worker-{_Worker._counter}", daemon=True)
-        self.thread.start()
-        _started_thread_ids.difference_update([i for i in _started_thread_ids if not _os_thread_exists(i)])
+        name = f"syncbn-worker-{next(_worker_numbers)}"
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        try:
+            self.thread.start()
+            started.append(self)
+        except BaseException:
+            if self not in started:
+                self.retire()  # an interrupt during start(): a thread that started must not wait for ever
+            raise
         if self.thread.native_id is not None:
-            _started_thread_ids.add(self.thread.native_id)
+            _note_started_thread(self.thread.native_id)
         self._ready.wait()
 
     def _loop(self) -> None:
@@ -118,10 +149,20 @@ class _WorkerPool:
         missing = count - len(workers)
         if missing:
             caller_threads = torch.get_num_threads()
-            created = [_Worker(intra_op_threads) for _ in range(missing)]
-            if not all(worker.own_intra_op_threads for worker in created):
-                # torch without OpenMP: the new workers' torch.set_num_threads set the process-wide count.
-                torch.set_num_threads(caller_threads)
+            created: list[_Worker] = []
+            try:
+                for _ in range(missing):
+                    _Worker(intra_op_threads, started=created)
+            except BaseException:
+                # KeyboardInterrupt, or no thread could start: no worker may be left waiting for a task for ever.
+                for worker in created:
+                    worker.retire()
+                self.release(workers)
+                raise
+            finally:
+                if not all(worker.own_intra_op_threads for worker in created):
+                    # torch without OpenMP: the new workers' torch.set_num_threads set the process-wide count.
+                    torch.set_num_threads(caller_threads)
             workers += created
         return workers
 
@@ -203,7 +244,7 @@ def _wait_for_replica_threads_at_exit() -> None:
         join_all(still_running, until=start + EXIT_WAIT_SECONDS)
     running = {t.native_id for t in threading.enumerate()}
     until = time.monotonic() + 1.0
-    for thread_id in _started_thread_ids - running:  # their Python part ended
+    for thread_id in _started_threads() - running:  # their Python part ended
         _wait_for_os_thread_end(thread_id, until)
 
 

@@ -68,8 +68,8 @@ def test_threads_started_while_workers_are_created_get_the_process_default(proce
     started_meanwhile: list[int] = []
     create = replica_workers._Worker.__init__
 
-    def create_then_start_a_thread(self, intra_op_threads):
-        create(self, intra_op_threads)
+    def create_then_start_a_thread(self, intra_op_threads, started=None):
+        create(self, intra_op_threads, started)
         started_meanwhile.append(count_in_new_thread())  # as another thread of the program would, at that moment
 
     monkeypatch.setattr(replica_workers._Worker, "__init__", create_then_start_a_thread)

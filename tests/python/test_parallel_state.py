@@ -27,7 +27,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import syncbn_ext
 import syncbn_ext.replica_workers
 from syncbn_ext import DataParallelWithCallback
-from syncbn_ext.replica_workers import replica_threads_running
 from syncbn_ext.replicate import Replication, TrainingForwardLocks, training_forward_lock
 
 
@@ -482,43 +481,3 @@ def test_fake_quantization_observers_under_the_replicas_observe_as_on_gpus():
     assert any(t.numel() == 4 for t in observed.values())  # the weight's per-channel observer grew to 4 channels
     for name, tensor in observed.items():
         torch.testing.assert_close(tensor, reference.state_dict()[name], msg=name)
-
-
-def test_idle_workers_of_replica_counts_no_longer_used_end(monkeypatch):
-    # Workers are kept per intra-op thread count (the caller's count // replicas): those of a count no longer used
-    # (a last batch smaller than the replicas, another wrapper) end once unused for IDLE_WORKER_SECONDS.
-    pool = syncbn_ext.replica_workers._POOL
-    monkeypatch.setattr(syncbn_ext.replica_workers, "IDLE_WORKER_SECONDS", 0.0)
-    model = nn.Sequential(nn.Linear(3, 3), syncbn_ext.SynchronizedBatchNorm1d(3))
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(12)  # shares of 6, 4 and 3 threads: a key each
-    try:
-        for replicas in (2, 3, 4):
-            call_with_timeout(cpu_dp(model, replicas), torch.randn(12, 3))
-            idle = {key: len(workers) for key, workers in pool._idle.items()}
-            assert idle == {12 // replicas: replicas}, idle  # the previous count's workers were told to end
-    finally:
-        torch.set_num_threads(threads_before)
-    kept = {worker.thread for workers in pool._idle.values() for worker in workers}
-    ending = [t for t in threading.enumerate() if t.name.startswith("syncbn-retiring-") and t not in kept]
-    for thread in ending:
-        thread.join(10)
-    assert not [t for t in ending if t.is_alive()]
-
-
-def test_workers_told_to_end_are_not_counted_as_running_a_replica(monkeypatch):
-    # A forward's end tells the workers idle for too long to end: until their threads were gone, they counted as
-    # threads still running a replica (checks of "no replica left running" right after a forward saw them).
-    monkeypatch.setattr(syncbn_ext.replica_workers, "IDLE_WORKER_SECONDS", 0.0)
-    model = nn.Sequential(nn.Linear(3, 3), syncbn_ext.SynchronizedBatchNorm1d(3))
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)  # one intra-op thread per replica whatever their number: the same idle workers
-    try:
-        seen = []
-        for _ in range(50):
-            cpu_dp(model, 4)(torch.randn(8, 3))
-            cpu_dp(model, 2)(torch.randn(8, 3))  # its end tells the 2 workers it did not use to end
-            seen += [t.name for t in replica_threads_running()]
-    finally:
-        torch.set_num_threads(threads_before)
-    assert seen == []
