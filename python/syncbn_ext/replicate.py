@@ -355,30 +355,38 @@ class _ReplicateOptimized:
 
 # (a module's buffer, replica 0's copy, the buffer's version, the copy's version): what _C.write_back_buffers takes.
 _BufferCopy = tuple[torch.Tensor, torch.Tensor, int | None, int | None]
+# (a module's _buffers, those of its copy in replica 0, the buffer's name, what replica 0 was given there): to find
+# the buffers replica 0 replaced (self.steps = self.steps + 1) rather than wrote. The dictionaries, not the modules:
+# a replica holds its replication, which must not hold the replica (a cycle only the garbage collector frees).
+_BufferSlot = tuple[dict[str, Any], dict[str, Any], str, torch.Tensor | None]
 
 
-def _isolate_buffers(original: nn.Module, replica: nn.Module) -> list[_BufferCopy]:
+def _isolate_buffers(original: nn.Module, replica: nn.Module) -> tuple[list[_BufferCopy], list[_BufferSlot]]:
     """Gives ``replica`` copies of the buffers it shares with ``original``.
 
     Returns (original, copy, the original's version, the copy's version) per buffer (``None``: an inference tensor,
-    which has no version).
+    which has no version), and every buffer slot the two share (``None`` ones too).
     """
-    shared = [
-        (target, key, buf)
+    slots: list[_BufferSlot] = [
+        (source._buffers, target._buffers, key, buf)
         for source, target in zip(original.modules(), replica.modules(), strict=False)
+        if source._buffers is not target._buffers
         for key, buf in target._buffers.items()
-        if buf is not None and not buf.requires_grad and source._buffers.get(key) is buf
+        if key in source._buffers and source._buffers[key] is buf
     ]
-    copy_of = _copier_keeping_views([buf for _, _, buf in shared])
+    shared = [(i, buf) for i, (_, _, _, buf) in enumerate(slots) if buf is not None and not buf.requires_grad]
+    copy_of = _copier_keeping_views([buf for _, buf in shared])
     links: list[_BufferCopy] = []
     copies: dict[int, torch.Tensor] = {}
-    for target, key, buf in shared:
+    for i, buf in shared:
         copy = copies.get(id(buf))
         if copy is None:
             copy = copies[id(buf)] = copy_of(buf)
             links.append((buf, copy, _C.version_of(buf), _C.version_of(copy)))
-        target._buffers[key] = copy
-    return links
+        source, target, key, _ = slots[i]
+        target[key] = copy
+        slots[i] = (source, target, key, copy)
+    return links, slots
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[Any, int] | None:
@@ -432,10 +440,11 @@ class Replication:
     def __init__(self, replicas: Sequence[nn.Module], original: nn.Module | None = None) -> None:
         self.group: Any = None
         self._links: list[_BufferCopy] = []
+        self._slots: list[_BufferSlot] = []
         if not replicas:
             return
         if original is not None:
-            self._links = _isolate_buffers(original, replicas[0])
+            self._links, self._slots = _isolate_buffers(original, replicas[0])
         self.group = _C.execute_replication_callbacks(list(replicas))[0].group
         for copy_id, replica in enumerate(replicas):
             replica.__dict__[REPLICATION_TAG] = (self, copy_id)
@@ -448,7 +457,12 @@ class Replication:
     @torch.compiler.disable  # runs as it is under a compiled wrapper: tensor versions and values are the question
     def write_back(self) -> None:
         """Copies each buffer replica 0 changed into the original's tensor (in place, resized as replica 0 resized
-        it; see ``syncbn::write_back_buffers`` for what counts as changed), unless closed."""
+        it; see ``syncbn::write_back_buffers`` for what counts as changed), and gives the original each buffer
+        replica 0 replaced (``self.steps = self.steps + 1``, as the module alone would hold it), unless closed."""
         if self.group is not None and self.group.closed:
             return
         _C.write_back_buffers(self._links)
+        for source, target, key, given in self._slots:
+            now = target.get(key, given)
+            if now is not given:
+                source[key] = now

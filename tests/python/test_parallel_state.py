@@ -379,6 +379,47 @@ def test_every_buffer_replica_0_changes_reaches_the_module_as_on_gpus(n):
     assert torch.equal(counts, torch.tensor([110.0, 110.0, 2.0, 2.0]))
 
 
+class ReplacesItsBuffers(nn.Module):
+    """Replaces its buffers instead of writing them (as the established library's layers update their running
+    statistics, ``self.running_mean = ...``), one of them registered as None; raises on a marked input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("mean", torch.zeros(3))
+        self.register_buffer("last", None)
+
+    def forward(self, x):
+        self.steps = self.steps + 1
+        self.mean = 0.9 * self.mean + 0.1 * x.mean(0)
+        self.last = x[-1].clone()
+        if (x == RaiseOnMarker.MARKER).any():
+            raise ValueError("marked")
+        return x
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_buffers_replica_0_replaces_reach_the_module_as_alone(n):
+    # Replica 0 was given copies of the buffers; one it replaced (not wrote) was lost, silently (as with
+    # nn.DataParallel, which documents it): the established library's style of layer, its master made in copy 0's
+    # hook as README advises, kept its running statistics at their initial values.
+    model = nn.Sequential(nn.Identity(), ReplacesItsBuffers())
+    reference = copy.deepcopy(model)
+    x = torch.randn(6, 3)
+    for step in range(2):
+        call_with_timeout(cpu_dp(model, n), x + step)
+        reference(x[: 6 // n] + step)  # replica 0's slice
+        for name, expected in reference.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[name], expected, msg=name)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    marked = x.clone()
+    marked[-1, 0] = RaiseOnMarker.MARKER  # the last replica raises; replica 0 replaced its buffers all the same
+    with pytest.raises(ValueError, match="marked"):
+        call_with_timeout(cpu_dp(model, n), marked)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
 class CountsInAParameter(nn.Module):
     """Counts the samples it saw in a frozen parameter, in place (state that belongs in a buffer)."""
 
