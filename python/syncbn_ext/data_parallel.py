@@ -173,8 +173,10 @@ class DataParallelWithCallback(nn.DataParallel):
         device_ids: accelerator devices (ints or devices; default: all), or ``n`` CPU devices.
         output_device: where outputs are gathered (default ``device_ids[0]``); ``None`` or CPU in CPU mode.
         dim: the dimension inputs are split along and outputs concatenated along.
-        parallel_backward: CPU replicas only. ``True``: run the replicas' backward on their threads, at once. A
-            second backward cannot retrace it: under ``create_graph=True`` the gradients it gives are right, but a
+        parallel_backward: CPU replicas only. ``True``: run the replicas' backward on their threads, at once,
+            except for a model whose replicas exchange tensors with gradients between them (a module with a
+            replication hook of its own, as the established library's layers) or under a subclass with its own
+            ``parallel_apply``: those always get autograd's serial backward. A second backward cannot retrace it: under ``create_graph=True`` the gradients it gives are right, but a
             double backward through them raises an error. ``False``: autograd's own serial backward through every
             replica, which a double backward retraces (as far as the layers allow). ``None`` (default): parallel
             only where it is faster, when ``torch.get_num_threads()`` at the forward is smaller than the number of
@@ -185,6 +187,7 @@ class DataParallelWithCallback(nn.DataParallel):
     Raises:
         ValueError: ``device_ids`` mixes CPU and accelerator devices, or in CPU mode ``output_device`` is
             not the CPU.
+        TypeError: ``parallel_backward`` is not ``None``, ``True`` or ``False``.
     """
 
     def __init__(
