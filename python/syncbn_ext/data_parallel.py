@@ -176,9 +176,10 @@ class DataParallelWithCallback(nn.DataParallel):
         parallel_backward: CPU replicas only. ``True``: run the replicas' backward on their threads, at once,
             except for a model whose replicas exchange tensors with gradients between them (a module with a
             replication hook of its own, as the established library's layers) or under a subclass with its own
-            ``parallel_apply``: those always get autograd's serial backward. A second backward cannot retrace it: under ``create_graph=True`` the gradients it gives are right, but a
-            double backward through them raises an error. ``False``: autograd's own serial backward through every
-            replica, which a double backward retraces (as far as the layers allow). ``None`` (default): parallel
+            ``parallel_apply``: those always get autograd's serial backward. A second backward cannot retrace it:
+            under ``create_graph=True`` the gradients it gives are right, but a double backward through them
+            raises an error. ``False``: autograd's own serial backward through every replica, which a double
+            backward retraces (as far as the layers allow). ``None`` (default): parallel
             only where it is faster, when ``torch.get_num_threads()`` at the forward is smaller than the number of
             replicas and the process has more cores than that (see
             :func:`syncbn_ext.parallel_backward.faster_than_serial`). The attribute of the same name can be
