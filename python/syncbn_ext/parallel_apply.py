@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ._native import _C
-from .replica_workers import _POOL, cpu_intra_op_threads, replica_threads_running
+from .replica_workers import _POOL, _Worker, cpu_intra_op_threads, replica_threads_running
 from .replicate import Replication
 from .scatter_gather import _tensors
 
@@ -220,7 +220,7 @@ def run_on_workers(
         return []
     timeout = _C.default_timeout_seconds()
     report: queue.SimpleQueue[tuple[int, bool, Any]] = queue.SimpleQueue()
-    workers = _POOL.acquire(n, intra_op_threads)
+    workers: list[_Worker] = []  # filled by _POOL.acquire, inside the try below
     handed = 0  # tasks given to their workers (counted just before the put: an interrupt between leaves none unseen)
     results: dict[int, Any] = {}
     errors: dict[int, BaseException] = {}
@@ -268,9 +268,10 @@ def run_on_workers(
         close(f"{ABORT_TAG}: gave up on replica(s) {list(missing)}: {why}")
         for i in missing:
             workers[i].abandon(f"syncbn-abandoned-replica-{i}")
-        hand_back([i for i in range(n) if i not in missing])  # those never handed a task too
+        hand_back([i for i in range(len(workers)) if i not in missing])  # those never handed a task too
 
     try:
+        _POOL.acquire(n, intra_op_threads, workers)
         sequence_number = max(worker.sequence_number for worker in workers)
         for i, (worker, task) in enumerate(zip(workers, tasks, strict=True)):
             if isinstance(task, _ReplicaTask):
@@ -288,11 +289,13 @@ def run_on_workers(
             if not collect(until):
                 break
     except BaseException as interrupt:  # KeyboardInterrupt (or any exception) in the calling thread
-        close(f"{ABORT_TAG}: the calling thread was interrupted ({type(interrupt).__name__})")
-        deadline = time.monotonic() + INTERRUPT_GRACE_SECONDS
-        while pending() and collect(deadline):
-            pass
-        give_up(pending(), "the calling thread was interrupted")
+        try:
+            close(f"{ABORT_TAG}: the calling thread was interrupted ({type(interrupt).__name__})")
+            deadline = time.monotonic() + INTERRUPT_GRACE_SECONDS
+            while pending() and collect(deadline):
+                pass
+        finally:  # also after a second Ctrl-C during that grace period: no worker left waiting for ever
+            give_up(pending(), "the calling thread was interrupted")
         raise
     missing = pending()
     if missing:

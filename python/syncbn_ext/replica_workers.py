@@ -142,29 +142,34 @@ class _WorkerPool:
         self._lock = threading.Lock()  # another thread may have held it at the fork
         self._idle = {}
 
-    def acquire(self, count: int, intra_op_threads: int | None) -> list[_Worker]:
-        with self._lock:
-            idle = self._idle.setdefault(intra_op_threads, [])
-            workers = [idle.pop() for _ in range(min(count, len(idle)))]
-        missing = count - len(workers)
-        if missing:
-            caller_threads = torch.get_num_threads()
-            created: list[_Worker] = []
-            try:
-                for _ in range(missing):
-                    _Worker(intra_op_threads, started=created)
-            except BaseException:
-                # KeyboardInterrupt, or no thread could start: no worker may be left waiting for a task for ever.
-                for worker in created:
-                    worker.retire()
-                self.release(workers)
-                raise
-            finally:
-                if not all(worker.own_intra_op_threads for worker in created):
-                    # torch without OpenMP: the new workers' torch.set_num_threads set the process-wide count.
-                    torch.set_num_threads(caller_threads)
-            workers += created
-        return workers
+    def acquire(self, count: int, intra_op_threads: int | None, workers: list[_Worker]) -> None:
+        """Puts ``count`` workers of that intra-op thread count into ``workers`` (an empty list of the caller's),
+        idle ones first, as it takes or starts each: an exception meanwhile (KeyboardInterrupt, a thread that cannot
+        start) gives back those taken, ends those started and leaves ``workers`` empty, and one after this returns
+        finds every worker in the caller's list."""
+        caller_threads = torch.get_num_threads()
+        taken = 0
+        try:
+            with self._lock:
+                idle = self._idle.setdefault(intra_op_threads, [])
+                start = max(0, len(idle) - count)
+                # Moved without a call in between, where an interrupt could leave a worker in neither list.
+                workers += idle[start:]
+                del idle[start:]
+                taken = len(workers)
+            while len(workers) < count:
+                _Worker(intra_op_threads, started=workers)
+        except BaseException:
+            # No worker may be left waiting for a task for ever: those taken go back, those started end.
+            for worker in workers[taken:]:
+                worker.retire()
+            self.release(workers[:taken])
+            workers.clear()
+            raise
+        finally:
+            if not all(worker.own_intra_op_threads for worker in workers[taken:]):
+                # torch without OpenMP: the new workers' torch.set_num_threads set the process-wide count.
+                torch.set_num_threads(caller_threads)
 
     def release(self, workers: Sequence[_Worker]) -> None:
         now = time.monotonic()

@@ -52,7 +52,8 @@ def process_default() -> Iterator[None]:
 def no_idle_workers(intra_op_threads: int) -> Iterator[None]:
     """Holds the pool's idle workers of that count (left by other tests), so that the next forward creates its own."""
     pool = replica_workers._POOL
-    held = pool.acquire(len(pool._idle.get(intra_op_threads, [])), intra_op_threads)
+    held: list[replica_workers._Worker] = []
+    pool.acquire(len(pool._idle.get(intra_op_threads, [])), intra_op_threads, held)
     try:
         yield
     finally:

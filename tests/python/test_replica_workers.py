@@ -88,7 +88,8 @@ def test_workers_start_from_several_threads_at_once(monkeypatch):
     def start_workers() -> None:
         try:
             for _ in range(5):
-                workers = pool.acquire(3, None)  # a key no CPU forward uses: none idle, each one new
+                workers: list[replica_workers._Worker] = []
+                pool.acquire(3, None, workers)  # a key no CPU forward uses: none idle, each one new
                 started.update(worker.thread for worker in workers)
                 for worker in workers:
                     worker.retire()
@@ -108,7 +109,9 @@ def test_an_interrupt_while_workers_start_leaves_none_waiting_for_a_task(monkeyp
     # Ctrl-C while a forward started its workers: those started so far, and the idle ones it had taken from the
     # pool, were dropped, waiting for a task for ever (counted as replicas still running; the exit waited for them).
     pool = replica_workers._POOL
-    pool.release(pool.acquire(2, None))  # two idle workers, which the next acquire takes before starting more
+    idle: list[replica_workers._Worker] = []
+    pool.acquire(2, None, idle)
+    pool.release(idle)  # two idle workers, which the next acquire takes before starting more
     idle_before = list(pool._idle[None])
     caller = threading.get_ident()
     exists = replica_workers._os_thread_exists
@@ -124,14 +127,17 @@ def test_an_interrupt_while_workers_start_leaves_none_waiting_for_a_task(monkeyp
 
     before = worker_threads()
     monkeypatch.setattr(replica_workers, "_os_thread_exists", interrupted_on_the_third_check)
+    taken: list[replica_workers._Worker] = []
     with pytest.raises(KeyboardInterrupt):
-        pool.acquire(6, None)
+        pool.acquire(6, None, taken)
+    assert taken == []
     monkeypatch.undo()
     started = worker_threads() - before
     assert started  # the interrupt came while workers started
     assert wait_until_ended(started) == []
     assert sorted(map(id, pool._idle[None])) == sorted(map(id, idle_before))  # given back, still usable
-    for worker in pool.acquire(2, None):
+    pool.acquire(2, None, idle := [])
+    for worker in idle:
         worker.retire()
 
 
@@ -158,6 +164,52 @@ def test_an_interrupt_while_a_forward_hands_out_its_tasks_closes_it_and_leaves_n
     while replica_threads_running() and time.monotonic() < until:
         time.sleep(0.01)
     assert replica_threads_running() == []
+
+
+def test_a_second_interrupt_while_the_first_is_handled_leaves_no_worker(monkeypatch):
+    # Ctrl-C twice: the second arrived while the forward handled the first (closing the replication, waiting a
+    # moment for the replicas), and the workers were neither abandoned nor given back: waiting for ever.
+    reporting = parallel_apply._Reporting
+
+    def interrupted_at_replica_1(index, task, report):
+        if index == 1:
+            raise KeyboardInterrupt("first")
+        return reporting(index, task, report)
+
+    monkeypatch.setattr(parallel_apply, "_Reporting", interrupted_at_replica_1)
+    closed: list[str] = []
+
+    def close_interrupted_again(reason: str) -> None:
+        closed.append(reason)
+        if len(closed) == 1:
+            raise KeyboardInterrupt("second")
+
+    tasks = [lambda: time.sleep(0.3), lambda: None, lambda: None]
+    with pytest.raises(KeyboardInterrupt, match="second"):
+        parallel_apply.run_on_workers(tasks, ["a", "b", "c"], None, close_interrupted_again, lambda error: False)
+    assert len(closed) == 2 and "gave up on replica(s) [0]" in closed[1]
+    until = time.monotonic() + HANG_TIMEOUT
+    while replica_threads_running() and time.monotonic() < until:
+        time.sleep(0.01)
+    assert replica_threads_running() == []
+
+
+def test_an_interrupt_while_a_forward_takes_its_workers_leaves_none_taken(monkeypatch):
+    # Between taking the workers and handing them their tasks, the forward's failure handling had not started.
+    pool = replica_workers._POOL
+    acquire = pool.acquire
+
+    def taken_then_interrupted(count, intra_op_threads, workers):
+        acquire(count, intra_op_threads, workers)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pool, "acquire", taken_then_interrupted)
+    closed: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        parallel_apply.run_on_workers([lambda: None] * 2, ["a", "b"], None, closed.append, lambda error: False)
+    monkeypatch.undo()
+    assert replica_threads_running() == []
+    assert closed
 
 
 def test_models_trained_from_two_threads_match_the_whole_batch():
