@@ -165,13 +165,18 @@ def replicate_on_cpu(module: M, n: int, *, detach: bool | None = None) -> list[M
 
     buffers = list(module.buffers())
     buffer_indices = {b: i for i, b in enumerate(buffers)}
+    # Replicas other than 0 get copies; buffers that view one another get copies that do too (replica 0's, made
+    # by Replication, likewise), where nn.DataParallel's broadcast gives each its own tensor.
+    copies_keeping_views = _CopiesKeepingViews(buffers) if n > 1 else None
 
-    def buffer_copy(buf: torch.Tensor, copy_id: int) -> torch.Tensor:
+    def buffer_copies_of(copy_id: int) -> list[torch.Tensor]:
         if copy_id == 0:
-            return buf.detach() if detach and buf.requires_grad else buf
-        return buf.clone() if buf.requires_grad and not detach else buf.detach().clone()
+            return [buf.detach() if detach and buf.requires_grad else buf for buf in buffers]
+        assert copies_keeping_views is not None
+        copy_of = copies_keeping_views.copier()
+        return [buf.clone() if buf.requires_grad and not detach else copy_of(buf) for buf in buffers]
 
-    buffer_copies = [[buffer_copy(b, j) for b in buffers] for j in range(n)]
+    buffer_copies = [buffer_copies_of(j) for j in range(n)]
 
     modules = list(module.modules())
     module_indices = {m: i for i, m in enumerate(modules)}
@@ -375,7 +380,7 @@ def _isolate_buffers(original: nn.Module, replica: nn.Module) -> tuple[list[_Buf
         if key in source._buffers and source._buffers[key] is buf
     ]
     shared = [(i, buf) for i, (_, _, _, buf) in enumerate(slots) if buf is not None and not buf.requires_grad]
-    copy_of = _copier_keeping_views([buf for _, buf in shared])
+    copy_of = _CopiesKeepingViews([buf for _, buf in shared]).copier()
     links: list[_BufferCopy] = []
     copies: dict[int, torch.Tensor] = {}
     for i, buf in shared:
@@ -400,28 +405,36 @@ def _storage_key(tensor: torch.Tensor) -> tuple[Any, int] | None:
     return (tensor.device, storage.data_ptr()) if storage.nbytes() > 0 else None
 
 
-def _copier_keeping_views(buffers: Sequence[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function that copies each of ``buffers``: a clone, except that buffers sharing memory (one a view of the
-    other, or both views of one tensor) get copies that share a copy of that memory, as in the module, so that a
-    write through one shows through the others."""
-    key_of = {id(buf): _storage_key(buf) for buf in buffers}  # once per buffer: each forward runs this
-    tensors_of: dict[tuple[Any, int], set[int]] = {}
-    for buf_id, key in key_of.items():
-        if key is not None:
-            tensors_of.setdefault(key, set()).add(buf_id)
-    storage_copies: dict[tuple[Any, int], torch.UntypedStorage] = {}
+class _CopiesKeepingViews:
+    """Copies of ``buffers``, one set per :meth:`copier`: clones, except that buffers sharing memory (one a view of
+    the other, or both views of one tensor) get copies that share a copy of that memory, as in the module, so that
+    a write through one shows through the others."""
 
-    def copy_of(buf: torch.Tensor) -> torch.Tensor:
-        key = key_of[id(buf)]
-        if key is None or len(tensors_of[key]) < 2:
-            return buf.detach().clone()
-        storage = storage_copies.get(key)
-        if storage is None:
-            storage = storage_copies[key] = buf.untyped_storage().clone()
-        copy = torch.empty((0,), dtype=buf.dtype, device=buf.device)
-        return copy.set_(storage, buf.storage_offset(), buf.size(), buf.stride())
+    def __init__(self, buffers: Sequence[torch.Tensor]) -> None:
+        self._key_of = {id(buf): _storage_key(buf) for buf in buffers}  # once per buffer: each forward runs this
+        tensors_of: dict[tuple[Any, int], set[int]] = {}
+        for buf_id, key in self._key_of.items():
+            if key is not None:
+                tensors_of.setdefault(key, set()).add(buf_id)
+        self._shared = {key for key, ids in tensors_of.items() if len(ids) > 1}
 
-    return copy_of
+    def copier(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function giving one copy of each buffer (the copies of one call to copier() share memory alike)."""
+        if not self._shared:
+            return lambda buf: buf.detach().clone()
+        storage_copies: dict[tuple[Any, int], torch.UntypedStorage] = {}
+
+        def copy_of(buf: torch.Tensor) -> torch.Tensor:
+            key = self._key_of[id(buf)]
+            if key not in self._shared:
+                return buf.detach().clone()
+            storage = storage_copies.get(key)
+            if storage is None:
+                storage = storage_copies[key] = buf.untyped_storage().clone()
+            copy = torch.empty((0,), dtype=buf.dtype, device=buf.device)
+            return copy.set_(storage, buf.storage_offset(), buf.size(), buf.stride())
+
+        return copy_of
 
 
 class Replication:
@@ -465,4 +478,38 @@ class Replication:
         for source, target, key, given in self._slots:
             now = target.get(key, given)
             if now is not given:
-                source[key] = now
+                source[key] = self._as_the_modules(key, now)
+
+    def _as_the_modules(self, key: str, replaced: Any) -> Any:
+        """What the module holds for a buffer replica 0 replaced with ``replaced``: a copy replica 0 was given, or a
+        view of one (``self.head = self.counts[:2]``), becomes the module's own buffer or the same view of it, as the
+        module alone would hold (else it would view replica 0's copy, which no longer follows the buffer)."""
+        if not isinstance(replaced, torch.Tensor):
+            return replaced
+        if self.group is not None and replaced.grad_fn is not None and self.group.parallel_backward:
+            warnings.warn(
+                f"DataParallelWithCallback: replica 0 replaced buffer {key!r} with a tensor that has a graph (a loss "
+                "term kept in a buffer?): a backward through it and through the wrapper's output runs replica 0's "
+                "part twice under the parallel backward ('Trying to backward through the graph a second time'); "
+                "build the wrapper with parallel_backward=False, or keep the tensor out of the buffers",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        storage = _storage_key(replaced)
+        for original, copy, _, _ in self._links:
+            if replaced is copy:
+                return original
+            if storage is None or _storage_key(copy) != storage:
+                continue
+            same_layout = copy.stride() == original.stride() and copy.storage_offset() == original.storage_offset()
+            if same_layout and replaced.dtype == copy.dtype:
+                return original.as_strided(replaced.size(), replaced.stride(), replaced.storage_offset())
+            warnings.warn(
+                f"DataParallelWithCallback: replica 0 replaced buffer {key!r} with a view of a buffer's copy that "
+                "the module's own buffer cannot give alike (another dtype or layout): the module now holds a view "
+                "of replica 0's copy, which does not follow that buffer",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            break
+        return replaced

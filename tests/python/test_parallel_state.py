@@ -420,6 +420,61 @@ def test_buffers_replica_0_replaces_reach_the_module_as_alone(n):
         assert torch.equal(tensor, before[name]), name
 
 
+class ViewsItsCounts(nn.Module):
+    """Counts in place, and at its first forward replaces two buffers with views of (and an alias to) the counts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("counts", torch.zeros(4))
+        self.register_buffer("head", None)
+        self.register_buffer("alias", None)
+
+    def forward(self, x):
+        self.counts.add_(1)
+        if self.head is None:
+            self.head = self.counts[:2]
+            self.alias = self.counts
+        return x * self.head.sum()
+
+
+def test_buffers_replica_0_replaces_with_views_of_its_copies_view_the_modules_buffers():
+    # Given as they were, they viewed replica 0's copies: the module's head no longer followed its counts.
+    model = ViewsItsCounts()
+    reference = copy.deepcopy(model)
+    x = torch.ones(4, 1)
+    for _ in range(3):
+        out = call_with_timeout(cpu_dp(model, 2), x)
+        torch.testing.assert_close(out, reference(x))
+    assert model.alias is model.counts
+    assert model.head.data_ptr() == model.counts.data_ptr() and model.head.shape == (2,)
+    model.counts.fill_(7)
+    assert torch.equal(model.head, torch.full((2,), 7.0))
+
+
+class KeepsALossTerm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+        self.register_buffer("penalty", None)
+
+    def forward(self, x):
+        y = self.linear(x)
+        self.penalty = y.square().mean()
+        return y
+
+
+def test_a_buffer_replaced_with_a_graph_under_the_parallel_backward_warns():
+    # Its backward through the buffer and the output ran replica 0's part twice: torch's "backward through the
+    # graph a second time", which names nothing of ours.
+    model = KeepsALossTerm()
+    with pytest.warns(RuntimeWarning, match="replaced buffer 'penalty' with a tensor that has a graph"):
+        call_with_timeout(cpu_dp(model, 2, parallel_backward=True), torch.randn(4, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = call_with_timeout(cpu_dp(model, 2, parallel_backward=False), torch.randn(4, 3))
+    (out.sum() + model.penalty).backward()
+
+
 class CountsInAParameter(nn.Module):
     """Counts the samples it saw in a frozen parameter, in place (state that belongs in a buffer)."""
 
