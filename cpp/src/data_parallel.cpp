@@ -267,8 +267,10 @@ void run_replicas(int64_t n, std::function<void(int64_t)> body, std::function<vo
   if (!missing.empty()) {
     std::ostringstream out;
     out << "syncbn::parallel_apply: replica(s) [" << missing_text << "] did not return within " << timeout
-        << " s of the first replica's return; they were left running, detached, and their replication was closed so "
-           "that they can write nothing (raise SYNCBN_TIMEOUT, in seconds, to wait longer)";
+        << " s of the first replica's return; they were left running, detached"
+        << (group ? ", and their replication was closed so that they can write nothing"
+                  : " (no replication group was given, so nothing stops them writing)")
+        << " (raise SYNCBN_TIMEOUT, in seconds, to wait longer)";
     throw BarrierTimeoutError(out.str());
   }
 }

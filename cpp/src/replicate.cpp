@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -122,12 +123,16 @@ struct ReplicaParameter : torch::autograd::Node {
   std::string name() const override { return "syncbn::ReplicaParameter"; }
 };
 
+// Replica 0's copies of the original's buffers, by the original's tensor: a module registered at two places of
+// the original is two modules in a clone, whose buffers must be one copy again (updated by both, as alone).
+using CopiesByOriginal = std::unordered_map<const c10::TensorImpl*, at::Tensor>;
+
 // Walks the original and its clones together (same structure, as clones are).
 // Replica 0's buffers share the original's storage, or, given `isolated`, stay
-// copies whose pairs with the original's are listed there.
+// copies whose pairs with the original's are listed there (one pair per original tensor).
 void link_clones(const std::shared_ptr<torch::nn::Module>& original,
                  const std::vector<std::shared_ptr<torch::nn::Module>>& clones,
-                 std::vector<std::pair<at::Tensor, at::Tensor>>* isolated) {
+                 std::vector<std::pair<at::Tensor, at::Tensor>>* isolated, CopiesByOriginal& copies) {
   for (const auto& item : original->named_parameters(/*recurse=*/false)) {
     const at::Tensor& parameter = item.value();
     if (!parameter.defined()) continue;
@@ -156,7 +161,12 @@ void link_clones(const std::shared_ptr<torch::nn::Module>& original,
         continue;
       }
       if (isolated != nullptr) {
-        isolated->emplace_back(item.value(), *target);
+        const auto [first, inserted] = copies.try_emplace(item.value().unsafeGetTensorImpl(), *target);
+        if (inserted) {
+          isolated->emplace_back(item.value(), *target);
+        } else {
+          target->set_(first->second);  // the same copy as the buffer's first place
+        }
       } else {
         // Replica 0's buffer object now views the original's storage.
         target->set_(item.value());
@@ -171,11 +181,37 @@ void link_clones(const std::shared_ptr<torch::nn::Module>& original,
       TORCH_CHECK(twin != nullptr, "a clone has no submodule '", child.key(), "'; clone() must copy the structure");
       child_clones.push_back(*twin);
     }
-    link_clones(child.value(), child_clones, isolated);
+    link_clones(child.value(), child_clones, isolated, copies);
   }
 }
 
 }  // namespace
+
+namespace detail {
+
+namespace {
+
+struct RememberedReplication {
+  std::weak_ptr<torch::nn::Module> first_replica;
+  std::shared_ptr<ReplicationGroup> group;
+};
+thread_local RememberedReplication remembered;
+
+}  // namespace
+
+void remember_replication(const std::shared_ptr<torch::nn::Module>& first_replica,
+                          std::shared_ptr<ReplicationGroup> group) {
+  remembered = RememberedReplication{first_replica, std::move(group)};
+}
+
+std::shared_ptr<ReplicationGroup> take_remembered_replication(const torch::nn::Module* first_replica) {
+  const std::shared_ptr<torch::nn::Module> replica = remembered.first_replica.lock();
+  if (replica == nullptr || replica.get() != first_replica) return nullptr;
+  remembered.first_replica.reset();
+  return std::exchange(remembered.group, nullptr);
+}
+
+}  // namespace detail
 
 at::Tensor parameter_alias(const at::Tensor& parameter) {
   TORCH_CHECK_VALUE(parameter.defined(), "parameter_alias: the parameter is undefined");
@@ -190,7 +226,8 @@ at::Tensor parameter_alias(const at::Tensor& parameter) {
 std::vector<std::shared_ptr<CallbackContext>> complete_replication(
     const std::shared_ptr<torch::nn::Module>& original, const std::vector<std::shared_ptr<torch::nn::Module>>& clones) {
   TORCH_CHECK_VALUE(!clones.empty(), "complete_replication needs at least one clone");
-  link_clones(original, clones, nullptr);
+  CopiesByOriginal unused;
+  link_clones(original, clones, nullptr, unused);
   return execute_replication_callbacks(clones);
 }
 
@@ -198,7 +235,8 @@ IsolatedReplication::IsolatedReplication(const std::shared_ptr<torch::nn::Module
                                          const std::vector<std::shared_ptr<torch::nn::Module>>& clones) {
   TORCH_CHECK_VALUE(!clones.empty(), "IsolatedReplication needs at least one clone");
   std::vector<std::pair<at::Tensor, at::Tensor>> pairs;
-  link_clones(original, clones, &pairs);
+  CopiesByOriginal copies;
+  link_clones(original, clones, &pairs, copies);
   for (auto& [source, copy] : pairs) buffers_.push_back({source, copy, version_of(source), version_of(copy)});
   contexts_ = execute_replication_callbacks(clones);
 }

@@ -68,6 +68,21 @@ TEST(DataParallel, EveryBufferReplicaZeroChangesReachesTheModuleAsOnGpus) {
   }
 }
 
+TEST(DataParallel, ALayerRegisteredAtTwoPlacesUpdatesItsStatisticsTwiceAsAlone) {
+  // clone() makes it two layers in each replica; replica 0's copies of its buffers were two, each written back over
+  // the other (one update of two).
+  auto [synced, reference] = matching_layers(torch::nn::BatchNormOptions(3));
+  torch::nn::Sequential net(synced, torch::nn::Tanh(), synced);
+  torch::nn::Sequential alone(reference, torch::nn::Tanh(), reference);
+  const auto x = torch::randn({6, 3, 2, 2}, torch::kDouble) * 2 + 1;
+  for (int step = 0; step < 2; ++step) {
+    expect_close(syncbn::data_parallel(net, x, cpu_replicas(2)), alone->forward(x), "output");
+  }
+  EXPECT_EQ(synced->num_batches_tracked.item<int64_t>(), 4);
+  expect_close(synced->running_mean, reference->running_mean, "running_mean");
+  expect_close(synced->running_var, reference->running_var, "running_var");
+}
+
 TEST(DataParallel, InferenceModeForwardsUpdateAndReadTheBuffersAsOnGpus) {
   // Under c10::InferenceMode replica 0's copies of the buffers are inference tensors, which count no version: they
   // are compared instead. The synchronized layer gives the whole batch's outputs and statistics; a

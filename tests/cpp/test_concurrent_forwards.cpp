@@ -118,6 +118,27 @@ TEST(DataParallel, TrainingForwardsOfOverlappingModulesFromTwoThreadsKeepEveryUp
   EXPECT_EQ(shared->num_batches_tracked.item<int64_t>(), 2 * kSteps);
 }
 
+TEST(DataParallel, ForwardsRunDirectlyWaitForReplicatedOnesOfTheSameModule) {
+  // A batch of one sample (one chunk) or one device runs the module directly, writing its buffers: without the lock,
+  // a replicated forward on another thread wrote its copies back over those writes (half the updates were lost).
+  SlowBatchNorm net;
+  constexpr int kSteps = 40;
+  const auto one_sample = torch::randn({1, 3, 4});
+  const auto batch = torch::randn({4, 3, 4});
+  std::thread direct([&] {
+    for (int i = 0; i < kSteps; ++i) {
+      syncbn::data_parallel(net, one_sample, std::vector<torch::Device>(2, torch::kCPU));
+      syncbn::data_parallel(net, one_sample, std::vector<torch::Device>(1, torch::kCPU));
+    }
+  });
+  std::thread replicated([&] {
+    for (int i = 0; i < 2 * kSteps; ++i) syncbn::data_parallel(net, batch, std::vector<torch::Device>(2, torch::kCPU));
+  });
+  direct.join();
+  replicated.join();
+  EXPECT_EQ(net->bn->num_batches_tracked.item<int64_t>(), 4 * kSteps);
+}
+
 TEST(DataParallel, ATrainingForwardLockHoldsEveryModuleWithBuffersOfItsTree) {
   SlowBatchNorm net;
   torch::nn::Sequential other(net->bn, torch::nn::ReLU());  // shares the layer

@@ -393,6 +393,28 @@ TEST(DataParallel, ABarrierOfTheModulesOwnAddedToTheGroupLearnsWhichCopiesReturn
   ::unsetenv("SYNCBN_TIMEOUT");
 }
 
+TEST(ParallelApply, ABarrierOfTheModulesOwnLearnsWhichCopiesReturnedWithoutAGroupGiven) {
+  // syncbn::replicate returns the replicas only: their group (which the barrier was added to) was gone, so a copy
+  // that returned without its pass left the others waiting the whole timeout, and a failure left them blocked.
+  ::setenv("SYNCBN_TIMEOUT", "300", 1);
+  auto x = torch::randn({9, 4}, torch::kDouble);
+  const auto inputs = x.chunk(3);
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    Center skipping(true);
+    auto replicas = syncbn::replicate(skipping, cpu_replicas(3));
+    syncbn::parallel_apply(replicas, inputs, cpu_replicas(3));
+    FAIL() << "expected a BarrierError";
+  } catch (const syncbn::BarrierError& error) {
+    EXPECT_NE(std::string(error.what()).find("copy 1 finished its forward"), std::string::npos) << error.what();
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+  Center healthy;
+  auto replicas = syncbn::replicate(healthy, cpu_replicas(3));
+  expect_close(torch::cat(syncbn::parallel_apply(replicas, inputs, cpu_replicas(3))), x - x.mean(0), "own barrier");
+  ::unsetenv("SYNCBN_TIMEOUT");
+}
+
 TEST(DataParallel, NestedDataParallelIsRefused) {
   // The inner call's replicas would synchronize among themselves only: statistics of a slice, silently.
   struct OuterImpl : torch::nn::Cloneable<OuterImpl> {

@@ -116,6 +116,8 @@ std::vector<torch::Tensor> parallel_apply(std::vector<ModuleType>& modules, cons
                     inputs.size(), " inputs");
   TORCH_CHECK_VALUE(!devices || devices->size() == modules.size(), "parallel_apply: ", modules.size(),
                     " replicas but ", devices->size(), " devices");
+  // The replicas of syncbn::replicate on this thread: their group, which it could not return.
+  if (!group && !modules.empty()) group = detail::take_remembered_replication(detail::as_module(modules.front()).get());
   // Shared with the replica threads, which may outlive this call (a replica left behind).
   struct Work {
     std::vector<ModuleType> modules;
@@ -158,17 +160,24 @@ template <typename ModuleType>
 torch::Tensor data_parallel(ModuleType module, const torch::Tensor& input,
                             std::optional<std::vector<torch::Device>> devices = std::nullopt,
                             std::optional<torch::Device> output_device = std::nullopt, int64_t dim = 0) {
+  const std::shared_ptr<torch::nn::Module> original = detail::as_module(module);
   if (!devices) {
     const auto count = static_cast<int64_t>(torch::cuda::device_count());
-    if (count == 0) return module->forward(input);
+    if (count == 0) {
+      // Run directly, it writes the module's buffers: after (and before) any other thread's replicated forward.
+      const TrainingForwardLock one_training_forward_at_a_time(original);
+      return module->forward(input);
+    }
     devices.emplace();
     for (int64_t i = 0; i < count; ++i) devices->emplace_back(torch::kCUDA, static_cast<c10::DeviceIndex>(i));
   }
   TORCH_CHECK_VALUE(!devices->empty(), "data_parallel needs at least one device");
   const torch::Device destination = output_device.value_or(devices->front());
-  const std::shared_ptr<torch::nn::Module> original = detail::as_module(module);
   detail::check_on_first_device(*original, devices->front());  // one device too: before anything runs
-  if (devices->size() == 1) return module->forward(input.to(devices->front())).to(destination);
+  if (devices->size() == 1) {
+    const TrainingForwardLock one_training_forward_at_a_time(original);
+    return module->forward(input.to(devices->front())).to(destination);
+  }
   // Its replicas would make a replication of their own, synchronizing among themselves only.
   TORCH_CHECK(ReplicaScope::current_group() == nullptr,
               "data_parallel was called inside a replica of another data_parallel (nested): its replicas would "
@@ -177,9 +186,9 @@ torch::Tensor data_parallel(ModuleType module, const torch::Tensor& input,
 
   std::vector<torch::Tensor> inputs = detail::scatter(input, *devices, dim);
   std::vector<torch::Device> used(devices->begin(), devices->begin() + static_cast<int64_t>(inputs.size()));
+  const TrainingForwardLock one_training_forward_at_a_time(original);
   if (inputs.size() == 1) return module->forward(inputs.front()).to(destination);
 
-  const TrainingForwardLock one_training_forward_at_a_time(original);
   std::vector<std::shared_ptr<torch::nn::Module>> clones;
   for (const auto& device : used) clones.push_back(module->clone(device));
   IsolatedReplication replication(original, clones);

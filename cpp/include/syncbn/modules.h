@@ -106,8 +106,8 @@ SYNCBN_API torch::Tensor sync_batch_norm_module_forward(const torch::Tensor& inp
 // buffers and names as torch::nn::BatchNorm{1,2,3}d, so checkpoints load both
 // ways; not replicated, or in eval mode with running statistics, it computes
 // exactly what torch::nn::BatchNorm computes. On the synchronized path, eps <= 0
-// (or NaN) raises a ValueError in training, where torch::nn::BatchNorm accepts
-// it and gives inf or NaN.
+// raises a ValueError in training, where torch::nn::BatchNorm accepts it (inf or
+// NaN where a channel's variance is 0); a NaN eps is accepted, as torch does.
 template <size_t D, typename Derived>
 class SyncBatchNormImplBase : public torch::nn::BatchNormImplBase<D, Derived>, public ReplicationCallback {
  public:

@@ -131,6 +131,18 @@ class SYNCBN_API IsolatedReplication {
 // synchronized layers then refuse further calls; replicate again for the next
 // forward (syncbn::data_parallel does). A clone() of a replica is a new,
 // unreplicated module.
+namespace detail {
+
+// The replication group of the replicas the calling thread's last syncbn::replicate made (their contexts, its only
+// owners, are not returned; the synchronized layers hold it weakly), until parallel_apply takes it for them.
+SYNCBN_API void remember_replication(const std::shared_ptr<torch::nn::Module>& first_replica,
+                                     std::shared_ptr<ReplicationGroup> group);
+// That group, taken (the thread keeps it no longer), if `first_replica` is the first replica it was remembered for;
+// else null.
+SYNCBN_API std::shared_ptr<ReplicationGroup> take_remembered_replication(const torch::nn::Module* first_replica);
+
+}  // namespace detail
+
 template <typename ModuleType>
 std::vector<std::shared_ptr<ModuleType>> replicate(const std::shared_ptr<ModuleType>& module,
                                                    const std::vector<torch::Device>& devices) {
@@ -146,7 +158,8 @@ std::vector<std::shared_ptr<ModuleType>> replicate(const std::shared_ptr<ModuleT
                 "syncbn::replicate: clone() of the module returned a module of another type; ",
                 "derive the module from torch::nn::Cloneable<ItsOwnType>");
   }
-  complete_replication(module, clones);
+  const std::vector<std::shared_ptr<CallbackContext>> contexts = complete_replication(module, clones);
+  detail::remember_replication(clones.front(), contexts.empty() ? nullptr : contexts.front()->group());
   return replicas;
 }
 
