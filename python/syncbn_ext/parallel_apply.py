@@ -256,52 +256,62 @@ def run_on_workers(
     def pending() -> list[int]:
         return [i for i in range(handed) if i not in results and i not in errors]
 
+    handed_back = False  # every worker released, retired or abandoned
+
     def hand_back(returned: Sequence[int]) -> None:
+        nonlocal handed_back
         # A worker whose task raised ends: a backward that failed leaves the nodes it had queued in its thread's
         # autograd state (the graph, and the process groups its nodes hold) until that thread's next backward.
         _POOL.release([workers[i] for i in returned if i not in errors])
         for i in returned:
             if i in errors:
                 workers[i].retire()
+        handed_back = True
 
     def give_up(missing: Sequence[int], why: str) -> None:
-        close(f"{ABORT_TAG}: gave up on replica(s) {list(missing)}: {why}")
-        for i in missing:
-            workers[i].abandon(f"syncbn-abandoned-replica-{i}")
-        hand_back([i for i in range(len(workers)) if i not in missing])  # those never handed a task too
+        try:
+            close(f"{ABORT_TAG}: gave up on replica(s) {list(missing)}: {why}")
+        finally:  # a Ctrl-C while it closes: the workers are disposed of all the same
+            for i in missing:
+                workers[i].abandon(f"syncbn-abandoned-replica-{i}")
+            hand_back([i for i in range(len(workers)) if i not in missing])  # those never handed a task too
 
     try:
-        _POOL.acquire(n, intra_op_threads, workers)
-        sequence_number = max(worker.sequence_number for worker in workers)
-        for i, (worker, task) in enumerate(zip(workers, tasks, strict=True)):
-            if isinstance(task, _ReplicaTask):
-                task.sequence_number = sequence_number
-            reporting = _Reporting(i, task, report)
-            handed = i + 1
-            worker.tasks.put(reporting)
-        while pending():
-            if first_failure is not None:
-                until: float | None = first_failure + FAILURE_GRACE_SECONDS
-            elif first_return is not None and timeout <= 1e9:
-                until = first_return + timeout
-            else:
-                until = None
-            if not collect(until):
-                break
-    except BaseException as interrupt:  # KeyboardInterrupt (or any exception) in the calling thread
         try:
-            close(f"{ABORT_TAG}: the calling thread was interrupted ({type(interrupt).__name__})")
-            deadline = time.monotonic() + INTERRUPT_GRACE_SECONDS
-            while pending() and collect(deadline):
-                pass
-        finally:  # also after a second Ctrl-C during that grace period: no worker left waiting for ever
-            give_up(pending(), "the calling thread was interrupted")
-        raise
-    missing = pending()
-    if missing:
-        give_up(missing, "it did not return in time")
-    else:
-        hand_back(range(n))
+            _POOL.acquire(n, intra_op_threads, workers)
+            sequence_number = max(worker.sequence_number for worker in workers)
+            for i, (worker, task) in enumerate(zip(workers, tasks, strict=True)):
+                if isinstance(task, _ReplicaTask):
+                    task.sequence_number = sequence_number
+                reporting = _Reporting(i, task, report)
+                handed = i + 1
+                worker.tasks.put(reporting)
+            while pending():
+                if first_failure is not None:
+                    until: float | None = first_failure + FAILURE_GRACE_SECONDS
+                elif first_return is not None and timeout <= 1e9:
+                    until = first_return + timeout
+                else:
+                    until = None
+                if not collect(until):
+                    break
+        except BaseException as interrupt:  # KeyboardInterrupt (or any exception) in the calling thread
+            try:
+                close(f"{ABORT_TAG}: the calling thread was interrupted ({type(interrupt).__name__})")
+                deadline = time.monotonic() + INTERRUPT_GRACE_SECONDS
+                while pending() and collect(deadline):
+                    pass
+            finally:  # also after a second Ctrl-C during that grace period: no worker left waiting for ever
+                give_up(pending(), "the calling thread was interrupted")
+            raise
+        missing = pending()
+        if missing:
+            give_up(missing, "it did not return in time")
+        else:
+            hand_back(range(n))
+    finally:
+        if not handed_back:  # an interrupt there (a second Ctrl-C): none may wait for a task for ever
+            _POOL.retire_unless_idle(workers)
 
     failures = sorted(errors)
     if failures:

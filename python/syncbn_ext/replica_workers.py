@@ -81,6 +81,7 @@ class _Worker:
         self.own_intra_op_threads = True
         self.tasks: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.abandoned = False
+        self.retiring = False
         self.idle_since = 0.0
         self._ready = threading.Event()
         name = f"syncbn-worker-{next(_worker_numbers)}"
@@ -117,6 +118,7 @@ class _Worker:
 
     def retire(self) -> None:
         """Tells the thread to end once back at its queue (an idle worker, or one done with its task)."""
+        self.retiring = True  # never handed a task again (the pool drops it, should it be there)
         # Renamed first: ending, it runs no replica (replica_threads_running must not count it).
         self.thread.name = self.thread.name.replace("syncbn-worker-", "syncbn-retiring-", 1)
         self.tasks.put(None)
@@ -149,25 +151,30 @@ class _WorkerPool:
         finds every worker in the caller's list."""
         caller_threads = torch.get_num_threads()
         taken = 0
+        started: list[_Worker] = []
         try:
             with self._lock:
                 idle = self._idle.setdefault(intra_op_threads, [])
+                idle[:] = [worker for worker in idle if not worker.retiring]  # one interrupted while released
                 start = max(0, len(idle) - count)
+                taken = len(idle) - start
                 # Moved without a call in between, where an interrupt could leave a worker in neither list.
                 workers += idle[start:]
                 del idle[start:]
-                taken = len(workers)
             while len(workers) < count:
                 _Worker(intra_op_threads, started=workers)
         except BaseException:
             # No worker may be left waiting for a task for ever: those taken go back, those started end.
-            for worker in workers[taken:]:
+            started = workers[taken:]
+            for worker in started:
                 worker.retire()
-            self.release(workers[:taken])
+            with self._lock:
+                still_idle = {id(worker) for worker in self._idle.get(intra_op_threads, [])}
+            self.release([worker for worker in workers[:taken] if id(worker) not in still_idle])
             workers.clear()
             raise
         finally:
-            if not all(worker.own_intra_op_threads for worker in workers[taken:]):
+            if not all(worker.own_intra_op_threads for worker in started or workers[taken:]):
                 # torch without OpenMP: the new workers' torch.set_num_threads set the process-wide count.
                 torch.set_num_threads(caller_threads)
 
@@ -175,7 +182,7 @@ class _WorkerPool:
         now = time.monotonic()
         with self._lock:
             for worker in workers:
-                if not worker.abandoned:
+                if not worker.abandoned and not worker.retiring:
                     worker.idle_since = now
                     self._idle.setdefault(worker.intra_op_threads, []).append(worker)
             # Workers kept for a replica count or thread count no longer used (a last batch smaller than the
@@ -187,6 +194,15 @@ class _WorkerPool:
                 self._idle[key] = [worker for worker in idle if worker not in unused]
                 if not self._idle[key]:
                     del self._idle[key]
+
+    def retire_unless_idle(self, workers: Sequence[_Worker]) -> None:
+        """Tells those of ``workers`` not idle in the pool, nor abandoned, to end once their task is done (after an
+        interrupt, which left them neither given back nor told to end)."""
+        with self._lock:
+            idle = {id(worker) for workers in self._idle.values() for worker in workers}
+        for worker in workers:
+            if id(worker) not in idle and not worker.abandoned and not worker.retiring:
+                worker.retire()
 
     def end_idle_workers(self) -> list[threading.Thread]:
         """Tells every idle worker to end (at the interpreter's exit); returns their threads. A worker just released

@@ -165,18 +165,13 @@ def replicate_on_cpu(module: M, n: int, *, detach: bool | None = None) -> list[M
 
     buffers = list(module.buffers())
     buffer_indices = {b: i for i, b in enumerate(buffers)}
-    # Replicas other than 0 get copies; buffers that view one another get copies that do too (replica 0's, made
-    # by Replication, likewise), where nn.DataParallel's broadcast gives each its own tensor.
-    copies_keeping_views = _CopiesKeepingViews(buffers) if n > 1 else None
 
-    def buffer_copies_of(copy_id: int) -> list[torch.Tensor]:
+    def buffer_copy(buf: torch.Tensor, copy_id: int) -> torch.Tensor:
         if copy_id == 0:
-            return [buf.detach() if detach and buf.requires_grad else buf for buf in buffers]
-        assert copies_keeping_views is not None
-        copy_of = copies_keeping_views.copier()
-        return [buf.clone() if buf.requires_grad and not detach else copy_of(buf) for buf in buffers]
+            return buf.detach() if detach and buf.requires_grad else buf
+        return buf.clone() if buf.requires_grad and not detach else buf.detach().clone()
 
-    buffer_copies = [buffer_copies_of(j) for j in range(n)]
+    buffer_copies = [[buffer_copy(b, j) for b in buffers] for j in range(n)]
 
     modules = list(module.modules())
     module_indices = {m: i for i, m in enumerate(modules)}
@@ -396,8 +391,8 @@ def _isolate_buffers(original: nn.Module, replica: nn.Module) -> tuple[list[_Buf
 
 def _storage_key(tensor: torch.Tensor) -> tuple[Any, int] | None:
     """What identifies ``tensor``'s memory, for a dense tensor with some; else ``None``."""
-    if tensor.layout != torch.strided or tensor.is_nested or tensor.device.type == "meta":
-        return None
+    if tensor.layout != torch.strided or tensor.is_nested or tensor.is_quantized or tensor.device.type == "meta":
+        return None  # (a quantized tensor's copy through set_ would have no quantizer)
     try:
         storage = tensor.untyped_storage()
     except (RuntimeError, NotImplementedError):  # a tensor subclass or wrapper without storage
@@ -475,12 +470,29 @@ class Replication:
         if self.group is not None and self.group.closed:
             return
         _C.write_back_buffers(self._links)
+        replaced = []
         for source, target, key, given in self._slots:
             now = target.get(key, given)
             if now is not given:
-                source[key] = self._as_the_modules(key, now)
+                replaced.append((source, key, now))
+        if not replaced:
+            return
+        by_copy = {id(copy): original for original, copy, _, _ in self._links}
+        by_storage: dict[Any, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for original, copy, _, _ in self._links:
+            storage = _storage_key(copy)
+            if storage is not None:
+                by_storage.setdefault(storage, []).append((original, copy))
+        for source, key, now in replaced:
+            source[key] = self._as_the_modules(key, now, by_copy, by_storage)
 
-    def _as_the_modules(self, key: str, replaced: Any) -> Any:
+    def _as_the_modules(
+        self,
+        key: str,
+        replaced: Any,
+        by_copy: dict[int, torch.Tensor],
+        by_storage: dict[Any, list[tuple[torch.Tensor, torch.Tensor]]],
+    ) -> Any:
         """What the module holds for a buffer replica 0 replaced with ``replaced``: a copy replica 0 was given, or a
         view of one (``self.head = self.counts[:2]``), becomes the module's own buffer or the same view of it, as the
         module alone would hold (else it would view replica 0's copy, which no longer follows the buffer)."""
@@ -495,21 +507,22 @@ class Replication:
                 RuntimeWarning,
                 stacklevel=2,
             )
+        original = by_copy.get(id(replaced))
+        if original is not None:
+            return original
         storage = _storage_key(replaced)
-        for original, copy, _, _ in self._links:
-            if replaced is copy:
-                return original
-            if storage is None or _storage_key(copy) != storage:
-                continue
+        links = by_storage.get(storage, []) if storage is not None else []
+        overlapping = bool(links) and torch._debug_has_internal_overlap(replaced) != 0  # an expand(): not writable
+        for original, copy in links:
             same_layout = copy.stride() == original.stride() and copy.storage_offset() == original.storage_offset()
-            if same_layout and replaced.dtype == copy.dtype:
+            if same_layout and replaced.dtype == copy.dtype and not overlapping:
                 return original.as_strided(replaced.size(), replaced.stride(), replaced.storage_offset())
+        if links:
             warnings.warn(
                 f"DataParallelWithCallback: replica 0 replaced buffer {key!r} with a view of a buffer's copy that "
-                "the module's own buffer cannot give alike (another dtype or layout): the module now holds a view "
-                "of replica 0's copy, which does not follow that buffer",
+                "the module's own buffer cannot give alike (another dtype or layout, or elements that overlap): the "
+                "module now holds that view of replica 0's copy, which does not follow the buffer",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-            break
         return replaced

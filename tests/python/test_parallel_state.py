@@ -444,11 +444,36 @@ def test_buffers_replica_0_replaces_with_views_of_its_copies_view_the_modules_bu
     x = torch.ones(4, 1)
     for _ in range(3):
         out = call_with_timeout(cpu_dp(model, 2), x)
-        torch.testing.assert_close(out, reference(x))
+        torch.testing.assert_close(out[:2], reference(x[:2]))  # replica 0's (the others' copies do not view)
     assert model.alias is model.counts
     assert model.head.data_ptr() == model.counts.data_ptr() and model.head.shape == (2,)
     model.counts.fill_(7)
     assert torch.equal(model.head, torch.full((2,), 7.0))
+
+
+class ExpandsItsCounts(nn.Module):
+    """Replaces a buffer with an expanded view of another (elements that overlap: not writable)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("counts", torch.zeros(4))
+        self.register_buffer("first", None)
+
+    def forward(self, x):
+        self.counts.add_(1)
+        self.first = self.counts[:1].expand(4)
+        return x * self.first
+
+
+def test_a_buffer_replaced_with_an_expanded_view_keeps_forwards_working():
+    # Made the same view of the module's buffer, it overlapped: the next forward's write-back raised, after the
+    # replicas succeeded, having written part of the buffers.
+    model = ExpandsItsCounts()
+    for step in range(3):
+        with pytest.warns(RuntimeWarning, match="elements that overlap"):
+            call_with_timeout(cpu_dp(model, 2), torch.ones(4, 4))
+        assert torch.equal(model.counts, torch.full((4,), step + 1.0))
+        assert torch.equal(model.first, torch.full((4,), step + 1.0))
 
 
 class KeepsALossTerm(nn.Module):

@@ -212,6 +212,30 @@ def test_an_interrupt_while_a_forward_takes_its_workers_leaves_none_taken(monkey
     assert closed
 
 
+def test_an_interrupt_while_a_forward_gives_its_workers_back_leaves_none_waiting(monkeypatch):
+    # After the last replica returned, while the workers went back to the pool: outside the failure handling.
+    pool = replica_workers._POOL
+    release = pool.release
+    calls = 0
+
+    def interrupted_once(workers):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise KeyboardInterrupt
+        release(workers)
+
+    monkeypatch.setattr(pool, "release", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        parallel_apply.run_on_workers([lambda: None] * 2, ["a", "b"], None, lambda reason: None, lambda e: False)
+    monkeypatch.undo()
+    until = time.monotonic() + HANG_TIMEOUT
+    while replica_threads_running() and time.monotonic() < until:
+        time.sleep(0.01)
+    assert replica_threads_running() == []
+    assert parallel_apply.run_on_workers([lambda: 7] * 2, ["a", "b"], None, print, lambda e: False) == [7, 7]
+
+
 def test_models_trained_from_two_threads_match_the_whole_batch():
     # Two wrappers trained at once from two threads, each starting workers as the thread counts change.
     torch.manual_seed(0)
