@@ -22,6 +22,14 @@ def worker_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name.startswith("syncbn-")}
 
 
+def replica_threads_left() -> list[threading.Thread]:
+    """The threads still running a replica once they had HANG_TIMEOUT to end."""
+    until = time.monotonic() + HANG_TIMEOUT
+    while replica_threads_running() and time.monotonic() < until:
+        time.sleep(0.01)
+    return replica_threads_running()
+
+
 def wait_until_ended(threads: set[threading.Thread]) -> list[str]:
     """Joins the threads (at most HANG_TIMEOUT in all); returns the names of those still alive."""
     until = time.monotonic() + HANG_TIMEOUT
@@ -160,10 +168,7 @@ def test_an_interrupt_while_a_forward_hands_out_its_tasks_closes_it_and_leaves_n
         parallel_apply.run_on_workers(tasks, ["a", "b", "c"], None, closed.append, lambda error: False)
     assert closed and "interrupted (KeyboardInterrupt)" in closed[0]
     assert ran == [0]
-    until = time.monotonic() + HANG_TIMEOUT
-    while replica_threads_running() and time.monotonic() < until:
-        time.sleep(0.01)
-    assert replica_threads_running() == []
+    assert replica_threads_left() == []
 
 
 def test_a_second_interrupt_while_the_first_is_handled_leaves_no_worker(monkeypatch):
@@ -188,10 +193,7 @@ def test_a_second_interrupt_while_the_first_is_handled_leaves_no_worker(monkeypa
     with pytest.raises(KeyboardInterrupt, match="second"):
         parallel_apply.run_on_workers(tasks, ["a", "b", "c"], None, close_interrupted_again, lambda error: False)
     assert len(closed) == 2 and "gave up on replica(s) [0]" in closed[1]
-    until = time.monotonic() + HANG_TIMEOUT
-    while replica_threads_running() and time.monotonic() < until:
-        time.sleep(0.01)
-    assert replica_threads_running() == []
+    assert replica_threads_left() == []
 
 
 def test_an_interrupt_while_a_forward_takes_its_workers_leaves_none_taken(monkeypatch):
@@ -229,10 +231,7 @@ def test_an_interrupt_while_a_forward_gives_its_workers_back_leaves_none_waiting
     with pytest.raises(KeyboardInterrupt):
         parallel_apply.run_on_workers([lambda: None] * 2, ["a", "b"], None, lambda reason: None, lambda e: False)
     monkeypatch.undo()
-    until = time.monotonic() + HANG_TIMEOUT
-    while replica_threads_running() and time.monotonic() < until:
-        time.sleep(0.01)
-    assert replica_threads_running() == []
+    assert replica_threads_left() == []
     assert parallel_apply.run_on_workers([lambda: 7] * 2, ["a", "b"], None, print, lambda e: False) == [7, 7]
 
 
