@@ -140,16 +140,6 @@ def scenario_exited_before_first_call(rank, world, replicas, sizes):
     return {"error": None}
 
 
-def scenario_first_call_under_another_default_device(rank, world, replicas, sizes):
-    """The group's first synchronized call made under torch.set_default_device("meta") (CPU layer and input): the
-    ranks' meeting before the communicator's set-up was made on that device, and the group failed for good."""
-    model = syncbn_ext.SyncBatchNorm(C).double()
-    x = torch.randn(4, C, dtype=torch.float64)
-    with torch.device("meta"):
-        out = wrap(model, replicas)(x)
-    return {"device": str(out.device), "finite": bool(out.isfinite().all())}
-
-
 def scenario_first_call_out_of_order(rank, world, replicas, sizes):
     """Rank 1 makes an all-gather of its own on the group before its first synchronized call, rank 0 after it:
     the call met the other collective instead of the same call, and says so (rather than pass for a meeting)."""

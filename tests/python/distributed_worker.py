@@ -44,7 +44,6 @@ SCENARIOS = {
     "exited": faults.scenario_exited,
     "exited_before_first_call": faults.scenario_exited_before_first_call,
     "first_call_out_of_order": faults.scenario_first_call_out_of_order,
-    "first_call_under_another_default_device": faults.scenario_first_call_under_another_default_device,
     "steps": faults.scenario_steps,
     "unused_output": faults.scenario_unused_output,
     "skipped_step": faults.scenario_skipped_step,

@@ -285,20 +285,10 @@ def test_a_rank_whose_process_exits_before_its_first_call_is_reported_without_wa
     for rank in (0, 2):
         outcome = measures(results["exited_before_first_call"][rank])
         assert outcome["error"] == "DistBackendError", outcome
-        assert (
-            "a rank of the group did not join the first synchronized call (its process exited?)" in outcome["message"]
-        ), outcome
+        assert "a rank of the group did not join the first synchronized call" in outcome["message"], outcome
         assert "SyncBatchNorm(3)" in outcome["message"], outcome
         assert "setting up its communicator across the process group" in outcome["message"], outcome
         assert outcome["seconds"] < 30, outcome
-
-
-@pytest.mark.parametrize("replicas", [1, 2])
-def test_the_first_call_under_another_default_device_sets_the_group_up(tmp_path, replicas):
-    scenario = "first_call_under_another_default_device"
-    results = launch(tmp_path, 2, replicas, [2, 2], [scenario])
-    for rank in (0, 1):
-        assert measures(results[scenario][rank]) == {"device": "cpu", "finite": True}
 
 
 def test_a_first_call_that_meets_another_collective_says_so(tmp_path):
