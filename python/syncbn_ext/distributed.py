@@ -170,10 +170,8 @@ def _set_up(group: Any, label: str) -> Any:
             try:
                 own = _new_own_group(group)
             except BaseException as error:  # a timeout, Ctrl-C: its keys in the store are spent
-                interrupted = isinstance(error, KeyboardInterrupt)
-                reason = "an earlier set-up on this process was interrupted" if interrupted else None
                 with _own_groups_lock:
-                    _own_groups[group] = _FailedSetUp(reason or f"{type(error).__name__}: {error}")
+                    _own_groups[group] = _FailedSetUp(f"{type(error).__name__}: {error}")
                 if not isinstance(error, Exception):
                     raise
                 raise dist.DistBackendError(f"{error}\n{_where(group, label)}") from error
@@ -191,35 +189,6 @@ def _where(group: Any, label: str) -> str:
     )
 
 
-# What each rank sends in _meet_on: this tag ("SYNCBN" in ASCII), then its rank in the group.
-_MEETING_TAG = 0x53594E43424E
-
-
-def _meet_on(group: Any) -> None:
-    """One small all-gather on ``group`` itself before our communicator is made over its ranks: the group's own
-    connections exist since it was made, so a rank whose process exited (before its first synchronized call: its
-    first batch failed to load, say) fails it at once, where the new communicator's set-up would wait for that rank's
-    keys in the store for the group's whole timeout. Made at the first synchronized call, which every rank makes at
-    the same point of the group's collectives (the same rule as for the group's other collectives); a call that
-    met another collective instead (the ranks disagree on that order) raises rather than pass for a meeting."""
-    sent = torch.tensor([_MEETING_TAG, group.rank()], dtype=torch.int64)
-    received = [torch.empty_like(sent) for _ in range(group.size())]
-    try:
-        dist.all_gather(received, sent, group=group)
-    except RuntimeError as error:  # gloo's own, a plain RuntimeError: "Connection closed by peer ..."
-        raise dist.DistBackendError(
-            f"a rank of the group did not join the first synchronized call (its process exited or cannot be "
-            f"reached?): {error}"
-        ) from error
-    expected = [[_MEETING_TAG, rank] for rank in range(group.size())]
-    if [row.tolist() for row in received] != expected:
-        raise dist.DistError(
-            "the first synchronized call on the group met another collective on it instead of the same call on "
-            "every rank: every rank must make its first synchronized call on the group at the same point of the "
-            "group's collectives (between the same two of its other all-reduces, broadcasts, ...)"
-        )
-
-
 def _new_own_group(group: Any) -> Any:
     """A gloo group over ``group``'s ranks, made as torch's ``_new_process_group_helper`` makes one, serving the
     device types ``group`` serves with gloo (CPU; CUDA too for a pure gloo group, not for ``"cpu:gloo,cuda:nccl"``).
@@ -228,8 +197,6 @@ def _new_own_group(group: Any) -> Any:
 
     _, group_store = c10d._world.pg_map[group]
     gloo_devices = _gloo_devices(group)
-    if "cpu" in gloo_devices:
-        _meet_on(group)
     timeout = group._get_backend(torch.device(next(iter(gloo_devices)))).options._timeout
     name = f"syncbn_ext/{group.group_name}"
     try:

@@ -125,38 +125,6 @@ def scenario_exited(rank, world, replicas, sizes):
     return {"ran": True}
 
 
-def scenario_exited_before_first_call(rank, world, replicas, sizes):
-    """Rank 1's process exits before its first synchronized call (its first batch failed to load, say): the others
-    are told so at once (they waited the group's whole timeout, setting up the layers' communicator)."""
-    model = syncbn_ext.SyncBatchNorm(C).double()
-    dist.barrier()  # every rank is connected (else the others' init_process_group fails, not the layer)
-    if rank == 1:
-        os._exit(0)
-    start = time.monotonic()
-    try:
-        wrap(model, replicas)(torch.randn(4, C, dtype=torch.float64))
-    except dist.DistBackendError as error:
-        return {"error": type(error).__name__, "message": str(error), "seconds": time.monotonic() - start}
-    return {"error": None}
-
-
-def scenario_first_call_out_of_order(rank, world, replicas, sizes):
-    """Rank 1 makes an all-gather of its own on the group before its first synchronized call, rank 0 after it:
-    the call met the other collective instead of the same call, and says so (rather than pass for a meeting)."""
-    model = syncbn_ext.SyncBatchNorm(C).double()
-    own = [torch.empty(2, dtype=torch.int64) for _ in range(world)]
-    outcome: dict = {}
-    if rank == 1:
-        dist.all_gather(own, torch.tensor([7, 7]))
-    try:
-        wrap(model, replicas)(torch.randn(4, C, dtype=torch.float64))
-    except dist.DistError as error:
-        outcome = {"error": type(error).__name__, "message": str(error)}
-    if rank == 0:
-        dist.all_gather(own, torch.tensor([7, 7]))
-    return outcome
-
-
 ABANDONED = "syncbn-abandoned-replica"  # the name of a replica thread the wrapper left behind
 
 

@@ -275,8 +275,7 @@ def _threads() -> int:
 
 def scenario_own_communicator(rank, world, replicas, sizes):
     """A training step's exchanges go through the layers' own communicator: the default group (whatever wraps its
-    backend: TORCH_DISTRIBUTED_DEBUG=DETAIL) sees none of them, only the one meeting that precedes the
-    communicator's set-up at the first synchronized call."""
+    backend: TORCH_DISTRIBUTED_DEBUG=DETAIL) sees none of them."""
     from syncbn_ext import distributed
 
     group = dist.group.WORLD
@@ -288,12 +287,8 @@ def scenario_own_communicator(rank, world, replicas, sizes):
     x, grad = global_batch(0, sum(sizes))
     before = group._get_sequence_number_for_group()
     model(x[: sizes[rank]]).backward(grad[: sizes[rank]])
-    set_up_collectives = group._get_sequence_number_for_group() - before
-    before = group._get_sequence_number_for_group()
-    model(x[: sizes[rank]]).backward(grad[: sizes[rank]])
     return {
         "own_communicator": isinstance(distributed._own_groups.get(group), dist.ProcessGroup),
-        "set_up_collectives": set_up_collectives,
         "user_group_collectives": group._get_sequence_number_for_group() - before,
         "other_device_unchanged": other_device_unchanged and not made_for_other_device,
     }
