@@ -375,7 +375,7 @@ def _isolate_buffers(original: nn.Module, replica: nn.Module) -> tuple[list[_Buf
         if key in source._buffers and source._buffers[key] is buf
     ]
     shared = [(i, buf) for i, (_, _, _, buf) in enumerate(slots) if buf is not None and not buf.requires_grad]
-    copy_of = _CopiesKeepingViews([buf for _, buf in shared]).copier()
+    copy_of = _copier_keeping_views([buf for _, buf in shared])
     links: list[_BufferCopy] = []
     copies: dict[int, torch.Tensor] = {}
     for i, buf in shared:
@@ -400,36 +400,28 @@ def _storage_key(tensor: torch.Tensor) -> tuple[Any, int] | None:
     return (tensor.device, storage.data_ptr()) if storage.nbytes() > 0 else None
 
 
-class _CopiesKeepingViews:
-    """Copies of ``buffers``, one set per :meth:`copier`: clones, except that buffers sharing memory (one a view of
-    the other, or both views of one tensor) get copies that share a copy of that memory, as in the module, so that
-    a write through one shows through the others."""
+def _copier_keeping_views(buffers: Sequence[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function that copies each of ``buffers``: a clone, except that buffers sharing memory (one a view of the
+    other, or both views of one tensor) get copies that share a copy of that memory, as in the module, so that a
+    write through one shows through the others."""
+    key_of = {id(buf): _storage_key(buf) for buf in buffers}  # once per buffer: each forward runs this
+    tensors_of: dict[tuple[Any, int], set[int]] = {}
+    for buf_id, key in key_of.items():
+        if key is not None:
+            tensors_of.setdefault(key, set()).add(buf_id)
+    storage_copies: dict[tuple[Any, int], torch.UntypedStorage] = {}
 
-    def __init__(self, buffers: Sequence[torch.Tensor]) -> None:
-        self._key_of = {id(buf): _storage_key(buf) for buf in buffers}  # once per buffer: each forward runs this
-        tensors_of: dict[tuple[Any, int], set[int]] = {}
-        for buf_id, key in self._key_of.items():
-            if key is not None:
-                tensors_of.setdefault(key, set()).add(buf_id)
-        self._shared = {key for key, ids in tensors_of.items() if len(ids) > 1}
+    def copy_of(buf: torch.Tensor) -> torch.Tensor:
+        key = key_of[id(buf)]
+        if key is None or len(tensors_of[key]) < 2:
+            return buf.detach().clone()
+        storage = storage_copies.get(key)
+        if storage is None:
+            storage = storage_copies[key] = buf.untyped_storage().clone()
+        copy = torch.empty((0,), dtype=buf.dtype, device=buf.device)
+        return copy.set_(storage, buf.storage_offset(), buf.size(), buf.stride())
 
-    def copier(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A function giving one copy of each buffer (the copies of one call to copier() share memory alike)."""
-        if not self._shared:
-            return lambda buf: buf.detach().clone()
-        storage_copies: dict[tuple[Any, int], torch.UntypedStorage] = {}
-
-        def copy_of(buf: torch.Tensor) -> torch.Tensor:
-            key = self._key_of[id(buf)]
-            if key not in self._shared:
-                return buf.detach().clone()
-            storage = storage_copies.get(key)
-            if storage is None:
-                storage = storage_copies[key] = buf.untyped_storage().clone()
-            copy = torch.empty((0,), dtype=buf.dtype, device=buf.device)
-            return copy.set_(storage, buf.storage_offset(), buf.size(), buf.stride())
-
-        return copy_of
+    return copy_of
 
 
 class Replication:
