@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +40,13 @@ def eps_mode():
 def parallel_backward(request):
     """Both ways CPU replicas run their backward: ``DataParallelWithCallback(..., parallel_backward=...)``."""
     return request.param
+
+
+@pytest.fixture
+def no_shared_memory_left_behind():
+    """The launches' shared-memory segments are unlinked: once every rank mapped one, or when its set-up failed."""
+    folder = Path("/dev/shm")
+    before = set(folder.glob("syncbn-*")) if folder.is_dir() else set()
+    yield
+    after = set(folder.glob("syncbn-*")) if folder.is_dir() else set()
+    assert after <= before, sorted(map(str, after - before))

@@ -1,4 +1,5 @@
-"""One rank of a multi-process test (run by test_distributed.py, or by torchrun): runs scenarios, prints JSON lines.
+"""One rank of a multi-process test (launched through distributed_launch.py, or by torchrun): runs scenarios, prints
+JSON lines.
 
 The scenarios: ``distributed_parity.py`` (every rank matches one nn.BatchNorm model on the global batch) and
 ``distributed_faults.py`` (ranks that disagree, stall, exit or are interrupted). Each scenario prints one line
