@@ -1,0 +1,252 @@
+"""CPU replicas' parallel backward and the shapes of the replicas' graphs: graphs that meet (serial backward),
+tensors with a graph held on modules (cut there, run once), outputs and parameters the loss does not use."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from batchnorm_cases import assert_grads_equal, joined
+from hang_guard import call_with_timeout
+from torch import nn
+
+import syncbn_ext
+from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm1d
+
+C = 4
+
+
+class SumAcrossReplicas(nn.Module):
+    """Adds the sum of every replica's input mean, exchanged *with its graph* through a SyncMaster (as the
+    established library's layers do): the replicas' graphs share nodes, so their backward stays serial."""
+
+    def __init__(self):
+        super().__init__()
+        self.master = syncbn_ext.SyncMaster(lambda items: [(i, sum(m for _, m in items)) for i, _ in items])
+        self.copy_id, self.pipe = None, None
+
+    def __data_parallel_replicate__(self, ctx, copy_id):
+        self.copy_id = copy_id
+        if copy_id == 0:
+            self.master.reset()
+            ctx.master = self.master
+        else:
+            self.pipe = ctx.master.register_slave(copy_id)
+
+    def forward(self, x):
+        mean = x.mean()
+        if self.copy_id is None:
+            total = mean
+        elif self.copy_id == 0:
+            total = self.master.run_master(mean)
+        else:
+            total = self.pipe.run_slave(mean)
+        return x + total
+
+
+def test_replicas_whose_graphs_meet_keep_the_serial_backward():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 3), SumAcrossReplicas()).double()
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    y = call_with_timeout(dp, x)
+    assert not joined(y)
+    call_with_timeout(y.sum().backward)
+    # The reference: each half adds the sum of both halves' means.
+    reference = copy.deepcopy(model[0])
+    h = reference(x)
+    total = h[:2].mean() + h[2:].mean()
+    (h + total).sum().backward()
+    torch.testing.assert_close(model[0].weight.grad, reference.weight.grad)
+
+
+def assert_the_leaf_gets_the_references_gradient(y, reference, x, leaf):
+    """Backward of ``y`` (the wrapper's output), then of ``reference(x)``, with one random gradient: ``leaf``, a tensor
+    outside the modules, gets the same gradient from both."""
+    grad = torch.randn_like(y)
+    call_with_timeout(y.backward, grad)
+    expected = leaf.grad.clone()
+    leaf.grad = None
+    reference(x).backward(grad)
+    torch.testing.assert_close(expected, leaf.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_a_leaf_outside_the_module_gets_its_gradient():
+    external = torch.randn(C, dtype=torch.float64, requires_grad=True)
+
+    class UsesExternal(nn.Module):
+        def forward(self, x):
+            return x * external
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(C, C), UsesExternal(), SynchronizedBatchNorm1d(C)).double()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True)
+    x = torch.randn(6, C, dtype=torch.float64)
+    y = call_with_timeout(dp, x)
+    assert joined(y)
+    assert_the_leaf_gets_the_references_gradient(y, reference, x, external)
+
+
+class ScaledByAnAttribute(nn.Module):
+    """Multiplies by ``self.scale``, a tensor with a graph computed from the parameters before the forward (held
+    as a plain attribute, as a cache), and adds the tensors ``self.external()`` returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(C, C)
+        self.bn = SynchronizedBatchNorm1d(C)
+        self.external = list  # tensors reached through a closure: a function returning them
+
+    def forward(self, x):
+        y = self.linear(x) * self.scale
+        for t in self.external():
+            y = y + t
+        return self.bn(y)
+
+
+def _scaled_model(external=None):
+    torch.manual_seed(5)
+    model = ScaledByAnAttribute().double()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    if external is not None:
+        model.external = reference.external = lambda: [external]
+    return model, reference
+
+
+def test_a_tensor_with_a_graph_held_as_an_attribute_is_cut_at_and_runs_each_replica_once():
+    model, reference = _scaled_model()
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True)
+    x = torch.randn(6, C, dtype=torch.float64)
+    for step in range(2):
+        for m in (model, reference):
+            m.scale = m.linear.weight.sum(0) * 0.5  # a new graph each step
+        y = call_with_timeout(dp, x + step)
+        assert joined(y) and dp.parallel_backward is True
+        grad = torch.randn_like(y)
+        call_with_timeout(y.backward, grad)
+        reference(x + step).backward(grad)
+    assert len(calls) == 2 * 2  # once per replica and step: never run again
+    assert_grads_equal(model, reference)
+
+
+class CachesItsActivation(nn.Module):
+    """Keeps its hidden activation as an attribute and in a list its replicas share, as caching modules do."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(C, C)
+        self.bn = SynchronizedBatchNorm1d(C)
+        self.seen = []
+
+    def forward(self, x):
+        self.hidden = self.linear(x)
+        self.seen.append(self.hidden)
+        return self.bn(self.hidden)
+
+
+@pytest.mark.parametrize("store", ["spectral_norm", "weight_norm", "forward_hook", "forward"])
+def test_tensors_the_forward_stores_on_a_module_are_inside_the_replicas_graph(store):
+    # Taken for the graph's edge (as attribute tensors made before the forward are), the worker's backward went
+    # through them and autograd again after it: "backward through the graph a second time", or, with
+    # retain_graph=True, twice their gradients. Old-style spectral_norm and weight_norm set the weight in a hook.
+    torch.manual_seed(6)
+    if store == "forward":
+        model = CachesItsActivation().double()
+    else:
+        model = nn.Sequential(nn.Linear(C, C), SynchronizedBatchNorm1d(C), nn.ReLU(), nn.Linear(C, 3)).double()
+    reference = syncbn_ext.revert_model(copy.deepcopy(model))
+    for m in (model, reference):
+        bn = m.bn if store == "forward" else m[1]
+        if store == "spectral_norm":
+            torch.nn.utils.spectral_norm(bn, "weight", dim=0)
+        elif store == "weight_norm":
+            with pytest.warns(FutureWarning):
+                torch.nn.utils.weight_norm(bn, "weight", dim=None)
+        elif store == "forward_hook":
+            bn.register_forward_hook(lambda module, args, output: setattr(module, "last_output", output))
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True)
+    x = torch.randn(6, C, dtype=torch.float64)
+    for step in range(3):
+        model.zero_grad()
+        reference.zero_grad()
+        y = call_with_timeout(dp, x + step)
+        assert joined(y) and dp.parallel_backward is True
+        grad = torch.randn_like(y)
+        call_with_timeout(y.backward, grad, retain_graph=step == 0)
+        reference(x + step).backward(grad)
+        assert_grads_equal(model, reference)
+    for b, b_ref in zip(model.buffers(), reference.buffers(), strict=True):
+        torch.testing.assert_close(b, b_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_replicas_meeting_at_a_tensor_reached_otherwise_run_again_serially_with_a_warning():
+    source = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    external = source + 1.0  # a graph every replica reaches, not through an attribute tensor (none saved)
+    model, reference = _scaled_model(external)
+    for m in (model, reference):
+        m.scale = torch.ones(C, dtype=torch.float64)
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True)
+    x = torch.randn(6, C, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="ran again .* parallel_backward=False"):
+        y = call_with_timeout(dp, x)
+    assert not joined(y) and dp.parallel_backward is False
+    assert_the_leaf_gets_the_references_gradient(y, reference, x, source)
+    assert_grads_equal(model, reference)
+
+
+class ChosenHead(nn.Module):
+    """A synchronized layer whose output only the replicas with a positive first value use (the others' head reads
+    the layer's input); optionally a second output, from a second head (with a synchronized layer of its own) on the
+    layer's output."""
+
+    def __init__(self, second_output):
+        super().__init__()
+        self.linear = nn.Linear(C, C)
+        self.norm = SynchronizedBatchNorm1d(C)
+        self.head = nn.Linear(C, 2)
+        self.second_head = nn.Sequential(nn.Linear(C, C), SynchronizedBatchNorm1d(C), nn.Linear(C, 2))
+        self.second_output = second_output
+
+    def forward(self, x):
+        z = self.linear(x)
+        y = self.norm(z)
+        head = self.head(y if x[0, 0] > 0 else z)
+        return (head, self.second_head(y)) if self.second_output else head
+
+    def reference(self, x, replicas):
+        """The whole batch through the same layers, each replica's slice choosing its head's input alike."""
+        z = self.linear(x)
+        y = self.norm(z)
+        chosen = [
+            ys if xs[0, 0] > 0 else zs
+            for xs, ys, zs in zip(x.chunk(replicas), y.chunk(replicas), z.chunk(replicas), strict=True)
+        ]
+        return self.head(torch.cat(chosen))
+
+
+@pytest.mark.parametrize("parallel_backward", [True, False])
+@pytest.mark.parametrize("second_output", [False, True], ids=["one_output", "unused_second_output"])
+def test_what_the_loss_does_not_use(parallel_backward, second_output):
+    # Replica 0's loss does not depend on the layer's output, but its input is in the whole batch's statistics,
+    # which the other replicas' losses depend on: it gets that gradient. A second output the loss does not use
+    # leaves its parameters' gradients None (not zeros, which an optimizer such as Adam would apply), also those
+    # below its synchronized layer.
+    torch.manual_seed(5)
+    model = ChosenHead(second_output).double()
+    reference = copy.deepcopy(model)
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 3, parallel_backward=parallel_backward)
+    x = torch.randn(9, C, dtype=torch.float64)
+    x[0, 0], x[3, 0], x[6, 0] = -1.0, 1.0, -1.0
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    output = call_with_timeout(dp, x_ours)
+    head = output[0] if second_output else output
+    grad = torch.randn_like(head)
+    call_with_timeout(head.backward, grad)
+    reference.reference(x_ref, 3).backward(grad)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
+    assert all(p.grad is None for p in model.second_head.parameters())
+    assert_grads_equal(model, syncbn_ext.revert_model(reference))
