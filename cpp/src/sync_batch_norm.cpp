@@ -64,8 +64,10 @@ void check_arguments(const at::Tensor& input, const std::optional<at::Tensor>& w
                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
                      const std::optional<at::Tensor>& running_var, double eps) {
   TORCH_CHECK_VALUE(input.dim() >= 2, "expected an input of shape (N, C, *), got ", input.dim(), "D input");
-  TORCH_CHECK_NOT_IMPLEMENTED(at::isFloatingType(input.scalar_type()), "\"batch_norm\" not implemented for '",
-                              input.scalar_type(), "'");
+  // The types torch's batch_norm computes in (not the float8 types, which isFloatingType counts).
+  const auto type = input.scalar_type();
+  TORCH_CHECK_NOT_IMPLEMENTED(type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16,
+                              "\"batch_norm\" not implemented for '", type, "'");
   // As torch's: only eps <= 0 is refused (a NaN eps normalizes to NaN, an infinite one to zeros).
   TORCH_CHECK_VALUE(!(eps <= 0), "batch_norm eps must be positive during training, but got ", eps);
   const int64_t features = input.size(1);
@@ -111,8 +113,12 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
   if (sync != nullptr && spans_processes(sync->process_group)) {
     group_call = std::make_shared<GroupCall>(GroupCall{sync->process_group, sync->layer_id, sync->name});
   }
+  variable_list local;
+  int64_t count = 0;
   try {
     check_arguments(input, weight, bias, running_mean, running_var, eps);
+    local = detail::LocalStatsFunction::apply(input);  // (it refuses what the checks let through: sparse inputs)
+    count = detail::count_per_channel(input);
   } catch (...) {
     // Refused on this rank only, maybe: the other ranks must not pair this call with this rank's next one. Alone
     // in its process only: a replica's refusal closes its replication at once, which would cut copy 0's
@@ -120,8 +126,6 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
     if (group_call && channel == nullptr) announce_failure(*group_call, input, weight, running_mean);
     throw;
   }
-  variable_list local = detail::LocalStatsFunction::apply(input);
-  const int64_t count = detail::count_per_channel(input);
   // The merge nodes get sequence numbers reserved here, at the same point of every replica's forward.
   const auto merge_sequence_nr = static_cast<int64_t>(at::sequence_number::get_and_increment());
   const auto share_sequence_nr = static_cast<int64_t>(at::sequence_number::get_and_increment());

@@ -335,20 +335,19 @@ def scenario_channels_differ(rank, world, replicas, sizes):
 
 def scenario_refused_input(rank, world, replicas, sizes):
     """Rank 1 feeds batches its synchronized layers refuse: 4-D input to a SynchronizedBatchNorm1d (refused in Python),
-    one channel too many (refused in C++), then 1-D input to a SyncBatchNorm (refused in its own forward). Every rank
-    must fail those steps (rank 1 with its own error), and the steps after must pair as before; before, rank 0 merged
-    its step with rank 1's next one, silently."""
+    one channel too many (refused in C++), then 1-D input to a SyncBatchNorm (refused in its own forward) and a float8
+    one (a type batch_norm does not compute in: refused in C++). Every rank must fail those steps (rank 1 with its own
+    error), and the steps after must pair as before; before, rank 0 merged its step with rank 1's next one, silently."""
     model = syncbn_ext.SynchronizedBatchNorm1d(C, momentum=None, process_group=dist.group.WORLD).double()
     drop_in = syncbn_ext.SyncBatchNorm(C, momentum=None).double()
     run, run_drop_in = wrap(model, replicas), wrap(drop_in, replicas)
     x = torch.randn(4, C, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
     bad = {1: torch.randn(4, C, 2, 2, dtype=torch.float64), 2: torch.randn(4, C + 1, dtype=torch.float64)}
     errors = {}
-    for step in range(6):
+    bad.update({4: torch.randn(4, dtype=torch.float64), 5: x.to(torch.float8_e4m3fn)})
+    for step in range(7):
         layer_run = run if step < 4 else run_drop_in
         batch = bad.get(step, x) if rank == 1 else x
-        if rank == 1 and step == 4:
-            batch = torch.randn(4, dtype=torch.float64)
         try:
             layer_run(batch).square().sum().backward()
         except Exception as error:

@@ -135,6 +135,22 @@ def test_mixed_dtypes_are_accepted_or_refused_as_batchnorm_does(parameters, buff
         eps_mode("plus")
 
 
+@pytest.mark.parametrize(
+    "dtype", [torch.int64, torch.bool, torch.complex64, torch.float8_e4m3fn, torch.float8_e5m2], ids=str
+)
+def test_inputs_of_types_batchnorm_does_not_compute_in_are_refused_as_batchnorm_does(dtype, eps_mode):
+    # The float8 types count as floating point in ATen, but torch's batch_norm does not compute in them: before, our
+    # kernels refused them later, with another error (and across processes, unannounced: the ranks fell out of step).
+    x = torch.randn(4, 3, 2, 2).to(dtype)
+    expected = outcome_of(nn.BatchNorm2d(3), x)
+    assert expected[0] is NotImplementedError, expected
+    for mode in ("plus", "clamp"):
+        eps_mode(mode)
+        assert outcome_of(cpu_dp(syncbn_ext.SynchronizedBatchNorm2d(3), 2), x) == expected
+        assert outcome_of(syncbn_ext.SynchronizedBatchNorm2d(3), x) == expected
+        assert outcome_of(syncbn_ext.SyncBatchNorm(3), x) == expected
+
+
 @pytest.mark.parametrize("kind", ["1d-NC", "2d", "3d"])
 def test_state_dicts_load_both_ways_and_old_versions(kind):
     ref, ours = make_pair(kind, momentum=None)

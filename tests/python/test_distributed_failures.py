@@ -230,15 +230,16 @@ def test_an_input_one_rank_refuses_fails_that_step_on_every_rank_and_the_next_st
     # a rank with replicas does not announce, see README.)
     results = launch(tmp_path, 2, replicas, [4, 4], ["refused_input"], transport=transport)["refused_input"]
     zero, one = measures(results[0]), measures(results[1])
-    assert sorted(zero["errors"]) == sorted(one["errors"]) == ["1", "2", "4"], (zero, one)
+    assert sorted(zero["errors"]) == sorted(one["errors"]) == ["1", "2", "4", "5"], (zero, one)
     assert one["errors"]["1"][0] == "ValueError" and "expected 2D or 3D input" in one["errors"]["1"][1], one
     assert one["errors"]["2"][0] == "RuntimeError" and "should contain" in one["errors"]["2"][1], one
     assert one["errors"]["4"][0] == "ValueError" and "expected at least 2D input" in one["errors"]["4"][1], one
-    for step in ("1", "2", "4"):
+    assert one["errors"]["5"] == ["NotImplementedError", "\"batch_norm\" not implemented for 'Float8_e4m3fn'"], one
+    for step in ("1", "2", "4", "5"):
         assert zero["errors"][step][0] == "BarrierError", zero
         assert "rank(s) 1 raised in this call before exchanging their statistics" in zero["errors"][step][1], zero
     for outcome in (zero, one):
-        assert outcome["buffers_equal_on_every_rank"], outcome  # steps 0 and 3 merged alike, bitwise
+        assert outcome["buffers_equal_on_every_rank"], outcome  # steps 0 and 3 (and 6) merged alike, bitwise
         assert outcome["num_batches_tracked"] == [2], outcome
         assert outcome["drop_in"]["buffers_equal_on_every_rank"], outcome
         assert outcome["drop_in"]["num_batches_tracked"] == [1], outcome
