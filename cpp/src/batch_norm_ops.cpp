@@ -108,7 +108,9 @@ std::tuple<at::Tensor, at::Tensor> merge_stats_aten(const at::Tensor& counts, co
   at::Tensor safe_total = total.clamp_min(1);
   at::Tensor means64 = means.to(at::kDouble);
   at::Tensor mean = (n * means64).sum(0) / safe_total;
-  at::Tensor m2 = m2s.to(at::kDouble).sum(0) + (n * (means64 - mean).square()).sum(0);
+  // An empty copy spreads nothing: 0 * (0 - mean)^2 is NaN where the square overflows (|mean| > 1e154).
+  at::Tensor spread = (n * (means64 - mean).square()).masked_fill(n == 0, 0);
+  at::Tensor m2 = m2s.to(at::kDouble).sum(0) + spread.sum(0);
   return {mean.to(means.scalar_type()), (m2 / safe_total).to(means.scalar_type())};
 }
 

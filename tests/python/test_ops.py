@@ -182,6 +182,18 @@ def test_merge_stats_cpu_kernel_is_the_composite_math_to_the_bit(dtype):
         assert torch.equal(mean, composite_mean) and torch.equal(var, composite_var)
 
 
+def test_merge_stats_of_huge_means_with_an_empty_copy(kernels):
+    # An empty copy (a rank or replica with no samples) adds nothing: its term 0 * (0 - mean)^2 was NaN where the
+    # square overflows float64 (|mean| > 1.3e154).
+    x = torch.randn(6, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7)) * 1e150 + 1e155
+    stats = [kernels.local_stats(part) for part in (x, x[:0])]
+    counts = torch.tensor([18, 0])
+    mean, var = kernels.merge_stats(counts, torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats]))
+    ref_var, ref_mean = torch.var_mean(x, dim=[0, 2], correction=0)
+    torch.testing.assert_close(mean, ref_mean)
+    torch.testing.assert_close(var, ref_var)
+
+
 def test_large_mean_float32_statistics_are_precise(kernels):
     # Sum and sum of squares in float32 would give variance 0 here.
     x = make((16, 8, 32, 32), torch.float32, None, seed=5, mean=1e4, std=1e-2)

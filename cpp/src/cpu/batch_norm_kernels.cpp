@@ -199,6 +199,8 @@ std::tuple<at::Tensor, at::Tensor> merge_stats(const std::vector<double>& counts
       double m2 = 0, spread = 0;
       for (size_t i = 0; i < copies; ++i) {
         m2 += static_cast<double>(m2_of[i][c]);
+        // An empty copy spreads nothing: 0 * (0 - mean)^2 is NaN where the square overflows (|mean| > 1e154).
+        if (counts[i] == 0) continue;
         const double deviation = static_cast<double>(mean_of[i][c]) - merged;
         spread += counts[i] * (deviation * deviation);
       }
