@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -77,6 +78,10 @@ _TO_SYNC_BATCH_NORM = (
 )
 
 M = TypeVar("M", bound=nn.Module)
+
+# A layer revert_model made -> the number of the synchronized layer it stands for: converted again (a round trip to
+# trace or export on one rank), it is that layer, and across processes keeps pairing with the other ranks' layers.
+_reverted_layer_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 # Attributes a converted layer must not inherit from the layer it replaces.
 _DROPPED_ATTRIBUTES = (
@@ -172,7 +177,8 @@ def _to_synchronized_layers(
                 module.process_group = process_group
             return module
         new = _transplant(module, target)
-        new._init_sync_state(module.__dict__.get("_layer_id"))  # a synchronized layer converted keeps its number
+        # A synchronized layer converted, or one reverted and converted again, keeps its number.
+        new._init_sync_state(module.__dict__.get("_layer_id", _reverted_layer_ids.get(module)))
         if regroup:
             new.process_group = process_group
         return new
@@ -214,6 +220,8 @@ def _to_torch(module: nn.Module) -> nn.Module:
     new = _transplant(module, target)
     if target is not TorchSyncBatchNorm:
         new.__dict__.pop("process_group", None)  # nn.BatchNormNd has none
+    if "_layer_id" in module.__dict__:
+        _reverted_layer_ids[new] = module._layer_id
     return new
 
 
@@ -382,8 +390,10 @@ def revert_model(module: M) -> nn.Module:
     return _convert(module, _to_torch, False, {})
 
 
-# The namespaces code reaches nn.BatchNormNd through.
-_PATCHED_NAMESPACES = (torch.nn, torch.nn.modules, torch.nn.modules.batchnorm)
+# The namespaces code reaches nn.BatchNormNd through. Not torch.nn.modules.batchnorm, where pickle finds the classes
+# by their qualified names: patched, torch BatchNorm layers (a teacher, an EMA copy) could not be saved meanwhile,
+# and whole-model checkpoints of torch layers loaded as synchronized ones.
+_PATCHED_NAMESPACES = (torch.nn, torch.nn.modules)
 _PATCHED_NAMES = {cls.__name__: sync_cls for cls, sync_cls in _TORCH_TO_SYNC.items()}
 
 
@@ -392,9 +402,11 @@ def patch_sync_batchnorm() -> Iterator[None]:
     """While open, ``nn.BatchNorm1d/2d/3d`` are the synchronized classes, and ``nn.SyncBatchNorm`` is ours.
 
     Replaces the attributes ``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d``, ``SyncBatchNorm`` and
-    ``LazyBatchNorm1d/2d/3d`` of ``torch.nn``, ``torch.nn.modules`` and ``torch.nn.modules.batchnorm`` (with the
-    classes :func:`convert_model` converts them to), so that models built inside the block from ``nn.BatchNorm2d``
-    get synchronized layers; restores the previous values on exit, also when the block raises.
+    ``LazyBatchNorm1d/2d/3d`` of ``torch.nn`` and ``torch.nn.modules`` (with the classes :func:`convert_model`
+    converts them to), so that models built inside the block from ``nn.BatchNorm2d`` get synchronized layers;
+    restores the previous values on exit, also when the block raises. ``torch.nn.modules.batchnorm`` keeps torch's
+    classes (as the established library's patch does), so pickle still saves and loads torch's BatchNorm layers
+    inside the block as what they are.
     Contexts nest. The patch is process-wide (every thread sees it): build models inside it, and prefer
     :func:`convert_model` where it serves.
 

@@ -218,7 +218,9 @@ def _spawn(processes: int, args: tuple) -> list[DemoRun]:
 
 def plot_path_error(path: str) -> str | None:
     """Why :func:`plot_runs` could not save to ``path``, found before any training (None when it can): its folder
-    is missing, it is a folder, or its extension names no format that matplotlib writes. Needs matplotlib."""
+    is missing or cannot be written, it is a folder or a file that cannot be written, its extension names no format
+    that matplotlib writes, or matplotlib fails to write that format here (a small figure is saved next to it, to a
+    temporary file: pgf needs LaTeX). Needs matplotlib."""
     from matplotlib.backend_bases import FigureCanvasBase
 
     folder = os.path.dirname(path) or "."
@@ -233,6 +235,28 @@ def plot_path_error(path: str) -> str | None:
         if not extension:
             return f"{path!r} has no extension to name its format ({known})"
         return f"{path!r}: .{extension} is not a format matplotlib writes ({known})"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return f"{path!r} cannot be written (permission denied)"
+    return _trial_save_error(folder, extension)
+
+
+def _trial_save_error(folder: str, extension: str) -> str | None:
+    """Why matplotlib cannot save a figure as ``extension`` in ``folder`` (None when it can), found by saving one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, suffix=f".{extension}") as trial:
+            figure = plt.figure(figsize=(1, 1))
+            figure.text(0.5, 0.5, "1")  # text too: pgf measures it with LaTeX
+            try:
+                figure.savefig(trial.name)
+            finally:
+                plt.close(figure)
+    except Exception as error:  # noqa: BLE001 (any failure: the user's message)
+        return f"matplotlib cannot save a .{extension} file in {folder!r} here: {type(error).__name__}: {error}"
     return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 import warnings
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from batchnorm_cases import randomize_batchnorm
 from hang_guard import call_with_timeout
 from torch import nn
+from torch.nn.modules import batchnorm as batchnorm_module
 
 import syncbn_ext
 from syncbn_ext import (
@@ -330,6 +332,19 @@ def test_convert_then_revert_gives_the_original(training):
     assert_same_layers(dp.module, make_net(), {cls: cls for cls in TORCH_BN})
 
 
+def test_a_layer_reverted_and_converted_again_keeps_its_number():
+    # Layers pair across ranks by their number: a round trip on one rank (revert in place to trace, convert to train
+    # on) gave its layers new ones, and every rank's next step failed. A copy of a reverted layer is another layer.
+    model = convert_model(make_net(), process_group=None)
+    numbers = [m._layer_id for m in model.modules() if isinstance(m, SYNC_BN)]
+    reverted = revert_model(model)
+    assert not any(hasattr(m, "_layer_id") for m in reverted.modules())
+    copied = convert_model(copy.deepcopy(reverted))
+    again = convert_model(reverted)
+    assert [m._layer_id for m in again.modules() if isinstance(m, SYNC_BN)] == numbers
+    assert not set(numbers) & {m._layer_id for m in copied.modules() if isinstance(m, SYNC_BN)}
+
+
 @pytest.mark.parametrize("replicas", [1, 2, 3])
 def test_converted_model_under_cpu_replicas_matches_the_plain_model(replicas):
     plain = make_net()
@@ -369,17 +384,16 @@ def test_state_dicts_load_between_plain_and_converted_models():
 
 
 def test_patch_sync_batchnorm_context():
-    import torch.nn.modules.batchnorm as batchnorm_module
-
     originals = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
     torch_sync_batch_norm = nn.SyncBatchNorm
     with patch_sync_batchnorm():
         assert (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) == SYNC_BN
         # torch's own SyncBatchNorm becomes ours, as convert_model converts it.
         assert nn.SyncBatchNorm is syncbn_ext.SyncBatchNorm
-        assert batchnorm_module.SyncBatchNorm is syncbn_ext.SyncBatchNorm
-        assert (batchnorm_module.BatchNorm1d, batchnorm_module.BatchNorm2d, batchnorm_module.BatchNorm3d) == SYNC_BN
         assert torch.nn.modules.BatchNorm2d is SynchronizedBatchNorm2d
+        # The classes' own module keeps them, for pickle (see the test below).
+        assert (batchnorm_module.BatchNorm1d, batchnorm_module.BatchNorm2d, batchnorm_module.BatchNorm3d) == originals
+        assert batchnorm_module.SyncBatchNorm is torch_sync_batch_norm
         layer = nn.BatchNorm2d(3)
         assert type(layer) is SynchronizedBatchNorm2d
         net = Net()  # built from nn.BatchNormNd
@@ -397,6 +411,23 @@ def test_patch_sync_batchnorm_context():
     assert (batchnorm_module.BatchNorm1d, batchnorm_module.BatchNorm2d, batchnorm_module.BatchNorm3d) == originals
     assert nn.SyncBatchNorm is torch_sync_batch_norm and batchnorm_module.SyncBatchNorm is torch_sync_batch_norm
     assert type(nn.BatchNorm2d(3)) is originals[1]
+
+
+def test_torch_batchnorm_layers_pickle_as_they_are_inside_patch_sync_batchnorm(tmp_path):
+    # pickle finds a class by its module and name: with torch.nn.modules.batchnorm patched, a torch layer built
+    # before the block (a teacher, an EMA copy) could not be saved in it, and a saved whole model loaded in it came
+    # back with synchronized layers (each a new number).
+    teacher = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.SyncBatchNorm(4))
+    torch.save(teacher, tmp_path / "teacher.pt")
+    with patch_sync_batchnorm():
+        torch.save(teacher, tmp_path / "inside.pt")
+        for name in ("teacher.pt", "inside.pt"):
+            loaded = torch.load(tmp_path / name, weights_only=False)
+            expected = [nn.Conv2d, batchnorm_module.BatchNorm2d, batchnorm_module.SyncBatchNorm]
+            assert [type(m) for m in loaded] == expected
+        copied = pickle.loads(pickle.dumps(teacher))
+        assert type(copied[1]) is batchnorm_module.BatchNorm2d
+        assert type(nn.BatchNorm2d(4)) is SynchronizedBatchNorm2d  # built in the block: synchronized
 
 
 def test_patch_sync_batchnorm_restores_after_an_exception():

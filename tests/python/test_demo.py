@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 import child_processes
@@ -85,6 +86,9 @@ def test_the_widest_seeds_are_taken(monkeypatch):
         ("{tmp}", "argument --plot: '{tmp}' is a folder"),
         ("{tmp}/demo.xyz", "argument --plot: '{tmp}/demo.xyz': .xyz is not a format matplotlib writes ("),
         ("{tmp}/demo", "argument --plot: '{tmp}/demo' has no extension to name its format ("),
+        # A folder that cannot be written: before, the demo trained, then failed with a traceback (also pgf without
+        # LaTeX, below).
+        ("/proc/demo.png", "argument --plot: matplotlib cannot save a .png file in '/proc' here: "),
     ],
 )
 def test_a_plot_matplotlib_cannot_write_is_a_usage_error_before_training(plot, message, tmp_path, capsys):
@@ -98,6 +102,18 @@ def test_a_plot_matplotlib_cannot_write_is_a_usage_error_before_training(plot, m
     assert "Traceback" not in captured.err
     assert captured.out == ""  # nothing trained
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_plot_format_matplotlib_cannot_write_here_is_a_usage_error_before_training(tmp_path, capsys):
+    matplotlib = pytest.importorskip("matplotlib")
+    if shutil.which(matplotlib.rcParams["pgf.texsystem"]) is not None:
+        pytest.skip("LaTeX is installed: matplotlib writes pgf here")  # (not on the machines we test on)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--plot", str(tmp_path / "demo.pgf")])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert f"demo: error: argument --plot: matplotlib cannot save a .pgf file in '{tmp_path}' here: " in captured.err
+    assert captured.out == "" and list(tmp_path.iterdir()) == []  # nothing trained, no trial file left
 
 
 def test_the_command_line_errors_in_one_line_without_a_traceback():
