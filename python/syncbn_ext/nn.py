@@ -36,6 +36,7 @@ from torch.nn.modules.batchnorm import BatchNorm2d as _TorchBatchNorm2d
 from torch.nn.modules.batchnorm import BatchNorm3d as _TorchBatchNorm3d
 from torch.nn.modules.batchnorm import SyncBatchNorm as _TorchSyncBatchNorm
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import UninitializedTensorMixin
 from torch.nn.utils import parametrize
 
 from ._native import _C
@@ -161,7 +162,16 @@ class _SynchronizedBatchNorm(_BatchNorm):
 
     def _name_unreplicated(self, class_name: str) -> None:
         """How error messages name the layer while it is not a replica: its class, width and construction order."""
-        self._layer = (-1, f"{class_name}({self.num_features}) #{self._layer_id}")
+        self._layer = (-1, f"{class_name}({self._width()}) #{self._layer_id}")
+
+    def _width(self) -> int:
+        """The layer's number of channels: ``num_features``, or its tensors' length where a lazy layer was
+        materialized by ``load_state_dict`` (torch's lazy layers keep ``num_features`` 0 then)."""
+        if self.num_features == 0:
+            for tensor in (self.running_mean, self.weight):
+                if tensor is not None and not isinstance(tensor, UninitializedTensorMixin):
+                    return tensor.numel()
+        return self.num_features
 
     def sync_group(self) -> Any:
         """The process group this layer merges its statistics across, or ``None`` (this process only).
@@ -185,7 +195,7 @@ class _SynchronizedBatchNorm(_BatchNorm):
             self._layer = (-1, self._layer[1])
             return
         name = ctx.module_name or "<root>"
-        self._layer = (ctx.position, f"{name}: {type(self).__name__}({self.num_features})")
+        self._layer = (ctx.position, f"{name}: {type(self).__name__}({self._width()})")
 
     # ---- pickling -----------------------------------------------------------------------------------------
 
@@ -340,7 +350,7 @@ class _SynchronizedBatchNorm(_BatchNorm):
         label = self._layer[1]
         with torch._C._DisableFuncTorch():  # a refusal under torch.func: the exchange's own tensors are plain
             exchanging = exchange_group(group, label, device)
-            _C.announce_failed_call(exchanging, self._layer_id, self.num_features, label, device)
+            _C.announce_failed_call(exchanging, self._layer_id, self._width(), label, device)
 
 
 class SynchronizedBatchNorm1d(_SynchronizedBatchNorm, _TorchBatchNorm1d):

@@ -120,6 +120,8 @@ def test_converted_lazy_layer_materializes_from_a_state_dict():
         wrapper(x)
     layer.eval()(x)
     assert type(layer) is SynchronizedBatchNorm2d
+    # Its width for error messages and for the other ranks (a refused input's announcement): its tensors', not 0.
+    assert layer.num_features == 0 and layer._width() == 5 and layer._layer[1].startswith("SynchronizedBatchNorm2d(5)")
     torch.testing.assert_close(call_with_timeout(wrapper.train(), x), source(x))
     torch.testing.assert_close(layer.state_dict(), source.state_dict())
 
