@@ -256,6 +256,8 @@ class _SynchronizedBatchNorm(_BatchNorm):
         # Across processes only in training, as torch.nn.SyncBatchNorm: an eval-mode forward with batch statistics
         # (track_running_stats=False) normalizes with its process's batch, so evaluating on one rank works.
         group = self.sync_group() if self.training else None
+        if copy_id is None and use_batch_stats and self.__dict__.get("_is_replica"):
+            self._unsynchronized_replica(group)
         if not use_batch_stats or (copy_id is None and eps_mode == "plus" and group is None):
             # Running statistics, or a lone module with nn.BatchNorm's eps: nn.BatchNorm itself.
             return super().forward(input)
@@ -268,6 +270,22 @@ class _SynchronizedBatchNorm(_BatchNorm):
                 "for a lone module, or revert_model() a copy"
             )
         return self._forward_with_batch_statistics(input, copy_id, group, eps_mode)
+
+    def _unsynchronized_replica(self, group: Any) -> None:
+        """A replica whose replication callbacks did not run (a plain nn.DataParallel, torch.nn.parallel.replicate):
+        warned, as it normalizes with its own slice; refused across processes, where every replica of the process
+        would exchange with the other ranks on its own (pairing with their replicas in any order)."""
+        what = (
+            f"{type(self).__name__} runs in a replica whose replication callbacks did not run (a plain "
+            "nn.DataParallel or torch.nn.parallel.replicate): wrap the model in syncbn_ext.DataParallelWithCallback, "
+            "or call syncbn_ext.patch() on the nn.DataParallel"
+        )
+        if group is not None:
+            raise RuntimeError(
+                f"{what}. Across processes each replica would exchange with the other ranks on its own, pairing "
+                "with their replicas in any order"
+            )
+        warnings.warn(f"{what}; it normalizes with its replica's slice of the batch only", RuntimeWarning, stacklevel=3)
 
     # Opaque to Dynamo: torch.compile breaks the graph at this call and compiles around it. (Traced, its torch.func
     # check read true, and Dynamo, meeting that error, ran the whole calling frame eagerly from then on.)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
 from batchnorm_cases import cpu_dp
 from hang_guard import call_with_timeout
 from replica_modules import BatchSum, CpuDataParallel, SlowSynchronizedBatchNorm1d, forwards_from_threads
@@ -107,3 +109,22 @@ def test_gpu_patched_data_parallel():
     out = call_with_timeout(dp, torch.zeros(10, 6, device="cuda"))
     assert out.device == torch.device("cuda", 0) and bs.hook_calls == [0, 1]
     assert sorted(bs.passes) == [(0, 5, 10), (1, 5, 10)]
+
+
+def test_replicas_made_without_the_callbacks_warn_and_are_refused_across_processes():
+    # A plain nn.DataParallel (GPUs) or torch.nn.parallel.replicate makes replicas (Module._replicate_for_data_parallel,
+    # as replicate_on_cpu does) and runs no callback: each replica normalized its slice alone, silently.
+    layer = SynchronizedBatchNorm1d(3)
+    replica = replicate_on_cpu(layer, 2)[1]
+    x = torch.randn(4, 3)
+    with pytest.warns(RuntimeWarning, match="replication callbacks did not run .* syncbn_ext.patch"):
+        y = replica(x)
+    torch.testing.assert_close(y, nn.BatchNorm1d(3)(x))  # its slice alone, as said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        replica.eval()(x)  # running statistics: nothing to synchronize
+        layer(x)  # not a replica
+    # Across processes, each replica would exchange on its own: an error before any exchange.
+    across = replicate_on_cpu(SynchronizedBatchNorm1d(3, process_group=dist.ProcessGroup(0, 2)), 2)[0]
+    with pytest.raises(RuntimeError, match="replication callbacks did not run.*each replica would exchange"):
+        across(x)
