@@ -27,16 +27,12 @@ from torch import nn
 
 from ._native import _C
 from ._tracing import being_traced
+from .forward_locks import training_forward_lock
 from .parallel_apply import ABORT_TAG, parallel_apply, reporting_outcome, running_a_replica
 from .parallel_backward import Boundaries, faster_than_serial, join_replicas
 from .parallel_backward import wanted as parallel_backward_wanted
-from .replicate import (
-    Replication,
-    compiled_modules_replicable,
-    rebind_compiled_modules,
-    replicate_on_cpu,
-    training_forward_lock,
-)
+from .replicate import compiled_modules_replicable, rebind_compiled_modules, replicate_on_cpu
+from .replication import Replication
 from .scatter_gather import gather_on_cpu, scatter_kwargs_on_cpu
 
 __all__ = ["DataParallelWithCallback", "patch", "patch_replication_callback"]
@@ -65,7 +61,7 @@ _deferred = threading.local()
 
 @contextlib.contextmanager
 def _one_forward(module: nn.Module) -> Iterator[None]:
-    """A forward of a wrapper around ``module``: under its :func:`~syncbn_ext.replicate.training_forward_lock`, and
+    """A forward of a wrapper around ``module``: under its :func:`~syncbn_ext.forward_locks.training_forward_lock`, and
     with the replicas' buffers written back only once the whole forward succeeded, the gather included (so outputs
     the gather cannot join leave the module untouched), or when the same forward replicates again (a forward that
     runs its replicas twice, e.g. once per view, replicates the second time from the first's buffers)."""
@@ -441,7 +437,7 @@ class _FinishingReplica:
 
 class _OneTrainingForwardAtATime:
     """The ``forward`` that :func:`patch` installs: the instance's previous one under its module's
-    :func:`~syncbn_ext.replicate.training_forward_lock`, writing the buffers back once it succeeded (see
+    :func:`~syncbn_ext.forward_locks.training_forward_lock`, writing the buffers back once it succeeded (see
     :func:`_one_forward`). A class so that a patched module can still be pickled."""
 
     def __init__(self, forward: Any, data_parallel: nn.DataParallel) -> None:

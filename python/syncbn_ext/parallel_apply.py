@@ -34,7 +34,7 @@ import torch
 
 from ._native import _C
 from .replica_workers import _POOL, _Worker, cpu_intra_op_threads, replica_threads_running
-from .replicate import Replication
+from .replication import Replication
 from .scatter_gather import _tensors
 
 __all__ = [

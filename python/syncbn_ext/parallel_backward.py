@@ -42,7 +42,7 @@ from .nn import _SynchronizedBatchNorm
 from .parallel_apply import ABORT_TAG, caused_by_closing, run_on_workers
 from .parameter_sums import ParameterSums
 from .replica_workers import cpu_intra_op_threads
-from .replicate import Replication
+from .replication import Replication
 from .scatter_gather import _is_namedtuple, _tensors
 
 __all__ = ["Boundaries", "faster_than_serial", "join_replicas", "wanted"]

@@ -1,23 +1,14 @@
-"""Replication: CPU replicas of a module, and the replication callbacks that let the copies find each other.
-
-* :func:`replicate_on_cpu`: ``torch.nn.parallel.replicate`` for CPU replicas.
-* :class:`Replication`: one forward's replicas (any device) after the replication callbacks ran: their
-  replication group, and replica 0 working on copies of the original's buffers, written back only when every
-  replica succeeded (so a failed, interrupted or abandoned forward writes nothing to the model).
-* :func:`training_forward_lock`: training forwards of one module (or of modules sharing a module with buffers)
-  from several threads, one after another (each replicates the buffers the previous one wrote back).
-"""
+"""CPU replicas of a module (:func:`replicate_on_cpu`, ``torch.nn.parallel.replicate`` for CPU replicas), and the
+shallow replicas of compiled modules. The replicas' callbacks and buffers: :mod:`.replication`; training forwards
+from several threads: :mod:`.forward_locks`."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
-import threading
 import warnings
-import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -25,87 +16,9 @@ from torch import nn
 
 from ._native import _C
 
-__all__ = ["Replication", "replicate_on_cpu", "training_forward_lock"]
+__all__ = ["replicate_on_cpu", "shallow_replica"]
 
 M = TypeVar("M", bound=nn.Module)
-
-#: The attribute of a replica (in its ``__dict__``) naming its replication and copy id.
-REPLICATION_TAG = "_syncbn_replication"
-
-
-_training_forward_locks: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
-_training_forward_locks_guard = threading.Lock()
-
-
-def _forget_training_forward_locks_after_fork() -> None:
-    # A forked child has only the thread that forked: a lock another thread held at the fork (a training forward
-    # running there) would never be released in the child.
-    global _training_forward_locks, _training_forward_locks_guard
-    _training_forward_locks = weakref.WeakKeyDictionary()
-    _training_forward_locks_guard = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_training_forward_locks_after_fork)
-
-
-class TrainingForwardLocks:
-    """The locks of a module and of every module of its tree that holds buffers, taken in one global order (so
-    that forwards of overlapping trees cannot deadlock) and released together. Reentrant, as each lock is."""
-
-    def __init__(self, locks: list[threading.RLock]) -> None:
-        self._locks = locks
-
-    def acquire(self, blocking: bool = True) -> bool:
-        """Takes every lock (waits for them unless ``blocking`` is false); False if one was held elsewhere. An
-        exception while waiting (Ctrl-C) releases those already taken."""
-        with contextlib.ExitStack() as taken:  # releases them on False or an exception
-            for lock in self._locks:
-                if not lock.acquire(blocking):
-                    return False
-                taken.callback(lock.release)
-            taken.pop_all()
-        return True
-
-    def release(self) -> None:
-        # ExitStack releases each one (last taken first), even should an exception (Ctrl-C) arrive in between.
-        with contextlib.ExitStack() as taken:
-            for lock in self._locks:
-                taken.callback(lock.release)
-
-    def __enter__(self) -> TrainingForwardLocks:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
-
-
-def training_forward_lock(module: nn.Module) -> contextlib.AbstractContextManager[Any]:
-    """What a replicated forward of ``module`` holds from its replication to its write-back.
-
-    Replica 0 updates copies of the module's buffers, copied back at the forward's end: two training forwards at
-    once from two threads would each write back its own update over the other's (a running mean missing a
-    batch, ``num_batches_tracked`` counting half of them). So training forwards of one module run one after
-    another, as if called in turn, and so do those of two modules whose trees share a module holding buffers
-    (a wrapper of a model and one of its block, two models sharing a layer): each module with buffers has its
-    lock, and a forward holds those of its tree. A forward in eval mode (no module of the tree training: no
-    running statistics to update) holds nothing and runs alongside any other. Reentrant: a forward that calls the
-    same wrapper again from its own thread goes on. (A forward that calls, from its own thread, a wrapper of another
-    model sharing modules with its own takes the locks it lacks after those it holds, out of the global order: two
-    threads doing so crosswise could wait for each other.)
-    """
-    modules = list(module.modules())
-    if not any(m.training for m in modules):
-        return contextlib.nullcontext()
-    holders = [module, *(m for m in modules if m is not module and any(b is not None for b in m._buffers.values()))]
-    with _training_forward_locks_guard:
-        locks = {}
-        for holder in holders:
-            lock = _training_forward_locks.get(holder)
-            if lock is None:
-                lock = _training_forward_locks[holder] = threading.RLock()
-            locks[id(lock)] = lock
-    return TrainingForwardLocks([locks[key] for key in sorted(locks)])
 
 
 def _check_replicatable(module: nn.Module) -> None:
@@ -351,170 +264,3 @@ class _ReplicateOptimized:
         replica = shallow_replica(self.wrapper)
         replica.__dict__.pop("_replicate_for_data_parallel", None)
         return replica
-
-
-# (a module's buffer, replica 0's copy, the buffer's version, the copy's version): what _C.write_back_buffers takes.
-_BufferCopy = tuple[torch.Tensor, torch.Tensor, int | None, int | None]
-# (a module's _buffers, those of its copy in replica 0, the buffer's name, what replica 0 was given there): to find
-# the buffers replica 0 replaced (self.steps = self.steps + 1) rather than wrote. The dictionaries, not the modules:
-# a replica holds its replication, which must not hold the replica (a cycle only the garbage collector frees).
-_BufferSlot = tuple[dict[str, Any], dict[str, Any], str, torch.Tensor | None]
-
-
-def _isolate_buffers(original: nn.Module, replica: nn.Module) -> tuple[list[_BufferCopy], list[_BufferSlot]]:
-    """Gives ``replica`` copies of the buffers it shares with ``original``.
-
-    Returns (original, copy, the original's version, the copy's version) per buffer (``None``: an inference tensor,
-    which has no version), and every buffer slot the two share (``None`` ones too).
-    """
-    slots: list[_BufferSlot] = [
-        (source._buffers, target._buffers, key, buf)
-        for source, target in zip(original.modules(), replica.modules(), strict=False)
-        if source._buffers is not target._buffers
-        for key, buf in target._buffers.items()
-        if key in source._buffers and source._buffers[key] is buf
-    ]
-    shared = [(i, buf) for i, (_, _, _, buf) in enumerate(slots) if buf is not None and not buf.requires_grad]
-    copy_of = _copier_keeping_views([buf for _, buf in shared])
-    links: list[_BufferCopy] = []
-    copies: dict[int, torch.Tensor] = {}
-    for i, buf in shared:
-        copy = copies.get(id(buf))
-        if copy is None:
-            copy = copies[id(buf)] = copy_of(buf)
-            links.append((buf, copy, _C.version_of(buf), _C.version_of(copy)))
-        source, target, key, _ = slots[i]
-        target[key] = copy
-        slots[i] = (source, target, key, copy)
-    return links, slots
-
-
-def _storage_key(tensor: torch.Tensor) -> tuple[Any, int] | None:
-    """What identifies ``tensor``'s memory, for a dense tensor with some; else ``None``."""
-    if tensor.layout != torch.strided or tensor.is_nested or tensor.is_quantized or tensor.device.type == "meta":
-        return None  # (a quantized tensor's copy through set_ would have no quantizer)
-    try:
-        storage = tensor.untyped_storage()
-    except (RuntimeError, NotImplementedError):  # a tensor subclass or wrapper without storage
-        return None
-    return (tensor.device, storage.data_ptr()) if storage.nbytes() > 0 else None
-
-
-def _copier_keeping_views(buffers: Sequence[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function that copies each of ``buffers``: a clone, except that buffers sharing memory (one a view of the
-    other, or both views of one tensor) get copies that share a copy of that memory, as in the module, so that a
-    write through one shows through the others."""
-    key_of = {id(buf): _storage_key(buf) for buf in buffers}  # once per buffer: each forward runs this
-    tensors_of: dict[tuple[Any, int], set[int]] = {}
-    for buf_id, key in key_of.items():
-        if key is not None:
-            tensors_of.setdefault(key, set()).add(buf_id)
-    storage_copies: dict[tuple[Any, int], torch.UntypedStorage] = {}
-
-    def copy_of(buf: torch.Tensor) -> torch.Tensor:
-        key = key_of[id(buf)]
-        if key is None or len(tensors_of[key]) < 2:
-            return buf.detach().clone()
-        storage = storage_copies.get(key)
-        if storage is None:
-            storage = storage_copies[key] = buf.untyped_storage().clone()
-        copy = torch.empty((0,), dtype=buf.dtype, device=buf.device)
-        return copy.set_(storage, buf.storage_offset(), buf.size(), buf.stride())
-
-    return copy_of
-
-
-class Replication:
-    """One forward's replicas after the replication callbacks ran.
-
-    Runs ``__data_parallel_replicate__(ctx, copy_id)`` on every module of every replica (see
-    :func:`syncbn_ext.execute_replication_callbacks`) and tags each replica with this replication and its copy id.
-    Given ``original`` (the replicated module), replica 0's buffers that are the original's become copies,
-    which :meth:`write_back` copies into the original's once the forward succeeded: nothing else a replica does
-    reaches the user's module, so a replica left running after its forward was given up can write nothing.
-
-    Attributes:
-        group: the ``ReplicationGroup`` shared by every context (``None`` without replicas).
-    """
-
-    def __init__(self, replicas: Sequence[nn.Module], original: nn.Module | None = None) -> None:
-        self.group: Any = None
-        self._links: list[_BufferCopy] = []
-        self._slots: list[_BufferSlot] = []
-        if not replicas:
-            return
-        if original is not None:
-            self._links, self._slots = _isolate_buffers(original, replicas[0])
-        self.group = _C.execute_replication_callbacks(list(replicas))[0].group
-        for copy_id, replica in enumerate(replicas):
-            replica.__dict__[REPLICATION_TAG] = (self, copy_id)
-
-    @staticmethod
-    def of(replica: Any) -> tuple[Replication, int] | None:
-        """(replication, copy id) of a replica made by a replication with callbacks, else ``None``."""
-        return getattr(replica, "__dict__", {}).get(REPLICATION_TAG)
-
-    @torch.compiler.disable  # runs as it is under a compiled wrapper: tensor versions and values are the question
-    def write_back(self) -> None:
-        """Copies each buffer replica 0 changed into the original's tensor (in place, resized as replica 0 resized
-        it; see ``syncbn::write_back_buffers`` for what counts as changed), and gives the original each buffer
-        replica 0 replaced (``self.steps = self.steps + 1``, as the module alone would hold it), unless closed."""
-        if self.group is not None and self.group.closed:
-            return
-        _C.write_back_buffers(self._links)
-        replaced = []
-        for source, target, key, given in self._slots:
-            now = target.get(key, given)
-            if now is not given:
-                replaced.append((source, key, now))
-        if not replaced:
-            return
-        by_copy = {id(copy): original for original, copy, _, _ in self._links}
-        by_storage: dict[Any, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for original, copy, _, _ in self._links:
-            storage = _storage_key(copy)
-            if storage is not None:
-                by_storage.setdefault(storage, []).append((original, copy))
-        for source, key, now in replaced:
-            source[key] = self._as_the_modules(key, now, by_copy, by_storage)
-
-    def _as_the_modules(
-        self,
-        key: str,
-        replaced: Any,
-        by_copy: dict[int, torch.Tensor],
-        by_storage: dict[Any, list[tuple[torch.Tensor, torch.Tensor]]],
-    ) -> Any:
-        """What the module holds for a buffer replica 0 replaced with ``replaced``: a copy replica 0 was given, or a
-        view of one (``self.head = self.counts[:2]``), becomes the module's own buffer or the same view of it, as the
-        module alone would hold (else it would view replica 0's copy, which no longer follows the buffer)."""
-        if not isinstance(replaced, torch.Tensor):
-            return replaced
-        if self.group is not None and replaced.grad_fn is not None and self.group.parallel_backward:
-            warnings.warn(
-                f"DataParallelWithCallback: replica 0 replaced buffer {key!r} with a tensor that has a graph (a loss "
-                "term kept in a buffer?): a backward through it and through the wrapper's output runs replica 0's "
-                "part twice under the parallel backward ('Trying to backward through the graph a second time'); "
-                "build the wrapper with parallel_backward=False, or keep the tensor out of the buffers",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        original = by_copy.get(id(replaced))
-        if original is not None:
-            return original
-        storage = _storage_key(replaced)
-        links = by_storage.get(storage, []) if storage is not None else []
-        overlapping = bool(links) and torch._debug_has_internal_overlap(replaced) != 0  # an expand(): not writable
-        for original, copy in links:
-            same_layout = copy.stride() == original.stride() and copy.storage_offset() == original.storage_offset()
-            if same_layout and replaced.dtype == copy.dtype and not overlapping:
-                return original.as_strided(replaced.size(), replaced.stride(), replaced.storage_offset())
-        if links:
-            warnings.warn(
-                f"DataParallelWithCallback: replica 0 replaced buffer {key!r} with a view of a buffer's copy that "
-                "the module's own buffer cannot give alike (another dtype or layout, or elements that overlap): the "
-                "module now holds that view of replica 0's copy, which does not follow the buffer",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return replaced

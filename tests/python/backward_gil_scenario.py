@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm2d, parallel_backward
 from syncbn_ext.replica_workers import replica_threads_running
-from syncbn_ext.replicate import Replication
+from syncbn_ext.replication import Replication
 
 state = {"run": 0}
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import syncbn_ext
-from syncbn_ext.replicate import training_forward_lock
+from syncbn_ext.forward_locks import training_forward_lock
 
 CHILD_SECONDS = 30  # the child's own bound: past it, it dumps its threads and exits with 1
 CHILD_GRADIENT_ERROR = 3  # the child's exit status when its step differs from the whole batch's

@@ -15,7 +15,7 @@ from torch import nn
 
 import syncbn_ext
 from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm1d, SynchronizedBatchNorm2d
-from syncbn_ext.replicate import Replication
+from syncbn_ext.replication import Replication
 
 C = 4
 

@@ -21,7 +21,7 @@ import syncbn_ext
 from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm1d
 from syncbn_ext.parallel_apply import FAILURE_GRACE_SECONDS
 from syncbn_ext.replica_workers import replica_threads_running
-from syncbn_ext.replicate import Replication
+from syncbn_ext.replication import Replication
 
 HERE = Path(__file__).resolve().parent
 

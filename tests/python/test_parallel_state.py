@@ -23,7 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import syncbn_ext
 import syncbn_ext.replica_workers
-from syncbn_ext.replicate import Replication, TrainingForwardLocks, training_forward_lock
+from syncbn_ext.forward_locks import TrainingForwardLocks, training_forward_lock
+from syncbn_ext.replication import Replication
 
 
 class Record(nn.Module):
