@@ -69,25 +69,41 @@ def _storage_key(tensor: torch.Tensor) -> tuple[Any, int] | None:
 def _copier_keeping_views(buffers: Sequence[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function that copies each of ``buffers``: a clone, except that buffers sharing memory (one a view of the
     other, or both views of one tensor) get copies that share a copy of that memory, as in the module, so that a
-    write through one shows through the others."""
-    key_of = {id(buf): _storage_key(buf) for buf in buffers}  # once per buffer: each forward runs this
-    tensors_of: dict[tuple[Any, int], set[int]] = {}
-    for buf_id, key in key_of.items():
+    write through one shows through the others. Of that memory, the span the buffers cover is copied (buffers that
+    are slices of a large tensor that is not a buffer copy their slices, not the tensor)."""
+    key_of = {id(buf): _storage_key(buf) if buf.numel() > 0 else None for buf in buffers}  # once per buffer
+    sharing: dict[tuple[Any, int], dict[int, torch.Tensor]] = {}
+    for buf in buffers:
+        key = key_of[id(buf)]
         if key is not None:
-            tensors_of.setdefault(key, set()).add(buf_id)
-    storage_copies: dict[tuple[Any, int], torch.UntypedStorage] = {}
+            sharing.setdefault(key, {})[id(buf)] = buf
+    span_copies: dict[tuple[Any, int], tuple[int, torch.UntypedStorage]] = {}
 
     def copy_of(buf: torch.Tensor) -> torch.Tensor:
         key = key_of[id(buf)]
-        if key is None or len(tensors_of[key]) < 2:
+        if key is None or len(sharing[key]) < 2:
             return buf.detach().clone()
-        storage = storage_copies.get(key)
-        if storage is None:
-            storage = storage_copies[key] = buf.untyped_storage().clone()
+        span = span_copies.get(key)
+        if span is None:
+            span = span_copies[key] = _copy_of_span(list(sharing[key].values()))
+        first_byte, storage = span
         copy = torch.empty((0,), dtype=buf.dtype, device=buf.device)
-        return copy.set_(storage, buf.storage_offset(), buf.size(), buf.stride())
+        offset = buf.storage_offset() - first_byte // buf.element_size()
+        return copy.set_(storage, offset, buf.size(), buf.stride())
 
     return copy_of
+
+
+def _copy_of_span(views: Sequence[torch.Tensor]) -> tuple[int, torch.UntypedStorage]:
+    """A copy of the bytes of one storage that ``views`` (non-empty tensors) cover, and the byte it starts at: an
+    offset aligned to 64 bytes (a multiple of every element size, so each view's offset in the copy is whole)."""
+    starts, ends = [], []
+    for view in views:
+        extent = sum((n - 1) * stride for n, stride in zip(view.size(), view.stride(), strict=True))
+        starts.append(view.storage_offset() * view.element_size())
+        ends.append((view.storage_offset() + extent + 1) * view.element_size())
+    first_byte = min(starts) // 64 * 64
+    return first_byte, views[0].untyped_storage()[first_byte : max(ends)].clone()
 
 
 class Replication:

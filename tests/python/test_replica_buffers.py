@@ -80,6 +80,38 @@ def test_every_buffer_replica_0_changes_reaches_the_module_as_on_gpus(n):
     assert torch.equal(counts, torch.tensor([110.0, 110.0, 2.0, 2.0]))
 
 
+class SlicesOfATable(nn.Module):
+    """Buffers that are overlapping slices, of two dtypes, of a large tensor that is not a buffer; records the size
+    of the memory replica 0's copies share."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        table = torch.zeros(1_000_000)
+        self.register_buffer("counts", table[1000:1004])
+        self.register_buffer("tail", table[1002:1006])  # overlaps counts
+        self.register_buffer("bits", table[1006:1008].view(torch.int32))
+        self.copied_bytes: list[int] = []
+
+    def forward(self, x):
+        self.copied_bytes.append(self.counts.untyped_storage().nbytes())
+        self.counts.add_(1)  # seen through tail
+        self.bits.add_(3)
+        return x
+
+
+def test_buffers_sliced_from_a_large_tensor_copy_their_span_only():
+    # Replica 0 copied the whole 4 MB storage per forward for 40 bytes of buffers.
+    model = SlicesOfATable()
+    reference = copy.deepcopy(model)
+    for step in range(2):
+        call_with_timeout(cpu_dp(model, 2), torch.randn(4, 3))
+        reference(torch.randn(2, 3))
+        for name, expected in reference.state_dict().items():
+            assert torch.equal(model.state_dict()[name], expected), (step, name)
+    assert max(model.copied_bytes) < 128, model.copied_bytes  # (either replica; replica 0: the span, 64 bytes)
+    assert model.tail.tolist() == [2.0, 2.0, 0.0, 0.0] and model.tail.data_ptr() == model.counts.data_ptr() + 8
+
+
 class ReplacesItsBuffers(nn.Module):
     """Replaces its buffers instead of writing them (as the established library's layers update their running
     statistics, ``self.running_mean = ...``), one of them registered as None; raises on a marked input."""
