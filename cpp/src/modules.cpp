@@ -119,9 +119,12 @@ torch::Tensor sync_batch_norm_module_forward(const torch::Tensor& input, const t
                                              const torch::Tensor& num_batches_tracked, bool training,
                                              const BatchNormSyncState& state) {
   // torch::nn::BatchNorm (and this layer alone) fails on a channel-less input in ATen's batch_norm: the same
-  // error here, where the merged statistics of no channel would otherwise run without one.
-  TORCH_CHECK_INDEX(input.dim() < 2 || input.size(1) != 0,
-                    "select(): index 0 out of range for tensor of size [0] at dimension 0");
+  // error here, where the merged statistics of no channel would otherwise run without one; announced to the other
+  // ranks first, as every refusal before the exchange.
+  if (input.dim() >= 2 && input.size(1) == 0) {
+    state.announce_refused(training, options.num_features(), input.device());
+    TORCH_CHECK_INDEX(false, "select(): index 0 out of range for tensor of size [0] at dimension 0");
+  }
   // As torch::nn::BatchNorm: momentum, or 1 / num_batches_tracked for the cumulative average. But
   // num_batches_tracked moves only with the running statistics, once the merged statistics arrived: a failed
   // pass leaves every buffer untouched.

@@ -113,6 +113,8 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
   if (sync != nullptr && spans_processes(sync->process_group)) {
     group_call = std::make_shared<GroupCall>(GroupCall{sync->process_group, sync->layer_id, sync->name});
   }
+  // A recomputation inside backward (torch.utils.checkpoint) repeats an earlier call, which exchanged or was refused.
+  const bool in_backward = torch::autograd::get_current_graph_task_id() != -1;
   variable_list local;
   int64_t count = 0;
   try {
@@ -123,7 +125,7 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
     // Refused on this rank only, maybe: the other ranks must not pair this call with this rank's next one. Alone
     // in its process only: a replica's refusal closes its replication at once, which would cut copy 0's
     // announcement short while the other ranks are still on their way (and leave the group out of step).
-    if (group_call && channel == nullptr) announce_failure(*group_call, input, weight, running_mean);
+    if (group_call && channel == nullptr && !in_backward) announce_failure(*group_call, input, weight, running_mean);
     throw;
   }
   // The merge nodes get sequence numbers reserved here, at the same point of every replica's forward.
@@ -136,9 +138,8 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
                                             static_cast<int64_t>(eps_mode));
   };
 
-  // A recomputation inside backward (torch.utils.checkpoint) repeats an earlier call: the same statistics, with
-  // no barrier and no writes. (The merge nodes save no tensors, so the recomputation saves what the forward did.)
-  const bool in_backward = torch::autograd::get_current_graph_task_id() != -1;
+  // A recomputation inside backward repeats the earlier call's statistics, with no barrier and no writes. (The
+  // merge nodes save no tensors, so the recomputation saves what the forward did.)
   if (channel != nullptr && in_backward) {
     return normalize(unpack_merged(channel->recall(message, sync->layer, sync->name), input.device()));
   }

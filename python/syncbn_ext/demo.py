@@ -235,8 +235,11 @@ def plot_path_error(path: str) -> str | None:
         if not extension:
             return f"{path!r} has no extension to name its format ({known})"
         return f"{path!r}: .{extension} is not a format matplotlib writes ({known})"
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        return f"{path!r} cannot be written (permission denied)"
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            return f"{path!r} cannot be written (permission denied)"
+        if not os.access(folder, os.W_OK):  # a file that can be written over, in a folder that cannot take another
+            return _trial_save_error(tempfile.gettempdir(), extension)
     return _trial_save_error(folder, extension)
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
+import sys
 import warnings
 from typing import Any
 
@@ -59,6 +61,19 @@ warnings.filterwarnings("ignore", message=r"Dynamo does not know how to trace th
 
 # The synchronization state of a layer that is not a replica: set by __init__, restored by pickling, dropped by
 # revert_model. Replicas get theirs from the replication hook.
+# Where the code calling a layer starts, for warnings: the frames of torch's and of ours are skipped.
+_TORCH_AND_OUR_FILES = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+
+
+def _stacklevel_outside(prefixes: tuple[str, ...]) -> int:
+    """The ``stacklevel`` of the first frame, from the caller of the function that warns outward, of a file under none
+    of ``prefixes`` (the user's code)."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(prefixes):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 _SYNC_STATE_DEFAULTS: dict[str, Any] = {"_copy_id": None, "_channel": None, "_layer": (-1, ""), "_recent_calls": None}
 
 # Layers are known across processes by their construction order, the same on every rank that builds the same model.
@@ -203,6 +218,7 @@ class _SynchronizedBatchNorm(_BatchNorm):
         state = super().__getstate__()
         # A channel belongs to one replication; an unpickled (or deep-copied) layer is not a replica.
         state.update(_SYNC_STATE_DEFAULTS)
+        state.pop("_is_replica", None)  # (torch's mark of a replica)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -276,7 +292,7 @@ class _SynchronizedBatchNorm(_BatchNorm):
         warned, as it normalizes with its own slice; refused across processes, where every replica of the process
         would exchange with the other ranks on its own (pairing with their replicas in any order)."""
         what = (
-            f"{type(self).__name__} runs in a replica whose replication callbacks did not run (a plain "
+            f"{self._layer[1]} runs in a replica whose replication callbacks did not run (a plain "
             "nn.DataParallel or torch.nn.parallel.replicate): wrap the model in syncbn_ext.DataParallelWithCallback, "
             "or call syncbn_ext.patch() on the nn.DataParallel"
         )
@@ -285,7 +301,11 @@ class _SynchronizedBatchNorm(_BatchNorm):
                 f"{what}. Across processes each replica would exchange with the other ranks on its own, pairing "
                 "with their replicas in any order"
             )
-        warnings.warn(f"{what}; it normalizes with its replica's slice of the batch only", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{what}; it normalizes with its replica's slice of the batch only",
+            RuntimeWarning,
+            stacklevel=_stacklevel_outside(_TORCH_AND_OUR_FILES),
+        )
 
     # Opaque to Dynamo: torch.compile breaks the graph at this call and compiles around it. (Traced, its torch.func
     # check read true, and Dynamo, meeting that error, ran the whole calling frame eagerly from then on.)

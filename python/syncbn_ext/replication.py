@@ -188,9 +188,10 @@ class Replication:
         links = by_storage.get(storage, []) if storage is not None else []
         overlapping = bool(links) and torch._debug_has_internal_overlap(replaced) != 0  # an expand(): not writable
         for original, copy in links:
-            same_layout = copy.stride() == original.stride() and copy.storage_offset() == original.storage_offset()
-            if same_layout and replaced.dtype == copy.dtype and not overlapping:
-                return original.as_strided(replaced.size(), replaced.stride(), replaced.storage_offset())
+            if copy.stride() == original.stride() and replaced.dtype == copy.dtype and not overlapping:
+                # The same place relative to the buffer (a copy of a span starts elsewhere in its memory).
+                offset = original.storage_offset() + replaced.storage_offset() - copy.storage_offset()
+                return original.as_strided(replaced.size(), replaced.stride(), offset)
         if links:
             warnings.warn(
                 f"DataParallelWithCallback: replica 0 replaced buffer {key!r} with a view of a buffer's copy that "

@@ -199,26 +199,32 @@ int run_rank(int rank, const std::string& store_path) {
     syncbn::data_parallel(deep_late, torch::randn({4, 2, 4, 4}, torch::kDouble), replicas);
   }
 
-  // A layer alone in its process whose input rank 1 refuses (4-D to a 1-D layer): every rank fails that call (rank 0
-  // with a BarrierError naming rank 1), and the next call pairs (before, rank 0 merged with rank 1's next call).
-  bool refusal_announced = false;
-  {
+  // A layer alone in its process whose input rank 1 refuses (4-D to a 1-D layer; no channels): every rank fails that
+  // call (rank 0 with a BarrierError naming rank 1), and the next call pairs (before, rank 0 merged with rank 1's
+  // next call, silently).
+  bool refusal_announced = true;
+  const std::vector<std::pair<torch::Tensor, std::string>> refused_inputs = {
+      {torch::zeros({2, 3, 2, 2}, torch::kDouble), "expected 2D or 3D input"},
+      {torch::zeros({2, 0}, torch::kDouble), "index 0 out of range"},
+  };
+  for (const auto& [refused_input, refusal] : refused_inputs) {
     syncbn::SyncBatchNorm1d lone(torch::nn::BatchNormOptions(3).momentum(std::nullopt));
     lone->to(torch::kDouble);
     lone->set_process_group(group);
     const auto good = torch::full({2, 3}, static_cast<double>(rank), torch::kDouble) + torch::arange(2).unsqueeze(1);
     std::string zero_error;
     try {
-      lone->forward(rank == 1 ? torch::zeros({2, 3, 2, 2}, torch::kDouble) : good);
+      lone->forward(rank == 1 ? refused_input : good);
     } catch (const std::exception& refused) {
       zero_error = refused.what();
     }
     lone->forward(good);  // ranks 0 and 1: means 0.5 and 1.5, so the global mean is 1
-    const bool named = rank == 1 ? zero_error.find("expected 2D or 3D input") != std::string::npos
+    const bool named = rank == 1 ? zero_error.find(refusal) != std::string::npos
                                  : zero_error.find("rank(s) 1 raised in this call") != std::string::npos;
-    refusal_announced = named && std::abs(lone->running_mean[0].item<double>() - 1.0) < 1e-12 &&
-                        lone->num_batches_tracked.item<int64_t>() == 1;
-    if (!refusal_announced) std::fprintf(stderr, "rank %d: refusal not announced: %s\n", rank, zero_error.c_str());
+    const bool announced = named && std::abs(lone->running_mean[0].item<double>() - 1.0) < 1e-12 &&
+                           lone->num_batches_tracked.item<int64_t>() == 1;
+    if (!announced) std::fprintf(stderr, "rank %d: refusal not announced: %s\n", rank, zero_error.c_str());
+    refusal_announced = refusal_announced && announced;
   }
 
   // Both ranks on this host: shared memory, unless SYNCBN_SHARED_MEMORY=0 (the test's second run) keeps every

@@ -179,3 +179,20 @@ def test_a_progress_bar_when_asked(capsys):
     run_demo(replicas=2, steps=2, batch_per_replica=2, seed=0, show_progress=True)
     err = capsys.readouterr().err
     assert "demo: 100%|" in err and "6/6" in err  # 3 ways x 2 steps
+
+
+def test_a_plot_over_a_writable_file_in_a_folder_that_takes_no_new_file_is_accepted(tmp_path, monkeypatch):
+    # The trial save cannot go next to it there (a read-only folder: simulated, as root writes anywhere); the file
+    # itself can be written over, so the format alone is tried, elsewhere.
+    pytest.importorskip("matplotlib")
+    from syncbn_ext import demo
+
+    plot = tmp_path / "demo.png"
+    plot.write_bytes(b"old")
+    real_access = os.access
+    monkeypatch.setattr(demo.os, "access", lambda path, mode: str(path) != str(tmp_path) and real_access(path, mode))
+    assert demo.plot_path_error(str(plot)) is None
+    assert list(tmp_path.iterdir()) == [plot] and plot.read_bytes() == b"old"
+    plot.chmod(0o444)
+    monkeypatch.setattr(demo.os, "access", lambda path, mode: False)
+    assert demo.plot_path_error(str(plot)) == f"{str(plot)!r} cannot be written (permission denied)"

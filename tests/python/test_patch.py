@@ -117,13 +117,21 @@ def test_replicas_made_without_the_callbacks_warn_and_are_refused_across_process
     layer = SynchronizedBatchNorm1d(3)
     replica = replicate_on_cpu(layer, 2)[1]
     x = torch.randn(4, 3)
-    with pytest.warns(RuntimeWarning, match="replication callbacks did not run .* syncbn_ext.patch"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"SynchronizedBatchNorm1d\(3\) #\d+ runs in a replica whose replication "
+        "callbacks did not run .* syncbn_ext.patch",
+    ) as caught:
         y = replica(x)
+    assert caught[0].filename == __file__  # the code calling the layer, not torch's or ours
     torch.testing.assert_close(y, nn.BatchNorm1d(3)(x))  # its slice alone, as said
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         replica.eval()(x)  # running statistics: nothing to synchronize
         layer(x)  # not a replica
+        detached = replicate_on_cpu(layer, 2, detach=True)[1]  # (a copy needs leaf parameters)
+        copy.deepcopy(detached).train()(x)  # a copy of a replica is a layer of its own
+        pickle.loads(pickle.dumps(detached))(x)
     # Across processes, each replica would exchange on its own: an error before any exchange.
     across = replicate_on_cpu(SynchronizedBatchNorm1d(3, process_group=dist.ProcessGroup(0, 2)), 2)[0]
     with pytest.raises(RuntimeError, match="replication callbacks did not run.*each replica would exchange"):

@@ -90,10 +90,13 @@ class SlicesOfATable(nn.Module):
         self.register_buffer("counts", table[1000:1004])
         self.register_buffer("tail", table[1002:1006])  # overlaps counts
         self.register_buffer("bits", table[1006:1008].view(torch.int32))
+        self.register_buffer("head", None)
         self.copied_bytes: list[int] = []
 
     def forward(self, x):
         self.copied_bytes.append(self.counts.untyped_storage().nbytes())
+        if self.head is None:
+            self.head = self.counts[:2]  # replaced with a view of a copy: the module's head views its counts
         self.counts.add_(1)  # seen through tail
         self.bits.add_(3)
         return x
@@ -104,12 +107,15 @@ def test_buffers_sliced_from_a_large_tensor_copy_their_span_only():
     model = SlicesOfATable()
     reference = copy.deepcopy(model)
     for step in range(2):
-        call_with_timeout(cpu_dp(model, 2), torch.randn(4, 3))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (the view replica 0 put in head follows the module's counts)
+            call_with_timeout(cpu_dp(model, 2), torch.randn(4, 3))
         reference(torch.randn(2, 3))
         for name, expected in reference.state_dict().items():
             assert torch.equal(model.state_dict()[name], expected), (step, name)
     assert max(model.copied_bytes) < 128, model.copied_bytes  # (either replica; replica 0: the span, 64 bytes)
     assert model.tail.tolist() == [2.0, 2.0, 0.0, 0.0] and model.tail.data_ptr() == model.counts.data_ptr() + 8
+    assert model.head.data_ptr() == model.counts.data_ptr() and model.head.tolist() == [2.0, 2.0]
 
 
 class ReplacesItsBuffers(nn.Module):
