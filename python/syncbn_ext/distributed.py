@@ -97,6 +97,9 @@ class _SetUpState:
 _own_groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _set_up_states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # user group -> _SetUpState
 _gloo_device_types: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # user group -> frozenset
+# user group -> (its gloo backend, its own group's): the own group's timeout follows the user's, which torch's
+# _set_pg_timeout changes (e.g. raised after a first step), as torch's own collectives on the group do.
+_timeout_followers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _own_groups_lock = threading.Lock()  # guards the dictionaries' writes, never held while waiting
 
 
@@ -127,6 +130,12 @@ def exchange_group(group: Any, label: str = "", device: torch.device | None = No
             f"the layers' communicator over this group could not be set up ({own.message}); every exchange on the "
             f"group fails from then on: start the processes again\n{_where(group, label)}"
         )
+    followed = _timeout_followers.get(group)
+    if followed is not None:
+        users, ours = followed
+        timeout = users.options._timeout
+        if timeout != ours.options._timeout:
+            ours._set_default_timeout(timeout)
     return own
 
 
@@ -175,17 +184,27 @@ def _set_up(group: Any, label: str) -> Any:
                 if not isinstance(error, Exception):
                     raise
                 raise dist.DistBackendError(f"{error}\n{_where(group, label)}") from error
+        followed = None
+        if not isinstance(own, _FailedSetUp):
+            device = torch.device(next(iter(_gloo_devices(group))))
+            followed = (group._get_backend(device), own._get_backend(device))
         with _own_groups_lock:
+            if followed is not None:
+                _timeout_followers[group] = followed
             _own_groups[group] = own
         return own
 
 
 def _where(group: Any, label: str) -> str:
     """As the C++ exchanges' errors name the layer and the group."""
+    try:
+        backend = dist.get_backend(group)
+    except ValueError:  # a group destroyed since (no longer in torch's registry)
+        backend = f"{group.name()}, destroyed"
     return (
         f"in synchronized BatchNorm {label}, setting up its communicator across the process group (rank "
-        f"{group.rank()} of {group.size()}, {dist.get_backend(group)}): every rank of the group sets it up at its "
-        "first synchronized call on the group, and waits for the others up to the group's timeout"
+        f"{group.rank()} of {group.size()}, {backend}): every rank of the group sets it up at its first "
+        "synchronized call on the group, and waits for the others up to the group's timeout"
     )
 
 

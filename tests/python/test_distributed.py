@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+from datetime import timedelta
 
 import child_processes
 import pytest
@@ -181,6 +182,34 @@ def test_without_torch_distributed_sync_batchnorm_is_a_single_process_layer():
     torch.testing.assert_close(layer.running_var, reference.running_var)
     # Our in-process layers ignore torch.distributed unless given a group.
     assert syncbn_ext.SynchronizedBatchNorm1d(3).sync_group() is None
+
+
+def test_the_layers_communicator_follows_its_groups_timeout_and_names_it_once_destroyed(tmp_path):
+    # Its own gloo group over the ranks kept the timeout of its set-up: raised later (torch's _set_pg_timeout, as
+    # torchtitan does after a first step), a rank late by less than the new timeout failed our exchange only.
+    from torch.distributed import distributed_c10d as c10d
+
+    from syncbn_ext import distributed
+
+    store = tmp_path / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1, timeout=timedelta(seconds=3))
+    try:
+        group = dist.group.WORLD
+        own = distributed.exchange_group(group, "SyncBatchNorm(3)")
+        ours = own._get_backend(torch.device("cpu"))
+        assert ours.options._timeout == timedelta(seconds=3)
+        c10d._set_pg_timeout(timedelta(seconds=30), group)
+        assert distributed.exchange_group(group, "SyncBatchNorm(3)") is own
+        assert ours.options._timeout == timedelta(seconds=30)
+        # A group whose set-up failed, destroyed since: our error still (torch's get_backend refuses such a group).
+        distributed._own_groups[group] = distributed._FailedSetUp("a rank never came")
+        dist.destroy_process_group()
+        failed = r"(?s)could not be set up \(a rank never came\).*gloo, destroyed"
+        with pytest.raises(dist.DistBackendError, match=failed):
+            distributed.exchange_group(group, "SyncBatchNorm(3)")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_a_layer_on_a_rank_outside_its_group_normalizes_alone_also_once_pickled():
