@@ -41,15 +41,9 @@ from torch.nn.utils import parametrize
 
 from .data_parallel import DataParallelWithCallback, patch
 from .lazy import LazySynchronizedBatchNorm1d, LazySynchronizedBatchNorm2d, LazySynchronizedBatchNorm3d
-from .nn import (
-    _SYNC_STATE_DEFAULTS,
-    SyncBatchNorm,
-    SynchronizedBatchNorm1d,
-    SynchronizedBatchNorm2d,
-    SynchronizedBatchNorm3d,
-    _SynchronizedBatchNorm,
-)
+from .nn import SyncBatchNorm, SynchronizedBatchNorm1d, SynchronizedBatchNorm2d, SynchronizedBatchNorm3d
 from .replicate import _optimized_module_type
+from .synchronized_base import _SYNC_STATE_DEFAULTS, _SynchronizedBatchNorm
 
 __all__ = ["convert_model", "convert_to_sync_batch_norm", "patch_sync_batchnorm", "revert_model"]
 

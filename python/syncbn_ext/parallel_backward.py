@@ -38,12 +38,12 @@ from typing import Any
 import torch
 
 from ._native import _C
-from .nn import _SynchronizedBatchNorm
 from .parallel_apply import ABORT_TAG, caused_by_closing, run_on_workers
 from .parameter_sums import ParameterSums
 from .replica_workers import cpu_intra_op_threads
 from .replication import Replication
 from .scatter_gather import _is_namedtuple, _tensors
+from .synchronized_base import _SynchronizedBatchNorm
 
 __all__ = ["Boundaries", "faster_than_serial", "join_replicas", "wanted"]
 

@@ -45,7 +45,7 @@ CLONES = {"pickle": lambda m: pickle.loads(pickle.dumps(m)), "deepcopy": copy.de
 
 
 def sync_layers(module):
-    return [m for m in module.modules() if isinstance(m, syncbn_ext.nn._SynchronizedBatchNorm)]
+    return [m for m in module.modules() if isinstance(m, syncbn_ext.synchronized_base._SynchronizedBatchNorm)]
 
 
 def cpu_dp(module, n, **kwargs):
