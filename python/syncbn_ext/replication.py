@@ -38,9 +38,14 @@ def _isolate_buffers(original: nn.Module, replica: nn.Module) -> tuple[list[_Buf
         for source, target in zip(original.modules(), replica.modules(), strict=False)
         if source._buffers is not target._buffers
         for key, buf in target._buffers.items()
-        if key in source._buffers and source._buffers[key] is buf
+        if key in source._buffers and _is_or_detaches(buf, source._buffers[key])
     ]
-    shared = [(i, buf) for i, (_, _, _, buf) in enumerate(slots) if buf is not None and not buf.requires_grad]
+    # A buffer that requires grad stays the module's under grad mode (its gradient reaches it through replica 0's
+    # graph); without gradients it is copied as any other.
+    copies_too = not torch.is_grad_enabled()
+    shared = [
+        (i, buf) for i, (_, _, _, buf) in enumerate(slots) if buf is not None and (copies_too or not buf.requires_grad)
+    ]
     copy_of = _copier_keeping_views([buf for _, buf in shared])
     links: list[_BufferCopy] = []
     copies: dict[int, torch.Tensor] = {}
@@ -53,6 +58,22 @@ def _isolate_buffers(original: nn.Module, replica: nn.Module) -> tuple[list[_Buf
         target[key] = copy
         slots[i] = (source, target, key, copy)
     return links, slots
+
+
+def _is_or_detaches(given: Any, buffer: Any) -> bool:
+    """Whether replica 0 was given ``buffer`` itself, or (replicated without gradients) a detached alias of it."""
+    if given is buffer:
+        return True
+    return (
+        isinstance(given, torch.Tensor)
+        and isinstance(buffer, torch.Tensor)
+        and buffer.requires_grad
+        and not given.requires_grad
+        and _storage_key(given) is not None
+        and _storage_key(given) == _storage_key(buffer)
+        and (given.dtype, given.size(), given.stride(), given.storage_offset())
+        == (buffer.dtype, buffer.size(), buffer.stride(), buffer.storage_offset())
+    )
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[Any, int] | None:

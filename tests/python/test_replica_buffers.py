@@ -159,6 +159,39 @@ def test_buffers_replica_0_replaces_reach_the_module_as_alone(n):
         assert torch.equal(tensor, before[name]), name
 
 
+class CountsInABufferThatRequiresGrad(nn.Module):
+    """Counts its calls in place in a buffer that requires grad (run under no_grad); raises on a marked input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(2, requires_grad=True))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        if (x == RaiseOnMarker.MARKER).any():
+            raise ValueError("marked")
+        return x * self.calls[0]
+
+
+def test_a_buffer_that_requires_grad_is_isolated_in_forwards_without_gradients():
+    # Under torch.no_grad() replica 0 wrote the module's own tensor: a failed forward's count reached the module.
+    model = CountsInABufferThatRequiresGrad()
+    dp = cpu_dp(model, 2)
+
+    def without_gradients(x):
+        with torch.no_grad():
+            return dp(x)
+
+    x = torch.randn(4, 3)
+    call_with_timeout(without_gradients, x)
+    assert model.calls.tolist() == [1.0, 1.0]
+    marked = x.clone()
+    marked[-1, 0] = RaiseOnMarker.MARKER  # the last replica raises; replica 0 counted all the same
+    with pytest.raises(ValueError, match="marked"):
+        call_with_timeout(without_gradients, marked)
+    assert model.calls.tolist() == [1.0, 1.0] and model.calls.requires_grad and model.calls.is_leaf
+
+
 class ViewsItsCounts(nn.Module):
     """Counts in place, and at its first forward replaces two buffers with views of (and an alias to) the counts."""
 
