@@ -298,7 +298,8 @@ void check_headers_agree(const ProcessGroupPtr& group, const at::Tensor& headers
     out << "synchronized BatchNorm layer #" << layer_id << " has different numbers of channels on the ranks of the "
         << "process group:";
     for (int64_t r = 0; r < world; ++r) out << " rank " << r << ": " << rows[r][3] << (r + 1 < world ? "," : ";");
-    out << " construct it alike (the same num_features) on every rank";
+    out << " its inputs' channels (dim 1) differ: construct it alike (the same num_features) and give it inputs of "
+           "that many channels on every rank";
     throw BarrierError(out.str() + "\n" + where(group, label, doing));
   }
   out << "synchronized BatchNorm layers were called in a different order or number of times by the ranks of the "

@@ -118,9 +118,10 @@ torch::Tensor sync_batch_norm_module_forward(const torch::Tensor& input, const t
                                              const torch::Tensor& running_mean, const torch::Tensor& running_var,
                                              const torch::Tensor& num_batches_tracked, bool training,
                                              const BatchNormSyncState& state) {
-  // torch::nn::BatchNorm (and this layer alone) fails on a channel-less input in ATen's batch_norm: the same
-  // error here, where the merged statistics of no channel would otherwise run without one; announced to the other
-  // ranks first, as every refusal before the exchange.
+  // A channel-less input: torch::nn::BatchNorm returns an empty output (as for any empty batch whose channels do
+  // not match, which the synchronized path refuses: README); refused here with the error ATen gave, where the
+  // merged statistics of no channel would otherwise run without one; announced to the other ranks first, as every
+  // refusal before the exchange.
   if (input.dim() >= 2 && input.size(1) == 0) {
     state.announce_refused(training, options.num_features(), input.device());
     TORCH_CHECK_INDEX(false, "select(): index 0 out of range for tensor of size [0] at dimension 0");

@@ -264,6 +264,7 @@ def test_ranks_whose_calls_differ_in_requires_grad_or_channels_get_an_error_sayi
             in (record["message"])
         ), record
         assert "different order" not in record["message"], record
+        assert "its inputs' channels (dim 1) differ" in record["message"], record
 
 
 @pytest.mark.parametrize("replicas", [1, 2])
