@@ -293,6 +293,12 @@ void write_back_buffers(const std::vector<BufferCopy>& buffers) {
     }
     std::sort(changed.begin(), changed.end());  // written in the buffers' order (elements of one vector)
   }
+  // Refused before anything is written, as torch refuses it in the module's own forward.
+  for (const auto* buffer : changed) {
+    TORCH_CHECK(buffer->original.sizes().equals(buffer->copy.sizes()) || !buffer->original.requires_grad(),
+                "cannot resize variables that require grad (replica 0 resized a buffer that requires grad, which the "
+                "module alone could not)");
+  }
   for (const auto* buffer : changed) {
     if (!buffer->original.sizes().equals(buffer->copy.sizes())) buffer->original.resize_(buffer->copy.sizes());
     buffer->original.copy_(buffer->copy);

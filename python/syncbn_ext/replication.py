@@ -41,10 +41,13 @@ def _isolate_buffers(original: nn.Module, replica: nn.Module) -> tuple[list[_Buf
         if key in source._buffers and _is_or_detaches(buf, source._buffers[key])
     ]
     # A buffer that requires grad stays the module's under grad mode (its gradient reaches it through replica 0's
-    # graph); without gradients it is copied as any other.
+    # graph); without gradients it is copied as any other, and written back into the module's own tensor (not the
+    # detached alias replica 0 was given), so the module never holds an alias of its buffer.
     copies_too = not torch.is_grad_enabled()
     shared = [
-        (i, buf) for i, (_, _, _, buf) in enumerate(slots) if buf is not None and (copies_too or not buf.requires_grad)
+        (i, source[key])
+        for i, (source, _, key, buf) in enumerate(slots)
+        if buf is not None and (copies_too or not buf.requires_grad)
     ]
     copy_of = _copier_keeping_views([buf for _, buf in shared])
     links: list[_BufferCopy] = []
@@ -64,15 +67,19 @@ def _is_or_detaches(given: Any, buffer: Any) -> bool:
     """Whether replica 0 was given ``buffer`` itself, or (replicated without gradients) a detached alias of it."""
     if given is buffer:
         return True
-    return (
-        isinstance(given, torch.Tensor)
-        and isinstance(buffer, torch.Tensor)
-        and buffer.requires_grad
-        and not given.requires_grad
-        and _storage_key(given) is not None
-        and _storage_key(given) == _storage_key(buffer)
-        and (given.dtype, given.size(), given.stride(), given.storage_offset())
-        == (buffer.dtype, buffer.size(), buffer.stride(), buffer.storage_offset())
+    if not (isinstance(given, torch.Tensor) and isinstance(buffer, torch.Tensor)):
+        return False
+    if not buffer.requires_grad or given.requires_grad:
+        return False
+    try:  # the same storage (also an empty one), the same view of it
+        same_storage = given.untyped_storage()._cdata == buffer.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):  # a tensor subclass or wrapper without storage
+        return False
+    return same_storage and (given.dtype, given.size(), given.stride(), given.storage_offset()) == (
+        buffer.dtype,
+        buffer.size(),
+        buffer.stride(),
+        buffer.storage_offset(),
     )
 
 

@@ -29,8 +29,6 @@ __all__ = ["_SynchronizedBatchNorm"]
 # graph break, not worth Dynamo's warning about an unknown C++ function.
 warnings.filterwarnings("ignore", message=r"Dynamo does not know how to trace the builtin `syncbn_ext\._C")
 
-# The synchronization state of a layer that is not a replica: set by __init__, restored by pickling, dropped by
-# revert_model. Replicas get theirs from the replication hook.
 # Where the code calling a layer starts, for warnings: the frames of torch's and of ours are skipped.
 _TORCH_AND_OUR_FILES = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
 
@@ -44,6 +42,8 @@ def _stacklevel_outside(prefixes: tuple[str, ...]) -> int:
     return level
 
 
+# The synchronization state of a layer that is not a replica: set by __init__, restored by pickling, dropped by
+# revert_model. Replicas get theirs from the replication hook.
 _SYNC_STATE_DEFAULTS: dict[str, Any] = {"_copy_id": None, "_channel": None, "_layer": (-1, ""), "_recent_calls": None}
 
 # Layers are known across processes by their construction order, the same on every rank that builds the same model.

@@ -192,6 +192,54 @@ def test_a_buffer_that_requires_grad_is_isolated_in_forwards_without_gradients()
     assert model.calls.tolist() == [1.0, 1.0] and model.calls.requires_grad and model.calls.is_leaf
 
 
+class KeepsBuffersThatRequireGrad(nn.Module):
+    """Buffers that require grad, in forwards without gradients: one aliased into another slot, one filled lazily
+    from empty, and (``resize``) one resized in place, which torch refuses for such a tensor."""
+
+    def __init__(self, resize: bool = False) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(3, requires_grad=True))
+        self.register_buffer("alias", None)
+        self.register_buffer("stats", torch.empty(0, requires_grad=True))
+        self.register_buffer("marks", torch.zeros(2, requires_grad=True))
+        self.resize = resize
+
+    def forward(self, x):
+        if self.alias is None:
+            self.alias = self.scale
+        if self.stats.numel() == 0:
+            self.stats = x.mean(0)
+        if self.resize:
+            self.marks.resize_(4).fill_(7.0)
+        return x * self.alias
+
+
+def test_buffers_that_require_grad_replaced_or_resized_without_gradients_end_as_alone():
+    # Replica 0 was given detached aliases of them: the module's alias slot got a detached alias (a later training
+    # step's gradient never reached the buffer), an empty one filled lazily was lost, and a resize torch refuses
+    # wrote the buffer partly.
+    model, alone = KeepsBuffersThatRequireGrad(), KeepsBuffersThatRequireGrad()
+    dp = cpu_dp(model, 2)
+
+    def without_gradients(run, x):
+        with torch.no_grad():
+            return run(x)
+
+    x = torch.ones(4, 3)
+    call_with_timeout(without_gradients, dp, x)
+    without_gradients(alone, x)
+    assert model.alias is model.scale and model.alias.requires_grad
+    assert model.stats.tolist() == alone.stats.tolist() == [1.0, 1.0, 1.0]
+    call_with_timeout(lambda: dp(torch.randn(4, 3)).sum().backward())
+    assert model.scale.grad is not None
+    resizing = KeepsBuffersThatRequireGrad(resize=True)
+    with pytest.raises(RuntimeError, match="cannot resize variables that require grad"):
+        without_gradients(KeepsBuffersThatRequireGrad(resize=True), x)  # alone
+    with pytest.raises(RuntimeError, match="cannot resize variables that require grad"):
+        call_with_timeout(without_gradients, cpu_dp(resizing, 2), x)
+    assert resizing.marks.tolist() == [0.0, 0.0] and resizing.alias is None  # nothing written
+
+
 class ViewsItsCounts(nn.Module):
     """Counts in place, and at its first forward replaces two buffers with views of (and an alias to) the counts."""
 
