@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -243,13 +244,19 @@ def plot_path_error(path: str) -> str | None:
     return _trial_save_error(folder, extension)
 
 
-def _trial_save_error(folder: str, extension: str) -> str | None:
-    """Why matplotlib cannot save a figure as ``extension`` in ``folder`` (None when it can), found by saving one."""
+def _pyplot_without_screen() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (the demo writes files; no screen is needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _trial_save_error(folder: str, extension: str) -> str | None:
+    """Why matplotlib cannot save a figure as ``extension`` in ``folder`` (None when it can), found by saving one."""
+    plt = _pyplot_without_screen()
     try:
         with tempfile.NamedTemporaryFile(dir=folder, suffix=f".{extension}") as trial:
             figure = plt.figure(figsize=(1, 1))
@@ -265,11 +272,7 @@ def _trial_save_error(folder: str, extension: str) -> str | None:
 
 def plot_runs(runs: list[DemoRun], path: str) -> None:
     """Draws the loss curves and the running statistics' distance to the whole-batch run, per step, to ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot_without_screen()
     reference = runs[-1]
     figure, (losses, distance) = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:

@@ -161,6 +161,11 @@ def _gloo_devices(group: Any) -> frozenset[str]:
     return devices
 
 
+def _a_gloo_device(group: Any) -> torch.device:
+    """A device ``group`` serves with gloo: its gloo backend (one for all of them) holds the group's timeout."""
+    return torch.device(next(iter(_gloo_devices(group))))
+
+
 def _set_up(group: Any, label: str) -> Any:
     """``group``'s entry in ``_own_groups``, made by the first caller (the replica threads of a process may arrive
     together)."""
@@ -186,7 +191,7 @@ def _set_up(group: Any, label: str) -> Any:
                 raise dist.DistBackendError(f"{error}\n{_where(group, label)}") from error
         followed = None
         if not isinstance(own, _FailedSetUp):
-            device = torch.device(next(iter(_gloo_devices(group))))
+            device = _a_gloo_device(group)
             followed = (group._get_backend(device), own._get_backend(device))
         with _own_groups_lock:
             if followed is not None:
@@ -216,7 +221,7 @@ def _new_own_group(group: Any) -> Any:
 
     _, group_store = c10d._world.pg_map[group]
     gloo_devices = _gloo_devices(group)
-    timeout = group._get_backend(torch.device(next(iter(gloo_devices)))).options._timeout
+    timeout = group._get_backend(_a_gloo_device(group)).options._timeout
     name = f"syncbn_ext/{group.group_name}"
     try:
         # A connection of its own: a set-up waiting in store.wait on a shared TCPStore client holds that client, so
