@@ -45,7 +45,7 @@ Message detached(const Message& message) {
 }  // namespace
 
 void CallRecords::add(const Message& message, const Message& merged, int64_t layer, bool grad_enabled,
-                      const std::string& label) {
+                      const std::string& label, std::function<bool()> graph_alive) {
   Record record{layer,
                 message.ints.at(detail::kCount),
                 message.tensors.at(detail::kLocalMean).detach(),
@@ -53,12 +53,17 @@ void CallRecords::add(const Message& message, const Message& merged, int64_t lay
                 detached(merged),
                 grad_enabled,
                 label};
+  record.graph_alive = std::move(graph_alive);
   std::lock_guard<std::mutex> lock(mutex_);
   if (capacity_ == 0) return;
   if (records_.size() == capacity_) {
-    // A record already recalled goes first (its recomputation ran); else the oldest. Its fingerprint stays.
-    size_t victim = 0;
-    while (victim < records_.size() && !records_[victim].recalled) ++victim;
+    // A record whose graph was freed goes first, then one already recalled (its recomputation ran); else the
+    // oldest. Its fingerprint stays.
+    const auto first = [&](auto&& which) {
+      return static_cast<size_t>(std::find_if(records_.begin(), records_.end(), which) - records_.begin());
+    };
+    size_t victim = first([](const Record& r) { return !r.graph_lives(); });
+    if (victim == records_.size()) victim = first([](const Record& r) { return r.recalled; });
     if (victim == records_.size()) victim = 0;
     forgotten_.push_back(fingerprints_[victim]);
     if (forgotten_.size() > kFingerprintsKept) forgotten_.pop_front();
@@ -74,22 +79,25 @@ std::optional<CallRecords::Record> CallRecords::find(const Message& message, int
                                                      bool across_forwards) {
   const int64_t count = message.ints.at(detail::kCount);
   std::lock_guard<std::mutex> lock(mutex_);
-  Record* best = nullptr;
-  double best_difference = std::numeric_limits<double>::infinity();
-  std::vector<Record*> matches;
+  std::vector<std::pair<Record*, double>> found;  // (record, difference)
   for (auto& record : records_) {
     if (record.layer != layer || record.count != count) continue;
     const double difference =
         std::max(relative_difference(message.tensors[detail::kLocalMean], record.local_mean),
                  relative_difference(message.tensors[detail::kLocalM2], record.local_m2));
-    if (difference > kRecallTolerance) continue;
-    matches.push_back(&record);
-    if (difference < best_difference) {
-      best = &record;
-      best_difference = difference;
-    }
+    if (difference <= kRecallTolerance) found.emplace_back(&record, difference);
   }
-  if (best == nullptr) return std::nullopt;
+  // A call whose graph was freed (its backward failed, or none ran) cannot be what is recomputed while a call whose
+  // graph lives matches. (Only freed ones matching: a block whose output it never reached, kept as before.)
+  if (std::any_of(found.begin(), found.end(), [](const auto& f) { return f.first->graph_lives(); })) {
+    std::erase_if(found, [](const auto& f) { return !f.first->graph_lives(); });
+  }
+  if (found.empty()) return std::nullopt;
+  Record* best = std::min_element(found.begin(), found.end(), [](const auto& a, const auto& b) {
+                   return a.second < b.second;
+                 })->first;
+  std::vector<Record*> matches;
+  for (const auto& f : found) matches.push_back(f.first);
   const auto differing = std::find_if(matches.begin(), matches.end(),
                                       [&](const Record* other) { return !same_tensors(other->merged, best->merged); });
   if (differing != matches.end()) {

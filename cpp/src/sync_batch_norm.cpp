@@ -166,7 +166,6 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
   if (record_call) sent = Message{{local[0].detach(), local[1].detach()}, message.ints, nullptr, {}};
 
   Message result = exchange(std::move(message));
-  if (record_call) recent->add(*sent, result, -1, /*grad_enabled=*/true, group_call->label);
   Merged merged = unpack_merged(result, input.device());
   if (result.payload && channel != nullptr) {
     // The replicas' backward runs in parallel: this copy merges through a node of its own, where the copies
@@ -199,7 +198,17 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
       write();
     }
   }
-  return normalize(merged);
+  at::Tensor output = normalize(merged);
+  if (record_call) {
+    // Tied to the output's graph, when it has one (a frozen layer on an input without gradients has none), which
+    // a failed or dropped backward frees.
+    std::function<bool()> graph_alive;
+    if (const auto& node = output.grad_fn()) {
+      graph_alive = [graph = c10::weak_intrusive_ptr<torch::autograd::Node>(node)] { return !graph.expired(); };
+    }
+    recent->add(*sent, result, -1, /*grad_enabled=*/true, group_call->label, std::move(graph_alive));
+  }
+  return output;
 }
 
 }  // namespace

@@ -436,6 +436,57 @@ def scenario_checkpoint(rank, world, replicas, sizes):
     return with_final_state(errors, model, dist.group.WORLD)
 
 
+def scenario_checkpoint_after_failed_backward(rank, world, replicas, sizes):
+    """A checkpointed step whose backward failed on every rank (in a hook, before reaching the layers), then steps in
+    which rank 0's batch repeats that step's: its recomputations get their own step's statistics. (Before, a layer
+    alone in its process kept the failed step's record, never recomputed, and recalled it in preference to its own
+    step's, whose whole-batch statistics differ: wrong gradients at every later step, silently.)"""
+    torch.manual_seed(0)
+    reference = CheckpointedBlock(nn.BatchNorm2d, checkpointed=False).double()
+    model = CheckpointedBlock(syncbn_ext.SyncBatchNorm).double()
+    model.load_state_dict(reference.state_dict())
+    run = wrap(model, replicas)
+    errors = {"output": 0.0, "input_grad": 0.0, "param_grad": 0.0}
+
+    def refuse(grad):
+        raise ValueError("refused in a hook")
+
+    for step in range(3):
+        batches = [
+            torch.randn(
+                sizes[r], 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0 if r == 0 else step)
+            )
+            for r in range(world)
+        ]
+        model.zero_grad()
+        reference.zero_grad()
+        x = batches[rank].clone().requires_grad_()
+        whole = torch.cat(batches).requires_grad_()
+        expected = reference(whole)
+        out = run(x)
+        if step == 0:
+            out.register_hook(refuse)
+            try:
+                out.square().sum().backward()
+            except ValueError:
+                pass
+            else:
+                raise AssertionError("the hook did not fail the backward")
+            continue
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+        grad = model.block[0].weight.grad.clone()
+        dist.all_reduce(grad)
+        errors["output"] = max(errors["output"], (out - expected[mine]).abs().max().item())
+        errors["input_grad"] = max(errors["input_grad"], (x.grad - whole.grad[mine]).abs().max().item())
+        errors["param_grad"] = max(errors["param_grad"], (grad - reference.block[0].weight.grad).abs().max().item())
+    errors["buffers"] = max(
+        (a - b).abs().max().item() for a, b in zip(model.buffers(), reference.buffers(), strict=True)
+    )
+    return with_final_state(errors, model, dist.group.WORLD)
+
+
 class CallsTheLayerInACheckpoint(nn.Module):
     """A checkpointed block that calls one synchronized layer ``times`` times."""
 

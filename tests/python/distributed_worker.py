@@ -48,6 +48,7 @@ SCENARIOS = {
     "skipped_step": faults.scenario_skipped_step,
     "refused_input": faults.scenario_refused_input,
     "checkpoint": faults.scenario_checkpoint,
+    "checkpoint_after_failed_backward": faults.scenario_checkpoint_after_failed_backward,
     "checkpoint_forgotten": faults.scenario_checkpoint_forgotten,
     "some_parameters_grads": faults.scenario_some_parameters_grads,
     "input_grad_on_one_rank": faults.scenario_input_grad_on_one_rank,

@@ -133,13 +133,16 @@ def test_checkpointed_blocks_match_the_global_batch_with_and_without_replicas_an
 ):
     # A layer alone in its process exchanged again when its checkpointed block was recomputed, where a replica reuses
     # its channel's statistics: with replicas on some ranks only, every step failed; on all ranks alike, each batch
-    # was counted twice in the running statistics.
-    results = launch(tmp_path, 2, replicas, [4, 3], ["checkpoint"], transport=transport)
-    for rank in range(2):
-        outcome = measures(results["checkpoint"][rank])
-        for quantity in ("output", "input_grad", "param_grad", "buffers"):
-            assert outcome[quantity] < TOLERANCE, (quantity, outcome)
-        assert outcome["buffers_equal_on_every_rank"] and outcome["num_batches_tracked"] == [2], outcome
+    # was counted twice in the running statistics. checkpoint_after_failed_backward: a layer alone in its process
+    # recalled a failed backward's record at later steps whose batch repeated it on that rank (silently wrong).
+    scenarios = {"checkpoint": 2, "checkpoint_after_failed_backward": 3}
+    results = launch(tmp_path, 2, replicas, [4, 3], list(scenarios), transport=transport)
+    for scenario, steps in scenarios.items():
+        for rank in range(2):
+            outcome = measures(results[scenario][rank])
+            for quantity in ("output", "input_grad", "param_grad", "buffers"):
+                assert outcome[quantity] < TOLERANCE, (scenario, quantity, outcome)
+            assert outcome["buffers_equal_on_every_rank"] and outcome["num_batches_tracked"] == [steps], outcome
 
 
 @pytest.mark.parametrize("replicas, transport", [([2, 1], "shared_memory"), ([2, 2], "c10d"), ([1, 2], "c10d")])

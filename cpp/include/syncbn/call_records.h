@@ -3,6 +3,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <limits>
 #include <mutex>
 #include <optional>
@@ -34,15 +35,23 @@ class SYNCBN_API CallRecords {
     bool grad_enabled = true;         // the forward ran with gradients (not a use_reentrant=True checkpoint's)
     std::string label;
     bool recalled = false;            // found again at least once
+    // Whether the call's forward graph (its output's) still lives, when the record is kept across forwards: once
+    // it is freed (its backward failed, or it was dropped without one) the call is not recalled while another
+    // whose graph lives matches (a later forward whose statistics repeat it), and is forgotten first.
+    std::function<bool()> graph_alive;  // empty: not tied to a graph
+    bool graph_lives() const { return !graph_alive || graph_alive(); }
   };
 
-  // Keeps at most `capacity` records: beyond it forgets one already recalled
-  // if any, else the oldest (keeping its fingerprint, see forgot()).
+  // Keeps at most `capacity` records: beyond it forgets one whose graph was
+  // freed, else one already recalled, else the oldest (keeping its
+  // fingerprint, see forgot()).
   explicit CallRecords(size_t capacity = std::numeric_limits<size_t>::max()) : capacity_(capacity) {}
 
   // Remembers a call: `message` is the statistics message it sent (local mean
   // and M2, count), `merged` what it got back.
-  void add(const Message& message, const Message& merged, int64_t layer, bool grad_enabled, const std::string& label);
+  // `graph_alive`: whether the call's forward graph still lives (see Record::graph_alive).
+  void add(const Message& message, const Message& merged, int64_t layer, bool grad_enabled, const std::string& label,
+           std::function<bool()> graph_alive = {});
 
   // The earlier call of layer `layer` whose local statistics `message` repeats
   // (within a relative 1e-4: non-deterministic kernels upstream), the closest
