@@ -13,7 +13,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from distributed_parity import C, with_final_state, wrap
+from distributed_parity import C, same_on_every_rank, with_final_state, wrap
 from torch import nn
 from torch.distributed.algorithms.join import Join
 
@@ -308,6 +308,43 @@ def scenario_skipped_step(rank, world, replicas, sizes):
         except Exception as error:
             errors[step] = [type(error).__name__, str(error)]
     return with_final_state({"errors": errors}, model, dist.group.WORLD)
+
+
+class RaisesBetweenLayers(nn.Module):
+    """Two synchronized layers; raises between them while ``fail`` is set (after the forward's first synchronized
+    call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(C, C)
+        self.first, self.second = syncbn_ext.SyncBatchNorm(C), syncbn_ext.SyncBatchNorm(C)
+        self.fail = False
+
+    def forward(self, x):
+        h = self.first(self.linear(x))
+        if self.fail:
+            raise ValueError("a bad batch")
+        return self.second(h)
+
+
+def scenario_ddp_failed_forward(rank, world, replicas, sizes):
+    """Under DistributedDataParallel(broadcast_buffers=False), rank 1's forward raises between two synchronized
+    layers once and the loop goes on: rank 1's next forward meets rank 0 at the other layer and both fail; rank 1
+    makes the step up and the following steps pair (with broadcast_buffers=True, DDP's broadcast at rank 1's next
+    forward would wait for rank 0, which waits at the second layer: README says restart there)."""
+    model = RaisesBetweenLayers().double()
+    ddp = nn.parallel.DistributedDataParallel(wrap(model, replicas), broadcast_buffers=False)
+    x = torch.randn(4, C, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    errors = {}
+    for step in range(4 if rank == 0 else 5):  # rank 1's step 2 met rank 0's step 1
+        model.fail = rank == 1 and step == 1
+        try:
+            ddp(x).square().sum().backward()
+        except Exception as error:
+            errors[step] = [type(error).__name__, str(error)]
+    outcome = with_final_state({"errors": errors}, model, dist.group.WORLD)
+    outcome["parameters_equal_on_every_rank"] = all(same_on_every_rank(p, dist.group.WORLD) for p in model.parameters())
+    return outcome
 
 
 def scenario_input_grad_on_one_rank(rank, world, replicas, sizes):

@@ -46,6 +46,7 @@ SCENARIOS = {
     "steps": faults.scenario_steps,
     "unused_output": faults.scenario_unused_output,
     "skipped_step": faults.scenario_skipped_step,
+    "ddp_failed_forward": faults.scenario_ddp_failed_forward,
     "refused_input": faults.scenario_refused_input,
     "checkpoint": faults.scenario_checkpoint,
     "checkpoint_after_failed_backward": faults.scenario_checkpoint_after_failed_backward,

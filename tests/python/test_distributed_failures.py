@@ -214,6 +214,28 @@ def test_after_a_step_one_rank_skipped_the_ranks_pair_again(tmp_path, replicas, 
         assert outcome["num_batches_tracked"] == [4, 4], outcome  # every forward that got its statistics
 
 
+@pytest.mark.parametrize("replicas, transport", [(1, "shared_memory"), ([1, 2], "c10d")])
+def test_under_ddp_without_buffer_broadcasts_a_forward_raising_between_layers_is_made_up_and_the_ranks_pair_again(
+    tmp_path, replicas, transport
+):
+    # Rank 1 raises between the two layers at step 1 and goes on: rank 0 waits at the second layer, meets rank 1's
+    # step 2 at the first and both fail; then they pair again. (README: with DDP's default broadcast_buffers=True,
+    # rank 1's next forward would start with DDP's broadcast instead: both wait for the group's timeout.)
+    results = launch(tmp_path, 2, replicas, [4, 4], ["ddp_failed_forward"], transport=transport)["ddp_failed_forward"]
+    zero, one = measures(results[0]), measures(results[1])
+    assert sorted(zero["errors"]) == ["1"] and sorted(one["errors"]) == ["1", "2"], (zero, one)
+    assert one["errors"]["1"][0] == "ValueError" and "a bad batch" in one["errors"]["1"][1], one
+    for error in (zero["errors"]["1"], one["errors"]["2"]):
+        assert error[0] == "BarrierError" and "different order or number of times" in error[1], (zero, one)
+    for outcome in (zero, one):
+        assert outcome["parameters_equal_on_every_rank"], outcome
+    # The first layer counts rank 1's failed step where it ran alone in its process (its update was written then),
+    # not where replicas ran it (a failed forward writes nothing: README says the buffers then differ by that step).
+    alone = replicas == 1
+    assert zero["num_batches_tracked"] == [4, 3] and one["num_batches_tracked"] == [4 if alone else 3, 3], (zero, one)
+    assert zero["buffers_equal_on_every_rank"] == alone, zero
+
+
 def test_a_checkpointed_layer_alone_in_its_process_called_more_than_it_keeps_fails_its_backward_saying_so(tmp_path):
     results = launch(tmp_path, 2, 1, [4, 3], ["checkpoint_forgotten"])
     for rank in range(2):
