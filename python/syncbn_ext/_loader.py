@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import os
 import re
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -133,15 +134,25 @@ def load_jit(verbose: bool = False) -> ModuleType:
                 f"({age:.0f} s old); no build is running. Delete it and import again: rm {stale}"
             )
         sources = unity_sources({part: parts.get(part, []) for part in ("core", "bindings")}, build_dir)
-        return load(
-            name=JIT_MODULE_NAME,
-            sources=[str(unit) for unit in sources],
-            extra_include_paths=[str(include_dir)],
-            extra_cflags=["-O2", "-DSYNCBN_BUILDING_LIBRARY", *version_flags],
-            extra_ldflags=["-lrt"] if sys.platform.startswith("linux") else [],  # shm_open before glibc 2.34
-            build_directory=str(build_dir),
-            verbose=verbose,
-        )
+        try:
+            return load(
+                name=JIT_MODULE_NAME,
+                sources=[str(unit) for unit in sources],
+                extra_include_paths=[str(include_dir)],
+                extra_cflags=["-O2", "-DSYNCBN_BUILDING_LIBRARY", *version_flags],
+                extra_ldflags=["-lrt"] if sys.platform.startswith("linux") else [],  # shm_open before glibc 2.34
+                build_directory=str(build_dir),
+                verbose=verbose,
+            )
+        except (OSError, subprocess.CalledProcessError, RuntimeError) as error:
+            # torch's own error (a compiler that does not run, a compile error) says nothing of why a build ran.
+            compiler = os.environ.get("CXX", "c++")
+            raise ImportError(
+                f"syncbn_ext: the JIT build of the C++ sources in {SOURCE_LIST.parent} failed (it runs where no "
+                f"prebuilt syncbn_ext._C is installed, or where {JIT_ENV}=1 asks for it). It needs a C++20 compiler "
+                f"({compiler}, from $CXX) and ninja; or install the package with 'pip install --no-build-isolation "
+                f".', which builds it once. The build said:\n{type(error).__name__}: {error}"
+            ) from error
 
 
 def load() -> tuple[ModuleType, LoadInfo]:

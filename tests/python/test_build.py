@@ -99,6 +99,26 @@ def test_stale_jit_lock_is_reported_not_waited_on(tmp_path):
     assert f"rm {build_dir / 'lock'}" in result.stderr
 
 
+def test_a_jit_build_without_a_working_compiler_says_what_failed_and_the_way_out(tmp_path):
+    # Before: torch's subprocess.CalledProcessError for '/bin/false --version', naming neither syncbn_ext nor a remedy.
+    result = run_python(
+        "import syncbn_ext",
+        {
+            "TORCH_EXTENSIONS_DIR": str(tmp_path),
+            "SYNCBN_EXT_JIT": "1",
+            "PYTHONPATH": str(ROOT / "python"),
+            "CXX": "/bin/false",
+        },
+        timeout=120,
+    )
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()
+    assert any(line.startswith("ImportError: syncbn_ext: the JIT build of the C++ sources") for line in last), last
+    assert "(/bin/false, from $CXX)" in result.stderr and "pip install --no-build-isolation ." in result.stderr
+    assert "CalledProcessError" in result.stderr  # what the build said
+    assert not (tmp_path / _loader.JIT_MODULE_NAME / "lock").exists()  # the next import tries again
+
+
 def test_jit_build_compiles_the_same_sources_and_works(tmp_path):
     code = (
         "import syncbn_ext, sys; "
