@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/function.h>
 
 #include "statistics_message.h"
 
@@ -42,10 +43,29 @@ Message detached(const Message& message) {
   return copy;
 }
 
+// Of `matches`, the call the recomputation running now repeats: torch.utils.checkpoint recomputes a block when
+// backward evaluates a node made in the block's forward, so after the call on the same thread (autograd's sequence
+// numbers count up per thread); the last call made before that node. nullptr where that cannot be told (no node
+// being evaluated, or no call made on its thread before it).
+CallRecords::Record* made_in_the_recomputed_forward(const std::vector<CallRecords::Record*>& matches) {
+  const c10::intrusive_ptr<torch::autograd::Node> node = torch::autograd::get_current_node();
+  if (!node) return nullptr;
+  CallRecords::Record* latest = nullptr;
+  for (CallRecords::Record* record : matches) {
+    const CallRecords::Origin& origin = record->origin;
+    if (origin.sequence_nr < 0 || origin.thread != node->thread_id() ||
+        static_cast<uint64_t>(origin.sequence_nr) > node->sequence_nr()) {
+      continue;
+    }
+    if (latest == nullptr || origin.sequence_nr > latest->origin.sequence_nr) latest = record;
+  }
+  return latest;
+}
+
 }  // namespace
 
 void CallRecords::add(const Message& message, const Message& merged, int64_t layer, bool grad_enabled,
-                      const std::string& label, std::function<bool()> graph_alive) {
+                      const std::string& label, Origin origin) {
   Record record{layer,
                 message.ints.at(detail::kCount),
                 message.tensors.at(detail::kLocalMean).detach(),
@@ -53,7 +73,7 @@ void CallRecords::add(const Message& message, const Message& merged, int64_t lay
                 detached(merged),
                 grad_enabled,
                 label};
-  record.graph_alive = std::move(graph_alive);
+  record.origin = std::move(origin);
   std::lock_guard<std::mutex> lock(mutex_);
   if (capacity_ == 0) return;
   if (records_.size() == capacity_) {
@@ -62,7 +82,7 @@ void CallRecords::add(const Message& message, const Message& merged, int64_t lay
     const auto first = [&](auto&& which) {
       return static_cast<size_t>(std::find_if(records_.begin(), records_.end(), which) - records_.begin());
     };
-    size_t victim = first([](const Record& r) { return !r.graph_lives(); });
+    size_t victim = first([](const Record& r) { return !r.origin.graph_lives(); });
     if (victim == records_.size()) victim = first([](const Record& r) { return r.recalled; });
     if (victim == records_.size()) victim = 0;
     forgotten_.push_back(fingerprints_[victim]);
@@ -79,25 +99,22 @@ std::optional<CallRecords::Record> CallRecords::find(const Message& message, int
                                                      bool across_forwards) {
   const int64_t count = message.ints.at(detail::kCount);
   std::lock_guard<std::mutex> lock(mutex_);
-  std::vector<std::pair<Record*, double>> found;  // (record, difference)
+  Record* best = nullptr;
+  double best_difference = std::numeric_limits<double>::infinity();
+  std::vector<Record*> matches;
   for (auto& record : records_) {
     if (record.layer != layer || record.count != count) continue;
     const double difference =
         std::max(relative_difference(message.tensors[detail::kLocalMean], record.local_mean),
                  relative_difference(message.tensors[detail::kLocalM2], record.local_m2));
-    if (difference <= kRecallTolerance) found.emplace_back(&record, difference);
+    if (difference > kRecallTolerance) continue;
+    matches.push_back(&record);
+    if (difference < best_difference) {
+      best = &record;
+      best_difference = difference;
+    }
   }
-  // A call whose graph was freed (its backward failed, or none ran) cannot be what is recomputed while a call whose
-  // graph lives matches. (Only freed ones matching: a block whose output it never reached, kept as before.)
-  if (std::any_of(found.begin(), found.end(), [](const auto& f) { return f.first->graph_lives(); })) {
-    std::erase_if(found, [](const auto& f) { return !f.first->graph_lives(); });
-  }
-  if (found.empty()) return std::nullopt;
-  Record* best = std::min_element(found.begin(), found.end(), [](const auto& a, const auto& b) {
-                   return a.second < b.second;
-                 })->first;
-  std::vector<Record*> matches;
-  for (const auto& f : found) matches.push_back(f.first);
+  if (best == nullptr) return std::nullopt;
   const auto differing = std::find_if(matches.begin(), matches.end(),
                                       [&](const Record* other) { return !same_tensors(other->merged, best->merged); });
   if (differing != matches.end()) {
@@ -106,8 +123,12 @@ std::optional<CallRecords::Record> CallRecords::find(const Message& message, int
                 "forward's calls (", best->label, " and ", (*differing)->label,
                 ") whose whole-batch statistics differ, so the call being recomputed cannot be told; checkpoint a "
                 "block that calls the layer once, or do not checkpoint it");
-    const auto unrecalled = std::find_if(matches.begin(), matches.end(), [](const Record* r) { return !r->recalled; });
-    best = unrecalled != matches.end() ? *unrecalled : matches.back();  // records_ is oldest first
+    best = made_in_the_recomputed_forward(matches);
+    if (best == nullptr) {
+      const auto unrecalled =
+          std::find_if(matches.begin(), matches.end(), [](const Record* r) { return !r->recalled; });
+      best = unrecalled != matches.end() ? *unrecalled : matches.back();  // records_ is oldest first
+    }
   }
   best->recalled = true;
   return *best;

@@ -7,6 +7,7 @@
 
 #include <ATen/SavedTensorHooks.h>
 #include <ATen/SequenceNumber.h>
+#include <ATen/record_function.h>
 #include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/graph_task.h>
@@ -200,13 +201,13 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
   }
   at::Tensor output = normalize(merged);
   if (record_call) {
-    // Tied to the output's graph, when it has one (a frozen layer on an input without gradients has none), which
-    // a failed or dropped backward frees.
-    std::function<bool()> graph_alive;
+    // Where the call was made (the merge node's number: reserved at the call), and its output's graph, when it
+    // has one (a frozen layer on an input without gradients has none), which a failed or dropped backward frees.
+    CallRecords::Origin origin{at::RecordFunction::currentThreadId(), merge_sequence_nr, {}};
     if (const auto& node = output.grad_fn()) {
-      graph_alive = [graph = c10::weak_intrusive_ptr<torch::autograd::Node>(node)] { return !graph.expired(); };
+      origin.graph_alive = [graph = c10::weak_intrusive_ptr<torch::autograd::Node>(node)] { return !graph.expired(); };
     }
-    recent->add(*sent, result, -1, /*grad_enabled=*/true, group_call->label, std::move(graph_alive));
+    recent->add(*sent, result, -1, /*grad_enabled=*/true, group_call->label, std::move(origin));
   }
   return output;
 }

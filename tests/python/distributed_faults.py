@@ -473,54 +473,112 @@ def scenario_checkpoint(rank, world, replicas, sizes):
     return with_final_state(errors, model, dist.group.WORLD)
 
 
+class FrozenFirstInCheckpointedBlock(nn.Module):
+    """A frozen synchronized layer (no trainable parameters, an input without gradients: its output has no graph)
+    first in a checkpointed block whose trainable conv saves its output."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.block = nn.Sequential(norm(3), nn.Conv2d(3, C, 1), nn.Tanh())
+        self.block[0].requires_grad_(False)
+        self.head = nn.Conv2d(C, 2, 1)
+        self.checkpointed = True
+
+    def forward(self, x):
+        if not self.checkpointed:
+            return self.head(self.block(x))
+        return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False))
+
+
+def batches_repeating_on_rank_0(step, sizes):
+    """Each rank's batch of ``step``: rank 0's is the same at every step, the others' change."""
+    return [
+        torch.randn(
+            sizes[r], 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0 if r == 0 else step + 1)
+        )
+        for r in range(len(sizes))
+    ]
+
+
 def scenario_checkpoint_after_failed_backward(rank, world, replicas, sizes):
-    """A checkpointed step whose backward failed on every rank (in a hook, before reaching the layers), then steps in
-    which rank 0's batch repeats that step's: its recomputations get their own step's statistics. (Before, a layer
-    alone in its process kept the failed step's record, never recomputed, and recalled it in preference to its own
-    step's, whose whole-batch statistics differ: wrong gradients at every later step, silently.)"""
-    torch.manual_seed(0)
-    reference = CheckpointedBlock(nn.BatchNorm2d, checkpointed=False).double()
-    model = CheckpointedBlock(syncbn_ext.SyncBatchNorm).double()
-    model.load_state_dict(reference.state_dict())
-    run = wrap(model, replicas)
+    """Checkpointed steps in which rank 0's batch repeats (its local statistics match earlier calls', whose
+    whole-batch statistics differ): each recomputation must get its own step's statistics. Step 0's backward fails
+    on every rank (in a hook, before reaching the layers) and its exception is kept (its traceback keeps the step's
+    graph alive). Before, a layer alone in its process recalled the failed step's call in preference to its own:
+    wrong gradients at every later step, silently; also with a frozen layer (no graph to tell by); and two
+    checkpointed forwards before one backward, (loss1 + loss2).backward(), got each other's statistics."""
     errors = {"output": 0.0, "input_grad": 0.0, "param_grad": 0.0}
+    kept = []
 
     def refuse(grad):
         raise ValueError("refused in a hook")
 
-    for step in range(3):
-        batches = [
-            torch.randn(
-                sizes[r], 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0 if r == 0 else step)
-            )
-            for r in range(world)
-        ]
-        model.zero_grad()
-        reference.zero_grad()
-        x = batches[rank].clone().requires_grad_()
-        whole = torch.cat(batches).requires_grad_()
-        expected = reference(whole)
-        out = run(x)
-        if step == 0:
-            out.register_hook(refuse)
-            try:
-                out.square().sum().backward()
-            except ValueError:
-                pass
-            else:
-                raise AssertionError("the hook did not fail the backward")
-            continue
-        out.square().sum().backward()
+    def compare(out, x, whole, expected, model, reference, weight):
         expected.square().sum().backward()
         mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-        grad = model.block[0].weight.grad.clone()
+        grad = weight(model).grad.clone()
         dist.all_reduce(grad)
         errors["output"] = max(errors["output"], (out - expected[mine]).abs().max().item())
-        errors["input_grad"] = max(errors["input_grad"], (x.grad - whole.grad[mine]).abs().max().item())
-        errors["param_grad"] = max(errors["param_grad"], (grad - reference.block[0].weight.grad).abs().max().item())
+        if x.grad is not None:
+            errors["input_grad"] = max(errors["input_grad"], (x.grad - whole.grad[mine]).abs().max().item())
+        errors["param_grad"] = max(errors["param_grad"], (grad - weight(reference).grad).abs().max().item())
+
+    models = []
+    for cls, weight in ((CheckpointedBlock, lambda m: m.block[0].weight), (FrozenFirstInCheckpointedBlock, None)):
+        weight = weight or (lambda m: m.block[1].weight)
+        torch.manual_seed(0)
+        reference = cls(nn.BatchNorm2d).double()
+        reference.checkpointed = False
+        model = cls(syncbn_ext.SyncBatchNorm).double()
+        model.load_state_dict(reference.state_dict())
+        run = wrap(model, replicas)
+        frozen = cls is FrozenFirstInCheckpointedBlock
+        for step in range(3):
+            batches = batches_repeating_on_rank_0(step, sizes)
+            model.zero_grad()
+            reference.zero_grad()
+            x = batches[rank].clone().requires_grad_(not frozen)
+            whole = torch.cat(batches).requires_grad_(not frozen)
+            expected = reference(whole)
+            out = run(x)
+            if step == 0:
+                out.register_hook(refuse)
+                try:
+                    out.square().sum().backward()
+                except ValueError as error:
+                    kept.append(error)
+                else:
+                    raise AssertionError("the hook did not fail the backward")
+                continue
+            out.square().sum().backward()
+            compare(out, x, whole, expected, model, reference, weight)
+        models.append(model)
+    # Two checkpointed forwards before one backward (two views of a batch): the second's nodes run first.
+    model, reference = models[0], CheckpointedBlock(nn.BatchNorm2d).double()
+    reference.checkpointed = False
+    reference.load_state_dict(model.state_dict())
+    model.zero_grad()
+    firsts, seconds = batches_repeating_on_rank_0(10, sizes), batches_repeating_on_rank_0(11, sizes)
+    x, y = firsts[rank].clone().requires_grad_(), seconds[rank].clone().requires_grad_()
+    run = wrap(model, replicas)
+    out_x, out_y = run(x), run(y)
+    (out_x.square().sum() + out_y.pow(4).sum()).backward()
+    whole_x, whole_y = torch.cat(firsts).requires_grad_(), torch.cat(seconds).requires_grad_()
+    expected_x, expected_y = reference(whole_x), reference(whole_y)
+    (expected_x.square().sum() + expected_y.pow(4).sum()).backward()
+    mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    errors["input_grad"] = max(
+        errors["input_grad"],
+        (x.grad - whole_x.grad[mine]).abs().max().item(),
+        (y.grad - whole_y.grad[mine]).abs().max().item(),
+    )
+    grad = model.block[0].weight.grad.clone()
+    dist.all_reduce(grad)
+    errors["param_grad"] = max(errors["param_grad"], (grad - reference.block[0].weight.grad).abs().max().item())
     errors["buffers"] = max(
         (a - b).abs().max().item() for a, b in zip(model.buffers(), reference.buffers(), strict=True)
     )
+    errors["kept_exceptions"] = len(kept)
     return with_final_state(errors, model, dist.group.WORLD)
 
 

@@ -134,8 +134,9 @@ def test_checkpointed_blocks_match_the_global_batch_with_and_without_replicas_an
     # A layer alone in its process exchanged again when its checkpointed block was recomputed, where a replica reuses
     # its channel's statistics: with replicas on some ranks only, every step failed; on all ranks alike, each batch
     # was counted twice in the running statistics. checkpoint_after_failed_backward: a layer alone in its process
-    # recalled a failed backward's record at later steps whose batch repeated it on that rank (silently wrong).
-    scenarios = {"checkpoint": 2, "checkpoint_after_failed_backward": 3}
+    # recalled a failed backward's call, or another forward's, at steps whose batch repeated it on that rank
+    # (silently wrong). Its model: 3 steps (the first failed in backward), then 2 forwards before one backward.
+    scenarios = {"checkpoint": 2, "checkpoint_after_failed_backward": 5}
     results = launch(tmp_path, 2, replicas, [4, 3], list(scenarios), transport=transport)
     for scenario, steps in scenarios.items():
         for rank in range(2):

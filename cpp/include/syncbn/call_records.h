@@ -27,6 +27,17 @@ inline constexpr size_t kRecentCallsKept = 16;
 // exchanging them again, and writes nothing. Thread-safe.
 class SYNCBN_API CallRecords {
  public:
+  // Where a call kept across forwards was made, to tell which of several calls whose local statistics match
+  // (a rank whose batch repeats) a recomputation repeats.
+  struct Origin {
+    uint64_t thread = 0;       // the forward's thread (at::RecordFunction::currentThreadId())
+    int64_t sequence_nr = -1;  // an autograd sequence number reserved at the call (-1: unknown)
+    // Whether the call's forward graph still lives (empty: not tied to one): a record whose graph was freed (its
+    // backward failed, or none ran) is forgotten first.
+    std::function<bool()> graph_alive;
+    bool graph_lives() const { return !graph_alive || graph_alive(); }
+  };
+
   struct Record {
     int64_t layer = -1;  // the module position (replicas), or -1
     int64_t count = 0;
@@ -35,11 +46,7 @@ class SYNCBN_API CallRecords {
     bool grad_enabled = true;         // the forward ran with gradients (not a use_reentrant=True checkpoint's)
     std::string label;
     bool recalled = false;            // found again at least once
-    // Whether the call's forward graph (its output's) still lives, when the record is kept across forwards: once
-    // it is freed (its backward failed, or it was dropped without one) the call is not recalled while another
-    // whose graph lives matches (a later forward whose statistics repeat it), and is forgotten first.
-    std::function<bool()> graph_alive;  // empty: not tied to a graph
-    bool graph_lives() const { return !graph_alive || graph_alive(); }
+    Origin origin;
   };
 
   // Keeps at most `capacity` records: beyond it forgets one whose graph was
@@ -49,17 +56,22 @@ class SYNCBN_API CallRecords {
 
   // Remembers a call: `message` is the statistics message it sent (local mean
   // and M2, count), `merged` what it got back.
-  // `graph_alive`: whether the call's forward graph still lives (see Record::graph_alive).
   void add(const Message& message, const Message& merged, int64_t layer, bool grad_enabled, const std::string& label,
-           std::function<bool()> graph_alive = {});
+           Origin origin);
+  void add(const Message& message, const Message& merged, int64_t layer, bool grad_enabled, const std::string& label) {
+    add(message, merged, layer, grad_enabled, label, Origin{});
+  }
 
   // The earlier call of layer `layer` whose local statistics `message` repeats
   // (within a relative 1e-4: non-deterministic kernels upstream), the closest
   // one; std::nullopt when none does. When two such calls had different merged
   // statistics: throws, naming `where` (which one is repeated cannot be told:
   // the calls of one forward), or with `across_forwards` (the calls of several
-  // forwards, e.g. a rank whose batch repeats or is empty) takes the oldest
-  // not recalled yet (recomputations run in the forward's order), else the newest.
+  // forwards, e.g. a rank whose batch repeats or is empty) takes the one made
+  // last before the autograd node being evaluated (the recomputation runs in
+  // backward, for a node its forward made after the call) on that node's
+  // thread; without such a node or record, the oldest not recalled yet, else
+  // the newest.
   std::optional<Record> find(const Message& message, int64_t layer, const std::string& where,
                              bool across_forwards = false);
 
