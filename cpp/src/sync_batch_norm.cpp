@@ -116,6 +116,8 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
   }
   // A recomputation inside backward (torch.utils.checkpoint) repeats an earlier call, which exchanged or was refused.
   const bool in_backward = torch::autograd::get_current_graph_task_id() != -1;
+  // Every autograd node this call and the rest of its forward make comes after it (see CallRecords::Origin).
+  const auto call_sequence_nr = static_cast<int64_t>(at::sequence_number::peek());
   variable_list local;
   int64_t count = 0;
   try {
@@ -201,9 +203,9 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
   }
   at::Tensor output = normalize(merged);
   if (record_call) {
-    // Where the call was made (the merge node's number: reserved at the call), and its output's graph, when it
-    // has one (a frozen layer on an input without gradients has none), which a failed or dropped backward frees.
-    CallRecords::Origin origin{at::RecordFunction::currentThreadId(), merge_sequence_nr, {}};
+    // Where the call was made, and its output's graph, when it has one (a frozen layer on an input without
+    // gradients has none), which a failed or dropped backward frees.
+    CallRecords::Origin origin{at::RecordFunction::currentThreadId(), call_sequence_nr, {}};
     if (const auto& node = output.grad_fn()) {
       origin.graph_alive = [graph = c10::weak_intrusive_ptr<torch::autograd::Node>(node)] { return !graph.expired(); };
     }

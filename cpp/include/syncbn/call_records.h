@@ -31,7 +31,7 @@ class SYNCBN_API CallRecords {
   // (a rank whose batch repeats) a recomputation repeats.
   struct Origin {
     uint64_t thread = 0;       // the forward's thread (at::RecordFunction::currentThreadId())
-    int64_t sequence_nr = -1;  // an autograd sequence number reserved at the call (-1: unknown)
+    int64_t sequence_nr = -1;  // the autograd sequence number before the call's first node (-1: unknown)
     // Whether the call's forward graph still lives (empty: not tied to one): a record whose graph was freed (its
     // backward failed, or none ran) is forgotten first.
     std::function<bool()> graph_alive;
