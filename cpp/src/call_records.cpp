@@ -2,11 +2,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <deque>
+#include <unordered_set>
 #include <vector>
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/graph_task.h>
 
 #include "statistics_message.h"
 
@@ -43,13 +46,56 @@ Message detached(const Message& message) {
   return copy;
 }
 
-// Of `matches`, the call the recomputation running now repeats: torch.utils.checkpoint recomputes a block when
-// backward evaluates a node made in the block's forward, so after the call on the same thread (autograd's sequence
-// numbers count up per thread); the last call made before that node. nullptr where that cannot be told (no node
-// being evaluated, or no call made on its thread before it).
-CallRecords::Record* made_in_the_recomputed_forward(const std::vector<CallRecords::Record*>& matches) {
-  const c10::intrusive_ptr<torch::autograd::Node> node = torch::autograd::get_current_node();
+// The nodes of `candidates` (their outputs' nodes) that `from` reaches through its inputs: a breadth-first walk,
+// ended once every one was found or after kMaxNodesWalked nodes.
+constexpr size_t kMaxNodesWalked = 1 << 20;
+
+std::unordered_set<const void*> reached_outputs(torch::autograd::Node* from,
+                                                const std::unordered_set<const void*>& candidates) {
+  std::unordered_set<const void*> reached;
+  std::unordered_set<const torch::autograd::Node*> seen{from};
+  std::deque<torch::autograd::Node*> frontier{from};
+  while (!frontier.empty() && reached.size() < candidates.size() && seen.size() < kMaxNodesWalked) {
+    torch::autograd::Node* node = frontier.front();
+    frontier.pop_front();
+    if (candidates.count(node)) reached.insert(node);
+    for (const auto& edge : node->next_edges()) {
+      torch::autograd::Node* next = edge.function.get();
+      if (next != nullptr && seen.insert(next).second) frontier.push_back(next);
+    }
+  }
+  return reached;
+}
+
+// Of `matches` (oldest first, local statistics alike, whole-batch statistics not), the call the recomputation
+// running now repeats. torch.utils.checkpoint recomputes a block when backward evaluates a node its forward made
+// in the block, after the calls, so: of the calls whose output that node reaches (its own forward's, not another
+// forward's whose statistics this rank's batch repeats), the first not recalled yet (a block recomputes its calls
+// in order), else the last; where it reaches none (no output node: a frozen layer on an input without gradients),
+// the last call made before that node on its thread (autograd's sequence numbers count up per thread). nullptr
+// where that cannot be told.
+CallRecords::Record* made_in_the_recomputed_forward(const c10::intrusive_ptr<torch::autograd::Node>& node,
+                                                   const std::vector<CallRecords::Record*>& matches) {
   if (!node) return nullptr;
+  std::vector<std::pair<CallRecords::Record*, const void*>> outputs;
+  std::unordered_set<const void*> candidates;
+  for (CallRecords::Record* record : matches) {
+    const void* output = record->origin.output_node ? record->origin.output_node() : nullptr;
+    if (output != nullptr) {
+      outputs.emplace_back(record, output);
+      candidates.insert(output);
+    }
+  }
+  if (!candidates.empty()) {
+    const auto reached = reached_outputs(node.get(), candidates);
+    CallRecords::Record* last = nullptr;
+    for (const auto& [record, output] : outputs) {
+      if (!reached.count(output)) continue;
+      if (!record->recalled) return record;
+      last = record;
+    }
+    if (last != nullptr) return last;
+  }
   CallRecords::Record* latest = nullptr;
   for (CallRecords::Record* record : matches) {
     const CallRecords::Origin& origin = record->origin;
@@ -123,8 +169,20 @@ std::optional<CallRecords::Record> CallRecords::find(const Message& message, int
                 "forward's calls (", best->label, " and ", (*differing)->label,
                 ") whose whole-batch statistics differ, so the call being recomputed cannot be told; checkpoint a "
                 "block that calls the layer once, or do not checkpoint it");
-    best = made_in_the_recomputed_forward(matches);
-    if (best == nullptr) {
+    const c10::intrusive_ptr<torch::autograd::Node> node = torch::autograd::get_current_node();
+    best = made_in_the_recomputed_forward(node, matches);
+    if (best != nullptr) {
+      // One recomputation (one node, one backward) repeating one call twice: two calls of its block matched it,
+      // the block's calls in parallel branches (the node reaches one of them): the other got its statistics.
+      const int64_t task = torch::autograd::get_current_graph_task_id();
+      TORCH_CHECK(best->recalled_for_node != node.get() || best->recalled_in_task != task, where,
+                  " was recomputed inside backward (torch.utils.checkpoint) with local statistics that match several "
+                  "of its calls in one checkpointed block (", best->label, ") whose whole-batch statistics differ "
+                  "(this rank's inputs to them repeat), so the call being recomputed cannot be told; checkpoint a "
+                  "block that calls the layer once, or do not checkpoint it");
+      best->recalled_for_node = node.get();
+      best->recalled_in_task = task;
+    } else {
       const auto unrecalled =
           std::find_if(matches.begin(), matches.end(), [](const Record* r) { return !r->recalled; });
       best = unrecalled != matches.end() ? *unrecalled : matches.back();  // records_ is oldest first

@@ -207,7 +207,9 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
     // gradients has none), which a failed or dropped backward frees.
     CallRecords::Origin origin{at::RecordFunction::currentThreadId(), call_sequence_nr, {}};
     if (const auto& node = output.grad_fn()) {
-      origin.graph_alive = [graph = c10::weak_intrusive_ptr<torch::autograd::Node>(node)] { return !graph.expired(); };
+      origin.output_node = [graph = c10::weak_intrusive_ptr<torch::autograd::Node>(node)]() -> const void* {
+        return graph.lock().get();  // (the pointer outlives the lock only for comparison)
+      };
     }
     recent->add(*sent, result, -1, /*grad_enabled=*/true, group_call->label, std::move(origin));
   }

@@ -473,21 +473,14 @@ def scenario_checkpoint(rank, world, replicas, sizes):
     return with_final_state(errors, model, dist.group.WORLD)
 
 
-class FrozenFirstInCheckpointedBlock(nn.Module):
+class FrozenFirstInCheckpointedBlock(CheckpointedBlock):
     """A frozen synchronized layer (no trainable parameters, an input without gradients: its output has no graph)
     first in a checkpointed block whose trainable conv saves its output."""
 
     def __init__(self, norm):
-        super().__init__()
+        super().__init__(norm)
         self.block = nn.Sequential(norm(3), nn.Conv2d(3, C, 1), nn.Tanh())
         self.block[0].requires_grad_(False)
-        self.head = nn.Conv2d(C, 2, 1)
-        self.checkpointed = True
-
-    def forward(self, x):
-        if not self.checkpointed:
-            return self.head(self.block(x))
-        return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False))
 
 
 def batches_repeating_on_rank_0(step, sizes):
@@ -580,6 +573,37 @@ def scenario_checkpoint_after_failed_backward(rank, world, replicas, sizes):
     )
     errors["kept_exceptions"] = len(kept)
     return with_final_state(errors, model, dist.group.WORLD)
+
+
+class TwoViewsInOneCheckpoint(nn.Module):
+    """One checkpointed block sending two views through one encoder (a synchronized layer): two calls of the layer in
+    parallel branches of one recomputation."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(C, C, 1, bias=False), syncbn_ext.SyncBatchNorm(C), nn.ReLU())
+
+    def both(self, a, b):
+        return self.encoder(a), self.encoder(b)
+
+    def forward(self, a, b):
+        return torch.utils.checkpoint.checkpoint(self.both, a, b, use_reentrant=False)
+
+
+def scenario_checkpoint_two_alike_calls_in_one_block(rank, world, replicas, sizes):
+    """Rank 1's two views are alike (zero padding), rank 0's are not: the two calls' local statistics match on rank
+    1, their whole-batch statistics differ, and which one is recomputed cannot be told there. Rank 1's backward
+    raises saying so (before: the first call silently got the second's statistics)."""
+    model = TwoViewsInOneCheckpoint().double()
+    generator = torch.Generator().manual_seed(rank)
+    views = [
+        torch.randn(4, C, 4, 4, dtype=torch.float64, generator=generator) if rank == 0 else torch.zeros(4, C, 4, 4)
+        for _ in range(2)
+    ]
+    a, b = (view.double().requires_grad_() for view in views)
+    out_a, out_b = model(a, b)
+    (out_a.square().sum() + out_b.pow(4).sum()).backward()
+    return {"ran": True}
 
 
 class CallsTheLayerInACheckpoint(nn.Module):

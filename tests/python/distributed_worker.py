@@ -50,6 +50,7 @@ SCENARIOS = {
     "refused_input": faults.scenario_refused_input,
     "checkpoint": faults.scenario_checkpoint,
     "checkpoint_after_failed_backward": faults.scenario_checkpoint_after_failed_backward,
+    "checkpoint_two_alike_calls_in_one_block": faults.scenario_checkpoint_two_alike_calls_in_one_block,
     "checkpoint_forgotten": faults.scenario_checkpoint_forgotten,
     "some_parameters_grads": faults.scenario_some_parameters_grads,
     "input_grad_on_one_rank": faults.scenario_input_grad_on_one_rank,

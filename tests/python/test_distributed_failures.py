@@ -214,6 +214,17 @@ def test_after_a_step_one_rank_skipped_the_ranks_pair_again(tmp_path, replicas, 
         assert outcome["num_batches_tracked"] == [4, 4], outcome  # every forward that got its statistics
 
 
+def test_two_calls_of_one_checkpointed_block_alike_on_one_rank_fail_its_backward_saying_so(tmp_path):
+    # Rank 1 alone in its process: its two calls' local statistics match, their whole-batch statistics differ.
+    scenario = "checkpoint_two_alike_calls_in_one_block"
+    results = launch(tmp_path, 2, 1, [4, 4], [scenario])[scenario]
+    one = results[1]
+    assert one.get("error") == "RuntimeError", one
+    assert "match several of its calls in one checkpointed block" in one["message"], one
+    assert "checkpoint a block that calls the layer once" in one["message"], one
+    assert "error" in results[0], results[0]  # rank 1 failed its backward: rank 0's waits no longer
+
+
 @pytest.mark.parametrize("replicas, transport", [(1, "shared_memory"), ([1, 2], "c10d")])
 def test_under_ddp_without_buffer_broadcasts_a_forward_raising_between_layers_is_made_up_and_the_ranks_pair_again(
     tmp_path, replicas, transport

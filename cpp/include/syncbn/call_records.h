@@ -32,10 +32,11 @@ class SYNCBN_API CallRecords {
   struct Origin {
     uint64_t thread = 0;       // the forward's thread (at::RecordFunction::currentThreadId())
     int64_t sequence_nr = -1;  // the autograd sequence number before the call's first node (-1: unknown)
-    // Whether the call's forward graph still lives (empty: not tied to one): a record whose graph was freed (its
-    // backward failed, or none ran) is forgotten first.
-    std::function<bool()> graph_alive;
-    bool graph_lives() const { return !graph_alive || graph_alive(); }
+    // The call's output's autograd node while it lives, else nullptr (empty: no node, e.g. a frozen layer on an
+    // input without gradients): a recomputation prefers the calls its node reaches (its own forward's), and a
+    // record whose graph was freed (its backward failed, or none ran) is forgotten first.
+    std::function<const void*()> output_node;
+    bool graph_lives() const { return !output_node || output_node() != nullptr; }
   };
 
   struct Record {
@@ -47,6 +48,10 @@ class SYNCBN_API CallRecords {
     std::string label;
     bool recalled = false;            // found again at least once
     Origin origin;
+    // The node and backward (graph task) it was last recalled for, when told by its origin: a second call of the
+    // same recomputation matching it is refused (see find()).
+    const void* recalled_for_node = nullptr;
+    int64_t recalled_in_task = -1;
   };
 
   // Keeps at most `capacity` records: beyond it forgets one whose graph was
@@ -67,11 +72,14 @@ class SYNCBN_API CallRecords {
   // one; std::nullopt when none does. When two such calls had different merged
   // statistics: throws, naming `where` (which one is repeated cannot be told:
   // the calls of one forward), or with `across_forwards` (the calls of several
-  // forwards, e.g. a rank whose batch repeats or is empty) takes the one made
-  // last before the autograd node being evaluated (the recomputation runs in
-  // backward, for a node its forward made after the call) on that node's
-  // thread; without such a node or record, the oldest not recalled yet, else
-  // the newest.
+  // forwards, e.g. a rank whose batch repeats or is empty) takes, of those the
+  // autograd node being evaluated reaches (the recomputation runs for a node
+  // of its own forward, after the calls), the oldest not recalled yet (a block
+  // recomputes its calls in order), else the newest; where it reaches none, the
+  // one made last before that node on its thread; failing that, the oldest not
+  // recalled yet, else the newest. A record told by the node twice in one
+  // recomputation (two calls of one block in parallel branches whose local
+  // statistics match) throws.
   std::optional<Record> find(const Message& message, int64_t layer, const std::string& where,
                              bool across_forwards = false);
 
