@@ -2,6 +2,8 @@
 
 #include <sstream>
 
+#include <ATen/SavedTensorHooks.h>
+
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
@@ -60,11 +62,13 @@ Message BatchNormChannel::exchange(Message message, int64_t layer_position, cons
   message.ints[detail::kLayer] = layer_position;
   message.ints[detail::kCall] = call;
   message.label = "layer '" + layer_name + "' (synchronized call " + std::to_string(call) + ")";
-  const bool grad_enabled = c10::GradMode::is_enabled();
+  // Made with gradients, or under saved-tensor hooks (a use_reentrant=False checkpoint, whose block may call the
+  // layer under torch.no_grad()): not a use_reentrant=True checkpoint's forward (see recall()).
+  const bool reusable = c10::GradMode::is_enabled() || !at::SavedTensorDefaultHooks::get_tls_state().stack.empty();
   const Message sent{{message.tensors[detail::kLocalMean].detach(), message.tensors[detail::kLocalM2].detach()},
                      message.ints, nullptr, message.label};
   Message merged = pipe_ ? pipe_->run_slave(std::move(message)) : master_->run_master(std::move(message));
-  records_.add(sent, merged, layer_position, grad_enabled, sent.label);
+  records_.add(sent, merged, layer_position, reusable, sent.label);
   return merged;
 }
 
@@ -77,7 +81,7 @@ Message BatchNormChannel::recall(const Message& message, int64_t layer_position,
               "forward had these local statistics: the recomputation did not repeat the forward, so the whole batch's "
               "statistics of that call are unknown here; ",
               kCheckpointAdvice);
-  TORCH_CHECK(record->grad_enabled, where.str(),
+  TORCH_CHECK(record->reusable, where.str(),
               " is being recomputed inside backward for a forward that ran without gradients, as "
               "torch.utils.checkpoint(use_reentrant=True) runs it: that form recomputes each replica on its own, so "
               "the whole batch's gradients cannot be formed. Use torch.utils.checkpoint(..., use_reentrant=False); ",

@@ -75,7 +75,9 @@ std::unordered_set<const void*> reached_outputs(torch::autograd::Node* from,
 // the last call made before that node on its thread (autograd's sequence numbers count up per thread). nullptr
 // where that cannot be told.
 CallRecords::Record* made_in_the_recomputed_forward(const c10::intrusive_ptr<torch::autograd::Node>& node,
-                                                   const std::vector<CallRecords::Record*>& matches) {
+                                                   const std::vector<CallRecords::Record*>& matches,
+                                                   bool& reached_none) {
+  reached_none = false;
   if (!node) return nullptr;
   std::vector<std::pair<CallRecords::Record*, const void*>> outputs;
   std::unordered_set<const void*> candidates;
@@ -95,6 +97,7 @@ CallRecords::Record* made_in_the_recomputed_forward(const c10::intrusive_ptr<tor
       last = record;
     }
     if (last != nullptr) return last;
+    reached_none = true;
   }
   CallRecords::Record* latest = nullptr;
   for (CallRecords::Record* record : matches) {
@@ -110,14 +113,14 @@ CallRecords::Record* made_in_the_recomputed_forward(const c10::intrusive_ptr<tor
 
 }  // namespace
 
-void CallRecords::add(const Message& message, const Message& merged, int64_t layer, bool grad_enabled,
+void CallRecords::add(const Message& message, const Message& merged, int64_t layer, bool reusable,
                       const std::string& label, Origin origin) {
   Record record{layer,
                 message.ints.at(detail::kCount),
                 message.tensors.at(detail::kLocalMean).detach(),
                 message.tensors.at(detail::kLocalM2).detach(),
                 detached(merged),
-                grad_enabled,
+                reusable,
                 label};
   record.origin = std::move(origin);
   std::lock_guard<std::mutex> lock(mutex_);
@@ -170,7 +173,11 @@ std::optional<CallRecords::Record> CallRecords::find(const Message& message, int
                 ") whose whole-batch statistics differ, so the call being recomputed cannot be told; checkpoint a "
                 "block that calls the layer once, or do not checkpoint it");
     const c10::intrusive_ptr<torch::autograd::Node> node = torch::autograd::get_current_node();
-    best = made_in_the_recomputed_forward(node, matches);
+    bool reached_none = false;
+    best = made_in_the_recomputed_forward(node, matches, reached_none);
+    // The node reaches none of the calls that have outputs: where one alike was forgotten, it may be its own (the
+    // others are other forwards'): found nothing, and the caller says it was forgotten.
+    if (reached_none && forgot_locked(message, layer)) return std::nullopt;
     if (best != nullptr) {
       // One recomputation (one node, one backward) repeating one call twice: two calls of its block matched it,
       // the block's calls in parallel branches (the node reaches one of them): the other got its statistics.
@@ -193,8 +200,12 @@ std::optional<CallRecords::Record> CallRecords::find(const Message& message, int
 }
 
 bool CallRecords::forgot(const Message& message, int64_t layer) const {
-  const int64_t count = message.ints.at(detail::kCount);
   std::lock_guard<std::mutex> lock(mutex_);
+  return forgot_locked(message, layer);
+}
+
+bool CallRecords::forgot_locked(const Message& message, int64_t layer) const {
+  const int64_t count = message.ints.at(detail::kCount);
   // One statistic's sum, and how far a sum of values within the recall tolerance of each other (relative to each
   // value, plus 1) may be off: relative to the sum of their magnitudes plus their number; generous, so that no
   // forgotten call slips by. Read once, at the first fingerprint of this layer and count.

@@ -163,8 +163,10 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
                 "forwards or calls of the layer between a checkpointed forward and its backward), or replicate the "
                 "model in this process (DataParallelWithCallback), whose replicas keep every call");
   }
-  const bool record_call = recent != nullptr && !in_backward && c10::GradMode::is_enabled() &&
-                           !at::SavedTensorDefaultHooks::get_tls_state().stack.empty();
+  // Under saved-tensor hooks (a use_reentrant=False checkpoint), calls without gradients too: a block's recomputation
+  // repeats its calls under torch.no_grad() (a stop-gradient target view) as well.
+  const bool record_call =
+      recent != nullptr && !in_backward && !at::SavedTensorDefaultHooks::get_tls_state().stack.empty();
   std::optional<Message> sent;
   if (record_call) sent = Message{{local[0].detach(), local[1].detach()}, message.ints, nullptr, {}};
 
@@ -211,7 +213,7 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
         return graph.lock().get();  // (the pointer outlives the lock only for comparison)
       };
     }
-    recent->add(*sent, result, -1, /*grad_enabled=*/true, group_call->label, std::move(origin));
+    recent->add(*sent, result, -1, /*reusable=*/true, group_call->label, std::move(origin));
   }
   return output;
 }

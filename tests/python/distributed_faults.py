@@ -641,6 +641,74 @@ def scenario_checkpoint_forgotten(rank, world, replicas, sizes):
     return outcome
 
 
+def scenario_checkpoint_forgotten_among_alike(rank, world, replicas, sizes):
+    """One checkpointed forward more than a layer alone in its process keeps, then their backwards in order: rank 1's
+    batch is the same every time, rank 0 alternates two. Rank 1's first recomputation finds only other forwards'
+    calls alike (its own was forgotten) and fails saying so (before: it silently took one of them)."""
+    kept = syncbn_ext._C.CallRecords().capacity
+    model = CheckpointedBlock(syncbn_ext.SyncBatchNorm).double()
+    batches = [
+        torch.randn(4, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0 if rank else i % 2))
+        for i in range(kept + 1)
+    ]
+    losses = [model(x).square().sum() for x in batches]
+    try:
+        for loss in losses:
+            loss.backward()
+    except RuntimeError as error:
+        return {"error": str(error)}
+    return {"error": None}
+
+
+def scenario_checkpoint_stop_gradient_view(rank, world, replicas, sizes):
+    """A checkpointed block calling the layer under torch.no_grad() (a stop-gradient target view, as BYOL's) and with
+    gradients: its recomputation reuses both calls (before, the one without gradients exchanged again in backward,
+    counting that batch twice in the running statistics)."""
+    torch.manual_seed(0)
+
+    class TargetAndOnline(nn.Module):
+        def __init__(self, norm, checkpointed):
+            super().__init__()
+            self.encoder = nn.Sequential(nn.Conv2d(3, C, 1, bias=False), norm(C), nn.ReLU())
+            self.checkpointed = checkpointed
+
+        def both(self, online, target):
+            with torch.no_grad():
+                target = self.encoder(target)
+            return self.encoder(online) - target
+
+        def forward(self, online, target):
+            if not self.checkpointed:
+                return self.both(online, target)
+            return torch.utils.checkpoint.checkpoint(self.both, online, target, use_reentrant=False)
+
+    reference = TargetAndOnline(nn.BatchNorm2d, checkpointed=False).double()
+    model = TargetAndOnline(syncbn_ext.SyncBatchNorm, checkpointed=True).double()
+    model.load_state_dict(reference.state_dict())
+    run = wrap(model, replicas)
+    errors = {"output": 0.0, "input_grad": 0.0, "param_grad": 0.0}
+    mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    for _ in range(2):
+        # (torch.manual_seed(0) above: alike on every rank)
+        views = [[torch.randn(size, 3, 4, 4, dtype=torch.float64) for size in sizes] for _ in range(2)]
+        model.zero_grad()
+        reference.zero_grad()
+        online, whole = views[0][rank].clone().requires_grad_(), torch.cat(views[0]).requires_grad_()
+        out = run(online, views[1][rank])
+        out.square().sum().backward()
+        expected = reference(whole, torch.cat(views[1]))
+        expected.square().sum().backward()
+        grad = model.encoder[0].weight.grad.clone()
+        dist.all_reduce(grad)
+        errors["output"] = max(errors["output"], (out - expected[mine]).abs().max().item())
+        errors["input_grad"] = max(errors["input_grad"], (online.grad - whole.grad[mine]).abs().max().item())
+        errors["param_grad"] = max(errors["param_grad"], (grad - reference.encoder[0].weight.grad).abs().max().item())
+    errors["buffers"] = max(
+        (a - b).abs().max().item() for a, b in zip(model.buffers(), reference.buffers(), strict=True)
+    )
+    return with_final_state(errors, model, dist.group.WORLD)
+
+
 def train_unevenly(rank, replicas, throw_on_early_termination):
     """DistributedDataParallel under DDP's ``Join``: rank 0 has one batch, the others two. Returns the model, its DDP,
     this rank's batch and what the Join context raised on this rank (``{}``: nothing; else its type and message,

@@ -52,6 +52,8 @@ SCENARIOS = {
     "checkpoint_after_failed_backward": faults.scenario_checkpoint_after_failed_backward,
     "checkpoint_two_alike_calls_in_one_block": faults.scenario_checkpoint_two_alike_calls_in_one_block,
     "checkpoint_forgotten": faults.scenario_checkpoint_forgotten,
+    "checkpoint_forgotten_among_alike": faults.scenario_checkpoint_forgotten_among_alike,
+    "checkpoint_stop_gradient_view": faults.scenario_checkpoint_stop_gradient_view,
     "some_parameters_grads": faults.scenario_some_parameters_grads,
     "input_grad_on_one_rank": faults.scenario_input_grad_on_one_rank,
     "channels_differ": faults.scenario_channels_differ,

@@ -248,12 +248,15 @@ def test_under_ddp_without_buffer_broadcasts_a_forward_raising_between_layers_is
 
 
 def test_a_checkpointed_layer_alone_in_its_process_called_more_than_it_keeps_fails_its_backward_saying_so(tmp_path):
-    results = launch(tmp_path, 2, 1, [4, 3], ["checkpoint_forgotten"])
+    # checkpoint_forgotten_among_alike (last: its ranks end out of step): rank 1's forgotten call has others alike.
+    results = launch(tmp_path, 2, 1, [4, 3], ["checkpoint_forgotten", "checkpoint_forgotten_among_alike"])
     for rank in range(2):
         outcome = measures(results["checkpoint_forgotten"][rank])
         kept = outcome["kept"]
         assert "the statistics of that call were forgotten" in outcome[str(kept + 1)].get("error", ""), outcome
         assert outcome[str(kept)] == {"num_batches_tracked": kept}, outcome  # once per call, not once more
+    among_alike = measures(results["checkpoint_forgotten_among_alike"][1])
+    assert "the statistics of that call were forgotten" in (among_alike["error"] or ""), among_alike
 
 
 @pytest.mark.parametrize("replicas, transport", [(1, "shared_memory"), ([2, 1], "c10d")])

@@ -44,7 +44,7 @@ class SYNCBN_API CallRecords {
     int64_t count = 0;
     at::Tensor local_mean, local_m2;  // detached
     Message merged;                   // tensors detached
-    bool grad_enabled = true;         // the forward ran with gradients (not a use_reentrant=True checkpoint's)
+    bool reusable = true;             // not made in a use_reentrant=True checkpoint's forward (see BatchNormChannel)
     std::string label;
     bool recalled = false;            // found again at least once
     Origin origin;
@@ -61,10 +61,10 @@ class SYNCBN_API CallRecords {
 
   // Remembers a call: `message` is the statistics message it sent (local mean
   // and M2, count), `merged` what it got back.
-  void add(const Message& message, const Message& merged, int64_t layer, bool grad_enabled, const std::string& label,
+  void add(const Message& message, const Message& merged, int64_t layer, bool reusable, const std::string& label,
            Origin origin);
-  void add(const Message& message, const Message& merged, int64_t layer, bool grad_enabled, const std::string& label) {
-    add(message, merged, layer, grad_enabled, label, Origin{});
+  void add(const Message& message, const Message& merged, int64_t layer, bool reusable, const std::string& label) {
+    add(message, merged, layer, reusable, label, Origin{});
   }
 
   // The earlier call of layer `layer` whose local statistics `message` repeats
@@ -79,7 +79,8 @@ class SYNCBN_API CallRecords {
   // one made last before that node on its thread; failing that, the oldest not
   // recalled yet, else the newest. A record told by the node twice in one
   // recomputation (two calls of one block in parallel branches whose local
-  // statistics match) throws.
+  // statistics match) throws. Where the node reaches none of the calls whose
+  // outputs live and one alike was forgotten: std::nullopt (see forgot()).
   std::optional<Record> find(const Message& message, int64_t layer, const std::string& where,
                              bool across_forwards = false);
 
@@ -99,6 +100,8 @@ class SYNCBN_API CallRecords {
     at::Tensor mean_sum, m2_sum;  // 0-dim float64, on the statistics' device (read only by forgot())
   };
   static constexpr size_t kFingerprintsKept = 1024;
+
+  bool forgot_locked(const Message& message, int64_t layer) const;  // forgot(), holding mutex_
 
   const size_t capacity_;
   mutable std::mutex mutex_;
