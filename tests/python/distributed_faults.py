@@ -423,6 +423,25 @@ def scenario_some_parameters_grads(rank, world, replicas, sizes):
     return with_final_state(outcome, model, dist.group.WORLD)
 
 
+def add_step_errors(errors, out, expected, x, whole, mine, weight, reference_weight):
+    """Raises ``errors``' output, input-gradient (where ``x`` has one) and weight-gradient entries (the weight's
+    gradient summed over the group) to this step's differences from the whole-batch reference."""
+    grad = weight.grad.clone()
+    dist.all_reduce(grad)
+    errors["output"] = max(errors["output"], (out - expected[mine]).abs().max().item())
+    if x.grad is not None:
+        errors["input_grad"] = max(errors["input_grad"], (x.grad - whole.grad[mine]).abs().max().item())
+    errors["param_grad"] = max(errors["param_grad"], (grad - reference_weight.grad).abs().max().item())
+
+
+def with_buffer_error(errors, model, reference):
+    """``errors`` with the largest difference of ``model``'s buffers from ``reference``'s, and the final state."""
+    errors["buffers"] = max(
+        (a - b).abs().max().item() for a, b in zip(model.buffers(), reference.buffers(), strict=True)
+    )
+    return with_final_state(errors, model, dist.group.WORLD)
+
+
 class CheckpointedBlock(nn.Module):
     """A block with a synchronized layer under torch.utils.checkpoint(use_reentrant=False), then a head."""
 
@@ -462,15 +481,8 @@ def scenario_checkpoint(rank, world, replicas, sizes):
         expected = reference(whole)
         expected.square().sum().backward()
         mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-        grad = model.block[0].weight.grad.clone()
-        dist.all_reduce(grad)
-        errors["output"] = max(errors["output"], (out - expected[mine]).abs().max().item())
-        errors["input_grad"] = max(errors["input_grad"], (x.grad - whole.grad[mine]).abs().max().item())
-        errors["param_grad"] = max(errors["param_grad"], (grad - reference.block[0].weight.grad).abs().max().item())
-    errors["buffers"] = max(
-        (a - b).abs().max().item() for a, b in zip(model.buffers(), reference.buffers(), strict=True)
-    )
-    return with_final_state(errors, model, dist.group.WORLD)
+        add_step_errors(errors, out, expected, x, whole, mine, model.block[0].weight, reference.block[0].weight)
+    return with_buffer_error(errors, model, reference)
 
 
 class FrozenFirstInCheckpointedBlock(CheckpointedBlock):
@@ -506,16 +518,7 @@ def scenario_checkpoint_after_failed_backward(rank, world, replicas, sizes):
     def refuse(grad):
         raise ValueError("refused in a hook")
 
-    def compare(out, x, whole, expected, model, reference, weight):
-        expected.square().sum().backward()
-        mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-        grad = weight(model).grad.clone()
-        dist.all_reduce(grad)
-        errors["output"] = max(errors["output"], (out - expected[mine]).abs().max().item())
-        if x.grad is not None:
-            errors["input_grad"] = max(errors["input_grad"], (x.grad - whole.grad[mine]).abs().max().item())
-        errors["param_grad"] = max(errors["param_grad"], (grad - weight(reference).grad).abs().max().item())
-
+    mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
     models = []
     for cls, weight in ((CheckpointedBlock, lambda m: m.block[0].weight), (FrozenFirstInCheckpointedBlock, None)):
         weight = weight or (lambda m: m.block[1].weight)
@@ -544,7 +547,8 @@ def scenario_checkpoint_after_failed_backward(rank, world, replicas, sizes):
                     raise AssertionError("the hook did not fail the backward")
                 continue
             out.square().sum().backward()
-            compare(out, x, whole, expected, model, reference, weight)
+            expected.square().sum().backward()
+            add_step_errors(errors, out, expected, x, whole, mine, weight(model), weight(reference))
         models.append(model)
     # Two checkpointed forwards before one backward (two views of a batch): the second's nodes run first.
     model, reference = models[0], CheckpointedBlock(nn.BatchNorm2d).double()
@@ -559,20 +563,10 @@ def scenario_checkpoint_after_failed_backward(rank, world, replicas, sizes):
     whole_x, whole_y = torch.cat(firsts).requires_grad_(), torch.cat(seconds).requires_grad_()
     expected_x, expected_y = reference(whole_x), reference(whole_y)
     (expected_x.square().sum() + expected_y.pow(4).sum()).backward()
-    mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-    errors["input_grad"] = max(
-        errors["input_grad"],
-        (x.grad - whole_x.grad[mine]).abs().max().item(),
-        (y.grad - whole_y.grad[mine]).abs().max().item(),
-    )
-    grad = model.block[0].weight.grad.clone()
-    dist.all_reduce(grad)
-    errors["param_grad"] = max(errors["param_grad"], (grad - reference.block[0].weight.grad).abs().max().item())
-    errors["buffers"] = max(
-        (a - b).abs().max().item() for a, b in zip(model.buffers(), reference.buffers(), strict=True)
-    )
+    errors["input_grad"] = max(errors["input_grad"], (y.grad - whole_y.grad[mine]).abs().max().item())
+    add_step_errors(errors, out_x, expected_x, x, whole_x, mine, model.block[0].weight, reference.block[0].weight)
     errors["kept_exceptions"] = len(kept)
-    return with_final_state(errors, model, dist.group.WORLD)
+    return with_buffer_error(errors, model, reference)
 
 
 class TwoViewsInOneCheckpoint(nn.Module):
@@ -698,15 +692,10 @@ def scenario_checkpoint_stop_gradient_view(rank, world, replicas, sizes):
         out.square().sum().backward()
         expected = reference(whole, torch.cat(views[1]))
         expected.square().sum().backward()
-        grad = model.encoder[0].weight.grad.clone()
-        dist.all_reduce(grad)
-        errors["output"] = max(errors["output"], (out - expected[mine]).abs().max().item())
-        errors["input_grad"] = max(errors["input_grad"], (online.grad - whole.grad[mine]).abs().max().item())
-        errors["param_grad"] = max(errors["param_grad"], (grad - reference.encoder[0].weight.grad).abs().max().item())
-    errors["buffers"] = max(
-        (a - b).abs().max().item() for a, b in zip(model.buffers(), reference.buffers(), strict=True)
-    )
-    return with_final_state(errors, model, dist.group.WORLD)
+        add_step_errors(
+            errors, out, expected, online, whole, mine, model.encoder[0].weight, reference.encoder[0].weight
+        )
+    return with_buffer_error(errors, model, reference)
 
 
 def train_unevenly(rank, replicas, throw_on_early_termination):
