@@ -2,8 +2,6 @@
 
 #include <sstream>
 
-#include <ATen/SavedTensorHooks.h>
-
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
@@ -64,7 +62,7 @@ Message BatchNormChannel::exchange(Message message, int64_t layer_position, cons
   message.label = "layer '" + layer_name + "' (synchronized call " + std::to_string(call) + ")";
   // Made with gradients, or under saved-tensor hooks (a use_reentrant=False checkpoint, whose block may call the
   // layer under torch.no_grad()): not a use_reentrant=True checkpoint's forward (see recall()).
-  const bool reusable = c10::GradMode::is_enabled() || !at::SavedTensorDefaultHooks::get_tls_state().stack.empty();
+  const bool reusable = c10::GradMode::is_enabled() || under_saved_tensor_hooks();
   const Message sent{{message.tensors[detail::kLocalMean].detach(), message.tensors[detail::kLocalM2].detach()},
                      message.ints, nullptr, message.label};
   Message merged = pipe_ ? pipe_->run_slave(std::move(message)) : master_->run_master(std::move(message));

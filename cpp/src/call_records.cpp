@@ -7,6 +7,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/SavedTensorHooks.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/graph_task.h>
@@ -112,6 +113,8 @@ CallRecords::Record* made_in_the_recomputed_forward(const c10::intrusive_ptr<tor
 }
 
 }  // namespace
+
+bool under_saved_tensor_hooks() { return !at::SavedTensorDefaultHooks::get_tls_state().stack.empty(); }
 
 void CallRecords::add(const Message& message, const Message& merged, int64_t layer, bool reusable,
                       const std::string& label, Origin origin) {

@@ -5,7 +5,6 @@
 
 #include <sstream>
 
-#include <ATen/SavedTensorHooks.h>
 #include <ATen/SequenceNumber.h>
 #include <ATen/record_function.h>
 #include <c10/core/GradMode.h>
@@ -147,8 +146,8 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
     return normalize(unpack_merged(channel->recall(message, sync->layer, sync->name), input.device()));
   }
   // Alone in its process but across processes: the same for a call recorded in a checkpointed forward. (The forward
-  // of a use_reentrant=True checkpoint runs without gradients and is not recorded: its recomputation's graph is the
-  // one backward uses, so it exchanges again, as every rank's does.)
+  // of a use_reentrant=True checkpoint runs without saved-tensor hooks and is not recorded: its recomputation's
+  // graph is the one backward uses, so it exchanges again, as every rank's does.)
   CallRecords* const recent = channel == nullptr && group_call && sync != nullptr ? sync->recent_calls.get() : nullptr;
   if (recent != nullptr && in_backward) {
     if (const auto record = recent->find(message, -1, group_call->label, /*across_forwards=*/true)) {
@@ -165,8 +164,7 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
   }
   // Under saved-tensor hooks (a use_reentrant=False checkpoint), calls without gradients too: a block's recomputation
   // repeats its calls under torch.no_grad() (a stop-gradient target view) as well.
-  const bool record_call =
-      recent != nullptr && !in_backward && !at::SavedTensorDefaultHooks::get_tls_state().stack.empty();
+  const bool record_call = recent != nullptr && !in_backward && under_saved_tensor_hooks();
   std::optional<Message> sent;
   if (record_call) sent = Message{{local[0].detach(), local[1].detach()}, message.ints, nullptr, {}};
 

@@ -21,6 +21,12 @@ namespace syncbn {
 // checkpointed forwards made before their backward (gradient accumulation).
 inline constexpr size_t kRecentCallsKept = 16;
 
+// Whether the running call is made under saved-tensor hooks, as in a
+// torch.utils.checkpoint(use_reentrant=False) forward (with or without
+// gradients): a call its block's recomputation repeats and finds again. (A
+// use_reentrant=True checkpoint's forward runs without them.)
+SYNCBN_API bool under_saved_tensor_hooks();
+
 // The merged statistics of a layer's synchronized calls, found again by their
 // local statistics: a call repeated inside backward (torch.utils.checkpoint
 // recomputing a block) gets the original call's merged statistics without
