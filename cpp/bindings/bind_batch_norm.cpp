@@ -97,6 +97,19 @@ void bind_batch_norm(py::module_& m) {
       "marked failed, so that every rank fails this call (a BarrierError naming the failed ranks); returns once told, "
       "the caller raising its own error.");
   m.def(
+      "synchronized_calls",
+      [](const py::object& process_group) { return synchronized_calls(process_group.cast<ProcessGroupPtr>()); },
+      py::arg("process_group"), "How many synchronized calls this process has made on `process_group` so far.");
+  m.def(
+      "announce_failed_forward",
+      [](const py::object& process_group, const at::Device& device, const std::string& label) {
+        const auto group = process_group.cast<ProcessGroupPtr>();
+        without_gil([&] { announce_failed_forward(group, device, label); });
+      },
+      py::arg("process_group"), py::arg("device"), py::arg("label"),
+      "This rank's forward failed before its first synchronized call on `process_group`: takes part in the first "
+      "exchange the other ranks make in that forward, marked failed, so that they fail that call too.");
+  m.def(
       "cross_process_transport",
       [](const py::object& process_group) { return cross_process_transport(process_group.cast<ProcessGroupPtr>()); },
       py::arg("process_group"),

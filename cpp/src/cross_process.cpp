@@ -251,8 +251,21 @@ at::Tensor all_gather(const ProcessGroupPtr& group, const at::Tensor& tensor, de
 constexpr int64_t kHeader = kExchangeHeaderWords;
 static_assert(kHeader == 8, "describe each header word above");
 
+// A count of kFailedCall: the rank's call failed before its exchange (announce_failed_call); with the layer
+// kAnyCall, its forward failed before its first synchronized call (announce_failed_forward).
+constexpr int64_t kFailedCall = -1;
+constexpr int64_t kAnyCall = -1;
+
+bool failed_forward(const at::TensorAccessor<int64_t, 2>& rows, int64_t r) {
+  return rows[r][4] == kFailedCall && rows[r][2] == kAnyCall;
+}
+
 std::string describe_exchange(int64_t number, int64_t kind, int64_t layer_id, int64_t channels) {
   std::ostringstream out;
+  if (layer_id == kAnyCall) {
+    out << "synchronized call " << number << " on this group (its forward failed before its first synchronized call)";
+    return out.str();
+  }
   if (kind == static_cast<int64_t>(detail::ExchangeKind::kGradients)) {
     out << "backward exchange " << number << " on this group (summing gradients), layer #" << layer_id;
   } else {
@@ -280,11 +293,21 @@ void check_headers_agree(const ProcessGroupPtr& group, const at::Tensor& headers
   bool agree = true, kinds_differ = false, numbers_differ = false, only_layer_numbers_differ = true,
        only_channels_differ = true;
   int64_t calls_seen = 0, backward_exchanges_seen = 0;
+  // A rank whose forward failed before its first call stands for whatever call the others make: the layer and
+  // channels are compared among the other rows only.
+  for (int64_t r = 0; r < world; ++r) {
+    if (!failed_forward(rows, r)) {
+      layer_id = rows[r][2];
+      channels = rows[r][3];
+      break;
+    }
+  }
   for (int64_t r = 0; r < world; ++r) {
     const bool same_number = rows[r][0] == number && rows[r][1] == kind_code;
-    agree = agree && same_number && rows[r][2] == layer_id && rows[r][3] == channels;
-    only_layer_numbers_differ = only_layer_numbers_differ && same_number && rows[r][3] == channels;
-    only_channels_differ = only_channels_differ && same_number && rows[r][2] == layer_id;
+    const bool any_call = failed_forward(rows, r);
+    agree = agree && same_number && (any_call || (rows[r][2] == layer_id && rows[r][3] == channels));
+    only_layer_numbers_differ = only_layer_numbers_differ && same_number && (any_call || rows[r][3] == channels);
+    only_channels_differ = only_channels_differ && same_number && (any_call || rows[r][2] == layer_id);
     kinds_differ = kinds_differ || rows[r][1] != kind_code;
     numbers_differ = numbers_differ || rows[r][5] != rows[0][5] || rows[r][6] != rows[0][6];
     calls_seen = std::max(calls_seen, rows[r][5]);
@@ -326,22 +349,29 @@ void check_headers_agree(const ProcessGroupPtr& group, const at::Tensor& headers
   throw BarrierError(out.str() + "\n" + where(group, label, doing));
 }
 
-// A count of kFailedCall: the rank's call failed before its exchange (announce_failed_call).
-constexpr int64_t kFailedCall = -1;
-
 // Every rank fails alike when one announced a failed call, before anything is paired.
 void check_no_rank_failed(const ProcessGroupPtr& group, const at::TensorAccessor<int64_t, 2>& rows,
                           const std::string& label, const char* doing) {
-  std::vector<int64_t> failed;
+  std::vector<int64_t> failed_here, failed_before;
   for (int64_t r = 0; r < rows.size(0); ++r) {
-    if (rows[r][4] == kFailedCall) failed.push_back(r);
+    if (rows[r][4] == kFailedCall) (failed_forward(rows, r) ? failed_before : failed_here).push_back(r);
   }
-  if (failed.empty()) return;
+  if (failed_here.empty() && failed_before.empty()) return;
   std::ostringstream out;
-  out << "synchronized BatchNorm " << label << ": rank(s)";
-  for (const int64_t r : failed) out << " " << r;
-  out << " raised in this call before exchanging their statistics (an input or argument it refused: see the error "
-         "of that rank); every rank fails this call alike, nothing was written, and the next call pairs again";
+  out << "synchronized BatchNorm " << label << ":";
+  if (!failed_here.empty()) {
+    out << " rank(s)";
+    for (const int64_t r : failed_here) out << " " << r;
+    out << " raised in this call before exchanging their statistics (an input or argument it refused: see the "
+           "error of that rank)"
+        << (failed_before.empty() ? "" : ";");
+  }
+  if (!failed_before.empty()) {
+    out << " rank(s)";
+    for (const int64_t r : failed_before) out << " " << r;
+    out << " raised in their forward before its first synchronized call (see the error of that rank)";
+  }
+  out << "; every rank fails this call alike, nothing was written, and the next call pairs again";
   throw BarrierError(out.str() + "\n" + where(group, label, doing));
 }
 
@@ -462,6 +492,24 @@ void announce_failed_call(const ProcessGroupPtr& group, int64_t layer_id, int64_
     return;
   }
   TORCH_CHECK(false, "announce_failed_call: the exchange completed without this rank's failure");  // unreachable
+}
+
+int64_t synchronized_calls(const ProcessGroupPtr& group) {
+  TORCH_CHECK_VALUE(group, "synchronized_calls needs a process group");
+  std::lock_guard<std::mutex> lock(calls_mutex);
+  return calls_of(group).calls;
+}
+
+void announce_failed_forward(const ProcessGroupPtr& group, at::Device device, const std::string& label) {
+  TORCH_CHECK_VALUE(group, "announce_failed_forward needs a process group");
+  const at::Tensor none = at::zeros({0}, at::TensorOptions().dtype(at::kDouble).device(device));
+  try {
+    exchange_rows(group, detail::ExchangeKind::kStatistics, kAnyCall, /*channels=*/0, kFailedCall,
+                  /*backward_follows=*/false, none, label, "telling the other ranks that its forward failed");
+  } catch (const BarrierError&) {  // expected: every rank fails this call, this one with the caller's own error
+    return;
+  }
+  TORCH_CHECK(false, "announce_failed_forward: the exchange completed without this rank's failure");  // unreachable
 }
 
 std::pair<at::Tensor, at::Tensor> sum_across_processes(const ProcessGroupPtr& group, int64_t layer_id,

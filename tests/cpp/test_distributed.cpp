@@ -227,6 +227,33 @@ int run_rank(int rank, const std::string& store_path) {
     refusal_announced = refusal_announced && announced;
   }
 
+  // data_parallel on 2 replicas whose forward rank 1 fails before its first synchronized call (its conv refuses
+  // the input: 5 channels): rank 1 tells rank 0, which fails its first call of that step with a BarrierError naming
+  // rank 1, and the next step pairs (before, rank 0's call paired with rank 1's next forward: one step apart).
+  bool failed_forward_announced = false;
+  {
+    Net failing;
+    failing->to(torch::kDouble);
+    failing->bn->set_process_group(group);
+    const auto good = torch::randn({4, 2, 4, 4}, torch::kDouble) + rank;
+    std::string failure;
+    try {
+      syncbn::data_parallel(failing, rank == 1 ? torch::zeros({4, 5, 4, 4}, torch::kDouble) : good, replicas);
+    } catch (const std::exception& failed) {
+      failure = failed.what();
+    }
+    syncbn::data_parallel(failing, good, replicas);
+    std::vector<at::Tensor> summed{failing->bn->running_mean.clone()};
+    group->allreduce(summed)->wait();
+    const bool named =
+        rank == 1 ? failure.find("expected input") != std::string::npos
+                  : failure.find("rank(s) 1 raised in their forward before its first synchronized call") !=
+                        std::string::npos;
+    failed_forward_announced = named && failing->bn->num_batches_tracked.item<int64_t>() == 1 &&
+                               max_difference(summed[0], 2 * failing->bn->running_mean) < 1e-12;
+    if (!failed_forward_announced) std::fprintf(stderr, "rank %d: failed forward not told: %s\n", rank, failure.c_str());
+  }
+
   // Both ranks on this host: shared memory, unless SYNCBN_SHARED_MEMORY=0 (the test's second run) keeps every
   // exchange on the group's backend.
   const char* shared_memory = std::getenv("SYNCBN_SHARED_MEMORY");
@@ -235,7 +262,10 @@ int run_rank(int rank, const std::string& store_path) {
   std::printf("rank %d (%s, exchanging through %s, '%s' before the first call): largest difference %.3g, "
               "num_batches_tracked %s\n",
               rank, group->getBackendName().c_str(), transport.c_str(), before.c_str(), error, counted ? "3" : "wrong");
-  return error < 1e-12 && counted && refusal_announced && before == "not yet" && transport == expected ? 0 : 1;
+  return error < 1e-12 && counted && refusal_announced && failed_forward_announced && before == "not yet" &&
+                 transport == expected
+             ? 0
+             : 1;
 }
 
 // Starts ranks 0 and 1 of this program and waits for both, killing them past the time limit.

@@ -76,6 +76,21 @@ SYNCBN_API GroupStatistics merge_across_processes(const ProcessGroupPtr& group, 
 SYNCBN_API void announce_failed_call(const ProcessGroupPtr& group, int64_t layer_id, int64_t channels,
                                      const std::string& label, at::Device device);
 
+// How many synchronized calls (forward exchanges) this process has made on
+// `group` so far, as every rank counts them (0 before the first).
+SYNCBN_API int64_t synchronized_calls(const ProcessGroupPtr& group);
+
+// This rank's forward failed before its first synchronized call on `group` (a
+// replica that raised before it, code before the first layer): takes part in
+// the first exchange the other ranks make in that forward, whatever its layer,
+// marked failed, so that each of them fails that call with a BarrierError
+// naming this rank, instead of pairing it with this rank's next forward (one
+// step apart from then on). `device`: where the row goes (CUDA for NCCL);
+// `label`: what failed, for error messages. Returns once the exchange is over
+// (its BarrierError dropped); other errors (the group's timeout: no rank came)
+// propagate. See ForwardAcrossProcesses for when a forward makes it.
+SYNCBN_API void announce_failed_forward(const ProcessGroupPtr& group, at::Device device, const std::string& label);
+
 // Backward: (d mean, d var) of layer `layer_id`'s call summed over the group:
 // one all-gather, summed in rank order (fewer steps than an all-reduce for so
 // few values, and bitwise alike on every rank); undefined gradients count as

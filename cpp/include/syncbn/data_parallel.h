@@ -15,6 +15,7 @@
 #include <torch/nn/pimpl.h>
 
 #include <syncbn/export.h>
+#include <syncbn/forward_across_processes.h>
 #include <syncbn/replicate.h>
 #include <syncbn/replication_group.h>
 #include <syncbn/training_forward_lock.h>
@@ -142,34 +143,18 @@ std::vector<torch::Tensor> parallel_apply(std::vector<ModuleType>& modules, cons
   return work->outputs;
 }
 
-// nn.DataParallel for LibTorch, with the replication callbacks: scatters `input`
-// along `dim`, replicates `module` (clone() per device, then the callbacks),
-// runs the replicas with syncbn::parallel_apply and gathers the outputs along
-// `dim` on `output_device` (default: the first device). `devices`: CUDA devices
-// (default: all of them), or N CPU replicas, std::vector<torch::Device>(N,
-// torch::kCPU). With one device the module runs directly (its placement on
-// it checked first), and so it does with none given and no GPU.
-//
-// Replica 0 works on copies of the module's buffers, written back only once
-// every replica succeeded (IsolatedReplication): a failed, interrupted or timed
-// out forward leaves every buffer untouched, and a replica left running (see
-// detail::run_replicas) can write nothing. Training forwards of one module from
-// several threads run one after another (TrainingForwardLock), each replicating
-// the buffers the previous one wrote back.
+namespace detail {
+
+// data_parallel's forward, once `devices` (none: no GPU) are known.
 template <typename ModuleType>
-torch::Tensor data_parallel(ModuleType module, const torch::Tensor& input,
-                            std::optional<std::vector<torch::Device>> devices = std::nullopt,
-                            std::optional<torch::Device> output_device = std::nullopt, int64_t dim = 0) {
-  const std::shared_ptr<torch::nn::Module> original = detail::as_module(module);
+torch::Tensor data_parallel_forward(ModuleType& module, const std::shared_ptr<torch::nn::Module>& original,
+                                    const torch::Tensor& input,
+                                    const std::optional<std::vector<torch::Device>>& devices,
+                                    const std::optional<torch::Device>& output_device, int64_t dim) {
   if (!devices) {
-    const auto count = static_cast<int64_t>(torch::cuda::device_count());
-    if (count == 0) {
-      // Run directly, it writes the module's buffers: after (and before) any other thread's replicated forward.
-      const TrainingForwardLock one_training_forward_at_a_time(original);
-      return module->forward(input);
-    }
-    devices.emplace();
-    for (int64_t i = 0; i < count; ++i) devices->emplace_back(torch::kCUDA, static_cast<c10::DeviceIndex>(i));
+    // Run directly, it writes the module's buffers: after (and before) any other thread's replicated forward.
+    const TrainingForwardLock one_training_forward_at_a_time(original);
+    return module->forward(input);
   }
   TORCH_CHECK_VALUE(!devices->empty(), "data_parallel needs at least one device");
   const torch::Device destination = output_device.value_or(devices->front());
@@ -203,6 +188,44 @@ torch::Tensor data_parallel(ModuleType module, const torch::Tensor& input,
   torch::Tensor output = detail::gather(outputs, destination, dim);  // before the write-back: a failure writes nothing
   replication.write_back();
   return output;
+}
+
+}  // namespace detail
+
+// nn.DataParallel for LibTorch, with the replication callbacks: scatters `input`
+// along `dim`, replicates `module` (clone() per device, then the callbacks),
+// runs the replicas with syncbn::parallel_apply and gathers the outputs along
+// `dim` on `output_device` (default: the first device). `devices`: CUDA devices
+// (default: all of them), or N CPU replicas, std::vector<torch::Device>(N,
+// torch::kCPU). With one device the module runs directly (its placement on
+// it checked first), and so it does with none given and no GPU.
+//
+// Replica 0 works on copies of the module's buffers, written back only once
+// every replica succeeded (IsolatedReplication): a failed, interrupted or timed
+// out forward leaves every buffer untouched, and a replica left running (see
+// detail::run_replicas) can write nothing. Training forwards of one module from
+// several threads run one after another (TrainingForwardLock), each replicating
+// the buffers the previous one wrote back. Across processes (layers given a
+// process group), a forward that fails before its first synchronized call
+// tells the other ranks, which fail that call too (ForwardAcrossProcesses).
+template <typename ModuleType>
+torch::Tensor data_parallel(ModuleType module, const torch::Tensor& input,
+                            std::optional<std::vector<torch::Device>> devices = std::nullopt,
+                            std::optional<torch::Device> output_device = std::nullopt, int64_t dim = 0) {
+  const std::shared_ptr<torch::nn::Module> original = detail::as_module(module);
+  if (!devices) {
+    const auto count = static_cast<int64_t>(torch::cuda::device_count());
+    if (count > 0) devices.emplace();
+    for (int64_t i = 0; i < count; ++i) devices->emplace_back(torch::kCUDA, static_cast<c10::DeviceIndex>(i));
+  }
+  ForwardAcrossProcesses across_processes(*original, devices && !devices->empty() ? devices->front()
+                                                                                  : torch::Device(torch::kCPU));
+  try {
+    return detail::data_parallel_forward(module, original, input, devices, output_device, dim);
+  } catch (...) {
+    across_processes.failed();  // a failure before the forward's first synchronized call: the other ranks are told
+    throw;
+  }
 }
 
 }  // namespace syncbn

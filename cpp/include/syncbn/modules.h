@@ -14,6 +14,7 @@
 #include <syncbn/callback_context.h>
 #include <syncbn/cross_process.h>
 #include <syncbn/export.h>
+#include <syncbn/forward_across_processes.h>
 #include <syncbn/replicate.h>
 #include <syncbn/sync_batch_norm.h>
 #include <syncbn/sync_master.h>
@@ -109,7 +110,9 @@ SYNCBN_API torch::Tensor sync_batch_norm_module_forward(const torch::Tensor& inp
 // raises a ValueError in training, where torch::nn::BatchNorm accepts it (inf or
 // NaN where a channel's variance is 0); a NaN eps is accepted, as torch does.
 template <size_t D, typename Derived>
-class SyncBatchNormImplBase : public torch::nn::BatchNormImplBase<D, Derived>, public ReplicationCallback {
+class SyncBatchNormImplBase : public torch::nn::BatchNormImplBase<D, Derived>,
+                              public ReplicationCallback,
+                              public CrossProcessLayer {
  public:
   using torch::nn::BatchNormImplBase<D, Derived>::BatchNormImplBase;
 
@@ -134,6 +137,10 @@ class SyncBatchNormImplBase : public torch::nn::BatchNormImplBase<D, Derived>, p
   // every process of the group. Default: none (the replicas of this process only).
   void set_process_group(ProcessGroupPtr group) { sync_.set_process_group(std::move(group)); }
   const ProcessGroupPtr& process_group() const { return sync_.process_group(); }
+  // The group a forward now exchanges on: the process group in training mode, else none (see layer_sync).
+  ProcessGroupPtr exchanging_group() const override {
+    return this->is_training() ? sync_.process_group() : ProcessGroupPtr();
+  }
   // The number that identifies this layer across processes: construction order, shared by copies, given back
   // when the layer and its copies are gone unless a training forward ran (BatchNormSyncState). A
   // cross-process BarrierError names it.

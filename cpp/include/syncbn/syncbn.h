@@ -9,6 +9,7 @@
 #include <syncbn/data_parallel.h>
 #include <syncbn/errors.h>
 #include <syncbn/export.h>
+#include <syncbn/forward_across_processes.h>
 #include <syncbn/future_result.h>
 #include <syncbn/message.h>
 #include <syncbn/modules.h>

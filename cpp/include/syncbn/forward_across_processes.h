@@ -1,0 +1,48 @@
+#pragma once
+
+#include <cstdint>
+
+#include <torch/nn/module.h>
+
+#include <syncbn/cross_process.h>
+#include <syncbn/export.h>
+
+namespace syncbn {
+
+// What a synchronized layer tells a wrapper of its module before a forward:
+// the process group its forward would exchange on now (training mode, a group
+// of several ranks), else null.
+class SYNCBN_API CrossProcessLayer {
+ public:
+  virtual ~CrossProcessLayer() = default;
+  virtual ProcessGroupPtr exchanging_group() const = 0;
+};
+
+// One forward of a module with replicas in each process of a group
+// (syncbn::data_parallel). A forward that fails after its first synchronized
+// call on the group meets the other ranks at another call (a BarrierError on
+// every rank); one that fails before it would leave them waiting at that call,
+// which would then pair with this rank's next forward, one step apart for good.
+// So when it failed and made no synchronized call, this rank tells the others
+// (announce_failed_forward), and every rank fails that step.
+//
+// Only where the module's synchronized layers exchange on one group: with
+// several, the others fail at the first call of one group only, and this
+// rank's announcements on the others would pair with their next step.
+class SYNCBN_API ForwardAcrossProcesses {
+ public:
+  // Before the forward: `module`'s synchronized layers (CrossProcessLayer) in
+  // their current mode; `device`: where copy 0 exchanges (the first replica's).
+  ForwardAcrossProcesses(const torch::nn::Module& module, at::Device device);
+  // The forward failed: tells the other ranks if it made no synchronized call
+  // on the group. Throws nothing (the caller rethrows the forward's error):
+  // where telling failed too (the group's timeout: no rank came), warns.
+  void failed() noexcept;
+
+ private:
+  ProcessGroupPtr group_;  // null: nothing to tell
+  int64_t calls_before_ = 0;
+  at::Device device_;
+};
+
+}  // namespace syncbn
