@@ -73,6 +73,7 @@ __all__ = [
 
 from .convert import convert_model, patch_sync_batchnorm, revert_model  # noqa: E402
 from .distributed import cross_process_transport  # noqa: E402
+from .forward_across_processes import announcing_failure  # noqa: E402
 from .lazy import (  # noqa: E402
     LazySynchronizedBatchNorm1d,
     LazySynchronizedBatchNorm2d,
@@ -95,6 +96,7 @@ __all__ += [
     "SynchronizedBatchNorm1d",
     "SynchronizedBatchNorm2d",
     "SynchronizedBatchNorm3d",
+    "announcing_failure",
     "convert_model",
     "cross_process_transport",
     "get_sbn_eps_mode",

@@ -27,6 +27,7 @@ from torch import nn
 
 from ._native import _C
 from ._tracing import being_traced
+from .forward_across_processes import announcing_failure
 from .forward_locks import training_forward_lock
 from .parallel_apply import ABORT_TAG, parallel_apply, reporting_outcome, running_a_replica
 from .parallel_backward import Boundaries, faster_than_serial, join_replicas
@@ -137,7 +138,7 @@ def _warn_of_parameters_written(versions: list[tuple[str, torch.Tensor, int | No
             "(a moving average, a counter) belongs in a buffer (register_buffer): replica 0's update reaches the "
             "module after a successful forward, as on GPUs",
             RuntimeWarning,
-            stacklevel=6,  # the wrapper's caller (through Module.__call__, forward, _forward_on_cpu_replicas)
+            stacklevel=7,  # the wrapper's caller (through Module.__call__, forward, _forward, _forward_on_cpu_replicas)
         )
 
 
@@ -253,7 +254,15 @@ class DataParallelWithCallback(nn.DataParallel):
         return self.__dict__.get("_cpu_replicas", False)
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
-        """Scatters the inputs, replicates the module, runs the callbacks and the replicas, gathers."""
+        """Scatters the inputs, replicates the module, runs the callbacks and the replicas, gathers.
+
+        Across processes, a forward that fails before its first synchronized call tells the other ranks, which fail
+        that call too (see :func:`~syncbn_ext.forward_across_processes.announcing_failure`)."""
+        device = self.__dict__.get("src_device_obj", _CPU)
+        with announcing_failure(self.module, device, f"{type(self).__name__}'s forward"):
+            return self._forward(inputs, kwargs)
+
+    def _forward(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not self.cpu_replicas:
             with _one_forward(self.module):
                 return super().forward(*inputs, **kwargs)
@@ -324,7 +333,7 @@ class DataParallelWithCallback(nn.DataParallel):
                 "backward, and this wrapper keeps that from now on (parallel_backward=False). Hold such a tensor as "
                 "a module attribute, or build the wrapper with parallel_backward=False",
                 RuntimeWarning,
-                stacklevel=6,  # the wrapper's caller, as _warn_of_parameters_written's
+                stacklevel=7,  # the wrapper's caller, as _warn_of_parameters_written's
             )
             self.parallel_backward = False
         replicas = self.replicate(self.module, self.device_ids[: len(inputs)])
@@ -445,7 +454,9 @@ class _OneTrainingForwardAtATime:
         self.data_parallel = data_parallel
 
     def __call__(self, *inputs: Any, **kwargs: Any) -> Any:
-        with _one_forward(self.data_parallel.module):
+        module = self.data_parallel.module
+        device = self.data_parallel.__dict__.get("src_device_obj", _CPU)
+        with announcing_failure(module, device, f"{type(self.data_parallel).__name__}'s forward"), _one_forward(module):
             return self.forward(*inputs, **kwargs)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["cross_process_transport", "exchange_group", "resolve_group"]
+__all__ = ["cross_process_transport", "exchange_group", "made_exchange_group", "resolve_group"]
 
 
 def resolve_group(group: Any, default_to_world: bool) -> Any:
@@ -137,6 +137,15 @@ def exchange_group(group: Any, label: str = "", device: torch.device | None = No
         if timeout != ours.options._timeout:
             ours._set_default_timeout(timeout)
     return own
+
+
+def made_exchange_group(group: Any, device: torch.device) -> Any:
+    """:func:`exchange_group` for ``group`` (a :func:`resolve_group` result) on ``device`` where it is made (or needs
+    none), without setting it up; ``None`` where it is not made yet (at the group's first synchronized call)."""
+    if device.type not in _gloo_devices(group):
+        return group
+    own = _own_groups.get(group)
+    return own if isinstance(own, dist.ProcessGroup) else None
 
 
 def _gloo_devices(group: Any) -> frozenset[str]:

@@ -4,6 +4,7 @@ prompt, clear error on every rank. Run by ``distributed_worker.py``; each scenar
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pickle
@@ -345,6 +346,109 @@ def scenario_ddp_failed_forward(rank, world, replicas, sizes):
     outcome = with_final_state({"errors": errors}, model, dist.group.WORLD)
     outcome["parameters_equal_on_every_rank"] = all(same_on_every_rank(p, dist.group.WORLD) for p in model.parameters())
     return outcome
+
+
+class FailsBeforeItsLayers(nn.Module):
+    """A linear layer, then two synchronized ones. Before them (before the forward's first synchronized call): raises
+    while ``fail`` is "raise"; while it is "widen", gives the first one a channel too many, which it refuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(C, C)
+        self.first, self.second = syncbn_ext.SyncBatchNorm(C), syncbn_ext.SyncBatchNorm(C)
+        self.fail = None
+
+    def forward(self, x):
+        h = self.linear(x)
+        if self.fail == "raise":
+            raise ValueError("a bad batch")
+        if self.fail == "widen":
+            h = torch.cat([h, h[:, :1]], 1)
+        return self.second(self.first(h))
+
+
+def failing_before_first_call(rank, replicas, failing_ranks, ddp=None, one_device=False, in_block=False):
+    """Steps in which the forward of each of ``failing_ranks`` fails before its first synchronized call, in every
+    replica of that rank: at step 1 in the model's code, at step 3 a replica refusing the first layer's input. The
+    other ranks' first call of those steps must fail, naming them, and the steps after must pair (before, those
+    calls paired with the failing ranks' next forward: one step apart from then on)."""
+    model = FailsBeforeItsLayers().double()
+    run = wrap(model, replicas)
+    if one_device and replicas == 1:  # the module as it is, under the wrapper
+        run = syncbn_ext.DataParallelWithCallback(model, device_ids=["cpu"])
+    if ddp:
+        run = nn.parallel.DistributedDataParallel(run, broadcast_buffers=ddp == "broadcast_buffers")
+    x = torch.randn(4, C, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    errors = {}
+    for step in range(6):
+        model.fail = {1: "raise", 3: "widen"}.get(step) if rank in failing_ranks else None
+        try:
+            with syncbn_ext.announcing_failure(model) if in_block else contextlib.nullcontext():
+                out = run(x)
+            out.square().sum().backward()
+        except Exception as error:
+            errors[step] = [type(error).__name__, str(error)]
+    outcome = with_final_state({"errors": errors}, model, dist.group.WORLD)
+    if ddp:  # the gradients DDP summed over the steps every rank completed
+        outcome["grads_equal_on_every_rank"] = all(
+            same_on_every_rank(p.grad, dist.group.WORLD) for p in model.parameters()
+        )
+    return outcome
+
+
+def scenario_failed_before_first_call(rank, world, replicas, sizes):
+    """Rank 1's forward (under DataParallelWithCallback) fails before its first synchronized call (see
+    failing_before_first_call)."""
+    return failing_before_first_call(rank, replicas, failing_ranks={1})
+
+
+def scenario_failed_before_first_call_everywhere(rank, world, replicas, sizes):
+    """Every rank's forward fails before its first synchronized call at the same steps: each one tells the others."""
+    return failing_before_first_call(rank, replicas, failing_ranks=set(range(world)))
+
+
+def scenario_failed_before_first_call_one_device(rank, world, replicas, sizes):
+    """failed_before_first_call with each rank of one replica under DataParallelWithCallback(device_ids=["cpu"])."""
+    return failing_before_first_call(rank, replicas, failing_ranks={1}, one_device=True)
+
+
+def scenario_failed_before_first_call_in_block(rank, world, replicas, sizes):
+    """failed_before_first_call, each forward in a syncbn_ext.announcing_failure block."""
+    return failing_before_first_call(rank, replicas, failing_ranks={1}, in_block=True)
+
+
+def scenario_ddp_failed_before_first_call_in_block(rank, world, replicas, sizes):
+    """failed_before_first_call under DistributedDataParallel (broadcast_buffers=True), each forward in a
+    syncbn_ext.announcing_failure block."""
+    return failing_before_first_call(rank, replicas, failing_ranks={1}, ddp="broadcast_buffers", in_block=True)
+
+
+def scenario_failed_forward_told_to_nobody(rank, world, replicas, sizes, timeout):
+    """One step together; then rank 1's forward fails before its first synchronized call while rank 0 never comes
+    (it leaves after the group's timeout): telling it times out, and rank 1's error says so in a note."""
+    model = FailsBeforeItsLayers().double()
+    run = wrap(model, replicas)
+    x = torch.randn(4, C, dtype=torch.float64)
+    run(x)
+    if rank == 0:
+        time.sleep(timeout + 5)
+        os._exit(0)  # the group timed out: nothing to tear down collectively
+    model.fail = "raise"
+    try:
+        run(x)
+    except ValueError as error:
+        return {"error": str(error), "notes": getattr(error, "__notes__", [])}
+    return {"error": None}
+
+
+def scenario_ddp_failed_before_first_call(rank, world, replicas, sizes):
+    """failed_before_first_call under DistributedDataParallel(broadcast_buffers=False)."""
+    return failing_before_first_call(rank, replicas, failing_ranks={1}, ddp="no_broadcast")
+
+
+def scenario_ddp_broadcasting_failed_before_first_call(rank, world, replicas, sizes):
+    """failed_before_first_call under DistributedDataParallel (its default broadcast_buffers=True)."""
+    return failing_before_first_call(rank, replicas, failing_ranks={1}, ddp="broadcast_buffers")
 
 
 def scenario_input_grad_on_one_rank(rank, world, replicas, sizes):

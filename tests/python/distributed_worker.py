@@ -47,6 +47,14 @@ SCENARIOS = {
     "unused_output": faults.scenario_unused_output,
     "skipped_step": faults.scenario_skipped_step,
     "ddp_failed_forward": faults.scenario_ddp_failed_forward,
+    "failed_before_first_call": faults.scenario_failed_before_first_call,
+    "failed_before_first_call_everywhere": faults.scenario_failed_before_first_call_everywhere,
+    "failed_before_first_call_one_device": faults.scenario_failed_before_first_call_one_device,
+    "ddp_failed_before_first_call": faults.scenario_ddp_failed_before_first_call,
+    "failed_forward_told_to_nobody": faults.scenario_failed_forward_told_to_nobody,
+    "failed_before_first_call_in_block": faults.scenario_failed_before_first_call_in_block,
+    "ddp_failed_before_first_call_in_block": faults.scenario_ddp_failed_before_first_call_in_block,
+    "ddp_broadcasting_failed_before_first_call": faults.scenario_ddp_broadcasting_failed_before_first_call,
     "refused_input": faults.scenario_refused_input,
     "checkpoint": faults.scenario_checkpoint,
     "checkpoint_after_failed_backward": faults.scenario_checkpoint_after_failed_backward,
@@ -69,12 +77,19 @@ SCENARIOS = {
     "two_groups_in_threads": parity.scenario_two_groups_in_threads,
     "own_communicator": parity.scenario_own_communicator,
 }
-WITH_TIMEOUT = {"absent", "absent_later", "interrupted_set_up", "two_groups_in_threads"}
+WITH_TIMEOUT = {
+    "absent",
+    "absent_later",
+    "interrupted_set_up",
+    "two_groups_in_threads",
+    "failed_forward_told_to_nobody",
+}
 # A failed group cannot be torn down collectively.
 LEAVE_THE_GROUP_AS_IS = {
     "absent",
     "absent_later",
     "exited",
+    "failed_forward_told_to_nobody",
     "interrupted",
     "interrupted_set_up",
     "join_shadowing",

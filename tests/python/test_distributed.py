@@ -189,6 +189,19 @@ def test_without_torch_distributed_sync_batchnorm_is_a_single_process_layer():
     assert syncbn_ext.SynchronizedBatchNorm1d(3).sync_group() is None
 
 
+def test_without_a_group_an_announcing_block_tells_nobody_and_passes_every_error_on_unchanged():
+    # No process group (torch.distributed not initialized): nothing to tell, nothing waited for, no note added.
+    assert not dist.is_initialized()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), syncbn_ext.SyncBatchNorm(3))
+    with syncbn_ext.announcing_failure(model):
+        out = model(torch.randn(6, 4))
+    assert out.shape == (6, 3)
+    for raised in (ValueError("a bad batch"), KeyboardInterrupt()):
+        with pytest.raises(type(raised)) as caught, syncbn_ext.announcing_failure(model):
+            raise raised
+        assert caught.value is raised and not getattr(caught.value, "__notes__", None)
+
+
 def test_the_layers_communicator_follows_its_groups_timeout_and_names_it_once_destroyed(tmp_path):
     # Its own gloo group over the ranks kept the timeout of its set-up: raised later (torch's _set_pg_timeout, as
     # torchtitan does after a first step), a rank late by less than the new timeout failed our exchange only.

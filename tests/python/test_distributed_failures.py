@@ -281,6 +281,96 @@ def test_an_input_one_rank_refuses_fails_that_step_on_every_rank_and_the_next_st
         assert outcome["drop_in"]["num_batches_tracked"] == [1], outcome
 
 
+BEFORE_FIRST_CALL = "rank(s) 1 raised in their forward before its first synchronized call"
+
+
+def check_failed_before_first_call(zero, one, refusal_said=BEFORE_FIRST_CALL):
+    """Steps 1 and 3 failed on both ranks: rank 1 with its own error (its forward before its first synchronized call:
+    its code, a replica refusing the first layer's input), rank 0 with a BarrierError naming rank 1 (at step 3:
+    ``refusal_said``); the other steps paired (every rank's buffers the same, bitwise, each layer updated by the 4
+    steps that ran)."""
+    assert sorted(zero["errors"]) == sorted(one["errors"]) == ["1", "3"], (zero, one)
+    assert one["errors"]["1"][0] == "ValueError" and "a bad batch" in one["errors"]["1"][1], one
+    assert one["errors"]["3"][0] == "RuntimeError" and "should contain 4 elements not 3" in one["errors"]["3"][1], one
+    for step, said in (("1", BEFORE_FIRST_CALL), ("3", refusal_said)):
+        assert zero["errors"][step][0] == "BarrierError" and said in zero["errors"][step][1], zero
+    for outcome in (zero, one):
+        assert outcome["buffers_equal_on_every_rank"] and outcome["num_batches_tracked"] == [4, 4], outcome
+
+
+@pytest.mark.parametrize(
+    "replicas, transport", [([1, 2], "shared_memory"), ([2, 2], "c10d"), ([2, 3], "shared_memory")]
+)
+def test_a_forward_with_replicas_failing_before_its_first_synchronized_call_fails_that_step_on_every_rank(
+    tmp_path, replicas, transport
+):
+    # Rank 1 (replicas under DataParallelWithCallback) fails before its first synchronized call: in its code, or a
+    # replica refusing the first layer's input. Before, rank 0's first call of that step paired with rank 1's next
+    # forward (silently one step apart for good, rank 0's last step waiting for the group's timeout).
+    scenarios = ["failed_before_first_call"]
+    if replicas[0] > 1:  # every rank's forward fails alike at the same steps: each tells the others
+        scenarios.append("failed_before_first_call_everywhere")
+    results = launch(tmp_path, 2, replicas, [4, 4], scenarios, transport=transport)
+    check_failed_before_first_call(*(measures(results["failed_before_first_call"][r]) for r in (0, 1)))
+    if replicas[0] > 1:
+        for rank in (0, 1):
+            outcome = measures(results["failed_before_first_call_everywhere"][rank])
+            assert sorted(outcome["errors"]) == ["1", "3"], outcome
+            assert outcome["errors"]["1"][0] == "ValueError", outcome  # its own error, not a BarrierError
+            assert outcome["errors"]["3"][0] == "RuntimeError", outcome
+            assert outcome["buffers_equal_on_every_rank"] and outcome["num_batches_tracked"] == [4, 4], outcome
+
+
+def test_a_module_under_a_one_device_wrapper_failing_before_its_first_synchronized_call_fails_that_step_everywhere(
+    tmp_path,
+):
+    # Each rank runs the module as it is, under DataParallelWithCallback(device_ids=["cpu"]): its code raising before
+    # the first layer is told by the wrapper, the first layer's refusal by the layer itself (told once).
+    results = launch(tmp_path, 2, 1, [4, 4], ["failed_before_first_call_one_device"])
+    zero, one = (measures(results["failed_before_first_call_one_device"][r]) for r in (0, 1))
+    check_failed_before_first_call(zero, one, refusal_said="rank(s) 1 raised in this call before exchanging")
+
+
+@pytest.mark.parametrize("scenario", ["failed_before_first_call_in_block", "ddp_failed_before_first_call_in_block"])
+def test_layers_alone_failing_before_their_first_synchronized_call_in_an_announcing_block_fail_that_step_everywhere(
+    tmp_path, scenario
+):
+    # Layers alone in each process (and under DistributedDataParallel), each forward in a
+    # syncbn_ext.announcing_failure block: the model's code raising before the first layer is told by the block, the
+    # first layer's refusal by the layer itself (told once).
+    results = launch(tmp_path, 2, 1, [4, 4], [scenario])[scenario]
+    zero, one = measures(results[0]), measures(results[1])
+    check_failed_before_first_call(zero, one, refusal_said="rank(s) 1 raised in this call before exchanging")
+    if scenario.startswith("ddp"):
+        assert zero["grads_equal_on_every_rank"] and one["grads_equal_on_every_rank"], (zero, one)
+
+
+@pytest.mark.parametrize("transport", ["shared_memory", "c10d"])
+def test_a_failed_forward_told_to_ranks_that_never_come_keeps_its_error_with_a_note(tmp_path, transport):
+    # Rank 0 never comes: telling it waits the group's timeout (3 s), then rank 1's own error propagates, noted.
+    results = launch(tmp_path, 2, 2, [4, 4], ["failed_forward_told_to_nobody"], timeout=3.0, transport=transport)
+    outcome = measures(results["failed_forward_told_to_nobody"][1])
+    assert outcome["error"] == "a bad batch", outcome
+    note = outcome["notes"][-1]  # after the replica's "(raised in replica 0 on device cpu)"
+    assert "forward failed before its first synchronized call, and telling the other ranks" in note, outcome
+    assert "DistBackendError" in note and "3000" in note, outcome
+
+
+@pytest.mark.parametrize(
+    "replicas, scenario",
+    [([1, 2], "ddp_failed_before_first_call"), ([2, 2], "ddp_broadcasting_failed_before_first_call")],
+)
+def test_under_ddp_a_forward_with_replicas_failing_before_its_first_synchronized_call_fails_that_step_everywhere(
+    tmp_path, replicas, scenario
+):
+    # The same under DistributedDataParallel, with broadcast_buffers=False and with its default True (DDP's
+    # broadcast ran on every rank before the failure): DDP's gradients summed over the same steps.
+    results = launch(tmp_path, 2, replicas, [4, 4], [scenario])[scenario]
+    zero, one = measures(results[0]), measures(results[1])
+    check_failed_before_first_call(zero, one)
+    assert zero["grads_equal_on_every_rank"] and one["grads_equal_on_every_rank"], (zero, one)
+
+
 @pytest.mark.parametrize("replicas, transport", [(1, "shared_memory"), (2, "c10d")])
 def test_ranks_whose_calls_differ_in_requires_grad_or_channels_get_an_error_saying_so(tmp_path, replicas, transport):
     # input_grad_on_one_rank: before, rank 1 skipped the backward exchange rank 0 waited in (an error naming other

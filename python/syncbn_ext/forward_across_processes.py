@@ -1,0 +1,109 @@
+"""A wrapper's forward in one process of a group: a failure before its first synchronized call is told to the others.
+
+Across processes, every rank's synchronized calls pair in order. A rank whose forward fails after its first
+synchronized call on the group meets the other ranks at another call (a ``BarrierError`` on every rank); one whose
+forward fails before it (a replica raising before its first synchronized layer, code before that layer) would leave
+the others waiting at that call, which would then pair with this rank's next forward: one step apart for good,
+silently. So a wrapper's forward (:class:`~syncbn_ext.DataParallelWithCallback`, a patched ``nn.DataParallel``) that
+failed without a synchronized call tells the others (``_C.announce_failed_forward``), and every rank fails that
+step; :func:`announcing_failure` does the same around any block (layers alone in the process, under DDP). The same
+as ``syncbn::ForwardAcrossProcesses`` does for ``syncbn::data_parallel`` in C++.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ._native import _C
+from .distributed import exchange_group, made_exchange_group
+from .synchronized_base import _SynchronizedBatchNorm
+
+__all__ = ["announcing_failure"]
+
+
+def _exchanging_groups(module: nn.Module) -> list[Any]:
+    """The process groups ``module``'s synchronized layers would exchange on in a forward now (training mode)."""
+    if not dist.is_available():
+        return []
+    world = dist.is_initialized()
+    groups: list[Any] = []
+    for layer in module.modules():
+        if not isinstance(layer, _SynchronizedBatchNorm) or not layer.training:
+            continue
+        if layer.__dict__.get("process_group") is None and not (world and layer._default_to_world):
+            continue  # (no group to resolve: the common case, cheaply)
+        group = layer.sync_group()
+        if group is not None and all(group is not known for known in groups):
+            groups.append(group)
+    return groups
+
+
+def _calls_on(group: Any, device: torch.device) -> int:
+    """The synchronized calls this process made on ``group`` so far, on ``device`` (its communicator, if made)."""
+    exchanging = made_exchange_group(group, device)
+    return 0 if exchanging is None else _C.synchronized_calls(exchanging)
+
+
+@contextlib.contextmanager
+def announcing_failure(
+    module: nn.Module, device: torch.device | str | None = None, label: str | None = None
+) -> Iterator[None]:
+    """Around a forward of ``module`` across processes: where the block raises an ``Exception`` before its first
+    synchronized call on the group, the other ranks are told (their first synchronized call of that step raises a
+    ``BarrierError`` naming this rank) before the error propagates, so that the ranks' next steps pair again.
+
+    :class:`~syncbn_ext.DataParallelWithCallback` (and a patched ``nn.DataParallel``) do this for every forward; use
+    it where the layers run without one (alone in the process, under ``DistributedDataParallel``)::
+
+        with syncbn_ext.announcing_failure(model):
+            out = ddp_model(x)
+
+    Args:
+        module: the model whose synchronized layers (in their current mode) the block runs.
+        device: where its first synchronized call exchanges (copy 0's input device: CUDA for NCCL); default: the
+            device of the first synchronized layer's tensors, else the CPU.
+        label: what failed, for the other ranks' error messages; default: ``module``'s class.
+
+    Only where ``module``'s synchronized layers exchange on one group: with several, the others fail at the first
+    call of one of them, and this rank's announcements on the others would pair with their next step. Interrupts
+    (``KeyboardInterrupt``) propagate at once. Telling waits for the other ranks to reach that call (up to the
+    group's timeout); where telling fails too, the block's error gets a note saying so. A block that made a
+    synchronized call before it raised tells nothing: the other ranks meet this one at another call.
+    """
+    groups = _exchanging_groups(module)
+    if len(groups) != 1:
+        yield
+        return
+    group = groups[0]
+    device = _first_layer_device(module) if device is None else torch.device(device)
+    label = f"the forward of {type(module).__name__}" if label is None else label
+    calls_before = _calls_on(group, device)
+    try:
+        yield
+    except Exception as error:
+        if _calls_on(group, device) == calls_before:
+            try:
+                _C.announce_failed_forward(exchange_group(group, label, device), device, label)
+            except Exception as telling:  # the forward's own error is the one to raise
+                error.add_note(
+                    f"{label} failed before its first synchronized call, and telling the other ranks of the process "
+                    f"group so failed too ({type(telling).__name__}: {telling}): they may pair that call with this "
+                    "rank's next forward; restart"
+                )
+        raise
+
+
+def _first_layer_device(module: nn.Module) -> torch.device:
+    """The device of the first synchronized layer's tensors (its weight or running mean), else the CPU."""
+    for layer in module.modules():
+        if isinstance(layer, _SynchronizedBatchNorm):
+            for tensor in (layer.weight, layer.running_mean):
+                if isinstance(tensor, torch.Tensor):
+                    return tensor.device
+    return torch.device("cpu")
