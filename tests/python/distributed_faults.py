@@ -431,7 +431,7 @@ def scenario_failed_forward_told_to_nobody(rank, world, replicas, sizes, timeout
     x = torch.randn(4, C, dtype=torch.float64)
     run(x)
     if rank == 0:
-        time.sleep(timeout + 5)
+        time.sleep(timeout + 2)
         os._exit(0)  # the group timed out: nothing to tear down collectively
     model.fail = "raise"
     try:
