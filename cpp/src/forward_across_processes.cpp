@@ -5,9 +5,14 @@
 
 #include <c10/util/Exception.h>
 
+#include <syncbn/replication_group.h>
+
 namespace syncbn {
 
 ForwardAcrossProcesses::ForwardAcrossProcesses(const torch::nn::Module& module, at::Device device) : device_(device) {
+  // In a replica (a nested data_parallel, which is refused), the outer forward tells for every replica: each
+  // replica telling would pair with another call of the other ranks.
+  if (ReplicaScope::current_group() != nullptr) return;
   std::vector<ProcessGroupPtr> groups;
   auto note = [&](const torch::nn::Module& each) {
     const auto* layer = dynamic_cast<const CrossProcessLayer*>(&each);

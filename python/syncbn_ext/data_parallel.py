@@ -61,12 +61,16 @@ _deferred = threading.local()
 
 
 @contextlib.contextmanager
-def _one_forward(module: nn.Module) -> Iterator[None]:
-    """A forward of a wrapper around ``module``: under its :func:`~syncbn_ext.forward_locks.training_forward_lock`, and
-    with the replicas' buffers written back only once the whole forward succeeded, the gather included (so outputs
+def _one_forward(module: nn.Module, wrapper: nn.DataParallel) -> Iterator[None]:
+    """A forward of ``wrapper`` around ``module``: under its :func:`~syncbn_ext.forward_locks.training_forward_lock`,
+    and with the replicas' buffers written back only once the whole forward succeeded, the gather included (so outputs
     the gather cannot join leave the module untouched), or when the same forward replicates again (a forward that
-    runs its replicas twice, e.g. once per view, replicates the second time from the first's buffers)."""
-    with training_forward_lock(module):
+    runs its replicas twice, e.g. once per view, replicates the second time from the first's buffers). Across
+    processes, a failure before its first synchronized call is told to the other ranks (:func:`announcing_failure`,
+    entered once the lock is held, so that another thread's forward it waited for counts no call of its own)."""
+    device = wrapper.__dict__.get("src_device_obj", _CPU)
+    label = f"{type(wrapper).__name__}'s forward"
+    with training_forward_lock(module), announcing_failure(module, device, label):
         outer = getattr(_deferred, "replications", None)
         _deferred.replications = []
         try:
@@ -138,7 +142,7 @@ def _warn_of_parameters_written(versions: list[tuple[str, torch.Tensor, int | No
             "(a moving average, a counter) belongs in a buffer (register_buffer): replica 0's update reaches the "
             "module after a successful forward, as on GPUs",
             RuntimeWarning,
-            stacklevel=7,  # the wrapper's caller (through Module.__call__, forward, _forward, _forward_on_cpu_replicas)
+            stacklevel=6,  # the wrapper's caller (through Module.__call__, forward, _forward_on_cpu_replicas)
         )
 
 
@@ -258,17 +262,13 @@ class DataParallelWithCallback(nn.DataParallel):
 
         Across processes, a forward that fails before its first synchronized call tells the other ranks, which fail
         that call too (see :func:`~syncbn_ext.forward_across_processes.announcing_failure`)."""
-        device = self.__dict__.get("src_device_obj", _CPU)
-        with announcing_failure(self.module, device, f"{type(self).__name__}'s forward"):
-            return self._forward(inputs, kwargs)
-
-    def _forward(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not self.cpu_replicas:
-            with _one_forward(self.module):
+            with _one_forward(self.module, self):
                 return super().forward(*inputs, **kwargs)
         with torch.autograd.profiler.record_function("DataParallelWithCallback.forward"):
             if len(self.device_ids) == 1:
-                return self.module(*inputs, **kwargs)
+                with _one_forward(self.module, self):
+                    return self.module(*inputs, **kwargs)
             if running_a_replica():
                 # Its replicas would make a replication of their own, synchronizing among themselves only.
                 raise RuntimeError(
@@ -284,7 +284,7 @@ class DataParallelWithCallback(nn.DataParallel):
                     "its replicas run on worker threads the tracer does not follow. Trace or export the module it "
                     "wraps (its .module), in eval mode where it has synchronized layers"
                 )
-            with _one_forward(self.module):
+            with _one_forward(self.module, self):
                 return self._forward_on_cpu_replicas(inputs, kwargs)
 
     def _forward_on_cpu_replicas(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -333,7 +333,7 @@ class DataParallelWithCallback(nn.DataParallel):
                 "backward, and this wrapper keeps that from now on (parallel_backward=False). Hold such a tensor as "
                 "a module attribute, or build the wrapper with parallel_backward=False",
                 RuntimeWarning,
-                stacklevel=7,  # the wrapper's caller, as _warn_of_parameters_written's
+                stacklevel=6,  # the wrapper's caller, as _warn_of_parameters_written's
             )
             self.parallel_backward = False
         replicas = self.replicate(self.module, self.device_ids[: len(inputs)])
@@ -454,9 +454,7 @@ class _OneTrainingForwardAtATime:
         self.data_parallel = data_parallel
 
     def __call__(self, *inputs: Any, **kwargs: Any) -> Any:
-        module = self.data_parallel.module
-        device = self.data_parallel.__dict__.get("src_device_obj", _CPU)
-        with announcing_failure(module, device, f"{type(self.data_parallel).__name__}'s forward"), _one_forward(module):
+        with _one_forward(self.data_parallel.module, self.data_parallel):
             return self.forward(*inputs, **kwargs)
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from ._native import _C
 from .distributed import exchange_group, made_exchange_group
+from .parallel_apply import running_a_replica
 from .synchronized_base import _SynchronizedBatchNorm
 
 __all__ = ["announcing_failure"]
@@ -71,12 +72,15 @@ def announcing_failure(
         label: what failed, for the other ranks' error messages; default: ``module``'s class.
 
     Only where ``module``'s synchronized layers exchange on one group: with several, the others fail at the first
-    call of one of them, and this rank's announcements on the others would pair with their next step. Interrupts
+    call of one of them, and this rank's announcements on the others would pair with their next step. Not in a
+    replica (the wrapper's forward tells for all of them). Counted from the block's start: another thread's forward
+    of the same layers meanwhile (not one of a wrapper, which run one after another) hides the failure. Interrupts
     (``KeyboardInterrupt``) propagate at once. Telling waits for the other ranks to reach that call (up to the
     group's timeout); where telling fails too, the block's error gets a note saying so. A block that made a
     synchronized call before it raised tells nothing: the other ranks meet this one at another call.
     """
-    groups = _exchanging_groups(module)
+    # In a replica, the wrapper's forward tells for every replica (each telling would pair with another call).
+    groups = [] if running_a_replica() else _exchanging_groups(module)
     if len(groups) != 1:
         yield
         return

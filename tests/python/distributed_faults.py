@@ -357,22 +357,29 @@ class FailsBeforeItsLayers(nn.Module):
         self.linear = nn.Linear(C, C)
         self.first, self.second = syncbn_ext.SyncBatchNorm(C), syncbn_ext.SyncBatchNorm(C)
         self.fail = None
+        self.in_block = False  # the forward in an announcing_failure block of its own (in each replica too)
+        self.seconds = 0.0  # slept first
 
     def forward(self, x):
-        h = self.linear(x)
-        if self.fail == "raise":
-            raise ValueError("a bad batch")
-        if self.fail == "widen":
-            h = torch.cat([h, h[:, :1]], 1)
-        return self.second(self.first(h))
+        time.sleep(self.seconds)
+        with syncbn_ext.announcing_failure(self) if self.in_block else contextlib.nullcontext():
+            h = self.linear(x)
+            if self.fail == "raise":
+                raise ValueError("a bad batch")
+            if self.fail == "widen":
+                h = torch.cat([h, h[:, :1]], 1)
+            return self.second(self.first(h))
 
 
-def failing_before_first_call(rank, replicas, failing_ranks, ddp=None, one_device=False, in_block=False):
+def failing_before_first_call(
+    rank, replicas, failing_ranks, ddp=None, one_device=False, in_block=False, block_inside=False
+):
     """Steps in which the forward of each of ``failing_ranks`` fails before its first synchronized call, in every
     replica of that rank: at step 1 in the model's code, at step 3 a replica refusing the first layer's input. The
     other ranks' first call of those steps must fail, naming them, and the steps after must pair (before, those
     calls paired with the failing ranks' next forward: one step apart from then on)."""
     model = FailsBeforeItsLayers().double()
+    model.in_block = block_inside
     run = wrap(model, replicas)
     if one_device and replicas == 1:  # the module as it is, under the wrapper
         run = syncbn_ext.DataParallelWithCallback(model, device_ids=["cpu"])
@@ -421,6 +428,68 @@ def scenario_ddp_failed_before_first_call_in_block(rank, world, replicas, sizes)
     """failed_before_first_call under DistributedDataParallel (broadcast_buffers=True), each forward in a
     syncbn_ext.announcing_failure block."""
     return failing_before_first_call(rank, replicas, failing_ranks={1}, ddp="broadcast_buffers", in_block=True)
+
+
+class _SlowToTell:
+    """syncbn_ext's _C, whose announce_failed_forward starts 0.2 s late: every replica's block that would tell has
+    checked the call count by then (else whether several tell depends on the threads' timing)."""
+
+    def __init__(self, native):
+        self.native = native
+
+    def __getattr__(self, name):
+        return getattr(self.native, name)
+
+    def announce_failed_forward(self, *args):
+        time.sleep(0.2)
+        return self.native.announce_failed_forward(*args)
+
+
+def scenario_failed_before_first_call_block_in_replicas(rank, world, replicas, sizes):
+    """failed_before_first_call with the model's forward in an announcing_failure block of its own, run in every
+    replica: the wrapper tells, once (before, each replica's block told too: the others failed one step more, then
+    went on one step apart)."""
+    import syncbn_ext.forward_across_processes as telling
+
+    telling._C = _SlowToTell(telling._C)
+    try:
+        return failing_before_first_call(rank, replicas, failing_ranks={1}, block_inside=True)
+    finally:
+        telling._C = telling._C.native
+
+
+def scenario_failed_behind_another_threads_forward(rank, world, replicas, sizes):
+    """On rank 1, thread A's forward (slow before its first layer) and thread B's, started meanwhile, which waits for
+    A's (training forwards of one wrapper run one after another) and fails before its first synchronized call;
+    rank 0 runs two forwards, then both two more. Rank 0's second must fail naming rank 1 and the later ones pair
+    (before, B counted A's calls as its own and told nothing: one step apart)."""
+    model = FailsBeforeItsLayers().double()
+    run = syncbn_ext.DataParallelWithCallback(model, device_ids=["cpu"] * max(replicas, 2))
+    x = torch.randn(4, C, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    outcomes = {}
+
+    def forward(name):  # no backward: A's would race with B's forward (threads of one rank have no set order)
+        try:
+            run(x)
+            outcomes[name] = "ok"
+        except Exception as error:
+            outcomes[name] = f"{type(error).__name__}: {error}"
+
+    if rank == 1:
+        model.seconds = 1.0
+        a = threading.Thread(target=forward, args=("first",))
+        a.start()
+        time.sleep(0.3)  # A replicated (its replicas sleep): B's replicas get fail and no sleep
+        model.seconds, model.fail = 0.0, "raise"
+        forward("second")
+        a.join()
+        model.fail = None
+    else:
+        forward("first")
+        forward("second")
+    forward("third")
+    forward("fourth")
+    return with_final_state({"outcomes": outcomes}, model, dist.group.WORLD)
 
 
 def scenario_failed_forward_told_to_nobody(rank, world, replicas, sizes, timeout):

@@ -52,6 +52,8 @@ SCENARIOS = {
     "failed_before_first_call_one_device": faults.scenario_failed_before_first_call_one_device,
     "ddp_failed_before_first_call": faults.scenario_ddp_failed_before_first_call,
     "failed_forward_told_to_nobody": faults.scenario_failed_forward_told_to_nobody,
+    "failed_before_first_call_block_in_replicas": faults.scenario_failed_before_first_call_block_in_replicas,
+    "failed_behind_another_threads_forward": faults.scenario_failed_behind_another_threads_forward,
     "failed_before_first_call_in_block": faults.scenario_failed_before_first_call_in_block,
     "ddp_failed_before_first_call_in_block": faults.scenario_ddp_failed_before_first_call_in_block,
     "ddp_broadcasting_failed_before_first_call": faults.scenario_ddp_broadcasting_failed_before_first_call,

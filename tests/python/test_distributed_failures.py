@@ -305,11 +305,17 @@ def test_a_forward_with_replicas_failing_before_its_first_synchronized_call_fail
     # Rank 1 (replicas under DataParallelWithCallback) fails before its first synchronized call: in its code, or a
     # replica refusing the first layer's input. Before, rank 0's first call of that step paired with rank 1's next
     # forward (silently one step apart for good, rank 0's last step waiting for the group's timeout).
-    scenarios = ["failed_before_first_call"]
+    # failed_before_first_call_block_in_replicas: the model's forward in an announcing_failure block of its own, in
+    # every replica: told once, by the wrapper (before, by each replica's block too: one step apart after all).
+    scenarios = ["failed_before_first_call", "failed_before_first_call_block_in_replicas"]
     if replicas[0] > 1:  # every rank's forward fails alike at the same steps: each tells the others
         scenarios.append("failed_before_first_call_everywhere")
     results = launch(tmp_path, 2, replicas, [4, 4], scenarios, transport=transport)
     check_failed_before_first_call(*(measures(results["failed_before_first_call"][r]) for r in (0, 1)))
+    blocks = [measures(results["failed_before_first_call_block_in_replicas"][r]) for r in (0, 1)]
+    check_failed_before_first_call(
+        *blocks, refusal_said="rank(s) 1 raised in" if replicas[1] == 1 else BEFORE_FIRST_CALL
+    )
     if replicas[0] > 1:
         for rank in (0, 1):
             outcome = measures(results["failed_before_first_call_everywhere"][rank])
@@ -341,6 +347,19 @@ def test_layers_alone_failing_before_their_first_synchronized_call_in_an_announc
     check_failed_before_first_call(zero, one, refusal_said="rank(s) 1 raised in this call before exchanging")
     if scenario.startswith("ddp"):
         assert zero["grads_equal_on_every_rank"] and one["grads_equal_on_every_rank"], (zero, one)
+
+
+def test_a_forward_failing_behind_another_threads_forward_of_the_wrapper_is_told(tmp_path):
+    # Rank 1's failing forward waited for another thread's (one training forward at a time): it counts calls from
+    # then on, so it tells (before, it counted the other forward's calls as its own and told nothing).
+    results = launch(tmp_path, 2, 2, [4, 4], ["failed_behind_another_threads_forward"])
+    zero, one = (measures(results["failed_behind_another_threads_forward"][r]) for r in (0, 1))
+    assert zero["outcomes"]["first"] == "ok" and one["outcomes"]["first"] == "ok", (zero, one)
+    assert one["outcomes"]["second"] == "ValueError: a bad batch", one
+    assert zero["outcomes"]["second"].startswith("BarrierError") and BEFORE_FIRST_CALL in zero["outcomes"]["second"]
+    for outcome in (zero, one):
+        assert outcome["outcomes"]["third"] == outcome["outcomes"]["fourth"] == "ok", outcome
+        assert outcome["buffers_equal_on_every_rank"] and outcome["num_batches_tracked"] == [3, 3], outcome
 
 
 def test_a_failed_forward_told_to_ranks_that_never_come_keeps_its_error_with_a_note(tmp_path):

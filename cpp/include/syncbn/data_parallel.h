@@ -145,33 +145,21 @@ std::vector<torch::Tensor> parallel_apply(std::vector<ModuleType>& modules, cons
 
 namespace detail {
 
-// data_parallel's forward, once `devices` (none: no GPU) are known.
+// data_parallel's forward, once `devices` (none: no GPU: the module runs directly) are known, under the module's
+// TrainingForwardLock.
 template <typename ModuleType>
 torch::Tensor data_parallel_forward(ModuleType& module, const std::shared_ptr<torch::nn::Module>& original,
                                     const torch::Tensor& input,
                                     const std::optional<std::vector<torch::Device>>& devices,
                                     const std::optional<torch::Device>& output_device, int64_t dim) {
-  if (!devices) {
-    // Run directly, it writes the module's buffers: after (and before) any other thread's replicated forward.
-    const TrainingForwardLock one_training_forward_at_a_time(original);
-    return module->forward(input);
-  }
+  if (!devices) return module->forward(input);
   TORCH_CHECK_VALUE(!devices->empty(), "data_parallel needs at least one device");
   const torch::Device destination = output_device.value_or(devices->front());
   detail::check_on_first_device(*original, devices->front());  // one device too: before anything runs
-  if (devices->size() == 1) {
-    const TrainingForwardLock one_training_forward_at_a_time(original);
-    return module->forward(input.to(devices->front())).to(destination);
-  }
-  // Its replicas would make a replication of their own, synchronizing among themselves only.
-  TORCH_CHECK(ReplicaScope::current_group() == nullptr,
-              "data_parallel was called inside a replica of another data_parallel (nested): its replicas would "
-              "synchronize their BatchNorm statistics among themselves only, not over the whole batch. Call "
-              "data_parallel once (the outer replicas already split the batch)");
+  if (devices->size() == 1) return module->forward(input.to(devices->front())).to(destination);
 
   std::vector<torch::Tensor> inputs = detail::scatter(input, *devices, dim);
   std::vector<torch::Device> used(devices->begin(), devices->begin() + static_cast<int64_t>(inputs.size()));
-  const TrainingForwardLock one_training_forward_at_a_time(original);
   if (inputs.size() == 1) return module->forward(inputs.front()).to(destination);
 
   std::vector<std::shared_ptr<torch::nn::Module>> clones;
@@ -218,6 +206,15 @@ torch::Tensor data_parallel(ModuleType module, const torch::Tensor& input,
     if (count > 0) devices.emplace();
     for (int64_t i = 0; i < count; ++i) devices->emplace_back(torch::kCUDA, static_cast<c10::DeviceIndex>(i));
   }
+  // Its replicas would make a replication of their own, synchronizing among themselves only. (Before the lock: a
+  // replica's forward calling it with the outer module would wait for the outer forward, which waits for it.)
+  TORCH_CHECK(!devices || devices->size() < 2 || ReplicaScope::current_group() == nullptr,
+              "data_parallel was called inside a replica of another data_parallel (nested): its replicas would "
+              "synchronize their BatchNorm statistics among themselves only, not over the whole batch. Call "
+              "data_parallel once (the outer replicas already split the batch)");
+  // Training forwards write the module's buffers (the replicas' through replica 0's write-back): one after another,
+  // whatever the path. Then, counted from here, a failure before this forward's first synchronized call is told.
+  const TrainingForwardLock one_training_forward_at_a_time(original);
   ForwardAcrossProcesses across_processes(*original, devices && !devices->empty() ? devices->front()
                                                                                   : torch::Device(torch::kCPU));
   try {

@@ -28,7 +28,10 @@ class SYNCBN_API CrossProcessLayer {
 //
 // Only where the module's synchronized layers exchange on one group: with
 // several, the others fail at the first call of one group only, and this
-// rank's announcements on the others would pair with their next step.
+// rank's announcements on the others would pair with their next step. Not in
+// a replica (the outer forward tells). Counted from construction: make it once
+// the forward holds its module's TrainingForwardLock (data_parallel does), so
+// that another thread's forward it waited for counts no call of its own.
 class SYNCBN_API ForwardAcrossProcesses {
  public:
   // Before the forward: `module`'s synchronized layers (CrossProcessLayer) in
