@@ -83,6 +83,22 @@ TORCH_MODULE(DeepNet);
 
 double max_difference(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<double>(); }
 
+// Net whose replicas sleep a second before their layers when their slice starts with 42 (one forward's, not others').
+struct SleepyNetImpl : torch::nn::Cloneable<SleepyNetImpl> {
+  SleepyNetImpl() { reset(); }
+  void reset() override {
+    conv = register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(2, 3, 3).padding(1)));
+    bn = register_module("bn", syncbn::SyncBatchNorm2d(torch::nn::BatchNormOptions(3).momentum(std::nullopt)));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    if (x.size(1) == 2 && x[0][0][0][0].item<double>() == 42) std::this_thread::sleep_for(std::chrono::seconds(1));
+    return bn->forward(conv->forward(x));
+  }
+  torch::nn::Conv2d conv{nullptr};
+  syncbn::SyncBatchNorm2d bn{nullptr};
+};
+TORCH_MODULE(SleepyNet);
+
 // One rank: returns 0 when everything matches the whole-batch reference.
 int run_rank(int rank, const std::string& store_path) {
   auto store = c10::make_intrusive<c10d::FileStore>(store_path, kWorld);
@@ -254,6 +270,50 @@ int run_rank(int rank, const std::string& store_path) {
     if (!failed_forward_announced) std::fprintf(stderr, "rank %d: failed forward not told: %s\n", rank, failure.c_str());
   }
 
+  // The same where rank 1's failing forward (thread B) waited for another thread's (A, slow before its layers) of
+  // the same module: training forwards run one after another, and B counts calls from then on, so it tells (before,
+  // it counted A's calls as its own and told nothing). Rank 0 runs two forwards; then both ranks one more.
+  bool queued_failure_announced = false;
+  {
+    SleepyNet sleepy;
+    sleepy->to(torch::kDouble);
+    sleepy->bn->set_process_group(group);
+    const auto good = torch::randn({4, 2, 4, 4}, torch::kDouble) + rank;
+    std::string second;
+    if (rank == 1) {
+      auto slow = good.clone();
+      slow.select(0, 0).fill_(42);
+      slow.select(0, 2).fill_(42);  // both replicas' slices start with 42
+      std::thread a([&] { syncbn::data_parallel(sleepy, slow, replicas); });
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      try {
+        syncbn::data_parallel(sleepy, torch::zeros({4, 5, 4, 4}, torch::kDouble), replicas);
+      } catch (const std::exception& failed) {
+        second = failed.what();
+      }
+      a.join();
+    } else {
+      syncbn::data_parallel(sleepy, good, replicas);
+      try {
+        syncbn::data_parallel(sleepy, good, replicas);
+      } catch (const std::exception& failed) {
+        second = failed.what();
+      }
+    }
+    syncbn::data_parallel(sleepy, good, replicas);
+    std::vector<at::Tensor> summed{sleepy->bn->running_mean.clone()};
+    group->allreduce(summed)->wait();
+    const bool named =
+        rank == 1 ? second.find("expected input") != std::string::npos
+                  : second.find("rank(s) 1 raised in their forward before its first synchronized call") !=
+                        std::string::npos;
+    queued_failure_announced = named && sleepy->bn->num_batches_tracked.item<int64_t>() == 2 &&
+                               max_difference(summed[0], 2 * sleepy->bn->running_mean) < 1e-12;
+    if (!queued_failure_announced) {
+      std::fprintf(stderr, "rank %d: queued failed forward not told: %s\n", rank, second.c_str());
+    }
+  }
+
   // Both ranks on this host: shared memory, unless SYNCBN_SHARED_MEMORY=0 (the test's second run) keeps every
   // exchange on the group's backend.
   const char* shared_memory = std::getenv("SYNCBN_SHARED_MEMORY");
@@ -262,8 +322,8 @@ int run_rank(int rank, const std::string& store_path) {
   std::printf("rank %d (%s, exchanging through %s, '%s' before the first call): largest difference %.3g, "
               "num_batches_tracked %s\n",
               rank, group->getBackendName().c_str(), transport.c_str(), before.c_str(), error, counted ? "3" : "wrong");
-  return error < 1e-12 && counted && refusal_announced && failed_forward_announced && before == "not yet" &&
-                 transport == expected
+  return error < 1e-12 && counted && refusal_announced && failed_forward_announced && queued_failure_announced &&
+                 before == "not yet" && transport == expected
              ? 0
              : 1;
 }
