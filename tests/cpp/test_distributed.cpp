@@ -99,6 +99,21 @@ struct SleepyNetImpl : torch::nn::Cloneable<SleepyNetImpl> {
 };
 TORCH_MODULE(SleepyNet);
 
+// After a step whose forward rank 1 failed before its first synchronized call (its conv refusing 5 channels) and
+// one more together: whether this rank's `failure` says so (rank 0: the BarrierError naming rank 1) and the ranks
+// paired again (`bn` counted `count` batches, its running mean the same on both ranks).
+bool failed_forward_told(int rank, const std::string& failure, const syncbn::SyncBatchNorm2dImpl& bn, int64_t count,
+                         const c10::intrusive_ptr<c10d::ProcessGroup>& group, const char* what) {
+  std::vector<at::Tensor> summed{bn.running_mean.clone()};
+  group->allreduce(summed)->wait();
+  const std::string said =
+      rank == 1 ? "expected input" : "rank(s) 1 raised in their forward before its first synchronized call";
+  const bool told = failure.find(said) != std::string::npos && bn.num_batches_tracked.item<int64_t>() == count &&
+                    max_difference(summed[0], 2 * bn.running_mean) < 1e-12;
+  if (!told) std::fprintf(stderr, "rank %d: %s not told: %s\n", rank, what, failure.c_str());
+  return told;
+}
+
 // One rank: returns 0 when everything matches the whole-batch reference.
 int run_rank(int rank, const std::string& store_path) {
   auto store = c10::make_intrusive<c10d::FileStore>(store_path, kWorld);
@@ -246,28 +261,24 @@ int run_rank(int rank, const std::string& store_path) {
   // data_parallel on 2 replicas whose forward rank 1 fails before its first synchronized call (its conv refuses
   // the input: 5 channels): rank 1 tells rank 0, which fails its first call of that step with a BarrierError naming
   // rank 1, and the next step pairs (before, rank 0's call paired with rank 1's next forward: one step apart).
+  const auto error_of = [&](auto& net, const torch::Tensor& x) -> std::string {  // a data_parallel's, if any
+    try {
+      syncbn::data_parallel(net, x, replicas);
+    } catch (const std::exception& failed) {
+      return failed.what();
+    }
+    return "";
+  };
+  const auto refused = torch::zeros({4, 5, 4, 4}, torch::kDouble);  // the conv's input has 2 channels
   bool failed_forward_announced = false;
   {
     Net failing;
     failing->to(torch::kDouble);
     failing->bn->set_process_group(group);
     const auto good = torch::randn({4, 2, 4, 4}, torch::kDouble) + rank;
-    std::string failure;
-    try {
-      syncbn::data_parallel(failing, rank == 1 ? torch::zeros({4, 5, 4, 4}, torch::kDouble) : good, replicas);
-    } catch (const std::exception& failed) {
-      failure = failed.what();
-    }
+    const std::string failure = error_of(failing, rank == 1 ? refused : good);
     syncbn::data_parallel(failing, good, replicas);
-    std::vector<at::Tensor> summed{failing->bn->running_mean.clone()};
-    group->allreduce(summed)->wait();
-    const bool named =
-        rank == 1 ? failure.find("expected input") != std::string::npos
-                  : failure.find("rank(s) 1 raised in their forward before its first synchronized call") !=
-                        std::string::npos;
-    failed_forward_announced = named && failing->bn->num_batches_tracked.item<int64_t>() == 1 &&
-                               max_difference(summed[0], 2 * failing->bn->running_mean) < 1e-12;
-    if (!failed_forward_announced) std::fprintf(stderr, "rank %d: failed forward not told: %s\n", rank, failure.c_str());
+    failed_forward_announced = failed_forward_told(rank, failure, *failing->bn, 1, group, "failed forward");
   }
 
   // The same where rank 1's failing forward (thread B) waited for another thread's (A, slow before its layers) of
@@ -286,32 +297,14 @@ int run_rank(int rank, const std::string& store_path) {
       slow.select(0, 2).fill_(42);  // both replicas' slices start with 42
       std::thread a([&] { syncbn::data_parallel(sleepy, slow, replicas); });
       std::this_thread::sleep_for(std::chrono::milliseconds(300));
-      try {
-        syncbn::data_parallel(sleepy, torch::zeros({4, 5, 4, 4}, torch::kDouble), replicas);
-      } catch (const std::exception& failed) {
-        second = failed.what();
-      }
+      second = error_of(sleepy, refused);
       a.join();
     } else {
       syncbn::data_parallel(sleepy, good, replicas);
-      try {
-        syncbn::data_parallel(sleepy, good, replicas);
-      } catch (const std::exception& failed) {
-        second = failed.what();
-      }
+      second = error_of(sleepy, good);
     }
     syncbn::data_parallel(sleepy, good, replicas);
-    std::vector<at::Tensor> summed{sleepy->bn->running_mean.clone()};
-    group->allreduce(summed)->wait();
-    const bool named =
-        rank == 1 ? second.find("expected input") != std::string::npos
-                  : second.find("rank(s) 1 raised in their forward before its first synchronized call") !=
-                        std::string::npos;
-    queued_failure_announced = named && sleepy->bn->num_batches_tracked.item<int64_t>() == 2 &&
-                               max_difference(summed[0], 2 * sleepy->bn->running_mean) < 1e-12;
-    if (!queued_failure_announced) {
-      std::fprintf(stderr, "rank %d: queued failed forward not told: %s\n", rank, second.c_str());
-    }
+    queued_failure_announced = failed_forward_told(rank, second, *sleepy->bn, 2, group, "queued failed forward");
   }
 
   // Both ranks on this host: shared memory, unless SYNCBN_SHARED_MEMORY=0 (the test's second run) keeps every
