@@ -449,6 +449,20 @@ void check_backward_alike(const ProcessGroupPtr& group, const std::vector<bool>&
   throw BarrierError(out.str() + "\n" + where(group, label, "exchanging statistics"));
 }
 
+// Takes part in the exchange the other ranks make now with a row marked failed (layer `layer_id`, or kAnyCall): the
+// BarrierError that makes every rank fail it is expected, this rank raising its caller's own error instead.
+void take_part_as_failed(const ProcessGroupPtr& group, int64_t layer_id, int64_t channels, const std::string& label,
+                         at::Device device, const char* doing) {
+  const at::Tensor zeros = at::zeros({2 * channels}, at::TensorOptions().dtype(at::kDouble).device(device));
+  try {
+    exchange_rows(group, detail::ExchangeKind::kStatistics, layer_id, channels, kFailedCall,
+                  /*backward_follows=*/false, zeros, label, doing);
+  } catch (const BarrierError&) {
+    return;
+  }
+  TORCH_CHECK(false, "the exchange completed without this rank's failure (", label, ")");  // unreachable
+}
+
 }  // namespace
 
 bool spans_processes(const ProcessGroupPtr& group) { return group && group->getSize() > 1; }
@@ -484,14 +498,7 @@ GroupStatistics merge_across_processes(const ProcessGroupPtr& group, int64_t lay
 void announce_failed_call(const ProcessGroupPtr& group, int64_t layer_id, int64_t channels, const std::string& label,
                           at::Device device) {
   TORCH_CHECK_VALUE(group, "announce_failed_call needs a process group");
-  const at::Tensor zeros = at::zeros({2 * channels}, at::TensorOptions().dtype(at::kDouble).device(device));
-  try {
-    exchange_rows(group, detail::ExchangeKind::kStatistics, layer_id, channels, kFailedCall,
-                  /*backward_follows=*/false, zeros, label, "exchanging statistics");
-  } catch (const BarrierError&) {  // expected: every rank fails this call, this one with the caller's own error
-    return;
-  }
-  TORCH_CHECK(false, "announce_failed_call: the exchange completed without this rank's failure");  // unreachable
+  take_part_as_failed(group, layer_id, channels, label, device, "exchanging statistics");
 }
 
 int64_t synchronized_calls(const ProcessGroupPtr& group) {
@@ -502,14 +509,8 @@ int64_t synchronized_calls(const ProcessGroupPtr& group) {
 
 void announce_failed_forward(const ProcessGroupPtr& group, at::Device device, const std::string& label) {
   TORCH_CHECK_VALUE(group, "announce_failed_forward needs a process group");
-  const at::Tensor none = at::zeros({0}, at::TensorOptions().dtype(at::kDouble).device(device));
-  try {
-    exchange_rows(group, detail::ExchangeKind::kStatistics, kAnyCall, /*channels=*/0, kFailedCall,
-                  /*backward_follows=*/false, none, label, "telling the other ranks that its forward failed");
-  } catch (const BarrierError&) {  // expected: every rank fails this call, this one with the caller's own error
-    return;
-  }
-  TORCH_CHECK(false, "announce_failed_forward: the exchange completed without this rank's failure");  // unreachable
+  take_part_as_failed(group, kAnyCall, /*channels=*/0, label, device,
+                      "telling the other ranks that its forward failed");
 }
 
 std::pair<at::Tensor, at::Tensor> sum_across_processes(const ProcessGroupPtr& group, int64_t layer_id,
