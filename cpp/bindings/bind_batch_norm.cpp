@@ -110,6 +110,13 @@ void bind_batch_norm(py::module_& m) {
       "This rank's forward failed before its first synchronized call on `process_group`: takes part in the first "
       "exchange the other ranks make in that forward, marked failed, so that they fail that call too.");
   m.def(
+      "set_global_ranks",
+      [](const py::object& process_group, std::vector<int64_t> global_ranks) {
+        set_global_ranks(process_group.cast<ProcessGroupPtr>(), std::move(global_ranks));
+      },
+      py::arg("process_group"), py::arg("global_ranks"),
+      "Names `process_group`'s ranks in error messages by their global ranks too (global_ranks[r] for its rank r).");
+  m.def(
       "cross_process_transport",
       [](const py::object& process_group) { return cross_process_transport(process_group.cast<ProcessGroupPtr>()); },
       py::arg("process_group"),

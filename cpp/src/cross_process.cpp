@@ -96,10 +96,41 @@ void end_exchange(const ProcessGroupPtr& group, int64_t key, int64_t channels) {
   calls.previous_exchange = key;
 }
 
+// The numbers a user knows a subgroup's ranks by (set_global_ranks), apart from GroupCalls: where() is called with
+// calls_mutex held.
+struct GlobalRanks {
+  c10::weak_intrusive_ptr<c10d::ProcessGroup> group;  // keeps the address from being reused, as GroupCalls does
+  std::vector<int64_t> ranks;
+};
+std::mutex global_ranks_mutex;
+std::unordered_map<const c10d::ProcessGroup*, GlobalRanks> global_ranks_by_group;
+
+std::vector<int64_t> global_ranks_of(const ProcessGroupPtr& group) {
+  std::lock_guard<std::mutex> lock(global_ranks_mutex);
+  const auto found = global_ranks_by_group.find(group.get());
+  if (found == global_ranks_by_group.end() || found->second.group.expired()) return {};
+  return found->second.ranks;
+}
+
+// The group's ranks as the user knows them, where they differ from the group's own numbers (a subgroup's): the
+// errors' lists of ranks use the group's numbers.
+std::string global_ranks_note(const ProcessGroupPtr& group) {
+  const std::vector<int64_t> ranks = global_ranks_of(group);
+  if (ranks.empty()) return "";
+  constexpr size_t kListed = 16;
+  std::ostringstream out;
+  out << "; the group's ranks 0.." << ranks.size() - 1 << " are global ranks";
+  for (size_t r = 0; r < ranks.size() && r < kListed; ++r) out << (r ? ", " : " ") << ranks[r];
+  if (ranks.size() > kListed) out << ", ...";
+  out << " (this process: global rank " << ranks[static_cast<size_t>(group->getRank())] << ")";
+  return out.str();
+}
+
 std::string where(const ProcessGroupPtr& group, const std::string& label, const char* doing) {
   std::ostringstream out;
   out << "in synchronized BatchNorm " << label << ", " << doing << " across the process group (rank "
-      << group->getRank() << " of " << group->getSize() << ", " << group->getBackendName() << ")";
+      << group->getRank() << " of " << group->getSize() << ", " << group->getBackendName() << global_ranks_note(group)
+      << ")";
   return out.str();
 }
 
@@ -466,6 +497,28 @@ void take_part_as_failed(const ProcessGroupPtr& group, int64_t layer_id, int64_t
 }  // namespace
 
 bool spans_processes(const ProcessGroupPtr& group) { return group && group->getSize() > 1; }
+
+void set_global_ranks(const ProcessGroupPtr& group, std::vector<int64_t> global_ranks) {
+  TORCH_CHECK_VALUE(group, "set_global_ranks: no process group given");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(global_ranks.size()) == group->getSize(), "set_global_ranks: ",
+                    global_ranks.size(), " global ranks given for a process group of ", group->getSize(),
+                    " ranks (one per rank of the group, in the group's rank order)");
+  std::vector<int64_t> sorted = global_ranks;
+  std::sort(sorted.begin(), sorted.end());
+  TORCH_CHECK_VALUE(sorted.front() >= 0 && std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end(),
+                    "set_global_ranks: the global ranks must be distinct non-negative numbers");
+  bool same_numbers = true;
+  for (size_t r = 0; r < global_ranks.size(); ++r) same_numbers = same_numbers && global_ranks[r] == int64_t(r);
+  std::lock_guard<std::mutex> lock(global_ranks_mutex);
+  for (auto it = global_ranks_by_group.begin(); it != global_ranks_by_group.end();) {
+    it = it->second.group.expired() ? global_ranks_by_group.erase(it) : std::next(it);
+  }
+  if (same_numbers) {  // nothing to tell
+    global_ranks_by_group.erase(group.get());
+  } else {
+    global_ranks_by_group.insert_or_assign(group.get(), GlobalRanks{c10::weak_intrusive_ptr<c10d::ProcessGroup>(group), std::move(global_ranks)});
+  }
+}
 
 std::string cross_process_transport(const ProcessGroupPtr& group) {
   TORCH_CHECK_VALUE(group, "cross_process_transport needs a process group");

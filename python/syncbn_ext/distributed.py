@@ -97,6 +97,7 @@ class _SetUpState:
 _own_groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _set_up_states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # user group -> _SetUpState
 _gloo_device_types: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # user group -> frozenset
+_ranks_named: weakref.WeakSet = weakref.WeakSet()  # groups whose global ranks the C++ exchanges know (if any)
 # user group -> (its gloo backend, its own group's): the own group's timeout follows the user's, which torch's
 # _set_pg_timeout changes (e.g. raised after a first step), as torch's own collectives on the group do.
 _timeout_followers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -121,6 +122,8 @@ def exchange_group(group: Any, label: str = "", device: torch.device | None = No
     if group is None:
         return None
     if ("cpu" if device is None else device.type) not in _gloo_devices(group):
+        if group not in _ranks_named:
+            _name_global_ranks(group, group)
         return group
     own = _own_groups.get(group, _NOT_YET)
     if own is _NOT_YET:
@@ -200,6 +203,7 @@ def _set_up(group: Any, label: str) -> Any:
                 raise dist.DistBackendError(f"{error}\n{_where(group, label)}") from error
         followed = None
         if not isinstance(own, _FailedSetUp):
+            _name_global_ranks(own, group)
             device = _a_gloo_device(group)
             followed = (group._get_backend(device), own._get_backend(device))
         with _own_groups_lock:
@@ -209,12 +213,41 @@ def _set_up(group: Any, label: str) -> Any:
         return own
 
 
+def _global_ranks(group: Any) -> list[int] | None:
+    """``group``'s ranks in the default group, in its own rank order, where they differ from its own numbers (a
+    subgroup's); else (or for a group torch.distributed does not know) ``None``."""
+    try:
+        ranks = dist.get_process_group_ranks(group)
+    except (RuntimeError, ValueError, KeyError):
+        return None
+    return None if ranks == list(range(len(ranks))) else ranks
+
+
+def _name_global_ranks(exchanging: Any, group: Any) -> None:
+    """Tells the C++ exchanges on ``exchanging`` (``group`` or its own communicator) ``group``'s global ranks, which
+    their errors add to the group's own rank numbers."""
+    from ._native import _C
+
+    ranks = _global_ranks(group)
+    if ranks is not None:
+        _C.set_global_ranks(exchanging, ranks)
+    with _own_groups_lock:
+        _ranks_named.add(group)
+
+
 def _where(group: Any, label: str) -> str:
     """As the C++ exchanges' errors name the layer and the group."""
     try:
         backend = dist.get_backend(group)
     except ValueError:  # a group destroyed since (no longer in torch's registry)
         backend = f"{group.name()}, destroyed"
+    ranks = _global_ranks(group)
+    if ranks is not None:
+        listed = ", ".join(map(str, ranks[:16])) + (", ..." if len(ranks) > 16 else "")
+        backend += (
+            f"; the group's ranks 0..{len(ranks) - 1} are global ranks {listed} (this process: global rank "
+            f"{ranks[group.rank()]})"
+        )
     return (
         f"in synchronized BatchNorm {label}, setting up its communicator across the process group (rank "
         f"{group.rank()} of {group.size()}, {backend}): every rank of the group sets it up at its first "

@@ -307,6 +307,37 @@ int run_rank(int rank, const std::string& store_path) {
     queued_failure_announced = failed_forward_told(rank, second, *sleepy->bn, 2, group, "queued failed forward");
   }
 
+  // A subgroup's ranks as the user knows them (set_global_ranks; here this group's ranks 0, 1 as 5, 9): its errors
+  // list the group's own numbers and say which global ranks they are. Bad mappings are refused.
+  bool global_ranks_named = true;
+  for (const std::vector<int64_t>& bad : {std::vector<int64_t>{5}, std::vector<int64_t>{5, 5}}) {
+    try {
+      syncbn::set_global_ranks(group, bad);
+      global_ranks_named = false;
+    } catch (const c10::ValueError& refused) {
+      global_ranks_named = global_ranks_named && std::string(refused.what()).find("set_global_ranks") == 0;
+    }
+  }
+  syncbn::set_global_ranks(group, {5, 9});
+  {
+    syncbn::SyncBatchNorm1d lone(3);
+    lone->set_process_group(group);
+    std::string failure;
+    try {
+      lone->forward(rank == 1 ? torch::zeros({2, 3, 2, 2}) : torch::zeros({2, 3}));
+    } catch (const std::exception& failed) {
+      failure = failed.what();
+    }
+    const std::string said = rank == 1 ? "expected 2D or 3D input" : "rank(s) 1 raised in this call";
+    const std::string mapped =
+        "the group's ranks 0..1 are global ranks 5, 9 (this process: global rank " + std::to_string(rank ? 9 : 5) + ")";
+    if (failure.find(said) == std::string::npos || (rank == 0 && failure.find(mapped) == std::string::npos)) {
+      std::fprintf(stderr, "rank %d: global ranks not named: %s\n", rank, failure.c_str());
+      global_ranks_named = false;
+    }
+  }
+  syncbn::set_global_ranks(group, {0, 1});  // the group's own numbers: nothing to add
+
   // Both ranks on this host: shared memory, unless SYNCBN_SHARED_MEMORY=0 (the test's second run) keeps every
   // exchange on the group's backend.
   const char* shared_memory = std::getenv("SYNCBN_SHARED_MEMORY");
@@ -316,6 +347,7 @@ int run_rank(int rank, const std::string& store_path) {
               "num_batches_tracked %s\n",
               rank, group->getBackendName().c_str(), transport.c_str(), before.c_str(), error, counted ? "3" : "wrong");
   return error < 1e-12 && counted && refusal_announced && failed_forward_announced && queued_failure_announced &&
+                 global_ranks_named &&
                  before == "not yet" && transport == expected
              ? 0
              : 1;

@@ -543,6 +543,23 @@ def scenario_channels_differ(rank, world, replicas, sizes):
     return {"ran": True}
 
 
+def scenario_channels_differ_in_subgroup(rank, world, replicas, sizes):
+    """In a world of 3, the layer on the subgroup of ranks 1 and 2 built with one channel more on rank 2: the error
+    lists the group's own rank numbers (0, 1) and says which global ranks they are (1, 2)."""
+    from syncbn_ext.distributed import _where
+
+    group = dist.new_group([1, 2])  # every rank calls new_group; rank 0 is not a member
+    if rank == 0:
+        return {"ran": True}
+    channels = C if rank == 1 else C + 1
+    layer = wrap(syncbn_ext.SyncBatchNorm(channels, process_group=group).double(), replicas)
+    try:
+        layer(torch.randn(4, channels, dtype=torch.float64))
+    except Exception as error:
+        return {"error": [type(error).__name__, str(error)], "set_up_where": _where(group, "layer")}
+    return {"error": None}
+
+
 def scenario_refused_input(rank, world, replicas, sizes):
     """Rank 1 feeds batches its synchronized layers refuse: 4-D input to a SynchronizedBatchNorm1d (refused in Python),
     one channel too many (refused in C++), then 1-D input to a SyncBatchNorm (refused in its own forward) and a float8

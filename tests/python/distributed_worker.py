@@ -67,6 +67,7 @@ SCENARIOS = {
     "some_parameters_grads": faults.scenario_some_parameters_grads,
     "input_grad_on_one_rank": faults.scenario_input_grad_on_one_rank,
     "channels_differ": faults.scenario_channels_differ,
+    "channels_differ_in_subgroup": faults.scenario_channels_differ_in_subgroup,
     "slow_rank": faults.scenario_slow_rank,
     "interrupted": faults.scenario_interrupted,
     "interrupted_set_up": faults.scenario_interrupted_set_up,

@@ -259,6 +259,19 @@ def test_a_checkpointed_layer_alone_in_its_process_called_more_than_it_keeps_fai
     assert "the statistics of that call were forgotten" in (among_alike["error"] or ""), among_alike
 
 
+@pytest.mark.parametrize("replicas, transport", [(1, "shared_memory"), (2, "c10d")])
+def test_errors_in_a_subgroup_say_which_global_ranks_its_rank_numbers_are(tmp_path, replicas, transport):
+    # Before, they named the subgroup's own ranks 0 and 1 only: global ranks 1 and 2 read as ranks 0 and 1.
+    scenario = "channels_differ_in_subgroup"
+    results = launch(tmp_path, 3, replicas, [4, 4, 4], [scenario], transport=transport)[scenario]
+    for rank in (1, 2):
+        kind, message = measures(results[rank])["error"]
+        assert kind == "BarrierError" and "rank 0: 3, rank 1: 4;" in message, message
+        mapped = f"the group's ranks 0..1 are global ranks 1, 2 (this process: global rank {rank})"
+        assert f"(rank {rank - 1} of 2, gloo; {mapped})" in message, message
+        assert f"(rank {rank - 1} of 2, gloo; {mapped})" in measures(results[rank])["set_up_where"]
+
+
 @pytest.mark.parametrize("replicas, transport", [(1, "shared_memory"), ([2, 1], "c10d")])
 def test_an_input_one_rank_refuses_fails_that_step_on_every_rank_and_the_next_steps_pair(tmp_path, replicas, transport):
     # Before, rank 1 raised alone, before exchanging: rank 0 merged its step with rank 1's next one (silently wrong

@@ -110,6 +110,13 @@ SYNCBN_API std::pair<at::Tensor, at::Tensor> sum_across_processes(const ProcessG
 // Whether `group` synchronizes anything: not null, and more than one rank.
 SYNCBN_API bool spans_processes(const ProcessGroupPtr& group);
 
+// Names `group`'s ranks in error messages by the numbers the user knows them
+// by too: `global_ranks[r]` for the group's rank r (for a subgroup, its ranks
+// in the world group: torch.distributed.get_process_group_ranks). Errors list
+// the group's own rank numbers and add this mapping. Optional; the Python
+// layers set it for every group torch.distributed made.
+SYNCBN_API void set_global_ranks(const ProcessGroupPtr& group, std::vector<int64_t> global_ranks);
+
 // How this process's synchronized layers exchange with the rest of `group`:
 // "shared memory" (every rank on this host: the default for CPU tensors),
 // "process group" (the group's own backend: ranks on several hosts,
