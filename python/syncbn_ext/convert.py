@@ -82,6 +82,7 @@ _DROPPED_ATTRIBUTES = (
     "_compiled_call_impl",  # a torch.compile'd call of the *old* module (Module.compile)
     "_is_replica",
     "_layer_id",
+    "_converted_at",
     *_SYNC_STATE_DEFAULTS,
 )
 
@@ -219,12 +220,19 @@ def _to_torch(module: nn.Module) -> nn.Module:
     return new
 
 
-def _convert(module: nn.Module, convert_layer: Any, wrap_data_parallel: bool, memo: dict[int, nn.Module]) -> nn.Module:
-    """Converts ``module`` and, recursively and in place, its children. A module reached twice converts once."""
+def _convert(
+    module: nn.Module, convert_layer: Any, wrap_data_parallel: bool, memo: dict[int, nn.Module], path: str = ""
+) -> nn.Module:
+    """Converts ``module`` (at ``path`` in the model converted, as ``named_modules`` names it) and, recursively and
+    in place, its children. A module reached twice converts once. The synchronized layers it leaves are named by
+    their path in error messages while they are not replicas (a replica's context names its place)."""
     key = id(module)
     if key in memo:
         return memo[key]
     result = convert_layer(module)
+    if path and isinstance(result, _SynchronizedBatchNorm):
+        result.__dict__["_converted_at"] = path
+        result._name_unreplicated(type(result).__name__)
     if wrap_data_parallel and isinstance(module, nn.DataParallel) and not isinstance(module, DataParallelWithCallback):
         if type(module) is nn.DataParallel:
             # nn.DataParallel without an accelerator only sets device_ids (== []): the others take their defaults.
@@ -243,7 +251,8 @@ def _convert(module: nn.Module, convert_layer: Any, wrap_data_parallel: bool, me
     memo[key] = result
     for name, child in list(result._modules.items()):
         if child is not None:
-            converted = _convert(child, convert_layer, wrap_data_parallel, memo)
+            child_path = f"{path}.{name}" if path else name
+            converted = _convert(child, convert_layer, wrap_data_parallel, memo, child_path)
             if converted is not child:
                 result._modules[name] = converted
                 _recompile_around(result, name)

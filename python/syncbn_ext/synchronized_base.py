@@ -146,8 +146,11 @@ class _SynchronizedBatchNorm(_BatchNorm):
         self.__dict__.setdefault("process_group", None)
 
     def _name_unreplicated(self, class_name: str) -> None:
-        """How error messages name the layer while it is not a replica: its class, width and construction order."""
-        self._layer = (-1, f"{class_name}({self._width()}) #{self._layer_id}")
+        """How error messages name the layer while it is not a replica: its name in the model a converter found it
+        in (if any), its class, width and construction order."""
+        path = self.__dict__.get("_converted_at")
+        where = f"'{path}': " if path else ""
+        self._layer = (-1, f"{where}{class_name}({self._width()}) #{self._layer_id}")
 
     def _width(self) -> int:
         """The layer's number of channels: ``num_features``, or its tensors' length where a lazy layer was

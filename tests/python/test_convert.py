@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
 import warnings
 
 import pytest
@@ -343,6 +344,25 @@ def test_a_layer_reverted_and_converted_again_keeps_its_number():
     again = convert_model(reverted)
     assert [m._layer_id for m in again.modules() if isinstance(m, SYNC_BN)] == numbers
     assert not set(numbers) & {m._layer_id for m in copied.modules() if isinstance(m, SYNC_BN)}
+
+
+@pytest.mark.parametrize(
+    "convert, name",
+    [(convert_model, "SynchronizedBatchNorm1d"), (syncbn_ext.SyncBatchNorm.convert_sync_batchnorm, "SyncBatchNorm")],
+)
+def test_converted_layers_are_named_by_their_place_in_the_model_in_errors(convert, name):
+    # Layers used without a wrapper (under DDP) are named in errors without a replica's context: before, by class,
+    # width and number only ("SyncBatchNorm(3) #37"), which a user of many layers could not place.
+    model = convert(nn.Sequential(nn.Linear(2, 3), nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3))))
+    layer = model[1][1]
+    said = f"'1.1': {name}(3) #{layer._layer_id}"
+    assert layer._layer[1] == said
+    for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(model))[1][1]):
+        assert copied._layer[1] == said
+    assert not hasattr(revert_model(copy.deepcopy(model))[1][1], "_converted_at")
+    replica = syncbn_ext.replicate_on_cpu(model, 2)[1]  # a replica whose replication callbacks did not run
+    with pytest.warns(RuntimeWarning, match=f"^{re.escape(said)} runs in a replica whose replication callbacks"):
+        replica(torch.randn(4, 2))
 
 
 @pytest.mark.parametrize("replicas", [1, 2, 3])
