@@ -26,15 +26,26 @@ ForwardAcrossProcesses::ForwardAcrossProcesses(const torch::nn::Module& module, 
   };
   note(module);
   for (const auto& child : module.modules(/*include_self=*/false)) note(*child);
-  if (groups.size() != 1) return;  // none, or several (see the header)
-  group_ = groups.front();
-  calls_before_ = synchronized_calls(group_);
+  for (auto& group : groups) {
+    const int64_t calls = synchronized_calls(group);
+    groups_.emplace_back(std::move(group), calls);
+  }
 }
 
 void ForwardAcrossProcesses::failed() noexcept {
   try {
-    if (!group_ || synchronized_calls(group_) != calls_before_) return;
-    announce_failed_forward(group_, device_, "data_parallel's forward");
+    for (const auto& [group, calls_before] : groups_) {
+      if (synchronized_calls(group) != calls_before) return;  // the others meet this rank at another call
+    }
+    if (groups_.size() > 1) {  // (see the header)
+      TORCH_WARN("data_parallel: its forward failed before its first synchronized call, and its module's layers "
+                 "exchange on ", groups_.size(), " process groups: the other ranks are not told (only where the "
+                 "layers use one group), and may pair this step's first synchronized call with this rank's next "
+                 "forward, one step apart; restart the processes");
+      return;
+    }
+    if (groups_.empty()) return;
+    announce_failed_forward(groups_.front().first, device_, "data_parallel's forward");
   } catch (const std::exception& error) {
     TORCH_WARN("data_parallel: its forward failed, and telling the other ranks of the process group so failed too "
                "(they may pair this step's first synchronized call with this rank's next forward): ",

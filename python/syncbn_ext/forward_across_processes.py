@@ -72,7 +72,8 @@ def announcing_failure(
         label: what failed, for the other ranks' error messages; default: ``module``'s class.
 
     Only where ``module``'s synchronized layers exchange on one group: with several, the others fail at the first
-    call of one of them, and this rank's announcements on the others would pair with their next step. Not in a
+    call of one of them, and this rank's announcements on the others would pair with their next step (the error
+    gets a note saying the others were not told). Not in a
     replica (the wrapper's forward tells for all of them). Counted from the block's start: another thread's forward
     of the same layers meanwhile (not one of a wrapper, which run one after another) hides the failure. Interrupts
     (``KeyboardInterrupt``) propagate at once. Telling waits for the other ranks to reach that call (up to the
@@ -81,7 +82,11 @@ def announcing_failure(
     """
     # In a replica, the wrapper's forward tells for every replica (each telling would pair with another call).
     groups = [] if running_a_replica() else _exchanging_groups(module)
-    if len(groups) != 1:
+    if len(groups) > 1:
+        with _noting_untold_failure(module, groups, device, label):
+            yield
+        return
+    if not groups:
         yield
         return
     group = groups[0]
@@ -100,6 +105,27 @@ def announcing_failure(
                     f"group so failed too ({type(telling).__name__}: {telling}): they may pair that call with this "
                     "rank's next forward; restart"
                 )
+        raise
+
+
+@contextlib.contextmanager
+def _noting_untold_failure(
+    module: nn.Module, groups: list[Any], device: torch.device | str | None, label: str | None
+) -> Iterator[None]:
+    """:func:`announcing_failure` where the layers use several groups: a failure before the first synchronized call
+    on any of them is not told (see there), but its error says so."""
+    device = _first_layer_device(module) if device is None else torch.device(device)
+    calls_before = [_calls_on(group, device) for group in groups]
+    try:
+        yield
+    except Exception as error:
+        if [_calls_on(group, device) for group in groups] == calls_before:
+            label = f"the forward of {type(module).__name__}" if label is None else label
+            error.add_note(
+                f"{label} failed before its first synchronized call, and its synchronized layers exchange on "
+                f"{len(groups)} process groups: the other ranks are not told (only where the layers use one group), "
+                "and may pair that call with this rank's next forward, one step apart; restart the processes"
+            )
         raise
 
 

@@ -543,6 +543,28 @@ def scenario_channels_differ(rank, world, replicas, sizes):
     return {"ran": True}
 
 
+def scenario_failed_before_first_call_on_two_groups(rank, world, replicas, sizes):
+    """The model's second layer on a group of its own (over the same ranks): rank 1's forward raising before its
+    first synchronized call (under the wrapper, or alone in an announcing_failure block) is not told (several
+    groups), and its error says so. Rank 0 makes one forward, rank 1
+    two (its second pairs with rank 0's first, as the note warns)."""
+    model = FailsBeforeItsLayers().double()
+    model.second.process_group = dist.new_group([0, 1])
+    model.in_block = replicas == 1  # alone: an announcing_failure block of its own
+    run = wrap(model, replicas)
+    x = torch.randn(4, C, dtype=torch.float64)
+    notes = []
+    if rank == 1:
+        model.fail = "raise"
+        try:
+            run(x)
+        except ValueError as error:
+            notes = getattr(error, "__notes__", [])
+        model.fail = None
+    run(x)
+    return {"notes": notes}
+
+
 def scenario_channels_differ_in_subgroup(rank, world, replicas, sizes):
     """In a world of 3, the layer on the subgroup of ranks 1 and 2 built with one channel more on rank 2: the error
     lists the group's own rank numbers (0, 1) and says which global ranks they are (1, 2)."""

@@ -68,6 +68,7 @@ SCENARIOS = {
     "input_grad_on_one_rank": faults.scenario_input_grad_on_one_rank,
     "channels_differ": faults.scenario_channels_differ,
     "channels_differ_in_subgroup": faults.scenario_channels_differ_in_subgroup,
+    "failed_before_first_call_on_two_groups": faults.scenario_failed_before_first_call_on_two_groups,
     "slow_rank": faults.scenario_slow_rank,
     "interrupted": faults.scenario_interrupted,
     "interrupted_set_up": faults.scenario_interrupted_set_up,

@@ -259,6 +259,20 @@ def test_a_checkpointed_layer_alone_in_its_process_called_more_than_it_keeps_fai
     assert "the statistics of that call were forgotten" in (among_alike["error"] or ""), among_alike
 
 
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_a_forward_failing_before_its_first_synchronized_call_on_several_groups_says_the_others_were_not_told(
+    tmp_path, replicas
+):
+    # Before, nothing said so: the ranks went on one step apart, silently.
+    scenario = "failed_before_first_call_on_two_groups"
+    results = launch(tmp_path, 2, replicas, [4, 4], [scenario])[scenario]
+    assert measures(results[0])["notes"] == [], results
+    *replica, note = measures(results[1])["notes"]
+    assert replica == ([] if replicas == 1 else ["(raised in replica 0 on device cpu)"]), replica
+    assert "failed before its first synchronized call" in note and "exchange on 2 process groups" in note, note
+    assert "the other ranks are not told" in note, note
+
+
 @pytest.mark.parametrize("replicas, transport", [(1, "shared_memory"), (2, "c10d")])
 def test_errors_in_a_subgroup_say_which_global_ranks_its_rank_numbers_are(tmp_path, replicas, transport):
     # Before, they named the subgroup's own ranks 0 and 1 only: global ranks 1 and 2 read as ranks 0 and 1.

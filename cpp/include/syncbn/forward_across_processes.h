@@ -1,6 +1,8 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 #include <torch/nn/module.h>
 
@@ -28,7 +30,8 @@ class SYNCBN_API CrossProcessLayer {
 //
 // Only where the module's synchronized layers exchange on one group: with
 // several, the others fail at the first call of one group only, and this
-// rank's announcements on the others would pair with their next step. Not in
+// rank's announcements on the others would pair with their next step: it
+// warns, telling nothing. Not in
 // a replica (the outer forward tells). Counted from construction: make it once
 // the forward holds its module's TrainingForwardLock (data_parallel does), so
 // that another thread's forward it waited for counts no call of its own.
@@ -43,8 +46,8 @@ class SYNCBN_API ForwardAcrossProcesses {
   void failed() noexcept;
 
  private:
-  ProcessGroupPtr group_;  // null: nothing to tell
-  int64_t calls_before_ = 0;
+  // The groups its layers exchange on, each with the calls made on it before the forward (none: nothing to tell).
+  std::vector<std::pair<ProcessGroupPtr, int64_t>> groups_;
   at::Device device_;
 };
 
