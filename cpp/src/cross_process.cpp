@@ -400,7 +400,7 @@ void check_no_rank_failed(const ProcessGroupPtr& group, const at::TensorAccessor
   if (!failed_before.empty()) {
     out << " rank(s)";
     for (const int64_t r : failed_before) out << " " << r;
-    out << " raised in their forward before its first synchronized call (see the error of that rank)";
+    out << " raised in their forward before its first synchronized call on this group (see the error of that rank)";
   }
   out << "; every rank fails this call alike, nothing was written, and the next call pairs again";
   throw BarrierError(out.str() + "\n" + where(group, label, doing));

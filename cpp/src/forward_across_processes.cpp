@@ -1,6 +1,7 @@
 #include <syncbn/forward_across_processes.h>
 
 #include <exception>
+#include <thread>
 #include <vector>
 
 #include <c10/util/Exception.h>
@@ -32,20 +33,12 @@ ForwardAcrossProcesses::ForwardAcrossProcesses(const torch::nn::Module& module, 
   }
 }
 
-void ForwardAcrossProcesses::failed() noexcept {
+namespace {
+
+// Tells `group`'s other ranks; where telling fails too (the group's timeout: no rank came), warns.
+void announce_or_warn(const ProcessGroupPtr& group, at::Device device) noexcept {
   try {
-    for (const auto& [group, calls_before] : groups_) {
-      if (synchronized_calls(group) != calls_before) return;  // the others meet this rank at another call
-    }
-    if (groups_.size() > 1) {  // (see the header)
-      TORCH_WARN("data_parallel: its forward failed before its first synchronized call, and its module's layers "
-                 "exchange on ", groups_.size(), " process groups: the other ranks are not told (only where the "
-                 "layers use one group), and may pair this step's first synchronized call with this rank's next "
-                 "forward, one step apart; restart the processes");
-      return;
-    }
-    if (groups_.empty()) return;
-    announce_failed_forward(groups_.front().first, device_, "data_parallel's forward");
+    announce_failed_forward(group, device, "data_parallel's forward");
   } catch (const std::exception& error) {
     TORCH_WARN("data_parallel: its forward failed, and telling the other ranks of the process group so failed too "
                "(they may pair this step's first synchronized call with this rank's next forward): ",
@@ -53,6 +46,34 @@ void ForwardAcrossProcesses::failed() noexcept {
   } catch (...) {
     TORCH_WARN("data_parallel: its forward failed, and telling the other ranks of the process group so failed too");
   }
+}
+
+}  // namespace
+
+void ForwardAcrossProcesses::failed() noexcept {
+  std::vector<ProcessGroupPtr> untold;
+  try {
+    for (const auto& [group, calls_before] : groups_) {
+      if (synchronized_calls(group) == calls_before) untold.push_back(group);
+    }
+  } catch (...) {
+    return;  // (synchronized_calls throws nothing in practice: a lookup under a lock)
+  }
+  if (untold.size() == 1) {
+    announce_or_warn(untold.front(), device_);
+    return;
+  }
+  // Several at once, each from a thread of its own: the other ranks reach them in their module's order, fail at
+  // the first, and tell the rest the same way. (A thread that cannot start: told from here, in order.)
+  std::vector<std::thread> threads;
+  for (const auto& group : untold) {
+    try {
+      threads.emplace_back([group, device = device_] { announce_or_warn(group, device); });
+    } catch (...) {
+      announce_or_warn(group, device_);
+    }
+  }
+  for (auto& thread : threads) thread.join();
 }
 
 }  // namespace syncbn

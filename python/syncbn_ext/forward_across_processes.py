@@ -13,6 +13,7 @@ as ``syncbn::ForwardAcrossProcesses`` does for ``syncbn::data_parallel`` in C++.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -71,62 +72,60 @@ def announcing_failure(
             device of the first synchronized layer's tensors, else the CPU.
         label: what failed, for the other ranks' error messages; default: ``module``'s class.
 
-    Only where ``module``'s synchronized layers exchange on one group: with several, the others fail at the first
-    call of one of them, and this rank's announcements on the others would pair with their next step (the error
-    gets a note saying the others were not told). Not in a
-    replica (the wrapper's forward tells for all of them). Counted from the block's start: another thread's forward
-    of the same layers meanwhile (not one of a wrapper, which run one after another) hides the failure. Interrupts
-    (``KeyboardInterrupt``) propagate at once. Telling waits for the other ranks to reach that call (up to the
-    group's timeout); where telling fails too, the block's error gets a note saying so. A block that made a
-    synchronized call before it raised tells nothing: the other ranks meet this one at another call.
+    Where ``module``'s synchronized layers exchange on several groups, each group on which the block made no
+    synchronized call is told, all at once (the other ranks fail at the first call of one of them, and tell the
+    others the same way); a group on which it made a call before it raised is not: its other ranks meet this one
+    at another call. Not in a replica (the wrapper's forward tells for all of them). Counted from the block's
+    start: another thread's forward of the same layers meanwhile (not one of a wrapper, which run one after
+    another) hides the failure. Interrupts (``KeyboardInterrupt``) propagate at once. Telling waits for the other
+    ranks to reach that call (up to the group's timeout); where telling fails too, the block's error gets a note
+    saying so.
     """
     # In a replica, the wrapper's forward tells for every replica (each telling would pair with another call).
     groups = [] if running_a_replica() else _exchanging_groups(module)
-    if len(groups) > 1:
-        with _noting_untold_failure(module, groups, device, label):
-            yield
-        return
     if not groups:
         yield
         return
-    group = groups[0]
     device = _first_layer_device(module) if device is None else torch.device(device)
     label = f"the forward of {type(module).__name__}" if label is None else label
-    calls_before = _calls_on(group, device)
-    try:
-        yield
-    except Exception as error:
-        if _calls_on(group, device) == calls_before:
-            try:
-                _C.announce_failed_forward(exchange_group(group, label, device), device, label)
-            except Exception as telling:  # the forward's own error is the one to raise
-                error.add_note(
-                    f"{label} failed before its first synchronized call, and telling the other ranks of the process "
-                    f"group so failed too ({type(telling).__name__}: {telling}): they may pair that call with this "
-                    "rank's next forward; restart"
-                )
-        raise
-
-
-@contextlib.contextmanager
-def _noting_untold_failure(
-    module: nn.Module, groups: list[Any], device: torch.device | str | None, label: str | None
-) -> Iterator[None]:
-    """:func:`announcing_failure` where the layers use several groups: a failure before the first synchronized call
-    on any of them is not told (see there), but its error says so."""
-    device = _first_layer_device(module) if device is None else torch.device(device)
     calls_before = [_calls_on(group, device) for group in groups]
     try:
         yield
     except Exception as error:
-        if [_calls_on(group, device) for group in groups] == calls_before:
-            label = f"the forward of {type(module).__name__}" if label is None else label
+        untold = [group for group, calls in zip(groups, calls_before, strict=True) if _calls_on(group, device) == calls]
+        for failure in _announce_on(untold, device, label):
             error.add_note(
-                f"{label} failed before its first synchronized call, and its synchronized layers exchange on "
-                f"{len(groups)} process groups: the other ranks are not told (only where the layers use one group), "
-                "and may pair that call with this rank's next forward, one step apart; restart the processes"
+                f"{label} failed before its first synchronized call on a process group, and telling the other ranks "
+                f"of that group so failed too ({failure}): they may pair that call with this rank's next forward; "
+                "restart"
             )
         raise
+
+
+def _announce_on(groups: list[Any], device: torch.device, label: str) -> list[str]:
+    """Tells the other ranks of each of ``groups`` that this rank's forward failed before its first synchronized call
+    there; several at once, each from a thread of its own (the others reach them in their model's order, and fail
+    at the first, then tell the rest the same way). Returns the tellings that failed."""
+    failures: list[str] = []
+
+    def announce(group: Any) -> None:
+        try:
+            _C.announce_failed_forward(exchange_group(group, label, device), device, label)
+        except Exception as telling:
+            failures.append(f"{type(telling).__name__}: {telling}")
+
+    if len(groups) == 1:  # on the calling thread: a Ctrl-C meanwhile interrupts the wait
+        announce(groups[0])
+        return failures
+    threads = [
+        threading.Thread(target=announce, args=(group,), name="syncbn_ext: telling a failed forward", daemon=True)
+        for group in groups
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return failures
 
 
 def _first_layer_device(module: nn.Module) -> torch.device:

@@ -350,7 +350,8 @@ def scenario_ddp_failed_forward(rank, world, replicas, sizes):
 
 class FailsBeforeItsLayers(nn.Module):
     """A linear layer, then two synchronized ones. Before them (before the forward's first synchronized call): raises
-    while ``fail`` is "raise"; while it is "widen", gives the first one a channel too many, which it refuses."""
+    while ``fail`` is "raise"; while it is "widen", gives the first one a channel too many, which it refuses. While
+    it is "between": raises between them."""
 
     def __init__(self):
         super().__init__()
@@ -368,18 +369,24 @@ class FailsBeforeItsLayers(nn.Module):
                 raise ValueError("a bad batch")
             if self.fail == "widen":
                 h = torch.cat([h, h[:, :1]], 1)
-            return self.second(self.first(h))
+            h = self.first(h)
+            if self.fail == "between":
+                raise ValueError("a bad batch between its layers")
+            return self.second(h)
 
 
 def failing_before_first_call(
-    rank, replicas, failing_ranks, ddp=None, one_device=False, in_block=False, block_inside=False
+    rank, replicas, failing_ranks, ddp=None, one_device=False, in_block=False, block_inside=False, second_group=False
 ):
     """Steps in which the forward of each of ``failing_ranks`` fails before its first synchronized call, in every
     replica of that rank: at step 1 in the model's code, at step 3 a replica refusing the first layer's input. The
     other ranks' first call of those steps must fail, naming them, and the steps after must pair (before, those
-    calls paired with the failing ranks' next forward: one step apart from then on)."""
+    calls paired with the failing ranks' next forward: one step apart from then on). ``second_group``: the second
+    layer exchanges on a group of its own (over the same ranks)."""
     model = FailsBeforeItsLayers().double()
     model.in_block = block_inside
+    if second_group:
+        model.second.process_group = dist.new_group(list(range(dist.get_world_size())))
     run = wrap(model, replicas)
     if one_device and replicas == 1:  # the module as it is, under the wrapper
         run = syncbn_ext.DataParallelWithCallback(model, device_ids=["cpu"])
@@ -544,25 +551,37 @@ def scenario_channels_differ(rank, world, replicas, sizes):
 
 
 def scenario_failed_before_first_call_on_two_groups(rank, world, replicas, sizes):
-    """The model's second layer on a group of its own (over the same ranks): rank 1's forward raising before its
-    first synchronized call (under the wrapper, or alone in an announcing_failure block) is not told (several
-    groups), and its error says so. Rank 0 makes one forward, rank 1
-    two (its second pairs with rank 0's first, as the note warns)."""
+    """failed_before_first_call with the second layer on a group of its own: the failing rank tells both groups;
+    the others fail at their first call, on the first group, and tell the second."""
+    return failing_before_first_call(rank, replicas, failing_ranks={1}, second_group=True)
+
+
+def scenario_failed_before_first_call_on_two_groups_in_block(rank, world, replicas, sizes):
+    """failed_before_first_call_on_two_groups, each forward in a syncbn_ext.announcing_failure block."""
+    return failing_before_first_call(rank, replicas, failing_ranks={1}, in_block=True, second_group=True)
+
+
+def scenario_failed_between_groups(rank, world, replicas, sizes):
+    """Rank 1's forward raising between its first layer (on the default group) and its second (on a group of its
+    own) at step 1: the second group is told (no call on it yet), the first is not (its call paired); every rank
+    fails that step at the second layer, and the next steps pair on both groups. Forwards in announcing_failure
+    blocks where a rank has no wrapper."""
     model = FailsBeforeItsLayers().double()
-    model.second.process_group = dist.new_group([0, 1])
-    model.in_block = replicas == 1  # alone: an announcing_failure block of its own
+    model.second.process_group = dist.new_group(list(range(world)))
     run = wrap(model, replicas)
-    x = torch.randn(4, C, dtype=torch.float64)
-    notes = []
-    if rank == 1:
-        model.fail = "raise"
+    x = torch.randn(4, C, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    errors = {}
+    for step in range(4):
+        model.fail = "between" if step == 1 and rank == 1 else None
         try:
-            run(x)
-        except ValueError as error:
-            notes = getattr(error, "__notes__", [])
-        model.fail = None
-    run(x)
-    return {"notes": notes}
+            with syncbn_ext.announcing_failure(model):
+                out = run(x)
+            out.square().sum().backward()
+        except Exception as error:
+            errors[step] = [type(error).__name__, str(error)]
+    outcome = with_final_state({"errors": errors}, model, dist.group.WORLD)
+    outcome["counts"] = [model.first.num_batches_tracked.item(), model.second.num_batches_tracked.item()]
+    return outcome
 
 
 def scenario_channels_differ_in_subgroup(rank, world, replicas, sizes):

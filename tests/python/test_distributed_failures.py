@@ -259,20 +259,6 @@ def test_a_checkpointed_layer_alone_in_its_process_called_more_than_it_keeps_fai
     assert "the statistics of that call were forgotten" in (among_alike["error"] or ""), among_alike
 
 
-@pytest.mark.parametrize("replicas", [1, 2])
-def test_a_forward_failing_before_its_first_synchronized_call_on_several_groups_says_the_others_were_not_told(
-    tmp_path, replicas
-):
-    # Before, nothing said so: the ranks went on one step apart, silently.
-    scenario = "failed_before_first_call_on_two_groups"
-    results = launch(tmp_path, 2, replicas, [4, 4], [scenario])[scenario]
-    assert measures(results[0])["notes"] == [], results
-    *replica, note = measures(results[1])["notes"]
-    assert replica == ([] if replicas == 1 else ["(raised in replica 0 on device cpu)"]), replica
-    assert "failed before its first synchronized call" in note and "exchange on 2 process groups" in note, note
-    assert "the other ranks are not told" in note, note
-
-
 @pytest.mark.parametrize("replicas, transport", [(1, "shared_memory"), (2, "c10d")])
 def test_errors_in_a_subgroup_say_which_global_ranks_its_rank_numbers_are(tmp_path, replicas, transport):
     # Before, they named the subgroup's own ranks 0 and 1 only: global ranks 1 and 2 read as ranks 0 and 1.
@@ -323,6 +309,41 @@ def check_failed_before_first_call(zero, one, refusal_said=BEFORE_FIRST_CALL):
         assert zero["errors"][step][0] == "BarrierError" and said in zero["errors"][step][1], zero
     for outcome in (zero, one):
         assert outcome["buffers_equal_on_every_rank"] and outcome["num_batches_tracked"] == [4, 4], outcome
+
+
+@pytest.mark.parametrize(
+    "replicas, scenario",
+    [
+        (2, "failed_before_first_call_on_two_groups"),
+        ([1, 2], "failed_before_first_call_on_two_groups_in_block"),
+        (1, "failed_before_first_call_on_two_groups_in_block"),
+    ],
+)
+def test_a_forward_failing_before_its_first_synchronized_call_tells_every_group_its_layers_use(
+    tmp_path, replicas, scenario
+):
+    # Before, with several groups nothing was told: rank 0 waited at its first call for rank 1's next forward, which
+    # waited on the other group (stuck until the group's timeout, or one step apart).
+    results = launch(tmp_path, 2, replicas, [4, 4], [scenario])[scenario]
+    # (rank 1 alone in its process: its layer refuses the widened input itself)
+    refusal_said = "rank(s) 1 raised in this call before exchanging" if replicas == 1 else BEFORE_FIRST_CALL
+    check_failed_before_first_call(measures(results[0]), measures(results[1]), refusal_said)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_a_forward_failing_between_layers_on_two_groups_tells_the_group_it_made_no_call_on(tmp_path, replicas):
+    # Before, nothing was told: rank 0 waited at the second layer for rank 1's next forward, which waited at its
+    # first layer for rank 0 (stuck until the groups' timeout).
+    results = launch(tmp_path, 2, replicas, [4, 4], ["failed_between_groups"])["failed_between_groups"]
+    zero, one = measures(results[0]), measures(results[1])
+    assert sorted(zero["errors"]) == sorted(one["errors"]) == ["1"], (zero, one)
+    assert one["errors"]["1"] == ["ValueError", "a bad batch between its layers"], one
+    assert zero["errors"]["1"][0] == "BarrierError" and BEFORE_FIRST_CALL in zero["errors"]["1"][1], zero
+    for outcome in (zero, one):
+        assert outcome["buffers_equal_on_every_rank"], outcome
+    # The second layer counted the 3 steps that ran; the first also the failed one where it ran alone in the
+    # process (a failed forward of the wrapper writes nothing back).
+    assert zero["counts"] == one["counts"] == [4 if replicas == 1 else 3, 3], (zero, one)
 
 
 @pytest.mark.parametrize("replicas, transport", [([1, 2], "shared_memory"), ([2, 3], "c10d")])

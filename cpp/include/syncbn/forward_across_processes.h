@@ -28,20 +28,21 @@ class SYNCBN_API CrossProcessLayer {
 // So when it failed and made no synchronized call, this rank tells the others
 // (announce_failed_forward), and every rank fails that step.
 //
-// Only where the module's synchronized layers exchange on one group: with
-// several, the others fail at the first call of one group only, and this
-// rank's announcements on the others would pair with their next step: it
-// warns, telling nothing. Not in
-// a replica (the outer forward tells). Counted from construction: make it once
-// the forward holds its module's TrainingForwardLock (data_parallel does), so
-// that another thread's forward it waited for counts no call of its own.
+// Where the module's synchronized layers exchange on several groups, each
+// group on which the forward made no synchronized call is told, all at once
+// (the other ranks fail at the first call of one of them, and tell the others
+// the same way); a group on which it made a call is not: its other ranks meet
+// this one at another call. Not in a replica (the outer forward tells).
+// Counted from construction: make it once the forward holds its module's
+// TrainingForwardLock (data_parallel does), so that another thread's forward
+// it waited for counts no call of its own.
 class SYNCBN_API ForwardAcrossProcesses {
  public:
   // Before the forward: `module`'s synchronized layers (CrossProcessLayer) in
   // their current mode; `device`: where copy 0 exchanges (the first replica's).
   ForwardAcrossProcesses(const torch::nn::Module& module, at::Device device);
-  // The forward failed: tells the other ranks if it made no synchronized call
-  // on the group. Throws nothing (the caller rethrows the forward's error):
+  // The forward failed: tells the other ranks of each group it made no
+  // synchronized call on. Throws nothing (the caller rethrows the forward's error):
   // where telling failed too (the group's timeout: no rank came), warns.
   void failed() noexcept;
 
