@@ -95,9 +95,8 @@ def announcing_failure(
         untold = [group for group, calls in zip(groups, calls_before, strict=True) if _calls_on(group, device) == calls]
         for failure in _announce_on(untold, device, label):
             error.add_note(
-                f"{label} failed before its first synchronized call on a process group, and telling the other ranks "
-                f"of that group so failed too ({failure}): they may pair that call with this rank's next forward; "
-                "restart"
+                f"{label} failed before its first synchronized call, and telling the other ranks of the process "
+                f"group so failed too ({failure}): they may pair that call with this rank's next forward; restart"
             )
         raise
 
