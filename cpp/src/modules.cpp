@@ -64,13 +64,14 @@ BatchNormSyncState::BatchNormSyncState() : layer_id_(std::make_shared<detail::La
 
 // Not the channel, position or name: a copy is tied to no replication.
 BatchNormSyncState::BatchNormSyncState(const BatchNormSyncState& other)
-    : process_group_(other.process_group_), layer_id_(other.layer_id_) {}
+    : place_(other.place_), process_group_(other.process_group_), layer_id_(other.layer_id_) {}
 
 BatchNormSyncState& BatchNormSyncState::operator=(const BatchNormSyncState& other) {
   if (this == &other) return *this;
   // Cloneable::clone_ assigns the original's state over a layer its reset() just built: that layer's number,
   // taken on this rank only, goes back with its token (when no copy holds it and it was never published).
   layer_id_ = other.layer_id_;
+  place_ = other.place_;
   process_group_ = other.process_group_;
   channel_.reset();
   position_ = -1;
@@ -109,7 +110,9 @@ void BatchNormSyncState::announce_refused(bool training, int64_t channels, const
 LayerSync BatchNormSyncState::layer_sync(bool training) const {
   if (training) publish_layer_id();  // its number goes to the other ranks
   const int64_t id = layer_id();
-  const std::string name = channel_ ? name_ : "syncbn::SyncBatchNorm #" + std::to_string(id);
+  const std::string name = channel_          ? name_
+                           : place_.empty() ? "syncbn::SyncBatchNorm #" + std::to_string(id)
+                                            : "'" + place_ + "': syncbn::SyncBatchNorm #" + std::to_string(id);
   return LayerSync{channel_, position_, name, training ? process_group_ : ProcessGroupPtr(), id, recent_calls_};
 }
 
@@ -149,6 +152,24 @@ void check_batch_norm_input_dim(const torch::Tensor& input, size_t D) {
     TORCH_CHECK_VALUE(input.dim() == static_cast<int64_t>(D) + 2, "expected ", D + 2, "D input (got ", input.dim(),
                       "D input)");
   }
+}
+
+int64_t set_process_group(torch::nn::Module& module, const ProcessGroupPtr& group) {
+  int64_t set = 0;
+  const auto give = [&](auto* layer, const std::string& place) {
+    if (layer == nullptr) return false;
+    layer->set_process_group(group);
+    layer->set_place(place);
+    ++set;
+    return true;
+  };
+  for (const auto& item : module.named_modules(/*name_prefix=*/"", /*include_self=*/true)) {
+    torch::nn::Module& each = *item.value();
+    give(dynamic_cast<SyncBatchNorm1dImpl*>(&each), item.key()) ||
+        give(dynamic_cast<SyncBatchNorm2dImpl*>(&each), item.key()) ||
+        give(dynamic_cast<SyncBatchNorm3dImpl*>(&each), item.key());
+  }
+  return set;
 }
 
 }  // namespace syncbn

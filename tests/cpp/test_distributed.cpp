@@ -225,8 +225,7 @@ int run_rank(int rank, const std::string& store_path) {
   if (rank == 0) late = Net(nullptr);
   DeepNet deep_late;
   deep_late->to(torch::kDouble);
-  deep_late->block->bn->set_process_group(group);
-  deep_late->seq_bn().set_process_group(group);
+  const bool every_layer_given_the_group = syncbn::set_process_group(*deep_late, group) == 2;  // block.bn, seq.0
   for (int step = 0; step < 2; ++step) {  // training data_parallel clones too, at every step
     syncbn::data_parallel(deep_late, torch::randn({4, 2, 4, 4}, torch::kDouble), replicas);
   }
@@ -342,9 +341,10 @@ int run_rank(int rank, const std::string& store_path) {
     }
   }
   syncbn::set_global_ranks(group, {5, 9});
+  // Also: a layer given its group by set_process_group(model, group) is named by its place in the model.
   {
-    syncbn::SyncBatchNorm1d lone(3);
-    lone->set_process_group(group);
+    torch::nn::Sequential lone(torch::nn::Identity(), syncbn::SyncBatchNorm1d(3));
+    syncbn::set_process_group(*lone, group);
     std::string failure;
     try {
       lone->forward(rank == 1 ? torch::zeros({2, 3, 2, 2}) : torch::zeros({2, 3}));
@@ -354,8 +354,10 @@ int run_rank(int rank, const std::string& store_path) {
     const std::string said = rank == 1 ? "expected 2D or 3D input" : "rank(s) 1 raised in this call";
     const std::string mapped =
         "the group's ranks 0..1 are global ranks 5, 9 (this process: global rank " + std::to_string(rank ? 9 : 5) + ")";
-    if (failure.find(said) == std::string::npos || (rank == 0 && failure.find(mapped) == std::string::npos)) {
-      std::fprintf(stderr, "rank %d: global ranks not named: %s\n", rank, failure.c_str());
+    const std::string place = "synchronized BatchNorm '1': syncbn::SyncBatchNorm #";
+    if (failure.find(said) == std::string::npos ||
+        (rank == 0 && (failure.find(mapped) == std::string::npos || failure.find(place) == std::string::npos))) {
+      std::fprintf(stderr, "rank %d: global ranks or place not named: %s\n", rank, failure.c_str());
       global_ranks_named = false;
     }
   }
@@ -370,7 +372,7 @@ int run_rank(int rank, const std::string& store_path) {
               "num_batches_tracked %s\n",
               rank, group->getBackendName().c_str(), transport.c_str(), before.c_str(), error, counted ? "3" : "wrong");
   return error < 1e-12 && counted && refusal_announced && failed_forward_announced && queued_failure_announced &&
-                 global_ranks_named && several_groups_told &&
+                 global_ranks_named && several_groups_told && every_layer_given_the_group &&
                  before == "not yet" && transport == expected
              ? 0
              : 1;

@@ -75,6 +75,9 @@ class SYNCBN_API BatchNormSyncState {
 
   void set_process_group(ProcessGroupPtr group) { process_group_ = std::move(group); }
   const ProcessGroupPtr& process_group() const { return process_group_; }
+  // The layer's place in a model ("layer1.0.bn1"), naming it in errors while it is not replicated (a replica's
+  // name is its place in the module data_parallel replicated). Copies keep it.
+  void set_place(std::string place) { place_ = std::move(place); }
   // The layer's number across processes (see above). Reading it publishes nothing.
   int64_t layer_id() const;
   // Makes the number this layer's for good (see above): called by every training-mode forward, and by
@@ -85,6 +88,7 @@ class SYNCBN_API BatchNormSyncState {
   std::shared_ptr<BatchNormChannel> channel_;
   int64_t position_ = -1;
   std::string name_;
+  std::string place_;
   ProcessGroupPtr process_group_;
   std::shared_ptr<detail::LayerNumber> layer_id_;  // shared by copies; see above
   // Calls made alone across processes in a checkpointed forward (LayerSync::recent_calls); each copy its own.
@@ -137,6 +141,9 @@ class SyncBatchNormImplBase : public torch::nn::BatchNormImplBase<D, Derived>,
   // every process of the group. Default: none (the replicas of this process only).
   void set_process_group(ProcessGroupPtr group) { sync_.set_process_group(std::move(group)); }
   const ProcessGroupPtr& process_group() const { return sync_.process_group(); }
+  // Its place in a model, naming it in errors where it runs without data_parallel (see the free
+  // set_process_group below, which sets it).
+  void set_place(std::string place) { sync_.set_place(std::move(place)); }
   // The group a forward now exchanges on: the process group in training mode, else none (see layer_sync).
   ProcessGroupPtr exchanging_group() const override {
     return this->is_training() ? sync_.process_group() : ProcessGroupPtr();
@@ -194,5 +201,12 @@ class SYNCBN_API SyncBatchNorm3dImpl : public SyncBatchNormImplBase<3, SyncBatch
 TORCH_MODULE(SyncBatchNorm1d);
 TORCH_MODULE(SyncBatchNorm2d);
 TORCH_MODULE(SyncBatchNorm3d);
+
+// Gives `group` to every synchronized layer of `module` (SyncBatchNorm1d/2d/3d,
+// `module` itself included), as Python's convert_model(model, process_group=)
+// does, and names each by its place in `module` in errors where it runs without
+// data_parallel ("'layer1.0.bn1': syncbn::SyncBatchNorm #3" rather than
+// "syncbn::SyncBatchNorm #3"). Returns how many layers it set.
+SYNCBN_API int64_t set_process_group(torch::nn::Module& module, const ProcessGroupPtr& group);
 
 }  // namespace syncbn
