@@ -101,6 +101,13 @@ void bind_batch_norm(py::module_& m) {
       [](const py::object& process_group) { return synchronized_calls(process_group.cast<ProcessGroupPtr>()); },
       py::arg("process_group"), "How many synchronized calls this process has made on `process_group` so far.");
   m.def(
+      "failed_synchronized_calls",
+      [](const py::object& process_group) {
+        return failed_synchronized_calls(process_group.cast<ProcessGroupPtr>());
+      },
+      py::arg("process_group"),
+      "How many of this process's synchronized calls on `process_group` failed because a rank's failure was told.");
+  m.def(
       "announce_failed_forward",
       [](const py::object& process_group, const at::Device& device, const std::string& label) {
         const auto group = process_group.cast<ProcessGroupPtr>();

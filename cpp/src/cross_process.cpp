@@ -34,6 +34,7 @@ struct GroupCalls {
   c10::weak_intrusive_ptr<c10d::ProcessGroup> group;
   int64_t calls = 0;                 // forward exchanges (synchronized calls)
   int64_t backward_exchanges = 0;    // backward ones (a call's gradient summed)
+  int64_t failed_calls = 0;          // forward exchanges a rank's failure was told in (this rank's own included)
   int64_t previous_exchange = -1;    // the last exchange every rank agreed on (exchange_key; -1: none)
   std::unordered_map<int64_t, int64_t> channels_after;  // exchange key -> channels of the exchange that followed it
   // Ranks on one host exchange through shared memory: decided at the group's first exchange of CPU tensors.
@@ -400,7 +401,7 @@ void check_no_rank_failed(const ProcessGroupPtr& group, const at::TensorAccessor
   if (!failed_before.empty()) {
     out << " rank(s)";
     for (const int64_t r : failed_before) out << " " << r;
-    out << " raised in their forward before its first synchronized call on this group (see the error of that rank)";
+    out << " raised in their forward before its first synchronized call (see the error of that rank)";
   }
   out << "; every rank fails this call alike, nothing was written, and the next call pairs again";
   throw BarrierError(out.str() + "\n" + where(group, label, doing));
@@ -435,7 +436,13 @@ GatheredRows exchange_rows(const ProcessGroupPtr& group, detail::ExchangeKind ki
   const at::Tensor headers = gathered.narrow(1, 0, kHeader).cpu();  // one copy to the host for every rank's header
   check_headers_agree(group, headers, numbers.number, kind_code, layer_id, channels, label, doing);
   const auto rows = headers.accessor<int64_t, 2>();
-  check_no_rank_failed(group, rows, label, doing);
+  try {
+    check_no_rank_failed(group, rows, label, doing);
+  } catch (const BarrierError&) {
+    std::lock_guard<std::mutex> lock(calls_mutex);
+    if (kind == detail::ExchangeKind::kStatistics) ++calls_of(group).failed_calls;
+    throw;
+  }
   std::vector<int64_t> counts;
   std::vector<bool> backward_follows_on;
   for (int64_t r = 0; r < rows.size(0); ++r) {
@@ -558,6 +565,12 @@ int64_t synchronized_calls(const ProcessGroupPtr& group) {
   TORCH_CHECK_VALUE(group, "synchronized_calls needs a process group");
   std::lock_guard<std::mutex> lock(calls_mutex);
   return calls_of(group).calls;
+}
+
+int64_t failed_synchronized_calls(const ProcessGroupPtr& group) {
+  TORCH_CHECK_VALUE(group, "failed_synchronized_calls needs a process group");
+  std::lock_guard<std::mutex> lock(calls_mutex);
+  return calls_of(group).failed_calls;
 }
 
 void announce_failed_forward(const ProcessGroupPtr& group, at::Device device, const std::string& label) {

@@ -28,8 +28,8 @@ ForwardAcrossProcesses::ForwardAcrossProcesses(const torch::nn::Module& module, 
   note(module);
   for (const auto& child : module.modules(/*include_self=*/false)) note(*child);
   for (auto& group : groups) {
-    const int64_t calls = synchronized_calls(group);
-    groups_.emplace_back(std::move(group), calls);
+    const int64_t calls = synchronized_calls(group), failed = failed_synchronized_calls(group);
+    groups_.push_back({std::move(group), calls, failed});
   }
 }
 
@@ -51,13 +51,18 @@ void announce_or_warn(const ProcessGroupPtr& group, at::Device device) noexcept 
 }  // namespace
 
 void ForwardAcrossProcesses::failed() noexcept {
+  // Told only where the forward made no exchange but ones a failure was told in (see the header): after one that
+  // paired (or failed otherwise), the other ranks wait at another call, maybe on a group already called, and
+  // telling would wait for them there in vain.
   std::vector<ProcessGroupPtr> untold;
   try {
-    for (const auto& [group, calls_before] : groups_) {
-      if (synchronized_calls(group) == calls_before) untold.push_back(group);
+    for (const auto& [group, calls_before, failed_before] : groups_) {
+      const int64_t failed = failed_synchronized_calls(group) - failed_before;
+      if (synchronized_calls(group) - calls_before != failed) return;
+      if (failed == 0) untold.push_back(group);
     }
   } catch (...) {
-    return;  // (synchronized_calls throws nothing in practice: a lookup under a lock)
+    return;  // (the counts throw nothing in practice: lookups under a lock)
   }
   if (untold.size() == 1) {
     announce_or_warn(untold.front(), device_);

@@ -46,10 +46,13 @@ def _exchanging_groups(module: nn.Module) -> list[Any]:
     return groups
 
 
-def _calls_on(group: Any, device: torch.device) -> int:
-    """The synchronized calls this process made on ``group`` so far, on ``device`` (its communicator, if made)."""
+def _calls_on(group: Any, device: torch.device) -> tuple[int, int]:
+    """The synchronized calls this process made on ``group`` so far, on ``device`` (its communicator, if made), and
+    how many of them failed because a rank's failure was told there."""
     exchanging = made_exchange_group(group, device)
-    return 0 if exchanging is None else _C.synchronized_calls(exchanging)
+    if exchanging is None:
+        return 0, 0
+    return _C.synchronized_calls(exchanging), _C.failed_synchronized_calls(exchanging)
 
 
 @contextlib.contextmanager
@@ -72,10 +75,12 @@ def announcing_failure(
             device of the first synchronized layer's tensors, else the CPU.
         label: what failed, for the other ranks' error messages; default: ``module``'s class.
 
-    Where ``module``'s synchronized layers exchange on several groups, each group on which the block made no
-    synchronized call is told, all at once (the other ranks fail at the first call of one of them, and tell the
-    others the same way); a group on which it made a call before it raised is not: its other ranks meet this one
-    at another call. Not in a replica (the wrapper's forward tells for all of them). Counted from the block's
+    Told only where the block made no synchronized call (but ones in which another rank's failure was told): a
+    block that made one that paired tells nothing, the other ranks meeting this one at another call. Where
+    ``module``'s synchronized layers exchange on several groups, each group on which no failure was told yet is
+    told, all at once (the other ranks fail at their first call of one of them, and tell the others the same
+    way): every rank's forward must then run under a wrapper or in such a block. Not in a replica (the wrapper's
+    forward tells for all of them). Counted from the block's
     start: another thread's forward of the same layers meanwhile (not one of a wrapper, which run one after
     another) hides the failure. Interrupts (``KeyboardInterrupt``) propagate at once. Telling waits for the other
     ranks to reach that call (up to the group's timeout); where telling fails too, the block's error gets a note
@@ -88,11 +93,22 @@ def announcing_failure(
         return
     device = _first_layer_device(module) if device is None else torch.device(device)
     label = f"the forward of {type(module).__name__}" if label is None else label
-    calls_before = [_calls_on(group, device) for group in groups]
+    before = [_calls_on(group, device) for group in groups]
     try:
         yield
     except Exception as error:
-        untold = [group for group, calls in zip(groups, calls_before, strict=True) if _calls_on(group, device) == calls]
+        # Told only where the block made no exchange but ones a failure was told in: after one that paired (or
+        # failed otherwise), the other ranks wait at another call, maybe on a group already called, and telling
+        # would wait for them there in vain.
+        made = [
+            (calls - calls_before, failed - failed_before)
+            for (calls, failed), (calls_before, failed_before) in zip(
+                (_calls_on(group, device) for group in groups), before, strict=True
+            )
+        ]
+        if any(calls != failed for calls, failed in made):
+            raise
+        untold = [group for group, (_, failed) in zip(groups, made, strict=True) if failed == 0]
         for failure in _announce_on(untold, device, label):
             error.add_note(
                 f"{label} failed before its first synchronized call, and telling the other ranks of the process "

@@ -561,27 +561,43 @@ def scenario_failed_before_first_call_on_two_groups_in_block(rank, world, replic
     return failing_before_first_call(rank, replicas, failing_ranks={1}, in_block=True, second_group=True)
 
 
-def scenario_failed_between_groups(rank, world, replicas, sizes):
-    """Rank 1's forward raising between its first layer (on the default group) and its second (on a group of its
-    own) at step 1: the second group is told (no call on it yet), the first is not (its call paired); every rank
-    fails that step at the second layer, and the next steps pair on both groups. Forwards in announcing_failure
-    blocks where a rank has no wrapper."""
-    model = FailsBeforeItsLayers().double()
-    model.second.process_group = dist.new_group(list(range(world)))
+class _TwoOnTheWorldThenOneOnItsOwnGroup(nn.Module):
+    """Two synchronized layers on the default group, then one on a group of its own (over the same ranks); raises
+    between the first two while ``fail``."""
+
+    def __init__(self, world):
+        super().__init__()
+        self.a, self.b = syncbn_ext.SyncBatchNorm(C), syncbn_ext.SyncBatchNorm(C)
+        self.c = syncbn_ext.SyncBatchNorm(C, process_group=dist.new_group(list(range(world))))
+        self.fail = False
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.fail:
+            raise ValueError("a bad batch between its layers")
+        return self.c(self.b(h))
+
+
+def scenario_failed_between_calls_on_one_of_two_groups(rank, world, replicas, sizes):
+    """Rank 1's forward raising between its two calls on the default group at step 1, a later layer on a group of
+    its own: nothing is told (its first call paired; the others wait at their second, on the default group, where
+    telling the other group would have waited for them in vain, until the timeout); they meet rank 1's next forward
+    there (a BarrierError on every rank), and after rank 1 makes up its step the ranks pair again, as with one
+    group. Forwards in announcing_failure blocks where a rank has no wrapper."""
+    model = _TwoOnTheWorldThenOneOnItsOwnGroup(world).double()
     run = wrap(model, replicas)
     x = torch.randn(4, C, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
     errors = {}
-    for step in range(4):
-        model.fail = "between" if step == 1 and rank == 1 else None
+    for step in range(5 if rank == 1 else 4):  # rank 1 makes up the step it failed
+        model.fail = step == 1 and rank == 1
+        started = time.monotonic()
         try:
             with syncbn_ext.announcing_failure(model):
                 out = run(x)
             out.square().sum().backward()
         except Exception as error:
-            errors[step] = [type(error).__name__, str(error)]
-    outcome = with_final_state({"errors": errors}, model, dist.group.WORLD)
-    outcome["counts"] = [model.first.num_batches_tracked.item(), model.second.num_batches_tracked.item()]
-    return outcome
+            errors[step] = [type(error).__name__, str(error), time.monotonic() - started]
+    return with_final_state({"errors": errors}, model, dist.group.WORLD)
 
 
 def scenario_channels_differ_in_subgroup(rank, world, replicas, sizes):

@@ -68,7 +68,7 @@ SCENARIOS = {
     "input_grad_on_one_rank": faults.scenario_input_grad_on_one_rank,
     "channels_differ": faults.scenario_channels_differ,
     "channels_differ_in_subgroup": faults.scenario_channels_differ_in_subgroup,
-    "failed_between_groups": faults.scenario_failed_between_groups,
+    "failed_between_calls_on_one_of_two_groups": faults.scenario_failed_between_calls_on_one_of_two_groups,
     "failed_before_first_call_on_two_groups": faults.scenario_failed_before_first_call_on_two_groups,
     "failed_before_first_call_on_two_groups_in_block": faults.scenario_failed_before_first_call_on_two_groups_in_block,
     "slow_rank": faults.scenario_slow_rank,

@@ -331,19 +331,20 @@ def test_a_forward_failing_before_its_first_synchronized_call_tells_every_group_
 
 
 @pytest.mark.parametrize("replicas", [1, 2])
-def test_a_forward_failing_between_layers_on_two_groups_tells_the_group_it_made_no_call_on(tmp_path, replicas):
-    # Before, nothing was told: rank 0 waited at the second layer for rank 1's next forward, which waited at its
-    # first layer for rank 0 (stuck until the groups' timeout).
-    results = launch(tmp_path, 2, replicas, [4, 4], ["failed_between_groups"])["failed_between_groups"]
+def test_a_forward_failing_after_a_call_that_paired_tells_no_group_even_where_its_layers_use_several(
+    tmp_path, replicas
+):
+    # Telling each group the forward made no call on (as a first version did) waited in vain on the later group,
+    # the others waiting on the first one: both ranks stalled until the timeout, then every step failed.
+    scenario = "failed_between_calls_on_one_of_two_groups"
+    results = launch(tmp_path, 2, replicas, [4, 4], [scenario], timeout=20.0)[scenario]
     zero, one = measures(results[0]), measures(results[1])
-    assert sorted(zero["errors"]) == sorted(one["errors"]) == ["1"], (zero, one)
-    assert one["errors"]["1"] == ["ValueError", "a bad batch between its layers"], one
-    assert zero["errors"]["1"][0] == "BarrierError" and BEFORE_FIRST_CALL in zero["errors"]["1"][1], zero
-    for outcome in (zero, one):
-        assert outcome["buffers_equal_on_every_rank"], outcome
-    # The second layer counted the 3 steps that ran; the first also the failed one where it ran alone in the
-    # process (a failed forward of the wrapper writes nothing back).
-    assert zero["counts"] == one["counts"] == [4 if replicas == 1 else 3, 3], (zero, one)
+    assert sorted(zero["errors"]) == ["1"] and sorted(one["errors"]) == ["1", "2"], (zero, one)
+    assert one["errors"]["1"][:2] == ["ValueError", "a bad batch between its layers"], one
+    for error in (zero["errors"]["1"], one["errors"]["2"]):
+        assert error[0] == "BarrierError" and "called in a different order or number of times" in error[1], error
+    assert max(error[2] for outcome in (zero, one) for error in outcome["errors"].values()) < 10, (zero, one)
+    assert zero["buffers_equal_on_every_rank"] and one["buffers_equal_on_every_rank"], (zero, one)
 
 
 @pytest.mark.parametrize("replicas, transport", [([1, 2], "shared_memory"), ([2, 3], "c10d")])

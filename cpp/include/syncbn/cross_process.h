@@ -80,6 +80,11 @@ SYNCBN_API void announce_failed_call(const ProcessGroupPtr& group, int64_t layer
 // `group` so far, as every rank counts them (0 before the first).
 SYNCBN_API int64_t synchronized_calls(const ProcessGroupPtr& group);
 
+// How many of them failed in their exchange because a rank's failure was told
+// there (announce_failed_call, announce_failed_forward: this rank's own
+// announcements included), alike on every rank.
+SYNCBN_API int64_t failed_synchronized_calls(const ProcessGroupPtr& group);
+
 // This rank's forward failed before its first synchronized call on `group` (a
 // replica that raised before it, code before the first layer): takes part in
 // the first exchange the other ranks make in that forward, whatever its layer,
