@@ -523,7 +523,8 @@ void set_global_ranks(const ProcessGroupPtr& group, std::vector<int64_t> global_
   if (same_numbers) {  // nothing to tell
     global_ranks_by_group.erase(group.get());
   } else {
-    global_ranks_by_group.insert_or_assign(group.get(), GlobalRanks{c10::weak_intrusive_ptr<c10d::ProcessGroup>(group), std::move(global_ranks)});
+    GlobalRanks named{c10::weak_intrusive_ptr<c10d::ProcessGroup>(group), std::move(global_ranks)};
+    global_ranks_by_group.insert_or_assign(group.get(), std::move(named));
   }
 }
 

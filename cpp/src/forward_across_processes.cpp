@@ -14,23 +14,19 @@ ForwardAcrossProcesses::ForwardAcrossProcesses(const torch::nn::Module& module, 
   // In a replica (a nested data_parallel, which is refused), the outer forward tells for every replica: each
   // replica telling would pair with another call of the other ranks.
   if (ReplicaScope::current_group() != nullptr) return;
-  std::vector<ProcessGroupPtr> groups;
   auto note = [&](const torch::nn::Module& each) {
     const auto* layer = dynamic_cast<const CrossProcessLayer*>(&each);
     if (layer == nullptr) return;
     ProcessGroupPtr group = layer->exchanging_group();
     if (!spans_processes(group)) return;
-    for (const auto& known : groups) {
-      if (known.get() == group.get()) return;
+    for (const auto& known : groups_) {
+      if (known.group.get() == group.get()) return;
     }
-    groups.push_back(std::move(group));
+    const int64_t calls = synchronized_calls(group), failed = failed_synchronized_calls(group);
+    groups_.push_back({std::move(group), calls, failed});
   };
   note(module);
   for (const auto& child : module.modules(/*include_self=*/false)) note(*child);
-  for (auto& group : groups) {
-    const int64_t calls = synchronized_calls(group), failed = failed_synchronized_calls(group);
-    groups_.push_back({std::move(group), calls, failed});
-  }
 }
 
 namespace {

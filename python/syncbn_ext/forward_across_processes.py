@@ -80,11 +80,10 @@ def announcing_failure(
     ``module``'s synchronized layers exchange on several groups, each group on which no failure was told yet is
     told, all at once (the other ranks fail at their first call of one of them, and tell the others the same
     way): every rank's forward must then run under a wrapper or in such a block. Not in a replica (the wrapper's
-    forward tells for all of them). Counted from the block's
-    start: another thread's forward of the same layers meanwhile (not one of a wrapper, which run one after
-    another) hides the failure. Interrupts (``KeyboardInterrupt``) propagate at once. Telling waits for the other
-    ranks to reach that call (up to the group's timeout); where telling fails too, the block's error gets a note
-    saying so.
+    forward tells for all of them). Counted from the block's start: another thread's forward of the same layers
+    meanwhile (not one of a wrapper, which run one after another) hides the failure. Interrupts
+    (``KeyboardInterrupt``) propagate at once. Telling waits for the other ranks to reach that call (up to the
+    group's timeout); where telling fails too, the block's error gets a note saying so.
     """
     # In a replica, the wrapper's forward tells for every replica (each telling would pair with another call).
     groups = [] if running_a_replica() else _exchanging_groups(module)
@@ -100,12 +99,8 @@ def announcing_failure(
         # Told only where the block made no exchange but ones a failure was told in: after one that paired (or
         # failed otherwise), the other ranks wait at another call, maybe on a group already called, and telling
         # would wait for them there in vain.
-        made = [
-            (calls - calls_before, failed - failed_before)
-            for (calls, failed), (calls_before, failed_before) in zip(
-                (_calls_on(group, device) for group in groups), before, strict=True
-            )
-        ]
+        after = [_calls_on(group, device) for group in groups]
+        made = [(c1 - c0, f1 - f0) for (c1, f1), (c0, f0) in zip(after, before, strict=True)]
         if any(calls != failed for calls, failed in made):
             raise
         untold = [group for group, (_, failed) in zip(groups, made, strict=True) if failed == 0]

@@ -350,8 +350,7 @@ def scenario_ddp_failed_forward(rank, world, replicas, sizes):
 
 class FailsBeforeItsLayers(nn.Module):
     """A linear layer, then two synchronized ones. Before them (before the forward's first synchronized call): raises
-    while ``fail`` is "raise"; while it is "widen", gives the first one a channel too many, which it refuses. While
-    it is "between": raises between them."""
+    while ``fail`` is "raise"; while it is "widen", gives the first one a channel too many, which it refuses."""
 
     def __init__(self):
         super().__init__()
@@ -369,10 +368,7 @@ class FailsBeforeItsLayers(nn.Module):
                 raise ValueError("a bad batch")
             if self.fail == "widen":
                 h = torch.cat([h, h[:, :1]], 1)
-            h = self.first(h)
-            if self.fail == "between":
-                raise ValueError("a bad batch between its layers")
-            return self.second(h)
+            return self.second(self.first(h))
 
 
 def failing_before_first_call(

@@ -40,8 +40,9 @@ class SYNCBN_API ForwardAcrossProcesses {
   // Before the forward: `module`'s synchronized layers (CrossProcessLayer) in
   // their current mode; `device`: where copy 0 exchanges (the first replica's).
   ForwardAcrossProcesses(const torch::nn::Module& module, at::Device device);
-  // The forward failed: tells the other ranks (see above). Throws nothing (the caller rethrows the forward's error):
-  // where telling failed too (the group's timeout: no rank came), warns.
+  // The forward failed: tells the other ranks (see above). Throws nothing (the
+  // caller rethrows the forward's error): where telling failed too (the
+  // group's timeout: no rank came), warns.
   void failed() noexcept;
 
  private:
