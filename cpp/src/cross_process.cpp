@@ -1,11 +1,9 @@
 #include <syncbn/cross_process.h>
 
 #include <algorithm>
-#include <iterator>
 #include <mutex>
 #include <sstream>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -17,6 +15,7 @@
 #include <syncbn/errors.h>
 #include <syncbn/replication_group.h>
 
+#include "group_calls.h"
 #include "host_values.h"
 #include "shared_memory_exchange.h"
 #include "waiting_across_processes.h"
@@ -25,115 +24,15 @@ namespace syncbn {
 
 namespace {
 
-// What this process knows of its synchronized calls on one group. Every rank derives it alike, from the headers
-// every rank received, so that every rank sizes the next exchange alike.
-struct GroupCalls {
-  explicit GroupCalls(const ProcessGroupPtr& of) : group(of) {}
-  // While held, no new group can take this one's address. It keeps only the object's memory: when the user's last
-  // reference goes, ProcessGroup::release_resources drops its backends and store (their threads, sockets) at once.
-  c10::weak_intrusive_ptr<c10d::ProcessGroup> group;
-  int64_t calls = 0;                 // forward exchanges (synchronized calls)
-  int64_t backward_exchanges = 0;    // backward ones (a call's gradient summed)
-  int64_t failed_calls = 0;          // forward exchanges a rank's failure was told in (this rank's own included)
-  int64_t previous_exchange = -1;    // the last exchange every rank agreed on (exchange_key; -1: none)
-  std::unordered_map<int64_t, int64_t> channels_after;  // exchange key -> channels of the exchange that followed it
-  // Ranks on one host exchange through shared memory: decided at the group's first exchange of CPU tensors.
-  bool transport_decided = false;
-  std::shared_ptr<detail::SharedMemoryExchange> shared_memory;
-  // The replications whose replica threads wait in the group's backend now (one entry per waiting thread; each
-  // lives while its thread waits), and why the group is out of step (empty: it is not).
-  std::vector<const ReplicationGroup*> waiting_replications;
-  std::string out_of_step;
-};
-
-std::mutex calls_mutex;
-std::unordered_map<const c10d::ProcessGroup*, GroupCalls> calls_by_group;
-
-GroupCalls& calls_of(const ProcessGroupPtr& group) {  // under calls_mutex
-  for (auto it = calls_by_group.begin(); it != calls_by_group.end();) {
-    it = it->second.group.expired() ? calls_by_group.erase(it) : std::next(it);
-  }
-  return calls_by_group.try_emplace(group.get(), group).first->second;
-}
-
-// An exchange's identity, for sizing the next one: a layer's forward exchange, or its backward one.
-int64_t exchange_key(detail::ExchangeKind kind, int64_t layer_id) {
-  return kind == detail::ExchangeKind::kStatistics ? layer_id : -2 - layer_id;  // -1: none yet
-}
-
-// The next exchange of `kind` on `group`: its number (forward and backward ones counted apart), the counts of both
-// kinds after it, and how many channels its first all-gather carries (what followed the previous exchange last
-// time: exact in a network that calls its layers in the same order every step).
-struct ExchangeNumbers {
-  int64_t number;              // of this exchange, among those of its kind
-  int64_t calls;               // forward exchanges so far, this one included if it is one
-  int64_t backward_exchanges;  // backward ones so far, likewise
-  int64_t capacity;
-};
-
-ExchangeNumbers begin_exchange(const ProcessGroupPtr& group, detail::ExchangeKind kind) {
-  std::lock_guard<std::mutex> lock(calls_mutex);
-  GroupCalls& calls = calls_of(group);
-  const auto known = calls.channels_after.find(calls.previous_exchange);
-  const int64_t number = kind == detail::ExchangeKind::kStatistics ? ++calls.calls : ++calls.backward_exchanges;
-  return {number, calls.calls, calls.backward_exchanges,
-          known == calls.channels_after.end() ? 0 : known->second};
-}
-
-// After ranks met at different steps (a rank that caught an exception and skipped the rest of its step, say), every
-// rank counts on from the furthest rank's counts, alike: once each has left the failed step, their next steps pair
-// again instead of failing for good, one call apart.
-void realign_counts(const ProcessGroupPtr& group, int64_t calls_seen, int64_t backward_exchanges_seen) {
-  std::lock_guard<std::mutex> lock(calls_mutex);
-  GroupCalls& calls = calls_of(group);
-  calls.calls = std::max(calls.calls, calls_seen);
-  calls.backward_exchanges = std::max(calls.backward_exchanges, backward_exchanges_seen);
-}
-
-void end_exchange(const ProcessGroupPtr& group, int64_t key, int64_t channels) {
-  std::lock_guard<std::mutex> lock(calls_mutex);
-  GroupCalls& calls = calls_of(group);
-  calls.channels_after[calls.previous_exchange] = channels;
-  calls.previous_exchange = key;
-}
-
-// The numbers a user knows a subgroup's ranks by (set_global_ranks), apart from GroupCalls: where() is called with
-// calls_mutex held.
-struct GlobalRanks {
-  c10::weak_intrusive_ptr<c10d::ProcessGroup> group;  // keeps the address from being reused, as GroupCalls does
-  std::vector<int64_t> ranks;
-};
-std::mutex global_ranks_mutex;
-std::unordered_map<const c10d::ProcessGroup*, GlobalRanks> global_ranks_by_group;
-
-std::vector<int64_t> global_ranks_of(const ProcessGroupPtr& group) {
-  std::lock_guard<std::mutex> lock(global_ranks_mutex);
-  const auto found = global_ranks_by_group.find(group.get());
-  if (found == global_ranks_by_group.end() || found->second.group.expired()) return {};
-  return found->second.ranks;
-}
-
-// The group's ranks as the user knows them, where they differ from the group's own numbers (a subgroup's): the
-// errors' lists of ranks use the group's numbers.
-std::string global_ranks_note(const ProcessGroupPtr& group) {
-  const std::vector<int64_t> ranks = global_ranks_of(group);
-  if (ranks.empty()) return "";
-  constexpr size_t kListed = 16;
-  std::ostringstream out;
-  out << "; the group's ranks 0.." << ranks.size() - 1 << " are global ranks";
-  for (size_t r = 0; r < ranks.size() && r < kListed; ++r) out << (r ? ", " : " ") << ranks[r];
-  if (ranks.size() > kListed) out << ", ...";
-  out << " (this process: global rank " << ranks[static_cast<size_t>(group->getRank())] << ")";
-  return out.str();
-}
-
-std::string where(const ProcessGroupPtr& group, const std::string& label, const char* doing) {
-  std::ostringstream out;
-  out << "in synchronized BatchNorm " << label << ", " << doing << " across the process group (rank "
-      << group->getRank() << " of " << group->getSize() << ", " << group->getBackendName() << global_ranks_note(group)
-      << ")";
-  return out.str();
-}
+using detail::begin_exchange;
+using detail::calls_mutex;
+using detail::calls_of;
+using detail::end_exchange;
+using detail::exchange_key;
+using detail::ExchangeNumbers;
+using detail::GroupCalls;
+using detail::realign_counts;
+using detail::where;
 
 // Waits for `work`; a failure (a rank that never came: the group's timeout) names our layer.
 void wait(const c10::intrusive_ptr<c10d::Work>& work, const ProcessGroupPtr& group, const std::string& label,
@@ -172,12 +71,12 @@ class WaitingInBackend {
  public:
   explicit WaitingInBackend(const ProcessGroupPtr& group) : group_(group), replication_(ReplicaScope::current_group()) {
     if (replication_ == nullptr) return;
-    std::lock_guard<std::mutex> lock(calls_mutex);
+    std::lock_guard<std::mutex> lock(calls_mutex());
     calls_of(group_).waiting_replications.push_back(replication_);
   }
   ~WaitingInBackend() {
     if (replication_ == nullptr) return;
-    std::lock_guard<std::mutex> lock(calls_mutex);
+    std::lock_guard<std::mutex> lock(calls_mutex());
     auto& waiting = calls_of(group_).waiting_replications;
     waiting.erase(std::find(waiting.begin(), waiting.end(), replication_));
   }
@@ -193,7 +92,7 @@ class WaitingInBackend {
 // replication closed while it waited), the ranks are out of step, and every later exchange fails at once instead of
 // queueing behind the abandoned one.
 void check_in_step(const ProcessGroupPtr& group, const std::string& label, const char* doing) {
-  std::lock_guard<std::mutex> lock(calls_mutex);
+  std::lock_guard<std::mutex> lock(calls_mutex());
   GroupCalls& calls = calls_of(group);
   for (const ReplicationGroup* waiting : calls.waiting_replications) {
     if (waiting->closed() && calls.out_of_step.empty()) {
@@ -234,14 +133,14 @@ std::chrono::milliseconds group_timeout(const ProcessGroupPtr& group) {
 std::shared_ptr<detail::SharedMemoryExchange> shared_memory_of(const ProcessGroupPtr& group,
                                                                const std::string& label) {
   {
-    std::lock_guard<std::mutex> lock(calls_mutex);
+    std::lock_guard<std::mutex> lock(calls_mutex());
     GroupCalls& calls = calls_of(group);
     if (calls.transport_decided) return calls.shared_memory;
   }
   auto exchange = detail::SharedMemoryExchange::connect(group, [&](const at::Tensor& row) {
     return c10d_all_gather(group, row, label, "setting up the exchange");
   });
-  std::lock_guard<std::mutex> lock(calls_mutex);
+  std::lock_guard<std::mutex> lock(calls_mutex());
   GroupCalls& calls = calls_of(group);
   calls.transport_decided = true;
   calls.shared_memory = std::move(exchange);
@@ -257,7 +156,7 @@ at::Tensor all_gather(const ProcessGroupPtr& group, const at::Tensor& tensor, de
   check_in_step(group, label, doing);
   detail::WaitingAcrossProcesses waiting;  // bounded by the group's timeout, not a barrier's
   if (!tensor.device().is_cpu()) {  // GPUs: the group's backend (NCCL) is the fast path
-    std::lock_guard<std::mutex> lock(calls_mutex);
+    std::lock_guard<std::mutex> lock(calls_mutex());
     calls_of(group).transport_decided = true;
   } else {
     const auto exchange = shared_memory_of(group, label);
@@ -439,7 +338,7 @@ GatheredRows exchange_rows(const ProcessGroupPtr& group, detail::ExchangeKind ki
   try {
     check_no_rank_failed(group, rows, label, doing);
   } catch (const BarrierError&) {
-    std::lock_guard<std::mutex> lock(calls_mutex);
+    std::lock_guard<std::mutex> lock(calls_mutex());
     if (kind == detail::ExchangeKind::kStatistics) ++calls_of(group).failed_calls;
     throw;
   }
@@ -505,37 +404,6 @@ void take_part_as_failed(const ProcessGroupPtr& group, int64_t layer_id, int64_t
 
 bool spans_processes(const ProcessGroupPtr& group) { return group && group->getSize() > 1; }
 
-void set_global_ranks(const ProcessGroupPtr& group, std::vector<int64_t> global_ranks) {
-  TORCH_CHECK_VALUE(group, "set_global_ranks: no process group given");
-  TORCH_CHECK_VALUE(static_cast<int64_t>(global_ranks.size()) == group->getSize(), "set_global_ranks: ",
-                    global_ranks.size(), " global ranks given for a process group of ", group->getSize(),
-                    " ranks (one per rank of the group, in the group's rank order)");
-  std::vector<int64_t> sorted = global_ranks;
-  std::sort(sorted.begin(), sorted.end());
-  TORCH_CHECK_VALUE(sorted.front() >= 0 && std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end(),
-                    "set_global_ranks: the global ranks must be distinct non-negative numbers");
-  bool same_numbers = true;
-  for (size_t r = 0; r < global_ranks.size(); ++r) same_numbers = same_numbers && global_ranks[r] == int64_t(r);
-  std::lock_guard<std::mutex> lock(global_ranks_mutex);
-  for (auto it = global_ranks_by_group.begin(); it != global_ranks_by_group.end();) {
-    it = it->second.group.expired() ? global_ranks_by_group.erase(it) : std::next(it);
-  }
-  if (same_numbers) {  // nothing to tell
-    global_ranks_by_group.erase(group.get());
-  } else {
-    GlobalRanks named{c10::weak_intrusive_ptr<c10d::ProcessGroup>(group), std::move(global_ranks)};
-    global_ranks_by_group.insert_or_assign(group.get(), std::move(named));
-  }
-}
-
-std::string cross_process_transport(const ProcessGroupPtr& group) {
-  TORCH_CHECK_VALUE(group, "cross_process_transport needs a process group");
-  std::lock_guard<std::mutex> lock(calls_mutex);
-  const GroupCalls& calls = calls_of(group);
-  if (!calls.transport_decided) return "not yet";
-  return calls.shared_memory ? "shared memory" : "process group";
-}
-
 GroupStatistics merge_across_processes(const ProcessGroupPtr& group, int64_t layer_id, int64_t count,
                                        const at::Tensor& mean, const at::Tensor& m2, const std::string& label,
                                        bool backward_follows) {
@@ -560,18 +428,6 @@ void announce_failed_call(const ProcessGroupPtr& group, int64_t layer_id, int64_
                           at::Device device) {
   TORCH_CHECK_VALUE(group, "announce_failed_call needs a process group");
   take_part_as_failed(group, layer_id, channels, label, device, "exchanging statistics");
-}
-
-int64_t synchronized_calls(const ProcessGroupPtr& group) {
-  TORCH_CHECK_VALUE(group, "synchronized_calls needs a process group");
-  std::lock_guard<std::mutex> lock(calls_mutex);
-  return calls_of(group).calls;
-}
-
-int64_t failed_synchronized_calls(const ProcessGroupPtr& group) {
-  TORCH_CHECK_VALUE(group, "failed_synchronized_calls needs a process group");
-  std::lock_guard<std::mutex> lock(calls_mutex);
-  return calls_of(group).failed_calls;
 }
 
 void announce_failed_forward(const ProcessGroupPtr& group, at::Device device, const std::string& label) {
