@@ -118,6 +118,15 @@ class _SynchronizedBatchNorm(_BatchNorm):
     #: Whether ``process_group=None`` means the default group (``SyncBatchNorm``) or no cross-process step.
     _default_to_world = False
 
+    def _call_impl(self, *args: Any, **kwargs: Any) -> Any:
+        # Under torch.fx symbolic tracing: one call_module node, made before the hooks run, as nn.BatchNorm gets
+        # (a leaf). FX records the hooks of a module from outside torch.nn into the graph, and the node would run
+        # them again at run time (twice in all).
+        input = args[0] if args else kwargs.get("input")
+        if isinstance(input, torch.fx.Proxy):
+            return _traced_as_a_leaf(self, input)
+        return super()._call_impl(*args, **kwargs)
+
     def __init__(
         self,
         num_features: int,

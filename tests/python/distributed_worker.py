@@ -2,7 +2,8 @@
 JSON lines.
 
 The scenarios: ``distributed_parity.py`` (every rank matches one nn.BatchNorm model on the global batch) and
-``distributed_faults.py`` (ranks that disagree, stall, exit or are interrupted). Each scenario prints one line
+``distributed_faults.py`` (ranks that disagree, stall, exit or are interrupted), ``distributed_failed_forwards.py``
+(a rank's forward fails) and ``distributed_checkpoints.py`` (torch.utils.checkpoint). Each scenario prints one line
 ``{"scenario": ..., "rank": ..., <measures>}`` or, when it raised, ``{"scenario": ..., "rank": ..., "error": type,
 "message": ...}``.
 
@@ -19,6 +20,8 @@ import os
 import sys
 import traceback
 
+import distributed_checkpoints as checkpoints
+import distributed_failed_forwards as failed
 import distributed_faults as faults
 import distributed_parity as parity
 import torch
@@ -46,31 +49,31 @@ SCENARIOS = {
     "steps": faults.scenario_steps,
     "unused_output": faults.scenario_unused_output,
     "skipped_step": faults.scenario_skipped_step,
-    "ddp_failed_forward": faults.scenario_ddp_failed_forward,
-    "failed_before_first_call": faults.scenario_failed_before_first_call,
-    "failed_before_first_call_everywhere": faults.scenario_failed_before_first_call_everywhere,
-    "failed_before_first_call_one_device": faults.scenario_failed_before_first_call_one_device,
-    "ddp_failed_before_first_call": faults.scenario_ddp_failed_before_first_call,
-    "failed_forward_told_to_nobody": faults.scenario_failed_forward_told_to_nobody,
-    "failed_before_first_call_block_in_replicas": faults.scenario_failed_before_first_call_block_in_replicas,
-    "failed_behind_another_threads_forward": faults.scenario_failed_behind_another_threads_forward,
-    "failed_before_first_call_in_block": faults.scenario_failed_before_first_call_in_block,
-    "ddp_failed_before_first_call_in_block": faults.scenario_ddp_failed_before_first_call_in_block,
-    "ddp_broadcasting_failed_before_first_call": faults.scenario_ddp_broadcasting_failed_before_first_call,
+    "ddp_failed_forward": failed.scenario_ddp_failed_forward,
+    "failed_before_first_call": failed.scenario_failed_before_first_call,
+    "failed_before_first_call_everywhere": failed.scenario_failed_before_first_call_everywhere,
+    "failed_before_first_call_one_device": failed.scenario_failed_before_first_call_one_device,
+    "ddp_failed_before_first_call": failed.scenario_ddp_failed_before_first_call,
+    "failed_forward_told_to_nobody": failed.scenario_failed_forward_told_to_nobody,
+    "failed_before_first_call_block_in_replicas": failed.scenario_failed_before_first_call_block_in_replicas,
+    "failed_behind_another_threads_forward": failed.scenario_failed_behind_another_threads_forward,
+    "failed_before_first_call_in_block": failed.scenario_failed_before_first_call_in_block,
+    "ddp_failed_before_first_call_in_block": failed.scenario_ddp_failed_before_first_call_in_block,
+    "ddp_broadcasting_failed_before_first_call": failed.scenario_ddp_broadcasting_failed_before_first_call,
     "refused_input": faults.scenario_refused_input,
-    "checkpoint": faults.scenario_checkpoint,
-    "checkpoint_after_failed_backward": faults.scenario_checkpoint_after_failed_backward,
-    "checkpoint_two_alike_calls_in_one_block": faults.scenario_checkpoint_two_alike_calls_in_one_block,
-    "checkpoint_forgotten": faults.scenario_checkpoint_forgotten,
-    "checkpoint_forgotten_among_alike": faults.scenario_checkpoint_forgotten_among_alike,
-    "checkpoint_stop_gradient_view": faults.scenario_checkpoint_stop_gradient_view,
+    "checkpoint": checkpoints.scenario_checkpoint,
+    "checkpoint_after_failed_backward": checkpoints.scenario_checkpoint_after_failed_backward,
+    "checkpoint_two_alike_calls_in_one_block": checkpoints.scenario_checkpoint_two_alike_calls_in_one_block,
+    "checkpoint_forgotten": checkpoints.scenario_checkpoint_forgotten,
+    "checkpoint_forgotten_among_alike": checkpoints.scenario_checkpoint_forgotten_among_alike,
+    "checkpoint_stop_gradient_view": checkpoints.scenario_checkpoint_stop_gradient_view,
     "some_parameters_grads": faults.scenario_some_parameters_grads,
     "input_grad_on_one_rank": faults.scenario_input_grad_on_one_rank,
     "channels_differ": faults.scenario_channels_differ,
     "channels_differ_in_subgroup": faults.scenario_channels_differ_in_subgroup,
-    "failed_between_calls_on_one_of_two_groups": faults.scenario_failed_between_calls_on_one_of_two_groups,
-    "failed_before_first_call_on_two_groups": faults.scenario_failed_before_first_call_on_two_groups,
-    "failed_before_first_call_on_two_groups_in_block": faults.scenario_failed_before_first_call_on_two_groups_in_block,
+    "failed_between_calls_on_one_of_two_groups": failed.scenario_failed_between_calls_on_one_of_two_groups,
+    "failed_before_first_call_on_two_groups": failed.scenario_failed_before_first_call_on_two_groups,
+    "failed_before_first_call_on_two_groups_in_block": failed.scenario_failed_before_first_call_on_two_groups_in_block,
     "slow_rank": faults.scenario_slow_rank,
     "interrupted": faults.scenario_interrupted,
     "interrupted_set_up": faults.scenario_interrupted_set_up,

@@ -14,6 +14,7 @@ import torch
 from hang_guard import call_with_timeout
 from replica_faults import RaiseInCopy
 from torch import nn
+from torch.nn.utils import prune
 
 import syncbn_ext
 from syncbn_ext import (
@@ -253,6 +254,40 @@ def test_fx_symbolic_tracing_keeps_the_layer_as_one_call_module_node(layer_type,
     torch.testing.assert_close(out, reference(x))
     torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
     torch.testing.assert_close(model[1].running_var, reference[1].running_var)
+
+
+def test_fx_symbolic_tracing_leaves_the_layers_hooks_to_run_time_as_nn_batchnorms():
+    # The layer is one call_module node before its hooks run, as nn.BatchNorm (a leaf) is. Before, FX recorded the
+    # hooks into the graph (a module from outside torch.nn) and the node ran them again: each hook twice, silently;
+    # a pruning pre-hook left the original model's weight a Proxy.
+    def hooked(model: nn.Module) -> tuple[nn.Module, list[str]]:
+        calls = []
+        norm = model[1]
+        norm.register_forward_pre_hook(lambda module, args: (calls.append("pre") or args[0] + 1.0,))
+        norm.register_forward_hook(lambda module, args, out: calls.append("forward") or out * 2)
+        norm.register_full_backward_hook(lambda module, grad_in, grad_out: calls.append("backward"))
+        prune.l1_unstructured(norm, "weight", amount=1)
+        return model, calls
+
+    torch.manual_seed(0)
+    x = torch.randn(8, C, 4, 4)
+    for train in (True, False):
+        model = nn.Sequential(nn.Conv2d(C, C, 1), SynchronizedBatchNorm2d(C), nn.ReLU()).train(train)
+        reference, reference_calls = hooked(syncbn_ext.revert_model(copy.deepcopy(model)))
+        model, calls = hooked(model)
+        traced = torch.fx.symbolic_trace(model)
+        reference_traced = torch.fx.symbolic_trace(reference)
+        assert type(model[1].weight) is torch.Tensor  # the pruning hook did not run on a Proxy
+        assert [(n.op, n.target) for n in traced.graph.nodes] == [
+            (n.op, n.target) for n in reference_traced.graph.nodes
+        ]
+        assert calls == [] and reference_calls == []  # no hook ran while tracing
+        traced(x).sum().backward()
+        reference_traced(x).sum().backward()
+        assert calls == reference_calls == ["pre", "forward", "backward"]
+        traced.eval()
+        reference.eval()
+        torch.testing.assert_close(traced(x), reference(x))
 
 
 # ---------------------------------------------------------------------------------------------------------------
