@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -46,18 +47,29 @@ def test_buffer_cost_smoke():
     assert "4 MB" in out and "ms per step per 100 MB of buffers" in out and "torch.equal" in out
 
 
-def usage_error(name, *args):
-    """The last line of a run of benchmark ``name`` that must stop at its arguments: exit status 2, the usage
-    first (nothing measured before it), no traceback."""
-    result = child_processes.run([sys.executable, str(BENCHMARKS / name), *args], timeout=120)
-    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout == "" and result.stderr.startswith("usage: "), result.stdout + result.stderr
-    assert "Traceback" not in result.stderr
-    return result.stderr.strip().splitlines()[-1]
+@pytest.fixture
+def usage_error(monkeypatch, capsys):
+    """The last line of a run of benchmark ``name`` (its ``main``, in this process: an interpreter start per case
+    cost the suite a minute) that must stop at its arguments: exit status 2, the usage first (nothing measured
+    before it), no traceback (any other exception propagates)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+    def run(name, *args):
+        monkeypatch.setattr(sys, "argv", [str(BENCHMARKS / name)])  # argparse's prog: the script's name
+        script = importlib.import_module(name.removesuffix(".py"))
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            script.main(list(args))
+        out, err = capsys.readouterr()
+        assert exit_.value.code == 2, out[-3000:] + err[-3000:]
+        assert out == "" and err.startswith("usage: "), out + err
+        return err.strip().splitlines()[-1]
+
+    return run
 
 
 @pytest.mark.parametrize("name", ["bench_barrier.py", "bench_batchnorm.py", "bench_distributed.py"])
-def test_an_unwritable_json_path_is_a_usage_error(name, tmp_path):
+def test_an_unwritable_json_path_is_a_usage_error(name, tmp_path, usage_error):
     path = tmp_path / "missing" / "out.json"
     last = usage_error(name, "--json", str(path))  # it was found only at the end, after the whole run
     assert last == f"{name}: error: argument --json: cannot write '{path}': No such file or directory"
@@ -93,7 +105,7 @@ def test_an_unwritable_json_path_is_a_usage_error(name, tmp_path):
         ("split_cost.py", ["--rounds", "x"], "argument --rounds: invalid int value: 'x'"),
     ],
 )
-def test_bad_counts_are_usage_errors(name, args, message):
+def test_bad_counts_are_usage_errors(name, args, message, usage_error):
     assert usage_error(name, *args) == f"{name}: error: {message}"
 
 
