@@ -127,7 +127,7 @@ SYNCBN_API void set_global_ranks(const ProcessGroupPtr& group, std::vector<int64
 // "process group" (the group's own backend: ranks on several hosts,
 // SYNCBN_SHARED_MEMORY=0 on some rank, GPU tensors), or "not yet" (no
 // synchronized call on the group so far: it is decided at the first, alike on
-// every rank). Rows larger than the shared slots (more than 4094 channels) go
+// every rank). Rows larger than the shared slots (more than 4092 channels) go
 // through the backend either way.
 SYNCBN_API std::string cross_process_transport(const ProcessGroupPtr& group);
 
