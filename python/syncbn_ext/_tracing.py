@@ -1,8 +1,14 @@
-"""Whether a tracer is recording the ops running now, out of sight of what the synchronized paths do in C++."""
+"""The dispatch modes around a synchronized forward: whether a tracer is recording the ops running now (out of sight
+of what the synchronized paths do in C++), and stepping out of selective activation checkpointing's."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
+import torch.utils.checkpoint
+from torch.utils import _python_dispatch
 
 _RECORDING_MODES = (torch._C._TorchDispatchModeKey.PROXY, torch._C._TorchDispatchModeKey.FAKE)
 
@@ -16,3 +22,43 @@ def being_traced() -> bool:
     if torch.compiler.is_compiling():
         return False  # Dynamo: it breaks the graph at our C++ path itself (and cannot trace the mode lookup)
     return any(torch._C._get_dispatch_mode(key) is not None for key in _RECORDING_MODES)
+
+
+# The modes of torch.utils.checkpoint's selective activation checkpointing (context_fn=
+# create_selective_checkpoint_contexts): one caches the block's ops in forward, the other replays them in its
+# recomputation. (Private to torch: none where a version lacks them.)
+_SELECTIVE_CHECKPOINT_MODES = tuple(
+    mode
+    for mode in (
+        getattr(torch.utils.checkpoint, "_CachingTorchDispatchMode", None),
+        getattr(torch.utils.checkpoint, "_CachedTorchDispatchMode", None),
+    )
+    if mode is not None
+)
+
+
+@contextlib.contextmanager
+def outside_selective_checkpointing() -> Iterator[None]:
+    """Runs the block without selective activation checkpointing's dispatch modes (other modes stay).
+
+    A synchronized layer's recomputation takes its original call's merged statistics instead of exchanging again,
+    so its ops differ from its forward's, which those modes replay op by op (an error naming an op "not found in
+    storage"). Out of their sight, the layer is recomputed as under plain checkpointing, which it supports."""
+    if not torch._C._len_torch_dispatch_stack():  # the common case, at once
+        yield
+        return
+    stack = _python_dispatch._get_current_dispatch_mode_stack()  # bottom first
+    if not _SELECTIVE_CHECKPOINT_MODES or not any(isinstance(m, _SELECTIVE_CHECKPOINT_MODES) for m in stack):
+        yield
+        return
+    popped = [_python_dispatch._pop_mode() for _ in stack]  # top first
+    kept = [m for m in reversed(popped) if not isinstance(m, _SELECTIVE_CHECKPOINT_MODES)]
+    try:
+        for mode in kept:
+            _python_dispatch._push_mode(mode)
+        yield
+    finally:
+        for _ in kept:
+            _python_dispatch._pop_mode()
+        for mode in reversed(popped):
+            _python_dispatch._push_mode(mode)

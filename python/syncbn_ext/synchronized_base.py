@@ -19,7 +19,7 @@ from torch.nn.parameter import UninitializedTensorMixin
 from torch.nn.utils import parametrize
 
 from ._native import _C
-from ._tracing import being_traced
+from ._tracing import being_traced, outside_selective_checkpointing
 from .distributed import exchange_group, resolve_group
 from .eps_mode import get_sbn_eps_mode
 
@@ -311,23 +311,24 @@ class _SynchronizedBatchNorm(_BatchNorm):
             exponential_average_factor = 1.0 / float(self.num_batches_tracked + 1)
 
         layer, layer_name = self._layer
-        return _C.sync_batch_norm_train(
-            input,
-            self.weight,
-            self.bias,
-            self.running_mean if update_running_stats else None,
-            self.running_var if update_running_stats else None,
-            self.num_batches_tracked if count_batch else None,
-            exponential_average_factor,
-            self.eps,
-            eps_mode,
-            self._channel,
-            layer,
-            layer_name,
-            exchange_group(group, layer_name, input.device),  # the layers' own communicator (gloo groups)
-            self._layer_id,
-            self._recent_calls_across(group, copy_id),
-        )
+        with outside_selective_checkpointing():  # its recomputation is ours (see the helper)
+            return _C.sync_batch_norm_train(
+                input,
+                self.weight,
+                self.bias,
+                self.running_mean if update_running_stats else None,
+                self.running_var if update_running_stats else None,
+                self.num_batches_tracked if count_batch else None,
+                exponential_average_factor,
+                self.eps,
+                eps_mode,
+                self._channel,
+                layer,
+                layer_name,
+                exchange_group(group, layer_name, input.device),  # the layers' own communicator (gloo groups)
+                self._layer_id,
+                self._recent_calls_across(group, copy_id),
+            )
 
     def _recent_calls_across(self, group: Any, copy_id: int | None) -> Any:
         """Alone in its process but across processes: the calls this layer made in a checkpointed forward, whose

@@ -5,6 +5,8 @@ the whole batch's results. Run by ``distributed_worker.py``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from distributed_parity import C, with_final_state, wrap
@@ -35,25 +37,26 @@ def with_buffer_error(errors, model, reference):
 class CheckpointedBlock(nn.Module):
     """A block with a synchronized layer under torch.utils.checkpoint(use_reentrant=False), then a head."""
 
-    def __init__(self, norm, checkpointed=True):
+    def __init__(self, norm, checkpointed=True, **options):
         super().__init__()
         self.block = nn.Sequential(nn.Conv2d(3, C, 1), norm(C), nn.Tanh())
         self.head = nn.Conv2d(C, 2, 1)
         self.checkpointed = checkpointed
+        self.options = options  # more arguments of torch.utils.checkpoint
 
     def forward(self, x):
         if not self.checkpointed:
             return self.head(self.block(x))
-        return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False))
+        return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False, **self.options))
 
 
-def scenario_checkpoint(rank, world, replicas, sizes):
+def scenario_checkpoint(rank, world, replicas, sizes, **options):
     """Ranks with and without replicas checkpoint a block together: a replica's recomputation reuses its channel's
     statistics, and a layer alone in its process must too (before, it exchanged again, which the ranks with replicas
     did not: every step failed; and alike on every rank it counted each batch twice)."""
     torch.manual_seed(0)
     reference = CheckpointedBlock(nn.BatchNorm2d, checkpointed=False).double()  # (checkpointed, it counts twice)
-    model = CheckpointedBlock(syncbn_ext.SyncBatchNorm).double()
+    model = CheckpointedBlock(syncbn_ext.SyncBatchNorm, **options).double()
     model.load_state_dict(reference.state_dict())
     run = wrap(model, replicas)
     errors = {"output": 0.0, "input_grad": 0.0, "param_grad": 0.0}
@@ -73,6 +76,21 @@ def scenario_checkpoint(rank, world, replicas, sizes):
         mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
         add_step_errors(errors, out, expected, x, whole, mine, model.block[0].weight, reference.block[0].weight)
     return with_buffer_error(errors, model, reference)
+
+
+def save_convolutions(ctx, op, *args, **kwargs):
+    """A selective activation checkpointing policy: keep the convolutions' outputs, recompute the rest."""
+    if op == torch.ops.aten.convolution.default:
+        return torch.utils.checkpoint.CheckpointPolicy.MUST_SAVE
+    return torch.utils.checkpoint.CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def scenario_checkpoint_selective(rank, world, replicas, sizes):
+    """scenario_checkpoint under selective activation checkpointing, which replays the block's ops in its
+    recomputation: the layer's differ there (its original call's statistics, no exchange), so it steps out of
+    those modes (before: "aten.abs.default encountered during backward but not found in storage")."""
+    policy = functools.partial(torch.utils.checkpoint.create_selective_checkpoint_contexts, save_convolutions)
+    return scenario_checkpoint(rank, world, replicas, sizes, context_fn=policy)
 
 
 class FrozenFirstInCheckpointedBlock(CheckpointedBlock):

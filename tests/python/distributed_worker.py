@@ -62,6 +62,7 @@ SCENARIOS = {
     "ddp_broadcasting_failed_before_first_call": failed.scenario_ddp_broadcasting_failed_before_first_call,
     "refused_input": faults.scenario_refused_input,
     "checkpoint": checkpoints.scenario_checkpoint,
+    "checkpoint_selective": checkpoints.scenario_checkpoint_selective,
     "checkpoint_after_failed_backward": checkpoints.scenario_checkpoint_after_failed_backward,
     "checkpoint_two_alike_calls_in_one_block": checkpoints.scenario_checkpoint_two_alike_calls_in_one_block,
     "checkpoint_forgotten": checkpoints.scenario_checkpoint_forgotten,

@@ -137,7 +137,13 @@ def test_checkpointed_blocks_match_the_global_batch_with_and_without_replicas_an
     # recalled a failed backward's call, or another forward's, at steps whose batch repeated it on that rank
     # (silently wrong). Its model: 3 steps (the first failed in backward), then 2 forwards before one backward.
     # checkpoint_stop_gradient_view: a call under torch.no_grad() in the block was exchanged again in backward.
-    scenarios = {"checkpoint": 2, "checkpoint_after_failed_backward": 5, "checkpoint_stop_gradient_view": 4}
+    # checkpoint_selective: selective activation checkpointing (its replay failed on the layer's recomputation).
+    scenarios = {
+        "checkpoint": 2,
+        "checkpoint_after_failed_backward": 5,
+        "checkpoint_stop_gradient_view": 4,
+        "checkpoint_selective": 2,
+    }
     results = launch(tmp_path, 2, replicas, [4, 3], list(scenarios), transport=transport)
     for scenario, steps in scenarios.items():
         for rank in range(2):
