@@ -1,14 +1,43 @@
 """The dispatch modes around a synchronized forward: whether a tracer is recording the ops running now (out of sight
-of what the synchronized paths do in C++), and stepping out of selective activation checkpointing's."""
+of what the synchronized paths do in C++), and stepping out of selective activation checkpointing's; functions
+torch.compile does not trace (:func:`not_compiled`)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 import torch.utils.checkpoint
 from torch.utils import _python_dispatch
+
+_Function = TypeVar("_Function", bound=Callable[..., Any])
+
+
+def not_compiled(function: _Function) -> _Function:
+    """``torch.compiler.disable(function)`` without importing Dynamo now (over a second at import, which a process
+    that never compiles need not pay: ``torch.compiler.disable`` imports it when it decorates).
+
+    Where Dynamo is not loaded, nothing is compiling: the function runs as it is. Otherwise (compiling, or loaded)
+    it runs as ``torch.compiler.disable`` makes it run, through torch's own lazy form of it where this torch has one
+    (``torch._disable_dynamo``, which imports Dynamo at its first call and which Dynamo skips when it traces)."""
+    lazy = getattr(torch, "_disable_dynamo", None)
+    if lazy is None:
+        return torch.compiler.disable(function)
+    disabled = lazy(function)
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        # Compiling: Dynamo reads true here (and never reads sys.modules).
+        if torch.compiler.is_compiling() or "torch._dynamo" in sys.modules:
+            return disabled(*args, **kwargs)
+        return function(*args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
 
 _RECORDING_MODES = (torch._C._TorchDispatchModeKey.PROXY, torch._C._TorchDispatchModeKey.FAKE)
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ._native import _C
+from ._tracing import not_compiled
 
 __all__ = ["REPLICATION_TAG", "Replication"]
 
@@ -164,7 +165,7 @@ class Replication:
         """(replication, copy id) of a replica made by a replication with callbacks, else ``None``."""
         return getattr(replica, "__dict__", {}).get(REPLICATION_TAG)
 
-    @torch.compiler.disable  # runs as it is under a compiled wrapper: tensor versions and values are the question
+    @not_compiled  # runs as it is under a compiled wrapper: tensor versions and values are the question
     def write_back(self) -> None:
         """Copies each buffer replica 0 changed into the original's tensor (in place, resized as replica 0 resized
         it; see ``syncbn::write_back_buffers`` for what counts as changed), and gives the original each buffer

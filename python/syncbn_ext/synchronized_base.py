@@ -19,7 +19,7 @@ from torch.nn.parameter import UninitializedTensorMixin
 from torch.nn.utils import parametrize
 
 from ._native import _C
-from ._tracing import being_traced, outside_selective_checkpointing
+from ._tracing import being_traced, not_compiled, outside_selective_checkpointing
 from .distributed import exchange_group, resolve_group
 from .eps_mode import get_sbn_eps_mode
 
@@ -291,7 +291,7 @@ class _SynchronizedBatchNorm(_BatchNorm):
 
     # Opaque to Dynamo: torch.compile breaks the graph at this call and compiles around it. (Traced, its torch.func
     # check read true, and Dynamo, meeting that error, ran the whole calling frame eagerly from then on.)
-    @torch.compiler.disable
+    @not_compiled
     def _forward_with_batch_statistics(self, input: Tensor, copy_id: int | None, group: Any, eps_mode: str) -> Tensor:
         """The synchronized forward: batch statistics merged over the replicas and the process group."""
         try:

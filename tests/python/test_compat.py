@@ -7,8 +7,10 @@ import collections
 import copy
 import errno
 import functools
+import sys
 import threading
 
+import child_processes
 import pytest
 import torch
 from hang_guard import call_with_timeout
@@ -443,6 +445,52 @@ def test_compiled_models_compile_around_a_synchronizing_layer(eps_mode):
     whole = GraphRecorder()
     torch.compile(model(), backend=whole, fullgraph=True)(x).sum().backward()
     assert whole.count("linear") == 2 and whole.count("batch_norm") == 1, whole.calls
+
+
+NEVER_COMPILING = """
+import sys
+import torch
+from torch import nn
+import syncbn_ext
+
+def loaded():
+    return "torch._dynamo" in sys.modules
+
+class LinearNormLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.norm, self.second = nn.Linear(3, 3), syncbn_ext.SynchronizedBatchNorm1d(3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.second(self.norm(self.first(x)).relu())
+
+assert not loaded(), "import"
+torch.manual_seed(0)
+model = LinearNormLinear().double()
+x = torch.randn(8, 3, dtype=torch.float64)
+syncbn_ext.DataParallelWithCallback(model, device_ids=["cpu"] * 2)(x).sum().backward()
+syncbn_ext.set_sbn_eps_mode("clamp")  # a lone layer synchronizing (its own statistics), opaque to Dynamo
+eager = model(x)
+assert not loaded(), "training"
+graphs = []
+
+def backend(graph_module, example_inputs):
+    graphs.append(sum(node.op == "call_function" and "linear" in str(node.target) for node in graph_module.graph.nodes))
+    return graph_module.forward
+
+compiled = torch.compile(model, backend=backend)(x)
+torch.testing.assert_close(compiled, eager)
+assert sorted(graphs) == [1, 1], graphs  # compiled around the layer: one graph before it, one after
+print("ok")
+"""
+
+
+def test_a_process_that_never_compiles_never_imports_dynamo_and_one_compiling_later_compiles_around_the_layer():
+    # torch.compiler.disable imports torch._dynamo where it decorates: over a second of every import of this package
+    # (and every process of a multi-process run), compiling or not. A process compiling after eager forwards still
+    # gets its graphs around the synchronizing layer (a graph break at it, not Dynamo tracing it).
+    result = child_processes.run([sys.executable, "-c", NEVER_COMPILING], timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def test_replicating_a_module_compiled_in_place_matches_the_whole_batch():
