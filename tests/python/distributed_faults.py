@@ -6,6 +6,7 @@ Failed forwards told to the other ranks: ``distributed_failed_forwards.py``; che
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pickle
@@ -82,8 +83,12 @@ def scenario_mismatch_widths(rank, world, replicas, sizes):
     return {"ran": True}
 
 
+GAVE_UP = "ranks that gave up waiting for rank 1"
+
+
 class StuckOnRank1(nn.Module):
-    """Rank 1 never reaches its synchronized layer within the group's timeout."""
+    """Rank 1 never reaches its synchronized layer within the group's timeout: it waits until every other rank gave
+    up (:func:`_giving_up_on_rank_1`), or ``seconds`` at most, then exits."""
 
     def __init__(self, seconds: float) -> None:
         super().__init__()
@@ -92,26 +97,41 @@ class StuckOnRank1(nn.Module):
 
     def forward(self, x):
         if self.armed and dist.get_rank() == 1:
-            time.sleep(self.seconds)
+            store, deadline = dist.distributed_c10d._get_default_store(), time.monotonic() + self.seconds
+            while store.add(GAVE_UP, 0) < dist.get_world_size() - 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
             os._exit(0)  # the group timed out: nothing to tear down collectively
         return x
 
 
+@contextlib.contextmanager
+def _giving_up_on_rank_1():
+    """On the ranks but 1: says so to rank 1 once the block ended (they gave up waiting for it), so that it leaves
+    then rather than after a fixed time (the test's own time)."""
+    try:
+        yield
+    finally:
+        if dist.get_rank() != 1:
+            dist.distributed_c10d._get_default_store().add(GAVE_UP, 1)
+
+
 def scenario_absent(rank, world, replicas, sizes, timeout):
-    model = nn.Sequential(StuckOnRank1(timeout + 5), syncbn_ext.SyncBatchNorm(C)).double()
-    wrap(model, replicas)(torch.randn(4, C, dtype=torch.float64))
+    model = nn.Sequential(StuckOnRank1(timeout + 30), syncbn_ext.SyncBatchNorm(C)).double()
+    with _giving_up_on_rank_1():
+        wrap(model, replicas)(torch.randn(4, C, dtype=torch.float64))
     return {"ran": True}
 
 
 def scenario_absent_later(rank, world, replicas, sizes, timeout):
     """One step together, then rank 1 never reaches its synchronized layer within the group's timeout."""
-    model = nn.Sequential(StuckOnRank1(timeout + 5), syncbn_ext.SyncBatchNorm(C)).double()
+    model = nn.Sequential(StuckOnRank1(timeout + 30), syncbn_ext.SyncBatchNorm(C)).double()
     run = wrap(model, replicas)
     x = torch.randn(4, C, dtype=torch.float64)
     model[0].armed = False
     run(x)  # every rank: one synchronized call
     model[0].armed = True
-    run(x)
+    with _giving_up_on_rank_1():
+        run(x)
     return {"ran": True}
 
 
