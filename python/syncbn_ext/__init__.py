@@ -25,7 +25,8 @@ BarrierTimeoutError = _C.BarrierTimeoutError
 BarrierAbortedError = _C.BarrierAbortedError
 default_timeout_seconds = _C.default_timeout_seconds
 
-from .data_parallel import DataParallelWithCallback, patch, patch_replication_callback  # noqa: E402
+from .data_parallel import DataParallelWithCallback  # noqa: E402
+from .patching import patch, patch_replication_callback  # noqa: E402
 from .replicate import replicate_on_cpu  # noqa: E402
 
 

@@ -39,9 +39,10 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.modules.module import _WrappedHook
 from torch.nn.utils import parametrize
 
-from .data_parallel import DataParallelWithCallback, patch
+from .data_parallel import DataParallelWithCallback
 from .lazy import LazySynchronizedBatchNorm1d, LazySynchronizedBatchNorm2d, LazySynchronizedBatchNorm3d
 from .nn import SyncBatchNorm, SynchronizedBatchNorm1d, SynchronizedBatchNorm2d, SynchronizedBatchNorm3d
+from .patching import patch
 from .replicate import _optimized_module_type
 from .synchronized_base import _SYNC_STATE_DEFAULTS, _SynchronizedBatchNorm
 

@@ -36,10 +36,9 @@ from .replicate import compiled_modules_replicable, rebind_compiled_modules, rep
 from .replication import Replication
 from .scatter_gather import gather_on_cpu, scatter_kwargs_on_cpu
 
-__all__ = ["DataParallelWithCallback", "patch", "patch_replication_callback"]
+__all__ = ["DataParallelWithCallback"]
 
 M = TypeVar("M", bound=nn.Module)
-DP = TypeVar("DP", bound=nn.DataParallel)
 
 _CPU = torch.device("cpu")
 
@@ -68,9 +67,7 @@ def _one_forward(module: nn.Module, wrapper: nn.DataParallel) -> Iterator[None]:
     runs its replicas twice, e.g. once per view, replicates the second time from the first's buffers). Across
     processes, a failure before its first synchronized call is told to the other ranks (:func:`announcing_failure`,
     entered once the lock is held, so that another thread's forward it waited for counts no call of its own)."""
-    device = wrapper.__dict__.get("src_device_obj", _CPU)
-    label = f"{type(wrapper).__name__}'s forward"
-    with training_forward_lock(module), announcing_failure(module, device, label):
+    with _telling_a_failure_before_the_first_call(module, wrapper):
         outer = getattr(_deferred, "replications", None)
         _deferred.replications = []
         try:
@@ -78,6 +75,24 @@ def _one_forward(module: nn.Module, wrapper: nn.DataParallel) -> Iterator[None]:
             _write_back_deferred()
         finally:
             _deferred.replications = outer
+
+
+def _telling_a_failure_before_the_first_call(
+    module: nn.Module, wrapper: nn.DataParallel
+) -> contextlib.AbstractContextManager[None]:
+    """Under ``module``'s :func:`~syncbn_ext.forward_locks.training_forward_lock`, an :func:`announcing_failure`
+    block for ``wrapper``'s forward (entered once the lock is held, so that another thread's forward it waited for
+    counts no call of its own)."""
+    device = wrapper.__dict__.get("src_device_obj", _CPU)
+    stack = contextlib.ExitStack()
+    stack.enter_context(training_forward_lock(module))
+    stack.enter_context(announcing_failure(module, device, f"{type(wrapper).__name__}'s forward"))
+    return stack
+
+
+def _has_forward_pre_hooks(wrapper: nn.Module) -> bool:
+    """Whether a call of ``wrapper`` runs forward pre-hooks (its own, or global ones) before its forward."""
+    return bool(wrapper._forward_pre_hooks or nn.modules.module._global_forward_pre_hooks)
 
 
 def _write_back_deferred() -> None:
@@ -257,6 +272,15 @@ class DataParallelWithCallback(nn.DataParallel):
         """True when this wrapper runs CPU replicas (``device_ids`` are CPU devices)."""
         return self.__dict__.get("_cpu_replicas", False)
 
+    def _call_impl(self, *args: Any, **kwargs: Any) -> Any:
+        # Forward pre-hooks run before the forward: where they are, they run in the block that tells the other ranks
+        # a forward failing before its first synchronized call (a hook raising on one rank would otherwise leave
+        # the others' call of that step to pair with this rank's next forward).
+        if _has_forward_pre_hooks(self) and not torch.compiler.is_compiling():
+            with _telling_a_failure_before_the_first_call(self.module, self):
+                return super()._call_impl(*args, **kwargs)
+        return super()._call_impl(*args, **kwargs)
+
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Scatters the inputs, replicates the module, runs the callbacks and the replicas, gathers.
 
@@ -388,20 +412,6 @@ class DataParallelWithCallback(nn.DataParallel):
         return super().gather(outputs, output_device)
 
 
-class _ReplicateWithCallbacks:
-    """The ``replicate`` that :func:`patch` installs: the previous one, then the replication callbacks.
-
-    A class rather than a closure so that a patched module can still be pickled and deep-copied.
-    """
-
-    def __init__(self, replicate: Any) -> None:
-        self.replicate = replicate
-
-    def __call__(self, module: nn.Module, device_ids: Sequence[Any]) -> list[nn.Module]:
-        _write_back_deferred()  # a forward replicating again starts from its previous replicas' buffers
-        return _replicate_with_callbacks(self.replicate, module, device_ids)
-
-
 class _PatchedParallelApply:
     """The ``parallel_apply`` that :func:`patch` installs, around the instance's previous one.
 
@@ -442,56 +452,3 @@ class _FinishingReplica:
         # closing caused in the other replicas from the failure itself.
         with reporting_outcome(replication.group, copy_id, f"{ABORT_TAG}: "):
             return self.replica(*args, **kwargs)
-
-
-class _OneTrainingForwardAtATime:
-    """The ``forward`` that :func:`patch` installs: the instance's previous one under its module's
-    :func:`~syncbn_ext.forward_locks.training_forward_lock`, writing the buffers back once it succeeded (see
-    :func:`_one_forward`). A class so that a patched module can still be pickled."""
-
-    def __init__(self, forward: Any, data_parallel: nn.DataParallel) -> None:
-        self.forward = forward  # a bound method, or a function of the user's set on the instance before patch()
-        self.data_parallel = data_parallel
-
-    def __call__(self, *inputs: Any, **kwargs: Any) -> Any:
-        with _one_forward(self.data_parallel.module, self.data_parallel):
-            return self.forward(*inputs, **kwargs)
-
-
-def patch(data_parallel: DP) -> DP:
-    """Makes an existing ``nn.DataParallel`` run the replication callbacks after each replication.
-
-    Wraps the instance's ``replicate`` (monkey-patching, like the established library's
-    ``patch_replication_callback``), so that each forward calls ``__data_parallel_replicate__(ctx,
-    copy_id)`` on the new copies, its ``parallel_apply``, so that the patched instance handles failing,
-    interrupted and stuck replicas as :class:`DataParallelWithCallback` does, and its ``forward``, so that
-    training forwards from several threads run one after another (as the wrapper's). Prefer
-    :class:`DataParallelWithCallback` for new code.
-
-    Args:
-        data_parallel: an ``nn.DataParallel`` (or subclass) instance.
-
-    Returns:
-        The same instance. Patching twice, or patching a :class:`DataParallelWithCallback`, changes nothing.
-
-    Raises:
-        TypeError: ``data_parallel`` is not an ``nn.DataParallel``.
-
-    Example:
-        >>> model = nn.DataParallel(model, device_ids=[0, 1])
-        >>> patch(model)  # doctest: +SKIP
-    """
-    if not isinstance(data_parallel, nn.DataParallel):
-        raise TypeError(f"patch() expects an nn.DataParallel instance, got {type(data_parallel).__qualname__}")
-    if isinstance(data_parallel, DataParallelWithCallback):
-        return data_parallel
-    if isinstance(data_parallel.__dict__.get("replicate"), _ReplicateWithCallbacks):
-        return data_parallel
-    data_parallel.replicate = _ReplicateWithCallbacks(data_parallel.replicate)
-    data_parallel.parallel_apply = _PatchedParallelApply(data_parallel.parallel_apply)
-    data_parallel.forward = _OneTrainingForwardAtATime(data_parallel.forward, data_parallel)
-    return data_parallel
-
-
-#: The established library's name for :func:`patch`.
-patch_replication_callback = patch

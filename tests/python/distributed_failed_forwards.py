@@ -13,6 +13,7 @@ import time
 import torch
 import torch.distributed as dist
 from distributed_parity import C, same_on_every_rank, with_final_state, wrap
+from replica_modules import CpuDataParallel
 from torch import nn
 
 import syncbn_ext
@@ -79,13 +80,23 @@ class FailsBeforeItsLayers(nn.Module):
 
 
 def failing_before_first_call(
-    rank, replicas, failing_ranks, ddp=None, one_device=False, in_block=False, block_inside=False, second_group=False
+    rank,
+    replicas,
+    failing_ranks,
+    ddp=None,
+    one_device=False,
+    in_block=False,
+    block_inside=False,
+    second_group=False,
+    patched=False,
+    pre_hook=False,
 ):
     """Steps in which the forward of each of ``failing_ranks`` fails before its first synchronized call, in every
     replica of that rank: at step 1 in the model's code, at step 3 a replica refusing the first layer's input. The
     other ranks' first call of those steps must fail, naming them, and the steps after must pair (before, those
     calls paired with the failing ranks' next forward: one step apart from then on). ``second_group``: the second
-    layer exchanges on a group of its own (over the same ranks)."""
+    layer exchanges on a group of its own (over the same ranks). ``patched``: under a patched nn.DataParallel
+    (CpuDataParallel) instead; ``pre_hook``: at step 1 a forward pre-hook of the wrapper raises instead."""
     model = FailsBeforeItsLayers().double()
     model.in_block = block_inside
     if second_group:
@@ -93,8 +104,17 @@ def failing_before_first_call(
     run = wrap(model, replicas)
     if one_device and replicas == 1:  # the module as it is, under the wrapper
         run = syncbn_ext.DataParallelWithCallback(model, device_ids=["cpu"])
+    if patched:
+        run = syncbn_ext.patch(CpuDataParallel(model, replicas))
     if ddp:
         run = nn.parallel.DistributedDataParallel(run, broadcast_buffers=ddp == "broadcast_buffers")
+    if pre_hook:
+
+        def refuse(module, args):
+            if model.fail == "raise":
+                raise ValueError("a bad batch (a forward pre-hook of the wrapper)")
+
+        run.register_forward_pre_hook(refuse)
     x = torch.randn(4, C, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
     errors = {}
     for step in range(6):
@@ -127,6 +147,17 @@ def scenario_failed_before_first_call_everywhere(rank, world, replicas, sizes):
 def scenario_failed_before_first_call_one_device(rank, world, replicas, sizes):
     """failed_before_first_call with each rank of one replica under DataParallelWithCallback(device_ids=["cpu"])."""
     return failing_before_first_call(rank, replicas, failing_ranks={1}, one_device=True)
+
+
+def scenario_failed_before_first_call_in_pre_hook(rank, world, replicas, sizes):
+    """failed_before_first_call, rank 1's step 1 failing in a forward pre-hook of its DataParallelWithCallback (one
+    replica: device_ids=["cpu"])."""
+    return failing_before_first_call(rank, replicas, failing_ranks={1}, one_device=True, pre_hook=True)
+
+
+def scenario_patched_failed_before_first_call_in_pre_hook(rank, world, replicas, sizes):
+    """failed_before_first_call_in_pre_hook under a patched nn.DataParallel."""
+    return failing_before_first_call(rank, replicas, failing_ranks={1}, patched=True, pre_hook=True)
 
 
 def scenario_failed_before_first_call_in_block(rank, world, replicas, sizes):

@@ -53,6 +53,8 @@ SCENARIOS = {
     "failed_before_first_call": failed.scenario_failed_before_first_call,
     "failed_before_first_call_everywhere": failed.scenario_failed_before_first_call_everywhere,
     "failed_before_first_call_one_device": failed.scenario_failed_before_first_call_one_device,
+    "failed_before_first_call_in_pre_hook": failed.scenario_failed_before_first_call_in_pre_hook,
+    "patched_failed_before_first_call_in_pre_hook": failed.scenario_patched_failed_before_first_call_in_pre_hook,
     "ddp_failed_before_first_call": failed.scenario_ddp_failed_before_first_call,
     "failed_forward_told_to_nobody": failed.scenario_failed_forward_told_to_nobody,
     "failed_before_first_call_block_in_replicas": failed.scenario_failed_before_first_call_block_in_replicas,

@@ -273,7 +273,7 @@ def test_convert_model_patches_data_parallel_subclasses():
     dp = MyDataParallel(make_net())
     converted = convert_model(dp)
     assert converted is dp
-    assert isinstance(vars(dp).get("replicate"), syncbn_ext.data_parallel._ReplicateWithCallbacks)
+    assert isinstance(vars(dp).get("replicate"), syncbn_ext.patching._ReplicateWithCallbacks)
     assert not any(type(m) in TORCH_BN for m in converted.modules())
 
 

@@ -374,6 +374,18 @@ def test_a_forward_with_replicas_failing_before_its_first_synchronized_call_fail
             assert outcome["buffers_equal_on_every_rank"] and outcome["num_batches_tracked"] == [4, 4], outcome
 
 
+def test_a_forward_pre_hook_of_the_wrapper_raising_on_one_rank_fails_that_step_on_every_rank(tmp_path):
+    # The wrapper's forward pre-hooks run before its forward: before, a hook raising on rank 1 told nothing, and rank
+    # 0's first call of that step paired with rank 1's next forward (silently one step apart for good). Rank 0 runs
+    # one replica (under a one-device wrapper), rank 1 two; DataParallelWithCallback and a patched nn.DataParallel.
+    scenarios = ["failed_before_first_call_in_pre_hook", "patched_failed_before_first_call_in_pre_hook"]
+    results = launch(tmp_path, 2, [1, 2], [4, 4], scenarios)
+    for scenario in scenarios:
+        zero, one = (measures(results[scenario][rank]) for rank in (0, 1))
+        check_failed_before_first_call(zero, one)
+        assert "a forward pre-hook of the wrapper" in one["errors"]["1"][1], one
+
+
 def test_a_module_under_a_one_device_wrapper_failing_before_its_first_synchronized_call_fails_that_step_everywhere(
     tmp_path,
 ):

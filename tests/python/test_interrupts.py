@@ -20,8 +20,8 @@ from torch import nn
 
 import syncbn_ext
 from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm1d
-from syncbn_ext.data_parallel import _PatchedParallelApply
 from syncbn_ext.parallel_apply import FAILURE_GRACE_SECONDS
+from syncbn_ext.patching import _PatchedParallelApply
 from syncbn_ext.replica_workers import replica_threads_running
 
 HERE = Path(__file__).resolve().parent
