@@ -17,26 +17,48 @@ from torch.utils import _python_dispatch
 _Function = TypeVar("_Function", bound=Callable[..., Any])
 
 
-def not_compiled(function: _Function) -> _Function:
-    """``torch.compiler.disable(function)`` without importing Dynamo now (over a second at import, which a process
-    that never compiles need not pay: ``torch.compiler.disable`` imports it when it decorates).
+def not_compiled(reason: str) -> Callable[[_Function], _Function]:
+    """As ``torch.compiler.disable(reason=reason)``, without importing Dynamo now (over a second at import, which a
+    process that never compiles need not pay: ``torch.compiler.disable`` imports it where it decorates).
 
-    Where Dynamo is not loaded, nothing is compiling: the function runs as it is. Otherwise (compiling, or loaded)
-    it runs as ``torch.compiler.disable`` makes it run, through torch's own lazy form of it where this torch has one
-    (``torch._disable_dynamo``, which imports Dynamo at its first call and which Dynamo skips when it traces)."""
+    Where Dynamo is not loaded, nothing compiles: the function runs as it is. Otherwise it runs as
+    ``torch.compiler.disable`` makes it run, through torch's own lazy form of it (``torch._disable_dynamo``, which
+    imports Dynamo at its first call: a thread still importing it meanwhile is waited for). Dynamo, tracing a
+    caller, does not inline the function (``torch.compiler.disable``'s mark and ``reason``: its graph breaks there,
+    ``fullgraph=True`` names the function and the reason), and runs its frame as it is (as ``torch._dynamo.skip``
+    makes it)."""
     lazy = getattr(torch, "_disable_dynamo", None)
-    if lazy is None:
-        return torch.compiler.disable(function)
-    disabled = lazy(function)
 
-    @functools.wraps(function)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        # Compiling: Dynamo reads true here (and never reads sys.modules).
-        if torch.compiler.is_compiling() or "torch._dynamo" in sys.modules:
-            return disabled(*args, **kwargs)
-        return function(*args, **kwargs)
+    def decorate(function: _Function) -> _Function:
+        if lazy is None:  # a torch without the lazy form
+            return torch.compiler.disable(function, reason=reason)
+        disabled = lazy(function)
 
-    return call  # type: ignore[return-value]
+        @functools.wraps(function)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if "torch._dynamo" in sys.modules:
+                return disabled(*args, **kwargs)
+            return function(*args, **kwargs)
+
+        call._torchdynamo_disable = True  # type: ignore[attr-defined]
+        call._torchdynamo_disable_msg = reason  # type: ignore[attr-defined]
+        _run_frames_as_they_are(call.__code__)
+        return call  # type: ignore[return-value]
+
+    return decorate
+
+
+def _run_frames_as_they_are(code: Any) -> None:
+    """Tells Dynamo's frame callback to run ``code``'s frames without compiling them (calls from them are seen as
+    any), as ``torch._dynamo.skip`` does, through torch's C module (no Dynamo import). Where this torch lacks the
+    means, nothing: Dynamo then compiles the frame, breaking its graph at once, which only costs a compile."""
+    eval_frame = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+    try:
+        action = eval_frame._FrameAction  # type: ignore[union-attr]
+        strategy = eval_frame._FrameExecStrategy(action.SKIP, action.DEFAULT)  # type: ignore[union-attr]
+        eval_frame.set_code_exec_strategy(code, strategy)  # type: ignore[union-attr]
+    except (AttributeError, TypeError, RuntimeError):
+        pass
 
 
 _RECORDING_MODES = (torch._C._TorchDispatchModeKey.PROXY, torch._C._TorchDispatchModeKey.FAKE)

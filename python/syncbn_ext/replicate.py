@@ -176,12 +176,10 @@ def _plain_replica(module: nn.Module) -> nn.Module:
 
 
 def _optimized_module_type() -> type | None:
-    """torch.compile's module wrapper class, once torch._dynamo is loaded (no compiled module exists before)."""
-    if "torch._dynamo" not in sys.modules:
-        return None
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    return OptimizedModule
+    """torch.compile's module wrapper class, once defined (no compiled module exists before). Looked up, not
+    imported: where another thread is importing torch._dynamo meanwhile, an import here would run its half-made
+    modules a second time (an ImportError in both threads, and Dynamo broken for the process)."""
+    return getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
 
 
 def shallow_replica(module: nn.Module) -> nn.Module:

@@ -165,7 +165,8 @@ class Replication:
         """(replication, copy id) of a replica made by a replication with callbacks, else ``None``."""
         return getattr(replica, "__dict__", {}).get(REPLICATION_TAG)
 
-    @not_compiled  # runs as it is under a compiled wrapper: tensor versions and values are the question
+    # Runs as it is under a compiled wrapper: tensor versions and values are the question.
+    @not_compiled("replica 0's buffers are compared with the module's (versions, values) and written back as they are")
     def write_back(self) -> None:
         """Copies each buffer replica 0 changed into the original's tensor (in place, resized as replica 0 resized
         it; see ``syncbn::write_back_buffers`` for what counts as changed), and gives the original each buffer

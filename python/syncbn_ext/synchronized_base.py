@@ -291,7 +291,7 @@ class _SynchronizedBatchNorm(_BatchNorm):
 
     # Opaque to Dynamo: torch.compile breaks the graph at this call and compiles around it. (Traced, its torch.func
     # check read true, and Dynamo, meeting that error, ran the whole calling frame eagerly from then on.)
-    @not_compiled
+    @not_compiled("synchronized BatchNorm merges its batch statistics outside the graph (in C++)")
     def _forward_with_batch_statistics(self, input: Tensor, copy_id: int | None, group: Any, eps_mode: str) -> Tensor:
         """The synchronized forward: batch statistics merged over the replicas and the process group."""
         try:

@@ -481,6 +481,25 @@ def backend(graph_module, example_inputs):
 compiled = torch.compile(model, backend=backend)(x)
 torch.testing.assert_close(compiled, eager)
 assert sorted(graphs) == [1, 1], graphs  # compiled around the layer: one graph before it, one after
+torch._dynamo.reset()  # (else the graphs above are reused)
+try:
+    torch.compile(model, backend=backend, fullgraph=True)(x)
+    raise AssertionError("fullgraph=True compiled a synchronizing layer")
+except torch._dynamo.exc.Unsupported as error:  # as torch.compiler.disable says it, with the reason
+    assert "torch.compiler.disable" in str(error) and "merges its batch statistics" in str(error), error
+print("ok")
+"""
+
+# torch._dynamo as another thread importing it leaves it meanwhile: in sys.modules, its modules not yet made.
+DYNAMO_BEING_IMPORTED = """
+import sys, types
+import torch
+import syncbn_ext
+from syncbn_ext.replicate import _optimized_module_type
+
+sys.modules["torch._dynamo"] = types.ModuleType("torch._dynamo")
+assert _optimized_module_type() is None
+assert "torch._dynamo.eval_frame" not in sys.modules
 print("ok")
 """
 
@@ -490,6 +509,14 @@ def test_a_process_that_never_compiles_never_imports_dynamo_and_one_compiling_la
     # (and every process of a multi-process run), compiling or not. A process compiling after eager forwards still
     # gets its graphs around the synchronizing layer (a graph break at it, not Dynamo tracing it).
     result = child_processes.run([sys.executable, "-c", NEVER_COMPILING], timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_replicating_never_imports_dynamo_modules_another_thread_may_be_importing():
+    # Before, replicating imported torch._dynamo.eval_frame once "torch._dynamo" was in sys.modules: while another
+    # thread was importing Dynamo (its first torch.compile), both ran its half-made modules (an ImportError in both
+    # threads, and every later compile of the process failing). The compiled-module class is looked up instead.
+    result = child_processes.run([sys.executable, "-c", DYNAMO_BEING_IMPORTED], timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout[-3000:] + result.stderr[-3000:]
 
 
