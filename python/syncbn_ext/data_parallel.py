@@ -77,17 +77,14 @@ def _one_forward(module: nn.Module, wrapper: nn.DataParallel) -> Iterator[None]:
             _deferred.replications = outer
 
 
-def _telling_a_failure_before_the_first_call(
-    module: nn.Module, wrapper: nn.DataParallel
-) -> contextlib.AbstractContextManager[None]:
+@contextlib.contextmanager
+def _telling_a_failure_before_the_first_call(module: nn.Module, wrapper: nn.DataParallel) -> Iterator[None]:
     """Under ``module``'s :func:`~syncbn_ext.forward_locks.training_forward_lock`, an :func:`announcing_failure`
     block for ``wrapper``'s forward (entered once the lock is held, so that another thread's forward it waited for
     counts no call of its own)."""
     device = wrapper.__dict__.get("src_device_obj", _CPU)
-    stack = contextlib.ExitStack()
-    stack.enter_context(training_forward_lock(module))
-    stack.enter_context(announcing_failure(module, device, f"{type(wrapper).__name__}'s forward"))
-    return stack
+    with training_forward_lock(module), announcing_failure(module, device, f"{type(wrapper).__name__}'s forward"):
+        yield
 
 
 def _has_forward_pre_hooks(wrapper: nn.Module) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import queue
@@ -29,6 +30,7 @@ from torch import nn
 import syncbn_ext
 import syncbn_ext.parallel_apply
 from syncbn_ext import DataParallelWithCallback, SynchronizedBatchNorm1d
+from syncbn_ext.forward_locks import training_forward_lock
 from syncbn_ext.replica_workers import replica_threads_running
 
 C = 3
@@ -449,3 +451,35 @@ def test_a_replica_left_behind_that_fails_later_frees_the_model_and_input_withou
         del model, dp, x
         wait_for_replica_threads(timeout=30)  # it returns, and its closed replication's layer refuses it
         assert [ref() for ref in dropped] == [None, None, None]
+
+
+@pytest.mark.parametrize("wrapper", ["ours", "patched"])
+def test_a_failure_entering_the_wrappers_telling_block_leaves_the_training_forward_lock_free(monkeypatch, wrapper):
+    # Where the wrapper has forward pre-hooks its call enters the training-forward lock, then the block that tells
+    # other ranks a failed forward: entering the block failing (a group that cannot be resolved) must release the
+    # lock, or every other thread's training forward of the module would wait for ever.
+    @contextlib.contextmanager
+    def failing_to_enter(*args, **kwargs):
+        raise RuntimeError("cannot resolve the group")
+        yield
+
+    monkeypatch.setattr(syncbn_ext.data_parallel, "announcing_failure", failing_to_enter)
+    model = nn.Sequential(nn.Linear(C, C), SynchronizedBatchNorm1d(C))
+    run = (
+        DataParallelWithCallback(model, device_ids=["cpu"] * 2)
+        if wrapper == "ours"
+        else syncbn_ext.patch(CpuDataParallel(model, 2))
+    )
+    run.register_forward_pre_hook(lambda module, args: None)
+    with pytest.raises(RuntimeError, match="cannot resolve the group"):
+        run(torch.randn(4, C))
+    taken = threading.Event()
+
+    def take_the_lock():
+        with training_forward_lock(model):
+            taken.set()
+
+    other = threading.Thread(target=take_the_lock, daemon=True)
+    other.start()
+    other.join(timeout=10)
+    assert taken.is_set(), "the training-forward lock stayed held after the failure"
