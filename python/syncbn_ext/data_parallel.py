@@ -87,9 +87,16 @@ def _telling_a_failure_before_the_first_call(module: nn.Module, wrapper: nn.Data
         yield
 
 
-def _has_forward_pre_hooks(wrapper: nn.Module) -> bool:
-    """Whether a call of ``wrapper`` runs forward pre-hooks (its own, or global ones) before its forward."""
-    return bool(wrapper._forward_pre_hooks or nn.modules.module._global_forward_pre_hooks)
+def _call_telling_failed_pre_hooks(wrapper: nn.DataParallel, call: Any, *args: Any, **kwargs: Any) -> Any:
+    """``call(*args, **kwargs)``, ``wrapper``'s module call: where it runs forward pre-hooks (the wrapper's own, or
+    global ones) and nothing compiles, in the block that tells the other ranks a forward failing before its first
+    synchronized call (the hooks run before the forward: a hook raising on one rank would otherwise leave the
+    others' call of that step to pair with this rank's next forward)."""
+    hooks = wrapper._forward_pre_hooks or nn.modules.module._global_forward_pre_hooks
+    if hooks and not torch.compiler.is_compiling():
+        with _telling_a_failure_before_the_first_call(wrapper.module, wrapper):
+            return call(*args, **kwargs)
+    return call(*args, **kwargs)
 
 
 def _write_back_deferred() -> None:
@@ -270,13 +277,7 @@ class DataParallelWithCallback(nn.DataParallel):
         return self.__dict__.get("_cpu_replicas", False)
 
     def _call_impl(self, *args: Any, **kwargs: Any) -> Any:
-        # Forward pre-hooks run before the forward: where they are, they run in the block that tells the other ranks
-        # a forward failing before its first synchronized call (a hook raising on one rank would otherwise leave
-        # the others' call of that step to pair with this rank's next forward).
-        if _has_forward_pre_hooks(self) and not torch.compiler.is_compiling():
-            with _telling_a_failure_before_the_first_call(self.module, self):
-                return super()._call_impl(*args, **kwargs)
-        return super()._call_impl(*args, **kwargs)
+        return _call_telling_failed_pre_hooks(self, super()._call_impl, *args, **kwargs)
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Scatters the inputs, replicates the module, runs the callbacks and the replicas, gathers.

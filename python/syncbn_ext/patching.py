@@ -7,16 +7,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-import torch
 from torch import nn
 
 from .data_parallel import (
     DataParallelWithCallback,
-    _has_forward_pre_hooks,
+    _call_telling_failed_pre_hooks,
     _one_forward,
     _PatchedParallelApply,
     _replicate_with_callbacks,
-    _telling_a_failure_before_the_first_call,
     _write_back_deferred,
 )
 
@@ -63,11 +61,8 @@ class _CallTellingFailedPreHooks:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         data_parallel = self.data_parallel
-        call = type(data_parallel)._call_impl
-        if _has_forward_pre_hooks(data_parallel) and not torch.compiler.is_compiling():
-            with _telling_a_failure_before_the_first_call(data_parallel.module, data_parallel):
-                return call(data_parallel, *args, **kwargs)
-        return call(data_parallel, *args, **kwargs)
+        call = type(data_parallel)._call_impl.__get__(data_parallel)
+        return _call_telling_failed_pre_hooks(data_parallel, call, *args, **kwargs)
 
 
 def patch(data_parallel: DP) -> DP:
