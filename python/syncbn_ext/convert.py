@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -209,16 +209,65 @@ def _to_sync_batch_norm(process_group: Any) -> Callable[[nn.Module], nn.Module]:
     return _to_synchronized_layers(target_of, process_group, keep_own_group)
 
 
-def _to_torch(module: nn.Module) -> nn.Module:
-    target = _SYNC_TO_TORCH.get(parametrize.type_before_parametrizations(module))  # type: ignore[call-overload]
-    if target is None:
-        return module
-    new = _transplant(module, target)
-    if target is not TorchSyncBatchNorm:
-        new.__dict__.pop("process_group", None)  # nn.BatchNormNd has none
-    if "_layer_id" in module.__dict__:
-        _reverted_layer_ids[new] = module._layer_id
-    return new
+# What revert_model may make of a SyncBatchNorm.
+_SYNC_BATCH_NORM_REVERTED_TO = (BatchNorm1d, BatchNorm2d, BatchNorm3d, TorchSyncBatchNorm)
+
+
+def _sync_batch_norm_targets(
+    module: nn.Module, sync_batch_norm_as: type[_BatchNorm] | Mapping[str, type[_BatchNorm]] | None
+) -> dict[int, type[_BatchNorm]]:
+    """The class each SyncBatchNorm of ``module`` reverts to, by the layer's id; checked before anything converts."""
+
+    def checked(cls: Any, what: str) -> type[_BatchNorm]:
+        if cls not in _SYNC_BATCH_NORM_REVERTED_TO:
+            raise TypeError(
+                f"revert_model: {what} must be nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d or nn.SyncBatchNorm "
+                f"(the class a SyncBatchNorm becomes), not {cls!r}"
+            )
+        return cls
+
+    layers = {
+        name: layer
+        for name, layer in module.named_modules()
+        if parametrize.type_before_parametrizations(layer) is SyncBatchNorm
+    }
+    if sync_batch_norm_as is None or isinstance(sync_batch_norm_as, type):
+        cls = checked(TorchSyncBatchNorm if sync_batch_norm_as is None else sync_batch_norm_as, "sync_batch_norm_as")
+        return {id(layer): cls for layer in layers.values()}
+    if not isinstance(sync_batch_norm_as, Mapping):
+        raise TypeError(
+            "revert_model: sync_batch_norm_as must be a class (nn.BatchNorm1d/2d/3d or nn.SyncBatchNorm) or a "
+            f"mapping from layer names to classes, not {type(sync_batch_norm_as).__name__}"
+        )
+    unknown = [name for name in sync_batch_norm_as if name not in layers]
+    if unknown:
+        raise ValueError(
+            f"revert_model: sync_batch_norm_as names {unknown!r}, but the model has no SyncBatchNorm layer of that "
+            f"name (its SyncBatchNorm layers, as model.named_modules() names them: {sorted(layers)!r})"
+        )
+    missing = [name for name in layers if name not in sync_batch_norm_as]
+    if missing:
+        raise ValueError(
+            f"revert_model: sync_batch_norm_as gives no class for the SyncBatchNorm layer(s) {missing!r}: map every "
+            "one, to nn.SyncBatchNorm where it should stay torch's synchronized layer"
+        )
+    return {id(layers[name]): checked(cls, f"sync_batch_norm_as[{name!r}]") for name, cls in sync_batch_norm_as.items()}
+
+
+def _to_torch(sync_batch_norm_targets: dict[int, type[_BatchNorm]]) -> Callable[[nn.Module], nn.Module]:
+    def convert_layer(module: nn.Module) -> nn.Module:
+        cls = parametrize.type_before_parametrizations(module)
+        target = sync_batch_norm_targets[id(module)] if cls is SyncBatchNorm else _SYNC_TO_TORCH.get(cls)  # type: ignore[call-overload]
+        if target is None:
+            return module
+        new = _transplant(module, target)
+        if target is not TorchSyncBatchNorm:
+            new.__dict__.pop("process_group", None)  # nn.BatchNormNd has none
+        if "_layer_id" in module.__dict__:
+            _reverted_layer_ids[new] = module._layer_id
+        return new
+
+    return convert_layer
 
 
 def _convert(
@@ -375,10 +424,13 @@ def _convert_to_sync_batch_norm(module: M, process_group: Any, stacklevel: int) 
     return _warn_of_unconverted_layers(converted, "convert_sync_batchnorm", stacklevel)
 
 
-def revert_model(module: M) -> nn.Module:
+def revert_model(
+    module: M, sync_batch_norm_as: type[_BatchNorm] | Mapping[str, type[_BatchNorm]] | None = None
+) -> nn.Module:
     """The inverse of :func:`convert_model`: synchronized layers become plain ``nn.BatchNorm1d/2d/3d``.
 
-    (A ``LazySynchronizedBatchNormNd`` not yet initialized becomes an ``nn.LazyBatchNormNd``.)
+    (A ``LazySynchronizedBatchNormNd`` not yet initialized becomes an ``nn.LazyBatchNormNd``; a
+    :class:`~syncbn_ext.SyncBatchNorm`, which takes any dimensionality, becomes what ``sync_batch_norm_as`` says.)
 
     Parameters, buffers, options, training flag and hooks carry over as in :func:`convert_model` (the same
     tensors), in place. Wrappers are left as they are: a :class:`~syncbn_ext.DataParallelWithCallback` stays one
@@ -387,11 +439,17 @@ def revert_model(module: M) -> nn.Module:
 
     Args:
         module: the model (or a single synchronized layer).
+        sync_batch_norm_as: what each :class:`~syncbn_ext.SyncBatchNorm` becomes: ``None`` (the default) torch's
+            ``nn.SyncBatchNorm``, with the same ``process_group``; ``nn.BatchNorm1d``, ``nn.BatchNorm2d`` or
+            ``nn.BatchNorm3d`` (the one of its inputs' dimensionality: what ``torch.jit.script`` and quantization's
+            ``fuse_modules`` take, which ``nn.SyncBatchNorm`` is not) for every one; or a mapping from each one's
+            name (as ``module.named_modules()`` gives it) to one of those classes or ``nn.SyncBatchNorm``, where
+            they differ. A class or name that does not fit raises before anything is reverted.
 
     Returns:
         The reverted model.
     """
-    return _convert(module, _to_torch, False, {})
+    return _convert(module, _to_torch(_sync_batch_norm_targets(module, sync_batch_norm_as)), False, {})
 
 
 # The namespaces code reaches nn.BatchNormNd through. Not torch.nn.modules.batchnorm, where pickle finds the classes

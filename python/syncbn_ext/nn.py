@@ -165,6 +165,12 @@ class SyncBatchNorm(_SynchronizedBatchNorm):
 
     _default_to_world = True
     _check_input_dim = _TorchSyncBatchNorm._check_input_dim
+    # Reverted by default to torch's nn.SyncBatchNorm, which TorchScript does not compile.
+    _revert_for_scripting = (
+        ", sync_batch_norm_as=nn.BatchNorm2d",
+        "the nn.BatchNormNd of your inputs' dimensionality, or a mapping from layer names to classes where they "
+        "differ; without it a SyncBatchNorm becomes torch's nn.SyncBatchNorm, which TorchScript cannot compile; ",
+    )
 
     def forward(self, input: Tensor) -> Tensor:
         """See :meth:`SynchronizedBatchNorm2d.forward`; ``nn.SyncBatchNorm``'s checks, in its order."""

@@ -228,10 +228,13 @@ class _SynchronizedBatchNorm(_BatchNorm):
         raise RuntimeError(
             f"torch.jit.script does not support {type(self).__name__} (its synchronization is Python and C++ "
             "that TorchScript cannot compile). For deployment, script a plain copy: "
-            "torch.jit.script(syncbn_ext.revert_model(copy.deepcopy(model))) (nn.BatchNorm layers: the same "
-            "results as long as the model is not replicated and the eps mode is 'plus'), or use torch.jit.trace / "
-            "torch.export in eval mode"
+            f"torch.jit.script(syncbn_ext.revert_model(copy.deepcopy(model){self._revert_for_scripting[0]})) "
+            f"({self._revert_for_scripting[1]}nn.BatchNorm layers: the same results as long as the model is not "
+            "replicated and the eps mode is 'plus'), or use torch.jit.trace / torch.export in eval mode"
         )
+
+    # The argument revert_model needs to give a class TorchScript compiles, and why (see SyncBatchNorm).
+    _revert_for_scripting = ("", "")
 
     # ---- forward ------------------------------------------------------------------------------------------
 

@@ -228,6 +228,17 @@ def test_scripting_is_a_clear_error_that_says_what_to_do():
     model.eval()
     scripted.eval()
     torch.testing.assert_close(scripted(x), model(x))
+    # SyncBatchNorm reverts to torch's nn.SyncBatchNorm by default, which TorchScript cannot compile: the message
+    # gives the argument that makes it an nn.BatchNormNd, and following it works.
+    model = nn.Sequential(nn.Conv2d(3, C, 1), syncbn_ext.SyncBatchNorm(C)).eval()
+    with pytest.raises(
+        RuntimeError,
+        match=r"SyncBatchNorm(.|\n)*revert_model\(copy.deepcopy\(model\), sync_batch_norm_as=nn.BatchNorm2d\)",
+    ):
+        torch.jit.script(model)
+    scripted = torch.jit.script(syncbn_ext.revert_model(copy.deepcopy(model), sync_batch_norm_as=nn.BatchNorm2d))
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(scripted(x), model(x))
 
 
 @pytest.mark.parametrize(
