@@ -136,6 +136,9 @@ class _WorkerPool:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle: dict[int | None, list[_Worker]] = {}
+        # Set once the interpreter exits: workers done with their task then end instead of waiting for another
+        # (a daemon thread's forward that ends during the exit's wait must not leave them for the shutdown).
+        self._exiting = False
         # A forked child has only the thread that forked: the workers' threads are not there, and a task given to
         # one would never run (a forward of the parent's wrapper in the child would wait for ever).
         os.register_at_fork(after_in_child=self._forget_after_fork)
@@ -143,6 +146,7 @@ class _WorkerPool:
     def _forget_after_fork(self) -> None:
         self._lock = threading.Lock()  # another thread may have held it at the fork
         self._idle = {}
+        self._exiting = False
 
     def acquire(self, count: int, intra_op_threads: int | None, workers: list[_Worker]) -> None:
         """Puts ``count`` workers of that intra-op thread count into ``workers`` (an empty list of the caller's),
@@ -182,7 +186,9 @@ class _WorkerPool:
         now = time.monotonic()
         with self._lock:
             for worker in workers:
-                if not worker.abandoned and not worker.retiring:
+                if self._exiting and not worker.abandoned and not worker.retiring:
+                    worker.retire()
+                elif not worker.abandoned and not worker.retiring:
                     worker.idle_since = now
                     self._idle.setdefault(worker.intra_op_threads, []).append(worker)
             # Workers kept for a replica count or thread count no longer used (a last batch smaller than the
@@ -205,11 +211,13 @@ class _WorkerPool:
                 worker.retire()
 
     def end_idle_workers(self) -> list[threading.Thread]:
-        """Tells every idle worker to end (at the interpreter's exit); returns their threads. A worker just released
-        may still be dropping its task's tensors: it takes the end once back at its queue."""
+        """Tells every idle worker to end (at the interpreter's exit), and every busy one to end once done, instead of
+        waiting for another task; returns the idle ones' threads. A worker just released may still be dropping its
+        task's tensors: it takes the end once back at its queue."""
         with self._lock:
             idle = [worker for workers in self._idle.values() for worker in workers]
             self._idle = {}
+            self._exiting = True
         for worker in idle:
             worker.retire()
         return [worker.thread for worker in idle]

@@ -81,11 +81,13 @@ def test_ctrl_c_reaches_the_caller_at_once_and_the_slow_replica_writes_nothing_w
     assert report["next_running_mean_error"] < 1e-12
 
 
-def test_at_exit_every_worker_of_ours_ends_idle_ones_too():
+def test_at_exit_every_worker_of_ours_ends_idle_ones_too(monkeypatch):
     # Idle workers were left to the interpreter's shutdown, which stops daemon threads where they are: one just
     # released to the pool was still freeing its task's tensors in C++, and stopping it there aborted the process
     # ("terminate called without an active exception"; seen under load at the end of a multi-process test).
     from syncbn_ext import replica_workers
+
+    monkeypatch.setattr(replica_workers._POOL, "_exiting", False)  # restored afterwards: later tests pool workers
 
     dp = DataParallelWithCallback(SynchronizedBatchNorm1d(3), device_ids=["cpu"] * 3)
     call_with_timeout(lambda: dp(torch.randn(6, 3)).sum().backward())
@@ -93,6 +95,34 @@ def test_at_exit_every_worker_of_ours_ends_idle_ones_too():
     replica_workers._wait_for_replica_threads_at_exit()
     assert [t.name for t in threading.enumerate() if t.name.startswith(("syncbn-worker-", "syncbn-retiring-"))] == []
     call_with_timeout(lambda: dp(torch.randn(6, 3)).sum().backward())  # (a later forward starts workers again)
+
+
+def test_at_exit_the_workers_of_a_daemon_threads_forward_end_once_it_returns(monkeypatch):
+    # The exit's wait joined them as running, but once the forward returned they went back to the pool and waited
+    # for another task there: the exit waited its full 10 s, and left them to the interpreter's shutdown.
+    from syncbn_ext import replica_workers
+
+    monkeypatch.setattr(replica_workers._POOL, "_exiting", False)  # restored afterwards: later tests pool workers
+    in_forward, returned = threading.Event(), threading.Event()
+
+    class Slow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = SynchronizedBatchNorm1d(C)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.bn(x)
+            in_forward.set()
+            time.sleep(0.5)
+            return y
+
+    dp = DataParallelWithCallback(Slow(), device_ids=["cpu"] * 2)
+    threading.Thread(target=lambda: (dp(torch.randn(8, C)), returned.set()), daemon=True).start()
+    assert in_forward.wait(60)
+    assert len(replica_workers.replica_threads_running()) == 2
+    replica_workers._wait_for_replica_threads_at_exit()
+    assert returned.wait(60)
+    assert [t.name for t in threading.enumerate() if t.name.startswith(("syncbn-worker-", "syncbn-retiring-"))] == []
 
 
 @pytest.mark.parametrize(("scenario", "status"), [("interrupt", -signal.SIGINT), ("backward-timeout", 0)])
