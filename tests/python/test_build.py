@@ -67,6 +67,13 @@ def test_project_version_matches_package():
     assert ".".join(map(str, _loader.project_version())) == syncbn_ext._C.version()
 
 
+def test_the_package_marks_its_type_hints_for_type_checkers():
+    # PEP 561: without the marker, mypy and pyright ignore the package's annotations in users' code.
+    import importlib.resources
+
+    assert importlib.resources.files("syncbn_ext").joinpath("py.typed").is_file()
+
+
 def test_load_info_says_how_C_was_loaded():
     info = syncbn_ext.load_info
     assert info.how in ("prebuilt", "jit")
