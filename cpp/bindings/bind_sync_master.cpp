@@ -70,6 +70,11 @@ struct PySyncMaster {
           intermediates.append(py::make_tuple(entry.first, from_message(std::move(entry.second))));
         }
         py::object returned = callback->object(intermediates);
+        if (!py::isinstance<py::iterable>(returned)) {  // else "'NoneType' object is not iterable", naming nothing
+          throw py::type_error("the master callback must return (copy_id, result) pairs, in a list, got " +
+                               (returned.is_none() ? std::string("None (a missing return statement?)")
+                                                   : "an object of type " + type_name(returned)));
+        }
         MessageList results;
         for (const py::handle item : py::iter(returned)) {
           if (!py::isinstance<py::tuple>(item) && !py::isinstance<py::list>(item)) {

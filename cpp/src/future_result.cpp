@@ -21,7 +21,7 @@ void FutureResult::put(Message result) {
 Message FutureResult::get(std::optional<double> timeout_seconds) {
   // As SyncMaster's timeouts: positive (NaN is not), infinity meaning none.
   TORCH_CHECK_VALUE(!timeout_seconds || *timeout_seconds > 0,
-                    "FutureResult::get: the timeout must be a positive number of seconds, got ", *timeout_seconds);
+                    "FutureResult get(): the timeout must be a positive number of seconds, got ", *timeout_seconds);
   if (timeout_seconds && std::isinf(*timeout_seconds)) timeout_seconds.reset();
   std::unique_lock<std::mutex> lock(mutex_);
   auto has_result = [this] { return result_.has_value(); };

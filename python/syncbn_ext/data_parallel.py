@@ -55,6 +55,19 @@ def _is_cpu_device(device: Any) -> bool:
     return False
 
 
+def _not_a_device(device: Any) -> str | None:
+    """Why ``device`` is not a device ``DataParallel`` takes (an int, a device string, a ``torch.device``), or None."""
+    if isinstance(device, torch.device) or (isinstance(device, int) and not isinstance(device, bool)):
+        return None
+    if isinstance(device, str):
+        try:
+            torch.device(device)
+        except RuntimeError as error:
+            return str(error).splitlines()[0]
+        return None
+    return f"a {type(device).__name__}, not an int, a device string or a torch.device"
+
+
 # Per calling thread: the replications whose write-back waits for the end of the forward (None: none waits).
 _deferred = threading.local()
 
@@ -237,6 +250,13 @@ class DataParallelWithCallback(nn.DataParallel):
             self._adopt_own_parallel_apply()
             return
         if not all(cpu_entries):
+            not_devices = [(i, d, _not_a_device(d)) for i, d in enumerate(device_ids) if _not_a_device(d)]
+            if not_devices:
+                i, device, why = not_devices[0]
+                raise ValueError(
+                    f'DataParallelWithCallback: device_ids[{i}] = {device!r} is not a device ({why}); give "cpu" for '
+                    "each CPU replica, or accelerator indices"
+                )
             raise ValueError(
                 "DataParallelWithCallback: device_ids mixes CPU and accelerator devices "
                 f"({device_ids!r}); give either only accelerator devices or only CPU devices"

@@ -29,18 +29,25 @@ def resolve_group(group: Any, default_to_world: bool) -> Any:
     """The process group a layer merges across, or ``None`` for this process only.
 
     ``group`` when given (``None`` on a rank that is not a member of it); else the default group when
-    ``default_to_world`` and ``torch.distributed`` is initialized. A group of one rank is ``None``.
+    ``default_to_world``. A group of one rank is ``None``; so is every group once ``torch.distributed`` is not
+    initialized (never, or after ``destroy_process_group()``: as torch's ``nn.SyncBatchNorm``, the layers then
+    normalize alone, not on the communicator they still hold).
     """
-    if not dist.is_available():
+    if not dist.is_available() or not dist.is_initialized():
         return None
     if group is None:
-        if not default_to_world or not dist.is_initialized():
+        if not default_to_world:
             return None
         group = dist.group.WORLD
     # torch's marker of a rank outside a group (new_group's return there): compared by value, as torch does, since
     # an unpickled one (torch.save, a spawned process) is another object.
     if not isinstance(group, dist.ProcessGroup) and group == dist.GroupMember.NON_GROUP_MEMBER:
         return None
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            "process_group must be a torch.distributed ProcessGroup (e.g. dist.new_group(ranks)) or None, got "
+            f"{group!r} of type {type(group).__name__}"
+        )
     return group if group.size() > 1 else None
 
 

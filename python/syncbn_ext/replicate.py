@@ -57,7 +57,9 @@ def replicate_on_cpu(module: M, n: int, *, detach: bool | None = None) -> list[M
         The ``n`` replicas, replica ``i`` for copy id ``i``. No replication callback has run yet: see
         :func:`syncbn_ext.execute_replication_callbacks`.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"replicate_on_cpu: n must be a non-negative int, got {n!r} of type {type(n).__name__}")
+    if n < 0:
         raise ValueError(f"replicate_on_cpu: n must be a non-negative int, got {n!r}")
     _check_replicatable(module)
     if n == 0:

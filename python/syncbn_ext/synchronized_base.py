@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import numbers
 import os
 import sys
 import warnings
@@ -345,6 +346,12 @@ class _SynchronizedBatchNorm(_BatchNorm):
     def _check_arguments(self, input: Tensor, copy_id: int | None, group: Any) -> None:
         """nn.BatchNorm's checks this path would otherwise miss, and the transforms it cannot run under."""
         self._check_input_dim(input)
+        # F.batch_norm's argument checks, which this path does not go through (C++ would name its own signature).
+        for position, name, value in ((7, "momentum", self.momentum), (8, "eps", self.eps)):
+            if not (isinstance(value, (numbers.Real, Tensor)) or (name == "momentum" and value is None)):
+                raise TypeError(
+                    f"batch_norm(): argument '{name}' (position {position}) must be float, not {type(value).__name__}"
+                )
         if self.eps <= 0.0:  # F.batch_norm's check, which this path does not go through
             raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
         if torch._C._functorch.peek_interpreter_stack() is not None:

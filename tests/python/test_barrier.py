@@ -425,6 +425,8 @@ def test_c10_errors_keep_their_python_types():
         (lambda items: [(copy_id == 1, msg) for copy_id, msg in items], "copy id False of type bool"),
         (lambda items: [copy_id for copy_id, _ in items], "got an item of type int"),
         (lambda items: [(copy_id, msg, 0) for copy_id, msg in items], "got an item of length 3"),
+        (lambda items: None, "in a list, got None (a missing return statement?)"),
+        (lambda items: 3, "in a list, got an object of type int"),
     ],
 )
 def test_a_callback_returning_malformed_pairs_gets_an_error_saying_so(bad_result, message):

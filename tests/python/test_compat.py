@@ -56,6 +56,9 @@ ERROR_CASES = {
     "wrong dtype": ({}, lambda: torch.randn(6, C, dtype=torch.float64)),
     "integer input": ({}, lambda: torch.ones(6, C, dtype=torch.long)),
     "one value per channel": ({}, lambda: torch.randn(1, C)),
+    # (before: pybind11's dump of a C++ signature and of every argument, the whole batch included)
+    "momentum a string": (dict(momentum="0.1"), lambda: torch.randn(6, C)),
+    "momentum complex": (dict(momentum=0.1 + 0j), lambda: torch.randn(6, C)),
 }
 
 
@@ -91,9 +94,11 @@ def test_clamp_mode_rejects_non_positive_eps_too():
     syncbn_ext.set_sbn_eps_mode("clamp")
     try:
         error_type, message = outcome(SynchronizedBatchNorm1d(C, eps=0.0), torch.randn(6, C))
+        wrong_momentum = outcome(SynchronizedBatchNorm1d(C, momentum="0.1"), torch.randn(6, C))
     finally:
         syncbn_ext.set_sbn_eps_mode("plus")
     assert error_type is ValueError and message == "batch_norm eps must be positive during training, but got 0.0"
+    assert wrong_momentum == outcome(nn.BatchNorm1d(C, momentum="0.1"), torch.randn(6, C))
 
 
 @pytest.mark.parametrize("eps", [float("nan"), float("inf")])

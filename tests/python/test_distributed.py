@@ -3,10 +3,14 @@ nn.BatchNorm model on the global batch (float64). Failures across processes: tes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import re
 import sys
+from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import child_processes
 import pytest
@@ -266,11 +270,27 @@ class _PlaysRankZeroOfTwo(dist.ProcessGroup):
         return torch._C._distributed_c10d._create_work_from_future(future)
 
 
-def test_our_collectives_start_without_the_python_objects_torch_keeps_in_the_thread(monkeypatch):
+@contextlib.contextmanager
+def _initialized_alone(tmp_path: Path) -> Iterator[None]:
+    """torch.distributed initialized in this process, a world of one (groups are used only while it is)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_our_collectives_start_without_the_python_objects_torch_keeps_in_the_thread(monkeypatch, tmp_path):
     # torch keeps a Python object in the thread's state during a backward, and a collective captures that state:
     # gloo's worker releases its copy a moment after the work completes, which aborts the process when it falls in
     # the interpreter's shutdown. Ours start without them (README's "Ending the script").
     monkeypatch.setenv("SYNCBN_SHARED_MEMORY", "0")  # the group's own all-gathers only
+    with _initialized_alone(tmp_path):
+        _check_collectives_start_without_torchs_python_objects()
+
+
+def _check_collectives_start_without_torchs_python_objects() -> None:
     group = _PlaysRankZeroOfTwo()
     layer = syncbn_ext.SyncBatchNorm(3, process_group=group)
     x = torch.randn(4, 3, 5, requires_grad=True)
@@ -299,3 +319,37 @@ def test_our_collectives_start_without_the_python_objects_torch_keeps_in_the_thr
     torch.testing.assert_close(y, out[:4])
     torch.testing.assert_close(x.grad, x_reference.grad)
     torch.testing.assert_close(layer.running_var, reference.running_var)
+
+
+def test_once_torch_distributed_is_not_initialized_a_layer_given_a_group_normalizes_alone(tmp_path):
+    # As torch's nn.SyncBatchNorm: after destroy_process_group() (a re-calibration of the statistics on one rank
+    # after training), the layer no longer exchanges; it went on exchanging with the other ranks on the communicator
+    # it held (waiting for them as long as they lived).
+    group = _PlaysRankZeroOfTwo()
+    layer = syncbn_ext.SyncBatchNorm(3, process_group=group)
+    assert layer.sync_group() is None  # never initialized
+    with _initialized_alone(tmp_path):
+        assert layer.sync_group() is group
+    reference = torch.nn.BatchNorm1d(3)
+    x = torch.randn(6, 3, 4)
+    torch.testing.assert_close(layer(x), reference(x))
+    torch.testing.assert_close(layer.running_var, reference.running_var)
+    assert group.held_python_objects == []  # no collective
+    assert syncbn_ext.cross_process_transport(group) == "none"
+
+
+@pytest.mark.parametrize("wrong", [[0, 1], "gloo", 0])
+def test_a_process_group_that_is_no_group_is_a_type_error_naming_it(tmp_path, wrong):
+    # (before: "AttributeError: 'list' object has no attribute 'size'" from inside the package)
+    layer = syncbn_ext.SynchronizedBatchNorm2d(3, process_group=wrong)
+    x = torch.randn(4, 3, 2, 2)
+    with _initialized_alone(tmp_path):
+        message = (
+            r"process_group must be a torch.distributed ProcessGroup \(e.g. dist.new_group\(ranks\)\) or None, "
+            rf"got {re.escape(repr(wrong))} of type {type(wrong).__name__}"
+        )
+        with pytest.raises(TypeError, match=message):
+            layer(x)
+        with pytest.raises(TypeError, match=message):
+            syncbn_ext.cross_process_transport(wrong)
+        assert layer.num_batches_tracked.item() == 0

@@ -257,6 +257,20 @@ def test_mixed_device_ids_are_rejected(device_ids):
         DataParallelWithCallback(nn.Linear(2, 2), device_ids=device_ids)
 
 
+@pytest.mark.parametrize(
+    ("device_ids", "message"),
+    [
+        (["cpu", "CPU"], r"device_ids\[1\] = 'CPU' is not a device \(Expected one of cpu, "),
+        (["cpu", None], r"device_ids\[1\] = None is not a device \(a NoneType, not an int, a device string or a "),
+        ([1.5, "cpu"], r"device_ids\[0\] = 1.5 is not a device \(a float, not "),
+    ],
+)
+def test_an_entry_of_device_ids_that_is_no_device_is_named(device_ids, message):
+    # (before: "mixes CPU and accelerator devices", sending the user looking for an accelerator)
+    with pytest.raises(ValueError, match=message):
+        DataParallelWithCallback(nn.Linear(2, 2), device_ids=device_ids)
+
+
 @pytest.mark.parametrize("output_device", [0, "cuda:0", torch.device("cuda", 1)])
 def test_accelerator_output_device_is_rejected_with_cpu_replicas(output_device):
     with pytest.raises(ValueError, match="output device must be the CPU"):

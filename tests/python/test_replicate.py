@@ -159,6 +159,11 @@ def test_replicate_on_cpu_arguments():
     assert replicate_on_cpu(nn.Linear(1, 1), 0) == []
     with pytest.raises(ValueError, match="non-negative"):
         replicate_on_cpu(nn.Linear(1, 1), -1)
+    for wrong_type in (2.0, "2", True):
+        with pytest.raises(
+            TypeError, match=f"non-negative int, got {wrong_type!r} of type {type(wrong_type).__name__}"
+        ):
+            replicate_on_cpu(nn.Linear(1, 1), wrong_type)
     with pytest.raises(ValueError, match="lazy"):
         replicate_on_cpu(nn.LazyLinear(2), 2)
 
