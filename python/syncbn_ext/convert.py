@@ -219,6 +219,10 @@ def _sync_batch_norm_targets(
     """The class each SyncBatchNorm of ``module`` reverts to, by the layer's id; checked before anything converts."""
 
     def checked(cls: Any, what: str) -> type[_BatchNorm]:
+        # Inside patch_sync_batchnorm(), nn.BatchNorm2d is our class: the user meant torch's.
+        torch_cls = _SYNC_TO_TORCH.get(cls) if isinstance(cls, type) else None  # type: ignore[call-overload]
+        if torch_cls is not None and getattr(nn, torch_cls.__name__, None) is cls:
+            cls = torch_cls
         if cls not in _SYNC_BATCH_NORM_REVERTED_TO:
             raise TypeError(
                 f"revert_model: {what} must be nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d or nn.SyncBatchNorm "
@@ -226,9 +230,10 @@ def _sync_batch_norm_targets(
             )
         return cls
 
+    # Every name of every SyncBatchNorm: a layer shared by several parents may be named by any of them.
     layers = {
         name: layer
-        for name, layer in module.named_modules()
+        for name, layer in module.named_modules(remove_duplicate=False)
         if parametrize.type_before_parametrizations(layer) is SyncBatchNorm
     }
     if sync_batch_norm_as is None or isinstance(sync_batch_norm_as, type):
@@ -245,13 +250,26 @@ def _sync_batch_norm_targets(
             f"revert_model: sync_batch_norm_as names {unknown!r}, but the model has no SyncBatchNorm layer of that "
             f"name (its SyncBatchNorm layers, as model.named_modules() names them: {sorted(layers)!r})"
         )
-    missing = [name for name in layers if name not in sync_batch_norm_as]
+    targets: dict[int, type[_BatchNorm]] = {}
+    named_as: dict[int, str] = {}
+    for name, cls in sync_batch_norm_as.items():
+        key, cls = id(layers[name]), checked(cls, f"sync_batch_norm_as[{name!r}]")
+        if targets.setdefault(key, cls) is not cls:
+            raise ValueError(
+                f"revert_model: sync_batch_norm_as gives {named_as[key]!r} and {name!r}, the same layer, two classes"
+            )
+        named_as.setdefault(key, name)
+    missing: dict[int, str] = {}  # each layer left out, by its first name
+    for name, layer in layers.items():
+        if id(layer) not in targets:
+            missing.setdefault(id(layer), name)
     if missing:
         raise ValueError(
-            f"revert_model: sync_batch_norm_as gives no class for the SyncBatchNorm layer(s) {missing!r}: map every "
-            "one, to nn.SyncBatchNorm where it should stay torch's synchronized layer"
+            "revert_model: sync_batch_norm_as gives no class for the SyncBatchNorm layer(s) "
+            f"{list(missing.values())!r}: map every one, to nn.SyncBatchNorm where it should stay torch's synchronized "
+            "layer"
         )
-    return {id(layers[name]): checked(cls, f"sync_batch_norm_as[{name!r}]") for name, cls in sync_batch_norm_as.items()}
+    return targets
 
 
 def _to_torch(sync_batch_norm_targets: dict[int, type[_BatchNorm]]) -> Callable[[nn.Module], nn.Module]:
@@ -362,7 +380,9 @@ def _warn_of_unconverted_layers(model: nn.Module, converter: str, stacklevel: in
     return model
 
 
-def convert_model(module: M, process_group: Any = None) -> nn.Module:
+# The conversions return Any, as torch's convert_sync_batchnorm: the module given, or what replaced its root (another
+# class), so that `model = convert_model(model)` type-checks.
+def convert_model(module: nn.Module, process_group: Any = None) -> Any:
     """Replaces the BatchNorm layers of ``module`` by synchronized ones, recursively; returns the converted model.
 
     * Every ``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` / ``nn.BatchNorm3d`` (those exact classes: not their
@@ -401,7 +421,7 @@ def convert_model(module: M, process_group: Any = None) -> nn.Module:
     return _warn_of_unconverted_layers(_convert(module, _to_synchronized(process_group), True, {}), "convert_model")
 
 
-def convert_to_sync_batch_norm(module: M, process_group: Any = None) -> nn.Module:
+def convert_to_sync_batch_norm(module: nn.Module, process_group: Any = None) -> Any:
     """Every BatchNorm layer of ``module`` becomes a :class:`~syncbn_ext.SyncBatchNorm`, recursively, in place.
 
     ``nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and the ``SynchronizedBatchNormNd`` layers (those exact
@@ -425,8 +445,8 @@ def _convert_to_sync_batch_norm(module: M, process_group: Any, stacklevel: int) 
 
 
 def revert_model(
-    module: M, sync_batch_norm_as: type[_BatchNorm] | Mapping[str, type[_BatchNorm]] | None = None
-) -> nn.Module:
+    module: nn.Module, sync_batch_norm_as: type[_BatchNorm] | Mapping[str, type[_BatchNorm]] | None = None
+) -> Any:
     """The inverse of :func:`convert_model`: synchronized layers become plain ``nn.BatchNorm1d/2d/3d``.
 
     (A ``LazySynchronizedBatchNormNd`` not yet initialized becomes an ``nn.LazyBatchNormNd``; a

@@ -65,7 +65,7 @@ def _not_a_device(device: Any) -> str | None:
         except RuntimeError as error:
             return str(error).splitlines()[0]
         return None
-    return f"a {type(device).__name__}, not an int, a device string or a torch.device"
+    return f"of type {type(device).__name__}, not an int, a device string or a torch.device"
 
 
 # Per calling thread: the replications whose write-back waits for the end of the forward (None: none waits).

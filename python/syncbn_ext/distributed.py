@@ -40,8 +40,10 @@ def resolve_group(group: Any, default_to_world: bool) -> Any:
             return None
         group = dist.group.WORLD
     # torch's marker of a rank outside a group (new_group's return there): compared by value, as torch does, since
-    # an unpickled one (torch.save, a spawned process) is another object.
-    if not isinstance(group, dist.ProcessGroup) and group == dist.GroupMember.NON_GROUP_MEMBER:
+    # an unpickled one (torch.save, a spawned process) is another object; only to a value of its type (an array
+    # of ranks compared to it would be an array).
+    outside = dist.GroupMember.NON_GROUP_MEMBER
+    if not isinstance(group, dist.ProcessGroup) and type(group) is type(outside) and group == outside:
         return None
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(

@@ -165,12 +165,6 @@ class SyncBatchNorm(_SynchronizedBatchNorm):
 
     _default_to_world = True
     _check_input_dim = _TorchSyncBatchNorm._check_input_dim
-    # Reverted by default to torch's nn.SyncBatchNorm, which TorchScript does not compile.
-    _revert_for_scripting = (
-        ", sync_batch_norm_as=nn.BatchNorm2d",
-        "the nn.BatchNormNd of your inputs' dimensionality, or a mapping from layer names to classes where they "
-        "differ; without it a SyncBatchNorm becomes torch's nn.SyncBatchNorm, which TorchScript cannot compile; ",
-    )
 
     def forward(self, input: Tensor) -> Tensor:
         """See :meth:`SynchronizedBatchNorm2d.forward`; ``nn.SyncBatchNorm``'s checks, in its order."""
@@ -181,7 +175,11 @@ class SyncBatchNorm(_SynchronizedBatchNorm):
             _TorchSyncBatchNorm._check_non_zero_input_channels(self, input)
         except BaseException:
             if self.training:  # the other ranks must fail this call too (see _announce_failure)
-                self._announce_failure(input, self.__dict__.get("_copy_id"), self.sync_group())
+                try:
+                    group = self.sync_group()
+                except TypeError:  # a process_group that is no group: this call's error is the input's
+                    group = None
+                self._announce_failure(input, self.__dict__.get("_copy_id"), group)
             raise
         return super().forward(input)
 

@@ -174,8 +174,10 @@ class _SynchronizedBatchNorm(_BatchNorm):
     def sync_group(self) -> Any:
         """The process group this layer merges its statistics across, or ``None`` (this process only).
 
-        ``process_group`` if given (``None`` on a rank outside it); else, for :class:`SyncBatchNorm`, the default
-        group when ``torch.distributed`` is initialized. A group of one rank is ``None``.
+        While ``torch.distributed`` is initialized: ``process_group`` if given (``None`` on a rank outside it), else,
+        for :class:`SyncBatchNorm`, the default group. A group of one rank is ``None``, and so is every group while
+        ``torch.distributed`` is not initialized (as torch's ``nn.SyncBatchNorm``). A ``process_group`` that is not
+        a ``ProcessGroup`` raises a ``TypeError`` (while initialized).
         """
         return resolve_group(self.process_group, self._default_to_world)
 
@@ -229,13 +231,12 @@ class _SynchronizedBatchNorm(_BatchNorm):
         raise RuntimeError(
             f"torch.jit.script does not support {type(self).__name__} (its synchronization is Python and C++ "
             "that TorchScript cannot compile). For deployment, script a plain copy: "
-            f"torch.jit.script(syncbn_ext.revert_model(copy.deepcopy(model){self._revert_for_scripting[0]})) "
-            f"({self._revert_for_scripting[1]}nn.BatchNorm layers: the same results as long as the model is not "
-            "replicated and the eps mode is 'plus'), or use torch.jit.trace / torch.export in eval mode"
+            "torch.jit.script(syncbn_ext.revert_model(copy.deepcopy(model), sync_batch_norm_as=nn.BatchNorm2d)) "
+            "(nn.BatchNorm layers: the same results as long as the model is not replicated and the eps mode is "
+            "'plus'; sync_batch_norm_as is what SyncBatchNorm layers become, the nn.BatchNormNd of your inputs' "
+            "dimensionality or a mapping from layer names to classes, since torch's nn.SyncBatchNorm, their default, "
+            "does not script), or use torch.jit.trace / torch.export in eval mode"
         )
-
-    # The argument revert_model needs to give a class TorchScript compiles, and why (see SyncBatchNorm).
-    _revert_for_scripting = ("", "")
 
     # ---- forward ------------------------------------------------------------------------------------------
 
@@ -348,7 +349,8 @@ class _SynchronizedBatchNorm(_BatchNorm):
         self._check_input_dim(input)
         # F.batch_norm's argument checks, which this path does not go through (C++ would name its own signature).
         for position, name, value in ((7, "momentum", self.momentum), (8, "eps", self.eps)):
-            if not (isinstance(value, (numbers.Real, Tensor)) or (name == "momentum" and value is None)):
+            number = isinstance(value, numbers.Real) or (isinstance(value, Tensor) and value.dim() == 0)
+            if not (number or (name == "momentum" and value is None)):
                 raise TypeError(
                     f"batch_norm(): argument '{name}' (position {position}) must be float, not {type(value).__name__}"
                 )

@@ -59,6 +59,7 @@ ERROR_CASES = {
     # (before: pybind11's dump of a C++ signature and of every argument, the whole batch included)
     "momentum a string": (dict(momentum="0.1"), lambda: torch.randn(6, C)),
     "momentum complex": (dict(momentum=0.1 + 0j), lambda: torch.randn(6, C)),
+    "momentum a tensor of one element": (dict(momentum=torch.tensor([0.1])), lambda: torch.randn(6, C)),
 }
 
 
@@ -234,11 +235,14 @@ def test_scripting_is_a_clear_error_that_says_what_to_do():
     scripted.eval()
     torch.testing.assert_close(scripted(x), model(x))
     # SyncBatchNorm reverts to torch's nn.SyncBatchNorm by default, which TorchScript cannot compile: the message
-    # gives the argument that makes it an nn.BatchNormNd, and following it works.
-    model = nn.Sequential(nn.Conv2d(3, C, 1), syncbn_ext.SyncBatchNorm(C)).eval()
+    # gives the argument that makes it an nn.BatchNormNd, and following it works, whichever layer TorchScript meets
+    # first (each layer's message is its own: here a SynchronizedBatchNorm2d's).
+    model = nn.Sequential(
+        nn.Conv2d(3, C, 1), SynchronizedBatchNorm2d(C), nn.Conv2d(C, C, 1), syncbn_ext.SyncBatchNorm(C)
+    ).eval()
     with pytest.raises(
         RuntimeError,
-        match=r"SyncBatchNorm(.|\n)*revert_model\(copy.deepcopy\(model\), sync_batch_norm_as=nn.BatchNorm2d\)",
+        match=r"BatchNorm2d(.|\n)*revert_model\(copy.deepcopy\(model\), sync_batch_norm_as=nn.BatchNorm2d\)",
     ):
         torch.jit.script(model)
     scripted = torch.jit.script(syncbn_ext.revert_model(copy.deepcopy(model), sync_batch_norm_as=nn.BatchNorm2d))

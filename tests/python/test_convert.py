@@ -370,10 +370,36 @@ def test_revert_model_makes_sync_batch_norm_what_sync_batch_norm_as_says():
 
     fused = fuse_modules(copy.deepcopy(by_name).eval(), [["0", "1", "2"]])
     torch.testing.assert_close(fused(x), by_name(x), rtol=1e-5, atol=1e-5)
+    # README's quantization-aware training across processes: fused and prepared, then converted back to layers that
+    # synchronize across the default group, as the SyncBatchNorm layers did (convert_model alone: no group).
+    from torch.ao import quantization
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = quantization.fuse_modules_qat(copy.deepcopy(by_name).train(), [["0", "1", "2"]])
+        prepared.qconfig = quantization.get_default_qat_qconfig("x86")
+        prepared = quantization.prepare_qat(prepared)
+    synchronized = syncbn_ext.SyncBatchNorm.convert_sync_batchnorm(prepared)
+    assert type(synchronized[0].bn) is syncbn_ext.SyncBatchNorm and synchronized[0].bn._default_to_world
     # A mapping may keep a layer torch's synchronized one; a root SyncBatchNorm is named "".
     kept = revert_model(model(), sync_batch_norm_as={"1": nn.SyncBatchNorm, "5": nn.BatchNorm1d})
     assert type(kept[1]) is nn.SyncBatchNorm and kept[1].process_group == "g"
     assert type(revert_model(syncbn_ext.SyncBatchNorm(2), {"": nn.BatchNorm3d})) is nn.BatchNorm3d
+    # Inside patch_sync_batchnorm(), nn.BatchNorm2d is the synchronized class: torch's is meant.
+    with patch_sync_batchnorm():
+        assert type(revert_model(model(), sync_batch_norm_as=nn.BatchNorm2d)[1]) is batchnorm_module.BatchNorm2d
+
+
+def test_revert_model_takes_any_name_of_a_shared_sync_batch_norm():
+    shared = syncbn_ext.SyncBatchNorm(4)
+    model = lambda: nn.Sequential(nn.Conv2d(3, 4, 1), shared, nn.Sequential(shared), syncbn_ext.SyncBatchNorm(4))  # noqa: E731
+    for names in ({"1": nn.BatchNorm2d}, {"2.0": nn.BatchNorm2d}, {"1": nn.BatchNorm2d, "2.0": nn.BatchNorm2d}):
+        reverted = revert_model(model(), {**names, "3": nn.BatchNorm2d})
+        assert type(reverted[1]) is nn.BatchNorm2d and reverted[2][0] is reverted[1]
+    with pytest.raises(ValueError, match=r"gives '1' and '2.0', the same layer, two classes"):
+        revert_model(model(), {"1": nn.BatchNorm2d, "2.0": nn.BatchNorm1d, "3": nn.BatchNorm2d})
+    with pytest.raises(ValueError, match=r"gives no class for the SyncBatchNorm layer\(s\) \['1', '3'\]"):
+        revert_model(model(), {})
 
 
 @pytest.mark.parametrize(

@@ -338,7 +338,7 @@ def test_once_torch_distributed_is_not_initialized_a_layer_given_a_group_normali
     assert syncbn_ext.cross_process_transport(group) == "none"
 
 
-@pytest.mark.parametrize("wrong", [[0, 1], "gloo", 0])
+@pytest.mark.parametrize("wrong", [[0, 1], "gloo", 0, torch.tensor([0, 1])])
 def test_a_process_group_that_is_no_group_is_a_type_error_naming_it(tmp_path, wrong):
     # (before: "AttributeError: 'list' object has no attribute 'size'" from inside the package)
     layer = syncbn_ext.SynchronizedBatchNorm2d(3, process_group=wrong)
@@ -353,3 +353,6 @@ def test_a_process_group_that_is_no_group_is_a_type_error_naming_it(tmp_path, wr
         with pytest.raises(TypeError, match=message):
             syncbn_ext.cross_process_transport(wrong)
         assert layer.num_batches_tracked.item() == 0
+        # An input SyncBatchNorm refuses: that error, not the group's, as with a group that is one.
+        with pytest.raises(ValueError, match="expected at least 2D input"):
+            syncbn_ext.SyncBatchNorm(3, process_group=wrong)(torch.randn(3))

@@ -111,7 +111,7 @@ def test_gpu_patched_data_parallel():
     assert sorted(bs.passes) == [(0, 5, 10), (1, 5, 10)]
 
 
-def test_replicas_made_without_the_callbacks_warn_and_are_refused_across_processes():
+def test_replicas_made_without_the_callbacks_warn_and_are_refused_across_processes(tmp_path):
     # A plain nn.DataParallel (GPUs) or torch.nn.parallel.replicate makes replicas (Module._replicate_for_data_parallel,
     # as replicate_on_cpu does) and runs no callback: each replica normalized its slice alone, silently.
     layer = SynchronizedBatchNorm1d(3)
@@ -132,7 +132,12 @@ def test_replicas_made_without_the_callbacks_warn_and_are_refused_across_process
         detached = replicate_on_cpu(layer, 2, detach=True)[1]  # (a copy needs leaf parameters)
         copy.deepcopy(detached).train()(x)  # a copy of a replica is a layer of its own
         pickle.loads(pickle.dumps(detached))(x)
-    # Across processes, each replica would exchange on its own: an error before any exchange.
+    # Across processes, each replica would exchange on its own: an error before any exchange (groups are used
+    # while torch.distributed is initialized: here a world of one, and a group that says it has two ranks).
     across = replicate_on_cpu(SynchronizedBatchNorm1d(3, process_group=dist.ProcessGroup(0, 2)), 2)[0]
-    with pytest.raises(RuntimeError, match="replication callbacks did not run.*each replica would exchange"):
-        across(x)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="replication callbacks did not run.*each replica would exchange"):
+            across(x)
+    finally:
+        dist.destroy_process_group()
