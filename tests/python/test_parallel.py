@@ -261,8 +261,8 @@ def test_mixed_device_ids_are_rejected(device_ids):
     ("device_ids", "message"),
     [
         (["cpu", "CPU"], r"device_ids\[1\] = 'CPU' is not a device \(Expected one of cpu, "),
-        (["cpu", None], r"device_ids\[1\] = None is not a device \(a NoneType, not an int, a device string or a "),
-        ([1.5, "cpu"], r"device_ids\[0\] = 1.5 is not a device \(a float, not "),
+        (["cpu", None], r"device_ids\[1\] = None is not a device \(of type NoneType, not an int, a device string "),
+        ([1.5, "cpu"], r"device_ids\[0\] = 1.5 is not a device \(of type float, not "),
     ],
 )
 def test_an_entry_of_device_ids_that_is_no_device_is_named(device_ids, message):
