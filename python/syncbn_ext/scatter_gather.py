@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .synchronized_base import _TORCH_AND_OUR_FILES, _stacklevel_outside
+
 __all__ = ["gather_on_cpu", "scatter_kwargs_on_cpu", "scatter_on_cpu"]
 
 
@@ -26,14 +28,54 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
+def _held_tensors(obj: Any) -> list[torch.Tensor]:
+    """The tensors an object of another kind holds as attributes (a dataclass, a class of the user's own); modules'
+    parameters are not a batch."""
+    attributes = getattr(obj, "__dict__", None)
+    if isinstance(obj, (torch.nn.Module, type)) or not isinstance(attributes, dict):
+        return []
+    return _tensors(list(attributes.values()))
+
+
+def _warn_of_a_batch_passed_whole(passed_whole: list[Any], batch_sizes: set[int], dim: int) -> None:
+    """Warns of objects scatter gave whole to every replica that seem to hold the batch: a tensor as long along
+    ``dim`` as the tensors split (or any tensor with that dimension, where none was split). Silent on CPU replicas,
+    where nothing fails (on GPUs, replica 1's layers would meet tensors on device 0)."""
+    for obj in passed_whole:
+        for tensor in _held_tensors(obj):
+            axis = dim if dim >= 0 else dim + tensor.dim()
+            if 0 <= axis < tensor.dim() and (not batch_sizes or tensor.size(axis) in batch_sizes):
+                warnings.warn(
+                    f"DataParallelWithCallback: an input of type {type(obj).__name__} holds tensors (one of shape "
+                    f"{tuple(tensor.shape)}) but is not a tensor, tuple, list, dict or namedtuple, so it is not split: "
+                    "every replica gets all of it, as torch.nn.parallel.scatter passes such objects on, and sees its "
+                    "batch whole. Pass its tensors as arguments, or as a dict or namedtuple",
+                    UserWarning,
+                    stacklevel=_stacklevel_outside(_TORCH_AND_OUR_FILES),
+                )
+                return
+
+
 def scatter_on_cpu(obj: Any, n: int, dim: int) -> list[Any]:
     """``torch.nn.parallel.scatter`` for CPU: tensors split with ``chunk(n, dim)``, containers recursed."""
+    passed_whole: list[Any] = []
+    batch_sizes: set[int] = set()
+    scattered = _scatter(obj, n, dim, passed_whole, batch_sizes)
+    _warn_of_a_batch_passed_whole(passed_whole, batch_sizes, dim)
+    return scattered
+
+
+def _scatter(obj: Any, n: int, dim: int, passed_whole: list[Any], batch_sizes: set[int]) -> list[Any]:
+    """:func:`scatter_on_cpu`, adding the objects of other kinds holding tensors to ``passed_whole`` and the lengths
+    of the tensors split to ``batch_sizes``."""
 
     def scatter_map(obj: Any) -> list[Any]:
         if isinstance(obj, torch.Tensor):
+            chunks = obj.chunk(n, dim)  # (torch's error for a 0-dim tensor)
+            batch_sizes.add(obj.size(dim))
             # Each replica gets its own copy of its slice (as each GPU does): an in-place layer must neither
             # write into the caller's tensor nor rewrite the autograd history of a base shared by the threads.
-            return [chunk.clone() for chunk in obj.chunk(n, dim)]
+            return [chunk.clone() for chunk in chunks]
         if _is_namedtuple(obj):
             return [type(obj)(*args) for args in zip(*map(scatter_map, obj), strict=False)]
         if isinstance(obj, tuple) and len(obj) > 0:
@@ -42,6 +84,8 @@ def scatter_on_cpu(obj: Any, n: int, dim: int) -> list[Any]:
             return [list(i) for i in zip(*map(scatter_map, obj), strict=False)]
         if isinstance(obj, dict) and len(obj) > 0:
             return [type(obj)(i) for i in zip(*map(scatter_map, obj.items()), strict=False)]
+        if _held_tensors(obj):
+            passed_whole.append(obj)
         return [obj for _ in range(n)]
 
     try:
@@ -54,8 +98,11 @@ def scatter_kwargs_on_cpu(
     inputs: tuple[Any, ...], kwargs: dict[str, Any] | None, n: int, dim: int
 ) -> tuple[tuple[Any, ...], tuple[dict[str, Any], ...]]:
     """Positional and keyword inputs split into at most ``n`` slices along ``dim`` (``scatter_kwargs`` on CPU)."""
-    scattered_inputs = scatter_on_cpu(inputs, n, dim) if inputs else []
-    scattered_kwargs = scatter_on_cpu(kwargs, n, dim) if kwargs else []
+    passed_whole: list[Any] = []
+    batch_sizes: set[int] = set()
+    scattered_inputs = _scatter(inputs, n, dim, passed_whole, batch_sizes) if inputs else []
+    scattered_kwargs = _scatter(kwargs, n, dim, passed_whole, batch_sizes) if kwargs else []
+    _warn_of_a_batch_passed_whole(passed_whole, batch_sizes, dim)
     if not scattered_inputs:
         scattered_inputs = [() for _ in scattered_kwargs]
     elif not scattered_kwargs:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -163,6 +165,43 @@ class RowScale(nn.Module):
 
     def forward(self, x):
         return x * self.scale
+
+
+@dataclasses.dataclass
+class _Batch:
+    x: torch.Tensor
+
+
+class _Options:
+    def __init__(self) -> None:
+        self.class_weights = torch.ones(4)
+
+
+class _TakesABatchObject(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, batch, options=None):
+        return self.linear(batch.x if isinstance(batch, _Batch) else batch)
+
+
+def test_an_object_holding_the_batch_passed_whole_to_every_replica_warns():
+    # As torch.nn.parallel.scatter, objects other than tensors and containers go whole to every replica: on CPU
+    # replicas nothing fails (on GPUs replica 1 would meet device 0's tensors), so each saw the whole batch silently.
+    dp = DataParallelWithCallback(_TakesABatchObject(), device_ids=["cpu"] * 3)
+    message = r"an input of type _Batch holds tensors \(one of shape \(6, 4\)\) .* so it is not split"
+    with pytest.warns(UserWarning, match=message) as caught:
+        y = dp(_Batch(torch.randn(6, 4)))  # (no synchronized layer: nothing to wait for)
+    assert y.shape == (18, 4)  # what it warns of: every replica got all of it
+    assert caught[0].filename == __file__  # the code calling the wrapper
+    with pytest.warns(UserWarning, match="type _Batch holds tensors"):
+        call_with_timeout(dp, torch.randn(6, 4), options=_Batch(torch.randn(6, 2)))  # as long as the batch split
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # Objects holding other tensors than the batch's (constants), and modules, pass whole without a word.
+        call_with_timeout(dp, torch.randn(6, 4), options=_Options())
+        call_with_timeout(dp, torch.randn(6, 4), options=nn.Linear(6, 6))
 
 
 def test_scatter_and_gather_along_dim_1():
