@@ -250,13 +250,13 @@ class DataParallelWithCallback(nn.DataParallel):
             self._adopt_own_parallel_apply()
             return
         if not all(cpu_entries):
-            not_devices = [(i, d, _not_a_device(d)) for i, d in enumerate(device_ids) if _not_a_device(d)]
-            if not_devices:
-                i, device, why = not_devices[0]
-                raise ValueError(
-                    f'DataParallelWithCallback: device_ids[{i}] = {device!r} is not a device ({why}); give "cpu" for '
-                    "each CPU replica, or accelerator indices"
-                )
+            for i, device in enumerate(device_ids):
+                why = _not_a_device(device)
+                if why is not None:
+                    raise ValueError(
+                        f'DataParallelWithCallback: device_ids[{i}] = {device!r} is not a device ({why}); give "cpu" '
+                        "for each CPU replica, or accelerator indices"
+                    )
             raise ValueError(
                 "DataParallelWithCallback: device_ids mixes CPU and accelerator devices "
                 f"({device_ids!r}); give either only accelerator devices or only CPU devices"

@@ -42,10 +42,10 @@ def resolve_group(group: Any, default_to_world: bool) -> Any:
     # torch's marker of a rank outside a group (new_group's return there): compared by value, as torch does, since
     # an unpickled one (torch.save, a spawned process) is another object; only to a value of its type (an array
     # of ranks compared to it would be an array).
-    outside = dist.GroupMember.NON_GROUP_MEMBER
-    if not isinstance(group, dist.ProcessGroup) and type(group) is type(outside) and group == outside:
-        return None
     if not isinstance(group, dist.ProcessGroup):
+        outside = dist.GroupMember.NON_GROUP_MEMBER
+        if type(group) is type(outside) and group == outside:
+            return None
         raise TypeError(
             "process_group must be a torch.distributed ProcessGroup (e.g. dist.new_group(ranks)) or None, got "
             f"{group!r} of type {type(group).__name__}"

@@ -186,9 +186,11 @@ class _WorkerPool:
         now = time.monotonic()
         with self._lock:
             for worker in workers:
-                if self._exiting and not worker.abandoned and not worker.retiring:
+                if worker.abandoned or worker.retiring:
+                    continue
+                if self._exiting:
                     worker.retire()
-                elif not worker.abandoned and not worker.retiring:
+                else:
                     worker.idle_since = now
                     self._idle.setdefault(worker.intra_op_threads, []).append(worker)
             # Workers kept for a replica count or thread count no longer used (a last batch smaller than the

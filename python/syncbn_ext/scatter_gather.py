@@ -10,7 +10,7 @@ import torch
 
 from .synchronized_base import _TORCH_AND_OUR_FILES, _stacklevel_outside
 
-__all__ = ["gather_on_cpu", "scatter_kwargs_on_cpu", "scatter_on_cpu"]
+__all__ = ["gather_on_cpu", "scatter_kwargs_on_cpu"]
 
 
 def _is_namedtuple(obj: Any) -> bool:
@@ -37,12 +37,14 @@ def _held_tensors(obj: Any) -> list[torch.Tensor]:
     return _tensors(list(attributes.values()))
 
 
-def _warn_of_a_batch_passed_whole(passed_whole: list[Any], batch_sizes: set[int], dim: int) -> None:
-    """Warns of objects scatter gave whole to every replica that seem to hold the batch: a tensor as long along
-    ``dim`` as the tensors split (or any tensor with that dimension, where none was split). Silent on CPU replicas,
-    where nothing fails (on GPUs, replica 1's layers would meet tensors on device 0)."""
-    for obj in passed_whole:
-        for tensor in _held_tensors(obj):
+def _warn_of_a_batch_passed_whole(
+    passed_whole: list[tuple[Any, list[torch.Tensor]]], batch_sizes: set[int], dim: int
+) -> None:
+    """Warns of objects scatter gave whole to every replica (with the tensors they hold) that seem to hold the batch:
+    a tensor as long along ``dim`` as the tensors split (or any tensor with that dimension, where none was split).
+    Silent on CPU replicas, where nothing fails (on GPUs, replica 1's layers would meet tensors on device 0)."""
+    for obj, tensors in passed_whole:
+        for tensor in tensors:
             axis = dim if dim >= 0 else dim + tensor.dim()
             if 0 <= axis < tensor.dim() and (not batch_sizes or tensor.size(axis) in batch_sizes):
                 warnings.warn(
@@ -56,18 +58,12 @@ def _warn_of_a_batch_passed_whole(passed_whole: list[Any], batch_sizes: set[int]
                 return
 
 
-def scatter_on_cpu(obj: Any, n: int, dim: int) -> list[Any]:
-    """``torch.nn.parallel.scatter`` for CPU: tensors split with ``chunk(n, dim)``, containers recursed."""
-    passed_whole: list[Any] = []
-    batch_sizes: set[int] = set()
-    scattered = _scatter(obj, n, dim, passed_whole, batch_sizes)
-    _warn_of_a_batch_passed_whole(passed_whole, batch_sizes, dim)
-    return scattered
-
-
-def _scatter(obj: Any, n: int, dim: int, passed_whole: list[Any], batch_sizes: set[int]) -> list[Any]:
-    """:func:`scatter_on_cpu`, adding the objects of other kinds holding tensors to ``passed_whole`` and the lengths
-    of the tensors split to ``batch_sizes``."""
+def _scatter(
+    obj: Any, n: int, dim: int, passed_whole: list[tuple[Any, list[torch.Tensor]]], batch_sizes: set[int]
+) -> list[Any]:
+    """``torch.nn.parallel.scatter`` for CPU: tensors split with ``chunk(n, dim)``, containers recursed. Adds the
+    objects of other kinds holding tensors (with those) to ``passed_whole``, the lengths of the tensors split to
+    ``batch_sizes``."""
 
     def scatter_map(obj: Any) -> list[Any]:
         if isinstance(obj, torch.Tensor):
@@ -84,8 +80,9 @@ def _scatter(obj: Any, n: int, dim: int, passed_whole: list[Any], batch_sizes: s
             return [list(i) for i in zip(*map(scatter_map, obj), strict=False)]
         if isinstance(obj, dict) and len(obj) > 0:
             return [type(obj)(i) for i in zip(*map(scatter_map, obj.items()), strict=False)]
-        if _held_tensors(obj):
-            passed_whole.append(obj)
+        held = _held_tensors(obj)
+        if held:
+            passed_whole.append((obj, held))
         return [obj for _ in range(n)]
 
     try:
@@ -98,7 +95,7 @@ def scatter_kwargs_on_cpu(
     inputs: tuple[Any, ...], kwargs: dict[str, Any] | None, n: int, dim: int
 ) -> tuple[tuple[Any, ...], tuple[dict[str, Any], ...]]:
     """Positional and keyword inputs split into at most ``n`` slices along ``dim`` (``scatter_kwargs`` on CPU)."""
-    passed_whole: list[Any] = []
+    passed_whole: list[tuple[Any, list[torch.Tensor]]] = []
     batch_sizes: set[int] = set()
     scattered_inputs = _scatter(inputs, n, dim, passed_whole, batch_sizes) if inputs else []
     scattered_kwargs = _scatter(kwargs, n, dim, passed_whole, batch_sizes) if kwargs else []
