@@ -3,14 +3,18 @@ prints one JSON line per scenario; every launch is bounded in time and leaves no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import sys
 from collections import defaultdict
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import child_processes
+import torch.distributed as dist
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "distributed_worker.py"
@@ -86,3 +90,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def initialized_alone(tmp_path: Path, timeout: timedelta | None = None) -> Iterator[None]:
+    """torch.distributed initialized in this process, a world of one over gloo (groups are used only while it is);
+    destroyed at the end unless the block destroyed it."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1, timeout=timeout)
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

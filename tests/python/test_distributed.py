@@ -3,20 +3,26 @@ nn.BatchNorm model on the global batch (float64). Failures across processes: tes
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import re
 import sys
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import child_processes
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_launch import TOLERANCE, WORKER, assert_parity, collect, free_port, launch, measures
+from distributed_launch import (
+    TOLERANCE,
+    WORKER,
+    assert_parity,
+    collect,
+    free_port,
+    initialized_alone,
+    launch,
+    measures,
+)
 
 import syncbn_ext
 
@@ -219,9 +225,7 @@ def test_the_layers_communicator_follows_its_groups_timeout_and_names_it_once_de
 
     from syncbn_ext import distributed
 
-    store = tmp_path / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1, timeout=timedelta(seconds=3))
-    try:
+    with initialized_alone(tmp_path, timeout=timedelta(seconds=3)):
         group = dist.group.WORLD
         own = distributed.exchange_group(group, "SyncBatchNorm(3)")
         ours = own._get_backend(torch.device("cpu"))
@@ -235,9 +239,6 @@ def test_the_layers_communicator_follows_its_groups_timeout_and_names_it_once_de
         failed = r"(?s)could not be set up \(a rank never came\).*gloo, destroyed"
         with pytest.raises(dist.DistBackendError, match=failed):
             distributed.exchange_group(group, "SyncBatchNorm(3)")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def test_a_layer_on_a_rank_outside_its_group_normalizes_alone_also_once_pickled():
@@ -270,23 +271,12 @@ class _PlaysRankZeroOfTwo(dist.ProcessGroup):
         return torch._C._distributed_c10d._create_work_from_future(future)
 
 
-@contextlib.contextmanager
-def _initialized_alone(tmp_path: Path) -> Iterator[None]:
-    """torch.distributed initialized in this process, a world of one (groups are used only while it is)."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def test_our_collectives_start_without_the_python_objects_torch_keeps_in_the_thread(monkeypatch, tmp_path):
     # torch keeps a Python object in the thread's state during a backward, and a collective captures that state:
     # gloo's worker releases its copy a moment after the work completes, which aborts the process when it falls in
     # the interpreter's shutdown. Ours start without them (README's "Ending the script").
     monkeypatch.setenv("SYNCBN_SHARED_MEMORY", "0")  # the group's own all-gathers only
-    with _initialized_alone(tmp_path):
+    with initialized_alone(tmp_path):
         _check_collectives_start_without_torchs_python_objects()
 
 
@@ -328,7 +318,7 @@ def test_once_torch_distributed_is_not_initialized_a_layer_given_a_group_normali
     group = _PlaysRankZeroOfTwo()
     layer = syncbn_ext.SyncBatchNorm(3, process_group=group)
     assert layer.sync_group() is None  # never initialized
-    with _initialized_alone(tmp_path):
+    with initialized_alone(tmp_path):
         assert layer.sync_group() is group
     reference = torch.nn.BatchNorm1d(3)
     x = torch.randn(6, 3, 4)
@@ -343,7 +333,7 @@ def test_a_process_group_that_is_no_group_is_a_type_error_naming_it(tmp_path, wr
     # (before: "AttributeError: 'list' object has no attribute 'size'" from inside the package)
     layer = syncbn_ext.SynchronizedBatchNorm2d(3, process_group=wrong)
     x = torch.randn(4, 3, 2, 2)
-    with _initialized_alone(tmp_path):
+    with initialized_alone(tmp_path):
         message = (
             r"process_group must be a torch.distributed ProcessGroup \(e.g. dist.new_group\(ranks\)\) or None, "
             rf"got {re.escape(repr(wrong))} of type {type(wrong).__name__}"

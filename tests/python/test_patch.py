@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from batchnorm_cases import cpu_dp
+from distributed_launch import initialized_alone
 from hang_guard import call_with_timeout
 from replica_modules import BatchSum, CpuDataParallel, SlowSynchronizedBatchNorm1d, forwards_from_threads
 from torch import nn
@@ -135,9 +136,5 @@ def test_replicas_made_without_the_callbacks_warn_and_are_refused_across_process
     # Across processes, each replica would exchange on its own: an error before any exchange (groups are used
     # while torch.distributed is initialized: here a world of one, and a group that says it has two ranks).
     across = replicate_on_cpu(SynchronizedBatchNorm1d(3, process_group=dist.ProcessGroup(0, 2)), 2)[0]
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        with pytest.raises(RuntimeError, match="replication callbacks did not run.*each replica would exchange"):
-            across(x)
-    finally:
-        dist.destroy_process_group()
+    with initialized_alone(tmp_path), pytest.raises(RuntimeError, match="replication callbacks did not run.*each"):
+        across(x)
