@@ -28,6 +28,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -114,7 +115,7 @@ struct NormalizeFunction : Function<NormalizeFunction> {
     const auto mode = static_cast<EpsMode>(ctx->saved_data["eps_mode"].toInt());
     auto [sum_dy, sum_dy_xmu] =
         create_graph ? backward_reduce_with_graph(dy, input, mean) : backward_reduce(dy, input, mean);
-    at::Tensor invstd = inverse_std(var, eps, mode);
+    at::Tensor invstd = backward_inverse_std(var, at::toOpMathType(input.scalar_type()), eps, mode);
     at::Tensor weight_acc = weight.defined() ? weight.to(invstd.scalar_type()) : at::Tensor();
     at::Tensor scale = weight.defined() ? invstd * weight_acc : invstd;
     at::Tensor grad_invstd = weight.defined() ? sum_dy_xmu * weight_acc : sum_dy_xmu;

@@ -56,7 +56,16 @@ void check_dtypes(const at::Tensor& input, std::initializer_list<const std::opti
 void check_features(const std::optional<at::Tensor>& values, const char* name, int64_t features) {
   if (values.has_value() && values->defined()) {
     TORCH_CHECK(values->numel() == features, name, " should contain ", features, " elements not ", values->numel());
+    TORCH_CHECK(values->dim() == 1, name, " should be a 1-D tensor of ", features,
+                " elements (one per channel), not of shape ", values->sizes());
   }
+}
+
+// As torch's autograd: batch_norm is not differentiable with respect to the running statistics.
+void check_not_requiring_grad(const std::optional<at::Tensor>& values, const char* name) {
+  TORCH_CHECK(!(values.has_value() && values->defined() && values->requires_grad() && c10::GradMode::is_enabled()),
+              "The function 'native_batch_norm' is not differentiable with respect to argument '", name,
+              "'. This input cannot have requires_grad True.");
 }
 
 // nn.BatchNorm's checks and messages (F.batch_norm's among them).
@@ -75,6 +84,8 @@ void check_arguments(const at::Tensor& input, const std::optional<at::Tensor>& w
   check_features(running_var, "running_var", features);
   check_features(weight, "weight", features);
   check_features(bias, "bias", features);
+  check_not_requiring_grad(running_mean, "running_mean");
+  check_not_requiring_grad(running_var, "running_var");
   check_dtypes(input, {&weight, &bias, &running_mean, &running_var});
 }
 
@@ -183,6 +194,7 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
   const bool update_stats = merged.total > 0 && running_mean.has_value() && running_mean->defined() &&
                             running_var.has_value() && running_var->defined();
   const bool count_batch = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  at::Tensor output = normalize(merged);  // (before the writes: a failure there writes nothing)
   if (update_stats || count_batch) {
     auto write = [&] {
       at::NoGradGuard no_grad;
@@ -201,7 +213,6 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
       write();
     }
   }
-  at::Tensor output = normalize(merged);
   if (record_call) {
     // Where the call was made, and its output's graph, when it has one (a frozen layer on an input without
     // gradients has none), which a failed or dropped backward frees.

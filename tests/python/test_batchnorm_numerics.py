@@ -153,6 +153,26 @@ def test_large_mean_small_variance_float32():
     assert mean_err_ours <= mean_err_nn * 1.05 + 1e-9, (mean_err_ours, mean_err_nn)
 
 
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_a_variance_beyond_float32_gives_nn_batchnorms_output_and_the_gradients_of_that_output(replicas):
+    # Variance ~1e40 in float32: nn.BatchNorm normalizes with an inverse std of 0 (the output is the bias) and its
+    # gradients are zero. Our backward took the float64 variance's inverse std (gradients of another output).
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 2, 3, 3, generator=generator) * 1e20
+    grad_output = torch.randn(8, 2, 3, 3, generator=generator)
+    outputs, grads = [], []
+    for layer, forward in ((nn.BatchNorm2d(2), None), (SynchronizedBatchNorm2d(2), replicas)):
+        leaf = x.clone().requires_grad_()
+        y = call_with_timeout(cpu_dp(layer, forward), leaf) if forward else layer(leaf)
+        (y * grad_output).sum().backward()
+        outputs.append(y)
+        grads.append((leaf.grad, layer.weight.grad, layer.bias.grad))
+    torch.testing.assert_close(outputs[1], outputs[0])
+    assert not grads[0][0].any() and not grads[0][1].any()  # (torch's)
+    for got, expected in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, expected)
+
+
 @pytest.mark.parametrize(
     "shape, mean, std, replicas",
     [((8, 64), 1e4, 1e-2, 2), ((8, 64), 1e5, 1.0, 2), ((32, 16, 8, 8), 1e5, 1.0, 4), ((32, 16, 8, 8), 1e3, 1e-3, 4)],

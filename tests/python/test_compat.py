@@ -102,6 +102,51 @@ def test_clamp_mode_rejects_non_positive_eps_too():
     assert wrong_momentum == outcome(nn.BatchNorm1d(C, momentum="0.1"), torch.randn(6, C))
 
 
+@pytest.mark.parametrize("buffer", ["running_mean", "running_var"])
+@pytest.mark.parametrize("eps_mode", ["plus", "clamp"])
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_running_statistics_requiring_grad_are_refused_as_batchnorm_does(buffer, eps_mode, replicas):
+    # torch's autograd refuses them while gradients are recorded (accepted replicated before: they trained).
+    ours, reference = SynchronizedBatchNorm1d(C), nn.BatchNorm1d(C)
+    for layer in (ours, reference):
+        getattr(layer, buffer).requires_grad_()
+    x = torch.randn(6, C)
+    expected = outcome(reference, x)
+    assert expected[0] is RuntimeError and "not differentiable with respect to argument" in expected[1]
+    syncbn_ext.set_sbn_eps_mode(eps_mode)
+    try:
+        assert outcome(call_with_timeout, replicated(ours, replicas), x) == expected
+        # (alone in the plus mode the layer is nn.BatchNorm, which counts the batch before it fails)
+        counted = reference.num_batches_tracked.item() if replicas == 1 and eps_mode == "plus" else 0
+        assert ours.num_batches_tracked.item() == counted
+        # As torch's: nothing to refuse without gradients (the call runs in a thread of its own: its grad mode).
+        without_grad = torch.no_grad()(replicated(ours, replicas))
+        expected = torch.no_grad()(reference)(x)  # (the clamp mode's eps differs by ~eps / var)
+        torch.testing.assert_close(call_with_timeout(without_grad, x), expected, rtol=1e-4, atol=1e-4)
+    finally:
+        syncbn_ext.set_sbn_eps_mode("plus")
+
+
+@pytest.mark.parametrize("eps_mode", ["plus", "clamp"])
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_a_weight_of_the_right_size_but_not_1d_is_refused_before_anything_is_written(eps_mode, replicas):
+    # (torch's forward takes it, its backward refuses it; ours refused it with a message about broadcasting, and
+    # the layer alone in the clamp mode had written its running statistics first.)
+    layer = SynchronizedBatchNorm2d(4)
+    layer.weight = nn.Parameter(torch.ones(2, 2))
+    x = torch.randn(6, 4, 3, 3)
+    syncbn_ext.set_sbn_eps_mode(eps_mode)
+    try:
+        if replicas == 1 and eps_mode == "plus":  # nn.BatchNorm itself
+            assert outcome(layer, x) == outcome(nn.BatchNorm2d(4), x) == (None, None)
+            return
+        with pytest.raises(RuntimeError, match=r"weight should be a 1-D tensor of 4 elements .*shape \[2, 2\]"):
+            call_with_timeout(replicated(layer, replicas), x)
+    finally:
+        syncbn_ext.set_sbn_eps_mode("plus")
+    assert layer.num_batches_tracked.item() == 0 and not layer.running_mean.any() and layer.running_var.eq(1).all()
+
+
 @pytest.mark.parametrize("eps", [float("nan"), float("inf")])
 @pytest.mark.parametrize("eps_mode", ["plus", "clamp"])
 def test_nan_and_infinite_eps_give_nn_batchnorms_result_replicated_too(eps, eps_mode):
