@@ -56,6 +56,18 @@ Message BatchNormChannel::exchange(Message message, int64_t layer_position, cons
   TORCH_CHECK(!finished_, "synchronized BatchNorm layer '", layer_name, "' (copy ", copy_id_,
               "): this replica already ran its forward; replicas from syncbn::replicate serve one forward (one "
               "syncbn::parallel_apply): replicate the module again for the next one (syncbn::data_parallel does)");
+  // The copies' calls are paired in the order each makes them: calls from threads of the user's own inside the
+  // forward (two branches at once) would pair at random, or meet crosswise in a parallel backward (autograd numbers
+  // nodes per thread). Refused in every copy alike, before any pass.
+  if (const auto group = group_.lock(); group && group->copy_runs_in_scope(copy_id_) &&
+                                        (ReplicaScope::current_group() != group.get() ||
+                                         ReplicaScope::current_copy_id() != copy_id_)) {
+    TORCH_CHECK(false, "synchronized BatchNorm layer '", layer_name, "' (copy ", copy_id_,
+                ") was called from a thread other than the one running replica ", copy_id_,
+                "'s forward (a thread of your own inside forward, e.g. branches run in a thread pool?): the "
+                "replicas' synchronized calls are paired in the order each replica makes them, so a replica's "
+                "synchronized layers must be called one after another from the thread running its forward");
+  }
   const int64_t call = ++calls_;
   message.ints[detail::kLayer] = layer_position;
   message.ints[detail::kCall] = call;

@@ -112,7 +112,18 @@ std::shared_ptr<ReplicationGroup> ReplicationSetupScope::current() {
 
 ReplicaScope::ReplicaScope(std::shared_ptr<ReplicationGroup> group, int64_t copy_id)
     : group_(std::move(group)), copy_id_(copy_id), outer_(innermost_scope) {
+  if (group_ && copy_id_ >= 0) {
+    std::lock_guard<std::mutex> lock(group_->mutex_);
+    auto& in_scope = group_->copies_in_scope_;
+    if (in_scope.size() <= static_cast<size_t>(copy_id_)) in_scope.resize(copy_id_ + 1, false);
+    in_scope[copy_id_] = true;
+  }
   innermost_scope = this;
+}
+
+bool ReplicationGroup::copy_runs_in_scope(int64_t copy_id) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return copy_id >= 0 && static_cast<size_t>(copy_id) < copies_in_scope_.size() && copies_in_scope_[copy_id];
 }
 
 ReplicaScope::~ReplicaScope() { innermost_scope = outer_; }

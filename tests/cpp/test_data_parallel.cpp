@@ -3,6 +3,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <future>
 #include <mutex>
 #include <sstream>
 #include <thread>
@@ -140,6 +141,34 @@ TEST(DataParallel, AFailingReplicaRaisesWithItsCopyIdAndTheNextForwardWorks) {
   }
   auto y = syncbn::data_parallel(net, torch::randn({8, 2, 4, 4}), cpu_replicas(4));
   EXPECT_EQ(y.sizes(), (std::vector<int64_t>{8, 4, 4, 4}));
+}
+
+// Calls its synchronized layer from a thread of its own.
+struct LayerOnAnotherThreadImpl : torch::nn::Cloneable<LayerOnAnotherThreadImpl> {
+  LayerOnAnotherThreadImpl() { reset(); }
+  void reset() override { bn = register_module("bn", syncbn::SyncBatchNorm1d(3)); }
+  torch::Tensor forward(const torch::Tensor& input) {
+    return std::async(std::launch::async, [&] { return bn->forward(input); }).get();
+  }
+  syncbn::SyncBatchNorm1d bn{nullptr};
+};
+TORCH_MODULE(LayerOnAnotherThread);
+
+TEST(DataParallel, ALayerCalledFromAThreadOfTheForwardsOwnIsRefusedAndWritesNothing) {
+  // The copies' calls pair in the order each copy makes them: from other threads they would pair at random.
+  LayerOnAnotherThread net;
+  try {
+    syncbn::data_parallel(net, torch::randn({6, 3}), cpu_replicas(2));
+    FAIL() << "expected an error";
+  } catch (const c10::Error& error) {
+    EXPECT_NE(std::string(error.what()).find("was called from a thread other than the one running replica"),
+              std::string::npos)
+        << error.what();
+  }
+  EXPECT_EQ(net->bn->num_batches_tracked.item<int64_t>(), 0);
+  EXPECT_TRUE(net->bn->running_mean.eq(0).all().item<bool>());
+  // Alone, any thread will do.
+  EXPECT_EQ(net->forward(torch::randn({6, 3})).sizes(), (std::vector<int64_t>{6, 3}));
 }
 
 // Raises in one copy, or calls its BatchNorm an extra time there: knows its copy id from the replication hook.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import gc
@@ -277,6 +278,38 @@ def test_replicas_calling_layers_in_a_different_order_get_an_error_not_mixed_sta
     assert "copy 0 is at layer 'a: SynchronizedBatchNorm1d(3)' (synchronized call 1)" in message
     assert "copy 1 is at layer 'b: SynchronizedBatchNorm1d(3)' (synchronized call 1)" in message
     assert_state_unchanged(model, before)  # no statistics were paired across layers
+
+
+class BranchesInThreads(nn.Module):
+    """Runs two synchronized layers at once, on threads of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = SynchronizedBatchNorm1d(C).double(), SynchronizedBatchNorm1d(C).double()
+        self.pool = concurrent.futures.ThreadPoolExecutor(2)
+
+    def forward(self, x):
+        first, second = self.pool.submit(self.a, x), self.pool.submit(self.b, x)
+        return first.result(timeout=60) + second.result(timeout=60)
+
+
+def test_layers_called_from_threads_of_the_forwards_own_are_refused_alike_every_time():
+    # Before: calls paired at random (errors naming no cause, or a parallel backward waiting crosswise until the
+    # timeout); now every such call is refused, in every replica, before any pass.
+    model = BranchesInThreads()
+    before = state_of(model)
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2)
+    try:
+        for _ in range(5):
+            error = run(dp, torch.randn(4, C, dtype=torch.float64))
+            assert isinstance(error, RuntimeError), repr(error)
+            assert "was called from a thread other than the one running replica" in str(error), str(error)
+            assert_state_unchanged(model, before)
+        # Alone, the layers are nn.BatchNorm: any thread will do.
+        x = torch.randn(4, C, dtype=torch.float64)
+        torch.testing.assert_close(model(x), 2 * nn.BatchNorm1d(C).double()(x))
+    finally:
+        model.pool.shutdown()
 
 
 class SlowOnMarker(nn.Module):

@@ -68,6 +68,10 @@ class SYNCBN_API ReplicationGroup {
   // Throws BarrierAbortedError, naming `what` was refused, if closed.
   void check_alive(const std::string& what) const;
 
+  // Whether a thread has entered a ReplicaScope of copy `copy_id` (its forward runs under one: the threads of
+  // parallel_apply and syncbn::data_parallel; not a replication run by the user's own threads).
+  bool copy_runs_in_scope(int64_t copy_id) const;
+
   // A parallel backward's merge of one synchronized call by copy `copy_id`:
   // `outputs` lead to its merge node (undefined where the call has no graph).
   // Kept until take_merge_roots (none once closed): a copy whose outputs do not
@@ -91,14 +95,11 @@ class SYNCBN_API ReplicationGroup {
   mutable std::mutex commit_mutex_;  // held by commit() and close(): no write runs across a close
   std::vector<std::vector<at::Tensor>> merge_roots_;  // by copy; guarded by mutex_
   std::string reason_;  // closed when not empty; written holding both mutexes, so read holding either
+  std::vector<bool> copies_in_scope_;  // by copy; guarded by mutex_
+
+  friend class ReplicaScope;
 };
 
-// Marks the calling thread, for its lifetime, as running copy `copy_id` of
-// `group` (parallel_apply's replica threads do this). Every barrier pass the
-// thread starts while the group is closed is refused, even on a barrier that
-// outlives the replication (a module's own SyncMaster, reset by the next
-// replication): a replica thread left behind can never join a later
-// replication's pass. Scopes nest; the innermost applies.
 // Marks the calling thread, for its lifetime, as running the replication
 // hooks of `group` (execute_replication_callbacks): a SyncMaster learns which
 // replication its slaves registered for, and a master of another replication
@@ -118,6 +119,13 @@ class SYNCBN_API ReplicationSetupScope {
   ReplicationSetupScope* outer_;
 };
 
+// Marks the calling thread, for its lifetime, as running copy `copy_id` of
+// `group` (parallel_apply's replica threads do this). Every barrier pass the
+// thread starts while the group is closed is refused, even on a barrier that
+// outlives the replication (a module's own SyncMaster, reset by the next
+// replication): a replica thread left behind can never join a later
+// replication's pass. Scopes nest; the innermost applies. The synchronized
+// BatchNorm calls of a copy that runs in a scope must come from it.
 class SYNCBN_API ReplicaScope {
  public:
   ReplicaScope(std::shared_ptr<ReplicationGroup> group, int64_t copy_id);
