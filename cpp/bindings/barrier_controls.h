@@ -51,7 +51,8 @@ void def_barrier_controls(PyClass& cls, CoreOf core) {
                              [core](Self& self) {
                                py::gil_scoped_release no_gil;
                                return core(self).closed();
-                             })
+                             },
+                             "Whether the barrier is closed (close(), or its replication's): passes fail at once.")
       .def(
           "finish",
           [core](Self& self, int64_t copy_id) {
@@ -64,12 +65,14 @@ void def_barrier_controls(PyClass& cls, CoreOf core) {
                              [core](Self& self) {
                                py::gil_scoped_release no_gil;
                                return core(self).nr_slaves();
-                             })
+                             },
+                             "How many slaves (copies other than 0) are registered in this replication.")
       .def_property_readonly("slave_ids",
                              [core](Self& self) {
                                py::gil_scoped_release no_gil;
                                return core(self).slave_ids();
-                             })
+                             },
+                             "The copy ids of the registered slaves, in order.")
       .def_property(
           "timeout",
           [core](Self& self) {

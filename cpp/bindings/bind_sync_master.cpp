@@ -135,9 +135,11 @@ std::shared_ptr<SyncMaster> barrier_core(const py::object& barrier) {
 
 void bind_sync_master(py::module_& m) {
   m.def("default_timeout_seconds", &default_timeout_seconds,
-        "The barrier timeout used when none is given: $SYNCBN_TIMEOUT (seconds), or 300.");
+        "The barrier timeout used when none is given: $SYNCBN_TIMEOUT (seconds), or 300 where it is unset, empty "
+        "or blank. Raises ValueError where it is set to something that is not a positive number.");
 
-  py::class_<SlavePipe, std::shared_ptr<SlavePipe>>(m, "SlavePipe", "A slave's end of a SyncMaster.")
+  py::class_<SlavePipe, std::shared_ptr<SlavePipe>>(
+      m, "SlavePipe", "A slave's end of a SyncMaster, made by its register_slave(copy_id) (not constructed directly).")
       .def(
           "run_slave",
           [](SlavePipe& self, py::object msg) {
@@ -146,14 +148,16 @@ void bind_sync_master(py::module_& m) {
             return from_message(std::move(result));
           },
           py::arg("msg"), "Sends this copy's message and waits for its result (the GIL is released meanwhile).")
-      .def_property_readonly("identifier", &SlavePipe::copy_id)
-      .def_property_readonly("copy_id", &SlavePipe::copy_id)
+      .def_property_readonly("identifier", &SlavePipe::copy_id,
+                             "The copy id this pipe sends for (the established library's name for copy_id).")
+      .def_property_readonly("copy_id", &SlavePipe::copy_id, "The copy id this pipe sends for.")
       .def("__repr__", [](const SlavePipe& self) { return "SlavePipe(identifier=" + std::to_string(self.copy_id()) + ")"; });
 
   py::class_<PySyncMaster> sync_master(m, "SyncMaster",
                                        "The master/slave reduction barrier. master_callback receives [(copy_id, msg), "
                                        "...], the master's (0, msg) first, and returns [(copy_id, result), ...], the "
-                                       "master's first.",
+                                       "master's first. timeout: seconds a pass waits for missing copies; default "
+                                       "default_timeout_seconds() ($SYNCBN_TIMEOUT or 300), read at construction.",
                                        collected_by_gc<traverse_sync_master, clear_sync_master>());
   sync_master
       .def(py::init<py::object, std::optional<double>>(), py::arg("master_callback"), py::arg("timeout") = py::none())
@@ -165,15 +169,20 @@ void bind_sync_master(py::module_& m) {
             return from_message(std::move(result));
           },
           py::arg("master_msg"), "Collects every copy's message, runs the master callback, returns the master's result.")
-      .def_property_readonly("master_callback", &PySyncMaster::master_callback)
+      .def_property_readonly("master_callback", &PySyncMaster::master_callback,
+                             "The callable merging the copies' messages (given at construction).")
       .def(py::pickle(
           [](const PySyncMaster& self) {
             return py::dict("master_callback"_a = self.master_callback(), "timeout"_a = self.core->timeout_seconds(),
                             "label"_a = self.core->label());
           },
           [](const py::dict& state) {
-            auto master = std::make_unique<PySyncMaster>(state["master_callback"], state["timeout"].cast<double>());
-            master->core->set_label(state["label"].cast<std::string>());
+            // The established library's SyncMaster pickled its callback only: the defaults then (a model of
+            // its layers' own saved whole, loaded with this package in its place).
+            std::optional<double> timeout;
+            if (state.contains("timeout")) timeout = state["timeout"].cast<double>();
+            auto master = std::make_unique<PySyncMaster>(state["master_callback"], timeout);
+            if (state.contains("label")) master->core->set_label(state["label"].cast<std::string>());
             return master;
           }));
   def_barrier_controls(sync_master, [](PySyncMaster& self) -> SyncMaster& { return *self.core; });
@@ -187,15 +196,17 @@ void bind_sync_master(py::module_& m) {
             Message message = to_message(std::move(result));
             without_gil([&] { self.put(std::move(message)); });
           },
-          py::arg("result"))
+          py::arg("result"), "Hands over a result (an error if the previous one was not taken yet); a waiting get() wakes.")
       .def(
           "get",
           [](FutureResult& self, std::optional<double> timeout) {
             Message result = without_gil([&] { return self.get(timeout); });
             return from_message(std::move(result));
           },
-          py::arg("timeout") = py::none(), "Waits for the result (the GIL is released meanwhile) and takes it.")
-      .def("ready", &FutureResult::ready);
+          py::arg("timeout") = py::none(),
+          "Waits for the result (the GIL is released meanwhile) and takes it; raises BarrierTimeoutError where "
+          "none arrives within `timeout` seconds (default: wait for ever).")
+      .def("ready", &FutureResult::ready, "Whether a result was put and not taken yet.");
 }
 
 }  // namespace syncbn::python

@@ -87,7 +87,9 @@ MessageList order_results(MessageList results, const std::vector<int64_t>& slave
 
 double default_timeout_seconds() {
   const char* text = std::getenv("SYNCBN_TIMEOUT");
-  if (text == nullptr || *text == '\0') return 300.0;
+  const char* first = text;
+  while (first != nullptr && std::isspace(static_cast<unsigned char>(*first))) ++first;
+  if (first == nullptr || *first == '\0') return 300.0;  // unset, empty or blank (`SYNCBN_TIMEOUT= cmd`)
   char* end = nullptr;
   const double seconds = std::strtod(text, &end);  // (leading blanks skipped; trailing ones too, below)
   const char* rest = end;

@@ -73,7 +73,8 @@ def announcing_failure(
         module: the model whose synchronized layers (in their current mode) the block runs.
         device: where its first synchronized call exchanges (copy 0's input device: CUDA for NCCL); default: the
             device of the first synchronized layer's tensors, else the CPU.
-        label: what failed, for the other ranks' error messages; default: ``module``'s class.
+        label: what failed, in this rank's messages (the note added where telling the others fails); default:
+            "the forward of" ``module``'s class. The other ranks' errors name this rank, not the label.
 
     Told only where the block made no synchronized call (but ones in which another rank's failure was told): a
     block that made one that paired tells nothing, the other ranks meeting this one at another call. Where

@@ -322,6 +322,9 @@ def test_timeout_from_environment(monkeypatch):
     monkeypatch.setenv("SYNCBN_TIMEOUT", "later")
     with pytest.raises(ValueError, match="SYNCBN_TIMEOUT"):
         syncbn_ext.SyncMaster(lambda items: items)
+    for unset in ("", "  "):  # empty or blank: as unset (a blank one raised, an empty one did not)
+        monkeypatch.setenv("SYNCBN_TIMEOUT", unset)
+        assert syncbn_ext.default_timeout_seconds() == 300
     monkeypatch.delenv("SYNCBN_TIMEOUT")
     assert syncbn_ext.default_timeout_seconds() == 300
     with pytest.raises(ValueError, match="positive"):
@@ -391,6 +394,35 @@ def test_pickle_and_deepcopy_keep_callback_timeout_and_label():
         assert clone.timeout == 12
         assert clone.label == "bn"
         assert clone.nr_slaves == 0  # registrations belong to a replication, not to the object
+
+
+ESTABLISHED_COMM = """
+class SyncMaster:  # pickles as the established library's pure-Python SyncMaster does: its callback only
+    def __init__(self, master_callback):
+        self._master_callback = master_callback
+
+    def __getstate__(self):
+        return {"master_callback": self._master_callback}
+"""
+
+
+def each_its_own(intermediates):
+    return list(intermediates)
+
+
+def test_a_pickle_of_the_established_librarys_barrier_loads_as_ours(monkeypatch):
+    # A module of the user's own holding the established library's SyncMaster, saved whole, loaded with our class
+    # in its place (a KeyError 'timeout' before): the default timeout and label.
+    comm = type(sys)("established_comm")
+    exec(ESTABLISHED_COMM, comm.__dict__)
+    monkeypatch.setitem(sys.modules, "established_comm", comm)
+    saved = pickle.dumps(comm.SyncMaster(each_its_own))
+    comm.SyncMaster = syncbn_ext.SyncMaster
+    master = pickle.loads(saved)
+    assert type(master) is syncbn_ext.SyncMaster and master.master_callback is each_its_own
+    assert master.timeout == syncbn_ext.default_timeout_seconds()
+    assert master.label == syncbn_ext.SyncMaster(each_its_own).label
+    assert master.run_master(3) == 3
 
 
 def test_future_result():

@@ -17,8 +17,9 @@ namespace syncbn {
 // ordered by copy id, and returns one result per copy in the same form.
 using MasterCallback = std::function<MessageList(MessageList)>;
 
-// The barrier timeout in seconds when none is given: $SYNCBN_TIMEOUT, or 300.
-// Throws a ValueError when the variable is set but is not a positive number.
+// The barrier timeout in seconds when none is given: $SYNCBN_TIMEOUT, or 300
+// (unset, empty or blank). Throws a ValueError when it is set to something
+// that is not a positive number.
 SYNCBN_API double default_timeout_seconds();
 
 namespace detail {
