@@ -72,6 +72,38 @@ _TO_SYNC_BATCH_NORM = (
     SynchronizedBatchNorm3d,
 )
 
+# The established library's (Synchronized-BatchNorm-PyTorch) layers, by name: its package `sync_batchnorm`, installed
+# or vendored into a project (`lib.sync_batchnorm`), is not imported here. Its layers synchronize with its own
+# code (a GPU-only reduction, no timeouts): converted to ours, with their state.
+_ESTABLISHED_LAYERS: dict[str, type[_SynchronizedBatchNorm]] = {
+    "SynchronizedBatchNorm1d": SynchronizedBatchNorm1d,
+    "SynchronizedBatchNorm2d": SynchronizedBatchNorm2d,
+    "SynchronizedBatchNorm3d": SynchronizedBatchNorm3d,
+}
+
+
+def _of_established_library(cls: type, module: str) -> bool:
+    """Whether ``cls`` is defined in the established library's ``module`` (``sync_batchnorm.<module>``)."""
+    defined_in = getattr(cls, "__module__", None) or ""
+    return defined_in == f"sync_batchnorm.{module}" or defined_in.endswith(f".sync_batchnorm.{module}")
+
+
+def _established_layer(cls: type) -> type[_SynchronizedBatchNorm] | None:
+    """Our layer for one of the established library's (those exact classes), else None."""
+    if _of_established_library(cls, "batchnorm") and issubclass(cls, _BatchNorm):
+        return _ESTABLISHED_LAYERS.get(cls.__name__)
+    return None
+
+
+def _derives_from_established_layer(cls: type) -> bool:
+    return any(_of_established_library(base, "batchnorm") for base in cls.__mro__ if base is not _BatchNorm)
+
+
+def _is_established_data_parallel(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ == "DataParallelWithCallback" and _of_established_library(cls, "replicate")
+
+
 M = TypeVar("M", bound=nn.Module)
 
 # A layer revert_model made -> the number of the synchronized layer it stands for: converted again (a round trip to
@@ -85,6 +117,11 @@ _DROPPED_ATTRIBUTES = (
     "_layer_id",
     "_converted_at",
     *_SYNC_STATE_DEFAULTS,
+    # the established library's replication state (its own barrier, bound to the old layer)
+    "_sync_master",
+    "_is_parallel",
+    "_parallel_id",
+    "_slave_pipe",
 )
 
 
@@ -183,7 +220,10 @@ def _to_synchronized_layers(
 
 
 def _to_synchronized(process_group: Any) -> Callable[[nn.Module], nn.Module]:
-    return _to_synchronized_layers(_TORCH_TO_SYNC.get, process_group, keep_own_group=lambda layer: True)
+    def target_of(cls: type) -> type[nn.Module] | None:
+        return _TORCH_TO_SYNC.get(cls) or _established_layer(cls)
+
+    return _to_synchronized_layers(target_of, process_group, keep_own_group=lambda layer: True)
 
 
 def _refuse_lazy_batch_norm(cls: type) -> None:
@@ -198,12 +238,13 @@ def _refuse_lazy_batch_norm(cls: type) -> None:
 def _to_sync_batch_norm(process_group: Any) -> Callable[[nn.Module], nn.Module]:
     def target_of(cls: type) -> type[nn.Module] | None:
         _refuse_lazy_batch_norm(cls)
-        return SyncBatchNorm if cls in _TO_SYNC_BATCH_NORM else None
+        return SyncBatchNorm if cls in _TO_SYNC_BATCH_NORM or _established_layer(cls) else None
 
     def keep_own_group(layer: nn.Module) -> bool:
         # As torch's convert_sync_batchnorm, the layers it converts and every SyncBatchNorm get the group given,
         # None (the default group) included; other synchronized layers keep theirs unless one is given.
-        converted = parametrize.type_before_parametrizations(layer) in _TO_SYNC_BATCH_NORM
+        cls = parametrize.type_before_parametrizations(layer)
+        converted = cls in _TO_SYNC_BATCH_NORM or _established_layer(cls) is not None
         return not (converted or isinstance(layer, SyncBatchNorm))
 
     return _to_synchronized_layers(target_of, process_group, keep_own_group)
@@ -302,7 +343,8 @@ def _convert(
         result.__dict__["_converted_at"] = path
         result._name_unreplicated(type(result).__name__)
     if wrap_data_parallel and isinstance(module, nn.DataParallel) and not isinstance(module, DataParallelWithCallback):
-        if type(module) is nn.DataParallel:
+        # (the established library's wrapper is nn.DataParallel with its replication callbacks, which ours replace)
+        if type(module) is nn.DataParallel or _is_established_data_parallel(module):
             # nn.DataParallel without an accelerator only sets device_ids (== []): the others take their defaults.
             result = DataParallelWithCallback(
                 module.module,
@@ -346,7 +388,8 @@ def _warn_of_unconverted_layers(model: nn.Module, converter: str, stacklevel: in
 
     Subclasses of ``nn.BatchNorm`` (e.g. a BatchNorm fused with its activation) keep their class and their own
     forward: under the wrapper each replica would normalize its slice alone. Layers that handle replication
-    themselves (``__data_parallel_replicate__``, as the established library's) are not reported. Nor can a
+    themselves (``__data_parallel_replicate__``) are not reported, except subclasses of the established library's
+    layers (its own exact classes are converted), which keep its synchronization. Nor can a
     TorchScript module (``torch.jit.script`` / ``trace``) be converted: its code is compiled, whatever its layers.
     """
     left = [
@@ -354,6 +397,20 @@ def _warn_of_unconverted_layers(model: nn.Module, converter: str, stacklevel: in
         for name, layer in model.named_modules()
         if isinstance(layer, _BatchNorm) and not hasattr(layer, "__data_parallel_replicate__")  # ours have it too
     ]
+    established = [
+        f"'{name or '<root>'}': {type(layer).__qualname__}"
+        for name, layer in model.named_modules()
+        if isinstance(layer, _BatchNorm) and _derives_from_established_layer(type(layer))
+    ]
+    if established:
+        shown = ", ".join(established[:3]) + (f" and {len(established) - 3} more" if len(established) > 3 else "")
+        warnings.warn(
+            f"{converter} left {len(established)} layer(s) derived from Synchronized-BatchNorm-PyTorch's "
+            f"(sync_batchnorm) as they were ({shown}): they keep that library's own synchronization (GPU only, no "
+            "timeouts or failure handling). Derive their class from the syncbn_ext layer of the same name instead",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
     if left:
         shown = ", ".join(left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
         warnings.warn(
@@ -394,11 +451,13 @@ def convert_model(module: nn.Module, process_group: Any = None) -> Any:
       :class:`~syncbn_ext.SyncBatchNorm` (any input dimensionality) with its state and ``process_group``; an
       ``nn.LazyBatchNorm1d`` / ``2d`` / ``3d`` not yet initialized becomes a
       :class:`~syncbn_ext.LazySynchronizedBatchNorm1d` / ``2d`` / ``3d`` (its first forward makes it a
-      synchronized layer, where the torch one would become a plain ``nn.BatchNormNd``).
+      synchronized layer, where the torch one would become a plain ``nn.BatchNormNd``); the established library's
+      (Synchronized-BatchNorm-PyTorch, ``sync_batchnorm``, installed or vendored) ``SynchronizedBatchNorm1d`` /
+      ``2d`` / ``3d`` become ours with their state (subclasses of its layers are left as they are, and warned of).
     * An ``nn.DataParallel`` becomes a :class:`~syncbn_ext.DataParallelWithCallback` with the same ``device_ids``,
       ``output_device``, ``dim``, hooks and training flag around the converted module; a subclass of
       ``nn.DataParallel`` is kept and given the replication callbacks with :func:`syncbn_ext.patch`; a
-      ``DataParallelWithCallback`` stays.
+      ``DataParallelWithCallback`` stays (the established library's becomes ours).
 
     The conversion is in place (see the module's documentation): containers are modified and returned as they
     are, and the root is replaced when it is itself a BatchNorm or an ``nn.DataParallel``, so always use the
@@ -424,11 +483,12 @@ def convert_model(module: nn.Module, process_group: Any = None) -> Any:
 def convert_to_sync_batch_norm(module: nn.Module, process_group: Any = None) -> Any:
     """Every BatchNorm layer of ``module`` becomes a :class:`~syncbn_ext.SyncBatchNorm`, recursively, in place.
 
-    ``nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and the ``SynchronizedBatchNormNd`` layers (those exact
-    classes) take the same parameters and buffers (the same tensors), options, training flag and hooks, and
-    ``process_group``; a :class:`~syncbn_ext.SyncBatchNorm` already there gets ``process_group`` in place (as
-    torch's does, ``None`` included), other synchronized layers only a group given; wrappers are left as they
-    are. ``syncbn_ext.SyncBatchNorm.convert_sync_batchnorm``. TorchScript modules cannot be converted (warned).
+    ``nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and the ``SynchronizedBatchNormNd`` layers, ours and the
+    established library's (those exact classes), take the same parameters and buffers (the same tensors),
+    options, training flag and hooks, and ``process_group``; a :class:`~syncbn_ext.SyncBatchNorm` already there
+    gets ``process_group`` in place (as torch's does, ``None`` included), other synchronized layers only a group
+    given; wrappers are left as they are. ``syncbn_ext.SyncBatchNorm.convert_sync_batchnorm``. TorchScript
+    modules cannot be converted (warned).
     A lazy BatchNorm not yet initialized raises a ``TypeError`` (``SyncBatchNorm`` has no lazy form).
 
     Returns:

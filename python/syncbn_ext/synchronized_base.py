@@ -97,6 +97,10 @@ def _carries_a_tangent(*tensors: Tensor | None) -> bool:
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
+# The established library's layer methods a subclass written for it may override; ours have none of them.
+_ESTABLISHED_INTERNALS = frozenset({"_data_parallel_master", "_compute_mean_std", "_add_weighted"})
+
+
 class _SynchronizedBatchNorm(_BatchNorm):
     """The common base of the synchronized layers: everything but the input-dimension check.
 
@@ -118,6 +122,20 @@ class _SynchronizedBatchNorm(_BatchNorm):
 
     #: Whether ``process_group=None`` means the default group (``SyncBatchNorm``) or no cross-process step.
     _default_to_world = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A subclass written for the established library's layer, its import changed to ours: overrides of that
+        # layer's internals would be ignored, silently.
+        ignored = sorted(_ESTABLISHED_INTERNALS.intersection(vars(cls)))
+        if ignored:
+            warnings.warn(
+                f"{cls.__qualname__} defines {', '.join(ignored)}, method(s) of Synchronized-BatchNorm-PyTorch's "
+                "layers that syncbn_ext's layers never call: the override has no effect (override forward, or "
+                "write a module of your own with a SyncMaster; a replica's copy id is self._copy_id)",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _call_impl(self, *args: Any, **kwargs: Any) -> Any:
         # Under torch.fx symbolic tracing: one call_module node, made before the hooks run, as nn.BatchNorm gets
