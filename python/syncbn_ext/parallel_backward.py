@@ -463,13 +463,31 @@ class Boundaries:
         ]
 
 
-def _reached(outputs: list[torch.Tensor], views: list[torch.Tensor], others: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Those of a replica's ``others`` its graph from ``outputs`` reaches (leaves kept): an edge to a tensor it does
-    not reach (a module's attribute left from an earlier step, whose graph that step's backward freed) would have
-    autograd run that tensor's graph too."""
-    with_graph = [t if t.grad_fn is not None else None for t in others]
-    reached = _C.reaches(outputs, with_graph, [*views, *others])
-    return [t for t, r in zip(others, reached, strict=True) if r or t.grad_fn is None]
+def _reached(outputs: list[torch.Tensor], views: list[torch.Tensor], others: list[torch.Tensor]) -> list[bool]:
+    """Which of a replica's boundary tensors (``views``, then ``others``) its graph from ``outputs`` reaches (leaves
+    counted as reached)."""
+    boundary = [*views, *others]
+    reached = _C.reaches(outputs, [t if t.grad_fn is not None else None for t in boundary], boundary)
+    return [r or t.grad_fn is None for t, r in zip(boundary, reached, strict=True)]
+
+
+def _reached_boundaries(
+    outputs: list[list[torch.Tensor]], boundaries: Boundaries
+) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """Per replica, the parameter handles and other boundary tensors its outputs' graph reaches: the join's inputs.
+
+    Autograd runs whatever the join has an edge to, with hooks: an edge to a parameter no output reaches (a module
+    the forward did not call, an auxiliary head) would call that parameter's hooks with ``None``, and an edge to an
+    attribute tensor not reached (left from an earlier step, whose backward freed its graph) would run that graph.
+    A parameter is kept for every replica where some replica's outputs reach it (the sums go by position)."""
+    reached = [_reached(f, v, o) for f, v, o in zip(outputs, boundaries.views, boundaries.others, strict=True)]
+    count = len(boundaries.views[0])
+    kept = [any(r[j] for r in reached) for j in range(count)]
+    views = [[v for v, k in zip(vs, kept, strict=True) if k] for vs in boundaries.views]
+    others = [
+        [t for t, r in zip(os, rs[count:], strict=True) if r] for os, rs in zip(boundaries.others, reached, strict=True)
+    ]
+    return views, others
 
 
 def join_replicas(
@@ -489,8 +507,7 @@ def join_replicas(
     flat = [[t for t in _tensors(output) if t.requires_grad] for output in outputs]
     if not any(flat):
         return list(outputs)
-    views = boundaries.views
-    others = [_reached(f, v, o) for f, v, o in zip(flat, views, boundaries.others, strict=True)]
+    views, others = _reached_boundaries(flat, boundaries)
     disjoint, foreign = _C.analyze_replica_graphs(flat, [[*v, *o] for v, o in zip(views, others, strict=True)])
     if not disjoint:
         return None

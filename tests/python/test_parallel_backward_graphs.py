@@ -250,3 +250,34 @@ def test_what_the_loss_does_not_use(parallel_backward, second_output):
     torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
     assert all(p.grad is None for p in model.second_head.parameters())
     assert_grads_equal(model, syncbn_ext.revert_model(reference))
+
+
+class WithAuxiliaryHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(C, C), SynchronizedBatchNorm1d(C), nn.ReLU(), nn.Linear(C, 2))
+        self.aux = nn.Linear(C, 2)  # not called on this step (deep supervision on other steps, say)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("parallel_backward", [True, False])
+def test_parameters_the_forward_did_not_use_get_no_hook_call_and_no_gradient(parallel_backward):
+    # As in the whole batch's backward. The parallel backward called their hooks with None (gradient clipping hooks
+    # and optimizers run in backward then raised).
+    torch.manual_seed(0)
+    model = WithAuxiliaryHead().double()
+    reference = copy.deepcopy(model)
+    calls = []
+    for name, parameter in model.named_parameters():
+        parameter.register_hook(lambda grad, name=name: calls.append((name, grad is None)))
+        parameter.register_post_accumulate_grad_hook(lambda p, name=name: calls.append((name, p.grad is None)))
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=parallel_backward)
+    x = torch.randn(8, C, dtype=torch.float64)
+    call_with_timeout(lambda: dp(x).sum().backward())
+    used = [name for name, _ in model.body.named_parameters(prefix="body")]
+    assert sorted(calls) == sorted([(name, False) for name in used] * 2)  # each hook once, with a gradient
+    assert all(p.grad is None for p in model.aux.parameters())
+    syncbn_ext.revert_model(reference)(x).sum().backward()
+    assert_grads_equal(model, reference)
