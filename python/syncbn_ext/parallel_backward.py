@@ -108,6 +108,38 @@ def _other_boundary(
     return _unique([t for t in tensors if t.requires_grad])
 
 
+def _meeting_roots(
+    merges: list[list[torch.Tensor | None]], boundaries: list[list[torch.Tensor]], starts: list[list[torch.Tensor]]
+) -> list[list[torch.Tensor]]:
+    """Per copy, the merged statistics of the synchronized calls whose merge some copy's backward from ``starts``
+    reaches (directly, or below another such call), for every copy to start from too: each meets there, and the
+    other copies' share of the statistics' gradient reaches its input even where its own outputs do not lead there
+    (the layer's output unused by that copy). A call no copy reaches is left out, so that parameters only it
+    leads to keep a None gradient, as in the whole batch's backward. ``merges``: per copy, each call's merged
+    (mean, var), None without a graph; ``boundaries``: per copy, where its graph is cut."""
+    calls = [list(zip(m[0::2], m[1::2], strict=True)) for m in merges]  # per copy, (mean, var) per call
+    if len({len(c) for c in calls}) != 1:  # every copy made the same calls; should that fail, all of them
+        return [[t for t in m if t is not None] for m in merges]
+
+    def roots(needed: list[bool]) -> list[list[torch.Tensor]]:
+        return [
+            [t for call, pair in zip(needed, copy_calls, strict=True) if call for t in pair if t is not None]
+            for copy_calls in calls
+        ]
+
+    needed = [False] * len(calls[0])
+    search = starts
+    while True:
+        found = list(needed)
+        for copy_id, copy_calls in enumerate(calls):
+            reached = _C.reaches(search[copy_id], [mean for mean, _ in copy_calls], boundaries[copy_id])
+            found = [f or r for f, r in zip(found, reached, strict=True)]
+        if found == needed or all(found):
+            return roots(found)
+        needed = found
+        search = [[*s, *r] for s, r in zip(starts, roots(needed), strict=True)]
+
+
 class _Plan:
     """What the joining node's backward needs: each replica's outputs (with their graphs) and boundary."""
 
@@ -135,33 +167,10 @@ class _Plan:
         return [*self.views[copy_id], *self.others[copy_id]]
 
     def meeting_roots(self, starts: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
-        """Per copy, the merged statistics of the synchronized calls whose merge some copy's backward from ``starts``
-        reaches (directly, or below another such call), for every copy to start from too: each meets there, and the
-        other copies' share of the statistics' gradient reaches its input even where its own outputs do not lead there
-        (the layer's output unused by that copy). A call no copy reaches is left out, so that parameters only it
-        leads to keep a None gradient, as in the whole batch's backward."""
+        """Per copy, the merged statistics of the synchronized calls some copy's backward from ``starts`` meets at
+        (see :func:`_meeting_roots`)."""
         assert self.merges is not None
-        calls = [list(zip(m[0::2], m[1::2], strict=True)) for m in self.merges]  # per copy, (mean, var) per call
-        if len({len(c) for c in calls}) != 1:  # every copy made the same calls; should that fail, all of them
-            return [[t for t in m if t is not None] for m in self.merges]
-
-        def roots(needed: list[bool]) -> list[list[torch.Tensor]]:
-            return [
-                [t for call, pair in zip(needed, copy_calls, strict=True) if call for t in pair if t is not None]
-                for copy_calls in calls
-            ]
-
-        needed = [False] * len(calls[0])
-        search = starts
-        while True:
-            found = list(needed)
-            for copy_id, copy_calls in enumerate(calls):
-                reached = _C.reaches(search[copy_id], [mean for mean, _ in copy_calls], self.boundary(copy_id))
-                found = [f or r for f, r in zip(found, reached, strict=True)]
-            if found == needed or all(found):
-                return roots(found)
-            needed = found
-            search = [[*s, *r] for s, r in zip(starts, roots(needed), strict=True)]
+        return _meeting_roots(self.merges, [self.boundary(c) for c in range(len(self.merges))], starts)
 
     def inputs(self) -> list[torch.Tensor]:
         """The joining node's boundary inputs: every replica's parameter views, then every replica's others."""
@@ -472,15 +481,20 @@ def _reached(outputs: list[torch.Tensor], views: list[torch.Tensor], others: lis
 
 
 def _reached_boundaries(
-    outputs: list[list[torch.Tensor]], boundaries: Boundaries
+    outputs: list[list[torch.Tensor]], merges: list[list[torch.Tensor | None]], boundaries: Boundaries
 ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
-    """Per replica, the parameter handles and other boundary tensors its outputs' graph reaches: the join's inputs.
+    """Per replica, the parameter handles and other boundary tensors its backward reaches: the join's inputs.
 
-    Autograd runs whatever the join has an edge to, with hooks: an edge to a parameter no output reaches (a module
-    the forward did not call, an auxiliary head) would call that parameter's hooks with ``None``, and an edge to an
-    attribute tensor not reached (left from an earlier step, whose backward freed its graph) would run that graph.
-    A parameter is kept for every replica where some replica's outputs reach it (the sums go by position)."""
-    reached = [_reached(f, v, o) for f, v, o in zip(outputs, boundaries.views, boundaries.others, strict=True)]
+    Its backward starts from its outputs and from the merges of the synchronized calls some copy's outputs reach
+    (through which the other copies' share of the statistics' gradient comes: an input or parameter that only
+    those statistics lead to, its layer's output unused by this copy, still gets its gradient). Autograd runs
+    whatever the join has an edge to, with hooks: an edge to a parameter nothing reaches (a module the forward did
+    not call, an auxiliary head) would call that parameter's hooks with ``None``, and an edge to an attribute tensor
+    not reached (left from an earlier step, whose backward freed its graph) would run that graph. A parameter is
+    kept for every replica where some replica reaches it (the sums go by position)."""
+    cut = [[*v, *o] for v, o in zip(boundaries.views, boundaries.others, strict=True)]
+    starts = [[*f, *r] for f, r in zip(outputs, _meeting_roots(merges, cut, outputs), strict=True)]
+    reached = [_reached(s, v, o) for s, v, o in zip(starts, boundaries.views, boundaries.others, strict=True)]
     count = len(boundaries.views[0])
     kept = [any(r[j] for r in reached) for j in range(count)]
     views = [[v for v, k in zip(vs, kept, strict=True) if k] for vs in boundaries.views]
@@ -507,7 +521,7 @@ def join_replicas(
     flat = [[t for t in _tensors(output) if t.requires_grad] for output in outputs]
     if not any(flat):
         return list(outputs)
-    views, others = _reached_boundaries(flat, boundaries)
+    views, others = _reached_boundaries(flat, merges, boundaries)
     disjoint, foreign = _C.analyze_replica_graphs(flat, [[*v, *o] for v, o in zip(views, others, strict=True)])
     if not disjoint:
         return None

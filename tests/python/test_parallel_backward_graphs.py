@@ -281,3 +281,42 @@ def test_parameters_the_forward_did_not_use_get_no_hook_call_and_no_gradient(par
     assert all(p.grad is None for p in model.aux.parameters())
     syncbn_ext.revert_model(reference)(x).sum().backward()
     assert_grads_equal(model, reference)
+
+
+class StatisticsOnlyInOneReplica(nn.Module):
+    """Where its batch is marked, a replica normalizes ``p(x)`` but returns ``q(x.detach())``: its input and ``p``
+    reach its loss only through the whole batch's statistics (the other replica returns ``bn(p(x))``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p, self.q = nn.Linear(C, C), nn.Linear(C, C)
+        self.bn = SynchronizedBatchNorm1d(C)
+
+    def forward(self, x):
+        if bool(x[0, 0] > 100):
+            self.bn(self.p(x))
+            return self.q(x.detach())
+        return self.bn(self.p(x))
+
+
+def test_what_only_the_whole_batchs_statistics_lead_to_gets_its_gradient_in_the_parallel_backward():
+    # The join's edges were chosen from the replicas' outputs alone: replica 0's input slice got zeros and p's
+    # parameters None (silently), where autograd's serial backward reaches them through the statistics' merge.
+    torch.manual_seed(0)
+    model = StatisticsOnlyInOneReplica().double()
+    x = torch.randn(8, C, dtype=torch.float64)
+    x[:4, 0] += 1000  # replica 0's slice
+    results = []
+    for parallel_backward in (False, True):
+        ours = copy.deepcopy(model)
+        calls = []
+        ours.p.weight.register_hook(lambda grad, calls=calls: calls.append(grad is None))
+        leaf = x.clone().requires_grad_()
+        dp = DataParallelWithCallback(ours, device_ids=["cpu"] * 2, parallel_backward=parallel_backward)
+        call_with_timeout(lambda dp=dp, leaf=leaf: (dp(leaf) ** 3).sum().backward())
+        results.append((ours, leaf.grad, calls))
+    (serial, serial_grad, serial_calls), (parallel, parallel_grad, parallel_calls) = results
+    assert serial_grad[:4].norm() > 0 and serial.p.weight.grad is not None and serial_calls == [False]
+    torch.testing.assert_close(parallel_grad, serial_grad, rtol=1e-10, atol=1e-10)
+    assert parallel_calls == serial_calls
+    assert_grads_equal(parallel, serial)
