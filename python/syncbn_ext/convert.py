@@ -72,9 +72,10 @@ _TO_SYNC_BATCH_NORM = (
     SynchronizedBatchNorm3d,
 )
 
-# The established library's (Synchronized-BatchNorm-PyTorch) layers, by name: its package `sync_batchnorm`, installed
-# or vendored into a project (`lib.sync_batchnorm`), is not imported here. Its layers synchronize with its own
-# code (a GPU-only reduction, no timeouts): converted to ours, with their state.
+# The established library's (Synchronized-BatchNorm-PyTorch) layers, told by their design (nn.BatchNorm with its
+# replication hook and a master callback of their own), names and module: its package is not imported here, and
+# projects vendor it (`lib.sync_batchnorm.batchnorm`, or `lib.nn.modules.batchnorm` as CSAIL's segmentation code).
+# Its layers synchronize with its own code (a GPU-only reduction, no timeouts): converted to ours, with their state.
 _ESTABLISHED_LAYERS: dict[str, type[_SynchronizedBatchNorm]] = {
     "SynchronizedBatchNorm1d": SynchronizedBatchNorm1d,
     "SynchronizedBatchNorm2d": SynchronizedBatchNorm2d,
@@ -82,26 +83,36 @@ _ESTABLISHED_LAYERS: dict[str, type[_SynchronizedBatchNorm]] = {
 }
 
 
-def _of_established_library(cls: type, module: str) -> bool:
-    """Whether ``cls`` is defined in the established library's ``module`` (``sync_batchnorm.<module>``)."""
-    defined_in = getattr(cls, "__module__", None) or ""
-    return defined_in == f"sync_batchnorm.{module}" or defined_in.endswith(f".sync_batchnorm.{module}")
+def _defined_in_module_named(cls: type, name: str) -> bool:
+    """Whether ``cls`` is defined in a module whose last name is ``name`` (``<anything>.batchnorm``)."""
+    return (getattr(cls, "__module__", None) or "").rsplit(".", 1)[-1] == name
+
+
+def _of_established_design(cls: type) -> bool:
+    """A BatchNorm layer of the established library's design (its code, or a copy of it), not one of ours."""
+    return (
+        issubclass(cls, _BatchNorm)
+        and not issubclass(cls, _SynchronizedBatchNorm)
+        and callable(getattr(cls, "__data_parallel_replicate__", None))
+        and callable(getattr(cls, "_data_parallel_master", None))
+    )
 
 
 def _established_layer(cls: type) -> type[_SynchronizedBatchNorm] | None:
-    """Our layer for one of the established library's (those exact classes), else None."""
-    if _of_established_library(cls, "batchnorm") and issubclass(cls, _BatchNorm):
-        return _ESTABLISHED_LAYERS.get(cls.__name__)
+    """Our layer for one of the established library's (its exact classes), else None."""
+    if cls.__name__ in _ESTABLISHED_LAYERS and _defined_in_module_named(cls, "batchnorm"):
+        if _of_established_design(cls):
+            return _ESTABLISHED_LAYERS[cls.__name__]
     return None
 
 
 def _derives_from_established_layer(cls: type) -> bool:
-    return any(_of_established_library(base, "batchnorm") for base in cls.__mro__ if base is not _BatchNorm)
+    return _of_established_design(cls) and _established_layer(cls) is None
 
 
 def _is_established_data_parallel(module: nn.Module) -> bool:
     cls = type(module)
-    return cls.__name__ == "DataParallelWithCallback" and _of_established_library(cls, "replicate")
+    return cls.__name__ == "DataParallelWithCallback" and _defined_in_module_named(cls, "replicate")
 
 
 M = TypeVar("M", bound=nn.Module)
@@ -405,9 +416,10 @@ def _warn_of_unconverted_layers(model: nn.Module, converter: str, stacklevel: in
     if established:
         shown = ", ".join(established[:3]) + (f" and {len(established) - 3} more" if len(established) > 3 else "")
         warnings.warn(
-            f"{converter} left {len(established)} layer(s) derived from Synchronized-BatchNorm-PyTorch's "
-            f"(sync_batchnorm) as they were ({shown}): they keep that library's own synchronization (GPU only, no "
-            "timeouts or failure handling). Derive their class from the syncbn_ext layer of the same name instead",
+            f"{converter} left {len(established)} layer(s) of Synchronized-BatchNorm-PyTorch's design (sync_batchnorm: "
+            f"a _data_parallel_master of their own) as they were ({shown}): they synchronize with their own code, "
+            "not syncbn_ext's (that library's is GPU only, with no timeouts or failure handling). Derive their class "
+            "from the syncbn_ext layer of the same name instead",
             UserWarning,
             stacklevel=stacklevel,
         )

@@ -127,12 +127,15 @@ class _SynchronizedBatchNorm(_BatchNorm):
         super().__init_subclass__(**kwargs)
         # A subclass written for the established library's layer, its import changed to ours: overrides of that
         # layer's internals would be ignored, silently.
-        ignored = sorted(_ESTABLISHED_INTERNALS.intersection(vars(cls)))
+        # (Told once: where the class brings them, itself or through a mixin, not where a synchronized base did.)
+        inherited = {name for base in cls.__bases__ if issubclass(base, _SynchronizedBatchNorm) for name in dir(base)}
+        ignored = sorted(name for name in _ESTABLISHED_INTERNALS - inherited if hasattr(cls, name))
         if ignored:
             warnings.warn(
                 f"{cls.__qualname__} defines {', '.join(ignored)}, method(s) of Synchronized-BatchNorm-PyTorch's "
-                "layers that syncbn_ext's layers never call: the override has no effect (override forward, or "
-                "write a module of your own with a SyncMaster; a replica's copy id is self._copy_id)",
+                "layers that syncbn_ext's layers never call: an override written for that library has no effect "
+                "(override forward, or write a module of your own with a SyncMaster; a replica's copy id is "
+                "self._copy_id)",
                 UserWarning,
                 stacklevel=2,
             )

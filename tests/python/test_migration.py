@@ -41,6 +41,9 @@ class _SynchronizedBatchNorm(_BatchNorm):
     def __data_parallel_replicate__(self, ctx, copy_id):
         raise AssertionError("the established layer's own replication ran")
 
+    def _data_parallel_master(self, intermediates):
+        raise AssertionError("the established layer's own master ran")
+
 
 class SynchronizedBatchNorm1d(_SynchronizedBatchNorm):
     pass
@@ -71,7 +74,8 @@ def _install(monkeypatch, package: str) -> tuple[types.ModuleType, types.ModuleT
     return made[0], made[1]
 
 
-PACKAGES = ["sync_batchnorm", "project.lib.sync_batchnorm"]  # installed, or vendored into a project
+# Installed, vendored into a project, or vendored as CSAIL's semantic segmentation code does (its lib/nn/modules).
+PACKAGES = ["sync_batchnorm", "project.lib.sync_batchnorm", "mit_semseg.lib.nn.modules"]
 
 
 def _established_model(batchnorm: types.ModuleType) -> nn.Sequential:
@@ -144,7 +148,7 @@ def test_subclasses_of_the_established_librarys_layers_are_left_and_warned_of(mo
         pass
 
     model = nn.Sequential(FrozenStatistics(4), batchnorm.SynchronizedBatchNorm2d(4))
-    with pytest.warns(UserWarning, match=r"left 1 layer\(s\) derived from Synchronized-BatchNorm-PyTorch's.*'0'"):
+    with pytest.warns(UserWarning, match=r"left 1 layer\(s\) of Synchronized-BatchNorm-PyTorch's design.*'0'"):
         syncbn_ext.convert_model(model)
     assert type(model[0]) is FrozenStatistics and type(model[1]) is SynchronizedBatchNorm2d
 
@@ -159,6 +163,15 @@ def test_a_subclass_overriding_the_established_layers_internals_is_warned_that_t
             def _data_parallel_master(self, intermediates):
                 raise AssertionError("never called")
 
+    class EstablishedInternals:
+        def _compute_mean_std(self, sum_, ssum, size):
+            raise AssertionError("never called")
+
+    with pytest.warns(UserWarning, match="ThroughAMixin defines _compute_mean_std"):
+
+        class ThroughAMixin(EstablishedInternals, SynchronizedBatchNorm2d):
+            pass
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")
 
@@ -166,5 +179,35 @@ def test_a_subclass_overriding_the_established_layers_internals_is_warned_that_t
             def forward(self, input):
                 return super().forward(input)
 
+        class Further(WrittenForTheEstablishedLayer):  # told once, where the methods came
+            pass
+
     x = torch.randn(4, 2, 3, 3)
     torch.testing.assert_close(WrittenForTheEstablishedLayer(2)(x), OwnForward(2)(x))
+    torch.testing.assert_close(Further(2)(x), ThroughAMixin(2)(x))
+
+
+SHIM_BATCHNORM = """
+import syncbn_ext
+
+
+class SynchronizedBatchNorm2d(syncbn_ext.SynchronizedBatchNorm2d):
+    def forward(self, input):
+        return super().forward(input) + 1
+
+
+class Frozen(SynchronizedBatchNorm2d):
+    pass
+"""
+
+
+def test_a_projects_shim_deriving_from_ours_under_the_established_name_is_left_as_it_is(monkeypatch):
+    # A project keeping its vendored import path, its file now deriving from our layers: already ours.
+    shim = types.ModuleType("project.sync_batchnorm.batchnorm")
+    monkeypatch.setitem(sys.modules, shim.__name__, shim)
+    exec(compile(SHIM_BATCHNORM, shim.__name__, "exec"), shim.__dict__)
+    model = nn.Sequential(shim.SynchronizedBatchNorm2d(2), shim.Frozen(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        syncbn_ext.convert_model(model)
+    assert (type(model[0]), type(model[1])) == (shim.SynchronizedBatchNorm2d, shim.Frozen)
