@@ -113,6 +113,9 @@ void bind_replication_group(py::module_& m) {
           py::arg("copy_id"), py::arg("run"), py::call_guard<py::gil_scoped_release>(),
           "Copy `copy_id`'s backward task of run `run` ended: nobody waits for it any more (ignored for an earlier "
           "run).")
+      .def("take_merge_anchors", &ReplicationGroup::take_merge_anchors,
+           "Every copy's anchors (ReplicationGroup::keep_merge_anchor), by copy; the group keeps none afterwards. A "
+           "copy's backward task asks their gradients too, so that it runs the merges they lead from.")
       .def("take_merge_roots", &ReplicationGroup::take_merge_roots,
            "Every copy's merged statistics made through its own merge node in the forward (a parallel backward's), "
            "by copy; the group keeps none afterwards. A copy's backward task starts from them too, so that it "

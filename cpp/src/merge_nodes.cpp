@@ -4,6 +4,7 @@
 
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <syncbn/batch_norm.h>
 #include <syncbn/once_differentiable.h>
@@ -13,10 +14,7 @@
 
 namespace syncbn::detail {
 
-namespace {
-
 bool any_requires_grad(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
-  if (!c10::GradMode::is_enabled()) return false;
   for (const auto* list : {&a, &b}) {
     for (const auto& t : *list) {
       if (t.requires_grad()) return true;
@@ -24,6 +22,8 @@ bool any_requires_grad(const std::vector<at::Tensor>& a, const std::vector<at::T
   }
   return false;
 }
+
+namespace {
 
 // `tensor` (a fresh alias of it) as an output of `node`.
 at::Tensor output_of(const at::Tensor& tensor, const c10::intrusive_ptr<torch::autograd::Node>& node) {
@@ -230,19 +230,31 @@ std::vector<std::pair<at::Tensor, at::Tensor>> merge_with_graph(const std::vecto
   return shared;
 }
 
-std::pair<at::Tensor, at::Tensor> replica_merge(int64_t copy, const at::Tensor& local_mean, const at::Tensor& local_m2,
-                                                int64_t count, const Merged& merged,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> replica_merge(int64_t copy, const at::Tensor& local_mean, const at::Tensor& local_m2,
+                                                int64_t count, const Merged& merged, bool any_copy_requires_grad,
                                                 std::shared_ptr<ReplicaBackward> backward,
                                                 std::shared_ptr<ReplicaBackward::Point> point, GroupCall call) {
   const at::Device device = local_mean.device();
-  if (!any_requires_grad({local_mean}, {local_m2})) return {merged.mean.to(device), merged.var.to(device)};
+  // A node also where this copy's statistics have no graph (its input detached) but another copy's do: its
+  // output's share of d(mean, var) must reach the others' inputs, as through the serial backward's merge.
+  if (!any_copy_requires_grad || !c10::GradMode::is_enabled()) {
+    return {merged.mean.to(device), merged.var.to(device), at::Tensor()};
+  }
   auto merge = c10::make_intrusive<ReplicaMergeNode>(copy, count, merged.total, local_mean.detach(),
                                                      merged.mean.detach().to(device), std::move(backward),
                                                      std::move(point), std::move(call));
-  merge->set_next_edges(torch::autograd::collect_next_edges(local_mean, local_m2));
+  auto edges = torch::autograd::collect_next_edges(local_mean, local_m2);
+  at::Tensor anchor;
+  if (!any_requires_grad({local_mean}, {local_m2})) {
+    // The copy's backward task asks only for what it leads to: without a way to the anchor, autograd would skip
+    // this node, and the other copies would miss this copy's share.
+    anchor = at::zeros_like(local_mean).requires_grad_();
+    edges[0] = torch::autograd::impl::gradient_edge(anchor);
+  }
+  merge->set_next_edges(std::move(edges));
   at::Tensor merged_mean = output_of(merged.mean.to(device), merge);  // input 0 of the node in backward
   at::Tensor merged_var = output_of(merged.var.to(device), merge);    // input 1
-  return {std::move(merged_mean), std::move(merged_var)};
+  return {std::move(merged_mean), std::move(merged_var), std::move(anchor)};
 }
 
 }  // namespace syncbn::detail

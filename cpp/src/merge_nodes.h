@@ -21,6 +21,7 @@
 
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -120,9 +121,14 @@ struct ShareStatsNode : torch::autograd::Node {
 Merged merge_values(const std::vector<at::Tensor>& means, const std::vector<at::Tensor>& m2s,
                     const std::vector<int64_t>& counts, const GroupCall& call);
 
+// Whether any of the tensors requires grad. (Each copy's statistics were made on
+// its own thread, so their flags carry that thread's grad mode, where the
+// thread merging them may run under another.)
+bool any_requires_grad(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b);
+
 // The merged statistics with their graph, for a serial backward: every copy's
-// (mean, var), each through its own ShareStats node. Without a copy that
-// requires grad (or with grad mode off), plain tensors. `share_sequence_nrs[i]`
+// (mean, var), each through its own ShareStats node. Without a copy whose
+// statistics require grad, plain tensors. `share_sequence_nrs[i]`
 // is copy i's reserved sequence number for its ShareStats, `merge_sequence_nr`
 // the master's for MergeStats.
 std::vector<std::pair<at::Tensor, at::Tensor>> merge_with_graph(const std::vector<at::Tensor>& means,
@@ -133,9 +139,12 @@ std::vector<std::pair<at::Tensor, at::Tensor>> merge_with_graph(const std::vecto
                                                                 const GroupCall& call);
 
 // Copy `copy`'s (mean, var) for a parallel backward: through its own
-// ReplicaMerge node from its (local_mean, local_m2), when they require grad.
-std::pair<at::Tensor, at::Tensor> replica_merge(int64_t copy, const at::Tensor& local_mean, const at::Tensor& local_m2,
-                                                int64_t count, const Merged& merged,
+// ReplicaMerge node from its (local_mean, local_m2), when some copy's
+// statistics require grad (the master tells) and this copy records gradients;
+// and the node's anchor where this copy's own statistics have none (see
+// ReplicationGroup::keep_merge_anchor), else undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> replica_merge(int64_t copy, const at::Tensor& local_mean, const at::Tensor& local_m2,
+                                                int64_t count, const Merged& merged, bool any_copy_requires_grad,
                                                 std::shared_ptr<ReplicaBackward> backward,
                                                 std::shared_ptr<ReplicaBackward::Point> point, GroupCall call);
 

@@ -45,6 +45,7 @@ void ReplicationGroup::close(const std::string& reason) {
     reason_ = stated;
     unused_roots = std::move(merge_roots_);  // no backward will start from them
     merge_roots_.clear();
+    merge_anchors_.clear();  // (leaves without a graph)
   }
   for (const auto& barrier : barriers()) barrier->close(stated);
 }
@@ -56,6 +57,23 @@ void ReplicationGroup::keep_merge_roots(int64_t copy_id, std::vector<at::Tensor>
   if (!reason_.empty()) return;
   if (merge_roots_.empty()) merge_roots_.resize(copies_);
   for (auto& output : outputs) merge_roots_[copy_id].push_back(std::move(output));
+}
+
+void ReplicationGroup::keep_merge_anchor(int64_t copy_id, at::Tensor anchor) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  TORCH_CHECK_VALUE(copy_id >= 0 && copy_id < copies_, "keep_merge_anchor: no copy ", copy_id,
+                    " in a replication of ", copies_);
+  if (!reason_.empty()) return;
+  if (merge_anchors_.empty()) merge_anchors_.resize(copies_);
+  merge_anchors_[copy_id].push_back(std::move(anchor));
+}
+
+std::vector<std::vector<at::Tensor>> ReplicationGroup::take_merge_anchors() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<std::vector<at::Tensor>> anchors = std::move(merge_anchors_);
+  merge_anchors_.clear();
+  anchors.resize(copies_);
+  return anchors;
 }
 
 std::vector<std::vector<at::Tensor>> ReplicationGroup::take_merge_roots() {

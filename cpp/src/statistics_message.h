@@ -15,5 +15,7 @@ constexpr size_t kLocalMean = 0, kLocalM2 = 1;
 // What a copy gets back: tensors (mean, var) and ints (total count).
 constexpr size_t kMergedMean = 0, kMergedVar = 1;
 constexpr size_t kTotal = 0;
+// A parallel backward's merged message: whether some copy's statistics require grad.
+constexpr size_t kAnyCopyRequiresGrad = 1;
 
 }  // namespace syncbn::detail

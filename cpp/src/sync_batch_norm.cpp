@@ -186,10 +186,14 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
     // meet in backward (the master's message carries the meeting point).
     GroupCall call = group_call ? *group_call : GroupCall{};
     call.label = result.label;
-    std::tie(merged.mean, merged.var) =
-        detail::replica_merge(channel->copy_id(), local[0], local[1], count, merged, channel->backward(),
+    at::Tensor anchor;
+    std::tie(merged.mean, merged.var, anchor) =
+        detail::replica_merge(channel->copy_id(), local[0], local[1], count, merged,
+                              result.ints.size() > detail::kAnyCopyRequiresGrad &&
+                                  result.ints[detail::kAnyCopyRequiresGrad] != 0,
+                              channel->backward(),
                               std::static_pointer_cast<ReplicaBackward::Point>(result.payload), std::move(call));
-    channel->keep_merge_roots(merged.mean, merged.var);  // (without a graph: a call the backward never meets at)
+    channel->keep_merge_roots(merged.mean, merged.var, anchor);  // (without a graph: a call the backward never meets at)
   }
   const bool update_stats = merged.total > 0 && running_mean.has_value() && running_mean->defined() &&
                             running_var.has_value() && running_var->defined();
@@ -283,8 +287,10 @@ MasterCallback batch_norm_master_callback(std::shared_ptr<ReplicaBackward> backw
     if (backward && backward->parallel()) {
       // Each copy merges through a node of its own (see merge_nodes.h): values, and the meeting point.
       auto point = std::make_shared<ReplicaBackward::Point>();
+      const int64_t any_copy_requires_grad = detail::any_requires_grad(means, m2s) ? 1 : 0;
       for (const auto& entry : messages) {
-        results.emplace_back(entry.first, Message{{merged.mean, merged.var}, {merged.total}, point, first.label});
+        results.emplace_back(entry.first, Message{{merged.mean, merged.var}, {merged.total, any_copy_requires_grad},
+                                                  point, first.label});
       }
       return results;
     }

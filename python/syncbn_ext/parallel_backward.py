@@ -150,6 +150,7 @@ class _Plan:
         views: list[list[torch.Tensor]],
         others: list[list[torch.Tensor]],
         merges: list[list[torch.Tensor | None]],
+        anchors: list[list[torch.Tensor]],
     ) -> None:
         self.group = group
         self.outputs: list[list[torch.Tensor]] | None = outputs
@@ -158,6 +159,9 @@ class _Plan:
         # Per copy, each synchronized call's merged (mean, var), leading to its merge node (None without a graph).
         self.merges: list[list[torch.Tensor | None]] | None = merges
         self.views, self.others = views, others
+        # Per copy, leaves its merge nodes lead to where its statistics have no graph: its task asks their gradients,
+        # so that autograd runs those merges (see ReplicationGroup::keep_merge_anchor).
+        self.anchors = anchors
         self.sums = ParameterSums(views) if views[0] else None
         # Backwards of this forward's outputs from several threads at once (torch allows them) run one after
         # another: a run's tasks, meeting points and parameter sums are the plan's.
@@ -206,7 +210,8 @@ class _BackwardTask:
         try:
             boundary = plan.boundary(copy_id)
             chosen = boundary if self.wanted is None else [t for t, w in zip(boundary, self.wanted, strict=True) if w]
-            if not self.roots or not chosen:
+            anchors = plan.anchors[copy_id]
+            if not self.roots or not (chosen or anchors):
                 return (None,) * len(plan.others[copy_id])
             with (
                 self.thread_state.applied(),
@@ -218,7 +223,7 @@ class _BackwardTask:
                 computed = iter(
                     torch.autograd.grad(
                         [root for root, _ in self.roots],
-                        chosen,
+                        [*chosen, *anchors],  # (the anchors' gradients, last, are not used)
                         [grad for _, grad in self.roots],
                         retain_graph=self.keep_graph,
                         create_graph=self.create_graph,
@@ -518,6 +523,7 @@ def join_replicas(
     assert tag is not None and tag[0].group is not None and tag[0].group.parallel_backward
     group = tag[0].group
     merges = group.take_merge_roots()  # first: the group must not keep them (they hold the graph)
+    anchors = group.take_merge_anchors()
     flat = [[t for t in _tensors(output) if t.requires_grad] for output in outputs]
     if not any(flat):
         return list(outputs)
@@ -526,7 +532,7 @@ def join_replicas(
     if not disjoint:
         return None
     others = [_unique([*o, *f]) for o, f in zip(others, foreign, strict=True)]
-    plan = _Plan(group, flat, views, others, merges)
+    plan = _Plan(group, flat, views, others, merges, anchors)
     detached = [t.detach() for replica_outputs in flat for t in replica_outputs]
     joined = iter(_JoinReplicas.apply(plan, *plan.inputs(), *detached))
     replacements = {id(t): next(joined) for replica_outputs in flat for t in replica_outputs}

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from batchnorm_cases import assert_grads_equal, joined
 from hang_guard import call_with_timeout
 from torch import nn
@@ -320,3 +321,55 @@ def test_what_only_the_whole_batchs_statistics_lead_to_gets_its_gradient_in_the_
     torch.testing.assert_close(parallel_grad, serial_grad, rtol=1e-10, atol=1e-10)
     assert parallel_calls == serial_calls
     assert_grads_equal(parallel, serial)
+
+
+class OneReplicaCut(nn.Module):
+    """Where its batch is marked, a replica normalizes a constant: ``p(x)`` detached (``how="detached"``), or the
+    layer called under ``torch.no_grad()`` (``how="no_grad"``); the other replica normalizes ``p(x)`` with its graph."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.p, self.q = nn.Linear(C, C), nn.Linear(C, C)
+        self.bn = SynchronizedBatchNorm1d(C)
+
+    def forward(self, x):
+        h = self.p(x)
+        if bool(x[0, 0] > 100):
+            if self.how == "detached":
+                return self.q(self.bn(h.detach()))
+            with torch.no_grad():
+                y = self.bn(h)
+            return self.q(y)
+        return self.q(self.bn(h))
+
+
+@pytest.mark.parametrize("how", ["detached", "no_grad"])
+@pytest.mark.parametrize("marked", [0, 1])
+@pytest.mark.parametrize("parallel_backward", [False, True])
+def test_a_replica_normalizing_a_constant_still_counts_in_the_statistics_gradient(how, marked, parallel_backward):
+    # Reference: the whole batch through F.batch_norm, the marked replica's rows cut (a constant) where that
+    # replica cut them. Before: the parallel backward dropped a detached replica's share of the statistics'
+    # gradient (its merge had no node), and the serial one every share when replica 0 ran the layer under no_grad
+    # (the merge looked at the master thread's grad mode).
+    torch.manual_seed(0)
+    model = OneReplicaCut(how).double()
+    x = torch.randn(8, C, dtype=torch.float64)
+    rows = slice(4 * marked, 4 * marked + 4)
+    x[rows.start, 0] += 1000
+    ours = copy.deepcopy(model)
+    leaf = x.clone().requires_grad_()
+    dp = DataParallelWithCallback(ours, device_ids=["cpu"] * 2, parallel_backward=parallel_backward)
+    call_with_timeout(lambda: (dp(leaf) ** 3).sum().backward())
+    reference = copy.deepcopy(model)
+    reference_leaf = x.clone().requires_grad_()
+    cut = torch.zeros(8, 1, dtype=torch.bool)
+    cut[rows] = True
+    h = reference.p(reference_leaf)
+    h = torch.where(cut, h.detach(), h)
+    y = F.batch_norm(h, None, None, reference.bn.weight, reference.bn.bias, training=True, eps=reference.bn.eps)
+    if how == "no_grad":
+        y = torch.where(cut, y.detach(), y)
+    (reference.q(y) ** 3).sum().backward()
+    torch.testing.assert_close(leaf.grad, reference_leaf.grad, rtol=1e-10, atol=1e-10)
+    assert_grads_equal(ours, reference)

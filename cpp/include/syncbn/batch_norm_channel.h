@@ -68,7 +68,9 @@ class SYNCBN_API BatchNormChannel {
   // This copy's merged statistics of a call in a replication made for a parallel
   // backward (through its own merge node, when they have a graph): kept by the
   // group for the copy's backward task (ReplicationGroup::keep_merge_roots).
-  void keep_merge_roots(const at::Tensor& merged_mean, const at::Tensor& merged_var) const;
+  // `anchor`: defined where this copy's merge node leads to it (replica_merge).
+  void keep_merge_roots(const at::Tensor& merged_mean, const at::Tensor& merged_var,
+                        const at::Tensor& anchor = {}) const;
   // The replication's barrier.
   const std::shared_ptr<SyncMaster>& master() const { return master_; }
   // This copy's forward returned: it sends no more statistics. A later exchange

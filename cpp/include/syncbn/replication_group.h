@@ -83,6 +83,13 @@ class SYNCBN_API ReplicationGroup {
   // same calls for every copy); the group keeps none afterwards (they hold the
   // graph, which must not hold the group).
   std::vector<std::vector<at::Tensor>> take_merge_roots();
+  // A parallel backward's anchor of copy `copy_id`: a leaf its merge node leads
+  // to where the copy's statistics have no graph (its input detached) but
+  // another copy's do. The copy's backward task asks a gradient for it, so that
+  // autograd runs that node and the copy's share of the statistics' gradient
+  // reaches the other copies. Kept and taken as the roots.
+  void keep_merge_anchor(int64_t copy_id, at::Tensor anchor);
+  std::vector<std::vector<at::Tensor>> take_merge_anchors();
 
  private:
   [[noreturn]] void throw_closed(const std::string& what) const;
@@ -94,6 +101,7 @@ class SYNCBN_API ReplicationGroup {
   std::vector<std::shared_ptr<SyncMaster>> barriers_;
   mutable std::mutex commit_mutex_;  // held by commit() and close(): no write runs across a close
   std::vector<std::vector<at::Tensor>> merge_roots_;  // by copy; guarded by mutex_
+  std::vector<std::vector<at::Tensor>> merge_anchors_;  // by copy; guarded by mutex_
   std::string reason_;  // closed when not empty; written holding both mutexes, so read holding either
   std::vector<bool> copies_in_scope_;  // by copy; guarded by mutex_
 
