@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ._native import _C
+from .forward_across_processes import _exchanging_groups
 from .parallel_apply import ABORT_TAG, caused_by_closing, run_on_workers
 from .parameter_sums import ParameterSums
 from .replica_workers import cpu_intra_op_threads
@@ -151,8 +152,10 @@ class _Plan:
         others: list[list[torch.Tensor]],
         merges: list[list[torch.Tensor | None]],
         anchors: list[list[torch.Tensor]],
+        across_processes: bool,
     ) -> None:
         self.group = group
+        self.across_processes = across_processes  # whether the replicas' synchronized layers exchange across processes
         self.outputs: list[list[torch.Tensor]] | None = outputs
         # (copy, output index) of the outputs a backward without retain_graph went through: their graphs are freed.
         self.freed: set[tuple[int, int]] = set()
@@ -342,9 +345,13 @@ def _wanted_boundaries(plan: _Plan, wanted: list[bool]) -> list[list[bool]] | No
     backward would make an exchange the others (one replica, or the serial backward) skip. Alike for every copy: a
     parameter is wanted for all if for one (the copies meet in backward where they merged). When an input, buffer or
     attribute tensor is wanted, every copy computes its whole boundary, as before.
+
+    Within one process every copy computes its whole boundary all the same (the join hands autograd only what it
+    asked for): a copy whose wanted tensors do not lie below a synchronized call's merge (a branch skipping a layer
+    on its samples) would not run that merge, and its share of the statistics' gradient would miss the others'.
     """
     views = sum(len(v) for v in plan.views)
-    if all(wanted) or any(wanted[views:]):
+    if not plan.across_processes or all(wanted) or any(wanted[views:]):
         return None
     per_parameter = len(plan.views[0])
     parameter_wanted = [
@@ -532,7 +539,7 @@ def join_replicas(
     if not disjoint:
         return None
     others = [_unique([*o, *f]) for o, f in zip(others, foreign, strict=True)]
-    plan = _Plan(group, flat, views, others, merges, anchors)
+    plan = _Plan(group, flat, views, others, merges, anchors, bool(_exchanging_groups(replicas[0])))
     detached = [t.detach() for replica_outputs in flat for t in replica_outputs]
     joined = iter(_JoinReplicas.apply(plan, *plan.inputs(), *detached))
     replacements = {id(t): next(joined) for replica_outputs in flat for t in replica_outputs}

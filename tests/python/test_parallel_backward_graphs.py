@@ -373,3 +373,42 @@ def test_a_replica_normalizing_a_constant_still_counts_in_the_statistics_gradien
     (reference.q(y) ** 3).sum().backward()
     torch.testing.assert_close(leaf.grad, reference_leaf.grad, rtol=1e-10, atol=1e-10)
     assert_grads_equal(ours, reference)
+
+
+class SkipsALayerInOneReplica(nn.Module):
+    """Where its batch is marked, a replica's samples skip ``p`` (a data-dependent branch), then every replica
+    normalizes and applies ``q``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p, self.q = nn.Linear(C, C), nn.Linear(C, C)
+        self.bn = SynchronizedBatchNorm1d(C)
+
+    def forward(self, x):
+        h = x if bool(x[0, 0] > 100) else self.p(x)
+        return self.q(self.bn(h))
+
+
+@pytest.mark.parametrize("ask", ["backward_inputs", "autograd_grad"])
+def test_a_backward_asking_for_some_parameters_still_gets_every_replicas_share_of_the_statistics(ask):
+    # Replica 0 has no p: a task computing only p's gradient skipped its merge, so its share of the statistics'
+    # gradient missed replica 1's (sign-flipped, silently).
+    torch.manual_seed(0)
+    model = SkipsALayerInOneReplica().double()
+    x = torch.randn(8, C, dtype=torch.float64)
+    x[0, 0] += 1000
+    grads = []
+    for parallel_backward in (False, True):
+        ours = copy.deepcopy(model)
+        dp = DataParallelWithCallback(ours, device_ids=["cpu"] * 2, parallel_backward=parallel_backward)
+        leaf = x.clone().requires_grad_()
+
+        def step(dp=dp, leaf=leaf, ours=ours):
+            loss = (dp(leaf) ** 3).sum()
+            if ask == "backward_inputs":
+                loss.backward(inputs=[ours.p.weight])
+                return ours.p.weight.grad
+            return torch.autograd.grad(loss, [ours.p.weight])[0]
+
+        grads.append(call_with_timeout(step))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-10)
