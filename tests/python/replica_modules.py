@@ -119,9 +119,18 @@ class CpuDataParallel(nn.DataParallel):
             thread.start()
         for thread in threads:
             thread.join()
-        for i in range(len(replicas)):
-            if isinstance(results[i], BaseException):
-                raise results[i]
+        failed = [results[i] for i in range(len(replicas)) if isinstance(results[i], BaseException)]
+        if failed:
+            # Raised from the dict, the error's traceback would hold this frame, and the frame the error: a cycle
+            # keeping the replicas' frames (their process group among them) until the garbage collector runs, past
+            # destroy_process_group(), so that the rank could abort at exit (as README's "Ending the script" says).
+            error = failed[0]
+            results.clear()
+            del failed
+            try:
+                raise error
+            finally:
+                del error
         return [results[i] for i in range(len(replicas))]
 
 
