@@ -113,13 +113,16 @@ void bind_replication_group(py::module_& m) {
           py::arg("copy_id"), py::arg("run"), py::call_guard<py::gil_scoped_release>(),
           "Copy `copy_id`'s backward task of run `run` ended: nobody waits for it any more (ignored for an earlier "
           "run).")
-      .def("take_merge_anchors", &ReplicationGroup::take_merge_anchors,
-           "Every copy's anchors (ReplicationGroup::keep_merge_anchor), by copy; the group keeps none afterwards. A "
-           "copy's backward task asks their gradients too, so that it runs the merges they lead from.")
-      .def("take_merge_roots", &ReplicationGroup::take_merge_roots,
-           "Every copy's merged statistics made through its own merge node in the forward (a parallel backward's), "
-           "by copy; the group keeps none afterwards. A copy's backward task starts from them too, so that it "
-           "reaches every meeting point.")
+      .def(
+          "take_merges",
+          [](ReplicationGroup& self) {
+            auto kept = self.take_merges();
+            return std::make_pair(std::move(kept.roots), std::move(kept.anchors));
+          },
+          "(roots, anchors), each by copy; the group keeps none afterwards. Roots: every copy's merged statistics "
+          "made through its own merge node in the forward (a parallel backward's); a copy's backward task starts "
+          "from them too, so that it reaches every meeting point. Anchors: leaves those nodes lead to where the "
+          "copy's statistics have no graph; its task asks their gradients too, so that it runs those merges.")
       .def(
           "abort_backward",
           [](const ReplicationGroup& self, const std::string& reason, int64_t run) {

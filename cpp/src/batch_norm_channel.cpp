@@ -104,12 +104,11 @@ std::shared_ptr<ReplicaBackward> BatchNormChannel::backward() const {
   return group ? group->backward() : nullptr;
 }
 
-void BatchNormChannel::keep_merge_roots(const at::Tensor& merged_mean, const at::Tensor& merged_var,
-                                        const at::Tensor& anchor) const {
+void BatchNormChannel::keep_merge(const at::Tensor& merged_mean, const at::Tensor& merged_var,
+                                  const at::Tensor& anchor) const {
   if (auto group = group_.lock()) {
     const bool graph = merged_mean.requires_grad();  // else undefined: the calls stay aligned across copies
-    group->keep_merge_roots(copy_id_, {graph ? merged_mean : at::Tensor(), graph ? merged_var : at::Tensor()});
-    if (anchor.defined()) group->keep_merge_anchor(copy_id_, anchor);
+    group->keep_merge(copy_id_, {graph ? merged_mean : at::Tensor(), graph ? merged_var : at::Tensor()}, anchor);
   }
 }
 

@@ -142,7 +142,7 @@ std::vector<std::pair<at::Tensor, at::Tensor>> merge_with_graph(const std::vecto
 // ReplicaMerge node from its (local_mean, local_m2), when some copy's
 // statistics require grad (the master tells) and this copy records gradients;
 // and the node's anchor where this copy's own statistics have none (see
-// ReplicationGroup::keep_merge_anchor), else undefined.
+// ReplicationGroup::keep_merge), else undefined.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> replica_merge(int64_t copy, const at::Tensor& local_mean, const at::Tensor& local_m2,
                                                 int64_t count, const Merged& merged, bool any_copy_requires_grad,
                                                 std::shared_ptr<ReplicaBackward> backward,

@@ -1,6 +1,7 @@
 #include <syncbn/replication_group.h>
 
 #include <algorithm>
+#include <utility>
 
 #include <c10/util/Exception.h>
 
@@ -37,51 +38,36 @@ void ReplicationGroup::abort(const std::string& reason) const {
 
 void ReplicationGroup::close(const std::string& reason) {
   const std::string stated = reason.empty() ? std::string("the replication was closed") : reason;
-  std::vector<std::vector<at::Tensor>> unused_roots;  // freed unlocked: freeing a graph may need the GIL
+  KeptMerges unused;  // freed unlocked: freeing a graph may need the GIL
   {
     std::lock_guard<std::mutex> commit_lock(commit_mutex_);  // waits for a write in progress
     std::lock_guard<std::mutex> lock(mutex_);
     if (!reason_.empty()) return;
     reason_ = stated;
-    unused_roots = std::move(merge_roots_);  // no backward will start from them
-    merge_roots_.clear();
-    merge_anchors_.clear();  // (leaves without a graph)
+    unused = std::exchange(kept_merges_, {});  // no backward will start from them
   }
   for (const auto& barrier : barriers()) barrier->close(stated);
 }
 
-void ReplicationGroup::keep_merge_roots(int64_t copy_id, std::vector<at::Tensor> outputs) {
+void ReplicationGroup::keep_merge(int64_t copy_id, std::vector<at::Tensor> roots, at::Tensor anchor) {
   std::lock_guard<std::mutex> lock(mutex_);
-  TORCH_CHECK_VALUE(copy_id >= 0 && copy_id < copies_, "keep_merge_roots: no copy ", copy_id, " in a replication of ",
+  TORCH_CHECK_VALUE(copy_id >= 0 && copy_id < copies_, "keep_merge: no copy ", copy_id, " in a replication of ",
                     copies_);
   if (!reason_.empty()) return;
-  if (merge_roots_.empty()) merge_roots_.resize(copies_);
-  for (auto& output : outputs) merge_roots_[copy_id].push_back(std::move(output));
+  if (kept_merges_.roots.empty()) {
+    kept_merges_.roots.resize(copies_);
+    kept_merges_.anchors.resize(copies_);
+  }
+  for (auto& root : roots) kept_merges_.roots[copy_id].push_back(std::move(root));
+  if (anchor.defined()) kept_merges_.anchors[copy_id].push_back(std::move(anchor));
 }
 
-void ReplicationGroup::keep_merge_anchor(int64_t copy_id, at::Tensor anchor) {
+ReplicationGroup::KeptMerges ReplicationGroup::take_merges() {
   std::lock_guard<std::mutex> lock(mutex_);
-  TORCH_CHECK_VALUE(copy_id >= 0 && copy_id < copies_, "keep_merge_anchor: no copy ", copy_id,
-                    " in a replication of ", copies_);
-  if (!reason_.empty()) return;
-  if (merge_anchors_.empty()) merge_anchors_.resize(copies_);
-  merge_anchors_[copy_id].push_back(std::move(anchor));
-}
-
-std::vector<std::vector<at::Tensor>> ReplicationGroup::take_merge_anchors() {
-  std::lock_guard<std::mutex> lock(mutex_);
-  std::vector<std::vector<at::Tensor>> anchors = std::move(merge_anchors_);
-  merge_anchors_.clear();
-  anchors.resize(copies_);
-  return anchors;
-}
-
-std::vector<std::vector<at::Tensor>> ReplicationGroup::take_merge_roots() {
-  std::lock_guard<std::mutex> lock(mutex_);
-  std::vector<std::vector<at::Tensor>> roots = std::move(merge_roots_);
-  merge_roots_.clear();
-  roots.resize(copies_);
-  return roots;
+  KeptMerges kept = std::exchange(kept_merges_, {});
+  kept.roots.resize(copies_);
+  kept.anchors.resize(copies_);
+  return kept;
 }
 
 bool ReplicationGroup::closed() const {
@@ -132,16 +118,14 @@ ReplicaScope::ReplicaScope(std::shared_ptr<ReplicationGroup> group, int64_t copy
     : group_(std::move(group)), copy_id_(copy_id), outer_(innermost_scope) {
   if (group_ && copy_id_ >= 0) {
     std::lock_guard<std::mutex> lock(group_->mutex_);
-    auto& in_scope = group_->copies_in_scope_;
-    if (in_scope.size() <= static_cast<size_t>(copy_id_)) in_scope.resize(copy_id_ + 1, false);
-    in_scope[copy_id_] = true;
+    if (copy_id_ < group_->copies_) group_->copies_in_scope_[copy_id_] = true;
   }
   innermost_scope = this;
 }
 
 bool ReplicationGroup::copy_runs_in_scope(int64_t copy_id) const {
   std::lock_guard<std::mutex> lock(mutex_);
-  return copy_id >= 0 && static_cast<size_t>(copy_id) < copies_in_scope_.size() && copies_in_scope_[copy_id];
+  return copy_id >= 0 && copy_id < copies_ && copies_in_scope_[copy_id];
 }
 
 ReplicaScope::~ReplicaScope() { innermost_scope = outer_; }

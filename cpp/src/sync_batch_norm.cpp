@@ -193,7 +193,8 @@ at::Tensor train(const at::Tensor& input, const std::optional<at::Tensor>& weigh
                                   result.ints[detail::kAnyCopyRequiresGrad] != 0,
                               channel->backward(),
                               std::static_pointer_cast<ReplicaBackward::Point>(result.payload), std::move(call));
-    channel->keep_merge_roots(merged.mean, merged.var, anchor);  // (without a graph: a call the backward never meets at)
+    // (Kept without a graph too: a call the backward never meets at.)
+    channel->keep_merge(merged.mean, merged.var, anchor);
   }
   const bool update_stats = merged.total > 0 && running_mean.has_value() && running_mean->defined() &&
                             running_var.has_value() && running_var->defined();

@@ -163,7 +163,7 @@ class _Plan:
         self.merges: list[list[torch.Tensor | None]] | None = merges
         self.views, self.others = views, others
         # Per copy, leaves its merge nodes lead to where its statistics have no graph: its task asks their gradients,
-        # so that autograd runs those merges (see ReplicationGroup::keep_merge_anchor).
+        # so that autograd runs those merges (see ReplicationGroup::keep_merge).
         self.anchors = anchors
         self.sums = ParameterSums(views) if views[0] else None
         # Backwards of this forward's outputs from several threads at once (torch allows them) run one after
@@ -529,8 +529,7 @@ def join_replicas(
     tag = Replication.of(replicas[0])
     assert tag is not None and tag[0].group is not None and tag[0].group.parallel_backward
     group = tag[0].group
-    merges = group.take_merge_roots()  # first: the group must not keep them (they hold the graph)
-    anchors = group.take_merge_anchors()
+    merges, anchors = group.take_merges()  # first: the group must not keep them (they hold the graph)
     flat = [[t for t in _tensors(output) if t.requires_grad] for output in outputs]
     if not any(flat):
         return list(outputs)

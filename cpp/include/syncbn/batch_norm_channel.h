@@ -67,10 +67,9 @@ class SYNCBN_API BatchNormChannel {
   std::shared_ptr<ReplicaBackward> backward() const;
   // This copy's merged statistics of a call in a replication made for a parallel
   // backward (through its own merge node, when they have a graph): kept by the
-  // group for the copy's backward task (ReplicationGroup::keep_merge_roots).
+  // group for the copy's backward task (ReplicationGroup::keep_merge).
   // `anchor`: defined where this copy's merge node leads to it (replica_merge).
-  void keep_merge_roots(const at::Tensor& merged_mean, const at::Tensor& merged_var,
-                        const at::Tensor& anchor = {}) const;
+  void keep_merge(const at::Tensor& merged_mean, const at::Tensor& merged_var, const at::Tensor& anchor) const;
   // The replication's barrier.
   const std::shared_ptr<SyncMaster>& master() const { return master_; }
   // This copy's forward returned: it sends no more statistics. A later exchange

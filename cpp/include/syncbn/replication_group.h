@@ -73,23 +73,24 @@ class SYNCBN_API ReplicationGroup {
   bool copy_runs_in_scope(int64_t copy_id) const;
 
   // A parallel backward's merge of one synchronized call by copy `copy_id`:
-  // `outputs` lead to its merge node (undefined where the call has no graph).
-  // Kept until take_merge_roots (none once closed): a copy whose outputs do not
-  // lead to a meeting point that other copies' do (the layer's output unused by
-  // that copy) starts its backward task from there too, so that the other
-  // copies' share of the statistics' gradient reaches its input.
-  void keep_merge_roots(int64_t copy_id, std::vector<at::Tensor> outputs);
-  // The kept roots by copy, in the order each copy's forward made them (the
-  // same calls for every copy); the group keeps none afterwards (they hold the
-  // graph, which must not hold the group).
-  std::vector<std::vector<at::Tensor>> take_merge_roots();
-  // A parallel backward's anchor of copy `copy_id`: a leaf its merge node leads
-  // to where the copy's statistics have no graph (its input detached) but
-  // another copy's do. The copy's backward task asks a gradient for it, so that
-  // autograd runs that node and the copy's share of the statistics' gradient
-  // reaches the other copies. Kept and taken as the roots.
-  void keep_merge_anchor(int64_t copy_id, at::Tensor anchor);
-  std::vector<std::vector<at::Tensor>> take_merge_anchors();
+  // `roots` lead to its merge node (undefined where the call has no graph), and
+  // `anchor`, where defined, is a leaf that node leads to (the copy's statistics
+  // have no graph, its input detached, but another copy's do). Kept until
+  // take_merges (none once closed). A copy whose outputs do not lead to a
+  // meeting point that other copies' do (the layer's output unused by that
+  // copy) starts its backward task from the roots too, so that the other
+  // copies' share of the statistics' gradient reaches its input; it asks a
+  // gradient for its anchors, so that autograd runs those nodes and the copy's
+  // share reaches the other copies.
+  void keep_merge(int64_t copy_id, std::vector<at::Tensor> roots, at::Tensor anchor);
+  struct KeptMerges {
+    std::vector<std::vector<at::Tensor>> roots;    // by copy, in the order each copy's forward made them
+    std::vector<std::vector<at::Tensor>> anchors;  // by copy
+  };
+  // Every copy's kept roots and anchors (the same calls for every copy); the
+  // group keeps none afterwards (they hold the graph, which must not hold the
+  // group).
+  KeptMerges take_merges();
 
  private:
   [[noreturn]] void throw_closed(const std::string& what) const;
@@ -100,10 +101,9 @@ class SYNCBN_API ReplicationGroup {
   mutable std::mutex mutex_;  // barriers_, reason_
   std::vector<std::shared_ptr<SyncMaster>> barriers_;
   mutable std::mutex commit_mutex_;  // held by commit() and close(): no write runs across a close
-  std::vector<std::vector<at::Tensor>> merge_roots_;  // by copy; guarded by mutex_
-  std::vector<std::vector<at::Tensor>> merge_anchors_;  // by copy; guarded by mutex_
+  KeptMerges kept_merges_;  // guarded by mutex_
   std::string reason_;  // closed when not empty; written holding both mutexes, so read holding either
-  std::vector<bool> copies_in_scope_;  // by copy; guarded by mutex_
+  std::vector<bool> copies_in_scope_ = std::vector<bool>(copies_, false);  // by copy; guarded by mutex_
 
   friend class ReplicaScope;
 };
