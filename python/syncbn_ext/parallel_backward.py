@@ -36,9 +36,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.autograd.graph import GradientEdge
 
 from ._native import _C
-from .forward_across_processes import _exchanging_groups
 from .parallel_apply import ABORT_TAG, caused_by_closing, run_on_workers
 from .parameter_sums import ParameterSums
 from .replica_workers import cpu_intra_op_threads
@@ -109,25 +109,30 @@ def _other_boundary(
     return _unique([t for t in tensors if t.requires_grad])
 
 
-def _meeting_roots(
-    merges: list[list[torch.Tensor | None]], boundaries: list[list[torch.Tensor]], starts: list[list[torch.Tensor]]
-) -> list[list[torch.Tensor]]:
-    """Per copy, the merged statistics of the synchronized calls whose merge some copy's backward from ``starts``
-    reaches (directly, or below another such call), for every copy to start from too: each meets there, and the
-    other copies' share of the statistics' gradient reaches its input even where its own outputs do not lead there
-    (the layer's output unused by that copy). A call no copy reaches is left out, so that parameters only it
-    leads to keep a None gradient, as in the whole batch's backward. ``merges``: per copy, each call's merged
-    (mean, var), None without a graph; ``boundaries``: per copy, where its graph is cut."""
-    calls = [list(zip(m[0::2], m[1::2], strict=True)) for m in merges]  # per copy, (mean, var) per call
-    if len({len(c) for c in calls}) != 1:  # every copy made the same calls; should that fail, all of them
+def _calls(merges: list[list[torch.Tensor | None]]) -> list[list[tuple[torch.Tensor | None, torch.Tensor | None]]]:
+    """Per copy, each synchronized call's merged (mean, var)."""
+    return [list(zip(m[0::2], m[1::2], strict=True)) for m in merges]
+
+
+def _call_roots(merges: list[list[torch.Tensor | None]], needed: list[bool] | None) -> list[list[torch.Tensor]]:
+    """Per copy, the merged statistics (with a graph) of the calls ``needed`` (``None``: every call)."""
+    if needed is None:
         return [[t for t in m if t is not None] for m in merges]
+    return [
+        [t for call, pair in zip(needed, copy_calls, strict=True) if call for t in pair if t is not None]
+        for copy_calls in _calls(merges)
+    ]
 
-    def roots(needed: list[bool]) -> list[list[torch.Tensor]]:
-        return [
-            [t for call, pair in zip(needed, copy_calls, strict=True) if call for t in pair if t is not None]
-            for copy_calls in calls
-        ]
 
+def _meeting_calls(
+    merges: list[list[torch.Tensor | None]], boundaries: list[list[torch.Tensor]], starts: list[list[torch.Tensor]]
+) -> list[bool] | None:
+    """Which synchronized calls' merges some copy's backward from ``starts`` reaches (directly, or below another
+    such call); ``None``: every call (the copies' calls differ, which should fail elsewhere). ``merges``: per copy,
+    each call's merged (mean, var), None without a graph; ``boundaries``: per copy, where its graph is cut."""
+    calls = _calls(merges)
+    if len({len(c) for c in calls}) != 1:
+        return None
     needed = [False] * len(calls[0])
     search = starts
     while True:
@@ -136,9 +141,55 @@ def _meeting_roots(
             reached = _C.reaches(search[copy_id], [mean for mean, _ in copy_calls], boundaries[copy_id])
             found = [f or r for f, r in zip(found, reached, strict=True)]
         if found == needed or all(found):
-            return roots(found)
+            return found
         needed = found
-        search = [[*s, *r] for s, r in zip(starts, roots(needed), strict=True)]
+        search = [[*s, *r] for s, r in zip(starts, _call_roots(merges, needed), strict=True)]
+
+
+def _meeting_roots(
+    merges: list[list[torch.Tensor | None]], boundaries: list[list[torch.Tensor]], starts: list[list[torch.Tensor]]
+) -> list[list[torch.Tensor]]:
+    """Per copy, the merged statistics of the synchronized calls whose merge some copy's backward from ``starts``
+    reaches (:func:`_meeting_calls`), for every copy to start from too: each meets there, and the other copies'
+    share of the statistics' gradient reaches its input even where its own outputs do not lead there (the layer's
+    output unused by that copy). A call no copy reaches is left out, so that parameters only it leads to keep a
+    None gradient, as in the whole batch's backward."""
+    return _call_roots(merges, _meeting_calls(merges, boundaries, starts))
+
+
+def _targets_below_merges(
+    merges: list[list[torch.Tensor | None]],
+    boundaries: list[list[torch.Tensor]],
+    asked: list[list[torch.Tensor]],
+    meeting: list[bool] | None,
+) -> list[list[GradientEdge]]:
+    """For a backward asking each copy for ``asked`` only: per copy, edges below its merges that its task must ask
+    for too, so that it runs every merge the serial engine would (that of each call met where some copy's ``asked``
+    lie below its merge) and no other. A copy whose own asked-for tensors lie below no such call (its samples skip
+    a layer before it, in a data-dependent branch) would skip the merge, and its share of the statistics' gradient
+    would miss the others'; a copy's merge run where the serial engine's is not would exchange with other processes
+    where theirs do not."""
+    calls = _calls(merges)
+    if meeting is None:  # the copies' calls differ: the forward failed
+        return [[] for _ in calls]
+    runs = [
+        [
+            call and mean is not None and any(_C.reaches([mean, var], copy_asked, boundary))
+            for call, (mean, var) in zip(meeting, copy_calls, strict=True)
+        ]
+        for copy_calls, copy_asked, boundary in zip(calls, asked, boundaries, strict=True)
+    ]
+    needed = [any(copy_runs[k] for copy_runs in runs) for k in range(len(meeting))]
+    return [
+        [
+            GradientEdge(node, output_nr)
+            for k, (mean, _) in enumerate(copy_calls)
+            if needed[k] and not copy_runs[k] and mean is not None
+            for node, output_nr in mean.grad_fn.next_functions
+            if node is not None
+        ]
+        for copy_calls, copy_runs in zip(calls, runs, strict=True)
+    ]
 
 
 class _Plan:
@@ -152,10 +203,8 @@ class _Plan:
         others: list[list[torch.Tensor]],
         merges: list[list[torch.Tensor | None]],
         anchors: list[list[torch.Tensor]],
-        across_processes: bool,
     ) -> None:
         self.group = group
-        self.across_processes = across_processes  # whether the replicas' synchronized layers exchange across processes
         self.outputs: list[list[torch.Tensor]] | None = outputs
         # (copy, output index) of the outputs a backward without retain_graph went through: their graphs are freed.
         self.freed: set[tuple[int, int]] = set()
@@ -173,11 +222,18 @@ class _Plan:
     def boundary(self, copy_id: int) -> list[torch.Tensor]:
         return [*self.views[copy_id], *self.others[copy_id]]
 
-    def meeting_roots(self, starts: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
-        """Per copy, the merged statistics of the synchronized calls some copy's backward from ``starts`` meets at
-        (see :func:`_meeting_roots`)."""
+    def meeting_calls(self, starts: list[list[torch.Tensor]]) -> list[bool] | None:
+        """The synchronized calls some copy's backward from ``starts`` meets at (see :func:`_meeting_calls`)."""
         assert self.merges is not None
-        return _meeting_roots(self.merges, [self.boundary(c) for c in range(len(self.merges))], starts)
+        return _meeting_calls(self.merges, [self.boundary(c) for c in range(len(self.merges))], starts)
+
+    def targets_below_merges(self, chosen: list[list[bool]], meeting: list[bool] | None) -> list[list[GradientEdge]]:
+        """Per copy, what its task asks for besides its ``chosen`` boundary tensors (see
+        :func:`_targets_below_merges`)."""
+        assert self.merges is not None
+        boundaries = [self.boundary(c) for c in range(len(self.merges))]
+        asked = [[t for t, w in zip(b, c, strict=True) if w] for b, c in zip(boundaries, chosen, strict=True)]
+        return _targets_below_merges(self.merges, boundaries, asked, meeting)
 
     def inputs(self) -> list[torch.Tensor]:
         """The joining node's boundary inputs: every replica's parameter views, then every replica's others."""
@@ -198,9 +254,13 @@ class _BackwardTask:
         create_graph: bool,
         thread_state: Any,
         wanted: list[bool] | None = None,
+        below_merges: list[GradientEdge] | None = None,
     ) -> None:
         self.plan, self.copy_id = plan, copy_id
         self.wanted = wanted  # which of the copy's boundary tensors to compute gradients for (None: all)
+        # Asked for too, their gradients unused: where only some boundary tensors are wanted, edges below the merges
+        # the copy must run (see _targets_below_merges); else the copy's anchors (see _Plan).
+        self.below_merges = plan.anchors[copy_id] if below_merges is None else below_merges
         # The backward run this task belongs to (group.begin_backward): a task its caller gave up on may outlive it,
         # and is then refused everywhere (meeting points, parameter sums, failure reports) by a later run.
         self.run = run
@@ -213,8 +273,8 @@ class _BackwardTask:
         try:
             boundary = plan.boundary(copy_id)
             chosen = boundary if self.wanted is None else [t for t, w in zip(boundary, self.wanted, strict=True) if w]
-            anchors = plan.anchors[copy_id]
-            if not self.roots or not (chosen or anchors):
+            below_merges = self.below_merges
+            if not self.roots or not (chosen or below_merges):
                 return (None,) * len(plan.others[copy_id])
             with (
                 self.thread_state.applied(),
@@ -226,7 +286,7 @@ class _BackwardTask:
                 computed = iter(
                     torch.autograd.grad(
                         [root for root, _ in self.roots],
-                        [*chosen, *anchors],  # (the anchors' gradients, last, are not used)
+                        [*chosen, *below_merges],  # (their gradients, last, are not used)
                         [grad for _, grad in self.roots],
                         retain_graph=self.keep_graph,
                         create_graph=self.create_graph,
@@ -344,14 +404,11 @@ def _wanted_boundaries(plan: _Plan, wanted: list[bool]) -> list[list[bool]] | No
     exchange across processes happens only when its input's gradient is computed, so a rank running the parallel
     backward would make an exchange the others (one replica, or the serial backward) skip. Alike for every copy: a
     parameter is wanted for all if for one (the copies meet in backward where they merged). When an input, buffer or
-    attribute tensor is wanted, every copy computes its whole boundary, as before.
-
-    Within one process every copy computes its whole boundary all the same (the join hands autograd only what it
-    asked for): a copy whose wanted tensors do not lie below a synchronized call's merge (a branch skipping a layer
-    on its samples) would not run that merge, and its share of the statistics' gradient would miss the others'.
+    attribute tensor is wanted, every copy computes its whole boundary. Each copy runs the merges the serial engine
+    would, whatever it is asked for (see :func:`_targets_below_merges`).
     """
     views = sum(len(v) for v in plan.views)
-    if not plan.across_processes or all(wanted) or any(wanted[views:]):
+    if all(wanted) or any(wanted[views:]):
         return None
     per_parameter = len(plan.views[0])
     parameter_wanted = [
@@ -386,7 +443,10 @@ def _parallel_backward(
     # a node they share with the freed graphs raises torch's own error, as the whole batch's would.)
     if used_ids & plan.freed:
         raise RuntimeError(_SECOND_BACKWARD_MESSAGE)
-    meeting_roots = plan.meeting_roots([[output for output, _ in copy_used] for copy_used in used])
+    assert plan.merges is not None
+    meeting = plan.meeting_calls([[output for output, _ in copy_used] for copy_used in used])
+    meeting_roots = _call_roots(plan.merges, meeting)
+    below_merges = None if chosen is None else plan.targets_below_merges(chosen, meeting)
     thread_state = _C.ThreadLocalState()
     task_graph = create_graph and not once_differentiable
     run = plan.group.begin_backward()
@@ -400,6 +460,7 @@ def _parallel_backward(
             task_graph,
             thread_state,
             None if chosen is None else chosen[copy_id],
+            None if below_merges is None else below_merges[copy_id],
         )
         for copy_id, (copy_used, copy_merges) in enumerate(zip(used, meeting_roots, strict=True))
     ]
@@ -538,7 +599,7 @@ def join_replicas(
     if not disjoint:
         return None
     others = [_unique([*o, *f]) for o, f in zip(others, foreign, strict=True)]
-    plan = _Plan(group, flat, views, others, merges, anchors, bool(_exchanging_groups(replicas[0])))
+    plan = _Plan(group, flat, views, others, merges, anchors)
     detached = [t.detach() for replica_outputs in flat for t in replica_outputs]
     joined = iter(_JoinReplicas.apply(plan, *plan.inputs(), *detached))
     replacements = {id(t): next(joined) for replica_outputs in flat for t in replica_outputs}

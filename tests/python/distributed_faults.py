@@ -425,6 +425,49 @@ def scenario_some_parameters_grads(rank, world, replicas, sizes):
     return with_final_state(outcome, model, dist.group.WORLD)
 
 
+class SkipsALayerWhereMarked(nn.Module):
+    """Where its batch is marked, a replica's samples skip ``p`` (a data-dependent branch); then ``bn`` and ``q``."""
+
+    def __init__(self):
+        super().__init__()
+        self.p, self.q = nn.Linear(C, C), nn.Linear(C, C)
+        self.bn = syncbn_ext.SyncBatchNorm(C)
+
+    def forward(self, x):
+        h = x if bool(x[0, 0] > 100) else self.p(x)
+        return self.q(self.bn(h))
+
+
+def scenario_some_parameters_below_a_skipped_layer(rank, world, replicas, sizes):
+    """Asking for ``p``'s gradient only, where rank 0's first replica skips ``p``: that replica's backward task
+    reached nothing it was asked for below the synchronized layer, skipped the layer's merge, and its share of the
+    statistics' gradient missed the others' (wrong gradients, silently). Asking for ``bn``'s weight only, where that
+    replica's statistics have no graph (the input requires no grad): its task ran the merge anyway, exchanging with
+    the other ranks, whose engines pruned it. Compared with the serial backward on the same ranks."""
+    outcome = {}
+    for input_requires_grad in (True, False):
+        grads = {}
+        for parallel_backward in (False, True):
+            torch.manual_seed(0)
+            model = SkipsALayerWhereMarked().double()
+            run = wrap(model, replicas, parallel_backward=parallel_backward if replicas > 1 else None)
+            x = torch.randn(sizes[rank], C, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+            if rank == 0:
+                x[0, 0] += 1000
+            x.requires_grad_(input_requires_grad)
+            (p_grad,) = torch.autograd.grad(run(x).pow(3).sum(), [model.p.weight])
+            dist.all_reduce(p_grad)  # a collective right after each: a backward exchange some rank pruned meets it
+            run(x).pow(3).sum().backward(inputs=[model.bn.weight])
+            bn_grad = model.bn.weight.grad
+            dist.all_reduce(bn_grad)
+            grads[parallel_backward] = (p_grad, bn_grad)
+        for name, serial, parallel in zip(("p", "bn"), grads[False], grads[True], strict=True):
+            outcome[f"{name}_error_{'with' if input_requires_grad else 'without'}_input_grad"] = (
+                (parallel - serial).abs().max().item()
+            )
+    return outcome
+
+
 def train_unevenly(rank, replicas, throw_on_early_termination):
     """DistributedDataParallel under DDP's ``Join``: rank 0 has one batch, the others two. Returns the model, its DDP,
     this rank's batch and what the Join context raised on this rank (``{}``: nothing; else its type and message,

@@ -176,6 +176,18 @@ def test_gradients_of_some_parameters_pair_whatever_the_ranks_backward(tmp_path,
         assert outcome["buffers_equal_on_every_rank"] and outcome["num_batches_tracked"] == [3], outcome
 
 
+@pytest.mark.parametrize("replicas, transport", [([2, 1], "shared_memory"), ([2, 2], "c10d")])
+def test_gradients_of_some_parameters_where_a_replica_skips_a_layer(tmp_path, replicas, transport):
+    # Rank 0's first replica skips the layer below the synchronized one. Asking for that layer's weight only, its
+    # parallel backward task skipped the synchronized layer's merge (its share of the statistics' gradient missed
+    # the others': wrong gradients); asking for the BatchNorm weight only, with that replica's statistics without
+    # a graph, its task exchanged with the other ranks where their engines did not.
+    results = launch(tmp_path, 2, replicas, [4, 3], ["some_parameters_below_a_skipped_layer"], transport=transport)
+    for rank in range(2):
+        outcome = measures(results["some_parameters_below_a_skipped_layer"][rank])
+        assert all(error < TOLERANCE for error in outcome.values()), outcome
+
+
 def test_torchrun_with_two_nodes_on_one_machine(tmp_path):
     port = free_port()
     processes = []

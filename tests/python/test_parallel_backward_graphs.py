@@ -390,9 +390,14 @@ class SkipsALayerInOneReplica(nn.Module):
 
 
 @pytest.mark.parametrize("ask", ["backward_inputs", "autograd_grad"])
-def test_a_backward_asking_for_some_parameters_still_gets_every_replicas_share_of_the_statistics(ask):
+@pytest.mark.parametrize("parameter", ["p", "bn"])
+@pytest.mark.parametrize("input_requires_grad", [True, False])
+def test_a_backward_asking_for_some_parameters_still_gets_every_replicas_share_of_the_statistics(
+    ask, parameter, input_requires_grad
+):
     # Replica 0 has no p: a task computing only p's gradient skipped its merge, so its share of the statistics'
-    # gradient missed replica 1's (sign-flipped, silently).
+    # gradient missed replica 1's (sign-flipped, silently). Without the input's gradient replica 0's statistics
+    # have no graph (its merge is reached through an anchor); asking for bn's weight only, no merge runs.
     torch.manual_seed(0)
     model = SkipsALayerInOneReplica().double()
     x = torch.randn(8, C, dtype=torch.float64)
@@ -401,14 +406,15 @@ def test_a_backward_asking_for_some_parameters_still_gets_every_replicas_share_o
     for parallel_backward in (False, True):
         ours = copy.deepcopy(model)
         dp = DataParallelWithCallback(ours, device_ids=["cpu"] * 2, parallel_backward=parallel_backward)
-        leaf = x.clone().requires_grad_()
+        leaf = x.clone().requires_grad_(input_requires_grad)
+        weight = getattr(ours, parameter).weight
 
-        def step(dp=dp, leaf=leaf, ours=ours):
+        def step(dp=dp, leaf=leaf, weight=weight):
             loss = (dp(leaf) ** 3).sum()
             if ask == "backward_inputs":
-                loss.backward(inputs=[ours.p.weight])
-                return ours.p.weight.grad
-            return torch.autograd.grad(loss, [ours.p.weight])[0]
+                loss.backward(inputs=[weight])
+                return weight.grad
+            return torch.autograd.grad(loss, [weight])[0]
 
         grads.append(call_with_timeout(step))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-10)
