@@ -164,22 +164,28 @@ def _targets_below_merges(
     meeting: list[bool] | None,
 ) -> list[list[GradientEdge]]:
     """For a backward asking each copy for ``asked`` only: per copy, edges below its merges that its task must ask
-    for too, so that it runs every merge the serial engine would (that of each call met where some copy's ``asked``
-    lie below its merge) and no other. A copy whose own asked-for tensors lie below no such call (its samples skip
-    a layer before it, in a data-dependent branch) would skip the merge, and its share of the statistics' gradient
-    would miss the others'; a copy's merge run where the serial engine's is not would exchange with other processes
-    where theirs do not."""
+    for too, so that it runs every merge the serial engine would and no other. The serial engine runs a call's
+    merge (one node for every copy) where some copy's way from it leads to an asked-for tensor, directly or through
+    another call's merge that does (there to other copies' tensors). A copy whose own way does not (its samples skip
+    a layer in a data-dependent branch) would skip the merge, and its share of the statistics' gradient would miss
+    the others' (or the copies would wait for each other at two merges, crosswise); a copy's merge run where the
+    serial engine's is not would exchange with other processes where theirs do not."""
     calls = _calls(merges)
     if meeting is None:  # the copies' calls differ: the forward failed
         return [[] for _ in calls]
-    runs = [
-        [
-            call and mean is not None and any(_C.reaches([mean, var], copy_asked, boundary))
-            for call, (mean, var) in zip(meeting, copy_calls, strict=True)
-        ]
-        for copy_calls, copy_asked, boundary in zip(calls, asked, boundaries, strict=True)
-    ]
-    needed = [any(copy_runs[k] for copy_runs in runs) for k in range(len(meeting))]
+    # In call order: a merge's graph holds only earlier calls' merges, whose need is known by then.
+    needed = [False] * len(meeting)
+    runs: list[list[bool]] = [[False] * len(meeting) for _ in calls]  # whether the copy's task runs it unasked
+    for k, met in enumerate(meeting):
+        if not met:
+            continue
+        for copy_calls, copy_asked, boundary, copy_runs in zip(calls, asked, boundaries, runs, strict=True):
+            mean, var = copy_calls[k]
+            if mean is None:
+                continue
+            earlier = [m for (m, _), n in zip(copy_calls[:k], needed, strict=False) if n and m is not None]
+            copy_runs[k] = any(_C.reaches([mean, var], [*copy_asked, *earlier], boundary))
+        needed[k] = any(copy_runs[k] for copy_runs in runs)
     return [
         [
             GradientEdge(node, output_nr)
@@ -399,22 +405,25 @@ def _will_execute(node: Any) -> bool:
 def _wanted_boundaries(plan: _Plan, wanted: list[bool]) -> list[list[bool]] | None:
     """Per copy, which of its boundary tensors its task computes gradients for; ``None``: all of them.
 
-    A backward that wants only some parameters' gradients (``torch.autograd.grad(loss, [bn.weight])``, a
-    GradNorm-style step) must not compute the rest: the serial engine would not, and a synchronized layer's backward
-    exchange across processes happens only when its input's gradient is computed, so a rank running the parallel
-    backward would make an exchange the others (one replica, or the serial backward) skip. Alike for every copy: a
-    parameter is wanted for all if for one (the copies meet in backward where they merged). When an input, buffer or
-    attribute tensor is wanted, every copy computes its whole boundary. Each copy runs the merges the serial engine
-    would, whatever it is asked for (see :func:`_targets_below_merges`).
+    A backward that wants only some gradients (``torch.autograd.grad(loss, [bn.weight])``, a GradNorm-style step;
+    ``torch.autograd.grad(loss, [x])``, an adversarial example's) must not compute the rest: the serial engine would
+    not, and a synchronized layer's backward exchange across processes happens only where its merge runs, so a rank
+    running the parallel backward would make an exchange the others (one replica, or the serial backward) skip. A
+    parameter is wanted for every copy if for one (each copy's handle leads to its sum); inputs, buffers and
+    attribute tensors copy by copy. Each copy runs the merges the serial engine would, whatever it is asked for (see
+    :func:`_targets_below_merges`).
     """
-    views = sum(len(v) for v in plan.views)
-    if all(wanted) or any(wanted[views:]):
+    if all(wanted):
         return None
     per_parameter = len(plan.views[0])
     parameter_wanted = [
         any(wanted[c * per_parameter + j] for c in range(len(plan.views))) for j in range(per_parameter)
     ]
-    return [parameter_wanted + [False] * len(others) for others in plan.others]
+    chosen, offset = [], sum(len(v) for v in plan.views)
+    for others in plan.others:
+        chosen.append(parameter_wanted + wanted[offset : offset + len(others)])
+        offset += len(others)
+    return chosen
 
 
 def _parallel_backward(

@@ -468,6 +468,37 @@ def scenario_some_parameters_below_a_skipped_layer(rank, world, replicas, sizes)
     return outcome
 
 
+class InputAndADetachedBranch(nn.Module):
+    """``a`` normalizes the input; ``b`` a detached path through ``lin``, whose statistics lead to parameters only."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(C, C)
+        self.a, self.b = syncbn_ext.SyncBatchNorm(C), syncbn_ext.SyncBatchNorm(C)
+
+    def forward(self, x):
+        return self.a(x) + self.b(self.lin(x.detach()))
+
+
+def scenario_input_grad_only(rank, world, replicas, sizes):
+    """Asking for the input's gradient only (an adversarial example's step): the serial engine runs ``a``'s merge
+    only; ranks with several replicas through the parallel backward computed every replica's whole boundary, running
+    ``b``'s merge too, an exchange the other ranks' engines pruned. Compared with the serial backward."""
+    grads = {}
+    for parallel_backward in (False, True):
+        torch.manual_seed(0)
+        model = InputAndADetachedBranch().double()
+        run = wrap(model, replicas, parallel_backward=parallel_backward if replicas > 1 else None)
+        x = torch.randn(sizes[rank], C, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+        x.requires_grad_()
+        (grads[parallel_backward],) = torch.autograd.grad(run(x).pow(3).sum(), [x])
+        dist.barrier()  # a collective right after: an exchange some rank pruned meets it
+    return {
+        "input_error": (grads[True] - grads[False]).abs().max().item(),
+        "parameters_untouched": all(p.grad is None for p in model.parameters()),
+    }
+
+
 def train_unevenly(rank, replicas, throw_on_early_termination):
     """DistributedDataParallel under DDP's ``Join``: rank 0 has one batch, the others two. Returns the model, its DDP,
     this rank's batch and what the Join context raised on this rank (``{}``: nothing; else its type and message,

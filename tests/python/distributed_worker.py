@@ -72,6 +72,7 @@ SCENARIOS = {
     "checkpoint_stop_gradient_view": checkpoints.scenario_checkpoint_stop_gradient_view,
     "some_parameters_grads": faults.scenario_some_parameters_grads,
     "some_parameters_below_a_skipped_layer": faults.scenario_some_parameters_below_a_skipped_layer,
+    "input_grad_only": faults.scenario_input_grad_only,
     "input_grad_on_one_rank": faults.scenario_input_grad_on_one_rank,
     "channels_differ": faults.scenario_channels_differ,
     "channels_differ_in_subgroup": faults.scenario_channels_differ_in_subgroup,

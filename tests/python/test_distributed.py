@@ -188,6 +188,16 @@ def test_gradients_of_some_parameters_where_a_replica_skips_a_layer(tmp_path, re
         assert all(error < TOLERANCE for error in outcome.values()), outcome
 
 
+def test_the_input_gradient_alone_pairs_whatever_the_ranks_backward(tmp_path):
+    # Asking for the input's gradient only, a rank with the parallel backward ran the merge of a layer whose
+    # statistics lead to parameters only, which the other rank's engine pruned: an error naming a different order
+    # of the layers, or a wait until the group's timeout.
+    results = launch(tmp_path, 2, [2, 1], [4, 3], ["input_grad_only"])
+    for rank in range(2):
+        outcome = measures(results["input_grad_only"][rank])
+        assert outcome["input_error"] < TOLERANCE and outcome["parameters_untouched"], outcome
+
+
 def test_torchrun_with_two_nodes_on_one_machine(tmp_path):
     port = free_port()
     processes = []

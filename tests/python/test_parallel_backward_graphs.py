@@ -418,3 +418,39 @@ def test_a_backward_asking_for_some_parameters_still_gets_every_replicas_share_o
 
         grads.append(call_with_timeout(step))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-10)
+
+
+class ChainsLayersInOneReplica(nn.Module):
+    """Where its batch is marked, a replica normalizes twice in a row; the others apply ``p`` before the first layer
+    and feed the second with their input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Linear(C, C)
+        self.bn1, self.bn2 = SynchronizedBatchNorm1d(C), SynchronizedBatchNorm1d(C)
+
+    def forward(self, x):
+        marked = bool(x[0, 0] > 100)
+        h = self.bn1(x if marked else self.p(x))
+        return self.bn2(h if marked else 2 * x)
+
+
+def test_a_backward_asking_for_a_parameter_below_chained_layers_runs_every_merge_the_serial_one_does():
+    # Asking for p's weight: the serial engine runs bn2's merge (the marked replica's bn2 leads to its bn1, whose
+    # merge leads to the other replica's p). The other replica's own way from bn2 leads to nothing asked for: its
+    # task skipped bn2's merge while the marked one waited there, and each waited for the other until the timeout.
+    torch.manual_seed(0)
+    model = ChainsLayersInOneReplica().double()
+    x = torch.randn(8, C, dtype=torch.float64)
+    x[0, 0] += 1000
+    grads = []
+    for parallel_backward in (False, True):
+        ours = copy.deepcopy(model)
+        dp = DataParallelWithCallback(ours, device_ids=["cpu"] * 2, parallel_backward=parallel_backward)
+        leaf = x.clone().requires_grad_()
+        grads.append(
+            call_with_timeout(
+                lambda dp=dp, leaf=leaf, ours=ours: torch.autograd.grad((dp(leaf) ** 3).sum(), [ours.p.weight])[0]
+            )
+        )
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-10)
