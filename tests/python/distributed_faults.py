@@ -438,6 +438,16 @@ class SkipsALayerWhereMarked(nn.Module):
         return self.q(self.bn(h))
 
 
+def seeded_model_and_batch(model_class, rank, replicas, sizes, parallel_backward):
+    """A ``model_class`` alike on every rank (float64), run through ``replicas`` CPU replicas with
+    ``parallel_backward``, and this rank's batch: (model, run, batch)."""
+    torch.manual_seed(0)
+    model = model_class().double()
+    run = wrap(model, replicas, parallel_backward=parallel_backward if replicas > 1 else None)
+    batch = torch.randn(sizes[rank], C, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    return model, run, batch
+
+
 def scenario_some_parameters_below_a_skipped_layer(rank, world, replicas, sizes):
     """Asking for ``p``'s gradient only, where rank 0's first replica skips ``p``: that replica's backward task
     reached nothing it was asked for below the synchronized layer, skipped the layer's merge, and its share of the
@@ -448,10 +458,7 @@ def scenario_some_parameters_below_a_skipped_layer(rank, world, replicas, sizes)
     for input_requires_grad in (True, False):
         grads = {}
         for parallel_backward in (False, True):
-            torch.manual_seed(0)
-            model = SkipsALayerWhereMarked().double()
-            run = wrap(model, replicas, parallel_backward=parallel_backward if replicas > 1 else None)
-            x = torch.randn(sizes[rank], C, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+            model, run, x = seeded_model_and_batch(SkipsALayerWhereMarked, rank, replicas, sizes, parallel_backward)
             if rank == 0:
                 x[0, 0] += 1000
             x.requires_grad_(input_requires_grad)
@@ -486,10 +493,7 @@ def scenario_input_grad_only(rank, world, replicas, sizes):
     ``b``'s merge too, an exchange the other ranks' engines pruned. Compared with the serial backward."""
     grads = {}
     for parallel_backward in (False, True):
-        torch.manual_seed(0)
-        model = InputAndADetachedBranch().double()
-        run = wrap(model, replicas, parallel_backward=parallel_backward if replicas > 1 else None)
-        x = torch.randn(sizes[rank], C, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+        model, run, x = seeded_model_and_batch(InputAndADetachedBranch, rank, replicas, sizes, parallel_backward)
         x.requires_grad_()
         (grads[parallel_backward],) = torch.autograd.grad(run(x).pow(3).sum(), [x])
         dist.barrier()  # a collective right after: an exchange some rank pruned meets it

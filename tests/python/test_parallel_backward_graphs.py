@@ -398,26 +398,32 @@ def test_a_backward_asking_for_some_parameters_still_gets_every_replicas_share_o
     # Replica 0 has no p: a task computing only p's gradient skipped its merge, so its share of the statistics'
     # gradient missed replica 1's (sign-flipped, silently). Without the input's gradient replica 0's statistics
     # have no graph (its merge is reached through an anchor); asking for bn's weight only, no merge runs.
+
+    def step(dp, ours, leaf):
+        weight = getattr(ours, parameter).weight
+        loss = (dp(leaf) ** 3).sum()
+        if ask == "backward_inputs":
+            loss.backward(inputs=[weight])
+            return weight.grad
+        return torch.autograd.grad(loss, [weight])[0]
+
+    serial, parallel = serial_and_parallel(SkipsALayerInOneReplica, step, input_requires_grad)
+    torch.testing.assert_close(parallel, serial, rtol=1e-10, atol=1e-10)
+
+
+def serial_and_parallel(model_class, step, input_requires_grad=True):
+    """``step(wrapper, model, input)`` on two CPU replicas of one ``model_class`` (float64), under the serial then
+    the parallel backward; the input's first sample marked (replica 0's branch)."""
     torch.manual_seed(0)
-    model = SkipsALayerInOneReplica().double()
+    model = model_class().double()
     x = torch.randn(8, C, dtype=torch.float64)
     x[0, 0] += 1000
-    grads = []
+    results = []
     for parallel_backward in (False, True):
         ours = copy.deepcopy(model)
         dp = DataParallelWithCallback(ours, device_ids=["cpu"] * 2, parallel_backward=parallel_backward)
-        leaf = x.clone().requires_grad_(input_requires_grad)
-        weight = getattr(ours, parameter).weight
-
-        def step(dp=dp, leaf=leaf, weight=weight):
-            loss = (dp(leaf) ** 3).sum()
-            if ask == "backward_inputs":
-                loss.backward(inputs=[weight])
-                return weight.grad
-            return torch.autograd.grad(loss, [weight])[0]
-
-        grads.append(call_with_timeout(step))
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-10)
+        results.append(call_with_timeout(step, dp, ours, x.clone().requires_grad_(input_requires_grad)))
+    return results
 
 
 class ChainsLayersInOneReplica(nn.Module):
@@ -439,18 +445,7 @@ def test_a_backward_asking_for_a_parameter_below_chained_layers_runs_every_merge
     # Asking for p's weight: the serial engine runs bn2's merge (the marked replica's bn2 leads to its bn1, whose
     # merge leads to the other replica's p). The other replica's own way from bn2 leads to nothing asked for: its
     # task skipped bn2's merge while the marked one waited there, and each waited for the other until the timeout.
-    torch.manual_seed(0)
-    model = ChainsLayersInOneReplica().double()
-    x = torch.randn(8, C, dtype=torch.float64)
-    x[0, 0] += 1000
-    grads = []
-    for parallel_backward in (False, True):
-        ours = copy.deepcopy(model)
-        dp = DataParallelWithCallback(ours, device_ids=["cpu"] * 2, parallel_backward=parallel_backward)
-        leaf = x.clone().requires_grad_()
-        grads.append(
-            call_with_timeout(
-                lambda dp=dp, leaf=leaf, ours=ours: torch.autograd.grad((dp(leaf) ** 3).sum(), [ours.p.weight])[0]
-            )
-        )
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-10)
+    serial, parallel = serial_and_parallel(
+        ChainsLayersInOneReplica, lambda dp, ours, leaf: torch.autograd.grad((dp(leaf) ** 3).sum(), [ours.p.weight])[0]
+    )
+    torch.testing.assert_close(parallel, serial, rtol=1e-10, atol=1e-10)
