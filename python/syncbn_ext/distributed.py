@@ -110,7 +110,16 @@ _ranks_named: weakref.WeakSet = weakref.WeakSet()  # groups whose global ranks t
 # user group -> (its gloo backend, its own group's): the own group's timeout follows the user's, which torch's
 # _set_pg_timeout changes (e.g. raised after a first step), as torch's own collectives on the group do.
 _timeout_followers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# user group -> why this rank's exchanges on it fail from now on (a forward interrupted before its first call there).
+_out_of_step: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _own_groups_lock = threading.Lock()  # guards the dictionaries' writes, never held while waiting
+
+
+def mark_out_of_step(group: Any, reason: str) -> None:
+    """Every later exchange of this rank on ``group`` (a :func:`resolve_group` result) fails at once, saying
+    ``reason``: the other ranks wait at a call this rank's next one would pair with, one step apart."""
+    with _own_groups_lock:
+        _out_of_step.setdefault(group, reason)
 
 
 def exchange_group(group: Any, label: str = "", device: torch.device | None = None) -> Any:
@@ -130,6 +139,12 @@ def exchange_group(group: Any, label: str = "", device: torch.device | None = No
     """
     if group is None:
         return None
+    out_of_step = _out_of_step.get(group)
+    if out_of_step is not None:
+        raise dist.DistBackendError(
+            f"{out_of_step}: the ranks are out of step; start the processes again\nin synchronized BatchNorm "
+            f"{label} (rank {group.rank()} of {group.size()} of its process group)"
+        )
     if ("cpu" if device is None else device.type) not in _gloo_devices(group):
         if group not in _ranks_named:
             _name_global_ranks(group, group)

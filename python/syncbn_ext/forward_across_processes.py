@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._native import _C
-from .distributed import exchange_group, made_exchange_group
+from .distributed import exchange_group, made_exchange_group, mark_out_of_step
 from .parallel_apply import running_a_replica
 from .synchronized_base import _SynchronizedBatchNorm
 
@@ -61,7 +61,9 @@ def announcing_failure(
 ) -> Iterator[None]:
     """Around a forward of ``module`` across processes: where the block raises an ``Exception`` before its first
     synchronized call on the group, the other ranks are told (their first synchronized call of that step raises a
-    ``BarrierError`` naming this rank) before the error propagates, so that the ranks' next steps pair again.
+    ``BarrierError`` naming this rank) before the error propagates, so that the ranks' next steps pair again. An
+    interrupt (``KeyboardInterrupt``) there propagates at once, untold, and this rank's later exchanges on the group
+    fail (the ranks are out of step: start the processes again).
 
     :class:`~syncbn_ext.DataParallelWithCallback` (and a patched ``nn.DataParallel``) do this for every forward; use
     it where the layers run without one (alone in the process, under ``DistributedDataParallel``)::
@@ -82,9 +84,9 @@ def announcing_failure(
     told, all at once (the other ranks fail at their first call of one of them, and tell the others the same
     way): every rank's forward must then run under a wrapper or in such a block. Not in a replica (the wrapper's
     forward tells for all of them). Counted from the block's start: another thread's forward of the same layers
-    meanwhile (not one of a wrapper, which run one after another) hides the failure. Interrupts
-    (``KeyboardInterrupt``) propagate at once. Telling waits for the other ranks to reach that call (up to the
-    group's timeout); where telling fails too, the block's error gets a note saying so.
+    meanwhile (not one of a wrapper, which run one after another) hides the failure. Telling waits for the other
+    ranks to reach that call (up to the group's timeout); where telling fails too, the block's error gets a note
+    saying so.
     """
     # In a replica, the wrapper's forward tells for every replica (each telling would pair with another call).
     groups = [] if running_a_replica() else _exchanging_groups(module)
@@ -110,6 +112,19 @@ def announcing_failure(
                 f"{label} failed before its first synchronized call, and telling the other ranks of the process "
                 f"group so failed too ({failure}): they may pair that call with this rank's next forward; restart"
             )
+        raise
+    except BaseException as interrupt:
+        if isinstance(interrupt, GeneratorExit):
+            raise
+        # An interrupt (KeyboardInterrupt) propagates at once, untold (telling waits for the other ranks). Where the
+        # block made no exchange on a group, the others wait at a call this rank's next forward would pair with its
+        # own first one, one step apart, silently: its exchanges there fail from now on instead.
+        after = [_calls_on(group, device) for group in groups]
+        for group, now, then in zip(groups, after, before, strict=True):
+            if now == then:
+                mark_out_of_step(
+                    group, f"{label} was interrupted ({type(interrupt).__name__}) before its first synchronized call"
+                )
         raise
 
 

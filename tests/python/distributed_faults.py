@@ -217,6 +217,54 @@ def scenario_interrupted(rank, world, replicas, sizes):
     return outcome
 
 
+class SleepsWhenArmed(nn.Module):
+    """Sleeps two seconds before the synchronized layer while armed (the step rank 0 is interrupted in)."""
+
+    armed = False
+
+    def forward(self, x):
+        if SleepsWhenArmed.armed:
+            time.sleep(2.0)
+        return x
+
+
+def scenario_interrupted_before_first_call(rank, world, replicas, sizes):
+    """Ctrl-C on rank 0 while its forward has made no synchronized call yet (under DataParallelWithCallback, or in an
+    announcing_failure block), rank 1 waiting at its first: before, rank 0's next forward paired with rank 1's step,
+    one step apart from then on, silently. Now rank 0's later exchanges on the group fail at once (out of step), and
+    rank 1's waiting call fails at the group's timeout."""
+    model = nn.Sequential(SleepsWhenArmed(), syncbn_ext.SyncBatchNorm(C)).double()
+    run = wrap(model, replicas)
+    x = torch.randn(4, C, dtype=torch.float64)
+    run(x)  # a step that pairs: the layers' communicator is set up
+    if rank == 1:
+        try:
+            run(x)
+            return {"step": "returned"}
+        except Exception as error:
+            return {"step": type(error).__name__, "message": str(error)}
+    SleepsWhenArmed.armed = True
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with syncbn_ext.announcing_failure(model):  # (under the wrapper, its own block does the same)
+            run(x)
+        outcome = {"interrupted": False}
+    except KeyboardInterrupt:
+        outcome = {"interrupted": True}
+    finally:
+        timer.join()
+    SleepsWhenArmed.armed = False
+    start = time.monotonic()
+    try:
+        run(x)
+        outcome["after"] = "returned"
+    except Exception as error:
+        outcome.update(after=type(error).__name__, message=str(error), after_seconds=time.monotonic() - start)
+    time.sleep(2.5)  # an abandoned replica wakes, and is refused before its exchange
+    return outcome
+
+
 def scenario_interrupted_set_up(rank, world, replicas, sizes, timeout):
     """Ctrl-C on rank 0 while it sets up the layers' communicator, waiting for rank 1, which never makes a
     synchronized call: the KeyboardInterrupt arrives once gloo's wait ends (the group's timeout), and the group is

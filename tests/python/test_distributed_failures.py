@@ -124,6 +124,21 @@ def test_ctrl_c_during_the_communicators_set_up_marks_the_group_failed(tmp_path)
     assert outcome["after_seconds"] < 2, outcome
 
 
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_ctrl_c_before_the_first_synchronized_call_leaves_no_ranks_paired_a_step_apart(tmp_path, replicas):
+    # The group's timeout is 4 s. Rank 0 is interrupted before its forward's first synchronized call (replicas: under
+    # the wrapper; one: in an announcing_failure block), rank 1 waiting at its own: rank 0's next forward paired with
+    # it, the ranks one step apart from then on, silently.
+    results = launch(tmp_path, 2, replicas, [4, 4], ["interrupted_before_first_call"], timeout=4.0)
+    outcome = measures(results["interrupted_before_first_call"][0])
+    assert outcome["interrupted"], outcome
+    assert outcome["after"] == "DistBackendError" and outcome["after_seconds"] < 2, outcome
+    assert "interrupted (KeyboardInterrupt) before its first synchronized call" in outcome["message"], outcome
+    assert "out of step" in outcome["message"], outcome
+    peer = measures(results["interrupted_before_first_call"][1])
+    assert peer["step"] != "returned", peer
+
+
 def test_a_rank_0_killed_while_the_others_are_late_leaves_no_shared_memory_behind(tmp_path):
     command = [sys.executable, str(WORKER), "--world", "2", "--store", str(tmp_path / "store"), "--sizes", "4", "4"]
     command += ["--scenarios", "killed_in_set_up"]
