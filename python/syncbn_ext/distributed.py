@@ -275,7 +275,8 @@ def _where(group: Any, label: str) -> str:
     return (
         f"in synchronized BatchNorm {label}, setting up its communicator across the process group (rank "
         f"{group.rank()} of {group.size()}, {backend}): every rank of the group sets it up at its first "
-        "synchronized call on the group, and waits for the others up to the group's timeout"
+        "synchronized call on the group, and waits for the others up to the group's timeout, through the group's "
+        "store (where the process serving it, global rank 0's under tcp:// or env://, has exited, it fails too)"
     )
 
 
