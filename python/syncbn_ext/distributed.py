@@ -115,6 +115,11 @@ _out_of_step: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _own_groups_lock = threading.Lock()  # guards the dictionaries' writes, never held while waiting
 
 
+def out_of_step(group: Any) -> bool:
+    """Whether this rank's exchanges on ``group`` fail from now on (:func:`mark_out_of_step`)."""
+    return group in _out_of_step
+
+
 def mark_out_of_step(group: Any, reason: str) -> None:
     """Every later exchange of this rank on ``group`` (a :func:`resolve_group` result) fails at once, saying
     ``reason``: the other ranks wait at a call this rank's next one would pair with, one step apart."""

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._native import _C
-from .distributed import exchange_group, made_exchange_group, mark_out_of_step
+from .distributed import exchange_group, made_exchange_group, mark_out_of_step, out_of_step
 from .parallel_apply import running_a_replica
 from .synchronized_base import _SynchronizedBatchNorm
 
@@ -62,8 +62,9 @@ def announcing_failure(
     """Around a forward of ``module`` across processes: where the block raises an ``Exception`` before its first
     synchronized call on the group, the other ranks are told (their first synchronized call of that step raises a
     ``BarrierError`` naming this rank) before the error propagates, so that the ranks' next steps pair again. An
-    interrupt (``KeyboardInterrupt``) there propagates at once, untold, and this rank's later exchanges on the group
-    fail (the ranks are out of step: start the processes again).
+    interrupt (``KeyboardInterrupt``, or another ``BaseException`` that is not an ``Exception``) there propagates at
+    once, untold, and this rank's later exchanges on the group fail (the ranks are out of step: start the processes
+    again).
 
     :class:`~syncbn_ext.DataParallelWithCallback` (and a patched ``nn.DataParallel``) do this for every forward; use
     it where the layers run without one (alone in the process, under ``DistributedDataParallel``)::
@@ -106,7 +107,10 @@ def announcing_failure(
         made = [(c1 - c0, f1 - f0) for (c1, f1), (c0, f0) in zip(after, before, strict=True)]
         if any(calls != failed for calls, failed in made):
             raise
-        untold = [group for group, (_, failed) in zip(groups, made, strict=True) if failed == 0]
+        # (Not on a group whose exchanges fail at once on this rank, out of step: its error says so already.)
+        untold = [
+            group for group, (_, failed) in zip(groups, made, strict=True) if failed == 0 and not out_of_step(group)
+        ]
         for failure in _announce_on(untold, device, label):
             error.add_note(
                 f"{label} failed before its first synchronized call, and telling the other ranks of the process "
@@ -116,7 +120,8 @@ def announcing_failure(
     except BaseException as interrupt:
         if isinstance(interrupt, GeneratorExit):
             raise
-        # An interrupt (KeyboardInterrupt) propagates at once, untold (telling waits for the other ranks). Where the
+        # An interrupt (KeyboardInterrupt; any BaseException not an Exception) propagates at once, untold (telling
+        # waits for the other ranks). Where the
         # block made no exchange on a group, the others wait at a call this rank's next forward would pair with its
         # own first one, one step apart, silently: its exchanges there fail from now on instead.
         after = [_calls_on(group, device) for group in groups]

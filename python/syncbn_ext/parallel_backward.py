@@ -161,7 +161,7 @@ def _targets_below_merges(
     merges: list[list[torch.Tensor | None]],
     boundaries: list[list[torch.Tensor]],
     asked: list[list[torch.Tensor]],
-    meeting: list[bool] | None,
+    meeting: list[bool],
 ) -> list[list[GradientEdge]]:
     """For a backward asking each copy for ``asked`` only: per copy, edges below its merges that its task must ask
     for too, so that it runs every merge the serial engine would and no other. The serial engine runs a call's
@@ -171,8 +171,6 @@ def _targets_below_merges(
     the others' (or the copies would wait for each other at two merges, crosswise); a copy's merge run where the
     serial engine's is not would exchange with other processes where theirs do not."""
     calls = _calls(merges)
-    if meeting is None:  # the copies' calls differ: the forward failed
-        return [[] for _ in calls]
     # In call order: a merge's graph holds only earlier calls' merges, whose need is known by then.
     needed = [False] * len(meeting)
     runs: list[list[bool]] = [[False] * len(meeting) for _ in calls]  # whether the copy's task runs it unasked
@@ -233,7 +231,7 @@ class _Plan:
         assert self.merges is not None
         return _meeting_calls(self.merges, [self.boundary(c) for c in range(len(self.merges))], starts)
 
-    def targets_below_merges(self, chosen: list[list[bool]], meeting: list[bool] | None) -> list[list[GradientEdge]]:
+    def targets_below_merges(self, chosen: list[list[bool]], meeting: list[bool]) -> list[list[GradientEdge]]:
         """Per copy, what its task asks for besides its ``chosen`` boundary tensors (see
         :func:`_targets_below_merges`)."""
         assert self.merges is not None
@@ -441,7 +439,7 @@ def _parallel_backward(
     once_differentiable = create_graph and any(g is not None and g.requires_grad for g in grads)
     # Outputs the loss does not use get no gradient (not zeros: their parameters keep a None gradient, as the
     # whole batch's would, which optimizers such as Adam tell apart from a zero one); the meeting points each
-    # copy must reach are roots too, with a zero gradient (see _Plan.meeting_roots).
+    # copy must reach are roots too, with a zero gradient (see _meeting_roots).
     used, used_ids, offset = [], set(), 0
     for copy_id, outputs in enumerate(plan.outputs):
         copy_grads = grads[offset : offset + len(outputs)]
@@ -455,7 +453,8 @@ def _parallel_backward(
     assert plan.merges is not None
     meeting = plan.meeting_calls([[output for output, _ in copy_used] for copy_used in used])
     meeting_roots = _call_roots(plan.merges, meeting)
-    below_merges = None if chosen is None else plan.targets_below_merges(chosen, meeting)
+    # (The copies' calls differ only where the forward failed: then every copy asks for its anchors, as before.)
+    below_merges = None if chosen is None or meeting is None else plan.targets_below_merges(chosen, meeting)
     thread_state = _C.ThreadLocalState()
     task_graph = create_graph and not once_differentiable
     run = plan.group.begin_backward()

@@ -261,6 +261,7 @@ def scenario_interrupted_before_first_call(rank, world, replicas, sizes):
         outcome["after"] = "returned"
     except Exception as error:
         outcome.update(after=type(error).__name__, message=str(error), after_seconds=time.monotonic() - start)
+        outcome["notes"] = getattr(error, "__notes__", [])
     time.sleep(2.5)  # an abandoned replica wakes, and is refused before its exchange
     return outcome
 

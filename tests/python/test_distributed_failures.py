@@ -135,6 +135,7 @@ def test_ctrl_c_before_the_first_synchronized_call_leaves_no_ranks_paired_a_step
     assert outcome["after"] == "DistBackendError" and outcome["after_seconds"] < 2, outcome
     assert "interrupted (KeyboardInterrupt) before its first synchronized call" in outcome["message"], outcome
     assert "out of step" in outcome["message"], outcome
+    assert not any("telling" in note for note in outcome["notes"]), outcome["notes"]  # (not tried: it fails alike)
     peer = measures(results["interrupted_before_first_call"][1])
     assert peer["step"] != "returned", peer
 
