@@ -121,9 +121,9 @@ def announcing_failure(
         if isinstance(interrupt, GeneratorExit):
             raise
         # An interrupt (KeyboardInterrupt; any BaseException not an Exception) propagates at once, untold (telling
-        # waits for the other ranks). Where the
-        # block made no exchange on a group, the others wait at a call this rank's next forward would pair with its
-        # own first one, one step apart, silently: its exchanges there fail from now on instead.
+        # waits for the other ranks). Where the block made no exchange on a group, the others wait at a call this
+        # rank's next forward would pair with its own first one, one step apart, silently: its exchanges there fail
+        # from now on instead.
         after = [_calls_on(group, device) for group in groups]
         for group, now, then in zip(groups, after, before, strict=True):
             if now == then:
