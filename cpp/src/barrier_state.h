@@ -215,10 +215,11 @@ struct BarrierState {
     return std::make_exception_ptr(BarrierTimeoutError(out.str()));
   }
 
-  // Whether the master callback is running and waiting for the other ranks of a process group (see
-  // waiting_across_processes.h): then a slave waits on instead of timing out.
-  bool callback_waits_across_processes() const {
-    return callback_thread != std::thread::id() && is_waiting_across_processes(callback_thread);
+  // While the master callback runs: when it last waited for the other ranks of a process group (now if it is
+  // waiting; see waiting_across_processes.h), nullopt if it never did. A slave's deadline counts from then.
+  std::optional<std::chrono::steady_clock::time_point> callback_last_waited_across_processes() const {
+    if (callback_thread == std::thread::id()) return std::nullopt;
+    return last_waited_across_processes(callback_thread);
   }
 
   // Deadline for a wait that starts now; nullopt for a timeout too long to represent.

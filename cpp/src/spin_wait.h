@@ -16,10 +16,12 @@ namespace syncbn::detail {
 // 2-8 replicas, measured), short against the milliseconds a replica computes between passes.
 inline constexpr std::chrono::microseconds kSpinBeforeSleep{50};
 
-// The deadline of a wait of `seconds` that starts now; nullopt (no deadline) for a timeout too long to represent.
-inline std::optional<std::chrono::steady_clock::time_point> deadline_after(double seconds) {
+// The deadline of a wait of `seconds` that starts at `start` (now by default); nullopt (no deadline) for a timeout
+// too long to represent.
+inline std::optional<std::chrono::steady_clock::time_point> deadline_after(
+    double seconds, std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now()) {
   if (seconds > 1e9) return std::nullopt;
-  return std::chrono::steady_clock::now() +
+  return start +
          std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(seconds));
 }
 

@@ -376,9 +376,14 @@ Message SlavePipe::run_slave(Message message) {
     }
     if (!s.wait(s.slave_cv, lock, until) && s.generation == generation_ &&
         slot->result_pass != pass && pass > s.failed_through) {
-      if (s.callback_waits_across_processes()) {  // for other ranks: the group's timeout bounds that wait
-        until = s.deadline();
-        continue;
+      // A callback waiting for other ranks is bounded by the group's timeout, not this one; its own work after
+      // that wait (the merge) gets a whole timeout from the wait's end, even where that wait ended just now.
+      if (const auto waited = s.callback_last_waited_across_processes()) {
+        const auto renewed = detail::deadline_after(s.timeout_seconds, *waited);
+        if (!renewed || !until || *renewed > *until) {
+          until = renewed;
+          continue;
+        }
       }
       s.fail_pass(pass, s.timeout_error(pass, slot->label), graveyard);
     }

@@ -1,7 +1,9 @@
 #pragma once
 
-// Which threads are waiting for the other ranks of a process group right now.
+// Which threads are waiting for the other ranks of a process group, or did lately.
 
+#include <chrono>
+#include <optional>
 #include <thread>
 
 namespace syncbn::detail {
@@ -19,7 +21,10 @@ class WaitingAcrossProcesses {
   WaitingAcrossProcesses& operator=(const WaitingAcrossProcesses&) = delete;
 };
 
-// Whether `thread` is inside a WaitingAcrossProcesses scope now.
-bool is_waiting_across_processes(std::thread::id thread);
+// When `thread` last waited across processes: now while it is inside a WaitingAcrossProcesses scope, else when
+// its last such scope ended; nullopt if it was never in one (or its record was dropped, long after: see the .cpp).
+// A barrier's waiter needs the end too, not only "waiting now": a wait that ended just before the waiter's deadline
+// leaves the callback its merge to finish, which is given a whole timeout from that end.
+std::optional<std::chrono::steady_clock::time_point> last_waited_across_processes(std::thread::id thread);
 
 }  // namespace syncbn::detail

@@ -23,7 +23,6 @@
 namespace {
 
 using syncbn_test::thread_counts;
-using syncbn_test::IntraOpThreads;
 using syncbn_test::Split;
 using syncbn_test::Layout;
 using syncbn_test::layout_name;
@@ -94,7 +93,7 @@ TEST_P(CpuKernels, LocalStatsAndMergeStats) {
 
     std::vector<std::tuple<at::Tensor, at::Tensor>> results;
     for (int threads : thread_counts()) {
-      IntraOpThreads scope(threads);
+      syncbn_test::IntraOpThreads scope(threads);
       SCOPED_TRACE(::testing::Message() << threads << " thread(s)");
       auto [mean, m2] = syncbn::local_stats(x);
       EXPECT_EQ(mean.scalar_type(), at::kDouble);  // whatever the input's dtype: the merge needs their digits
@@ -163,7 +162,7 @@ TEST_P(CpuKernels, NormalizeInBothEpsModes) {
 
       std::vector<at::Tensor> outputs;
       for (int threads : thread_counts()) {
-        IntraOpThreads scope(threads);
+        syncbn_test::IntraOpThreads scope(threads);
         SCOPED_TRACE(::testing::Message() << threads << " thread(s)");
         const at::Tensor y =
             variant.affine ? syncbn::normalize(x, mean, var, weight, bias, variant.eps, variant.mode)
@@ -200,7 +199,7 @@ TEST_P(CpuKernels, BackwardReduceAndBackwardElemt) {
 
     std::vector<std::vector<at::Tensor>> results;
     for (int threads : thread_counts()) {
-      IntraOpThreads scope(threads);
+      syncbn_test::IntraOpThreads scope(threads);
       SCOPED_TRACE(::testing::Message() << threads << " thread(s)");
       auto [sum_dy, sum_dy_xmu] = syncbn::backward_reduce(dy, x, mean);
       EXPECT_EQ(sum_dy.scalar_type(), acc);
@@ -258,7 +257,7 @@ TEST_P(CpuKernels, SyncBatchNormForwardAndBackwardEqualBatchNormInFloat64) {
 
     std::vector<std::vector<at::Tensor>> results;
     for (int threads : thread_counts()) {
-      IntraOpThreads scope(threads);
+      syncbn_test::IntraOpThreads scope(threads);
       SCOPED_TRACE(::testing::Message() << threads << " thread(s)");
       at::Tensor x = x_data.clone().requires_grad_();
       at::Tensor weight = weight_data.clone().requires_grad_();
