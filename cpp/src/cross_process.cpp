@@ -330,9 +330,15 @@ GatheredRows exchange_rows(const ProcessGroupPtr& group, detail::ExchangeKind ki
   at::Tensor packed_values = packed.narrow(0, kHeader, 2 * capacity).view(at::kDouble);
   packed_values.narrow(0, 0, first).copy_(values.narrow(0, 0, first));
   packed_values.narrow(0, capacity, first).copy_(values.narrow(0, channels, first));
-  const at::Tensor gathered = all_gather(group, packed, kind, label, doing);  // (W, kHeader + 2 capacity)
-
-  const at::Tensor headers = gathered.narrow(1, 0, kHeader).cpu();  // one copy to the host for every rank's header
+  at::Tensor gathered;  // (W, kHeader + 2 capacity)
+  at::Tensor headers;   // one copy to the host for every rank's header
+  {
+    // On GPUs the host waits for the other ranks here, in the copy to the host (NCCL's wait only orders streams):
+    // that wait too is the group's to bound, not a barrier's (waiting_across_processes.h).
+    detail::WaitingAcrossProcesses waiting;
+    gathered = all_gather(group, packed, kind, label, doing);
+    headers = gathered.narrow(1, 0, kHeader).cpu();
+  }
   check_headers_agree(group, headers, numbers.number, kind_code, layer_id, channels, label, doing);
   const auto rows = headers.accessor<int64_t, 2>();
   try {

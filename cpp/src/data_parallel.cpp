@@ -16,6 +16,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
+#include <syncbn/cross_process.h>
 #include <syncbn/errors.h>
 
 // at::set_num_threads sets the calling thread's count and also the process-wide default that threads started
@@ -231,6 +232,14 @@ void run_replicas(int64_t n, std::function<void(int64_t)> body, std::function<vo
       gave_up = !state->changed.wait_until(lock, *state->first_return + seconds(timeout), [&] {
         return state->finished == n || state->first_failure.has_value();
       });
+      // A replica left waiting for other ranks is bounded by the group's timeout: count from that wait's end.
+      if (const auto since = seconds_since_cross_process_wait(); gave_up && since) {
+        const auto wait_ended = ReplicaRun::Clock::now() - seconds(*since);
+        if (wait_ended > *state->first_return) {
+          state->first_return = wait_ended;
+          gave_up = false;
+        }
+      }
     } else {
       state->changed.wait(lock);
     }
@@ -267,7 +276,7 @@ void run_replicas(int64_t n, std::function<void(int64_t)> body, std::function<vo
   if (!missing.empty()) {
     std::ostringstream out;
     out << "syncbn::parallel_apply: replica(s) [" << missing_text << "] did not return within " << timeout
-        << " s of the first replica's return; they were left running, detached"
+        << " s of the first replica's return (or of a later wait for other ranks); they were left running, detached"
         << (group ? ", and their replication was closed so that they can write nothing"
                   : " (no replication group was given, so nothing stops them writing)")
         << " (raise SYNCBN_TIMEOUT, in seconds, to wait longer)";

@@ -3,6 +3,8 @@
 #include <mutex>
 #include <unordered_map>
 
+#include <syncbn/cross_process.h>
+
 namespace syncbn::detail {
 
 namespace {
@@ -19,6 +21,8 @@ constexpr size_t kMaxRecords = 1024;
 
 std::mutex waiting_mutex;
 std::unordered_map<std::thread::id, WaitRecord> wait_records;
+int64_t threads_waiting = 0;                                           // in a scope now, process-wide
+std::optional<std::chrono::steady_clock::time_point> last_wait_ended;  // of any thread's outermost scope
 
 }  // namespace
 
@@ -27,13 +31,17 @@ WaitingAcrossProcesses::WaitingAcrossProcesses() {
   if (wait_records.size() >= kMaxRecords) {
     std::erase_if(wait_records, [](const auto& entry) { return entry.second.depth == 0; });
   }
-  ++wait_records[std::this_thread::get_id()].depth;
+  if (wait_records[std::this_thread::get_id()].depth++ == 0) ++threads_waiting;
 }
 
 WaitingAcrossProcesses::~WaitingAcrossProcesses() {
   std::lock_guard<std::mutex> lock(waiting_mutex);
   const auto it = wait_records.find(std::this_thread::get_id());
-  if (it != wait_records.end() && --it->second.depth == 0) it->second.ended = std::chrono::steady_clock::now();
+  if (it != wait_records.end() && --it->second.depth == 0) {
+    it->second.ended = std::chrono::steady_clock::now();
+    last_wait_ended = it->second.ended;
+    --threads_waiting;
+  }
 }
 
 std::optional<std::chrono::steady_clock::time_point> last_waited_across_processes(std::thread::id thread) {
@@ -45,3 +53,14 @@ std::optional<std::chrono::steady_clock::time_point> last_waited_across_processe
 }
 
 }  // namespace syncbn::detail
+
+namespace syncbn {
+
+std::optional<double> seconds_since_cross_process_wait() {
+  std::lock_guard<std::mutex> lock(detail::waiting_mutex);
+  if (detail::threads_waiting > 0) return 0.0;
+  if (!detail::last_wait_ended) return std::nullopt;
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - *detail::last_wait_ended).count();
+}
+
+}  // namespace syncbn

@@ -190,6 +190,13 @@ class _Reporting:
             del report
 
 
+def _cross_process_wait_end() -> float | None:
+    """When (``time.monotonic()``) a thread of this process last waited for other ranks in a synchronized layer's
+    exchange: now while one waits; None if none ever did."""
+    since = _C.seconds_since_cross_process_wait()
+    return None if since is None else time.monotonic() - since
+
+
 def _add_note(error: BaseException, note: str) -> None:
     """``error.add_note(note)``; before Python 3.11, which has no ``add_note``, appended to ``__notes__`` as the
     ``exceptiongroup`` backport does (its traceback display shows them)."""
@@ -294,6 +301,13 @@ def run_on_workers(
                 else:
                     until = None
                 if not collect(until):
+                    # A replica left waiting for other ranks is bounded by the group's timeout, not ours: the
+                    # timeout counts from that wait's end (a copy of a parallel backward may return while another
+                    # runs a merge across processes).
+                    wait_ended = _cross_process_wait_end() if first_failure is None else None
+                    if wait_ended is not None and first_return is not None and wait_ended > first_return:
+                        first_return = wait_ended
+                        continue
                     break
         except BaseException as interrupt:  # KeyboardInterrupt (or any exception) in the calling thread
             try:
@@ -331,8 +345,8 @@ def run_on_workers(
         returned = min(results)
         raise _C.BarrierTimeoutError(
             f"{ABORT_TAG}: replica(s) {missing} did not return within {timeout:g} s of replica {returned}'s "
-            "return; they were left running on their threads, and their replication was closed so that they can "
-            "write nothing (raise SYNCBN_TIMEOUT, in seconds, to wait longer)"
+            "return (or of a later wait for other ranks); they were left running on their threads, and their "
+            "replication was closed so that they can write nothing (raise SYNCBN_TIMEOUT, in seconds, to wait longer)"
         )
     return [results[i] for i in range(n)]
 

@@ -7,11 +7,14 @@
 
 #include <chrono>
 #include <exception>
+#include <optional>
 #include <string>
 #include <thread>
 
 #include <torch/torch.h>
 
+#include <syncbn/cross_process.h>
+#include <syncbn/data_parallel.h>
 #include <syncbn/syncbn.h>
 
 #include "waiting_across_processes.h"
@@ -72,12 +75,12 @@ TEST(BarrierAcrossProcesses, SlavesWaitOutACrossProcessWaitLongerThanTheirTimeou
   EXPECT_EQ(slave_error, "");
 }
 
-// The slave's deadline is renewed at ~1 s (the callback waits across processes until ~1.2 s) to ~2 s; at ~2 s the
-// callback no longer waits but merges until ~2.05 s. Its merge began 0.85 s before, within the timeout: the slave
-// must wait on, with a deadline counted from the wait's end (~2.2 s). Renewing only while the callback waits at the
+// The slave's deadline is renewed at ~1 s (the callback waits across processes until ~1.9 s) to ~2 s; at ~2 s the
+// callback no longer waits but merges until ~2.3 s. Its merge began 0.4 s before, within the timeout: the slave must
+// wait on, with a deadline counted from the wait's end (~2.9 s). Renewing only while the callback waits at the
 // deadline's instant timed the slave out here (a flaky multi-process test under load).
 TEST(BarrierAcrossProcesses, AMergeThatEndsWithinATimeoutOfTheCrossProcessWaitIsWaitedFor) {
-  syncbn::SyncMaster master(wait_then_merge(1200ms, 850ms), 1.0);
+  syncbn::SyncMaster master(wait_then_merge(1900ms, 400ms), 1.0);
   auto pipe = master.register_slave(1);
   const auto [master_error, slave_error] = run_two_copies(master, pipe);
   EXPECT_EQ(master_error, "");
@@ -94,6 +97,62 @@ TEST(BarrierAcrossProcesses, AMergeLongerThanTheTimeoutAfterTheCrossProcessWaitT
       << slave_error;
   EXPECT_NE(master_error.find("did not return in time"), std::string::npos) << master_error;
   EXPECT_GE(std::chrono::steady_clock::now() - started, 1300ms);
+}
+
+TEST(BarrierAcrossProcesses, SecondsSinceACrossProcessWaitAreZeroWhileOneWaits) {
+  std::optional<double> after;
+  {
+    syncbn::detail::WaitingAcrossProcesses across;
+    EXPECT_EQ(syncbn::seconds_since_cross_process_wait(), 0.0);
+    std::thread other([] {
+      syncbn::detail::WaitingAcrossProcesses nested_elsewhere;  // another thread's wait ending: one still waits
+    });
+    other.join();
+    EXPECT_EQ(syncbn::seconds_since_cross_process_wait(), 0.0);
+  }
+  std::this_thread::sleep_for(50ms);
+  after = syncbn::seconds_since_cross_process_wait();
+  ASSERT_TRUE(after.has_value());
+  EXPECT_GE(*after, 0.04);
+}
+
+// run_replicas gives the others $SYNCBN_TIMEOUT after a replica's return, counted from the end of a later wait for
+// other ranks: replica 1 waits "across processes" 1.5 s (a late rank), then works 0.3 s, with SYNCBN_TIMEOUT=1.
+// Given up on 1 s after replica 0's return before (a parallel backward's copy may return while another waits).
+TEST(BarrierAcrossProcesses, RunReplicasWaitsForAReplicaWaitingAcrossProcessesAfterAnotherReturned) {
+  ::setenv("SYNCBN_TIMEOUT", "1", 1);
+  auto body = [](int64_t copy) {
+    if (copy != 1) return;
+    {
+      syncbn::detail::WaitingAcrossProcesses across;
+      std::this_thread::sleep_for(1500ms);
+    }
+    std::this_thread::sleep_for(300ms);
+  };
+  EXPECT_NO_THROW(syncbn::detail::run_replicas(2, body, [](const std::string&) {}, std::nullopt));
+  ::unsetenv("SYNCBN_TIMEOUT");
+}
+
+// Its work after the wait is still bounded by the timeout.
+TEST(BarrierAcrossProcesses, RunReplicasGivesUpOnAReplicaWorkingLongerThanTheTimeoutAfterItsWait) {
+  ::setenv("SYNCBN_TIMEOUT", "0.5", 1);
+  auto body = [](int64_t copy) {
+    if (copy != 1) return;
+    {
+      syncbn::detail::WaitingAcrossProcesses across;
+      std::this_thread::sleep_for(200ms);
+    }
+    std::this_thread::sleep_for(1500ms);
+  };
+  try {
+    syncbn::detail::run_replicas(2, body, [](const std::string&) {}, std::nullopt);
+    ADD_FAILURE() << "expected a BarrierTimeoutError";
+  } catch (const syncbn::BarrierTimeoutError& error) {
+    EXPECT_NE(std::string(error.what()).find("replica(s) [1] did not return within 0.5 s"), std::string::npos)
+        << error.what();
+  }
+  ::unsetenv("SYNCBN_TIMEOUT");
+  std::this_thread::sleep_for(1500ms);  // the detached replica ends before the test does
 }
 
 }  // namespace

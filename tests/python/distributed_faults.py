@@ -552,6 +552,43 @@ def scenario_input_grad_only(rank, world, replicas, sizes):
     }
 
 
+LATE_IN_BACKWARD = {"armed": False}
+
+
+class FirstLayerWithoutGradWhereMarked(nn.Module):
+    """A replica whose batch is marked runs ``lin`` and ``bn1`` without grad (its backward task has no merge of
+    ``bn1`` to run, and returns while the others run it); rank 1, once armed, is 3 s late in its backward between
+    ``bn2``'s merge and ``bn1``'s."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(C, C)
+        self.bn1, self.bn2 = syncbn_ext.SyncBatchNorm(C), syncbn_ext.SyncBatchNorm(C)
+
+    def forward(self, x):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not bool(x[0, 0] > 100)):
+            h = self.bn1(self.lin(x))
+        if LATE_IN_BACKWARD["armed"] and dist.get_rank() == 1 and h.requires_grad:
+            h = h.clone()
+            h.register_hook(lambda grad: (time.sleep(3.0), grad)[1])
+        return self.bn2(h) + self.lin(x)
+
+
+def scenario_slow_rank_in_backward(rank, world, replicas, sizes):
+    """Rank 1 is 3 s late in its backward, past $SYNCBN_TIMEOUT (1 s, set by the test) but within the group's
+    timeout, while rank 0's first replica's backward task has returned (no merge of ``bn1`` to run): its other
+    replica, waiting for rank 1 in ``bn1``'s merge, is waited for (the group's timeout bounds a wait for other ranks),
+    not given up on $SYNCBN_TIMEOUT after the first task's return."""
+    model, run, x = seeded_model_and_batch(FirstLayerWithoutGradWhereMarked, rank, replicas, sizes, True)
+    if rank == 0:
+        x[0, 0] += 1000
+    run(x).square().sum().backward()  # a step together
+    LATE_IN_BACKWARD["armed"] = True
+    start = time.monotonic()
+    run(x).square().sum().backward()
+    return with_final_state({"seconds": time.monotonic() - start}, model, dist.group.WORLD)
+
+
 def train_unevenly(rank, replicas, throw_on_early_termination):
     """DistributedDataParallel under DDP's ``Join``: rank 0 has one batch, the others two. Returns the model, its DDP,
     this rank's batch and what the Join context raised on this rank (``{}``: nothing; else its type and message,

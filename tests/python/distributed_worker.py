@@ -80,6 +80,7 @@ SCENARIOS = {
     "failed_before_first_call_on_two_groups": failed.scenario_failed_before_first_call_on_two_groups,
     "failed_before_first_call_on_two_groups_in_block": failed.scenario_failed_before_first_call_on_two_groups_in_block,
     "slow_rank": faults.scenario_slow_rank,
+    "slow_rank_in_backward": faults.scenario_slow_rank_in_backward,
     "interrupted": faults.scenario_interrupted,
     "interrupted_set_up": faults.scenario_interrupted_set_up,
     "interrupted_before_first_call": faults.scenario_interrupted_before_first_call,

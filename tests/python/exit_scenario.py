@@ -77,7 +77,7 @@ def interrupt() -> None:
 def backward_timeout() -> tuple[nn.Module, torch.Tensor]:
     os.environ["SYNCBN_TIMEOUT"] = "1"
     dp = syncbn_ext.DataParallelWithCallback(
-        LateBeforeTheMerge(seconds=2.5), device_ids=["cpu"] * 2, parallel_backward=True
+        LateBeforeTheMerge(seconds=6.0), device_ids=["cpu"] * 2, parallel_backward=True
     )
     x = torch.randn(4, C)
     x[2] = MARKER  # in replica 1's slice

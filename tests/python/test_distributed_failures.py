@@ -188,6 +188,17 @@ def test_a_rank_later_than_syncbn_timeout_but_within_the_groups_timeout_is_waite
     assert measures(results["slow_rank"][0])["seconds"] > 2.5  # it did wait for rank 1
 
 
+def test_a_rank_late_in_backward_is_waited_for_after_a_replicas_task_returned(tmp_path):
+    # On rank 0 one replica's parallel backward task returns early (it ran a layer without grad) while the other waits
+    # for the late rank 1 in that layer's merge: it was given up on $SYNCBN_TIMEOUT after the first task's return.
+    results = launch(tmp_path, 2, 2, [4, 4], ["slow_rank_in_backward"], timeout=30.0, env={"SYNCBN_TIMEOUT": "1"})
+    for rank in (0, 1):
+        outcome = measures(results["slow_rank_in_backward"][rank])
+        assert outcome["num_batches_tracked"] == [2, 2], outcome
+        assert outcome["buffers_equal_on_every_rank"], outcome  # bitwise
+    assert measures(results["slow_rank_in_backward"][0])["seconds"] > 2.5  # it did wait for rank 1
+
+
 @pytest.mark.parametrize("replicas, transport", [(1, "shared_memory"), (2, "shared_memory"), (2, "c10d")])
 def test_ranks_at_different_steps_get_an_error_saying_so(tmp_path, replicas, transport):
     # Rank 0 sums its gradients (backward) while rank 1 exchanges its next forward's statistics. Over gloo too: the

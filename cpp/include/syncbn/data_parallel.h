@@ -54,7 +54,8 @@ namespace detail {
 //
 // Waits for every thread, but never for ever: once a replica failed, at most
 // kFailureGraceSeconds more; once one returned, at most $SYNCBN_TIMEOUT more for
-// the others. The threads still running then are detached (their replication
+// the others (counted from the end of a later wait for other ranks, which the
+// group's timeout bounds: seconds_since_cross_process_wait). The threads still running then are detached (their replication
 // closed: they can write nothing, and end at their next barrier) and the first
 // failure (the lowest copy id, not counting errors the abort itself caused) is
 // rethrown, naming its replica, or a BarrierTimeoutError naming the replicas
