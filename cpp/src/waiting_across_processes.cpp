@@ -1,7 +1,10 @@
 #include "waiting_across_processes.h"
 
+#include <algorithm>
+#include <cstddef>
 #include <mutex>
 #include <unordered_map>
+#include <vector>
 
 #include <syncbn/cross_process.h>
 
@@ -14,10 +17,23 @@ struct WaitRecord {
   std::chrono::steady_clock::time_point ended{};  // when the outermost scope last closed
 };
 
-// Threads that ever waited across processes. Records of threads not waiting now are dropped once there are many
-// (threads come and go: a record outlives its thread, whose id may be reused); a barrier waiter that finds no
-// record then times out as if the callback had not waited, the safe side.
+// Threads that ever waited across processes. A record outlives its thread (whose id may be reused), and threads
+// come and go (C++ data_parallel starts its replicas' threads at every forward): once there are this many, the
+// older half of the records of threads not waiting now is dropped, long ended waits that no barrier's deadline
+// can still count from.
 constexpr size_t kMaxRecords = 1024;
+
+void drop_older_records(std::unordered_map<std::thread::id, WaitRecord>& records) {
+  std::vector<std::chrono::steady_clock::time_point> ends;
+  for (const auto& entry : records) {
+    if (entry.second.depth == 0) ends.push_back(entry.second.ended);
+  }
+  if (ends.empty()) return;
+  const auto middle = ends.begin() + static_cast<std::ptrdiff_t>(ends.size() / 2);
+  std::nth_element(ends.begin(), middle, ends.end());
+  const auto cut = *middle;
+  std::erase_if(records, [&](const auto& entry) { return entry.second.depth == 0 && entry.second.ended <= cut; });
+}
 
 std::mutex waiting_mutex;
 std::unordered_map<std::thread::id, WaitRecord> wait_records;
@@ -28,9 +44,7 @@ std::optional<std::chrono::steady_clock::time_point> last_wait_ended;  // of any
 
 WaitingAcrossProcesses::WaitingAcrossProcesses() {
   std::lock_guard<std::mutex> lock(waiting_mutex);
-  if (wait_records.size() >= kMaxRecords) {
-    std::erase_if(wait_records, [](const auto& entry) { return entry.second.depth == 0; });
-  }
+  if (wait_records.size() >= kMaxRecords) drop_older_records(wait_records);
   if (wait_records[std::this_thread::get_id()].depth++ == 0) ++threads_waiting;
 }
 
