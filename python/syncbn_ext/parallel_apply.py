@@ -11,8 +11,8 @@ handling synchronized layers need:
   :data:`FAILURE_GRACE_SECONDS` more; once one returned, at most ``$SYNCBN_TIMEOUT`` more (counted from the end of a
   later wait for other ranks, which the process group's timeout bounds). A replica still running then (stuck where
   nothing can wake it) is left behind on its thread, its replication closed so it can write nothing; it ends when
-  it returns. An exception in the calling thread (Ctrl-C) closes the replication, waits the
-  grace period at most, and propagates. The interpreter's exit waits for replicas left behind, at most
+  it returns. An exception in the calling thread (Ctrl-C) closes the replication, waits the grace period at most,
+  and propagates. The interpreter's exit waits for replicas left behind, at most
   :data:`~syncbn_ext.replica_workers.EXIT_WAIT_SECONDS` (one returning from a torch op during the exit would abort
   the process).
 * The exception raised is the replica's own object (type, arguments and attributes intact), with a note naming the
@@ -221,8 +221,8 @@ def run_on_workers(
     before leaving tasks behind); ``caused_by_closing(error)`` tells the errors it caused. Waits at most
     :data:`FAILURE_GRACE_SECONDS` after a failure, ``$SYNCBN_TIMEOUT`` after a task returned (or after a later wait
     for other ranks ended), and :data:`INTERRUPT_GRACE_SECONDS` after an interrupt; tasks still running then are left
-    behind. Raises the
-    lowest index's own exception (with a note ``(raised <wheres[i]>)``), else a ``BarrierTimeoutError``.
+    behind. Raises the lowest index's own exception (with a note ``(raised <wheres[i]>)``), else a
+    ``BarrierTimeoutError``.
     """
     n = len(tasks)
     if n == 0:

@@ -9,6 +9,7 @@
 #include <exception>
 #include <optional>
 #include <string>
+#include <utility>
 #include <thread>
 
 #include <torch/torch.h>
@@ -46,9 +47,12 @@ Message message_of(int64_t copy_id) {
   return Message{{at::full({1}, static_cast<double>(copy_id + 1), at::kDouble)}, {}, nullptr};
 }
 
-// Runs the master (copy 0) here and copy 1 on a thread; returns each side's error message ("" if none).
-std::pair<std::string, std::string> run_two_copies(syncbn::SyncMaster& master,
-                                                   const std::shared_ptr<syncbn::SlavePipe>& pipe) {
+// A barrier of two copies with a 1 s timeout whose master callback is wait_then_merge(waiting, merging): runs the
+// master (copy 0) here and copy 1 on a thread; returns each side's error message ("" if none).
+std::pair<std::string, std::string> run_two_copies(std::chrono::milliseconds waiting,
+                                                   std::chrono::milliseconds merging) {
+  syncbn::SyncMaster master(wait_then_merge(waiting, merging), 1.0);
+  auto pipe = master.register_slave(1);
   std::string slave_error;
   std::thread slave([&] {
     try {
@@ -68,11 +72,7 @@ std::pair<std::string, std::string> run_two_copies(syncbn::SyncMaster& master,
 }
 
 TEST(BarrierAcrossProcesses, SlavesWaitOutACrossProcessWaitLongerThanTheirTimeout) {
-  syncbn::SyncMaster master(wait_then_merge(2500ms, 0ms), 1.0);
-  auto pipe = master.register_slave(1);
-  const auto [master_error, slave_error] = run_two_copies(master, pipe);
-  EXPECT_EQ(master_error, "");
-  EXPECT_EQ(slave_error, "");
+  EXPECT_EQ(run_two_copies(2500ms, 0ms), std::make_pair(std::string(), std::string()));
 }
 
 // The slave's deadline is renewed at ~1 s (the callback waits across processes until ~1.9 s) to ~2 s; at ~2 s the
@@ -80,19 +80,13 @@ TEST(BarrierAcrossProcesses, SlavesWaitOutACrossProcessWaitLongerThanTheirTimeou
 // wait on, with a deadline counted from the wait's end (~2.9 s). Renewing only while the callback waits at the
 // deadline's instant timed the slave out here (a flaky multi-process test under load).
 TEST(BarrierAcrossProcesses, AMergeThatEndsWithinATimeoutOfTheCrossProcessWaitIsWaitedFor) {
-  syncbn::SyncMaster master(wait_then_merge(1900ms, 400ms), 1.0);
-  auto pipe = master.register_slave(1);
-  const auto [master_error, slave_error] = run_two_copies(master, pipe);
-  EXPECT_EQ(master_error, "");
-  EXPECT_EQ(slave_error, "");
+  EXPECT_EQ(run_two_copies(1900ms, 400ms), std::make_pair(std::string(), std::string()));
 }
 
 // The callback's own work is still bounded: a merge longer than the timeout after the wait times the slave out.
 TEST(BarrierAcrossProcesses, AMergeLongerThanTheTimeoutAfterTheCrossProcessWaitTimesOut) {
-  syncbn::SyncMaster master(wait_then_merge(300ms, 1800ms), 1.0);
-  auto pipe = master.register_slave(1);
   const auto started = std::chrono::steady_clock::now();
-  const auto [master_error, slave_error] = run_two_copies(master, pipe);
+  const auto [master_error, slave_error] = run_two_copies(300ms, 1800ms);
   EXPECT_NE(slave_error.find("every copy arrived, but the master callback did not return in time"), std::string::npos)
       << slave_error;
   EXPECT_NE(master_error.find("did not return in time"), std::string::npos) << master_error;

@@ -53,14 +53,15 @@ namespace detail {
 // group is closed, so the others stop waiting for it and can write nothing.
 //
 // Waits for every thread, but never for ever: once a replica failed, at most
-// kFailureGraceSeconds more; once one returned, at most $SYNCBN_TIMEOUT more for
-// the others (counted from the end of a later wait for other ranks, which the
-// group's timeout bounds: seconds_since_cross_process_wait). The threads still running then are detached (their replication
-// closed: they can write nothing, and end at their next barrier) and the first
-// failure (the lowest copy id, not counting errors the abort itself caused) is
-// rethrown, naming its replica, or a BarrierTimeoutError naming the replicas
-// that never returned. `body` and `on_failure` may thus run after this returns:
-// they must own what they use (capture by value).
+// kFailureGraceSeconds more; once one returned, at most $SYNCBN_TIMEOUT more
+// for the others (counted from the end of a later wait for other ranks, which
+// the group's timeout bounds: seconds_since_cross_process_wait). The threads
+// still running then are detached (their replication closed: they can write
+// nothing, and end at their next barrier) and the first failure (the lowest
+// copy id, not counting errors the abort itself caused) is rethrown, naming its
+// replica, or a BarrierTimeoutError naming the replicas that never returned.
+// `body` and `on_failure` may thus run after this returns: they must own what
+// they use (capture by value).
 SYNCBN_API void run_replicas(int64_t n, std::function<void(int64_t)> body,
                              std::function<void(const std::string&)> on_failure,
                              const std::optional<std::vector<torch::Device>>& devices,
