@@ -7,6 +7,7 @@ that could fill while another child is being waited for.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,6 +21,8 @@ import pytest
 # After SIGTERM, how long a child may take to stop its own children (torchrun's agent stops its workers, which
 # run in sessions of their own) before its group gets SIGKILL.
 TERMINATE_GRACE_SECONDS = 10.0
+# How long an overrunning child is given to print its stacks before it is stopped.
+STACK_DUMP_SECONDS = 2.0
 
 
 @dataclass
@@ -34,7 +37,16 @@ class Finished:
 class Child:
     """A started child process."""
 
-    def __init__(self, command: Sequence[str], env: dict[str, str] | None = None, cwd: os.PathLike | None = None):
+    def __init__(
+        self,
+        command: Sequence[str],
+        env: dict[str, str] | None = None,
+        cwd: os.PathLike | None = None,
+        stack_dump_signal: signal.Signals | None = None,
+    ):
+        """``stack_dump_signal``: a signal on which the child prints every thread's stack to its stderr (through
+        ``faulthandler.register``), sent before stopping it when it overruns."""
+        self.stack_dump_signal = stack_dump_signal
         self._stdout = tempfile.TemporaryFile()
         self._stderr = tempfile.TemporaryFile()
         self.command = list(map(str, command))
@@ -63,23 +75,41 @@ class Child:
 
 
 def wait_all(children: Sequence[Child], timeout: float) -> list[Finished]:
-    """Waits for every child within one deadline; past it, stops them all and fails the test."""
+    """Waits for every child within one deadline; past it, stops them all and fails the test, showing each child
+    still running then (with its threads' stacks where it prints them)."""
     deadline = time.monotonic() + timeout
-    late = None
+    late: list[Child] = []
     try:
         for child in children:
             try:
                 child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                late = child
+                late = [child for child in children if child.process.poll() is None]
                 break
     finally:
+        _dump_stacks(child for child in children if child.process.poll() is None)
         for child in children:
             if child.process.poll() is None:
                 child.stop()
-    if late is not None:
-        pytest.fail(f"{' '.join(late.command)} did not finish within {timeout} s:\n{late.output().stderr[-3000:]}")
+    if late:
+        reports = []
+        for child in late:
+            output = child.output()
+            reports.append(f"{' '.join(child.command)}\n{output.stdout[-2000:]}\n{output.stderr[-6000:]}")
+        pytest.fail(f"{len(late)} of {len(children)} did not finish within {timeout} s:\n" + "\n\n".join(reports))
     return [child.output() for child in children]
+
+
+def _dump_stacks(running) -> None:
+    """Asks each running child that can print its threads' stacks to do so, and gives them a moment to."""
+    asked = False
+    for child in running:
+        if child.stack_dump_signal is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.process.pid, child.stack_dump_signal)
+                asked = True
+    if asked:
+        time.sleep(STACK_DUMP_SECONDS)
 
 
 def run(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import sys
 from collections import defaultdict
@@ -20,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 WORKER = HERE / "distributed_worker.py"
 LAUNCH_TIMEOUT = 240  # seconds, for a whole launch
 TOLERANCE = 1e-12
+STACKS = signal.SIGUSR1  # on which a worker prints its threads' stacks (distributed_worker.py)
 
 
 def collect(children: list[child_processes.Child]) -> dict[str, dict[int, dict]]:
@@ -60,13 +62,17 @@ def launch(
     if rendezvous == "tcp":
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world))
         children = [
-            child_processes.Child([*command, "--replicas", str(per_rank[rank])], env=dict(env, RANK=str(rank)))
+            child_processes.Child(
+                [*command, "--replicas", str(per_rank[rank])], env=dict(env, RANK=str(rank)), stack_dump_signal=STACKS
+            )
             for rank in range(world)
         ]
         return collect(children)
     command += ["--world", str(world), "--store", str(tmp_path / "store")]
     children = [
-        child_processes.Child([*command, "--rank", str(rank), "--replicas", str(per_rank[rank])], env=env)
+        child_processes.Child(
+            [*command, "--rank", str(rank), "--replicas", str(per_rank[rank])], env=env, stack_dump_signal=STACKS
+        )
         for rank in range(world)
     ]
     return collect(children)

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import json
 import os
+import signal
 import sys
 import traceback
 
@@ -129,6 +131,8 @@ def main() -> int:
     parser.add_argument("--scenarios", nargs="+", choices=sorted(SCENARIOS), required=True)
     parser.add_argument("--backend", default="gloo", help="init_process_group's backend; 'none': none named")
     args = parser.parse_args()
+    # Every thread's stack on SIGUSR1: the launcher asks for them before stopping a rank that overran.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     timeout = datetime.timedelta(seconds=args.timeout)
     backend = None if args.backend == "none" else args.backend
     if args.store is not None:
