@@ -36,15 +36,16 @@ from torch.nn.modules.batchnorm import (
 )
 from torch.nn.modules.batchnorm import SyncBatchNorm as TorchSyncBatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
-from torch.nn.modules.module import _WrappedHook
 from torch.nn.utils import parametrize
 
 from .data_parallel import DataParallelWithCallback
+from .established_library import derives_from_established_layer, established_layer, is_established_data_parallel
+from .layer_transplant import move_hooks, transplant
 from .lazy import LazySynchronizedBatchNorm1d, LazySynchronizedBatchNorm2d, LazySynchronizedBatchNorm3d
 from .nn import SyncBatchNorm, SynchronizedBatchNorm1d, SynchronizedBatchNorm2d, SynchronizedBatchNorm3d
 from .patching import patch
 from .replicate import _optimized_module_type
-from .synchronized_base import _SYNC_STATE_DEFAULTS, _SynchronizedBatchNorm
+from .synchronized_base import _SynchronizedBatchNorm
 
 __all__ = ["convert_model", "convert_to_sync_batch_norm", "patch_sync_batchnorm", "revert_model"]
 
@@ -72,132 +73,11 @@ _TO_SYNC_BATCH_NORM = (
     SynchronizedBatchNorm3d,
 )
 
-# The established library's (Synchronized-BatchNorm-PyTorch) layers, told by their design (nn.BatchNorm with its
-# replication hook and a master callback of their own), names and module: its package is not imported here, and
-# projects vendor it (`lib.sync_batchnorm.batchnorm`, or `lib.nn.modules.batchnorm` as CSAIL's segmentation code).
-# Its layers synchronize with its own code (a GPU-only reduction, no timeouts): converted to ours, with their state.
-_ESTABLISHED_LAYERS: dict[str, type[_SynchronizedBatchNorm]] = {
-    "SynchronizedBatchNorm1d": SynchronizedBatchNorm1d,
-    "SynchronizedBatchNorm2d": SynchronizedBatchNorm2d,
-    "SynchronizedBatchNorm3d": SynchronizedBatchNorm3d,
-}
-
-
-def _defined_in_module_named(cls: type, name: str) -> bool:
-    """Whether ``cls`` is defined in a module whose last name is ``name`` (``<anything>.batchnorm``)."""
-    return (getattr(cls, "__module__", None) or "").rsplit(".", 1)[-1] == name
-
-
-def _of_established_design(cls: type) -> bool:
-    """A BatchNorm layer of the established library's design (its code, or a copy of it), not one of ours."""
-    return (
-        issubclass(cls, _BatchNorm)
-        and not issubclass(cls, _SynchronizedBatchNorm)
-        and callable(getattr(cls, "__data_parallel_replicate__", None))
-        and callable(getattr(cls, "_data_parallel_master", None))
-    )
-
-
-def _established_layer(cls: type) -> type[_SynchronizedBatchNorm] | None:
-    """Our layer for one of the established library's (its exact classes), else None."""
-    if cls.__name__ in _ESTABLISHED_LAYERS and _defined_in_module_named(cls, "batchnorm"):
-        if _of_established_design(cls):
-            return _ESTABLISHED_LAYERS[cls.__name__]
-    return None
-
-
-def _derives_from_established_layer(cls: type) -> bool:
-    return _of_established_design(cls) and _established_layer(cls) is None
-
-
-def _is_established_data_parallel(module: nn.Module) -> bool:
-    cls = type(module)
-    return cls.__name__ == "DataParallelWithCallback" and _defined_in_module_named(cls, "replicate")
-
-
 M = TypeVar("M", bound=nn.Module)
 
 # A layer revert_model made -> the number of the synchronized layer it stands for: converted again (a round trip to
 # trace or export on one rank), it is that layer, and across processes keeps pairing with the other ranks' layers.
 _reverted_layer_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-# Attributes a converted layer must not inherit from the layer it replaces.
-_DROPPED_ATTRIBUTES = (
-    "_compiled_call_impl",  # a torch.compile'd call of the *old* module (Module.compile)
-    "_is_replica",
-    "_layer_id",
-    "_converted_at",
-    *_SYNC_STATE_DEFAULTS,
-    # the established library's replication state (its own barrier, bound to the old layer)
-    "_sync_master",
-    "_is_parallel",
-    "_parallel_id",
-    "_slave_pipe",
-)
-
-
-def _transplant(module: nn.Module, cls: type[M]) -> M:
-    """A new ``cls`` instance with ``module``'s state: the same parameters, buffers, options, flags and hooks.
-
-    The attributes are copied shallowly (the tensors are shared, the dicts of parameters, buffers and submodules are
-    copies), so that later changes to one module's structure do not affect the other. The hooks move to the new
-    module (see :func:`_move_hooks`).
-    """
-    new = cls.__new__(cls)
-    state = {
-        key: (value.copy() if isinstance(value, (dict, set)) else value)
-        for key, value in module.__dict__.items()
-        if key not in _DROPPED_ATTRIBUTES
-    }
-    new.__dict__.update(state)
-    _move_hooks(module, new)
-    if parametrize.is_parametrized(module):
-        # torch.nn.utils.parametrize made the layer an instance of a class of its own (a subclass with a property per
-        # parametrized tensor): the new layer gets the same around its class.
-        parametrize._inject_new_class(new)
-        for name in new.parametrizations:
-            parametrize._inject_property(new, name)
-    if isinstance(module, LazyModuleMixin) and hasattr(module, "_initialize_hook"):
-        _move_lazy_hooks(module, new)
-    return new
-
-
-def _hook_dict_names(module: nn.Module) -> list[str]:
-    """The names of ``module``'s dicts of hooks (``_forward_hooks``, ``_load_state_dict_pre_hooks``, ...)."""
-    return [
-        key
-        for key, value in module.__dict__.items()
-        if isinstance(value, dict) and (key.endswith("_hooks") or "_hooks_" in key)
-    ]
-
-
-def _move_hooks(module: nn.Module, new: nn.Module) -> None:
-    """``module``'s dicts of hooks, the same objects, become ``new``'s; ``module`` keeps copies of them.
-
-    A ``RemovableHandle`` refers to the dict its hook is in: the handles the user holds then remove the hooks from
-    the module that replaces ``module``. A load-state-dict pre-hook registered with its module
-    (``register_load_state_dict_pre_hook``) is given ``new`` in place of ``module``.
-    """
-    for key in _hook_dict_names(module):
-        hooks = module.__dict__[key]
-        new.__dict__[key] = hooks
-        module.__dict__[key] = hooks.copy()
-    for hook_id, hook in list(new._load_state_dict_pre_hooks.items()):
-        if isinstance(hook, _WrappedHook) and hook.with_module and hook.module() is module:
-            new._load_state_dict_pre_hooks[hook_id] = _WrappedHook(hook.hook, new)
-
-
-def _move_lazy_hooks(module: nn.Module, new: nn.Module) -> None:
-    """The hooks that materialize a lazy module, registered by ``module`` on its own dicts, registered by ``new``.
-
-    Those are bound to ``module``: ``new`` registers its own in their place (``module`` keeps its copies).
-    """
-    initialize_id, load_id = module._initialize_hook.id, module._load_hook.id
-    del new._forward_pre_hooks[initialize_id]
-    new._forward_pre_hooks_with_kwargs.pop(initialize_id, None)
-    del new._load_state_dict_pre_hooks[load_id]
-    new._load_hook = new._register_load_state_dict_pre_hook(new._lazy_load_hook)
-    new._initialize_hook = new.register_forward_pre_hook(new._infer_parameters, with_kwargs=True, prepend=True)
 
 
 def _to_synchronized_layers(
@@ -220,7 +100,7 @@ def _to_synchronized_layers(
             if isinstance(module, _SynchronizedBatchNorm) and regroup:
                 module.process_group = process_group
             return module
-        new = _transplant(module, target)
+        new = transplant(module, target)
         # A synchronized layer converted, or one reverted and converted again, keeps its number.
         new._init_sync_state(module.__dict__.get("_layer_id", _reverted_layer_ids.get(module)))
         if regroup:
@@ -232,7 +112,7 @@ def _to_synchronized_layers(
 
 def _to_synchronized(process_group: Any) -> Callable[[nn.Module], nn.Module]:
     def target_of(cls: type) -> type[nn.Module] | None:
-        return _TORCH_TO_SYNC.get(cls) or _established_layer(cls)
+        return _TORCH_TO_SYNC.get(cls) or established_layer(cls)
 
     return _to_synchronized_layers(target_of, process_group, keep_own_group=lambda layer: True)
 
@@ -249,13 +129,13 @@ def _refuse_lazy_batch_norm(cls: type) -> None:
 def _to_sync_batch_norm(process_group: Any) -> Callable[[nn.Module], nn.Module]:
     def target_of(cls: type) -> type[nn.Module] | None:
         _refuse_lazy_batch_norm(cls)
-        return SyncBatchNorm if cls in _TO_SYNC_BATCH_NORM or _established_layer(cls) else None
+        return SyncBatchNorm if cls in _TO_SYNC_BATCH_NORM or established_layer(cls) else None
 
     def keep_own_group(layer: nn.Module) -> bool:
         # As torch's convert_sync_batchnorm, the layers it converts and every SyncBatchNorm get the group given,
         # None (the default group) included; other synchronized layers keep theirs unless one is given.
         cls = parametrize.type_before_parametrizations(layer)
-        converted = cls in _TO_SYNC_BATCH_NORM or _established_layer(cls) is not None
+        converted = cls in _TO_SYNC_BATCH_NORM or established_layer(cls) is not None
         return not (converted or isinstance(layer, SyncBatchNorm))
 
     return _to_synchronized_layers(target_of, process_group, keep_own_group)
@@ -330,7 +210,7 @@ def _to_torch(sync_batch_norm_targets: dict[int, type[_BatchNorm]]) -> Callable[
         target = sync_batch_norm_targets[id(module)] if cls is SyncBatchNorm else _SYNC_TO_TORCH.get(cls)  # type: ignore[call-overload]
         if target is None:
             return module
-        new = _transplant(module, target)
+        new = transplant(module, target)
         if target is not TorchSyncBatchNorm:
             new.__dict__.pop("process_group", None)  # nn.BatchNormNd has none
         if "_layer_id" in module.__dict__:
@@ -355,7 +235,7 @@ def _convert(
         result._name_unreplicated(type(result).__name__)
     if wrap_data_parallel and isinstance(module, nn.DataParallel) and not isinstance(module, DataParallelWithCallback):
         # (the established library's wrapper is nn.DataParallel with its replication callbacks, which ours replace)
-        if type(module) is nn.DataParallel or _is_established_data_parallel(module):
+        if type(module) is nn.DataParallel or is_established_data_parallel(module):
             # nn.DataParallel without an accelerator only sets device_ids (== []): the others take their defaults.
             result = DataParallelWithCallback(
                 module.module,
@@ -365,7 +245,7 @@ def _convert(
             )
             # Only the wrapper's own flag: its module's layers keep theirs (e.g. BatchNorm frozen in eval mode).
             result.training = module.training
-            _move_hooks(module, result)
+            move_hooks(module, result)
         else:
             # A subclass of nn.DataParallel may have behaviour of its own: keep it, add the replication callbacks.
             result = patch(module)
@@ -411,7 +291,7 @@ def _warn_of_unconverted_layers(model: nn.Module, converter: str, stacklevel: in
     established = [
         f"'{name or '<root>'}': {type(layer).__qualname__}"
         for name, layer in model.named_modules()
-        if isinstance(layer, _BatchNorm) and _derives_from_established_layer(type(layer))
+        if isinstance(layer, _BatchNorm) and derives_from_established_layer(type(layer))
     ]
     if established:
         shown = ", ".join(established[:3]) + (f" and {len(established) - 3} more" if len(established) > 3 else "")
