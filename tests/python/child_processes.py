@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -23,6 +24,8 @@ import pytest
 TERMINATE_GRACE_SECONDS = 10.0
 # How long an overrunning child is given to print its stacks before it is stopped.
 STACK_DUMP_SECONDS = 2.0
+# How long gdb may take to print an overrunning child's native stacks (where gdb is installed).
+NATIVE_STACKS_SECONDS = 60.0
 
 
 @dataclass
@@ -45,8 +48,10 @@ class Child:
         stack_dump_signal: signal.Signals | None = None,
     ):
         """``stack_dump_signal``: a signal on which the child prints every thread's stack to its stderr (through
-        ``faulthandler.register``), sent before stopping it when it overruns."""
+        ``faulthandler.register``), sent before stopping it when it overruns; its native stacks are then taken too,
+        where gdb is installed."""
         self.stack_dump_signal = stack_dump_signal
+        self.native_stacks = ""  # gdb's, taken when it overran
         self._stdout = tempfile.TemporaryFile()
         self._stderr = tempfile.TemporaryFile()
         self.command = list(map(str, command))
@@ -87,7 +92,8 @@ def wait_all(children: Sequence[Child], timeout: float) -> list[Finished]:
                 late = [child for child in children if child.process.poll() is None]
                 break
     finally:
-        _dump_stacks(child for child in children if child.process.poll() is None)
+        if late:
+            _dump_stacks(late)
         for child in children:
             if child.process.poll() is None:
                 child.stop()
@@ -95,21 +101,38 @@ def wait_all(children: Sequence[Child], timeout: float) -> list[Finished]:
         reports = []
         for child in late:
             output = child.output()
-            reports.append(f"{' '.join(child.command)}\n{output.stdout[-2000:]}\n{output.stderr[-6000:]}")
+            report = f"{' '.join(child.command)}\n{output.stdout[-2000:]}\n{output.stderr[-6000:]}"
+            if child.native_stacks:
+                report += f"\nnative stacks (gdb):\n{child.native_stacks}"
+            reports.append(report)
         pytest.fail(f"{len(late)} of {len(children)} did not finish within {timeout} s:\n" + "\n\n".join(reports))
     return [child.output() for child in children]
 
 
-def _dump_stacks(running) -> None:
-    """Asks each running child that can print its threads' stacks to do so, and gives them a moment to."""
-    asked = False
+def _dump_stacks(running: Sequence[Child]) -> None:
+    """Asks each running child that can print its threads' stacks to do so, gives them a moment to, and takes their
+    native stacks with gdb where it is installed (a hang in C++, or in the interpreter's shutdown, shows no Python
+    frame)."""
+    asked = []
     for child in running:
         if child.stack_dump_signal is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child.process.pid, child.stack_dump_signal)
-                asked = True
-    if asked:
-        time.sleep(STACK_DUMP_SECONDS)
+                asked.append(child)
+    if not asked:
+        return
+    time.sleep(STACK_DUMP_SECONDS)
+    gdb = shutil.which("gdb")
+    for child in asked:
+        if gdb is None or child.process.poll() is not None:
+            continue
+        command = [gdb, "-p", str(child.process.pid), "-batch", "-nx", "-iex", "set auto-load off"]
+        command += ["-ex", "set print frame-arguments none", "-ex", "thread apply all bt 20"]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=NATIVE_STACKS_SECONDS)
+            child.native_stacks = done.stdout[-20000:] + done.stderr[-2000:]
+        except subprocess.TimeoutExpired:
+            child.native_stacks = f"(gdb took more than {NATIVE_STACKS_SECONDS:g} s)"
 
 
 def run(
