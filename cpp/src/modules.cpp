@@ -108,7 +108,7 @@ void BatchNormSyncState::announce_refused(bool training, int64_t channels, const
 }
 
 LayerSync BatchNormSyncState::layer_sync(bool training) const {
-  if (training) publish_layer_id();  // its number goes to the other ranks
+  if (training) publish_layer_id();  // its number goes to the other ranks (or may, once it has a group)
   const int64_t id = layer_id();
   const std::string name = channel_          ? name_
                            : place_.empty() ? "syncbn::SyncBatchNorm #" + std::to_string(id)

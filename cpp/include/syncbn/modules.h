@@ -35,9 +35,10 @@ namespace syncbn {
 // then copy-assigns over): those must leave no trace. So a number goes back
 // when its last holder (the layer and its copies) is assigned over or
 // destroyed, unless it was published: a training-mode forward (the number goes
-// into the exchange with the other ranks, which all run it) publishes it for
-// good, and then nothing gives it back (a rank deleting a used model renumbers
-// no later layer). Eval-mode forwards publish nothing: they are what a rank
+// into the exchange with the other ranks, which all run it; without a group
+// too, which may come later) publishes it for good, and then nothing gives it
+// back (a rank deleting a used model renumbers no later layer, whenever it
+// deletes it). Eval-mode forwards publish nothing: they are what a rank
 // does alone (validation), and a model built, maybe validated, and destroyed
 // unused on every rank gives its numbers back on every rank alike.
 //
@@ -111,7 +112,8 @@ SYNCBN_API torch::Tensor sync_batch_norm_module_forward(const torch::Tensor& inp
 // buffers and names as torch::nn::BatchNorm{1,2,3}d, so checkpoints load both
 // ways; not replicated, or in eval mode with running statistics, it computes
 // exactly what torch::nn::BatchNorm computes. On the synchronized path, eps <= 0
-// raises a ValueError in training, where torch::nn::BatchNorm accepts it (inf or
+// raises a ValueError wherever batch statistics normalize (training, or eval
+// without running statistics), where torch::nn::BatchNorm accepts it (inf or
 // NaN where a channel's variance is 0); a NaN eps is accepted, as torch does.
 template <size_t D, typename Derived>
 class SyncBatchNormImplBase : public torch::nn::BatchNormImplBase<D, Derived>,
