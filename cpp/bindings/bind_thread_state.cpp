@@ -1,9 +1,12 @@
+#include <algorithm>
+#include <chrono>
 #include <memory>
 #include <optional>
 
 #include <ATen/ThreadLocalState.h>
 
 #include <syncbn/data_parallel.h>
+#include <syncbn/replica_wait.h>
 
 #include "bindings.h"
 
@@ -55,6 +58,30 @@ void bind_thread_state(py::module_& m) {
         "Sets the calling thread's own intra-op thread count (OpenMP's per-thread count), where "
         "torch.set_num_threads also sets the count every thread started later takes. Returns False, changing "
         "nothing, when torch has no OpenMP.");
+
+  using syncbn::detail::ReplicaWaitPolicy;
+  py::class_<ReplicaWaitPolicy>(
+      m, "ReplicaWaitPolicy",
+      "How long a parallel apply waits for its replicas, the C++ data_parallel's policy: until every one reported, "
+      "but once one failed FAILURE_GRACE_SECONDS more at most, and once one returned `timeout_seconds` more at most "
+      "(none above 1e9), counted from the end of a later wait for other ranks.")
+      .def(py::init<double>(), py::arg("timeout_seconds"))
+      .def("returned", &ReplicaWaitPolicy::returned, "A replica returned (the first starts the timeout).")
+      .def("failed", &ReplicaWaitPolicy::failed, "A replica failed (the first starts the grace period).")
+      .def_property_readonly("any_failed", &ReplicaWaitPolicy::any_failed, "Whether a replica failed.")
+      .def(
+          "seconds_left",
+          [](const ReplicaWaitPolicy& self) -> std::optional<double> {
+            const auto deadline = self.deadline();
+            if (!deadline) return std::nullopt;
+            const double left = std::chrono::duration<double>(*deadline - ReplicaWaitPolicy::Clock::now()).count();
+            return std::max(0.0, left);
+          },
+          "Seconds until the wait's bound (0 once it passed); None: no bound yet.")
+      .def("renew", &ReplicaWaitPolicy::renew,
+           "Once the bound passed: True to wait on (a wait for other ranks ended after the timeout's start, which "
+           "now counts from that end), False to give up.");
+  m.attr("FAILURE_GRACE_SECONDS") = syncbn::detail::kFailureGraceSeconds;
 }
 
 }  // namespace syncbn::python

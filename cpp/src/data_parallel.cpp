@@ -1,7 +1,6 @@
 #include <syncbn/data_parallel.h>
 
 #include <algorithm>
-#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <sstream>
@@ -16,7 +15,6 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
-#include <syncbn/cross_process.h>
 #include <syncbn/errors.h>
 
 // at::set_num_threads sets the calling thread's count and also the process-wide default that threads started
@@ -87,11 +85,9 @@ bool caused_by_abort(const std::exception_ptr& error) {
 // What the caller and the replica threads share; outlives run_replicas when a
 // replica is left behind.
 struct ReplicaRun {
-  using Clock = std::chrono::steady_clock;
-
   ReplicaRun(int64_t n, std::function<void(int64_t)> body, std::function<void(const std::string&)> on_failure,
              std::optional<std::vector<torch::Device>> devices, std::shared_ptr<ReplicationGroup> group,
-             int intra_op_threads)
+             int intra_op_threads, double timeout)
       : body(std::move(body)),
         on_failure(std::move(on_failure)),
         devices(std::move(devices)),
@@ -99,7 +95,8 @@ struct ReplicaRun {
         caller_streams(current_streams(this->devices)),
         intra_op_threads(intra_op_threads),
         errors(n),
-        done(n, false) {}
+        done(n, false),
+        wait(timeout) {}
 
   // The caller's current stream on each accelerator of `devices` (none for the CPU).
   static std::vector<c10::Stream> current_streams(const std::optional<std::vector<torch::Device>>& devices) {
@@ -129,8 +126,8 @@ struct ReplicaRun {
   std::vector<std::exception_ptr> errors;  // guarded by mutex
   std::vector<bool> done;                  // guarded by mutex
   int64_t finished = 0;                    // guarded by mutex
-  std::optional<Clock::time_point> first_failure, first_return;
-  bool failure_reported = false;  // guarded by mutex: on_failure runs once
+  ReplicaWaitPolicy wait;                  // guarded by mutex
+  bool failure_reported = false;           // guarded by mutex: on_failure runs once
 
   void run(int64_t i) {
     if (intra_op_threads > 0) set_thread_intra_op_threads(intra_op_threads);
@@ -156,11 +153,11 @@ struct ReplicaRun {
       done[i] = true;
       ++finished;
       if (error) {
-        if (!first_failure) first_failure = Clock::now();
+        wait.failed();
         report = !failure_reported;
         failure_reported = true;
-      } else if (!first_return) {
-        first_return = Clock::now();
+      } else {
+        wait.returned();
       }
     }
     if (report) {
@@ -200,7 +197,7 @@ void run_replicas(int64_t n, std::function<void(int64_t)> body, std::function<vo
   const int share = on_cpu && thread_intra_op_threads_supported()
                         ? std::max<int>(1, static_cast<int>(caller_threads / std::max<int64_t>(n, 1)))
                         : 0;
-  auto state = std::make_shared<ReplicaRun>(n, std::move(body), std::move(on_failure), devices, group, share);
+  auto state = std::make_shared<ReplicaRun>(n, std::move(body), std::move(on_failure), devices, group, share, timeout);
   std::vector<std::thread> threads;
   threads.reserve(n);
   try {
@@ -219,29 +216,16 @@ void run_replicas(int64_t n, std::function<void(int64_t)> body, std::function<vo
   }
 
   std::unique_lock<std::mutex> lock(state->mutex);
-  // Wait for every replica, but no longer than a grace period after a failure, or the timeout after a return.
-  auto seconds = [](double s) {
-    return std::chrono::duration_cast<ReplicaRun::Clock::duration>(std::chrono::duration<double>(s));
-  };
-  bool gave_up = false;
-  while (state->finished < n && !gave_up) {
-    if (state->first_failure) {
-      gave_up = !state->changed.wait_until(lock, *state->first_failure + seconds(kFailureGraceSeconds),
-                                           [&] { return state->finished == n; });
-    } else if (state->first_return && timeout <= 1e9) {
-      gave_up = !state->changed.wait_until(lock, *state->first_return + seconds(timeout), [&] {
-        return state->finished == n || state->first_failure.has_value();
-      });
-      // A replica left waiting for other ranks is bounded by the group's timeout: count from that wait's end.
-      if (const auto since = seconds_since_cross_process_wait(); gave_up && since) {
-        const auto wait_ended = ReplicaRun::Clock::now() - seconds(*since);
-        if (wait_ended > *state->first_return) {
-          state->first_return = wait_ended;
-          gave_up = false;
-        }
-      }
-    } else {
+  // Wait for every replica, within the policy's bounds (a grace period after a failure, the timeout after a return).
+  while (state->finished < n) {
+    const auto deadline = state->wait.deadline();
+    if (!deadline) {
       state->changed.wait(lock);
+    } else if (!state->changed.wait_until(lock, *deadline, [&] {
+                 return state->finished == n || state->wait.deadline() != deadline;
+               }) &&
+               !state->wait.renew()) {
+      break;  // given up on the replicas still running
     }
   }
   std::vector<int64_t> missing;

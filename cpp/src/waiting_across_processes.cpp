@@ -66,6 +66,12 @@ std::optional<std::chrono::steady_clock::time_point> last_waited_across_processe
   return it->second.ended;
 }
 
+std::optional<std::chrono::steady_clock::time_point> last_waited_across_processes() {
+  std::lock_guard<std::mutex> lock(waiting_mutex);
+  if (threads_waiting > 0) return std::chrono::steady_clock::now();
+  return last_wait_ended;
+}
+
 }  // namespace syncbn::detail
 
 namespace syncbn {

@@ -27,4 +27,8 @@ class WaitingAcrossProcesses {
 // leaves the callback its merge to finish, which is given a whole timeout from that end.
 std::optional<std::chrono::steady_clock::time_point> last_waited_across_processes(std::thread::id thread);
 
+// The same for any thread of the process: now while one is inside a scope, else when the last scope ended; nullopt
+// if none ever was.
+std::optional<std::chrono::steady_clock::time_point> last_waited_across_processes();
+
 }  // namespace syncbn::detail

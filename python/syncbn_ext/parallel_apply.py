@@ -48,8 +48,9 @@ __all__ = [
     "running_a_replica",
 ]
 
-#: How long the caller still waits for the other replicas once one failed.
-FAILURE_GRACE_SECONDS = 1.0
+#: How long the caller still waits for the other replicas once one failed (the C++ wrapper's too: the wait policy,
+#: ``_C.ReplicaWaitPolicy``, is the same one).
+FAILURE_GRACE_SECONDS: float = _C.FAILURE_GRACE_SECONDS
 # How long the calling thread waits for a replica's report at a time (see run_on_workers's collect).
 _REPORT_POLL_SECONDS = 0.1
 #: How long an interrupted caller (Ctrl-C) waits for the replicas, which it woke, before it propagates.
@@ -191,13 +192,6 @@ class _Reporting:
             del report
 
 
-def _cross_process_wait_end() -> float | None:
-    """When (``time.monotonic()``) a thread of this process last waited for other ranks in a synchronized layer's
-    exchange: now while one waits; None if none ever did."""
-    since = _C.seconds_since_cross_process_wait()
-    return None if since is None else time.monotonic() - since
-
-
 def _add_note(error: BaseException, note: str) -> None:
     """``error.add_note(note)``; before Python 3.11, which has no ``add_note``, appended to ``__notes__`` as the
     ``exceptiongroup`` backport does (its traceback display shows them)."""
@@ -228,17 +222,16 @@ def run_on_workers(
     if n == 0:
         return []
     timeout = _C.default_timeout_seconds()
+    # How long to wait (the C++ wrapper's policy): a grace period after a failure, the timeout after a return.
+    wait = _C.ReplicaWaitPolicy(timeout)
     report: queue.SimpleQueue[tuple[int, bool, Any]] = queue.SimpleQueue()
     workers: list[_Worker] = []  # filled by _POOL.acquire, inside the try below
     handed = 0  # tasks given to their workers (counted just before the put: an interrupt between leaves none unseen)
     results: dict[int, Any] = {}
     errors: dict[int, BaseException] = {}
-    first_failure: float | None = None
-    first_return: float | None = None
 
     def collect(block_until: float | None) -> bool:
         """Takes one report, waiting until ``block_until`` (monotonic; None: for ever); False on timeout."""
-        nonlocal first_failure, first_return
         while True:
             # In short waits: an exception set for this thread without a signal (_thread.interrupt_main(), a
             # signal raised from another thread, an asynchronous exception) is raised only between bytecodes.
@@ -253,11 +246,11 @@ def run_on_workers(
                     return False
         if ok:
             results[index] = value
-            first_return = first_return if first_return is not None else time.monotonic()
+            wait.returned()
         else:
             errors[index] = value
-            if first_failure is None:
-                first_failure = time.monotonic()
+            if not wait.any_failed:
+                wait.failed()
                 if len(errors) + len(results) < n:
                     close(f"{ABORT_TAG}: replica {index} raised {type(value).__name__}")
         return True
@@ -296,20 +289,10 @@ def run_on_workers(
                 handed = i + 1
                 worker.tasks.put(reporting)
             while pending():
-                if first_failure is not None:
-                    until: float | None = first_failure + FAILURE_GRACE_SECONDS
-                elif first_return is not None and timeout <= 1e9:
-                    until = first_return + timeout
-                else:
-                    until = None
-                if not collect(until):
-                    # A replica left waiting for other ranks is bounded by the group's timeout, not ours: the
-                    # timeout counts from that wait's end (a copy of a parallel backward may return while another
-                    # runs a merge across processes).
-                    wait_ended = _cross_process_wait_end() if first_failure is None else None
-                    if wait_ended is not None and first_return is not None and wait_ended > first_return:
-                        first_return = wait_ended
-                        continue
+                left = wait.seconds_left()
+                # At the bound, a replica left waiting for other ranks (bounded by the group's timeout, not ours)
+                # renews it: a copy of a parallel backward may return while another runs a merge across processes.
+                if not collect(None if left is None else time.monotonic() + left) and not wait.renew():
                     break
         except BaseException as interrupt:  # KeyboardInterrupt (or any exception) in the calling thread
             try:

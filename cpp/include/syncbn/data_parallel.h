@@ -16,6 +16,7 @@
 
 #include <syncbn/export.h>
 #include <syncbn/forward_across_processes.h>
+#include <syncbn/replica_wait.h>
 #include <syncbn/replicate.h>
 #include <syncbn/replication_group.h>
 #include <syncbn/training_forward_lock.h>
@@ -52,10 +53,10 @@ namespace detail {
 // a ReplicaScope of it. When one throws, on_failure(reason) runs once and the
 // group is closed, so the others stop waiting for it and can write nothing.
 //
-// Waits for every thread, but never for ever: once a replica failed, at most
-// kFailureGraceSeconds more; once one returned, at most $SYNCBN_TIMEOUT more
-// for the others (counted from the end of a later wait for other ranks, which
-// the group's timeout bounds: seconds_since_cross_process_wait). The threads
+// Waits for every thread, but never for ever (ReplicaWaitPolicy): once a
+// replica failed, at most kFailureGraceSeconds more; once one returned, at
+// most $SYNCBN_TIMEOUT more for the others (counted from the end of a later
+// wait for other ranks, which the group's timeout bounds). The threads
 // still running then are detached (their replication closed: they can write
 // nothing, and end at their next barrier) and the first failure (the lowest
 // copy id, not counting errors the abort itself caused) is rethrown, naming its
@@ -66,9 +67,6 @@ SYNCBN_API void run_replicas(int64_t n, std::function<void(int64_t)> body,
                              std::function<void(const std::string&)> on_failure,
                              const std::optional<std::vector<torch::Device>>& devices,
                              std::shared_ptr<ReplicationGroup> group = nullptr);
-
-// How long run_replicas waits for the other replicas once one failed.
-constexpr double kFailureGraceSeconds = 1.0;
 
 // Calls on_replica_failure(reason) on every module of every replica that implements ReplicationCallback.
 SYNCBN_API void notify_replica_failure(const std::vector<std::shared_ptr<torch::nn::Module>>& replicas,
