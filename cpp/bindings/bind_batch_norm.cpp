@@ -129,9 +129,6 @@ void bind_batch_norm(py::module_& m) {
       py::arg("process_group"),
       "How synchronized layers exchange with the rest of `process_group`: 'shared memory' (every rank on this host), "
       "'process group' (the group's backend), or 'not yet' (no synchronized call on it so far).");
-  m.def("seconds_since_cross_process_wait", &seconds_since_cross_process_wait,
-        "Seconds since a thread of this process last waited for other ranks in a synchronized layer's exchange (0 "
-        "while one waits; None if none ever did): a wait for replicas counting from one's return counts from then.");
 }
 
 }  // namespace syncbn::python

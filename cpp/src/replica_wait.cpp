@@ -1,19 +1,9 @@
 #include <syncbn/replica_wait.h>
 
+#include "spin_wait.h"
 #include "waiting_across_processes.h"
 
 namespace syncbn::detail {
-
-namespace {
-
-ReplicaWaitPolicy::Clock::duration clock_duration(double s) {
-  return std::chrono::duration_cast<ReplicaWaitPolicy::Clock::duration>(std::chrono::duration<double>(s));
-}
-
-// Above this, a timeout means none (it would overflow the clock's time points).
-constexpr double kLongestReplicaTimeoutSeconds = 1e9;
-
-}  // namespace
 
 ReplicaWaitPolicy::ReplicaWaitPolicy(double timeout_seconds) : timeout_(timeout_seconds) {}
 
@@ -26,8 +16,8 @@ void ReplicaWaitPolicy::failed() {
 }
 
 std::optional<ReplicaWaitPolicy::Clock::time_point> ReplicaWaitPolicy::deadline() const {
-  if (first_failure_) return *first_failure_ + clock_duration(kFailureGraceSeconds);
-  if (first_return_ && timeout_ <= kLongestReplicaTimeoutSeconds) return *first_return_ + clock_duration(timeout_);
+  if (first_failure_) return deadline_after(kFailureGraceSeconds, *first_failure_);
+  if (first_return_) return deadline_after(timeout_, *first_return_);  // none for a timeout too long to represent
   return std::nullopt;
 }
 

@@ -6,8 +6,6 @@
 #include <unordered_map>
 #include <vector>
 
-#include <syncbn/cross_process.h>
-
 namespace syncbn::detail {
 
 namespace {
@@ -73,14 +71,3 @@ std::optional<std::chrono::steady_clock::time_point> last_waited_across_processe
 }
 
 }  // namespace syncbn::detail
-
-namespace syncbn {
-
-std::optional<double> seconds_since_cross_process_wait() {
-  std::lock_guard<std::mutex> lock(detail::waiting_mutex);
-  if (detail::threads_waiting > 0) return 0.0;
-  if (!detail::last_wait_ended) return std::nullopt;
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - *detail::last_wait_ended).count();
-}
-
-}  // namespace syncbn

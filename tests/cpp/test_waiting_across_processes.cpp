@@ -7,14 +7,14 @@
 
 #include <chrono>
 #include <exception>
+#include <functional>
 #include <optional>
 #include <string>
-#include <utility>
 #include <thread>
+#include <utility>
 
 #include <torch/torch.h>
 
-#include <syncbn/cross_process.h>
 #include <syncbn/data_parallel.h>
 #include <syncbn/syncbn.h>
 
@@ -93,21 +93,36 @@ TEST(BarrierAcrossProcesses, AMergeLongerThanTheTimeoutAfterTheCrossProcessWaitT
   EXPECT_GE(std::chrono::steady_clock::now() - started, 1300ms);
 }
 
-TEST(BarrierAcrossProcesses, SecondsSinceACrossProcessWaitAreZeroWhileOneWaits) {
-  std::optional<double> after;
+TEST(BarrierAcrossProcesses, AnyThreadsLastCrossProcessWaitIsNowWhileOneWaits) {
   {
     syncbn::detail::WaitingAcrossProcesses across;
-    EXPECT_EQ(syncbn::seconds_since_cross_process_wait(), 0.0);
+    auto before = std::chrono::steady_clock::now();
+    EXPECT_GE(syncbn::detail::last_waited_across_processes(), before);
     std::thread other([] {
       syncbn::detail::WaitingAcrossProcesses nested_elsewhere;  // another thread's wait ending: one still waits
     });
     other.join();
-    EXPECT_EQ(syncbn::seconds_since_cross_process_wait(), 0.0);
+    before = std::chrono::steady_clock::now();
+    EXPECT_GE(syncbn::detail::last_waited_across_processes(), before);
   }
   std::this_thread::sleep_for(50ms);
-  after = syncbn::seconds_since_cross_process_wait();
-  ASSERT_TRUE(after.has_value());
-  EXPECT_GE(*after, 0.04);
+  const auto ended = syncbn::detail::last_waited_across_processes();
+  ASSERT_TRUE(ended.has_value());
+  EXPECT_GE(std::chrono::steady_clock::now() - *ended, 40ms);
+}
+
+// A replica body: copy 1 waits "across processes" for `waiting` (a late rank), then works for `working`; the
+// others return at once.
+std::function<void(int64_t)> copy_1_waits_then_works(std::chrono::milliseconds waiting,
+                                                     std::chrono::milliseconds working) {
+  return [=](int64_t copy) {
+    if (copy != 1) return;
+    {
+      syncbn::detail::WaitingAcrossProcesses across;
+      std::this_thread::sleep_for(waiting);
+    }
+    std::this_thread::sleep_for(working);
+  };
 }
 
 // run_replicas gives the others $SYNCBN_TIMEOUT after a replica's return, counted from the end of a later wait for
@@ -115,14 +130,7 @@ TEST(BarrierAcrossProcesses, SecondsSinceACrossProcessWaitAreZeroWhileOneWaits) 
 // Given up on 1 s after replica 0's return before (a parallel backward's copy may return while another waits).
 TEST(BarrierAcrossProcesses, RunReplicasWaitsForAReplicaWaitingAcrossProcessesAfterAnotherReturned) {
   ::setenv("SYNCBN_TIMEOUT", "1", 1);
-  auto body = [](int64_t copy) {
-    if (copy != 1) return;
-    {
-      syncbn::detail::WaitingAcrossProcesses across;
-      std::this_thread::sleep_for(1500ms);
-    }
-    std::this_thread::sleep_for(300ms);
-  };
+  const auto body = copy_1_waits_then_works(1500ms, 300ms);
   EXPECT_NO_THROW(syncbn::detail::run_replicas(2, body, [](const std::string&) {}, std::nullopt));
   ::unsetenv("SYNCBN_TIMEOUT");
 }
@@ -130,14 +138,7 @@ TEST(BarrierAcrossProcesses, RunReplicasWaitsForAReplicaWaitingAcrossProcessesAf
 // Its work after the wait is still bounded by the timeout.
 TEST(BarrierAcrossProcesses, RunReplicasGivesUpOnAReplicaWorkingLongerThanTheTimeoutAfterItsWait) {
   ::setenv("SYNCBN_TIMEOUT", "0.5", 1);
-  auto body = [](int64_t copy) {
-    if (copy != 1) return;
-    {
-      syncbn::detail::WaitingAcrossProcesses across;
-      std::this_thread::sleep_for(200ms);
-    }
-    std::this_thread::sleep_for(1500ms);
-  };
+  const auto body = copy_1_waits_then_works(200ms, 1500ms);
   try {
     syncbn::detail::run_replicas(2, body, [](const std::string&) {}, std::nullopt);
     ADD_FAILURE() << "expected a BarrierTimeoutError";

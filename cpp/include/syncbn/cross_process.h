@@ -137,11 +137,4 @@ SYNCBN_API std::string cross_process_transport(const ProcessGroupPtr& group);
 // fails). Empty: none (the default).
 SYNCBN_API void set_cross_process_wait_hook(std::function<void()> hook);
 
-// Seconds since a thread of this process last waited for the other ranks of a
-// process group in a synchronized layer's exchange: 0 while one waits,
-// nullopt if none ever did. A wait for replicas that counts from one's return
-// (parallel_apply's $SYNCBN_TIMEOUT) counts from the end of such a wait too:
-// the group's own timeout bounds a wait for other ranks.
-SYNCBN_API std::optional<double> seconds_since_cross_process_wait();
-
 }  // namespace syncbn

@@ -33,8 +33,6 @@ class SYNCBN_API ReplicaWaitPolicy {
   // (the timeout after a return then counts from that wait's end; never after a failure).
   bool renew();
 
-  double timeout_seconds() const { return timeout_; }
-
  private:
   double timeout_;
   std::optional<Clock::time_point> first_failure_;
