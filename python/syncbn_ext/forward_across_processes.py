@@ -103,8 +103,7 @@ def announcing_failure(
         # Told only where the block made no exchange but ones a failure was told in: after one that paired (or
         # failed otherwise), the other ranks wait at another call, maybe on a group already called, and telling
         # would wait for them there in vain.
-        after = [_calls_on(group, device) for group in groups]
-        made = [(c1 - c0, f1 - f0) for (c1, f1), (c0, f0) in zip(after, before, strict=True)]
+        made = _made_since(before, groups, device)
         if any(calls != failed for calls, failed in made):
             raise
         # (Not on a group whose exchanges fail at once on this rank, out of step: its error says so already.)
@@ -124,13 +123,19 @@ def announcing_failure(
         # waits for the other ranks). Where the block made no exchange on a group, the others wait at a call this
         # rank's next forward would pair with its own first one, one step apart, silently: its exchanges there fail
         # from now on instead.
-        after = [_calls_on(group, device) for group in groups]
-        for group, now, then in zip(groups, after, before, strict=True):
-            if now == then:
+        for group, made_there in zip(groups, _made_since(before, groups, device), strict=True):
+            if made_there == (0, 0):
                 mark_out_of_step(
                     group, f"{label} was interrupted ({type(interrupt).__name__}) before its first synchronized call"
                 )
         raise
+
+
+def _made_since(before: list[tuple[int, int]], groups: list[Any], device: torch.device) -> list[tuple[int, int]]:
+    """Per group: the synchronized calls made since ``before`` (:func:`_calls_on` of each), and how many of them
+    told a failure."""
+    after = [_calls_on(group, device) for group in groups]
+    return [(c1 - c0, f1 - f0) for (c1, f1), (c0, f0) in zip(after, before, strict=True)]
 
 
 def _announce_on(groups: list[Any], device: torch.device, label: str) -> list[str]:
