@@ -1,4 +1,4 @@
-"""convert_model, revert_model and patch_sync_batchnorm."""
+"""convert_model (and what it converts: torch's layers, nn.DataParallel, compiled and parametrized layers)."""
 
 from __future__ import annotations
 
@@ -9,85 +9,29 @@ import warnings
 
 import pytest
 import torch
-from batchnorm_cases import randomize_batchnorm
+from convert_cases import (
+    F64,
+    OPTION_NAMES,
+    PAIRS,
+    SYNC_BN,
+    TORCH_BN,
+    Net,
+    assert_same_layers,
+    assert_state_dicts_equal,
+    make_net,
+)
 from hang_guard import call_with_timeout
 from torch import nn
-from torch.nn.modules import batchnorm as batchnorm_module
 
 import syncbn_ext
 from syncbn_ext import (
     DataParallelWithCallback,
     SynchronizedBatchNorm1d,
     SynchronizedBatchNorm2d,
-    SynchronizedBatchNorm3d,
     convert_model,
     patch_sync_batchnorm,
     revert_model,
 )
-
-F64 = {"rtol": 1e-10, "atol": 1e-10}
-TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-SYNC_BN = (SynchronizedBatchNorm1d, SynchronizedBatchNorm2d, SynchronizedBatchNorm3d)
-PAIRS = dict(zip(TORCH_BN, SYNC_BN, strict=True))
-OPTION_NAMES = ("num_features", "eps", "momentum", "affine", "track_running_stats")
-
-
-class Net(nn.Module):
-    """All three BatchNorm kinds, with every option, in nested Sequentials."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1),
-            nn.BatchNorm2d(4),
-            nn.ReLU(),
-            nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, momentum=None, affine=False)),
-        )
-        self.volume = nn.Sequential(
-            nn.Conv3d(3, 2, 1),
-            nn.BatchNorm3d(2, bias=False),
-            nn.BatchNorm3d(2, track_running_stats=False),
-        )
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 4 * 4 + 2 * 4 * 4, 5), nn.BatchNorm1d(5, eps=1e-3))
-
-    def forward(self, x):
-        a = self.features(x)
-        b = self.volume(x.unsqueeze(2)).squeeze(2)
-        return self.head(torch.cat([a, b], 1))
-
-
-def make_net(dtype=torch.float64):
-    torch.manual_seed(0)
-    net = Net().to(dtype)
-    for m in net.modules():
-        if isinstance(m, TORCH_BN):
-            randomize_batchnorm(m, num_batches_tracked=7)
-    return net
-
-
-def batchnorms(module):
-    return [(name, m) for name, m in module.named_modules() if isinstance(m, TORCH_BN + SYNC_BN)]
-
-
-def assert_state_dicts_equal(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert list(sa) == list(sb)
-    for name in sa:
-        assert sa[name].dtype == sb[name].dtype, name
-        assert torch.equal(sa[name], sb[name]), name
-
-
-def assert_same_layers(converted, original, expected_types):
-    pairs = list(zip(batchnorms(converted), batchnorms(original), strict=True))
-    assert pairs
-    for (name_c, c), (name_o, o) in pairs:
-        assert name_c == name_o
-        assert type(c) is expected_types[type(o)], name_c
-        for option in OPTION_NAMES:
-            assert getattr(c, option) == getattr(o, option), (name_c, option)
-        assert (c.bias is None) == (o.bias is None), name_c
-        assert c.training == o.training, name_c
-        assert c.extra_repr() == o.extra_repr()
 
 
 def test_convert_model_replaces_every_batchnorm_keeping_state_and_options():
@@ -313,134 +257,6 @@ def test_converting_data_parallel_keeps_its_hooks_and_every_layers_training_flag
     assert calls == [DataParallelWithCallback]
 
 
-@pytest.mark.parametrize("training", [True, False])
-def test_convert_then_revert_gives_the_original(training):
-    original = make_net().train(training)
-    reference = copy.deepcopy(original)
-    reverted = revert_model(convert_model(original))
-    assert_same_layers(reverted, reference, {cls: cls for cls in TORCH_BN})
-    for m in reverted.modules():
-        assert not hasattr(m, "_channel") and not hasattr(m, "_copy_id")
-    assert_state_dicts_equal(reverted, reference)
-    for _ in range(2):
-        x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
-        y, y_ref = reverted(x), reference(x)
-        assert torch.equal(y, y_ref)
-        assert_state_dicts_equal(reverted, reference)
-    # A reverted wrapper: the DataParallelWithCallback stays, its layers are torch's again.
-    dp = revert_model(convert_model(nn.DataParallel(make_net())))
-    assert type(dp) is DataParallelWithCallback
-    assert_same_layers(dp.module, make_net(), {cls: cls for cls in TORCH_BN})
-
-
-def test_revert_model_makes_sync_batch_norm_what_sync_batch_norm_as_says():
-    def model():
-        torch.manual_seed(0)
-        net = nn.Sequential(
-            nn.Conv2d(3, 4, 3),
-            syncbn_ext.SyncBatchNorm(4, process_group="g"),
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(16, 5),
-            syncbn_ext.SyncBatchNorm(5, momentum=None),
-            SynchronizedBatchNorm1d(5),
-        )
-        for layer in (net[1], net[5], net[6]):
-            randomize_batchnorm(layer, num_batches_tracked=3)
-        return net
-
-    default = revert_model(model())  # torch's nn.SyncBatchNorm, keeping the group
-    assert [type(default[i]) for i in (1, 5, 6)] == [nn.SyncBatchNorm, nn.SyncBatchNorm, nn.BatchNorm1d]
-    assert default[1].process_group == "g"
-    one_class = revert_model(model(), sync_batch_norm_as=nn.BatchNorm2d)
-    assert [type(one_class[i]) for i in (1, 5, 6)] == [nn.BatchNorm2d, nn.BatchNorm2d, nn.BatchNorm1d]
-    assert not hasattr(one_class[1], "process_group")
-    original = model()
-    reference = {name: value.clone() for name, value in original.state_dict().items()}
-    parameters = list(original.parameters())
-    by_name = revert_model(original, sync_batch_norm_as={"1": nn.BatchNorm2d, "5": nn.BatchNorm1d})
-    assert [type(by_name[i]) for i in (1, 5, 6)] == [nn.BatchNorm2d, nn.BatchNorm1d, nn.BatchNorm1d]
-    assert by_name[5].momentum is None and list(by_name.parameters()) == parameters  # the same tensors
-    assert all(torch.equal(value, reference[name]) for name, value in by_name.state_dict().items())
-    # What TorchScript and quantization's fusion take (torch's nn.SyncBatchNorm is neither); eval results alike.
-    x = torch.randn(6, 3, 4, 4)
-    scripted = torch.jit.script(copy.deepcopy(by_name).eval())
-    torch.testing.assert_close(scripted(x), by_name.eval()(x))
-    from torch.ao.quantization import fuse_modules
-
-    fused = fuse_modules(copy.deepcopy(by_name).eval(), [["0", "1", "2"]])
-    torch.testing.assert_close(fused(x), by_name(x), rtol=1e-5, atol=1e-5)
-    # README's quantization-aware training across processes: fused and prepared, then converted back to layers that
-    # synchronize across the default group, as the SyncBatchNorm layers did (convert_model alone: no group).
-    from torch.ao import quantization
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = quantization.fuse_modules_qat(copy.deepcopy(by_name).train(), [["0", "1", "2"]])
-        prepared.qconfig = quantization.get_default_qat_qconfig("x86")
-        prepared = quantization.prepare_qat(prepared)
-    synchronized = syncbn_ext.SyncBatchNorm.convert_sync_batchnorm(prepared)
-    assert type(synchronized[0].bn) is syncbn_ext.SyncBatchNorm and synchronized[0].bn._default_to_world
-    # A mapping may keep a layer torch's synchronized one; a root SyncBatchNorm is named "".
-    kept = revert_model(model(), sync_batch_norm_as={"1": nn.SyncBatchNorm, "5": nn.BatchNorm1d})
-    assert type(kept[1]) is nn.SyncBatchNorm and kept[1].process_group == "g"
-    assert type(revert_model(syncbn_ext.SyncBatchNorm(2), {"": nn.BatchNorm3d})) is nn.BatchNorm3d
-    # Inside patch_sync_batchnorm(), nn.BatchNorm2d is the synchronized class: torch's is meant.
-    with patch_sync_batchnorm():
-        assert type(revert_model(model(), sync_batch_norm_as=nn.BatchNorm2d)[1]) is batchnorm_module.BatchNorm2d
-
-
-def test_revert_model_takes_any_name_of_a_shared_sync_batch_norm():
-    shared = syncbn_ext.SyncBatchNorm(4)
-    model = lambda: nn.Sequential(nn.Conv2d(3, 4, 1), shared, nn.Sequential(shared), syncbn_ext.SyncBatchNorm(4))  # noqa: E731
-    for names in ({"1": nn.BatchNorm2d}, {"2.0": nn.BatchNorm2d}, {"1": nn.BatchNorm2d, "2.0": nn.BatchNorm2d}):
-        reverted = revert_model(model(), {**names, "3": nn.BatchNorm2d})
-        assert type(reverted[1]) is nn.BatchNorm2d and reverted[2][0] is reverted[1]
-    with pytest.raises(ValueError, match=r"gives '1' and '2.0', the same layer, two classes"):
-        revert_model(model(), {"1": nn.BatchNorm2d, "2.0": nn.BatchNorm1d, "3": nn.BatchNorm2d})
-    with pytest.raises(ValueError, match=r"gives no class for the SyncBatchNorm layer\(s\) \['1', '3'\]"):
-        revert_model(model(), {})
-
-
-@pytest.mark.parametrize(
-    ("sync_batch_norm_as", "error", "message"),
-    [
-        (nn.LayerNorm, TypeError, r"sync_batch_norm_as must be nn.BatchNorm1d, .* not <class .*LayerNorm'>"),
-        (SynchronizedBatchNorm2d, TypeError, r"must be nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d or nn.Sync"),
-        ("nn.BatchNorm2d", TypeError, r"a class .* or a mapping from layer names to classes, not str"),
-        (
-            {"1": nn.BatchNorm2d, "bn": nn.BatchNorm1d},
-            ValueError,
-            r"names \['bn'\], but the model has no Sync.*\['1'\]",
-        ),
-        ({}, ValueError, r"gives no class for the SyncBatchNorm layer\(s\) \['1'\]"),
-        ({"1": nn.BatchNorm2d, "2": nn.BatchNorm2d}, ValueError, r"names \['2'\]"),  # 2: a ReLU
-        ({"1": 2}, TypeError, r"sync_batch_norm_as\['1'\] must be nn.BatchNorm1d, .* not 2"),
-    ],
-)
-def test_revert_model_refuses_a_sync_batch_norm_as_that_does_not_fit_before_reverting(
-    sync_batch_norm_as, error, message
-):
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), syncbn_ext.SyncBatchNorm(4), nn.ReLU(), SynchronizedBatchNorm2d(4))
-    layers = list(model)
-    with pytest.raises(error, match=message):
-        revert_model(model, sync_batch_norm_as=sync_batch_norm_as)
-    assert list(model) == layers  # nothing reverted: not the SynchronizedBatchNorm2d either
-
-
-def test_a_layer_reverted_and_converted_again_keeps_its_number():
-    # Layers pair across ranks by their number: a round trip on one rank (revert in place to trace, convert to train
-    # on) gave its layers new ones, and every rank's next step failed. A copy of a reverted layer is another layer.
-    model = convert_model(make_net(), process_group=None)
-    numbers = [m._layer_id for m in model.modules() if isinstance(m, SYNC_BN)]
-    reverted = revert_model(model)
-    assert not any(hasattr(m, "_layer_id") for m in reverted.modules())
-    copied = convert_model(copy.deepcopy(reverted))
-    again = convert_model(reverted)
-    assert [m._layer_id for m in again.modules() if isinstance(m, SYNC_BN)] == numbers
-    assert not set(numbers) & {m._layer_id for m in copied.modules() if isinstance(m, SYNC_BN)}
-
-
 @pytest.mark.parametrize(
     "convert, name",
     [(convert_model, "SynchronizedBatchNorm1d"), (syncbn_ext.SyncBatchNorm.convert_sync_batchnorm, "SyncBatchNorm")],
@@ -496,61 +312,6 @@ def test_state_dicts_load_between_plain_and_converted_models():
     plain.eval()
     converted.eval()
     assert torch.equal(converted(x), plain(x))
-
-
-def test_patch_sync_batchnorm_context():
-    originals = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-    torch_sync_batch_norm = nn.SyncBatchNorm
-    with patch_sync_batchnorm():
-        assert (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) == SYNC_BN
-        # torch's own SyncBatchNorm becomes ours, as convert_model converts it.
-        assert nn.SyncBatchNorm is syncbn_ext.SyncBatchNorm
-        assert torch.nn.modules.BatchNorm2d is SynchronizedBatchNorm2d
-        # The classes' own module keeps them, for pickle (see the test below).
-        assert (batchnorm_module.BatchNorm1d, batchnorm_module.BatchNorm2d, batchnorm_module.BatchNorm3d) == originals
-        assert batchnorm_module.SyncBatchNorm is torch_sync_batch_norm
-        layer = nn.BatchNorm2d(3)
-        assert type(layer) is SynchronizedBatchNorm2d
-        net = Net()  # built from nn.BatchNormNd
-        assert sum(isinstance(m, SYNC_BN) for m in net.modules()) == 5
-        # The layers still check and behave as nn.BatchNorm (no recursion through the patched names).
-        with pytest.raises(ValueError, match="expected 4D input"):
-            layer(torch.randn(2, 3))
-        assert layer(torch.randn(2, 3, 2, 2)).shape == (2, 3, 2, 2)
-        # revert_model gives torch's own classes even while patched.
-        assert type(revert_model(SynchronizedBatchNorm1d(2))) is originals[0]
-        with patch_sync_batchnorm():  # nests
-            assert nn.BatchNorm1d is SynchronizedBatchNorm1d
-        assert nn.BatchNorm1d is SynchronizedBatchNorm1d
-    assert (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) == originals
-    assert (batchnorm_module.BatchNorm1d, batchnorm_module.BatchNorm2d, batchnorm_module.BatchNorm3d) == originals
-    assert nn.SyncBatchNorm is torch_sync_batch_norm and batchnorm_module.SyncBatchNorm is torch_sync_batch_norm
-    assert type(nn.BatchNorm2d(3)) is originals[1]
-
-
-def test_torch_batchnorm_layers_pickle_as_they_are_inside_patch_sync_batchnorm(tmp_path):
-    # pickle finds a class by its module and name: with torch.nn.modules.batchnorm patched, a torch layer built
-    # before the block (a teacher, an EMA copy) could not be saved in it, and a saved whole model loaded in it came
-    # back with synchronized layers (each a new number).
-    teacher = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.SyncBatchNorm(4))
-    torch.save(teacher, tmp_path / "teacher.pt")
-    with patch_sync_batchnorm():
-        torch.save(teacher, tmp_path / "inside.pt")
-        for name in ("teacher.pt", "inside.pt"):
-            loaded = torch.load(tmp_path / name, weights_only=False)
-            expected = [nn.Conv2d, batchnorm_module.BatchNorm2d, batchnorm_module.SyncBatchNorm]
-            assert [type(m) for m in loaded] == expected
-        copied = pickle.loads(pickle.dumps(teacher))
-        assert type(copied[1]) is batchnorm_module.BatchNorm2d
-        assert type(nn.BatchNorm2d(4)) is SynchronizedBatchNorm2d  # built in the block: synchronized
-
-
-def test_patch_sync_batchnorm_restores_after_an_exception():
-    originals = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, torch.nn.modules.batchnorm.BatchNorm2d)
-    with pytest.raises(KeyError, match="inside"), patch_sync_batchnorm():
-        assert nn.BatchNorm3d is SynchronizedBatchNorm3d
-        raise KeyError("inside")
-    assert (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, torch.nn.modules.batchnorm.BatchNorm2d) == originals
 
 
 def test_quantization_aware_training_fused_and_prepared_then_converted_synchronizes_the_fused_batchnorms():
