@@ -1,9 +1,10 @@
 """One rank of a multi-process test (launched through distributed_launch.py, or by torchrun): runs scenarios, prints
 JSON lines.
 
-The scenarios: ``distributed_parity.py`` (every rank matches one nn.BatchNorm model on the global batch) and
+The scenarios: ``distributed_parity.py`` (every rank matches one nn.BatchNorm model on the global batch),
 ``distributed_faults.py`` (ranks that disagree, stall, exit or are interrupted), ``distributed_failed_forwards.py``
-(a rank's forward fails) and ``distributed_checkpoints.py`` (torch.utils.checkpoint). Each scenario prints one line
+(a rank's forward fails), ``distributed_checkpoints.py`` (torch.utils.checkpoint) and
+``distributed_restricted_backward.py`` (gradients of some tensors only). Each scenario prints one line
 ``{"scenario": ..., "rank": ..., <measures>}`` or, when it raised, ``{"scenario": ..., "rank": ..., "error": type,
 "message": ...}``.
 
@@ -26,6 +27,7 @@ import distributed_checkpoints as checkpoints
 import distributed_failed_forwards as failed
 import distributed_faults as faults
 import distributed_parity as parity
+import distributed_restricted_backward as restricted
 import torch
 import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401  before init_process_group, so that it does not hold the default group
@@ -72,9 +74,9 @@ SCENARIOS = {
     "checkpoint_forgotten": checkpoints.scenario_checkpoint_forgotten,
     "checkpoint_forgotten_among_alike": checkpoints.scenario_checkpoint_forgotten_among_alike,
     "checkpoint_stop_gradient_view": checkpoints.scenario_checkpoint_stop_gradient_view,
-    "some_parameters_grads": faults.scenario_some_parameters_grads,
-    "some_parameters_below_a_skipped_layer": faults.scenario_some_parameters_below_a_skipped_layer,
-    "input_grad_only": faults.scenario_input_grad_only,
+    "some_parameters_grads": restricted.scenario_some_parameters_grads,
+    "some_parameters_below_a_skipped_layer": restricted.scenario_some_parameters_below_a_skipped_layer,
+    "input_grad_only": restricted.scenario_input_grad_only,
     "input_grad_on_one_rank": faults.scenario_input_grad_on_one_rank,
     "channels_differ": faults.scenario_channels_differ,
     "channels_differ_in_subgroup": faults.scenario_channels_differ_in_subgroup,
