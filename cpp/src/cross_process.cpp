@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -337,6 +338,10 @@ GatheredRows exchange_rows(const ProcessGroupPtr& group, detail::ExchangeKind ki
     // that wait too is the group's to bound, not a barrier's (waiting_across_processes.h).
     detail::WaitingAcrossProcesses waiting;
     gathered = all_gather(group, packed, kind, label, doing);
+    // ... and a replica thread waits in the group's backend until the copy ends: a wait abandoned there puts the
+    // group out of step, as one abandoned in gloo's wait does (check_in_step).
+    std::optional<WaitingInBackend> in_backend_until_copied;
+    if (!packed.is_cpu()) in_backend_until_copied.emplace(group);
     headers = gathered.narrow(1, 0, kHeader).cpu();
   }
   check_headers_agree(group, headers, numbers.number, kind_code, layer_id, channels, label, doing);

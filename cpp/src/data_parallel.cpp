@@ -283,8 +283,17 @@ void notify_copy_finished(const std::shared_ptr<torch::nn::Module>& replica) {
   }
 }
 
+std::optional<std::vector<torch::Device>> with_indices(const std::optional<std::vector<torch::Device>>& devices) {
+  if (!devices) return devices;
+  std::vector<torch::Device> resolved = *devices;
+  for (auto& device : resolved) {
+    if (!device.is_cpu() && !device.has_index()) device = c10::impl::getDeviceGuardImpl(device.type())->getDevice();
+  }
+  return resolved;
+}
+
 void check_on_first_device(const torch::nn::Module& module, const torch::Device& first) {
-  // "cuda" without an index is the current device; CPU tensors have none.
+  // "cuda" without an index is the current device (with_indices resolves the devices first); CPU tensors have none.
   const auto on_first = [&](const torch::Device& device) {
     return device.type() == first.type() && (!first.has_index() || device.is_cpu() || device.index() == first.index());
   };

@@ -75,6 +75,11 @@ SYNCBN_API void notify_replica_failure(const std::vector<std::shared_ptr<torch::
 // Calls on_copy_finished() on every module of `replica` that implements ReplicationCallback.
 SYNCBN_API void notify_copy_finished(const std::shared_ptr<torch::nn::Module>& replica);
 
+// `devices` with every accelerator device named without an index ("cuda") made the calling thread's current one
+// of its type, as nn.DataParallel resolves its device ids: each replica thread has a current device of its own.
+SYNCBN_API std::optional<std::vector<torch::Device>> with_indices(
+    const std::optional<std::vector<torch::Device>>& devices);
+
 // As nn.DataParallel: the module's parameters and buffers must be on the first device, where replica 0 runs
 // (its buffers are the ones written back). Throws a ValueError naming the device of one that is not.
 SYNCBN_API void check_on_first_device(const torch::nn::Module& module, const torch::Device& first);
@@ -138,8 +143,8 @@ std::vector<torch::Tensor> parallel_apply(std::vector<ModuleType>& modules, cons
         detail::notify_copy_finished(work->replicas[index]);  // nobody waits for this copy any more
         work->outputs[index] = std::move(output);
       },
-      [work](const std::string& reason) { detail::notify_replica_failure(work->replicas, reason); }, devices,
-      std::move(group));
+      [work](const std::string& reason) { detail::notify_replica_failure(work->replicas, reason); },
+      detail::with_indices(devices), std::move(group));
   return work->outputs;
 }
 
@@ -206,6 +211,7 @@ torch::Tensor data_parallel(ModuleType module, const torch::Tensor& input,
     if (count > 0) devices.emplace();
     for (int64_t i = 0; i < count; ++i) devices->emplace_back(torch::kCUDA, static_cast<c10::DeviceIndex>(i));
   }
+  devices = detail::with_indices(devices);
   // Its replicas would make a replication of their own, synchronizing among themselves only. (Before the lock: a
   // replica's forward calling it with the outer module would wait for the outer forward, which waits for it.)
   TORCH_CHECK(!devices || devices->size() < 2 || ReplicaScope::current_group() == nullptr,
