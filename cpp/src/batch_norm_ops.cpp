@@ -50,6 +50,13 @@ at::Tensor per_channel_view(const at::Tensor& values, const at::Tensor& input) {
   return values.view(shape);
 }
 
+// `tensor` as the ATen kernels below read it in the opmath `dtype`: as it is where ATen's type promotion converts
+// each value as it reads it (a 16-bit float or `dtype` itself: on GPUs no full-size copy), else converted (a copy,
+// so that a float64 gradient of a float32 input is rounded first, not promoted the other way).
+at::Tensor read_as(const at::Tensor& tensor, at::ScalarType dtype) {
+  return at::promote_types(tensor.scalar_type(), dtype) == dtype ? tensor : tensor.to(dtype);
+}
+
 std::vector<int64_t> reduced_dims(const at::Tensor& input) {
   std::vector<int64_t> dims{0};
   for (int64_t d = 2; d < input.dim(); ++d) dims.push_back(d);
@@ -78,17 +85,19 @@ std::tuple<at::Tensor, at::Tensor> local_stats_aten(const at::Tensor& input) {
   }
   // Reduced in the opmath dtype (a float64 copy of the input would cost its size again), with that mean as a
   // shift: what it missed, the mean of the deviations, is added in float64, so the mean keeps its digits for the
-  // merge (as the CPU kernels' does). Two passes: no sum of squares.
-  at::Tensor x = input.to(stats_dtype(input));
+  // merge (as the CPU kernels' does). Two passes: no sum of squares. One full-size temporary, the deviations,
+  // squared in place.
+  const auto dtype = stats_dtype(input);
+  const at::Tensor x = read_as(input, dtype);
   const auto dims = reduced_dims(input);
   const double count = static_cast<double>(input.numel() / input.size(1));
-  at::Tensor shift = x.mean(dims);
-  at::Tensor deviations = x - per_channel_view(shift, x);
+  at::Tensor shift = at::mean(x, dims, /*keepdim=*/false, dtype);
+  at::Tensor deviations = at::sub(x, per_channel_view(shift, x));
   at::Tensor correction = deviations.sum(dims).to(at::kDouble) / count;
   at::Tensor plain_mean = shift.to(at::kDouble);
   // (Non-finite data: the plain mean, inf as nn.BatchNorm's, where a correction of inf - inf would give nan.)
   at::Tensor mean = at::where(plain_mean.isfinite(), plain_mean + correction, plain_mean);
-  at::Tensor m2 = deviations.square().sum(dims).to(at::kDouble) - correction.square() * count;
+  at::Tensor m2 = deviations.square_().sum(dims).to(at::kDouble) - correction.square() * count;
   return {mean, m2};
 }
 
@@ -122,8 +131,10 @@ at::Tensor normalize_aten(const at::Tensor& input, const at::Tensor& mean, const
   check_per_channel(input, var, "var", "normalize");
   auto [scale, shift] = affine_scale_shift(input, var, weight, bias, eps, static_cast<EpsMode>(eps_mode));
   const auto dtype = stats_dtype(input);
-  at::Tensor y = (input.to(dtype) - per_channel_view(mean.to(dtype), input)) * per_channel_view(scale, input) +
-                 per_channel_view(shift, input);
+  // (x - mean) * scale + shift in one full-size temporary of the opmath dtype (the output itself for a float32 or
+  // float64 input).
+  at::Tensor y = at::sub(read_as(input, dtype), per_channel_view(mean.to(dtype), input));
+  y.mul_(per_channel_view(scale, input)).add_(per_channel_view(shift, input));
   return y.to(input.scalar_type());
 }
 
@@ -133,13 +144,15 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_aten(const at::Tensor& grad_o
   check_per_channel(input, mean, "mean", "backward_reduce");
   const auto dtype = stats_dtype(input);
   const auto dims = reduced_dims(input);
-  at::Tensor dy = grad_out.to(dtype);
   if (input.numel() == 0) {
     at::Tensor zeros = at::zeros({input.size(1)}, input.options().dtype(dtype));
     return {zeros, zeros.clone()};
   }
-  at::Tensor xmu = input.to(dtype) - per_channel_view(mean.to(dtype), input);
-  return {dy.sum(dims), (dy * xmu).sum(dims)};
+  const at::Tensor dy = read_as(grad_out, dtype);
+  // One full-size temporary: the deviations, multiplied by the gradient in place.
+  at::Tensor dy_xmu = at::sub(read_as(input, dtype), per_channel_view(mean.to(dtype), input));
+  dy_xmu.mul_(dy);
+  return {at::sum(dy, dims, /*keepdim=*/false, dtype), dy_xmu.sum(dims)};
 }
 
 at::Tensor backward_elemt_aten(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
@@ -147,8 +160,10 @@ at::Tensor backward_elemt_aten(const at::Tensor& grad_out, const at::Tensor& inp
   check_input(input, "backward_elemt");
   const auto dtype = stats_dtype(input);
   auto view = [&](const at::Tensor& values) { return per_channel_view(values.to(dtype), input); };
-  at::Tensor grad_in = grad_out.to(dtype) * view(dy_scale) + (input.to(dtype) - view(mean)) * view(x_scale) +
-                       view(shift);
+  // dy * dy_scale + (x - mean) * x_scale + shift, summed in that order, in two full-size temporaries.
+  at::Tensor grad_in = at::mul(read_as(grad_out, dtype), view(dy_scale));
+  grad_in.add_(at::sub(read_as(input, dtype), view(mean)).mul_(view(x_scale)));
+  grad_in.add_(view(shift));
   return grad_in.to(input.scalar_type());
 }
 

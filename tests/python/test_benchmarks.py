@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from pathlib import Path
 
@@ -45,6 +46,23 @@ def test_bench_distributed_smoke():
 def test_buffer_cost_smoke():
     out = run_script("buffer_cost.py", "--sizes-mb", "0", "4", "--iters", "1", "--rounds", "1")
     assert "4 MB" in out and "ms per step per 100 MB of buffers" in out and "torch.equal" in out
+
+
+def test_kernel_memory_smoke():
+    out = run_script(
+        "kernel_memory.py", "--device", "cpu", "--shape", "8", "16", "32", "32", "--dtypes", "float32", "float16"
+    )
+    assert "input (8, 16, 32, 32) float32" in out and "input (8, 16, 32, 32) float16" in out
+    for row in (
+        "F.batch_norm, training forward (torch)",
+        "local_stats",
+        "normalize",
+        "backward_reduce",
+        "backward_elemt",
+    ):
+        assert row in out
+    # Its own figures, not a target: the float32 forward kernels hold their output and no temporary.
+    assert re.search(r"normalize \(forward: the output\) +1\.00 x S", out), out
 
 
 @pytest.fixture
@@ -101,6 +119,8 @@ def test_an_unwritable_json_path_is_a_usage_error(name, tmp_path, usage_error):
         ),
         ("buffer_cost.py", ["--iters", "0"], "argument --iters: must be at least 1, got 0"),
         ("buffer_cost.py", ["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
+        ("kernel_memory.py", ["--shape", "0", "3"], "argument --shape: must be at least 1, got 0"),
+        ("kernel_memory.py", ["--shape", "4"], "--shape needs at least two sizes, (N, C, *)"),
         ("split_cost.py", ["0"], "argument PIXELS: must be at least 1, got 0"),
         ("split_cost.py", ["--rounds", "x"], "argument --rounds: invalid int value: 'x'"),
     ],
