@@ -103,9 +103,19 @@ def reporting_outcome(group: Any, copy_id: int, tag: str = "") -> Any:
     try:
         yield
     except BaseException as error:
-        group.close(f"{tag}replica {copy_id} raised {type(error).__name__}: {error}")
+        group.close(f"{tag}replica {copy_id} raised {described(error)}")
         raise
     group.copy_finished(copy_id)
+
+
+def described(error: BaseException) -> str:
+    """``"Type: message"`` of a replica's exception, for the others' errors: never raises, so that a user's exception
+    whose ``__str__`` fails still closes the replication and reaches the caller as itself."""
+    try:
+        message = str(error)
+    except BaseException as failed:  # noqa: BLE001  (whatever its __str__ raises)
+        message = f"<its str() raised {type(failed).__name__}>"
+    return f"{type(error).__name__}: {message}"
 
 
 class _ReplicaTask:

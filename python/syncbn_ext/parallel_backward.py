@@ -40,7 +40,7 @@ from torch.autograd.graph import GradientEdge
 
 from ._native import _C
 from .backward_boundaries import Boundaries, call_roots, meeting_calls, reached_boundaries, targets_below_merges, unique
-from .parallel_apply import ABORT_TAG, caused_by_closing, run_on_workers
+from .parallel_apply import ABORT_TAG, caused_by_closing, described, run_on_workers
 from .parameter_sums import ParameterSums
 from .replica_workers import cpu_intra_op_threads
 from .replication import Replication
@@ -182,10 +182,10 @@ class _BackwardTask:
                 if isinstance(failure, _C.BarrierAbortedError):
                     # Woken by another copy's failure (or the caller's interrupt): that one is the error to report.
                     raise _C.BarrierAbortedError(f"{ABORT_TAG}: {failure}") from error
-                plan.group.abort_backward(f"replica {copy_id}'s backward raised {type(cause).__name__}: {cause}", run)
+                plan.group.abort_backward(f"replica {copy_id}'s backward raised {described(cause)}", run)
                 if failure is not None:
                     raise failure from error  # its type (BarrierTimeoutError); autograd turned it into RuntimeError
-                if isinstance(error, RuntimeError) and _REENTRANT_CHECKPOINT_REFUSAL in str(error):
+                if type(error) is RuntimeError and _REENTRANT_CHECKPOINT_REFUSAL in str(error):
                     raise RuntimeError(_REENTRANT_CHECKPOINT_MESSAGE) from error
                 raise
             finally:

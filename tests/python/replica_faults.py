@@ -32,6 +32,17 @@ def fail() -> None:
     raise ValueError("backward failed in this replica")
 
 
+class UnprintableError(Exception):
+    """An exception whose message cannot be made: its ``__str__`` raises (formatted from a resource now gone)."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("the message's resource is gone")
+
+
+def fail_unprintably() -> None:
+    raise UnprintableError()
+
+
 @contextlib.contextmanager
 def garbage_collector_off() -> Iterator[None]:
     """No automatic collection inside: what is freed there was freed by reference counting alone."""

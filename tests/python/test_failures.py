@@ -19,6 +19,7 @@ from hang_guard import call_with_timeout
 from replica_faults import (
     InBackward,
     RaiseInCopy,
+    UnprintableError,
     assert_state_unchanged,
     fail,
     garbage_collector_off,
@@ -233,6 +234,15 @@ def test_before_python_3_11_the_replica_is_named_in_the_notes_all_the_same():
     error = run(DataParallelWithCallback(model, device_ids=["cpu"] * 2), torch.randn(4, C))
     assert type(error) is ErrorWithoutAddNote and error.args == ("bad slice",)
     assert error.__notes__ == ["(raised in replica 1 on device cpu)"]
+
+
+def test_a_replicas_exception_whose_str_raises_reaches_the_caller_as_itself():
+    # The replication's close reason was formatted with str(error): its __str__'s RuntimeError replaced it.
+    model = nn.Sequential(RaiseInCopy(1, UnprintableError), SynchronizedBatchNorm1d(C))
+    error = run(DataParallelWithCallback(model, device_ids=["cpu"] * 2), torch.randn(4, C))
+    assert type(error) is UnprintableError, repr(type(error))
+    assert error.__notes__ == ["(raised in replica 1 on device cpu)"]
+    assert no_replica_threads_left()
 
 
 def test_replicas_calling_a_layer_a_different_number_of_times_get_an_error_naming_it():

@@ -14,7 +14,7 @@ import pytest
 import torch
 from batchnorm_cases import joined
 from hang_guard import call_with_timeout
-from replica_faults import InBackward, fail, garbage_collector_off
+from replica_faults import InBackward, UnprintableError, fail, fail_unprintably, garbage_collector_off
 from torch import nn
 
 import syncbn_ext
@@ -50,6 +50,19 @@ class MarkedNet(nn.Module):
             x = InBackward.apply(x, self.in_backward)
         y = self.bn(self.linear(x))
         return InBackward.apply(y, self.in_backward) if marked and self.before_the_merge else y
+
+
+def test_a_replicas_exception_in_backward_whose_str_raises_reaches_the_caller_as_itself():
+    model = MarkedNet(fail_unprintably, before_the_merge=True).double()
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True)
+    x = torch.randn(4, C, dtype=torch.float64)
+    x[3] = MARKER  # in replica 1's slice
+    y = call_with_timeout(dp, x)
+    with pytest.raises(UnprintableError) as raised:
+        call_with_timeout(y.sum().backward)
+    assert raised.value.__notes__[-1] == "(raised in replica 1 on device cpu, in backward)"
+    model.armed = False
+    call_with_timeout(dp(torch.randn(4, C, dtype=torch.float64)).sum().backward)  # the next step works
 
 
 @pytest.mark.parametrize("before_the_merge", [False, True])
