@@ -45,7 +45,13 @@ def _stacklevel_outside(prefixes: tuple[str, ...]) -> int:
 
 # The synchronization state of a layer that is not a replica: set by __init__, restored by pickling, dropped by
 # revert_model. Replicas get theirs from the replication hook.
-_SYNC_STATE_DEFAULTS: dict[str, Any] = {"_copy_id": None, "_channel": None, "_layer": (-1, ""), "_recent_calls": None}
+_SYNC_STATE_DEFAULTS: dict[str, Any] = {
+    "_copy_id": None,
+    "_replicated": False,
+    "_channel": None,
+    "_layer": (-1, ""),
+    "_recent_calls": None,
+}
 
 # Layers are known across processes by their construction order, the same on every rank that builds the same model.
 _layer_ids = itertools.count()
@@ -211,6 +217,7 @@ class _SynchronizedBatchNorm(_BatchNorm):
         """
         own = _own_context(ctx, type(self).__name__)
         self._copy_id = copy_id
+        self._replicated = True
         self._channel = _C.BatchNormChannel.of(own, copy_id)
         if own is not ctx:  # another library's context says nothing of the module's place: keep its own name
             self._layer = (-1, self._layer[1])
@@ -274,26 +281,28 @@ class _SynchronizedBatchNorm(_BatchNorm):
         """
         if isinstance(input, torch.fx.Proxy):
             return _traced_as_a_leaf(self, input)
-        copy_id = self.__dict__.get("_copy_id")
+        # Whether it is a replica, not which one: torch.compile guards on what this frame reads, and a copy id read
+        # here would compile the frame again for every replica.
+        replicated = self.__dict__.get("_replicated", False)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         eps_mode = get_sbn_eps_mode()
         # Across processes only in training, as torch.nn.SyncBatchNorm: an eval-mode forward with batch statistics
         # (track_running_stats=False) normalizes with its process's batch, so evaluating on one rank works.
         group = self.sync_group() if self.training else None
-        if copy_id is None and use_batch_stats and self.__dict__.get("_is_replica"):
+        if not replicated and use_batch_stats and self.__dict__.get("_is_replica"):
             self._unsynchronized_replica(group)
-        if not use_batch_stats or (copy_id is None and eps_mode == "plus" and group is None):
+        if not use_batch_stats or (not replicated and eps_mode == "plus" and group is None):
             # Running statistics, or a lone module with nn.BatchNorm's eps: nn.BatchNorm itself.
             return super().forward(input)
 
         if being_traced():
             raise RuntimeError(
                 f"{type(self).__name__} cannot be traced or exported while it normalizes with batch statistics "
-                f"{_how_it_normalizes(copy_id, group)}: its synchronized forward is opaque C++ to the tracer. Trace "
-                "or export in eval mode (running statistics: nn.BatchNorm's forward), use set_sbn_eps_mode('plus') "
-                "for a lone module, or revert_model() a copy"
+                f"{_how_it_normalizes(self.__dict__.get('_copy_id'), group)}: its synchronized forward is opaque "
+                "C++ to the tracer. Trace or export in eval mode (running statistics: nn.BatchNorm's forward), use "
+                "set_sbn_eps_mode('plus') for a lone module, or revert_model() a copy"
             )
-        return self._forward_with_batch_statistics(input, copy_id, group, eps_mode)
+        return self._forward_with_batch_statistics(input, group, eps_mode)
 
     def _unsynchronized_replica(self, group: Any) -> None:
         """A replica whose replication callbacks did not run (a plain nn.DataParallel, torch.nn.parallel.replicate):
@@ -318,8 +327,9 @@ class _SynchronizedBatchNorm(_BatchNorm):
     # Opaque to Dynamo: torch.compile breaks the graph at this call and compiles around it. (Traced, its torch.func
     # check read true, and Dynamo, meeting that error, ran the whole calling frame eagerly from then on.)
     @not_compiled("synchronized BatchNorm merges its batch statistics outside the graph (in C++)")
-    def _forward_with_batch_statistics(self, input: Tensor, copy_id: int | None, group: Any, eps_mode: str) -> Tensor:
+    def _forward_with_batch_statistics(self, input: Tensor, group: Any, eps_mode: str) -> Tensor:
         """The synchronized forward: batch statistics merged over the replicas and the process group."""
+        copy_id = self.__dict__.get("_copy_id")
         try:
             self._check_arguments(input, copy_id, group)
         except BaseException:
