@@ -318,13 +318,33 @@ std::vector<int> SharedMemoryExchange::missing_ranks(uint64_t sequence) const {
   return missing;
 }
 
+bool SharedMemoryExchange::withdraw(uint64_t sequence) {
+  atomic(published(rank_)).store(sequence - 1, std::memory_order_seq_cst);
+  for (int r = 0; r < world_; ++r) {
+    if (r != rank_ && atomic(published(r)).load(std::memory_order_seq_cst) < sequence) return true;
+  }
+  atomic(published(rank_)).store(sequence, std::memory_order_seq_cst);  // complete for the others: put it back
+  wake_waiters();
+  return false;
+}
+
 void SharedMemoryExchange::wait_for_every_rank(uint64_t sequence, std::chrono::milliseconds timeout) {
 #ifdef __linux__
-  auto arrived = [&] {
+  // Every rank's row is published, read twice over (sequentially consistent): a rank that withdraws its row
+  // (withdraw) after this rank's second read of it reads every other row already published in the first, so it
+  // puts its row back and completes the exchange too, and one that withdrew before that read is seen missing.
+  auto every_row_published = [&] {
     for (int r = 0; r < world_; ++r) {
-      if (atomic(published(r)).load(std::memory_order_acquire) < sequence) return false;
+      if (atomic(published(r)).load(std::memory_order_seq_cst) < sequence) return false;
     }
     return true;
+  };
+  auto arrived = [&] { return every_row_published() && every_row_published(); };
+  // Before this wait fails: this rank's row is taken back (a rank arriving later must fail too, not complete the
+  // exchange with it), unless every rank had published (it is complete for them: they may have read it).
+  auto failing = [&](std::string why) {
+    withdraw(sequence);
+    give_up(std::move(why));
   };
   for (int spin = 0; spin < kSpins; ++spin) {
     if (arrived()) return;
@@ -354,14 +374,14 @@ void SharedMemoryExchange::wait_for_every_rank(uint64_t sequence, std::chrono::m
       try {
         hook();
       } catch (...) {
-        give_up("a rank's wait was interrupted");
+        failing("a rank's wait was interrupted");
         throw;
       }
     }
     // A replica whose replication the caller gave up on (Ctrl-C, another replica's failure) waits no more: nothing
     // of this call can reach the model now, and the next forward must not find this wait still going.
     if (ReplicationGroup* replication = ReplicaScope::current_group(); replication && replication->closed()) {
-      give_up("a rank's replicas gave up waiting (" + replication->close_reason() + ")");
+      failing("a rank's replicas gave up waiting (" + replication->close_reason() + ")");
       throw BarrierAbortedError(failure_ + " (shared-memory exchange of rank " + std::to_string(rank_) + ")");
     }
 
@@ -372,9 +392,14 @@ void SharedMemoryExchange::wait_for_every_rank(uint64_t sequence, std::chrono::m
     for (int r : missing) {
       if (atomic(gave_up(r)).load(std::memory_order_acquire) != 0) {
         std::ostringstream out;
-        out << "rank " << r << " gave up an earlier exchange (its wait failed: interrupted, timed out, or its "
-            << "replicas gave up) and takes part in no later one";
-        give_up(out.str());
+        out << "rank " << r << " gave up this exchange or an earlier one (its wait failed: interrupted, timed "
+            << "out, or its replicas gave up) and takes part in no later one";
+        for (int other : missing) {  // (what it may have given up waiting for)
+          if (atomic(gave_up(other)).load(std::memory_order_acquire) == 0) {
+            out << "; rank " << other << " has not reached this exchange either";
+          }
+        }
+        failing(out.str());
         TORCH_CHECK_WITH(DistBackendError, false, failure_, " (shared-memory exchange of rank ", rank_,
                          "): the ranks are out of step; start the processes again");
       }
@@ -385,7 +410,7 @@ void SharedMemoryExchange::wait_for_every_rank(uint64_t sequence, std::chrono::m
         if (process_start_time(pids_[r]) != std::optional<uint64_t>(start_times_[r])) {
           std::ostringstream out;
           out << "rank " << r << " (process " << pids_[r] << ") exited before reaching this exchange";
-          give_up(out.str());
+          failing(out.str());
           TORCH_CHECK_WITH(DistBackendError, false, failure_, " (shared-memory exchange of rank ", rank_, ")");
         }
       }
@@ -396,6 +421,7 @@ void SharedMemoryExchange::wait_for_every_rank(uint64_t sequence, std::chrono::m
       out << (missing.size() > 1 ? "s" : "");
       for (size_t i = 0; i < missing.size(); ++i) out << (i ? ", " : " ") << missing[i];
       out << " to reach this exchange";
+      if (!withdraw(sequence)) return;  // the last of them came meanwhile: the exchange is complete
       give_up(out.str());
       TORCH_CHECK_WITH(DistBackendError, false, failure_, " (shared-memory exchange of rank ", rank_, ")");
     }

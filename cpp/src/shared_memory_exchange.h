@@ -73,6 +73,10 @@ class SharedMemoryExchange {
   // Set (1) by a rank whose wait failed: it takes part in no later exchange, so whoever waits for it stops.
   uint64_t* gave_up(int rank) const;
   void give_up(std::string why);
+  // Takes this rank's row of exchange `sequence` back (its wait is failing), so that no rank completes the exchange
+  // with it afterwards. False, with the row put back, where every other rank had published its own: the exchange is
+  // complete for them.
+  bool withdraw(uint64_t sequence);
   char* slot(uint64_t sequence, int rank) const;
   void wake_waiters() const;
   void wait_for_every_rank(uint64_t sequence, std::chrono::milliseconds timeout);

@@ -136,6 +136,35 @@ def scenario_absent_later(rank, world, replicas, sizes, timeout):
     return {"ran": True}
 
 
+def scenario_late_past_the_timeout(rank, world, replicas, sizes):
+    """Two steps together, then rank 1 comes to its next synchronized call only after rank 0 gave up waiting for it
+    (the group's timeout, 3 s: set by the test), in a training step without grad (statistics recalibrated): rank 1
+    must fail too, writing nothing. Through shared memory it found rank 0's abandoned row and completed the
+    exchange with it, writing its running statistics (failing only at its next exchange, if any)."""
+    model = syncbn_ext.SyncBatchNorm(C).double()
+    run = wrap(model, replicas)
+    x = torch.randn(4, C, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    for _ in range(2):  # (from then on, a call's statistics need one exchange: the channels' count is known)
+        run(x).square().sum().backward()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    store = dist.distributed_c10d._get_default_store()
+    if rank == 1:
+        deadline = time.monotonic() + 60
+        while store.add(GAVE_UP, 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    outcome = {}
+    try:
+        with torch.no_grad():
+            run(x)
+    except Exception as error:
+        outcome = {"error": type(error).__name__, "message": str(error)}
+    if rank == 0:
+        store.add(GAVE_UP, 1)
+    state = model.state_dict()
+    outcome["untouched"] = all(torch.equal(state[name], value) for name, value in before.items())
+    return outcome
+
+
 def scenario_exited(rank, world, replicas, sizes):
     """One step together, then rank 1's process exits: the others are told so (not after the group's timeout)."""
     model = syncbn_ext.SyncBatchNorm(C).double()
