@@ -387,33 +387,32 @@ void SharedMemoryExchange::wait_for_every_rank(uint64_t sequence, std::chrono::m
 
     const auto now = std::chrono::steady_clock::now();
     const auto missing = missing_ranks(sequence);
-    // A rank whose own wait failed (interrupted and caught, timed out...) never comes: say so now, not at the
-    // group's timeout.
-    for (int r : missing) {
-      if (atomic(gave_up(r)).load(std::memory_order_acquire) != 0) {
-        std::ostringstream out;
-        out << "rank " << r << " gave up this exchange or an earlier one (its wait failed: interrupted, timed "
-            << "out, or its replicas gave up) and takes part in no later one";
-        for (int other : missing) {  // (what it may have given up waiting for)
-          if (atomic(gave_up(other)).load(std::memory_order_acquire) == 0) {
-            out << "; rank " << other << " has not reached this exchange either";
-          }
-        }
-        failing(out.str());
-        TORCH_CHECK_WITH(DistBackendError, false, failure_, " (shared-memory exchange of rank ", rank_,
-                         "): the ranks are out of step; start the processes again");
-      }
-    }
-    if (now >= next_liveness_check) {
+    auto has_given_up = [&](int r) { return atomic(gave_up(r)).load(std::memory_order_acquire) != 0; };
+    const auto given_up = std::find_if(missing.begin(), missing.end(), has_given_up);
+    // A rank whose process exited never comes: say so now, not at the group's timeout (first, where another rank
+    // gave up: what it gave up waiting for is the cause to tell).
+    if (given_up != missing.end() || now >= next_liveness_check) {
       next_liveness_check = now + kLivenessEvery;
       for (int r : missing) {
-        if (process_start_time(pids_[r]) != std::optional<uint64_t>(start_times_[r])) {
+        if (!has_given_up(r) && process_start_time(pids_[r]) != std::optional<uint64_t>(start_times_[r])) {
           std::ostringstream out;
           out << "rank " << r << " (process " << pids_[r] << ") exited before reaching this exchange";
           failing(out.str());
           TORCH_CHECK_WITH(DistBackendError, false, failure_, " (shared-memory exchange of rank ", rank_, ")");
         }
       }
+    }
+    // Nor does a rank whose own wait failed (interrupted and caught, timed out...): say so now too.
+    if (given_up != missing.end()) {
+      std::ostringstream out;
+      out << "rank " << *given_up << " gave up this exchange or an earlier one (its wait failed: interrupted, "
+          << "timed out, or its replicas gave up) and takes part in no later one";
+      for (int other : missing) {  // (what it may have given up waiting for)
+        if (!has_given_up(other)) out << "; rank " << other << " has not reached this exchange either";
+      }
+      failing(out.str());
+      TORCH_CHECK_WITH(DistBackendError, false, failure_, " (shared-memory exchange of rank ", rank_,
+                       "): the ranks are out of step; start the processes again");
     }
     if (now - start >= timeout) {
       std::ostringstream out;
