@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <sstream>
 #include <thread>
 
 #include <torch/torch.h>
@@ -177,6 +178,41 @@ TEST(OnceDifferentiable, ASecondBackwardTowardWhatTheGradientsCameFromRaises) {
   const auto unlinked = syncbn::once_differentiable({computed}, "differentiated twice");
   const auto found = torch::autograd::grad({unlinked[0].sum()}, {x}, {}, std::nullopt, false, /*allow_unused=*/true);
   EXPECT_FALSE(found[0].defined());
+}
+
+
+TEST(SyncBatchNormModule, SameStateAsTorchBatchNormAndSerializesBothWays) {
+  syncbn::SyncBatchNorm3d synced(torch::nn::BatchNormOptions(5).affine(true));
+  torch::nn::BatchNorm3d plain(5);
+  std::vector<std::string> synced_names, plain_names;
+  for (const auto& item : synced->named_parameters()) synced_names.push_back(item.key());
+  for (const auto& item : synced->named_buffers()) synced_names.push_back(item.key());
+  for (const auto& item : plain->named_parameters()) plain_names.push_back(item.key());
+  for (const auto& item : plain->named_buffers()) plain_names.push_back(item.key());
+  EXPECT_EQ(synced_names, plain_names);
+
+  synced->forward(torch::randn({4, 5, 2, 2, 2}));  // moves the running statistics
+  std::stringstream stream;
+  torch::save(synced, stream);
+  torch::load(plain, stream);
+  EXPECT_TRUE(torch::equal(plain->running_mean, synced->running_mean));
+  EXPECT_EQ(plain->num_batches_tracked.item<int64_t>(), 1);
+
+  std::stringstream back;
+  torch::save(plain, back);
+  syncbn::SyncBatchNorm3d reloaded(5);
+  torch::load(reloaded, back);
+  EXPECT_TRUE(torch::equal(reloaded->running_var, synced->running_var));
+
+  auto clone = std::dynamic_pointer_cast<syncbn::SyncBatchNorm3dImpl>(synced->clone());
+  ASSERT_NE(clone, nullptr);
+  EXPECT_TRUE(torch::equal(clone->running_mean, synced->running_mean));
+  EXPECT_NE(clone->running_mean.data_ptr(), synced->running_mean.data_ptr());
+
+  std::ostringstream printed;
+  printed << *synced;
+  EXPECT_NE(printed.str().find("syncbn::SyncBatchNorm3d(5, eps=1e-05, momentum=0.1, affine=true"), std::string::npos) << printed.str();
+  EXPECT_THROW(synced->forward(torch::randn({4, 5})), c10::ValueError);
 }
 
 }  // namespace

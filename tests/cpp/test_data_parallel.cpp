@@ -5,7 +5,6 @@
 #include <condition_variable>
 #include <future>
 #include <mutex>
-#include <sstream>
 #include <thread>
 #include <utility>
 
@@ -473,70 +472,6 @@ TEST(ParallelApply, RunsEveryReplicaOnItsOwnThread) {
   auto whole = torch::cat(inputs);
   auto expected = (whole - whole.mean(0)) / (whole.var(0, false) + 1e-5).sqrt();
   EXPECT_TRUE(torch::allclose(torch::cat(outputs), expected, 1e-5, 1e-5));
-}
-
-struct RecordThreadsImpl : torch::nn::Cloneable<RecordThreadsImpl> {
-  std::shared_ptr<std::vector<int>> seen = std::make_shared<std::vector<int>>();
-  std::shared_ptr<std::mutex> mutex = std::make_shared<std::mutex>();
-  void reset() override {}
-  torch::Tensor forward(const torch::Tensor& x) {
-    std::lock_guard<std::mutex> lock(*mutex);
-    seen->push_back(at::get_num_threads());
-    return x * 2;
-  }
-};
-TORCH_MODULE(RecordThreads);
-
-TEST(ParallelApply, CpuReplicasComputeWithTheirShareOfTheIntraOpThreads) {
-  // torch sizes a thread's OpenMP team at its first parallel op to the process-wide count: a replica thread must
-  // not take that over its share, or the replicas oversubscribe the cores.
-  const int saved = at::get_num_threads();
-  for (auto [threads, replicas, share] : {std::tuple{4, 2, 2}, {2, 4, 1}, {3, 2, 1}, {2, 2, 1}}) {
-    at::set_num_threads(threads);
-    RecordThreads module;
-    auto x = torch::randn({2 * replicas, 3});
-    for (int step = 0; step < 2; ++step) syncbn::data_parallel(module, x, cpu_replicas(replicas));
-    EXPECT_EQ(*module->seen, std::vector<int>(2 * replicas, share)) << threads << " threads, " << replicas << " replicas";
-    EXPECT_EQ(at::get_num_threads(), threads) << "the caller's own count is left alone";
-    int in_a_new_thread = 0;
-    std::thread([&] { in_a_new_thread = at::get_num_threads(); }).join();
-    EXPECT_EQ(in_a_new_thread, threads) << "and so is the count new threads start with";
-  }
-  at::set_num_threads(saved);
-}
-
-TEST(SyncBatchNormModule, SameStateAsTorchBatchNormAndSerializesBothWays) {
-  syncbn::SyncBatchNorm3d synced(torch::nn::BatchNormOptions(5).affine(true));
-  torch::nn::BatchNorm3d plain(5);
-  std::vector<std::string> synced_names, plain_names;
-  for (const auto& item : synced->named_parameters()) synced_names.push_back(item.key());
-  for (const auto& item : synced->named_buffers()) synced_names.push_back(item.key());
-  for (const auto& item : plain->named_parameters()) plain_names.push_back(item.key());
-  for (const auto& item : plain->named_buffers()) plain_names.push_back(item.key());
-  EXPECT_EQ(synced_names, plain_names);
-
-  synced->forward(torch::randn({4, 5, 2, 2, 2}));  // moves the running statistics
-  std::stringstream stream;
-  torch::save(synced, stream);
-  torch::load(plain, stream);
-  EXPECT_TRUE(torch::equal(plain->running_mean, synced->running_mean));
-  EXPECT_EQ(plain->num_batches_tracked.item<int64_t>(), 1);
-
-  std::stringstream back;
-  torch::save(plain, back);
-  syncbn::SyncBatchNorm3d reloaded(5);
-  torch::load(reloaded, back);
-  EXPECT_TRUE(torch::equal(reloaded->running_var, synced->running_var));
-
-  auto clone = std::dynamic_pointer_cast<syncbn::SyncBatchNorm3dImpl>(synced->clone());
-  ASSERT_NE(clone, nullptr);
-  EXPECT_TRUE(torch::equal(clone->running_mean, synced->running_mean));
-  EXPECT_NE(clone->running_mean.data_ptr(), synced->running_mean.data_ptr());
-
-  std::ostringstream printed;
-  printed << *synced;
-  EXPECT_NE(printed.str().find("syncbn::SyncBatchNorm3d(5, eps=1e-05, momentum=0.1, affine=true"), std::string::npos) << printed.str();
-  EXPECT_THROW(synced->forward(torch::randn({4, 5})), c10::ValueError);
 }
 
 }  // namespace

@@ -10,6 +10,10 @@
 
 #include <syncbn/syncbn.h>
 
+#include "data_parallel_helpers.h"
+
+using syncbn_test::cpu_replicas;
+
 namespace {
 
 int count_in_a_new_thread() {
@@ -85,6 +89,37 @@ TEST_F(IntraOpThreads, ACallerWithACountOfItsOwnLeavesTheProcessDefaultAlone) {
   caller.join();
   EXPECT_EQ(count_in_a_new_thread(), 4);
   EXPECT_EQ(at::get_num_threads(), 4);
+}
+
+
+struct RecordThreadsImpl : torch::nn::Cloneable<RecordThreadsImpl> {
+  std::shared_ptr<std::vector<int>> seen = std::make_shared<std::vector<int>>();
+  std::shared_ptr<std::mutex> mutex = std::make_shared<std::mutex>();
+  void reset() override {}
+  torch::Tensor forward(const torch::Tensor& x) {
+    std::lock_guard<std::mutex> lock(*mutex);
+    seen->push_back(at::get_num_threads());
+    return x * 2;
+  }
+};
+TORCH_MODULE(RecordThreads);
+
+TEST(ParallelApply, CpuReplicasComputeWithTheirShareOfTheIntraOpThreads) {
+  // torch sizes a thread's OpenMP team at its first parallel op to the process-wide count: a replica thread must
+  // not take that over its share, or the replicas oversubscribe the cores.
+  const int saved = at::get_num_threads();
+  for (auto [threads, replicas, share] : {std::tuple{4, 2, 2}, {2, 4, 1}, {3, 2, 1}, {2, 2, 1}}) {
+    at::set_num_threads(threads);
+    RecordThreads module;
+    auto x = torch::randn({2 * replicas, 3});
+    for (int step = 0; step < 2; ++step) syncbn::data_parallel(module, x, cpu_replicas(replicas));
+    EXPECT_EQ(*module->seen, std::vector<int>(2 * replicas, share)) << threads << " threads, " << replicas << " replicas";
+    EXPECT_EQ(at::get_num_threads(), threads) << "the caller's own count is left alone";
+    int in_a_new_thread = 0;
+    std::thread([&] { in_a_new_thread = at::get_num_threads(); }).join();
+    EXPECT_EQ(in_a_new_thread, threads) << "and so is the count new threads start with";
+  }
+  at::set_num_threads(saved);
 }
 
 }  // namespace
