@@ -4,7 +4,8 @@ JSON lines.
 The scenarios: ``distributed_parity.py`` (every rank matches one nn.BatchNorm model on the global batch),
 ``distributed_faults.py`` (ranks that disagree, stall, exit or are interrupted), ``distributed_failed_forwards.py``
 (a rank's forward fails), ``distributed_checkpoints.py`` (torch.utils.checkpoint) and
-``distributed_restricted_backward.py`` (gradients of some tensors only). Each scenario prints one line
+``distributed_restricted_backward.py`` (gradients of some tensors only), ``distributed_wrappers.py`` (parity under
+DistributedDataParallel, torch.compile and FSDP). Each scenario prints one line
 ``{"scenario": ..., "rank": ..., <measures>}`` or, when it raised, ``{"scenario": ..., "rank": ..., "error": type,
 "message": ...}``.
 
@@ -28,21 +29,22 @@ import distributed_failed_forwards as failed
 import distributed_faults as faults
 import distributed_parity as parity
 import distributed_restricted_backward as restricted
+import distributed_wrappers as wrappers
 import torch
 import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401  before init_process_group, so that it does not hold the default group
 
 SCENARIOS = {
     "parity": parity.scenario_parity,
-    "ddp": parity.scenario_ddp,
-    "ddp_accumulate": parity.scenario_ddp_accumulate,
-    "ddp_mixed_backward": parity.scenario_ddp_mixed_backward,
+    "ddp": wrappers.scenario_ddp,
+    "ddp_accumulate": wrappers.scenario_ddp_accumulate,
+    "ddp_mixed_backward": wrappers.scenario_ddp_mixed_backward,
     "subgroup": parity.scenario_subgroup,
     "released": parity.scenario_released,
     "eval": parity.scenario_eval,
     "large_mean": parity.scenario_large_mean,
-    "ddp_compiled": parity.scenario_ddp_compiled,
-    "fsdp": parity.scenario_fsdp,
+    "ddp_compiled": wrappers.scenario_ddp_compiled,
+    "fsdp": wrappers.scenario_fsdp,
     "mismatch": faults.scenario_mismatch,
     "mismatch_widths": faults.scenario_mismatch_widths,
     "copied_on_one_rank": faults.scenario_copied_on_one_rank,
