@@ -2,12 +2,12 @@
 JSON lines.
 
 The scenarios: ``distributed_parity.py`` (every rank matches one nn.BatchNorm model on the global batch),
-``distributed_faults.py`` (ranks that disagree, stall, exit or are interrupted), ``distributed_failed_forwards.py``
-(a rank's forward fails), ``distributed_checkpoints.py`` (torch.utils.checkpoint) and
-``distributed_restricted_backward.py`` (gradients of some tensors only), ``distributed_wrappers.py`` (parity under
-DistributedDataParallel, torch.compile and FSDP). Each scenario prints one line
-``{"scenario": ..., "rank": ..., <measures>}`` or, when it raised, ``{"scenario": ..., "rank": ..., "error": type,
-"message": ...}``.
+``distributed_wrappers.py`` (the same under DistributedDataParallel, torch.compile and FSDP),
+``distributed_faults.py`` (ranks that disagree, stall or exit), ``distributed_interrupts.py`` (ranks interrupted or
+failing to set up), ``distributed_failed_forwards.py`` (a rank's forward fails), ``distributed_checkpoints.py``
+(torch.utils.checkpoint) and ``distributed_restricted_backward.py`` (gradients of some tensors only).
+Each scenario prints one line ``{"scenario": ..., "rank": ..., <measures>}`` or, when it raised,
+``{"scenario": ..., "rank": ..., "error": type, "message": ...}``.
 
     python distributed_worker.py --rank R --world W --store FILE --replicas N --scenarios parity ddp ...
     torchrun ... distributed_worker.py --replicas N --scenarios parity   # rank and world from the environment
@@ -27,6 +27,7 @@ import traceback
 import distributed_checkpoints as checkpoints
 import distributed_failed_forwards as failed
 import distributed_faults as faults
+import distributed_interrupts as interrupts
 import distributed_parity as parity
 import distributed_restricted_backward as restricted
 import distributed_wrappers as wrappers
@@ -88,11 +89,11 @@ SCENARIOS = {
     "failed_before_first_call_on_two_groups_in_block": failed.scenario_failed_before_first_call_on_two_groups_in_block,
     "slow_rank": faults.scenario_slow_rank,
     "slow_rank_in_backward": faults.scenario_slow_rank_in_backward,
-    "interrupted": faults.scenario_interrupted,
-    "interrupted_set_up": faults.scenario_interrupted_set_up,
-    "interrupted_before_first_call": faults.scenario_interrupted_before_first_call,
-    "killed_in_set_up": faults.scenario_killed_in_set_up,
-    "shared_memory_unavailable": faults.scenario_shared_memory_unavailable,
+    "interrupted": interrupts.scenario_interrupted,
+    "interrupted_set_up": interrupts.scenario_interrupted_set_up,
+    "interrupted_before_first_call": interrupts.scenario_interrupted_before_first_call,
+    "killed_in_set_up": interrupts.scenario_killed_in_set_up,
+    "shared_memory_unavailable": interrupts.scenario_shared_memory_unavailable,
     "join_throw": faults.scenario_join_throw,
     "join_shadowing": faults.scenario_join_shadowing,
     "wide": parity.scenario_wide,
