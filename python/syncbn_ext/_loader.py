@@ -4,19 +4,23 @@ The prebuilt module comes from ``pip install --no-build-isolation [-e] .``. Wher
 import (a source checkout on ``PYTHONPATH=python``), or where ``SYNCBN_EXT_JIT=1`` asks for it,
 the sources listed in ``cpp/sources.txt`` are compiled with ``torch.utils.cpp_extension.load``
 (optimized, as a few unity translation units, cached under ``TORCH_EXTENSIONS_DIR``). One process
-never loads both.
+never loads both: the JIT module is registered as ``syncbn_ext._C`` (its classes named so too, so that their
+pickles load with either build), and a later ``import syncbn_ext._C`` gets it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import importlib
+import logging
 import os
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +28,8 @@ from types import ModuleType
 import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
 JIT_ENV = "SYNCBN_EXT_JIT"
+JIT_VERBOSE_ENV = "SYNCBN_EXT_JIT_VERBOSE"
+PREBUILT_NAME = "syncbn_ext._C"
 JIT_MODULE_NAME = "syncbn_ext_jit"
 SOURCE_LIST = Path(__file__).resolve().parent.parent.parent / "cpp" / "sources.txt"
 
@@ -101,6 +107,47 @@ def unity_sources(parts: dict[str, list[Path]], build_dir: Path, units_per_part:
     return units
 
 
+def processes_working_in(directory: Path) -> list[str]:
+    """``"<pid> (<command>)"`` for every other process whose working directory is ``directory`` (Linux's /proc;
+    elsewhere none found). torch runs a JIT build's ninja, and so its compilers, there."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    target = directory.resolve()
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if Path(os.readlink(entry / "cwd")) == target:
+                found.append(f"{entry.name} ({(entry / 'comm').read_text().strip()})")
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return found
+
+
+@contextlib.contextmanager
+def build_steps_logged(verbose: bool) -> Iterator[None]:
+    """With ``verbose``, torch's JIT build steps (logged by torch.utils.cpp_extension, which prints only ninja's
+    output itself) are shown on stderr while the build runs, where the program has not configured that logger."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not verbose or logger.hasHandlers() and logger.getEffectiveLevel() <= logging.INFO:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("syncbn_ext JIT build: %(message)s"))
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # shown once, not again by a root handler
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
 def load_jit(verbose: bool = False) -> ModuleType:
     """Compiles (or reuses the cached build of) the core and binding sources as one module."""
     from torch.utils.cpp_extension import load
@@ -129,21 +176,30 @@ def load_jit(verbose: bool = False) -> ModuleType:
         stale = build_dir / "lock"
         if stale.exists():
             age = time.time() - stale.stat().st_mtime
+            running = processes_working_in(build_dir)
+            if running:  # the Python that ran the build was killed, its ninja and compilers were not
+                raise StaleBuildLockError(
+                    f"syncbn_ext: a JIT build of {JIT_MODULE_NAME} was interrupted and left the lock file {stale} "
+                    f"({age:.0f} s old), and processes of that build are still running in {build_dir}: "
+                    f"{', '.join(running)}. Wait until they have ended (or end them), then delete the lock file "
+                    f"and import again: rm {stale}"
+                )
             raise StaleBuildLockError(
                 f"syncbn_ext: a JIT build of {JIT_MODULE_NAME} was interrupted and left the lock file {stale} "
                 f"({age:.0f} s old); no build is running. Delete it and import again: rm {stale}"
             )
         sources = unity_sources({part: parts.get(part, []) for part in ("core", "bindings")}, build_dir)
         try:
-            return load(
-                name=JIT_MODULE_NAME,
-                sources=[str(unit) for unit in sources],
-                extra_include_paths=[str(include_dir)],
-                extra_cflags=["-O2", "-DSYNCBN_BUILDING_LIBRARY", *version_flags],
-                extra_ldflags=["-lrt"] if sys.platform.startswith("linux") else [],  # shm_open before glibc 2.34
-                build_directory=str(build_dir),
-                verbose=verbose,
-            )
+            with build_steps_logged(verbose):
+                module = load(
+                    name=JIT_MODULE_NAME,
+                    sources=[str(unit) for unit in sources],
+                    extra_include_paths=[str(include_dir)],
+                    extra_cflags=["-O2", "-DSYNCBN_BUILDING_LIBRARY", *version_flags],
+                    extra_ldflags=["-lrt"] if sys.platform.startswith("linux") else [],  # shm_open before glibc 2.34
+                    build_directory=str(build_dir),
+                    verbose=verbose,
+                )
         except (OSError, subprocess.CalledProcessError, RuntimeError) as error:
             # torch's own error (a compiler that does not run, a compile error) says nothing of why a build ran.
             compiler = os.environ.get("CXX", "c++")
@@ -153,20 +209,28 @@ def load_jit(verbose: bool = False) -> ModuleType:
                 f"({compiler}, from $CXX) and ninja; or install the package with 'pip install --no-build-isolation "
                 f".', which builds it once. The build said:\n{type(error).__name__}: {error}"
             ) from error
+    # Under the name of the prebuilt module (which the module calls itself, and its classes' pickles name): a later
+    # 'import syncbn_ext._C' or unpickling gets this module instead of loading the prebuilt beside it.
+    sys.modules[PREBUILT_NAME] = module
+    return module
 
 
 def load() -> tuple[ModuleType, LoadInfo]:
     """The compiled module and how it was loaded."""
+    verbose = os.environ.get(JIT_VERBOSE_ENV, "") not in ("", "0")
+    loaded = sys.modules.get(PREBUILT_NAME)
+    if loaded is not None and Path(getattr(loaded, "__file__", "")).parent == jit_build_directory().resolve():
+        return loaded, LoadInfo("jit", loaded.__file__, "the JIT build already loaded in this process")
     if JIT_ENV in os.environ and os.environ[JIT_ENV] not in ("", "0"):
-        if "syncbn_ext._C" in sys.modules:
+        if loaded is not None:
             raise ImportError(f"syncbn_ext: {JIT_ENV}=1, but the prebuilt syncbn_ext._C is already loaded")
-        module = load_jit()
+        module = load_jit(verbose)
         return module, LoadInfo("jit", module.__file__, f"{JIT_ENV}={os.environ[JIT_ENV]}")
     try:
-        module = importlib.import_module("syncbn_ext._C")
+        module = importlib.import_module(PREBUILT_NAME)
     except ImportError as error:
         if not SOURCE_LIST.is_file():
             raise
-        module = load_jit()
+        module = load_jit(verbose)
         return module, LoadInfo("jit", module.__file__, f"no prebuilt syncbn_ext._C ({error})")
     return module, LoadInfo("prebuilt", module.__file__, "syncbn_ext._C imported")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -85,10 +86,10 @@ def test_load_info_says_how_C_was_loaded():
         assert any((prefix / "lib").glob("libsyncbn.so*"))
 
 
-def run_python(code, env_updates, timeout):
+def run_python(code, env_updates, timeout, args=()):
     env = {**os.environ, **env_updates}
     return subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
     )
 
 
@@ -104,6 +105,29 @@ def test_stale_jit_lock_is_reported_not_waited_on(tmp_path):
     assert result.returncode != 0
     assert "StaleBuildLockError" in result.stderr
     assert f"rm {build_dir / 'lock'}" in result.stderr
+
+
+def test_a_stale_jit_lock_with_the_builds_processes_still_running_names_them(tmp_path):
+    # Killing only the Python of a JIT build leaves its ninja and compilers running in the build directory: before,
+    # the next import said "no build is running", and deleting the lock as told started a second build beside them.
+    build_dir = tmp_path / _loader.JIT_MODULE_NAME
+    build_dir.mkdir()
+    (build_dir / "lock").write_text("")
+    orphan = subprocess.Popen(["sleep", "120"], cwd=build_dir)  # stands for the build's ninja
+    try:
+        result = run_python(
+            "import syncbn_ext",
+            {"TORCH_EXTENSIONS_DIR": str(tmp_path), "SYNCBN_EXT_JIT": "1", "PYTHONPATH": str(ROOT / "python")},
+            timeout=120,
+        )
+    finally:
+        orphan.kill()
+        orphan.wait()
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("syncbn_ext._loader.StaleBuildLockError"), result.stderr[-2000:]
+    assert f"still running in {build_dir}: {orphan.pid} (sleep)" in last, last
+    assert "no build is running" not in last and f"rm {build_dir / 'lock'}" in last, last
 
 
 def test_a_jit_build_without_a_working_compiler_says_what_failed_and_the_way_out(tmp_path):
@@ -127,24 +151,42 @@ def test_a_jit_build_without_a_working_compiler_says_what_failed_and_the_way_out
 
 
 def test_jit_build_compiles_the_same_sources_and_works(tmp_path):
+    # A SyncMaster pickled by this process's build (a module of the established library's design holds one) must
+    # load under the JIT build, and one pickled there must load here: before, the JIT build's classes belonged to a
+    # module 'syncbn_ext_jit' that pickle cannot import, and unpickling the other build's loaded the prebuilt
+    # syncbn_ext._C beside the JIT module (a process abort: two registrations of the 'syncbn' operators).
+    here = tmp_path / "here.pickle"
+    here.write_bytes(pickle.dumps(syncbn_ext.SyncMaster(_loader.read_source_list, timeout=12)))
     code = (
-        "import syncbn_ext, sys; "
+        "import pickle, sys, syncbn_ext; "
         "assert syncbn_ext.load_info.how == 'jit', syncbn_ext.load_info; "
-        "assert 'syncbn_ext._C' not in sys.modules; "
+        "import syncbn_ext._C; "
+        "assert sys.modules['syncbn_ext._C'] is syncbn_ext._C and syncbn_ext._C.__file__.startswith(sys.argv[1]); "
+        "assert syncbn_ext.SyncMaster.__module__ == 'syncbn_ext._C', syncbn_ext.SyncMaster.__module__; "
+        "from pathlib import Path; "
+        "master = pickle.loads(Path(sys.argv[1], 'here.pickle').read_bytes()); "
+        "assert type(master) is syncbn_ext.SyncMaster and master.timeout == 12, master; "
+        "Path(sys.argv[1], 'there.pickle').write_bytes(pickle.dumps(master)); "
         "assert syncbn_ext.cmake_prefix_path is None; "
         "from syncbn_ext.__main__ import barrier_self_check; "
         "print('median', barrier_self_check(3, 200)); "
         "print(syncbn_ext._C.version())"
     )
     env = {"TORCH_EXTENSIONS_DIR": str(tmp_path), "SYNCBN_EXT_JIT": "1", "PYTHONPATH": str(ROOT / "python")}
-    result = run_python(code, env, timeout=1200)
+    result = run_python(code, env, timeout=1200, args=[str(tmp_path)])
     assert result.returncode == 0, result.stderr[-4000:]
     assert "median" in result.stdout
     assert result.stdout.strip().endswith(syncbn_ext._C.version())
-    # A second import reuses the cached build.
-    again = run_python("import syncbn_ext; print(syncbn_ext.load_info.how)", env, timeout=300)
+    there = pickle.loads((tmp_path / "there.pickle").read_bytes())
+    assert type(there) is syncbn_ext.SyncMaster and there.master_callback is _loader.read_source_list
+    # A second import reuses the cached build; SYNCBN_EXT_JIT_VERBOSE=1 shows the build's steps (torch logs them).
+    again = run_python(
+        "import syncbn_ext; print(syncbn_ext.load_info.how)", {**env, "SYNCBN_EXT_JIT_VERBOSE": "1"}, timeout=300
+    )
     assert again.returncode == 0, again.stderr[-4000:]
-    assert again.stdout.strip() == "jit"
+    assert again.stdout.strip().splitlines()[-1] == "jit"  # after ninja's own output ("no work to do")
+    assert "syncbn_ext JIT build: Building extension module syncbn_ext_jit" in again.stderr, again
+    assert "syncbn_ext JIT build: Loading extension module syncbn_ext_jit" in again.stderr, again
 
 
 def test_command_line_prints_versions_and_self_check():
