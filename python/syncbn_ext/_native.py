@@ -6,8 +6,15 @@ up into the package while it is still initializing.
 
 from __future__ import annotations
 
-from ._loader import load
+from typing import TYPE_CHECKING
 
-_C, load_info = load()
+from ._loader import LoadInfo, load
+
+if TYPE_CHECKING:  # type checkers read the compiled module's stub, _C.pyi
+    from . import _C
+
+    load_info: LoadInfo
+else:
+    _C, load_info = load()
 
 __all__ = ["_C", "load_info"]

@@ -117,6 +117,11 @@ def _to_synchronized(process_group: Any) -> Callable[[nn.Module], nn.Module]:
     return _to_synchronized_layers(target_of, process_group, keep_own_group=lambda layer: True)
 
 
+def _require_module(module: object, function: str) -> None:
+    if not isinstance(module, nn.Module):  # else an AttributeError from deep inside the conversion
+        raise TypeError(f"{function}: module must be an nn.Module, got {type(module).__name__}")
+
+
 def _refuse_lazy_batch_norm(cls: type) -> None:
     if issubclass(cls, LazyModuleMixin) and issubclass(cls, _BatchNorm):
         raise TypeError(
@@ -369,6 +374,7 @@ def convert_model(module: nn.Module, process_group: Any = None) -> Any:
         >>> model = convert_model(torchvision.models.resnet18())  # doctest: +SKIP
         >>> dp = syncbn_ext.DataParallelWithCallback(model, device_ids=["cpu"] * 4)  # doctest: +SKIP
     """
+    _require_module(module, "convert_model")
     return _warn_of_unconverted_layers(_convert(module, _to_synchronized(process_group), True, {}), "convert_model")
 
 
@@ -390,6 +396,7 @@ def convert_to_sync_batch_norm(module: nn.Module, process_group: Any = None) -> 
 
 
 def _convert_to_sync_batch_norm(module: M, process_group: Any, stacklevel: int) -> nn.Module:
+    _require_module(module, "convert_sync_batchnorm")
     for layer in module.modules():  # refused before anything is converted: never half a model
         _refuse_lazy_batch_norm(type(layer))
     converted = _convert(module, _to_sync_batch_norm(process_group), False, {})
@@ -421,6 +428,7 @@ def revert_model(
     Returns:
         The reverted model.
     """
+    _require_module(module, "revert_model")
     return _convert(module, _to_torch(_sync_batch_norm_targets(module, sync_batch_norm_as)), False, {})
 
 

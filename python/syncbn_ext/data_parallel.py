@@ -39,6 +39,7 @@ from .scatter_gather import gather_on_cpu, scatter_kwargs_on_cpu
 __all__ = ["DataParallelWithCallback"]
 
 M = TypeVar("M", bound=nn.Module)
+T = TypeVar("T", bound=nn.Module)  # the wrapped module's type: ``dp.module`` is a ``T``, as with nn.DataParallel[T]
 
 _CPU = torch.device("cpu")
 
@@ -178,7 +179,7 @@ def _warn_of_parameters_written(versions: list[tuple[str, torch.Tensor, int | No
         )
 
 
-class DataParallelWithCallback(nn.DataParallel):
+class DataParallelWithCallback(nn.DataParallel[T]):
     """``nn.DataParallel`` that calls ``__data_parallel_replicate__(ctx, copy_id)`` after each replication.
 
     With accelerator ``device_ids`` (or ``None``) this is ``nn.DataParallel`` plus the replication callbacks and
@@ -226,7 +227,7 @@ class DataParallelWithCallback(nn.DataParallel):
 
     def __init__(
         self,
-        module: nn.Module,
+        module: T,
         device_ids: Sequence[int | str | torch.device] | None = None,
         output_device: int | str | torch.device | None = None,
         dim: int = 0,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 __all__ = ["get_sbn_eps_mode", "set_sbn_eps_mode"]
 
 _EPS_MODES = ("plus", "clamp")
 _eps_mode = "plus"
 
 
-def set_sbn_eps_mode(mode: str) -> None:
+def set_sbn_eps_mode(mode: Literal["plus", "clamp"]) -> None:
     """Chooses how ``eps`` enters the normalization of batch statistics, for every synchronized layer.
 
     * ``"plus"`` (default): ``(x - mean) / sqrt(var + eps)``, as ``nn.BatchNorm``.
@@ -35,6 +37,6 @@ def set_sbn_eps_mode(mode: str) -> None:
     _eps_mode = mode
 
 
-def get_sbn_eps_mode() -> str:
+def get_sbn_eps_mode() -> Literal["plus", "clamp"]:
     """The current eps mode of the synchronized layers, ``"plus"`` or ``"clamp"`` (see :func:`set_sbn_eps_mode`)."""
     return _eps_mode

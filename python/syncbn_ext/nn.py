@@ -184,7 +184,7 @@ class SyncBatchNorm(_SynchronizedBatchNorm):
         return super().forward(input)
 
     @classmethod
-    def convert_sync_batchnorm(cls, module: Any, process_group: Any = None) -> Any:
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group: Any = None) -> Any:
         """Converts every BatchNorm layer of ``module`` into a :class:`SyncBatchNorm`, keeping its state.
 
         ``nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and the ``SynchronizedBatchNormNd`` layers become

@@ -163,6 +163,8 @@ def test_jit_build_compiles_the_same_sources_and_works(tmp_path):
         "import syncbn_ext._C; "
         "assert sys.modules['syncbn_ext._C'] is syncbn_ext._C and syncbn_ext._C.__file__.startswith(sys.argv[1]); "
         "assert syncbn_ext.SyncMaster.__module__ == 'syncbn_ext._C', syncbn_ext.SyncMaster.__module__; "
+        "import importlib, syncbn_ext._native as native; importlib.reload(native); "  # finds the JIT module loaded
+        "assert native._C is syncbn_ext._C and native.load_info.how == 'jit', native.load_info; "
         "from pathlib import Path; "
         "master = pickle.loads(Path(sys.argv[1], 'here.pickle').read_bytes()); "
         "assert type(master) is syncbn_ext.SyncMaster and master.timeout == 12, master; "

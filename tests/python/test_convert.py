@@ -407,3 +407,17 @@ def test_parametrized_layers_convert_keeping_their_parametrizations_and_copy():
     reverted = revert_model(converted)[1]
     assert parametrize.type_before_parametrizations(reverted) is nn.BatchNorm1d
     assert torch.equal(reverted.weight, reference[1].weight.detach().abs())
+
+
+@pytest.mark.parametrize(
+    "convert, name",
+    [
+        (syncbn_ext.convert_model, "convert_model"),
+        (syncbn_ext.SyncBatchNorm.convert_sync_batchnorm, "convert_sync_batchnorm"),
+        (syncbn_ext.revert_model, "revert_model"),
+    ],
+)
+def test_converting_what_is_not_a_module_is_a_type_error_saying_so(convert, name):
+    # Before: an AttributeError from deep inside the conversion ("'str' object has no attribute '_modules'").
+    with pytest.raises(TypeError, match=rf"^{name}: module must be an nn.Module, got str$"):
+        convert("resnet18")
