@@ -55,7 +55,8 @@ replication normalizes each half with its own statistics: it is not meant to mat
 
 Run it from the repository root::
 
-    python benchmarks/bench_batchnorm.py                     # the tables, about 12 minutes on 2 cores
+    python benchmarks/bench_batchnorm.py                     # the tables, about 20 minutes on 2 cores (the
+                                                             # wrapper's at 128x128, 6 min; at 256x256, 12)
     python benchmarks/bench_batchnorm.py --quick             # a smoke run (--threads 1): 31 s on 2 cores, 46-49 s
                                                              # beside other jobs; 3/4 of it the wrapper's and split's
     python benchmarks/bench_batchnorm.py --only layer memory --rounds 15
@@ -387,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     for index, run in enumerate(wrappers):
         print(("\n" if results or index else "") + wrapper_cost.format_table(run["wrapper"]))
         print("\n" + split_cost.format_table(run["split"], run["image_size"]))
-    if max(load_before[0], load_after[0]) > 1.0 and args.threads is None:
+    # The load before only: the load after includes this run's own threads (a run of a minute or more on 2 cores
+    # ends above 1 on an idle machine).
+    if load_before[0] > 1.0 and args.threads is None:
         print(
             "note: other processes were running (load average above 1): a replica that loses its core holds the "
             "others up at the next synchronized layer, and with several intra-op threads per replica torch's "

@@ -42,6 +42,7 @@ import os
 import statistics
 import sys
 import tempfile
+import warnings
 from collections import Counter
 
 import torch
@@ -49,6 +50,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
+
+# The naive layer is what such code does, with torch.distributed.nn's differentiable all_reduce, which torch 2.13
+# deprecates (warning once per process): not this benchmark's news.
+warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_reduce is deprecated", FutureWarning)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

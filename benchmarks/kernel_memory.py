@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -81,15 +82,22 @@ def measure(device: str, shape: list[int], dtype: torch.dtype) -> dict[str, floa
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu", help="see above"
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the kernels run (default: cuda where available; cpu runs the same ATen kernels on CPU tensors)",
     )
     parser.add_argument(
         "--shape", type=positive_int, nargs="+", default=[32, 64, 56, 56], help="the input's (N, C, *) shape"
     )
-    parser.add_argument("--dtypes", choices=list(DTYPES), nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument(
+        "--dtypes", choices=list(DTYPES), nargs="+", default=["float32", "bfloat16"], help="(default: float32 bfloat16)"
+    )
     args = parser.parse_args(argv)
     if len(args.shape) < 2:
         parser.error("--shape needs at least two sizes, (N, C, *)")
+    if math.prod(args.shape) // args.shape[1] < 2:  # as nn.BatchNorm in training
+        parser.error(f"--shape {' '.join(map(str, args.shape))}: BatchNorm needs more than one value per channel")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU here (torch.cuda.is_available() is False)")
     print(f"peak memory allocated by each kernel, in multiples of the input's size S ({args.device})")

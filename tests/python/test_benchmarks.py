@@ -121,6 +121,11 @@ def test_an_unwritable_json_path_is_a_usage_error(name, tmp_path, usage_error):
         ("buffer_cost.py", ["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
         ("kernel_memory.py", ["--shape", "0", "3"], "argument --shape: must be at least 1, got 0"),
         ("kernel_memory.py", ["--shape", "4"], "--shape needs at least two sizes, (N, C, *)"),
+        (
+            "kernel_memory.py",
+            ["--shape", "1", "3", "1"],
+            "--shape 1 3 1: BatchNorm needs more than one value per channel",
+        ),
         ("split_cost.py", ["0"], "argument PIXELS: must be at least 1, got 0"),
         ("split_cost.py", ["--rounds", "x"], "argument --rounds: invalid int value: 'x'"),
     ],
