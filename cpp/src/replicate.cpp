@@ -99,7 +99,13 @@ struct ReduceAddToOriginal : torch::autograd::Node {
     for (const auto& grad : grads) {
       if (!grad.defined()) continue;  // a replica that did not use the parameter
       at::Tensor moved = grad.to(destination_);
-      total = total.defined() ? total + moved : moved;
+      if (!total.defined()) {
+        total = moved;
+      } else {
+        // (ATen adds a dense gradient to a sparse one only as dense + sparse: nn.Embedding(sparse=True) used by
+        // some replicas, its weight by others too)
+        total = total.is_sparse() && !moved.is_sparse() ? moved + total : total + moved;
+      }
     }
     return {total};
   }
@@ -221,6 +227,27 @@ at::Tensor parameter_alias(const at::Tensor& parameter) {
   node->set_next_edges(torch::autograd::collect_next_edges(parameter));
   torch::autograd::set_history(alias, node);
   return alias;
+}
+
+std::vector<at::Tensor> parameter_aliases(const at::Tensor& parameter, int64_t replicas) {
+  TORCH_CHECK_VALUE(parameter.defined(), "parameter_aliases: the parameter is undefined");
+  TORCH_CHECK_VALUE(replicas >= 1, "parameter_aliases: needs at least one replica, got ", replicas);
+  std::vector<at::Tensor> aliases;
+  aliases.reserve(replicas);
+  if (!parameter.requires_grad()) {
+    for (int64_t replica = 0; replica < replicas; ++replica) aliases.push_back(parameter.detach());
+    return aliases;
+  }
+  auto reduce = c10::make_intrusive<ReduceAddToOriginal>(parameter.device());
+  reduce->set_next_edges(torch::autograd::collect_next_edges(parameter));
+  for (int64_t replica = 0; replica < replicas; ++replica) {
+    at::Tensor alias = parameter.detach();
+    auto hop = c10::make_intrusive<ReplicaParameter>();
+    hop->add_next_edge(torch::autograd::Edge(reduce, reduce->add_input_metadata(alias)));
+    torch::autograd::set_history(alias, hop);
+    aliases.push_back(std::move(alias));
+  }
+  return aliases;
 }
 
 std::vector<std::shared_ptr<CallbackContext>> complete_replication(

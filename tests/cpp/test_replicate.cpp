@@ -140,6 +140,38 @@ TEST(ParameterAlias, SharesTheDataAndHandsTheGradientOnAsSoonAsItIsComplete) {
   EXPECT_FALSE(syncbn::parameter_alias(frozen).requires_grad());
 }
 
+TEST(ParameterAliases, SumTheReplicasGradientsInReplicaOrderWhicheverOrderTheBackwardRunsThem) {
+  // Float32 makes the order visible: (1e8 + 1) - 1e8 == 0, but (1e8 - 1e8) + 1 == 1. Each alias gave its gradient
+  // to the parameter's AccumulateGrad directly, where autograd summed them in the order it ran their nodes.
+  const std::vector<float> contributions{1e8f, 1.0f, -1e8f};
+  for (const std::vector<int> backward_order : {std::vector<int>{0, 1, 2}, {0, 2, 1}, {2, 1, 0}, {1, 2, 0}}) {
+    at::Tensor parameter = torch::ones({1}, torch::requires_grad());
+    auto aliases = syncbn::parameter_aliases(parameter, 3);
+    ASSERT_EQ(aliases.size(), 3u);
+    std::vector<at::Tensor> losses;
+    for (int replica : backward_order) {
+      EXPECT_EQ(aliases[replica].data_ptr(), parameter.data_ptr());
+      losses.push_back((aliases[replica] * contributions[replica]).sum());
+    }
+    torch::autograd::backward(losses);
+    ASSERT_TRUE(parameter.grad().defined());
+    EXPECT_EQ(parameter.grad().item<float>(), 0.0f) << "replicas' gradients summed out of replica order";
+  }
+  // A sparse gradient from replica 0, a dense one from replica 1 (an nn.Embedding(sparse=True) whose weight is used
+  // otherwise too): ATen adds them only as dense + sparse.
+  at::Tensor table = torch::ones({4, 2}, torch::requires_grad());
+  auto tables = syncbn::parameter_aliases(table, 2);
+  at::Tensor looked_up = torch::embedding(tables[0], torch::tensor({1}), -1, false, /*sparse=*/true).sum();
+  torch::autograd::backward({looked_up, tables[1].sum()});
+  at::Tensor expected = torch::ones({4, 2});
+  expected[1] += 1;
+  EXPECT_TRUE(torch::equal(table.grad().to_dense(), expected)) << table.grad();
+
+  at::Tensor frozen = torch::randn({2});
+  for (const auto& alias : syncbn::parameter_aliases(frozen, 2)) EXPECT_FALSE(alias.requires_grad());
+  EXPECT_THROW(syncbn::parameter_aliases(frozen, 0), c10::ValueError);
+}
+
 TEST(Replicate, TheReplicasGradientsReachTheOriginalAsSoonAsEveryReplicaGaveIts) {
   torch::manual_seed(0);
   torch::nn::Linear linear(4, 3);

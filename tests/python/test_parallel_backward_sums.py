@@ -284,3 +284,29 @@ def test_sparse_gradients_are_summed_as_sparse_gradients():
         model[0].weight.grad.to_dense(), reference[0].weight.grad.to_dense(), rtol=1e-10, atol=1e-10
     )
     torch.testing.assert_close(model[2].weight.grad, reference[2].weight.grad, rtol=1e-10, atol=1e-10)
+
+
+class Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+@pytest.mark.parametrize("parallel_backward", [False, True])
+@pytest.mark.parametrize("contributions", [[1e8, 1.0, -1e8], [1e8, 1.0, -1e8, 1.0]])
+def test_the_serial_and_the_parallel_backward_sum_the_replicas_gradients_in_replica_order(
+    contributions, parallel_backward
+):
+    # Float32 makes the order visible: (1e8 + 1) - 1e8 == 0, (1e8 - 1e8) + 1 == 1. Before, the serial backward left
+    # the sum to autograd, in the order it ran the replicas' nodes ((g0 + g2) + g1 with 3 replicas): other bits than
+    # the parallel backward's, so that torch.set_num_threads alone changed the default backward's gradients.
+    model = Scale()
+    dp = DataParallelWithCallback(model, ["cpu"] * len(contributions), parallel_backward=parallel_backward)
+    call_with_timeout(lambda: dp(torch.tensor(contributions).view(-1, 1)).sum().backward())
+    in_replica_order = torch.zeros(1)
+    for contribution in contributions:
+        in_replica_order = in_replica_order + torch.tensor([contribution])
+    assert torch.equal(model.weight.grad, in_replica_order), (model.weight.grad, in_replica_order)

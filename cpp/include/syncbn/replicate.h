@@ -66,6 +66,15 @@ SYNCBN_API std::vector<std::shared_ptr<CallbackContext>> execute_replication_cal
 // detached alias.
 SYNCBN_API at::Tensor parameter_alias(const at::Tensor& parameter);
 
+// Every replica's handle on `parameter`, replica 0 first: each as parameter_alias's,
+// and the replicas' gradients summed in replica order (whichever replica's
+// backward finishes first) by one node before they reach the parameter's, as
+// complete_replication links clones: a backward's parameter gradients are then
+// the same bits whether it runs the replicas' backward in one thread or several.
+// Each handle has a node of its own, made here, so that replica threads never
+// link their graphs to a node they share (pytorch/pytorch#58442).
+SYNCBN_API std::vector<at::Tensor> parameter_aliases(const at::Tensor& parameter, int64_t replicas);
+
 // Completes a replication made of clones of `original` (one per device, copy 0
 // first): gradient edges from every clone's parameters to the original's (the
 // gradients of all replicas add up on the original, as with nn.DataParallel),
