@@ -1,6 +1,5 @@
 #include <syncbn/replicate.h>
 
-#include <algorithm>
 #include <tuple>
 #include <vector>
 
@@ -52,18 +51,15 @@ void bind_replicate(py::module_& m) {
       "one ReplicationGroup (ctx.group).");
   m.def(
       "parameter_aliases",
-      [](const std::vector<at::Tensor>& parameters, int64_t replicas) {
-        std::vector<std::vector<at::Tensor>> by_replica(static_cast<size_t>(std::max<int64_t>(replicas, 0)));
-        for (const auto& parameter : parameters) {
-          auto aliases = syncbn::parameter_aliases(parameter, replicas);
-          for (size_t replica = 0; replica < aliases.size(); ++replica) by_replica[replica].push_back(aliases[replica]);
-        }
-        return by_replica;
+      [](const std::vector<at::Tensor>& parameters) {
+        std::vector<at::Tensor> aliases;
+        aliases.reserve(parameters.size());
+        for (const auto& parameter : parameters) aliases.push_back(parameter_alias(parameter));
+        return aliases;
       },
-      py::arg("parameters"), py::arg("replicas"),
-      "Every replica's handles on parameters ([replica][parameter]): the same data, each gradient handed on through "
-      "a node autograd runs as soon as that gradient is complete (as AccumulateGrad), and the replicas' gradients of "
-      "a parameter summed in replica order before they reach it (syncbn::parameter_aliases).");
+      py::arg("parameters"),
+      "A replica's handles on parameters: the same data, each gradient handed to its parameter's through a node "
+      "autograd runs as soon as that gradient is complete (as AccumulateGrad), not at the end of the backward.");
   m.def(
       "write_back_buffers",
       [](const std::vector<std::tuple<at::Tensor, at::Tensor, std::optional<int64_t>, std::optional<int64_t>>>&

