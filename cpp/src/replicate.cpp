@@ -129,6 +129,18 @@ struct ReplicaParameter : torch::autograd::Node {
   std::string name() const override { return "syncbn::ReplicaParameter"; }
 };
 
+// Routes each replica's handle of `parameter` (a detached alias, or a clone's own parameter) through one hop of
+// its own to a node summing their gradients in replica order onto `parameter`.
+void route_to_ordered_sum(const at::Tensor& parameter, const std::vector<at::Tensor>& handles) {
+  auto reduce = c10::make_intrusive<ReduceAddToOriginal>(parameter.device());
+  reduce->set_next_edges(torch::autograd::collect_next_edges(parameter));
+  for (const at::Tensor& handle : handles) {
+    auto hop = c10::make_intrusive<ReplicaParameter>();
+    hop->add_next_edge(torch::autograd::Edge(reduce, reduce->add_input_metadata(handle)));
+    torch::autograd::set_history(handle, hop);
+  }
+}
+
 // Replica 0's copies of the original's buffers, by the original's tensor: a module registered at two places of
 // the original is two modules in a clone, whose buffers must be one copy again (updated by both, as alone).
 using CopiesByOriginal = std::unordered_map<const c10::TensorImpl*, at::Tensor>;
@@ -147,15 +159,12 @@ void link_clones(const std::shared_ptr<torch::nn::Module>& original,
       for (const auto& clone : clones) clone->named_parameters(/*recurse=*/false)[item.key()].requires_grad_(false);
       continue;
     }
-    auto reduce = c10::make_intrusive<ReduceAddToOriginal>(parameter.device());
-    reduce->set_next_edges(torch::autograd::collect_next_edges(parameter));
+    std::vector<at::Tensor> copies_of_parameter;  // handles to the clones' own parameter tensors
+    copies_of_parameter.reserve(clones.size());
     for (const auto& clone : clones) {
-      // The dict holds handles to the clone's own parameter tensors.
-      const at::Tensor copy = clone->named_parameters(/*recurse=*/false)[item.key()];
-      auto hop = c10::make_intrusive<ReplicaParameter>();
-      hop->add_next_edge(torch::autograd::Edge(reduce, reduce->add_input_metadata(copy)));
-      torch::autograd::set_history(copy, hop);
+      copies_of_parameter.push_back(clone->named_parameters(/*recurse=*/false)[item.key()]);
     }
+    route_to_ordered_sum(parameter, copies_of_parameter);
   }
   {
     torch::NoGradGuard no_grad;
@@ -234,19 +243,8 @@ std::vector<at::Tensor> parameter_aliases(const at::Tensor& parameter, int64_t r
   TORCH_CHECK_VALUE(replicas >= 1, "parameter_aliases: needs at least one replica, got ", replicas);
   std::vector<at::Tensor> aliases;
   aliases.reserve(replicas);
-  if (!parameter.requires_grad()) {
-    for (int64_t replica = 0; replica < replicas; ++replica) aliases.push_back(parameter.detach());
-    return aliases;
-  }
-  auto reduce = c10::make_intrusive<ReduceAddToOriginal>(parameter.device());
-  reduce->set_next_edges(torch::autograd::collect_next_edges(parameter));
-  for (int64_t replica = 0; replica < replicas; ++replica) {
-    at::Tensor alias = parameter.detach();
-    auto hop = c10::make_intrusive<ReplicaParameter>();
-    hop->add_next_edge(torch::autograd::Edge(reduce, reduce->add_input_metadata(alias)));
-    torch::autograd::set_history(alias, hop);
-    aliases.push_back(std::move(alias));
-  }
+  for (int64_t replica = 0; replica < replicas; ++replica) aliases.push_back(parameter.detach());
+  if (parameter.requires_grad()) route_to_ordered_sum(parameter, aliases);
   return aliases;
 }
 
