@@ -1,11 +1,13 @@
 #include <syncbn/future_result.h>
 
 #include <chrono>
-#include <cmath>
+#include <sstream>
 
 #include <c10/util/Exception.h>
 
 #include <syncbn/errors.h>
+
+#include "spin_wait.h"
 
 namespace syncbn {
 
@@ -22,13 +24,15 @@ Message FutureResult::get(std::optional<double> timeout_seconds) {
   // As SyncMaster's timeouts: positive (NaN is not), infinity meaning none.
   TORCH_CHECK_VALUE(!timeout_seconds || *timeout_seconds > 0,
                     "FutureResult get(): the timeout must be a positive number of seconds, got ", *timeout_seconds);
-  if (timeout_seconds && std::isinf(*timeout_seconds)) timeout_seconds.reset();
+  // (a timeout too long for the steady clock, infinity included, is none: wait_for would overflow into the past)
+  const auto deadline = timeout_seconds ? detail::deadline_after(*timeout_seconds) : std::nullopt;
   std::unique_lock<std::mutex> lock(mutex_);
   auto has_result = [this] { return result_.has_value(); };
-  if (timeout_seconds.has_value()) {
-    const auto timeout = std::chrono::duration<double>(*timeout_seconds);
-    if (!ready_cv_.wait_for(lock, timeout, has_result)) {
-      throw BarrierTimeoutError("FutureResult: no result arrived within " + std::to_string(*timeout_seconds) + " s");
+  if (deadline.has_value()) {
+    if (!ready_cv_.wait_until(lock, *deadline, has_result)) {
+      std::ostringstream message;
+      message << "FutureResult: no result arrived within " << *timeout_seconds << " s";
+      throw BarrierTimeoutError(message.str());
     }
   } else {
     ready_cv_.wait(lock, has_result);

@@ -413,8 +413,16 @@ def test_future_result():
     with pytest.raises(RuntimeError, match="not been fetched"):
         future.put(3)
     assert future.get() == 2
-    with pytest.raises(syncbn_ext.BarrierTimeoutError):
+    with pytest.raises(syncbn_ext.BarrierTimeoutError, match=r"within 0\.05 s"):
         future.get(timeout=0.05)
+
+
+@pytest.mark.parametrize("timeout", [1e10, 1e300, float("inf")])
+def test_future_result_waits_for_a_timeout_too_long_for_the_clock(timeout):
+    # As the barrier's: no deadline, instead of one overflowed into the past (which failed at once).
+    future = syncbn_ext.FutureResult()
+    threading.Timer(0.2, future.put, args=("late",)).start()
+    assert future.get(timeout=timeout) == "late"
 
 
 def test_c10_errors_keep_their_python_types():
