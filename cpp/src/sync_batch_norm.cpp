@@ -244,7 +244,10 @@ MasterCallback batch_norm_master_callback(std::shared_ptr<ReplicaBackward> backw
     std::vector<int64_t> counts;
     std::vector<uint64_t> share_sequence_nrs;
     int64_t total = 0;
-    std::vector<int64_t> whole_batch_size;
+    // For nn.BatchNorm's message on a single value per channel: the copies' sizes summed along the batch, or (copies
+    // of other numbers of dimensions, whose statistics merge all the same) the size of the copy holding that value.
+    std::vector<int64_t> whole_batch_size, single_value_size;
+    bool dimensions_agree = true;
     const Message& first = messages.front().second;
     for (const auto& [copy_id, message] : messages) {
       TORCH_CHECK(message.tensors.size() == 2 && message.ints.size() > kSizes, "syncbn BatchNorm: copy ", copy_id,
@@ -264,16 +267,22 @@ MasterCallback batch_norm_master_callback(std::shared_ptr<ReplicaBackward> backw
       share_sequence_nrs.push_back(static_cast<uint64_t>(message.ints[detail::kShareSequenceNr]));
       total += message.ints[kCount];
       std::vector<int64_t> sizes(message.ints.begin() + kSizes, message.ints.end());
+      if (message.ints[kCount] == 1) single_value_size = sizes;
       if (whole_batch_size.empty()) {
         whole_batch_size = sizes;
       } else {
-        TORCH_CHECK(sizes.size() == whole_batch_size.size() && sizes[1] == whole_batch_size[1],
-                    "syncbn BatchNorm: copy ", copy_id, " has input of size ", torch_size(sizes),
-                    " but copy 0 has ", torch_size(whole_batch_size),
-                    "; replicas must agree on the number of dimensions and of channels (dim 1)");
+        if (sizes[1] != whole_batch_size[1]) {
+          std::ostringstream out;
+          out << (first.label.empty() ? "syncbn BatchNorm" : first.label) << ": copy " << copy_id << " has input of size " << torch_size(sizes)
+              << " but copy 0 has " << torch_size(whole_batch_size)
+              << "; the replicas' inputs must have the same number of channels (dim 1)";
+          throw BarrierError(out.str());
+        }
+        dimensions_agree = dimensions_agree && sizes.size() == whole_batch_size.size();
         whole_batch_size[0] += sizes[0];
       }
     }
+    if (!dimensions_agree) whole_batch_size = single_value_size;
     // Across processes when the layer has a group of several ranks (the master's message carries it).
     GroupCall call = first.payload ? *std::static_pointer_cast<GroupCall>(first.payload) : GroupCall{};
     if (!first.label.empty()) call.label = first.label;

@@ -250,6 +250,39 @@ def test_replicas_calling_a_layer_a_different_number_of_times_get_an_error_namin
     assert y.shape == (6, C)
 
 
+class ReshapesOnMarker(nn.Module):
+    """One SyncBatchNorm(C): the replica whose slice (N, C, 2, 2) holds the marker gives it ``reshape(slice)``."""
+
+    def __init__(self, reshape, **layer_arguments):
+        super().__init__()
+        self.norm, self.reshape = syncbn_ext.SyncBatchNorm(C, **layer_arguments).double(), reshape
+
+    def forward(self, x):
+        marked = bool((x == MARKER).any())
+        return self.norm(self.reshape(x) if marked else x).reshape(-1, *x.shape[1:])
+
+
+def test_replicas_may_give_a_layer_inputs_of_other_numbers_of_dimensions():
+    # As ranks may: the statistics are per channel. (N, C, 2, 2) here, (N, C, 4) in the marked replica.
+    x = torch.randn(4, C, 2, 2, dtype=torch.float64)
+    x[3, 0, 0, 0] = MARKER
+    model = ReshapesOnMarker(lambda part: part.flatten(2))
+    reference = nn.BatchNorm2d(C).double()
+    torch.testing.assert_close(run(DataParallelWithCallback(model, device_ids=["cpu"] * 2), x), reference(x))
+    torch.testing.assert_close(model.norm.running_var, reference.running_var)
+
+
+def test_replicas_giving_a_layer_other_numbers_of_channels_get_an_error_naming_it():
+    # Possible without affine parameters or running statistics (nn.BatchNorm then takes any number of channels).
+    x = torch.randn(4, C, 2, 2, dtype=torch.float64)
+    x[3, 0, 0, 0] = MARKER
+    model = ReshapesOnMarker(lambda part: part[:, :2], affine=False, track_running_stats=False)
+    error = run(DataParallelWithCallback(model, device_ids=["cpu"] * 2), x)
+    assert isinstance(error, syncbn_ext.BarrierError)
+    assert str(error).startswith("layer 'norm: SyncBatchNorm(3)' (synchronized call 1): copy 1 has input of size")
+    assert "must have the same number of channels" in str(error)
+
+
 class SwapsOrderOnMarker(nn.Module):
     """Calls a then b, or b then a in the replica whose slice holds the marker: an order mismatch."""
 
