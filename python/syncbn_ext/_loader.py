@@ -34,6 +34,21 @@ JIT_MODULE_NAME = "syncbn_ext_jit"
 SOURCE_LIST = Path(__file__).resolve().parent.parent.parent / "cpp" / "sources.txt"
 
 
+def switch_from_environment(name: str) -> bool:
+    """An on/off environment variable: 1/true/yes/on or 0/false/no/off (any case); unset or blank is off.
+
+    Raises:
+        ValueError: anything else (never read as on or off silently).
+    """
+    value = os.environ.get(name, "")
+    word = "".join(value.split()).lower()
+    if word in ("", "0", "false", "no", "off"):
+        return False
+    if word in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{name} must be 1 (or true, yes, on) or 0 (or false, no, off), got {value!r}")
+
+
 class StaleBuildLockError(RuntimeError):
     """A killed JIT build left its lock file behind; loading would wait on it forever."""
 
@@ -217,13 +232,15 @@ def load_jit(verbose: bool = False) -> ModuleType:
 
 def load() -> tuple[ModuleType, LoadInfo]:
     """The compiled module and how it was loaded."""
-    verbose = os.environ.get(JIT_VERBOSE_ENV, "") not in ("", "0")
+    verbose = switch_from_environment(JIT_VERBOSE_ENV)
     loaded = sys.modules.get(PREBUILT_NAME)
     if loaded is not None and Path(getattr(loaded, "__file__", "")).parent == jit_build_directory().resolve():
         return loaded, LoadInfo("jit", loaded.__file__, "the JIT build already loaded in this process")
-    if JIT_ENV in os.environ and os.environ[JIT_ENV] not in ("", "0"):
+    if switch_from_environment(JIT_ENV):
         if loaded is not None:
-            raise ImportError(f"syncbn_ext: {JIT_ENV}=1, but the prebuilt syncbn_ext._C is already loaded")
+            raise ImportError(
+                f"syncbn_ext: {JIT_ENV}={os.environ[JIT_ENV]}, but the prebuilt syncbn_ext._C is already loaded"
+            )
         module = load_jit(verbose)
         return module, LoadInfo("jit", module.__file__, f"{JIT_ENV}={os.environ[JIT_ENV]}")
     try:

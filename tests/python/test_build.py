@@ -93,6 +93,31 @@ def run_python(code, env_updates, timeout, args=()):
     )
 
 
+@pytest.mark.parametrize("value", ["0", "false", " Off ", "NO", ""])
+def test_the_jit_switches_read_every_usual_spelling_of_no_as_no(value):
+    # Before, any value but "" or "0" asked for the JIT build: SYNCBN_EXT_JIT=false started a two-minute build.
+    env = {"SYNCBN_EXT_JIT": value, "SYNCBN_EXT_JIT_VERBOSE": value}
+    if syncbn_ext.load_info.how == "prebuilt":
+        env["CXX"] = "/bin/false"  # a build would fail at once
+    result = run_python("import syncbn_ext; print(syncbn_ext.load_info.how)", env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == [syncbn_ext.load_info.how]
+
+
+@pytest.mark.parametrize("variable", ["SYNCBN_EXT_JIT", "SYNCBN_EXT_JIT_VERBOSE"])
+def test_a_jit_switch_that_is_no_yes_or_no_is_refused_at_import(variable):
+    result = run_python("import syncbn_ext", {variable: "maybe"}, timeout=120)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"ValueError: {variable} must be 1 (or true, yes, on) or 0 (or false, no, off), got 'maybe'"
+
+
+@pytest.mark.parametrize("value", ["1", "true", " Yes ", "ON"])
+def test_the_jit_switches_read_every_usual_spelling_of_yes_as_yes(monkeypatch, value):
+    monkeypatch.setenv("SYNCBN_EXT_JIT_VERBOSE", value)
+    assert _loader.switch_from_environment("SYNCBN_EXT_JIT_VERBOSE") is True
+
+
 def test_stale_jit_lock_is_reported_not_waited_on(tmp_path):
     build_dir = tmp_path / _loader.JIT_MODULE_NAME
     build_dir.mkdir()

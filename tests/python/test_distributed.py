@@ -302,6 +302,26 @@ def test_our_collectives_start_without_the_python_objects_torch_keeps_in_the_thr
         _check_collectives_start_without_torchs_python_objects()
 
 
+@pytest.mark.parametrize("value", ["0", "false", " Off ", "NO"])
+def test_shared_memory_is_switched_off_by_any_usual_spelling_of_no(monkeypatch, tmp_path, value):
+    monkeypatch.setenv("SYNCBN_SHARED_MEMORY", value)
+    with initialized_alone(tmp_path):
+        group = _PlaysRankZeroOfTwo()
+        layer = syncbn_ext.SyncBatchNorm(3, process_group=group)
+        layer(torch.randn(4, 3))
+        assert syncbn_ext.cross_process_transport(group) == "process group"
+
+
+def test_a_shared_memory_setting_that_is_no_yes_or_no_fails_every_rank_at_the_first_call(monkeypatch, tmp_path):
+    # Not read as on or off silently; every rank says which ranks have it (here both rows are this rank's).
+    monkeypatch.setenv("SYNCBN_SHARED_MEMORY", "maybe")
+    with initialized_alone(tmp_path):
+        group = _PlaysRankZeroOfTwo()
+        layer = syncbn_ext.SyncBatchNorm(3, process_group=group)
+        with pytest.raises(ValueError, match=r"SYNCBN_SHARED_MEMORY must be 1 .* on ranks 0, 1 \(here: 'maybe'\)"):
+            layer(torch.randn(4, 3))
+
+
 def _check_collectives_start_without_torchs_python_objects() -> None:
     group = _PlaysRankZeroOfTwo()
     layer = syncbn_ext.SyncBatchNorm(3, process_group=group)
