@@ -25,13 +25,13 @@ import torch.distributed as dist
 __all__ = ["cross_process_transport", "exchange_group", "made_exchange_group", "resolve_group"]
 
 
-def resolve_group(group: Any, default_to_world: bool) -> Any:
+def resolve_group(group: Any, default_to_world: bool, argument: str = "process_group") -> Any:
     """The process group a layer merges across, or ``None`` for this process only.
 
     ``group`` when given (``None`` on a rank that is not a member of it); else the default group when
     ``default_to_world``. A group of one rank is ``None``; so is every group once ``torch.distributed`` is not
     initialized (never, or after ``destroy_process_group()``: as torch's ``nn.SyncBatchNorm``, the layers then
-    normalize alone, not on the communicator they still hold).
+    normalize alone, not on the communicator they still hold). ``argument``: the group's name in errors.
     """
     if not dist.is_available() or not dist.is_initialized():
         return None
@@ -47,7 +47,7 @@ def resolve_group(group: Any, default_to_world: bool) -> Any:
         if type(group) is type(outside) and group == outside:
             return None
         raise TypeError(
-            "process_group must be a torch.distributed ProcessGroup (e.g. dist.new_group(ranks)) or None, got "
+            f"{argument} must be a torch.distributed ProcessGroup (e.g. dist.new_group(ranks)) or None, got "
             f"{group!r} of type {type(group).__name__}"
         )
     return group if group.size() > 1 else None
@@ -64,7 +64,7 @@ def cross_process_transport(group: Any = None) -> str:
     """
     from ._native import _C
 
-    resolved = resolve_group(group, default_to_world=True)
+    resolved = resolve_group(group, default_to_world=True, argument="cross_process_transport: group")
     if resolved is None:
         return "none"
     # Where the layers exchange for it: its own group once made (see exchange_group; CPU tensors), else the group

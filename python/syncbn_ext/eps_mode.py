@@ -29,10 +29,13 @@ def set_sbn_eps_mode(mode: Literal["plus", "clamp"]) -> None:
         mode: ``"plus"`` or ``"clamp"``.
 
     Raises:
-        ValueError: ``mode`` is neither.
+        TypeError: ``mode`` is not a string.
+        ValueError: ``mode`` is another string.
     """
     global _eps_mode
-    if not isinstance(mode, str) or mode not in _EPS_MODES:
+    if not isinstance(mode, str):
+        raise TypeError(f"set_sbn_eps_mode: mode must be 'plus' or 'clamp', got {mode!r} of type {type(mode).__name__}")
+    if mode not in _EPS_MODES:
         raise ValueError(f"set_sbn_eps_mode: mode must be 'plus' or 'clamp', got {mode!r}")
     _eps_mode = mode
 

@@ -5,6 +5,7 @@ from several threads: :mod:`.forward_locks`."""
 from __future__ import annotations
 
 import contextlib
+import operator
 import sys
 import warnings
 from collections import OrderedDict
@@ -57,8 +58,14 @@ def replicate_on_cpu(module: M, n: int, *, detach: bool | None = None) -> list[M
         The ``n`` replicas, replica ``i`` for copy id ``i``. No replication callback has run yet: see
         :func:`syncbn_ext.execute_replication_callbacks`.
     """
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"replicate_on_cpu: n must be a non-negative int, got {n!r} of type {type(n).__name__}")
+    try:
+        if isinstance(n, bool):
+            raise TypeError
+        n = operator.index(n)  # an int, or an integer like numpy's, as range() takes
+    except TypeError:
+        raise TypeError(
+            f"replicate_on_cpu: n must be a non-negative int, got {n!r} of type {type(n).__name__}"
+        ) from None
     if n < 0:
         raise ValueError(f"replicate_on_cpu: n must be a non-negative int, got {n!r}")
     _check_replicatable(module)

@@ -177,8 +177,11 @@ def test_eps_mode_accessors(eps_mode):
     assert syncbn_ext.get_sbn_eps_mode() == "plus"
     eps_mode("clamp")
     assert syncbn_ext.get_sbn_eps_mode() == "clamp"
-    for bad in ("Plus", "max", "", None, 1):
+    for bad in ("Plus", "max", ""):
         with pytest.raises(ValueError, match="plus"):
+            eps_mode(bad)
+    for bad in (None, 1, True):
+        with pytest.raises(TypeError, match=f"mode must be 'plus' or 'clamp', got {bad!r} of type"):
             eps_mode(bad)
     assert syncbn_ext.get_sbn_eps_mode() == "clamp"
     eps_mode("plus")

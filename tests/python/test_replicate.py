@@ -166,6 +166,8 @@ def test_replicate_on_cpu_arguments():
             replicate_on_cpu(nn.Linear(1, 1), wrong_type)
     with pytest.raises(ValueError, match="lazy"):
         replicate_on_cpu(nn.LazyLinear(2), 2)
+    integer_like = torch.tensor(2)  # has __index__, as numpy's integers
+    assert len(replicate_on_cpu(nn.Linear(1, 1), integer_like)) == 2
 
 
 def _describe(replica):
