@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._exception_notes import add_note
 from ._native import _C
 from .distributed import exchange_group, made_exchange_group, mark_out_of_step, out_of_step
 from .parallel_apply import running_a_replica
@@ -111,9 +112,10 @@ def announcing_failure(
             group for group, (_, failed) in zip(groups, made, strict=True) if failed == 0 and not out_of_step(group)
         ]
         for failure in _announce_on(untold, device, label):
-            error.add_note(
+            add_note(
+                error,
                 f"{label} failed before its first synchronized call, and telling the other ranks of the process "
-                f"group so failed too ({failure}): they may pair that call with this rank's next forward; restart"
+                f"group so failed too ({failure}): they may pair that call with this rank's next forward; restart",
             )
         raise
     except BaseException as interrupt:

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ._exception_notes import add_note
 from ._native import _C
 from .replica_workers import _POOL, _Worker, cpu_intra_op_threads, replica_threads_running
 from .replication import Replication
@@ -202,16 +203,6 @@ class _Reporting:
             del report
 
 
-def _add_note(error: BaseException, note: str) -> None:
-    """``error.add_note(note)``; before Python 3.11, which has no ``add_note``, appended to ``__notes__`` as the
-    ``exceptiongroup`` backport does (its traceback display shows them)."""
-    if hasattr(error, "add_note"):
-        error.add_note(note)
-        return
-    with contextlib.suppress(AttributeError, TypeError):  # an exception class without a __dict__ keeps no note
-        error.__notes__ = [*getattr(error, "__notes__", ()), note]
-
-
 def run_on_workers(
     tasks: Sequence[Any],
     wheres: Sequence[str],
@@ -327,7 +318,7 @@ def run_on_workers(
         primary = [i for i in failures if not caused_by_closing(errors[i])]
         index = min(primary or failures)
         error = errors[index]
-        _add_note(error, f"(raised {wheres[index]})")
+        add_note(error, f"(raised {wheres[index]})")
         # Raised from a local, the error's traceback would hold this frame and the frame the error: a cycle that
         # only the garbage collector frees, keeping the replicas' frames (their process groups among them) alive
         # until then, past the user's destroy_process_group().

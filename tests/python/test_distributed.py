@@ -388,3 +388,32 @@ def test_a_process_group_that_is_no_group_is_a_type_error_naming_it(tmp_path, wr
         # An input SyncBatchNorm refuses: that error, not the group's, as with a group that is one.
         with pytest.raises(ValueError, match="expected at least 2D input"):
             syncbn_ext.SyncBatchNorm(3, process_group=wrong)(torch.randn(3))
+
+
+class _TellsNothing(_PlaysRankZeroOfTwo):
+    """A group whose collectives fail (a store or connection gone)."""
+
+    def allgather(self, output_tensors, input_tensors, opts=None):
+        raise RuntimeError("the connection is gone")
+
+
+class _ErrorWithoutAddNote(ValueError):
+    """An exception as Python 3.10 has them: no ``add_note``."""
+
+    def __getattribute__(self, name):
+        if name == "add_note":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+@pytest.mark.parametrize("error_type", [ValueError, _ErrorWithoutAddNote])
+def test_a_failed_forward_that_cannot_be_told_raises_its_own_error_with_a_note_saying_so(tmp_path, error_type):
+    # Before, on Python 3.10 (no add_note), the note's AttributeError replaced the user's error.
+    with initialized_alone(tmp_path):
+        model = torch.nn.Sequential(torch.nn.Linear(3, 3), syncbn_ext.SyncBatchNorm(3, process_group=_TellsNothing()))
+        with pytest.raises(error_type, match="bad batch") as caught:
+            with syncbn_ext.announcing_failure(model):
+                raise error_type("bad batch")
+    (note,) = caught.value.__notes__
+    assert "failed before its first synchronized call, and telling the other ranks of the process group" in note
+    assert "the connection is gone" in note and note.endswith("restart")
