@@ -27,6 +27,7 @@ from torch import nn
 
 from ._native import _C
 from ._tracing import being_traced
+from .established_library import established_layer
 from .forward_across_processes import announcing_failure
 from .forward_locks import training_forward_lock
 from .parallel_apply import ABORT_TAG, parallel_apply, reporting_outcome, running_a_replica
@@ -148,6 +149,20 @@ def _apply_and_write_back(replicas: Sequence[Any], inputs: Sequence[Any], kwargs
     outputs = parallel_apply(replicas, inputs, kwargs, devices)
     _write_back(replicas)
     return outputs
+
+
+def _refuse_established_layers_training(module: nn.Module) -> None:
+    """Refuses the established library's own layers in training mode on CPU replicas: they reduce on GPUs only
+    (its master callback), and one replica failing there leaves the others waiting in its queue, which nothing can
+    wake (in eval mode they normalize alone, as nn.BatchNorm)."""
+    for name, layer in module.named_modules():
+        if layer.training and established_layer(type(layer)) is not None:
+            cls, where = type(layer), repr(name) if name else "the module"
+            raise TypeError(
+                f"DataParallelWithCallback: {where} is Synchronized-BatchNorm-PyTorch's {cls.__name__} "
+                f"({cls.__module__}), whose synchronization runs on GPUs only; convert the model to this library's "
+                "layers first, keeping their state: model = syncbn_ext.convert_model(model)"
+            )
 
 
 def _replicate_with_callbacks(replicate: Any, module: M, device_ids: Sequence[Any]) -> list[M]:
@@ -401,6 +416,7 @@ class DataParallelWithCallback(nn.DataParallel[T]):
         """Replicates ``module`` on ``device_ids`` (CPU ones included), then runs the replication callbacks."""
         _write_back_deferred()  # a forward replicating again starts from its previous replicas' buffers
         if device_ids and all(_is_cpu_device(d) for d in device_ids):
+            _refuse_established_layers_training(module)
             replicas = replicate_on_cpu(module, len(device_ids), detach=not torch.is_grad_enabled())
             Replication(replicas, module)
             return replicas

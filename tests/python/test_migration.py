@@ -7,6 +7,7 @@ test (installed as ``sync_batchnorm`` or vendored into a project as ``<project>.
 
 from __future__ import annotations
 
+import copy
 import sys
 import types
 import warnings
@@ -130,6 +131,24 @@ def test_convert_model_makes_the_established_librarys_wrapper_ours(monkeypatch, 
     assert type(converted) is DataParallelWithCallback and not converted.training
     assert converted.device_ids == wrapped.device_ids and converted.module is wrapped.module
     assert type(converted.module[1]) is SynchronizedBatchNorm2d
+
+
+def test_its_layers_training_on_cpu_replicas_unconverted_are_refused_saying_to_convert(monkeypatch):
+    # Its master callback reduces on GPUs only: before, one replica raised an AssertionError from
+    # torch.cuda.comm and the other stayed blocked in its queue, a thread left behind per forward.
+    batchnorm, _ = _install(monkeypatch, "project.lib.sync_batchnorm")
+    model = _established_model(batchnorm)  # model[1] trains, model[4] is in eval mode
+    before = copy.deepcopy(model.state_dict())
+    message = (
+        r"DataParallelWithCallback: '1' is Synchronized-BatchNorm-PyTorch's SynchronizedBatchNorm2d "
+        r"\(project.lib.sync_batchnorm.batchnorm\), whose synchronization runs on GPUs only; .*"
+        r"model = syncbn_ext.convert_model\(model\)"
+    )
+    with pytest.raises(TypeError, match=message):
+        DataParallelWithCallback(model, device_ids=["cpu"] * 2)(torch.randn(4, 3, 6, 6, dtype=torch.float64))
+    torch.testing.assert_close(model.state_dict(), before, rtol=0, atol=0)
+    converted = syncbn_ext.convert_model(model)  # as told
+    DataParallelWithCallback(converted, device_ids=["cpu"] * 2)(torch.randn(4, 3, 6, 6, dtype=torch.float64))
 
 
 def test_convert_sync_batchnorm_makes_the_established_librarys_layers_sync_batch_norm(monkeypatch):
