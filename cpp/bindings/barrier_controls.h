@@ -11,12 +11,33 @@ namespace py = pybind11;
 // The C++ barrier behind a Python SyncMaster or BatchNormSyncMaster (defined in bind_sync_master.cpp).
 std::shared_ptr<SyncMaster> barrier_core(const py::object& barrier);
 
+// A settable property's value of the type it takes, else a TypeError naming the property (pybind's own message
+// for a setter names no function and calls the value arg1).
+inline double seconds_for(const py::handle& value, const std::string& property) {
+  if (PyBool_Check(value.ptr()) || !(PyFloat_Check(value.ptr()) || PyLong_Check(value.ptr()) ||
+                                     py::hasattr(value, "__float__") || py::hasattr(value, "__index__"))) {
+    throw py::type_error(property + " must be a number of seconds, got " +
+                         py::repr(value).cast<std::string>() + " of type " +
+                         py::str(py::type::of(value).attr("__name__")).cast<std::string>());
+  }
+  return py::float_(py::reinterpret_borrow<py::object>(value)).cast<double>();
+}
+
+inline std::string text_for(const py::handle& value, const std::string& property) {
+  if (!PyUnicode_Check(value.ptr())) {
+    throw py::type_error(property + " must be a str, got " + py::repr(value).cast<std::string>() +
+                         " of type " + py::str(py::type::of(value).attr("__name__")).cast<std::string>());
+  }
+  return value.cast<std::string>();
+}
+
 // The methods every Python-facing SyncMaster shares (the Python-callback one and
 // the native BatchNorm one). `core(self)` gives the C++ barrier. Every call
 // releases the GIL before it takes the barrier's lock.
 template <class PyClass, class CoreOf>
 void def_barrier_controls(PyClass& cls, CoreOf core) {
   using Self = typename PyClass::type;
+  const std::string class_name = py::str(cls.attr("__name__"));
   cls.def(
          "register_slave",
          [core](Self& self, int64_t identifier) {
@@ -79,7 +100,8 @@ void def_barrier_controls(PyClass& cls, CoreOf core) {
             py::gil_scoped_release no_gil;
             return core(self).timeout_seconds();
           },
-          [core](Self& self, double seconds) {
+          [core, timeout = class_name + ".timeout"](Self& self, const py::object& value) {
+            const double seconds = seconds_for(value, timeout);
             py::gil_scoped_release no_gil;
             core(self).set_timeout_seconds(seconds);
           },
@@ -90,7 +112,8 @@ void def_barrier_controls(PyClass& cls, CoreOf core) {
             py::gil_scoped_release no_gil;
             return core(self).label();
           },
-          [core](Self& self, std::string label) {
+          [core, property = class_name + ".label"](Self& self, const py::object& value) {
+            std::string label = text_for(value, property);
             py::gil_scoped_release no_gil;
             core(self).set_label(std::move(label));
           },

@@ -110,3 +110,19 @@ def test_a_thread_of_a_closed_replication_starts_no_pass_even_on_a_later_replica
         with pytest.raises(syncbn_ext.BarrierAbortedError, match=refused):
             master.run_master(1)
     assert master.run_master(2) == 2  # threads of the live replication are not affected
+
+
+@pytest.mark.parametrize("value", ["5", None, True])
+def test_a_timeout_set_to_no_number_gets_an_error_naming_the_property(value):
+    # pybind's own message named no function and called the value arg1.
+    master = syncbn_ext.SyncMaster(lambda items: items, timeout=7)
+    with pytest.raises(TypeError, match=f"^SyncMaster.timeout must be a number of seconds, got {value!r} of type"):
+        master.timeout = value
+    master.timeout = torch.tensor(2.5)  # a number as float() takes it
+    assert master.timeout == 2.5
+
+
+def test_a_label_set_to_no_str_gets_an_error_naming_the_property():
+    master = syncbn_ext.SyncMaster(lambda items: items)
+    with pytest.raises(TypeError, match="^SyncMaster.label must be a str, got 1 of type int$"):
+        master.label = 1
