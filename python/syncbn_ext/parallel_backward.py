@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +43,7 @@ from .backward_boundaries import Boundaries, call_roots, meeting_calls, reached_
 from .parallel_apply import ABORT_TAG, caused_by_closing, described, run_on_workers
 from .parameter_sums import ParameterSums
 from .replica_workers import cpu_intra_op_threads
+from .replicate import _parameter_handles
 from .replication import Replication
 from .scatter_gather import _is_namedtuple, _tensors
 from .synchronized_base import _SynchronizedBatchNorm
@@ -82,6 +83,7 @@ class _Plan:
         # Per copy, each synchronized call's merged (mean, var), leading to its merge node (None without a graph).
         self.merges: list[list[torch.Tensor | None]] | None = merges
         self.views, self.others = views, others
+        self.parameter_targets = _parameter_targets(views[0])
         # Per copy, leaves its merge nodes lead to where its statistics have no graph: its task asks their gradients,
         # so that autograd runs those merges (see ReplicationGroup::keep_merge).
         self.anchors = anchors
@@ -111,8 +113,56 @@ class _Plan:
         return targets_below_merges(self.merges, boundaries, asked, meeting)
 
     def inputs(self) -> list[torch.Tensor]:
-        """The joining node's boundary inputs: every replica's parameter views, then every replica's others."""
-        return [*(v for views in self.views for v in views), *(t for others in self.others for t in others)]
+        """The joining node's boundary inputs: per replica, each parameter's target (see :func:`_parameter_targets`),
+        then every replica's others."""
+        targets = [t for _ in self.views for t in self.parameter_targets]
+        return [*targets, *(t for others in self.others for t in others)]
+
+
+def _parameter_targets(views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Where the joining node hands each parameter's summed gradient: a handle of its own on the parameter (as a
+    replica's: see ``replicate_on_cpu``), not a replica's. A hook the replica's forward registers on its handle (or
+    its ``retain_grad``) then runs once, where the worker takes that replica's gradient, as in the serial backward;
+    through a replica's handle it ran again with the sum. ``views``: one replica's handles."""
+    targets = list(views)
+    originals = {}
+    for index, view in enumerate(views):
+        edges = view.grad_fn.next_functions if view.grad_fn is not None else ()
+        original = getattr(edges[0][0], "variable", None) if len(edges) == 1 and edges[0][0] is not None else None
+        if isinstance(original, torch.Tensor):  # the parameter, behind its AccumulateGrad
+            originals[index] = original
+    for index, handle in zip(originals, _parameter_handles(list(originals.values())), strict=True):
+        targets[index] = handle
+    return targets
+
+
+@contextlib.contextmanager
+def _hooks_left_to_the_join(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Holds back, while the workers run, the hooks (``register_hook``) and retained gradients of the replicas'
+    other boundary tensors (their input slices, buffers, attribute tensors, the leaves their graphs reach): a
+    worker taking a tensor's gradient runs its hooks, and the joining node's handing that gradient back through
+    autograd runs them again. Left to the latter, they run once, with what the serial backward gives them (a leaf
+    the replicas share: the sum of their gradients)."""
+    held: list[tuple[torch.Tensor, list[Any] | None, Any]] = []
+    for t in unique(tensors):
+        hooks = t._backward_hooks
+        saved_hooks = list(hooks.items()) if hooks else None
+        if saved_hooks:
+            hooks.clear()
+        retained = t.grad if t.grad_fn is not None and t.retains_grad else _NOT_RETAINED
+        if saved_hooks or retained is not _NOT_RETAINED:
+            held.append((t, saved_hooks, retained))
+    try:
+        yield
+    finally:
+        for t, saved_hooks, retained in held:
+            if saved_hooks:
+                t._backward_hooks.update(saved_hooks)
+            if retained is not _NOT_RETAINED:
+                t.grad = retained  # what a worker's capture added is taken back: the join adds it
+
+
+_NOT_RETAINED = object()
 
 
 class _BackwardTask:
@@ -347,15 +397,16 @@ def _parallel_backward(
     if plan.sums is not None:
         plan.sums.start(run)
     try:
-        results = run_on_workers(
-            tasks,
-            [f"in replica {i} on device cpu, in backward" for i in range(replicas)],
-            cpu_intra_op_threads(replicas),
-            lambda reason: plan.group.abort_backward(reason, run),
-            caused_by_closing,
-        )
+        with _hooks_left_to_the_join([t for others in plan.others for t in others]):
+            results = run_on_workers(
+                tasks,
+                [f"in replica {i} on device cpu, in backward" for i in range(replicas)],
+                cpu_intra_op_threads(replicas),
+                lambda reason: plan.group.abort_backward(reason, run),
+                caused_by_closing,
+            )
     finally:
-        # Each parameter's summed gradient goes back through replica 0's view (the others' get none).
+        # Each parameter's summed gradient goes back through replica 0's place (the others' get none).
         param_grads = plan.sums.finish(run) if plan.sums is not None else []
     if not keep_graph:
         plan.freed |= used_ids

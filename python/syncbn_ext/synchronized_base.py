@@ -107,6 +107,23 @@ def _carries_a_tangent(*tensors: Tensor | None) -> bool:
 _ESTABLISHED_INTERNALS = frozenset({"_data_parallel_master", "_compute_mean_std", "_add_weighted"})
 
 
+def _alternatives(first: str, has_running_statistics: bool, lone: bool) -> str:
+    """What to do instead of what a layer normalizing with batch statistics cannot do: ``first`` in eval mode (where
+    it has running statistics: with ``track_running_stats=False`` it normalizes with batch statistics there too), the
+    "plus" eps mode (a lone layer in the "clamp" mode), or a reverted copy. ``lone``: not replicated, no group."""
+    clamp = get_sbn_eps_mode() == "clamp"
+    ways = [f"{first} in eval mode (running statistics: nn.BatchNorm's forward)"] if has_running_statistics else []
+    if clamp and lone:
+        ways.append("use set_sbn_eps_mode('plus')")
+    ways.append(
+        "revert_model() a copy (nn.BatchNorm layers: 1/sqrt(var + eps), not the 'clamp' mode's numbers)"
+        if clamp
+        else "revert_model() a copy"
+    )
+    text = ", ".join(ways[:-1]) + ", or " + ways[-1] if len(ways) > 1 else ways[0]
+    return text[0].upper() + text[1:]
+
+
 class _SynchronizedBatchNorm(_BatchNorm):
     """The common base of the synchronized layers: everything but the input-dimension check.
 
@@ -296,11 +313,11 @@ class _SynchronizedBatchNorm(_BatchNorm):
             return super().forward(input)
 
         if being_traced():
+            instead = _alternatives("trace or export", self.running_mean is not None, not replicated and group is None)
             raise RuntimeError(
                 f"{type(self).__name__} cannot be traced or exported while it normalizes with batch statistics "
                 f"{_how_it_normalizes(self.__dict__.get('_copy_id'), group)}: its synchronized forward is opaque "
-                "C++ to the tracer. Trace or export in eval mode (running statistics: nn.BatchNorm's forward), use "
-                "set_sbn_eps_mode('plus') for a lone module, or revert_model() a copy"
+                f"C++ to the tracer. {instead}"
             )
         return self._forward_with_batch_statistics(input, group, eps_mode)
 
@@ -392,16 +409,16 @@ class _SynchronizedBatchNorm(_BatchNorm):
                 f"{type(self).__name__} cannot run under torch.func transforms (grad, vmap, jacrev, ...) while it "
                 f"normalizes with batch statistics {_how_it_normalizes(copy_id, group)}: its synchronized forward is "
                 "a C++ autograd function, which torch.func does not support. torch.autograd.grad(..., "
-                "create_graph=True) gives its second derivatives (torch.autograd.functional.hessian and hvp too); or "
-                "use eval mode, set_sbn_eps_mode('plus') for a lone module, or revert_model() a copy"
+                "create_graph=True) gives its second derivatives (torch.autograd.functional.hessian and hvp too). "
+                + _alternatives("use it", self.running_mean is not None, copy_id is None and group is None)
             )
         if _carries_a_tangent(input, self.weight, self.bias):
             raise RuntimeError(
                 f"{type(self).__name__} cannot compute forward-mode derivatives (torch.autograd.forward_ad dual "
                 f"tensors) while it normalizes with batch statistics {_how_it_normalizes(copy_id, group)}: its "
                 "synchronized forward is a C++ autograd function without a forward-mode formula. "
-                "torch.autograd.functional.jvp gives the same Jacobian-vector products (through double backward); or "
-                "use eval mode, set_sbn_eps_mode('plus') for a lone module, or revert_model() a copy"
+                "torch.autograd.functional.jvp gives the same Jacobian-vector products (through double backward). "
+                + _alternatives("use it", self.running_mean is not None, copy_id is None and group is None)
             )
 
     def _announce_failure(self, input: Tensor, copy_id: int | None, group: Any) -> None:

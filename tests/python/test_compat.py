@@ -183,6 +183,22 @@ def test_exporting_in_the_clamp_mode_with_batch_statistics_is_a_clear_error(clam
         torch.export.export(SynchronizedBatchNorm2d(C), (torch.randn(4, C, 3, 3),))
 
 
+def test_the_tracing_error_advises_only_what_would_work(clamp_mode):
+    # A layer without running statistics normalizes with batch statistics in eval mode too: before, the first
+    # advice was to trace in eval mode; and a reverted copy gives nn.BatchNorm's numbers, not the clamp mode's.
+    tracked = SynchronizedBatchNorm2d(C)
+    with pytest.raises(RuntimeError) as caught:
+        torch.jit.trace(tracked, torch.randn(4, C, 3, 3), check_trace=False)
+    advice = str(caught.value).split("C++ to the tracer. ")[1]
+    assert advice.startswith("Trace or export in eval mode (running statistics")
+    assert "use set_sbn_eps_mode('plus')" in advice and "1/sqrt(var + eps), not the 'clamp' mode's numbers" in advice
+    untracked = SynchronizedBatchNorm2d(C, track_running_stats=False).eval()
+    with pytest.raises(RuntimeError) as caught:
+        torch.jit.trace(untracked, torch.randn(4, C, 3, 3), check_trace=False)
+    advice = str(caught.value).split("C++ to the tracer. ")[1]
+    assert advice.startswith("Use set_sbn_eps_mode('plus'), or revert_model() a copy") and "eval mode" not in advice
+
+
 @pytest.mark.parametrize("eps_mode", ["plus", "clamp"])
 def test_tracing_and_exporting_in_eval_give_the_eager_result(eps_mode):
     syncbn_ext.set_sbn_eps_mode(eps_mode)
