@@ -141,6 +141,41 @@ void route_to_ordered_sum(const at::Tensor& parameter, const std::vector<at::Ten
   }
 }
 
+// Throws a ValueError where a clone is null, or lacks a parameter, buffer or submodule of the original, or has one
+// of another shape: checked before anything is linked (found halfway, replica 0 would keep some of the original's
+// buffers, and an isolated replication's write-back would resize them to the clone's shape).
+void check_clones(const char* what, const torch::nn::Module& original,
+                  const std::vector<std::shared_ptr<torch::nn::Module>>& clones, const std::string& path) {
+  auto name_of = [&path](const std::string& key) { return path.empty() ? key : path + "." + key; };
+  for (size_t i = 0; i < clones.size(); ++i) {
+    TORCH_CHECK_VALUE(clones[i] != nullptr, what, ": clone ", i, " is null");
+    auto compare = [&](const char* kind, const torch::OrderedDict<std::string, at::Tensor>& originals,
+                       const torch::OrderedDict<std::string, at::Tensor>& copies) {
+      for (const auto& item : originals) {
+        const at::Tensor* copy = copies.find(item.key());
+        TORCH_CHECK_VALUE(copy != nullptr, what, ": clone ", i, " has no ", kind, " '", name_of(item.key()),
+                          "'; a clone must have the original's structure (clone() copies it)");
+        TORCH_CHECK_VALUE(!item.value().defined() || !copy->defined() || copy->sizes() == item.value().sizes(), what,
+                          ": clone ", i, "'s ", kind, " '", name_of(item.key()), "' has shape ", copy->sizes(),
+                          " but the original's has ", item.value().sizes());
+      }
+    };
+    compare("parameter", original.named_parameters(/*recurse=*/false), clones[i]->named_parameters(/*recurse=*/false));
+    compare("buffer", original.named_buffers(/*recurse=*/false), clones[i]->named_buffers(/*recurse=*/false));
+  }
+  for (const auto& child : original.named_children()) {
+    std::vector<std::shared_ptr<torch::nn::Module>> child_clones;
+    for (size_t i = 0; i < clones.size(); ++i) {
+      auto children = clones[i]->named_children();
+      const auto* twin = children.find(child.key());
+      TORCH_CHECK_VALUE(twin != nullptr && *twin != nullptr, what, ": clone ", i, " has no submodule '",
+                        name_of(child.key()), "'; a clone must have the original's structure (clone() copies it)");
+      child_clones.push_back(*twin);
+    }
+    check_clones(what, *child.value(), child_clones, name_of(child.key()));
+  }
+}
+
 // Replica 0's copies of the original's buffers, by the original's tensor: a module registered at two places of
 // the original is two modules in a clone, whose buffers must be one copy again (updated by both, as alone).
 using CopiesByOriginal = std::unordered_map<const c10::TensorImpl*, at::Tensor>;
@@ -251,6 +286,8 @@ std::vector<at::Tensor> parameter_aliases(const at::Tensor& parameter, int64_t r
 std::vector<std::shared_ptr<CallbackContext>> complete_replication(
     const std::shared_ptr<torch::nn::Module>& original, const std::vector<std::shared_ptr<torch::nn::Module>>& clones) {
   TORCH_CHECK_VALUE(!clones.empty(), "complete_replication needs at least one clone");
+  TORCH_CHECK_VALUE(original != nullptr, "complete_replication: the original module is null");
+  check_clones("complete_replication", *original, clones, "");
   CopiesByOriginal unused;
   link_clones(original, clones, nullptr, unused);
   return execute_replication_callbacks(clones);
@@ -259,6 +296,8 @@ std::vector<std::shared_ptr<CallbackContext>> complete_replication(
 IsolatedReplication::IsolatedReplication(const std::shared_ptr<torch::nn::Module>& original,
                                          const std::vector<std::shared_ptr<torch::nn::Module>>& clones) {
   TORCH_CHECK_VALUE(!clones.empty(), "IsolatedReplication needs at least one clone");
+  TORCH_CHECK_VALUE(original != nullptr, "IsolatedReplication: the original module is null");
+  check_clones("IsolatedReplication", *original, clones, "");
   std::vector<std::pair<at::Tensor, at::Tensor>> pairs;
   CopiesByOriginal copies;
   link_clones(original, clones, &pairs, copies);

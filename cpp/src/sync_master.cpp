@@ -123,7 +123,8 @@ std::shared_ptr<SlavePipe> SyncMaster::register_slave(int64_t copy_id) {
   std::lock_guard<std::mutex> lock(state_->mutex);
   detail::BarrierState& s = *state_;
   s.check_not_in_callback("register_slave()",
-                          "register the slaves in their replication hook (__data_parallel_replicate__)");
+                          "register the slaves in their replication hook (ReplicationCallback::on_replicate; in "
+                          "Python, __data_parallel_replicate__)");
   // A pass since the last registration, or a copy registering again: a new replication.
   if (s.activated) {
     s.start_generation(graveyard, "copy " + std::to_string(copy_id) + " registered after a pass had run");
@@ -146,7 +147,8 @@ void SyncMaster::reset() {
   detail::Graveyard graveyard;  // destroyed after the lock
   std::lock_guard<std::mutex> lock(state_->mutex);
   state_->check_not_in_callback(
-      "reset()", "reset() starts a new replication: call it in the master's replication hook (__data_parallel_replicate__)");
+      "reset()", "reset() starts a new replication: call it in the master's replication hook "
+                 "(ReplicationCallback::on_replicate; in Python, __data_parallel_replicate__)");
   state_->start_generation(graveyard, "reset() was called");
 }
 
@@ -327,7 +329,9 @@ void SyncMaster::set_label(std::string label) {
 }
 
 SlavePipe::SlavePipe(std::shared_ptr<detail::BarrierState> state, int64_t copy_id, int64_t generation)
-    : state_(std::move(state)), copy_id_(copy_id), generation_(generation) {}
+    : state_(std::move(state)), copy_id_(copy_id), generation_(generation) {
+  TORCH_CHECK_VALUE(state_ != nullptr, "SlavePipe: no barrier (get a pipe from SyncMaster::register_slave)");
+}
 
 Message SlavePipe::run_slave(Message message) {
   detail::BarrierState& s = *state_;

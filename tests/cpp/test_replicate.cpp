@@ -264,3 +264,57 @@ TEST(ReplicaGraph, ReachesTellsWhichTargetsABackwardFromTheStartsMeets) {
 }
 
 }  // namespace
+
+namespace {
+
+std::shared_ptr<torch::nn::Module> linear_and_batch_norm(int64_t features) {
+  return std::make_shared<torch::nn::SequentialImpl>(torch::nn::Linear(3, features), torch::nn::BatchNorm1d(features));
+}
+
+// The message of the c10::ValueError `replicate` throws (an empty string where it throws none, or another error).
+template <typename Replicate>
+std::string value_error_of(Replicate replicate) {
+  try {
+    replicate();
+  } catch (const c10::ValueError& error) {
+    return error.what_without_backtrace();
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST(CompleteReplication, RefusesNullOrMismatchedClonesBeforeLinkingAnything) {
+  const auto original = linear_and_batch_norm(5);
+  const auto clones = [](int64_t features) {
+    return std::vector<std::shared_ptr<torch::nn::Module>>{linear_and_batch_norm(features),
+                                                           linear_and_batch_norm(features)};
+  };
+  EXPECT_EQ(value_error_of([&] { syncbn::complete_replication(nullptr, clones(5)); }),
+            "complete_replication: the original module is null");
+  EXPECT_EQ(value_error_of([&] { syncbn::complete_replication(original, {linear_and_batch_norm(5), nullptr}); }),
+            "complete_replication: clone 1 is null");
+  EXPECT_EQ(value_error_of([&] { syncbn::IsolatedReplication(original, {nullptr}); }),
+            "IsolatedReplication: clone 0 is null");
+  EXPECT_EQ(value_error_of([&] { syncbn::complete_replication(original, clones(4)); }),
+            "complete_replication: clone 0's parameter '0.weight' has shape [4, 3] but the original's has [5, 3]");
+  const auto without_norm = std::make_shared<torch::nn::SequentialImpl>(torch::nn::Linear(3, 5));
+  EXPECT_EQ(value_error_of([&] { syncbn::IsolatedReplication(original, {without_norm}); }),
+            "IsolatedReplication: clone 0 has no submodule '1'; a clone must have the original's structure (clone() "
+            "copies it)");
+  // A buffer of another shape, the parameters alike: before, replica 0's buffer was made to view the original's
+  // (complete_replication), or the original's resized to the clone's at write-back (IsolatedReplication).
+  auto other_buffer = linear_and_batch_norm(5);
+  other_buffer->named_children()["1"]->named_buffers(/*recurse=*/false)["running_mean"].set_(torch::zeros({4}));
+  EXPECT_EQ(value_error_of([&] { syncbn::IsolatedReplication(original, {other_buffer}); }),
+            "IsolatedReplication: clone 0's buffer '1.running_mean' has shape [4] but the original's has [5]");
+  EXPECT_EQ(original->named_buffers()["1.running_mean"].sizes(), torch::IntArrayRef({5}));
+  EXPECT_EQ(other_buffer->named_buffers()["1.running_mean"].sizes(), torch::IntArrayRef({4}));  // not linked
+  // Matching clones still link (one context per module position: the Sequential, Linear, BatchNorm1d).
+  EXPECT_EQ(syncbn::complete_replication(original, clones(5)).size(), 3u);
+}
+
+TEST(SlavePipe, WithoutABarrierIsRefused) {
+  EXPECT_EQ(value_error_of([] { syncbn::SlavePipe(nullptr, 1, 0); }),
+            "SlavePipe: no barrier (get a pipe from SyncMaster::register_slave)");
+}
