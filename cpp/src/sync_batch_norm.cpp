@@ -246,7 +246,7 @@ MasterCallback batch_norm_master_callback(std::shared_ptr<ReplicaBackward> backw
     int64_t total = 0;
     // For nn.BatchNorm's message on a single value per channel: the copies' sizes summed along the batch, or (copies
     // of other numbers of dimensions, whose statistics merge all the same) the size of the copy holding that value.
-    std::vector<int64_t> whole_batch_size, single_value_size;
+    std::vector<int64_t> whole_batch_size, single_value_size, first_copy_size;
     bool dimensions_agree = true;
     const Message& first = messages.front().second;
     for (const auto& [copy_id, message] : messages) {
@@ -269,12 +269,12 @@ MasterCallback batch_norm_master_callback(std::shared_ptr<ReplicaBackward> backw
       std::vector<int64_t> sizes(message.ints.begin() + kSizes, message.ints.end());
       if (message.ints[kCount] == 1) single_value_size = sizes;
       if (whole_batch_size.empty()) {
-        whole_batch_size = sizes;
+        whole_batch_size = first_copy_size = sizes;
       } else {
         if (sizes[1] != whole_batch_size[1]) {
           std::ostringstream out;
-          out << (first.label.empty() ? "syncbn BatchNorm" : first.label) << ": copy " << copy_id << " has input of size " << torch_size(sizes)
-              << " but copy 0 has " << torch_size(whole_batch_size)
+          out << (first.label.empty() ? "syncbn BatchNorm" : first.label) << ": copy " << copy_id
+              << " has input of size " << torch_size(sizes) << " but copy 0 has " << torch_size(first_copy_size)
               << "; the replicas' inputs must have the same number of channels (dim 1)";
           throw BarrierError(out.str());
         }

@@ -274,12 +274,15 @@ def test_replicas_may_give_a_layer_inputs_of_other_numbers_of_dimensions():
 
 def test_replicas_giving_a_layer_other_numbers_of_channels_get_an_error_naming_it():
     # Possible without affine parameters or running statistics (nn.BatchNorm then takes any number of channels).
-    x = torch.randn(4, C, 2, 2, dtype=torch.float64)
-    x[3, 0, 0, 0] = MARKER
+    x = torch.randn(6, C, 2, 2, dtype=torch.float64)
+    x[5, 0, 0, 0] = MARKER  # replica 2's slice
     model = ReshapesOnMarker(lambda part: part[:, :2], affine=False, track_running_stats=False)
-    error = run(DataParallelWithCallback(model, device_ids=["cpu"] * 2), x)
+    error = run(DataParallelWithCallback(model, device_ids=["cpu"] * 3), x)
     assert isinstance(error, syncbn_ext.BarrierError)
-    assert str(error).startswith("layer 'norm: SyncBatchNorm(3)' (synchronized call 1): copy 1 has input of size")
+    assert str(error).startswith(
+        "layer 'norm: SyncBatchNorm(3)' (synchronized call 1): copy 2 has input of size torch.Size([2, 2, 2, 2]) "
+        "but copy 0 has torch.Size([2, 3, 2, 2])"
+    )
     assert "must have the same number of channels" in str(error)
 
 
