@@ -127,42 +127,68 @@ def _parameter_targets(views: list[torch.Tensor]) -> list[torch.Tensor]:
     targets = list(views)
     originals = {}
     for index, view in enumerate(views):
-        edges = view.grad_fn.next_functions if view.grad_fn is not None else ()
-        original = getattr(edges[0][0], "variable", None) if len(edges) == 1 and edges[0][0] is not None else None
-        if isinstance(original, torch.Tensor):  # the parameter, behind its AccumulateGrad
+        node = view.grad_fn
+        # Down to the parameter's AccumulateGrad: one node below a plain handle, more below a view of a tensor type
+        # of its own (a subclass overriding __torch_function__ aliases, then views).
+        while node is not None and not hasattr(node, "variable") and len(node.next_functions) == 1:
+            node = node.next_functions[0][0]
+        original = getattr(node, "variable", None)
+        if isinstance(original, torch.Tensor):
             originals[index] = original
     for index, handle in zip(originals, _parameter_handles(list(originals.values())), strict=True):
         targets[index] = handle
     return targets
 
 
+class _SkippedOnWorkers:
+    """A hook of a tensor where the replicas' graphs are cut (an input slice, a buffer, an attribute tensor, a leaf
+    their graphs reach), skipped where a worker takes that tensor's gradient: the joining node hands the gradient
+    back through autograd, where the hook runs once, with what the serial backward gives it (a leaf the replicas
+    share: the sum of their gradients). Skipped by thread, not by taking the hook away: a backward of another output
+    of the same forward, on another thread, may hand gradients back meanwhile."""
+
+    __slots__ = ("hook",)
+
+    def __init__(self, hook: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
+        self.hook = hook
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor | None:
+        if getattr(_worker_backward, "running", False):
+            return None  # the gradient unchanged
+        return self.hook(grad)
+
+
+_worker_backward = threading.local()  # .running: a worker thread is running a replica's part of the backward
+
+
 @contextlib.contextmanager
 def _hooks_left_to_the_join(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Holds back, while the workers run, the hooks (``register_hook``) and retained gradients of the replicas'
-    other boundary tensors (their input slices, buffers, attribute tensors, the leaves their graphs reach): a
-    worker taking a tensor's gradient runs its hooks, and the joining node's handing that gradient back through
-    autograd runs them again. Left to the latter, they run once, with what the serial backward gives them (a leaf
-    the replicas share: the sum of their gradients)."""
-    held: list[tuple[torch.Tensor, list[Any] | None, Any]] = []
+    """While the workers run: the hooks (``register_hook``) of the replicas' other boundary tensors skip the workers
+    (see :class:`_SkippedOnWorkers`), and what a worker's capture adds to a retained gradient (``retain_grad``) is
+    taken back afterwards, the joining node's handing back adding it once."""
+    retained_before: list[tuple[torch.Tensor, Any]] = []
     for t in unique(tensors):
         hooks = t._backward_hooks
-        saved_hooks = list(hooks.items()) if hooks else None
-        if saved_hooks:
-            hooks.clear()
-        retained = t.grad if t.grad_fn is not None and t.retains_grad else _NOT_RETAINED
-        if saved_hooks or retained is not _NOT_RETAINED:
-            held.append((t, saved_hooks, retained))
+        if hooks:
+            for key, hook in hooks.items():
+                if not isinstance(hook, _SkippedOnWorkers):
+                    hooks[key] = _SkippedOnWorkers(hook)
+        if t.grad_fn is not None and t.retains_grad:
+            retained_before.append((t, t.grad))
     try:
         yield
     finally:
-        for t, saved_hooks, retained in held:
-            if saved_hooks:
-                t._backward_hooks.update(saved_hooks)
-            if retained is not _NOT_RETAINED:
-                t.grad = retained  # what a worker's capture added is taken back: the join adds it
+        for t, retained in retained_before:
+            t.grad = retained
 
 
-_NOT_RETAINED = object()
+@contextlib.contextmanager
+def _running_on_worker() -> Iterator[None]:
+    _worker_backward.running = True
+    try:
+        yield
+    finally:
+        _worker_backward.running = False
 
 
 class _BackwardTask:
@@ -202,6 +228,7 @@ class _BackwardTask:
             if not self.roots or not (chosen or below_merges):
                 return (None,) * len(plan.others[copy_id])
             with (
+                _running_on_worker(),
                 self.thread_state.applied(),
                 plan.group.replica(copy_id),
                 plan.group.backward_run(run),

@@ -39,6 +39,9 @@ class ParameterSums:
         self.added: list[int] = []  # per parameter, how many replicas' gradients are in its total
         self.adding: list[bool] = []  # per parameter, whether a thread is adding to its total
         self.totals: list[Total] = []
+        # Per replica and parameter, whether the replica's forward retained its handle's gradient (retain_grad):
+        # that handle is then given its gradient, not the placeholder that spares a copy of it.
+        self.retained = [[view.retains_grad for view in replica_views] for replica_views in views]
         self.reset()
         for replica, replica_views in enumerate(views):
             for index, view in enumerate(replica_views):
@@ -82,8 +85,8 @@ class ParameterSums:
                         self.adding[index] = False
                         break
                 total.add_all(grads)
-            if grad is None:
-                return None
+            if grad is None or self.retained[replica][index]:
+                return None  # (the gradient unchanged)
             if grad.layout != torch.strided:
                 return torch.zeros_like(grad)  # a sparse gradient (nn.Embedding(sparse=True)): an empty one
             return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
