@@ -36,6 +36,7 @@ from .parallel_backward import wanted as parallel_backward_wanted
 from .replicate import compiled_modules_replicable, rebind_compiled_modules, replicate_on_cpu
 from .replication import Replication
 from .scatter_gather import gather_on_cpu, scatter_kwargs_on_cpu
+from .synchronized_base import _TORCH_AND_OUR_FILES, _stacklevel_outside
 
 __all__ = ["DataParallelWithCallback"]
 
@@ -190,7 +191,7 @@ def _warn_of_parameters_written(versions: list[tuple[str, torch.Tensor, int | No
             "(a moving average, a counter) belongs in a buffer (register_buffer): replica 0's update reaches the "
             "module after a successful forward, as on GPUs",
             RuntimeWarning,
-            stacklevel=6,  # the wrapper's caller (through Module.__call__, forward, _forward_on_cpu_replicas)
+            stacklevel=_stacklevel_outside(_TORCH_AND_OUR_FILES),
         )
 
 
@@ -380,35 +381,37 @@ class DataParallelWithCallback(nn.DataParallel[T]):
             )
         if len(inputs) > 1 and parallel and not self._has_own_parallel_apply and parallel_backward_wanted(self.module):
             outputs = self._apply_with_parallel_backward(inputs, module_kwargs)
-            if outputs is not None:
+            if not isinstance(outputs, tuple):
                 return self.gather(outputs, self.output_device)
-            # The replicas' graphs share nodes: from now on this wrapper keeps autograd's serial backward.
+            # The replicas' graphs cannot be cut: from now on this wrapper keeps autograd's serial backward.
+            why, advice = outputs
             warnings.warn(
-                "DataParallelWithCallback: the CPU replicas' autograd graphs meet at a tensor every replica used "
-                "that is not a parameter, buffer, input or module attribute (one with a graph, e.g. computed "
-                "before the forward and reached through a global or closure), so their backward cannot run at "
-                "once: this forward ran again (its hooks and other side effects twice) with autograd's serial "
-                "backward, and this wrapper keeps that from now on (parallel_backward=False). Hold such a tensor as "
-                "a module attribute, or build the wrapper with parallel_backward=False",
+                f"DataParallelWithCallback: {why}, so the replicas' backward cannot run at once: this forward ran "
+                "again (its hooks and other side effects twice) with autograd's serial backward, and this wrapper "
+                f"keeps that from now on (parallel_backward=False). {advice}, or build the wrapper with "
+                "parallel_backward=False",
                 RuntimeWarning,
-                stacklevel=6,  # the wrapper's caller, as _warn_of_parameters_written's
+                stacklevel=_stacklevel_outside(_TORCH_AND_OUR_FILES),
             )
             self.parallel_backward = False
         replicas = self.replicate(self.module, self.device_ids[: len(inputs)])
         outputs = self.parallel_apply(replicas, inputs, module_kwargs)
         return self.gather(outputs, self.output_device)
 
-    def _apply_with_parallel_backward(self, inputs: Sequence[Any], kwargs: Sequence[Any]) -> list[Any] | None:
-        """Runs CPU replicas made for a parallel backward; ``None`` (the replication discarded) if it cannot apply."""
+    def _apply_with_parallel_backward(
+        self, inputs: Sequence[Any], kwargs: Sequence[Any]
+    ) -> list[Any] | tuple[str, str]:
+        """Runs CPU replicas made for a parallel backward; where it cannot apply (the replication discarded), why and
+        what to do (see :func:`syncbn_ext.parallel_backward.join_replicas`)."""
         replicas = self.replicate(self.module, self.device_ids[: len(inputs)])
         replication = Replication.of(replicas[0])[0]
         replication.group.parallel_backward = True
         boundaries = Boundaries(replicas, inputs, kwargs)
         outputs = parallel_apply(replicas, inputs, kwargs, ["cpu"] * len(replicas))
         joined = join_replicas(replicas, boundaries, outputs)
-        if joined is None:
+        if isinstance(joined, tuple):
             replication.group.close("DataParallelWithCallback: run again with a serial backward")
-            return None
+            return joined
         _write_back(replicas)
         return joined
 

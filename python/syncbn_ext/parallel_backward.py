@@ -48,7 +48,7 @@ from .replication import Replication
 from .scatter_gather import _is_namedtuple, _tensors
 from .synchronized_base import _SynchronizedBatchNorm
 
-__all__ = ["Boundaries", "faster_than_serial", "join_replicas", "wanted"]
+__all__ = ["BOUNDARY_LEADS_TO_ANOTHER", "GRAPHS_MEET", "Boundaries", "faster_than_serial", "join_replicas", "wanted"]
 
 
 def _replace_tensors(obj: Any, replace: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -489,15 +489,43 @@ def wanted(module: torch.nn.Module) -> bool:
     )
 
 
+# Why the replicas' graphs cannot be cut (see join_replicas), and what to do about it.
+GRAPHS_MEET = (
+    "the CPU replicas' autograd graphs meet at a tensor every replica used that is not a parameter, buffer, input or "
+    "module attribute (one with a graph, e.g. computed before the forward and reached through a global or closure)",
+    "Hold such a tensor as a module attribute",
+)
+BOUNDARY_LEADS_TO_ANOTHER = (
+    "a tensor a module holds as an attribute (or the input) has a graph leading to another tensor the forward uses "
+    "(e.g. self.a = leaf + 1 computed before the forward, the forward using self.a and leaf)",
+    "Compute such a tensor in the forward",
+)
+
+
+def _leads_to_another(boundary: list[torch.Tensor]) -> bool:
+    """Whether the graph of one of a replica's boundary tensors reaches another: a worker taking the latter's
+    gradient would go through the former's graph, and the joining node's handing the former's gradient back would go
+    there again (the latter's gradient counted twice)."""
+    if len(boundary) < 2:
+        return False
+    for start in (t for t in boundary if t.grad_fn is not None):
+        rest = [t for t in boundary if t is not start and t.grad_fn is not start.grad_fn]  # (a, b = t.chunk(2))
+        if any(_C.reaches([start], rest, rest)):
+            return True
+    return False
+
+
 def join_replicas(
     replicas: Sequence[torch.nn.Module], boundaries: Boundaries, outputs: Sequence[Any]
-) -> list[Any] | None:
+) -> list[Any] | tuple[str, str]:
     """The replicas' outputs, their backward to run on one worker per replica (see the module's documentation).
 
     The replication must have been made for it (``group.parallel_backward`` set before the forward: the
     synchronized layers then merge through nodes of each copy's own), and ``boundaries`` taken before its forward.
-    Returns ``outputs`` unchanged when no output requires grad, and ``None`` when the replicas' graphs share nodes
-    (then they must run again, serially).
+    Returns ``outputs`` unchanged when no output requires grad; where the replicas' graphs cannot be cut (then they
+    must run again, serially), why and what to do: they share nodes (:data:`GRAPHS_MEET`), or a replica's graph leads
+    from one of its boundary tensors to another (:data:`BOUNDARY_LEADS_TO_ANOTHER`: the worker's backward would go
+    through it and autograd again after it).
     """
     tag = Replication.of(replicas[0])
     assert tag is not None and tag[0].group is not None and tag[0].group.parallel_backward
@@ -509,8 +537,10 @@ def join_replicas(
     views, others = reached_boundaries(flat, merges, boundaries)
     disjoint, foreign = _C.analyze_replica_graphs(flat, [[*v, *o] for v, o in zip(views, others, strict=True)])
     if not disjoint:
-        return None
+        return GRAPHS_MEET
     others = [unique([*o, *f]) for o, f in zip(others, foreign, strict=True)]
+    if any(_leads_to_another(copy_others) for copy_others in others):
+        return BOUNDARY_LEADS_TO_ANOTHER
     plan = _Plan(group, flat, views, others, merges, anchors)
     detached = [t.detach() for replica_outputs in flat for t in replica_outputs]
     joined = iter(_JoinReplicas.apply(plan, *plan.inputs(), *detached))

@@ -192,10 +192,41 @@ def test_replicas_meeting_at_a_tensor_reached_otherwise_run_again_serially_with_
         m.scale = torch.ones(C, dtype=torch.float64)
     dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True)
     x = torch.randn(6, C, dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match="ran again .* parallel_backward=False"):
+    with pytest.warns(RuntimeWarning, match="ran again .* parallel_backward=False") as caught:
         y = call_with_timeout(dp, x)
+    assert caught[0].filename.endswith("hang_guard.py")  # the code calling the wrapper (here the hang guard's)
     assert not joined(y) and dp.parallel_backward is False
     assert_the_leaf_gets_the_references_gradient(y, reference, x, source)
+    assert_grads_equal(model, reference)
+
+
+class UsesALeafAndAnAttributeComputedFromIt(nn.Module):
+    def __init__(self, norm: type[nn.Module]) -> None:
+        super().__init__()
+        self.linear, self.norm = nn.Linear(C, C).double(), norm(C).double()
+        self.leaf = torch.full((C,), 1.5, dtype=torch.float64, requires_grad=True)  # not a parameter
+        self.attribute = self.leaf * 2  # computed once, before the forward
+
+    def forward(self, x):
+        return self.norm(self.linear(x)) * self.attribute + self.leaf
+
+
+def test_an_attribute_tensor_whose_graph_leads_to_another_tensor_the_forward_uses_runs_again_serially():
+    # Before, the leaf's gradient through the attribute was counted twice (the worker went through the attribute's
+    # graph to the leaf, and the join handed the attribute's gradient back through it again): silently wrong.
+    torch.manual_seed(0)
+    reference = UsesALeafAndAnAttributeComputedFromIt(nn.BatchNorm1d)
+    model = UsesALeafAndAnAttributeComputedFromIt(SynchronizedBatchNorm1d)
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(8, C, dtype=torch.float64)
+    reference(x).pow(3).sum().backward()
+    dp = DataParallelWithCallback(model, device_ids=["cpu"] * 2, parallel_backward=True)
+    with pytest.warns(RuntimeWarning, match="has a graph leading to another tensor the forward uses") as caught:
+        y = call_with_timeout(dp, x)
+    assert caught[0].filename.endswith("hang_guard.py")
+    assert not joined(y) and dp.parallel_backward is False
+    call_with_timeout(lambda: y.pow(3).sum().backward())
+    torch.testing.assert_close(model.leaf.grad, reference.leaf.grad)
     assert_grads_equal(model, reference)
 
 
