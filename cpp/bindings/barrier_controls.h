@@ -11,22 +11,26 @@ namespace py = pybind11;
 // The C++ barrier behind a Python SyncMaster or BatchNormSyncMaster (defined in bind_sync_master.cpp).
 std::shared_ptr<SyncMaster> barrier_core(const py::object& barrier);
 
+// The name of `obj`'s type, for messages.
+inline std::string type_name(const py::handle& obj) {
+  return py::str(py::type::handle_of(obj).attr("__qualname__")).cast<std::string>();
+}
+
 // A settable property's value of the type it takes, else a TypeError naming the property (pybind's own message
 // for a setter names no function and calls the value arg1).
 inline double seconds_for(const py::handle& value, const std::string& property) {
   if (PyBool_Check(value.ptr()) || !(PyFloat_Check(value.ptr()) || PyLong_Check(value.ptr()) ||
                                      py::hasattr(value, "__float__") || py::hasattr(value, "__index__"))) {
-    throw py::type_error(property + " must be a number of seconds, got " +
-                         py::repr(value).cast<std::string>() + " of type " +
-                         py::str(py::type::of(value).attr("__name__")).cast<std::string>());
+    throw py::type_error(property + " must be a number of seconds, got " + py::repr(value).cast<std::string>() +
+                         " of type " + type_name(value));
   }
   return py::float_(py::reinterpret_borrow<py::object>(value)).cast<double>();
 }
 
 inline std::string text_for(const py::handle& value, const std::string& property) {
   if (!PyUnicode_Check(value.ptr())) {
-    throw py::type_error(property + " must be a str, got " + py::repr(value).cast<std::string>() +
-                         " of type " + py::str(py::type::of(value).attr("__name__")).cast<std::string>());
+    throw py::type_error(property + " must be a str, got " + py::repr(value).cast<std::string>() + " of type " +
+                         type_name(value));
   }
   return value.cast<std::string>();
 }

@@ -13,10 +13,6 @@ using namespace pybind11::literals;
 
 namespace {
 
-std::string type_name(const py::handle& obj) {
-  return py::str(py::type::handle_of(obj).attr("__qualname__")).cast<std::string>();
-}
-
 // Python messages travel as an opaque payload; the core never looks inside.
 Message to_message(py::object obj) {
   Message message;

@@ -227,9 +227,7 @@ void link_clones(const std::shared_ptr<torch::nn::Module>& original,
     std::vector<std::shared_ptr<torch::nn::Module>> child_clones;
     for (const auto& clone : clones) {
       auto children = clone->named_children();
-      const auto* twin = children.find(child.key());
-      TORCH_CHECK(twin != nullptr, "a clone has no submodule '", child.key(), "'; clone() must copy the structure");
-      child_clones.push_back(*twin);
+      child_clones.push_back(*children.find(child.key()));  // (there: check_clones)
     }
     link_clones(child.value(), child_clones, isolated, copies);
   }

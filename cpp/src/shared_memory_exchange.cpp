@@ -3,10 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
-#include <cstdlib>
 #include <cstring>
-#include <fstream>
-#include <random>
 #include <sstream>
 #include <thread>
 
@@ -19,10 +16,8 @@
 #include "shared_memory_segment.h"
 
 #ifdef __linux__
-#include <fcntl.h>
 #include <linux/futex.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif

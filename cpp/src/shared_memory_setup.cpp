@@ -71,7 +71,8 @@ std::shared_ptr<SharedMemoryExchange> SharedMemoryExchange::connect(const Proces
   const int64_t capacity = kSlotCapacity;
   const size_t size = segment_size(world, capacity);
   const auto own_start = process_start_time(getpid());
-  const std::optional<bool> enabled = switch_value(std::getenv("SYNCBN_SHARED_MEMORY"), /*unset=*/true);
+  const char* setting = std::getenv("SYNCBN_SHARED_MEMORY");
+  const std::optional<bool> enabled = switch_value(setting, /*unset=*/true);
   const bool wants = enabled.value_or(false) && own_start.has_value();
 
   // Every rank has arrived before rank 0 names a segment, so that it is named only between two back-to-back
@@ -85,7 +86,7 @@ std::shared_ptr<SharedMemoryExchange> SharedMemoryExchange::connect(const Proces
     const at::Tensor ranks = invalid_settings.reshape({-1}).nonzero().reshape({-1});
     out << (ranks.numel() > 1 ? "s" : "");
     for (int64_t i = 0; i < ranks.numel(); ++i) out << (i == 0 ? " " : ", ") << ranks[i].item<int64_t>();
-    if (!enabled.has_value()) out << " (here: '" << std::getenv("SYNCBN_SHARED_MEMORY") << "')";
+    if (!enabled.has_value()) out << " (here: '" << setting << "')";
     TORCH_CHECK_VALUE(false, out.str());
   }
 

@@ -246,9 +246,13 @@ MasterCallback batch_norm_master_callback(std::shared_ptr<ReplicaBackward> backw
     int64_t total = 0;
     // For nn.BatchNorm's message on a single value per channel: the copies' sizes summed along the batch, or (copies
     // of other numbers of dimensions, whose statistics merge all the same) the size of the copy holding that value.
-    std::vector<int64_t> whole_batch_size, single_value_size, first_copy_size;
+    std::vector<int64_t> whole_batch_size, single_value_size;
     bool dimensions_agree = true;
     const Message& first = messages.front().second;
+    // Across processes when the layer has a group of several ranks (the master's message carries it).
+    GroupCall call = first.payload ? *std::static_pointer_cast<GroupCall>(first.payload) : GroupCall{};
+    if (!first.label.empty()) call.label = first.label;
+    if (call.label.empty()) call.label = "syncbn BatchNorm";
     for (const auto& [copy_id, message] : messages) {
       TORCH_CHECK(message.tensors.size() == 2 && message.ints.size() > kSizes, "syncbn BatchNorm: copy ", copy_id,
                   " sent a malformed statistics message");
@@ -269,12 +273,13 @@ MasterCallback batch_norm_master_callback(std::shared_ptr<ReplicaBackward> backw
       std::vector<int64_t> sizes(message.ints.begin() + kSizes, message.ints.end());
       if (message.ints[kCount] == 1) single_value_size = sizes;
       if (whole_batch_size.empty()) {
-        whole_batch_size = first_copy_size = sizes;
+        whole_batch_size = sizes;
       } else {
         if (sizes[1] != whole_batch_size[1]) {
           std::ostringstream out;
-          out << (first.label.empty() ? "syncbn BatchNorm" : first.label) << ": copy " << copy_id
-              << " has input of size " << torch_size(sizes) << " but copy 0 has " << torch_size(first_copy_size)
+          const std::vector<int64_t> first_sizes(first.ints.begin() + kSizes, first.ints.end());
+          out << call.label << ": copy " << copy_id << " has input of size " << torch_size(sizes)
+              << " but copy 0 has " << torch_size(first_sizes)
               << "; the replicas' inputs must have the same number of channels (dim 1)";
           throw BarrierError(out.str());
         }
@@ -283,10 +288,6 @@ MasterCallback batch_norm_master_callback(std::shared_ptr<ReplicaBackward> backw
       }
     }
     if (!dimensions_agree) whole_batch_size = single_value_size;
-    // Across processes when the layer has a group of several ranks (the master's message carries it).
-    GroupCall call = first.payload ? *std::static_pointer_cast<GroupCall>(first.payload) : GroupCall{};
-    if (!first.label.empty()) call.label = first.label;
-    if (call.label.empty()) call.label = "syncbn BatchNorm";
     const Merged merged = detail::merge_values(means, m2s, counts, call);
     TORCH_CHECK_VALUE(merged.total != 1, "Expected more than 1 value per channel when training, got input size ",
                       torch_size(whole_batch_size),
